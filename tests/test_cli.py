@@ -1,0 +1,199 @@
+"""End to end: the real ``tnkd`` command on the bundled digits."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tnkd.cli import run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "digits"
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def test_fit_teacher_then_distil_then_test_beats_chance(tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    run(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "teacher_cnn.yaml"),
+            "--trainer.max_epochs",
+            "3",
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path / "t"),
+            "--model.init_args.export_path",
+            str(teacher),
+            *QUIET,
+        ]
+    )
+    assert teacher.exists()
+    root = tmp_path / "s"
+    cli = run(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "mps_from_cnn.yaml"),
+            "--trainer.max_epochs",
+            "6",
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(root),
+            "--model.init_args.teacher_checkpoint",
+            str(teacher),
+            "--model.init_args.student.init_args.bond_dim",
+            "6",
+            *QUIET,
+        ]
+    )
+    assert cli.trainer.callback_metrics["val/student_acc"] > 0.5
+    ckpt = next((root / "checkpoints").glob("*.ckpt"))
+    tested = run(
+        [
+            "test",
+            "--config",
+            str(CONFIGS / "mps_from_cnn.yaml"),
+            "--ckpt_path",
+            str(ckpt),
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(root),
+            "--model.init_args.teacher_checkpoint",
+            str(teacher),
+            "--model.init_args.student.init_args.bond_dim",
+            "6",
+            *QUIET,
+        ]
+    )
+    metrics = tested.trainer.callback_metrics
+    # chance is 0.1 on ten classes: a wide margin above it
+    assert metrics["test/student_acc"] > 0.6
+    assert metrics["test/agreement"] > 0.6
+    assert (root / "config.yaml").exists()
+
+
+def test_wandb_offline_run_holds_config_and_sizes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    teacher = tmp_path / "teacher.pt"
+    from tnkd.teachers import MLP, save_teacher
+
+    save_teacher(MLP(64, 10, hidden=(16,)), teacher)
+    run(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "mps_from_cnn.yaml"),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_checkpointing",
+            "false",
+            "--model.init_args.teacher_checkpoint",
+            str(teacher),
+            "--model.init_args.teacher",
+            "tnkd.teachers.MLP",
+            "--model.init_args.teacher.num_inputs",
+            "64",
+            "--model.init_args.teacher.num_classes",
+            "10",
+            "--model.init_args.teacher.hidden",
+            "[16]",
+            *QUIET,
+        ]
+    )
+    import wandb
+
+    wandb.finish()
+    run_dirs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1
+    files = run_dirs[0] / "files"
+    assert "DistillationModule" in (files / "config.yaml").read_text()
+    cfg = (files / "config.yaml").read_text()
+    assert "bond_dim: 10" in cfg
+    summary = run_dirs[0] / f"run-{run_dirs[0].name.rsplit('-', 1)[1]}.wandb"
+    assert summary.exists() and summary.stat().st_size > 0
+
+
+def test_unknown_config_key_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "mps_from_cnn.yaml"),
+                "--model.init_args.bond_dimension",
+                "4",
+            ]
+        )
+    assert exc.value.code != 0
+    assert "bond_dimension" in capsys.readouterr().err
+
+
+def test_print_config_resolves_everything(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "mps_from_cnn.yaml"),
+                "--model.init_args.temperature",
+                "2",
+                "--print_config",
+            ]
+        )
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "tnkd.students.MPSClassifier" in out and "temperature: 2.0" in out
+
+
+def test_compare_prints_the_table_and_writes_results(tmp_path, capsys):
+    results = tmp_path / "results.json"
+    run(
+        [
+            "compare",
+            "--config",
+            str(CONFIGS / "main.yaml"),
+            "--teacher_epochs",
+            "2",
+            "--epochs",
+            "3",
+            "--seeds",
+            "[0]",
+            "--logger",
+            "none",
+            "--teacher_checkpoint",
+            str(tmp_path / "t.pt"),
+            "--results",
+            str(results),
+            "--student.init_args.bond_dim",
+            "4",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "| labels only |" in out and "| KL (Hinton) |" in out and "teacher test accuracy" in out
+    payload = json.loads(results.read_text())
+    assert [r["name"] for r in payload["runs"]] == ["labels only", "KL (Hinton)", "Renyi alpha=2"]
+    assert all(0.0 <= r["student_acc"] <= 1.0 for r in payload["runs"])
+    assert payload["runs"][0]["student_params"] == 64 * 4 * 2 * 4 + 4 * 10 * 4 + 2 * 4 + 1
+
+
+@pytest.mark.skipif(shutil.which("tnkd") is None, reason="the tnkd console script is not installed")
+def test_console_script_help():
+    out = subprocess.run(["tnkd", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert "tnkd compare --config" in out.stdout
+    assert sys.executable  # the script runs in this environment

@@ -1,0 +1,119 @@
+"""The ``tnkd`` command: Lightning's CLI for single runs, plus ``tnkd compare`` for side-by-side tables.
+
+* ``tnkd fit|validate|test|predict --config FILE`` is a :class:`lightning.pytorch.cli.LightningCLI`
+  over any LightningModule (``tnkd.modules.TeacherModule``, ``tnkd.modules.DistillationModule``)
+  and any tnkd data module, configured by ``class_path`` / ``init_args`` YAML. Runs log to
+  Weights & Biases offline by default (``runs/wandb``; ``wandb sync`` uploads them later).
+* ``tnkd compare --config FILE`` runs :func:`tnkd.experiment.compare`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from tnkd.data.base import ClassificationDataModule
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.WandbLogger",
+        "init_args": {"project": "tnkd", "save_dir": "runs", "offline": True},
+    },
+    "max_epochs": 30,
+}
+
+
+def _unique(path: Path) -> Path:
+    k, target = 1, path
+    while target.exists():
+        target = path.with_name(f"{path.stem}.{k}{path.suffix}")
+        k += 1
+    return target
+
+
+class SaveConfigToRun(SaveConfigCallback):
+    """Save the resolved config inside the run (W&B run files, or the logger's folder).
+
+    Unlike Lightning's default it never overwrites another run's ``config.yaml`` and never stops
+    a run because one exists: each run's config goes to its own folder (or a numbered name).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["save_to_log_dir"] = False
+        super().__init__(*args, **kwargs)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:  # noqa: D102
+        text = self.parser.dump(self.config, skip_none=False)
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                Path(logger.experiment.dir, "config.yaml").write_text(text)
+                logger.experiment.config.update({"cli_config": text}, allow_val_change=True)
+                return
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        _unique(folder / "config.yaml").write_text(text)
+
+
+class TnkdCLI(LightningCLI):
+    """LightningCLI with tnkd's defaults (W&B offline logger, seeded runs, safe config saving)."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            LightningModule,
+            ClassificationDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_callback=SaveConfigToRun,
+            trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=0,
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+        )
+
+
+USAGE = """usage: tnkd {fit,validate,test,predict,compare} [--config FILE] [--help] [overrides]
+
+  tnkd fit --config configs/digits/teacher_cnn.yaml       train a teacher (saves its file)
+  tnkd fit --config configs/digits/mps_from_cnn.yaml      distil it into an MPS student
+  tnkd compare --config configs/digits/main.yaml          teacher + students side by side, one table
+  tnkd fit --config FILE --print_config                   show the full resolved config
+  tnkd fit --config FILE --model.init_args.temperature 2  override any setting
+"""
+
+
+def run_compare(args: list[str]) -> Any:
+    """``tnkd compare``: :func:`tnkd.experiment.compare` configured from YAML and flags."""
+    from jsonargparse import CLI
+
+    from tnkd.experiment import compare
+
+    return CLI(
+        compare, args=args, as_positional=False, description="Teacher and students side by side."
+    )
+
+
+def run(args: list[str]) -> Any:
+    """Run a ``tnkd`` command; returns the ``LightningCLI`` (or ``compare``'s results)."""
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        if not args:
+            return None
+    if args and args[0] == "compare":
+        return run_compare(args[1:])
+    return TnkdCLI(args=args)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``tnkd`` console script."""
+    run(sys.argv[1:] if args is None else list(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""Side-by-side comparisons: one teacher, one student family, several ways to train the student.
+
+``tnkd compare --config configs/digits/main.yaml`` runs :func:`compare`: it trains the teacher on
+first use (and reuses its file after), trains the same student on labels alone and distilled with
+each divergence / temperature / beta asked for, over one or more seeds, and prints a results
+table (test accuracy, teacher-student agreement, calibration, parameters, compression, time).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from tnkd.data.base import ClassificationDataModule
+from tnkd.modules import DistillationModule, TeacherModule
+from tnkd.students.base import count_parameters
+from tnkd.teachers import load_teacher, read_teacher_file
+
+
+@dataclass
+class Variant:
+    """One way to train the student.
+
+    Args:
+        name: label in the table ("labels only", "KL", "Renyi a=2"...).
+        beta: weight of the distillation term (0 = labels only).
+        divergence: divergence name or mapping (see :mod:`tnkd.divergences`).
+        temperature: distillation temperature T.
+    """
+
+    name: str
+    beta: float = 0.9
+    divergence: str | dict = "kl"
+    temperature: float = 4.0
+
+
+def default_variants() -> list[Variant]:
+    """Labels alone vs Hinton's KL distillation."""
+    return [Variant("labels only", beta=0.0), Variant("KL", divergence="kl")]
+
+
+@dataclass
+class RunResult:
+    """What one run measured on the test set."""
+
+    name: str
+    seed: int
+    divergence: str
+    temperature: float
+    beta: float
+    student_acc: float
+    agreement: float
+    student_ece: float
+    student_params: int
+    compression_ratio: float
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_logger(kind: str, save_dir: str, project: str, name: str, group: str | None) -> Any:
+    """A W&B logger that never touches the network (offline), or none."""
+    if kind == "none":
+        return False
+    if kind != "wandb":
+        raise ValueError(f"logger must be 'wandb' or 'none', but got {kind!r}")
+    from lightning.pytorch.loggers import WandbLogger
+
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return WandbLogger(project=project, name=name, group=group, save_dir=save_dir, offline=True)
+
+
+def _finish(logger: Any) -> None:
+    if logger:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def _trainer(max_epochs: int, logger: Any, trainer: dict[str, Any] | None) -> L.Trainer:
+    kwargs: dict[str, Any] = {
+        "max_epochs": max_epochs,
+        "logger": logger,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "enable_progress_bar": False,
+        "deterministic": "warn",
+        "log_every_n_steps": 1,
+    }
+    kwargs.update(trainer or {})
+    return L.Trainer(**kwargs)
+
+
+def ensure_teacher(
+    make_teacher: Callable[[], nn.Module],
+    path: str,
+    data: ClassificationDataModule,
+    epochs: int,
+    lr: float,
+    seed: int,
+    logger: str = "none",
+    save_dir: str = "runs",
+    project: str = "tnkd",
+    trainer: dict[str, Any] | None = None,
+) -> tuple[nn.Module, bool]:
+    """Load the teacher file at ``path``, training and saving it first if it does not exist.
+
+    Returns:
+        The teacher in eval mode, and whether it was trained now.
+    """
+    if Path(path).exists():
+        return load_teacher(path, make_teacher()), False
+    L.seed_everything(seed, verbose=False)
+    module = TeacherModule(make_teacher(), lr=lr, export_path=path)
+    log = make_logger(logger, save_dir, project, name="teacher", group=None)
+    try:
+        _trainer(epochs, log, trainer).fit(module, datamodule=data)
+    finally:
+        _finish(log)
+    return load_teacher(path, make_teacher()), True
+
+
+def evaluate(model: nn.Module, data: ClassificationDataModule, split: str = "test") -> torch.Tensor:
+    """Logits of ``model`` on a whole split (eval mode, no grad)."""
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(x) for x, _ in data._loader(split, shuffle=False)])
+
+
+def compare(
+    data: ClassificationDataModule,
+    student: Callable[[], nn.Module],
+    teacher: Callable[[], nn.Module],
+    teacher_checkpoint: str = "runs/teachers/teacher.pt",
+    teacher_epochs: int = 30,
+    teacher_lr: float = 2e-3,
+    variants: Sequence[Variant] | None = None,
+    epochs: int = 30,
+    lr: float = 2e-3,
+    seeds: Sequence[int] = (0,),
+    trainer: dict[str, Any] | None = None,
+    logger: str = "wandb",
+    project: str = "tnkd",
+    group: str | None = None,
+    save_dir: str = "runs",
+    results: str | None = None,
+) -> list[RunResult]:
+    """Train one student family several ways against one teacher; print and return the results.
+
+    Args:
+        data: the data module.
+        student: a factory of fresh students (in YAML: ``class_path`` + ``init_args``).
+        teacher: a factory of the teacher architecture.
+        teacher_checkpoint: the teacher file: trained on first use, reused after.
+        teacher_epochs: epochs of the teacher's training (first use only).
+        teacher_lr: learning rate of the teacher's training.
+        variants: the ways to train the student (default: labels only, and KL).
+        epochs: student epochs per run.
+        lr: student learning rate.
+        seeds: one run per seed and variant (seed of initialisation and batch order).
+        trainer: extra ``lightning.Trainer`` arguments (``accelerator``, ``precision``...).
+        logger: ``"wandb"`` (offline: sync later with ``wandb sync``) or ``"none"``.
+        project: W&B project.
+        group: W&B group shared by the runs of this comparison.
+        save_dir: where W&B runs go.
+        results: optional path of a JSON file to write the results to (never overwritten:
+            a numbered name is chosen if it exists).
+
+    Returns:
+        One :class:`RunResult` per run.
+    """
+    started = time.perf_counter()
+    _quiet()
+    variants = list(variants) if variants is not None else default_variants()
+    data.setup("fit")
+    teacher_net, trained_now = ensure_teacher(
+        teacher,
+        teacher_checkpoint,
+        data,
+        teacher_epochs,
+        teacher_lr,
+        seeds[0],
+        logger,
+        save_dir,
+        project,
+        trainer,
+    )
+    teacher_logits = evaluate(teacher_net, data)
+    labels = data.dataset("test").tensors[1]
+    teacher_acc = (teacher_logits.argmax(-1) == labels).float().mean().item()
+    teacher_params = count_parameters(teacher_net)
+    group = group or f"{type(data).__name__}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out: list[RunResult] = []
+    for seed in seeds:
+        for variant in variants:
+            L.seed_everything(seed, verbose=False)
+            module = DistillationModule(
+                student(),
+                teacher=copy.deepcopy(teacher_net) if variant.beta > 0 else None,
+                divergence=variant.divergence,
+                temperature=variant.temperature,
+                beta=variant.beta,
+                lr=lr,
+            )
+            log = make_logger(
+                logger, save_dir, project, name=f"{variant.name} seed {seed}", group=group
+            )
+            t0 = time.perf_counter()
+            try:
+                _trainer(epochs, log, trainer).fit(module, datamodule=data)
+            finally:
+                _finish(log)
+            seconds = time.perf_counter() - t0
+            logits = evaluate(module.student, data)
+            pred = logits.argmax(-1)
+            params = count_parameters(module.student)
+            out.append(
+                RunResult(
+                    name=variant.name,
+                    seed=seed,
+                    divergence=_div_name(variant),
+                    temperature=variant.temperature,
+                    beta=variant.beta,
+                    student_acc=(pred == labels).float().mean().item(),
+                    agreement=(pred == teacher_logits.argmax(-1)).float().mean().item(),
+                    student_ece=_ece(logits, labels),
+                    student_params=params,
+                    compression_ratio=teacher_params / params,
+                    seconds=seconds,
+                )
+            )
+    table = format_table(
+        out,
+        teacher_acc,
+        teacher_params,
+        type(data).__name__,
+        time.perf_counter() - started,
+        teacher_note="trained now" if trained_now else f"from {teacher_checkpoint}",
+    )
+    print(table, flush=True)
+    if results:
+        _write_results(
+            results,
+            out,
+            teacher_acc,
+            teacher_params,
+            read_teacher_file(teacher_checkpoint)["class_path"],
+        )
+    return out
+
+
+def _quiet() -> None:
+    """Keep the results table readable: no per-run banners from W&B and Lightning."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*LeafSpec.*",
+        ".*is smaller than the logging interval.*",
+    ):
+        warnings.filterwarnings("ignore", pattern)
+
+
+def _div_name(v: Variant) -> str:
+    if v.beta == 0:
+        return "-"
+    if isinstance(v.divergence, dict):
+        extra = ", ".join(f"{k}={val}" for k, val in v.divergence.items() if k != "name")
+        return f"{v.divergence.get('name')}({extra})" if extra else str(v.divergence.get("name"))
+    return str(v.divergence)
+
+
+def _ece(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    return float(
+        multiclass_calibration_error(
+            logits.softmax(-1), labels, num_classes=logits.shape[-1], n_bins=15
+        )
+    )
+
+
+def _mean_sd(values: list[float], digits: int = 4) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def format_table(
+    results: list[RunResult],
+    teacher_acc: float,
+    teacher_params: int,
+    data_name: str,
+    seconds: float,
+    teacher_note: str = "",
+) -> str:
+    """A markdown table: one row per variant (mean ± sd over seeds) after the teacher's row."""
+    lines = [
+        f"## {data_name}: teacher test accuracy {teacher_acc:.4f} ({teacher_params:,} parameters, {teacher_note})",
+        "",
+        "| student run | divergence | T | beta | test acc | agreement | ECE | params | compression | time/run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    names = list(dict.fromkeys(r.name for r in results))
+    for name in names:
+        rows = [r for r in results if r.name == name]
+        r0 = rows[0]
+        lines.append(
+            f"| {name} | {r0.divergence} | {r0.temperature:g} | {r0.beta:g} | "
+            f"{_mean_sd([r.student_acc for r in rows])} | {_mean_sd([r.agreement for r in rows])} | "
+            f"{_mean_sd([r.student_ece for r in rows], 3)} | {r0.student_params:,} | "
+            f"{r0.compression_ratio:.1f}x | {statistics.mean(r.seconds for r in rows):.1f} s |"
+        )
+    seeds = sorted({r.seed for r in results})
+    lines += ["", f"seeds {seeds}; total wall time {seconds:.1f} s"]
+    return "\n".join(lines)
+
+
+def _write_results(
+    path: str, results: list[RunResult], teacher_acc: float, teacher_params: int, teacher: str
+) -> Path:
+    target = Path(path)
+    k = 1
+    while target.exists():
+        target = Path(path).with_name(f"{Path(path).stem}.{k}{Path(path).suffix}")
+        k += 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "teacher": {"class_path": teacher, "test_acc": teacher_acc, "params": teacher_params},
+        "runs": [asdict(r) for r in results],
+    }
+    target.write_text(
+        json.dumps(
+            payload,
+            indent=2,
+            default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o),
+        )
+    )
+    return target

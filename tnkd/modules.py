@@ -1,0 +1,370 @@
+"""The LightningModules: a teacher trained on labels, and distillation into a student.
+
+Distillation loss (Hinton et al. 2015), with P = softmax(v / T) of the frozen teacher's logits v
+and Q = softmax(z / T) of the student's logits z::
+
+    loss = (1 - beta) * CE(z, labels) + beta * scale(T) * D(P || Q)
+
+``D`` is any divergence of :mod:`tnkd.divergences`, chosen by name in YAML; its ``scale`` is
+T^2 for KL and T^2 / alpha for Renyi, so that gradients keep their size as T changes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+from tnkd.divergences import Divergence, build_divergence
+from tnkd.students.base import count_parameters
+from tnkd.teachers import load_teacher, save_teacher
+
+STAGES = ("train", "val", "test")
+SCHEDULERS = ("cosine", "none")
+
+
+def _check_positive(name: str, value: float) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not (value > 0 and math.isfinite(value))
+    ):
+        raise ValueError(f"{name} must be a finite number > 0, but got {value!r}")
+    return float(value)
+
+
+def _check_scheduler(value: str) -> str:
+    if value not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}, but got {value!r}")
+    return value
+
+
+def _stage_metrics(num_classes: int, names: tuple[str, ...]) -> nn.ModuleDict:
+    """Per stage: accuracy (and calibration error) for each named model."""
+    out = {}
+    for stage in STAGES:
+        metrics: dict[str, Any] = {}
+        for name in names:
+            metrics[f"{name}_acc"] = MulticlassAccuracy(num_classes, average="micro")
+            metrics[f"{name}_ece"] = MulticlassCalibrationError(num_classes, n_bins=15)
+        out[f"{stage}_metrics"] = MetricCollection(metrics, prefix=f"{stage}/")
+    return nn.ModuleDict(out)
+
+
+def _configure(
+    module: L.LightningModule, params: Any, lr: float, weight_decay: float, scheduler: str
+) -> Any:
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if (
+        scheduler == "none"
+        or module.trainer is None
+        or not module.trainer.max_epochs
+        or module.trainer.max_epochs < 1
+    ):
+        return optimizer
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=module.trainer.max_epochs)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}
+
+
+def _check_data(module: L.LightningModule, model: nn.Module, role: str) -> None:
+    """Compare a model's class count and input size with the data module's; clear errors."""
+    dm = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
+    if dm is None or not getattr(dm, "num_classes", 0):
+        return
+    classes = getattr(model, "num_classes", None)
+    if classes is not None and classes != dm.num_classes:
+        raise ValueError(
+            f"the {role} has {classes} classes but the data ({type(dm).__name__}) has {dm.num_classes}; "
+            f"set the {role}'s num_classes to {dm.num_classes}"
+        )
+    inputs = getattr(model, "num_inputs", None)
+    if inputs is not None and inputs != dm.num_features:
+        raise ValueError(
+            f"the {role} expects {inputs} inputs per sample but the data ({type(dm).__name__}) has "
+            f"{dm.num_features} (= {' x '.join(map(str, dm.input_shape))}); set the {role}'s input size "
+            f"to {dm.num_features}"
+        )
+
+
+class TeacherModule(L.LightningModule):
+    """Train a teacher network on labels with cross-entropy.
+
+    Args:
+        net: the classifier (e.g. :class:`tnkd.teachers.CNN` or :class:`tnkd.teachers.MLP`).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        scheduler: ``"cosine"`` (over ``trainer.max_epochs``) or ``"none"``.
+        label_smoothing: cross-entropy label smoothing.
+        export_path: where to save the trained teacher file at the end of ``fit`` (the file a
+            distillation config names as ``teacher_checkpoint``). An existing file is never
+            overwritten: the run stops before training instead.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        scheduler: str = "cosine",
+        label_smoothing: float = 0.0,
+        export_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.lr = _check_positive("teacher lr", lr)
+        self.scheduler = _check_scheduler(scheduler)
+        num_classes = getattr(net, "num_classes", None)
+        if num_classes is None:
+            raise ValueError(
+                f"teacher net {type(net).__name__} must have a `num_classes` attribute"
+            )
+        self.metrics = _stage_metrics(num_classes, ("teacher",))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.net(x)
+
+    def setup(self, stage: str) -> None:  # noqa: D102
+        _check_data(self, self.net, "teacher")
+
+    def on_fit_start(self) -> None:  # noqa: D102
+        path = self.hparams.export_path
+        if path and os.path.exists(path):
+            raise FileExistsError(
+                f"teacher export_path {path} already exists; delete it or choose another path "
+                "(the run stopped before training, nothing was overwritten)"
+            )
+        self.logger_log_params()
+
+    def logger_log_params(self) -> None:
+        """Record the parameter count with the run's hyperparameters."""
+        if self.logger is not None:
+            self.logger.log_hyperparams({"teacher_params": count_parameters(self.net)})
+
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        self.metrics[f"{stage}_metrics"].update(logits.detach(), y)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            prog_bar=stage != "test",
+            on_epoch=True,
+            on_step=False,
+            sync_dist=True,
+        )
+        self.log_dict(
+            self.metrics[f"{stage}_metrics"], on_epoch=True, on_step=False, prog_bar=stage == "val"
+        )
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
+        return self.net(batch[0]).argmax(-1)
+
+    def on_fit_end(self) -> None:  # noqa: D102
+        path = self.hparams.export_path
+        if path and self.trainer.is_global_zero:
+            save_teacher(
+                self.net,
+                path,
+                metrics={k: float(v) for k, v in self.trainer.callback_metrics.items()},
+            )
+
+    def configure_optimizers(self) -> Any:  # noqa: D102
+        return _configure(
+            self, self.parameters(), self.lr, self.hparams.weight_decay, self.scheduler
+        )
+
+
+class DistillationModule(L.LightningModule):
+    """Distil a frozen teacher into a student.
+
+    Args:
+        student: the student network (e.g. :class:`tnkd.students.MPSClassifier`).
+        teacher: the teacher network. With ``teacher_checkpoint`` it is the architecture the
+            weights are loaded into; without, it is used as given (already trained).
+        teacher_checkpoint: a teacher file (see :func:`tnkd.teachers.save_teacher`); when
+            ``teacher`` is not given the architecture is read from the file.
+        divergence: name (``"kl"``, ``"renyi"``...), mapping (``{name: renyi, alpha: 0.5}``) or
+            :class:`~tnkd.divergences.Divergence` instance.
+        temperature: T > 0, applied to both teacher and student logits.
+        beta: weight of the distillation term, in [0, 1]; 0 trains on labels alone.
+        lr: AdamW learning rate of the student.
+        weight_decay: AdamW weight decay.
+        scheduler: ``"cosine"`` or ``"none"``.
+
+    Example:
+        >>> from tnkd.students import MPSClassifier
+        >>> from tnkd.teachers import MLP
+        >>> module = DistillationModule(MPSClassifier(64, 10, bond_dim=8), teacher=MLP(64, 10),
+        ...                             divergence={"name": "renyi", "alpha": 2.0}, temperature=4.0)
+        >>> module.divergence.scale(4.0)
+        8.0
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        teacher_checkpoint: str | None = None,
+        divergence: str | dict | Divergence = "kl",
+        temperature: float = 4.0,
+        beta: float = 0.9,
+        lr: float = 2e-3,
+        weight_decay: float = 0.0,
+        scheduler: str = "cosine",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["student", "teacher", "divergence"])
+        self.temperature = _check_positive("temperature", temperature)
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], but got {beta!r}")
+        self.beta = float(beta)
+        self.lr = _check_positive("lr", lr)
+        self.scheduler = _check_scheduler(scheduler)
+        self.divergence = build_divergence(divergence)
+        self.hparams["divergence"] = (
+            divergence if isinstance(divergence, str | dict) else repr(self.divergence)
+        )
+        if teacher is None and teacher_checkpoint is None and self.beta > 0:
+            raise ValueError(
+                "distillation with beta > 0 needs a teacher: give `teacher` (a trained network) or "
+                "`teacher_checkpoint` (a teacher file), or set beta: 0 to train on labels alone"
+            )
+        if teacher_checkpoint is not None:
+            teacher = load_teacher(teacher_checkpoint, teacher)
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        num_classes = getattr(student, "num_classes", None)
+        if num_classes is None:
+            raise ValueError(
+                f"student {type(student).__name__} must have a `num_classes` attribute"
+            )
+        teacher_classes = getattr(teacher, "num_classes", num_classes)
+        if teacher_classes != num_classes:
+            raise ValueError(
+                f"the teacher has {teacher_classes} classes but the student has {num_classes}; they must match"
+            )
+        names = ("student", "teacher") if teacher is not None else ("student",)
+        self.metrics = _stage_metrics(num_classes, names)
+        self.agreement = nn.ModuleDict(
+            {f"{s}_metrics": MulticlassAccuracy(num_classes, average="micro") for s in STAGES}
+            if teacher is not None
+            else {}
+        )
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Switch the student's mode; the teacher always stays in eval mode (frozen BN/dropout)."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Student logits."""
+        return self.student(x)
+
+    def setup(self, stage: str) -> None:  # noqa: D102
+        _check_data(self, self.student, "student")
+        if self.teacher is not None:
+            _check_data(self, self.teacher, "teacher")
+
+    def on_fit_start(self) -> None:  # noqa: D102
+        if self.logger is not None:
+            self.logger.log_hyperparams(self.size_summary())
+
+    def size_summary(self) -> dict[str, float]:
+        """Parameter counts and compression ratio (teacher / student parameters)."""
+        student = count_parameters(self.student)
+        out: dict[str, float] = {"student_params": student}
+        if self.teacher is not None:
+            teacher = sum(p.numel() for p in self.teacher.parameters())
+            out |= {"teacher_params": teacher, "compression_ratio": teacher / student}
+        return out
+
+    def loss_terms(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        labels: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """The loss and its parts: ``ce``, ``kd`` (unscaled divergence) and ``loss``."""
+        ce = F.cross_entropy(student_logits, labels)
+        if teacher_logits is None or self.beta == 0:
+            return {"ce": ce, "loss": ce}
+        kd = self.divergence(teacher_logits, student_logits, self.temperature)
+        loss = (1 - self.beta) * ce + self.beta * self.divergence.scale(self.temperature) * kd
+        return {"ce": ce, "kd": kd, "loss": loss}
+
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        x, y = batch
+        student_logits = self.student(x)
+        teacher_logits = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x).float()
+        terms = self.loss_terms(student_logits, teacher_logits, y)
+        on_step = stage == "train"
+        for name, value in terms.items():
+            self.log(
+                f"{stage}/{name}",
+                value,
+                on_epoch=True,
+                on_step=on_step and name == "loss",
+                prog_bar=name == "loss" and stage != "test",
+                sync_dist=True,
+            )
+        metrics = self.metrics[f"{stage}_metrics"]
+        metrics["student_acc"].update(student_logits.detach(), y)
+        metrics["student_ece"].update(student_logits.detach().float().softmax(-1), y)
+        if teacher_logits is not None:
+            metrics["teacher_acc"].update(teacher_logits, y)
+            metrics["teacher_ece"].update(teacher_logits.softmax(-1), y)
+            self.agreement[f"{stage}_metrics"].update(
+                student_logits.detach(), teacher_logits.argmax(-1)
+            )
+            self.log(
+                f"{stage}/agreement",
+                self.agreement[f"{stage}_metrics"],
+                on_epoch=True,
+                on_step=False,
+            )
+        self.log_dict(metrics, on_epoch=True, on_step=False, prog_bar=stage == "val")
+        return terms["loss"]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
+        return self.student(batch[0]).argmax(-1)
+
+    def configure_optimizers(self) -> Any:  # noqa: D102
+        return _configure(
+            self, self.student.parameters(), self.lr, self.hparams.weight_decay, self.scheduler
+        )

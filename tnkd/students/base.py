@@ -1,0 +1,88 @@
+"""What every tensor-network student offers, whatever its family."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from tnkd.tn.graph import TNGraph
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of distinct trainable scalars (shared tensors counted once)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """Raise a clear error unless ``value`` is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, but got {value!r}")
+    return value
+
+
+class Student(nn.Module):
+    """Base class of tensor-network students.
+
+    Subclasses set ``num_inputs`` (scalar inputs per sample: the chain length for pixel-level
+    chains) and ``num_classes`` (output size), and implement :meth:`to_graph`.
+    """
+
+    num_inputs: int
+    num_classes: int
+
+    def parameter_count(self) -> int:
+        """Number of trainable scalars (shared cores counted once)."""
+        return count_parameters(self)
+
+    def compression_ratio(self, teacher: nn.Module | int) -> float:
+        """Teacher parameters / student parameters (teacher given as a module or a count)."""
+        teacher_count = teacher if isinstance(teacher, int) else count_parameters(teacher)
+        return teacher_count / self.parameter_count()
+
+    def to_graph(self) -> TNGraph:
+        """The student as ``tensornetwork`` nodes and edges (one sample; inputs as nodes)."""
+        raise NotImplementedError
+
+    def draw(self, ax: Any = None, **kwargs: Any) -> Any:
+        """Draw the student's diagram with matplotlib (see :meth:`TNGraph.draw`)."""
+        return self.to_graph().draw(ax=ax, **kwargs)
+
+    def flatten_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Flatten ``(batch, *input_shape)`` to ``(batch, num_inputs)``, checking the size."""
+        flat = x.reshape(x.shape[0], -1)
+        if flat.shape[1] != self.num_inputs:
+            raise ValueError(
+                f"{type(self).__name__} expects {self.num_inputs} inputs per sample, but got "
+                f"{flat.shape[1]} (input shape {tuple(x.shape[1:])}); set the student's input size "
+                f"to {flat.shape[1]} (= {' x '.join(map(str, x.shape[1:]))})"
+            )
+        return flat
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"num_inputs={self.num_inputs}, num_classes={self.num_classes}, params={self.parameter_count()}"
+
+
+def near_identity_cores(
+    num: int,
+    bond_dim: int,
+    neutral: torch.Tensor,
+    init_std: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(num, D, d, D) cores with ``A[:, s, :] = neutral[s] I + noise``.
+
+    With ``sum_s phi_s neutral_s ~= 1`` every transfer matrix starts near the identity, so a chain
+    of any length starts near a product of identities: it neither overflows nor vanishes. The
+    noise has standard deviation ``init_std / sqrt(D)`` so that a random vector's norm grows by
+    only about ``(1 + init_std^2)`` per site.
+    """
+    d = neutral.numel()
+    eye = torch.eye(bond_dim)
+    cores = neutral.view(1, 1, d, 1) * eye.view(1, bond_dim, 1, bond_dim)
+    noise = torch.randn(num, bond_dim, d, bond_dim, generator=generator) * (
+        init_std / math.sqrt(bond_dim)
+    )
+    return cores.expand(num, -1, -1, -1) + noise

@@ -1,0 +1,194 @@
+"""Matrix-product-state (MPS) classifier: a chain of cores with the label index on one core.
+
+Diagram (sites 0..N-1, output core ``O`` after ``p = label_position`` sites)::
+
+    left - A_0 - ... - A_{p-1} - O - A_p - ... - A_{N-1} - right
+            |            |       |    |            |
+          phi(x_0)  phi(x_{p-1}) c  phi(x_p)   phi(x_{N-1})
+
+Each ``A_i`` is a (D, d, D) core, ``O`` is (D, C, D), ``left``/``right`` are (D,) boundary
+vectors. The exact value f_c(x) is a multilinear function of the feature vectors (with the
+``[1, x]`` map: of the inputs themselves; Stoudenmire & Schwab 2016, Novikov et al. 2016).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import nn
+
+from tnkd.feature_maps import FeatureMap, build_feature_map
+from tnkd.students.base import Student, check_positive_int, near_identity_cores
+from tnkd.tn.contraction import CHAIN_METHODS, CompiledNetwork, contract_chain
+from tnkd.tn.graph import TNGraph, connect, make_node
+
+OUTPUT_MODES = ("normalized", "raw")
+
+
+class MPSClassifier(Student):
+    """An MPS with an output (label) core, contracted with a fast chain path.
+
+    Args:
+        num_sites: chain length N: the number of scalar inputs per sample (64 for 8x8 images).
+        num_classes: size C of the label index.
+        bond_dim: bond dimension D.
+        feature_map: local map of each input (name, mapping or :class:`FeatureMap`):
+            ``"linear"`` ([1, x]), ``"trig"`` ([cos, sin]), ``"poly"``, ``"learnable"``.
+        label_position: number of sites left of the output core, in ``[0, N]``; default N // 2.
+        uniform: share one core between all sites (translation-invariant MPS).
+        output: ``"normalized"`` (default): logits = s * f(x) / ||f(x)|| with a learned scale s,
+            finite for any chain length; ``"raw"``: the exact multilinear value f(x) (use for
+            regression and exact function evaluation; can overflow only where f itself does).
+        logit_scale: initial s of the normalized output.
+        init_std: relative noise of the near-identity initialisation.
+        method: chain contraction, ``"auto"``, ``"sweep"`` or ``"tree"`` (see
+            :func:`tnkd.tn.contraction.contract_chain`).
+
+    Example:
+        >>> mps = MPSClassifier(num_sites=64, num_classes=10, bond_dim=8)
+        >>> mps(torch.rand(5, 1, 8, 8)).shape
+        torch.Size([5, 10])
+    """
+
+    def __init__(
+        self,
+        num_sites: int,
+        num_classes: int,
+        bond_dim: int = 10,
+        feature_map: str | dict | FeatureMap = "linear",
+        label_position: int | None = None,
+        uniform: bool = False,
+        output: str = "normalized",
+        logit_scale: float = 5.0,
+        init_std: float = 1e-2,
+        method: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.num_inputs = self.num_sites = check_positive_int("student num_sites", num_sites)
+        self.num_classes = check_positive_int("student num_classes", num_classes)
+        self.bond_dim = check_positive_int("student bond_dim", bond_dim)
+        position = num_sites // 2 if label_position is None else label_position
+        if (
+            isinstance(position, bool)
+            or not isinstance(position, int)
+            or not 0 <= position <= num_sites
+        ):
+            raise ValueError(
+                f"student label_position must be an integer in [0, {num_sites}], but got {position!r}"
+            )
+        if output not in OUTPUT_MODES:
+            raise ValueError(f"student output must be one of {OUTPUT_MODES}, but got {output!r}")
+        if method not in CHAIN_METHODS:
+            raise ValueError(f"student method must be one of {CHAIN_METHODS}, but got {method!r}")
+        if not (init_std >= 0 and math.isfinite(init_std)):
+            raise ValueError(f"student init_std must be a finite number >= 0, but got {init_std!r}")
+        self.label_position = position
+        self.uniform = uniform
+        self.output = output
+        self.method = method
+        self.feature_map = build_feature_map(feature_map)
+        bond = bond_dim
+        self.cores = nn.Parameter(
+            near_identity_cores(
+                1 if uniform else num_sites, bond, self.feature_map.neutral(), init_std
+            )
+        )
+        self.left = nn.Parameter(
+            torch.ones(bond) / math.sqrt(bond) + init_std * torch.randn(bond) / math.sqrt(bond)
+        )
+        self.right = nn.Parameter(
+            torch.ones(bond) / math.sqrt(bond) + init_std * torch.randn(bond) / math.sqrt(bond)
+        )
+        eye = torch.eye(bond).unsqueeze(1).expand(bond, num_classes, bond)
+        self.output_core = nn.Parameter(
+            eye + init_std * torch.randn(bond, num_classes, bond) / math.sqrt(bond)
+        )
+        if output == "normalized":
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
+        self._compiled: CompiledNetwork | None = None
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def site_cores(self) -> torch.Tensor:
+        """(N, D, d, D) cores (a broadcast view of the shared core when ``uniform``)."""
+        return self.cores.expand(self.num_sites, -1, -1, -1) if self.uniform else self.cores
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, *input_shape) inputs -> (batch, N, d) feature vectors."""
+        return self.feature_map(self.flatten_input(x)).to(self.cores.dtype)
+
+    def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, log_scale)`` with f(x) = values * exp(log_scale); never overflows."""
+        return contract_chain(
+            self.left,
+            self.site_cores(),
+            self.right,
+            self.features(x),
+            self.output_core,
+            self.label_position,
+            self.method,
+        )
+
+    def raw_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The exact value f(x), shape (batch, C)."""
+        values, log_scale = self.log_forward(x)
+        return values * torch.exp(log_scale).unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, shape (batch, C): see ``output``."""
+        if self.output == "raw":
+            return self.raw_forward(x)
+        values, _ = self.log_forward(x)
+        direction = values / values.norm(dim=-1, keepdim=True).clamp_min(
+            torch.finfo(values.dtype).tiny
+        )
+        return torch.exp(self.log_logit_scale) * direction
+
+    # ---- diagram and generic path ------------------------------------------------------------
+    def _node_order(self) -> list[str]:
+        p = self.label_position
+        sites = [f"site_{i}" for i in range(self.num_sites)]
+        return ["left", *sites[:p], "output", *sites[p:], "right"]
+
+    def to_graph(self) -> TNGraph:
+        """The MPS as ``tensornetwork`` nodes: cores, output core, boundaries and input nodes."""
+        cores = self.site_cores()
+        nodes = {
+            "left": make_node(self.left, "left", ["right"]),
+            "right": make_node(self.right, "right", ["left"]),
+        }
+        for i in range(self.num_sites):
+            nodes[f"site_{i}"] = make_node(cores[i], f"site_{i}", ["left", "phys", "right"])
+        nodes["output"] = make_node(self.output_core, "output", ["left", "label", "right"])
+        order = self._node_order()
+        chain = [nodes[n] for n in order]
+        for k, (a, b) in enumerate(itertools.pairwise(chain)):
+            connect(a, "right", b, "left", name=f"bond_{k}")
+        inputs = []
+        for i in range(self.num_sites):
+            node = make_node((self.feature_map.dim,), f"x_{i}", ["phys"])
+            connect(nodes[f"site_{i}"], "phys", node, "phys", name=f"phys_{i}")
+            inputs.append(node)
+        positions = {name: (float(k), 0.0) for k, name in enumerate(order)}
+        nodes["output"].get_edge("label").set_name("label")
+        return TNGraph(
+            nodes=chain + inputs,
+            input_nodes=[n.name for n in inputs],
+            output_edges=[nodes["output"]["label"]],
+            positions=positions,
+        )
+
+    def graph_operands(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Tensors in :meth:`to_graph` node order (inputs batched), for :class:`CompiledNetwork`."""
+        cores = self.site_cores()
+        by_name = {"left": self.left, "right": self.right, "output": self.output_core}
+        params = [by_name[n] if n in by_name else cores[int(n[5:])] for n in self._node_order()]
+        phi = self.features(x)
+        return params + list(phi.unbind(1))
+
+    def generic_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x) through the generic compiled contraction of :meth:`to_graph` (no renormalisation)."""
+        if self._compiled is None:
+            self._compiled = CompiledNetwork(self.to_graph())
+        return self._compiled(self.graph_operands(x))
