@@ -121,7 +121,7 @@ def test_bad_arguments_name_the_setting():
     with pytest.raises(ValueError, match="student bond_dim must be a positive integer, but got 0"):
         MPSClassifier(10, 2, bond_dim=0)
     with pytest.raises(
-        ValueError, match="student bond_dim must be a positive integer, but got 2.5"
+        ValueError, match=r"student bond_dim must be a positive integer, but got 2\.5"
     ):
         MPSClassifier(10, 2, bond_dim=2.5)
     with pytest.raises(ValueError, match="label_position must be an integer in \\[0, 10\\]"):

@@ -272,6 +272,8 @@ def _quiet() -> None:
         ".*does not have many workers.*",
         ".*LeafSpec.*",
         ".*is smaller than the logging interval.*",
+        r".*module\(s\) in eval mode.*",
+        ".*anonymous setting has no effect.*",
     ):
         warnings.filterwarnings("ignore", pattern)
 

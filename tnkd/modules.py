@@ -149,7 +149,7 @@ class TeacherModule(L.LightningModule):
             self.logger.log_hyperparams({"teacher_params": count_parameters(self.net)})
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
-        x, y = batch
+        x, y, *_ = batch
         logits = self.net(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         self.metrics[f"{stage}_metrics"].update(logits.detach(), y)
@@ -209,6 +209,9 @@ class DistillationModule(L.LightningModule):
         lr: AdamW learning rate of the student.
         weight_decay: AdamW weight decay.
         scheduler: ``"cosine"`` or ``"none"``.
+        teacher_cache: a folder for the teacher's logits on the training set: computed once,
+            reused by every later run with the same teacher and data (see
+            :mod:`tnkd.teacher_cache`). ``None`` runs the teacher on every batch.
 
     Example:
         >>> from tnkd.students import MPSClassifier
@@ -230,6 +233,7 @@ class DistillationModule(L.LightningModule):
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         scheduler: str = "cosine",
+        teacher_cache: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher", "divergence"])
@@ -288,6 +292,18 @@ class DistillationModule(L.LightningModule):
         _check_data(self, self.student, "student")
         if self.teacher is not None:
             _check_data(self, self.teacher, "teacher")
+        cache = self.hparams.teacher_cache
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if (
+            stage == "fit"
+            and cache
+            and self.teacher is not None
+            and hasattr(dm, "attach_teacher_logits")
+        ):
+            from tnkd.teacher_cache import cached_teacher_logits
+
+            inputs = dm.dataset("train").tensors[0]
+            dm.attach_teacher_logits("train", cached_teacher_logits(self.teacher, inputs, cache))
 
     def on_fit_start(self) -> None:  # noqa: D102
         if self.logger is not None:
@@ -317,10 +333,10 @@ class DistillationModule(L.LightningModule):
         return {"ce": ce, "kd": kd, "loss": loss}
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
-        x, y = batch
+        x, y, *cached = batch
         student_logits = self.student(x)
-        teacher_logits = None
-        if self.teacher is not None:
+        teacher_logits = cached[0].float() if cached and self.teacher is not None else None
+        if self.teacher is not None and teacher_logits is None:
             with torch.no_grad():
                 teacher_logits = self.teacher(x).float()
         terms = self.loss_terms(student_logits, teacher_logits, y)

@@ -9,8 +9,8 @@ file holds only tensors and plain values, so it loads with ``torch.load(weights_
 from __future__ import annotations
 
 import hashlib
-import itertools
 import importlib
+import itertools
 import math
 import os
 import tempfile

@@ -91,6 +91,15 @@ class ClassificationDataModule(L.LightningDataModule):
             "test": TensorDataset(x_test, y_test),
         }
 
+    def attach_teacher_logits(self, split: str, logits: torch.Tensor) -> None:
+        """Add precomputed teacher logits to a split: its batches become ``(x, y, logits)``."""
+        x, y = self.dataset(split).tensors[:2]
+        if len(logits) != len(x):
+            raise ValueError(
+                f"expected teacher logits for {len(x)} {split} samples, but got {len(logits)}"
+            )
+        self._splits[split] = TensorDataset(x, y, logits)
+
     def dataset(self, split: str) -> TensorDataset:
         """The ``train``, ``val`` or ``test`` dataset (calls :meth:`setup` if needed)."""
         self.setup()

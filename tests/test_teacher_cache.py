@@ -1,0 +1,67 @@
+import lightning as L
+import pytest
+import torch
+
+import tnkd.teacher_cache as tc
+from tnkd.data import DigitsDataModule
+from tnkd.modules import DistillationModule
+from tnkd.students import MPSClassifier
+from tnkd.teachers import MLP
+
+
+def test_computed_once_then_loaded(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    teacher = MLP(16, 3, hidden=(8,))
+    x = torch.rand(50, 16)
+    first = tc.cached_teacher_logits(teacher, x, tmp_path)
+    assert torch.allclose(first, teacher.eval()(x))
+    assert len(list(tmp_path.glob("teacher-logits-*.pt"))) == 1
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(tc, "compute_logits", boom)
+    assert torch.equal(tc.cached_teacher_logits(teacher, x, tmp_path), first)
+
+
+def test_key_changes_with_teacher_and_data(tmp_path):
+    torch.manual_seed(0)
+    x = torch.rand(20, 16)
+    a, b = MLP(16, 3, hidden=(8,)), MLP(16, 3, hidden=(8,))
+    tc.cached_teacher_logits(a, x, tmp_path)
+    tc.cached_teacher_logits(b, x, tmp_path)
+    tc.cached_teacher_logits(a, x[:10], tmp_path)
+    assert len(list(tmp_path.glob("teacher-logits-*.pt"))) == 3
+
+
+def test_corrupt_or_mismatched_cache_is_detected(tmp_path):
+    teacher, x = MLP(16, 3, hidden=(8,)), torch.rand(20, 16)
+    tc.cached_teacher_logits(teacher, x, tmp_path)
+    path = next(tmp_path.glob("teacher-logits-*.pt"))
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="is corrupt"):
+        tc.cached_teacher_logits(teacher, x, tmp_path)
+    torch.save({"format": tc.CACHE_FORMAT, "key": "other", "logits": torch.zeros(20, 3)}, path)
+    with pytest.raises(ValueError, match="does not match"):
+        tc.cached_teacher_logits(teacher, x, tmp_path)
+
+
+def test_distillation_uses_cached_logits(tmp_path):
+    torch.manual_seed(0)
+    teacher = MLP(64, 10, hidden=(16,))
+    module = DistillationModule(
+        MPSClassifier(64, 10, bond_dim=3), teacher=teacher, teacher_cache=str(tmp_path)
+    )
+    data = DigitsDataModule(batch_size=32)
+    L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=2,
+        limit_val_batches=1,
+    ).fit(module, datamodule=data)
+    x, _, logits = data.dataset("train").tensors
+    assert torch.allclose(logits, teacher.eval()(x), atol=1e-6)
+    assert len(list(tmp_path.glob("teacher-logits-*.pt"))) == 1
