@@ -1,0 +1,268 @@
+"""The contraction engine: a graph becomes one einsum, planned once by ``opt_einsum``.
+
+Two ways to evaluate a student, tested equal to each other:
+
+* :class:`CompiledNetwork`, the generic path for any graph (tree, small PEPS, chain): the
+  graph's index names become einsum symbols (one cached helper), a batch index is added to every
+  input node, the contraction path is planned once per input shape (on the single-sample network,
+  so planning a 784-site chain is cheap) and the ``opt_einsum`` expression is cached and executed
+  on torch tensors (autograd, mixed precision and GPUs work).
+* :func:`contract_chain`, the fast path for chains (MPS classifiers, TT networks). It returns the
+  value *and a tracked log-scale*, so that chains of any length neither overflow nor vanish:
+
+  - ``"sweep"``: a boundary vector is swept along the chain (D^2 d work per site, sequential;
+    the left and right halves are swept together as one batch and renormalised every step).
+  - ``"tree"``: every site's feature vector is contracted into its core in one batched
+    operation, then the matrices are multiplied pairwise in log depth (D^3 work per site, but
+    about 2 log2(N) large kernels instead of N small ones), renormalised at every level.
+  - ``"auto"`` picks ``tree`` for small bond dimension (few large kernels win when per-kernel
+    overhead dominates) and ``sweep`` otherwise; see ``benchmarks/contraction.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import opt_einsum as oe
+import torch
+
+from tnkd.tn.graph import NetworkSpec, TNGraph
+
+BATCH_INDEX = "__batch__"
+
+
+@functools.lru_cache(maxsize=256)
+def _symbols(indices: tuple[str, ...]) -> dict[str, str]:
+    return {name: oe.get_symbol(i) for i, name in enumerate(indices)}
+
+
+def einsum_equation(spec: NetworkSpec, batched: bool = True) -> str:
+    """The einsum equation of a graph, symbols generated from index names (batch index first)."""
+    names: list[str] = [BATCH_INDEX]
+    for idx in spec.node_indices:
+        names.extend(i for i in idx if i not in names)
+    sym = _symbols(tuple(names))
+    b = sym[BATCH_INDEX] if batched else ""
+    terms = [
+        (b if (n in spec.input_nodes) else "") + "".join(sym[i] for i in idx)
+        for n, idx in zip(spec.node_names, spec.node_indices, strict=True)
+    ]
+    out = b + "".join(sym[i] for i in spec.output_indices)
+    return ",".join(terms) + "->" + out
+
+
+class CompiledNetwork:
+    """A graph compiled into a cached ``opt_einsum`` expression.
+
+    Args:
+        graph: the student's :class:`~tnkd.tn.graph.TNGraph` (or its ``spec()``).
+        optimize: any ``opt_einsum`` path optimizer: ``"greedy"`` (default), ``"dp"``,
+            ``"optimal"``, ``"auto"``, or a ``PathOptimizer`` instance such as a ``cotengra``
+            ``HyperOptimizer``.
+
+    Call it with one tensor per node, in the graph's node order: parameter tensors with the
+    node's shape, input tensors with a leading batch index. The path is planned on the first
+    call for a given set of shapes and reused after (``plans`` counts the plannings).
+
+    Example:
+        >>> import torch
+        >>> from tnkd.students import MPSClassifier
+        >>> mps = MPSClassifier(num_sites=6, num_classes=3, bond_dim=4)
+        >>> net = CompiledNetwork(mps.to_graph())
+        >>> x = torch.rand(5, 6)
+        >>> torch.allclose(net(mps.graph_operands(x)), mps.raw_forward(x), atol=1e-5)
+        True
+    """
+
+    def __init__(self, graph: TNGraph | NetworkSpec, optimize: Any = "greedy") -> None:
+        self.spec = graph.spec() if isinstance(graph, TNGraph) else graph
+        self.optimize = optimize
+        self.equation = einsum_equation(self.spec, batched=True)
+        self._single_equation = einsum_equation(self.spec, batched=False)
+        self._path: list[tuple[int, ...]] | None = None
+        self._expressions: dict[tuple[tuple[int, ...], ...], Any] = {}
+        self.plans = 0
+
+    @property
+    def path(self) -> list[tuple[int, ...]]:
+        """The contraction path, planned once on the single-sample network."""
+        if self._path is None:
+            path, _ = oe.contract_path(
+                self._single_equation, *self.spec.node_shapes, shapes=True, optimize=self.optimize
+            )
+            self._path = path
+            self.plans += 1
+        return self._path
+
+    def expression(self, shapes: tuple[tuple[int, ...], ...]) -> Any:
+        """The cached ``opt_einsum`` expression for these operand shapes."""
+        expr = self._expressions.get(shapes)
+        if expr is None:
+            expr = oe.contract_expression(self.equation, *shapes, optimize=self.path)
+            self._expressions[shapes] = expr
+        return expr
+
+    def __call__(self, operands: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Contract the network; returns ``(batch, *output_sizes)``."""
+        if len(operands) != len(self.spec.node_names):
+            raise ValueError(
+                f"expected {len(self.spec.node_names)} operands (one per node), got {len(operands)}"
+            )
+        shapes = tuple(tuple(t.shape) for t in operands)
+        return self.expression(shapes)(*operands, backend="torch")
+
+
+# --------------------------------------------------------------------------------------------
+# Fast chain paths
+# --------------------------------------------------------------------------------------------
+
+CHAIN_METHODS = ("auto", "sweep", "tree")
+TREE_MAX_BOND_DIM = 16
+
+
+def _site_matrices(cores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """(K, N, D, d, D) cores and (K, B, N, d) features -> (K, B, N, D, D) transfer matrices."""
+    return torch.einsum("knlsr,kbns->kbnlr", cores, features)
+
+
+def _tree_product(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ordered product of (B, N, D, D) matrices in log depth; returns (B, D, D) and log-scale (B,)."""
+    batch = mats.shape[0]
+    log_scale = mats.new_zeros(batch)
+    while mats.shape[1] > 1:
+        n = mats.shape[1]
+        tail = mats[:, -1:] if n % 2 else None
+        pairs = mats[:, : n - (n % 2)]
+        mats = torch.matmul(pairs[:, 0::2], pairs[:, 1::2])
+        if tail is not None:
+            mats = torch.cat([mats, tail], dim=1)
+        scale = (
+            mats.detach()
+            .abs()
+            .amax(dim=(2, 3), keepdim=True)
+            .clamp_min(torch.finfo(mats.dtype).tiny)
+        )
+        mats = mats / scale
+        log_scale = log_scale + torch.log(scale).sum(dim=(1, 2, 3))
+    return mats[:, 0], log_scale
+
+
+def _sweep(
+    start: torch.Tensor, cores: torch.Tensor, features: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sweep boundary vectors through chains, K chains at once.
+
+    Args:
+        start: (K, B, D) boundary vectors.
+        cores: (K, L, D, d, D) cores, oriented so the vector enters on the first bond index.
+        features: (K, B, L, d).
+
+    Returns:
+        (K, B, D) normalised vectors and (K, B) log-scales.
+    """
+    k, batch, bond = start.shape
+    d = cores.shape[3]
+    # Unbind once: slicing a big tensor inside the loop would make autograd allocate a
+    # full-size zero gradient per site (quadratic memory traffic).
+    site_cores = cores.reshape(k, cores.shape[1], bond, d * bond).unbind(1)
+    site_features = features.unsqueeze(-1).unbind(2)
+    v = start
+    scales = []
+    for core, phi in zip(site_cores, site_features, strict=True):
+        v = (torch.bmm(v, core).view(k, batch, d, bond) * phi).sum(2)
+        scale = v.detach().abs().amax(dim=2, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny)
+        v = v / scale
+        scales.append(scale)
+    log_scale = torch.log(torch.cat(scales, dim=2)).sum(2) if scales else start.new_zeros(k, batch)
+    return v, log_scale
+
+
+def _identity_padding(
+    cores: torch.Tensor, features: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad (L, D, d, D) cores and (B, L, d) features to ``length`` sites with identity transfers."""
+    missing = length - cores.shape[0]
+    if missing == 0:
+        return cores, features
+    bond, d = cores.shape[1], cores.shape[2]
+    eye = torch.zeros(missing, bond, d, bond, dtype=cores.dtype, device=cores.device)
+    eye[:, :, 0, :] = torch.eye(bond, dtype=cores.dtype, device=cores.device)
+    pad_feat = torch.zeros(
+        features.shape[0], missing, d, dtype=features.dtype, device=features.device
+    )
+    pad_feat[..., 0] = 1.0
+    return torch.cat([cores, eye]), torch.cat([features, pad_feat], dim=1)
+
+
+def resolve_chain_method(method: str, bond_dim: int, device: torch.device | None = None) -> str:
+    """Turn ``"auto"`` into ``"tree"`` or ``"sweep"``; validate the name."""
+    if method not in CHAIN_METHODS:
+        raise ValueError(
+            f"chain contraction method must be one of {CHAIN_METHODS}, but got {method!r}"
+        )
+    if method != "auto":
+        return method
+    return "tree" if bond_dim <= TREE_MAX_BOND_DIM else "sweep"
+
+
+def contract_chain(
+    left: torch.Tensor,
+    cores: torch.Tensor,
+    right: torch.Tensor,
+    features: torch.Tensor,
+    output_core: torch.Tensor,
+    position: int,
+    method: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contract an MPS with an output core, returning ``(values, log_scale)``.
+
+    The network is ``left - A_0 - ... - A_{p-1} - O - A_p - ... - A_{N-1} - right`` with
+    ``x_i`` (features) on every ``A_i``'s physical leg and the output index on ``O``. The exact
+    result is ``values * exp(log_scale)[:, None]``; ``values`` has max-abs about 1 per sample.
+
+    Args:
+        left: (D,) left boundary vector.
+        cores: (N, D, d, D) site cores (bond, physical, bond).
+        right: (D,) right boundary vector.
+        features: (B, N, d) feature vectors.
+        output_core: (D, C, D) output core.
+        position: p, the number of sites left of the output core (0..N).
+        method: ``"auto"``, ``"sweep"`` or ``"tree"``.
+
+    Returns:
+        ``values`` (B, C) and ``log_scale`` (B,).
+    """
+    num_sites, bond = cores.shape[0], cores.shape[1]
+    batch = features.shape[0]
+    if features.shape[1] != num_sites:
+        raise ValueError(f"expected features for {num_sites} sites, but got {features.shape[1]}")
+    if not 0 <= position <= num_sites:
+        raise ValueError(f"output core position must be in [0, {num_sites}], but got {position}")
+    method = resolve_chain_method(method, bond, features.device)
+    left_cores, right_cores = cores[:position], cores[position:].flip(0).transpose(1, 3)
+    left_feats, right_feats = features[:, :position], features[:, position:].flip(1)
+    length = max(position, num_sites - position)
+    lc, lf = _identity_padding(left_cores, left_feats, length)
+    rc, rf = _identity_padding(right_cores, right_feats, length)
+    if length == 0:
+        u = left.expand(batch, bond)
+        w = right.expand(batch, bond)
+        log_scale = features.new_zeros(batch)
+    elif method == "sweep":
+        start = torch.stack([left.expand(batch, bond), right.expand(batch, bond)])
+        v, logs = _sweep(start, torch.stack([lc, rc]), torch.stack([lf, rf]))
+        u, w = v[0], v[1]
+        log_scale = logs.sum(0)
+    else:
+        mats = _site_matrices(torch.stack([lc, rc]), torch.stack([lf, rf]))
+        prod, logs = _tree_product(mats.reshape(2 * batch, length, bond, bond))
+        u = torch.einsum("l,blr->br", left, prod[:batch])
+        w = torch.einsum("l,blr->br", right, prod[batch:])
+        log_scale = logs[:batch] + logs[batch:]
+    values = torch.einsum("bl,lcr,br->bc", u, output_core, w)
+    scale = (
+        values.detach().abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+    )
+    return values / scale, log_scale + torch.log(scale[:, 0])
