@@ -6,7 +6,7 @@ import tnkd.teacher_cache as tc
 from tnkd.data import DigitsDataModule
 from tnkd.modules import DistillationModule
 from tnkd.students import MPSClassifier
-from tnkd.teachers import MLP
+from tnkd.teachers import CNN, MLP
 
 
 def test_computed_once_then_loaded(tmp_path, monkeypatch):
@@ -22,6 +22,13 @@ def test_computed_once_then_loaded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tc, "compute_logits", boom)
     assert torch.equal(tc.cached_teacher_logits(teacher, x, tmp_path), first)
+
+
+def test_teachers_with_scalar_buffers(tmp_path):
+    # BatchNorm keeps a 0-dim num_batches_tracked buffer
+    teacher = CNN((1, 8, 8), 10, channels=(4,), hidden=8)
+    x = torch.rand(6, 1, 8, 8)
+    assert torch.allclose(tc.cached_teacher_logits(teacher, x, tmp_path), teacher.eval()(x))
 
 
 def test_key_changes_with_teacher_and_data(tmp_path):
