@@ -2,5 +2,6 @@
 
 from tnkd.students.base import Student
 from tnkd.students.mps import MPSClassifier
+from tnkd.students.tt_linear import TTMLP, TTLinear
 
-__all__ = ["MPSClassifier", "Student"]
+__all__ = ["TTMLP", "MPSClassifier", "Student", "TTLinear"]

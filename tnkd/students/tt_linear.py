@@ -1,0 +1,259 @@
+"""TT-layers: a tensor-train matrix in place of a dense weight (Novikov et al. 2015).
+
+A dense ``in x out`` weight with ``in = m_1...m_d`` and ``out = n_1...n_d`` is stored as cores
+G_k of shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1::
+
+    W[(j_1..j_d), (i_1..i_d)] = G_1[:, i_1, j_1, :] G_2[:, i_2, j_2, :] ... G_d[:, i_d, j_d, :]
+
+The layer never builds W: the input, reshaped to (batch, m_1, ..., m_d), is contracted with the
+cores along a path planned once by ``opt_einsum`` (:class:`~tnkd.tn.contraction.CompiledNetwork`)
+and cached per input shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from tnkd.students.base import Student, check_positive_int
+from tnkd.tn.contraction import CompiledNetwork
+from tnkd.tn.decompositions import check_factors, factorize, tt_matrix_svd
+from tnkd.tn.graph import TNGraph, connect, make_node
+
+
+class TTLinear(nn.Module):
+    """A drop-in replacement of ``nn.Linear(in_features, out_features)`` with a TT-matrix weight.
+
+    Args:
+        in_features: input size, ``prod(in_factors)``.
+        out_features: output size, ``prod(out_factors)``.
+        in_factors: (m_1, ..., m_d); default: ``factorize(in_features, 4)``.
+        out_factors: (n_1, ..., n_d), same length; default: ``factorize(out_features, d)``.
+        ranks: inner TT-ranks (r_1..r_{d-1}), or one int for all.
+        bias: learn an additive bias.
+
+    Example:
+        >>> layer = TTLinear(4096, 16, (8, 8, 8, 8), (2, 2, 2, 2), ranks=8, bias=False)
+        >>> layer(torch.rand(5, 4096)).shape, layer.weight_parameter_count()
+        (torch.Size([5, 16]), 2304)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        in_factors: Sequence[int] | None = None,
+        out_factors: Sequence[int] | None = None,
+        ranks: int | Sequence[int] = 8,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_positive_int("TTLinear in_features", in_features)
+        self.out_features = check_positive_int("TTLinear out_features", out_features)
+        m = check_factors(
+            in_factors or factorize(in_features, 4), in_features, "TTLinear in_factors"
+        )
+        n = check_factors(
+            out_factors or factorize(out_features, len(m)), out_features, "TTLinear out_factors"
+        )
+        if len(m) != len(n):
+            raise ValueError(f"TTLinear in_factors {m} and out_factors {n} need the same length")
+        d = len(m)
+        inner = [ranks] * (d - 1) if isinstance(ranks, int) else list(ranks)
+        if len(inner) != d - 1 or any(
+            isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in inner
+        ):
+            raise ValueError(
+                f"TTLinear ranks must be {d - 1} positive integers (or one int), but got {ranks!r}"
+            )
+        self.in_factors, self.out_factors, self.ranks = m, n, tuple(inner)
+        full = [1, *inner, 1]
+        # Var(W_ij) = prod_k Var(G_k) * prod_k r_k; aim at 1 / in_features like a dense layer.
+        std = (1.0 / (in_features * math.prod(inner))) ** (1 / (2 * d))
+        self.cores = nn.ParameterList(
+            nn.Parameter(torch.randn(full[k], m[k], n[k], full[k + 1]) * std) for k in range(d)
+        )
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._compiled: CompiledNetwork | None = None
+
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        in_factors: Sequence[int] | None = None,
+        out_factors: Sequence[int] | None = None,
+        ranks: int | Sequence[int] | None = None,
+        tolerance: float | None = None,
+    ) -> TTLinear:
+        """Start from a trained ``(out, in)`` weight by TT-SVD (ranks from the unfoldings if not given)."""
+        out_features, in_features = weight.shape
+        m = tuple(in_factors or factorize(in_features, 4))
+        n = tuple(out_factors or factorize(out_features, len(m)))
+        cores = tt_matrix_svd(weight.detach(), m, n, ranks=ranks, tolerance=tolerance)
+        layer = cls(
+            in_features,
+            out_features,
+            m,
+            n,
+            ranks=[int(c.shape[-1]) for c in cores[:-1]],
+            bias=bias is not None,
+        )
+        layer = layer.to(weight.dtype)
+        with torch.no_grad():
+            for p, c in zip(layer.cores, cores, strict=True):
+                p.copy_(c)
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: object) -> TTLinear:
+        """:meth:`from_dense` of an ``nn.Linear`` (its weight and bias)."""
+        return cls.from_dense(linear.weight, linear.bias, **kwargs)  # type: ignore[arg-type]
+
+    def weight_parameter_count(self) -> int:
+        """Scalars in the TT cores (without the bias)."""
+        return sum(c.numel() for c in self.cores)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out, in) matrix the cores represent (for tests and inspection; not used in forward)."""
+        out = self.cores[0]
+        for core in self.cores[1:]:
+            out = torch.tensordot(out, core, dims=([out.ndim - 1], [0]))
+        d = len(self.cores)
+        w = out.squeeze(0).squeeze(-1)  # (m1, n1, m2, n2, ...)
+        w = w.permute(*[2 * k + 1 for k in range(d)], *[2 * k for k in range(d)])
+        return w.reshape(self.out_features, self.in_features)
+
+    def to_graph(self) -> TNGraph:
+        """The layer for one input: cores in a row, the reshaped input on their ``in`` legs."""
+        d = len(self.cores)
+        nodes = [make_node(c, f"core_{k}", self._axes(k)) for k, c in enumerate(self._operands())]
+        for k in range(d - 1):
+            connect(nodes[k], "right", nodes[k + 1], "left", name=f"rank_{k + 1}")
+        x = make_node(self.in_factors, "x", [f"in_{k}" for k in range(d)])
+        for k in range(d):
+            connect(nodes[k], "in", x, f"in_{k}", name=f"in_{k}")
+            nodes[k]["out"].set_name(f"out_{k}")
+        return TNGraph(
+            nodes=[*nodes, x],
+            input_nodes=["x"],
+            output_edges=[nodes[k]["out"] for k in range(d)],
+            positions={f"core_{k}": (float(k), 0.0) for k in range(d)},
+        )
+
+    def _axes(self, k: int) -> list[str]:
+        d = len(self.cores)
+        axes = ["left", "in", "out", "right"]
+        if k == 0:
+            axes.remove("left")
+        if k == d - 1:
+            axes.remove("right")
+        return axes
+
+    def _operands(self) -> list[torch.Tensor]:
+        d = len(self.cores)
+        ops = []
+        for k, c in enumerate(self.cores):
+            if k == 0:
+                c = c.squeeze(0)
+            if k == d - 1:
+                c = c.squeeze(-1)
+            ops.append(c)
+        return ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` for ``x`` of shape (..., in_features), without forming W."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"TTLinear expects {self.in_features} input features, but got {x.shape[-1]}"
+            )
+        lead = x.shape[:-1]
+        xs = x.reshape(-1, *self.in_factors)
+        if self._compiled is None:
+            self._compiled = CompiledNetwork(self.to_graph())
+        y = self._compiled([*self._operands(), xs]).reshape(*lead, self.out_features)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (
+            f"{self.in_features} -> {self.out_features}, in_factors={self.in_factors}, "
+            f"out_factors={self.out_factors}, ranks={self.ranks}, bias={self.bias is not None}"
+        )
+
+
+class TTMLP(Student):
+    """An MLP whose dense layers are TT-layers: a compressed student made from a trained MLP teacher.
+
+    Args:
+        layers: the network, an ``nn.Sequential`` of ``Flatten``, ``TTLinear``/``Linear``,
+            activations and dropout.
+        num_inputs: input size.
+        num_classes: output size.
+    """
+
+    def __init__(self, layers: nn.Sequential, num_inputs: int, num_classes: int) -> None:
+        super().__init__()
+        self.layers = layers
+        self.num_inputs, self.num_classes = num_inputs, num_classes
+
+    @classmethod
+    def from_mlp(
+        cls,
+        mlp: nn.Sequential,
+        ranks: int | Sequence[int] | None = 8,
+        tolerance: float | None = None,
+        num_factors: int = 4,
+        keep_dense_below: int = 64,
+    ) -> TTMLP:
+        """Replace each ``nn.Linear`` of a trained MLP by a TT-layer started by TT-SVD.
+
+        Layers whose input or output has fewer than ``keep_dense_below`` units (the class
+        layer, say) stay dense; the others get factorisations from :func:`factorize`
+        (``num_factors`` factors each) and TT-SVD ranks ``ranks`` (or from ``tolerance``).
+        """
+        new = []
+        for layer in mlp:
+            if (
+                isinstance(layer, nn.Linear)
+                and min(layer.in_features, layer.out_features) >= keep_dense_below
+            ):
+                m, n = (
+                    factorize(layer.in_features, num_factors),
+                    factorize(layer.out_features, num_factors),
+                )
+                new.append(
+                    TTLinear.from_linear(
+                        layer,
+                        in_factors=m,
+                        out_factors=n,
+                        ranks=None if tolerance is not None else ranks,
+                        tolerance=tolerance,
+                    )
+                )
+            else:
+                new.append(copy_module(layer))
+        linears = [m for m in mlp if isinstance(m, nn.Linear)]
+        return cls(nn.Sequential(*new), linears[0].in_features, linears[-1].out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.layers(self.flatten_input(x))
+
+    def tt_layers(self) -> list[TTLinear]:
+        """The TT-layers, in order."""
+        return [m for m in self.layers if isinstance(m, TTLinear)]
+
+    def to_graph(self) -> TNGraph:
+        """The first TT-layer's diagram (the layers are separated by nonlinearities)."""
+        return self.tt_layers()[0].to_graph()
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy, so that a student never shares weights with its teacher."""
+    import copy
+
+    return copy.deepcopy(module)
