@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from torch import nn
 from tnkd.feature_maps import FeatureMap, build_feature_map
 from tnkd.students.base import Student, check_positive_int, near_identity_cores
 from tnkd.tn.contraction import CHAIN_METHODS, CompiledNetwork, contract_chain
+from tnkd.tn.decompositions import tt_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
 
 OUTPUT_MODES = ("normalized", "raw")
@@ -108,6 +110,42 @@ class MPSClassifier(Student):
         if output == "normalized":
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
         self._compiled: CompiledNetwork | None = None
+
+    @classmethod
+    def from_tensor(
+        cls,
+        coefficients: torch.Tensor,
+        feature_map: str | dict | FeatureMap = "linear",
+        ranks: int | Sequence[int] | None = None,
+        tolerance: float | None = None,
+    ) -> MPSClassifier:
+        """An MPS (label on the last core, raw output) whose value is a given coefficient tensor.
+
+        ``coefficients`` has shape (d, ..., d, C): f_c(x) = sum_i W[i_1..i_N, c] phi(x_1)_{i_1}
+        ... phi(x_N)_{i_N}. Its TT-SVD (:func:`~tnkd.tn.decompositions.tt_svd`, exact unless
+        ``ranks`` or ``tolerance`` truncate it) gives the cores; D is the largest TT-rank. With
+        the ``[1, x]`` map the coefficients are those of a multilinear polynomial.
+        """
+        fmap = build_feature_map(feature_map)
+        if coefficients.ndim < 2 or any(s != fmap.dim for s in coefficients.shape[:-1]):
+            raise ValueError(
+                f"coefficients must have shape (d, ..., d, C) with d = {fmap.dim} (the feature "
+                f"map's size), but got {tuple(coefficients.shape)}"
+            )
+        cores = tt_svd(coefficients, ranks=ranks, tolerance=tolerance)
+        n = coefficients.ndim - 1
+        bond = max(max(c.shape[0], c.shape[-1]) for c in cores)
+        mps = cls(n, coefficients.shape[-1], bond, fmap, label_position=n, output="raw")
+        mps = mps.to(coefficients.dtype)
+        with torch.no_grad():
+            for p in (mps.cores, mps.left, mps.right, mps.output_core):
+                p.zero_()
+            for i, core in enumerate(cores[:-1]):
+                mps.cores[i, : core.shape[0], :, : core.shape[2]] = core
+            mps.left[0] = 1.0
+            mps.right[0] = 1.0
+            mps.output_core[: cores[-1].shape[0], :, 0] = cores[-1][:, :, 0]
+        return mps
 
     # ---- evaluation ------------------------------------------------------------------------
     def site_cores(self) -> torch.Tensor:

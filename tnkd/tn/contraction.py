@@ -15,8 +15,9 @@ Two ways to evaluate a student, tested equal to each other:
   - ``"tree"``: every site's feature vector is contracted into its core in one batched
     operation, then the matrices are multiplied pairwise in log depth (D^3 work per site, but
     about 2 log2(N) large kernels instead of N small ones), renormalised at every level.
-  - ``"auto"`` picks ``tree`` for small bond dimension (few large kernels win when per-kernel
-    overhead dominates) and ``sweep`` otherwise; see ``benchmarks/contraction.py``.
+  - ``"auto"`` picks ``sweep`` on CPU at every bond dimension (measured faster there at D = 10,
+    20 and 50: see ``benchmarks/contraction.py``), and ``tree`` on accelerators for D <= 16,
+    where a few large kernels beat 784 small launches.
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def _tree_product(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mats[:, 0], log_scale
 
 
-def _sweep(
+def sweep_boundary(
     start: torch.Tensor, cores: torch.Tensor, features: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sweep boundary vectors through chains, K chains at once.
@@ -204,7 +205,8 @@ def resolve_chain_method(method: str, bond_dim: int, device: torch.device | None
         )
     if method != "auto":
         return method
-    return "tree" if bond_dim <= TREE_MAX_BOND_DIM else "sweep"
+    on_accelerator = device is not None and torch.device(device).type != "cpu"
+    return "tree" if on_accelerator and bond_dim <= TREE_MAX_BOND_DIM else "sweep"
 
 
 def contract_chain(
@@ -252,7 +254,7 @@ def contract_chain(
         log_scale = features.new_zeros(batch)
     elif method == "sweep":
         start = torch.stack([left.expand(batch, bond), right.expand(batch, bond)])
-        v, logs = _sweep(start, torch.stack([lc, rc]), torch.stack([lf, rf]))
+        v, logs = sweep_boundary(start, torch.stack([lc, rc]), torch.stack([lf, rf]))
         u, w = v[0], v[1]
         log_scale = logs.sum(0)
     else:

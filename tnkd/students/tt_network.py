@@ -1,0 +1,289 @@
+"""Tensor-train network (Khrulkov, Novikov & Oseledets 2018): an RNN-like chain over image patches.
+
+The image is cut into d patches p_1..p_d (row-major). A feature map f_theta (by default the
+learnable ``[1, relu(A p + b)]``, shared by all patches) turns each patch into a vector of size
+n, and the score of class y is
+
+    l_y(X) = sum_{i_1..i_d} W^y[i_1, ..., i_d] f(p_1)_{i_1} ... f(p_d)_{i_d},
+
+with W in tensor-train format: cores G_1 (n, r), G_2..G_{d-1} (r, n, r) and G_d (r, n, C), the
+label index on the last core. Diagram::
+
+    G_1 - G_2 - ... - G_{d-1} - G_d -- label
+     |     |             |       |
+    f(p_1) f(p_2)     f(p_{d-1}) f(p_d)
+
+With ``equal_cores=True`` the inner cores are one shared tensor G_2 = ... = G_{d-1}: the network
+is then a recurrent cell applied d - 2 times (the "recurrent-style" TT network). Its
+expressivity: the matricization of W that puts the odd indices in rows and the even ones in
+columns can reach rank q^(d/2), q = min(n, r - 1) (see :func:`iverson_equal_cores`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from tnkd.feature_maps import FeatureMap, LearnableFeatureMap, build_feature_map
+from tnkd.students.base import Student, check_positive_int, near_identity_cores
+from tnkd.tn.contraction import CompiledNetwork, sweep_boundary
+from tnkd.tn.graph import TNGraph, connect, make_node
+
+OUTPUT_MODES = ("normalized", "raw")
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (
+        (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    )
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a pair (height, width), but got {value!r}")
+    return check_positive_int(f"{name}[0]", pair[0]), check_positive_int(f"{name}[1]", pair[1])
+
+
+class TTNetwork(Student):
+    """Tensor-train network over image patches, with different or equal inner cores.
+
+    Args:
+        input_shape: (channels, height, width) of one input (or (height, width)).
+        num_classes: size C of the label index.
+        patch_size: patch height and width (an int for square patches); must divide the image.
+        rank: TT-rank r of the bonds between cores.
+        feature_dim: n, the size of each patch's feature vector (for the default learnable map:
+            one constant channel plus n - 1 learned ReLU features).
+        feature_map: None for the learnable patch map of the paper, or a map name / mapping /
+            :class:`FeatureMap` (scalar maps such as ``"linear"`` need ``patch_size=1``).
+        equal_cores: share one inner core G_2 = ... = G_{d-1} (recurrent-style network).
+        output: ``"normalized"`` (default): logits = s * l(X) / ||l(X)|| with a learned scale s,
+            finite for any number of patches; ``"raw"``: the exact scores l_y(X).
+        logit_scale: initial s of the normalized output.
+        init_std: relative noise of the near-identity initialisation.
+
+    Example:
+        >>> net = TTNetwork((1, 28, 28), 10, patch_size=4, rank=8, equal_cores=True)
+        >>> net(torch.rand(2, 1, 28, 28)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (1, 28, 28),
+        num_classes: int = 10,
+        patch_size: int | Sequence[int] = 4,
+        rank: int = 8,
+        feature_dim: int = 4,
+        feature_map: str | dict | FeatureMap | None = None,
+        equal_cores: bool = False,
+        output: str = "normalized",
+        logit_scale: float = 5.0,
+        init_std: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        shape = tuple(input_shape)
+        if len(shape) == 2:
+            shape = (1, *shape)
+        if len(shape) != 3:
+            raise ValueError(
+                f"TTNetwork input_shape must be (channels, height, width) or (height, width), but got {input_shape!r}"
+            )
+        channels, height, width = (check_positive_int("TTNetwork input_shape", s) for s in shape)
+        ph, pw = _pair(patch_size, "TTNetwork patch_size")
+        if height % ph or width % pw:
+            raise ValueError(
+                f"TTNetwork patch_size {ph}x{pw} must divide the image size {height}x{width}; "
+                f"choose a patch size whose sides divide {height} and {width}"
+            )
+        self.input_shape = (channels, height, width)
+        self.patch_size = (ph, pw)
+        self.num_patches = (height // ph) * (width // pw)
+        if self.num_patches < 2:
+            raise ValueError(
+                f"TTNetwork needs at least 2 patches, but patch_size {ph}x{pw} covers the whole "
+                f"{height}x{width} image; use smaller patches"
+            )
+        self.num_inputs = channels * height * width
+        self.num_classes = check_positive_int("TTNetwork num_classes", num_classes)
+        self.rank = check_positive_int("TTNetwork rank", rank)
+        if output not in OUTPUT_MODES:
+            raise ValueError(f"TTNetwork output must be one of {OUTPUT_MODES}, but got {output!r}")
+        if not (init_std >= 0 and math.isfinite(init_std)):
+            raise ValueError(
+                f"TTNetwork init_std must be a finite number >= 0, but got {init_std!r}"
+            )
+        patch_numel = channels * ph * pw
+        if feature_map is None:
+            check_positive_int("TTNetwork feature_dim", feature_dim)
+            self.feature_map = LearnableFeatureMap(dim=feature_dim, in_features=patch_numel)
+        else:
+            self.feature_map = build_feature_map(feature_map)
+            in_features = getattr(self.feature_map, "in_features", 1)
+            if in_features != patch_numel:
+                raise ValueError(
+                    f"TTNetwork feature map {type(self.feature_map).__name__} takes {in_features} "
+                    f"value(s) per patch but a {channels}x{ph}x{pw} patch has {patch_numel}; use "
+                    f"patch_size 1 for scalar maps or feature_map=None (learnable patch map)"
+                )
+        self.feature_dim = n = self.feature_map.dim
+        self.equal_cores = equal_cores
+        self.output = output
+        r, c = rank, num_classes
+        neutral = self.feature_map.neutral()
+        self.first = nn.Parameter(
+            neutral.view(n, 1) * torch.ones(1, r) / math.sqrt(r)
+            + init_std * torch.randn(n, r) / math.sqrt(r)
+        )
+        inner = 1 if equal_cores else max(self.num_patches - 2, 0)
+        self.inner_cores = nn.Parameter(near_identity_cores(inner, r, neutral, init_std))
+        self.last = nn.Parameter(
+            neutral.view(1, n, 1) * torch.randn(r, 1, c) / math.sqrt(r)
+            + init_std * torch.randn(r, n, c) / math.sqrt(r)
+        )
+        if output == "normalized":
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
+        self._compiled: CompiledNetwork | None = None
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, *input_shape) -> (batch, d, channels * ph * pw) patches in row-major order."""
+        flat = self.flatten_input(x)
+        c, h, w = self.input_shape
+        ph, pw = self.patch_size
+        img = flat.view(flat.shape[0], c, h // ph, ph, w // pw, pw)
+        return img.permute(0, 2, 4, 1, 3, 5).reshape(flat.shape[0], self.num_patches, c * ph * pw)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, d, n) feature vectors f(p_k)."""
+        p = self.patches(x)
+        if p.shape[-1] == 1:
+            p = p[..., 0]
+        return self.feature_map(p).to(self.first.dtype)
+
+    def inner(self) -> torch.Tensor:
+        """(d - 2, r, n, r) inner cores (a broadcast view of the shared core with equal cores)."""
+        if self.equal_cores:
+            return self.inner_cores.expand(self.num_patches - 2, -1, -1, -1)
+        return self.inner_cores
+
+    def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, log_scale)`` with l(X) = values * exp(log_scale); never overflows."""
+        phi = self.features(x)
+        tiny = torch.finfo(phi.dtype).tiny
+        v = phi[:, 0] @ self.first
+        scale = v.detach().abs().amax(dim=1, keepdim=True).clamp_min(tiny)
+        v = v / scale
+        log_scale = torch.log(scale[:, 0])
+        if self.num_patches > 2:
+            v, logs = sweep_boundary(
+                v.unsqueeze(0), self.inner().unsqueeze(0), phi[:, 1:-1].unsqueeze(0)
+            )
+            v, log_scale = v[0], log_scale + logs[0]
+        values = torch.einsum("br,rnc,bn->bc", v, self.last, phi[:, -1])
+        scale = values.detach().abs().amax(dim=1, keepdim=True).clamp_min(tiny)
+        return values / scale, log_scale + torch.log(scale[:, 0])
+
+    def raw_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The exact scores l_y(X), shape (batch, C)."""
+        values, log_scale = self.log_forward(x)
+        return values * torch.exp(log_scale).unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, shape (batch, C): see ``output``."""
+        if self.output == "raw":
+            return self.raw_forward(x)
+        values, _ = self.log_forward(x)
+        direction = values / values.norm(dim=-1, keepdim=True).clamp_min(
+            torch.finfo(values.dtype).tiny
+        )
+        return torch.exp(self.log_logit_scale) * direction
+
+    def cores(self) -> list[torch.Tensor]:
+        """The TT cores as (r_{k-1}, n, r_k) tensors, r_0 = 1 and the label as the last rank."""
+        return [self.first.unsqueeze(0), *self.inner().unbind(0), self.last]
+
+    def full_tensor(self) -> torch.Tensor:
+        """The weight tensor W, shape (n, ..., n, C) (d feature indices): only for small d."""
+        if self.feature_dim**self.num_patches * self.num_classes > 2**26:
+            raise ValueError(
+                f"the full tensor would have {self.feature_dim}^{self.num_patches} x "
+                f"{self.num_classes} entries; full_tensor is for small networks only"
+            )
+        out = self.first
+        for core in self.cores()[1:]:
+            out = torch.tensordot(out, core, dims=([out.ndim - 1], [0]))
+        return out
+
+    # ---- diagram and generic path ------------------------------------------------------------
+    def to_graph(self) -> TNGraph:
+        """The TT network as ``tensornetwork`` nodes: d cores and d input (feature) nodes."""
+        d = self.num_patches
+        cores = self.cores()
+        nodes = [make_node(self.first, "core_0", ["phys", "right"])]
+        for k in range(1, d - 1):
+            nodes.append(make_node(cores[k], f"core_{k}", ["left", "phys", "right"]))
+        nodes.append(make_node(self.last, f"core_{d - 1}", ["left", "phys", "label"]))
+        for k, (a, b) in enumerate(itertools.pairwise(nodes)):
+            connect(a, "right", b, "left", name=f"bond_{k}")
+        inputs = []
+        for k in range(d):
+            node = make_node((self.feature_dim,), f"x_{k}", ["phys"])
+            connect(nodes[k], "phys", node, "phys", name=f"phys_{k}")
+            inputs.append(node)
+        nodes[-1].get_edge("label").set_name("label")
+        return TNGraph(
+            nodes=nodes + inputs,
+            input_nodes=[n.name for n in inputs],
+            output_edges=[nodes[-1]["label"]],
+            positions={f"core_{k}": (float(k), 0.0) for k in range(d)},
+        )
+
+    def graph_operands(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Tensors in :meth:`to_graph` node order (inputs batched), for :class:`CompiledNetwork`."""
+        cores = [self.first, *self.inner().unbind(0), self.last]
+        return cores + list(self.features(x).unbind(1))
+
+    def generic_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """l(X) through the generic compiled contraction of :meth:`to_graph` (no renormalisation)."""
+        if self._compiled is None:
+            self._compiled = CompiledNetwork(self.to_graph())
+        return self._compiled(self.graph_operands(x))
+
+
+def iverson_equal_cores(n: int, r: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Equal-core TT cores whose tensor has odd/even matricization rank q^(d/2), q = min(n, r - 1).
+
+    Bond state ``r - 1`` means "nothing carried"; states 0..q-1 carry a value. The first core
+    starts carrying its index (G_1[i, a] = [i = a]); the shared inner core either starts carrying
+    its index (from the empty state) or compares its index with the carried value and returns to
+    the empty state; the last core compares (G_d[a, i] = [a = i]). With d even the tensor is
+    W[i_1..i_d] = prod_k [i_(2k-1) = i_(2k) < q], whose odd/even matricization is the identity on
+    q^(d/2) rows (up to zero rows): rank q^(d/2), with one shared inner core of rank r.
+
+    Returns:
+        ``first`` (n, r), ``inner`` (r, n, r) and ``last`` (r, n, 1).
+    """
+    for name, value in (("n", n), ("r", r), ("d", d)):
+        check_positive_int(name, value)
+    if r < 2 or d < 2 or d % 2:
+        raise ValueError(f"need r >= 2 and an even d >= 2, but got r={r}, d={d}")
+    q, empty = min(n, r - 1), r - 1
+    first = torch.zeros(n, r)
+    inner = torch.zeros(r, n, r)
+    last = torch.zeros(r, n, 1)
+    for i in range(q):
+        first[i, i] = 1.0
+        inner[empty, i, i] = 1.0
+        inner[i, i, empty] = 1.0
+        last[i, i, 0] = 1.0
+    return first, inner, last
+
+
+def odd_even_matricization(tensor: torch.Tensor) -> torch.Tensor:
+    """Rows indexed by the odd modes (i_1, i_3, ...), columns by the even ones (i_2, i_4, ...)."""
+    d = tensor.ndim
+    odd, even = list(range(0, d, 2)), list(range(1, d, 2))
+    rows = math.prod(tensor.shape[k] for k in odd)
+    return tensor.permute(*odd, *even).reshape(rows, -1)
