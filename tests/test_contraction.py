@@ -136,3 +136,30 @@ def test_auto_method_is_sweep_on_cpu():
     assert resolve_chain_method("auto", 64, torch.device("cuda")) == "sweep"
     with pytest.raises(ValueError, match="method must be one of"):
         resolve_chain_method("fastest", 10)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_sweep_falls_back_to_renormalising_every_site_when_blocks_would_overflow(grad):
+    # transfer matrices 1e6 * I: 8 sites between renormalisations would reach 1e48 in float32
+    mps = MPSClassifier(64, 3, bond_dim=4, init_std=0.0, output="raw", method="sweep")
+    with torch.no_grad():
+        mps.cores.mul_(1e6)
+    with torch.set_grad_enabled(grad):
+        values, log_scale = mps.log_forward(torch.rand(2, 64))
+    expected = 64 * torch.log(torch.tensor(1e6, dtype=torch.float64)).item()
+    assert torch.allclose(log_scale.double(), torch.full((2,), expected, dtype=torch.float64), rtol=1e-6)
+    assert torch.allclose(values, torch.ones(2, 3), atol=1e-5)
+
+
+def test_renormalisation_interval_does_not_change_the_value():
+    from tnkd.tn.contraction import sweep_boundary
+
+    torch.manual_seed(5)
+    start = torch.rand(2, 3, 6, dtype=torch.float64)
+    cores = torch.randn(2, 40, 6, 2, 6, dtype=torch.float64)
+    feats = torch.rand(2, 3, 40, 2, dtype=torch.float64)
+    ref_v, ref_l = sweep_boundary(start, cores, feats, renorm_every=1)
+    for every in (3, 8, 40):
+        v, log_scale = sweep_boundary(start, cores, feats, renorm_every=every)
+        exact = v * log_scale.exp().unsqueeze(-1)
+        assert torch.allclose(exact, ref_v * ref_l.exp().unsqueeze(-1), rtol=1e-10)
