@@ -147,7 +147,9 @@ def test_sweep_falls_back_to_renormalising_every_site_when_blocks_would_overflow
     with torch.set_grad_enabled(grad):
         values, log_scale = mps.log_forward(torch.rand(2, 64))
     expected = 64 * torch.log(torch.tensor(1e6, dtype=torch.float64)).item()
-    assert torch.allclose(log_scale.double(), torch.full((2,), expected, dtype=torch.float64), rtol=1e-6)
+    assert torch.allclose(
+        log_scale.double(), torch.full((2,), expected, dtype=torch.float64), rtol=1e-6
+    )
     assert torch.allclose(values, torch.ones(2, 3), atol=1e-5)
 
 
