@@ -153,15 +153,27 @@ def test_sweep_falls_back_to_renormalising_every_site_when_blocks_would_overflow
     assert torch.allclose(values, torch.ones(2, 3), atol=1e-5)
 
 
-def test_renormalisation_interval_does_not_change_the_value():
+@pytest.mark.parametrize("block", [1, 2, 3, 5])
+def test_sweep_intervals_and_blocks_match_a_plain_loop(block):
     from tnkd.tn.contraction import sweep_boundary
 
     torch.manual_seed(5)
     start = torch.rand(2, 3, 6, dtype=torch.float64)
-    cores = torch.randn(2, 40, 6, 2, 6, dtype=torch.float64)
-    feats = torch.rand(2, 3, 40, 2, dtype=torch.float64)
-    ref_v, ref_l = sweep_boundary(start, cores, feats, renorm_every=1)
-    for every in (3, 8, 40):
-        v, log_scale = sweep_boundary(start, cores, feats, renorm_every=every)
-        exact = v * log_scale.exp().unsqueeze(-1)
-        assert torch.allclose(exact, ref_v * ref_l.exp().unsqueeze(-1), rtol=1e-10)
+    cores = torch.randn(2, 41, 6, 2, 6, dtype=torch.float64)  # 41 sites: blocks leave a rest
+    feats = torch.rand(2, 3, 41, 2, dtype=torch.float64)
+    ref = start
+    for i in range(41):  # no rescaling: float64 holds these values exactly enough
+        ref = torch.einsum("kbl,kbs,klsr->kbr", ref, feats[:, :, i], cores[:, i])
+    for every in (1, 3, 8, 40):
+        v, log_scale = sweep_boundary(start, cores, feats, renorm_every=every, block=block)
+        assert torch.allclose(v * log_scale.exp().unsqueeze(-1), ref, rtol=1e-10)
+
+
+def test_sweep_rejects_bad_block_and_interval():
+    from tnkd.tn.contraction import sweep_boundary
+
+    args = (torch.rand(1, 2, 3), torch.rand(1, 4, 3, 2, 3), torch.rand(1, 2, 4, 2))
+    with pytest.raises(ValueError, match="block"):
+        sweep_boundary(*args, block=0)
+    with pytest.raises(ValueError, match="renorm_every"):
+        sweep_boundary(*args, renorm_every=0)

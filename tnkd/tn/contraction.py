@@ -11,7 +11,8 @@ Two ways to evaluate a student, tested equal to each other:
   value *and a tracked log-scale*, so that chains of any length neither overflow nor vanish:
 
   - ``"sweep"``: a boundary vector is swept along the chain (D^2 d work per site, sequential;
-    the left and right halves are swept together as one batch and renormalised every step).
+    the left and right halves are swept together as one batch, two neighbouring sites are
+    merged into one step, and the vectors are renormalised every few sites).
   - ``"tree"``: every site's feature vector is contracted into its core in one batched
     operation, then the matrices are multiplied pairwise in log depth (D^3 work per site, but
     about 2 log2(N) large kernels instead of N small ones), renormalised at every level.
@@ -163,20 +164,55 @@ def default_renorm_every(dtype: torch.dtype) -> int:
     return 4 if torch.is_grad_enabled() else 8
 
 
-def _sweep(start, cores, features, every: int) -> tuple[torch.Tensor, torch.Tensor]:
-    k, batch, bond = start.shape
-    length, d = cores.shape[1], cores.shape[3]
-    # Per site a (K, d*D, D) matrix with row s*D + l, so that one step is an outer product with
-    # the features and one batched matmul. Unbind once: slicing inside the loop would make
-    # autograd allocate a full-size zero gradient per site (quadratic memory traffic).
-    site_cores = cores.permute(0, 1, 3, 2, 4).reshape(k, length, d * bond, bond).unbind(1)
-    site_features = features.unsqueeze(-1).unbind(2)
+def default_block(bond_dim: int) -> int:
+    """Sites merged into one sweep step: 2 for D <= 64, else 1.
+
+    Merging k sites costs the same D^2 d^k / k flops per site when k = d = 2, halves the number
+    of sequential steps (the sweep is launch-bound at small D) and adds a batch-independent
+    D^3 d^k merge per block. Measured on 2 CPU cores at 784 sites, batch 100: k = 2 trains
+    about 1.1-1.3x faster than k = 1 at D = 10 and 20, as fast at D = 50, and infers up to
+    1.5x faster; k = 3, 4 gained nothing more.
+    """
+    return 2 if bond_dim <= 64 else 1
+
+
+def _blocked(cores: torch.Tensor, features: torch.Tensor, block: int) -> list[tuple]:
+    """Per step a (K, d^k*D, D) matrix and (K, B, d^k, 1) features, k = ``block`` (rest: 1)."""
+    k, length, bond, d = cores.shape[0], cores.shape[1], cores.shape[2], cores.shape[3]
+    batch = features.shape[1]
+    steps: list[tuple] = []
+    whole = (length // block) * block if block > 1 else 0
+    if whole:
+        nb = whole // block
+        c = cores[:, :whole].reshape(k, nb, block, bond, d, bond)
+        f = features[:, :, :whole].reshape(k, batch, nb, block, d)
+        merged, feats = c[:, :, 0], f[:, :, :, 0]
+        for j in range(1, block):
+            merged = torch.einsum("knlsm,knmtr->knlstr", merged, c[:, :, j])
+            merged = merged.reshape(k, nb, bond, -1, bond)
+            feats = (feats.unsqueeze(-1) * f[:, :, :, j].unsqueeze(-2)).flatten(-2)
+        dk = merged.shape[3]
+        mats = merged.permute(0, 1, 3, 2, 4).reshape(k, nb, dk * bond, bond)
+        steps += list(zip(mats.unbind(1), feats.unsqueeze(-1).unbind(2), strict=True))
+    if whole < length:
+        rest = cores[:, whole:]
+        mats = rest.permute(0, 1, 3, 2, 4).reshape(k, length - whole, d * bond, bond)
+        feats = features[:, :, whole:].unsqueeze(-1)
+        steps += list(zip(mats.unbind(1), feats.unbind(2), strict=True))
+    return steps
+
+
+def _sweep(start, steps: list[tuple], every: int) -> tuple[torch.Tensor, torch.Tensor]:
+    k, batch = start.shape[:2]
+    # One step is an outer product with the features and one batched matmul against a
+    # (K, d*D, D) matrix with row s*D + l. The steps are unbound once: slicing inside the loop
+    # would make autograd allocate a full-size zero gradient per site (quadratic traffic).
     tiny = torch.finfo(start.dtype).tiny
     v = start
     scales = []
-    for i, (core, phi) in enumerate(zip(site_cores, site_features, strict=True)):
-        v = torch.bmm((phi * v.unsqueeze(2)).view(k, batch, d * bond), core)
-        if (i + 1) % every == 0 or i == length - 1:
+    for i, (core, phi) in enumerate(steps):
+        v = torch.bmm((phi * v.unsqueeze(2)).view(k, batch, -1), core)
+        if (i + 1) % every == 0 or i == len(steps) - 1:
             scale = v.detach().abs().amax(dim=2, keepdim=True).clamp_min(tiny)
             v = v / scale
             scales.append(scale)
@@ -189,28 +225,38 @@ def sweep_boundary(
     cores: torch.Tensor,
     features: torch.Tensor,
     renorm_every: int | None = None,
+    block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sweep boundary vectors through chains, K chains at once.
 
     One step is ``v <- (phi_i (x) v) @ A_i``: an outer product with the site's features and one
     batched matrix product (2 kernels), with a renormalisation every ``renorm_every`` sites
-    whose scales are accumulated in log space.
+    whose scales are accumulated in log space. With ``block = k > 1``, k neighbouring cores are
+    first merged into one (D, d^k, D) core (and their features into one d^k vector), so the
+    sweep takes N/k steps.
 
     Args:
         start: (K, B, D) boundary vectors.
         cores: (K, L, D, d, D) cores, oriented so the vector enters on the first bond index.
         features: (K, B, L, d).
         renorm_every: sites between renormalisations; default :func:`default_renorm_every`.
+        block: sites merged per step; default :func:`default_block`.
 
     Returns:
         (K, B, D) normalised vectors (max-abs 1 per sample) and (K, B) log-scales.
     """
     every = default_renorm_every(start.dtype) if renorm_every is None else renorm_every
-    v, log_scale = _sweep(start, cores, features, every)
-    if every > 1:
+    block = default_block(cores.shape[2]) if block is None else block
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"sweep block must be a positive integer, but got {block!r}")
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"sweep renorm_every must be a positive integer, but got {every!r}")
+    steps = _blocked(cores, features, block)
+    v, log_scale = _sweep(start, steps, max(1, every // block))
+    if every > 1 or block > 1:
         peak = v.detach().abs().amax(dim=2)
         if not bool(torch.isfinite(peak).all() and (peak > 0).all()):
-            v, log_scale = _sweep(start, cores, features, 1)
+            v, log_scale = _sweep(start, _blocked(cores, features, 1), 1)
     return v, log_scale
 
 
