@@ -166,3 +166,17 @@ def test_init_is_near_identity():
     # zero noise: every transfer matrix is the identity, so f_c = left . right = 1 for all c
     assert torch.allclose(f, torch.ones(3, 5), atol=1e-6)
     assert math.isclose(float(mps.left.detach() @ mps.right.detach()), 1.0, rel_tol=1e-6)
+
+
+def test_pooled_student_equals_the_student_on_pooled_images():
+    torch.manual_seed(0)
+    pooled = MPSClassifier(num_sites=16, num_classes=3, bond_dim=4, pool=2, init_std=0.3)
+    plain = MPSClassifier(num_sites=16, num_classes=3, bond_dim=4, init_std=0.3)
+    plain.load_state_dict(pooled.state_dict())
+    x = torch.rand(5, 1, 8, 8)
+    # 2x2 block means by hand
+    blocks = x.reshape(5, 1, 4, 2, 4, 2).mean(dim=(3, 5))
+    assert pooled.num_inputs == 64
+    assert torch.allclose(pooled(x), plain(blocks), atol=1e-6)
+    with pytest.raises(ValueError, match="pool=2 expects"):
+        pooled(torch.rand(5, 64))

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from tnkd.callbacks import RunCheckpoint
 from tnkd.data.base import ClassificationDataModule
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -77,6 +79,20 @@ class TnkdCLI(LightningCLI):
             auto_configure_optimizers=False,
         )
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Add a :class:`~tnkd.callbacks.RunCheckpoint` unless the config names a checkpoint."""
+        config = self._get(self.config_init, "trainer", default={})
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        wanted = config.get("enable_checkpointing") is not False
+        if (
+            wanted
+            and "callbacks" not in kwargs
+            and not any(isinstance(c, Checkpoint) for c in configured)
+        ):
+            kwargs["callbacks"] = [*configured, RunCheckpoint()]
+        return super().instantiate_trainer(**kwargs)
+
 
 USAGE = """usage: tnkd {fit,validate,test,predict,compare} [--config FILE] [--help] [overrides]
 
@@ -85,6 +101,7 @@ USAGE = """usage: tnkd {fit,validate,test,predict,compare} [--config FILE] [--he
   tnkd compare --config configs/digits/main.yaml          teacher + students side by side, one table
   tnkd fit --config FILE --print_config                   show the full resolved config
   tnkd fit --config FILE --model.init_args.temperature 2  override any setting
+  tnkd fit --config FILE --ckpt_path last                 resume a stopped run (same name)
 """
 
 

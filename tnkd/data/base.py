@@ -17,6 +17,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from tnkd.data.loader import ResumableLoader
+
 
 def check_fraction(name: str, value: float, *, upper_open: bool = True) -> float:
     """Raise a clear error unless ``0 <= value < 1`` (or ``<= 1`` when not ``upper_open``)."""
@@ -114,8 +116,19 @@ class ClassificationDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:  # noqa: D102
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled per epoch from ``seed``; resumes mid-epoch exactly (:mod:`tnkd.data.loader`)."""
+        loader = ResumableLoader(
+            self.dataset("train"),
+            batch_size=self.batch_size,
+            seed=self.seed,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+        trainer = self.trainer
+        if trainer is not None:
+            loader.progress = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        return loader
 
     def val_dataloader(self) -> DataLoader:  # noqa: D102
         return self._loader("val", shuffle=False)

@@ -47,6 +47,9 @@ class MPSClassifier(Student):
         init_std: relative noise of the near-identity initialisation.
         method: chain contraction, ``"auto"``, ``"sweep"`` or ``"tree"`` (see
             :func:`tnkd.tn.contraction.contract_chain`).
+        pool: average-pool ``(batch, channels, H, W)`` images by this factor before the feature
+            map (2: a 28x28 image becomes 196 sites), so a short-chain student distils from a
+            teacher that sees the full image; ``num_sites`` is the pooled pixel count.
 
     Example:
         >>> mps = MPSClassifier(num_sites=64, num_classes=10, bond_dim=8)
@@ -66,9 +69,12 @@ class MPSClassifier(Student):
         logit_scale: float = 5.0,
         init_std: float = 1e-2,
         method: str = "auto",
+        pool: int = 1,
     ) -> None:
         super().__init__()
-        self.num_inputs = self.num_sites = check_positive_int("student num_sites", num_sites)
+        self.num_sites = check_positive_int("student num_sites", num_sites)
+        self.pool = check_positive_int("student pool", pool)
+        self.num_inputs = num_sites * pool * pool
         self.num_classes = check_positive_int("student num_classes", num_classes)
         self.bond_dim = check_positive_int("student bond_dim", bond_dim)
         position = num_sites // 2 if label_position is None else label_position
@@ -151,6 +157,18 @@ class MPSClassifier(Student):
     def site_cores(self) -> torch.Tensor:
         """(N, D, d, D) cores (a broadcast view of the shared core when ``uniform``)."""
         return self.cores.expand(self.num_sites, -1, -1, -1) if self.uniform else self.cores
+
+    def flatten_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Pool (when ``pool > 1``) and flatten to ``(batch, num_sites)``, checking the size."""
+        if self.pool == 1:
+            return super().flatten_input(x)
+        if x.dim() != 4 or x.shape[2] % self.pool or x.shape[3] % self.pool:
+            raise ValueError(
+                f"MPSClassifier with pool={self.pool} expects (batch, channels, H, W) images with H "
+                f"and W divisible by {self.pool}, but got shape {tuple(x.shape)}"
+            )
+        super().flatten_input(x)  # checks num_inputs = num_sites * pool^2
+        return torch.nn.functional.avg_pool2d(x, self.pool).reshape(x.shape[0], -1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, *input_shape) inputs -> (batch, N, d) feature vectors."""
