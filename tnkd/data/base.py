@@ -117,7 +117,14 @@ class ClassificationDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled per epoch from ``seed``; resumes mid-epoch exactly (:mod:`tnkd.data.loader`)."""
+        """Shuffled per epoch from ``seed``; resumes mid-epoch exactly (:mod:`tnkd.data.loader`).
+
+        Under a distributed strategy Lightning's ``DistributedSampler`` shuffles instead
+        (seeded per epoch too); a run stopped mid-epoch then resumes at the epoch's start.
+        """
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            return self._loader("train", shuffle=True)
         loader = ResumableLoader(
             self.dataset("train"),
             batch_size=self.batch_size,
@@ -125,7 +132,6 @@ class ClassificationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
-        trainer = self.trainer
         if trainer is not None:
             loader.progress = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.completed
         return loader
