@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,29 @@ def _unique(path: Path) -> Path:
         target = path.with_name(f"{path.stem}.{k}{path.suffix}")
         k += 1
     return target
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Fail early, in one line, on a checkpoint path that is missing, truncated or not a checkpoint.
+
+    A torch checkpoint is a zip archive: its entries' CRCs are checked, nothing is loaded.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {file} does not exist; pass an existing .ckpt to --ckpt_path, or "
+            "--ckpt_path last to resume the named run"
+        )
+    try:
+        with zipfile.ZipFile(file) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        bad = str(err)
+    if bad is not None:
+        raise ValueError(
+            f"checkpoint {file} is corrupt or not a checkpoint ({bad}); it was left as it is: pass "
+            "another file to --ckpt_path (a run's checkpoints/last.ckpt), or retrain"
+        )
 
 
 class SaveConfigToRun(SaveConfigCallback):
@@ -78,6 +102,13 @@ class TnkdCLI(LightningCLI):
             run=run,
             auto_configure_optimizers=False,
         )
+
+    def _check_ckpt_path(self) -> None:
+        path = self.config[self.subcommand].get("ckpt_path")
+        if path and path not in ("last", "best", "hpc", "registry"):
+            check_checkpoint_file(path)
+
+    before_fit = before_validate = before_test = before_predict = _check_ckpt_path
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add a :class:`~tnkd.callbacks.RunCheckpoint` unless the config names a checkpoint."""

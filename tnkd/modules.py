@@ -73,6 +73,20 @@ def _configure(
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}
 
 
+def check_checkpoint_shapes(module: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Compare a checkpoint's tensors with ``module``'s; a clear one-line error on a mismatch."""
+    saved = checkpoint.get("state_dict", {})
+    own = module.state_dict()
+    for name, value in saved.items():
+        if name in own and tuple(own[name].shape) != tuple(value.shape):
+            raise ValueError(
+                f"the checkpoint was saved from another model shape: {name} is "
+                f"{tuple(value.shape)} there but {tuple(own[name].shape)} here; configure the "
+                "model as the run that saved it (its config.yaml, or the checkpoint's "
+                "hyper_parameters)"
+            )
+
+
 def _check_data(module: L.LightningModule, model: nn.Module, role: str) -> None:
     """Compare a model's class count and input size with the data module's; clear errors."""
     dm = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
@@ -178,6 +192,9 @@ class TeacherModule(L.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
         return self.net(batch[0]).argmax(-1)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
+        check_checkpoint_shapes(self, checkpoint)
+
     def on_fit_end(self) -> None:  # noqa: D102
         path = self.hparams.export_path
         if path and self.trainer.is_global_zero:
@@ -276,6 +293,9 @@ class DistillationModule(L.LightningModule):
             if teacher is not None
             else {}
         )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
+        check_checkpoint_shapes(self, checkpoint)
 
     def train(self, mode: bool = True) -> DistillationModule:
         """Switch the student's mode; the teacher always stays in eval mode (frozen BN/dropout)."""

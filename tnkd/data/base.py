@@ -82,6 +82,12 @@ class ClassificationDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"{type(self).__name__}: the {name} set is empty; check the data files"
                 )
+            bad = int((~torch.isfinite(images)).sum())
+            if bad:
+                raise ValueError(
+                    f"{type(self).__name__}: the {name} set has {bad} NaN or infinite pixel "
+                    "values; clean the data (e.g. torch.nan_to_num) before training"
+                )
         n_val = round(self.val_fraction * len(x))
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
         val_idx, train_idx = perm[:n_val], perm[n_val:]

@@ -198,18 +198,17 @@ class _MNISTFormatDataModule(ClassificationDataModule):
         missing = [
             name for names in SPLIT_FILES.values() for name in names if self._find(name) is None
         ]
-        expected = "\n".join(f"  {(self.raw_folder / name).resolve()}.gz" for name in missing)
+        expected = ", ".join(f"{(self.raw_folder / name).resolve()}.gz" for name in missing)
         hint = (
             "download=True was given, but prepare_data() has not run yet (the Trainer runs it; "
-            "call dm.prepare_data() before dm.setup() when using the module by hand)."
+            "call dm.prepare_data() before dm.setup() when using the module by hand)"
             if self.download
-            else "Fix it in one of two ways:\n"
-            "  - pass download=True (--data.download true) on a machine with internet access, or\n"
-            f"  - point root (--data.root) at a folder that holds {self.folder}/raw/*.gz."
+            else "pass download=True (--data.download true) on a machine with internet access, "
+            f"or point root (--data.root) at a folder that holds {self.folder}/raw/*.gz"
         )
         return FileNotFoundError(
             f"{type(self).__name__}: {len(missing)} of the 4 {self.folder} files not found "
-            f"(compressed .gz or uncompressed, without .gz). Expected:\n{expected}\n{hint}"
+            f"(.gz or uncompressed): expected {expected}; {hint}"
         )
 
     def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,7 +89,10 @@ def check_factors(factors: Sequence[int], size: int, what: str) -> tuple[int, ..
     if not values or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in values):
         raise ValueError(f"{what} must be positive integers, but got {factors!r}")
     if math.prod(values) != size:
-        raise ValueError(f"{what} {values} multiply to {math.prod(values)} but the size is {size}")
+        raise ValueError(
+            f"{what} {values} multiply to {math.prod(values)} but the size is {size}; choose "
+            f"factors whose product is {size} (or leave them out to factorise automatically)"
+        )
     return values
 
 
