@@ -220,7 +220,7 @@ def _sweep(start, steps: list[tuple], every: int) -> tuple[torch.Tensor, torch.T
     return v, log_scale
 
 
-def sweep_boundary(
+def _sweep_boundary(
     start: torch.Tensor,
     cores: torch.Tensor,
     features: torch.Tensor,
@@ -289,7 +289,7 @@ def resolve_chain_method(method: str, bond_dim: int, device: torch.device | None
     return "tree" if on_accelerator and bond_dim <= TREE_MAX_BOND_DIM else "sweep"
 
 
-def contract_chain(
+def _contract_chain(
     left: torch.Tensor,
     cores: torch.Tensor,
     right: torch.Tensor,
@@ -348,3 +348,32 @@ def contract_chain(
         values.detach().abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
     )
     return values / scale, log_scale + torch.log(scale[:, 0])
+
+
+def _full_precision(fn: Any) -> Any:
+    """Run a chain contraction in the parameters' precision even under autocast.
+
+    bfloat16 keeps 8 bits of mantissa: products of hundreds of near-identity cores lose the
+    small corrections that carry the signal (measured: a digits MPS under ``bf16-mixed`` learned
+    at half the speed). So chains contract in float32 (or float64); the teacher, the feature
+    maps and the divergences still run under autocast.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        device = tensors[0].device.type if tensors else "cpu"
+        if not torch.is_autocast_enabled(device):
+            return fn(*args, **kwargs)
+        dtype = torch.promote_types(
+            torch.float32, max((a.dtype for a in tensors), key=lambda d: torch.finfo(d).bits)
+        )
+        cast = [a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args]
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*cast, **kwargs)
+
+    return wrapper
+
+
+sweep_boundary = _full_precision(_sweep_boundary)
+contract_chain = _full_precision(_contract_chain)
