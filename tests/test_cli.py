@@ -199,3 +199,42 @@ def test_console_script_help():
     assert out.returncode == 0
     assert "tnkd compare --config" in out.stdout
     assert sys.executable  # the script runs in this environment
+
+
+def test_wandb_run_shows_diagram_and_confusion_matrix(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cli = run(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "mps_from_cnn.yaml"),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"),
+            "--trainer.logger.init_args.name",
+            "media",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--model.init_args.beta",
+            "0",
+            "--model.init_args.teacher_checkpoint",
+            "null",
+            "--model.init_args.student.init_args.bond_dim",
+            "4",
+            *QUIET,
+        ]
+    )
+    cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    import wandb
+
+    wandb.finish()
+    confusion = cli.model.test_confusion
+    n_test = len(cli.datamodule.dataset("test"))
+    assert confusion.shape == (10, 10) and int(confusion.sum()) == n_test
+    accuracy = cli.trainer.callback_metrics["test/student_acc"]
+    assert abs(confusion.diag().sum().item() / n_test - accuracy.item()) < 1e-6
+    (run_dir,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
+    images = sorted(p.name for p in (run_dir / "files" / "media" / "images").rglob("*.png"))
+    assert any(name.startswith("student") or "diagram" in name for name in images), images
+    assert any("confusion" in name for name in images), images

@@ -20,9 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassConfusionMatrix,
+)
 
 from tnkd.divergences import Divergence, build_divergence
+from tnkd.media import confusion_figure, diagram_figure, log_figure
 from tnkd.students.base import count_parameters
 from tnkd.teachers import load_teacher, save_teacher
 
@@ -288,6 +293,8 @@ class DistillationModule(L.LightningModule):
             )
         names = ("student", "teacher") if teacher is not None else ("student",)
         self.metrics = _stage_metrics(num_classes, names)
+        self.confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion: torch.Tensor | None = None
         self.agreement = nn.ModuleDict(
             {f"{s}_metrics": MulticlassAccuracy(num_classes, average="micro") for s in STAGES}
             if teacher is not None
@@ -328,6 +335,10 @@ class DistillationModule(L.LightningModule):
     def on_fit_start(self) -> None:  # noqa: D102
         if self.logger is not None:
             self.logger.log_hyperparams(self.size_summary())
+            if hasattr(self.logger, "log_image") and self.trainer.is_global_zero:
+                figure = diagram_figure(self.student)
+                if figure is not None:
+                    log_figure(self.logger, "student/diagram", figure)
 
     def size_summary(self) -> dict[str, float]:
         """Parameter counts and compression ratio (teacher / student parameters)."""
@@ -371,6 +382,8 @@ class DistillationModule(L.LightningModule):
                 sync_dist=True,
             )
         metrics = self.metrics[f"{stage}_metrics"]
+        if stage == "test":
+            self.confusion.update(student_logits.detach(), y)
         metrics["student_acc"].update(student_logits.detach(), y)
         metrics["student_ece"].update(student_logits.detach().float().softmax(-1), y)
         if teacher_logits is not None:
@@ -396,6 +409,16 @@ class DistillationModule(L.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
         self._shared_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        """Keep the test confusion matrix (``test_confusion``) and log it as an image."""
+        self.test_confusion = self.confusion.compute()  # synced across processes
+        self.confusion.reset()
+        if self.logger is not None and self.trainer.is_global_zero:
+            names = getattr(self.trainer.datamodule, "class_names", ())
+            log_figure(
+                self.logger, "test/confusion_matrix", confusion_figure(self.test_confusion, names)
+            )
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
         return self.student(batch[0]).argmax(-1)
