@@ -238,3 +238,36 @@ def test_wandb_run_shows_diagram_and_confusion_matrix(tmp_path, monkeypatch):
     images = sorted(p.name for p in (run_dir / "files" / "media" / "images").rglob("*.png"))
     assert any(name.startswith("student") or "diagram" in name for name in images), images
     assert any("confusion" in name for name in images), images
+
+
+ALL_CONFIGS = sorted(
+    p
+    for p in (CONFIGS.parent).glob("*/*.yaml")
+    if p.parent.name != "sweeps" and p.name != "ddp.yaml"
+)
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_config_parses(config, capsys):
+    command = "compare" if "variants:" in config.read_text() else "fit"
+    with pytest.raises(SystemExit) as exc:
+        run([command, "--config", str(config), "--print_config"])
+    assert exc.value.code == 0, capsys.readouterr().err
+    assert "class_path" in capsys.readouterr().out
+
+
+def test_ddp_override_composes_with_a_config(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS.parent / "mnist" / "mps14_from_cnn.yaml"),
+                "--config",
+                str(CONFIGS.parent / "mnist" / "ddp.yaml"),
+                "--print_config",
+            ]
+        )
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "strategy: ddp" in out and "pool: 2" in out

@@ -125,11 +125,12 @@ class TnkdCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-USAGE = """usage: tnkd {fit,validate,test,predict,compare} [--config FILE] [--help] [overrides]
+USAGE = """usage: tnkd {fit,validate,test,predict,compare,report} [--config FILE] [--help] [overrides]
 
   tnkd fit --config configs/digits/teacher_cnn.yaml       train a teacher (saves its file)
   tnkd fit --config configs/digits/mps_from_cnn.yaml      distil it into an MPS student
   tnkd compare --config configs/digits/main.yaml          teacher + students side by side, one table
+  tnkd report runs/results/digits_mps.json --plot P.png   tables + accuracy-vs-parameters plot
   tnkd fit --config FILE --print_config                   show the full resolved config
   tnkd fit --config FILE --model.init_args.temperature 2  override any setting
   tnkd fit --config FILE --ckpt_path last                 resume a stopped run (same name)
@@ -155,6 +156,10 @@ def run(args: list[str]) -> Any:
             return None
     if args and args[0] == "compare":
         return run_compare(args[1:])
+    if args and args[0] == "report":
+        from tnkd.report import main as report
+
+        return report(args[1:])
     return TnkdCLI(args=args)
 
 

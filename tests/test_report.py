@@ -1,0 +1,60 @@
+"""``tnkd report``: tables and the accuracy-vs-parameters plot from results files."""
+
+import json
+
+import pytest
+
+from tnkd.cli import run
+from tnkd.report import load_results, markdown
+
+
+def _results(path, accs):
+    runs = [
+        {
+            "name": name,
+            "seed": seed,
+            "divergence": div,
+            "temperature": 4.0,
+            "beta": beta,
+            "student_acc": acc,
+            "agreement": acc,
+            "student_ece": 0.01,
+            "student_params": 1000,
+            "compression_ratio": 10.0,
+            "seconds": 1.0,
+        }
+        for (name, div, beta), seed, acc in accs
+    ]
+    path.write_text(
+        json.dumps(
+            {"teacher": {"class_path": "x.CNN", "test_acc": 0.99, "params": 10000}, "runs": runs}
+        )
+    )
+    return path
+
+
+def test_report_tables_and_plot(tmp_path, capsys):
+    labels, kl = ("labels only", "-", 0.0), ("KL", "kl", 0.9)
+    path = _results(
+        tmp_path / "grid.json",
+        [(labels, 0, 0.90), (labels, 1, 0.92), (kl, 0, 0.95), (kl, 1, 0.97)],
+    )
+    table = markdown(path, "toy")
+    # mean ± sample sd over the two seeds: 0.91 ± 0.0141, 0.96 ± 0.0141
+    assert "| labels only | - | 4 | 0 | 0.9100 ± 0.0141 |" in table
+    assert "| KL | kl | 4 | 0.9 | 0.9600 ± 0.0141 |" in table
+    assert "teacher test accuracy 0.9900 (10,000 parameters" in table
+    png = tmp_path / "docs" / "plot.png"
+    run(["report", str(path), "--plot", str(png), "--title", "toy"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "0.9600 ± 0.0141" in capsys.readouterr().out
+
+
+def test_report_rejects_a_file_that_is_not_results(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"hello": 1}')
+    with pytest.raises(ValueError, match="not a tnkd results file"):
+        load_results(bad)
+    assert bad.read_text() == '{"hello": 1}'
+    with pytest.raises(FileNotFoundError, match="tnkd compare"):
+        load_results(tmp_path / "none.json")

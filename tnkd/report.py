@@ -1,0 +1,129 @@
+"""Turn the results files of ``tnkd compare`` runs into README tables and an accuracy plot.
+
+``tnkd compare --config FILE`` writes one JSON file per grid (``results:`` in the config): the
+teacher's test accuracy and parameter count, and one record per run (variant, seed, test
+accuracy, agreement, calibration error, parameters, compression, wall time). The same values are
+in each run's W&B summary; the JSON file is what this module reads, so reports need neither the
+network nor W&B's binary run files.
+
+    tnkd report runs/results/mnist_mps.json --plot docs/mnist.png --title MNIST
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from tnkd.experiment import RunResult, format_table
+
+
+def load_results(path: str | Path) -> tuple[dict[str, Any], list[RunResult]]:
+    """Read one results file: ``(teacher, runs)``; a clear error if it is not one."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"results file {file} does not exist; `tnkd compare --config FILE` writes it "
+            "(its `results:` setting)"
+        )
+    try:
+        payload = json.loads(file.read_text())
+        names = {f.name for f in fields(RunResult)}
+        runs = [RunResult(**{k: v for k, v in r.items() if k in names}) for r in payload["runs"]]
+        teacher = dict(payload["teacher"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{file} is not a tnkd results file ({type(err).__name__}: {err}); it was left as it is"
+        ) from err
+    return teacher, runs
+
+
+def markdown(path: str | Path, title: str | None = None) -> str:
+    """The markdown table of one results file (mean ± sd over seeds per variant)."""
+    teacher, runs = load_results(path)
+    seconds = sum(r.seconds for r in runs)
+    name = title or Path(path).stem
+    return format_table(
+        runs,
+        teacher["test_acc"],
+        int(teacher["params"]),
+        name,
+        seconds,
+        teacher_note=str(teacher.get("class_path", "teacher")).rsplit(".", 1)[-1],
+    )
+
+
+def _summary(runs: list[RunResult]) -> list[tuple[str, int, float, float]]:
+    """Per variant: (name, params, mean test accuracy, sd)."""
+    out = []
+    for name in dict.fromkeys(r.name for r in runs):
+        rows = [r for r in runs if r.name == name]
+        accs = [r.student_acc for r in rows]
+        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        out.append((name, rows[0].student_params, statistics.mean(accs), sd))
+    return out
+
+
+def plot(paths: list[str | Path], out: str | Path, title: str = "") -> Path:
+    """Test accuracy against student parameters (log scale), a marker per results file.
+
+    Teachers are drawn as stars at their own parameter counts.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    markers = "osD^vP"
+    for k, path in enumerate(paths):
+        teacher, runs = load_results(path)
+        family = Path(path).stem
+        for name, params, acc, sd in _summary(runs):
+            ax.errorbar(
+                params,
+                acc,
+                yerr=sd or None,
+                fmt=markers[k % len(markers)],
+                capsize=3,
+                label=f"{family}: {name}",
+            )
+        if teacher.get("params") and not math.isnan(float(teacher.get("test_acc", math.nan))):
+            ax.plot(teacher["params"], teacher["test_acc"], "k*", markersize=11)
+            ax.annotate(
+                "teacher",
+                (teacher["params"], teacher["test_acc"]),
+                textcoords="offset points",
+                xytext=(6, -4),
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    return target
+
+
+def main(args: list[str] | None = None) -> None:
+    """``tnkd report FILE... [--plot PNG] [--title T]``: print the tables, write the plot."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="tnkd report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", help="results JSON files written by tnkd compare")
+    parser.add_argument("--plot", help="write an accuracy-vs-parameters PNG here")
+    parser.add_argument("--title", default="", help="title of the tables and the plot")
+    ns = parser.parse_args(args)
+    for path in ns.results:
+        print(markdown(path, f"{ns.title} {Path(path).stem}".strip()))
+        print()
+    if ns.plot:
+        print(f"plot: {plot(ns.results, ns.plot, ns.title)}")
