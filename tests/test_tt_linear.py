@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from tnkd.students import TTMLP, TTLinear
-from tnkd.teachers import MLP
+from tnkd.students import TTMLP, TTLinear, TTMLPFromTeacher
+from tnkd.teachers import CNN, MLP, save_teacher
 
 
 def test_matches_the_dense_product_of_its_weight():
@@ -103,3 +103,19 @@ def test_ttmlp_from_a_trained_mlp():
     assert small.to_graph().input_nodes == ["x"]
     # the student owns its weights
     assert all(p.data_ptr() != q.data_ptr() for p in small.parameters() for q in mlp.parameters())
+
+
+def test_ttmlp_from_a_saved_teacher_file(tmp_path):
+    torch.manual_seed(6)
+    mlp = MLP(64, 10, hidden=(128,)).eval()
+    path = save_teacher(mlp, tmp_path / "mlp.pt")
+    student = TTMLPFromTeacher(str(path), ranks=3, num_factors=2).eval()
+    reference = TTMLP.from_mlp(mlp, ranks=3, num_factors=2).eval()
+    x = torch.rand(5, 64)
+    assert torch.equal(student(x), reference(x))
+    assert [t.ranks for t in student.tt_layers()] == [t.ranks for t in reference.tt_layers()]
+    cnn = save_teacher(CNN((1, 8, 8), 10, channels=(4,), hidden=8), tmp_path / "cnn.pt")
+    with pytest.raises(ValueError, match="needs an MLP teacher"):
+        TTMLPFromTeacher(str(cnn))
+    with pytest.raises(FileNotFoundError):
+        TTMLPFromTeacher(str(tmp_path / "missing.pt"))

@@ -149,6 +149,9 @@ def compare(
     epochs: int = 30,
     lr: float = 2e-3,
     seeds: Sequence[int] = (0,),
+    scheduler: str = "cosine",
+    weight_decay: float = 0.0,
+    teacher_cache: str | None = None,
     trainer: dict[str, Any] | None = None,
     logger: str = "wandb",
     project: str = "tnkd",
@@ -169,6 +172,11 @@ def compare(
         epochs: student epochs per run.
         lr: student learning rate.
         seeds: one run per seed and variant (seed of initialisation and batch order).
+        scheduler: student learning-rate schedule, ``"cosine"`` or ``"none"`` (constant).
+        weight_decay: AdamW weight decay of the student (0: plain Adam).
+        teacher_cache: folder for the teacher's training-set logits, computed once and reused
+            by every distilled run (see :mod:`tnkd.teacher_cache`); ``None``: run the teacher
+            on every batch.
         trainer: extra ``lightning.Trainer`` arguments (``accelerator``, ``precision``...).
         logger: ``"wandb"`` (offline: sync later with ``wandb sync``) or ``"none"``.
         project: W&B project.
@@ -212,6 +220,9 @@ def compare(
                 temperature=variant.temperature,
                 beta=variant.beta,
                 lr=lr,
+                weight_decay=weight_decay,
+                scheduler=scheduler,
+                teacher_cache=teacher_cache if variant.beta > 0 else None,
             )
             log = make_logger(
                 logger, save_dir, project, name=f"{variant.name} seed {seed}", group=group

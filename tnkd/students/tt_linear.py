@@ -252,6 +252,40 @@ class TTMLP(Student):
         return self.tt_layers()[0].to_graph()
 
 
+class TTMLPFromTeacher(TTMLP):
+    """:meth:`TTMLP.from_mlp` of a saved MLP teacher, as a class a YAML config can name.
+
+    Args:
+        teacher_checkpoint: the teacher file written by ``TeacherModule(export_path=...)`` (an
+            :class:`tnkd.teachers.MLP`, or any ``nn.Sequential`` of linear layers).
+        ranks, tolerance, num_factors, keep_dense_below: as in :meth:`TTMLP.from_mlp`.
+
+    The TT-SVD start is recomputed from the teacher file each time the student is built; when
+    a run resumes from a checkpoint, the checkpoint's weights then replace it.
+    """
+
+    def __init__(
+        self,
+        teacher_checkpoint: str,
+        ranks: int | Sequence[int] | None = 8,
+        tolerance: float | None = None,
+        num_factors: int = 4,
+        keep_dense_below: int = 64,
+    ) -> None:
+        from tnkd.teachers import load_teacher
+
+        mlp = load_teacher(teacher_checkpoint)
+        if not isinstance(mlp, nn.Sequential):
+            raise ValueError(
+                f"TTMLPFromTeacher needs an MLP teacher (an nn.Sequential of linear layers), but "
+                f"{teacher_checkpoint} holds a {type(mlp).__name__}; train one with "
+                f"configs/mnist/teacher_mlp.yaml"
+            )
+        built = TTMLP.from_mlp(mlp, ranks, tolerance, num_factors, keep_dense_below)
+        super().__init__(built.layers, built.num_inputs, built.num_classes)
+        self.teacher_checkpoint = str(teacher_checkpoint)
+
+
 def copy_module(module: nn.Module) -> nn.Module:
     """A deep copy, so that a student never shares weights with its teacher."""
     import copy

@@ -1,0 +1,39 @@
+"""tnkd.experiment.compare: the side-by-side runner (the CLI wrapper is tested in test_cli)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from tnkd.data import DigitsDataModule
+from tnkd.experiment import Variant, compare
+from tnkd.students import MPSClassifier
+from tnkd.teachers import MLP
+
+
+def _compare(tmp_path, **kwargs):
+    return compare(
+        DigitsDataModule(batch_size=64),
+        student=partial(MPSClassifier, 64, 10, bond_dim=3),
+        teacher=partial(MLP, 64, 10, hidden=[32]),
+        teacher_checkpoint=str(tmp_path / "teacher.pt"),
+        teacher_epochs=2,
+        variants=[Variant("labels only", beta=0.0), Variant("KL", divergence="kl")],
+        epochs=1,
+        lr=3e-3,
+        logger="none",
+        trainer={"enable_progress_bar": False, "enable_model_summary": False},
+        **kwargs,
+    )
+
+
+def test_teacher_cache_gives_the_same_runs_as_the_live_teacher(tmp_path):
+    cache = tmp_path / "cache"
+    cached = _compare(tmp_path, teacher_cache=str(cache), scheduler="none")
+    cached_again = _compare(tmp_path, teacher_cache=str(cache), scheduler="none")
+    # One cache file (the teacher and training inputs did not change), reused by the last call.
+    assert len(list(cache.iterdir())) == 1
+    # The seed fixes initialisation and batch order, so cached and live teachers agree exactly.
+    assert [r.student_acc for r in cached] == [r.student_acc for r in cached_again]
+    live_const = _compare(tmp_path, scheduler="none")
+    assert [r.student_acc for r in cached] == [r.student_acc for r in live_const]
+    assert [r.name for r in cached] == ["labels only", "KL"]
