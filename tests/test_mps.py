@@ -180,3 +180,48 @@ def test_pooled_student_equals_the_student_on_pooled_images():
     assert torch.allclose(pooled(x), plain(blocks), atol=1e-6)
     with pytest.raises(ValueError, match="pool=2 expects"):
         pooled(torch.rand(5, 64))
+
+
+def test_patch_student_sees_row_major_blocks_of_pixels():
+    torch.manual_seed(0)
+    fmap = {"name": "learnable", "dim": 3, "in_features": 4, "num_sites": 16}
+    patched = MPSClassifier(
+        num_sites=16, num_classes=3, bond_dim=4, patch=2, feature_map=fmap, init_std=0.3
+    ).double()
+    pixel = MPSClassifier(
+        num_sites=16,
+        num_classes=3,
+        bond_dim=4,
+        feature_map={"name": "learnable", "dim": 3, "in_features": 1, "num_sites": 16},
+        init_std=0.3,
+    ).double()
+    with torch.no_grad():
+        # the patch map reads only each block's bottom-right pixel (index 3 of the row-major 2x2)
+        patched.feature_map.weight.zero_()
+        patched.feature_map.weight[:, 3, :] = pixel.feature_map.weight[:, 0, :]
+        patched.feature_map.bias.copy_(pixel.feature_map.bias)
+        for name in ("cores", "left", "right", "output_core", "log_logit_scale"):
+            getattr(patched, name).copy_(getattr(pixel, name))
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
+    corners = x[:, :, 1::2, 1::2]  # the bottom-right pixel of every 2x2 block, by hand
+    assert patched.num_inputs == 64
+    assert torch.allclose(patched(x), pixel(corners), atol=1e-10)
+    # the tensornetwork graph contraction agrees with the fast chain in patch mode too
+    patched.output = "raw"
+    assert torch.allclose(patched.generic_forward(x), patched.raw_forward(x), rtol=1e-9)
+
+
+def test_patch_student_rejects_maps_and_inputs_that_do_not_fit():
+    with pytest.raises(ValueError, match="in_features: 4"):
+        MPSClassifier(num_sites=16, num_classes=3, patch=2, feature_map="linear")
+    with pytest.raises(ValueError, match="patch=1 gives each site 1"):
+        MPSClassifier(
+            num_sites=16, num_classes=3, feature_map={"name": "learnable", "in_features": 4}
+        )
+    with pytest.raises(ValueError, match="cannot be combined"):
+        MPSClassifier(num_sites=16, num_classes=3, pool=2, patch=2)
+    student = MPSClassifier(
+        num_sites=16, num_classes=3, patch=2, feature_map={"name": "learnable", "in_features": 4}
+    )
+    with pytest.raises(ValueError, match="patch=2 expects"):
+        student(torch.rand(5, 64))

@@ -27,6 +27,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "init_args": {"project": "tnkd", "save_dir": "runs", "offline": True},
     },
     "max_epochs": 30,
+    # runs without a logger (``--trainer.logger false``) keep their files under runs/, not the cwd
+    "default_root_dir": "runs",
 }
 
 

@@ -23,6 +23,13 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def image_patches(images: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """(batch, C, H, W) -> (batch, (H/ph)(W/pw), C*ph*pw): non-overlapping patches, row-major."""
+    b, c, h, w = images.shape
+    img = images.reshape(b, c, h // ph, ph, w // pw, pw)
+    return img.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // ph) * (w // pw), c * ph * pw)
+
+
 class Student(nn.Module):
     """Base class of tensor-network students.
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tnkd.feature_maps import FeatureMap, build_feature_map
-from tnkd.students.base import Student, check_positive_int, near_identity_cores
+from tnkd.students.base import Student, check_positive_int, image_patches, near_identity_cores
 from tnkd.tn.contraction import CHAIN_METHODS, CompiledNetwork, contract_chain
 from tnkd.tn.decompositions import tt_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
@@ -50,6 +50,11 @@ class MPSClassifier(Student):
         pool: average-pool ``(batch, channels, H, W)`` images by this factor before the feature
             map (2: a 28x28 image becomes 196 sites), so a short-chain student distils from a
             teacher that sees the full image; ``num_sites`` is the pooled pixel count.
+        patch: give each site a ``patch x patch`` block of ``(batch, channels, H, W)`` images
+            (row-major blocks of one-channel images) instead of one pixel; the map must take
+            that many values, e.g. ``{name: learnable, dim: 4, in_features: 4}`` for 2x2
+            blocks of one-channel images. Unlike ``pool`` it keeps every pixel: a 28x28 image
+            becomes 196 sites of 4 pixels each.
 
     Example:
         >>> mps = MPSClassifier(num_sites=64, num_classes=10, bond_dim=8)
@@ -70,11 +75,18 @@ class MPSClassifier(Student):
         init_std: float = 1e-2,
         method: str = "auto",
         pool: int = 1,
+        patch: int = 1,
     ) -> None:
         super().__init__()
         self.num_sites = check_positive_int("student num_sites", num_sites)
         self.pool = check_positive_int("student pool", pool)
-        self.num_inputs = num_sites * pool * pool
+        self.patch = check_positive_int("student patch", patch)
+        if pool > 1 and patch > 1:
+            raise ValueError(
+                f"student pool={pool} and patch={patch} cannot be combined: pool averages each "
+                "block to one pixel, patch gives a site the whole block; choose one"
+            )
+        self.num_inputs = num_sites * pool * pool * patch * patch
         self.num_classes = check_positive_int("student num_classes", num_classes)
         self.bond_dim = check_positive_int("student bond_dim", bond_dim)
         position = num_sites // 2 if label_position is None else label_position
@@ -97,6 +109,18 @@ class MPSClassifier(Student):
         self.output = output
         self.method = method
         self.feature_map = build_feature_map(feature_map)
+        in_features = getattr(self.feature_map, "in_features", 1)
+        if in_features != patch * patch:
+            hint = (
+                f"use a map that takes {patch * patch} values, e.g. "
+                f"{{name: learnable, dim: 4, in_features: {patch * patch}}}"
+                if patch > 1
+                else "use a scalar map (linear, trig, poly, or learnable with in_features 1)"
+            )
+            raise ValueError(
+                f"student feature map {type(self.feature_map).__name__} takes {in_features} "
+                f"value(s) per site but patch={patch} gives each site {patch * patch}; {hint}"
+            )
         bond = bond_dim
         self.cores = nn.Parameter(
             near_identity_cores(
@@ -159,15 +183,22 @@ class MPSClassifier(Student):
         return self.cores.expand(self.num_sites, -1, -1, -1) if self.uniform else self.cores
 
     def flatten_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Pool (when ``pool > 1``) and flatten to ``(batch, num_sites)``, checking the size."""
-        if self.pool == 1:
+        """``(batch, num_sites)`` site inputs (``(batch, num_sites, patch^2)`` with patches).
+
+        Pools when ``pool > 1``, cuts patches when ``patch > 1``; checks the size.
+        """
+        block = max(self.pool, self.patch)
+        if block == 1:
             return super().flatten_input(x)
-        if x.dim() != 4 or x.shape[2] % self.pool or x.shape[3] % self.pool:
+        option = f"pool={self.pool}" if self.pool > 1 else f"patch={self.patch}"
+        if x.dim() != 4 or x.shape[2] % block or x.shape[3] % block:
             raise ValueError(
-                f"MPSClassifier with pool={self.pool} expects (batch, channels, H, W) images with H "
-                f"and W divisible by {self.pool}, but got shape {tuple(x.shape)}"
+                f"MPSClassifier with {option} expects (batch, channels, H, W) images with H "
+                f"and W divisible by {block}, but got shape {tuple(x.shape)}"
             )
-        super().flatten_input(x)  # checks num_inputs = num_sites * pool^2
+        super().flatten_input(x)  # checks num_inputs = num_sites * block^2
+        if self.patch > 1:
+            return image_patches(x, self.patch, self.patch)
         return torch.nn.functional.avg_pool2d(x, self.pool).reshape(x.shape[0], -1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

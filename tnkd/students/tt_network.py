@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tnkd.feature_maps import FeatureMap, LearnableFeatureMap, build_feature_map
-from tnkd.students.base import Student, check_positive_int, near_identity_cores
+from tnkd.students.base import Student, check_positive_int, image_patches, near_identity_cores
 from tnkd.tn.contraction import CompiledNetwork, sweep_boundary
 from tnkd.tn.graph import TNGraph, connect, make_node
 
@@ -150,10 +150,7 @@ class TTNetwork(Student):
     def patches(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, *input_shape) -> (batch, d, channels * ph * pw) patches in row-major order."""
         flat = self.flatten_input(x)
-        c, h, w = self.input_shape
-        ph, pw = self.patch_size
-        img = flat.view(flat.shape[0], c, h // ph, ph, w // pw, pw)
-        return img.permute(0, 2, 4, 1, 3, 5).reshape(flat.shape[0], self.num_patches, c * ph * pw)
+        return image_patches(flat.view(flat.shape[0], *self.input_shape), *self.patch_size)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(batch, d, n) feature vectors f(p_k)."""
