@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from tnkd.callbacks import RunCheckpoint
 from tnkd.data.base import ClassificationDataModule
+from tnkd.files import unique_path
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -30,14 +31,6 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     # runs without a logger (``--trainer.logger false``) keep their files under runs/, not the cwd
     "default_root_dir": "runs",
 }
-
-
-def _unique(path: Path) -> Path:
-    k, target = 1, path
-    while target.exists():
-        target = path.with_name(f"{path.stem}.{k}{path.suffix}")
-        k += 1
-    return target
 
 
 def check_checkpoint_file(path: str | Path) -> None:
@@ -85,7 +78,7 @@ class SaveConfigToRun(SaveConfigCallback):
                 return
         folder = Path(trainer.log_dir or trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        _unique(folder / "config.yaml").write_text(text)
+        unique_path(folder / "config.yaml").write_text(text)
 
 
 class TnkdCLI(LightningCLI):
@@ -127,11 +120,12 @@ class TnkdCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-USAGE = """usage: tnkd {fit,validate,test,predict,compare,report} [--config FILE] [--help] [overrides]
+USAGE = """usage: tnkd {fit,validate,test,predict,compare,grid,report} [--config FILE] [--help] [overrides]
 
   tnkd fit --config configs/digits/teacher_cnn.yaml       train a teacher (saves its file)
   tnkd fit --config configs/digits/mps_from_cnn.yaml      distil it into an MPS student
   tnkd compare --config configs/digits/main.yaml          teacher + students side by side, one table
+  tnkd grid configs/mnist --plot P.png                    every grid*.yaml of a data set, one report
   tnkd report runs/results/digits_mps.json --plot P.png   tables + accuracy-vs-parameters plot
   tnkd fit --config FILE --print_config                   show the full resolved config
   tnkd fit --config FILE --model.init_args.temperature 2  override any setting
@@ -158,6 +152,10 @@ def run(args: list[str]) -> Any:
             return None
     if args and args[0] == "compare":
         return run_compare(args[1:])
+    if args and args[0] == "grid":
+        from tnkd.grid import main as grid
+
+        return grid(args[1:])
     if args and args[0] == "report":
         from tnkd.report import main as report
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tnkd.data.base import ClassificationDataModule
+from tnkd.files import unique_path
 from tnkd.modules import DistillationModule, TeacherModule
 from tnkd.students.base import count_parameters
 from tnkd.teachers import load_teacher, read_teacher_file
@@ -347,11 +348,7 @@ def format_table(
 def _write_results(
     path: str, results: list[RunResult], teacher_acc: float, teacher_params: int, teacher: str
 ) -> Path:
-    target = Path(path)
-    k = 1
-    while target.exists():
-        target = Path(path).with_name(f"{Path(path).stem}.{k}{Path(path).suffix}")
-        k += 1
+    target = unique_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "teacher": {"class_path": teacher, "test_acc": teacher_acc, "params": teacher_params},

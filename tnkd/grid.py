@@ -1,0 +1,84 @@
+"""``tnkd grid``: a data set's whole experiment grid in one command.
+
+A grid is a folder of ``tnkd compare`` configs named ``grid*.yaml`` (one per student family:
+MPS, TT network with different and with equal cores, TT-MLP ...). ``tnkd grid configs/mnist``
+runs each of them in turn (teachers are trained on first use and reused, every run is logged to
+W&B with the config's group), writes each config's results file, and ends with the README
+tables and, with ``--plot``, one accuracy-vs-parameters plot of all families::
+
+    tnkd grid configs/mnist --plot docs/mnist_accuracy_vs_params.png --data.init_args.root PATH
+
+Any other ``--key value`` is passed to every ``tnkd compare`` (``--seeds '[0]'`` for a quick
+look, ``--trainer.accelerator gpu`` ...). A config that fails is reported at the end; the others
+still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import traceback
+from pathlib import Path
+
+import yaml
+
+from tnkd.files import unique_path
+from tnkd.report import markdown, plot
+
+
+def grid_configs(paths: list[str]) -> list[Path]:
+    """The ``grid*.yaml`` files of each folder in ``paths`` (sorted), and each file as given."""
+    found: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            configs = sorted(path.glob("grid*.yaml"))
+            if not configs:
+                raise FileNotFoundError(
+                    f"{path} holds no grid*.yaml configs; pass a folder such as configs/mnist "
+                    "or the config files themselves"
+                )
+            found += configs
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"{path} is neither a folder of grid configs nor a config file")
+    return found
+
+
+def main(args: list[str]) -> list[Path]:
+    """Run the grid; returns the results files written."""
+    from tnkd.cli import run_compare
+
+    parser = argparse.ArgumentParser(
+        prog="tnkd grid", description=__doc__.split("\n\n")[0], add_help=True
+    )
+    parser.add_argument("paths", nargs="+", help="folders of grid*.yaml configs, or config files")
+    parser.add_argument("--plot", help="write one accuracy-vs-parameters PNG of all results here")
+    parser.add_argument("--title", default="", help="title of the tables and the plot")
+    positional = []
+    while args and not args[0].startswith("-"):
+        positional.append(args.pop(0))
+    ns, overrides = parser.parse_known_args([*positional, *args])
+    configs = grid_configs(ns.paths)
+    written: list[Path] = []
+    failed: list[str] = []
+    for config in configs:
+        settings = yaml.safe_load(config.read_text()) or {}
+        target = unique_path(settings.get("results") or f"runs/results/{config.stem}.json")
+        print(f"\n== tnkd grid: {config} -> {target}", flush=True)
+        try:
+            run_compare(["--config", str(config), *overrides, "--results", str(target)])
+        except (Exception, SystemExit) as err:  # keep going: one family's failure is not all
+            if isinstance(err, SystemExit) and not err.code:
+                raise
+            traceback.print_exc()
+            failed.append(f"{config}: {type(err).__name__}: {err}")
+            continue
+        written.append(target)
+    for path in written:
+        print(markdown(path, f"{ns.title} {path.stem}".strip()), end="\n\n")
+    if ns.plot and written:
+        print(f"plot: {plot(written, ns.plot, ns.title)}")
+    if failed:
+        raise SystemExit("tnkd grid: these configs failed:\n  " + "\n  ".join(failed))
+    return written
