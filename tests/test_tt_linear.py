@@ -119,3 +119,19 @@ def test_ttmlp_from_a_saved_teacher_file(tmp_path):
         TTMLPFromTeacher(str(cnn))
     with pytest.raises(FileNotFoundError):
         TTMLPFromTeacher(str(tmp_path / "missing.pt"))
+
+
+def test_empty_factors_are_an_error_not_the_default():
+    with pytest.raises(ValueError, match="in_factors must be positive integers"):
+        TTLinear(16, 4, in_factors=())
+    with pytest.raises(ValueError, match="positive integers"):
+        TTLinear.from_dense(torch.randn(4, 16), in_factors=())
+
+
+def test_from_dense_leaves_the_global_random_state_alone():
+    weight = torch.randn(16, 64)
+    torch.manual_seed(3)
+    TTLinear.from_dense(weight, ranks=2)
+    after = torch.rand(3)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(3))

@@ -54,10 +54,14 @@ class TTLinear(nn.Module):
         self.in_features = check_positive_int("TTLinear in_features", in_features)
         self.out_features = check_positive_int("TTLinear out_features", out_features)
         m = check_factors(
-            in_factors or factorize(in_features, 4), in_features, "TTLinear in_factors"
+            factorize(in_features, 4) if in_factors is None else in_factors,
+            in_features,
+            "TTLinear in_factors",
         )
         n = check_factors(
-            out_factors or factorize(out_features, len(m)), out_features, "TTLinear out_factors"
+            factorize(out_features, len(m)) if out_factors is None else out_factors,
+            out_features,
+            "TTLinear out_factors",
         )
         if len(m) != len(n):
             raise ValueError(f"TTLinear in_factors {m} and out_factors {n} need the same length")
@@ -89,19 +93,30 @@ class TTLinear(nn.Module):
         ranks: int | Sequence[int] | None = None,
         tolerance: float | None = None,
     ) -> TTLinear:
-        """Start from a trained ``(out, in)`` weight by TT-SVD (ranks from the unfoldings if not given)."""
+        """Start from a trained ``(out, in)`` weight by TT-SVD (ranks from the unfoldings if not given).
+
+        Ranks above what the factor shapes allow are capped there (see ``layer.ranks``); the
+        global random state is left as it was.
+        """
         out_features, in_features = weight.shape
-        m = tuple(in_factors or factorize(in_features, 4))
-        n = tuple(out_factors or factorize(out_features, len(m)))
-        cores = tt_matrix_svd(weight.detach(), m, n, ranks=ranks, tolerance=tolerance)
-        layer = cls(
+        m = check_factors(
+            factorize(in_features, 4) if in_factors is None else in_factors,
             in_features,
-            out_features,
-            m,
-            n,
-            ranks=[int(c.shape[-1]) for c in cores[:-1]],
-            bias=bias is not None,
+            "TTLinear in_factors",
         )
+        n = tuple(factorize(out_features, len(m)) if out_factors is None else out_factors)
+        cores = tt_matrix_svd(weight.detach(), m, n, ranks=ranks, tolerance=tolerance)
+        with torch.random.fork_rng(
+            devices=[]
+        ):  # the random start is overwritten: leave the seed be
+            layer = cls(
+                in_features,
+                out_features,
+                m,
+                n,
+                ranks=[int(c.shape[-1]) for c in cores[:-1]],
+                bias=bias is not None,
+            )
         layer = layer.to(weight.dtype)
         with torch.no_grad():
             for p, c in zip(layer.cores, cores, strict=True):
