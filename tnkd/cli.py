@@ -160,7 +160,9 @@ def run(args: list[str]) -> Any:
         from tnkd.report import main as report
 
         return report(args[1:])
-    return TnkdCLI(args=args)
+    # from the console script the arguments are sys.argv's own: let LightningCLI read them
+    # (passing them again makes it warn that both were given)
+    return TnkdCLI(args=None if list(args) == sys.argv[1:] else args)
 
 
 def main(args: list[str] | None = None) -> None:
