@@ -58,3 +58,27 @@ def test_report_rejects_a_file_that_is_not_results(tmp_path):
     assert bad.read_text() == '{"hello": 1}'
     with pytest.raises(FileNotFoundError, match="tnkd compare"):
         load_results(tmp_path / "none.json")
+
+
+def test_a_quoted_pattern_merges_the_seeds_of_one_grid(tmp_path, capsys):
+    labels, kl = ("labels only", "-", 0.0), ("KL", "kl", 0.9)
+    _results(tmp_path / "ttn_s0.json", [(labels, 0, 0.90), (kl, 0, 0.95)])
+    _results(tmp_path / "ttn_s1.json", [(labels, 1, 0.92), (kl, 1, 0.97)])
+    run(["report", str(tmp_path / "ttn_*.json"), "--title", "MNIST"])
+    out = capsys.readouterr().out
+    # one table for both files: the same means and sds as one file holding both seeds
+    assert "## MNIST ttn: teacher test accuracy 0.9900" in out
+    assert "| labels only | - | 4 | 0 | 0.9100 ± 0.0141 |" in out
+    assert "| KL | kl | 4 | 0.9 | 0.9600 ± 0.0141 |" in out
+    assert "seeds [0, 1]" in out
+
+
+def test_merging_refuses_results_of_different_teachers(tmp_path):
+    labels = ("labels only", "-", 0.0)
+    _results(tmp_path / "a_s0.json", [(labels, 0, 0.90)])
+    other = _results(tmp_path / "a_s1.json", [(labels, 1, 0.92)])
+    other.write_text(other.read_text().replace('"test_acc": 0.99', '"test_acc": 0.98'))
+    with pytest.raises(ValueError, match="another teacher"):
+        markdown(tmp_path / "a_*.json")
+    with pytest.raises(FileNotFoundError, match="no results files match"):
+        markdown(tmp_path / "zzz_*.json")

@@ -7,6 +7,11 @@ in each run's W&B summary; the JSON file is what this module reads, so reports n
 network nor W&B's binary run files.
 
     tnkd report runs/results/mnist_mps.json --plot docs/mnist.png --title MNIST
+    tnkd report 'runs/results/mnist_ttn_equal_*.json'     # a quoted pattern: one merged table
+
+A quoted glob pattern merges every file it matches into one family (one table, mean ± sd over
+all their seeds): runs of one grid made by several ``tnkd compare`` calls (a seed or a variant
+at a time) report as one grid. The files must share one teacher.
 """
 
 from __future__ import annotations
@@ -41,11 +46,43 @@ def load_results(path: str | Path) -> tuple[dict[str, Any], list[RunResult]]:
     return teacher, runs
 
 
+def family_name(pattern: str | Path) -> str:
+    """The name of a results file or pattern: its stem without wildcards and trailing ``_``."""
+    stem = Path(str(pattern)).name.removesuffix(".json")
+    return stem.split("*")[0].split("?")[0].split("[")[0].rstrip("_.-") or stem
+
+
+def load_family(pattern: str | Path) -> tuple[dict[str, Any], list[RunResult]]:
+    """One results file, or every file a glob pattern matches merged (one shared teacher)."""
+    text = str(pattern)
+    if not any(c in text for c in "*?["):
+        return load_results(text)
+    files = sorted(Path(text).parent.glob(Path(text).name))
+    if not files:
+        raise FileNotFoundError(
+            f"no results files match {text}; `tnkd compare --config FILE` writes them"
+        )
+    teacher, runs = load_results(files[0])
+    for file in files[1:]:
+        other, more = load_results(file)
+        if (other.get("class_path"), other.get("params"), other.get("test_acc")) != (
+            teacher.get("class_path"),
+            teacher.get("params"),
+            teacher.get("test_acc"),
+        ):
+            raise ValueError(
+                f"{file} was made with another teacher than {files[0]}; merge only the "
+                "results of one teacher (report the others as their own files)"
+            )
+        runs += more
+    return teacher, runs
+
+
 def markdown(path: str | Path, title: str | None = None) -> str:
-    """The markdown table of one results file (mean ± sd over seeds per variant)."""
-    teacher, runs = load_results(path)
+    """The markdown table of one results file or pattern (mean ± sd over seeds per variant)."""
+    teacher, runs = load_family(path)
     seconds = sum(r.seconds for r in runs)
-    name = title or Path(path).stem
+    name = title or family_name(path)
     return format_table(
         runs,
         teacher["test_acc"],
@@ -80,8 +117,8 @@ def plot(paths: list[str | Path], out: str | Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     markers = "osD^vP"
     for k, path in enumerate(paths):
-        teacher, runs = load_results(path)
-        family = Path(path).stem
+        teacher, runs = load_family(path)
+        family = family_name(path)
         for name, params, acc, sd in _summary(runs):
             ax.errorbar(
                 params,
@@ -118,12 +155,16 @@ def main(args: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="tnkd report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="+", help="results JSON files written by tnkd compare")
+    parser.add_argument(
+        "results",
+        nargs="+",
+        help="results JSON files written by tnkd compare; a quoted glob pattern merges its files",
+    )
     parser.add_argument("--plot", help="write an accuracy-vs-parameters PNG here")
     parser.add_argument("--title", default="", help="title of the tables and the plot")
     ns = parser.parse_args(args)
     for path in ns.results:
-        print(markdown(path, f"{ns.title} {Path(path).stem}".strip()))
+        print(markdown(path, f"{ns.title} {family_name(path)}".strip()))
         print()
     if ns.plot:
         print(f"plot: {plot(ns.results, ns.plot, ns.title)}")
