@@ -75,6 +75,8 @@ def load_family(pattern: str | Path) -> tuple[dict[str, Any], list[RunResult]]:
                 "results of one teacher (report the others as their own files)"
             )
         runs += more
+    # labels alone first, then KL, then the others in the order they were found
+    runs.sort(key=lambda r: 0 if r.beta == 0 else 1 if r.divergence == "kl" else 2)
     return teacher, runs
 
 
