@@ -150,3 +150,29 @@ def test_distillation_logs_loss_terms_agreement_and_sizes():
     assert sizes["compression_ratio"] == pytest.approx(
         sizes["teacher_params"] / sizes["student_params"]
     )
+
+
+class _RecordModes(L.Callback):
+    def __init__(self):
+        self.student, self.teacher = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        net = module.student if isinstance(module, DistillationModule) else module.net
+        self.student.append(all(m.training for m in net.modules()))
+        if isinstance(module, DistillationModule):
+            self.teacher.append(any(m.training for m in module.teacher.modules()))
+
+
+def test_models_built_in_eval_mode_still_train_in_train_mode():
+    # Lightning keeps each module's mode: a student copied from an eval-mode teacher (as TT-SVD
+    # students are) must still train with dropout on, while the teacher stays frozen in eval mode
+    teacher = MLP(64, 10, hidden=(16,), dropout=0.5).eval()
+    student = MLP(64, 10, hidden=(8,), dropout=0.5).eval()
+    modes = _RecordModes()
+    _fit(DistillationModule(student, teacher=teacher, beta=0.5), callbacks=[modes])
+    assert modes.student and all(modes.student)
+    assert modes.teacher and not any(modes.teacher)
+    net = MLP(64, 10, hidden=(8,), dropout=0.5).eval()
+    modes = _RecordModes()
+    _fit(TeacherModule(net), callbacks=[modes])
+    assert modes.student and all(modes.student)

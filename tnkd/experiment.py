@@ -172,7 +172,8 @@ def compare(
         variants: the ways to train the student (default: labels only, and KL).
         epochs: student epochs per run.
         lr: student learning rate.
-        seeds: one run per seed and variant (seed of initialisation and batch order).
+        seeds: one run per seed and variant: the seed of initialisation, dropout and the other
+            random draws (the batch order is the data module's own ``seed``, fixed for resumes).
         scheduler: student learning-rate schedule, ``"cosine"`` or ``"none"`` (constant).
         weight_decay: AdamW weight decay of the student (0: plain Adam).
         teacher_cache: folder for the teacher's training-set logits, computed once and reused

@@ -162,6 +162,11 @@ class TeacherModule(L.LightningModule):
             )
         self.logger_log_params()
 
+    def on_train_start(self) -> None:  # noqa: D102
+        # Lightning keeps each module's mode: a net built or loaded in eval mode would train
+        # without dropout and with frozen batch norm
+        self.net.train()
+
     def logger_log_params(self) -> None:
         """Record the parameter count with the run's hyperparameters."""
         if self.logger is not None:
@@ -331,6 +336,11 @@ class DistillationModule(L.LightningModule):
 
             inputs = dm.dataset("train").tensors[0]
             dm.attach_teacher_logits("train", cached_teacher_logits(self.teacher, inputs, cache))
+
+    def on_train_start(self) -> None:  # noqa: D102
+        # Lightning keeps each module's mode: a student copied from an eval-mode teacher (TT-SVD
+        # of its layers) would otherwise train without dropout; the teacher stays in eval mode
+        self.train()
 
     def on_fit_start(self) -> None:  # noqa: D102
         if self.logger is not None:

@@ -302,7 +302,7 @@ class TTMLPFromTeacher(TTMLP):
 
 
 def copy_module(module: nn.Module) -> nn.Module:
-    """A deep copy, so that a student never shares weights with its teacher."""
+    """A deep copy in training mode, so that a student never shares weights with its teacher."""
     import copy
 
-    return copy.deepcopy(module)
+    return copy.deepcopy(module).train()
