@@ -133,7 +133,7 @@ def plot(paths: list[str | Path], out: str | Path, title: str = "") -> Path:
         if teacher.get("params") and not math.isnan(float(teacher.get("test_acc", math.nan))):
             ax.plot(teacher["params"], teacher["test_acc"], "k*", markersize=11)
             ax.annotate(
-                "teacher",
+                f"teacher ({str(teacher.get('class_path', '')).rsplit('.', 1)[-1]})",
                 (teacher["params"], teacher["test_acc"]),
                 textcoords="offset points",
                 xytext=(6, -4),
