@@ -144,7 +144,7 @@ def run_compare(args: list[str]) -> Any:
     )
 
 
-def run(args: list[str]) -> Any:
+def run(args: list[str], from_argv: bool = False) -> Any:
     """Run a ``tnkd`` command; returns the ``LightningCLI`` (or ``compare``'s results)."""
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
@@ -160,14 +160,16 @@ def run(args: list[str]) -> Any:
         from tnkd.report import main as report
 
         return report(args[1:])
-    # from the console script the arguments are sys.argv's own: let LightningCLI read them
-    # (passing them again makes it warn that both were given)
-    return TnkdCLI(args=None if list(args) == sys.argv[1:] else args)
+    # from the console script LightningCLI reads sys.argv itself (given both, it warns)
+    return TnkdCLI(args=None if from_argv else args)
 
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``tnkd`` console script."""
-    run(sys.argv[1:] if args is None else list(args))
+    if args is None:
+        run(sys.argv[1:], from_argv=True)
+    else:
+        run(list(args))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ tables and, with ``--plot``, one accuracy-vs-parameters plot of all families::
     tnkd grid configs/mnist --plot docs/mnist_accuracy_vs_params.png --data.init_args.root PATH
 
 Any other ``--key value`` is passed to every ``tnkd compare`` (``--seeds '[0]'`` for a quick
-look, ``--trainer.accelerator gpu`` ...). A config that fails is reported at the end; the others
+look, ``--trainer '{accelerator: gpu}'`` ...). A config that fails is reported at the end; the others
 still run.
 """
 
@@ -50,16 +50,19 @@ def main(args: list[str]) -> list[Path]:
     from tnkd.cli import run_compare
 
     parser = argparse.ArgumentParser(
-        prog="tnkd grid", description=__doc__.split("\n\n")[0], add_help=True
+        prog="tnkd grid",
+        usage="tnkd grid FOLDER_OR_CONFIG... [--plot PNG] [--title T] [compare flags]",
+        description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("paths", nargs="+", help="folders of grid*.yaml configs, or config files")
     parser.add_argument("--plot", help="write one accuracy-vs-parameters PNG of all results here")
     parser.add_argument("--title", default="", help="title of the tables and the plot")
-    positional = []
-    while args and not args[0].startswith("-"):
-        positional.append(args.pop(0))
-    ns, overrides = parser.parse_known_args([*positional, *args])
-    configs = grid_configs(ns.paths)
+    # the paths come first; everything from the first flag on is parsed as flags (so that the
+    # values of compare's flags are never taken for paths)
+    split = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+    ns, overrides = parser.parse_known_args(args[split:])
+    if not split:
+        parser.error("give at least one folder of grid*.yaml configs, or config files")
+    configs = grid_configs(args[:split])
     written: list[Path] = []
     failed: list[str] = []
     for config in configs:

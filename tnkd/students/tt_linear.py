@@ -24,6 +24,26 @@ from tnkd.tn.decompositions import check_factors, factorize, tt_matrix_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
 
 
+def _factors(
+    in_features: int,
+    out_features: int,
+    in_factors: Sequence[int] | None,
+    out_factors: Sequence[int] | None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The checked (in, out) factorisations: as given, or four as-equal-as-possible factors."""
+    m = check_factors(
+        factorize(in_features, 4) if in_factors is None else in_factors,
+        in_features,
+        "TTLinear in_factors",
+    )
+    n = check_factors(
+        factorize(out_features, len(m)) if out_factors is None else out_factors,
+        out_features,
+        "TTLinear out_factors",
+    )
+    return m, n
+
+
 class TTLinear(nn.Module):
     """A drop-in replacement of ``nn.Linear(in_features, out_features)`` with a TT-matrix weight.
 
@@ -53,16 +73,7 @@ class TTLinear(nn.Module):
         super().__init__()
         self.in_features = check_positive_int("TTLinear in_features", in_features)
         self.out_features = check_positive_int("TTLinear out_features", out_features)
-        m = check_factors(
-            factorize(in_features, 4) if in_factors is None else in_factors,
-            in_features,
-            "TTLinear in_factors",
-        )
-        n = check_factors(
-            factorize(out_features, len(m)) if out_factors is None else out_factors,
-            out_features,
-            "TTLinear out_factors",
-        )
+        m, n = _factors(in_features, out_features, in_factors, out_factors)
         if len(m) != len(n):
             raise ValueError(f"TTLinear in_factors {m} and out_factors {n} need the same length")
         d = len(m)
@@ -99,16 +110,10 @@ class TTLinear(nn.Module):
         global random state is left as it was.
         """
         out_features, in_features = weight.shape
-        m = check_factors(
-            factorize(in_features, 4) if in_factors is None else in_factors,
-            in_features,
-            "TTLinear in_factors",
-        )
-        n = tuple(factorize(out_features, len(m)) if out_factors is None else out_factors)
+        m, n = _factors(in_features, out_features, in_factors, out_factors)
         cores = tt_matrix_svd(weight.detach(), m, n, ranks=ranks, tolerance=tolerance)
-        with torch.random.fork_rng(
-            devices=[]
-        ):  # the random start is overwritten: leave the seed be
+        # the layer's random start is overwritten below: leave the global random state be
+        with torch.random.fork_rng(devices=[]):
             layer = cls(
                 in_features,
                 out_features,
