@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 from tnkd.data import DigitsDataModule
@@ -18,11 +19,10 @@ def _compare(tmp_path, **kwargs):
         teacher_checkpoint=str(tmp_path / "teacher.pt"),
         teacher_epochs=2,
         variants=[Variant("labels only", beta=0.0), Variant("KL", divergence="kl")],
-        epochs=1,
         lr=3e-3,
         logger="none",
         trainer={"enable_progress_bar": False, "enable_model_summary": False},
-        **kwargs,
+        **{"epochs": 1, **kwargs},
     )
 
 
@@ -37,3 +37,24 @@ def test_teacher_cache_gives_the_same_runs_as_the_live_teacher(tmp_path):
     live_const = _compare(tmp_path, scheduler="none")
     assert [r.student_acc for r in cached] == [r.student_acc for r in live_const]
     assert [r.name for r in cached] == ["labels only", "KL"]
+
+
+def test_progress_prints_one_line_per_epoch_of_each_run(tmp_path, capsys):
+    results = _compare(tmp_path, progress=True, epochs=2)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if " epoch " in ln]
+    assert [ln.split(":")[0] for ln in lines] == [
+        "[labels only seed 0] epoch 1/2",
+        "[labels only seed 0] epoch 2/2",
+        "[KL seed 0] epoch 1/2",
+        "[KL seed 0] epoch 2/2",
+    ]
+    assert all("train/loss" in ln and "val/student_acc" in ln for ln in lines)
+    # the printed last validation accuracy is a real one, in [0, 1]
+    accs = [float(re.search(r"val/student_acc ([0-9.]+)", ln).group(1)) for ln in lines]
+    assert all(0.0 <= a <= 1.0 for a in accs)
+    assert len(results) == 2
+
+
+def test_progress_is_off_by_default(tmp_path, capsys):
+    _compare(tmp_path)
+    assert " epoch " not in capsys.readouterr().out

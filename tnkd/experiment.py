@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tnkd.data.base import ClassificationDataModule
+from tnkd.epoch_lines import EpochLines
 from tnkd.files import unique_path
 from tnkd.modules import DistillationModule, TeacherModule
 from tnkd.students.base import count_parameters
@@ -89,7 +90,9 @@ def _finish(logger: Any) -> None:
             wandb.finish()
 
 
-def _trainer(max_epochs: int, logger: Any, trainer: dict[str, Any] | None) -> L.Trainer:
+def _trainer(
+    max_epochs: int, logger: Any, trainer: dict[str, Any] | None, label: str | None = None
+) -> L.Trainer:
     kwargs: dict[str, Any] = {
         "max_epochs": max_epochs,
         "logger": logger,
@@ -100,6 +103,8 @@ def _trainer(max_epochs: int, logger: Any, trainer: dict[str, Any] | None) -> L.
         "log_every_n_steps": 1,
     }
     kwargs.update(trainer or {})
+    if label is not None:
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), EpochLines(label)]
     return L.Trainer(**kwargs)
 
 
@@ -159,6 +164,7 @@ def compare(
     group: str | None = None,
     save_dir: str = "runs",
     results: str | None = None,
+    progress: bool = False,
 ) -> list[RunResult]:
     """Train one student family several ways against one teacher; print and return the results.
 
@@ -186,6 +192,8 @@ def compare(
         save_dir: where W&B runs go.
         results: optional path of a JSON file to write the results to (never overwritten:
             a numbered name is chosen if it exists).
+        progress: print one line per epoch of each run (train loss and accuracy, validation
+            accuracy, seconds); off by default, so the output is the results table alone.
 
     Returns:
         One :class:`RunResult` per run.
@@ -231,7 +239,8 @@ def compare(
             )
             t0 = time.perf_counter()
             try:
-                _trainer(epochs, log, trainer).fit(module, datamodule=data)
+                label = f"{variant.name} seed {seed}" if progress else None
+                _trainer(epochs, log, trainer, label).fit(module, datamodule=data)
             finally:
                 _finish(log)
             seconds = time.perf_counter() - t0
