@@ -30,8 +30,9 @@ def test_teacher_cache_gives_the_same_runs_as_the_live_teacher(tmp_path):
     cache = tmp_path / "cache"
     cached = _compare(tmp_path, teacher_cache=str(cache), scheduler="none")
     cached_again = _compare(tmp_path, teacher_cache=str(cache), scheduler="none")
-    # One cache file (the teacher and training inputs did not change), reused by the last call.
-    assert len(list(cache.iterdir())) == 1
+    # One cache file per split (train, val): the teacher and inputs did not change, so the
+    # second call reused them.
+    assert len(list(cache.iterdir())) == 2
     # The seed fixes initialisation and batch order, so cached and live teachers agree exactly.
     assert [r.student_acc for r in cached] == [r.student_acc for r in cached_again]
     live_const = _compare(tmp_path, scheduler="none")

@@ -69,6 +69,27 @@ def test_distillation_uses_cached_logits(tmp_path):
         limit_train_batches=2,
         limit_val_batches=1,
     ).fit(module, datamodule=data)
-    x, _, logits = data.dataset("train").tensors
-    assert torch.allclose(logits, teacher.eval()(x), atol=1e-6)
+    for split in ("train", "val"):
+        x, _, logits = data.dataset(split).tensors
+        assert torch.allclose(logits, teacher.eval()(x), atol=1e-6)
+    assert len(list(tmp_path.glob("teacher-logits-*.pt"))) == 2
+
+
+def test_cached_validation_logits_give_the_live_teachers_metrics(tmp_path):
+    torch.manual_seed(0)
+    teacher = MLP(64, 10, hidden=(16,))
+
+    def validate(cache):
+        torch.manual_seed(1)
+        module = DistillationModule(
+            MPSClassifier(64, 10, bond_dim=3), teacher=teacher, teacher_cache=cache
+        )
+        trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+        return trainer.validate(module, datamodule=DigitsDataModule(batch_size=32), verbose=False)
+
+    live, cached = validate(None), validate(str(tmp_path))
     assert len(list(tmp_path.glob("teacher-logits-*.pt"))) == 1
+    assert live[0].keys() == cached[0].keys()
+    assert "val/teacher_acc" in live[0]
+    for key, value in live[0].items():
+        assert cached[0][key] == pytest.approx(value, abs=1e-6), key
