@@ -133,7 +133,8 @@ def test_raw_value_that_overflows_float32_is_carried_by_the_log_scale():
 def test_auto_method_is_sweep_on_cpu():
     assert resolve_chain_method("auto", 10, torch.device("cpu")) == "sweep"
     assert resolve_chain_method("auto", 10, torch.device("cuda")) == "tree"
-    assert resolve_chain_method("auto", 64, torch.device("cuda")) == "sweep"
+    assert resolve_chain_method("auto", 64, torch.device("cuda")) == "tree"
+    assert resolve_chain_method("auto", 65, torch.device("cuda")) == "sweep"
     with pytest.raises(ValueError, match="method must be one of"):
         resolve_chain_method("fastest", 10)
 
