@@ -41,7 +41,7 @@ def test_report_tables_and_plot(tmp_path, capsys):
     )
     table = markdown(path, "toy")
     # mean ± sample sd over the two seeds: 0.91 ± 0.0141, 0.96 ± 0.0141
-    assert "| labels only | - | 4 | 0 | 0.9100 ± 0.0141 |" in table
+    assert "| labels only | - | - | 0 | 0.9100 ± 0.0141 |" in table
     assert "| KL | kl | 4 | 0.9 | 0.9600 ± 0.0141 |" in table
     assert "teacher test accuracy 0.9900 (10,000 parameters" in table
     png = tmp_path / "docs" / "plot.png"
@@ -68,7 +68,7 @@ def test_a_quoted_pattern_merges_the_seeds_of_one_grid(tmp_path, capsys):
     out = capsys.readouterr().out
     # one table for both files: the same means and sds as one file holding both seeds
     assert "## MNIST ttn: teacher test accuracy 0.9900" in out
-    assert "| labels only | - | 4 | 0 | 0.9100 ± 0.0141 |" in out
+    assert "| labels only | - | - | 0 | 0.9100 ± 0.0141 |" in out
     assert "| KL | kl | 4 | 0.9 | 0.9600 ± 0.0141 |" in out
     assert "seeds [0, 1]" in out
 

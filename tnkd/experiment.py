@@ -345,7 +345,7 @@ def format_table(
         rows = [r for r in results if r.name == name]
         r0 = rows[0]
         lines.append(
-            f"| {name} | {r0.divergence} | {r0.temperature:g} | {r0.beta:g} | "
+            f"| {name} | {r0.divergence} | {'-' if r0.beta == 0 else f'{r0.temperature:g}'} | {r0.beta:g} | "
             f"{_mean_sd([r.student_acc for r in rows])} | {_mean_sd([r.agreement for r in rows])} | "
             f"{_mean_sd([r.student_ece for r in rows], 3)} | {r0.student_params:,} | "
             f"{r0.compression_ratio:.1f}x | {statistics.mean(r.seconds for r in rows):.1f} s |"
