@@ -115,20 +115,22 @@ def plot(paths: list[str | Path], out: str | Path, title: str = "") -> Path:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    markers = "osD^vP"
+    # colour = results file (family), marker = variant: two short legends instead of one entry
+    # per (family, variant) pair, which overflowed the axes with a data set's whole grid
+    fig, ax = plt.subplots(figsize=(8.5, 4.6))
+    markers = "osD^vP*Xph"
+    variant_marker: dict[str, str] = {}
+    family_handles = []
     for k, path in enumerate(paths):
         teacher, runs = load_family(path)
-        family = family_name(path)
+        color = f"C{k % 10}"
+        family_handles.append(Line2D([], [], color=color, lw=6, label=family_name(path)))
         for name, params, acc, sd in _summary(runs):
+            marker = variant_marker.setdefault(name, markers[len(variant_marker) % len(markers)])
             ax.errorbar(
-                params,
-                acc,
-                yerr=sd or None,
-                fmt=markers[k % len(markers)],
-                capsize=3,
-                label=f"{family}: {name}",
+                params, acc, yerr=sd or None, fmt=marker, color=color, capsize=3, alpha=0.85
             )
         if teacher.get("params") and not math.isnan(float(teacher.get("test_acc", math.nan))):
             ax.plot(teacher["params"], teacher["test_acc"], "k*", markersize=11)
@@ -138,16 +140,34 @@ def plot(paths: list[str | Path], out: str | Path, title: str = "") -> Path:
                 textcoords="offset points",
                 xytext=(6, -4),
             )
+    variant_handles = [
+        Line2D([], [], color="0.3", marker=m, linestyle="none", label=name)
+        for name, m in variant_marker.items()
+    ]
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    first = ax.legend(
+        handles=family_handles,
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        title="runs",
+    )
+    ax.add_artist(first)
+    ax.legend(
+        handles=variant_handles,
+        fontsize=7,
+        loc="lower left",
+        bbox_to_anchor=(1.01, 0.0),
+        title="variant",
+    )
     fig.tight_layout()
     target = Path(out)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=120)
+    fig.savefig(target, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return target
 
