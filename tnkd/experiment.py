@@ -182,9 +182,9 @@ def compare(
             random draws (the batch order is the data module's own ``seed``, fixed for resumes).
         scheduler: student learning-rate schedule, ``"cosine"`` or ``"none"`` (constant).
         weight_decay: AdamW weight decay of the student (0: plain Adam).
-        teacher_cache: folder for the teacher's training-set logits, computed once and reused
-            by every distilled run (see :mod:`tnkd.teacher_cache`); ``None``: run the teacher
-            on every batch.
+        teacher_cache: folder for the teacher's logits on the training and validation sets,
+            computed once and reused by every distilled run (see :mod:`tnkd.teacher_cache`);
+            ``None``: run the teacher on every batch.
         trainer: extra ``lightning.Trainer`` arguments (``accelerator``, ``precision``...).
         logger: ``"wandb"`` (offline: sync later with ``wandb sync``) or ``"none"``.
         project: W&B project.

@@ -1,8 +1,10 @@
 """Teacher logits computed once per data set and teacher, cached on disk.
 
 Distillation runs the frozen teacher on every training batch of every epoch; on a CPU that can
-cost more than training the student. With a cache the teacher runs once over the training set;
-the file is keyed by a SHA-256 of the teacher's weights *and* of the training inputs, so a
+cost more than training the student. With a cache the teacher runs once over each split it is
+needed for (``DistillationModule`` asks for training and validation when fitting, test when
+testing: one file per split); a file is keyed by a SHA-256 of the teacher's weights *and* of the
+split's inputs, so a
 different teacher, split or preprocessing can never pick up stale logits. Files are written
 atomically (temporary file, then rename) and checked (key, shape, finiteness) when read.
 """
