@@ -18,37 +18,12 @@ run; the ratio column compares the two methods in the same run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+from contraction import BATCH, CLASSES, inference_step, samples_per_second, train_step
 
 from tnkd.students import MPSClassifier
 from tnkd.tn.contraction import TREE_MAX_BOND_DIM
-
-BATCH, CLASSES = 100, 10
-
-
-def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def samples_per_s(fn: Callable[[], object], reps: int) -> float:
-        for _ in range(2):
-            fn()
-        sync()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return BATCH / statistics.median(times)
-
-    return samples_per_s
 
 
 def measure(
@@ -59,19 +34,9 @@ def measure(
     model = MPSClassifier(sites, CLASSES, bond_dim=bond_dim, method=method).to(device)
     x = torch.rand(BATCH, sites, device=device)
     y = torch.randint(0, CLASSES, (BATCH,), device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    def train() -> None:
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    def infer() -> None:
-        with torch.inference_mode():
-            model(x)
-
-    time_it = _timer(device)
-    return time_it(train, reps), time_it(infer, reps)
+    train = samples_per_second(train_step(model, model, x, y), reps, device=device)
+    infer = samples_per_second(inference_step(model, x), reps, device=device)
+    return train, infer
 
 
 def main() -> None:

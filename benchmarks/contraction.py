@@ -59,19 +59,33 @@ class NaiveMPS(nn.Module):
         return v @ self.out
 
 
-def _time(fn: Callable[[], object], reps: int, warmup: int = 2, budget_s: float = 60.0) -> float:
+def samples_per_second(
+    fn: Callable[[], object],
+    reps: int,
+    warmup: int = 2,
+    budget_s: float = 60.0,
+    device: torch.device | None = None,
+) -> float:
+    """BATCH / the median time of ``fn`` after warm-up (synchronising a CUDA ``device``)."""
+
+    def sync() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         fn()
+    sync()
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < reps and (not times or time.perf_counter() - start < budget_s):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return BATCH / statistics.median(times)
 
 
-def _train_step(
+def train_step(
     model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], x, y
 ) -> Callable[[], None]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -84,7 +98,9 @@ def _train_step(
     return step
 
 
-def _infer(forward: Callable[[torch.Tensor], torch.Tensor], x) -> Callable[[], torch.Tensor]:
+def inference_step(
+    forward: Callable[[torch.Tensor], torch.Tensor], x
+) -> Callable[[], torch.Tensor]:
     def step() -> torch.Tensor:
         with torch.inference_mode():
             return forward(x)
@@ -158,9 +174,9 @@ def run(bond_dims: list[int], feature_maps: list[str], reps: int, markdown: bool
             results = {}
             for name, model, forward in models:
                 budget = 20.0 if name != "tnkd fast" else 60.0
-                train = _time(_train_step(model, forward, x, y), reps, budget_s=budget)
-                infer = _time(_infer(forward, x), reps, budget_s=budget)
-                ok = _finite_nonzero(_infer(forward, x)())
+                train = samples_per_second(train_step(model, forward, x, y), reps, budget_s=budget)
+                infer = samples_per_second(inference_step(forward, x), reps, budget_s=budget)
+                ok = _finite_nonzero(inference_step(forward, x)())
                 results[name] = (train, infer, ok)
             peer_names = [n for n in results if n.startswith("TensorKrowch")]
             peer = max(peer_names, key=lambda n: results[n][0]) if peer_names else None

@@ -4,9 +4,9 @@ Distillation runs the frozen teacher on every training batch of every epoch; on 
 cost more than training the student. With a cache the teacher runs once over each split it is
 needed for (``DistillationModule`` asks for training and validation when fitting, test when
 testing: one file per split); a file is keyed by a SHA-256 of the teacher's weights *and* of the
-split's inputs, so a
-different teacher, split or preprocessing can never pick up stale logits. Files are written
-atomically (temporary file, then rename) and checked (key, shape, finiteness) when read.
+split's inputs, so a different teacher, split or preprocessing can never pick up stale logits.
+Files are written atomically (temporary file, then rename) and checked (key, shape, finiteness)
+when read.
 """
 
 from __future__ import annotations
