@@ -15,10 +15,10 @@ from tnkd.cli import check_checkpoint_file
 from tnkd.data import DigitsDataModule, MNISTDataModule
 from tnkd.data.idx import write_idx
 from tnkd.divergences import build_divergence, kl_divergence
-from tnkd.modules import DistillationModule
 from tnkd.students import MPSClassifier, TTLinear, TTNetwork
-from tnkd.teacher_cache import cached_teacher_logits
 from tnkd.teachers import MLP
+from tnkd.training.modules import DistillationModule
+from tnkd.training.teacher_cache import cached_teacher_logits
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",

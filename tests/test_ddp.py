@@ -59,7 +59,7 @@ def test_ddp_two_processes_teacher_and_distillation(tmp_path):
         "--model.init_args.student.init_args.bond_dim=4",
         *logs,
         "--trainer.logger.init_args.name=ddp-student",
-        "--trainer.callbacks=tnkd.callbacks.RunCheckpoint",
+        "--trainer.callbacks=tnkd.training.callbacks.RunCheckpoint",
         "--trainer.callbacks.monitor=val/student_acc",
         "--trainer.callbacks.mode=max",
     )

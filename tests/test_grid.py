@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from tnkd.cli import run
-from tnkd.files import unique_path
+from tnkd.experiments.files import unique_path
 
 MAIN = Path(__file__).resolve().parents[1] / "configs" / "digits" / "main.yaml"
 

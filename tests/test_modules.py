@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from tnkd.data import DigitsDataModule
-from tnkd.modules import DistillationModule, TeacherModule
 from tnkd.students import MPSClassifier
 from tnkd.teachers import MLP, save_teacher
+from tnkd.training.modules import DistillationModule, TeacherModule
 
 
 def manual_kl(teacher_logits, student_logits, t):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tnkd.cli import run
-from tnkd.report import load_results, markdown
+from tnkd.experiments.report import load_results, markdown
 
 
 def _results(path, accs):

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from tnkd.callbacks import RunCheckpoint
+from tnkd.training.callbacks import RunCheckpoint
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits" / "mps_from_cnn.yaml"
 

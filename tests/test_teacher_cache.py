@@ -2,11 +2,11 @@ import lightning as L
 import pytest
 import torch
 
-import tnkd.teacher_cache as tc
+import tnkd.training.teacher_cache as tc
 from tnkd.data import DigitsDataModule
-from tnkd.modules import DistillationModule
 from tnkd.students import MPSClassifier
 from tnkd.teachers import CNN, MLP
+from tnkd.training.modules import DistillationModule
 
 
 def test_computed_once_then_loaded(tmp_path, monkeypatch):

@@ -1,10 +1,10 @@
 """The ``tnkd`` command: Lightning's CLI for single runs, plus ``tnkd compare`` for side-by-side tables.
 
 * ``tnkd fit|validate|test|predict --config FILE`` is a :class:`lightning.pytorch.cli.LightningCLI`
-  over any LightningModule (``tnkd.modules.TeacherModule``, ``tnkd.modules.DistillationModule``)
+  over any LightningModule (``tnkd.training.modules.TeacherModule``, ``tnkd.training.modules.DistillationModule``)
   and any tnkd data module, configured by ``class_path`` / ``init_args`` YAML. Runs log to
   Weights & Biases offline by default (``runs/wandb``; ``wandb sync`` uploads them later).
-* ``tnkd compare --config FILE`` runs :func:`tnkd.experiment.compare`.
+* ``tnkd compare --config FILE`` runs :func:`tnkd.experiments.compare.compare`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from tnkd.callbacks import RunCheckpoint
 from tnkd.data.base import ClassificationDataModule
-from tnkd.files import unique_path
+from tnkd.experiments.files import unique_path
+from tnkd.training.callbacks import RunCheckpoint
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -106,7 +106,7 @@ class TnkdCLI(LightningCLI):
     before_fit = before_validate = before_test = before_predict = _check_ckpt_path
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Add a :class:`~tnkd.callbacks.RunCheckpoint` unless the config names a checkpoint."""
+        """Add a :class:`~tnkd.training.callbacks.RunCheckpoint` unless the config names a checkpoint."""
         config = self._get(self.config_init, "trainer", default={})
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
@@ -133,17 +133,6 @@ USAGE = """usage: tnkd {fit,validate,test,predict,compare,grid,report} [--config
 """
 
 
-def run_compare(args: list[str]) -> Any:
-    """``tnkd compare``: :func:`tnkd.experiment.compare` configured from YAML and flags."""
-    from jsonargparse import CLI
-
-    from tnkd.experiment import compare
-
-    return CLI(
-        compare, args=args, as_positional=False, description="Teacher and students side by side."
-    )
-
-
 def run(args: list[str], from_argv: bool = False) -> Any:
     """Run a ``tnkd`` command; returns the ``LightningCLI`` (or ``compare``'s results)."""
     if not args or args[0] in ("-h", "--help"):
@@ -151,13 +140,15 @@ def run(args: list[str], from_argv: bool = False) -> Any:
         if not args:
             return None
     if args and args[0] == "compare":
-        return run_compare(args[1:])
+        from tnkd.experiments.compare import main as compare
+
+        return compare(args[1:])
     if args and args[0] == "grid":
-        from tnkd.grid import main as grid
+        from tnkd.experiments.grid import main as grid
 
         return grid(args[1:])
     if args and args[0] == "report":
-        from tnkd.report import main as report
+        from tnkd.experiments.report import main as report
 
         return report(args[1:])
     # from the console script LightningCLI reads sys.argv itself (given both, it warns)

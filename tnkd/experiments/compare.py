@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from tnkd.data.base import ClassificationDataModule
-from tnkd.epoch_lines import EpochLines
-from tnkd.files import unique_path
-from tnkd.modules import DistillationModule, TeacherModule
+from tnkd.experiments.files import unique_path
+from tnkd.experiments.progress import EpochLines
 from tnkd.students.base import count_parameters
 from tnkd.teachers import load_teacher, read_teacher_file
+from tnkd.training.modules import DistillationModule, TeacherModule
 
 
 @dataclass
@@ -183,7 +183,7 @@ def compare(
         scheduler: student learning-rate schedule, ``"cosine"`` or ``"none"`` (constant).
         weight_decay: AdamW weight decay of the student (0: plain Adam).
         teacher_cache: folder for the teacher's logits on the training and validation sets,
-            computed once and reused by every distilled run (see :mod:`tnkd.teacher_cache`);
+            computed once and reused by every distilled run (see :mod:`tnkd.training.teacher_cache`);
             ``None``: run the teacher on every batch.
         trainer: extra ``lightning.Trainer`` arguments (``accelerator``, ``precision``...).
         logger: ``"wandb"`` (offline: sync later with ``wandb sync``) or ``"none"``.
@@ -372,3 +372,12 @@ def _write_results(
         )
     )
     return target
+
+
+def main(args: list[str]) -> list[RunResult]:
+    """``tnkd compare``: :func:`compare` configured from YAML (``--config``) and flags."""
+    from jsonargparse import CLI
+
+    return CLI(
+        compare, args=args, as_positional=False, description="Teacher and students side by side."
+    )

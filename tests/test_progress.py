@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from tnkd.epoch_lines import EpochLines
+from tnkd.experiments.progress import EpochLines
 
 
 def test_line_shows_the_logged_metrics_in_a_fixed_order():

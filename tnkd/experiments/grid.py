@@ -21,8 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from tnkd.files import unique_path
-from tnkd.report import markdown, plot
+from tnkd.experiments.compare import main as run_compare
+from tnkd.experiments.files import unique_path
+from tnkd.experiments.report import markdown, plot
 
 
 def grid_configs(paths: list[str]) -> list[Path]:
@@ -47,8 +48,6 @@ def grid_configs(paths: list[str]) -> list[Path]:
 
 def main(args: list[str]) -> list[Path]:
     """Run the grid; returns the results files written."""
-    from tnkd.cli import run_compare
-
     parser = argparse.ArgumentParser(
         prog="tnkd grid",
         usage="tnkd grid FOLDER_OR_CONFIG... [--plot PNG] [--title T] [compare flags]",

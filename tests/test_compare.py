@@ -1,4 +1,4 @@
-"""tnkd.experiment.compare: the side-by-side runner (the CLI wrapper is tested in test_cli)."""
+"""tnkd.experiments.compare.compare: the side-by-side runner (the CLI wrapper is tested in test_cli)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 from functools import partial
 
 from tnkd.data import DigitsDataModule
-from tnkd.experiment import Variant, compare
+from tnkd.experiments.compare import Variant, compare
 from tnkd.students import MPSClassifier
 from tnkd.teachers import MLP
 

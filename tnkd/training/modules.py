@@ -27,9 +27,9 @@ from torchmetrics.classification import (
 )
 
 from tnkd.divergences import Divergence, build_divergence
-from tnkd.media import confusion_figure, diagram_figure, log_figure
 from tnkd.students.base import count_parameters
 from tnkd.teachers import load_teacher, save_teacher
+from tnkd.training.media import confusion_figure, diagram_figure, log_figure
 
 STAGES = ("train", "val", "test")
 SCHEDULERS = ("cosine", "none")
@@ -240,7 +240,7 @@ class DistillationModule(L.LightningModule):
         scheduler: ``"cosine"`` or ``"none"``.
         teacher_cache: a folder for the teacher's logits on the training, validation and test
             sets: computed once, reused by every later run with the same teacher and data (see
-            :mod:`tnkd.teacher_cache`). ``None`` runs the teacher on every batch.
+            :mod:`tnkd.training.teacher_cache`). ``None`` runs the teacher on every batch.
 
     Example:
         >>> from tnkd.students import MPSClassifier
@@ -329,7 +329,7 @@ class DistillationModule(L.LightningModule):
         cache = self.hparams.teacher_cache
         dm = self.trainer.datamodule if self._trainer is not None else None
         if cache and self.teacher is not None and hasattr(dm, "attach_teacher_logits"):
-            from tnkd.teacher_cache import cached_teacher_logits
+            from tnkd.training.teacher_cache import cached_teacher_logits
 
             # validation too: the live CNN teacher over the validation set made a distilled
             # Fashion-MNIST MPS epoch 17.1 s instead of 13.1 s (1 CPU thread)

@@ -23,7 +23,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from tnkd.experiment import RunResult, format_table
+from tnkd.experiments.compare import RunResult, format_table
 
 
 def load_results(path: str | Path) -> tuple[dict[str, Any], list[RunResult]]:

@@ -1,0 +1,1 @@
+"""Tensor-network graphs (``tensornetwork`` nodes, named edges), their contraction and decompositions."""
