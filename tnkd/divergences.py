@@ -19,6 +19,7 @@ Every divergence here
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -88,92 +89,285 @@ def log_probs(
     temperature = check_temperature(temperature)
     if validate:
         _check_logits(teacher_logits, student_logits)
-    dtype = torch.promote_types(
-        torch.promote_types(teacher_logits.dtype, student_logits.dtype), torch.float32
-    )
+    dtype = _working_dtype(teacher_logits, student_logits)
     log_p = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
     log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     return log_p, log_q
 
 
-def _support(log_p: Tensor) -> Tensor:
-    return log_p > -math.inf
+def _working_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
-def _where(mask: Tensor, value: Tensor) -> Tensor:
-    """``value`` where ``mask``, else 0, with zero (not NaN) gradient outside the mask."""
+# ---- accurate log-ratios -----------------------------------------------------------------------
+#
+# Every divergence here is a sum over classes of terms in p, q and the log-ratio
+# r = log p - log q. Written naively (sum p (log p - log q), log sum p^a q^(1-a) ...) the terms
+# are first order in r while the result is second order: at high temperature (r ~ 1/T) float32
+# then cancels to noise (KL at T = 1e6 came out at -7e4; its float64 value is 8.07). So
+#
+# * r is computed from the logit difference (v - z) / T, and its per-row constant is refined
+#   once, so that sum_j q_j exp(r_j) = 1 holds to rounding;
+# * each divergence is written with terms that are all of the result's order, using
+#   g(x) = exp(x) - 1 - x evaluated by its series near 0 (for example KL = sum_j p_j g(-r_j),
+#   since sum_j p_j (exp(-r_j) - 1) = sum_j (q_j - p_j) = 0).
+#
+# The result is accurate to a few units of the working precision relative to its own size, at
+# any temperature (tests: float32 against a 60-digit reference at T = 0.05 ... 1e4).
+
+#: |x| below which g(x) = exp(x) - 1 - x and its relatives are evaluated by their series
+_SERIES_RADIUS = 0.5
+#: terms of the series (x^2/2! ... x^19/19!): the remainder is below 1e-22 of g at |x| <= 0.5
+_SERIES_TERMS = 18
+
+
+@dataclass
+class LogRatios:
+    """Log-probabilities at temperature T and the accurate log-ratio of one (teacher, student) pair.
+
+    Attributes:
+        log_p: teacher log-probabilities (``-inf`` where the teacher gives zero probability).
+        log_q: student log-probabilities (finite).
+        r: ``log p - log q``, accurate where both are close; 0 outside the teacher's support.
+        support: where ``p > 0``.
+    """
+
+    log_p: Tensor
+    log_q: Tensor
+    r: Tensor
+    support: Tensor
+
+    def swapped(self) -> LogRatios:
+        """The same pair with the roles of P and Q exchanged (used for reverse divergences).
+
+        Valid where the student's support (everything) is the new "P" support: the teacher's
+        zeros become ``r = +inf`` points, which callers treat by their own convention.
+        """
+        return LogRatios(self.log_q, self.log_p, -self.r, self.support)
+
+
+def _series_h(x: Tensor) -> Tensor:
+    """1/2! + x/3! + x^2/4! + ...: h(x) = g(x) / x^2 for |x| <= the series radius."""
+    out = torch.full_like(x, 1.0 / math.factorial(_SERIES_TERMS + 1))
+    for n in range(_SERIES_TERMS, 1, -1):
+        out = out * x + 1.0 / math.factorial(n)
+    return out
+
+
+def _series_g(x: Tensor) -> Tensor:
+    """x^2/2! + x^3/3! + ...: g(x) = exp(x) - 1 - x for |x| <= the series radius."""
+    return x * x * _series_h(x)
+
+
+def _h(x: Tensor) -> Tensor:
+    """g(x) / x^2 = 1/2 + x/6 + ..., finite at 0."""
+    small = x.abs() <= _SERIES_RADIUS
+    series = _series_h(torch.where(small, x, torch.zeros_like(x)))
+    xl = torch.where(small, torch.ones_like(x), x)
+    return torch.where(small, series, (torch.expm1(xl) - xl) / (xl * xl))
+
+
+def _log1p_over(y: Tensor) -> Tensor:
+    """log(1 + y) / y, 1 at y = 0 (y > -1)."""
+    small = y.abs() <= 1e-3
+    ys = torch.where(small, y, torch.zeros_like(y))
+    series = 1 - ys / 2 + ys * ys / 3 - ys * ys * ys / 4 + ys**4 / 5
+    yl = torch.where(small, torch.ones_like(y), y)
+    return torch.where(small, series, torch.log1p(yl) / yl)
+
+
+def _masked(mask: Tensor, value: Tensor, fill: float = 0.0) -> Tensor:
+    """``value`` where ``mask``, else ``fill``, with a zero (never NaN) gradient outside."""
     safe = torch.where(mask, value, torch.zeros_like(value))
-    return torch.where(mask, safe, torch.zeros_like(value))
+    return torch.where(mask, safe, torch.full_like(value, fill))
 
 
-def _plogp_ratio(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Per-sample sum_i p_i (log p_i - log q_i), with 0 log 0 = 0."""
-    mask = _support(log_p)
-    safe_log_p = torch.where(mask, log_p, torch.zeros_like(log_p))
-    return _where(mask, safe_log_p.exp() * (safe_log_p - log_q)).sum(-1)
+def log_ratios(
+    teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0, validate: bool = True
+) -> LogRatios:
+    """Log-probabilities and the accurate log-ratio ``r = log p - log q`` at temperature T.
+
+    ``r`` is the logit difference ``(v - z) / T`` less a per-row constant, first
+    ``logsumexp(v/T) - logsumexp(z/T)``, then refined by ``log sum_j q_j exp(r_j)`` (computed
+    with ``log1p``/``expm1`` when r is small), so that ``sum_j q_j exp(r_j) = 1`` holds to
+    rounding even where the two distributions are close.
+    """
+    temperature = check_temperature(temperature)
+    if validate:
+        _check_logits(teacher_logits, student_logits)
+    dtype = _working_dtype(teacher_logits, student_logits)
+    v, z = teacher_logits.to(dtype), student_logits.to(dtype)
+    a, b = v / temperature, z / temperature
+    log_p = F.log_softmax(a, dim=-1)
+    log_q = F.log_softmax(b, dim=-1)
+    support = log_p > -math.inf
+    first = torch.logsumexp(a, dim=-1, keepdim=True) - torch.logsumexp(b, dim=-1, keepdim=True)
+    d = _masked(support, (torch.where(support, v, z) - z) / temperature - first)
+    # refine the constant: c = log sum_{p > 0} q_j exp(d_j)
+    small = (d.abs() <= _SERIES_RADIUS).all(dim=-1, keepdim=True)
+    q = log_q.exp()
+    outside = _masked(~support, q).sum(-1, keepdim=True)
+    near = torch.log1p(
+        _masked(support, q * torch.expm1(torch.where(small, d, torch.zeros_like(d)))).sum(
+            -1, keepdim=True
+        )
+        - outside
+    )
+    far = torch.logsumexp(_masked(support, log_q + d, -math.inf), dim=-1, keepdim=True)
+    c = torch.where(small, near, far)
+    return LogRatios(log_p, log_q, _masked(support, d - c), support)
+
+
+def _kl_terms(log_w: Tensor, log_u: Tensor, rho: Tensor, support: Tensor) -> Tensor:
+    """Per-class terms of KL(W || U) that add up without cancellation.
+
+    KL(W || U) = sum_j w_j g(-rho_j) + U(outside W's support), with rho = log w - log u, since
+    sum_j w_j (exp(-rho_j) - 1) = U(supp W) - 1. Near rho = 0 the series of g is used; elsewhere
+    w g(-rho) = u - w + w rho, which never overflows.
+    """
+    w, u = log_w.exp(), log_u.exp()
+    small = support & (rho.abs() <= _SERIES_RADIUS)
+    near = w * _series_g(-torch.where(small, rho, torch.zeros_like(rho)))
+    far = u - w + w * _masked(support, rho)
+    return torch.where(small, near, torch.where(support, far, u))
+
+
+def _kl_from(lr: LogRatios) -> Tensor:
+    """Per-sample KL(P || Q)."""
+    return _kl_terms(lr.log_p, lr.log_q, lr.r, lr.support).sum(-1)
+
+
+def _renyi_from(lr: LogRatios, alpha: float) -> Tensor:
+    """Per-sample D_alpha(P || Q) for ``alpha >= 1/2`` (see :func:`_renyi_core`)."""
+    return _renyi_core(lr.log_p, lr.log_q, lr.r, lr.support, alpha)
+
+
+def _renyi_core(log_w: Tensor, log_u: Tensor, rho: Tensor, support: Tensor, order: float) -> Tensor:
+    """Per-sample Renyi divergence D_order(W || U), accurate for ``order >= 1/2``.
+
+    With beta = order - 1 and S = sum_{w > 0} w exp(beta rho), D = log(S) / beta. Near
+    ``beta rho = 0``, S - 1 = beta Y with Y = KL(W || U) + beta sum w rho^2 h(beta rho),
+    h(x) = g(x) / x^2, so D = Y log1p(beta Y) / (beta Y): smooth through order = 1 (KL) and
+    free of the first-order cancellation of S - 1. Far from it (some |beta rho| > 1), D is
+    ``logsumexp(log w + beta rho) / beta``, accurate because D is then not small.
+    """
+    beta = order - 1.0
+    finite = support & torch.isfinite(rho)
+    x = beta * _masked(finite, rho)
+    near_row = (~support | (finite & (x.abs() <= 1.0))).all(dim=-1, keepdim=True)
+    # the near branch sees only rows where it is used (others: rho = 0), so that neither
+    # branch can feed inf or NaN into the other's gradient
+    rho_n = _masked(finite & near_row, rho)
+    x_n = beta * rho_n
+    kl = _kl_terms(log_w, torch.where(near_row, log_u, log_w), rho_n, support).sum(-1)
+    curvature = _masked(support, log_w.exp() * rho_n * rho_n * _h(x_n)).sum(-1)
+    y = kl + beta * curvature
+    near_row = near_row.squeeze(-1)
+    near = y * _log1p_over(torch.where(near_row, beta * y, torch.zeros_like(y)))
+    if beta == 0:
+        return near
+    log_w_far = torch.where(support, log_w, torch.zeros_like(log_w))
+    rho_far = torch.where(support, rho, torch.zeros_like(rho))
+    terms = torch.where(support, log_w_far + beta * rho_far, torch.full_like(rho, -math.inf))
+    far = torch.logsumexp(terms, dim=-1) / beta
+    return torch.where(near_row, near, far)
+
+
+def _renyi(lr: LogRatios, alpha: float) -> Tensor:
+    """Per-sample D_alpha(P || Q) for any alpha >= 0 (inf included)."""
+    if alpha == 0:
+        q_out = _masked(~lr.support, lr.log_q.exp()).sum(-1)
+        return -torch.log1p(-q_out)
+    if math.isinf(alpha):
+        return _masked(lr.support, lr.r, -math.inf).amax(-1)
+    if alpha >= 0.5:
+        return _renyi_from(lr, alpha)
+    # skew symmetry: D_a(P || Q) = a / (1 - a) D_(1-a)(Q || P), with 1 - a > 1/2
+    return alpha / (1 - alpha) * _reverse_order(lr, alpha)
+
+
+def _reverse_order(lr: LogRatios, alpha: float) -> Tensor:
+    """Per-sample D_(1-alpha)(Q || P) for 0 < alpha < 1/2 (the student's mass is everywhere)."""
+    everywhere = torch.ones_like(lr.support)
+    rho = torch.where(lr.support, -lr.r, torch.full_like(lr.r, math.inf))
+    return _renyi_core(lr.log_q, lr.log_p, rho, everywhere, 1 - alpha)
+
+
+def _reverse_kl_from(lr: LogRatios) -> Tensor:
+    """Per-sample KL(Q || P); where P is zero, log p is floored at log(smallest normal float)."""
+    floor = math.log(torch.finfo(lr.log_p.dtype).tiny)
+    log_p = lr.log_p.clamp_min(floor)
+    rho = torch.where(lr.support, -lr.r, lr.log_q - log_p)
+    everywhere = torch.ones_like(lr.support)
+    return _kl_terms(lr.log_q, log_p, rho, everywhere).sum(-1)
+
+
+def _mixture_ratio(
+    r: Tensor, log_a: Tensor, log_b: Tensor, weight: float, support: Tensor
+) -> Tensor:
+    """The log-ratio log a - log m for m = weight a + (1 - weight) b, accurate where a ~ b.
+
+    m / a = 1 + (1 - weight) expm1(-(log a - log b)); ``r`` is log a - log b where both are
+    positive.
+    """
+    small = support & (r.abs() <= _SERIES_RADIUS)
+    rs = torch.where(small, r, torch.zeros_like(r))
+    near = -torch.log1p((1 - weight) * torch.expm1(-rs))
+    log_m = torch.logaddexp(log_a + math.log(weight), log_b + math.log1p(-weight))
+    far = log_a - log_m
+    return torch.where(small, near, _masked(support, far))
+
+
+def _js_from(lr: LogRatios) -> Tensor:
+    """Per-sample JS(P, Q) = KL(P || M) / 2 + KL(Q || M) / 2, M = (P + Q) / 2."""
+    log_m = torch.logaddexp(lr.log_p, lr.log_q) - math.log(2.0)
+    everywhere = torch.ones_like(lr.support)
+    s_p = _mixture_ratio(lr.r, lr.log_p, lr.log_q, 0.5, lr.support)
+    s_q = _mixture_ratio(
+        torch.where(lr.support, -lr.r, torch.zeros_like(lr.r)),
+        lr.log_q,
+        lr.log_p,
+        0.5,
+        everywhere,
+    )
+    s_q = torch.where(lr.support, s_q, torch.full_like(s_q, math.log(2.0)))
+    kl_p = _kl_terms(lr.log_p, log_m, s_p, lr.support).sum(-1)
+    kl_q = _kl_terms(lr.log_q, log_m, s_q, everywhere).sum(-1)
+    return 0.5 * kl_p + 0.5 * kl_q
+
+
+def _hellinger_from(lr: LogRatios) -> Tensor:
+    """Per-sample H^2 = sum (sqrt p - sqrt q)^2 / 2 (= 1 - sum sqrt(p q))."""
+    small = lr.support & (lr.r.abs() <= _SERIES_RADIUS)
+    rs = torch.where(small, lr.r, torch.zeros_like(lr.r))
+    near = lr.log_p.exp() * torch.expm1(-rs / 2) ** 2
+    far = (_masked(lr.support, (lr.log_p / 2).exp()) - (lr.log_q / 2).exp()) ** 2
+    return 0.5 * torch.where(small, near, far).sum(-1)
+
+
+def _tv_from(lr: LogRatios) -> Tensor:
+    """Per-sample TV = sum |p - q| / 2."""
+    small = lr.support & (lr.r.abs() <= _SERIES_RADIUS)
+    rs = torch.where(small, lr.r, torch.zeros_like(lr.r))
+    near = lr.log_p.exp() * torch.expm1(-rs).abs()
+    far = (lr.log_p.exp() - lr.log_q.exp()).abs()
+    return 0.5 * torch.where(small, near, far).sum(-1)
+
+
+def _skew_kl_from(lr: LogRatios, skew: float) -> Tensor:
+    """Per-sample KL(P || skew P + (1 - skew) Q)."""
+    if skew == 0:
+        return _kl_from(lr)
+    log_m = torch.logaddexp(lr.log_p + math.log(skew), lr.log_q + math.log1p(-skew))
+    s = _mixture_ratio(lr.r, lr.log_p, lr.log_q, skew, lr.support)
+    return _kl_terms(lr.log_p, log_m, s, lr.support).sum(-1)
 
 
 def _batch_mean(per_sample: Tensor) -> Tensor:
     return per_sample.mean()
-
-
-# ---- per-sample kernels ----------------------------------------------------------------------
-
-
-def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    return _plogp_ratio(log_p, log_q)
-
-
-def _renyi(log_p: Tensor, log_q: Tensor, alpha: float) -> Tensor:
-    mask = _support(log_p)
-    if alpha == 0:
-        return -torch.logsumexp(torch.where(mask, log_q, torch.full_like(log_q, -math.inf)), dim=-1)
-    if math.isinf(alpha):
-        ratio = torch.where(
-            mask, log_p - torch.where(mask, log_q, torch.zeros_like(log_q)), -math.inf
-        )
-        return ratio.amax(-1)
-    if abs(alpha - 1) < RENYI_SERIES_RADIUS:
-        # log E_P[exp((a-1) r)] = (a-1) E_P[r] + (a-1)^2/2 Var_P[r] + O((a-1)^3), r = log p/q
-        safe_log_p = torch.where(mask, log_p, torch.zeros_like(log_p))
-        p = _where(mask, safe_log_p.exp())
-        r = _where(mask, safe_log_p - log_q)
-        mean = (p * r).sum(-1)
-        var = (p * (r - mean.unsqueeze(-1)) ** 2).sum(-1)
-        return mean + 0.5 * (alpha - 1) * var
-    terms = torch.where(
-        mask,
-        alpha * torch.where(mask, log_p, torch.zeros_like(log_p)) + (1 - alpha) * log_q,
-        -math.inf,
-    )
-    return torch.logsumexp(terms, dim=-1) / (alpha - 1)
-
-
-def _reverse_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
-    # Q's mass where P has none makes KL(Q||P) infinite; the floor keeps it large but finite.
-    floor = math.log(torch.finfo(log_p.dtype).tiny)
-    return (log_q.exp() * (log_q - log_p.clamp_min(floor))).sum(-1)
-
-
-def _js(log_p: Tensor, log_q: Tensor) -> Tensor:
-    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
-    return 0.5 * _plogp_ratio(log_p, log_m) + 0.5 * _plogp_ratio(log_q, log_m)
-
-
-def _hellinger(log_p: Tensor, log_q: Tensor) -> Tensor:
-    # H^2 = 1 - sum sqrt(p q); expm1 keeps precision when P ~ Q
-    return -torch.expm1(torch.logsumexp(0.5 * (log_p + log_q), dim=-1))
-
-
-def _tv(log_p: Tensor, log_q: Tensor) -> Tensor:
-    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
-
-
-def _skew_kl(log_p: Tensor, log_q: Tensor, skew: float) -> Tensor:
-    if skew == 0:
-        return _kl(log_p, log_q)
-    log_mix = torch.logaddexp(log_p + math.log(skew), log_q + math.log1p(-skew))
-    return _plogp_ratio(log_p, log_mix)
 
 
 # ---- functional twins --------------------------------------------------------------------------
@@ -186,24 +380,21 @@ def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
         / check_temperature(temperature),
         dim=-1,
     )
-    mask = _support(log_p)
-    return _batch_mean(
-        -_where(mask, log_p.exp() * torch.where(mask, log_p, torch.zeros_like(log_p))).sum(-1)
-    )
+    mask = log_p > -math.inf
+    return _batch_mean(-_masked(mask, log_p.exp() * log_p).sum(-1))
 
 
 def cross_entropy_between(p_logits: Tensor, q_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Batch-mean cross-entropy H(P, Q) = -sum p log q, for P, Q given by logits."""
     log_p, log_q = log_probs(p_logits, q_logits, temperature)
-    mask = _support(log_p)
-    return _batch_mean(-_where(mask, log_p.exp() * log_q).sum(-1))
+    return _batch_mean(-_masked(log_p > -math.inf, log_p.exp() * log_q).sum(-1))
 
 
 def kl_divergence(
     teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0, validate: bool = True
 ) -> Tensor:
     """KL(P || Q) = sum_i p_i log(p_i / q_i) (Hinton, Vinyals & Dean 2015), batch mean."""
-    return _batch_mean(_kl(*log_probs(teacher_logits, student_logits, temperature, validate)))
+    return _batch_mean(_kl_from(log_ratios(teacher_logits, student_logits, temperature, validate)))
 
 
 def reverse_kl_divergence(
@@ -211,7 +402,7 @@ def reverse_kl_divergence(
 ) -> Tensor:
     """KL(Q || P) = sum_i q_i log(q_i / p_i) (mode-seeking; e.g. Gu et al. 2024, MiniLLM), batch mean."""
     return _batch_mean(
-        _reverse_kl(*log_probs(teacher_logits, student_logits, temperature, validate))
+        _reverse_kl_from(log_ratios(teacher_logits, student_logits, temperature, validate))
     )
 
 
@@ -225,13 +416,13 @@ def renyi_divergence(
     """Renyi divergence D_alpha(P || Q) = log(sum_i p_i^alpha q_i^(1-alpha)) / (alpha - 1), batch mean.
 
     Limits (Renyi 1961; van Erven & Harremoes 2014): alpha = 1 is KL(P || Q); alpha = 0 is
-    -log sum_{p_i > 0} q_i; alpha = inf is log max_i p_i / q_i. Within 1e-4 of alpha = 1 a
-    second-order expansion, KL + (alpha - 1) Var_P[log p/q] / 2, keeps values and gradients
-    continuous across alpha = 1.
+    -log sum_{p_i > 0} q_i; alpha = inf is log max_i p_i / q_i. The evaluation is smooth through
+    alpha = 1 (no special case) and accurate relative to the value at any temperature; below
+    alpha = 1/2 it uses the skew symmetry D_alpha(P || Q) = alpha / (1 - alpha) D_(1-alpha)(Q || P).
     """
     alpha = check_alpha(alpha)
     return _batch_mean(
-        _renyi(*log_probs(teacher_logits, student_logits, temperature, validate), alpha)
+        _renyi(log_ratios(teacher_logits, student_logits, temperature, validate), alpha)
     )
 
 
@@ -239,7 +430,7 @@ def jensen_shannon_divergence(
     teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0, validate: bool = True
 ) -> Tensor:
     """JS(P, Q) = KL(P || M)/2 + KL(Q || M)/2 with M = (P + Q)/2 (Lin 1991), batch mean, in nats."""
-    return _batch_mean(_js(*log_probs(teacher_logits, student_logits, temperature, validate)))
+    return _batch_mean(_js_from(log_ratios(teacher_logits, student_logits, temperature, validate)))
 
 
 def hellinger_distance(
@@ -247,7 +438,7 @@ def hellinger_distance(
 ) -> Tensor:
     """Squared Hellinger distance H^2 = 1 - sum_i sqrt(p_i q_i), batch mean; D_1/2 = -2 log(1 - H^2)."""
     return _batch_mean(
-        _hellinger(*log_probs(teacher_logits, student_logits, temperature, validate))
+        _hellinger_from(log_ratios(teacher_logits, student_logits, temperature, validate))
     )
 
 
@@ -255,7 +446,7 @@ def total_variation_distance(
     teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0, validate: bool = True
 ) -> Tensor:
     """Total variation TV(P, Q) = sum_i |p_i - q_i| / 2, batch mean (in [0, 1])."""
-    return _batch_mean(_tv(*log_probs(teacher_logits, student_logits, temperature, validate)))
+    return _batch_mean(_tv_from(log_ratios(teacher_logits, student_logits, temperature, validate)))
 
 
 def skew_kl_divergence(
@@ -271,8 +462,8 @@ def skew_kl_divergence(
     keeps gradients stable where the student puts almost no mass on a teacher class.
     """
     return _batch_mean(
-        _skew_kl(
-            *log_probs(teacher_logits, student_logits, temperature, validate), _check_skew(skew)
+        _skew_kl_from(
+            log_ratios(teacher_logits, student_logits, temperature, validate), _check_skew(skew)
         )
     )
 
@@ -307,17 +498,20 @@ class Divergence(nn.Module):
         self.fixed_scale = None if scale is None else float(scale)
         self.validate = validate
 
-    def per_sample(self, log_p: Tensor, log_q: Tensor) -> Tensor:
-        """The divergence of each sample from log-probabilities (summed over classes)."""
+    def per_sample(self, ratios: LogRatios) -> Tensor:
+        """The divergence of each sample, from :func:`log_ratios` (summed over classes)."""
         raise NotImplementedError
+
+    def scaled_per_sample(self, ratios: LogRatios, temperature: float) -> Tensor:
+        """``scale(T) * per_sample``; divergences whose product needs care (Renyi) override it."""
+        return self.scale(temperature) * self.per_sample(ratios)
 
     def forward(
         self, teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0
     ) -> Tensor:
         """Batch-mean D(P_T || Q_T), unscaled, float32 (or float64 for float64 inputs)."""
-        return _batch_mean(
-            self.per_sample(*log_probs(teacher_logits, student_logits, temperature, self.validate))
-        )
+        ratios = log_ratios(teacher_logits, student_logits, temperature, self.validate)
+        return _batch_mean(self.per_sample(ratios))
 
     def default_scale(self, temperature: float) -> float:
         """T^2: the Hinton et al. factor that keeps KL's gradient size independent of T."""
@@ -331,8 +525,13 @@ class Divergence(nn.Module):
     def loss(
         self, teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0
     ) -> Tensor:
-        """``scale(T) * forward(...)``: the distillation term as it enters the loss."""
-        return self.scale(temperature) * self(teacher_logits, student_logits, temperature)
+        """The distillation term as it enters the loss: batch mean of ``scale(T) * D``.
+
+        Equal to ``scale(T) * forward(...)`` except where that product is a limit (Renyi near
+        alpha = 0, see :class:`RenyiDivergence`).
+        """
+        ratios = log_ratios(teacher_logits, student_logits, temperature, self.validate)
+        return _batch_mean(self.scaled_per_sample(ratios, check_temperature(temperature)))
 
     def extra_repr(self) -> str:  # noqa: D102
         return "" if self.fixed_scale is None else f"scale={self.fixed_scale}"
@@ -344,8 +543,8 @@ class KLDivergence(Divergence):
 
     name = "kl"
 
-    def per_sample(self, log_p: Tensor, log_q: Tensor) -> Tensor:  # noqa: D102
-        return _kl(log_p, log_q)
+    def per_sample(self, ratios: LogRatios) -> Tensor:  # noqa: D102
+        return _kl_from(ratios)
 
 
 @DIVERGENCES.register("reverse_kl")
@@ -358,8 +557,8 @@ class ReverseKLDivergence(Divergence):
 
     name = "reverse_kl"
 
-    def per_sample(self, log_p: Tensor, log_q: Tensor) -> Tensor:  # noqa: D102
-        return _reverse_kl(log_p, log_q)
+    def per_sample(self, ratios: LogRatios) -> Tensor:  # noqa: D102
+        return _reverse_kl_from(ratios)
 
 
 @DIVERGENCES.register("renyi")
@@ -369,7 +568,15 @@ class RenyiDivergence(Divergence):
     Scale T^2 / alpha: at high temperature the gradient of D_alpha with respect to the student
     logits is (alpha / (n T^2)) (z_j - v_j) (zero-mean logits, n classes), so T^2 / alpha gives
     every order the gradient of T^2 KL. At the limits alpha = 0 and alpha = inf, where T^2 / alpha
-    is not finite or vanishes, the scale is T^2.
+    is not finite or vanishes, :meth:`scale` reports T^2.
+
+    The loss term ``(T^2 / alpha) D_alpha(P || Q)`` (:meth:`loss`) is continuous in alpha down to
+    0: by the skew symmetry D_alpha(P || Q) = alpha / (1 - alpha) D_(1-alpha)(Q || P) it equals
+    ``T^2 / (1 - alpha) D_(1-alpha)(Q || P)``, which tends to ``T^2 KL(Q || P)``, the reverse KL,
+    as alpha -> 0 when the teacher gives every class some probability (it grows without bound
+    where it does not). At alpha = 0 the loss is that limit, ``T^2 KL(Q || P)``, not
+    ``T^2 D_0(P || Q)`` (which is 0 for such teachers, so the loss would jump there). At
+    alpha = inf the loss is ``T^2 D_inf(P || Q)``.
 
     Args:
         alpha: the order, >= 0 (``float("inf")`` allowed).
@@ -385,8 +592,24 @@ class RenyiDivergence(Divergence):
         super().__init__(scale=scale, validate=validate)
         self.alpha = check_alpha(alpha)
 
-    def per_sample(self, log_p: Tensor, log_q: Tensor) -> Tensor:  # noqa: D102
-        return _renyi(log_p, log_q, self.alpha)
+    def per_sample(self, ratios: LogRatios) -> Tensor:  # noqa: D102
+        return _renyi(ratios, self.alpha)
+
+    def scaled_per_sample(self, ratios: LogRatios, temperature: float) -> Tensor:
+        """``(T^2 / alpha) D_alpha(P || Q)``, continuous down to its limit at alpha = 0.
+
+        For alpha < 1/2 it is computed as ``T^2 / (1 - alpha) D_(1-alpha)(Q || P)`` (the skew
+        symmetry D_a(P || Q) = a / (1 - a) D_(1-a)(Q || P)), which never divides by a small
+        alpha; at alpha = 0 that is ``T^2 KL(Q || P)``, the reverse KL. (Where the teacher gives a
+        class zero probability the limit is infinite; at alpha = 0 the reverse KL's floor on
+        log p keeps it finite.) With a fixed ``scale``, or at alpha = 0 exactly only for the
+        limit, see the class docs.
+        """
+        if self.fixed_scale is not None or self.alpha >= 0.5 or math.isinf(self.alpha):
+            return super().scaled_per_sample(ratios, temperature)
+        if self.alpha == 0:
+            return temperature**2 * _reverse_kl_from(ratios)
+        return temperature**2 / (1 - self.alpha) * _reverse_order(ratios, self.alpha)
 
     def default_scale(self, temperature: float) -> float:  # noqa: D102
         if self.alpha == 0 or math.isinf(self.alpha):
@@ -406,8 +629,8 @@ class JensenShannonDivergence(Divergence):
 
     name = "js"
 
-    def per_sample(self, log_p: Tensor, log_q: Tensor) -> Tensor:  # noqa: D102
-        return _js(log_p, log_q)
+    def per_sample(self, ratios: LogRatios) -> Tensor:  # noqa: D102
+        return _js_from(ratios)
 
     def default_scale(self, temperature: float) -> float:  # noqa: D102
         return 4 * temperature**2
@@ -422,8 +645,8 @@ class HellingerDistance(Divergence):
 
     name = "hellinger"
 
-    def per_sample(self, log_p: Tensor, log_q: Tensor) -> Tensor:  # noqa: D102
-        return _hellinger(log_p, log_q)
+    def per_sample(self, ratios: LogRatios) -> Tensor:  # noqa: D102
+        return _hellinger_from(ratios)
 
     def default_scale(self, temperature: float) -> float:  # noqa: D102
         return 4 * temperature**2
@@ -439,8 +662,8 @@ class TotalVariationDistance(Divergence):
 
     name = "tv"
 
-    def per_sample(self, log_p: Tensor, log_q: Tensor) -> Tensor:  # noqa: D102
-        return _tv(log_p, log_q)
+    def per_sample(self, ratios: LogRatios) -> Tensor:  # noqa: D102
+        return _tv_from(ratios)
 
     def default_scale(self, temperature: float) -> float:  # noqa: D102
         return temperature
@@ -466,8 +689,8 @@ class SkewKLDivergence(Divergence):
         super().__init__(scale=scale, validate=validate)
         self.skew = _check_skew(skew)
 
-    def per_sample(self, log_p: Tensor, log_q: Tensor) -> Tensor:  # noqa: D102
-        return _skew_kl(log_p, log_q, self.skew)
+    def per_sample(self, ratios: LogRatios) -> Tensor:  # noqa: D102
+        return _skew_kl_from(ratios, self.skew)
 
     def default_scale(self, temperature: float) -> float:  # noqa: D102
         return temperature**2 / (1 - self.skew) ** 2

@@ -367,12 +367,18 @@ class DistillationModule(L.LightningModule):
         teacher_logits: torch.Tensor | None,
         labels: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """The loss and its parts: ``ce``, ``kd`` (unscaled divergence) and ``loss``."""
+        """The loss and its parts: ``ce``, ``kd`` (the unscaled divergence, for logging) and ``loss``.
+
+        The distillation term is ``divergence.loss``: ``scale(T) * D`` computed as one quantity,
+        which stays accurate where the product is a limit (Renyi near alpha = 0).
+        """
         ce = F.cross_entropy(student_logits, labels)
         if teacher_logits is None or self.beta == 0:
             return {"ce": ce, "loss": ce}
-        kd = self.divergence(teacher_logits, student_logits, self.temperature)
-        loss = (1 - self.beta) * ce + self.beta * self.divergence.scale(self.temperature) * kd
+        distill = self.divergence.loss(teacher_logits, student_logits, self.temperature)
+        with torch.no_grad():
+            kd = self.divergence(teacher_logits, student_logits.detach(), self.temperature)
+        loss = (1 - self.beta) * ce + self.beta * distill
         return {"ce": ce, "kd": kd, "loss": loss}
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
