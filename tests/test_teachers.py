@@ -51,9 +51,54 @@ def test_corrupt_missing_and_foreign_files(tmp_path):
     bad.write_bytes(b"\x00not a torch file")
     with pytest.raises(ValueError, match="corrupt or not a torch file"):
         load_teacher(bad)
-    foreign = atomic_save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    foreign = atomic_save([1, 2, 3], tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a tnkd teacher file"):
         load_teacher(foreign)
+    weights_only = atomic_save({"weights": torch.zeros(2)}, tmp_path / "weights.pt")
+    with pytest.raises(ValueError, match=r"holds only weights .* give the architecture"):
+        load_teacher(weights_only)
+
+
+def _trained_like(net):
+    """A network with weights that differ from any fresh initialisation."""
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    return net.eval()
+
+
+def _same(a, b):
+    return all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+def test_bring_your_own_teacher_state_dict_lightning_checkpoint_and_pickle(tmp_path):
+    net = _trained_like(MLP(16, 4, hidden=(8,)))
+    x = torch.rand(3, 16)
+    # a plain state_dict: needs the architecture
+    torch.save(net.state_dict(), tmp_path / "state.pt")
+    loaded = load_teacher(tmp_path / "state.pt", MLP(16, 4, hidden=(8,)))
+    assert _same(loaded, net) and not loaded.training
+    # a Lightning checkpoint of a module that holds the net as `net.` (TeacherModule)
+    ckpt = {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "epoch": 3}
+    torch.save(ckpt, tmp_path / "teacher.ckpt")
+    assert _same(load_teacher(tmp_path / "teacher.ckpt", MLP(16, 4, hidden=(8,))), net)
+    # a pickled module: refused unless trusted (loading runs code from the file)
+    torch.save(net, tmp_path / "module.pt")
+    with pytest.raises(ValueError, match=r"pickled Python object .* trust_teacher_file"):
+        load_teacher(tmp_path / "module.pt")
+    trusted = load_teacher(tmp_path / "module.pt", trust_file=True)
+    assert torch.equal(trusted(x), net(x))
+    # the same weights into a given architecture
+    assert _same(
+        load_teacher(tmp_path / "module.pt", MLP(16, 4, hidden=(8,)), trust_file=True), net
+    )
+    # weights of another shape: one clear error
+    with pytest.raises(ValueError, match="does not fit the given teacher network"):
+        load_teacher(tmp_path / "state.pt", MLP(16, 4, hidden=(5,)))
 
 
 def test_weights_that_do_not_fit_the_given_network(tmp_path):

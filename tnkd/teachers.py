@@ -210,40 +210,143 @@ def save_teacher(
 
 
 def read_teacher_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a teacher file; clear errors for a missing, corrupt or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"teacher file {path} does not exist; train it first (e.g. `tnkd fit --config "
-            "configs/digits/teacher_cnn.yaml`) or run `tnkd compare`, which trains it on first use"
-        )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure means a corrupt file
-        raise ValueError(
-            f"teacher file {path} is corrupt or not a torch file ({type(err).__name__}: {err})"
-        ) from err
-    if not isinstance(payload, dict) or payload.get("format") != TEACHER_FORMAT:
+    """Read and check a tnkd teacher file; clear errors for a missing, corrupt or foreign file."""
+    payload = _load_weights_only(Path(path))
+    if not _is_teacher_file(payload):
         raise ValueError(f"{path} is not a tnkd teacher file (expected format {TEACHER_FORMAT!r})")
     return payload
 
 
-def load_teacher(path: str | os.PathLike, net: nn.Module | None = None) -> nn.Module:
-    """Rebuild a teacher from :func:`save_teacher`'s file (into ``net`` if given), in eval mode.
+def _missing_teacher(path: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"teacher file {path} does not exist; train it first (e.g. `tnkd fit --config "
+        "configs/digits/teacher_cnn.yaml`) or run `tnkd compare`, which trains it on first use"
+    )
+
+
+def _load_weights_only(path: Path) -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors; a pickled module is reported as such."""
+    if not path.is_file():
+        raise _missing_teacher(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure
+        if _is_pickled_object(path):
+            raise _PickledModule(path) from err
+        raise ValueError(
+            f"teacher file {path} is corrupt or not a torch file ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''})"
+        ) from err
+
+
+class _PickledModule(ValueError):
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"teacher file {path} is a pickled Python object (torch.save(model)); loading it runs "
+            "code from the file: if you trust it, allow it with trust_teacher_file "
+            "(--model.init_args.trust_teacher_file true), or save the model's state_dict instead"
+        )
+
+
+def _is_pickled_object(path: Path) -> bool:
+    """Whether a file that ``weights_only`` refused still loads as a full pickle (not read)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("data.pkl") for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _is_teacher_file(payload: Any) -> bool:
+    return isinstance(payload, dict) and payload.get("format") == TEACHER_FORMAT
+
+
+def _is_state_dict(payload: Any) -> bool:
+    return (
+        isinstance(payload, dict)
+        and bool(payload)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items())
+    )
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
+    """Drop the prefix a LightningModule adds (``net.``, ``model.`` ...) when that makes the keys fit."""
+    own = set(net.state_dict())
+    if set(state) == own:
+        return state
+    prefixes = {k.split(".", 1)[0] + "." for k in state if "." in k}
+    for prefix in sorted(prefixes):
+        stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(stripped) == own:
+            return stripped
+    return state
+
+
+def load_teacher(
+    path: str | os.PathLike, net: nn.Module | None = None, trust_file: bool = False
+) -> nn.Module:
+    """Load a trained teacher, in eval mode, from whatever file a user has.
+
+    Accepted files:
+
+    * a **tnkd teacher file** (:func:`save_teacher`, or ``TeacherModule(export_path=...)``): the
+      architecture is read from it, so ``net`` is optional;
+    * a **state_dict** (``torch.save(model.state_dict(), path)``) or a **Lightning checkpoint**
+      of a module holding the network (its ``net.``/``model.`` prefix is dropped): ``net``, the
+      architecture, is required (in YAML: ``teacher: {class_path: ..., init_args: ...}``);
+    * a **pickled module** (``torch.save(model, path)``): loading it runs code from the file, so
+      only with ``trust_file=True``.
 
     Raises:
         FileNotFoundError: the file does not exist (the message says how to make it).
-        ValueError: the file is corrupt, or its weights do not fit ``net``.
+        ValueError: the file is corrupt, holds weights without an architecture, is a pickle that
+            was not trusted, or its weights do not fit ``net``.
     """
-    payload = read_teacher_file(path)
-    if net is None:
-        net = _import(payload["class_path"])(**payload["init_args"])
+    path = Path(path)
     try:
-        net.load_state_dict(payload["state_dict"])
+        payload = _load_weights_only(path)
+    except _PickledModule:
+        if not trust_file:
+            raise
+        module = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(module, nn.Module):
+            raise ValueError(
+                f"teacher file {path} holds a pickled {type(module).__name__}, not a torch module"
+            ) from None
+        if net is not None:
+            return _load_state(path, net, module.state_dict(), type(module).__name__)
+        return module.eval()
+    if _is_teacher_file(payload):
+        if net is None:
+            net = _import(payload["class_path"])(**payload["init_args"])
+        return _load_state(path, net, payload["state_dict"], payload["class_path"])
+    if isinstance(payload, dict) and _is_state_dict(payload.get("state_dict")):
+        payload = payload["state_dict"]  # a Lightning checkpoint
+    if not _is_state_dict(payload):
+        raise ValueError(
+            f"{path} is not a tnkd teacher file (expected format {TEACHER_FORMAT!r}), nor a "
+            "state_dict, a Lightning checkpoint or a pickled module"
+        )
+    if net is None:
+        raise ValueError(
+            f"teacher file {path} holds only weights (a state_dict); give the architecture too "
+            "(--model.init_args.teacher {class_path: ..., init_args: ...}, or the `teacher` "
+            "argument in Python)"
+        )
+    return _load_state(path, net, _strip_prefix(payload, net), "state_dict")
+
+
+def _load_state(
+    path: Path, net: nn.Module, state: dict[str, torch.Tensor], source: str
+) -> nn.Module:
+    try:
+        net.load_state_dict(state)
     except RuntimeError as err:
         first = str(err).strip().splitlines()
         raise ValueError(
-            f"teacher file {path} ({payload['class_path']}, {payload['init_args']}) does not fit the "
-            f"given teacher network {type(net).__name__}: {' '.join(first[:3])}"
+            f"teacher file {path} ({source}) does not fit the given teacher network "
+            f"{type(net).__name__}: {' '.join(line.strip() for line in first[:3])}"
         ) from err
     return net.eval()

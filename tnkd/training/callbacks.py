@@ -12,7 +12,11 @@ in four ways:
   checkpoints stops before training with an error that says how to resume or rename it.
 * **A checkpoint on stop.** SIGTERM (a scheduler's preemption) and a first Ctrl-C end the run
   after the current batch; ``last.ckpt`` is then written, so the rerun continues from that very
-  step, with the same data order (:mod:`tnkd.data.loader`). A second Ctrl-C stops at once.
+  step, with the same data order (:mod:`tnkd.data.loader`). A second Ctrl-C stops at once. The
+  ``tnkd`` command then exits with status 143 (130 after Ctrl-C) and prints the resume command
+  (:mod:`tnkd.training.preemption`).
+* **``last.ckpt`` is always the newest.** After any sequence of stops and resumes it holds the
+  latest weights (Lightning would write ``last-v1.ckpt`` beside a resumed run's ``last.ckpt``).
 * **Atomic files.** Every checkpoint is written to a temporary file and renamed, so a run killed
   while saving never leaves a truncated ``.ckpt`` behind; the torch random state is saved too.
 """
@@ -22,12 +26,15 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from tnkd.training import preemption
 
 
 def run_name(trainer: L.Trainer) -> str | None:
@@ -40,6 +47,22 @@ def run_name(trainer: L.Trainer) -> str | None:
         return init.get("name")
     name = getattr(logger, "name", None)
     return name if name and name not in ("lightning_logs", "") else None
+
+
+def checkpoint_folder(
+    name: str | None, save_dir: str | os.PathLike | None, default_root_dir: str | os.PathLike
+) -> Path | None:
+    """Where :class:`RunCheckpoint` keeps a run's checkpoints.
+
+    ``SAVE_DIR/checkpoints/NAME`` for a run named ``NAME`` by its logger, and
+    ``DEFAULT_ROOT_DIR/checkpoints`` for a run without a logger; ``None`` for an unnamed run with
+    a logger (Lightning's per-version folder, which a rerun cannot find).
+    """
+    if name:
+        return Path(save_dir or default_root_dir, "checkpoints", name)
+    if save_dir is None:
+        return Path(default_root_dir, "checkpoints")
+    return None
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -62,7 +85,7 @@ class RunCheckpoint(ModelCheckpoint):
         name = run_name(trainer)
         if name:
             save_dir = getattr(trainer.logger, "save_dir", None) or trainer.default_root_dir
-            self.dirpath = os.path.join(save_dir, "checkpoints", name)
+            self.dirpath = str(checkpoint_folder(name, save_dir, trainer.default_root_dir))
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         self._stable_dir(trainer)
@@ -70,7 +93,37 @@ class RunCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
         self._stable_dir(trainer)
-        super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings():
+            # resuming a named run reuses its folder on purpose
+            warnings.filterwarnings("ignore", ".*exists and is not empty.*")
+            super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        # after the checkpoint to resume from is known (Lightning restores it after setup)
+        self._refuse_to_overwrite(trainer)
+
+    def _refuse_to_overwrite(self, trainer: L.Trainer) -> None:
+        """A fresh run (no ``ckpt_path``) stops before training if its folder holds checkpoints."""
+        if trainer.ckpt_path is not None or self.dirpath is None:
+            return
+        folder = Path(self.dirpath)
+        existing = len(list(folder.glob("*.ckpt"))) if folder.is_dir() else 0
+        existing = trainer.strategy.broadcast(existing)  # rank 0 decides, every rank stops
+        if existing:
+            raise FileExistsError(
+                f"checkpoint folder {folder} already holds {existing} checkpoint(s) of an earlier "
+                "run; resume it with --ckpt_path last, or start a new run under another name "
+                "(--trainer.logger.init_args.name NEW), or move those files away"
+            )
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        # last.ckpt is overwritten (atomically), never versioned: after a resume Lightning would
+        # write last-v1.ckpt and leave a stale last.ckpt for `tnkd test` to pick up
+        if self.dirpath is not None:
+            self.last_model_path = os.path.join(
+                self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
+            )
+        super()._save_last_checkpoint(trainer, monitor_candidates)
 
     def _graceful_ctrl_c(self, trainer: L.Trainer) -> None:
         """First Ctrl-C: stop after the current batch (like SIGTERM); a second: stop at once."""
@@ -80,6 +133,7 @@ class RunCheckpoint(ModelCheckpoint):
 
         def handler(signum: int, frame: Any) -> None:
             print("\nCtrl-C: stopping after this batch and saving last.ckpt (Ctrl-C again: now)")
+            preemption.record_stop(signal.SIGINT)
             trainer._signal_connector.received_sigterm = True
             signal.signal(signal.SIGINT, previous)
 
@@ -94,22 +148,13 @@ class RunCheckpoint(ModelCheckpoint):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
         self._restore_ctrl_c()
+        preemption.training_started(False)
         super().teardown(trainer, pl_module, stage)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         super().on_train_start(trainer, pl_module)
         self._graceful_ctrl_c(trainer)
-        if trainer.ckpt_path is not None or self.dirpath is None:
-            return
-        folder = Path(self.dirpath)
-        existing = len(list(folder.glob("*.ckpt"))) if folder.is_dir() else 0
-        existing = trainer.strategy.broadcast(existing)  # rank 0 decides, every rank stops
-        if existing:
-            raise FileExistsError(
-                f"checkpoint folder {folder} already holds {existing} checkpoint(s) of an earlier "
-                "run; resume it with --ckpt_path last, or start a new run under another name "
-                "(--trainer.logger.init_args.name NEW), or move those files away"
-            )
+        preemption.training_started()
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         tmp = f"{filepath}.tmp"
