@@ -5,3 +5,15 @@ import os
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tnkd_cli(tmp_path_factory):
+    """Run the real ``tnkd`` command in subprocesses (see tests/cli_runner.py)."""
+    from cli_runner import TnkdRunner
+
+    runner = TnkdRunner(tmp_path_factory.mktemp("cli-output"))
+    yield runner
+    runner.close()

@@ -78,7 +78,9 @@ def test_fit_teacher_then_distil_then_test_beats_chance(tmp_path):
     # chance is 0.1 on ten classes: a wide margin above it
     assert metrics["test/student_acc"] > 0.6
     assert metrics["test/agreement"] > 0.6
-    assert (root / "config.yaml").exists()
+    # each run's config is kept under the root's configs/ folder, never loose in the root
+    assert len(list((root / "configs").glob("config*.yaml"))) == 2
+    assert not list(root.glob("config*.yaml"))
 
 
 def test_wandb_offline_run_holds_config_and_sizes(tmp_path, monkeypatch):
@@ -123,16 +125,18 @@ def test_wandb_offline_run_holds_config_and_sizes(tmp_path, monkeypatch):
     run_dirs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1
     files = run_dirs[0] / "files"
-    assert "DistillationModule" in (files / "config.yaml").read_text()
-    cfg = (files / "config.yaml").read_text()
+    assert "DistillationModule" in (files / "tnkd-config.yaml").read_text()
+    cfg = (files / "tnkd-config.yaml").read_text()
     assert "bond_dim: 10" in cfg
     summary = run_dirs[0] / f"run-{run_dirs[0].name.rsplit('-', 1)[1]}.wandb"
     assert summary.exists() and summary.stat().st_size > 0
 
 
 def test_unknown_config_key_is_rejected(capsys):
+    from tnkd.cli import main
+
     with pytest.raises(SystemExit) as exc:
-        run(
+        main(
             [
                 "fit",
                 "--config",
@@ -141,8 +145,9 @@ def test_unknown_config_key_is_rejected(capsys):
                 "4",
             ]
         )
-    assert exc.value.code != 0
-    assert "bond_dimension" in capsys.readouterr().err
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "bond_dimension" in err[-1] and "is not accepted" in err[-1]
 
 
 def test_print_config_resolves_everything(capsys):

@@ -30,9 +30,9 @@ def test_teacher_cache_gives_the_same_runs_as_the_live_teacher(tmp_path):
     cache = tmp_path / "cache"
     cached = _compare(tmp_path, teacher_cache=str(cache), scheduler="none")
     cached_again = _compare(tmp_path, teacher_cache=str(cache), scheduler="none")
-    # One cache file per split (train, val): the teacher and inputs did not change, so the
-    # second call reused them.
-    assert len(list(cache.iterdir())) == 2
+    # One cache file per split (train, val, test): the teacher and inputs did not change, so
+    # the second call reused them.
+    assert len(list(cache.iterdir())) == 3
     # The seed fixes initialisation and batch order, so cached and live teachers agree exactly.
     assert [r.student_acc for r in cached] == [r.student_acc for r in cached_again]
     live_const = _compare(tmp_path, scheduler="none")
@@ -42,7 +42,16 @@ def test_teacher_cache_gives_the_same_runs_as_the_live_teacher(tmp_path):
 
 def test_progress_prints_one_line_per_epoch_of_each_run(tmp_path, capsys):
     results = _compare(tmp_path, progress=True, epochs=2)
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if " epoch " in ln]
+    out = capsys.readouterr().out.splitlines()
+    # the teacher, trained on first use, always shows its epochs and the time left
+    teacher = [ln for ln in out if ln.startswith("[teacher] epoch ")]
+    assert [ln.split(":")[0] for ln in teacher] == ["[teacher] epoch 1/2", "[teacher] epoch 2/2"]
+    assert all(re.search(r"about \d+ (s|min) left\)$", ln) for ln in teacher), teacher
+    assert [ln for ln in out if ln.startswith("tnkd compare: run ")] == [
+        "tnkd compare: run 1/2: labels only seed 0",
+        "tnkd compare: run 2/2: KL seed 0",
+    ]
+    lines = [ln for ln in out if " epoch " in ln and not ln.startswith("[teacher]")]
     assert [ln.split(":")[0] for ln in lines] == [
         "[labels only seed 0] epoch 1/2",
         "[labels only seed 0] epoch 2/2",
@@ -58,4 +67,6 @@ def test_progress_prints_one_line_per_epoch_of_each_run(tmp_path, capsys):
 
 def test_progress_is_off_by_default(tmp_path, capsys):
     _compare(tmp_path)
-    assert " epoch " not in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert not [ln for ln in out if " epoch " in ln and not ln.startswith("[teacher]")]
+    assert "tnkd compare: run 2/2: KL seed 0" in out

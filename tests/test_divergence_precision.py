@@ -41,9 +41,7 @@ def _renyi(p: list[Decimal], q: list[Decimal], alpha: float) -> Decimal:
     if alpha == 1:
         return _kl(p, q)
     al = _dec(alpha)
-    s = sum(
-        ((al * a.ln()) + (1 - al) * b.ln()).exp() for a, b in zip(p, q, strict=True) if a > 0
-    )
+    s = sum(((al * a.ln()) + (1 - al) * b.ln()).exp() for a, b in zip(p, q, strict=True) if a > 0)
     return s.ln() / (al - 1)
 
 

@@ -11,7 +11,14 @@ PACKAGE = ROOT / "tnkd"
 
 #: layers from the bottom up: a module may import its own layer and the ones below
 LAYERS = [
-    {"tnkd.registry", "tnkd.feature_maps", "tnkd.divergences", "tnkd.tn", "tnkd.data"},
+    {
+        "tnkd.registry",
+        "tnkd.errors",
+        "tnkd.feature_maps",
+        "tnkd.divergences",
+        "tnkd.tn",
+        "tnkd.data",
+    },
     {"tnkd.students", "tnkd.teachers"},
     {"tnkd.training"},
     {"tnkd.experiments"},

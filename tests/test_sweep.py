@@ -67,8 +67,8 @@ def test_sweep_file_commands_parse_and_build(monkeypatch, tmp_path):
         divergence = cli.model.divergence
         assert isinstance(divergence, RenyiDivergence)
         flags = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
-        assert cli.model.temperature == float(flags["model.init_args.temperature"])
-        assert cli.model.beta == pytest.approx(float(flags["model.init_args.beta"]))
-        bond = int(flags["model.init_args.student.init_args.bond_dim"])
-        assert cli.model.student.bond_dim == bond
+        assert cli.model.temperature == float(flags["temperature"])
+        assert cli.model.beta == pytest.approx(float(flags["beta"]))
+        assert cli.model.student.bond_dim == int(flags["bond_dim"])
+        assert divergence.alpha == pytest.approx(float(flags["alpha"]))
         assert 0.0 <= divergence.alpha <= 4.0

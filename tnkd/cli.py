@@ -1,26 +1,41 @@
-"""The ``tnkd`` command: Lightning's CLI for single runs, plus ``tnkd compare`` for side-by-side tables.
+"""The ``tnkd`` command: Lightning's CLI for single runs, plus ``tnkd compare``, ``grid`` and ``report``.
 
 * ``tnkd fit|validate|test|predict --config FILE`` is a :class:`lightning.pytorch.cli.LightningCLI`
-  over any LightningModule (``tnkd.training.modules.TeacherModule``, ``tnkd.training.modules.DistillationModule``)
+  over any LightningModule (``tnkd.training.TeacherModule``, ``tnkd.training.DistillationModule``)
   and any tnkd data module, configured by ``class_path`` / ``init_args`` YAML. Runs log to
   Weights & Biases offline by default (``runs/wandb``; ``wandb sync`` uploads them later).
 * ``tnkd compare --config FILE`` runs :func:`tnkd.experiments.compare.compare`.
+
+Errors a user's input, files or disk cause end the command with one line on stderr (the setting
+or file, what was wrong, how to fix it) and exit status 2; ``TNKD_DEBUG=1`` shows the traceback.
+Before anything is trained or written, every run checks its data, its model against the data,
+the checkpoint it resumes from and the folders and files it will write. A run stopped by SIGTERM
+(or Ctrl-C) writes ``last.ckpt``, prints the command that resumes it and exits with status 143
+(130); see :mod:`tnkd.training.preemption`.
 """
 
 from __future__ import annotations
 
+import shlex
+import signal
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+import tnkd.training.preemption as preemption
 from tnkd.data.base import ClassificationDataModule
+from tnkd.errors import debug_enabled, user_error_message
 from tnkd.experiments.files import unique_path
-from tnkd.training.callbacks import RunCheckpoint
+from tnkd.training.callbacks import RunCheckpoint, checkpoint_folder
+from tnkd.training.modules import DistillationModule, TeacherModule, check_checkpoint_shapes
+from tnkd.training.outputs import check_checkpoint_file, check_writable
+from tnkd.training.predictions import PredictionWriter
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -33,34 +48,13 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
-def check_checkpoint_file(path: str | Path) -> None:
-    """Fail early, in one line, on a checkpoint path that is missing, truncated or not a checkpoint.
-
-    A torch checkpoint is a zip archive: its entries' CRCs are checked, nothing is loaded.
-    """
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {file} does not exist; pass an existing .ckpt to --ckpt_path, or "
-            "--ckpt_path last to resume the named run"
-        )
-    try:
-        with zipfile.ZipFile(file) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as err:
-        bad = str(err)
-    if bad is not None:
-        raise ValueError(
-            f"checkpoint {file} is corrupt or not a checkpoint ({bad}); it was left as it is: pass "
-            "another file to --ckpt_path (a run's checkpoints/last.ckpt), or retrain"
-        )
-
-
 class SaveConfigToRun(SaveConfigCallback):
     """Save the resolved config inside the run (W&B run files, or the logger's folder).
 
     Unlike Lightning's default it never overwrites another run's ``config.yaml`` and never stops
-    a run because one exists: each run's config goes to its own folder (or a numbered name).
+    a run because one exists: each run's config goes to its own folder (or a numbered name);
+    a run without a logger keeps it under ``DEFAULT_ROOT_DIR/configs/``, never in the working
+    folder itself.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -73,18 +67,92 @@ class SaveConfigToRun(SaveConfigCallback):
 
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                Path(logger.experiment.dir, "config.yaml").write_text(text)
+                Path(logger.experiment.dir, "tnkd-config.yaml").write_text(text)
                 logger.experiment.config.update({"cli_config": text}, allow_val_change=True)
                 return
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        folder = (
+            Path(trainer.log_dir) if trainer.loggers else Path(trainer.default_root_dir, "configs")
+        )
         folder.mkdir(parents=True, exist_ok=True)
         unique_path(folder / "config.yaml").write_text(text)
 
 
+#: the data-module stage each subcommand sets up
+STAGES = {"fit": "fit", "validate": "validate", "test": "test", "predict": "predict"}
+
+#: short flags: the run-config names (:mod:`tnkd.training.run_config`) as command-line flags
+SHORT_FLAGS = {
+    "temperature": "--model.init_args.temperature",
+    "beta": "--model.init_args.beta",
+    "lr": "--model.init_args.lr",
+    "bond_dim": "--model.init_args.student.init_args.bond_dim",
+    "seed": "--seed_everything",
+    "epochs": "--trainer.max_epochs",
+}
+#: short flags that are parameters of the divergence (given with ``--divergence NAME``)
+DIVERGENCE_FLAGS = ("alpha", "skew")
+
+
+def expand_short_flags(args: list[str]) -> list[str]:
+    """Turn the short flags into the config keys they stand for.
+
+    ``--temperature``, ``--beta``, ``--lr``, ``--bond_dim``, ``--seed``, ``--epochs``, and
+    ``--divergence NAME`` with its parameters ``--alpha``, ``--skew`` (one mapping:
+    ``--model.init_args.divergence={"name": NAME, "alpha": A}``). They are the keys a run's
+    config shows in W&B, so a sweep's parameters can carry the same names.
+    """
+    import json
+
+    out: list[str] = []
+    divergence: dict[str, Any] = {}
+    at: int | None = None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        known = name in SHORT_FLAGS or name in DIVERGENCE_FLAGS or name == "divergence"
+        if not known:
+            out.append(arg)
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(args):
+                raise ValueError(f"--{name} needs a value")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        if name in SHORT_FLAGS:
+            out += [SHORT_FLAGS[name], value]
+            continue
+        if at is None:
+            at = len(out)
+        divergence[name] = value if name == "divergence" else float(value)
+    if divergence:
+        if "divergence" not in divergence:
+            given = ", ".join(f"--{k}" for k in divergence)
+            raise ValueError(
+                f"{given} needs --divergence NAME (e.g. --divergence renyi --alpha 0.5)"
+            )
+        name = divergence.pop("divergence")
+        spec = json.dumps({"name": name, **divergence}) if divergence else name
+        out[at:at] = ["--model.init_args.divergence", spec]
+    return out
+
+
 class TnkdCLI(LightningCLI):
-    """LightningCLI with tnkd's defaults (W&B offline logger, seeded runs, safe config saving)."""
+    """LightningCLI with tnkd's defaults and checks.
+
+    W&B offline logger, seeded runs, safe config saving, a :class:`RunCheckpoint` on every fit,
+    ``--ckpt_path last`` resolved from the run's name, everything checked before the Trainer
+    starts (see the module docstring), and ``tnkd predict --predictions FILE``.
+    """
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        if args is None:
+            sys.argv[1:] = expand_short_flags(sys.argv[1:])
+        elif isinstance(args, list):
+            args = expand_short_flags(args)
+        no_exit = {"exit_on_error": False}
         super().__init__(
             LightningModule,
             ClassificationDataModule,
@@ -96,14 +164,127 @@ class TnkdCLI(LightningCLI):
             args=args,
             run=run,
             auto_configure_optimizers=False,
+            parser_kwargs={**no_exit, **{sub: dict(no_exit) for sub in STAGES}},
         )
 
-    def _check_ckpt_path(self) -> None:
-        path = self.config[self.subcommand].get("ckpt_path")
-        if path and path not in ("last", "best", "hpc", "registry"):
-            check_checkpoint_file(path)
+    # ---- parsing -------------------------------------------------------------------------
 
-    before_fit = before_validate = before_test = before_predict = _check_ckpt_path
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--predictions",
+                type=str | None,
+                default=None,
+                help="CSV file for the predictions (default: runs/predictions/NAME.csv)",
+            )
+        return parser
+
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` from the run's name and check the file before Lightning reads it."""
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            config = self.config[subcommand]
+            path = config.get("ckpt_path")
+            if path == "last":
+                config["ckpt_path"] = self._last_checkpoint(subcommand, config)
+            elif path and path not in ("best", "hpc", "registry"):
+                check_checkpoint_file(path)
+        super()._parse_ckpt_path()
+
+    def _last_checkpoint(self, subcommand: str, config: Any) -> str | None:
+        folder = _checkpoint_folder(config)
+        if folder is None:
+            raise ValueError(
+                "--ckpt_path last needs a named run (--trainer.logger.init_args.name NAME) or a "
+                "run without a logger (--trainer.logger false); pass the checkpoint file itself "
+                "otherwise"
+            )
+        last = folder / "last.ckpt"
+        if last.is_file():
+            check_checkpoint_file(last)
+            return str(last)
+        if subcommand == "fit":
+            print(
+                f"tnkd fit: no checkpoint in {folder} yet: starting from the beginning",
+                file=sys.stderr,
+            )
+            return None
+        raise FileNotFoundError(
+            f"--ckpt_path last: {last} does not exist; train the run first (tnkd fit with the "
+            "same config), or pass --ckpt_path FILE"
+        )
+
+    # ---- checks before the Trainer starts --------------------------------------------------
+
+    def instantiate_classes(self) -> None:
+        """Instantiate model and data, check them (:meth:`preflight`), then the Trainer."""
+        self.config_init = self.parser.instantiate_classes(self.config)
+        self.datamodule = self._get(self.config_init, "data")
+        self.model = self._get(self.config_init, "model")
+        self._add_configure_optimizers_method_to_model(self.subcommand)
+        if self.subcommand in STAGES:
+            self.preflight(self.subcommand)
+        self.trainer = self.instantiate_trainer()
+
+    def preflight(self, subcommand: str) -> None:
+        """Everything that would otherwise fail late, checked before any training or writing."""
+        config = self.config[subcommand]
+        model, dm = self.model, self.datamodule
+        _refuse_untrained_teacher(config)
+        if subcommand == "fit":
+            self._check_outputs(config)
+        elif subcommand == "predict":
+            target = config.get("predictions")
+            if target:
+                check_writable(target, "--predictions", folder=False)
+                if Path(target).exists():
+                    raise FileExistsError(
+                        f"predictions file {target} already exists; choose another "
+                        "--predictions path (nothing was overwritten)"
+                    )
+        if dm is not None and not getattr(dm, "download", False):
+            dm.setup(STAGES[subcommand])
+        if hasattr(model, "check_data"):  # TeacherModule, DistillationModule
+            model.check_data(dm)
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+            check_checkpoint_shapes(model, checkpoint)
+        if isinstance(model, DistillationModule) and dm is not None:
+            model.attach_cached_logits(dm, STAGES[subcommand])
+
+    def _check_outputs(self, config: Any) -> None:
+        trainer = config.get("trainer") or {}
+        root = trainer.get("default_root_dir") or "runs"
+        check_writable(root, "--trainer.default_root_dir")
+        for logger in _logger_configs(trainer.get("logger")):
+            save_dir = _init_args(logger).get("save_dir")
+            if save_dir:
+                check_writable(save_dir, "--trainer.logger.init_args.save_dir")
+        folder = _checkpoint_folder(config)
+        if folder is not None:
+            check_writable(folder, "the checkpoint folder")
+            existing = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+            if existing and not config.get("ckpt_path"):
+                raise FileExistsError(
+                    f"checkpoint folder {folder} already holds {len(existing)} checkpoint(s) of "
+                    "an earlier run; resume it with --ckpt_path last, or start a new run under "
+                    "another name (--trainer.logger.init_args.name NEW), or move those files away"
+                )
+        hparams = getattr(self.model, "hparams", {})
+        if hparams.get("export_path"):
+            export = hparams["export_path"]
+            check_writable(export, "--model.init_args.export_path", folder=False)
+            if Path(export).exists():
+                raise FileExistsError(
+                    f"teacher export_path {export} already exists; delete it or choose another "
+                    "path (--model.init_args.export_path NEW); nothing was overwritten"
+                )
+        if hparams.get("teacher_cache"):
+            check_writable(hparams["teacher_cache"], "--model.init_args.teacher_cache")
+
+    # ---- subcommands ---------------------------------------------------------------------
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Add a :class:`~tnkd.training.callbacks.RunCheckpoint` unless the config names a checkpoint."""
@@ -119,6 +300,87 @@ class TnkdCLI(LightningCLI):
             kwargs["callbacks"] = [*configured, RunCheckpoint()]
         return super().instantiate_trainer(**kwargs)
 
+    def after_fit(self) -> None:
+        """A teacher that exported its file is tested too: the file records its test accuracy."""
+        model = self.model
+        if isinstance(model, TeacherModule) and model.hparams.get("export_path"):
+            (metrics,) = self.trainer.test(model, datamodule=self.datamodule, verbose=False)
+            if self.trainer.is_global_zero:
+                print(
+                    f"tnkd fit: teacher test accuracy {metrics['test/teacher_acc']:.4f}, "
+                    f"saved with the teacher in {model.hparams['export_path']}"
+                )
+
+    def before_predict(self) -> None:
+        """Write the predictions to a CSV file (``--predictions``, or one under runs/predictions)."""
+        config = self.config["predict"]
+        target = config.get("predictions")
+        if not target:
+            name = _run_name(config.get("trainer") or {}) or "predictions"
+            target = unique_path(Path(self.trainer.default_root_dir, "predictions", f"{name}.csv"))
+        self.prediction_writer = PredictionWriter(target)
+        self.trainer.callbacks.append(self.prediction_writer)
+
+    def after_predict(self) -> None:  # noqa: D102
+        writer = self.prediction_writer
+        if writer.rows:
+            print(f"tnkd predict: {writer.rows} predictions written to {writer.path}")
+
+
+def _logger_configs(logger: Any) -> list[Any]:
+    if not logger or logger is True:
+        return []
+    return list(logger) if isinstance(logger, list) else [logger]
+
+
+def _init_args(config: Any) -> Any:
+    """A class config's ``init_args`` (a jsonargparse Namespace or a dict; ``{}`` if none)."""
+    args = config.get("init_args") if hasattr(config, "get") else None
+    return args if hasattr(args, "get") else {}
+
+
+def _run_name(trainer: Any) -> str | None:
+    for logger in _logger_configs(trainer.get("logger")):
+        name = _init_args(logger).get("name")
+        if name:
+            return str(name)
+    return None
+
+
+def _checkpoint_folder(config: Any) -> Path | None:
+    """The folder RunCheckpoint will use for this config (see :func:`checkpoint_folder`)."""
+    trainer = config.get("trainer") or {}
+    for callback in _logger_configs(trainer.get("callbacks")):
+        dirpath = _init_args(callback).get("dirpath")
+        if dirpath:
+            return Path(dirpath)
+    loggers = _logger_configs(trainer.get("logger"))
+    root = trainer.get("default_root_dir") or "runs"
+    if not loggers:
+        return checkpoint_folder(None, None, root)
+    args = _init_args(loggers[0])
+    return checkpoint_folder(args.get("name"), args.get("save_dir") or root, root)
+
+
+def _refuse_untrained_teacher(config: Any) -> None:
+    model = config.get("model") or {}
+    args = _init_args(model)
+    teacher = args.get("teacher")
+    if (
+        teacher is not None
+        and hasattr(teacher, "get")
+        and teacher.get("class_path")
+        and not args.get("teacher_checkpoint")
+        and (args.get("beta") is None or args.get("beta") > 0)
+        and not args.get("untrained_teacher")
+    ):
+        raise ValueError(
+            f"the teacher ({teacher.get('class_path')}) is given as an architecture without "
+            "weights; give its weights with --model.init_args.teacher_checkpoint FILE (a tnkd "
+            "teacher file, a state_dict or a Lightning checkpoint), or set "
+            "--model.init_args.untrained_teacher true to distil from it untrained on purpose"
+        )
+
 
 USAGE = """usage: tnkd {fit,validate,test,predict,compare,grid,report} [--config FILE] [--help] [overrides]
 
@@ -129,7 +391,13 @@ USAGE = """usage: tnkd {fit,validate,test,predict,compare,grid,report} [--config
   tnkd report runs/results/digits_mps.json --plot P.png   tables + accuracy-vs-parameters plot
   tnkd fit --config FILE --print_config                   show the full resolved config
   tnkd fit --config FILE --model.init_args.temperature 2  override any setting
+  tnkd fit --config FILE --divergence renyi --alpha 0.5   short flags: --divergence --alpha --skew
+                                                          --temperature --beta --lr --bond_dim
+                                                          --seed --epochs
   tnkd fit --config FILE --ckpt_path last                 resume a stopped run (same name)
+  tnkd predict --config FILE --ckpt_path last --predictions P.csv   write predictions
+
+Errors are one line; TNKD_DEBUG=1 shows the traceback.
 """
 
 
@@ -155,12 +423,54 @@ def run(args: list[str], from_argv: bool = False) -> Any:
     return TnkdCLI(args=None if from_argv else args)
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``tnkd`` console script."""
-    if args is None:
-        run(sys.argv[1:], from_argv=True)
+def _resume_command(argv: list[str]) -> str:
+    """The command line that resumes a stopped ``tnkd fit``: the same, with ``--ckpt_path last``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--ckpt_path":
+            skip = True
+            continue
+        if arg.startswith("--ckpt_path="):
+            continue
+        out.append(arg)
+    return shlex.join(["tnkd", *out, "--ckpt_path", "last"])
+
+
+def _stopped(argv: list[str], signum: int) -> None:
+    name = signal.Signals(signum).name
+    command = argv[0] if argv else ""
+    if command == "fit":
+        hint = f"resume with: {_resume_command(argv)}"
     else:
-        run(list(args))
+        hint = "rerun the same command to start it again"
+    print(f"tnkd {command}: stopped by {name}; {hint}", file=sys.stderr, flush=True)
+    raise SystemExit(preemption.EXIT_STATUS.get(signum, 128 + signum))
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``tnkd`` console script (one-line errors, exit statuses; see above)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    command = argv[0] if argv and not argv[0].startswith("-") else ""
+    preemption.install()
+    try:
+        run(argv, from_argv=args is None)
+    except SIGTERMException:
+        _stopped(argv, preemption.stop_signal())
+    except preemption.Preempted as stop:
+        _stopped(argv, stop.signum)
+    except SystemExit:
+        raise
+    except BaseException as error:
+        message = None if debug_enabled() else user_error_message(error)
+        if message is None:
+            raise
+        print(f"tnkd {command}: error: {message}".replace("tnkd : ", "tnkd: "), file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        preemption.uninstall()
 
 
 if __name__ == "__main__":

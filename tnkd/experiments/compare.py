@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from torch import nn
 
 from tnkd.data.base import ClassificationDataModule
@@ -28,6 +27,7 @@ from tnkd.experiments.progress import EpochLines
 from tnkd.students.base import count_parameters
 from tnkd.teachers import load_teacher, read_teacher_file
 from tnkd.training.modules import DistillationModule, TeacherModule
+from tnkd.training.outputs import check_writable
 
 
 @dataclass
@@ -70,16 +70,36 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def make_logger(kind: str, save_dir: str, project: str, name: str, group: str | None) -> Any:
-    """A W&B logger that never touches the network (offline), or none."""
+def make_logger(
+    kind: str,
+    save_dir: str,
+    project: str,
+    name: str,
+    group: str | None,
+    job_type: str = "student",
+    tags: Sequence[str] = (),
+) -> Any:
+    """A W&B logger that never touches the network (offline), or none.
+
+    Runs of one comparison share ``group``; ``job_type`` tells teacher and student runs apart.
+    """
     if kind == "none":
         return False
     if kind != "wandb":
         raise ValueError(f"logger must be 'wandb' or 'none', but got {kind!r}")
     from lightning.pytorch.loggers import WandbLogger
 
-    Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=project, name=name, group=group, save_dir=save_dir, offline=True)
+    folder = Path(save_dir).resolve()  # the W&B service process may have another cwd
+    folder.mkdir(parents=True, exist_ok=True)
+    return WandbLogger(
+        project=project,
+        name=name,
+        group=group,
+        save_dir=str(folder),
+        offline=True,
+        job_type=job_type,
+        tags=list(tags),
+    )
 
 
 def _finish(logger: Any) -> None:
@@ -91,7 +111,11 @@ def _finish(logger: Any) -> None:
 
 
 def _trainer(
-    max_epochs: int, logger: Any, trainer: dict[str, Any] | None, label: str | None = None
+    max_epochs: int,
+    logger: Any,
+    trainer: dict[str, Any] | None,
+    label: str | None = None,
+    eta: bool = False,
 ) -> L.Trainer:
     kwargs: dict[str, Any] = {
         "max_epochs": max_epochs,
@@ -104,7 +128,7 @@ def _trainer(
     }
     kwargs.update(trainer or {})
     if label is not None:
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), EpochLines(label)]
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), EpochLines(label, eta=eta)]
     return L.Trainer(**kwargs)
 
 
@@ -119,29 +143,38 @@ def ensure_teacher(
     save_dir: str = "runs",
     project: str = "tnkd",
     trainer: dict[str, Any] | None = None,
+    group: str | None = None,
 ) -> tuple[nn.Module, bool]:
-    """Load the teacher file at ``path``, training and saving it first if it does not exist.
+    """Load the teacher file at ``path``, training, testing and saving it first if it does not exist.
+
+    A teacher trained here prints a line per epoch with the time left, and its file records its
+    test accuracy (``test/teacher_acc``).
 
     Returns:
         The teacher in eval mode, and whether it was trained now.
     """
     if Path(path).exists():
         return load_teacher(path, make_teacher()), False
+    print(
+        f"tnkd compare: training the teacher ({epochs} epochs) -> {path}; later runs reuse it",
+        flush=True,
+    )
     L.seed_everything(seed, verbose=False)
     module = TeacherModule(make_teacher(), lr=lr, export_path=path)
-    log = make_logger(logger, save_dir, project, name="teacher", group=None)
+    log = make_logger(logger, save_dir, project, name="teacher", group=group, job_type="teacher")
     try:
-        _trainer(epochs, log, trainer).fit(module, datamodule=data)
+        run = _trainer(epochs, log, trainer, label="teacher", eta=True)
+        run.fit(module, datamodule=data)
+        run.test(module, datamodule=data, verbose=False)
     finally:
         _finish(log)
     return load_teacher(path, make_teacher()), True
 
 
-def evaluate(model: nn.Module, data: ClassificationDataModule, split: str = "test") -> torch.Tensor:
-    """Logits of ``model`` on a whole split (eval mode, no grad)."""
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(x) for x, _ in data._loader(split, shuffle=False)])
+def test_metrics(trainer: L.Trainer, module: L.LightningModule, data: Any) -> dict[str, float]:
+    """Lightning's test loop on ``module``: the logged ``test/*`` values as floats."""
+    (metrics,) = trainer.test(module, datamodule=data, verbose=False)
+    return {k: float(v) for k, v in metrics.items()}
 
 
 def compare(
@@ -201,7 +234,17 @@ def compare(
     started = time.perf_counter()
     _quiet()
     variants = list(variants) if variants is not None else default_variants()
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds is empty: give at least one seed (e.g. --seeds '[0]')")
+    if not variants:
+        raise ValueError(
+            "variants is empty: give at least one way to train the student (e.g. --variants "
+            "'[{name: labels only, beta: 0.0}]'), or leave it out for labels only and KL"
+        )
+    _check_outputs(teacher_checkpoint, teacher_cache, logger, save_dir, results)
     data.setup("fit")
+    group = group or f"{type(data).__name__}-{time.strftime('%Y%m%d-%H%M%S')}"
     teacher_net, trained_now = ensure_teacher(
         teacher,
         teacher_checkpoint,
@@ -213,55 +256,47 @@ def compare(
         save_dir,
         project,
         trainer,
+        group,
     )
-    teacher_logits = evaluate(teacher_net, data)
-    labels = data.dataset("test").tensors[1]
-    teacher_acc = (teacher_logits.argmax(-1) == labels).float().mean().item()
     teacher_params = count_parameters(teacher_net)
-    group = group or f"{type(data).__name__}-{time.strftime('%Y%m%d-%H%M%S')}"
     out: list[RunResult] = []
+    total = len(seeds) * len(variants)
     for seed in seeds:
         for variant in variants:
+            label = f"{variant.name} seed {seed}"
+            print(f"tnkd compare: run {len(out) + 1}/{total}: {label}", flush=True)
             L.seed_everything(seed, verbose=False)
             module = DistillationModule(
                 student(),
-                teacher=copy.deepcopy(teacher_net) if variant.beta > 0 else None,
+                # labels-only runs keep the teacher for the test metrics (agreement) only
+                teacher=copy.deepcopy(teacher_net),
                 divergence=variant.divergence,
                 temperature=variant.temperature,
                 beta=variant.beta,
                 lr=lr,
                 weight_decay=weight_decay,
                 scheduler=scheduler,
-                teacher_cache=teacher_cache if variant.beta > 0 else None,
+                teacher_cache=teacher_cache,
             )
+            module.hparams["teacher_checkpoint"] = teacher_checkpoint  # for the run's config
             log = make_logger(
-                logger, save_dir, project, name=f"{variant.name} seed {seed}", group=group
+                logger,
+                save_dir,
+                project,
+                name=label,
+                group=group,
+                job_type="student",
+                tags=[variant.name],
             )
-            t0 = time.perf_counter()
             try:
-                label = f"{variant.name} seed {seed}" if progress else None
-                _trainer(epochs, log, trainer, label).fit(module, datamodule=data)
+                run = _trainer(epochs, log, trainer, label if progress else None)
+                run.fit(module, datamodule=data)
+                metrics = test_metrics(run, module, data)
+                result = _result(variant, seed, module, metrics)
             finally:
                 _finish(log)
-            seconds = time.perf_counter() - t0
-            logits = evaluate(module.student, data)
-            pred = logits.argmax(-1)
-            params = count_parameters(module.student)
-            out.append(
-                RunResult(
-                    name=variant.name,
-                    seed=seed,
-                    divergence=_div_name(variant),
-                    temperature=variant.temperature,
-                    beta=variant.beta,
-                    student_acc=(pred == labels).float().mean().item(),
-                    agreement=(pred == teacher_logits.argmax(-1)).float().mean().item(),
-                    student_ece=_ece(logits, labels),
-                    student_params=params,
-                    compression_ratio=teacher_params / params,
-                    seconds=seconds,
-                )
-            )
+            out.append(result)
+    teacher_acc = out[0].extra["teacher_acc"]
     table = format_table(
         out,
         teacher_acc,
@@ -282,6 +317,24 @@ def compare(
     return out
 
 
+def _check_outputs(
+    teacher_checkpoint: str,
+    teacher_cache: str | None,
+    logger: str,
+    save_dir: str,
+    results: str | None,
+) -> None:
+    """Every file and folder the comparison will write, checked before anything is trained."""
+    if not Path(teacher_checkpoint).exists():
+        check_writable(teacher_checkpoint, "--teacher_checkpoint", folder=False)
+    if teacher_cache:
+        check_writable(teacher_cache, "--teacher_cache")
+    if logger == "wandb":
+        check_writable(save_dir, "--save_dir")
+    if results:
+        check_writable(results, "--results", folder=False)
+
+
 def _quiet() -> None:
     """Keep the results table readable: no per-run banners from W&B and Lightning."""
     import logging
@@ -300,6 +353,27 @@ def _quiet() -> None:
         warnings.filterwarnings("ignore", pattern)
 
 
+def _result(
+    variant: Variant, seed: int, module: DistillationModule, metrics: dict[str, float]
+) -> RunResult:
+    """A results row from the values the run's test loop logged (the W&B summary's values)."""
+    sizes = module.size_summary()
+    return RunResult(
+        name=variant.name,
+        seed=seed,
+        divergence=_div_name(variant),
+        temperature=variant.temperature,
+        beta=variant.beta,
+        student_acc=metrics["test/student_acc"],
+        agreement=metrics["test/agreement"],
+        student_ece=metrics["test/student_ece"],
+        student_params=int(sizes["student_params"]),
+        compression_ratio=float(sizes["compression_ratio"]),
+        seconds=float(module.fit_seconds),
+        extra={"teacher_acc": metrics["test/teacher_acc"]},
+    )
+
+
 def _div_name(v: Variant) -> str:
     if v.beta == 0:
         return "-"
@@ -307,16 +381,6 @@ def _div_name(v: Variant) -> str:
         extra = ", ".join(f"{k}={val}" for k, val in v.divergence.items() if k != "name")
         return f"{v.divergence.get('name')}({extra})" if extra else str(v.divergence.get("name"))
     return str(v.divergence)
-
-
-def _ece(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    from torchmetrics.functional.classification import multiclass_calibration_error
-
-    return float(
-        multiclass_calibration_error(
-            logits.softmax(-1), labels, num_classes=logits.shape[-1], n_bins=15
-        )
-    )
 
 
 def _mean_sd(values: list[float], digits: int = 4) -> str:

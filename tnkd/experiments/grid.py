@@ -16,11 +16,13 @@ still run.
 from __future__ import annotations
 
 import argparse
+import sys
 import traceback
 from pathlib import Path
 
 import yaml
 
+from tnkd.errors import debug_enabled, user_error_message
 from tnkd.experiments.compare import main as run_compare
 from tnkd.experiments.files import unique_path
 from tnkd.experiments.report import markdown, plot
@@ -63,18 +65,22 @@ def main(args: list[str]) -> list[Path]:
         parser.error("give at least one folder of grid*.yaml configs, or config files")
     configs = grid_configs(args[:split])
     written: list[Path] = []
-    failed: list[str] = []
+    failed: list[Path] = []
     for config in configs:
-        settings = yaml.safe_load(config.read_text()) or {}
-        target = unique_path(settings.get("results") or f"runs/results/{config.stem}.json")
-        print(f"\n== tnkd grid: {config} -> {target}", flush=True)
         try:
+            settings = _read_grid_config(config)
+            target = unique_path(settings.get("results") or f"runs/results/{config.stem}.json")
+            print(f"\n== tnkd grid: {config} -> {target}", flush=True)
             run_compare(["--config", str(config), *overrides, "--results", str(target)])
         except (Exception, SystemExit) as err:  # keep going: one family's failure is not all
             if isinstance(err, SystemExit) and not err.code:
                 raise
-            traceback.print_exc()
-            failed.append(f"{config}: {type(err).__name__}: {err}")
+            message = None if debug_enabled() else user_error_message(err)
+            if message is None:
+                traceback.print_exc()
+                message = f"{type(err).__name__}: {err}"
+            print(f"tnkd grid: {config} failed: {message}", file=sys.stderr, flush=True)
+            failed.append(config)
             continue
         written.append(target)
     for path in written:
@@ -82,5 +88,24 @@ def main(args: list[str]) -> list[Path]:
     if ns.plot and written:
         print(f"plot: {plot(written, ns.plot, ns.title)}")
     if failed:
-        raise SystemExit("tnkd grid: these configs failed:\n  " + "\n  ".join(failed))
+        names = ", ".join(str(c) for c in failed)
+        raise SystemExit(f"tnkd grid: {len(failed)} of {len(configs)} configs failed: {names}")
     return written
+
+
+def _read_grid_config(path: Path) -> dict:
+    """The YAML mapping of a grid config; a one-line error naming the file otherwise."""
+    try:
+        settings = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{path} is not valid YAML{where}: {problem}") from err
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise ValueError(
+            f"{path} holds a {type(settings).__name__}, not a mapping of tnkd compare settings"
+        )
+    return settings

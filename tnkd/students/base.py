@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from typing import Any
 
@@ -9,6 +11,29 @@ import torch
 from torch import nn
 
 from tnkd.tn.graph import TNGraph
+
+
+def _recording_init(init: Any) -> Any:
+    """Wrap a student's ``__init__`` so that the outermost call records its arguments."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        if "_init_args" not in self.__dict__:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            recorded: dict[str, Any] = {}
+            for name, value in list(bound.arguments.items())[1:]:
+                kind = signature.parameters[name].kind
+                if kind is inspect.Parameter.VAR_KEYWORD:
+                    recorded.update(value)
+                elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                    recorded[name] = value
+            self.__dict__["_init_args"] = recorded
+        init(self, *args, **kwargs)
+
+    __init__._records_init_args = True  # type: ignore[attr-defined]
+    return __init__
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -34,11 +59,25 @@ class Student(nn.Module):
     """Base class of tensor-network students.
 
     Subclasses set ``num_inputs`` (scalar inputs per sample: the chain length for pixel-level
-    chains) and ``num_classes`` (output size), and implement :meth:`to_graph`.
+    chains) and ``num_classes`` (output size), and implement :meth:`to_graph`. Every student
+    records the arguments it was built with (:attr:`init_args`), so that a run's configuration
+    (W&B, results files) names its bond dimension, chain length, feature map... whichever entry
+    point built it.
     """
 
     num_inputs: int
     num_classes: int
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_records_init_args", False):
+            cls.__init__ = _recording_init(init)  # type: ignore[method-assign]
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments of the student's own class (defaults filled in)."""
+        return dict(self.__dict__.get("_init_args", {}))
 
     def parameter_count(self) -> int:
         """Number of trainable scalars (shared cores counted once)."""

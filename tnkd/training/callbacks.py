@@ -34,7 +34,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from tnkd.training import preemption
+import tnkd.training.preemption as preemption
 
 
 def run_name(trainer: L.Trainer) -> str | None:

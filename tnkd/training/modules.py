@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any
 
 import lightning as L
@@ -80,6 +81,56 @@ def _configure(
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "epoch"}}
 
 
+def log_run_config(module: L.LightningModule) -> None:
+    """Log :func:`~tnkd.training.run_config.run_config` as the run's config, tag W&B runs.
+
+    The tags say the role and, for students, the divergence (``labels-only`` for beta = 0),
+    so that W&B can filter runs by them as well as by the config keys.
+    """
+    logger = module.logger
+    if logger is None or not module.trainer.is_global_zero:
+        return
+    from tnkd.training.run_config import run_config
+
+    trainer = module.trainer
+    config = run_config(module, getattr(trainer, "datamodule", None), trainer)
+    logger.log_hyperparams(config)
+    tags = [config.get("role", "")]
+    if config.get("role") == "student":
+        tags.append("labels-only" if config.get("divergence") == "none" else config["divergence"])
+    add_tags(logger, [t for t in tags if t])
+    set_summary(logger, {k: config[k] for k in SUMMARY_SIZES if k in config})
+
+
+#: size keys copied into the run's summary (W&B table columns)
+SUMMARY_SIZES = ("student_params", "teacher_params", "compression_ratio")
+
+
+def add_tags(logger: Any, tags: list[str]) -> None:
+    """Add tags to a W&B run (no-op for other loggers)."""
+    run = _wandb_run(logger)
+    if run is not None:
+        run.tags = tuple(dict.fromkeys([*(run.tags or ()), *tags]))
+
+
+def set_summary(logger: Any, values: dict[str, Any]) -> None:
+    """Put values in a W&B run's summary (no-op for other loggers)."""
+    run = _wandb_run(logger)
+    if run is not None:
+        run.summary.update(values)
+
+
+def _wandb_run(logger: Any) -> Any:
+    """The W&B run behind a logger (on the rank that logs; ``None`` elsewhere)."""
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers.logger import DummyExperiment
+
+    if isinstance(logger, WandbLogger):
+        run = logger.experiment
+        return None if isinstance(run, DummyExperiment) else run
+    return None
+
+
 def check_checkpoint_shapes(module: nn.Module, checkpoint: dict[str, Any]) -> None:
     """Compare a checkpoint's tensors with ``module``'s; a clear one-line error on a mismatch."""
     saved = checkpoint.get("state_dict", {})
@@ -95,8 +146,13 @@ def check_checkpoint_shapes(module: nn.Module, checkpoint: dict[str, Any]) -> No
 
 
 def _check_data(module: L.LightningModule, model: nn.Module, role: str) -> None:
-    """Compare a model's class count and input size with the data module's; clear errors."""
+    """Compare a model with the data module the trainer holds (see :func:`check_model_data`)."""
     dm = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
+    check_model_data(model, dm, role)
+
+
+def check_model_data(model: nn.Module, dm: Any, role: str) -> None:
+    """Compare a model's class count and input size with the data module's; clear errors."""
     if dm is None or not getattr(dm, "num_classes", 0):
         return
     classes = getattr(model, "num_classes", None)
@@ -162,17 +218,13 @@ class TeacherModule(L.LightningModule):
                 f"teacher export_path {path} already exists; delete it or choose another path "
                 "(the run stopped before training, nothing was overwritten)"
             )
-        self.logger_log_params()
+        self._fit_started = time.perf_counter()
+        log_run_config(self)
 
     def on_train_start(self) -> None:  # noqa: D102
         # Lightning keeps each module's mode: a net built or loaded in eval mode would train
         # without dropout and with frozen batch norm
         self.net.train()
-
-    def logger_log_params(self) -> None:
-        """Record the parameter count with the run's hyperparameters."""
-        if self.logger is not None:
-            self.logger.log_hyperparams({"teacher_params": count_parameters(self.net)})
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y, *_ = batch
@@ -201,20 +253,40 @@ class TeacherModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
         self._shared_step(batch, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
-        return self.net(batch[0]).argmax(-1)
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Class probabilities (``probs``) of a batch; ``tnkd predict`` writes them to a CSV."""
+        return {"probs": self.net(batch[0]).float().softmax(-1)}
+
+    def check_data(self, dm: Any) -> None:
+        """Check the network's class count and input size against the data module ``dm``."""
+        check_model_data(self.net, dm, "teacher")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         check_checkpoint_shapes(self, checkpoint)
 
     def on_fit_end(self) -> None:  # noqa: D102
+        self.fit_seconds = time.perf_counter() - getattr(self, "_fit_started", time.perf_counter())
+        set_summary(self.logger, {"fit_seconds": self.fit_seconds})
         path = self.hparams.export_path
         if path and self.trainer.is_global_zero:
-            save_teacher(
-                self.net,
-                path,
-                metrics={k: float(v) for k, v in self.trainer.callback_metrics.items()},
-            )
+            self._exported = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
+            save_teacher(self.net, path, metrics=self._exported)
+
+    def on_test_start(self) -> None:  # noqa: D102
+        if getattr(self, "_fit_started", None) is None:
+            log_run_config(self)
+
+    def on_test_end(self) -> None:
+        """Add the test metrics to the teacher file this module exported in the same run."""
+        path = self.hparams.export_path
+        exported = getattr(self, "_exported", None)
+        if path and exported is not None and self.trainer.is_global_zero:
+            tested = {
+                k: float(v)
+                for k, v in self.trainer.callback_metrics.items()
+                if k.startswith("test/")
+            }
+            save_teacher(self.net, path, metrics={**exported, **tested}, overwrite=True)
 
     def configure_optimizers(self) -> Any:  # noqa: D102
         return _configure(
@@ -241,6 +313,16 @@ class DistillationModule(L.LightningModule):
         teacher_cache: a folder for the teacher's logits on the training, validation and test
             sets: computed once, reused by every later run with the same teacher and data (see
             :mod:`tnkd.training.teacher_cache`). ``None`` runs the teacher on every batch.
+        trust_teacher_file: allow ``teacher_checkpoint`` to be a pickled module
+            (``torch.save(model)``), whose loading runs code from the file.
+        untrained_teacher: declare that a teacher given as an architecture without
+            ``teacher_checkpoint`` is meant to be used untrained; the ``tnkd`` command refuses
+            such a teacher otherwise (distilling from a random network is almost always a
+            forgotten teacher file).
+
+    Teachers: ``teacher_checkpoint`` may be a tnkd teacher file (architecture included), a
+    ``state_dict`` or a Lightning checkpoint (with ``teacher`` as the architecture), or a trusted
+    pickled module; see :func:`tnkd.teachers.load_teacher`.
 
     Example:
         >>> from tnkd.students import MPSClassifier
@@ -263,6 +345,8 @@ class DistillationModule(L.LightningModule):
         weight_decay: float = 0.0,
         scheduler: str = "cosine",
         teacher_cache: str | None = None,
+        trust_teacher_file: bool = False,
+        untrained_teacher: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student", "teacher", "divergence"])
@@ -282,7 +366,7 @@ class DistillationModule(L.LightningModule):
                 "`teacher_checkpoint` (a teacher file), or set beta: 0 to train on labels alone"
             )
         if teacher_checkpoint is not None:
-            teacher = load_teacher(teacher_checkpoint, teacher)
+            teacher = load_teacher(teacher_checkpoint, teacher, trust_file=trust_teacher_file)
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -323,21 +407,36 @@ class DistillationModule(L.LightningModule):
         return self.student(x)
 
     def setup(self, stage: str) -> None:  # noqa: D102
-        _check_data(self, self.student, "student")
-        if self.teacher is not None:
-            _check_data(self, self.teacher, "teacher")
-        cache = self.hparams.teacher_cache
         dm = self.trainer.datamodule if self._trainer is not None else None
-        if cache and self.teacher is not None and hasattr(dm, "attach_teacher_logits"):
-            from tnkd.training.teacher_cache import cached_teacher_logits
+        self.check_data(dm)
+        self.attach_cached_logits(dm, stage)
 
-            # validation too: the live CNN teacher over the validation set made a distilled
-            # Fashion-MNIST MPS epoch 17.1 s instead of 13.1 s (1 CPU thread)
-            for split in CACHED_SPLITS.get(stage, ()):
-                inputs = dm.dataset(split).tensors[0]
-                if len(inputs):
-                    logits = cached_teacher_logits(self.teacher, inputs, cache)
-                    dm.attach_teacher_logits(split, logits)
+    def check_data(self, dm: Any) -> None:
+        """Check the student's (and teacher's) class count and input size against ``dm``."""
+        check_model_data(self.student, dm, "student")
+        if self.teacher is not None:
+            check_model_data(self.teacher, dm, "teacher")
+
+    def attach_cached_logits(self, dm: Any, stage: str) -> None:
+        """With ``teacher_cache``: load (or compute once) the teacher's logits for the stage's splits.
+
+        Validation too: the live CNN teacher over the validation set made a distilled
+        Fashion-MNIST MPS epoch 17.1 s instead of 13.1 s (1 CPU thread). Splits that already
+        carry logits are left as they are.
+        """
+        cache = self.hparams.teacher_cache
+        if not cache or self.teacher is None or not hasattr(dm, "attach_teacher_logits"):
+            return
+        from tnkd.training.teacher_cache import cached_teacher_logits
+
+        for split in CACHED_SPLITS.get(stage, ()):
+            if split == "train" and self.beta == 0:
+                continue  # a labels-only run uses its teacher for metrics only
+            tensors = dm.dataset(split).tensors
+            if len(tensors[0]) and len(tensors) < 3:
+                dm.attach_teacher_logits(
+                    split, cached_teacher_logits(self.teacher, tensors[0], cache)
+                )
 
     def on_train_start(self) -> None:  # noqa: D102
         # Lightning keeps each module's mode: a student copied from an eval-mode teacher (TT-SVD
@@ -345,12 +444,24 @@ class DistillationModule(L.LightningModule):
         self.train()
 
     def on_fit_start(self) -> None:  # noqa: D102
-        if self.logger is not None:
-            self.logger.log_hyperparams(self.size_summary())
-            if hasattr(self.logger, "log_image") and self.trainer.is_global_zero:
-                figure = diagram_figure(self.student)
-                if figure is not None:
-                    log_figure(self.logger, "student/diagram", figure)
+        self._fit_started = time.perf_counter()
+        log_run_config(self)
+        if (
+            self.logger is not None
+            and hasattr(self.logger, "log_image")
+            and self.trainer.is_global_zero
+        ):
+            figure = diagram_figure(self.student)
+            if figure is not None:
+                log_figure(self.logger, "student/diagram", figure)
+
+    def on_fit_end(self) -> None:  # noqa: D102
+        self.fit_seconds = time.perf_counter() - getattr(self, "_fit_started", time.perf_counter())
+        set_summary(self.logger, {"fit_seconds": self.fit_seconds})
+
+    def on_test_start(self) -> None:  # noqa: D102
+        if getattr(self, "_fit_started", None) is None:
+            log_run_config(self)
 
     def size_summary(self) -> dict[str, float]:
         """Parameter counts and compression ratio (teacher / student parameters)."""
@@ -384,8 +495,15 @@ class DistillationModule(L.LightningModule):
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y, *cached = batch
         student_logits = self.student(x)
-        teacher_logits = cached[0].float() if cached and self.teacher is not None else None
-        if self.teacher is not None and teacher_logits is None:
+        teacher_logits = (
+            cached[0].float()
+            if cached and self.teacher is not None and (self.beta > 0 or stage != "train")
+            else None
+        )
+        # a labels-only run (beta = 0) keeps its teacher for the validation and test metrics
+        # (agreement, the teacher's accuracy) but never runs it on training batches
+        wanted = self.teacher is not None and (self.beta > 0 or stage != "train")
+        if wanted and teacher_logits is None:
             with torch.no_grad():
                 teacher_logits = self.teacher(x).float()
         terms = self.loss_terms(student_logits, teacher_logits, y)
@@ -416,7 +534,16 @@ class DistillationModule(L.LightningModule):
                 on_epoch=True,
                 on_step=False,
             )
-        self.log_dict(metrics, on_epoch=True, on_step=False, prog_bar=stage == "val")
+        names = ("student", "teacher") if teacher_logits is not None else ("student",)
+        for name in names:
+            for kind in ("acc", "ece"):
+                self.log(
+                    f"{stage}/{name}_{kind}",
+                    metrics[f"{name}_{kind}"],
+                    on_epoch=True,
+                    on_step=False,
+                    prog_bar=stage == "val" and kind == "acc",
+                )
         return terms["loss"]
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
@@ -438,8 +565,12 @@ class DistillationModule(L.LightningModule):
                 self.logger, "test/confusion_matrix", confusion_figure(self.test_confusion, names)
             )
 
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
-        return self.student(batch[0]).argmax(-1)
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Student probabilities (``probs``) and, with a teacher, the teacher's (``teacher_probs``)."""
+        out = {"probs": self.student(batch[0]).float().softmax(-1)}
+        if self.teacher is not None:
+            out["teacher_probs"] = self.teacher(batch[0]).float().softmax(-1)
+        return out
 
     def configure_optimizers(self) -> Any:  # noqa: D102
         return _configure(
