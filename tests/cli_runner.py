@@ -120,3 +120,36 @@ class TnkdRunner:
         if self.process.stdin is not None:
             self.process.stdin.close()
         self.process.wait(timeout=30)
+
+
+DIGITS_MPS = str(Path(__file__).resolve().parents[1] / "configs" / "digits" / "mps_from_cnn.yaml")
+
+
+def digits_run(
+    subcommand: str, name: str, *extra: str, labels_only: bool = True, epochs: int = 1
+) -> list[str]:
+    """``tnkd`` arguments of a small named digits MPS run (bond dimension 4, CSV logger)."""
+    args = [
+        subcommand,
+        "--config",
+        DIGITS_MPS,
+        "--bond_dim",
+        "4",
+        "--epochs",
+        str(epochs),
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.init_args.save_dir",
+        "runs",
+        "--trainer.logger.init_args.name",
+        name,
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+    ]
+    if labels_only:
+        args += ["--beta", "0", "--model.init_args.teacher_checkpoint", "null"]
+    return [*args, *extra]

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runner import digits_run
 
 from tnkd.data.idx import write_idx
 from tnkd.teachers import CNN, save_teacher
@@ -78,34 +79,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(workdir, tnkd_cli):
     """A short labels-only run named `done` (its checkpoints), bond dimension 4."""
-    result = tnkd_cli(
-        [
-            "fit",
-            "--config",
-            MPS,
-            "--model.init_args.beta",
-            "0",
-            "--model.init_args.teacher_checkpoint",
-            "null",
-            "--model.init_args.student.init_args.bond_dim",
-            "4",
-            "--trainer.max_epochs",
-            "1",
-            "--trainer.limit_train_batches",
-            "2",
-            "--trainer.limit_val_batches",
-            "1",
-            "--trainer.logger",
-            "lightning.pytorch.loggers.CSVLogger",
-            "--trainer.logger.init_args.save_dir",
-            "runs",
-            "--trainer.logger.init_args.name",
-            "done",
-            "--trainer.enable_progress_bar",
-            "false",
-        ],
-        cwd=workdir,
-    )
+    result = tnkd_cli(digits_run("fit", "done", "--trainer.limit_train_batches", "2"), cwd=workdir)
     assert result.rc == 0, result.stderr
     return workdir / "runs" / "checkpoints" / "done" / "last.ckpt"
 

@@ -8,36 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import digits_run
 
 from tnkd.teachers import CNN, save_teacher
 
-REPO = Path(__file__).resolve().parents[1]
-MPS = str(REPO / "configs" / "digits" / "mps_from_cnn.yaml")
-
 
 def _args(sub: str, *extra: str) -> list[str]:
-    return [
-        sub,
-        "--config",
-        MPS,
-        "--model.init_args.student.init_args.bond_dim",
-        "4",
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_train_batches",
-        "3",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.logger",
-        "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.init_args.save_dir",
-        "runs",
-        "--trainer.logger.init_args.name",
-        "kd",
-        "--trainer.enable_progress_bar",
-        "false",
-        *extra,
-    ]
+    return digits_run(sub, "kd", "--trainer.limit_train_batches", "3", *extra, labels_only=False)
 
 
 @pytest.fixture(scope="module")

@@ -12,41 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import digits_run
 
-REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-MPS = str(REPO / "configs" / "digits" / "mps_from_cnn.yaml")
 
 
 def _args(name: str, *extra: str, sub: str = "fit") -> list[str]:
-    return [
-        sub,
-        "--config",
-        MPS,
-        "--model.init_args.beta",
-        "0",
-        "--model.init_args.teacher_checkpoint",
-        "null",
-        "--model.init_args.student.init_args.bond_dim",
-        "4",
-        "--trainer.max_epochs",
-        "3",
-        "--data.init_args.batch_size",
-        "256",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.logger",
-        "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.init_args.save_dir",
-        "runs",
-        "--trainer.logger.init_args.name",
-        name,
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        *extra,
-    ]
+    return digits_run(sub, name, "--data.init_args.batch_size", "256", *extra, epochs=3)
 
 
 def _stop_at(step: int, signal_name: str = "SIGTERM") -> list[str]:

@@ -170,7 +170,43 @@ def check_model_data(model: nn.Module, dm: Any, role: str) -> None:
         )
 
 
-class TeacherModule(L.LightningModule):
+class _RunModule(L.LightningModule):
+    """What both LightningModules share: the step methods, the run's config and its fit time.
+
+    Subclasses implement ``_shared_step(batch, stage)``. At the start of fitting (or of testing
+    a module that was not fitted in this process) the run's structured config is logged
+    (:func:`log_run_config`); at the end of fitting ``fit_seconds`` is kept and put in the
+    run's summary.
+    """
+
+    fit_seconds: float | None = None
+
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def on_fit_start(self) -> None:
+        self._fit_started = time.perf_counter()
+        log_run_config(self)
+
+    def on_fit_end(self) -> None:
+        self.fit_seconds = time.perf_counter() - getattr(self, "_fit_started", time.perf_counter())
+        set_summary(self.logger, {"fit_seconds": self.fit_seconds})
+
+    def on_test_start(self) -> None:
+        if getattr(self, "_fit_started", None) is None:
+            log_run_config(self)
+
+
+class TeacherModule(_RunModule):
     """Train a teacher network on labels with cross-entropy.
 
     Args:
@@ -218,8 +254,7 @@ class TeacherModule(L.LightningModule):
                 f"teacher export_path {path} already exists; delete it or choose another path "
                 "(the run stopped before training, nothing was overwritten)"
             )
-        self._fit_started = time.perf_counter()
-        log_run_config(self)
+        super().on_fit_start()
 
     def on_train_start(self) -> None:  # noqa: D102
         # Lightning keeps each module's mode: a net built or loaded in eval mode would train
@@ -244,15 +279,6 @@ class TeacherModule(L.LightningModule):
         )
         return loss
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
-        self._shared_step(batch, "test")
-
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         """Class probabilities (``probs``) of a batch; ``tnkd predict`` writes them to a CSV."""
         return {"probs": self.net(batch[0]).float().softmax(-1)}
@@ -265,16 +291,11 @@ class TeacherModule(L.LightningModule):
         check_checkpoint_shapes(self, checkpoint)
 
     def on_fit_end(self) -> None:  # noqa: D102
-        self.fit_seconds = time.perf_counter() - getattr(self, "_fit_started", time.perf_counter())
-        set_summary(self.logger, {"fit_seconds": self.fit_seconds})
+        super().on_fit_end()
         path = self.hparams.export_path
         if path and self.trainer.is_global_zero:
             self._exported = {k: float(v) for k, v in self.trainer.callback_metrics.items()}
             save_teacher(self.net, path, metrics=self._exported)
-
-    def on_test_start(self) -> None:  # noqa: D102
-        if getattr(self, "_fit_started", None) is None:
-            log_run_config(self)
 
     def on_test_end(self) -> None:
         """Add the test metrics to the teacher file this module exported in the same run."""
@@ -294,7 +315,7 @@ class TeacherModule(L.LightningModule):
         )
 
 
-class DistillationModule(L.LightningModule):
+class DistillationModule(_RunModule):
     """Distil a frozen teacher into a student.
 
     Args:
@@ -444,8 +465,7 @@ class DistillationModule(L.LightningModule):
         self.train()
 
     def on_fit_start(self) -> None:  # noqa: D102
-        self._fit_started = time.perf_counter()
-        log_run_config(self)
+        super().on_fit_start()
         if (
             self.logger is not None
             and hasattr(self.logger, "log_image")
@@ -454,14 +474,6 @@ class DistillationModule(L.LightningModule):
             figure = diagram_figure(self.student)
             if figure is not None:
                 log_figure(self.logger, "student/diagram", figure)
-
-    def on_fit_end(self) -> None:  # noqa: D102
-        self.fit_seconds = time.perf_counter() - getattr(self, "_fit_started", time.perf_counter())
-        set_summary(self.logger, {"fit_seconds": self.fit_seconds})
-
-    def on_test_start(self) -> None:  # noqa: D102
-        if getattr(self, "_fit_started", None) is None:
-            log_run_config(self)
 
     def size_summary(self) -> dict[str, float]:
         """Parameter counts and compression ratio (teacher / student parameters)."""
@@ -545,15 +557,6 @@ class DistillationModule(L.LightningModule):
                     prog_bar=stage == "val" and kind == "acc",
                 )
         return terms["loss"]
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
-        self._shared_step(batch, "test")
 
     def on_test_epoch_end(self) -> None:
         """Keep the test confusion matrix (``test_confusion``) and log it as an image."""
