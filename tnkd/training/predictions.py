@@ -33,6 +33,11 @@ class PredictionWriter(Callback):
         self._batches: list[dict[str, torch.Tensor]] = []
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        if trainer.world_size > 1:
+            raise ValueError(
+                "tnkd predict writes its file from one process: run it on one device "
+                "(--trainer.devices 1, no ddp strategy)"
+            )
         if self.path.exists():
             raise FileExistsError(
                 f"predictions file {self.path} already exists; choose another --predictions "
