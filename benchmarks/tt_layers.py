@@ -65,7 +65,7 @@ class EinsumTT(nn.Module):
         terms = [ranks[k] + ins[k] + outs[k] + ranks[k + 1] for k in range(d)]
         self.equation = f"z{''.join(ins)},{','.join(terms)}->z{''.join(outs)}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.einsum(self.equation, x.reshape(-1, *self.in_factors), *self.cores)
         return y.reshape(x.shape[0], -1) + self.bias
 

@@ -44,21 +44,13 @@ from dataclasses import dataclass
 
 import torch
 
-CHUNK_FLOATS = 1 << 19
+CHUNK_FLOATS = 1 << 20
 """Bound on the numbers in one chunk's largest intermediate state on CPU (2 MiB in float32).
 
 Measured on 2 CPU cores for 4096 -> 4096 at batch 256 (``benchmarks/tt_layers.py``): chunks of
 2^18 to 2^20 numbers train within a few percent of each other; the whole batch at once (2^23 at
 rank 8) trains 1.5-2x slower.
 """
-
-ADDBMM_MIN_COLS = 32
-"""A ``bmm`` step's matrix gradient is one ``addbmm`` over the batch from this many columns on.
-
-Below it the P products are too thin and moving the columns next to the batch for one ``mm`` is
-faster (measured on 2 CPU cores: 1.2-1.4x faster addbmm at 64 columns, 1.5-2x slower at 8-16).
-"""
-
 
 @dataclass(frozen=True)
 class TTStep:
@@ -218,7 +210,9 @@ def build_plan(
     largest = max((s.out_size for s in steps[:-1]), default=0)
     chunk = max(batch, 1)
     if chunk_floats is not None and largest > 0:
-        chunk = max(1, min(chunk, chunk_floats // largest))
+        # as few chunks as the bound allows, of equal size (no small last chunk)
+        chunks = -(-chunk * largest // max(chunk_floats, largest))
+        chunk = -(-chunk // chunks)
     return TTPlan(groups, bool(reverse), steps, cost, chunk)
 
 
@@ -354,10 +348,12 @@ def _backward_step(
     st = state.view(-1, step.inner, step.cols)
     p, n = g3.shape[0], g3.shape[0] * step.cols
     if grad_mat is not None:
-        # sum_p g_p st_p^T: P accumulated products (addbmm) while they are not too thin, else
-        # one product after moving cols next to P in both operands (P·cols·(out + inner) copied)
-        if step.cols >= ADDBMM_MIN_COLS:
-            grad_mat.addbmm_(g3, st.transpose(1, 2))
+        # sum_p g_p st_p^T: P products then their sum (P·out·inner numbers written), or one
+        # product after moving cols next to P in both operands (P·cols·(out + inner) copied),
+        # whichever moves less memory; two or three kernels either way (an addbmm would be P)
+        if step.out * step.inner <= step.cols * (step.out + step.inner):
+            prods = scratch[: p * step.out * step.inner].view(p, step.out, step.inner)
+            grad_mat.add_(torch.bmm(g3, st.transpose(1, 2), out=prods).sum(0))
         else:
             gt = scratch[: step.out * n].view(step.out, p, step.cols)
             sc = scratch[step.out * n : (step.out + step.inner) * n].view(step.inner, p, step.cols)
@@ -370,9 +366,9 @@ def _backward_step(
 
 def _scratch_size(step: TTStep) -> int:
     """Numbers per sample that :func:`_backward_step` needs for this step's matrix gradient."""
-    if step.cols == 1 or step.cols >= ADDBMM_MIN_COLS:
+    if step.cols == 1:
         return 0
-    return step.rows * step.cols * (step.out + step.inner)
+    return step.rows * min(step.out * step.inner, step.cols * (step.out + step.inner))
 
 
 def _sweep(
@@ -408,6 +404,7 @@ class _TTLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
         plan: TTPlan = ctx.plan
         steps = plan.steps
