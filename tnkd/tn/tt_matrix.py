@@ -52,6 +52,7 @@ Measured on 2 CPU cores for 4096 -> 4096 at batch 256 (``benchmarks/tt_layers.py
 rank 8) trains 1.5-2x slower.
 """
 
+
 @dataclass(frozen=True)
 class TTStep:
     """One step of a sweep: a state viewed as (B·rows, inner, cols) times an (out, inner) matrix.
