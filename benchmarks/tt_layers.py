@@ -21,9 +21,12 @@ Models, on identical cores:
 A training step is forward + MSE against a fixed random target + backward + Adam step; inference
 is a forward pass under ``torch.inference_mode``. In every round each of the six (model, mode)
 pairs is timed once, in turn, so that load from other processes falls on all of them alike;
-figures are medians over the rounds after warm-up, and ratios are taken between medians of the
-same run (``x`` faster = the other model's time / ``TTLinear``'s). Figures move from run to run
-on a shared machine; the ratios move less.
+figures are medians over the rounds after warm-up (``--stat min``: minima, steadier when other
+jobs share the cores), and ratios are taken between figures of the same run (``x`` faster = the
+other model's time / ``TTLinear``'s). Figures move from run to run on a shared machine; the ratios
+move less. On a busy 2-core machine every multi-threaded kernel may wait a scheduler slice for
+its second thread, which costs most to the model with the most kernels (here ``TTLinear``, then
+the einsum); ``--threads 1`` measures the arithmetic without that wait.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tnkd.students import TTLinear
+from tnkd.tn import tt_matrix
 
 BATCH = 256
 LAYERS = [
@@ -92,10 +96,8 @@ def inference_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return step
 
 
-def interleaved_medians(
-    fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 2
-) -> dict[str, float]:
-    """Median seconds per call, timing every function once per round, in turn."""
+def interleaved_times(fns: dict, rounds: int, stat: str = "median", warmup: int = 2) -> dict:
+    """Seconds per call (median or minimum over rounds), timing every function once per round."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -105,11 +107,12 @@ def interleaved_medians(
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    reduce = statistics.median if stat == "median" else min
+    return {name: reduce(t) for name, t in times.items()}
 
 
-def measure(name: str, m, n, rank: int, rounds: int) -> dict:
-    """Train and inference medians of the three models for one layer."""
+def measure(name: str, m, n, rank: int, rounds: int, stat: str) -> dict:
+    """Train and inference times of the three models for one layer."""
     torch.manual_seed(0)
     in_features, out_features = int(torch.tensor(m).prod()), int(torch.tensor(n).prod())
     tt = TTLinear(in_features, out_features, m, n, ranks=rank)
@@ -126,12 +129,12 @@ def measure(name: str, m, n, rank: int, rounds: int) -> dict:
     for label, model in models.items():
         fns[("train", label)] = train_step(model, x, target)
         fns[("inference", label)] = inference_step(model, x)
-    medians = interleaved_medians(fns, rounds)
+    times = interleaved_times(fns, rounds, stat)
     plan = tt.plan(x) if hasattr(tt, "plan") else None  # the training plan (cached)
     return {
         "layer": f"{name}, rank {rank}",
         "weights": (tt.weight_parameter_count(), in_features * out_features),
-        "times": medians,
+        "times": times,
         "plan": plan,
     }
 
@@ -144,7 +147,7 @@ def _plan_text(plan) -> str:
     return f"cores {groups}, from the {side} group, chunks of {plan.chunk}"
 
 
-def report(rows: list[dict], markdown: bool, rounds: int) -> None:
+def report(rows: list[dict], markdown: bool, rounds: int, stat: str) -> None:
     """Print the table: times in ms and TTLinear's speed-ups (other / TTLinear)."""
     header = [
         "layer",
@@ -185,7 +188,7 @@ def report(rows: list[dict], markdown: bool, rounds: int) -> None:
     cpu = _cpu_name()
     print(
         f"\nbatch {BATCH}, float32; torch {torch.__version__}, {torch.get_num_threads()} threads "
-        f"on {cpu}; medians of {rounds} interleaved rounds"
+        f"on {cpu}; {'medians' if stat == 'median' else 'minima'} of {rounds} interleaved rounds"
     )
 
 
@@ -207,10 +210,32 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 rounds instead of 7")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument(
+        "--stat",
+        choices=["median", "min"],
+        default="median",
+        help="per-round times reduced by median (default) or minimum (steadier on a busy machine)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="row numbers (0-3) to run; default all"
+    )
+    parser.add_argument(
+        "--chunk-floats",
+        default=None,
+        help="override tnkd.tn.tt_matrix.CHUNK_FLOATS (an integer, or 'none': the whole batch)",
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.chunk_floats is not None:
+        tt_matrix.CHUNK_FLOATS = None if args.chunk_floats == "none" else int(args.chunk_floats)
     rounds = 3 if args.quick else args.rounds
-    rows = [measure(name, m, n, rank, rounds) for name, m, n, rank in LAYERS]
-    report(rows, args.markdown, rounds)
+    layers = [LAYERS[k] for k in args.layers] if args.layers else LAYERS
+    rows = [measure(name, m, n, rank, rounds, args.stat) for name, m, n, rank in layers]
+    report(rows, args.markdown, rounds, args.stat)
 
 
 if __name__ == "__main__":

@@ -128,7 +128,11 @@ def test_inference_and_empty_batch():
     with torch.inference_mode():
         y = tt_linear(x, cores)
     assert torch.allclose(y, x @ dense_reference(cores).T, atol=1e-5)
-    assert tt_linear(torch.randn(0, 16), cores).shape == (0, 6)
+    empty = torch.randn(0, 16, requires_grad=True)
+    y = tt_linear(empty, cores)
+    assert y.shape == (0, 6)
+    y.sum().backward()
+    assert all(torch.equal(c.grad, torch.zeros_like(c)) for c in cores)
 
 
 def test_bf16_autocast_runs_the_products_in_bf16():

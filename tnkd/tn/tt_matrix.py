@@ -45,11 +45,14 @@ from dataclasses import dataclass
 import torch
 
 CHUNK_FLOATS = 1 << 20
-"""Bound on the numbers in one chunk's largest intermediate state on CPU (2 MiB in float32).
+"""Bound on the numbers in one chunk's largest intermediate state on CPU (4 MiB in float32).
 
-Measured on 2 CPU cores for 4096 -> 4096 at batch 256 (``benchmarks/tt_layers.py``): chunks of
-2^18 to 2^20 numbers train within a few percent of each other; the whole batch at once (2^23 at
-rank 8) trains 1.5-2x slower.
+Measured on the shared 2-core CPU with ``python benchmarks/tt_layers.py --threads 1 --layers 1 2
+--chunk-floats none`` against the default (two runs each): without chunks, 4096 -> 4096 trained
+1.5-1.9x slower at rank 8 and 1.7x slower at rank 16. With ``--layers 1 2 3``, a bound of 2^19
+trained as fast as 2^20 (4.3x and 4.5x faster than ``nn.Linear`` at rank 8, 2.3x at rank 16) and
+2^21 a little slower (3.5x at rank 8); 2^20 makes half the kernels of 2^19, which counts on a
+busy machine.
 """
 
 
@@ -336,12 +339,16 @@ def _backward_step(
     grad_mat: torch.Tensor | None,
     grad_state: torch.Tensor | None,
     scratch: torch.Tensor,
+    first: bool,
 ) -> None:
-    """Add one step's matrix gradient to ``grad_mat`` and write its state gradient (if asked)."""
+    """Write (first chunk) or add one step's matrix gradient; write its state gradient if asked."""
     if step.cols == 1:
         g2 = g.view(-1, step.out)
         if grad_mat is not None:
-            grad_mat.addmm_(g2.t(), state.view(-1, step.inner))
+            if first:
+                torch.mm(g2.t(), state.view(-1, step.inner), out=grad_mat)
+            else:
+                grad_mat.addmm_(g2.t(), state.view(-1, step.inner))
         if grad_state is not None:
             torch.mm(g2, mat, out=grad_state.view(-1, step.inner))
         return
@@ -354,13 +361,20 @@ def _backward_step(
         # whichever moves less memory; two or three kernels either way (an addbmm would be P)
         if step.out * step.inner <= step.cols * (step.out + step.inner):
             prods = scratch[: p * step.out * step.inner].view(p, step.out, step.inner)
-            grad_mat.add_(torch.bmm(g3, st.transpose(1, 2), out=prods).sum(0))
+            torch.bmm(g3, st.transpose(1, 2), out=prods)
+            if first:
+                torch.sum(prods, 0, out=grad_mat)
+            else:
+                grad_mat.add_(prods.sum(0))
         else:
             gt = scratch[: step.out * n].view(step.out, p, step.cols)
             sc = scratch[step.out * n : (step.out + step.inner) * n].view(step.inner, p, step.cols)
             gt.copy_(g3.transpose(0, 1))
             sc.copy_(st.transpose(0, 1))
-            grad_mat.addmm_(gt.view(step.out, n), sc.view(step.inner, n).t())
+            if first:
+                torch.mm(gt.view(step.out, n), sc.view(step.inner, n).t(), out=grad_mat)
+            else:
+                grad_mat.addmm_(gt.view(step.out, n), sc.view(step.inner, n).t())
     if grad_state is not None:
         torch.bmm(mat.t().expand(p, -1, -1), g3, out=grad_state.view(p, step.inner, step.cols))
 
@@ -412,8 +426,10 @@ class _TTLinearFunction(torch.autograd.Function):
         x, *rest = ctx.saved_tensors
         mats, kept = rest[: len(steps)], rest[len(steps) :]
         need_x, need_bias = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        # written by the first chunk, added to by the others (an empty batch: zero)
+        new = torch.zeros if x.shape[0] == 0 else torch.empty
         grads = [
-            torch.zeros(m.shape, dtype=m.dtype, device=m.device) if need else None
+            new(m.shape, dtype=m.dtype, device=m.device) if need else None
             for m, need in zip(mats, ctx.needs_input_grad[3:], strict=True)
         ]
         dx = torch.empty_like(x) if need_x else None
@@ -438,7 +454,9 @@ class _TTLinearFunction(torch.autograd.Function):
                     grad_state = grad_bufs[i % 2][: (c1 - c0) * steps[i - 1].out_size]
                 else:
                     grad_state = dx[c0:c1] if need_x else None
-                _backward_step(g, inputs[i], mats[i], steps[i], grads[i], grad_state, scratch)
+                _backward_step(
+                    g, inputs[i], mats[i], steps[i], grads[i], grad_state, scratch, c0 == 0
+                )
                 g = grad_state
         dbias = dy.sum(0) if ctx.has_bias and need_bias else None
         return (None, dx, dbias, *grads)
