@@ -11,24 +11,24 @@ over the batch. :func:`tt_linear` does that with two refinements, chosen per sha
   and (3, 4) leaves two steps of 64·64·64·r multiply-adds per sample (rank 16: 8.4 M, half of
   the dense layer's 16.8 M; one core per step: 17.8 M). For 4096 -> 16 = 2·2·2·2 at rank 8,
   merging all four cores into the dense 16 x 4096 matrix is cheapest (65,536 per sample against
-  about 300,000 core by core).
+  230,400 core by core); for a single sample it is not (the merge alone costs more).
 * **Direction.** The sweep starts from the first core or from the last.
 
 :func:`plan_tt_matvec` counts the multiply-adds of every grouping (2^(d-1) of them) in both
 directions, merges included, for the actual batch size (training: forward, recomputation and
 both gradients) and keeps the cheapest; plans are cached per (factors, ranks, batch, training).
 
-Each step is one ``mm`` (when no input factor is left after it, or before it from the other
-side) or one ``bmm`` with the step matrix shared over the leading index, on layouts chosen so
-that a step's output is the next step's input as a view: a state (B·rows, inner, cols) times a
-matrix (out, inner) gives (B·rows, out, cols). No transposed copy of a state is made in the
-forward pass.
+Each step is one ``mm`` (when no input factors are left behind it) or one ``bmm`` with the step
+matrix shared over the leading index, on layouts chosen so that a step's output is the next
+step's input as a view: a state (B·rows, inner, cols) times a matrix (out, inner) gives (B·rows,
+out, cols). No transposed copy of a state is made in the forward pass, and the backward pass of
+a step is two or three kernels (its matrix gradient summed over the batch in one product).
 
 Memory. The intermediate states are r times larger than the input (B·4096·r numbers for
-4096 -> 4096), and on CPU a fresh tensor of tens of megabytes costs as much in page faults as
-a matrix product. So on CPU the batch is cut into chunks whose largest state holds at most
-``CHUNK_FLOATS`` numbers (a few megabytes, staying in cache), in buffers allocated once per call
-and reused by every chunk. Training runs through a :class:`torch.autograd.Function` that keeps
+4096 -> 4096), and on CPU a fresh tensor of tens of megabytes is paged in anew on every call (the
+allocator returns large blocks to the system) and falls out of cache between steps. So on CPU
+the batch is cut into equal chunks whose largest state holds at most about ``CHUNK_FLOATS``
+numbers (a few megabytes), in buffers allocated once per call and reused by every chunk. Training runs through a :class:`torch.autograd.Function` that keeps
 only the input and the step matrices (and, when the batch is one chunk, that chunk's states) and
 recomputes a chunk's states in the backward pass: one extra product per step but the last, and
 never the B·4096·r intermediate at once.
@@ -530,6 +530,10 @@ def plan_for(
 def _run(
     x: torch.Tensor, mats: list[torch.Tensor], bias: torch.Tensor | None, plan: TTPlan
 ) -> torch.Tensor:
+    if len(plan.steps) == 1:
+        # all cores merged into W: one product with no intermediate, autograd's own backward
+        w_t = mats[0].t()
+        return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
     tensors = [x, *mats] + ([bias] if bias is not None else [])
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _TTLinearFunction.apply(plan, x, bias, *mats)
