@@ -28,10 +28,11 @@ Memory. The intermediate states are r times larger than the input (B·4096·r nu
 4096 -> 4096), and on CPU a fresh tensor of tens of megabytes is paged in anew on every call (the
 allocator returns large blocks to the system) and falls out of cache between steps. So on CPU
 the batch is cut into equal chunks whose largest state holds at most about ``CHUNK_FLOATS``
-numbers (a few megabytes), in buffers allocated once per call and reused by every chunk. Training runs through a :class:`torch.autograd.Function` that keeps
-only the input and the step matrices (and, when the batch is one chunk, that chunk's states) and
-recomputes a chunk's states in the backward pass: one extra product per step but the last, and
-never the B·4096·r intermediate at once.
+numbers (a few megabytes), in buffers allocated once per call and reused by every chunk.
+Training runs through a :class:`torch.autograd.Function` that keeps only the input and the step
+matrices (and, when the batch is one chunk, that chunk's states) and recomputes a chunk's states
+in the backward pass: one extra product per step but the last, and never the B·4096·r
+intermediate at once. A plan of one group (all cores merged) is a plain ``addmm``.
 """
 
 from __future__ import annotations
