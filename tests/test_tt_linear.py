@@ -1,9 +1,13 @@
+import math
+
 import pytest
 import torch
 from torch import nn
 
+import tnkd.students.tt_linear as tt_linear_module
 from tnkd.students import TTMLP, TTLinear, TTMLPFromTeacher
 from tnkd.teachers import CNN, MLP, save_teacher
+from tnkd.tn.contraction import CompiledNetwork
 
 
 def test_matches_the_dense_product_of_its_weight():
@@ -13,6 +17,45 @@ def test_matches_the_dense_product_of_its_weight():
         layer.bias.normal_()
     x = torch.randn(7, 60, dtype=torch.float64)
     assert torch.allclose(layer(x), x @ layer.dense_weight().T + layer.bias, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("in_factors", "out_factors", "ranks", "lead"),
+    [
+        ((3, 4, 5), (2, 3, 4), [3, 5], (7,)),
+        ((8, 8, 8, 8), (2, 2, 2, 2), 8, (2, 3)),
+        ((8, 8, 8, 8), (8, 8, 8, 8), 4, (33,)),
+        ((7, 7, 4, 4), (5, 5, 6, 8), [4, 2, 3], (1,)),
+        ((5, 6), (7, 2), 3, (2, 1, 4)),
+        ((16,), (9,), [], ()),
+    ],
+)
+def test_equals_dense_product_for_shapes_ranks_and_leading_dims(
+    in_factors, out_factors, ranks, lead
+):
+    torch.manual_seed(7)
+    in_features, out_features = math.prod(in_factors), math.prod(out_factors)
+    layer = TTLinear(in_features, out_features, in_factors, out_factors, ranks=ranks).double()
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(*lead, in_features, dtype=torch.float64)
+    expected = x @ layer.dense_weight().T + layer.bias
+    assert layer(x).shape == (*lead, out_features)
+    assert torch.allclose(layer(x), expected, atol=1e-10)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), expected, atol=1e-10)
+
+
+def test_graph_compiled_generically_equals_the_layer():
+    torch.manual_seed(8)
+    layer = TTLinear(60, 24, (3, 4, 5), (2, 3, 4), ranks=[3, 5], bias=False).double()
+    net = CompiledNetwork(layer.to_graph())
+    for batch in (3, 9, 3):
+        x = torch.randn(batch, 60, dtype=torch.float64)
+        out = net([*layer._operands(), x.reshape(batch, 3, 4, 5)]).reshape(batch, 24)
+        assert torch.allclose(out, layer(x), atol=1e-12)
+    # one input node: the generic path is planned on the batched shapes, once per batch size
+    assert net.plan_per_shape and net.plans == 2
 
 
 def test_published_example_einsum_and_parameter_share():
@@ -57,10 +100,18 @@ def test_forward_does_not_rebuild_the_weight_and_plans_once(monkeypatch):
         raise AssertionError("forward must not build the dense weight")
 
     monkeypatch.setattr(layer, "dense_weight", forbidden)
+    calls = []
+    planner = tt_linear_module.plan_for
+    monkeypatch.setattr(
+        tt_linear_module, "plan_for", lambda *a: calls.append(a[0].shape) or planner(*a)
+    )
     layer(torch.randn(3, 64))
     layer(torch.randn(5, 64))
     layer(torch.randn(5, 64))
-    assert layer._compiled.plans == 1
+    layer(torch.randn(5, 1, 64))
+    assert layer.plans == 2 and calls == [(3, 64), (5, 64)]  # once per batch size
+    x = torch.randn(5, 64)
+    assert layer.plan(x) is layer.plan(x)
 
 
 def test_gradcheck():
@@ -68,6 +119,21 @@ def test_gradcheck():
     layer = TTLinear(12, 6, (3, 4), (2, 3), ranks=2).double()
     x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(layer, (x,))
+
+
+def test_gradcheck_in_the_cores_and_bias():
+    torch.manual_seed(9)
+    layer = TTLinear(24, 12, (2, 3, 4), (3, 2, 2), ranks=[2, 3]).double()
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(2, 3, 24, dtype=torch.float64, requires_grad=True)
+    names = [name for name, _ in layer.named_parameters()]
+
+    def f(x, *tensors):
+        return torch.func.functional_call(layer, dict(zip(names, tensors, strict=True)), (x,))
+
+    inputs = (x, *(p.detach().clone().requires_grad_() for p in layer.parameters()))
+    assert torch.autograd.gradcheck(f, inputs)
 
 
 def test_init_has_dense_like_output_scale():

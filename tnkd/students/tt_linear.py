@@ -5,9 +5,11 @@ G_k of shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1::
 
     W[(j_1..j_d), (i_1..i_d)] = G_1[:, i_1, j_1, :] G_2[:, i_2, j_2, :] ... G_d[:, i_d, j_d, :]
 
-The layer never builds W: the input, reshaped to (batch, m_1, ..., m_d), is contracted with the
-cores along a path planned once by ``opt_einsum`` (:class:`~tnkd.tn.contraction.CompiledNetwork`)
-and cached per input shape.
+The layer never builds W (unless that is the cheapest way, as for 4096 -> 16): the input,
+reshaped to (batch, m_1, ..., m_d), is contracted with the cores one group of neighbouring cores
+at a time, each step one matrix product over the batch (:func:`tnkd.tn.tt_matrix.tt_linear`, the
+sequential algorithm of Novikov et al. 2015 with merged neighbours). The grouping and direction
+are chosen per batch size by counting multiply-adds, and cached on the layer.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import torch
 from torch import nn
 
 from tnkd.students.base import Student, check_positive_int
-from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.decompositions import check_factors, factorize, tt_matrix_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
+from tnkd.tn.tt_matrix import TTPlan, plan_for, tt_linear
 
 
 def _factors(
@@ -54,6 +56,17 @@ class TTLinear(nn.Module):
         out_factors: (n_1, ..., n_d), same length; default: ``factorize(out_features, d)``.
         ranks: inner TT-ranks (r_1..r_{d-1}), or one int for all.
         bias: learn an additive bias.
+
+    The forward pass is :func:`tnkd.tn.tt_matrix.tt_linear`: neighbouring cores are merged into
+    groups and the reshaped input is swept through the groups, one ``mm``/``bmm`` over the batch
+    per group; the grouping (e.g. cores (1, 2) and (3, 4) for 4096 -> 4096, all four for
+    4096 -> 16) and direction are the cheapest by counted multiply-adds for the batch size, and
+    the plan is cached per batch size (``plans`` counts the plannings). On CPU the batch runs in
+    cache-sized chunks and the backward pass recomputes a chunk's states instead of storing the
+    r-times-larger intermediate. This is faster than one ``opt_einsum`` path planned on the
+    single-sample network and reused for the batch (the layer's earlier forward), or one
+    ``torch.einsum`` over all cores (``benchmarks/tt_layers.py``). :meth:`to_graph` is the same
+    network for the generic contraction engine (tested equal).
 
     Example:
         >>> layer = TTLinear(4096, 16, (8, 8, 8, 8), (2, 2, 2, 2), ranks=8, bias=False)
@@ -92,7 +105,8 @@ class TTLinear(nn.Module):
             nn.Parameter(torch.randn(full[k], m[k], n[k], full[k + 1]) * std) for k in range(d)
         )
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self._compiled: CompiledNetwork | None = None
+        self._plans: dict[tuple, TTPlan] = {}
+        self.plans = 0
 
     @classmethod
     def from_dense(
@@ -193,11 +207,22 @@ class TTLinear(nn.Module):
                 f"TTLinear expects {self.in_features} input features, but got {x.shape[-1]}"
             )
         lead = x.shape[:-1]
-        xs = x.reshape(-1, *self.in_factors)
-        if self._compiled is None:
-            self._compiled = CompiledNetwork(self.to_graph())
-        y = self._compiled([*self._operands(), xs]).reshape(*lead, self.out_features)
-        return y + self.bias if self.bias is not None else y
+        x2 = x.reshape(-1, self.in_features)
+        y = tt_linear(x2, list(self.cores), self.bias, self.plan(x2))
+        return y.reshape(*lead, self.out_features)
+
+    def plan(self, x: torch.Tensor) -> TTPlan:
+        """The contraction plan for a (batch, in_features) input, planned once per batch size."""
+        cores = list(self.cores)
+        training = torch.is_grad_enabled() and (
+            x.requires_grad or any(c.requires_grad for c in cores)
+        )
+        key = (x.shape[0], training, x.device.type)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = plan_for(x, cores, training)
+            self.plans += 1
+        return plan
 
     def extra_repr(self) -> str:  # noqa: D102
         return (
@@ -208,6 +233,11 @@ class TTLinear(nn.Module):
 
 class TTMLP(Student):
     """An MLP whose dense layers are TT-layers: a compressed student made from a trained MLP teacher.
+
+    Its TT-layers run :class:`TTLinear`'s planned contraction (for the MNIST student of
+    ``configs/mnist/ttmlp_from_mlp.yaml`` at batch 128: cores (1, 2) and (3, 4) merged, one
+    chunk for 784 -> 1200 and three for 1200 -> 1200); ``benchmarks/ttmlp_epoch.py`` times an
+    epoch.
 
     Args:
         layers: the network, an ``nn.Sequential`` of ``Flatten``, ``TTLinear``/``Linear``,

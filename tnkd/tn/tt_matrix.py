@@ -1,0 +1,541 @@
+"""TT-matrix times a batch of vectors: a sequential contraction planned per batch size.
+
+A TT-matrix ``W`` (out x in, ``in = m_1...m_d``, ``out = n_1...n_d``) is stored as cores G_k of
+shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1. The product ``y = x @ W.T + b`` for a batch of B
+rows never needs W: Novikov et al. (2015, "Tensorizing Neural Networks", Sec. 5) contract the
+input, reshaped to (B, m_1, ..., m_d), with one core at a time, each step one matrix product
+over the batch. :func:`tt_linear` does that with two refinements, chosen per shape:
+
+* **Groups.** Neighbouring cores may first be merged into one core (r_a, m_a...m_b, n_a...n_b,
+  r_b), a cost independent of the batch. For 8·8·8·8 -> 8·8·8·8 at rank r, merging cores (1, 2)
+  and (3, 4) leaves two steps of 64·64·64·r multiply-adds per sample (rank 16: 8.4 M, half of
+  the dense layer's 16.8 M; one core per step: 17.8 M). For 4096 -> 16 = 2·2·2·2 at rank 8,
+  merging all four cores into the dense 16 x 4096 matrix is cheapest (65,536 per sample against
+  230,400 core by core); for a single sample it is not (the merge alone costs more).
+* **Direction.** The sweep starts from the first core or from the last.
+
+:func:`plan_tt_matvec` counts the multiply-adds of every grouping (2^(d-1) of them) in both
+directions, merges included, for the actual batch size (training: forward, recomputation and
+both gradients) and keeps the cheapest; plans are cached per (factors, ranks, batch, training).
+
+Each step is one ``mm`` (when no input factors are left behind it) or one ``bmm`` with the step
+matrix shared over the leading index, on layouts chosen so that a step's output is the next
+step's input as a view: a state (B·rows, inner, cols) times a matrix (out, inner) gives (B·rows,
+out, cols). No transposed copy of a state is made in the forward pass, and the backward pass of
+a step is two or three kernels (its matrix gradient summed over the batch in one product).
+
+Memory. The intermediate states are r times larger than the input (B·4096·r numbers for
+4096 -> 4096), and on CPU a fresh tensor of tens of megabytes is paged in anew on every call (the
+allocator returns large blocks to the system) and falls out of cache between steps. So on CPU
+the batch is cut into equal chunks whose largest state holds at most about ``CHUNK_FLOATS``
+numbers (a few megabytes), in buffers allocated once per call and reused by every chunk.
+Training runs through a :class:`torch.autograd.Function` that keeps only the input and the step
+matrices (and, when the batch is one chunk, that chunk's states) and recomputes a chunk's states
+in the backward pass: one extra product per step but the last, and never the B·4096·r
+intermediate at once. A plan of one group (all cores merged) is a plain ``addmm``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+CHUNK_FLOATS = 1 << 20
+"""Bound on the numbers in one chunk's largest intermediate state on CPU (4 MiB in float32).
+
+Measured on the shared 2-core CPU with ``python benchmarks/tt_layers.py --threads 1 --layers 1 2
+--chunk-floats none`` against the default (two runs each): without chunks, 4096 -> 4096 trained
+1.5-1.9x slower at rank 8 and 1.7x slower at rank 16. With ``--layers 1 2 3``, a bound of 2^19
+trained as fast as 2^20 (4.3x and 4.5x faster than ``nn.Linear`` at rank 8, 2.3x at rank 16) and
+2^21 a little slower (3.5x at rank 8); 2^20 makes half the kernels of 2^19, which counts on a
+busy machine.
+"""
+
+
+@dataclass(frozen=True)
+class TTStep:
+    """One step of a sweep: a state viewed as (B·rows, inner, cols) times an (out, inner) matrix.
+
+    The matrix is cores ``start..stop-1`` merged into one. ``cols == 1`` makes the step one
+    ``mm`` over B·rows rows.
+    """
+
+    start: int
+    stop: int
+    rows: int
+    inner: int
+    cols: int
+    out: int
+
+    @property
+    def macs(self) -> int:
+        """Multiply-adds per sample."""
+        return self.rows * self.inner * self.cols * self.out
+
+    @property
+    def out_size(self) -> int:
+        """Numbers in the step's output, per sample."""
+        return self.rows * self.out * self.cols
+
+
+@dataclass(frozen=True)
+class TTPlan:
+    """A planned contraction.
+
+    Attributes:
+        groups: ``(start, stop)`` core ranges, left to right.
+        reverse: the sweep starts from the last group (else from the first).
+        steps: the steps in the order they run.
+        cost: the multiply-adds the plan was chosen by, batch included.
+        chunk: samples contracted together.
+    """
+
+    groups: tuple[tuple[int, int], ...]
+    reverse: bool
+    steps: tuple[TTStep, ...]
+    cost: int
+    chunk: int
+
+
+def _merge_macs(m: Sequence[int], n: Sequence[int], ranks: Sequence[int], a: int, b: int) -> int:
+    """Multiply-adds of :func:`merge_cores` on cores a..b-1 (halves first; 0 for one core)."""
+    if b - a == 1:
+        return 0
+    h = a + (b - a) // 2
+    top = ranks[a] * math.prod(m[a:h]) * math.prod(n[a:h]) * ranks[h]
+    top *= math.prod(m[h:b]) * math.prod(n[h:b]) * ranks[b]
+    return top + _merge_macs(m, n, ranks, a, h) + _merge_macs(m, n, ranks, h, b)
+
+
+def _steps(
+    m: Sequence[int],
+    n: Sequence[int],
+    ranks: Sequence[int],
+    groups: Sequence[tuple[int, int]],
+    reverse: bool,
+) -> tuple[TTStep, ...]:
+    """The steps of a sweep over these groups, in the order they run.
+
+    From the first group on, the state before group g is (B·N_<g, R_{g-1}·M_g, M_>g) and its
+    matrix (N_g·R_g, R_{g-1}·M_g); from the last group, (B·M_<g, M_g·R_g, N_>g) and
+    (R_{g-1}·N_g, M_g·R_g). M, N are the groups' factor products and R the boundary ranks.
+    """
+    gm = [math.prod(m[a:b]) for a, b in groups]
+    gn = [math.prod(n[a:b]) for a, b in groups]
+    gr = [ranks[a] for a, _ in groups] + [ranks[-1]]
+    if not reverse:
+        return tuple(
+            TTStep(
+                a, b, math.prod(gn[:g]), gr[g] * gm[g], math.prod(gm[g + 1 :]), gn[g] * gr[g + 1]
+            )
+            for g, (a, b) in enumerate(groups)
+        )
+    return tuple(
+        TTStep(a, b, math.prod(gm[:g]), gm[g] * gr[g + 1], math.prod(gn[g + 1 :]), gr[g] * gn[g])
+        for g, (a, b) in reversed(list(enumerate(groups)))
+    )
+
+
+def _groupings(d: int) -> Iterator[tuple[tuple[int, int], ...]]:
+    """Every split of cores 0..d-1 into runs of neighbours (2^(d-1) of them)."""
+    for cuts in itertools.product((False, True), repeat=d - 1):
+        bounds = [0, *(k + 1 for k, cut in enumerate(cuts) if cut), d]
+        yield tuple(itertools.pairwise(bounds))
+
+
+def _check_sizes(
+    in_factors: Sequence[int], out_factors: Sequence[int], ranks: Sequence[int], batch: int
+) -> None:
+    d = len(in_factors)
+    if d < 1 or len(out_factors) != d or len(ranks) != d - 1:
+        raise ValueError(
+            f"a TT-matrix needs d >= 1 in factors, d out factors and d - 1 ranks, but got "
+            f"{len(in_factors)}, {len(out_factors)} and {len(ranks)}"
+        )
+    sizes = [*in_factors, *out_factors, *ranks]
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(f"TT-matrix factors and ranks must be positive integers, but got {sizes}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 0:
+        raise ValueError(f"batch must be a non-negative integer, but got {batch!r}")
+
+
+def build_plan(
+    in_factors: Sequence[int],
+    out_factors: Sequence[int],
+    ranks: Sequence[int],
+    groups: Sequence[tuple[int, int]],
+    reverse: bool,
+    batch: int,
+    training: bool = True,
+    chunk_floats: int | None = CHUNK_FLOATS,
+) -> TTPlan:
+    """The plan of one grouping and direction, with its cost (see :func:`plan_tt_matvec`).
+
+    Args:
+        in_factors: (m_1, ..., m_d).
+        out_factors: (n_1, ..., n_d).
+        ranks: the inner ranks (r_1, ..., r_{d-1}).
+        groups: ``(start, stop)`` runs of neighbouring cores covering 0..d-1 in order.
+        reverse: sweep from the last group.
+        batch: rows of the input.
+        training: cost of forward + backward (else forward only).
+        chunk_floats: bound on one chunk's largest state, in numbers; None: the whole batch at
+            once (accelerators, whose caching allocators make fresh buffers cheap).
+
+    Returns:
+        The :class:`TTPlan`.
+    """
+    _check_sizes(in_factors, out_factors, ranks, batch)
+    d = len(in_factors)
+    groups = tuple((int(a), int(b)) for a, b in groups)
+    bounds = [0, *(b for _, b in groups)]
+    if (
+        not groups
+        or groups != tuple(itertools.pairwise(bounds))
+        or bounds[-1] != d
+        or any(a >= b for a, b in groups)
+    ):
+        raise ValueError(
+            f"groups must be (start, stop) runs covering cores 0..{d - 1} in order, but got "
+            f"{list(groups)}"
+        )
+    full = (1, *ranks, 1)
+    steps = _steps(in_factors, out_factors, full, groups, reverse)
+    merge = sum(_merge_macs(in_factors, out_factors, full, a, b) for a, b in groups)
+    per_sample = sum(s.macs for s in steps)
+    if training:
+        cost = batch * (4 * per_sample - steps[-1].macs) + 3 * merge
+    else:
+        cost = batch * per_sample + merge
+    largest = max((s.out_size for s in steps[:-1]), default=0)
+    chunk = max(batch, 1)
+    if chunk_floats is not None and largest > 0:
+        # as few chunks as the bound allows, of equal size (no small last chunk)
+        chunks = -(-chunk * largest // max(chunk_floats, largest))
+        chunk = -(-chunk // chunks)
+    return TTPlan(groups, bool(reverse), steps, cost, chunk)
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_tt_matvec(
+    in_factors: tuple[int, ...],
+    out_factors: tuple[int, ...],
+    ranks: tuple[int, ...],
+    batch: int,
+    training: bool = True,
+    chunk_floats: int | None = CHUNK_FLOATS,
+) -> TTPlan:
+    """The cheapest sweep for a batch of ``batch`` rows, by counted multiply-adds (cached).
+
+    Every grouping of neighbouring cores (2^(d-1)) in both directions is costed: for inference
+    ``batch * sum(step MACs) + merge MACs``; for training, whose backward pass recomputes every
+    state but the output and takes two products per step (input and matrix gradients),
+    ``batch * (4 * sum - last step) + 3 * merge``.
+
+    Args:
+        in_factors: (m_1, ..., m_d).
+        out_factors: (n_1, ..., n_d).
+        ranks: the inner ranks (r_1, ..., r_{d-1}).
+        batch: rows of the input.
+        training: plan for forward + backward (else forward only).
+        chunk_floats: as in :func:`build_plan`.
+
+    Returns:
+        The cheapest :class:`TTPlan` (the first found among equals).
+
+    Example:
+        >>> plan_tt_matvec((8, 8, 8, 8), (8, 8, 8, 8), (16, 16, 16), batch=256).groups
+        ((0, 2), (2, 4))
+        >>> plan_tt_matvec((8, 8, 8, 8), (2, 2, 2, 2), (8, 8, 8), batch=256).groups
+        ((0, 4),)
+    """
+    _check_sizes(in_factors, out_factors, ranks, batch)
+    best: TTPlan | None = None
+    for groups in _groupings(len(in_factors)):
+        for reverse in (False, True) if len(groups) > 1 else (False,):
+            plan = build_plan(
+                in_factors, out_factors, ranks, groups, reverse, batch, training, chunk_floats
+            )
+            if best is None or plan.cost < best.cost:
+                best = plan
+    assert best is not None
+    return best
+
+
+def _combine(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """(ra, A1, B1, r) and (r, A2, B2, rb) -> (ra, A1·A2, B1·B2, rb): one ``mm``, one block swap."""
+    ra, a1, b1, r = left.shape
+    _, a2, b2, rb = right.shape
+    prod = torch.mm(left.reshape(-1, r), right.reshape(r, -1)).view(ra * a1, b1, a2, b2 * rb)
+    return prod.transpose(1, 2).reshape(ra, a1 * a2, b1 * b2, rb)
+
+
+def merge_cores(cores: Sequence[torch.Tensor], out_first: bool = False) -> torch.Tensor:
+    """Neighbouring cores (r_{k-1}, m_k, n_k, r_k) merged into one, halves first.
+
+    Args:
+        cores: the cores, left to right.
+        out_first: return (r_a, N, M, r_b) instead of (r_a, M, N, r_b).
+
+    Returns:
+        The merged core, ``M = m_a...m_b`` and ``N = n_a...n_b``. Merging two halves last makes
+        its block swap move runs of N_right·r_b (or M_right·r_b) contiguous numbers.
+    """
+    if len(cores) == 1:
+        return cores[0].transpose(1, 2) if out_first else cores[0]
+    half = len(cores) // 2
+    return _combine(merge_cores(cores[:half], out_first), merge_cores(cores[half:], out_first))
+
+
+def step_matrices(cores: Sequence[torch.Tensor], plan: TTPlan) -> list[torch.Tensor]:
+    """The plan's (out, inner) step matrices in step order, differentiable in the cores.
+
+    From the first group on, a step matrix is the transpose of the merged (r_a·M, N·r_b) cores
+    (a view); from the last, the merged (r_a·N, M·r_b) cores.
+    """
+    mats = []
+    for s in plan.steps:
+        merged = merge_cores(cores[s.start : s.stop], out_first=plan.reverse)
+        if plan.reverse:
+            mats.append(merged.reshape(s.out, s.inner))
+        else:
+            mats.append(merged.reshape(s.inner, s.out).t())
+    return mats
+
+
+def _forward_step(
+    state: torch.Tensor,
+    mat: torch.Tensor,
+    step: TTStep,
+    out: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One step on a chunk: (P, inner, cols) state times (out, inner) matrix (+ bias), into ``out``.
+
+    ``out`` and ``bias`` are laid out one sample per row: (b, rows·out·cols) and (rows·out·cols,).
+    """
+    if step.cols == 1:
+        state2, out2 = state.view(-1, step.inner), out.view(-1, step.out)
+        if bias is not None and step.rows == 1:
+            return torch.addmm(bias, state2, mat.t(), out=out2)
+        torch.mm(state2, mat.t(), out=out2)
+    else:
+        st = state.view(-1, step.inner, step.cols)
+        torch.bmm(mat.expand(st.shape[0], -1, -1), st, out=out.view(st.shape[0], step.out, -1))
+    if bias is not None:
+        out.view(-1, bias.shape[0]).add_(bias)
+    return out
+
+
+def _backward_step(
+    g: torch.Tensor,
+    state: torch.Tensor,
+    mat: torch.Tensor,
+    step: TTStep,
+    grad_mat: torch.Tensor | None,
+    grad_state: torch.Tensor | None,
+    scratch: torch.Tensor,
+    first: bool,
+) -> None:
+    """Write (first chunk) or add one step's matrix gradient; write its state gradient if asked."""
+    if step.cols == 1:
+        g2 = g.view(-1, step.out)
+        if grad_mat is not None:
+            if first:
+                torch.mm(g2.t(), state.view(-1, step.inner), out=grad_mat)
+            else:
+                grad_mat.addmm_(g2.t(), state.view(-1, step.inner))
+        if grad_state is not None:
+            torch.mm(g2, mat, out=grad_state.view(-1, step.inner))
+        return
+    g3 = g.view(-1, step.out, step.cols)
+    st = state.view(-1, step.inner, step.cols)
+    p, n = g3.shape[0], g3.shape[0] * step.cols
+    if grad_mat is not None:
+        # sum_p g_p st_p^T: P products then their sum (P·out·inner numbers written), or one
+        # product after moving cols next to P in both operands (P·cols·(out + inner) copied),
+        # whichever moves less memory; two or three kernels either way (an addbmm would be P)
+        if step.out * step.inner <= step.cols * (step.out + step.inner):
+            prods = scratch[: p * step.out * step.inner].view(p, step.out, step.inner)
+            torch.bmm(g3, st.transpose(1, 2), out=prods)
+            if first:
+                torch.sum(prods, 0, out=grad_mat)
+            else:
+                grad_mat.add_(prods.sum(0))
+        else:
+            gt = scratch[: step.out * n].view(step.out, p, step.cols)
+            sc = scratch[step.out * n : (step.out + step.inner) * n].view(step.inner, p, step.cols)
+            gt.copy_(g3.transpose(0, 1))
+            sc.copy_(st.transpose(0, 1))
+            if first:
+                torch.mm(gt.view(step.out, n), sc.view(step.inner, n).t(), out=grad_mat)
+            else:
+                grad_mat.addmm_(gt.view(step.out, n), sc.view(step.inner, n).t())
+    if grad_state is not None:
+        torch.bmm(mat.t().expand(p, -1, -1), g3, out=grad_state.view(p, step.inner, step.cols))
+
+
+def _scratch_size(step: TTStep) -> int:
+    """Numbers per sample that :func:`_backward_step` needs for this step's matrix gradient."""
+    if step.cols == 1:
+        return 0
+    return step.rows * min(step.out * step.inner, step.cols * (step.out + step.inner))
+
+
+def _sweep(
+    x: torch.Tensor, mats: Sequence[torch.Tensor], bias: torch.Tensor | None, plan: TTPlan
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The forward pass, chunk by chunk, into one (batch, out) tensor.
+
+    The intermediate states live in one buffer per step, allocated once for a chunk and reused by
+    every chunk. Returns the output and the buffers (holding the last chunk's states).
+    """
+    batch = x.shape[0]
+    chunk = max(1, min(plan.chunk, batch))
+    buffers = [x.new_empty(chunk * s.out_size) for s in plan.steps[:-1]]
+    y = x.new_empty(batch, plan.steps[-1].out_size)
+    for c0 in range(0, batch, chunk):
+        c1 = min(batch, c0 + chunk)
+        state = x[c0:c1]
+        for mat, step, buf in zip(mats[:-1], plan.steps[:-1], buffers, strict=True):
+            state = _forward_step(state, mat, step, buf[: (c1 - c0) * step.out_size])
+        _forward_step(state, mats[-1], plan.steps[-1], y[c0:c1], bias)
+    return y, buffers
+
+
+class _TTLinearFunction(torch.autograd.Function):
+    """``x @ W.T + b`` through a plan, saving x and the step matrices (see the module doc)."""
+
+    @staticmethod
+    def forward(ctx, plan, x, bias, *mats):  # type: ignore[override]
+        y, buffers = _sweep(x, mats, bias, plan)
+        # one chunk: keep its states (no more memory than recomputing them would take)
+        ctx.plan, ctx.keep, ctx.has_bias = plan, plan.chunk >= x.shape[0], bias is not None
+        ctx.save_for_backward(x, *mats, *(buffers if ctx.keep else ()))
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        plan: TTPlan = ctx.plan
+        steps = plan.steps
+        x, *rest = ctx.saved_tensors
+        mats, kept = rest[: len(steps)], rest[len(steps) :]
+        need_x, need_bias = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        # written by the first chunk, added to by the others (an empty batch: zero)
+        new = torch.zeros if x.shape[0] == 0 else torch.empty
+        grads = [
+            new(m.shape, dtype=m.dtype, device=m.device) if need else None
+            for m, need in zip(mats, ctx.needs_input_grad[3:], strict=True)
+        ]
+        dx = torch.empty_like(x) if need_x else None
+        dy = dy.contiguous()
+        batch = x.shape[0]
+        chunk = max(1, min(plan.chunk, batch))
+        states = list(kept) or [x.new_empty(chunk * s.out_size) for s in steps[:-1]]
+        largest = max((s.out_size for s in steps[:-1]), default=0)
+        grad_bufs = [x.new_empty(chunk * largest) for _ in range(2 if len(steps) > 1 else 0)]
+        scratch = x.new_empty(chunk * max(_scratch_size(s) for s in steps))
+        for c0 in range(0, batch, chunk):
+            c1 = min(batch, c0 + chunk)
+            inputs = [x[c0:c1]]
+            for i, step in enumerate(steps[:-1]):
+                out = states[i][: (c1 - c0) * step.out_size]
+                if not kept:
+                    _forward_step(inputs[-1], mats[i], step, out)
+                inputs.append(out)
+            g = dy[c0:c1]
+            for i in range(len(steps) - 1, -1, -1):
+                if i > 0:
+                    grad_state = grad_bufs[i % 2][: (c1 - c0) * steps[i - 1].out_size]
+                else:
+                    grad_state = dx[c0:c1] if need_x else None
+                _backward_step(
+                    g, inputs[i], mats[i], steps[i], grads[i], grad_state, scratch, c0 == 0
+                )
+                g = grad_state
+        dbias = dy.sum(0) if ctx.has_bias and need_bias else None
+        return (None, dx, dbias, *grads)
+
+
+def tt_linear(
+    x: torch.Tensor,
+    cores: Sequence[torch.Tensor],
+    bias: torch.Tensor | None = None,
+    plan: TTPlan | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for the TT-matrix W of ``cores``, without forming W (unless planned so).
+
+    The functional twin of :class:`~tnkd.students.TTLinear`; see the module doc for the algorithm.
+
+    Args:
+        x: (batch, in_features) input.
+        cores: d cores (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1.
+        bias: optional (out_features,) bias.
+        plan: a :func:`plan_tt_matvec` plan for this batch size; planned here if None (cached).
+
+    Returns:
+        (batch, out_features).
+
+    Example:
+        >>> cores = [torch.randn(1, 4, 2, 3), torch.randn(3, 4, 5, 1)]
+        >>> tt_linear(torch.randn(7, 16), cores).shape
+        torch.Size([7, 10])
+    """
+    in_features = math.prod(int(c.shape[1]) for c in cores)
+    if x.ndim != 2 or x.shape[1] != in_features:
+        raise ValueError(
+            f"tt_linear expects a (batch, {in_features}) input, but got {tuple(x.shape)}"
+        )
+    if plan is None:
+        plan = plan_for(x, cores)
+    mats = step_matrices(cores, plan)
+    x = x.contiguous()
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        # like nn.Linear under autocast: the products run in the autocast dtype
+        dtype = torch.get_autocast_dtype(device)
+        x, mats = x.to(dtype), [m.to(dtype) for m in mats]
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device, enabled=False):
+            return _run(x, mats, bias, plan)
+    return _run(x, mats, bias, plan)
+
+
+def plan_for(
+    x: torch.Tensor, cores: Sequence[torch.Tensor], training: bool | None = None
+) -> TTPlan:
+    """:func:`plan_tt_matvec` for this (batch, in) input and these cores.
+
+    ``training`` defaults to whether autograd will record the product; chunks are used on CPU only.
+    """
+    if training is None:
+        training = torch.is_grad_enabled() and (
+            x.requires_grad or any(c.requires_grad for c in cores)
+        )
+    return plan_tt_matvec(
+        tuple(int(c.shape[1]) for c in cores),
+        tuple(int(c.shape[2]) for c in cores),
+        tuple(int(c.shape[3]) for c in cores[:-1]),
+        int(x.shape[0]),
+        training,
+        CHUNK_FLOATS if x.device.type == "cpu" else None,
+    )
+
+
+def _run(
+    x: torch.Tensor, mats: list[torch.Tensor], bias: torch.Tensor | None, plan: TTPlan
+) -> torch.Tensor:
+    if len(plan.steps) == 1:
+        # all cores merged into W: one product with no intermediate, autograd's own backward
+        w_t = mats[0].t()
+        return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
+    tensors = [x, *mats] + ([bias] if bias is not None else [])
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _TTLinearFunction.apply(plan, x, bias, *mats)
+    return _sweep(x, mats, bias, plan)[0]
