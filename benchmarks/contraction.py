@@ -112,7 +112,9 @@ def _finite_nonzero(out: torch.Tensor) -> bool:
     return bool(torch.isfinite(out).all() and out.abs().amax() > 0)
 
 
-def tensorkrowch_models(bond_dim: int, feature_map: str) -> list[tuple[str, nn.Module, Callable]]:
+def tensorkrowch_models(
+    bond_dim: int, feature_map: str, sites: int = SITES
+) -> list[tuple[str, nn.Module, Callable]]:
     """TensorKrowch MPSLayer as its docs recommend, plain and with renormalize=True."""
     import tensorkrowch as tk
 
@@ -124,7 +126,7 @@ def tensorkrowch_models(bond_dim: int, feature_map: str) -> list[tuple[str, nn.M
     )
     for renormalize in (False, True):
         mps = tk.models.MPSLayer(
-            n_features=SITES + 1,
+            n_features=sites + 1,
             in_dim=2,
             out_dim=CLASSES,
             bond_dim=bond_dim,
@@ -133,7 +135,7 @@ def tensorkrowch_models(bond_dim: int, feature_map: str) -> list[tuple[str, nn.M
             std=1e-9,
         )
         mps.auto_stack, mps.auto_unbind = True, False
-        mps.trace(torch.zeros(1, SITES, 2), renormalize=renormalize)
+        mps.trace(torch.zeros(1, sites, 2), renormalize=renormalize)
 
         def forward(x: torch.Tensor, mps=mps, renormalize=renormalize) -> torch.Tensor:
             return mps(embed(x), renormalize=renormalize)
