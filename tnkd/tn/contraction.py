@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import opt_einsum as oe
 import torch
@@ -125,7 +125,9 @@ class CompiledNetwork:
 
 CHAIN_METHODS = ("auto", "scan", "sweep", "tree")
 TREE_MAX_BOND_DIM = 64
-SCAN_RENORM_EVERY = 8
+SCAN_MAX_BOND_DIM = 64
+SCAN_RENORM_EVERY = 16
+SCAN_MAX_MERGED_BOND_DIM = 32
 
 
 def _site_matrices(cores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -156,12 +158,15 @@ def _tree_product(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def default_renorm_every(dtype: torch.dtype, method: str = "sweep") -> int:
-    """Sites between renormalisations of a sweep: 4 when training, 8 under no-grad, 1 in float16.
+    """Sites between renormalisations: sweep 4 (training) or 8 (no-grad), scan 16, float16 1.
 
     Between two renormalisations a value may grow or shrink by the product of a few transfer
     matrices' norms; float32 and bfloat16 (range 1e+-38) absorb that for any sane cores, and
     :func:`sweep_boundary` falls back to renormalising every site if a value ever came out
-    non-finite or zero. float16 (range 6.5e4) renormalises every site.
+    non-finite or zero (the scan also if a scale came near float32's subnormal range, and if a
+    gradient overflowed on its way back). float16 (range 6.5e4) renormalises every site. The
+    scan's renormalisation is four of its ~2.5 kernels per step, so it spaces them further
+    (measured at 784 sites, D = 10: 16 sites trains 3 % faster than 8, 32 another 4 %).
     """
     if dtype == torch.float16:
         return 1
@@ -171,14 +176,18 @@ def default_renorm_every(dtype: torch.dtype, method: str = "sweep") -> int:
 
 
 def default_block(bond_dim: int, method: str = "sweep") -> int:
-    """Sites merged into one sweep step: 2 for D <= 64, else 1.
+    """Sites merged into one step: 2 for D <= 64 (``"scan"``: D <= 32), else 1.
 
     Merging k sites costs the same D^2 d^k / k flops per site when k = d = 2, halves the number
     of sequential steps (the sweep is launch-bound at small D) and adds a batch-independent
     D^3 d^k merge per block. Measured on 2 CPU cores at 784 sites, batch 100: k = 2 trains
     about 1.1-1.3x faster than k = 1 at D = 10 and 20, as fast at D = 50, and infers up to
-    1.5x faster; k = 3, 4 gained nothing more.
+    1.5x faster; k = 3, 4 gained nothing more. The scan (1 thread, 784 sites): k = 2 trains
+    1.3x faster than k = 1 at D = 16, 1.1x at D = 20 and 24, as fast at D = 32, and 1.04-1.14x
+    slower at D = 50 and 64; k = 3 was slower than 2 at D = 10.
     """
+    if method == "scan":
+        return 2 if bond_dim <= SCAN_MAX_MERGED_BOND_DIM else 1
     return 2 if bond_dim <= 64 else 1
 
 
@@ -232,33 +241,100 @@ def _autograd_sweep(
     return _sweep(start, _blocked(cores, features, block), max(1, every // block))
 
 
-def _scan_features(features: torch.Tensor, block: int) -> torch.Tensor:
-    """(L, K, d, B) features, L a multiple of ``block`` -> (S, K, m, 1, B), m = d^block.
+# Plans by (kind, sizes, block, device): small index tensors built once per chain shape.
+_PLANS: dict[tuple, Any] = {}
 
-    The features of ``block`` neighbouring sites become one vector, their outer product, with
-    index ``s_1 d^(k-1) + ... + s_k``: site-major with the batch last, the scan's layout.
+
+class _ChainPlan(NamedTuple):
+    """Which merged block of a site tensor each of K chains reads at each of S scan steps.
+
+    The site tensor is cut into blocks of ``block`` consecutive sites, each merged into one
+    (D, d^block, D) core. Chain k reads block ``index[k, i]`` at step i; an ``in_first`` chain
+    enters every block on its first site's left bond and leaves on its last site's right bond
+    (a left-to-right sweep), the other chains enter on the last site's right bond (a
+    right-to-left sweep, as the right half of an MPS does).
     """
-    length, k, d, batch = features.shape
-    f = features.reshape(length // block, block, k, d, batch)
+
+    block: int
+    index: torch.Tensor  # (K, S) long
+    in_first: tuple[bool, ...]
+
+
+def _mps_plan(
+    left: int, right: int, block: int, device: torch.device
+) -> tuple[_ChainPlan, int, int]:
+    """The plan of an MPS's two halves: ``left`` sites swept rightwards, ``right`` leftwards.
+
+    The site tensor is ``[A_0 .. A_{left-1}, I x pad, A_left .. A_{N-1}, I x extra]``: each
+    half padded with identity sites to whole blocks next to the output core, and, if the
+    halves have different numbers of blocks, one identity block at the end that the shorter
+    half reads for its remaining steps. Returns the plan, ``pad`` and ``extra``.
+    """
+    key = ("mps", left, right, block, device)
+    if key in _PLANS:
+        return _PLANS[key]
+    pad_l, pad_r = (-left) % block, (-right) % block
+    nl, nr = (left + pad_l) // block, (right + pad_r) // block
+    steps, extra = max(nl, nr, 1), block if nl != nr or nl == 0 else 0
+    eye = nl + nr  # the identity block's index when there is one
+    left_idx = list(range(nl)) + [eye] * (steps - nl)
+    right_idx = list(range(nl + nr - 1, nl - 1, -1)) + [eye] * (steps - nr)
+    index = torch.tensor([left_idx, right_idx], device=device)
+    _PLANS[key] = (_ChainPlan(block, index, (True, False)), pad_l + pad_r, extra)
+    return _PLANS[key]
+
+
+def _block_features(features: torch.Tensor, block: int) -> torch.Tensor:
+    """(n, d, B) site features, n a multiple of ``block`` -> (n / block, d^block, B).
+
+    The features of a block's sites become one vector, their outer product, index
+    ``s_1 d^(k-1) + ... + s_k`` in site order (the merged core's physical index).
+    """
+    n, d, batch = features.shape
+    f = features.reshape(n // block, block, d, batch)
     phi = f[:, 0]
     for j in range(1, block):
-        phi = (phi.unsqueeze(3) * f[:, j].unsqueeze(2)).flatten(2, 3)
-    return phi.unsqueeze(3).contiguous()
+        phi = (phi.unsqueeze(2) * f[:, j].unsqueeze(1)).flatten(1, 2)
+    return phi
 
 
-def _merge_cores(cores: torch.Tensor, block: int) -> list[torch.Tensor]:
-    """Partial products of ``block`` neighbouring cores, each (K*S, D * d^j, D), j = 1..block.
+def _merge_cores(sites: torch.Tensor, block: int) -> list[torch.Tensor]:
+    """Partial products of ``block`` neighbouring cores, each (n / block, D d^j, D), j = 1..block.
 
-    The last is the merged core ``M[(l, s_1..s_k), r]``; the others are kept for the backward
-    pass. One batched matmul per merged site.
+    ``sites`` is (n, D, d, D). The last product is the merged core ``M[(l, s_1..s_k), r]``; the
+    others are kept for the backward pass. One batched matmul per merged site.
     """
-    k, length, bond, d = cores.shape[:4]
-    c = cores.reshape(k * (length // block), block, bond, d, bond)
+    n, bond, d = sites.shape[:3]
+    c = sites.reshape(n // block, block, bond, d, bond)
     merged = [c[:, 0].reshape(-1, bond * d, bond)]
     for j in range(1, block):
         prod = torch.bmm(merged[-1], c[:, j].reshape(-1, bond, d * bond))
         merged.append(prod.view(prod.shape[0], -1, bond))
     return merged
+
+
+def _step_matrices(merged: torch.Tensor, plan: _ChainPlan, forward: bool) -> torch.Tensor:
+    """(K, S, D, m*D) matrices of the steps: the merged blocks the plan reads, laid out per step.
+
+    Forward step: ``v_out = mats[k, i] @ (phi (x) v_in)`` with columns ``(s, in)``; backward
+    step: ``g_in = mats[k, i] @ (phi (x) g_out)`` with columns ``(s, out)``. A block's natural
+    layout ``(l, s, r)`` is the backward matrix of a chain entering on ``l`` and the forward
+    matrix of one entering on ``r``; the other two are its per-physical-index transpose.
+    """
+    blocks, rows, bond = merged.shape
+    m = rows // bond
+    natural = merged.view(blocks, bond, m, bond)
+    swapped = natural.permute(0, 3, 2, 1)
+    k, steps = plan.index.shape
+    mats = merged.new_empty(k, steps, bond, m, bond)
+    if all(plan.in_first) or not any(plan.in_first):
+        source = swapped if plan.in_first[0] == forward else natural
+        torch.index_select(source, 0, plan.index.flatten(), out=mats.view(k * steps, bond, m, bond))
+    else:
+        for chain, in_first in enumerate(plan.in_first):
+            source = swapped if in_first == forward else natural
+            torch.index_select(source, 0, plan.index[chain], out=mats[chain])
+    return mats.view(k, steps, bond, m * bond)
 
 
 def _renorm_plan(steps: int, every: int) -> list[bool]:
@@ -271,14 +347,13 @@ def _scan_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Carry (K, D, B) vectors through the steps; all of them, (S+1, K, D, B), and the scales.
 
-    Step i is ``v_{i+1} = mats[i] @ (phi_i (x) v_i)``: an outer product into a scratch and one
-    bmm written straight into the next slot of the result. Every ``every``-th output is divided
-    by its 2-norm and the last by its max-abs; the scales are returned, (R, K, 1, B). A zero
-    vector gives NaNs (no clamp: two kernels per renormalisation, not four), which the caller
-    sees and answers by renormalising every step (:func:`_healthy`), where zeros are clamped.
+    Step i is ``v_{i+1} = mats[:, i] @ (phi_i (x) v_i)``: an outer product into a scratch and
+    one bmm written straight into the next slot of the result. Every ``every``-th output and
+    the last are divided by their max-abs; the scales are returned, (R, K, 1, B).
     """
-    steps, (k, bond, batch) = mats.shape[0], start.shape
+    (k, bond, batch), steps = start.shape, mats.shape[1]
     m = phi_list[0].shape[1]
+    tiny = torch.finfo(start.dtype).tiny
     vs = start.new_empty(steps + 1, k, 1, bond, batch)
     v_outer, v_flat = vs.unbind(0), vs.view(steps + 1, k, bond, batch).unbind(0)
     x = start.new_empty(k, m, bond, batch)
@@ -286,22 +361,19 @@ def _scan_forward(
     v_flat[0].copy_(start)
     scales = []
     plan = _renorm_plan(steps, every)
-    for i, mat in enumerate(mats.unbind(0)):
+    for i, mat in enumerate(mats.unbind(1)):
         torch.mul(phi_list[i], v_outer[i], out=x)
         out = torch.bmm(mat, x_flat, out=v_flat[i + 1])
-        if plan[i] and i < steps - 1:
-            scale = out.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(out.dtype).tiny)
+        if plan[i]:
+            scale = out.abs().amax(dim=1, keepdim=True).clamp_min_(tiny)
             out.div_(scale)
             scales.append(scale)
-    scale = out.abs().amax(dim=1, keepdim=True).clamp_min_(torch.finfo(out.dtype).tiny)
-    out.div_(scale)
-    scales.append(scale)
     return vs.view(steps + 1, k, bond, batch), torch.stack(scales)
 
 
 def _scan_backward(
     grad: torch.Tensor,
-    mats_t: torch.Tensor,
+    mats: torch.Tensor,
     phi_list: Sequence[torch.Tensor],
     vs: torch.Tensor,
     scales: torch.Tensor,
@@ -309,28 +381,29 @@ def _scan_backward(
     core_grads: bool,
     chunk: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The reverse scan: gradients of the start and of every step's (merged) core.
+    """The reverse scan: gradients of the start vectors and of every step's matrix.
 
-    Step i computed ``y = A^T (phi (x) v)`` and ``v' = y / c`` (``c`` a constant); its
-    vector-Jacobian product is ``g_y = g_v' / c``, ``g_v = A (phi (x) g_y)`` with ``A`` the
-    merged core as a (D, m*D) matrix (``mats_t[i]``): the forward step's two kernels again.
-    With ``core_grads`` the outer products ``phi (x) g_y`` of ``chunk`` steps are kept and one
-    bmm per chunk gives those steps' core gradients
-    ``g_A[(s, r), l] = sum_b (phi (x) g_y)[(s, r), b] v[l, b]`` while the factors are still in
+    Step i computed ``y = M (phi (x) v)`` and ``v' = y / c`` (``c`` a constant); its
+    vector-Jacobian product is ``g_y = g_v' / c`` and ``g_v = M' (phi (x) g_y)``, with ``M'`` the
+    backward step matrix (``mats[:, i]``, see :func:`_step_matrices`): the forward step's two
+    kernels again. With ``core_grads`` the outer products ``phi (x) g_y`` of ``chunk`` steps are
+    kept and one bmm per chunk gives those steps' matrix gradients
+    ``G[(s, out), in] = sum_b (phi (x) g_y)[(s, out), b] v[in, b]`` while the factors are still in
     cache (measured: faster than keeping every forward outer product for one large kernel).
 
     Returns:
         (S+1, K, D, B) vector gradients (``[i+1]`` of step i's output, ``[0]`` of the start)
-        and, with ``core_grads``, (S, K, m*D, D) core gradients.
+        and, with ``core_grads``, the (S, K, m*D, D) step-matrix gradients ``G``.
     """
-    steps, (k, bond, batch) = mats_t.shape[0], grad.shape
+    (k, bond, batch), steps = grad.shape, mats.shape[1]
     m = phi_list[0].shape[1]
     gs = grad.new_empty(steps + 1, k, 1, bond, batch)
     g_outer, g_flat = gs.unbind(0), gs.view(steps + 1, k, bond, batch).unbind(0)
     chunk = chunk if core_grads else 1
     xs = grad.new_empty(chunk, k, m, bond, batch)
     x_outer, x_flat = xs.unbind(0), xs.view(chunk, k, m * bond, batch).unbind(0)
-    g_cores = grad.new_empty(steps, k, m * bond, bond) if core_grads else None
+    g_mats = grad.new_empty(steps, k, m * bond, bond) if core_grads else None
+    mat_list = mats.unbind(1)
     g_flat[steps].copy_(grad)
     plan, r = _renorm_plan(steps, every), scales.shape[0]
     for i in range(steps - 1, -1, -1):
@@ -339,32 +412,44 @@ def _scan_backward(
             g_flat[i + 1].div_(scales[r])
         j = i % chunk
         torch.mul(phi_list[i], g_outer[i + 1], out=x_outer[j])
-        torch.bmm(mats_t[i], x_flat[j], out=g_flat[i])
+        torch.bmm(mat_list[i], x_flat[j], out=g_flat[i])
         if core_grads and j == 0:  # steps i .. i + n - 1 have their outer products in xs
             n = min(chunk, steps - i)
             torch.bmm(
                 xs[:n].view(-1, m * bond, batch),
                 vs[i : i + n].transpose(2, 3).reshape(-1, batch, bond),
-                out=g_cores[i : i + n].view(-1, m * bond, bond),
+                out=g_mats[i : i + n].view(-1, m * bond, bond),
             )
-    return gs.view(steps + 1, k, bond, batch), g_cores
+    return gs.view(steps + 1, k, bond, batch), g_mats
+
+
+def _healthy(scales: torch.Tensor) -> bool:
+    """Whether a scan stayed in float range: finite scales, none near underflow.
+
+    A non-finite value anywhere propagates into the next scale. A scale below ``tiny / eps``
+    means the largest entry came within a mantissa's width of the subnormal range, so smaller
+    entries of the same vector lost digits.
+    """
+    info = torch.finfo(scales.dtype)
+    low, high = torch.aminmax(scales)
+    return bool(low >= info.tiny / info.eps) and bool(high <= info.max)
 
 
 class _Scan(torch.autograd.Function):
     """The boundary-vector sweep as one autograd node with a hand-written backward (a reverse scan).
 
-    Inputs: ``start`` (K, D, B), ``cores`` (K, L, D, d, D), ``phis`` (S, K, m, 1, B) from
-    :func:`_scan_features`, ``block`` sites per step (L = S * block, m = d^block) and
-    ``every`` steps between renormalisations. Outputs: the (K, D, B) vectors, max-abs 1 per
-    sample, and their (K, B) log-scales (not differentiable: the scales are constants, as in
-    the autograd sweep, so the gradient of ``v * exp(log_scale)`` is exact).
+    Inputs: ``start`` (K, D, B) vectors, ``sites`` (n, D, d, D) cores, ``phis``
+    (S, K, m, 1, B) block features (m = d^block), the :class:`_ChainPlan` and ``every`` steps
+    between renormalisations. Outputs: the (K, D, B) vectors, max-abs 1 per sample, and their
+    (K, B) log-scales (not differentiable: the scales are constants, as in the autograd sweep,
+    so the gradient of ``v * exp(log_scale)`` is exact).
 
     Autograd would record three or four nodes per step and, in backward, run each with its own
     dispatch, broadcast reduction and gradient accumulation; at small D those per-op costs, not
     arithmetic, set the time. Here the forward pass merges each block of cores with one batched
     matmul per merged site and runs two kernels per step; the backward pass sweeps a gradient
-    vector back with the same two kernels per step plus one for the step's core gradient, and
-    the merged-core gradients are split into per-site ones by a few batched matmuls.
+    vector back with the same two kernels per step plus one per chunk of steps for the blocks'
+    gradients, which a few batched matmuls then split into per-site ones.
 
     The vectors are carried as (D, B) columns, bond index first and batch last: the outer
     product then runs along the batch, the long contiguous axis, and the matmul has the batch as
@@ -373,20 +458,17 @@ class _Scan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, start, cores, phis, block, every):
-        k, length, bond = cores.shape[:3]
-        steps, m = length // block, phis.shape[2]
-        merged = _merge_cores(cores, block)
-        mats = merged[-1].view(k, steps, bond, m, bond).permute(1, 0, 4, 3, 2)
-        mats = mats.reshape(steps, k, bond, m * bond)
+    def forward(ctx, start, sites, phis, plan, every):
+        merged = _merge_cores(sites, plan.block)
+        mats = _step_matrices(merged[-1], plan, forward=True)
         phi_list = phis.unbind(0)
         vs, scales = _scan_forward(start, mats, phi_list, every)
-        if every > 1 and not _healthy(vs[-1], scales):
+        if every > 1 and not _healthy(scales):
             # a value left float range between two renormalisations: renormalise every step
             every = 1
             vs, scales = _scan_forward(start, mats, phi_list, every)
-        ctx.save_for_backward(cores, phis, vs, *merged)
-        ctx.scales, ctx.block, ctx.every, ctx.phi_list = scales, block, every, phi_list
+        ctx.save_for_backward(sites, phis, vs, scales, *merged)
+        ctx.plan, ctx.every, ctx.phi_list = plan, every, phi_list
         log_scale = torch.log(scales).sum(0)[:, 0]
         ctx.mark_non_differentiable(log_scale)
         return vs[-1].clone(), log_scale
@@ -394,55 +476,85 @@ class _Scan(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_v, _grad_log_scale):
-        cores, phis, vs, *merged = ctx.saved_tensors
-        block, every, scales, phi_list = ctx.block, ctx.every, ctx.scales, ctx.phi_list
-        k, length, bond, d = cores.shape[:4]
-        steps, m, batch = length // block, phis.shape[2], grad_v.shape[2]
+        sites, phis, vs, scales, *merged = ctx.saved_tensors
+        plan, every, phi_list = ctx.plan, ctx.every, ctx.phi_list
+        bond = sites.shape[1]
+        (k, steps), m, batch = plan.index.shape, phis.shape[2], grad_v.shape[2]
         need_cores = ctx.needs_input_grad[1]
-        mats_t = merged[-1].view(k, steps, bond, m * bond).transpose(0, 1).contiguous()
+        mats = _step_matrices(merged[-1], plan, forward=False)
         grad_v = grad_v.contiguous()
-        gs, g_m = _scan_backward(grad_v, mats_t, phi_list, vs, scales, every, need_cores)
+        gs, g_mats = _scan_backward(grad_v, mats, phi_list, vs, scales, every, need_cores)
         if every > 1 and not bool(torch.isfinite(gs[0]).all()):
             if bool(torch.isfinite(grad_v).all()):
                 # a gradient left float range between two renormalisations: redo both passes
                 # renormalising every step (the same function, so the same gradient)
-                mats = mats_t.view(steps, k, bond, m, bond).permute(0, 1, 4, 3, 2)
-                vs, scales = _scan_forward(
-                    vs[0], mats.reshape(steps, k, bond, m * bond), phi_list, 1
-                )
-                gs, g_m = _scan_backward(grad_v, mats_t, phi_list, vs, scales, 1, need_cores)
-        grad_cores = grad_phis = None
+                forward_mats = _step_matrices(merged[-1], plan, forward=True)
+                vs, scales = _scan_forward(vs[0], forward_mats, phi_list, 1)
+                gs, g_mats = _scan_backward(grad_v, mats, phi_list, vs, scales, 1, need_cores)
+        grad_sites = grad_phis = None
         if need_cores:
-            # g_m[(s, r), l] -> the merged core's gradient [(l, s), r], then back through the merge
-            g_m = g_m.view(steps, k, m, bond, bond).permute(1, 0, 4, 2, 3)
-            g_m = g_m.reshape(k * steps, bond * m, bond)
-            c = cores.reshape(k * steps, block, bond, d, bond)
-            grads = []
-            for j in range(block - 1, 0, -1):
-                g_m = g_m.view(k * steps, -1, d * bond)  # rows (l, s_1..s_j), cols (s_j+1, r)
-                grads.append(torch.bmm(merged[j - 1].transpose(1, 2), g_m).view_as(c[:, j]))
-                g_m = torch.bmm(g_m, c[:, j].reshape(-1, bond, d * bond).transpose(1, 2))
-            grads.append(g_m.view_as(c[:, 0]))
-            grad_cores = torch.stack(grads[::-1], dim=1).view_as(cores)
+            grad_sites = _merged_grads_to_sites(g_mats, merged, sites, plan)
         if ctx.needs_input_grad[2]:
-            mats = merged[-1].view(k, steps, bond, m, bond).permute(1, 0, 3, 2, 4)
-            mats = mats.reshape(steps * k, m * bond, bond)  # rows (s, l), cols r
-            g_x = torch.bmm(mats, gs[1:].reshape(steps * k, bond, batch))
-            grad_phis = (g_x.view(steps, k, m, bond, batch) * vs[:-1].unsqueeze(2)).sum(
-                3, keepdim=True
-            )
+            # g_phi[s, b] = sum_in v[in, b] (M^T g_y)[(s, in), b], M the forward step matrix
+            forward_mats = _step_matrices(merged[-1], plan, forward=True)
+            g_y = gs[1:].transpose(0, 1).reshape(k * steps, bond, batch)
+            g_x = torch.bmm(forward_mats.view(k * steps, bond, m * bond).transpose(1, 2), g_y)
+            v_in = vs[:-1].transpose(0, 1).reshape(k, steps, 1, bond, batch)
+            grad_phis = (g_x.view(k, steps, m, bond, batch) * v_in).sum(3)
+            grad_phis = grad_phis.transpose(0, 1).unsqueeze(3)
         grad_start = gs[0] if ctx.needs_input_grad[0] else None
-        return grad_start, grad_cores, grad_phis, None, None
+        return grad_start, grad_sites, grad_phis, None, None
 
 
-def _healthy(v: torch.Tensor, scales: torch.Tensor) -> bool:
-    """Whether a scan stayed in float range: a finite output and no scale near underflow.
+def _merged_grads_to_sites(
+    g_mats: torch.Tensor, merged: list[torch.Tensor], sites: torch.Tensor, plan: _ChainPlan
+) -> torch.Tensor:
+    """Step-matrix gradients (S, K, m*D, D) -> gradients of the (n, D, d, D) site cores.
 
-    A scale below ``tiny / eps`` means the largest entry came within a mantissa's width of the
-    subnormal range, so smaller entries of the same vector lost digits.
+    ``G[(s, out), in]`` of a step is the gradient of its block's natural core ``[l, s, r]``
+    with ``(in, out) = (l, r)`` for an ``in_first`` chain and ``(r, l)`` otherwise. Every
+    block is read once, except the identity block of a shorter chain (a constant: its gradient
+    is dropped), so the blocks' gradients are copied, not summed, and then pushed back through
+    the merge: for ``M_j = M_{j-1} A_j``, ``g_{M_{j-1}} = g_{M_j} A_j^T`` and
+    ``g_{A_j} = M_{j-1}^T g_{M_j}``.
     """
-    info = torch.finfo(v.dtype)
-    return bool(torch.isfinite(v).all()) and bool(scales.amin() >= info.tiny / info.eps)
+    n, bond, d = sites.shape[:3]
+    block = plan.block
+    (k, steps), blocks = plan.index.shape, n // block
+    m = g_mats.shape[2] // bond
+    g = g_mats.view(steps, k, m, bond, bond)
+    g_blocks = sites.new_empty(blocks, bond, m, bond)
+    for chain, in_first in enumerate(plan.in_first):
+        # natural [l, s, r] from [s, out, in]
+        src = g[:, chain].permute(0, 3, 1, 2) if in_first else g[:, chain].permute(0, 2, 1, 3)
+        g_blocks.index_copy_(0, plan.index[chain], src)
+    g_m = g_blocks.view(blocks, bond * m, bond)
+    if block == 1:
+        return g_m.view_as(sites)
+    c = sites.reshape(blocks, block, bond, d, bond)
+    grads = []
+    for j in range(block - 1, 0, -1):
+        g_m = g_m.view(blocks, -1, d * bond)  # rows (l, s_1..s_j), cols (s_j+1, r)
+        grads.append(torch.bmm(merged[j - 1].transpose(1, 2), g_m).view_as(c[:, j]))
+        g_m = torch.bmm(g_m, c[:, j].reshape(-1, bond, d * bond).transpose(1, 2))
+    grads.append(g_m.view_as(c[:, 0]))
+    return torch.stack(grads[::-1], dim=1).view_as(sites)
+
+
+def _insert_identity(cores: torch.Tensor, at: int, count: int, extra: int) -> torch.Tensor:
+    """(N, D, d, D) cores with ``count`` identity sites inserted before site ``at``, ``extra`` appended."""
+    if count == 0 and extra == 0:
+        return cores
+    eye = _identity_cores(cores[:0], count + extra)
+    return torch.cat([cores[:at], eye[:count], cores[at:], eye[count:]])
+
+
+def _insert_e0(features: torch.Tensor, at: int, count: int, extra: int) -> torch.Tensor:
+    """(N, d, B) features with the identity sites' ``e_0`` inserted like :func:`_insert_identity`."""
+    if count == 0 and extra == 0:
+        return features
+    e0 = _pad_sites(features[:0], count + extra, 0, 1)
+    return torch.cat([features[:at], e0[:count], features[at:], e0[count:]])
 
 
 def _pad_sites(tensor: torch.Tensor, length: int, site_dim: int, feature_dim: int) -> torch.Tensor:
@@ -472,22 +584,46 @@ def _identity_cores(cores: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([cores, eye], dim=-4)
 
 
-def _scan_chains(
-    start: torch.Tensor, cores: torch.Tensor, features: torch.Tensor, every: int, block: int
+def _scan(
+    start: torch.Tensor,
+    sites: torch.Tensor,
+    features: torch.Tensor,
+    plan: _ChainPlan,
+    every: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scan in its own layout: (K, D, B) start, (K, L, D, d, D) cores, (L, K, d, B) features.
+    """Run :class:`_Scan` on (K, D, B) start vectors, (n, D, d, D) sites, (n, d, B) features.
 
-    Pads the chains with identity sites to a multiple of ``block`` and falls back to unmerged
-    sites if the merged ones left float range. Returns the (K, D, B) normalised vectors and
-    the (K, B) log-scales; ``every`` counts sites.
+    Falls back to unmerged sites, renormalised every step, if the merged ones left float range.
+    Returns the (K, D, B) normalised vectors and the (K, B) log-scales; ``every`` counts sites.
     """
-    length = -(-cores.shape[1] // block) * block
-    phis = _scan_features(_pad_sites(features, length, 0, 2), block)
-    cores_padded = _identity_cores(cores, length)
-    v, log_scale = _Scan.apply(start, cores_padded, phis, block, max(1, every // block))
-    if block > 1 and not bool(torch.isfinite(v.detach()).all()):
-        v, log_scale = _Scan.apply(start, cores, _scan_features(features, 1), 1, 1)
+    phis = _block_features(features, plan.block).index_select(0, plan.index.t().flatten())
+    phis = phis.view(plan.index.shape[1], plan.index.shape[0], -1, 1, features.shape[2])
+    v, log_scale = _Scan.apply(start, sites, phis, plan, max(1, every // plan.block))
+    if plan.block > 1 and not bool(torch.isfinite(v.detach()).all()):
+        single = _unmerged_plan(plan)
+        phis = features.index_select(0, single.index.t().flatten())
+        phis = phis.view(single.index.shape[1], single.index.shape[0], -1, 1, features.shape[2])
+        v, log_scale = _Scan.apply(start, sites, phis, single, 1)
     return v, log_scale
+
+
+def _unmerged_plan(plan: _ChainPlan) -> _ChainPlan:
+    """The same chains one site per step (a chain leaving a block rightwards reads it backwards)."""
+    rows = []
+    for chain, in_first in enumerate(plan.in_first):
+        offsets = torch.arange(plan.block, device=plan.index.device)
+        offsets = offsets if in_first else offsets.flip(0)
+        rows.append((plan.index[chain].unsqueeze(1) * plan.block + offsets).flatten())
+    return _ChainPlan(1, torch.stack(rows), plan.in_first)
+
+
+def _parallel_plan(chains: int, steps: int, block: int, device: torch.device) -> _ChainPlan:
+    """K chains side by side in one site tensor, each ``steps`` blocks, all swept rightwards."""
+    key = ("parallel", chains, steps, block, device)
+    if key not in _PLANS:
+        index = torch.arange(chains * steps, device=device).view(chains, steps)
+        _PLANS[key] = _ChainPlan(block, index, (True,) * chains)
+    return _PLANS[key]
 
 
 def _sweep_settings(
@@ -512,7 +648,7 @@ def resolve_chain_method(method: str, bond_dim: int, device: torch.device | None
     if method != "auto":
         return method
     if device is None or torch.device(device).type == "cpu":
-        return "scan"
+        return "scan" if bond_dim <= SCAN_MAX_BOND_DIM else "sweep"
     return "tree" if bond_dim <= TREE_MAX_BOND_DIM else "sweep"
 
 
@@ -576,8 +712,14 @@ def _sweep_boundary(
         return _tree_boundary(start, cores, features)
     every, block = _sweep_settings(method, start.dtype, cores.shape[2], renorm_every, block)
     if method == "scan":
-        features = features.permute(2, 0, 3, 1)
-        v, log_scale = _scan_chains(start.transpose(1, 2), cores, features, every, block)
+        chains, length, bond, d = cores.shape[:4]
+        padded = -(-length // block) * block
+        sites = _identity_cores(cores, padded).reshape(chains * padded, bond, d, bond)
+        feats = _pad_sites(features.permute(0, 2, 3, 1), padded, 1, 2)
+        plan = _parallel_plan(chains, padded // block, block, start.device)
+        v, log_scale = _scan(
+            start.transpose(1, 2), sites, feats.reshape(chains * padded, d, -1), plan, every
+        )
         return v.transpose(1, 2), log_scale
     v, log_scale = _autograd_sweep(start, cores, features, every, block)
     if every > 1 or block > 1:
@@ -621,27 +763,19 @@ def _contract_chain(
     if not 0 <= position <= num_sites:
         raise ValueError(f"output core position must be in [0, {num_sites}], but got {position}")
     method = resolve_chain_method(method, bond, features.device)
-    length = max(position, num_sites - position)
-    left_cores, right_cores = cores[:position], cores[position:].flip(0).transpose(1, 3)
     if method == "scan":
         every, block = _sweep_settings(method, features.dtype, bond, None, None)
-        length = -(-length // block) * block
-        feats = features.permute(1, 2, 0)  # (N, d, B): the scan's batch-last layout
-        left_feats = _pad_sites(feats[:position], length, 0, 1)
-        right_feats = _pad_sites(feats[position:].flip(0), length, 0, 1)
-        v, logs = _scan_chains(
-            torch.stack([left, right]).unsqueeze(-1).expand(2, bond, batch),
-            torch.stack(
-                [_identity_cores(left_cores, length), _identity_cores(right_cores, length)]
-            ),
-            torch.stack([left_feats, right_feats], dim=1),
-            every,
-            block,
-        )
+        plan, pad, extra = _mps_plan(position, num_sites - position, block, features.device)
+        sites = _insert_identity(cores, position, pad, extra)
+        feats = _insert_e0(features.permute(1, 2, 0), position, pad, extra)  # (n, d, B)
+        start = torch.stack([left, right]).unsqueeze(-1).expand(2, bond, batch)
+        v, logs = _scan(start, sites, feats, plan, every)
         # values[b, c] = sum_{l, r} u[l, b] O[l, c, r] w[r, b], as one matmul and one reduction
         ow = (output_core.reshape(-1, bond) @ v[1]).view(bond, -1, batch)
         values = (ow * v[0].unsqueeze(1)).sum(0).t()
     else:
+        length = max(position, num_sites - position)
+        left_cores, right_cores = cores[:position], cores[position:].flip(0).transpose(1, 3)
         left_feats = _pad_sites(features[:, :position], length, 1, 2)
         right_feats = _pad_sites(features[:, position:].flip(1), length, 1, 2)
         start = torch.stack([left.expand(batch, bond), right.expand(batch, bond)])
