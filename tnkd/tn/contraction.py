@@ -7,21 +7,43 @@ Two ways to evaluate a student, tested equal to each other:
   input node, the contraction path is planned once per input shape (on the single-sample network,
   so planning a 784-site chain is cheap) and the ``opt_einsum`` expression is cached and executed
   on torch tensors (autograd, mixed precision and GPUs work).
-* :func:`contract_chain`, the fast path for chains (MPS classifiers, TT networks). It returns the
-  value *and a tracked log-scale*, so that chains of any length neither overflow nor vanish:
+* :func:`contract_chain`, the fast path for chains (MPS classifiers, TT networks), and
+  :func:`sweep_boundary`, its K-chains-at-once engine. They return the value *and a tracked
+  log-scale*, so that chains of any length neither overflow nor vanish:
 
-  - ``"sweep"``: a boundary vector is swept along the chain (D^2 d work per site, sequential;
-    the left and right halves are swept together as one batch, two neighbouring sites are
-    merged into one step, and the vectors are renormalised every few sites).
+  - ``"scan"``: a boundary vector is swept along the chain (D^2 d work per site, sequential;
+    the left and right halves of an MPS are swept together as K = 2 chains, two neighbouring
+    sites are merged into one step up to D = 32, the vectors are renormalised every 16 sites),
+    and the whole sweep is one autograd node with a hand-written backward pass: the gradient
+    vector is swept back with the same two kernels per step (an outer product with the
+    features and one batched matmul) and the cores' gradients come from one batched matmul per
+    8 steps. Vectors are carried batch-last, as (D, B) columns, which makes both kernels 2.5x
+    faster at D = 10 on a CPU.
+  - ``"sweep"``: the same sweep recorded by autograd step by step (three or four nodes per step,
+    each with its own dispatch, broadcast reduction and gradient accumulation: at small D these
+    per-kernel costs, not arithmetic, set its time). It was the CPU default before the scan and
+    is the baseline of ``benchmarks/chain_speed.py``.
   - ``"tree"``: every site's feature vector is contracted into its core in one batched
     operation, then the matrices are multiplied pairwise in log depth (D^3 work per site, but
     about 2 log2(N) large kernels instead of N small ones), renormalised at every level.
-  - ``"auto"`` picks ``sweep`` on CPU at every bond dimension (measured faster there at D = 10,
-    20 and 50: see ``benchmarks/contraction.py``), and ``tree`` on accelerators for D <= 64,
-    where a few large kernels beat hundreds of small launches (measured on an H200 at batch
-    100 with ``benchmarks/chain_methods.py``: a 784-site training step 4.9x faster at D = 32 and
-    2.2x at D = 64, 196 sites 2.1x and 1.3x). Above D = 64 the tree's D^3 work per site was not
-    measured, so the sweep stays the choice there.
+  - ``"auto"`` picks ``scan`` on CPU at every D, ``tree`` on accelerators for D <= 64 and
+    ``sweep`` above.
+
+  Why, measured (``benchmarks/chain_speed.py``, MPS classifier, batch 100, training step =
+  forward, cross-entropy, backward, Adam; 2-core CPU shared with other jobs, 1 torch thread,
+  models timed interleaved): against the sweep the scan trains 1.9x faster at 784 sites and
+  D = 10, 2.1x at D = 16, 1.9x at D = 20 and 1.7x at D = 50, 1.6-1.9x at 196 sites and
+  D = 8-32, and infers 1.1-1.5x faster; at D = 64, 100 and 128 it trained 1.7x, 1.1-1.2x and
+  1.3x faster. On a GPU
+  the tree was measured (an H200 at batch 100, ``benchmarks/chain_methods.py``: a 784-site
+  training step 4.9x faster than the sweep at D = 32 and 2.2x at D = 64, 196 sites 2.1x and
+  1.3x); the scan was not measured on a GPU, so ``auto`` keeps the tree and the sweep there.
+  Tried on the CPU and not taken: the tree (D^3 work in 10x10 matmuls at 12 GFLOP/s, and the
+  whole stack renormalised at every level: a 784-site D = 10 forward pass took 35 ms against
+  the scan's 3.5 ms); ``torch.compile`` of a 49-step loop (192 s to compile, 1.2x faster);
+  merging 3 or 4 sites per step (fewer steps, but d^k/k more work per site: slower at D = 10);
+  per-sample (D, D) transfer matrices (two elementwise kernels per step, no fewer than the
+  outer product and matmul); sweeping the two halves in two Python threads (slower).
 """
 
 from __future__ import annotations
@@ -125,7 +147,6 @@ class CompiledNetwork:
 
 CHAIN_METHODS = ("auto", "scan", "sweep", "tree")
 TREE_MAX_BOND_DIM = 64
-SCAN_MAX_BOND_DIM = 64
 SCAN_RENORM_EVERY = 16
 SCAN_MAX_MERGED_BOND_DIM = 32
 
@@ -648,7 +669,7 @@ def resolve_chain_method(method: str, bond_dim: int, device: torch.device | None
     if method != "auto":
         return method
     if device is None or torch.device(device).type == "cpu":
-        return "scan" if bond_dim <= SCAN_MAX_BOND_DIM else "sweep"
+        return "scan"
     return "tree" if bond_dim <= TREE_MAX_BOND_DIM else "sweep"
 
 
