@@ -98,8 +98,11 @@ def measure(
     if with_tk:
         for name, model, forward in tensorkrowch_models(bond_dim, "linear", sites):
             models[name] = (model.to(device), forward)
-    train = interleaved({n: train_step(m, f, x, y) for n, (m, f) in models.items()}, reps, device)
-    infer = interleaved({n: inference_step(f, x) for n, (_, f) in models.items()}, reps, device)
+    steps = {n: train_step(m, f, x, y) for n, (m, f) in models.items()}
+    train = interleaved(steps, reps, device, clock)
+    infer = interleaved(
+        {n: inference_step(f, x) for n, (_, f) in models.items()}, reps, device, clock
+    )
     with torch.inference_mode():
         out = models["new"][1](x)
     tk_names = [n for n in models if n.startswith("TensorKrowch")]

@@ -6,8 +6,9 @@
 
 Models (784 sites, d = 2, 10 classes, batch 100, random inputs in [0, 1]):
 
-* tnkd fast: ``MPSClassifier`` through ``contract_chain`` (method "auto": the boundary-vector
-  sweep on CPU), normalised logits.
+* tnkd fast: ``MPSClassifier`` through ``contract_chain`` (method "auto": the scan on CPU; the
+  README's table was measured with the sweep, ``method="sweep"``, before the scan existed),
+  normalised logits.
 * tnkd generic: the same MPS's ``to_graph()`` compiled by ``CompiledNetwork`` (one opt_einsum
   expression, path planned once; no renormalisation, raw values).
 * TensorKrowch 1.1.6 ``MPSLayer`` (``randn_eye`` init, ``auto_stack=True``, ``auto_unbind=False``,

@@ -29,21 +29,23 @@ Two ways to evaluate a student, tested equal to each other:
   - ``"auto"`` picks ``scan`` on CPU at every D, ``tree`` on accelerators for D <= 64 and
     ``sweep`` above.
 
-  Why, measured (``benchmarks/chain_speed.py``, MPS classifier, batch 100, training step =
-  forward, cross-entropy, backward, Adam; 2-core CPU shared with other jobs, 1 torch thread,
-  models timed interleaved): against the sweep the scan trains 1.9x faster at 784 sites and
-  D = 10, 2.1x at D = 16, 1.9x at D = 20 and 1.7x at D = 50, 1.6-1.9x at 196 sites and
-  D = 8-32, and infers 1.1-1.5x faster; at D = 64, 100 and 128 it trained 1.7x, 1.1-1.2x and
-  1.3x faster. On a GPU
-  the tree was measured (an H200 at batch 100, ``benchmarks/chain_methods.py``: a 784-site
-  training step 4.9x faster than the sweep at D = 32 and 2.2x at D = 64, 196 sites 2.1x and
-  1.3x); the scan was not measured on a GPU, so ``auto`` keeps the tree and the sweep there.
+  Why, measured (``benchmarks/chain_speed.py --threads 1 --clock cpu``, twice: MPS classifier,
+  batch 100, training step = forward, cross-entropy, backward, Adam; a 2-core CPU shared with
+  other jobs, models timed interleaved): against the sweep the scan trains 2.0x faster at 784
+  sites and D = 10, 1.8-1.9x at D = 16 and 20, 1.7-1.8x at D = 50, 1.4-1.8x at 196 sites and
+  D = 8-32, and infers 1.2-1.5x faster; measured the same way with a development script, 1.7x
+  at D = 64, 1.1-1.2x at D = 100 and 1.3x at D = 128. On a GPU the tree was measured (an H200
+  at batch 100, ``benchmarks/chain_methods.py``: a 784-site training step 4.9x faster than the
+  sweep at D = 32 and 2.2x at D = 64, 196 sites 2.1x and 1.3x); the scan was not measured on a
+  GPU, so ``auto`` keeps the tree and the sweep there.
+
   Tried on the CPU and not taken: the tree (D^3 work in 10x10 matmuls at 12 GFLOP/s, and the
   whole stack renormalised at every level: a 784-site D = 10 forward pass took 35 ms against
   the scan's 3.5 ms); ``torch.compile`` of a 49-step loop (192 s to compile, 1.2x faster);
   merging 3 or 4 sites per step (fewer steps, but d^k/k more work per site: slower at D = 10);
-  per-sample (D, D) transfer matrices (two elementwise kernels per step, no fewer than the
-  outer product and matmul); sweeping the two halves in two Python threads (slower).
+  per-sample (D, D) transfer matrices (a step is then two elementwise kernels over D^2 B
+  numbers, 7.0 us at D = 10, against 4.7 us for the outer product and matmul of two merged
+  sites); sweeping the two halves in two Python threads (slower: the GIL).
 """
 
 from __future__ import annotations
@@ -185,9 +187,10 @@ def default_renorm_every(dtype: torch.dtype, method: str = "sweep") -> int:
     matrices' norms; float32 and bfloat16 (range 1e+-38) absorb that for any sane cores, and
     :func:`sweep_boundary` falls back to renormalising every site if a value ever came out
     non-finite or zero (the scan also if a scale came near float32's subnormal range, and if a
-    gradient overflowed on its way back). float16 (range 6.5e4) renormalises every site. The
-    scan's renormalisation is four of its ~2.5 kernels per step, so it spaces them further
-    (measured at 784 sites, D = 10: 16 sites trains 3 % faster than 8, 32 another 4 %).
+    gradient overflowed on its way back). float16 (range 6.5e4) renormalises every site. A
+    renormalisation is four kernels against the scan's two per step, so the scan spaces them
+    further (measured at 784 sites, D = 10: every 16 sites trains 3 % faster than every 8, every
+    32 another 4 %).
     """
     if dtype == torch.float16:
         return 1
@@ -661,7 +664,16 @@ def _sweep_settings(
 
 
 def resolve_chain_method(method: str, bond_dim: int, device: torch.device | None = None) -> str:
-    """Turn ``"auto"`` into ``"tree"`` or ``"sweep"``; validate the name."""
+    """Turn ``"auto"`` into a method for this device and bond dimension; validate the name.
+
+    CPU (or no device): ``"scan"`` at every D. Accelerators: ``"tree"`` for
+    D <= ``TREE_MAX_BOND_DIM``, ``"sweep"`` above. The measurements behind the choice are in
+    the module docstring.
+
+    Example:
+        >>> resolve_chain_method("auto", 10, torch.device("cpu"))
+        'scan'
+    """
     if method not in CHAIN_METHODS:
         raise ValueError(
             f"chain contraction method must be one of {CHAIN_METHODS}, but got {method!r}"
@@ -772,7 +784,7 @@ def _contract_chain(
         features: (B, N, d) feature vectors.
         output_core: (D, C, D) output core.
         position: p, the number of sites left of the output core (0..N).
-        method: ``"auto"``, ``"sweep"`` or ``"tree"``.
+        method: ``"auto"``, ``"scan"``, ``"sweep"`` or ``"tree"`` (see :func:`sweep_boundary`).
 
     Returns:
         ``values`` (B, C) and ``log_scale`` (B,).
