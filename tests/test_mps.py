@@ -95,7 +95,7 @@ def test_parameter_count_closed_form_and_compression():
 
 
 @pytest.mark.parametrize("feature_map", ["linear", "trig"])
-@pytest.mark.parametrize("method", ["auto", "scan", "sweep"])
+@pytest.mark.parametrize("method", ["auto", "sweep"])  # auto: the scan on CPU
 def test_long_chain_is_finite_and_nonzero(feature_map, method):
     torch.manual_seed(0)
     mps = MPSClassifier(784, 10, bond_dim=20, feature_map=feature_map, method=method)

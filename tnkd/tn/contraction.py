@@ -269,6 +269,12 @@ def _autograd_sweep(
 _PLANS: dict[tuple, Any] = {}
 
 
+def _remember(key: tuple, plan: Any) -> None:
+    if len(_PLANS) >= 256:  # many shapes (a sweep over sizes): start over rather than grow
+        _PLANS.clear()
+    _PLANS[key] = plan
+
+
 class _ChainPlan(NamedTuple):
     """Which merged block of a site tensor each of K chains reads at each of S scan steps.
 
@@ -304,7 +310,7 @@ def _mps_plan(
     left_idx = list(range(nl)) + [eye] * (steps - nl)
     right_idx = list(range(nl + nr - 1, nl - 1, -1)) + [eye] * (steps - nr)
     index = torch.tensor([left_idx, right_idx], device=device)
-    _PLANS[key] = (_ChainPlan(block, index, (True, False)), pad_l + pad_r, extra)
+    _remember(key, (_ChainPlan(block, index, (True, False)), pad_l + pad_r, extra))
     return _PLANS[key]
 
 
@@ -646,7 +652,7 @@ def _parallel_plan(chains: int, steps: int, block: int, device: torch.device) ->
     key = ("parallel", chains, steps, block, device)
     if key not in _PLANS:
         index = torch.arange(chains * steps, device=device).view(chains, steps)
-        _PLANS[key] = _ChainPlan(block, index, (True,) * chains)
+        _remember(key, _ChainPlan(block, index, (True,) * chains))
     return _PLANS[key]
 
 
