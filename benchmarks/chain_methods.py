@@ -3,12 +3,14 @@
     python benchmarks/chain_methods.py                      # CPU, 784 and 196 sites
     python benchmarks/chain_methods.py --device cuda        # the same on a GPU
     python benchmarks/chain_methods.py --markdown           # the table as markdown
+    python benchmarks/chain_methods.py --methods sweep scan # only some methods
 
 ``method="sweep"`` carries boundary vectors site by site (N/2 sequential steps of small batched
-matmuls; D^2 work per site and sample); ``method="tree"`` multiplies the transfer matrices
-pairwise in log depth (few, large kernels; D^3 work per site and sample). ``"auto"`` picks the
-tree on an accelerator for D <= ``TREE_MAX_BOND_DIM`` and the sweep otherwise: this script is
-how that threshold is checked. Models: ``MPSClassifier`` ([1, x] map, 10 classes, normalised
+matmuls; D^2 work per site and sample); ``method="scan"`` is the same sweep with a hand-written
+backward pass (one autograd node); ``method="tree"`` multiplies the transfer matrices pairwise
+in log depth (few, large kernels; D^3 work per site and sample). ``"auto"`` picks the tree on an
+accelerator for D <= ``TREE_MAX_BOND_DIM`` and the sweep otherwise (the scan has not been
+measured on a GPU yet: this script is how to), and the scan on CPU. Models: ``MPSClassifier`` ([1, x] map, 10 classes, normalised
 logits), batch 100, random inputs in [0, 1]. A training step is forward + cross-entropy + backward
 + Adam step; inference is a forward pass under ``torch.inference_mode``. Each figure is the
 median of several timed repetitions after warm-up (CUDA: synchronised). Figures move from run to
@@ -48,6 +50,9 @@ def main() -> None:
     parser.add_argument("--bond-dims", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--markdown", action="store_true")
+    parser.add_argument(
+        "--methods", nargs="+", default=["sweep", "tree", "scan"], help="compared with the sweep"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     name = (
@@ -58,24 +63,21 @@ def main() -> None:
     print(
         f"# chain methods on {name} (torch {torch.__version__}); batch {BATCH}; auto = tree for D <= {TREE_MAX_BOND_DIM} on accelerators"
     )
-    header = "| sites | D | train sweep | train tree | tree/sweep | infer sweep | infer tree | tree/sweep |"
-    print(header if args.markdown else header.replace("|", " ").strip())
+    others = [m for m in args.methods if m != "sweep"]
+    head = ["sites", "D", "train sweep"]
+    head += [c for m in others for c in (f"train {m}", f"{m}/sweep")]
+    head += ["infer sweep"] + [c for m in others for c in (f"infer {m}", f"{m}/sweep")]
+    print("| " + " | ".join(head) + " |" if args.markdown else "  ".join(head))
     if args.markdown:
-        print("|" + "---|" * 8)
+        print("|" + "---|" * len(head))
     for sites in args.sites:
         for d in args.bond_dims:
-            sweep = measure(sites, d, "sweep", device, args.reps)
-            tree = measure(sites, d, "tree", device, args.reps)
-            cells = [
-                f"{sites}",
-                f"{d}",
-                f"{sweep[0]:,.0f}",
-                f"{tree[0]:,.0f}",
-                f"{tree[0] / sweep[0]:.2f}x",
-                f"{sweep[1]:,.0f}",
-                f"{tree[1]:,.0f}",
-                f"{tree[1] / sweep[1]:.2f}x",
-            ]
+            speed = {m: measure(sites, d, m, device, args.reps) for m in ["sweep", *others]}
+            cells = [f"{sites}", f"{d}"]
+            for i in (0, 1):  # train, inference
+                cells.append(f"{speed['sweep'][i]:,.0f}")
+                for m in others:
+                    cells += [f"{speed[m][i]:,.0f}", f"{speed[m][i] / speed['sweep'][i]:.2f}x"]
             print(
                 "| " + " | ".join(cells) + " |" if args.markdown else "  ".join(cells), flush=True
             )

@@ -6,8 +6,9 @@
 
 Models (784 sites, d = 2, 10 classes, batch 100, random inputs in [0, 1]):
 
-* tnkd fast: ``MPSClassifier`` through ``contract_chain`` (method "auto": the boundary-vector
-  sweep on CPU), normalised logits.
+* tnkd fast: ``MPSClassifier`` through ``contract_chain`` (method "auto": the scan on CPU; the
+  README's table was measured with the sweep, ``method="sweep"``, before the scan existed),
+  normalised logits.
 * tnkd generic: the same MPS's ``to_graph()`` compiled by ``CompiledNetwork`` (one opt_einsum
   expression, path planned once; no renormalisation, raw values).
 * TensorKrowch 1.1.6 ``MPSLayer`` (``randn_eye`` init, ``auto_stack=True``, ``auto_unbind=False``,
@@ -112,7 +113,9 @@ def _finite_nonzero(out: torch.Tensor) -> bool:
     return bool(torch.isfinite(out).all() and out.abs().amax() > 0)
 
 
-def tensorkrowch_models(bond_dim: int, feature_map: str) -> list[tuple[str, nn.Module, Callable]]:
+def tensorkrowch_models(
+    bond_dim: int, feature_map: str, sites: int = SITES
+) -> list[tuple[str, nn.Module, Callable]]:
     """TensorKrowch MPSLayer as its docs recommend, plain and with renormalize=True."""
     import tensorkrowch as tk
 
@@ -124,7 +127,7 @@ def tensorkrowch_models(bond_dim: int, feature_map: str) -> list[tuple[str, nn.M
     )
     for renormalize in (False, True):
         mps = tk.models.MPSLayer(
-            n_features=SITES + 1,
+            n_features=sites + 1,
             in_dim=2,
             out_dim=CLASSES,
             bond_dim=bond_dim,
@@ -133,7 +136,7 @@ def tensorkrowch_models(bond_dim: int, feature_map: str) -> list[tuple[str, nn.M
             std=1e-9,
         )
         mps.auto_stack, mps.auto_unbind = True, False
-        mps.trace(torch.zeros(1, SITES, 2), renormalize=renormalize)
+        mps.trace(torch.zeros(1, sites, 2), renormalize=renormalize)
 
         def forward(x: torch.Tensor, mps=mps, renormalize=renormalize) -> torch.Tensor:
             return mps(embed(x), renormalize=renormalize)

@@ -26,7 +26,7 @@ def dense_reference(mps: MPSClassifier, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("feature_map", ["linear", "trig"])
 @pytest.mark.parametrize("position", [0, 3, 7])
-@pytest.mark.parametrize("method", ["sweep", "tree"])
+@pytest.mark.parametrize("method", ["scan", "sweep", "tree"])
 def test_raw_output_equals_dense_reference_and_generic_path(feature_map, position, method):
     torch.manual_seed(0)
     mps = MPSClassifier(
@@ -45,11 +45,18 @@ def test_raw_output_equals_dense_reference_and_generic_path(feature_map, positio
     assert torch.allclose(mps.generic_forward(x), ref, rtol=1e-10, atol=1e-12)
 
 
-def test_uniform_cores_share_one_tensor():
+@pytest.mark.parametrize("method", ["scan", "sweep"])
+def test_uniform_cores_share_one_tensor(method):
     torch.manual_seed(1)
-    mps = MPSClassifier(9, 2, bond_dim=3, uniform=True, output="raw", init_std=0.5).double()
+    mps = MPSClassifier(
+        9, 2, bond_dim=3, uniform=True, output="raw", init_std=0.5, method=method
+    ).double()
     x = torch.rand(4, 9, dtype=torch.float64)
     assert torch.allclose(mps.raw_forward(x), dense_reference(mps, x), rtol=1e-10)
+    # the shared core's gradient sums the gradients of its 9 uses (dense reference: autograd)
+    (grad,) = torch.autograd.grad(mps.raw_forward(x).sum(), mps.cores)
+    (ref,) = torch.autograd.grad(dense_reference(mps, x).sum(), mps.cores)
+    assert torch.allclose(grad, ref, rtol=1e-9, atol=1e-12)
     assert mps.cores.shape == (1, 3, 2, 3)
     assert mps.parameter_count() == 1 * 3 * 2 * 3 + 3 * 2 * 3 + 2 * 3
 
@@ -88,9 +95,10 @@ def test_parameter_count_closed_form_and_compression():
 
 
 @pytest.mark.parametrize("feature_map", ["linear", "trig"])
-def test_long_chain_is_finite_and_nonzero(feature_map):
+@pytest.mark.parametrize("method", ["auto", "sweep"])  # auto: the scan on CPU
+def test_long_chain_is_finite_and_nonzero(feature_map, method):
     torch.manual_seed(0)
-    mps = MPSClassifier(784, 10, bond_dim=20, feature_map=feature_map)
+    mps = MPSClassifier(784, 10, bond_dim=20, feature_map=feature_map, method=method)
     x = torch.rand(8, 1, 28, 28)
     logits = mps(x)
     assert torch.isfinite(logits).all() and logits.abs().amax() > 0
