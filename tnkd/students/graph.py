@@ -35,7 +35,7 @@ Sites are numbered row-major; ``input_positions`` ties input nodes to sites (def
 input nodes in order, one per site).
 
 Example (a 4-site MPS drawn by hand):
-    >>> from tnkd.tn.graph import TNGraph, connect, make_node
+    >>> from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
     >>> cores = [make_node((2, 3), "A0", ["phys", "r"])]
     >>> cores += [make_node((3, 2, 3), f"A{i}", ["l", "phys", "r"]) for i in (1, 2)]
     >>> cores += [make_node((3, 2, 5), "A3", ["l", "phys", "label"])]
@@ -59,7 +59,7 @@ from __future__ import annotations
 import importlib
 import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -68,7 +68,7 @@ from torch import nn
 from tnkd.feature_maps import FeatureMap, build_feature_map
 from tnkd.students.base import Student, check_positive_int, image_patches
 from tnkd.tn.contraction import CompiledNetwork
-from tnkd.tn.graph import TNGraph, connect, make_node
+from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
 from tnkd.tn.stable import MODES, AutoNetwork
 
 OUTPUT_MODES = ("normalized", "raw")
@@ -150,7 +150,8 @@ def site_layout(
     if dim > 4096:
         raise ValueError(
             f"{what}: the product map of a {values}-pixel patch has {feature_map.dim}^{values} "
-            f"= {dim} entries per site; use smaller patches, pool first, or a learnable map"
+            f"= {dim} entries per site (at most 4096 allowed); use smaller patches, pool first, "
+            "or a learnable map"
         )
     return grid, dim, c * h * w
 
@@ -222,6 +223,43 @@ def _resolve_graph(graph: Any, graph_args: Mapping[str, Any] | None) -> TNGraph:
     return graph
 
 
+def tree_positions(spec: NetworkSpec) -> dict[str, tuple[float, float]]:
+    """A drawing layout for a graph without loops: hung from its label node, leaves at the bottom.
+
+    Leaves (input nodes) are spread left to right in depth-first order; each other node sits
+    above the middle of its children. Returns ``{}`` for graphs with loops (drawn in a line).
+    """
+    owners: dict[str, list[str]] = {}
+    for name, idx in zip(spec.node_names, spec.node_indices, strict=True):
+        for ix in idx:
+            owners.setdefault(ix, []).append(name)
+    neighbours: dict[str, list[str]] = {n: [] for n in spec.node_names}
+    for ends in owners.values():
+        if len(ends) == 2:
+            neighbours[ends[0]].append(ends[1])
+            neighbours[ends[1]].append(ends[0])
+    if sum(len(v) for v in neighbours.values()) // 2 != len(spec.node_names) - 1:
+        return {}
+    root = owners[spec.output_indices[0]][0] if spec.output_indices else spec.node_names[0]
+    pos: dict[str, tuple[float, float]] = {}
+    count = 0
+    stack: list[tuple[str, str | None, bool]] = [(root, None, False)]
+    while stack:  # iterative post-order: children first
+        node, parent, done = stack.pop()
+        kids = [u for u in neighbours[node] if u != parent]
+        if not done:
+            stack.append((node, parent, True))
+            stack.extend((u, node, False) for u in reversed(kids))
+            continue
+        if not kids:
+            pos[node] = (float(count), 0.0)
+            count += 1
+        else:
+            xs = [pos[u][0] for u in kids]
+            pos[node] = (sum(xs) / len(xs), 1.0 + max(pos[u][1] for u in kids))
+    return pos
+
+
 def _sites(values: list[int]) -> list[int] | slice:
     """A slice when the sites are evenly spaced and increasing (a view, no copy), else the list."""
     step = values[1] - values[0] if len(values) > 1 else 1
@@ -235,7 +273,8 @@ class GraphStudent(Student):
 
     Args:
         graph: a :class:`~tnkd.tn.graph.TNGraph`, a function returning one, or the dotted
-            import path of such a function (YAML).
+            import path of such a function (YAML: ``graph: mypackage.graphs.my_tree``; typed
+            ``Any`` so that the YAML string reaches the constructor as it is).
         graph_args: keyword arguments of the graph function.
         feature_map: the site map (name, mapping or :class:`~tnkd.feature_maps.FeatureMap`).
         input_shape: one sample's shape: needed for ``pool`` and ``patch``; without it the
@@ -254,7 +293,7 @@ class GraphStudent(Student):
 
     def __init__(
         self,
-        graph: TNGraph | Callable[..., TNGraph] | str,
+        graph: Any,
         graph_args: dict[str, Any] | None = None,
         feature_map: str | dict | FeatureMap = "linear",
         input_shape: Sequence[int] | None = None,
@@ -263,7 +302,7 @@ class GraphStudent(Student):
         input_positions: Sequence[int] | Mapping[str, int] | None = None,
         output: str = "normalized",
         logit_scale: float = 5.0,
-        init_std: float = 1e-2,
+        init_std: float = 0.3,
         contraction: str = "auto",
         optimize: str = "auto",
     ) -> None:
@@ -317,7 +356,7 @@ class GraphStudent(Student):
             initial[node.name] = value
         self._spec = spec
         self._axis_names = {node.name: list(node.axis_names) for node in graph.nodes}
-        self._positions_xy = dict(graph.positions)
+        self._positions_xy = dict(graph.positions) or tree_positions(spec)
         self.input_nodes = inputs
         self.input_sites = [sites[n] for n in inputs]
         self.network = AutoNetwork(spec, mode=contraction, optimize=optimize)

@@ -145,7 +145,7 @@ class PEPSClassifier(GraphStudent):
         label_site: Sequence[int] | None = None,
         output: str = "normalized",
         logit_scale: float = 5.0,
-        init_std: float = 1e-2,
+        init_std: float = 0.3,
         contraction: str = "auto",
     ) -> None:
         fmap = build_feature_map(feature_map)

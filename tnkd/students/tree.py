@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tnkd.feature_maps import FeatureMap, build_feature_map
 from tnkd.students.base import check_positive_int
@@ -49,8 +49,7 @@ class _Item:
     node: object  # tn.Node
     axis: str  # the free axis that connects upward
     dim: int
-    children: list[_Item] = field(default_factory=list)
-    name: str = ""
+    name: str
 
 
 def tree_graph(grid: Sequence[int], phys_dim: int, bond_dim: int, num_classes: int) -> TNGraph:
@@ -83,7 +82,7 @@ def tree_graph(grid: Sequence[int], phys_dim: int, bond_dim: int, num_classes: i
         for size in reversed(shape):
             pos.append(rest % size)
             rest //= size
-        items[tuple(reversed(pos))] = _Item(node, "phys", phys_dim, name=node.name)
+        items[tuple(reversed(pos))] = _Item(node, "phys", phys_dim, node.name)
     dims = list(shape)
     nodes = []
     level, turn = 0, len(dims) - 1
@@ -110,7 +109,7 @@ def tree_graph(grid: Sequence[int], phys_dim: int, bond_dim: int, num_classes: i
             connect(a.node, a.axis, node, "child0", name=f"{a.name}-{name}")
             connect(b.node, b.axis, node, "child1", name=f"{b.name}-{name}")
             nodes.append(node)
-            new_items[parent_pos] = _Item(node, "parent", up, [a, b], name)
+            new_items[parent_pos] = _Item(node, "parent", up, name)
         items = new_items
         dims[turn] = (dims[turn] + 1) // 2
         turn = (turn - 1) % len(dims)
@@ -119,33 +118,11 @@ def tree_graph(grid: Sequence[int], phys_dim: int, bond_dim: int, num_classes: i
     connect(a.node, a.axis, root, "child0", name=f"{a.name}-root")
     connect(b.node, b.axis, root, "child1", name=f"{b.name}-root")
     root["label"].set_name("label")
-    top = _Item(root, "label", num_classes, [a, b], "root")
     return TNGraph(
         nodes=[*nodes, root, *inputs],
         input_nodes=[n.name for n in inputs],
         output_edges=[root["label"]],
-        positions=_layout(top),
     )
-
-
-def _layout(top: _Item) -> dict[str, tuple[float, float]]:
-    """Leaves spread left to right in tree order, each node above the middle of its children."""
-    pos: dict[str, tuple[float, float]] = {}
-    leaves = 0
-
-    def place(item: _Item) -> tuple[float, int]:
-        nonlocal leaves
-        if not item.children:
-            pos[item.name] = (float(leaves), 0.0)
-            leaves += 1
-            return pos[item.name][0], 0
-        placed = [place(c) for c in item.children]
-        height = 1 + max(h for _, h in placed)
-        pos[item.name] = (sum(x for x, _ in placed) / len(placed), float(height))
-        return pos[item.name][0], height
-
-    place(top)
-    return pos
 
 
 class TreeClassifier(GraphStudent):
@@ -175,7 +152,7 @@ class TreeClassifier(GraphStudent):
         patch: int = 1,
         output: str = "normalized",
         logit_scale: float = 5.0,
-        init_std: float = 1e-2,
+        init_std: float = 0.3,
         contraction: str = "auto",
     ) -> None:
         fmap = build_feature_map(feature_map)
