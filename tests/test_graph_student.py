@@ -188,3 +188,14 @@ def test_bad_graphs_are_clear_errors():
         GraphStudent(lambda: 3)
     with pytest.raises(ValueError, match="contraction must be one of"):
         GraphStudent(draw_mps(mps), contraction="fast")
+
+
+def test_students_pickle_and_deepcopy():
+    import copy
+    import pickle
+
+    tree = TreeClassifier(input_shape=(1, 4, 4), num_classes=3, bond_dim=3)
+    x = torch.rand(2, 1, 4, 4)
+    tree(x)  # builds the contraction function
+    for clone in (copy.deepcopy(tree), pickle.loads(pickle.dumps(tree))):
+        assert torch.allclose(clone(x), tree(x))

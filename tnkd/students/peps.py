@@ -13,13 +13,30 @@ dimension D, and carry the label on one tensor (here the centre)::
 Unlike a chain or a tree, the grid has loops: the network is contracted exactly along a path
 that ``opt_einsum`` plans once (feature vectors first, then the grid), in one batched kernel per
 group of equal steps (:class:`~tnkd.tn.stable.StableNetwork`). The exact cost grows as
-D^(2 min(rows, cols)) per sample, so exact contraction is for small grids; Cheng et al. use
-approximate boundary contraction for larger ones. Planned by greedy, one sample, per call
-(largest intermediate in entries; multiply by the batch size): 2x2 patches, any D <= 8 (< 10^4);
-4x4 at D = 3 (about 1.6 x 10^4 entries) and D = 4 (~ 10^5); 7x7 at D = 2 (~ 10^4) and D = 3
-(~ 10^6, slow). ``planned_cost`` of :mod:`tnkd.tn.stable` prints these figures for any shape.
+D^(min(rows, cols)) per sample, so exact contraction is for small grids; Cheng et al. contract
+larger ones approximately (boundary MPS). Planned cost per sample (greedy path, ``planned_cost``
+of :mod:`tnkd.tn.stable`; multiply by the batch size, and by about 3 for a training step):
+
+=============  ===  =====  =========================  ===============
+grid           d    D      largest intermediate       flops
+=============  ===  =====  =========================  ===============
+2x2            16   8      640                        4.8e4
+4x4            16   3      810                        7.9e4
+4x4            4    4      2,560                      2.6e5
+4x4            4    6      13,000                     3.2e6
+7x7            2    2      512                        9.0e4
+7x7            2    3      21,900                     6.6e6
+7x7            4    3      177,000                    2.7e7
+14x14          2    2      262,000                    2.3e8
+=============  ===  =====  =========================  ===============
+
+On one CPU thread a training step of batch 100 stays under about 0.1 s up to a few 1e6 flops per
+sample: 4x4 grids up to D = 6 and 7x7 grids at D = 2 are affordable; 7x7 at D = 3 is slow and a
+14x14 grid (a 2x2 patch per site of a 28x28 image) is out of reach exactly. The MNIST grid
+(``configs/mnist/grid_peps.yaml``) uses 4x4 at D = 4 with a learned patch map of size 4.
 
 Example:
+    >>> import torch
     >>> peps = PEPSClassifier(input_shape=(1, 8, 8), num_classes=10, patch=2, bond_dim=2)
     >>> peps.grid, peps.site_dim
     ((4, 4), 16)
@@ -132,6 +149,7 @@ class PEPSClassifier(GraphStudent):
         logit_scale: initial logit scale.
         init_std: relative noise of the copy-tensor initialisation.
         contraction: ``"auto"``, ``"stable"`` or ``"plain"``.
+        compile: contract through ``torch.compile`` (see :class:`~tnkd.students.graph.GraphStudent`).
     """
 
     def __init__(
@@ -147,6 +165,7 @@ class PEPSClassifier(GraphStudent):
         logit_scale: float = 5.0,
         init_std: float = 0.3,
         contraction: str = "auto",
+        compile: bool = False,
     ) -> None:
         fmap = build_feature_map(feature_map)
         grid, dim, _ = site_layout(input_shape, pool, patch, fmap, "PEPSClassifier")
@@ -165,5 +184,6 @@ class PEPSClassifier(GraphStudent):
             logit_scale=logit_scale,
             init_std=init_std,
             contraction=contraction,
+            compile=compile,
         )
         self.bond_dim = bond_dim

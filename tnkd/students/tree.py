@@ -27,6 +27,7 @@ a log-scale, so depth does not matter either. The parameter count is what limits
 tree at D = 16 has about 0.4 M parameters (196 / 2 leaves and ~97 D^3 inner nodes).
 
 Example:
+    >>> import torch
     >>> tree = TreeClassifier(input_shape=(1, 8, 8), num_classes=10, bond_dim=6)
     >>> tree(torch.rand(3, 1, 8, 8)).shape
     torch.Size([3, 10])
@@ -140,6 +141,7 @@ class TreeClassifier(GraphStudent):
         logit_scale: initial logit scale s of the normalized output.
         init_std: relative noise of the copy-tensor initialisation.
         contraction: ``"auto"``, ``"stable"`` or ``"plain"``.
+        compile: contract through ``torch.compile`` (see :class:`~tnkd.students.graph.GraphStudent`).
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class TreeClassifier(GraphStudent):
         logit_scale: float = 5.0,
         init_std: float = 0.3,
         contraction: str = "auto",
+        compile: bool = False,
     ) -> None:
         fmap = build_feature_map(feature_map)
         grid, dim, _ = site_layout(input_shape, pool, patch, fmap, "TreeClassifier")
@@ -170,5 +173,6 @@ class TreeClassifier(GraphStudent):
             logit_scale=logit_scale,
             init_std=init_std,
             contraction=contraction,
+            compile=compile,
         )
         self.bond_dim = bond_dim

@@ -174,6 +174,7 @@ def _tree_like(
         patch=student.patch,
         output=student.output,
         contraction=student.network.mode,
+        compile=student.compile,
     ).to(student.blocks[0].dtype)
     shapes = {name: tuple(t.shape) for name, t in new.node_tensors().items()}
     new.load_node_tensors({name: _pad(t, shapes[name]) for name, t in tensors.items()})

@@ -34,7 +34,7 @@ Example:
     >>> import torch
     >>> cores = [torch.randn(1, 2, 4), torch.randn(4, 2, 4), torch.randn(4, 2, 1)]
     >>> left, log_norm = left_canonicalize(cores)
-    >>> m = left[1].reshape(8, -1)
+    >>> m = left[1].reshape(-1, left[1].shape[-1])  # (r n) x r'
     >>> torch.allclose(m.T @ m, torch.eye(m.shape[1]), atol=1e-6)
     True
 """

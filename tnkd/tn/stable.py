@@ -430,12 +430,16 @@ class StableNetwork:
         """Contract per-node operands; returns ``values`` (batch, *outputs), ``log_scale`` (batch,)."""
         return self.contract(self.to_blocks(operands))
 
-    def contract(self, blocks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def contract(
+        self, blocks: Sequence[torch.Tensor], every: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Contract stacked operands, one tensor per block (see ``blocks``).
 
         A parameter block is ``(G, *node shape)``, an input block ``(G, *node shape, batch)``
         (intermediates keep the batch index last too: elementwise work then runs along
         contiguous samples, measured 1.1-1.2x faster training than batch-first on trees).
+        ``every=True`` renormalises after every step and skips the range check (no
+        data-dependent branch: what ``torch.compile`` traces in one graph).
         """
         if len(blocks) != len(self.blocks):
             raise ValueError(f"expected {len(self.blocks)} blocks, got {len(blocks)}")
@@ -445,8 +449,8 @@ class StableNetwork:
             # bfloat16, so the network is contracted in float32 (the rest stays under autocast)
             dtype = torch.promote_types(torch.float32, blocks[0].dtype)
             with torch.autocast(device_type=device, enabled=False):
-                return self._contract([t.to(dtype) for t in blocks])
-        return self._contract(list(blocks))
+                return self._contract([t.to(dtype) for t in blocks], every)
+        return self._contract(list(blocks), every)
 
     def _contract(
         self, blocks: list[torch.Tensor], every: bool = False
@@ -544,8 +548,16 @@ class AutoNetwork:
         """``(values, log_scale)`` of per-node operands (see :class:`StableNetwork`)."""
         return self.contract(self.stable.to_blocks(operands))
 
-    def contract(self, blocks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values, log_scale)`` of stacked operands, one per block of ``stable.blocks``."""
+    def contract(
+        self, blocks: Sequence[torch.Tensor], traced: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, log_scale)`` of stacked operands, one per block of ``stable.blocks``.
+
+        ``traced=True`` (for ``torch.compile``): the stable path renormalising after every
+        step, whatever was chosen; no data-dependent branch.
+        """
+        if traced:
+            return self.stable.contract(blocks, every=True)
         if self.chosen == "stable":
             return self.stable.contract(blocks)
         operands = self.stable.from_blocks(blocks)
