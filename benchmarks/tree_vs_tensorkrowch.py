@@ -199,11 +199,18 @@ def main() -> None:
         action="store_true",
         help="also time TreeClassifier(compile=True) (torch.compile)",
     )
+    parser.add_argument(
+        "--sizes", nargs="+", default=None, help="sites:D pairs, e.g. 256:8 4096:4 (powers of 2)"
+    )
     args = parser.parse_args()
     configs = (
-        [(64, 8), (256, 8)]
-        if args.quick
-        else [(64, 8), (64, 16), (256, 8), (256, 16), (1024, 8), (1024, 16)]
+        [tuple(int(v) for v in item.split(":")) for item in args.sizes]
+        if args.sizes
+        else (
+            [(64, 8), (256, 8)]
+            if args.quick
+            else [(64, 8), (64, 16), (256, 8), (256, 16), (1024, 8), (1024, 16)]
+        )
     )
     run(configs, 5 if args.quick else args.reps, args.markdown, args.compile)
 

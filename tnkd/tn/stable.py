@@ -500,8 +500,9 @@ def _renormalise(
     """Divide each (group entry, sample) by its max-abs; return values, (G, B or 1) logs, peaks."""
     keep = {0} if batch_axis is None else {0, batch_axis + 1}
     dims = [d for d in range(result.ndim) if d not in keep]
-    peak = result.detach()
-    peak = torch.linalg.vector_norm(peak, ord=math.inf, dim=dims, keepdim=True) if dims else peak.abs()
+    peak = result.detach().abs()
+    if dims:  # abs().amax(): linalg.vector_norm(ord=inf) over a middle dim was 170x slower
+        peak = peak.amax(dim=dims, keepdim=True)
     scale = peak.clamp_min(tiny)
     log = torch.log(scale).reshape(result.shape[0], -1)
     return result / scale, log, peak
