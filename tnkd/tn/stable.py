@@ -28,11 +28,12 @@ the PEPS students of :mod:`tnkd.students` run on it as they are drawn.
 **Plain or stable.** :class:`AutoNetwork` (what :class:`~tnkd.students.graph.GraphStudent` uses)
 picks per graph. It uses the grouped, stable path when the contraction tree is deep (more than
 ``plain_max_depth`` = 12 levels: a product of more factors than float32 safely holds) or when
-grouping at least halves the number of kernels (trees, chains: measured 2.8-3x faster training
-than the plain path for binary trees over 64 and 196 pixels, 1 CPU thread, batch 100). It uses
-the plain :class:`~tnkd.tn.contraction.CompiledNetwork` otherwise (shallow graphs with loops, such
-as a 4x4 PEPS: there the plain path trained 1.1-1.3x faster), and falls back to the stable path
-for any batch whose plain values came out non-finite or all zero in a sample.
+grouping at least halves the number of kernels (trees, chains: binary trees over 64 and 196
+pixels trained 5.4x and 7.8x faster than on the plain path along the same path). It uses the
+plain :class:`~tnkd.tn.contraction.CompiledNetwork` otherwise (shallow graphs with loops, such
+as a 4x4 PEPS: there the plain path trained 1.6-1.7x faster), and falls back to the stable path
+for any batch whose plain values came out non-finite or all zero in a sample. Measured with
+``benchmarks/plain_vs_stable.py`` (1 CPU thread of a shared 2-core machine, batch 100).
 
 **Paths.** ``optimize="auto"`` (the default) hangs a graph without loops from its label node and
 contracts each node with all its children in one step (:func:`tree_path`: a tree network level
