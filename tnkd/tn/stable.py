@@ -4,15 +4,18 @@
 expression. That is exact, but it keeps no scale: the value of a deep network is a product of
 hundreds of factors and leaves the floating-point range. A 784-site MPS with the [cos, sin] map
 underflows to exactly 0 that way (README, "Contraction speed"). :class:`StableNetwork` executes
-the same kind of plan, one pairwise step at a time, and keeps every intermediate tensor as
+the same kind of plan one step at a time (a step joins two tensors, or a node with all its
+children) and keeps every intermediate tensor as
 
     T = values * exp(log_scale),    max |values| = 1 for each sample,
 
-renormalising after each step, as the chain paths do (:func:`~tnkd.tn.contraction.contract_chain`).
-The log-scales of the two operands add up, and so does the log of the new step's scale. Scales
-are taken from detached values: f = values * exp(log_scale) stays exact, and gradients flow
-through ``values``. A network whose exact value is 1e-400 comes back as a finite ``values`` and a
-``log_scale`` of about -921, in float32 as in float64.
+renormalising as the chain paths do (:func:`~tnkd.tn.contraction.contract_chain`): once more
+than ``renorm_after`` = 12 tensors have been multiplied into an intermediate since its last
+renormalisation, and after every step on a rerun if a renormalised value came within a mantissa's
+width of the float range (or was 0, inf or NaN). The log-scales of the operands add up, and so
+does the log of the new step's scale. Scales are taken from detached values: f = values *
+exp(log_scale) stays exact, and gradients flow through ``values``. A network whose exact value
+is 1e-400 comes back as a finite ``values`` and a ``log_scale`` of about -921.
 
 **Steps at the same depth run as one batched kernel.** The path from ``opt_einsum`` is a
 contraction tree. A step's depth is one more than the deepest of its operands, so steps at the
@@ -354,6 +357,8 @@ class StableNetwork:
             any ``opt_einsum`` path optimizer (``"greedy"``, ``"dp"``, ``"optimal"``, a
             ``PathOptimizer``, an explicit path). The path is planned once, on the
             single-sample network, like :class:`~tnkd.tn.contraction.CompiledNetwork`'s.
+        renorm_after: renormalise an intermediate once more than this many tensors have been
+            multiplied into it since its last renormalisation (the last step always is).
 
     Call it with one tensor per node in the graph's node order (input nodes with a leading batch
     index). It returns ``(values, log_scale)``: ``values`` of shape ``(batch, *outputs)`` with
