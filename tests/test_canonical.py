@@ -202,3 +202,49 @@ def test_shared_cores_and_loops_cannot_be_truncated():
         truncate_student(PEPSClassifier((1, 4, 4), patch=2, bond_dim=2), bond_dim=1)
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         truncate(*random_chain(), 0, rank=0)
+
+
+def test_truncated_mps_starts_from_a_real_lightning_checkpoint_and_as_a_yaml_factory(tmp_path):
+    from collections.abc import Callable
+
+    import jsonargparse
+    import lightning as L
+    from torch import nn
+
+    from tnkd.data import DigitsDataModule
+    from tnkd.training import DistillationModule
+
+    L.seed_everything(0, verbose=False)
+    wide = MPSClassifier(64, 10, bond_dim=4)
+    trainer = L.Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(DistillationModule(wide, beta=0.0), DigitsDataModule(batch_size=32))
+    path = tmp_path / "wide.ckpt"
+    trainer.save_checkpoint(path)
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--student", type=Callable[[], nn.Module])  # as `tnkd compare` takes it
+    cfg = parser.parse_object(
+        {
+            "student": {
+                "class_path": "tnkd.students.TruncatedMPS",
+                "init_args": {
+                    "checkpoint": str(path),
+                    "bond_dim": 2,
+                    "num_sites": 64,
+                    "num_classes": 10,
+                },
+            }
+        }
+    )
+    small = parser.instantiate(cfg).student()
+    expected, _ = truncate_student(wide, bond_dim=2)
+    x = torch.rand(3, 1, 8, 8)
+    assert isinstance(small, MPSClassifier) and small.bond_dim == 2
+    assert torch.allclose(small(x), expected(x), atol=1e-5)
