@@ -72,6 +72,7 @@ def test_truncation_is_exact_at_full_rank_and_within_the_discarded_bound(center)
         cut = truncate(cores, indices, center, rank=rank)
         approx = tt_to_full(cut.tensors) * math.exp(cut.log_norm)
         error = float((full - approx).norm() / full.norm())
+        assert cut.chain  # the chain's bound: sqrt of the summed discarded weights
         assert error <= cut.error_bound * (1 + 1e-9) + 1e-12
         assert all(r <= rank for r in cut.ranks.values())
         errors.append(error)
@@ -79,7 +80,9 @@ def test_truncation_is_exact_at_full_rank_and_within_the_discarded_bound(center)
     assert errors[1] < errors[2] < errors[3] < errors[4]  # the error grows as the rank drops
 
 
-def test_tree_truncation_within_the_discarded_bound():
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tree_truncation_within_the_discarded_bound(seed):
+    torch.manual_seed(seed)
     tree = TreeClassifier((8,), num_classes=3, bond_dim=8, init_std=0.8, output="raw").double()
     graph = tree.to_graph()
     full = dense_coefficients(graph)
@@ -92,6 +95,7 @@ def test_tree_truncation_within_the_discarded_bound():
             graph.node(name).tensor = t
         approx = dense_coefficients(graph) * math.exp(cut.log_norm)
         error = float((full - approx).norm() / full.norm())
+        assert not cut.chain  # a tree's bound: the sum of the discarded norms
         assert error <= cut.error_bound * (1 + 1e-9) + 1e-12
         assert error >= previous - 1e-12
         previous = error

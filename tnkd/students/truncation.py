@@ -49,7 +49,13 @@ from tnkd.students.graph import GraphStudent
 from tnkd.students.mps import MPSClassifier
 from tnkd.students.tree import TreeClassifier
 from tnkd.students.tt_network import TTNetwork
-from tnkd.tn.canonical import Truncation, entanglement_entropy, network_of, truncate
+from tnkd.tn.canonical import (
+    Truncation,
+    entanglement_entropy,
+    error_bound,
+    network_of,
+    truncate,
+)
 
 
 @dataclass
@@ -70,16 +76,21 @@ class TruncationReport:
     spectra: dict[str, torch.Tensor]
     params_before: int
     params_after: int
+    chain: bool = True
 
     @property
     def total_discarded(self) -> float:
-        """Sum of the discarded weights (the squared relative error is at most this)."""
+        """Sum of the discarded weights."""
         return float(sum(self.discarded.values()))
 
     @property
     def error_bound(self) -> float:
-        """Bound on ||W - W_trunc||_F / ||W||_F for the full coefficient tensor W."""
-        return math.sqrt(self.total_discarded)
+        """Bound on ||W - W_trunc||_F / ||W||_F for the full coefficient tensor W.
+
+        sqrt(total_discarded) for chains (MPS, TT networks); the sum of the square roots of the
+        discarded weights for trees (see :mod:`tnkd.tn.canonical`).
+        """
+        return error_bound(self.discarded, self.chain)
 
 
 def _network(student: Student) -> tuple[list[torch.Tensor], list[tuple[str, ...]], list[str], int]:
@@ -223,6 +234,7 @@ def truncate_student(
         spectra=cut.spectra,
         params_before=student.parameter_count(),
         params_after=new.parameter_count(),
+        chain=cut.chain,
     )
     return new, report
 

@@ -7,13 +7,17 @@ U S V^T with U and V isometries: the singular values of c read across that bond 
 singular values of the full coefficient tensor across the bond (Schollwöck 2011, "The
 density-matrix renormalization group in the age of matrix product states", sec. 4; for trees,
 Shi, Duan & Vidal 2006). Truncating that bond to the r largest singular values is then the
-best rank-r approximation across it, and truncating every bond in turn, moving the centre along,
-keeps the error within
+best rank-r approximation across it. Truncating every bond in turn, moving the centre along,
+keeps the error of a chain within
 
     || W - W_trunc ||_F <= sqrt( sum over bonds of the discarded squared singular values )
 
-(Oseledets 2011, Thm. 2.2, for chains; Grasedyck 2010, hierarchical SVD, for trees), with W the
-full coefficient tensor (all physical and label indices).
+(the successive projections are nested and their errors orthogonal: Oseledets 2011, Thm. 2.2;
+a chain cut from its end meets the bound with equality), with W the full coefficient tensor (all
+physical and label indices). On a tree the projections of a node's bond and of the bonds below it
+are not nested, and the guaranteed bound is the sum of the discarded norms (each projection is a
+contraction); in 150 random 8-leaf trees the error came within 0.7 % of the chain's square-root
+bound, above it in some. :attr:`Truncation.error_bound` gives the bound that holds.
 
 Functions work on ``tensors`` plus ``indices`` (one label per axis; a label on two tensors is a
 bond, a label on one is a free index: a physical leg or the label), the form
@@ -42,6 +46,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -193,16 +198,24 @@ class Truncation:
     spectra: dict[str, torch.Tensor] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
     discarded: dict[str, float] = field(default_factory=dict)
+    chain: bool = True
 
     @property
     def total_discarded(self) -> float:
-        """Sum of the discarded weights: ||W - W_trunc||^2 / ||W||^2 is at most this."""
+        """Sum of the discarded weights (for a chain, ||W - W_trunc||^2 / ||W||^2 is at most this)."""
         return float(sum(self.discarded.values()))
 
     @property
     def error_bound(self) -> float:
-        """sqrt(total_discarded): the bound on the relative Frobenius error of the truncation."""
-        return math.sqrt(self.total_discarded)
+        """Bound on ||W - W_trunc||_F / ||W||_F: sqrt(total) for a chain, sum of sqrt for a tree."""
+        return error_bound(self.discarded, self.chain)
+
+
+def error_bound(discarded: dict[str, float], chain: bool) -> float:
+    """The relative error bound of a truncation from its discarded weights (see the module doc)."""
+    if chain:
+        return math.sqrt(sum(discarded.values()))
+    return float(sum(math.sqrt(w) for w in discarded.values()))
 
 
 def _keep(s: torch.Tensor, rank: int | None, tolerance: float | None) -> int:
@@ -259,7 +272,8 @@ def truncate(
     for v in order[1:]:
         p, label = parent[v]
         children[p].append((v, label))
-    out = Truncation(tensors=[], log_norm=log_norm)
+    degrees = Counter(node for ends in _bonds(idx).values() for node, _ in ends)
+    out = Truncation(tensors=[], log_norm=log_norm, chain=max(degrees.values(), default=0) <= 2)
     stack = [(center, iter(children[center]))]
     while stack:
         v, todo = stack[-1]
