@@ -1,0 +1,592 @@
+"""Students defined by their graph: draw a tensor network with nodes and edges, train it.
+
+A :class:`GraphStudent` is built from a :class:`~tnkd.tn.graph.TNGraph` that a user draws with
+:func:`~tnkd.tn.graph.make_node` and :func:`~tnkd.tn.graph.connect` (``tensornetwork`` nodes with
+named axes):
+
+* **parameter nodes**: every node that is not an input; each becomes one ``nn.Parameter``;
+* **input nodes**: one small node per site (a pixel, or a patch of pixels), with one axis of
+  the site's feature size, connected to a parameter node; the feature map fills them per sample;
+* **one dangling edge**: the label, of size ``num_classes``.
+
+The student is f_c(x) = the contraction of the graph with phi(x_site) on every input node; with
+``output="normalized"`` (the default) its logits are s * f(x) / ||f(x)||, with a learned scale s,
+as :class:`~tnkd.students.mps.MPSClassifier` does. The contraction is planned once by
+``opt_einsum`` and executed by :class:`~tnkd.tn.stable.AutoNetwork`: plainly for shallow graphs,
+with a per-sample log-scale for deep ones (see :mod:`tnkd.tn.stable`).
+
+**Initialisation (nodes drawn from a shape).** A node made from a shape (``make_node((2, 8, 8),
+...)``, i.e. all zeros) is initialised by tnkd; a node made from a tensor keeps that tensor.
+The initial tensor generalises the near-identity cores of an MPS: a *copy tensor* over the
+node's bond axes (1 where all bond indices are equal, 0 elsewhere), times the feature map's
+``neutral`` vector w on every input axis (w . phi(x) ~= 1), times ones on the label axis, plus
+Gaussian noise of standard deviation ``init_std / sqrt(prod(bond dims) / max(bond dims))``. A
+graph of copy tensors contracts to (number of channels) x prod_sites w . phi(x_site) whatever its
+shape (chain, tree, loops): every class starts level, the value is about the bond dimension
+times a product of numbers near 1 (for [1, x]: exactly 1), and the noise makes each parameter
+see its inputs (an MPS drawn this way starts as :class:`MPSClassifier` does).
+
+**Sites.** Without ``input_shape`` the sites are the sample's scalars, in order. With an image
+``input_shape`` (channels, height, width), ``pool=k`` averages kxk blocks first (a site per
+pooled pixel) and ``patch=k`` gives each site a kxk block: a scalar map on each of its p pixels
+multiplied together (the product map, size d^p: the network is then exactly as expressive as
+one with a node per pixel), or a map that takes p values (``{name: learnable, in_features: p}``).
+Sites are numbered row-major; ``input_positions`` ties input nodes to sites (default: the graph's
+input nodes in order, one per site).
+
+Example (a 4-site MPS drawn by hand):
+    >>> from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
+    >>> cores = [make_node((2, 3), "A0", ["phys", "r"])]
+    >>> cores += [make_node((3, 2, 3), f"A{i}", ["l", "phys", "r"]) for i in (1, 2)]
+    >>> cores += [make_node((3, 2, 5), "A3", ["l", "phys", "label"])]
+    >>> for a, b in zip(cores, cores[1:]):
+    ...     _ = connect(a, "r", b, "l")
+    >>> xs = [make_node((2,), f"x{i}", ["phys"]) for i in range(4)]
+    >>> for c, x in zip(cores, xs):
+    ...     _ = connect(c, "phys", x, "phys")
+    >>> graph = TNGraph(cores + xs, [x.name for x in xs], [cores[-1]["label"]])
+    >>> student = GraphStudent(graph, feature_map="linear")
+    >>> student(torch.rand(7, 4)).shape, student.num_classes
+    (torch.Size([7, 5]), 5)
+
+In YAML, name a function that returns the graph (``graph: mypackage.graphs.my_tree``, with its
+keyword arguments in ``graph_args``), or a subclass such as
+:class:`~tnkd.students.tree.TreeClassifier` by ``class_path``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tnkd.feature_maps import FeatureMap, build_feature_map
+from tnkd.students.base import Student, check_positive_int, image_patches
+from tnkd.tn.contraction import CompiledNetwork
+from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
+from tnkd.tn.stable import MODES, AutoNetwork
+
+OUTPUT_MODES = ("normalized", "raw")
+
+
+def _image_shape(input_shape: Sequence[int], what: str) -> tuple[int, int, int]:
+    shape = tuple(input_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3:
+        raise ValueError(
+            f"{what} input_shape must be (channels, height, width) or (height, width) to pool "
+            f"or cut patches, but got {input_shape!r}"
+        )
+    return tuple(check_positive_int(f"{what} input_shape", s) for s in shape)  # type: ignore[return-value]
+
+
+def site_layout(
+    input_shape: Sequence[int] | None,
+    pool: int,
+    patch: int,
+    feature_map: FeatureMap,
+    what: str = "GraphStudent",
+) -> tuple[tuple[int, ...], int, int]:
+    """Where the sites are and how large their feature vectors are.
+
+    Args:
+        input_shape: one sample's shape, or None (then the sites are not known here).
+        pool: average-pool factor (images only).
+        patch: patch side (images only).
+        feature_map: the site map.
+        what: the student's name, for errors.
+
+    Returns:
+        The site grid ``(rows, cols)`` for images (``(n,)`` for flat inputs, ``()`` when
+        ``input_shape`` is None), the feature size per site, and the scalar inputs per sample.
+    """
+    check_positive_int(f"{what} pool", pool)
+    check_positive_int(f"{what} patch", patch)
+    in_features = getattr(feature_map, "in_features", 1)
+    if pool > 1 and patch > 1:
+        raise ValueError(f"{what} pool={pool} and patch={patch} cannot be combined: choose one")
+    if input_shape is None:
+        if pool > 1 or patch > 1:
+            raise ValueError(
+                f"{what} needs input_shape (channels, height, width) to pool or cut patches"
+            )
+        return (), feature_map.dim, 0
+    if pool == 1 and patch == 1 and len(tuple(input_shape)) == 1:
+        n = check_positive_int(f"{what} input_shape", next(iter(input_shape)))
+        return (n,), feature_map.dim, n
+    c, h, w = _image_shape(input_shape, what)
+    block = max(pool, patch)
+    if h % block or w % block:
+        raise ValueError(
+            f"{what} pool/patch {block} must divide the image size {h}x{w}; choose a factor "
+            f"of both sides"
+        )
+    grid = (h // block, w // block)
+    if patch == 1:
+        if in_features != 1:
+            raise ValueError(
+                f"{what} feature map {type(feature_map).__name__} takes {in_features} values per "
+                "site, but sites are single pixels (patch=1); use a scalar map or set patch"
+            )
+        if c > 1:
+            grid = (c, *grid)
+        return grid, feature_map.dim, c * h * w
+    values = c * patch * patch
+    if in_features == values:
+        return grid, feature_map.dim, c * h * w
+    if in_features != 1:
+        raise ValueError(
+            f"{what} feature map {type(feature_map).__name__} takes {in_features} values per "
+            f"site but a {c}x{patch}x{patch} patch has {values}; use a scalar map (product "
+            f"features) or {{name: learnable, in_features: {values}}}"
+        )
+    dim = feature_map.dim**values
+    if dim > 4096:
+        raise ValueError(
+            f"{what}: the product map of a {values}-pixel patch has {feature_map.dim}^{values} "
+            f"= {dim} entries per site (at most 4096 allowed); use smaller patches, pool first, "
+            "or a learnable map"
+        )
+    return grid, dim, c * h * w
+
+
+def copy_tensor(
+    shape: Sequence[int],
+    kinds: Sequence[str],
+    neutral: torch.Tensor,
+    init_std: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The copy-tensor initialisation of one node (see the module docstring).
+
+    Args:
+        shape: the node's shape.
+        kinds: per axis ``"bond"`` (to another parameter node), ``"input"`` (to an input node)
+            or ``"label"`` (the dangling output).
+        neutral: the input axes' weight vector w (w . phi(x) ~= 1).
+        init_std: relative noise.
+        generator: optional random generator.
+
+    Returns:
+        The tensor: copy over bond axes x w on input axes x ones on the label axis, plus noise.
+    """
+    bonds = [i for i, k in enumerate(kinds) if k == "bond"]
+    value = torch.ones(())
+    if bonds:
+        dims = [shape[i] for i in bonds]
+        delta = torch.zeros(dims)
+        for j in range(min(dims)):
+            delta[(j,) * len(dims)] = 1.0
+        value = delta
+    order = list(bonds)
+    for i, kind in enumerate(kinds):
+        if kind == "bond":
+            continue
+        factor = neutral if kind == "input" else torch.ones(shape[i])
+        if factor.numel() != shape[i]:
+            raise ValueError(
+                f"axis {i} has size {shape[i]} but its input features have {factor.numel()}"
+            )
+        value = torch.tensordot(value, factor, dims=0)
+        order.append(i)
+    value = value.permute(*[order.index(i) for i in range(len(shape))])
+    fan = math.prod(shape[i] for i in bonds) / max((shape[i] for i in bonds), default=1)
+    noise = torch.randn(tuple(shape), generator=generator) * (init_std / math.sqrt(fan))
+    return value + noise
+
+
+def _resolve_graph(graph: Any, graph_args: Mapping[str, Any] | None) -> TNGraph:
+    if isinstance(graph, str):
+        module, _, name = graph.rpartition(".")
+        try:
+            graph = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ValueError(
+                f"graph {graph!r} is not an importable function (module.function): {err}"
+            ) from err
+    if callable(graph) and not isinstance(graph, TNGraph):
+        graph = graph(**dict(graph_args or {}))
+    elif graph_args:
+        raise ValueError(
+            "graph_args are for a graph given as a function; the graph is already built"
+        )
+    if not isinstance(graph, TNGraph):
+        raise ValueError(
+            f"graph must be a TNGraph or a function returning one, but got {type(graph).__name__}"
+        )
+    return graph
+
+
+def tree_positions(spec: NetworkSpec) -> dict[str, tuple[float, float]]:
+    """A drawing layout for a graph without loops: hung from its label node, leaves at the bottom.
+
+    Leaves (input nodes) are spread left to right in depth-first order; each other node sits
+    above the middle of its children. Returns ``{}`` for graphs with loops (drawn in a line).
+    """
+    owners: dict[str, list[str]] = {}
+    for name, idx in zip(spec.node_names, spec.node_indices, strict=True):
+        for ix in idx:
+            owners.setdefault(ix, []).append(name)
+    neighbours: dict[str, list[str]] = {n: [] for n in spec.node_names}
+    for ends in owners.values():
+        if len(ends) == 2:
+            neighbours[ends[0]].append(ends[1])
+            neighbours[ends[1]].append(ends[0])
+    if sum(len(v) for v in neighbours.values()) // 2 != len(spec.node_names) - 1:
+        return {}
+    root = owners[spec.output_indices[0]][0] if spec.output_indices else spec.node_names[0]
+    pos: dict[str, tuple[float, float]] = {}
+    count = 0
+    stack: list[tuple[str, str | None, bool]] = [(root, None, False)]
+    while stack:  # iterative post-order: children first
+        node, parent, done = stack.pop()
+        kids = [u for u in neighbours[node] if u != parent]
+        if not done:
+            stack.append((node, parent, True))
+            stack.extend((u, node, False) for u in reversed(kids))
+            continue
+        if not kids:
+            pos[node] = (float(count), 0.0)
+            count += 1
+        else:
+            xs = [pos[u][0] for u in kids]
+            pos[node] = (sum(xs) / len(xs), 1.0 + max(pos[u][1] for u in kids))
+    return pos
+
+
+def _sites(values: list[int]) -> list[int] | slice:
+    """A slice when the sites are evenly spaced and increasing (a view, no copy), else the list."""
+    step = values[1] - values[0] if len(values) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in itertools.pairwise(values)):
+        return slice(values[0], values[-1] + 1, step)
+    return values
+
+
+class GraphStudent(Student):
+    """A student whose definition is a tensor-network graph drawn by the user.
+
+    Args:
+        graph: a :class:`~tnkd.tn.graph.TNGraph`, a function returning one, or the dotted
+            import path of such a function (YAML: ``graph: mypackage.graphs.my_tree``; typed
+            ``Any`` so that the YAML string reaches the constructor as it is).
+        graph_args: keyword arguments of the graph function.
+        feature_map: the site map (name, mapping or :class:`~tnkd.feature_maps.FeatureMap`).
+        input_shape: one sample's shape: needed for ``pool`` and ``patch``; without it the
+            sites are the flattened sample's values.
+        pool: average-pool images by this factor first (a site per pooled pixel).
+        patch: give each site a ``patch x patch`` block of the image.
+        input_positions: the site of each input node: a list in the graph's input-node order or
+            a ``{node name: site}`` mapping; default: input node k reads site k.
+        output: ``"normalized"`` (logits s * f / ||f||, learned s; finite for any graph) or
+            ``"raw"`` (the exact value f, which can overflow where f does).
+        logit_scale: the initial s.
+        init_std: relative noise of the copy-tensor initialisation.
+        contraction: ``"auto"``, ``"stable"`` or ``"plain"`` (see :class:`~tnkd.tn.stable.AutoNetwork`).
+        optimize: the ``opt_einsum`` path optimizer.
+        compile: run the contraction through ``torch.compile`` (inductor), which fuses the
+            small elementwise steps between the batched matrix products (the stable path,
+            renormalising after every step: one graph, no data-dependent branch). The first
+            call compiles (one to two minutes on a busy 2-core CPU) and needs a C++ compiler on
+            CPU. Measured in ``benchmarks/tree_vs_tensorkrowch.py``.
+    """
+
+    def __init__(
+        self,
+        graph: Any,
+        graph_args: dict[str, Any] | None = None,
+        feature_map: str | dict | FeatureMap = "linear",
+        input_shape: Sequence[int] | None = None,
+        pool: int = 1,
+        patch: int = 1,
+        input_positions: Sequence[int] | Mapping[str, int] | None = None,
+        output: str = "normalized",
+        logit_scale: float = 5.0,
+        init_std: float = 0.3,
+        contraction: str = "auto",
+        optimize: str = "auto",
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        what = type(self).__name__
+        if output not in OUTPUT_MODES:
+            raise ValueError(f"{what} output must be one of {OUTPUT_MODES}, but got {output!r}")
+        if contraction not in MODES:
+            raise ValueError(f"{what} contraction must be one of {MODES}, but got {contraction!r}")
+        if not (init_std >= 0 and math.isfinite(init_std)):
+            raise ValueError(f"{what} init_std must be a finite number >= 0, but got {init_std!r}")
+        self.feature_map = build_feature_map(feature_map)
+        self.input_shape = None if input_shape is None else tuple(input_shape)
+        self.pool, self.patch = pool, patch
+        self.grid, self.site_dim, num_inputs = site_layout(
+            input_shape, pool, patch, self.feature_map, what
+        )
+        self.output = output
+        graph = _resolve_graph(graph, graph_args)
+        spec = graph.spec()
+        if len(graph.output_edges) != 1:
+            raise ValueError(
+                f"{what} needs exactly one dangling edge (the label), but the graph has "
+                f"{len(graph.output_edges)}: {list(spec.output_indices)}"
+            )
+        self.num_classes = int(graph.output_edges[0].dimension)
+        inputs = list(graph.input_nodes)
+        if not inputs:
+            raise ValueError(f"{what}: the graph has no input nodes; list them in input_nodes")
+        num_sites = math.prod(self.grid) if self.grid else len(inputs)
+        self.num_inputs = num_inputs or num_sites
+        self.num_sites = num_sites
+        sites = self._positions(inputs, input_positions, num_sites)
+        neutral = self._neutral()
+        label_edge = graph.output_edges[0]
+        initial: dict[str, torch.Tensor] = {}
+        for node in graph.nodes:
+            if node.name in inputs:
+                self._check_input_node(node, inputs)
+                continue
+            kinds = []
+            for edge in node.edges:
+                if edge is label_edge:
+                    kinds.append("label")
+                else:
+                    other = edge.node2 if edge.node1 is node else edge.node1
+                    kinds.append("input" if other.name in inputs else "bond")
+            value = node.tensor.detach().to(torch.get_default_dtype())
+            if not bool(value.any()):
+                value = copy_tensor(tuple(value.shape), kinds, neutral, init_std)
+            initial[node.name] = value
+        self._spec = spec
+        self._axis_names = {node.name: list(node.axis_names) for node in graph.nodes}
+        self._positions_xy = dict(graph.positions) or tree_positions(spec)
+        self.input_nodes = inputs
+        self.input_sites = [sites[n] for n in inputs]
+        self.network = AutoNetwork(spec, mode=contraction, optimize=optimize)
+        self.compile = bool(compile)
+        self._contract_fn: Any = None  # the (compiled) contraction, made on first use
+        # parameters stacked as the contraction consumes them (one tensor per block: e.g. all
+        # leaves of a tree level), so a level is one kernel with no copy; node_tensors() names them
+        stable = self.network.stable
+        self.blocks = nn.ParameterList()
+        self._block_of: dict[str, tuple[int, int]] = {}
+        self._input_blocks: list[tuple[int, list[int] | slice]] = []
+        for block, is_input in zip(stable.blocks, stable.block_is_input, strict=True):
+            names = [spec.node_names[i] for i in block]
+            if is_input:
+                self._input_blocks.append(
+                    (len(self._input_blocks), _sites([sites[n] for n in names]))
+                )
+                continue
+            for g, name in enumerate(names):
+                self._block_of[name] = (len(self.blocks), g)
+            self.blocks.append(nn.Parameter(torch.stack([initial[n] for n in names])))
+        self._block_kinds = list(stable.block_is_input)
+        self.node_names = [n for n in spec.node_names if n not in set(inputs)]
+        self._compiled: CompiledNetwork | None = None
+        if output == "normalized":
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
+
+    # ---- construction helpers -------------------------------------------------------------
+    def _positions(
+        self,
+        inputs: list[str],
+        positions: Sequence[int] | Mapping[str, int] | None,
+        num_sites: int,
+    ) -> dict[str, int]:
+        what = type(self).__name__
+        if positions is None:
+            if len(inputs) != num_sites:
+                raise ValueError(
+                    f"{what}: the graph has {len(inputs)} input nodes but the data gives "
+                    f"{num_sites} sites; pass input_positions (the site of each input node)"
+                )
+            return {n: k for k, n in enumerate(inputs)}
+        if isinstance(positions, Mapping):
+            missing = [n for n in inputs if n not in positions]
+            if missing:
+                raise ValueError(f"{what} input_positions has no site for input nodes {missing}")
+            out = {n: positions[n] for n in inputs}
+        else:
+            values = list(positions)
+            if len(values) != len(inputs):
+                raise ValueError(
+                    f"{what} input_positions has {len(values)} sites but the graph has "
+                    f"{len(inputs)} input nodes"
+                )
+            out = dict(zip(inputs, values, strict=True))
+        bad = {
+            n: s
+            for n, s in out.items()
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < num_sites
+        }
+        if bad:
+            raise ValueError(
+                f"{what} input_positions must be sites in [0, {num_sites}), but got {bad}"
+            )
+        return out
+
+    def _check_input_node(self, node: Any, inputs: list[str]) -> None:
+        what = type(self).__name__
+        if len(node.edges) != 1 or node.edges[0].is_dangling():
+            raise ValueError(
+                f"{what}: input node {node.name!r} must have exactly one axis, connected to a "
+                f"parameter node, but it has {len(node.edges)}"
+            )
+        edge = node.edges[0]
+        other = edge.node2 if edge.node1 is node else edge.node1
+        if other.name in inputs:
+            raise ValueError(
+                f"{what}: input nodes {node.name!r} and {other.name!r} are connected to each other"
+            )
+        if edge.dimension != self.site_dim:
+            raise ValueError(
+                f"{what}: input node {node.name!r} has size {edge.dimension} but the feature map "
+                f"gives {self.site_dim} features per site"
+            )
+
+    def _neutral(self) -> torch.Tensor:
+        w = self.feature_map.neutral()
+        if w.numel() == self.site_dim:
+            return w
+        out = w  # product map: w (x) w (x) ... one factor per pixel of the patch
+        while out.numel() < self.site_dim:
+            out = torch.kron(out, w)
+        return out
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def site_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, sites)`` scalars, or ``(batch, sites, values)`` patches."""
+        flat = self.flatten_input(x)
+        if self.input_shape is None or len(self.input_shape) == 1:
+            return flat
+        c, h, w = _image_shape(self.input_shape, type(self).__name__)
+        images = flat.view(flat.shape[0], c, h, w)
+        if self.patch > 1:
+            return image_patches(images, self.patch, self.patch)
+        if self.pool > 1:
+            images = torch.nn.functional.avg_pool2d(images, self.pool)
+        return images.reshape(flat.shape[0], -1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(batch, sites, site_dim)`` feature vectors."""
+        u = self.site_inputs(x)
+        dtype = self.blocks[0].dtype
+        if u.ndim == 3 and getattr(self.feature_map, "in_features", 1) == 1:
+            phi = self.feature_map(u)  # (batch, sites, values, d): the product map
+            out = phi[:, :, 0]
+            for k in range(1, phi.shape[2]):
+                out = (out.unsqueeze(-1) * phi[:, :, k].unsqueeze(-2)).flatten(-2)
+            return out.to(dtype)
+        return self.feature_map(u).to(dtype)
+
+    def operand_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The contraction's operands, one stacked tensor per block (see :class:`StableNetwork`)."""
+        phi = self.features(x)
+        params = iter(self.blocks)
+        inputs = iter(self._input_blocks)
+        out = []
+        for is_input in self._block_kinds:
+            if is_input:
+                _, where = next(inputs)
+                out.append(phi[:, where].permute(1, 2, 0))  # (G, site_dim, batch)
+            else:
+                out.append(next(params))
+        return out
+
+    def graph_operands(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One tensor per graph node, in node order (input nodes batched)."""
+        return self.network.stable.from_blocks(self.operand_blocks(x))
+
+    def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, log_scale)`` with f(x) = values * exp(log_scale), shape (batch, C), (batch,)."""
+        if self._contract_fn is None:
+            net = self.network
+            self._contract_fn = (
+                torch.compile(functools.partial(net.contract, traced=True))
+                if self.compile
+                else net.contract
+            )
+        return self._contract_fn(self.operand_blocks(x))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_contract_fn"] = None  # a compiled function is rebuilt, not pickled
+        return state
+
+    def raw_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The exact value f(x), shape (batch, C)."""
+        values, log_scale = self.log_forward(x)
+        return values * torch.exp(log_scale).unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, shape (batch, C): see ``output``."""
+        if self.output == "raw":
+            return self.raw_forward(x)
+        values, _ = self.log_forward(x)
+        direction = values / values.norm(dim=-1, keepdim=True).clamp_min(
+            torch.finfo(values.dtype).tiny
+        )
+        return torch.exp(self.log_logit_scale) * direction
+
+    def generic_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x) through one plain ``opt_einsum`` expression (no renormalisation)."""
+        if self._compiled is None:
+            self._compiled = CompiledNetwork(self._spec)
+        return self._compiled(self.graph_operands(x))
+
+    # ---- the graph --------------------------------------------------------------------------
+    def node_tensors(self) -> dict[str, torch.Tensor]:
+        """``{node name: tensor}`` of the parameter nodes, in graph order (views of ``blocks``)."""
+        out = {}
+        for name in self.node_names:
+            b, g = self._block_of[name]
+            out[name] = self.blocks[b][g]
+        return out
+
+    def to_graph(self) -> TNGraph:
+        """The graph with the current tensors (input nodes hold zeros)."""
+        spec = self._spec
+        params = self.node_tensors()
+        nodes = {}
+        for name, shape in zip(spec.node_names, spec.node_shapes, strict=True):
+            value = params[name] if name in params else shape
+            nodes[name] = make_node(value, name, self._axis_names[name])
+        ends: dict[str, list[tuple[str, str]]] = {}
+        for name, idx in zip(spec.node_names, spec.node_indices, strict=True):
+            for axis, label in zip(self._axis_names[name], idx, strict=True):
+                ends.setdefault(label, []).append((name, axis))
+        outputs = []
+        for label, pair in ends.items():
+            if len(pair) == 2:
+                (a, ax), (b, bx) = pair
+                connect(nodes[a], ax, nodes[b], bx, name=label)
+            else:
+                ((a, ax),) = pair
+                edge = nodes[a][ax]
+                edge.set_name(label)
+                outputs.append(edge)
+        return TNGraph(
+            nodes=list(nodes.values()),
+            input_nodes=list(self.input_nodes),
+            output_edges=outputs,
+            positions=dict(self._positions_xy),
+        )
+
+    def load_node_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy tensors into the parameter nodes (by node name; shapes must match)."""
+        with torch.no_grad():
+            for name, value in tensors.items():
+                if name not in self._block_of:
+                    raise ValueError(f"no parameter node {name!r}; nodes are {self.node_names}")
+                b, g = self._block_of[name]
+                own = self.blocks[b][g]
+                if tuple(value.shape) != tuple(own.shape):
+                    raise ValueError(
+                        f"node {name!r} has shape {tuple(own.shape)}, but got {tuple(value.shape)}"
+                    )
+                own.copy_(value)

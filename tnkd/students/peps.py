@@ -1,0 +1,189 @@
+"""PEPS classifier: a projected entangled pair state on a small grid of image patches.
+
+Cheng, Chen, Wang & Xiang 2021 ("Supervised learning with projected entangled pair states")
+put one tensor on each patch of an image, connect each to its four grid neighbours with bonds of
+dimension D, and carry the label on one tensor (here the centre)::
+
+    p0_0 -- p0_1 -- p0_2
+     |        |       |
+    p1_0 -- p1_1 -- p1_2 -- label      (phi(patch) on the input leg of every node)
+     |        |       |
+    p2_0 -- p2_1 -- p2_2
+
+Unlike a chain or a tree, the grid has loops: the network is contracted exactly along a path
+that ``opt_einsum`` plans once (feature vectors first, then the grid), in one batched kernel per
+group of equal steps (:class:`~tnkd.tn.stable.StableNetwork`). The exact cost grows as
+D^(min(rows, cols)) per sample, so exact contraction is for small grids; Cheng et al. contract
+larger ones approximately (boundary MPS). Planned cost per sample (greedy path, ``planned_cost``
+of :mod:`tnkd.tn.stable`; multiply by the batch size, and by about 3 for a training step):
+
+=============  ===  =====  =========================  ===============
+grid           d    D      largest intermediate       flops
+=============  ===  =====  =========================  ===============
+2x2            16   8      640                        4.8e4
+4x4            16   3      810                        7.9e4
+4x4            4    4      2,560                      2.6e5
+4x4            4    6      13,000                     3.2e6
+7x7            2    2      512                        9.0e4
+7x7            2    3      21,900                     6.6e6
+7x7            4    3      177,000                    2.7e7
+14x14          2    2      262,000                    2.3e8
+=============  ===  =====  =========================  ===============
+
+On one CPU thread a training step of batch 100 stays under about 0.1 s up to a few 1e6 flops per
+sample: 4x4 grids up to D = 6 and 7x7 grids at D = 2 are affordable; 7x7 at D = 3 is slow and a
+14x14 grid (a 2x2 patch per site of a 28x28 image) is out of reach exactly. The MNIST grid
+(``configs/mnist/grid_peps.yaml``) uses 4x4 at D = 4 with a learned patch map of size 4.
+
+Example:
+    >>> import torch
+    >>> peps = PEPSClassifier(input_shape=(1, 8, 8), num_classes=10, patch=2, bond_dim=2)
+    >>> peps.grid, peps.site_dim
+    ((4, 4), 16)
+    >>> peps(torch.rand(3, 1, 8, 8)).shape
+    torch.Size([3, 10])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tnkd.feature_maps import FeatureMap, build_feature_map
+from tnkd.students.base import check_positive_int
+from tnkd.students.graph import GraphStudent, site_layout
+from tnkd.tn.graph import TNGraph, connect, make_node
+
+
+def peps_graph(
+    rows: int,
+    cols: int,
+    phys_dim: int,
+    bond_dim: int,
+    num_classes: int,
+    label_site: Sequence[int] | None = None,
+) -> TNGraph:
+    """A rows x cols PEPS with an input leg on every node and the label on one node.
+
+    Args:
+        rows: grid rows.
+        cols: grid columns.
+        phys_dim: feature size of a site.
+        bond_dim: bond dimension D of every grid edge.
+        num_classes: size of the label leg.
+        label_site: ``(row, col)`` of the node with the label; default the centre.
+
+    Returns:
+        The graph: nodes ``p{i}_{j}`` with axes among ``up, left, right, down`` (those that
+        have a neighbour), ``phys``, and ``label`` on the label node; input nodes ``x_k``,
+        k = i * cols + j.
+    """
+    rows = check_positive_int("PEPS rows", rows)
+    cols = check_positive_int("PEPS cols", cols)
+    check_positive_int("PEPS phys_dim", phys_dim)
+    check_positive_int("PEPS bond_dim", bond_dim)
+    check_positive_int("PEPS num_classes", num_classes)
+    if rows * cols < 2:
+        raise ValueError(f"a PEPS needs at least 2 sites, but got a {rows}x{cols} grid")
+    li, lj = (rows // 2, cols // 2) if label_site is None else tuple(label_site)
+    if not (0 <= li < rows and 0 <= lj < cols):
+        raise ValueError(
+            f"PEPS label_site must be inside the {rows}x{cols} grid, but got {label_site!r}"
+        )
+    nodes = {}
+    for i in range(rows):
+        for j in range(cols):
+            axes = [
+                a
+                for a, ok in (
+                    ("up", i > 0),
+                    ("left", j > 0),
+                    ("right", j < cols - 1),
+                    ("down", i < rows - 1),
+                )
+                if ok
+            ]
+            axes.append("phys")
+            if (i, j) == (li, lj):
+                axes.append("label")
+            shape = [
+                phys_dim if a == "phys" else num_classes if a == "label" else bond_dim for a in axes
+            ]
+            nodes[i, j] = make_node(tuple(shape), f"p{i}_{j}", axes)
+    for i in range(rows):
+        for j in range(cols):
+            if j < cols - 1:
+                connect(nodes[i, j], "right", nodes[i, j + 1], "left", name=f"h{i}_{j}")
+            if i < rows - 1:
+                connect(nodes[i, j], "down", nodes[i + 1, j], "up", name=f"v{i}_{j}")
+    inputs = []
+    positions: dict[str, tuple[float, float]] = {}
+    for (i, j), node in nodes.items():
+        x = make_node((phys_dim,), f"x_{i * cols + j}", ["phys"])
+        connect(node, "phys", x, "phys", name=f"phys_{i * cols + j}")
+        inputs.append(x)
+        positions[node.name] = (float(j), float(-i))
+        positions[x.name] = (j + 0.3, -i - 0.3)
+    label = nodes[li, lj]["label"]
+    label.set_name("label")
+    return TNGraph(
+        nodes=[*nodes.values(), *inputs],
+        input_nodes=[x.name for x in inputs],
+        output_edges=[label],
+        positions=positions,
+    )
+
+
+class PEPSClassifier(GraphStudent):
+    """A PEPS over the patches of an image (see the module docstring).
+
+    Args:
+        input_shape: (channels, height, width) of one sample.
+        num_classes: size C of the label leg.
+        bond_dim: bond dimension D.
+        patch: patch side (the grid is (H / patch) x (W / patch)).
+        pool: average-pool the image first (combine with patch=1 for a grid of pooled pixels).
+        feature_map: the site map: a scalar map gives the product map of the patch's pixels
+            (size d^(patch^2)); ``{name: learnable, in_features: patch^2, dim: n}`` learns one.
+        label_site: ``(row, col)`` of the label node; default the centre.
+        output: ``"normalized"`` or ``"raw"``.
+        logit_scale: initial logit scale.
+        init_std: relative noise of the copy-tensor initialisation.
+        contraction: ``"auto"``, ``"stable"`` or ``"plain"``.
+        compile: contract through ``torch.compile`` (see :class:`~tnkd.students.graph.GraphStudent`).
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int] = (1, 28, 28),
+        num_classes: int = 10,
+        bond_dim: int = 3,
+        patch: int = 7,
+        pool: int = 1,
+        feature_map: str | dict | FeatureMap = "linear",
+        label_site: Sequence[int] | None = None,
+        output: str = "normalized",
+        logit_scale: float = 5.0,
+        init_std: float = 0.3,
+        contraction: str = "auto",
+        compile: bool = False,
+    ) -> None:
+        fmap = build_feature_map(feature_map)
+        grid, dim, _ = site_layout(input_shape, pool, patch, fmap, "PEPSClassifier")
+        if len(grid) != 2:
+            raise ValueError(
+                f"PEPSClassifier needs a one-channel image grid, but the sites form {grid}"
+            )
+        graph = peps_graph(grid[0], grid[1], dim, bond_dim, num_classes, label_site)
+        super().__init__(
+            graph,
+            feature_map=fmap,
+            input_shape=input_shape,
+            pool=pool,
+            patch=patch,
+            output=output,
+            logit_scale=logit_scale,
+            init_std=init_std,
+            contraction=contraction,
+            compile=compile,
+        )
+        self.bond_dim = bond_dim

@@ -1,0 +1,339 @@
+"""Shrink a trained student the tensor-network way: canonical form, then SVD truncation of every bond.
+
+Train wide, cut, let the teacher repair: :func:`truncate_student` brings an
+:class:`~tnkd.students.mps.MPSClassifier`, a :class:`~tnkd.students.tt_network.TTNetwork`
+(different cores) or a :class:`~tnkd.students.tree.TreeClassifier` into canonical form about
+its label node (:mod:`tnkd.tn.canonical`), cuts every bond to ``bond_dim`` singular values
+and/or a relative ``tolerance``, and returns a smaller student *of the same class* that trains
+on (its bonds are zero-padded where the kept rank is below the uniform bond dimension; those
+padded channels stay at zero). The feature map, the output mode and the learned logit scale are
+kept; the scale that canonicalisation takes out is spread evenly over the tensors, so the raw
+output is the truncated function itself. :func:`bond_spectra` gives every bond's singular values
+and :func:`entanglement_entropies` the entropy -sum p log p, p = s^2 / sum s^2, per bond: the
+bonds with little entropy are the ones that can be cut.
+
+For YAML, :class:`TruncatedMPS` builds the truncated student from a checkpoint (a Lightning
+``.ckpt`` of a distillation run, or a plain state dict), so a fine-tuning run names it by
+``class_path``:
+
+.. code-block:: yaml
+
+    student:
+      class_path: tnkd.students.TruncatedMPS
+      init_args: {checkpoint: runs/checkpoints/mnist-mps32/last.ckpt, bond_dim: 8,
+                  num_sites: 196, pool: 2, num_classes: 10, feature_map: linear}
+
+Uniform MPS and equal-core TT networks share one core between sites; a canonical form makes the
+cores differ, so they are refused. A PEPS has loops and no canonical form.
+
+Example:
+    >>> mps = MPSClassifier(num_sites=10, num_classes=3, bond_dim=8)
+    >>> small, report = truncate_student(mps, bond_dim=4)
+    >>> small.bond_dim, type(small).__name__, report.error_bound < 1
+    (4, 'MPSClassifier', True)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tnkd.feature_maps import FeatureMap
+from tnkd.students.base import Student
+from tnkd.students.graph import GraphStudent
+from tnkd.students.mps import MPSClassifier
+from tnkd.students.tree import TreeClassifier
+from tnkd.students.tt_network import TTNetwork
+from tnkd.tn.canonical import (
+    Truncation,
+    entanglement_entropy,
+    error_bound,
+    network_of,
+    truncate,
+)
+
+
+@dataclass
+class TruncationReport:
+    """What a truncation kept and cut (see :class:`tnkd.tn.canonical.Truncation`).
+
+    Attributes:
+        ranks: kept rank per bond.
+        discarded: discarded weight per bond (squared singular values cut, relative to the
+            network's squared Frobenius norm).
+        spectra: each bond's full singular values before the cut (unit-norm network).
+        params_before: trainable parameters of the input student.
+        params_after: trainable parameters of the truncated student.
+    """
+
+    ranks: dict[str, int]
+    discarded: dict[str, float]
+    spectra: dict[str, torch.Tensor]
+    params_before: int
+    params_after: int
+    chain: bool = True
+
+    @property
+    def total_discarded(self) -> float:
+        """Sum of the discarded weights."""
+        return float(sum(self.discarded.values()))
+
+    @property
+    def error_bound(self) -> float:
+        """Bound on ||W - W_trunc||_F / ||W||_F for the full coefficient tensor W.
+
+        sqrt(total_discarded) for chains (MPS, TT networks); the sum of the square roots of the
+        discarded weights for trees (see :mod:`tnkd.tn.canonical`).
+        """
+        return error_bound(self.discarded, self.chain)
+
+
+def _network(student: Student) -> tuple[list[torch.Tensor], list[tuple[str, ...]], list[str], int]:
+    """(tensors, indices, node names, centre) of a student's graph without its input nodes."""
+    if isinstance(student, MPSClassifier) and student.uniform:
+        raise ValueError(
+            "a uniform MPS shares one core between all sites; its canonical form has different "
+            "cores: truncate an MPS with uniform=False"
+        )
+    if isinstance(student, TTNetwork) and student.equal_cores:
+        raise ValueError(
+            "a TT network with equal cores shares its inner core; its canonical form has "
+            "different cores: truncate a TTNetwork with equal_cores=False"
+        )
+    if not isinstance(student, MPSClassifier | TTNetwork | GraphStudent):
+        raise ValueError(
+            f"truncation supports MPSClassifier, TTNetwork and tree graph students, but got "
+            f"{type(student).__name__}"
+        )
+    graph = student.to_graph()
+    tensors, indices, names = network_of(graph)
+    label = graph.spec().output_indices[0]
+    center = next(k for k, idx in enumerate(indices) if label in idx)
+    return tensors, indices, names, center
+
+
+def _spread(tensors: list[torch.Tensor], log_norm: float) -> list[torch.Tensor]:
+    """Multiply every tensor by exp(log_norm / count): the network's scale, evenly shared."""
+    factor = math.exp(log_norm / len(tensors))
+    return [t * factor for t in tensors]
+
+
+def _pad(value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    out = value.new_zeros(shape)
+    out[tuple(slice(0, s) for s in value.shape)] = value
+    return out
+
+
+def _mps_like(
+    student: MPSClassifier, bond_dim: int, tensors: dict[str, torch.Tensor]
+) -> MPSClassifier:
+    new = MPSClassifier(
+        student.num_sites,
+        student.num_classes,
+        bond_dim,
+        feature_map=copy.deepcopy(student.feature_map),
+        label_position=student.label_position,
+        output=student.output,
+        method=student.method,
+        pool=student.pool,
+        patch=student.patch,
+    ).to(student.cores.dtype)
+    d = student.feature_map.dim
+    with torch.no_grad():
+        new.left.copy_(_pad(tensors["left"], (bond_dim,)))
+        new.right.copy_(_pad(tensors["right"], (bond_dim,)))
+        new.output_core.copy_(_pad(tensors["output"], (bond_dim, student.num_classes, bond_dim)))
+        for i in range(student.num_sites):
+            new.cores[i] = _pad(tensors[f"site_{i}"], (bond_dim, d, bond_dim))
+    return new
+
+
+def _tt_like(student: TTNetwork, rank: int, tensors: dict[str, torch.Tensor]) -> TTNetwork:
+    new = TTNetwork(
+        student.input_shape,
+        student.num_classes,
+        patch_size=student.patch_size,
+        rank=rank,
+        feature_map=copy.deepcopy(student.feature_map),
+        equal_cores=False,
+        output=student.output,
+    ).to(student.first.dtype)
+    n, d = student.feature_dim, student.num_patches
+    with torch.no_grad():
+        new.first.copy_(_pad(tensors["core_0"], (n, rank)))
+        for k in range(1, d - 1):
+            new.inner_cores[k - 1] = _pad(tensors[f"core_{k}"], (rank, n, rank))
+        new.last.copy_(_pad(tensors[f"core_{d - 1}"], (rank, n, student.num_classes)))
+    return new
+
+
+def _tree_like(
+    student: TreeClassifier, bond_dim: int, tensors: dict[str, torch.Tensor]
+) -> TreeClassifier:
+    fmap: FeatureMap = copy.deepcopy(student.feature_map)
+    new = TreeClassifier(
+        student.input_shape,
+        student.num_classes,
+        bond_dim,
+        feature_map=fmap,
+        pool=student.pool,
+        patch=student.patch,
+        output=student.output,
+        contraction=student.network.mode,
+        compile=student.compile,
+    ).to(student.blocks[0].dtype)
+    shapes = {name: tuple(t.shape) for name, t in new.node_tensors().items()}
+    new.load_node_tensors({name: _pad(t, shapes[name]) for name, t in tensors.items()})
+    return new
+
+
+def truncate_student(
+    student: Student, bond_dim: int | None = None, tolerance: float | None = None
+) -> tuple[Student, TruncationReport]:
+    """Canonicalise a student about its label node and cut every bond by SVD.
+
+    Args:
+        student: an :class:`MPSClassifier` (not uniform), a :class:`TTNetwork` (different
+            cores) or a :class:`TreeClassifier`.
+        bond_dim: keep at most this many singular values per bond; the new student's bond
+            dimension (TT rank). Default: the largest rank kept.
+        tolerance: also cut each bond's smallest singular values while their squared sum stays
+            below ``tolerance^2`` times the bond's total.
+
+    Returns:
+        The truncated student (same class, same feature map, output mode and logit scale) and
+        a :class:`TruncationReport`. With ``bond_dim`` at least the student's and no tolerance
+        the new student computes the same function (up to rounding).
+    """
+    tensors, indices, names, center = _network(student)
+    cut: Truncation = truncate(tensors, indices, center, rank=bond_dim, tolerance=tolerance)
+    width = bond_dim if bond_dim is not None else max(cut.ranks.values(), default=1)
+    values = dict(zip(names, _spread(cut.tensors, cut.log_norm), strict=True))
+    if isinstance(student, MPSClassifier):
+        new: Student = _mps_like(student, width, values)
+    elif isinstance(student, TTNetwork):
+        new = _tt_like(student, width, values)
+    elif isinstance(student, TreeClassifier):
+        new = _tree_like(student, width, values)
+    else:
+        raise ValueError(
+            f"truncation of {type(student).__name__} is not supported: use MPSClassifier, "
+            "TTNetwork or TreeClassifier"
+        )
+    if hasattr(student, "log_logit_scale") and hasattr(new, "log_logit_scale"):
+        with torch.no_grad():
+            new.log_logit_scale.copy_(student.log_logit_scale)
+    report = TruncationReport(
+        ranks=cut.ranks,
+        discarded=cut.discarded,
+        spectra=cut.spectra,
+        params_before=student.parameter_count(),
+        params_after=new.parameter_count(),
+        chain=cut.chain,
+    )
+    return new, report
+
+
+def bond_spectra(student: Student) -> dict[str, torch.Tensor]:
+    """Each bond's singular values (unit-norm network), in canonical-sweep order; nothing is cut."""
+    tensors, indices, _, center = _network(student)
+    return truncate(tensors, indices, center).spectra
+
+
+def chain_bond_spectra(student: MPSClassifier) -> list[torch.Tensor]:
+    """An MPS's bond spectra, left to right.
+
+    Bond k sits between the k-th and (k+1)-th tensors of
+    ``left, site_0, ..., output, ..., site_{N-1}, right``.
+    """
+    spectra = bond_spectra(student)
+    return [spectra[f"bond_{k}"] for k in range(len(spectra))]
+
+
+def entanglement_entropies(spectra: dict[str, torch.Tensor] | list[torch.Tensor]) -> list[float]:
+    """Entanglement entropy of each bond's spectrum (see :func:`tnkd.tn.canonical.entanglement_entropy`)."""
+    values = spectra.values() if isinstance(spectra, dict) else spectra
+    return [entanglement_entropy(s) for s in values]
+
+
+def load_student_state(checkpoint: str | Path, prefix: str = "student.") -> dict[str, torch.Tensor]:
+    """A student's state dict from a Lightning checkpoint (keys under ``prefix``) or a plain one."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass a run's last.ckpt or a state dict file"
+        )
+    try:
+        data: Any = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(
+            f"checkpoint {path} could not be read ({err}); pass a .ckpt or a state dict"
+        ) from err
+    state = data.get("state_dict", data) if isinstance(data, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds no state dict")
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return state
+
+
+class TruncatedMPS(MPSClassifier):
+    """An :class:`MPSClassifier` started from a wider trained MPS, truncated by SVD.
+
+    Loads the wide MPS from ``checkpoint`` (its bond dimension is read from the file; the other
+    arguments must match the run that saved it), truncates every bond to ``bond_dim``
+    (:func:`truncate_student`) and starts from the result. ``truncation`` holds the report.
+    In YAML this is the student of a fine-tuning run (see the module docstring). Loading a
+    fine-tuned checkpoint of this class needs the source checkpoint again (the constructor reads
+    it); or load its state dict into a plain ``MPSClassifier`` of the same ``bond_dim``.
+
+    Args:
+        checkpoint: a Lightning checkpoint of a distillation run, or an MPS state dict file.
+        bond_dim: the new bond dimension.
+        num_sites: as the wide MPS.
+        num_classes: as the wide MPS.
+        tolerance: also cut singular values by relative tolerance (see :func:`truncate_student`).
+        feature_map: as the wide MPS.
+        label_position: as the wide MPS.
+        output: as the wide MPS.
+        method: chain contraction method.
+        pool: as the wide MPS.
+        patch: as the wide MPS.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        bond_dim: int,
+        num_sites: int,
+        num_classes: int,
+        tolerance: float | None = None,
+        feature_map: str | dict | FeatureMap = "linear",
+        label_position: int | None = None,
+        output: str = "normalized",
+        method: str = "auto",
+        pool: int = 1,
+        patch: int = 1,
+    ) -> None:
+        state = load_student_state(checkpoint)
+        if "cores" not in state or state["cores"].ndim != 4:
+            raise ValueError(f"checkpoint {checkpoint} holds no MPSClassifier (no 4-way 'cores')")
+        kwargs = dict(
+            feature_map=feature_map,
+            label_position=label_position,
+            output=output,
+            method=method,
+            pool=pool,
+            patch=patch,
+        )
+        wide = MPSClassifier(num_sites, num_classes, int(state["cores"].shape[1]), **kwargs)
+        wide.load_state_dict(state)
+        small, report = truncate_student(wide, bond_dim=bond_dim, tolerance=tolerance)
+        super().__init__(num_sites, num_classes, bond_dim, **kwargs)
+        self.load_state_dict(small.state_dict())
+        self.truncation = report
