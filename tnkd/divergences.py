@@ -109,9 +109,9 @@ def _working_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def standardize_logits(logits: Tensor) -> Tensor:
-    """Each sample's logits z-scored over the classes (Sun et al. 2024, "Logit Standardization
-    in Knowledge Distillation", CVPR).
+    """Each sample's logits z-scored over the classes (logit standardization, Sun et al. 2024).
 
+    Sun, Ren, Li, Wang & Cao, "Logit Standardization in Knowledge Distillation", CVPR 2024:
     ``Z(x) = (x - mean(x)) / std(x)``, with the standard deviation over the classes taken with
     Bessel's correction (``n - 1``), as in the paper's code; a row whose logits are all equal
     becomes zeros. Distilling ``softmax(Z(v) / T)`` into ``softmax(Z(z) / T)`` frees the student
@@ -649,12 +649,16 @@ class Divergence(nn.Module):
                 f"{self.name} scale must be a finite number >= 0 or None, but got {scale!r}"
             )
         if not isinstance(standardize, bool):
-            raise ValueError(f"{self.name} standardize must be true or false, but got {standardize!r}")
+            raise ValueError(
+                f"{self.name} standardize must be true or false, but got {standardize!r}"
+            )
         self.fixed_scale = None if scale is None else float(scale)
         self.validate = validate
         self.standardize = standardize
 
-    def ratios(self, teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> LogRatios:
+    def ratios(
+        self, teacher_logits: Tensor, student_logits: Tensor, temperature: float
+    ) -> LogRatios:
         """:func:`log_ratios` of the (standardized, when ``standardize``) logits."""
         if self.validate:
             _check_logits(teacher_logits, student_logits)
@@ -918,7 +922,10 @@ class DecoupledKD(Divergence):
         standardize: bool = False,
     ) -> None:
         super().__init__(scale=scale, validate=validate, standardize=standardize)
-        for label, value in (("target_weight", target_weight), ("nontarget_weight", nontarget_weight)):
+        for label, value in (
+            ("target_weight", target_weight),
+            ("nontarget_weight", nontarget_weight),
+        ):
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)

@@ -169,8 +169,12 @@ class TeacherEnsemble(nn.Module):
             raise ValueError(
                 f"the ensemble's teachers must have the same number of classes, but have {sorted(map(str, classes))}"
             )
-        if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"ensemble temperature must be a finite number > 0, but got {temperature!r}")
+        if not (
+            isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0
+        ):
+            raise ValueError(
+                f"ensemble temperature must be a finite number > 0, but got {temperature!r}"
+            )
         self.members = nn.ModuleList(members)
         self.members.eval().requires_grad_(False)
         self.num_classes = classes.pop()

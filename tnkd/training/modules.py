@@ -513,7 +513,10 @@ class DistillationModule(L.LightningModule):
                 continue  # a fresh view per epoch: the teacher runs on every training batch
             if split == "train" and getattr(dm, "augmentation", None) is not None:
                 logits = torch.stack(
-                    [cached_teacher_logits(self.teacher, dm.train_view(k), cache) for k in range(views)],
+                    [
+                        cached_teacher_logits(self.teacher, dm.train_view(k), cache)
+                        for k in range(views)
+                    ],
                     dim=1,
                 )
             else:

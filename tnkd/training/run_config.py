@@ -100,7 +100,10 @@ def describe_data(datamodule: Any) -> dict[str, Any]:
         value = getattr(datamodule, name)
         if name == "root" and Path(value).is_absolute():
             continue
-        if isinstance(value, bool | int | float | str | Path | list | tuple | dict) or value is None:
+        if (
+            isinstance(value, bool | int | float | str | Path | list | tuple | dict)
+            or value is None
+        ):
             out[name] = plain(value)
     return out
 
