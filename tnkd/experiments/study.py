@@ -59,7 +59,9 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{file} line {number} is not JSON ({err}); fix or remove it") from err
+                raise ValueError(
+                    f"{file} line {number} is not JSON ({err}); fix or remove it"
+                ) from err
     return records
 
 
@@ -91,9 +93,9 @@ def study(
     """Run the missing runs of an alpha x T x seed study, then write its figure and table.
 
     Args:
-        data, student, teacher, teacher_checkpoint, teacher_epochs, teacher_lr, epochs, lr,
-            scheduler, weight_decay, teacher_cache, trainer, logger, project, group, save_dir:
-            as for :func:`~tnkd.experiments.compare.compare`.
+        data: the data module.
+        student: a factory of fresh students (in YAML: ``class_path`` + ``init_args``).
+        teacher: a factory of the teacher architecture.
         alphas: Renyi orders (``.inf`` in YAML for infinity); 1 is KL and must be included.
         temperatures: distillation temperatures.
         beta: weight of the distillation term of every distilled run.
@@ -101,12 +103,28 @@ def study(
         results: JSON-lines file of the runs (appended to; finished runs are skipped).
         figures: path prefix of the heatmap (``.png``) and table (``.md``); ``None``: none.
         title: title of the figure and the table.
+        teacher_checkpoint: the teacher file (trained on first use, reused after).
+        teacher_epochs: epochs of the teacher's training (first use only).
+        teacher_lr: learning rate of the teacher's training.
+        epochs: student epochs per run.
+        lr: student learning rate.
+        scheduler: ``"cosine"`` or ``"none"``.
+        weight_decay: AdamW weight decay of the student.
+        teacher_cache: folder of cached teacher logits (see
+            :class:`~tnkd.training.modules.DistillationModule`).
+        trainer: extra ``lightning.Trainer`` arguments.
+        logger: ``"wandb"`` (offline) or ``"none"``.
+        project: W&B project.
+        group: W&B group.
+        save_dir: where W&B runs go.
 
     Returns:
         The records of every run of the study.
     """
     if 1.0 not in [float(a) for a in alphas]:
-        raise ValueError(f"alphas must include 1 (KL, the reference of the paired table), but got {list(alphas)}")
+        raise ValueError(
+            f"alphas must include 1 (KL, the reference of the paired table), but got {list(alphas)}"
+        )
     done = {(r["name"], r["seed"]) for r in load_records(results)}
     Path(results).parent.mkdir(parents=True, exist_ok=True)
     cells = [Variant("labels only", beta=0.0)] + [
@@ -138,7 +156,11 @@ def study(
             )
             record = asdict(run)
             cell = next(v for v in cells if v.name == variant.name)
-            alpha = None if cell.beta == 0 else (1.0 if cell.divergence == "kl" else cell.divergence["alpha"])
+            alpha = (
+                None
+                if cell.beta == 0
+                else (1.0 if cell.divergence == "kl" else cell.divergence["alpha"])
+            )
             record |= {"alpha": _plain(alpha), "teacher_acc": run.extra.get("teacher_acc")}
             with open(results, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -164,7 +186,9 @@ def _alpha(record: dict[str, Any]) -> float:
     return math.inf if record["alpha"] == "inf" else float(record["alpha"])
 
 
-def _cell(records: list[dict[str, Any]], alpha: float, temperature: float) -> dict[int, dict[str, Any]]:
+def _cell(
+    records: list[dict[str, Any]], alpha: float, temperature: float
+) -> dict[int, dict[str, Any]]:
     """The runs of one (alpha, T) cell, by seed."""
     return {
         r["seed"]: r
@@ -188,7 +212,10 @@ def paired_differences(
 
 
 def paired_table(
-    records: list[dict[str, Any]], alphas: Sequence[float], temperatures: Sequence[float], title: str
+    records: list[dict[str, Any]],
+    alphas: Sequence[float],
+    temperatures: Sequence[float],
+    title: str,
 ) -> str:
     """Markdown: mean accuracy per cell and paired differences against KL at the same T."""
     labels = [r["student_acc"] for r in records if r["beta"] == 0]
@@ -216,7 +243,13 @@ def paired_table(
                 lines.append(row + f" {' / '.join(f'{d:+.2f}' for d in diffs)} | - | - | - |")
                 continue
             mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-            stat = mean / (sd / math.sqrt(len(diffs))) if sd > 0 else math.copysign(math.inf, mean) if mean else 0.0
+            stat = (
+                mean / (sd / math.sqrt(len(diffs)))
+                if sd > 0
+                else math.copysign(math.inf, mean)
+                if mean
+                else 0.0
+            )
             exceeds = abs(stat) > _t_critical(len(diffs))
             verdict = ("yes, higher" if mean > 0 else "yes, lower") if exceeds else "no"
             lines.append(
@@ -253,9 +286,13 @@ def heatmaps(
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(4.2 + 2.2 * len(temperatures), 1.2 + 0.62 * len(alphas)))
+    fig, axes = plt.subplots(
+        1, 2, figsize=(4.2 + 2.2 * len(temperatures), 1.2 + 0.62 * len(alphas))
+    )
     labels = [r["student_acc"] for r in records if r["beta"] == 0]
-    for ax, key, name in zip(axes, ("student_acc", "agreement"), ("test accuracy", "teacher agreement"), strict=True):
+    for ax, key, name in zip(
+        axes, ("student_acc", "agreement"), ("test accuracy", "teacher agreement"), strict=True
+    ):
         mean = np.full((len(alphas), len(temperatures)), np.nan)
         text = [["" for _ in temperatures] for _ in alphas]
         for i, a in enumerate(alphas):
@@ -270,8 +307,15 @@ def heatmaps(
             for j in range(len(temperatures)):
                 if text[i][j]:
                     bright = mean[i, j] > np.nanmean(mean)
-                    ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7.5,
-                            color="black" if bright else "white")
+                    ax.text(
+                        j,
+                        i,
+                        text[i][j],
+                        ha="center",
+                        va="center",
+                        fontsize=7.5,
+                        color="black" if bright else "white",
+                    )
         ax.set_xticks(range(len(temperatures)), [f"{t:g}" for t in temperatures])
         ax.set_yticks(range(len(alphas)), ["KL (1)" if a == 1 else f"{a:g}" for a in alphas])
         ax.set_xlabel("temperature T")
