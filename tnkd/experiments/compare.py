@@ -181,7 +181,7 @@ def compare(
     data: ClassificationDataModule,
     student: Callable[[], nn.Module],
     teacher: Callable[[], nn.Module],
-    teacher_checkpoint: str = "runs/teachers/teacher.pt",
+    teacher_checkpoint: str | list[str] = "runs/teachers/teacher.pt",
     teacher_epochs: int = 30,
     teacher_lr: float = 2e-3,
     variants: Sequence[Variant] | None = None,
@@ -205,7 +205,11 @@ def compare(
         data: the data module.
         student: a factory of fresh students (in YAML: ``class_path`` + ``init_args``).
         teacher: a factory of the teacher architecture.
-        teacher_checkpoint: the teacher file: trained on first use, reused after.
+        teacher_checkpoint: the teacher file: trained on first use, reused after. A list of
+            existing files is a teacher ensemble (their probabilities averaged at each variant's
+            temperature; see :class:`~tnkd.teachers.TeacherEnsemble`). With a transfer set
+            (``labeled_per_class``) the teacher file must exist: it stands for a teacher
+            trained on all labels.
         teacher_epochs: epochs of the teacher's training (first use only).
         teacher_lr: learning rate of the teacher's training.
         variants: the ways to train the student (default: labels only, and KL).
@@ -245,7 +249,7 @@ def compare(
     _check_outputs(teacher_checkpoint, teacher_cache, logger, save_dir, results)
     data.setup("fit")
     group = group or f"{type(data).__name__}-{time.strftime('%Y%m%d-%H%M%S')}"
-    teacher_net, trained_now = ensure_teacher(
+    teacher_net, trained_now = _teachers(
         teacher,
         teacher_checkpoint,
         data,
@@ -258,7 +262,11 @@ def compare(
         trainer,
         group,
     )
-    teacher_params = count_parameters(teacher_net)
+    teacher_params = (
+        sum(count_parameters(t) for t in teacher_net)
+        if isinstance(teacher_net, list)
+        else count_parameters(teacher_net)
+    )
     out: list[RunResult] = []
     total = len(seeds) * len(variants)
     for seed in seeds:
@@ -269,7 +277,7 @@ def compare(
             module = DistillationModule(
                 student(),
                 # labels-only runs keep the teacher for the test metrics (agreement) only
-                teacher=copy.deepcopy(teacher_net),
+                teacher=copy.deepcopy(teacher_net),  # a list: an ensemble at this T
                 divergence=variant.divergence,
                 temperature=variant.temperature,
                 beta=variant.beta,
@@ -312,20 +320,48 @@ def compare(
             out,
             teacher_acc,
             teacher_params,
-            read_teacher_file(teacher_checkpoint)["class_path"],
+            _teacher_class(teacher_checkpoint),
         )
     return out
 
 
+def _teachers(
+    make_teacher: Callable[[], nn.Module],
+    checkpoint: str | list[str],
+    data: ClassificationDataModule,
+    *args: Any,
+) -> tuple[nn.Module | list[nn.Module], bool]:
+    """The teacher (:func:`ensure_teacher`), or the loaded members of an ensemble of files."""
+    files = checkpoint if isinstance(checkpoint, list | tuple) else [checkpoint]
+    missing = [f for f in files if not Path(f).exists()]
+    if missing and (len(files) > 1 or getattr(data, "is_transfer_set", False)):
+        what = "an ensemble's teacher files" if len(files) > 1 else "a transfer set's teacher"
+        raise FileNotFoundError(
+            f"{what} must exist before the comparison ({', '.join(missing)} does not): train "
+            "it on all labels first (e.g. tnkd fit --config configs/mnist/teacher_cnn.yaml)"
+        )
+    if isinstance(checkpoint, list | tuple):
+        return [load_teacher(f, make_teacher()) for f in checkpoint], False
+    return ensure_teacher(make_teacher, checkpoint, data, *args)
+
+
+def _teacher_class(checkpoint: str | list[str]) -> str:
+    """The teacher's class path for the results file (``TeacherEnsemble[...]`` for several)."""
+    if isinstance(checkpoint, list | tuple):
+        members = ", ".join(read_teacher_file(f)["class_path"] for f in checkpoint)
+        return f"tnkd.teachers.TeacherEnsemble[{members}]"
+    return read_teacher_file(checkpoint)["class_path"]
+
+
 def _check_outputs(
-    teacher_checkpoint: str,
+    teacher_checkpoint: str | list[str],
     teacher_cache: str | None,
     logger: str,
     save_dir: str,
     results: str | None,
 ) -> None:
     """Every file and folder the comparison will write, checked before anything is trained."""
-    if not Path(teacher_checkpoint).exists():
+    if isinstance(teacher_checkpoint, str) and not Path(teacher_checkpoint).exists():
         check_writable(teacher_checkpoint, "--teacher_checkpoint", folder=False)
     if teacher_cache:
         check_writable(teacher_cache, "--teacher_cache")
