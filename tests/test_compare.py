@@ -104,3 +104,18 @@ def test_a_transfer_set_needs_an_existing_teacher_and_ensembles_run(tmp_path):
     payload = json.loads((tmp_path / "r.json").read_text())
     assert payload["teacher"]["class_path"].startswith("tnkd.teachers.TeacherEnsemble[")
     assert run.compression_ratio == pytest.approx(payload["teacher"]["params"] / run.student_params)
+
+
+def test_evaluate_val_screens_on_the_validation_split_without_testing(
+    tmp_path, capsys, monkeypatch
+):
+    import tnkd.experiments.compare as compare_module
+
+    def no_test(*args, **kwargs):
+        raise AssertionError("a student was tested")
+
+    monkeypatch.setattr(compare_module, "test_metrics", no_test)
+    (run,) = _compare(tmp_path, evaluate="val", variants=[Variant("KL", divergence="kl")])
+    out = capsys.readouterr().out
+    assert "VALIDATION split, teacher accuracy" in out and "| val acc |" in out
+    assert 0.0 <= run.student_acc <= 1.0 and run.extra["split"] == "val"

@@ -177,6 +177,18 @@ def test_metrics(trainer: L.Trainer, module: L.LightningModule, data: Any) -> di
     return {k: float(v) for k, v in metrics.items()}
 
 
+def validation_metrics(
+    trainer: L.Trainer, module: L.LightningModule, data: Any
+) -> dict[str, float]:
+    """Lightning's validation loop on the trained ``module``, renamed ``test/*`` for the table.
+
+    For screening recipes on the validation split (``evaluate="val"``) without reading the test
+    set.
+    """
+    (metrics,) = trainer.validate(module, datamodule=data, verbose=False)
+    return {"test/" + k.removeprefix("val/"): float(v) for k, v in metrics.items()}
+
+
 def compare(
     data: ClassificationDataModule,
     student: Callable[[], nn.Module],
@@ -198,6 +210,7 @@ def compare(
     save_dir: str = "runs",
     results: str | None = None,
     progress: bool = False,
+    evaluate: str = "test",
 ) -> list[RunResult]:
     """Train one student family several ways against one teacher; print and return the results.
 
@@ -231,11 +244,16 @@ def compare(
             a numbered name is chosen if it exists).
         progress: print one line per epoch of each run (train loss and accuracy, validation
             accuracy, seconds); off by default, so the output is the results table alone.
+        evaluate: ``"test"`` (default): each trained run is tested on the test set;
+            ``"val"``: on the validation split instead, for choosing a recipe without reading
+            the test set (the table and results then hold validation figures, and say so).
 
     Returns:
         One :class:`RunResult` per run.
     """
     started = time.perf_counter()
+    if evaluate not in ("test", "val"):
+        raise ValueError(f"evaluate must be 'test' or 'val', but got {evaluate!r}")
     _quiet()
     variants = list(variants) if variants is not None else default_variants()
     seeds = list(seeds)
@@ -299,7 +317,8 @@ def compare(
             try:
                 run = _trainer(epochs, log, trainer, label if progress else None)
                 run.fit(module, datamodule=data)
-                metrics = test_metrics(run, module, data)
+                evaluation = validation_metrics if evaluate == "val" else test_metrics
+                metrics = evaluation(run, module, data)
                 result = _result(variant, seed, module, metrics)
             finally:
                 _finish(log)
@@ -313,6 +332,11 @@ def compare(
         time.perf_counter() - started,
         teacher_note="trained now" if trained_now else f"from {teacher_checkpoint}",
     )
+    if evaluate == "val":
+        table = table.replace(": teacher test accuracy", ": VALIDATION split, teacher accuracy")
+        table = table.replace("| test acc |", "| val acc |", 1)
+        for r in out:
+            r.extra["split"] = "val"
     print(table, flush=True)
     if results:
         _write_results(
