@@ -109,6 +109,8 @@ def _trainer(tmp_path, epochs, callbacks, **kwargs):
         enable_model_summary=False,
         default_root_dir=tmp_path,
         callbacks=callbacks,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
         **kwargs,
     )
 
