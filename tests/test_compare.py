@@ -10,15 +10,19 @@ from tnkd.experiments.compare import Variant, compare
 from tnkd.students import MPSClassifier
 from tnkd.teachers import MLP
 
+TEACHER = partial(MLP, 64, 10, hidden=[32])
 
-def _compare(tmp_path, **kwargs):
+
+def _compare(tmp_path, teacher=TEACHER, **kwargs):
     return compare(
         DigitsDataModule(batch_size=64),
         student=partial(MPSClassifier, 64, 10, bond_dim=3),
-        teacher=partial(MLP, 64, 10, hidden=[32]),
-        teacher_checkpoint=str(tmp_path / "teacher.pt"),
+        teacher=teacher,
+        teacher_checkpoint=kwargs.pop("teacher_checkpoint", str(tmp_path / "teacher.pt")),
         teacher_epochs=2,
-        variants=[Variant("labels only", beta=0.0), Variant("KL", divergence="kl")],
+        variants=kwargs.pop(
+            "variants", [Variant("labels only", beta=0.0), Variant("KL", divergence="kl")]
+        ),
         lr=3e-3,
         logger="none",
         trainer={"enable_progress_bar": False, "enable_model_summary": False},
@@ -70,3 +74,48 @@ def test_progress_is_off_by_default(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert not [ln for ln in out if " epoch " in ln and not ln.startswith("[teacher]")]
     assert "tnkd compare: run 2/2: KL seed 0" in out
+
+
+def test_a_transfer_set_needs_an_existing_teacher_and_ensembles_run(tmp_path):
+    import json
+
+    import pytest
+    import torch
+
+    from tnkd.teachers import save_teacher
+
+    with pytest.raises(FileNotFoundError, match="a transfer set's teacher must exist"):
+        compare(
+            DigitsDataModule(labeled_per_class=3),
+            student=partial(MPSClassifier, 64, 10, bond_dim=3),
+            teacher=partial(MLP, 64, 10, hidden=[32]),
+            teacher_checkpoint=str(tmp_path / "missing.pt"),
+            logger="none",
+        )
+    torch.manual_seed(0)
+    files = [str(save_teacher(MLP(64, 10, hidden=[8]), tmp_path / f"t{i}.pt")) for i in range(2)]
+    (run,) = _compare(
+        tmp_path,
+        teacher=partial(MLP, 64, 10, hidden=[8]),
+        teacher_checkpoint=files,
+        variants=[Variant("KL", divergence="kl", temperature=2.0)],
+        results=str(tmp_path / "r.json"),
+    )
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert payload["teacher"]["class_path"].startswith("tnkd.teachers.TeacherEnsemble[")
+    assert run.compression_ratio == pytest.approx(payload["teacher"]["params"] / run.student_params)
+
+
+def test_evaluate_val_screens_on_the_validation_split_without_testing(
+    tmp_path, capsys, monkeypatch
+):
+    import tnkd.experiments.compare as compare_module
+
+    def no_test(*args, **kwargs):
+        raise AssertionError("a student was tested")
+
+    monkeypatch.setattr(compare_module, "test_metrics", no_test)
+    (run,) = _compare(tmp_path, evaluate="val", variants=[Variant("KL", divergence="kl")])
+    out = capsys.readouterr().out
+    assert "VALIDATION split, teacher accuracy" in out and "| val acc |" in out
+    assert 0.0 <= run.student_acc <= 1.0 and run.extra["split"] == "val"

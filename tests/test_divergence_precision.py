@@ -45,10 +45,38 @@ def _renyi(p: list[Decimal], q: list[Decimal], alpha: float) -> Decimal:
     return s.ln() / (al - 1)
 
 
-def _reference(name: str, alpha: float | None, v: list[float], z: list[float], t: float):
+def _standardized(logits: list) -> list[Decimal]:
+    """Z-scores with Bessel's correction (Sun et al. 2024), in Decimal."""
+    x = [_dec(a) for a in logits]
+    mean = sum(x) / len(x)
+    std = (sum((a - mean) ** 2 for a in x) / (len(x) - 1)).sqrt()
+    return [(a - mean) / std for a in x]
+
+
+#: the target class of each of the two rows (DKD)
+TARGETS = [1, 3]
+
+
+def _dkd(p: list[Decimal], q: list[Decimal], target: int) -> tuple[Decimal, Decimal]:
+    """(TCKD, NCKD) from the definitions: binary KL and KL of the renormalised non-targets."""
+    rest_p, rest_q = 1 - p[target], 1 - q[target]
+    tckd = _kl([p[target], rest_p], [q[target], rest_q])
+    others = [j for j in range(len(p)) if j != target]
+    nckd = _kl([p[j] / rest_p for j in others], [q[j] / rest_q for j in others])
+    return tckd, nckd
+
+
+def _reference(
+    name: str, alpha: float | None, v: list, z: list, t: float, target: int | None = None
+):
     """The scaled loss term ``scale(T) * D`` of one sample (Renyi: its limit at alpha = 0)."""
     td = _dec(t)
+    if name.endswith("_std"):
+        name, v, z = name[: -len("_std")], _standardized(v), _standardized(z)
     p, q = _softmax(v, td), _softmax(z, td)
+    if name == "dkd":
+        tckd, nckd = _dkd(p, q, target)
+        return td**2 * (tckd + 8 * nckd)
     if name == "kl":
         return td**2 * _kl(p, q)
     if name == "reverse_kl":
@@ -66,6 +94,8 @@ def _reference(name: str, alpha: float | None, v: list[float], z: list[float], t
     assert name == "renyi"
     if alpha == 0:
         return td**2 * _kl(q, p)
+    if alpha == 1:
+        return td**2 * _kl(p, q)
     if math.isinf(alpha):
         return td**2 * _renyi(p, q, alpha)
     return td**2 / _dec(alpha) * _renyi(p, q, alpha)
@@ -77,26 +107,34 @@ def _reference_loss_and_grad(name, alpha, v: torch.Tensor, z: torch.Tensor, t: f
         ctx.prec = PREC
         rows_v, rows_z = v.tolist(), z.tolist()
         n = len(rows_v)
-        value = sum(_reference(name, alpha, a, b, t) for a, b in zip(rows_v, rows_z, strict=True))
+        value = sum(
+            _reference(name, alpha, a, b, t, c)
+            for a, b, c in zip(rows_v, rows_z, TARGETS, strict=True)
+        )
         h = Decimal("1e-22")
         grad = []
-        for a, b in zip(rows_v, rows_z, strict=True):
+        for a, b, c in zip(rows_v, rows_z, TARGETS, strict=True):
             row = []
             for j in range(len(b)):
                 up, down = [_dec(x) for x in b], [_dec(x) for x in b]
                 up[j] += h
                 down[j] -= h
-                f_up = _reference(name, alpha, a, up, t)
-                f_down = _reference(name, alpha, a, down, t)
+                f_up = _reference(name, alpha, a, up, t, c)
+                f_down = _reference(name, alpha, a, down, t, c)
                 row.append(float((f_up - f_down) / (2 * h) / n))
             grad.append(row)
         return float(value / n), torch.tensor(grad, dtype=torch.float64)
 
 
 def _float_loss_and_grad(name, alpha, v, z, t, dtype):
-    div = dv.RenyiDivergence(alpha) if name == "renyi" else dv.build_divergence(name)
+    standardize = name.endswith("_std")
+    base = name[: -len("_std")] if standardize else name
+    if base == "renyi":
+        div = dv.RenyiDivergence(alpha, standardize=standardize)
+    else:
+        div = dv.build_divergence({"name": base, "standardize": standardize})
     zz = z.to(dtype).clone().requires_grad_()
-    loss = div.loss(v.to(dtype), zz, t)
+    loss = div.loss(v.to(dtype), zz, t, target=torch.tensor(TARGETS))
     (grad,) = torch.autograd.grad(loss, zz)
     return loss.item(), grad.double()
 
@@ -165,3 +203,23 @@ def test_the_scaled_renyi_loss_is_continuous_down_to_alpha_zero(t):
     assert values[3] == pytest.approx(values[0], rel=1e-2)
     reverse = dv.ReverseKLDivergence().loss(v.double(), z.double(), t).item()
     assert values[0] == pytest.approx(reverse, rel=1e-12)
+
+
+@pytest.mark.parametrize("t", TEMPERATURES)
+@pytest.mark.parametrize("name", ["dkd", "kl_std", "js_std", "dkd_std"])
+def test_logit_losses_float32_match_the_reference(name, t):
+    # DKD (target_weight 1, nontarget_weight 8) and standardized losses (Sun et al. 2024)
+    v, z = _logits(5)
+    _check(name, None, t, v, z, torch.float32, rel=1e-4, abs_=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.05, 4.0, 1e4])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 2.0, math.inf])
+def test_standardized_renyi_float32_matches_the_reference(alpha, t):
+    v, z = _logits(6)
+    _check("renyi_std", alpha, t, v, z, torch.float32, rel=1e-4, abs_=1e-6)
+
+
+def test_dkd_with_teacher_zeros_matches_the_reference():
+    v, z = _logits(3, teacher_zero=True)  # row 0 has p_1 = 0 at its target class 1
+    _check("dkd", None, 2.0, v, z, torch.float32, rel=1e-4, abs_=1e-6)

@@ -13,7 +13,13 @@ Every divergence here
   their gradient match KL's at high temperature;
 * comes as a functional twin (``renyi_divergence(...)``) and a module (``RenyiDivergence``)
   registered by name (``DIVERGENCES``), buildable from YAML as ``divergence: renyi``,
-  ``divergence: {name: renyi, alpha: 0.5}`` or a ``class_path``.
+  ``divergence: {name: renyi, alpha: 0.5}`` or a ``class_path``;
+* takes ``standardize: true`` (every module): logit standardization (Sun et al. 2024), each
+  sample's logits z-scored before the temperature (:func:`standardize_logits`).
+
+Besides the divergences proper, the registry holds decoupled KD (``dkd``, Zhao et al. 2022),
+which weighs the target-class and non-target-class parts of KL separately and so needs the
+labels (:class:`DecoupledKD`).
 """
 
 from __future__ import annotations
@@ -100,6 +106,30 @@ def _working_dtype(*tensors: Tensor) -> torch.dtype:
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
+
+
+def standardize_logits(logits: Tensor) -> Tensor:
+    """Each sample's logits z-scored over the classes (logit standardization, Sun et al. 2024).
+
+    Sun, Ren, Li, Wang & Cao, "Logit Standardization in Knowledge Distillation", CVPR 2024:
+    ``Z(x) = (x - mean(x)) / std(x)``, with the standard deviation over the classes taken with
+    Bessel's correction (``n - 1``), as in the paper's code; a row whose logits are all equal
+    becomes zeros. Distilling ``softmax(Z(v) / T)`` into ``softmax(Z(z) / T)`` frees the student
+    from matching the teacher's logit range (only its ordering and relative gaps), and makes the
+    loss invariant to shifting and positively scaling either side's logits. Computed in float32
+    or higher; a row whose spread is at the rounding level of its values counts as constant.
+
+    Example:
+        >>> standardize_logits(torch.tensor([[1.0, 2.0, 3.0]]))
+        tensor([[-1.,  0.,  1.]])
+    """
+    x = logits.to(_working_dtype(logits))
+    centered = x - x.mean(dim=-1, keepdim=True)
+    n = x.shape[-1]
+    std = (centered.square().sum(dim=-1, keepdim=True) / max(n - 1, 1)).sqrt()
+    # a row whose spread is at rounding level is constant: zeros, not amplified rounding noise
+    flat = std <= 16 * torch.finfo(x.dtype).eps * x.abs().amax(dim=-1, keepdim=True)
+    return torch.where(flat, torch.zeros_like(x), centered / torch.where(flat, 1.0, std))
 
 
 # ---- accurate log-ratios -----------------------------------------------------------------------
@@ -366,6 +396,47 @@ def _skew_kl_from(lr: LogRatios, skew: float) -> Tensor:
     return _kl_terms(lr.log_p, log_m, s, lr.support).sum(-1)
 
 
+def _dkd_parts(lr: LogRatios, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sample ``(TCKD, NCKD, 1 - p_t)`` of decoupled KD (see :func:`decoupled_kd`).
+
+    TCKD is the binary KL between ``(p_t, 1 - p_t)`` and ``(q_t, 1 - q_t)``; NCKD the KL between
+    the non-target distributions ``p_j / (1 - p_t)`` and ``q_j / (1 - q_t)``, j != t. Both are
+    built from the accurate log-ratios: the binary log-ratio of the non-target mass is
+    ``log sum_{j != t} w_j exp(r_j)`` with ``w_j = q_j / (1 - q_t)``, taken as ``log1p`` of a sum
+    of ``expm1`` where the ratios are small, so neither part cancels at high temperature.
+    """
+    t = target.unsqueeze(-1)
+    is_t = torch.zeros_like(lr.support).scatter(-1, t, True)
+    rest = ~is_t
+    log_p_rest = torch.logsumexp(torch.where(rest, lr.log_p, -math.inf), dim=-1, keepdim=True)
+    log_q_rest = torch.logsumexp(torch.where(rest, lr.log_q, -math.inf), dim=-1, keepdim=True)
+    # rho_rest = log(P_rest / Q_rest) = log sum_{j != t} w_j exp(r_j), p_j = 0 terms giving 0
+    in_rest = rest & lr.support
+    w = torch.where(rest, (lr.log_q - log_q_rest).exp(), torch.zeros_like(lr.log_q))
+    small = (~in_rest | (lr.r.abs() <= _SERIES_RADIUS)).all(dim=-1, keepdim=True)
+    r_small = torch.where(small & in_rest, lr.r, torch.zeros_like(lr.r))
+    near_sum = (w * torch.where(in_rest, torch.expm1(r_small), -torch.ones_like(r_small))).sum(
+        -1, keepdim=True
+    )
+    has_rest = log_p_rest > -math.inf
+    near = torch.log1p(torch.where(has_rest, near_sum, torch.zeros_like(near_sum)))
+    far = torch.where(has_rest, log_p_rest, torch.zeros_like(log_p_rest)) - log_q_rest
+    rho_rest = torch.where(small, near, far)
+    # TCKD: binary KL
+    log_w = torch.cat([lr.log_p.gather(-1, t), log_p_rest], dim=-1)
+    log_u = torch.cat([lr.log_q.gather(-1, t), log_q_rest], dim=-1)
+    rho = torch.cat([lr.r.gather(-1, t), rho_rest], dim=-1)
+    support = torch.cat([lr.support.gather(-1, t), has_rest], dim=-1)
+    tckd = _kl_terms(log_w, log_u, _masked(support, rho), support).sum(-1)
+    # NCKD: KL of the renormalised non-target distributions (0 where the teacher has no rest)
+    safe_rest = torch.where(has_rest, log_p_rest, torch.zeros_like(log_p_rest))
+    log_w_hat = torch.where(in_rest & has_rest, lr.log_p - safe_rest, -math.inf)
+    log_u_hat = torch.where(rest & has_rest, lr.log_q - log_q_rest, -math.inf)
+    rho_hat = _masked(in_rest & has_rest, lr.r - rho_rest)
+    nckd = _kl_terms(log_w_hat, log_u_hat, rho_hat, in_rest & has_rest).sum(-1)
+    return tckd, nckd, safe_rest.exp().squeeze(-1) * has_rest.squeeze(-1)
+
+
 def _batch_mean(per_sample: Tensor) -> Tensor:
     return per_sample.mean()
 
@@ -474,6 +545,79 @@ def _check_skew(skew: float) -> float:
     return float(skew)
 
 
+def _check_target(target: Tensor | None, teacher_logits: Tensor) -> Tensor:
+    """Class indices for DKD: the labels, with the teacher's top class where a label is < 0."""
+    top = teacher_logits.argmax(dim=-1)
+    if target is None:
+        return top
+    if target.shape != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"expected one target per sample, of shape {tuple(teacher_logits.shape[:-1])}, "
+            f"but got {tuple(target.shape)}"
+        )
+    classes = teacher_logits.shape[-1]
+    if bool((target >= classes).any()):
+        raise ValueError(f"targets must be class indices below {classes} (or -1 for unlabeled)")
+    return torch.where(target >= 0, target, top.to(target.device)).long()
+
+
+def decoupled_kd_parts(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    target: Tensor | None = None,
+    temperature: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DKD's parts per sample, ``(TCKD, NCKD, 1 - p_t)`` (Zhao et al. 2022); see :func:`decoupled_kd`.
+
+    The identity that holds exactly, per sample: ``KL(P || Q) = TCKD + (1 - p_t) NCKD``.
+    """
+    lr = log_ratios(teacher_logits, student_logits, temperature)
+    return _dkd_parts(lr, _check_target(target, teacher_logits))
+
+
+def decoupled_kd(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    target: Tensor | None = None,
+    temperature: float = 1.0,
+    target_weight: float = 1.0,
+    nontarget_weight: float = 8.0,
+) -> Tensor:
+    """Decoupled KD (Zhao, Cui, Song, Qiu & Liang 2022, "Decoupled Knowledge Distillation", CVPR).
+
+    With t the target class, b = (p_t, 1 - p_t) the binary split of P and P^ = p_j / (1 - p_t)
+    (j != t) its non-target distribution (likewise b', Q^ for the student), KL splits exactly::
+
+        KL(P || Q) = KL(b || b') + (1 - p_t) KL(P^ || Q^) = TCKD + (1 - p_t) NCKD.
+
+    DKD drops the (1 - p_t) factor, which mutes NCKD where the teacher is confident, and weighs
+    the parts freely::
+
+        DKD = target_weight * TCKD + nontarget_weight * NCKD
+
+    (the paper's alpha and beta: 1 and 8 on CIFAR-100; its loss is T^2 DKD, with the weight
+    warmed up over the first 20 epochs, which tnkd does not do). With both weights 1, DKD is
+    KL + p_t NCKD, not KL. Batch mean. ``target`` holds the labels; a sample labeled -1 (no
+    label, a transfer set) or ``target=None`` uses the teacher's top class instead.
+
+    Example:
+        >>> v, z = torch.tensor([[3.0, 1.0, 0.0]]), torch.tensor([[1.0, 2.0, 0.0]])
+        >>> tckd, nckd, rest = decoupled_kd_parts(v, z, torch.tensor([0]))
+        >>> bool(torch.isclose(tckd + rest * nckd, kl_divergence(v, z)))
+        True
+    """
+    tckd, nckd = _dkd_weighted(
+        log_ratios(teacher_logits, student_logits, temperature),
+        _check_target(target, teacher_logits),
+    )
+    return _batch_mean(target_weight * tckd + nontarget_weight * nckd)
+
+
+def _dkd_weighted(lr: LogRatios, target: Tensor) -> tuple[Tensor, Tensor]:
+    tckd, nckd, _ = _dkd_parts(lr, target)
+    return tckd, nckd
+
+
 # ---- modules -----------------------------------------------------------------------------------
 
 
@@ -483,11 +627,20 @@ class Divergence(nn.Module):
     Args:
         scale: a fixed gradient scale that replaces :meth:`default_scale` (``None``: the default).
         validate: check inputs (shapes, NaN/inf) on every call; ``False`` skips the checks.
+        standardize: z-score each sample's teacher and student logits before the temperature
+            (logit standardization, Sun et al. 2024; see :func:`standardize_logits`). The loss
+            is then invariant to shifting and positively scaling either side's logits; teacher
+            logits of ``-inf`` (zero probabilities) are refused.
+
+    ``forward`` and :meth:`loss` also take ``target`` (the labels), used by divergences that
+    need the target class (:class:`DecoupledKD`) and ignored by the others.
     """
 
     name: str = ""
 
-    def __init__(self, scale: float | None = None, validate: bool = True) -> None:
+    def __init__(
+        self, scale: float | None = None, validate: bool = True, standardize: bool = False
+    ) -> None:
         super().__init__()
         if scale is not None and not (
             isinstance(scale, int | float) and math.isfinite(scale) and scale >= 0
@@ -495,8 +648,29 @@ class Divergence(nn.Module):
             raise ValueError(
                 f"{self.name} scale must be a finite number >= 0 or None, but got {scale!r}"
             )
+        if not isinstance(standardize, bool):
+            raise ValueError(
+                f"{self.name} standardize must be true or false, but got {standardize!r}"
+            )
         self.fixed_scale = None if scale is None else float(scale)
         self.validate = validate
+        self.standardize = standardize
+
+    def ratios(
+        self, teacher_logits: Tensor, student_logits: Tensor, temperature: float
+    ) -> LogRatios:
+        """:func:`log_ratios` of the (standardized, when ``standardize``) logits."""
+        if self.validate:
+            _check_logits(teacher_logits, student_logits)
+        if self.standardize:
+            if self.validate and bool((teacher_logits == -math.inf).any()):
+                raise ValueError(
+                    "standardize needs finite teacher logits, but got -inf (a zero probability); "
+                    "use standardize: false for such teachers"
+                )
+            teacher_logits = standardize_logits(teacher_logits)
+            student_logits = standardize_logits(student_logits)
+        return log_ratios(teacher_logits, student_logits, temperature, validate=False)
 
     def per_sample(self, ratios: LogRatios) -> Tensor:
         """The divergence of each sample, from :func:`log_ratios` (summed over classes)."""
@@ -507,10 +681,14 @@ class Divergence(nn.Module):
         return self.scale(temperature) * self.per_sample(ratios)
 
     def forward(
-        self, teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0
+        self,
+        teacher_logits: Tensor,
+        student_logits: Tensor,
+        temperature: float = 1.0,
+        target: Tensor | None = None,
     ) -> Tensor:
         """Batch-mean D(P_T || Q_T), unscaled, float32 (or float64 for float64 inputs)."""
-        ratios = log_ratios(teacher_logits, student_logits, temperature, self.validate)
+        ratios = self.ratios(teacher_logits, student_logits, temperature)
         return _batch_mean(self.per_sample(ratios))
 
     def default_scale(self, temperature: float) -> float:
@@ -523,18 +701,23 @@ class Divergence(nn.Module):
         return self.fixed_scale if self.fixed_scale is not None else self.default_scale(temperature)
 
     def loss(
-        self, teacher_logits: Tensor, student_logits: Tensor, temperature: float = 1.0
+        self,
+        teacher_logits: Tensor,
+        student_logits: Tensor,
+        temperature: float = 1.0,
+        target: Tensor | None = None,
     ) -> Tensor:
         """The distillation term as it enters the loss: batch mean of ``scale(T) * D``.
 
         Equal to ``scale(T) * forward(...)`` except where that product is a limit (Renyi near
         alpha = 0, see :class:`RenyiDivergence`).
         """
-        ratios = log_ratios(teacher_logits, student_logits, temperature, self.validate)
+        ratios = self.ratios(teacher_logits, student_logits, temperature)
         return _batch_mean(self.scaled_per_sample(ratios, check_temperature(temperature)))
 
     def extra_repr(self) -> str:  # noqa: D102
-        return "" if self.fixed_scale is None else f"scale={self.fixed_scale}"
+        parts = [] if self.fixed_scale is None else [f"scale={self.fixed_scale}"]
+        return ", ".join(parts + (["standardize=True"] if self.standardize else []))
 
 
 @DIVERGENCES.register("kl", "forward_kl")
@@ -582,14 +765,19 @@ class RenyiDivergence(Divergence):
         alpha: the order, >= 0 (``float("inf")`` allowed).
         scale: fixed scale override.
         validate: input checks.
+        standardize: logit standardization (see :class:`Divergence`).
     """
 
     name = "renyi"
 
     def __init__(
-        self, alpha: float = 2.0, scale: float | None = None, validate: bool = True
+        self,
+        alpha: float = 2.0,
+        scale: float | None = None,
+        validate: bool = True,
+        standardize: bool = False,
     ) -> None:
-        super().__init__(scale=scale, validate=validate)
+        super().__init__(scale=scale, validate=validate, standardize=standardize)
         self.alpha = check_alpha(alpha)
 
     def per_sample(self, ratios: LogRatios) -> Tensor:  # noqa: D102
@@ -679,14 +867,19 @@ class SkewKLDivergence(Divergence):
         skew: mixing weight of P in the second argument, in [0, 1) (DistiLLM uses 0.1).
         scale: fixed scale override.
         validate: input checks.
+        standardize: logit standardization (see :class:`Divergence`).
     """
 
     name = "skew_kl"
 
     def __init__(
-        self, skew: float = 0.1, scale: float | None = None, validate: bool = True
+        self,
+        skew: float = 0.1,
+        scale: float | None = None,
+        validate: bool = True,
+        standardize: bool = False,
     ) -> None:
-        super().__init__(scale=scale, validate=validate)
+        super().__init__(scale=scale, validate=validate, standardize=standardize)
         self.skew = _check_skew(skew)
 
     def per_sample(self, ratios: LogRatios) -> Tensor:  # noqa: D102
@@ -697,6 +890,82 @@ class SkewKLDivergence(Divergence):
 
     def extra_repr(self) -> str:  # noqa: D102
         return ", ".join(filter(None, [f"skew={self.skew}", super().extra_repr()]))
+
+
+@DIVERGENCES.register("dkd", "decoupled_kd")
+class DecoupledKD(Divergence):
+    """Decoupled KD (Zhao et al. 2022): ``target_weight * TCKD + nontarget_weight * NCKD``.
+
+    See :func:`decoupled_kd` for the formula and the exact decomposition
+    ``KL = TCKD + (1 - p_t) NCKD``. Scale T^2, as in the paper's code. The target class is the
+    label given to :meth:`loss` (``target``), the teacher's top class for unlabeled samples
+    (label -1) or when no labels are given. In YAML:
+    ``divergence: {name: dkd, target_weight: 1.0, nontarget_weight: 8.0}``.
+
+    Args:
+        target_weight: weight of TCKD (the paper's alpha), >= 0.
+        nontarget_weight: weight of NCKD (the paper's beta; not the distillation weight beta of
+            :class:`~tnkd.training.modules.DistillationModule`), >= 0.
+        scale: fixed scale override.
+        validate: input checks.
+        standardize: logit standardization (see :class:`Divergence`).
+    """
+
+    name = "dkd"
+
+    def __init__(
+        self,
+        target_weight: float = 1.0,
+        nontarget_weight: float = 8.0,
+        scale: float | None = None,
+        validate: bool = True,
+        standardize: bool = False,
+    ) -> None:
+        super().__init__(scale=scale, validate=validate, standardize=standardize)
+        for label, value in (
+            ("target_weight", target_weight),
+            ("nontarget_weight", nontarget_weight),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (math.isfinite(value) and value >= 0)
+            ):
+                raise ValueError(f"dkd {label} must be a finite number >= 0, but got {value!r}")
+        self.target_weight = float(target_weight)
+        self.nontarget_weight = float(nontarget_weight)
+
+    def _weighted(self, ratios: LogRatios, target: Tensor) -> Tensor:
+        tckd, nckd = _dkd_weighted(ratios, target)
+        return self.target_weight * tckd + self.nontarget_weight * nckd
+
+    def per_sample(self, ratios: LogRatios) -> Tensor:
+        """DKD with the teacher's top class as the target (no labels at hand)."""
+        return self._weighted(ratios, ratios.log_p.argmax(dim=-1))
+
+    def forward(  # noqa: D102
+        self,
+        teacher_logits: Tensor,
+        student_logits: Tensor,
+        temperature: float = 1.0,
+        target: Tensor | None = None,
+    ) -> Tensor:
+        ratios = self.ratios(teacher_logits, student_logits, temperature)
+        return _batch_mean(self._weighted(ratios, _check_target(target, teacher_logits)))
+
+    def loss(  # noqa: D102
+        self,
+        teacher_logits: Tensor,
+        student_logits: Tensor,
+        temperature: float = 1.0,
+        target: Tensor | None = None,
+    ) -> Tensor:
+        scale = self.scale(temperature)
+        return scale * self.forward(teacher_logits, student_logits, temperature, target)
+
+    def extra_repr(self) -> str:  # noqa: D102
+        own = f"target_weight={self.target_weight}, nontarget_weight={self.nontarget_weight}"
+        return ", ".join(filter(None, [own, super().extra_repr()]))
 
 
 def build_divergence(spec: str | dict | Divergence) -> Divergence:

@@ -134,6 +134,64 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class TeacherEnsemble(nn.Module):
+    """Several trained teachers as one: the target is their averaged probabilities at temperature T.
+
+    With member logits v_1..v_K the ensemble's distillation target at temperature T is
+    ``P_T = (1/K) sum_k softmax(v_k / T)`` (the averaged *softened* outputs; averaging at T = 1
+    and softening the average afterwards would give another target, ``(mean_k p_k)^(1/T)``
+    renormalised). To fit the divergences, which soften logits by T themselves, the ensemble
+    returns the logits ``T log P_T`` (in log-space: ``T (logsumexp_k log_softmax(v_k / T) -
+    log K)``), whose ``softmax(. / T)`` is exactly P_T. At ``temperature = 1`` these are the log
+    of the averaged probabilities. The temperature is a buffer, so a teacher cache keys the
+    logits by it.
+
+    Args:
+        members: the trained teachers (same class count); frozen and put in eval mode.
+        temperature: T, the distillation temperature the average is taken at.
+
+    Example:
+        >>> a, b = MLP(4, 3, hidden=(5,)), MLP(4, 3, hidden=(5,))
+        >>> ens = TeacherEnsemble([a, b], temperature=2.0)
+        >>> x = torch.rand(6, 4)
+        >>> avg = (torch.softmax(a(x) / 2, -1) + torch.softmax(b(x) / 2, -1)) / 2
+        >>> bool(torch.allclose(torch.softmax(ens(x) / 2, -1), avg, atol=1e-6))
+        True
+    """
+
+    def __init__(self, members: Sequence[nn.Module], temperature: float = 1.0) -> None:
+        super().__init__()
+        members = list(members)
+        if not members:
+            raise ValueError("a teacher ensemble needs at least one teacher, but got none")
+        classes = {getattr(m, "num_classes", None) for m in members}
+        if len(classes) != 1:
+            raise ValueError(
+                f"the ensemble's teachers must have the same number of classes, but have {sorted(map(str, classes))}"
+            )
+        if not (
+            isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0
+        ):
+            raise ValueError(
+                f"ensemble temperature must be a finite number > 0, but got {temperature!r}"
+            )
+        self.members = nn.ModuleList(members)
+        self.members.eval().requires_grad_(False)
+        self.num_classes = classes.pop()
+        inputs = {getattr(m, "num_inputs", None) for m in members}
+        if len(inputs) == 1:
+            self.num_inputs = inputs.pop()
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``T log((1/K) sum_k softmax(v_k / T))``, float32 or higher."""
+        t = self.temperature
+        logs = torch.stack(
+            [torch.log_softmax(m(x).float() / t, dim=-1) for m in self.members], dim=0
+        )
+        return t * (torch.logsumexp(logs, dim=0) - math.log(len(self.members)))
+
+
 # ---- teacher files ----------------------------------------------------------------------------
 
 

@@ -108,8 +108,10 @@ class CIFAR10DataModule(ClassificationDataModule):
             of pixels is averaged (2 turns 32x32 into 16x16).
         batch_size: samples per batch.
         val_fraction: fraction of the 50,000 training images held out for validation.
-        seed: seed of the validation split.
+        seed: seed of the validation split, batch order, augmentation and labeled subset.
         num_workers: ``DataLoader`` workers.
+        augment, labeled_per_class, extra_unlabeled: augmentation and transfer sets, see
+            :class:`~tnkd.data.base.ClassificationDataModule`.
 
     Raises:
         ValueError: if ``downsample`` is not a positive divisor of 32, or by the base class.
@@ -138,9 +140,18 @@ class CIFAR10DataModule(ClassificationDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
+        augment: dict | None = None,
+        labeled_per_class: int | None = None,
+        extra_unlabeled: str | None = None,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, val_fraction=val_fraction, seed=seed, num_workers=num_workers
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            num_workers=num_workers,
+            augment=augment,
+            labeled_per_class=labeled_per_class,
+            extra_unlabeled=extra_unlabeled,
         )
         divisors = [d for d in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % d == 0]
         if (

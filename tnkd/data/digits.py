@@ -17,7 +17,8 @@ class DigitsDataModule(ClassificationDataModule):
     Args:
         test_fraction: fraction of all images held out as the test set, in ``(0, 1)``.
         split_seed: seed of the train/test split (fixed by default so that results compare).
-        **kwargs: see :class:`~tnkd.data.base.ClassificationDataModule`.
+        batch_size, val_fraction, seed, num_workers, augment, labeled_per_class,
+            extra_unlabeled: see :class:`~tnkd.data.base.ClassificationDataModule`.
     """
 
     num_classes = 10
@@ -32,9 +33,18 @@ class DigitsDataModule(ClassificationDataModule):
         seed: int = 0,
         split_seed: int = 0,
         num_workers: int = 0,
+        augment: dict | None = None,
+        labeled_per_class: int | None = None,
+        extra_unlabeled: str | None = None,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, val_fraction=val_fraction, seed=seed, num_workers=num_workers
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            num_workers=num_workers,
+            augment=augment,
+            labeled_per_class=labeled_per_class,
+            extra_unlabeled=extra_unlabeled,
         )
         self.test_fraction = check_fraction("data test_fraction", test_fraction)
         if self.test_fraction == 0:

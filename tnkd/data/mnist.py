@@ -129,8 +129,13 @@ class _MNISTFormatDataModule(ClassificationDataModule):
             of pixels is averaged (2 turns 28x28 into 14x14, 4 into 7x7).
         batch_size: samples per batch.
         val_fraction: fraction of the 60,000 training images held out for validation.
-        seed: seed of the validation split.
+        seed: seed of the validation split, batch order, augmentation and labeled subset.
         num_workers: ``DataLoader`` workers.
+        augment: training-time shifts and rotations, e.g. ``{shift: 2, rotate: 10}`` (see
+            :mod:`tnkd.data.augment`).
+        labeled_per_class: keep this many labels per class (a transfer set; see
+            :class:`~tnkd.data.base.ClassificationDataModule`).
+        extra_unlabeled: a torch file of more unlabeled images for the transfer set.
 
     Raises:
         ValueError: if ``downsample`` is not a positive divisor of 28, or by the base class.
@@ -150,9 +155,18 @@ class _MNISTFormatDataModule(ClassificationDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         num_workers: int = 0,
+        augment: dict | None = None,
+        labeled_per_class: int | None = None,
+        extra_unlabeled: str | None = None,
     ) -> None:
         super().__init__(
-            batch_size=batch_size, val_fraction=val_fraction, seed=seed, num_workers=num_workers
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            num_workers=num_workers,
+            augment=augment,
+            labeled_per_class=labeled_per_class,
+            extra_unlabeled=extra_unlabeled,
         )
         divisors = [d for d in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % d == 0]
         if (
@@ -277,8 +291,13 @@ class MNISTDataModule(_MNISTFormatDataModule):
             of pixels is averaged (2 turns 28x28 into 14x14, 4 into 7x7).
         batch_size: samples per batch.
         val_fraction: fraction of the 60,000 training images held out for validation.
-        seed: seed of the validation split.
+        seed: seed of the validation split, batch order, augmentation and labeled subset.
         num_workers: ``DataLoader`` workers.
+        augment: training-time shifts and rotations, e.g. ``{shift: 2, rotate: 10}`` (see
+            :mod:`tnkd.data.augment`).
+        labeled_per_class: keep this many labels per class (a transfer set; see
+            :class:`~tnkd.data.base.ClassificationDataModule`).
+        extra_unlabeled: a torch file of more unlabeled images for the transfer set.
     """
 
     class_names = tuple(str(i) for i in range(10))
@@ -300,8 +319,13 @@ class FashionMNISTDataModule(_MNISTFormatDataModule):
             of pixels is averaged (2 turns 28x28 into 14x14, 4 into 7x7).
         batch_size: samples per batch.
         val_fraction: fraction of the 60,000 training images held out for validation.
-        seed: seed of the validation split.
+        seed: seed of the validation split, batch order, augmentation and labeled subset.
         num_workers: ``DataLoader`` workers.
+        augment: training-time shifts and rotations, e.g. ``{shift: 2, rotate: 10}`` (see
+            :mod:`tnkd.data.augment`).
+        labeled_per_class: keep this many labels per class (a transfer set; see
+            :class:`~tnkd.data.base.ClassificationDataModule`).
+        extra_unlabeled: a torch file of more unlabeled images for the transfer set.
     """
 
     class_names = (

@@ -177,11 +177,23 @@ def test_metrics(trainer: L.Trainer, module: L.LightningModule, data: Any) -> di
     return {k: float(v) for k, v in metrics.items()}
 
 
+def validation_metrics(
+    trainer: L.Trainer, module: L.LightningModule, data: Any
+) -> dict[str, float]:
+    """Lightning's validation loop on the trained ``module``, renamed ``test/*`` for the table.
+
+    For screening recipes on the validation split (``evaluate="val"``) without reading the test
+    set.
+    """
+    (metrics,) = trainer.validate(module, datamodule=data, verbose=False)
+    return {"test/" + k.removeprefix("val/"): float(v) for k, v in metrics.items()}
+
+
 def compare(
     data: ClassificationDataModule,
     student: Callable[[], nn.Module],
     teacher: Callable[[], nn.Module],
-    teacher_checkpoint: str = "runs/teachers/teacher.pt",
+    teacher_checkpoint: str | list[str] = "runs/teachers/teacher.pt",
     teacher_epochs: int = 30,
     teacher_lr: float = 2e-3,
     variants: Sequence[Variant] | None = None,
@@ -198,6 +210,7 @@ def compare(
     save_dir: str = "runs",
     results: str | None = None,
     progress: bool = False,
+    evaluate: str = "test",
 ) -> list[RunResult]:
     """Train one student family several ways against one teacher; print and return the results.
 
@@ -205,7 +218,11 @@ def compare(
         data: the data module.
         student: a factory of fresh students (in YAML: ``class_path`` + ``init_args``).
         teacher: a factory of the teacher architecture.
-        teacher_checkpoint: the teacher file: trained on first use, reused after.
+        teacher_checkpoint: the teacher file: trained on first use, reused after. A list of
+            existing files is a teacher ensemble (their probabilities averaged at each variant's
+            temperature; see :class:`~tnkd.teachers.TeacherEnsemble`). With a transfer set
+            (``labeled_per_class``) the teacher file must exist: it stands for a teacher
+            trained on all labels.
         teacher_epochs: epochs of the teacher's training (first use only).
         teacher_lr: learning rate of the teacher's training.
         variants: the ways to train the student (default: labels only, and KL).
@@ -227,11 +244,16 @@ def compare(
             a numbered name is chosen if it exists).
         progress: print one line per epoch of each run (train loss and accuracy, validation
             accuracy, seconds); off by default, so the output is the results table alone.
+        evaluate: ``"test"`` (default): each trained run is tested on the test set;
+            ``"val"``: on the validation split instead, for choosing a recipe without reading
+            the test set (the table and results then hold validation figures, and say so).
 
     Returns:
         One :class:`RunResult` per run.
     """
     started = time.perf_counter()
+    if evaluate not in ("test", "val"):
+        raise ValueError(f"evaluate must be 'test' or 'val', but got {evaluate!r}")
     _quiet()
     variants = list(variants) if variants is not None else default_variants()
     seeds = list(seeds)
@@ -245,7 +267,7 @@ def compare(
     _check_outputs(teacher_checkpoint, teacher_cache, logger, save_dir, results)
     data.setup("fit")
     group = group or f"{type(data).__name__}-{time.strftime('%Y%m%d-%H%M%S')}"
-    teacher_net, trained_now = ensure_teacher(
+    teacher_net, trained_now = _teachers(
         teacher,
         teacher_checkpoint,
         data,
@@ -258,7 +280,11 @@ def compare(
         trainer,
         group,
     )
-    teacher_params = count_parameters(teacher_net)
+    teacher_params = (
+        sum(count_parameters(t) for t in teacher_net)
+        if isinstance(teacher_net, list)
+        else count_parameters(teacher_net)
+    )
     out: list[RunResult] = []
     total = len(seeds) * len(variants)
     for seed in seeds:
@@ -269,7 +295,7 @@ def compare(
             module = DistillationModule(
                 student(),
                 # labels-only runs keep the teacher for the test metrics (agreement) only
-                teacher=copy.deepcopy(teacher_net),
+                teacher=copy.deepcopy(teacher_net),  # a list: an ensemble at this T
                 divergence=variant.divergence,
                 temperature=variant.temperature,
                 beta=variant.beta,
@@ -291,7 +317,8 @@ def compare(
             try:
                 run = _trainer(epochs, log, trainer, label if progress else None)
                 run.fit(module, datamodule=data)
-                metrics = test_metrics(run, module, data)
+                evaluation = validation_metrics if evaluate == "val" else test_metrics
+                metrics = evaluation(run, module, data)
                 result = _result(variant, seed, module, metrics)
             finally:
                 _finish(log)
@@ -305,6 +332,11 @@ def compare(
         time.perf_counter() - started,
         teacher_note="trained now" if trained_now else f"from {teacher_checkpoint}",
     )
+    if evaluate == "val":
+        table = table.replace(": teacher test accuracy", ": VALIDATION split, teacher accuracy")
+        table = table.replace("| test acc |", "| val acc |", 1)
+        for r in out:
+            r.extra["split"] = "val"
     print(table, flush=True)
     if results:
         _write_results(
@@ -312,20 +344,48 @@ def compare(
             out,
             teacher_acc,
             teacher_params,
-            read_teacher_file(teacher_checkpoint)["class_path"],
+            _teacher_class(teacher_checkpoint),
         )
     return out
 
 
+def _teachers(
+    make_teacher: Callable[[], nn.Module],
+    checkpoint: str | list[str],
+    data: ClassificationDataModule,
+    *args: Any,
+) -> tuple[nn.Module | list[nn.Module], bool]:
+    """The teacher (:func:`ensure_teacher`), or the loaded members of an ensemble of files."""
+    files = checkpoint if isinstance(checkpoint, list | tuple) else [checkpoint]
+    missing = [f for f in files if not Path(f).exists()]
+    if missing and (len(files) > 1 or getattr(data, "is_transfer_set", False)):
+        what = "an ensemble's teacher files" if len(files) > 1 else "a transfer set's teacher"
+        raise FileNotFoundError(
+            f"{what} must exist before the comparison ({', '.join(missing)} does not): train "
+            "it on all labels first (e.g. tnkd fit --config configs/mnist/teacher_cnn.yaml)"
+        )
+    if isinstance(checkpoint, list | tuple):
+        return [load_teacher(f, make_teacher()) for f in checkpoint], False
+    return ensure_teacher(make_teacher, checkpoint, data, *args)
+
+
+def _teacher_class(checkpoint: str | list[str]) -> str:
+    """The teacher's class path for the results file (``TeacherEnsemble[...]`` for several)."""
+    if isinstance(checkpoint, list | tuple):
+        members = ", ".join(read_teacher_file(f)["class_path"] for f in checkpoint)
+        return f"tnkd.teachers.TeacherEnsemble[{members}]"
+    return read_teacher_file(checkpoint)["class_path"]
+
+
 def _check_outputs(
-    teacher_checkpoint: str,
+    teacher_checkpoint: str | list[str],
     teacher_cache: str | None,
     logger: str,
     save_dir: str,
     results: str | None,
 ) -> None:
     """Every file and folder the comparison will write, checked before anything is trained."""
-    if not Path(teacher_checkpoint).exists():
+    if isinstance(teacher_checkpoint, str) and not Path(teacher_checkpoint).exists():
         check_writable(teacher_checkpoint, "--teacher_checkpoint", folder=False)
     if teacher_cache:
         check_writable(teacher_cache, "--teacher_cache")

@@ -7,10 +7,21 @@ and Q = softmax(z / T) of the student's logits z::
 
 ``D`` is any divergence of :mod:`tnkd.divergences`, chosen by name in YAML; its ``scale`` is
 T^2 for KL and T^2 / alpha for Renyi, so that gradients keep their size as T changes.
+
+On a transfer set (unlabeled samples have the label -1, see :mod:`tnkd.data.transfer`) a batch
+B with labeled part L gives::
+
+    loss = (1 - beta) * mean_{i in L} CE(z_i, y_i) + beta * mean_{i in B} scale(T) * D(P_i || Q_i)
+
+so a labeled sample carries (1 - beta) CE + beta scale D and an unlabeled one beta scale D, the
+CE term averaged over the labeled samples of the batch (0 when it has none) and the
+distillation term over all of them; with every sample labeled this is the formula above.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import os
 import time
@@ -29,7 +40,7 @@ from torchmetrics.classification import (
 
 from tnkd.divergences import Divergence, build_divergence
 from tnkd.students.base import count_parameters
-from tnkd.teachers import load_teacher, save_teacher
+from tnkd.teachers import TeacherEnsemble, load_teacher, save_teacher
 from tnkd.training.media import confusion_figure, diagram_figure, log_figure
 
 STAGES = ("train", "val", "test")
@@ -52,6 +63,20 @@ def _check_scheduler(value: str) -> str:
     if value not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, but got {value!r}")
     return value
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the samples with a label (>= 0); 0 if there is none.
+
+    Unlabeled samples (label -1, a transfer set's) are left out of the mean instead of counting
+    as zeros, so the CE term has the same size whatever the share of labeled samples.
+    """
+    labeled = labels >= 0
+    if bool(labeled.all()):
+        return F.cross_entropy(logits, labels)
+    if not bool(labeled.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[labeled], labels[labeled])
 
 
 def _stage_metrics(num_classes: int, names: tuple[str, ...]) -> nn.ModuleDict:
@@ -246,6 +271,9 @@ class TeacherModule(_RunModule):
 
     def setup(self, stage: str) -> None:  # noqa: D102
         _check_data(self, self.net, "teacher")
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(dm, "use_unlabeled"):
+            dm.use_unlabeled(False)  # a teacher learns from labels: the labeled images alone
 
     def on_fit_start(self) -> None:  # noqa: D102
         path = self.hparams.export_path
@@ -264,8 +292,11 @@ class TeacherModule(_RunModule):
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y, *_ = batch
         logits = self.net(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-        self.metrics[f"{stage}_metrics"].update(logits.detach(), y)
+        loss = F.cross_entropy(
+            logits, y, label_smoothing=self.hparams.label_smoothing, ignore_index=-1
+        )
+        labeled = y >= 0
+        self.metrics[f"{stage}_metrics"].update(logits.detach()[labeled], y[labeled])
         self.log(
             f"{stage}/loss",
             loss,
@@ -333,7 +364,10 @@ class DistillationModule(_RunModule):
         scheduler: ``"cosine"`` or ``"none"``.
         teacher_cache: a folder for the teacher's logits on the training, validation and test
             sets: computed once, reused by every later run with the same teacher and data (see
-            :mod:`tnkd.training.teacher_cache`). ``None`` runs the teacher on every batch.
+            :mod:`tnkd.training.teacher_cache`). ``None`` runs the teacher on every batch. With
+            augmentation the training logits are cached for fixed views only (``augment:
+            {views: K}``); with a fresh view per epoch the teacher runs on every training batch,
+            on the augmented view the student sees.
         trust_teacher_file: allow ``teacher_checkpoint`` to be a pickled module
             (``torch.save(model)``), whose loading runs code from the file.
         untrained_teacher: declare that a teacher given as an architecture without
@@ -343,7 +377,13 @@ class DistillationModule(_RunModule):
 
     Teachers: ``teacher_checkpoint`` may be a tnkd teacher file (architecture included), a
     ``state_dict`` or a Lightning checkpoint (with ``teacher`` as the architecture), or a trusted
-    pickled module; see :func:`tnkd.teachers.load_teacher`.
+    pickled module; see :func:`tnkd.teachers.load_teacher`. A list of files (or ``teacher`` given
+    as a list of trained networks) makes a :class:`~tnkd.teachers.TeacherEnsemble`: the target is
+    the members' probabilities at temperature T, averaged.
+
+    Transfer sets: with a data module whose training split has unlabeled samples (label -1), the
+    loss is the one in the module docs; a labels-only run (``beta = 0``) trains on the labeled
+    images alone (:meth:`~tnkd.data.base.ClassificationDataModule.use_unlabeled`).
 
     Example:
         >>> from tnkd.students import MPSClassifier
@@ -357,8 +397,8 @@ class DistillationModule(_RunModule):
     def __init__(
         self,
         student: nn.Module,
-        teacher: nn.Module | None = None,
-        teacher_checkpoint: str | None = None,
+        teacher: nn.Module | list[nn.Module] | None = None,
+        teacher_checkpoint: str | list[str] | None = None,
         divergence: str | dict | Divergence = "kl",
         temperature: float = 4.0,
         beta: float = 0.9,
@@ -378,6 +418,10 @@ class DistillationModule(_RunModule):
         self.lr = _check_positive("lr", lr)
         self.scheduler = _check_scheduler(scheduler)
         self.divergence = build_divergence(divergence)
+        self._divergence_takes_target = all(
+            "target" in inspect.signature(f).parameters
+            for f in (self.divergence.loss, self.divergence.forward)
+        )
         self.hparams["divergence"] = (
             divergence if isinstance(divergence, str | dict) else repr(self.divergence)
         )
@@ -386,8 +430,7 @@ class DistillationModule(_RunModule):
                 "distillation with beta > 0 needs a teacher: give `teacher` (a trained network) or "
                 "`teacher_checkpoint` (a teacher file), or set beta: 0 to train on labels alone"
             )
-        if teacher_checkpoint is not None:
-            teacher = load_teacher(teacher_checkpoint, teacher, trust_file=trust_teacher_file)
+        teacher = self._load_teacher(teacher, teacher_checkpoint, trust_teacher_file)
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -413,6 +456,27 @@ class DistillationModule(_RunModule):
             else {}
         )
 
+    def _load_teacher(
+        self,
+        teacher: nn.Module | list[nn.Module] | None,
+        checkpoint: str | list[str] | None,
+        trust_file: bool,
+    ) -> nn.Module | None:
+        """The teacher network: one loaded file, or an ensemble of several at this temperature."""
+        if isinstance(checkpoint, list | tuple):
+            if isinstance(teacher, list | tuple):
+                raise ValueError("give the ensemble's teachers as files or as networks, not both")
+            members = [
+                load_teacher(path, copy.deepcopy(teacher), trust_file=trust_file)
+                for path in checkpoint
+            ]
+            return TeacherEnsemble(members, self.temperature)
+        if isinstance(teacher, list | tuple):
+            return TeacherEnsemble(list(teacher), self.temperature)
+        if checkpoint is not None:
+            return load_teacher(checkpoint, teacher, trust_file=trust_file)
+        return teacher
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         check_checkpoint_shapes(self, checkpoint)
 
@@ -430,6 +494,9 @@ class DistillationModule(_RunModule):
     def setup(self, stage: str) -> None:  # noqa: D102
         dm = self.trainer.datamodule if self._trainer is not None else None
         self.check_data(dm)
+        if hasattr(dm, "use_unlabeled"):
+            # a labels-only twin of a transfer-set run trains on the labeled images alone
+            dm.use_unlabeled(self.beta > 0)
         self.attach_cached_logits(dm, stage)
 
     def check_data(self, dm: Any) -> None:
@@ -448,16 +515,37 @@ class DistillationModule(_RunModule):
         cache = self.hparams.teacher_cache
         if not cache or self.teacher is None or not hasattr(dm, "attach_teacher_logits"):
             return
-        from tnkd.training.teacher_cache import cached_teacher_logits
+        from tnkd.training.teacher_cache import cached_teacher_logits, module_digest
 
+        key = module_digest(self.teacher)
         for split in CACHED_SPLITS.get(stage, ()):
             if split == "train" and self.beta == 0:
                 continue  # a labels-only run uses its teacher for metrics only
             tensors = dm.dataset(split).tensors
-            if len(tensors[0]) and len(tensors) < 3:
-                dm.attach_teacher_logits(
-                    split, cached_teacher_logits(self.teacher, tensors[0], cache)
+            owner = dm.teacher_logits_key(split) if hasattr(dm, "teacher_logits_key") else None
+            if not len(tensors[0]) or (len(tensors) >= 3 and owner in (key, None)):
+                continue  # empty, or already carries this teacher's logits
+            views = (
+                dm.cacheable_train_views()
+                if split == "train" and hasattr(dm, "cacheable_train_views")
+                else 1
+            )
+            if views == 0:
+                continue  # a fresh view per epoch: the teacher runs on every training batch
+            if split == "train" and getattr(dm, "augmentation", None) is not None:
+                logits = torch.stack(
+                    [
+                        cached_teacher_logits(self.teacher, dm.train_view(k), cache)
+                        for k in range(views)
+                    ],
+                    dim=1,
                 )
+            else:
+                logits = cached_teacher_logits(self.teacher, tensors[0], cache)
+            if hasattr(dm, "teacher_logits_key"):
+                dm.attach_teacher_logits(split, logits, key=key)
+            else:
+                dm.attach_teacher_logits(split, logits)
 
     def on_train_start(self) -> None:  # noqa: D102
         # Lightning keeps each module's mode: a student copied from an eval-mode teacher (TT-SVD
@@ -493,19 +581,25 @@ class DistillationModule(_RunModule):
         """The loss and its parts: ``ce``, ``kd`` (the unscaled divergence, for logging) and ``loss``.
 
         The distillation term is ``divergence.loss``: ``scale(T) * D`` computed as one quantity,
-        which stays accurate where the product is a limit (Renyi near alpha = 0).
+        which stays accurate where the product is a limit (Renyi near alpha = 0). Samples
+        labeled -1 (a transfer set's unlabeled images) get the distillation term only: CE is
+        the mean over the labeled samples, 0 when the batch has none (see the module docs).
         """
-        ce = F.cross_entropy(student_logits, labels)
+        ce = masked_cross_entropy(student_logits, labels)
         if teacher_logits is None or self.beta == 0:
             return {"ce": ce, "loss": ce}
-        distill = self.divergence.loss(teacher_logits, student_logits, self.temperature)
+        # the labels go to divergences that take them (DKD; every built-in accepts and ignores)
+        extra = {"target": labels} if self._divergence_takes_target else {}
+        distill = self.divergence.loss(teacher_logits, student_logits, self.temperature, **extra)
         with torch.no_grad():
-            kd = self.divergence(teacher_logits, student_logits.detach(), self.temperature)
+            kd = self.divergence(teacher_logits, student_logits.detach(), self.temperature, **extra)
         loss = (1 - self.beta) * ce + self.beta * distill
         return {"ce": ce, "kd": kd, "loss": loss}
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y, *cached = batch
+        labeled = y >= 0
+        all_labeled = bool(labeled.all())
         student_logits = self.student(x)
         teacher_logits = (
             cached[0].float()
@@ -528,15 +622,25 @@ class DistillationModule(_RunModule):
                 on_step=on_step and name == "loss",
                 prog_bar=name == "loss" and stage != "test",
                 sync_dist=True,
+                # CE is a mean over the labeled samples only: weigh the epoch mean by them
+                batch_size=None if all_labeled or name != "ce" else int(labeled.sum()),
             )
         metrics = self.metrics[f"{stage}_metrics"]
         if stage == "test":
             self.confusion.update(student_logits.detach(), y)
-        metrics["student_acc"].update(student_logits.detach(), y)
-        metrics["student_ece"].update(student_logits.detach().float().softmax(-1), y)
+        # accuracy and calibration against labels: labeled samples only
+        z_lab = student_logits.detach() if all_labeled else student_logits.detach()[labeled]
+        y_lab = y if all_labeled else y[labeled]
+        v_lab = None
         if teacher_logits is not None:
-            metrics["teacher_acc"].update(teacher_logits, y)
-            metrics["teacher_ece"].update(teacher_logits.softmax(-1), y)
+            v_lab = teacher_logits if all_labeled else teacher_logits[labeled]
+        if len(y_lab):
+            metrics["student_acc"].update(z_lab, y_lab)
+            metrics["student_ece"].update(z_lab.float().softmax(-1), y_lab)
+        if v_lab is not None and len(y_lab):
+            metrics["teacher_acc"].update(v_lab, y_lab)
+            metrics["teacher_ece"].update(v_lab.softmax(-1), y_lab)
+        if teacher_logits is not None:
             self.agreement[f"{stage}_metrics"].update(
                 student_logits.detach(), teacher_logits.argmax(-1)
             )

@@ -10,7 +10,8 @@ command made them. The keys:
 * ``student``: ``{class, <its constructor arguments>}``, and its main size settings repeated at
   the top level: ``bond_dim``, ``num_sites``, ``rank``, ``ranks``, ``feature_map``;
 * ``divergence`` (``none`` for a labels-only run), its parameters at the top level (``alpha``
-  for Renyi, ``skew`` for skew KL) and in ``divergence_params``; ``temperature``, ``beta``;
+  for Renyi, ``skew`` for skew KL, ``target_weight`` / ``nontarget_weight`` for DKD,
+  ``standardize`` when set) and in ``divergence_params``; ``temperature``, ``beta``;
 * ``lr``, ``weight_decay``, ``scheduler``, ``epochs``, ``seed``;
 * ``data``: ``{class, <its arguments>}`` (``root`` only when relative: absolute paths are
   machine-specific);
@@ -39,7 +40,7 @@ import tnkd
 #: student arguments repeated at the top level of the config (for W&B filters and columns)
 TOP_LEVEL_STUDENT_KEYS = ("bond_dim", "num_sites", "rank", "ranks", "feature_map")
 #: divergence parameters repeated at the top level
-TOP_LEVEL_DIVERGENCE_KEYS = ("alpha", "skew")
+TOP_LEVEL_DIVERGENCE_KEYS = ("alpha", "skew", "target_weight", "nontarget_weight", "standardize")
 
 
 def plain(value: Any) -> Any:
@@ -99,15 +100,21 @@ def describe_data(datamodule: Any) -> dict[str, Any]:
         value = getattr(datamodule, name)
         if name == "root" and Path(value).is_absolute():
             continue
-        if isinstance(value, bool | int | float | str | Path | list | tuple) or value is None:
+        if (
+            isinstance(value, bool | int | float | str | Path | list | tuple | dict)
+            or value is None
+        ):
             out[name] = plain(value)
     return out
 
 
-def describe_teacher(teacher: nn.Module, file: str | None = None) -> dict[str, Any]:
+def describe_teacher(teacher: nn.Module, file: str | list[str] | None = None) -> dict[str, Any]:
     """``{class, file, test_acc, <constructor arguments>}`` (``test_acc`` from a tnkd teacher file)."""
     out: dict[str, Any] = {"class": type(teacher).__name__}
-    if file:
+    if isinstance(file, list | tuple):  # an ensemble: its files and their test accuracies
+        out["file"] = [_relative(f) for f in file]
+        out["test_acc"] = [teacher_test_accuracy(f) for f in file]
+    elif file:
         out["file"] = _relative(file)
         accuracy = teacher_test_accuracy(file)
         if accuracy is not None:
@@ -159,7 +166,7 @@ def run_config(module: Any, datamodule: Any = None, trainer: Any = None) -> dict
         params = {
             k: plain(getattr(divergence, k))
             for k in (*TOP_LEVEL_DIVERGENCE_KEYS, "fixed_scale")
-            if getattr(divergence, k, None) is not None
+            if getattr(divergence, k, None) not in (None, False)  # standardize only when set
         }
         config["divergence"] = divergence.name if distilled else "none"
         if distilled:
