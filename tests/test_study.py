@@ -98,3 +98,46 @@ def test_a_study_skips_finished_runs_and_writes_its_figures(tmp_path, monkeypatc
     ]
     with pytest.raises(ValueError, match="alphas must include 1"):
         study(None, None, None, **{**kwargs, "alphas": [0.5]})
+
+
+def test_tnkd_study_runs_a_config_through_the_command(tmp_path, monkeypatch):
+    """``tnkd study --config F`` builds the study from YAML (data, factories, grid) and runs it."""
+    from tnkd.cli import run
+
+    seen = []
+
+    def fake_compare(data, student, teacher, variants, seeds, **kwargs):
+        (variant,), (seed,) = variants, seeds
+        seen.append((type(data).__name__, type(student()).__name__, variant.name, seed))
+        return [
+            RunResult(
+                variant.name,
+                seed,
+                "kl",
+                variant.temperature,
+                variant.beta,
+                0.9,
+                0.9,
+                0.01,
+                100,
+                2.0,
+                1.0,
+                {"teacher_acc": 0.99},
+            )
+        ]
+
+    monkeypatch.setattr(study_module, "compare", fake_compare)
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        "data: {class_path: tnkd.data.DigitsDataModule}\n"
+        "teacher: {class_path: tnkd.teachers.MLP, init_args: {num_inputs: 64, "
+        "num_classes: 10, hidden: [16]}}\n"
+        "student: {class_path: tnkd.students.MPSClassifier, init_args: {num_sites: 64, "
+        "num_classes: 10, bond_dim: 2}}\n"
+        f"alphas: [1.0, 2.0]\ntemperatures: [4.0]\nseeds: [0]\nresults: {tmp_path / 'r.jsonl'}\n"
+        f"figures: {tmp_path / 'fig'}\n"
+    )
+    records = run(["study", "--config", str(config)])
+    assert len(records) == 3  # labels only + alpha 1 (KL) + alpha 2, one seed
+    assert {s[:2] for s in seen} == {("DigitsDataModule", "MPSClassifier")}
+    assert sorted(s[2] for s in seen) == ["alpha=1 T=4", "alpha=2 T=4", "labels only"]

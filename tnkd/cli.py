@@ -4,7 +4,9 @@
   over any LightningModule (``tnkd.training.TeacherModule``, ``tnkd.training.DistillationModule``)
   and any tnkd data module, configured by ``class_path`` / ``init_args`` YAML. Runs log to
   Weights & Biases offline by default (``runs/wandb``; ``wandb sync`` uploads them later).
-* ``tnkd compare --config FILE`` runs :func:`tnkd.experiments.compare.compare`.
+* ``tnkd compare --config FILE`` runs :func:`tnkd.experiments.compare.compare`, ``tnkd grid``
+  every grid file of a folder, ``tnkd report`` tables and plots from results files, and
+  ``tnkd study --config FILE`` a Renyi alpha x T study (:mod:`tnkd.experiments.study`).
 
 Errors a user's input, files or disk cause end the command with one line on stderr (the setting
 or file, what was wrong, how to fix it) and exit status 2; ``TNKD_DEBUG=1`` shows the traceback.
@@ -382,13 +384,14 @@ def _refuse_untrained_teacher(config: Any) -> None:
         )
 
 
-USAGE = """usage: tnkd {fit,validate,test,predict,compare,grid,report} [--config FILE] [--help] [overrides]
+USAGE = """usage: tnkd {fit,validate,test,predict,compare,grid,report,study} [--config FILE] [--help] [overrides]
 
   tnkd fit --config configs/digits/teacher_cnn.yaml       train a teacher (saves its file)
   tnkd fit --config configs/digits/mps_from_cnn.yaml      distil it into an MPS student
   tnkd compare --config configs/digits/main.yaml          teacher + students side by side, one table
   tnkd grid configs/mnist --plot P.png                    every grid*.yaml of a data set, one report
   tnkd report runs/results/digits_mps.json --plot P.png   tables + accuracy-vs-parameters plot
+  tnkd study --config configs/digits/renyi_study.yaml     Renyi alpha x T x seeds: heatmaps, paired table
   tnkd fit --config FILE --print_config                   show the full resolved config
   tnkd fit --config FILE --model.init_args.temperature 2  override any setting
   tnkd fit --config FILE --divergence renyi --alpha 0.5   short flags: --divergence --alpha --skew
@@ -419,6 +422,10 @@ def run(args: list[str], from_argv: bool = False) -> Any:
         from tnkd.experiments.report import main as report
 
         return report(args[1:])
+    if args and args[0] == "study":
+        from tnkd.experiments.study import main as study
+
+        return study(args[1:])
     # from the console script LightningCLI reads sys.argv itself (given both, it warns)
     return TnkdCLI(args=None if from_argv else args)
 

@@ -2,7 +2,7 @@
 
 One command runs a whole study and reports it::
 
-    python -m tnkd.experiments.study --config configs/digits/renyi_study.yaml
+    tnkd study --config configs/digits/renyi_study.yaml
 
 It trains the configured student once per (alpha, T, seed) with the Renyi divergence of order
 alpha (alpha = 1 is KL, run with the KL loss), plus a labels-only twin per seed, through
