@@ -254,7 +254,8 @@ ALL_CONFIGS = sorted(
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_config_parses(config, capsys):
-    command = "compare" if "variants:" in config.read_text() else "fit"
+    text = config.read_text()
+    command = "study" if "alphas:" in text else "compare" if "variants:" in text else "fit"
     with pytest.raises(SystemExit) as exc:
         run([command, "--config", str(config), "--print_config"])
     assert exc.value.code == 0, capsys.readouterr().err
