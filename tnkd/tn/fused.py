@@ -104,32 +104,30 @@ def pair_backward_small(
     grad: torch.Tensor,
     needs: tuple[bool, bool, bool],
     interleaved: bool = False,
-) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of one chunk from the forward's saved ``outer``: ``(g_left, g_right, g_weight, g_children)``.
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients ``(g_left, g_right, g_weight)`` of one chunk, from the forward's saved ``outer``.
 
     ``g_weight = outer g^T``; the children's from ``gO = W g`` (G, A, B, n):
     ``g_left = sum_b gO * right``, ``g_right = sum_a gO * left``. At small sizes these are
     fewer and smaller kernels than the Q form of :func:`pair_backward` (measured 39-62 us
     against 49-73 us per level for 4-16 nodes at D = 4-8, batch 100, one core). With
-    ``interleaved`` both children's gradients are written into one (G, 2, A, n) tensor,
-    ``g_children`` (else None).
+    ``interleaved`` both children's gradients come back as one (2G, A, n) tensor in
+    ``g_left`` (node g's children at 2g and 2g + 1) and ``g_right`` is None.
     """
     nodes, a, b, p = weight.shape
-    batch = lhs.shape[2]
     g = grad if scale is None else grad / scale
     need_left, need_right, need_weight = needs
-    g_weight = torch.bmm(outer, g.transpose(1, 2)).view(weight.shape) if need_weight else None
-    g_left = g_right = g_children = None
+    g_weight = torch.bmm(outer, g.mT).view(weight.shape) if need_weight else None
+    g_left = g_right = None
     if need_left or need_right:
-        g_outer = torch.bmm(weight.reshape(nodes, a * b, p), g).view(nodes, a, b, batch)
-        if interleaved:
-            g_children = g.new_empty(nodes, 2, a, batch)
-            g_left, g_right = g_children[:, 0], g_children[:, 1]
+        g_outer = torch.bmm(weight.reshape(nodes, a * b, p), g).view(nodes, a, b, -1)
         if need_left:
-            g_left = torch.sum(g_outer * rhs.unsqueeze(1), dim=2, out=g_left)
+            g_left = (g_outer * rhs.unsqueeze(1)).sum(2)
         if need_right:
-            g_right = torch.sum(g_outer.mul_(lhs.unsqueeze(2)), dim=1, out=g_right)
-    return g_left, g_right, g_weight, g_children
+            g_right = g_outer.mul_(lhs.unsqueeze(2)).sum(1)
+        if interleaved:
+            return torch.stack([g_left, g_right], dim=1).flatten(0, 1), None, g_weight
+    return g_left, g_right, g_weight
 
 
 def pair_backward(

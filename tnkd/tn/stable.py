@@ -66,7 +66,6 @@ import torch
 
 from tnkd.tn.contraction import CompiledNetwork, einsum_equation
 from tnkd.tn.fused import (
-    _children,
     chunk_size,
     pair_backward,
     pair_backward_interleaved,
@@ -332,7 +331,9 @@ def _stages(
         later.update(operands[k])
     product: list[str] = []
     for k in per_sample:
-        product.extend(ix for ix in operands[k] if ix in later and ix != BATCH and ix not in product)
+        product.extend(
+            ix for ix in operands[k] if ix in later and ix != BATCH and ix not in product
+        )
     product.append(BATCH)
     first = ",".join(everything[k] for k in per_sample) + "->" + term(product)
     second = ",".join([*(everything[k] for k in params), term(product)]) + "->" + term(kept)
@@ -474,6 +475,7 @@ class StableNetwork:
         #: every step joins a three-leg node with two per-sample vectors (binary trees, chains):
         #: then the whole contraction runs as one autograd node (see _PairNetwork)
         self.all_pairs = all(group.pair is not None for group in self._groups)
+        self._needs_cache: dict[tuple[bool, ...], list[tuple[bool, bool, bool]]] = {}
 
     @property
     def depth(self) -> int:
@@ -546,43 +548,87 @@ class StableNetwork:
         lhs, rhs = group.columns[left].take(tensors), group.columns[right].take(tensors)
         return pair_step(lhs, rhs, weight, renorm)
 
-    def _pair_forward(self, blocks: list[torch.Tensor], every: bool) -> tuple[dict, dict, list, list]:
-        """The forward pass of :class:`_PairNetwork` (no autograd): results, logs, saved, peaks."""
+    def _pair_forward(self, blocks: Sequence[torch.Tensor], every: bool) -> tuple | None:
+        """The forward pass of :class:`_PairNetwork` (no autograd).
+
+        Returns ``(result, log, saved, shapes)``, or None when a renormalised value left the
+        range where float keeps all its digits (then the caller reruns with ``every=True``).
+        Nodes that fit one chunk run inline (two kernels, plus four when renormalised): at
+        small sizes the cost of a step is the number of Python-level tensor calls.
+        """
         tensors: dict[tuple[str, int], torch.Tensor] = {
             ("block", b): t for b, t in enumerate(blocks)
         }
         logs: dict[tuple[str, int], torch.Tensor] = {}
-        saved, peaks = [], []
-        batch = None
+        saved, scales = [], []
+        tiny = torch.finfo(blocks[0].dtype).tiny
         for number, group in enumerate(self._groups):
             w, left, right, axes = group.pair  # type: ignore[misc]
             columns = group.columns
             weight = columns[w].take(tensors)
             if axes != (0, 1, 2):
                 weight = weight.permute(0, *(1 + k for k in axes))
-            pairs = None
+            nodes, a, b, p = weight.shape
+            source = None
             if group.interleaved:
-                pairs = _children(tensors[columns[left].source])
-                lhs, rhs = pairs[:, 0], pairs[:, 1]
+                source = tensors[columns[left].source]
+                lhs, rhs = source.view(nodes, 2, a, -1).unbind(1)
             else:
                 lhs, rhs = columns[left].take(tensors), columns[right].take(tensors)
-            if batch is None:
-                batch = lhs.shape[2]
+            batch = lhs.shape[2]
+            renorm = every or group.renorm
             chunk = chunk_size(weight.shape, batch)
-            out, scale, peak, outer = pair_forward(lhs, rhs, weight, group.renorm or every, chunk)
+            outer = scale = None
+            if chunk >= nodes:
+                outer = (lhs.unsqueeze(2) * rhs.unsqueeze(1)).reshape(nodes, a * b, batch)
+                out = torch.bmm(weight.reshape(nodes, a * b, p).mT, outer)
+                if renorm:
+                    # max(peak, tiny): out of the checked range exactly when the peak is
+                    scale = out.abs().amax(dim=1, keepdim=True).clamp_min_(tiny)
+                    out.div_(scale)
+            else:
+                out, scale, _, _ = pair_forward(lhs, rhs, weight, renorm, chunk)
             log = None
             if scale is not None:
-                peaks.append(peak)
-                log = torch.log(scale).view(out.shape[0], batch)
-            for column in (columns[left], columns[right]):
-                if any(src in logs for src in column.sources):
-                    part = column.take_log(logs)
+                scales.append(scale)
+                log = scale.log().view(nodes, batch)
+            if group.interleaved:
+                if columns[left].source in logs:
+                    part = logs[columns[left].source].view(nodes, 2, batch).sum(1)
                     log = part if log is None else log + part
+            else:
+                for column in (columns[left], columns[right]):
+                    if any(src in logs for src in column.sources):
+                        part = column.take_log(logs)
+                        log = part if log is None else log + part
             tensors["group", number] = out
             if log is not None:
                 logs["group", number] = log
-            saved.append((lhs, rhs, weight, scale, pairs, outer, chunk))
-        return tensors, logs, saved, peaks
+            saved.append((lhs, rhs, weight, scale, outer, chunk, source))
+        if not every and self.renormalisations < self.kernels:
+            info = torch.finfo(blocks[0].dtype)
+            low, high = torch.aminmax(torch.cat([q.view(-1) for q in scales]))
+            if not (low.item() >= info.tiny / info.eps and high.item() <= info.max * info.eps):
+                return None  # False for NaN too
+        key = self._last[0]
+        return tensors[key], logs[key], saved, {k: t.shape for k, t in tensors.items()}
+
+    def _pair_needs(self, leaves: tuple[bool, ...]) -> list[tuple[bool, bool, bool]]:
+        """Per group: whether its (left, right, weight) depend on a block that needs a gradient."""
+        cached = self._needs_cache.get(leaves)
+        if cached is None:
+            needs = {("block", b): need for b, need in enumerate(leaves)}
+            cached = []
+            for number, group in enumerate(self._groups):
+                w, left, right, _ = group.pair  # type: ignore[misc]
+                columns = group.columns
+                triple = tuple(
+                    any(needs[src] for src in columns[k].sources) for k in (left, right, w)
+                )
+                cached.append(triple)
+                needs["group", number] = any(triple)
+            self._needs_cache[leaves] = cached
+        return cached
 
     def _contract(
         self, blocks: list[torch.Tensor], every: bool = False, fused: bool = True
@@ -640,12 +686,6 @@ class StableNetwork:
         return values, log_scale
 
 
-def _in_range(peaks: list[torch.Tensor], info: torch.finfo) -> bool:
-    """Whether every renormalised peak stayed where float keeps all its digits (False for NaN)."""
-    low, high = torch.aminmax(torch.cat([p.reshape(-1) for p in peaks]))
-    return bool(low >= info.tiny / info.eps) and bool(high <= info.max * info.eps)
-
-
 class _PairNetwork(torch.autograd.Function):
     """A contraction made only of pair steps, as one autograd node with a hand-written backward.
 
@@ -662,29 +702,21 @@ class _PairNetwork(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, net, every, *blocks):
-        blocks = list(blocks)
-        info = torch.finfo(blocks[0].dtype)
-        tensors, logs, saved, peaks = net._pair_forward(blocks, every)
-        if not every and net.renormalisations < net.kernels and not _in_range(peaks, info):
-            # a value left the range where float keeps all its digits: renormalise every step
-            tensors, logs, saved, peaks = net._pair_forward(blocks, True)
-        source, _ = net._last
+        run = net._pair_forward(blocks, every)
+        if run is None:  # renormalise every step (see StableNetwork)
+            run = net._pair_forward(blocks, True)
+        result, log, ctx.saved, ctx.shapes = run
         ctx.save_for_backward(*blocks)  # for autograd's check that they were not changed in place
-        ctx.net, ctx.saved, ctx.shapes = net, saved, {k: t.shape for k, t in tensors.items()}
-        log = logs[source]
+        ctx.net = net
         ctx.mark_non_differentiable(log)
-        return tensors[source], log
+        return result, log
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_log):
         net, saved, shapes = ctx.net, ctx.saved, ctx.shapes
         ctx.saved_tensors  # noqa: B018  (raises if a block was changed in place since forward)
-        needs = {("block", b): need for b, need in enumerate(ctx.needs_input_grad[2:])}
-        for number, group in enumerate(net._groups):  # does a group's result depend on a leaf?
-            needs["group", number] = any(
-                needs[src] for column in group.columns for src in column.sources
-            )
+        needs = net._pair_needs(tuple(ctx.needs_input_grad[2:]))
         grads: dict[tuple[str, int], torch.Tensor] = {net._last[0]: grad_out}
         for number in range(len(net._groups) - 1, -1, -1):
             grad = grads.pop(("group", number), None)
@@ -692,18 +724,23 @@ class _PairNetwork(torch.autograd.Function):
                 continue
             group = net._groups[number]
             w, left, right, axes = group.pair  # type: ignore[misc]
-            lhs, rhs, weight, scale, pairs, outer, chunk = saved[number]
+            lhs, rhs, weight, scale, outer, chunk, source = saved[number]
             columns = group.columns
-            need = tuple(any(needs[src] for src in columns[k].sources) for k in (left, right, w))
+            need = needs[number]
             g_children = g_left = g_right = None
             if outer is not None:
-                g_left, g_right, g_weight, g_children = pair_backward_small(
+                g_left, g_right, g_weight = pair_backward_small(
                     lhs, rhs, weight, scale, outer, grad, need, group.interleaved
                 )
+                if group.interleaved and g_left is not None:
+                    g_children, g_left = g_left, None
             elif group.interleaved:
+                pairs = source.view(weight.shape[0], 2, *source.shape[1:])
                 g_children, g_weight = pair_backward_interleaved(
                     pairs, weight, scale, grad, (need[0], need[2]), chunk
                 )
+                if g_children is not None:
+                    g_children = g_children.flatten(0, 1)
             else:
                 g_left, g_right, g_weight = pair_backward(
                     lhs, rhs, weight, scale, grad, need, chunk
@@ -712,15 +749,17 @@ class _PairNetwork(torch.autograd.Function):
                 if axes != (0, 1, 2):
                     g_weight = g_weight.permute(0, *(1 + axes.index(k) for k in range(3)))
                 _accumulate(grads, columns[w], g_weight, shapes)
-            if group.interleaved:
-                if g_children is not None:
-                    _accumulate(grads, columns[left], g_children.flatten(0, 1), shapes, whole=True)
-            else:
-                if g_left is not None:
-                    _accumulate(grads, columns[left], g_left, shapes)
-                if g_right is not None:
-                    _accumulate(grads, columns[right], g_right, shapes)
-        return (None, None, *(grads.get(("block", b)) for b in range(len(ctx.needs_input_grad) - 2)))
+            if g_children is not None:
+                _accumulate(grads, columns[left], g_children, shapes, whole=True)
+            if g_left is not None:
+                _accumulate(grads, columns[left], g_left, shapes)
+            if g_right is not None:
+                _accumulate(grads, columns[right], g_right, shapes)
+        return (
+            None,
+            None,
+            *(grads.get(("block", b)) for b in range(len(ctx.needs_input_grad) - 2)),
+        )
 
 
 def _accumulate(
@@ -733,10 +772,7 @@ def _accumulate(
     """Add the gradient of an operand taken by ``take`` to its source(s)' gradients."""
     src = take.source
     if src is not None:
-        covers = whole or (
-            take.slice is not None
-            and take.slice == slice(0, shapes[src][0], 1)
-        )
+        covers = whole or (take.slice is not None and take.slice == slice(0, shapes[src][0], 1))
         if covers:
             grads[src] = grad if src not in grads else grads[src] + grad
             return
