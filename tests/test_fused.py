@@ -71,6 +71,7 @@ def test_the_one_node_tree_path_equals_dense_einsum_and_finite_differences(
     input_shape, chunk_elements, monkeypatch
 ):
     monkeypatch.setattr(fused, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(fused, "ONE_CHUNK_ELEMENTS", min(chunk_elements, fused.ONE_CHUNK_ELEMENTS))
     torch.manual_seed(2)
     tree = TreeClassifier(input_shape, num_classes=3, bond_dim=3, output="raw", init_std=0.5)
     tree = tree.double()

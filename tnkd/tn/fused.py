@@ -42,6 +42,9 @@ import torch
 
 #: target size (elements) of one chunk's (nodes, A*B, n) temporaries
 CHUNK_ELEMENTS = 1 << 17
+#: a level whose temporaries are at most this size runs in one piece (fewer calls: at small
+#: sizes the calls, not the arithmetic, set the time)
+ONE_CHUNK_ELEMENTS = 1 << 18
 
 
 def _children(left: torch.Tensor) -> torch.Tensor:
@@ -253,9 +256,15 @@ def pair_backward_interleaved(
 
 
 def chunk_size(weight_shape: tuple[int, ...] | torch.Size, batch: int) -> int:
-    """Nodes per chunk: as many as keep a chunk's (nodes, A*B, n) temporaries near CHUNK_ELEMENTS."""
-    _, a, b, p = weight_shape
-    return max(1, CHUNK_ELEMENTS // max(1, max(a, p) * b * batch))
+    """Nodes per chunk (all of them when a level's temporaries fit ONE_CHUNK_ELEMENTS).
+
+    Otherwise as many as keep a chunk's (nodes, A*B, n) temporaries near CHUNK_ELEMENTS.
+    """
+    nodes, a, b, p = weight_shape
+    per_node = max(1, max(a, p) * b * batch)
+    if nodes * per_node <= ONE_CHUNK_ELEMENTS:
+        return nodes
+    return max(1, CHUNK_ELEMENTS // per_node)
 
 
 class _PairStep(torch.autograd.Function):

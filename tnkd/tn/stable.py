@@ -28,6 +28,21 @@ operands are evenly spaced outputs of one earlier group (a tree's pairs ``0::2``
 they are sliced, not copied. This engine has no hand-written case for any family: the tree and
 the PEPS students of :mod:`tnkd.students` run on it as they are drawn.
 
+**Pair steps: trees in one autograd node.** A step that joins a three-leg node with two
+per-sample vectors (``W[a, b, p] left[a, n] right[b, n]``: a tree node and its children, a chain
+core with its vector and its features) is run by :func:`tnkd.tn.fused.pair_step`: an outer
+product and one batched matrix product, with a hand-written backward, in chunks of nodes whose
+temporaries stay in cache. When *every* step of a graph is a pair step (``all_pairs``: the binary
+trees of :func:`~tnkd.students.tree.tree_graph`, balanced or with odd sites passed up, or any
+user-drawn graph of three-leg nodes whose path has that shape), the whole contraction is one
+autograd node (:class:`_PairNetwork`): the same groups, renormalisation plan and range check,
+but autograd records one node instead of a dozen per level, which at 64 sites is most of the
+time. Other graphs run group by group, their pair groups through ``pair_step`` and the rest
+through ``torch.einsum``. ``contract(..., fused=False)`` runs everything through einsum and
+autograd (the reference in the tests, what ``torch.compile`` traces, and the way to take second
+derivatives: the fused backward is differentiable once). Measured in
+``benchmarks/tree_vs_tensorkrowch.py`` (README, "Stable contraction of any graph").
+
 **Plain or stable.** :class:`AutoNetwork` (what :class:`~tnkd.students.graph.GraphStudent` uses)
 picks per graph. It uses the grouped, stable path when the contraction tree is deep (more than
 ``plain_max_depth`` = 12 levels: a product of more factors than float32 safely holds) or when
