@@ -10,8 +10,10 @@ halving, bond dimensions capped as ``TreeClassifier`` caps them (min(D, product 
 below)), the root (D, D, 10):
 
 * tnkd: ``TreeClassifier(input_shape=(N,), bond_dim=D)``: the graph drawn by ``tree_graph``,
-  contracted by :class:`tnkd.tn.stable.StableNetwork` (one batched kernel per tree level, a
-  log-scale per sample), normalised logits (learned scale).
+  contracted by :class:`tnkd.tn.stable.StableNetwork` (one batched step per tree level, a
+  log-scale per sample; every step of a tree joins a node with its two children, so the whole
+  contraction runs as one autograd node with a hand-written backward, ``tnkd.tn.fused``: note
+  "fused pair steps"), normalised logits (learned scale).
 * TensorKrowch 1.1.6 ``Tree`` with the same ``sites_per_layer`` / ``bond_dim`` lists, its
   default initialisation, ``auto_stack=True``, ``auto_unbind=False``, traced once (the settings its
   docs give for speed), fed ``tk.embeddings.poly(x, degree=1)``; raw output (it has no
@@ -111,7 +113,9 @@ def run(configs: list[tuple[int, int]], reps: int, markdown: bool, compile_: boo
         if ours.parameter_count() - 1 != params:  # tnkd also learns the logit scale
             raise RuntimeError(f"parameter counts differ: {ours.parameter_count() - 1} vs {params}")
         models = {"tnkd": (ours, ours), "TensorKrowch": (theirs, tk_forward)}
-        notes = {"tnkd": f"{ours.network.chosen} path, {ours.network.stable.kernels} levels"}
+        stable = ours.network.stable
+        fused = ", fused pair steps" if stable.all_pairs else ""
+        notes = {"tnkd": f"{ours.network.chosen} path, {stable.kernels} levels{fused}"}
         if compile_:
             compiled = TreeClassifier(
                 input_shape=(sites,), num_classes=CLASSES, bond_dim=bond, compile=True

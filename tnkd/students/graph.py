@@ -13,7 +13,9 @@ The student is f_c(x) = the contraction of the graph with phi(x_site) on every i
 ``output="normalized"`` (the default) its logits are s * f(x) / ||f(x)||, with a learned scale s,
 as :class:`~tnkd.students.mps.MPSClassifier` does. The contraction is planned once by
 ``opt_einsum`` and executed by :class:`~tnkd.tn.stable.AutoNetwork`: plainly for shallow graphs,
-with a per-sample log-scale for deep ones (see :mod:`tnkd.tn.stable`).
+with a per-sample log-scale for deep ones (see :mod:`tnkd.tn.stable`). A graph whose every step
+joins a three-leg node with two per-sample vectors (a binary tree, however drawn) is contracted
+as one autograd node with a hand-written backward (:mod:`tnkd.tn.fused`), automatically.
 
 **Initialisation (nodes drawn from a shape).** A node made from a shape (``make_node((2, 8, 8),
 ...)``, i.e. all zeros) is initialised by tnkd; a node made from a tensor keeps that tensor.

@@ -28,6 +28,21 @@ operands are evenly spaced outputs of one earlier group (a tree's pairs ``0::2``
 they are sliced, not copied. This engine has no hand-written case for any family: the tree and
 the PEPS students of :mod:`tnkd.students` run on it as they are drawn.
 
+**Pair steps: trees in one autograd node.** A step that joins a three-leg node with two
+per-sample vectors (``W[a, b, p] left[a, n] right[b, n]``: a tree node and its children, a chain
+core with its vector and its features) is run by :func:`tnkd.tn.fused.pair_step`: an outer
+product and one batched matrix product, with a hand-written backward, in chunks of nodes whose
+temporaries stay in cache. When *every* step of a graph is a pair step (``all_pairs``: the binary
+trees of :func:`~tnkd.students.tree.tree_graph`, balanced or with odd sites passed up, or any
+user-drawn graph of three-leg nodes whose path has that shape), the whole contraction is one
+autograd node (:class:`_PairNetwork`): the same groups, renormalisation plan and range check,
+but autograd records one node instead of a dozen per level, which at 64 sites is most of the
+time. Other graphs run group by group, their pair groups through ``pair_step`` and the rest
+through ``torch.einsum``. ``contract(..., fused=False)`` runs everything through einsum and
+autograd (the reference in the tests, what ``torch.compile`` traces, and the way to take second
+derivatives: the fused backward is differentiable once). Measured in
+``benchmarks/tree_vs_tensorkrowch.py`` (README, "Stable contraction of any graph").
+
 **Plain or stable.** :class:`AutoNetwork` (what :class:`~tnkd.students.graph.GraphStudent` uses)
 picks per graph. It uses the grouped, stable path when the contraction tree is deep (more than
 ``plain_max_depth`` = 12 levels: a product of more factors than float32 safely holds) or when
@@ -65,6 +80,14 @@ import opt_einsum as oe
 import torch
 
 from tnkd.tn.contraction import CompiledNetwork, einsum_equation
+from tnkd.tn.fused import (
+    chunk_size,
+    pair_backward,
+    pair_backward_interleaved,
+    pair_backward_small,
+    pair_forward,
+    pair_step,
+)
 from tnkd.tn.graph import NetworkSpec, TNGraph
 
 BATCH = "__batch__"
@@ -88,8 +111,9 @@ class _Take:
     members: tuple[tuple[tuple[str, int], int], ...]
 
     def __post_init__(self) -> None:
-        sources = {src for src, _ in self.members}
-        self.source = next(iter(sources)) if len(sources) == 1 else None
+        self.sources = tuple(dict.fromkeys(src for src, _ in self.members))
+        self.source = self.sources[0] if len(self.sources) == 1 else None
+        self.whole = False  # the whole source, in order (set by _layout)
         idx = [g for _, g in self.members]
         step = idx[1] - idx[0] if len(idx) > 1 else 1
         progression = step > 0 and all(y - x == step for x, y in itertools.pairwise(idx))
@@ -97,6 +121,8 @@ class _Take:
         self.index = idx
 
     def take(self, tensors: dict[tuple[str, int], torch.Tensor]) -> torch.Tensor:
+        if self.whole:
+            return tensors[self.source]
         if self.source is not None:
             src = tensors[self.source]
             if self.slice is not None:
@@ -134,6 +160,10 @@ class _Group:
     columns: list[_Take]
     stages: list[tuple[str, tuple[int, ...]]]  # (equation, operand positions; -1: previous)
     renorm: bool = True  # renormalise the result (see StableNetwork's renorm_after)
+    # a node joining two per-sample vectors: (weight, left, right) positions and the weight's
+    # axes for (left bond, right bond, kept index); run by tnkd.tn.fused.pair_step
+    pair: tuple[int, int, int, tuple[int, int, int]] | None = None
+    interleaved: bool = False  # left and right are the even and odd entries of one tensor
 
 
 def tree_path(spec: NetworkSpec) -> list[tuple[int, ...]] | None:
@@ -258,8 +288,10 @@ def _schedule(
         group = groups.get(key)
         if group is None:
             batch_axis = kept.index(BATCH) if BATCH in kept else None
-            stages = _stages([names[s] for s in ids], kept, labels)
+            operands = [names[s] for s in ids]
+            stages = _stages(operands, kept, labels)
             group = groups[key] = _Group(batched, batch_axis, [], [], stages)
+            group.pair = _pair_roles(operands, kept)
         group.steps.append(_Step(tuple(ids), new))
     if len(current) != 1:
         raise ValueError(f"the contraction path left {len(current)} tensors; expected one")
@@ -267,6 +299,32 @@ def _schedule(
     for (level, *_), group in groups.items():
         levels.setdefault(level, []).append(group)
     return [levels[k] for k in sorted(levels)], names[current[0]], current[0]
+
+
+def _pair_roles(
+    operands: list[tuple[str, ...]], kept: list[str]
+) -> tuple[int, int, int, tuple[int, int, int]] | None:
+    """Roles of a step that joins a three-leg node with two per-sample vectors, or None.
+
+    The step ``W[a, b, p] * left[a, n] * right[b, n] -> out[p, n]`` (a tree node and its two
+    children; a chain core with its vector and its feature vector) is what
+    :func:`tnkd.tn.fused.pair_step` runs fused.
+    """
+    if len(operands) != 3:
+        return None
+    params = [k for k, idx in enumerate(operands) if BATCH not in idx]
+    vectors = [k for k, idx in enumerate(operands) if len(idx) == 2 and idx[1] == BATCH]
+    if len(params) != 1 or len(vectors) != 2 or len(operands[params[0]]) != 3:
+        return None
+    w = operands[params[0]]
+    bonds = [operands[k][0] for k in vectors]
+    rest = [ix for ix in w if ix not in bonds]
+    if bonds[0] == bonds[1] or not all(ix in w for ix in bonds) or len(rest) != 1:
+        return None
+    if kept != [rest[0], BATCH]:
+        return None
+    axes = (w.index(bonds[0]), w.index(bonds[1]), w.index(rest[0]))
+    return params[0], vectors[0], vectors[1], axes
 
 
 def _stages(
@@ -288,7 +346,9 @@ def _stages(
         later.update(operands[k])
     product: list[str] = []
     for k in per_sample:
-        product.extend(ix for ix in operands[k] if ix in later and ix != BATCH and ix not in product)
+        product.extend(
+            ix for ix in operands[k] if ix in later and ix != BATCH and ix not in product
+        )
     product.append(BATCH)
     first = ",".join(everything[k] for k in per_sample) + "->" + term(product)
     second = ",".join([*(everything[k] for k in params), term(product)]) + "->" + term(kept)
@@ -339,13 +399,37 @@ def _layout(
             for g, st in enumerate(group.steps):
                 where[st.output] = (("group", number), g)
             number += 1
+    sizes = {("block", b): len(block) for b, block in enumerate(blocks)}
+    number = 0
     for level in levels:
         for group in level:
             group.columns = [
                 _Take(tuple(where[st.inputs[k]] for st in group.steps))
                 for k in range(len(group.steps[0].inputs))
             ]
+            for column in group.columns:
+                column.whole = column.source is not None and column.index == list(
+                    range(sizes[column.source])
+                )
+            sizes["group", number] = len(group.steps)
+            number += 1
+            if group.pair is not None:
+                _mark_interleaved(group, sizes)
     return blocks, where
+
+
+def _mark_interleaved(group: _Group, sizes: dict[tuple[str, int], int]) -> None:
+    """Whether a pair step's children are entries 0, 2, 4, ... and 1, 3, 5, ... of one tensor."""
+    w, left, right, (a, b, p) = group.pair  # type: ignore[misc]
+    cl, cr = group.columns[left], group.columns[right]
+    count = len(group.steps)
+    if cl.source is None or cl.source != cr.source or sizes[cl.source] != 2 * count:
+        return
+    evens, odds = list(range(0, 2 * count, 2)), list(range(1, 2 * count, 2))
+    if (cl.index, cr.index) == (odds, evens):
+        group.pair = (w, right, left, (b, a, p))
+        cl, cr = cr, cl
+    group.interleaved = (cl.index, cr.index) == (evens, odds)
 
 
 class StableNetwork:
@@ -402,6 +486,11 @@ class StableNetwork:
         self._last = where[last]
         order = (BATCH, *self.spec.output_indices)
         self._permutation = tuple(last_names.index(ix) for ix in order)
+        self._groups = [group for level in self.levels for group in level]
+        #: every step joins a three-leg node with two per-sample vectors (binary trees, chains):
+        #: then the whole contraction runs as one autograd node (see _PairNetwork)
+        self.all_pairs = all(group.pair is not None for group in self._groups)
+        self._needs_cache: dict[tuple[bool, ...], list[tuple[bool, bool, bool]]] = {}
 
     @property
     def depth(self) -> int:
@@ -437,7 +526,7 @@ class StableNetwork:
         return self.contract(self.to_blocks(operands))
 
     def contract(
-        self, blocks: Sequence[torch.Tensor], every: bool = False
+        self, blocks: Sequence[torch.Tensor], every: bool = False, fused: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Contract stacked operands, one tensor per block (see ``blocks``).
 
@@ -445,7 +534,9 @@ class StableNetwork:
         (intermediates keep the batch index last too: elementwise work then runs along
         contiguous samples, measured 1.1-1.2x faster training than batch-first on trees).
         ``every=True`` renormalises after every step and skips the range check (no
-        data-dependent branch: what ``torch.compile`` traces in one graph).
+        data-dependent branch: what ``torch.compile`` traces in one graph). ``fused=False``
+        runs every step through ``torch.einsum`` and autograd, also the pair steps that
+        :func:`~tnkd.tn.fused.pair_step` runs otherwise (the reference, and what is compiled).
         """
         if len(blocks) != len(self.blocks):
             raise ValueError(f"expected {len(self.blocks)} blocks, got {len(blocks)}")
@@ -455,12 +546,113 @@ class StableNetwork:
             # bfloat16, so the network is contracted in float32 (the rest stays under autocast)
             dtype = torch.promote_types(torch.float32, blocks[0].dtype)
             with torch.autocast(device_type=device, enabled=False):
-                return self._contract([t.to(dtype) for t in blocks], every)
-        return self._contract(list(blocks), every)
+                return self._contract([t.to(dtype) for t in blocks], every, fused)
+        return self._contract(list(blocks), every, fused)
+
+    @staticmethod
+    def _pair(
+        group: _Group, tensors: dict[tuple[str, int], torch.Tensor], renorm: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A node joining two per-sample vectors, by :func:`~tnkd.tn.fused.pair_step`."""
+        w, left, right, axes = group.pair  # type: ignore[misc]
+        weight = group.columns[w].take(tensors)
+        if axes != (0, 1, 2):
+            weight = weight.permute(0, *(1 + k for k in axes))
+        if group.interleaved:
+            return pair_step(tensors[group.columns[left].source], None, weight, renorm)
+        lhs, rhs = group.columns[left].take(tensors), group.columns[right].take(tensors)
+        return pair_step(lhs, rhs, weight, renorm)
+
+    def _pair_forward(self, blocks: Sequence[torch.Tensor], every: bool) -> tuple | None:
+        """The forward pass of :class:`_PairNetwork` (no autograd).
+
+        Returns ``(result, log, saved, shapes)``, or None when a renormalised value left the
+        range where float keeps all its digits (then the caller reruns with ``every=True``).
+        Nodes that fit one chunk run inline (two kernels, plus four when renormalised): at
+        small sizes the cost of a step is the number of Python-level tensor calls.
+        """
+        tensors: dict[tuple[str, int], torch.Tensor] = {
+            ("block", b): t for b, t in enumerate(blocks)
+        }
+        logs: dict[tuple[str, int], torch.Tensor] = {}
+        saved, scales = [], []
+        tiny = torch.finfo(blocks[0].dtype).tiny
+        for number, group in enumerate(self._groups):
+            w, left, right, axes = group.pair  # type: ignore[misc]
+            columns = group.columns
+            weight = columns[w].take(tensors)
+            if axes != (0, 1, 2):
+                weight = weight.permute(0, *(1 + k for k in axes))
+            nodes, a, b, p = weight.shape
+            source = None
+            if group.interleaved:
+                source = tensors[columns[left].source]
+                lhs, rhs = source.view(nodes, 2, a, -1).unbind(1)
+            else:
+                lhs, rhs = columns[left].take(tensors), columns[right].take(tensors)
+            batch = lhs.shape[2]
+            renorm = every or group.renorm
+            chunk = chunk_size(weight.shape, batch)
+            outer = scale = None
+            if chunk >= nodes:
+                outer = (lhs.unsqueeze(2) * rhs.unsqueeze(1)).reshape(nodes, a * b, batch)
+                out = torch.bmm(weight.reshape(nodes, a * b, p).mT, outer)
+                if renorm:
+                    # max(peak, tiny): out of the checked range exactly when the peak is
+                    scale = out.abs().amax(dim=1, keepdim=True).clamp_min_(tiny)
+                    out.div_(scale)
+            else:
+                out, scale, _, _ = pair_forward(lhs, rhs, weight, renorm, chunk)
+            log = None
+            if scale is not None:
+                scales.append(scale)
+                log = scale.log().view(nodes, batch)
+            if group.interleaved:
+                if columns[left].source in logs:
+                    part = logs[columns[left].source].view(nodes, 2, batch).sum(1)
+                    log = part if log is None else log + part
+            else:
+                for column in (columns[left], columns[right]):
+                    if any(src in logs for src in column.sources):
+                        part = column.take_log(logs)
+                        log = part if log is None else log + part
+            tensors["group", number] = out
+            if log is not None:
+                logs["group", number] = log
+            saved.append((lhs, rhs, weight, scale, outer, chunk, source))
+        if not every and self.renormalisations < self.kernels:
+            info = torch.finfo(blocks[0].dtype)
+            low, high = torch.aminmax(torch.cat([q.view(-1) for q in scales]))
+            if not (low.item() >= info.tiny / info.eps and high.item() <= info.max * info.eps):
+                return None  # False for NaN too
+        key = self._last[0]
+        return tensors[key], logs[key], saved, {k: t.shape for k, t in tensors.items()}
+
+    def _pair_needs(self, leaves: tuple[bool, ...]) -> list[tuple[bool, bool, bool]]:
+        """Per group: whether its (left, right, weight) depend on a block that needs a gradient."""
+        cached = self._needs_cache.get(leaves)
+        if cached is None:
+            needs = {("block", b): need for b, need in enumerate(leaves)}
+            cached = []
+            for number, group in enumerate(self._groups):
+                w, left, right, _ = group.pair  # type: ignore[misc]
+                columns = group.columns
+                triple = tuple(
+                    any(needs[src] for src in columns[k].sources) for k in (left, right, w)
+                )
+                cached.append(triple)
+                needs["group", number] = any(triple)
+            self._needs_cache[leaves] = cached
+        return cached
 
     def _contract(
-        self, blocks: list[torch.Tensor], every: bool = False
+        self, blocks: list[torch.Tensor], every: bool = False, fused: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if fused and self.all_pairs:
+            out, log = _PairNetwork.apply(self, every, *blocks)
+            _, g = self._last
+            values = out[g].permute(*self._permutation)
+            return values, log[g].expand(values.shape[0])
         info = torch.finfo(blocks[0].dtype)
         tensors: dict[tuple[str, int], torch.Tensor] = {
             ("block", b): t for b, t in enumerate(blocks)
@@ -470,13 +662,22 @@ class StableNetwork:
         number = 0
         for level in self.levels:
             for group in level:
-                ops = [c.take(tensors) for c in group.columns]
-                result = ops[0]
-                for equation, positions in group.stages:
-                    result = torch.einsum(equation, *[result if k < 0 else ops[k] for k in positions])
+                renorm = group.renorm or every
                 log = None
-                if group.renorm or every:
-                    result, log, peak = _renormalise(result, group.batch_axis, info.tiny)
+                if group.pair is not None and fused:
+                    result, log, peak = self._pair(group, tensors, renorm)
+                    if not renorm:
+                        log = None
+                else:
+                    ops = [c.take(tensors) for c in group.columns]
+                    result = ops[0]
+                    for equation, positions in group.stages:
+                        result = torch.einsum(
+                            equation, *[result if k < 0 else ops[k] for k in positions]
+                        )
+                    if renorm:
+                        result, log, peak = _renormalise(result, group.batch_axis, info.tiny)
+                if renorm:
                     peaks.append(peak)
                 for column in group.columns:
                     part = column.take_log(logs)
@@ -492,12 +693,117 @@ class StableNetwork:
             lowest, highest = info.tiny / info.eps, info.max * info.eps
             worst = torch.cat([p.reshape(-1) for p in peaks])
             if not bool(((worst >= lowest) & (worst <= highest)).all()):  # False for NaN too
-                return self._contract(blocks, every=True)
+                return self._contract(blocks, every=True, fused=fused)
         source, g = self._last
         values = tensors[source][g].permute(*self._permutation)
         batch = values.shape[0]
         log_scale = logs[source][g].expand(batch) if source in logs else values.new_zeros(batch)
         return values, log_scale
+
+
+class _PairNetwork(torch.autograd.Function):
+    """A contraction made only of pair steps, as one autograd node with a hand-written backward.
+
+    Used by :class:`StableNetwork` when every step joins a three-leg node with two per-sample
+    vectors (``all_pairs``: binary trees such as :func:`~tnkd.students.tree.tree_graph`'s,
+    chains drawn as graphs). The forward pass runs the schedule with
+    :func:`~tnkd.tn.fused.pair_forward` (the same renormalisation plan and range check as the
+    general path); the backward pass walks the groups in reverse with
+    :func:`~tnkd.tn.fused.pair_backward` and hands each gradient to the tensor its operand was
+    taken from (a whole block or the interleaved children of a level: no copy; a slice,
+    indices or stacked members: added in place). Autograd then sees one node instead of a few
+    per level, which at small sizes is most of the time (see ``benchmarks/tree_vs_tensorkrowch.py``).
+    """
+
+    @staticmethod
+    def forward(ctx, net, every, *blocks):
+        run = net._pair_forward(blocks, every)
+        if run is None:  # renormalise every step (see StableNetwork)
+            run = net._pair_forward(blocks, True)
+        result, log, ctx.saved, ctx.shapes = run
+        ctx.save_for_backward(*blocks)  # for autograd's check that they were not changed in place
+        ctx.net = net
+        ctx.mark_non_differentiable(log)
+        return result, log
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_log):
+        net, saved, shapes = ctx.net, ctx.saved, ctx.shapes
+        ctx.saved_tensors  # noqa: B018  (raises if a block was changed in place since forward)
+        needs = net._pair_needs(tuple(ctx.needs_input_grad[2:]))
+        grads: dict[tuple[str, int], torch.Tensor] = {net._last[0]: grad_out}
+        for number in range(len(net._groups) - 1, -1, -1):
+            grad = grads.pop(("group", number), None)
+            if grad is None:
+                continue
+            group = net._groups[number]
+            w, left, right, axes = group.pair  # type: ignore[misc]
+            lhs, rhs, weight, scale, outer, chunk, source = saved[number]
+            columns = group.columns
+            need = needs[number]
+            g_children = g_left = g_right = None
+            if outer is not None:
+                g_left, g_right, g_weight = pair_backward_small(
+                    lhs, rhs, weight, scale, outer, grad, need, group.interleaved
+                )
+                if group.interleaved and g_left is not None:
+                    g_children, g_left = g_left, None
+            elif group.interleaved:
+                pairs = source.view(weight.shape[0], 2, *source.shape[1:])
+                g_children, g_weight = pair_backward_interleaved(
+                    pairs, weight, scale, grad, (need[0], need[2]), chunk
+                )
+                if g_children is not None:
+                    g_children = g_children.flatten(0, 1)
+            else:
+                g_left, g_right, g_weight = pair_backward(
+                    lhs, rhs, weight, scale, grad, need, chunk
+                )
+            if g_weight is not None:
+                if axes != (0, 1, 2):
+                    g_weight = g_weight.permute(0, *(1 + axes.index(k) for k in range(3)))
+                _accumulate(grads, columns[w], g_weight, shapes)
+            if g_children is not None:
+                _accumulate(grads, columns[left], g_children, shapes, whole=True)
+            if g_left is not None:
+                _accumulate(grads, columns[left], g_left, shapes)
+            if g_right is not None:
+                _accumulate(grads, columns[right], g_right, shapes)
+        return (
+            None,
+            None,
+            *(grads.get(("block", b)) for b in range(len(ctx.needs_input_grad) - 2)),
+        )
+
+
+def _accumulate(
+    grads: dict[tuple[str, int], torch.Tensor],
+    take: _Take,
+    grad: torch.Tensor,
+    shapes: dict[tuple[str, int], torch.Size],
+    whole: bool = False,
+) -> None:
+    """Add the gradient of an operand taken by ``take`` to its source(s)' gradients."""
+    src = take.source
+    if src is not None:
+        covers = whole or (take.slice is not None and take.slice == slice(0, shapes[src][0], 1))
+        if covers:
+            grads[src] = grad if src not in grads else grads[src] + grad
+            return
+        buffer = grads.get(src)
+        if buffer is None:
+            buffer = grads[src] = grad.new_zeros(shapes[src])
+        if take.slice is not None:
+            buffer[take.slice] += grad
+        else:
+            buffer.index_add_(0, torch.tensor(take.index, device=grad.device), grad)
+        return
+    for k, (member, g) in enumerate(take.members):
+        buffer = grads.get(member)
+        if buffer is None:
+            buffer = grads[member] = grad.new_zeros(shapes[member])
+        buffer[g] += grad[k]
 
 
 def _renormalise(
@@ -564,7 +870,7 @@ class AutoNetwork:
         step, whatever was chosen; no data-dependent branch.
         """
         if traced:
-            return self.stable.contract(blocks, every=True)
+            return self.stable.contract(blocks, every=True, fused=False)
         if self.chosen == "stable":
             return self.stable.contract(blocks)
         operands = self.stable.from_blocks(blocks)

@@ -1,0 +1,138 @@
+import pytest
+import torch
+from tn_reference import dense_coefficients, evaluate_dense
+
+import tnkd.tn.fused as fused
+from tnkd.students import TreeClassifier
+from tnkd.tn.fused import pair_step
+from tnkd.tn.stable import StableNetwork, log_abs
+
+
+def _value(out, log, renorm):
+    return out * log.exp().unsqueeze(1) if renorm else out
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+@pytest.mark.parametrize("chunk", [1, 2, None])
+def test_pair_step_equals_einsum_and_its_gradients_match_finite_differences(renorm, chunk):
+    torch.manual_seed(0)
+    kw = {"dtype": torch.float64, "requires_grad": True}
+    left, right = torch.randn(3, 2, 5, **kw), torch.randn(3, 3, 5, **kw)
+    weight = torch.randn(3, 2, 3, 4, **kw)
+    out, log, peak = pair_step(left, right, weight, renorm, chunk)
+    ref = torch.einsum("gabp,gan,gbn->gpn", weight, left, right)
+    assert torch.allclose(_value(out, log, renorm), ref, rtol=1e-12, atol=1e-12)
+    if renorm:  # max-abs 1 per (node, sample); the peak is the divisor
+        assert torch.allclose(out.abs().amax(1), torch.ones(3, 5, dtype=torch.float64))
+        assert torch.allclose(peak.squeeze(1), ref.abs().amax(1))
+
+    def f(left, right, weight):
+        return _value(*pair_step(left, right, weight, renorm, chunk)[:2], renorm)
+
+    assert torch.autograd.gradcheck(f, (left, right, weight))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, None])
+def test_interleaved_children_equal_the_separate_form(chunk):
+    torch.manual_seed(1)
+    children = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    out, _, _ = pair_step(children, None, weight, chunk=chunk)
+    ref = torch.einsum("gabp,gan,gbn->gpn", weight, children[0::2], children[1::2])
+    assert torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda c, w: _value(*pair_step(c, None, w, True, chunk)[:2], True), (children, weight)
+    )
+
+
+def test_pair_step_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="children"):
+        pair_step(torch.rand(3, 2, 5), torch.rand(3, 4, 5), torch.rand(3, 2, 3, 4))
+
+
+def _tree_function(tree, x):
+    """f(blocks) -> exact values, for gradcheck over the parameter blocks."""
+
+    def f(*blocks):
+        inputs = iter(
+            b for b, k in zip(tree.operand_blocks(x), tree._block_kinds, strict=True) if k
+        )
+        params = iter(blocks)
+        ops = [next(inputs) if k else next(params) for k in tree._block_kinds]
+        values, log_scale = tree.network.contract(ops)
+        return values * log_scale.exp().unsqueeze(1)
+
+    return f
+
+
+@pytest.mark.parametrize("chunk_elements", [fused.CHUNK_ELEMENTS, 1])  # one chunk; one node each
+@pytest.mark.parametrize("input_shape", [(16,), (1, 5, 3)])  # balanced; odd sites passed up
+def test_the_one_node_tree_path_equals_dense_einsum_and_finite_differences(
+    input_shape, chunk_elements, monkeypatch
+):
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(fused, "ONE_CHUNK_ELEMENTS", min(chunk_elements, fused.ONE_CHUNK_ELEMENTS))
+    torch.manual_seed(2)
+    tree = TreeClassifier(input_shape, num_classes=3, bond_dim=3, output="raw", init_std=0.5)
+    tree = tree.double()
+    assert tree.network.chosen == "stable" and tree.network.stable.all_pairs
+    x = torch.rand(4, *input_shape, dtype=torch.float64)
+    ref = evaluate_dense(dense_coefficients(tree.to_graph()), list(tree.features(x).unbind(1)))
+    assert torch.allclose(tree(x), ref, rtol=1e-10, atol=1e-12)
+    leaves = [p.detach().clone().requires_grad_() for p in tree.blocks]
+    assert torch.autograd.gradcheck(_tree_function(tree, x), leaves)
+
+
+def test_the_tree_path_passes_gradients_to_learned_features():
+    torch.manual_seed(3)
+    tree = TreeClassifier((8,), num_classes=2, bond_dim=3, output="raw", feature_map="learnable")
+    tree = tree.double()
+    x = torch.rand(3, 8, dtype=torch.float64)
+    blocks = [b.detach().clone().requires_grad_() for b in tree.operand_blocks(x)]
+
+    def f(*ops):
+        values, log_scale = tree.network.contract(list(ops))
+        return values * log_scale.exp().unsqueeze(1)
+
+    assert torch.autograd.gradcheck(f, blocks)
+
+
+def test_the_tree_path_reruns_renormalising_every_level_when_values_leave_the_range():
+    torch.manual_seed(4)
+    tree = TreeClassifier((64,), num_classes=3, bond_dim=4, output="raw")
+    with torch.no_grad():
+        for block in tree.blocks:
+            block.mul_(1e5)  # 1e35 after the 7 nodes below a renormalisation: digits lost
+    x = torch.rand(5, 64)
+    blocks = tree.operand_blocks(x)
+    net = tree.network.stable
+    assert net._pair_forward([b.detach() for b in blocks], every=False) is None  # rerun needed
+    values, log_scale = net.contract(blocks)
+    ref_values, ref_log = net.contract(blocks, fused=False)
+    assert torch.isfinite(values).all() and torch.isfinite(log_scale).all()
+    assert torch.allclose(log_abs(values, log_scale), log_abs(ref_values, ref_log), atol=1e-3)
+
+
+def test_1024_site_trig_tree_is_finite_and_equals_the_unfused_stable_path():
+    torch.manual_seed(5)
+    tree = TreeClassifier((1024,), num_classes=4, bond_dim=4, feature_map="trig", output="raw")
+    x = torch.rand(3, 1024)
+    blocks = tree.operand_blocks(x)
+    values, log_scale = tree.network.contract(blocks)
+    ref_values, ref_log = tree.network.stable.contract(blocks, fused=False)
+    fast, ref = log_abs(values, log_scale), log_abs(ref_values, ref_log)
+    assert torch.isfinite(fast).all() and (values.abs().amax(1) > 0).all()
+    assert (fast.abs() > 100).all()  # |log f| > 88: the exact value is outside float32 range
+    assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-3)
+    # gradients through the one-node path match the unfused autograd path
+    g_fast = torch.autograd.grad(values.sum(), list(tree.blocks))
+    g_ref = torch.autograd.grad(ref_values.sum(), list(tree.blocks))
+    for a, b in zip(g_fast, g_ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_graphs_with_other_steps_keep_the_general_path():
+    from test_contraction import peps_2x2
+
+    graph, _ = peps_2x2()
+    assert not StableNetwork(graph).all_pairs
