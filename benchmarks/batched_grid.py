@@ -1,0 +1,165 @@
+"""A 12-run digits grid as one batched model against one of its runs alone (and all 12 in turn).
+
+    python benchmarks/batched_grid.py                      # one run alone, then the batched 12
+    python benchmarks/batched_grid.py --sequential         # also the 12 runs one after another
+    python benchmarks/batched_grid.py --epochs 5 --threads 2
+
+The grid is ``configs/digits/main.yaml`` (64-site MPS, D = 10, batch 64, 50 epochs, AdamW lr
+3e-3 with cosine decay, CNN teacher run on every batch) with one more variant, Renyi alpha = 0.5:
+3 seeds x 4 variants = 12 runs. Everything is one ``tnkd compare`` call each, in this process,
+without W&B (``--logger none``), so that the times are those of training and testing:
+
+1. **alone**: one run of the grid (``--alone``, default the KL variant, seed 0) by itself;
+2. **batched**: the 12 runs as one batched model (``--batched true``);
+3. **sequential** (``--sequential``): the 12 runs one after another, as ``tnkd compare`` runs
+   them without ``--batched``.
+
+It prints the wall time of each call, the ratio batched / alone (the floor: <= 3) and each run's
+test accuracy batched and, with ``--sequential``, alone. The teacher file must exist (default
+``runs/teachers/digits_cnn.pt``, trained by ``tnkd compare --config configs/digits/main.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from tnkd.experiments.compare import main as compare
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits" / "main.yaml"
+VARIANTS = [
+    {"name": "labels only", "beta": 0.0},
+    {"name": "KL (Hinton)", "divergence": "kl", "temperature": 4.0, "beta": 0.9},
+    {
+        "name": "Renyi alpha=2",
+        "divergence": {"name": "renyi", "alpha": 2.0},
+        "temperature": 4.0,
+        "beta": 0.9,
+    },
+    {
+        "name": "Renyi alpha=0.5",
+        "divergence": {"name": "renyi", "alpha": 0.5},
+        "temperature": 4.0,
+        "beta": 0.9,
+    },
+]
+
+
+def run(args: argparse.Namespace, seeds: list[int], variants: list[dict], batched: bool):
+    """One ``tnkd compare`` call; returns its rows and wall seconds."""
+    flags = [
+        "--config",
+        str(args.config),
+        "--seeds",
+        json.dumps(seeds),
+        "--variants",
+        json.dumps(variants),
+        "--logger",
+        "none",
+        "--results",
+        "null",
+        "--teacher_checkpoint",
+        args.teacher,
+        "--trainer",
+        json.dumps({"enable_progress_bar": False, "enable_model_summary": False}),
+        "--batched",
+        "true" if batched else "false",
+    ]
+    if args.epochs:
+        flags += ["--epochs", str(args.epochs)]
+    started = time.perf_counter()
+    rows = compare(flags)
+    return rows, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(CONFIG))
+    parser.add_argument("--teacher", default="runs/teachers/digits_cnn.pt")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=0, help="0: the config's (50)")
+    parser.add_argument("--alone", default="KL (Hinton)", help="the variant run alone (seed 0)")
+    parser.add_argument("--sequential", action="store_true", help="also run the 12 in turn")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: one core)")
+    parser.add_argument("--out", help="write every number to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    alone_variant = next(v for v in VARIANTS if v["name"] == args.alone)
+    timings: dict[str, float] = {}
+    alone_rows, timings["alone"] = run(args, args.seeds[:1], [alone_variant], batched=False)
+    batched_rows, timings["batched"] = run(args, args.seeds, VARIANTS, batched=True)
+    sequential_rows = None
+    if args.sequential:
+        sequential_rows, timings["sequential"] = run(args, args.seeds, VARIANTS, batched=False)
+    load = os.getloadavg()
+    n = len(batched_rows)
+    print(
+        f"\n## batched grid: {n} runs ({len(args.seeds)} seeds x {len(VARIANTS)} variants), "
+        f"{args.threads} thread(s), load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n"
+    )
+    print("| call | wall time | ratio to one run alone | fit time |")
+    print("|---|---|---|---|")
+    fit_alone = alone_rows[0].seconds
+    fit_batched = batched_rows[0].extra["batched_fit_seconds"]
+    print(
+        f"| one run alone ({args.alone}, seed {args.seeds[0]}) | {timings['alone']:.1f} s | 1.00 "
+        f"| {fit_alone:.1f} s |"
+    )
+    print(
+        f"| {n} runs batched | {timings['batched']:.1f} s | "
+        f"{timings['batched'] / timings['alone']:.2f} | {fit_batched:.1f} s |"
+    )
+    if sequential_rows is not None:
+        fit_seq = sum(r.seconds for r in sequential_rows)
+        print(
+            f"| {n} runs one after another | {timings['sequential']:.1f} s | "
+            f"{timings['sequential'] / timings['alone']:.2f} | {fit_seq:.1f} s |"
+        )
+    print("\n| run | seed | test acc batched | test acc alone |")
+    print("|---|---|---|---|")
+    alone_acc = {(r.name, r.seed): r.student_acc for r in sequential_rows or alone_rows}
+    for r in batched_rows:
+        other = alone_acc.get((r.name, r.seed))
+        print(
+            f"| {r.name} | {r.seed} | {r.student_acc:.4f} | "
+            f"{'-' if other is None else f'{other:.4f}'} |"
+        )
+    print("\n| variant | mean test acc batched | mean test acc alone |")
+    print("|---|---|---|")
+    for v in VARIANTS:
+        ours = [r.student_acc for r in batched_rows if r.name == v["name"]]
+        theirs = [acc for (name, _), acc in alone_acc.items() if name == v["name"]]
+        fmt = lambda xs: (  # noqa: E731
+            "-"
+            if not xs
+            else f"{statistics.mean(xs):.4f}"
+            + (f" ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else "")
+        )
+        print(f"| {v['name']} | {fmt(ours)} | {fmt(theirs)} |")
+    if args.out:
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "timings": timings,
+                    "load_average": load,
+                    "threads": args.threads,
+                    "batched": [r.__dict__ for r in batched_rows],
+                    "alone": [r.__dict__ for r in alone_rows],
+                    "sequential": None
+                    if sequential_rows is None
+                    else [r.__dict__ for r in sequential_rows],
+                },
+                indent=2,
+                default=str,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
