@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -78,6 +79,11 @@ def run(args: argparse.Namespace, seeds: list[int], variants: list[dict], batche
     return rows, time.perf_counter() - started
 
 
+def _peak_mib() -> float:
+    """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(CONFIG))
@@ -92,8 +98,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     alone_variant = next(v for v in VARIANTS if v["name"] == args.alone)
     timings: dict[str, float] = {}
+    rss: dict[str, float] = {"start": _peak_mib()}
     alone_rows, timings["alone"] = run(args, args.seeds[:1], [alone_variant], batched=False)
+    rss["alone"] = _peak_mib()
     batched_rows, timings["batched"] = run(args, args.seeds, VARIANTS, batched=True)
+    rss["batched"] = _peak_mib()
     sequential_rows = None
     if args.sequential:
         sequential_rows, timings["sequential"] = run(args, args.seeds, VARIANTS, batched=False)
@@ -121,6 +130,10 @@ def main() -> None:
             f"| {n} runs one after another | {timings['sequential']:.1f} s | "
             f"{timings['sequential'] / timings['alone']:.2f} | {fit_seq:.1f} s |"
         )
+    print(
+        f"\npeak resident memory of this process (MiB): {rss['start']:.0f} at start, "
+        f"{rss['alone']:.0f} after the run alone, {rss['batched']:.0f} after the batched runs"
+    )
     print("\n| run | seed | test acc batched | test acc alone |")
     print("|---|---|---|---|")
     alone_acc = {(r.name, r.seed): r.student_acc for r in sequential_rows or alone_rows}
@@ -147,6 +160,7 @@ def main() -> None:
             json.dumps(
                 {
                     "timings": timings,
+                    "peak_rss_mib": rss,
                     "load_average": load,
                     "threads": args.threads,
                     "batched": [r.__dict__ for r in batched_rows],

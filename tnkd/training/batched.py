@@ -156,7 +156,8 @@ class BatchedDistillation(L.LightningModule):
         self.history: dict[str, list[tuple[int, list[dict[str, float]]]]] = {s: [] for s in STAGES}
         self.test_confusion: torch.Tensor | None = None
         self.fit_seconds: float | None = None
-        self._sums: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._indices: dict[tuple, torch.Tensor] = {}
 
     # ---- Lightning hooks ----------------------------------------------------------------------
 
@@ -273,17 +274,14 @@ class BatchedDistillation(L.LightningModule):
             v = teachers[teacher]
             if v is None:  # a distilled member's teacher always runs
                 raise RuntimeError("internal: missing teacher logits for a distilled member")
-            sel = torch.tensor(idx, device=z.device)
+            sel = self._index(idx, z.device)
             if _vectorisable(divergence):
                 zg = z.index_select(0, sel)
                 vg = v.unsqueeze(0).expand_as(zg)
-                scaled = divergence.scaled_per_sample(
-                    divergence.ratios(vg, zg, temperature), temperature
-                ).mean(-1)
-                with torch.no_grad():
-                    plain = divergence.per_sample(
-                        divergence.ratios(vg, zg.detach(), temperature)
-                    ).mean(-1)
+                ratios = divergence.ratios(vg, zg, temperature)
+                scaled = divergence.scaled_per_sample(ratios, temperature).mean(-1)
+                with torch.no_grad():  # the unscaled value, for the logs (no second ratios)
+                    plain = divergence.per_sample(ratios).mean(-1)
             else:  # DKD (it needs the labels) and other custom losses: one member at a time
                 scaled = torch.stack([self._distill(k, z[k], v, y) for k in idx])
                 with torch.no_grad():
@@ -293,6 +291,13 @@ class BatchedDistillation(L.LightningModule):
         beta = self.betas.to(device=z.device, dtype=ce.dtype)
         loss = torch.where(beta > 0, (1 - beta) * ce + beta * distill, ce)
         return {"ce": ce, "kd": kd, "loss": loss}
+
+    def _index(self, idx: list[int], device: torch.device) -> torch.Tensor:
+        """``idx`` as a long tensor on ``device``, made once (no host-to-device copy per step)."""
+        key = (tuple(idx), str(device))
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(idx, device=device)
+        return self._indices[key]
 
     def _distill(
         self, k: int, z: torch.Tensor, v: torch.Tensor, y: torch.Tensor, plain: bool = False
@@ -376,6 +381,12 @@ class BatchedDistillation(L.LightningModule):
         sums = self._sums.pop(stage, None)
         if sums is None:
             return
+        if self.trainer.world_size > 1:  # under DDP every process summed its own shard
+            sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in sums.items()}
+            if stage == "test" and self.test_confusion is not None:
+                self.test_confusion = self.trainer.strategy.reduce(
+                    self.test_confusion, reduce_op="sum"
+                )
         s = {k: v.detach().double().cpu() for k, v in sums.items()}
         values: list[dict[str, float]] = []
         for k, member in enumerate(self.members):
