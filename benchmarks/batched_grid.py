@@ -3,6 +3,8 @@
     python benchmarks/batched_grid.py                      # one run alone, then the batched 12
     python benchmarks/batched_grid.py --sequential         # also the 12 runs one after another
     python benchmarks/batched_grid.py --epochs 5 --threads 2
+    python benchmarks/batched_grid.py --only steps         # raw training steps, 1 vs 12 stacked
+    python benchmarks/batched_grid.py --only rounding      # how far rounding alone moves a run
 
 The grid is ``configs/digits/main.yaml`` (64-site MPS, D = 10, batch 64, 50 epochs, AdamW lr
 3e-3 with cosine decay, CNN teacher run on every batch) with one more variant, Renyi alpha = 0.5:
@@ -52,7 +54,13 @@ VARIANTS = [
 ]
 
 
-def run(args: argparse.Namespace, seeds: list[int], variants: list[dict], batched: bool):
+def run(
+    args: argparse.Namespace,
+    seeds: list[int],
+    variants: list[dict],
+    batched: bool,
+    extra: list[str] | None = None,
+):
     """One ``tnkd compare`` call; returns its rows and wall seconds."""
     flags = [
         "--config",
@@ -74,6 +82,7 @@ def run(args: argparse.Namespace, seeds: list[int], variants: list[dict], batche
     ]
     if args.epochs:
         flags += ["--epochs", str(args.epochs)]
+    flags += extra or []
     started = time.perf_counter()
     rows = compare(flags)
     return rows, time.perf_counter() - started
@@ -82,6 +91,48 @@ def run(args: argparse.Namespace, seeds: list[int], variants: list[dict], batche
 def _peak_mib() -> float:
     """Peak resident memory of this process so far, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def raw_steps(members: int, steps: int = 200) -> tuple[float, float]:
+    """Median ms of a raw training step of one MPS and of ``members`` stacked ones (batch 64).
+
+    A step is forward, cross-entropy (summed over members), backward and AdamW: no Lightning,
+    no metrics, no teacher. The two are timed interleaved, after 20 warm-up steps.
+    """
+    import torch.nn.functional as F
+
+    from tnkd.students import MPSClassifier
+    from tnkd.students.batched import batch_students
+
+    torch.manual_seed(0)
+    students = [MPSClassifier(64, 10, bond_dim=10) for _ in range(members)]
+    models = [students[0], batch_students(students)]
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in models]
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    times: list[list[float]] = [[], []]
+    for i in range(steps):
+        for j, (model, opt) in enumerate(zip(models, optimizers, strict=True)):
+            started = time.perf_counter()
+            z = model(x)
+            z = z if z.dim() == 3 else z.unsqueeze(0)
+            loss = F.cross_entropy(z.reshape(-1, 10), y.repeat(z.shape[0]), reduction="sum")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i >= 20:
+                times[j].append(time.perf_counter() - started)
+    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
+
+
+def rounding(args: argparse.Namespace) -> None:
+    """Seed 0's 4 runs batched with the chain methods ``scan`` and ``sweep``: rounding noise."""
+    flags = ["--student.init_args.method", "sweep"]
+    scan, _ = run(args, args.seeds[:1], VARIANTS, batched=True)
+    sweep, _ = run(args, args.seeds[:1], VARIANTS, batched=True, extra=flags)
+    print("\n| run | seed | test acc, method scan | test acc, method sweep |")
+    print("|---|---|---|---|")
+    for a, b in zip(scan, sweep, strict=True):
+        print(f"| {a.name} | {a.seed} | {a.student_acc:.4f} | {b.student_acc:.4f} |")
 
 
 def main() -> None:
@@ -94,8 +145,25 @@ def main() -> None:
     parser.add_argument("--sequential", action="store_true", help="also run the 12 in turn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: one core)")
     parser.add_argument("--out", help="write every number to this JSON file")
+    parser.add_argument(
+        "--only",
+        choices=["steps", "rounding"],
+        help="steps: raw training steps of 1 and 12 stacked MPS only; rounding: seed 0's runs "
+        "batched with the scan and with the sweep (same function, other rounding) only",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only == "steps":
+        one, stacked = raw_steps(len(args.seeds) * len(VARIANTS))
+        n = len(args.seeds) * len(VARIANTS)
+        print(
+            f"raw step, batch 64: one MPS {one:.2f} ms, {n} stacked {stacked:.2f} ms "
+            f"({stacked / one:.2f}x)"
+        )
+        return
+    if args.only == "rounding":
+        rounding(args)
+        return
     alone_variant = next(v for v in VARIANTS if v["name"] == args.alone)
     timings: dict[str, float] = {}
     rss: dict[str, float] = {"start": _peak_mib()}

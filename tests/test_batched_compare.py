@@ -112,3 +112,34 @@ def test_one_wandb_run_per_member_with_a_separate_runs_keys(batched):
         assert any("confusion_matrix" in f for f in record.files), record.files
     images = list((root / "runs" / "wandb").rglob("media/images/test/confusion_matrix*.png"))
     assert len(images) == 4
+
+
+def test_progress_lines_show_the_members_means(tmp_path, capsys):
+    from functools import partial
+
+    from tnkd.data import DigitsDataModule
+    from tnkd.experiments.compare import Variant, compare
+    from tnkd.students import MPSClassifier
+    from tnkd.teachers import MLP
+
+    rows = compare(
+        DigitsDataModule(batch_size=64),
+        student=partial(MPSClassifier, 64, 10, bond_dim=3),
+        teacher=partial(MLP, 64, 10, hidden=[16]),
+        teacher_checkpoint=str(tmp_path / "teacher.pt"),
+        teacher_epochs=1,
+        variants=[Variant("labels only", beta=0.0), Variant("KL", divergence="kl")],
+        epochs=2,
+        logger="none",
+        trainer={"enable_progress_bar": False, "enable_model_summary": False},
+        progress=True,
+        evaluate="val",
+        batched=True,
+    )
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[batched x2]")]
+    assert [ln.split(":")[0] for ln in lines] == [
+        "[batched x2] epoch 1/2",
+        "[batched x2] epoch 2/2",
+    ]
+    assert all("train/loss" in ln and "val/student_acc" in ln for ln in lines), lines
+    assert [r.extra["split"] for r in rows] == ["val", "val"]

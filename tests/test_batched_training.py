@@ -137,3 +137,37 @@ def test_a_transfer_set_cannot_mix_labels_only_and_distilled_runs(teacher):
     model = BatchedDistillation([_member(teacher, 0, {"beta": 0.0}), _member(teacher, 0, {})])
     with pytest.raises(ValueError, match="cannot mix labels-only runs"):
         _trainer().fit(model, datamodule=data)
+
+
+def test_loss_terms_equal_each_runs_own_with_ensembles_and_unlabeled_samples():
+    torch.manual_seed(1)
+    ensemble = [MLP(64, 10, hidden=[8]).eval(), MLP(64, 10, hidden=[8]).eval()]
+    runs = [
+        ({"beta": 0.0}, 4.0),
+        ({"divergence": "kl"}, 4.0),
+        ({"divergence": {"name": "renyi", "alpha": 2.0}}, 4.0),
+        ({"divergence": "js", "beta": 0.3}, 2.0),  # the ensemble at another temperature
+        ({"divergence": {"name": "dkd"}}, 4.0),
+    ]
+    members = [
+        DistillationModule(MPSClassifier(64, 10, bond_dim=3), teacher=ensemble, temperature=t, **kw)
+        for kw, t in runs
+    ]
+    model = BatchedDistillation(members)
+    assert len(model.teachers) == 2  # one ensemble per temperature, shared by its runs
+    x = torch.rand(12, 64)
+    y = torch.tensor([3, -1, 0, 9, -1, -1, 2, 5, 1, -1, 7, 4])  # -1: unlabeled (transfer set)
+    z = torch.randn(len(runs), 12, 10, dtype=torch.float64, requires_grad=True)
+    teachers = model.teacher_logits(x, [], "train")
+    terms = model.loss_terms(z, teachers, y)
+    grads = torch.autograd.grad(terms["loss"].sum(), z)[0]
+    for k, member in enumerate(members):
+        zk = z[k].detach().requires_grad_(True)
+        v = member.teacher(x).float() if member.beta > 0 else None
+        own = member.loss_terms(zk, v, y)
+        assert float(terms["loss"][k].detach()) == pytest.approx(float(own["loss"].detach()), rel=1e-12)
+        assert float(terms["ce"][k].detach()) == pytest.approx(float(own["ce"].detach()), rel=1e-12)
+        if "kd" in own:
+            assert float(terms["kd"][k]) == pytest.approx(float(own["kd"]), rel=1e-12)
+        (own_grad,) = torch.autograd.grad(own["loss"], zk)
+        torch.testing.assert_close(grads[k], own_grad, rtol=1e-10, atol=1e-14)

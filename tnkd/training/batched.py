@@ -314,6 +314,8 @@ class BatchedDistillation(L.LightningModule):
         teachers = self.teacher_logits(x, cached, stage)
         terms = self.loss_terms(z, teachers, y)
         self._accumulate(stage, z.detach(), teachers, y, terms)
+        if stage == "train":  # the members' mean, for progress lines (``tnkd compare --progress``)
+            self.log("train/loss", terms["loss"].detach().mean(), on_step=False, on_epoch=True)
         return terms["loss"].sum()
 
     # ---- per-member metrics as sums -----------------------------------------------------------
@@ -409,6 +411,9 @@ class BatchedDistillation(L.LightningModule):
                 row[f"{stage}/agreement"] = float(s["agreement"][k]) / n
             values.append(row)
         self.history[stage].append((int(self.current_epoch), values))
+        if stage == "val":  # the members' mean, for progress lines
+            accuracy = sum(v["val/student_acc"] for v in values) / len(values)
+            self.log("val/student_acc", accuracy)
 
     def member_metrics(self, stage: str = "test") -> list[dict[str, float]]:
         """Each member's last epoch means of ``stage`` (the test metrics after ``trainer.test``)."""
