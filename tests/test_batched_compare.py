@@ -12,6 +12,7 @@ from wandb_offline import read_offline_run
 from tnkd.cli import run
 from tnkd.experiments.compare import RunResult
 from tnkd.experiments.report import markdown
+from tnkd.teachers import MLP, save_teacher
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "digits"
 VARIANTS = (
@@ -27,6 +28,7 @@ def batched(tmp_path_factory):
     wandb.finish()  # a run left open by another test would be reused
     root = tmp_path_factory.mktemp("compare-batched")
     results = root / "results.json"
+    save_teacher(MLP(64, 10, hidden=(16,), dropout=0.25), root / "t.pt")  # a small trained-teacher stand-in
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.chdir(root)
@@ -35,8 +37,9 @@ def batched(tmp_path_factory):
                 "compare",
                 "--config",
                 str(CONFIGS / "main.yaml"),
-                "--teacher_epochs",
-                "1",
+                "--teacher",
+                "{class_path: tnkd.teachers.MLP, init_args: {num_inputs: 64, num_classes: 10, "
+                "hidden: [16], dropout: 0.25}}",
                 "--epochs",
                 "1",
                 "--seeds",
@@ -92,6 +95,7 @@ def test_one_wandb_run_per_member_with_a_separate_runs_keys(batched):
         "labels only seed 1",
     ]
     assert {r.group for r in records} == {"digits-batched"}
+    assert [r.job_type for r in records] == ["student"] * 4  # the teacher file existed
     for row in payload["runs"]:
         record = students[f"{row['name']} seed {row['seed']}"]
         config = record.config
@@ -131,7 +135,12 @@ def test_progress_lines_show_the_members_means(tmp_path, capsys):
         variants=[Variant("labels only", beta=0.0), Variant("KL", divergence="kl")],
         epochs=2,
         logger="none",
-        trainer={"enable_progress_bar": False, "enable_model_summary": False},
+        trainer={
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "limit_train_batches": 3,
+            "limit_val_batches": 2,
+        },
         progress=True,
         evaluate="val",
         batched=True,
