@@ -93,8 +93,10 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def raw_steps(members: int, steps: int = 200) -> tuple[float, float]:
-    """Median ms of a raw training step of one MPS and of ``members`` stacked ones (batch 64).
+def raw_steps(
+    members: int, sites: int = 64, bond: int = 10, batch: int = 64, steps: int = 200
+) -> tuple[float, float]:
+    """Median ms of a raw training step of one MPS and of ``members`` stacked ones.
 
     A step is forward, cross-entropy (summed over members), backward and AdamW: no Lightning,
     no metrics, no teacher. The two are timed interleaved, after 20 warm-up steps.
@@ -105,10 +107,10 @@ def raw_steps(members: int, steps: int = 200) -> tuple[float, float]:
     from tnkd.students.batched import batch_students
 
     torch.manual_seed(0)
-    students = [MPSClassifier(64, 10, bond_dim=10) for _ in range(members)]
+    students = [MPSClassifier(sites, 10, bond_dim=bond) for _ in range(members)]
     models = [students[0], batch_students(students)]
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in models]
-    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    x, y = torch.rand(batch, sites), torch.randint(0, 10, (batch,))
     times: list[list[float]] = [[], []]
     for i in range(steps):
         for j, (model, opt) in enumerate(zip(models, optimizers, strict=True)):
@@ -151,14 +153,18 @@ def main() -> None:
         help="steps: raw training steps of 1 and 12 stacked MPS only; rounding: seed 0's runs "
         "batched with the scan and with the sweep (same function, other rounding) only",
     )
+    parser.add_argument("--sites", type=int, default=64, help="--only steps: chain length")
+    parser.add_argument("--bond_dim", type=int, default=10, help="--only steps: D")
+    parser.add_argument("--batch", type=int, default=64, help="--only steps: batch size")
+    parser.add_argument("--steps", type=int, default=200, help="--only steps: timed steps + 20")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.only == "steps":
-        one, stacked = raw_steps(len(args.seeds) * len(VARIANTS))
         n = len(args.seeds) * len(VARIANTS)
+        one, stacked = raw_steps(n, args.sites, args.bond_dim, args.batch, args.steps)
         print(
-            f"raw step, batch 64: one MPS {one:.2f} ms, {n} stacked {stacked:.2f} ms "
-            f"({stacked / one:.2f}x)"
+            f"raw step, {args.sites} sites, D = {args.bond_dim}, batch {args.batch}: one MPS "
+            f"{one:.2f} ms, {n} stacked {stacked:.2f} ms ({stacked / one:.2f}x)"
         )
         return
     if args.only == "rounding":
