@@ -211,6 +211,7 @@ def compare(
     results: str | None = None,
     progress: bool = False,
     evaluate: str = "test",
+    batched: bool = False,
 ) -> list[RunResult]:
     """Train one student family several ways against one teacher; print and return the results.
 
@@ -247,6 +248,10 @@ def compare(
         evaluate: ``"test"`` (default): each trained run is tested on the test set;
             ``"val"``: on the validation split instead, for choosing a recipe without reading
             the test set (the table and results then hold validation figures, and say so).
+        batched: train all runs together as one batched model (one process, one loop; see
+            :mod:`tnkd.experiments.batched`): each run keeps its initialisation, loss, results
+            row and W&B run, and follows its separate run's optimisation up to rounding; the
+            time per run is then its share of the batched fit time.
 
     Returns:
         One :class:`RunResult` per run.
@@ -287,7 +292,29 @@ def compare(
     )
     out: list[RunResult] = []
     total = len(seeds) * len(variants)
-    for seed in seeds:
+    if batched:
+        from tnkd.experiments.batched import batched_runs
+
+        module_args = {"lr": lr, "weight_decay": weight_decay, "scheduler": scheduler}
+        module_args |= {"teacher_cache": teacher_cache, "teacher_checkpoint": teacher_checkpoint}
+        runs = [(seed, variant) for seed in seeds for variant in variants]
+        fitted = batched_runs(
+            data,
+            student,
+            teacher_net,
+            runs,
+            module_args,
+            lambda label: _trainer(epochs, False, trainer, label),
+            evaluate,
+            logger,
+            {"project": project, "group": group, "save_dir": save_dir},
+            progress,
+        )
+        for (seed, variant), (module, metrics) in zip(runs, fitted, strict=True):
+            out.append(_result(variant, seed, module, metrics))
+            out[-1].extra |= {"batched_members": len(runs)}
+            out[-1].extra["batched_fit_seconds"] = out[-1].seconds * len(runs)
+    for seed in seeds if not batched else ():
         for variant in variants:
             label = f"{variant.name} seed {seed}"
             print(f"tnkd compare: run {len(out) + 1}/{total}: {label}", flush=True)

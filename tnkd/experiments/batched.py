@@ -1,0 +1,188 @@
+"""``tnkd compare --batched true``: a comparison's runs trained as one batched model.
+
+Every (seed, variant) run of :func:`~tnkd.experiments.compare.compare` is built exactly as its
+separate run builds it (``seed_everything(seed)``, then the student and its
+:class:`~tnkd.training.modules.DistillationModule`); the runs are then trained together as one
+:class:`~tnkd.training.batched.BatchedDistillation` in one Lightning loop, tested together, and
+each gets its own results row and its own W&B run (the same config keys, group, job type, tags,
+per-epoch history and summary as a separate run; written after training, offline).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch import nn
+
+from tnkd.training.batched import BatchedDistillation
+from tnkd.training.modules import DistillationModule
+
+
+def batched_runs(
+    data: Any,
+    student: Callable[[], nn.Module],
+    teacher_net: nn.Module | list[nn.Module],
+    runs: Sequence[tuple[int, Any]],
+    module_args: dict[str, Any],
+    make_trainer: Callable[[str | None], L.Trainer],
+    evaluate: str,
+    logger: str,
+    wandb_args: dict[str, Any],
+    progress: bool = False,
+) -> list[tuple[DistillationModule, dict[str, float]]]:
+    """Train every (seed, variant) run as one batched model; each run's module and test metrics.
+
+    Args:
+        data: the data module.
+        student: the student factory.
+        teacher_net: the trained teacher (shared by every run: it is frozen), or an ensemble's
+            members.
+        runs: ``(seed, variant)`` pairs; a variant has ``name``, ``divergence``,
+            ``temperature`` and ``beta`` (:class:`~tnkd.experiments.compare.Variant`).
+        module_args: ``lr``, ``weight_decay``, ``scheduler``, ``teacher_cache`` and
+            ``teacher_checkpoint`` of the runs' modules.
+        make_trainer: a ``lightning.Trainer`` factory (no logger), given the progress label.
+        evaluate: ``"test"`` or ``"val"``.
+        logger: ``"wandb"`` (one offline run per member, written after testing) or ``"none"``.
+        wandb_args: ``project``, ``group``, ``save_dir`` of the W&B runs.
+        progress: print one line per epoch (of the batched loop).
+
+    Returns:
+        Per run, its :class:`~tnkd.training.modules.DistillationModule` (its student trained,
+        ``fit_seconds`` its share of the batched fit time: the total over M runs, divided by M)
+        and its ``test/*`` metrics (validation figures with ``evaluate="val"``).
+    """
+    module_args = dict(module_args)
+    checkpoint = module_args.pop("teacher_checkpoint", None)
+    members = []
+    for seed, variant in runs:
+        L.seed_everything(seed, verbose=False)  # the separate run's initialisation
+        module = DistillationModule(
+            student(),
+            teacher=teacher_net,  # one frozen object for all: the batched model runs it once
+            divergence=variant.divergence,
+            temperature=variant.temperature,
+            beta=variant.beta,
+            **module_args,
+        )
+        module.hparams["teacher_checkpoint"] = checkpoint
+        members.append(module)
+    model = BatchedDistillation(members)
+    kind = type(model.student).__name__
+    print(f"tnkd compare: {len(runs)} runs as one batched model ({kind})", flush=True)
+    trainer = make_trainer(f"batched x{len(runs)}" if progress else None)
+    trainer.fit(model, datamodule=data)
+    if evaluate == "val":
+        trainer.validate(model, datamodule=data, verbose=False)
+    else:
+        trainer.test(model, datamodule=data, verbose=False)
+    stage = "val" if evaluate == "val" else "test"
+    metrics = [
+        {"test/" + key.split("/", 1)[1]: value for key, value in row.items()}
+        for row in model.member_metrics(stage)
+    ]
+    for k, member in enumerate(members):
+        member.student = model.student.member(k)
+        member.fit_seconds = float(model.fit_seconds or 0.0) / len(runs)
+    if logger == "wandb":
+        write_wandb_runs(model, members, runs, trainer, data, metrics, **wandb_args)
+    return list(zip(members, metrics, strict=True))
+
+
+def write_wandb_runs(
+    model: BatchedDistillation,
+    members: Sequence[DistillationModule],
+    runs: Sequence[tuple[int, Any]],
+    trainer: L.Trainer,
+    data: Any,
+    metrics: Sequence[dict[str, float]],
+    project: str,
+    group: str | None,
+    save_dir: str,
+) -> None:
+    """One offline W&B run per member, as its separate run would have recorded it.
+
+    Config (:func:`~tnkd.training.run_config.run_config` of the member's module), tags (the
+    variant's name, ``student`` and the divergence or ``labels-only``), the per-epoch history
+    of training and validation means, the test metrics, the confusion matrix and diagram images,
+    and the summary values of the results row (``fit_seconds`` is the member's share).
+    """
+    import wandb
+
+    from tnkd.training.media import confusion_figure, diagram_figure
+    from tnkd.training.modules import SUMMARY_SIZES
+    from tnkd.training.run_config import run_config
+
+    folder = Path(save_dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    names = getattr(data, "class_names", ())
+    diagram = diagram_figure(members[0].student)
+    saved_seed = os.environ.get("PL_GLOBAL_SEED")
+    try:
+        for k, ((seed, variant), member) in enumerate(zip(runs, members, strict=True)):
+            os.environ["PL_GLOBAL_SEED"] = str(seed)
+            config = run_config(member, data, trainer)
+            config["batched_members"] = len(runs)
+            tags = [variant.name, "student"]
+            tags.append(
+                "labels-only" if config.get("divergence") == "none" else config["divergence"]
+            )
+            if wandb.run is not None:
+                wandb.finish()
+            wb = wandb.init(
+                project=project,
+                name=f"{variant.name} seed {seed}",
+                group=group,
+                job_type="student",
+                tags=list(dict.fromkeys(tags)),
+                config=config,
+                dir=str(folder),
+                mode="offline",
+            )
+            try:
+                if diagram is not None:
+                    wb.log({"student/diagram": wandb.Image(diagram)}, commit=False)
+                _log_history(wb, model, k)
+                wb.log(dict(metrics[k]))
+                if model.test_confusion is not None:
+                    figure = confusion_figure(model.test_confusion[k], names)
+                    wb.log({"test/confusion_matrix": wandb.Image(figure)})
+                    import matplotlib.pyplot as plt
+
+                    plt.close(figure)
+                sizes = member.size_summary()
+                wb.summary.update(
+                    {
+                        **{key: sizes[key] for key in SUMMARY_SIZES if key in sizes},
+                        **metrics[k],
+                        "fit_seconds": member.fit_seconds,
+                    }
+                )
+            finally:
+                wb.finish()
+    finally:
+        if saved_seed is None:
+            os.environ.pop("PL_GLOBAL_SEED", None)
+        else:
+            os.environ["PL_GLOBAL_SEED"] = saved_seed
+        if diagram is not None:
+            import matplotlib.pyplot as plt
+
+            plt.close(diagram)
+
+
+def _log_history(wb: Any, model: BatchedDistillation, k: int) -> None:
+    """Member k's per-epoch training and validation means, one W&B step per epoch."""
+    epochs: dict[int, dict[str, float]] = {}
+    for stage in ("train", "val"):
+        for epoch, values in model.history[stage]:
+            row = dict(values[k])
+            if stage == "train" and "train/loss" in row:
+                row["train/loss_epoch"] = row.pop("train/loss")
+            epochs.setdefault(epoch, {}).update(row)
+    for epoch in sorted(epochs):
+        wb.log({**epochs[epoch], "epoch": epoch})

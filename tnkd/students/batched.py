@@ -1,0 +1,271 @@
+"""Several students of one shape as one model: a leading member index on every parameter.
+
+A grid trains many small students of the same shape (seeds x divergences x temperatures).
+Stacked, M members share every kernel launch: ``model(x)`` returns ``(M, batch, C)`` logits,
+member k's from member k's parameters only, so a sum of per-member losses gives each member
+exactly its own gradient, and one Adam(W) over the stacked parameters (elementwise) is M
+separate optimizers.
+
+* :class:`BatchedMPS`: members of one :class:`~tnkd.students.mps.MPSClassifier` shape with a
+  parameter-free feature map. Its M left halves and M right halves go through the chain engine
+  as K = 2M chains at once (:func:`~tnkd.tn.contraction.sweep_boundary`: one scan of 2M chains
+  instead of M scans of 2), then each member's output core closes its two boundary vectors.
+* :class:`MemberList`: any other student: the members in a list, run one after the other in
+  the same step (the teacher, data and training loop are still shared).
+
+:func:`batch_students` picks one. :meth:`member` gives member k back as an ordinary student
+(its own class, parameters copied), e.g. to save or test it alone.
+
+Example:
+    >>> import torch
+    >>> from tnkd.students import MPSClassifier
+    >>> members = [MPSClassifier(16, 3, bond_dim=4) for _ in range(3)]
+    >>> model = batch_students(members)
+    >>> x = torch.rand(5, 16)
+    >>> model(x).shape
+    torch.Size([3, 5, 3])
+    >>> bool(torch.allclose(model(x)[1], members[1](x), atol=1e-5))
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tnkd.students.mps import MPSClassifier
+from tnkd.tn.contraction import _full_precision, sweep_boundary
+
+#: the parameters an MPSClassifier member stacks (``log_logit_scale`` only with normalized output)
+MPS_PARAMETERS = ("cores", "left", "right", "output_core", "log_logit_scale")
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in module.named_parameters()}
+
+
+def check_same_shape(members: Sequence[nn.Module]) -> None:
+    """Raise a one-line ``ValueError`` unless all members have one class and one parameter shape.
+
+    Students that record their constructor arguments (``init_args``) must also agree on them.
+    """
+    if not members:
+        raise ValueError("a batched model needs at least one member, but got none")
+    first = members[0]
+    for k, other in enumerate(members[1:], start=1):
+        if type(other) is not type(first):
+            raise ValueError(
+                "batched members must be one student shape, but member 0 is a "
+                f"{type(first).__name__} and member {k} a {type(other).__name__}"
+            )
+        args0, args = getattr(first, "init_args", None), getattr(other, "init_args", None)
+        if isinstance(args0, dict) and isinstance(args, dict) and args0 != args:
+            diff = sorted(key for key in {*args0, *args} if args0.get(key) != args.get(key))
+            shown = ", ".join(f"{key}: {args0.get(key)!r} vs {args.get(key)!r}" for key in diff)
+            raise ValueError(
+                f"batched members must have the same student arguments, but member 0 and member "
+                f"{k} differ in {shown}"
+            )
+        if _shapes(other) != _shapes(first):
+            raise ValueError(
+                f"batched members must have the same parameter shapes, but member 0 has "
+                f"{_shapes(first)} and member {k} {_shapes(other)}"
+            )
+
+
+class BatchedMPS(nn.Module):
+    """M MPS classifiers of one shape, each parameter stacked along a leading member index.
+
+    ``cores`` is (M, N, D, d, D), ``left``/``right`` (M, D), ``output_core`` (M, D, C, D),
+    ``log_logit_scale`` (M,). The forward pass feeds the M left halves (swept rightwards) and
+    the M right halves (flipped, swept leftwards) to the chain engine as 2M chains, exactly the
+    contraction :class:`~tnkd.students.mps.MPSClassifier` does for one member (same method,
+    same renormalised log-scale), so member k's logits equal ``members[k](x)`` up to rounding.
+
+    Args:
+        members: MPSClassifier students of one shape whose feature map has no parameters
+            (their parameters are copied; the members themselves are not kept).
+
+    Raises:
+        ValueError: members of different shapes or arguments, or a learnable feature map.
+    """
+
+    def __init__(self, members: Sequence[MPSClassifier]) -> None:
+        super().__init__()
+        check_same_shape(members)
+        template = members[0]
+        if not isinstance(template, MPSClassifier):
+            raise ValueError(
+                f"BatchedMPS stacks MPSClassifier members, but got {type(template).__name__}"
+            )
+        if any(True for _ in template.feature_map.parameters()):
+            raise ValueError(
+                "BatchedMPS needs a feature map without parameters, but got "
+                f"{type(template.feature_map).__name__} with parameters; use MemberList"
+            )
+        self.num_members = len(members)
+        self.num_classes = template.num_classes
+        self.num_inputs = template.num_inputs
+        # the template keeps the shared, parameter-free parts: input flattening, feature map
+        self.template = copy.deepcopy(template)
+        for name in MPS_PARAMETERS:
+            if hasattr(template, name):
+                stacked = torch.stack([getattr(m, name).detach() for m in members]).clone()
+                self.register_parameter(name, nn.Parameter(stacked))
+                delattr(self.template, name)  # the template keeps no parameters of its own
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        """The members' constructor arguments (one shape)."""
+        return self.template.init_args
+
+    def member(self, k: int) -> MPSClassifier:
+        """Member ``k`` as an ordinary MPSClassifier (parameters copied)."""
+        out = copy.deepcopy(self.template)
+        for name in MPS_PARAMETERS:
+            if hasattr(self, name):
+                out.register_parameter(name, nn.Parameter(getattr(self, name)[k].detach().clone()))
+        out._compiled = None
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, shape (M, batch, C)."""
+        t = self.template
+        features = t.feature_map(t.flatten_input(x)).to(self.cores.dtype)
+        values, log_scale = _stacked_chain(
+            self.left,
+            self.cores,
+            self.right,
+            features,
+            self.output_core,
+            t.label_position,
+            t.num_sites,
+            t.method,
+        )
+        if t.output == "raw":
+            return values * torch.exp(log_scale).unsqueeze(-1)
+        tiny = torch.finfo(values.dtype).tiny
+        direction = values / values.norm(dim=-1, keepdim=True).clamp_min(tiny)
+        return torch.exp(self.log_logit_scale).view(-1, 1, 1) * direction
+
+
+def _stacked_chain_impl(
+    left: torch.Tensor,
+    cores: torch.Tensor,
+    right: torch.Tensor,
+    features: torch.Tensor,
+    output_core: torch.Tensor,
+    position: int,
+    num_sites: int,
+    method: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """M chains' ``(values (M, B, C), log_scale (M, B))``; members share ``features`` (B, N, d).
+
+    Member m's network is ``left[m] - A[m, 0] - ... - O[m] - ... - A[m, N-1] - right[m]``; its
+    halves are chains m (rightwards) and M + m (leftwards) of one K = 2M sweep.
+    """
+    members, bond = left.shape
+    batch, d = features.shape[0], features.shape[2]
+    cores = cores.expand(members, num_sites, *cores.shape[2:])  # a uniform MPS: one shared core
+    length = max(position, num_sites - position)
+    left_cores = _pad_identity(cores[:, :position], length)
+    right_cores = _pad_identity(cores[:, position:].flip(1).transpose(2, 4), length)
+    left_feats = _pad_e0(features[:, :position], length)
+    right_feats = _pad_e0(features[:, position:].flip(1), length)
+    feats = torch.stack([left_feats, right_feats]).unsqueeze(1).expand(2, members, batch, length, d)
+    start = torch.stack([left, right]).unsqueeze(2).expand(2, members, batch, bond)
+    v, logs = sweep_boundary(
+        start.reshape(2 * members, batch, bond),
+        torch.cat([left_cores, right_cores]),
+        feats.reshape(2 * members, batch, length, d),
+        method=method,
+    )
+    v, logs = v.view(2, members, batch, bond), logs.view(2, members, batch)
+    values = torch.einsum("mbl,mlcr,mbr->mbc", v[0], output_core, v[1])
+    scale = (
+        values.detach().abs().amax(dim=2, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+    )
+    return values / scale, logs.sum(0) + torch.log(scale[..., 0])
+
+
+_stacked_chain = _full_precision(_stacked_chain_impl)
+
+
+def _pad_identity(cores: torch.Tensor, length: int) -> torch.Tensor:
+    """(M, L, D, d, D) cores padded to ``length`` sites with ``I`` on physical index 0."""
+    missing = length - cores.shape[1]
+    if missing == 0:
+        return cores
+    members, _, bond, d, _ = cores.shape
+    eye = cores.new_zeros(members, missing, bond, d, bond)
+    eye[:, :, :, 0, :] = torch.eye(bond, dtype=cores.dtype, device=cores.device)
+    return torch.cat([cores, eye], dim=1)
+
+
+def _pad_e0(features: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, L, d) features padded to ``length`` sites with ``e_0`` (an identity site's feature)."""
+    missing = length - features.shape[1]
+    if missing == 0:
+        return features
+    pad = features.new_zeros(features.shape[0], missing, features.shape[2])
+    pad[:, :, 0] = 1.0
+    return torch.cat([features, pad], dim=1)
+
+
+class MemberList(nn.Module):
+    """Any students of one shape, run one after the other: ``(M, batch, C)`` logits.
+
+    The fallback of :func:`batch_students` for students :class:`BatchedMPS` does not cover
+    (TT networks, trees, PEPS, learnable feature maps...). No kernel is shared, but the teacher,
+    the data and the training loop are.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        check_same_shape(members)
+        self.members = nn.ModuleList(members)
+        self.num_members = len(members)
+        self.num_classes = getattr(members[0], "num_classes", None)
+        self.num_inputs = getattr(members[0], "num_inputs", None)
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        """The members' constructor arguments (one shape)."""
+        return dict(getattr(self.members[0], "init_args", {}) or {})
+
+    def member(self, k: int) -> nn.Module:
+        """Member ``k`` (a copy)."""
+        return copy.deepcopy(self.members[k])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, shape (M, batch, C)."""
+        return torch.stack([m(x) for m in self.members])
+
+
+def batch_students(members: Sequence[nn.Module], kind: str = "auto") -> nn.Module:
+    """M students of one shape as one model whose ``forward`` returns (M, batch, C) logits.
+
+    Args:
+        members: the students, each built as its separate run builds it (seed, then factory).
+        kind: ``"auto"`` (:class:`BatchedMPS` where it applies, else :class:`MemberList`),
+            ``"batched"`` or ``"list"``.
+
+    Returns:
+        The batched model (with ``num_members``, ``num_classes`` and ``member(k)``).
+    """
+    if kind not in ("auto", "batched", "list"):
+        raise ValueError(f"kind must be 'auto', 'batched' or 'list', but got {kind!r}")
+    check_same_shape(members)
+    first = members[0]
+    fits = (
+        isinstance(first, MPSClassifier)
+        and type(first) is MPSClassifier
+        and not any(True for _ in first.feature_map.parameters())
+    )
+    if kind == "batched" or (kind == "auto" and fits):
+        return BatchedMPS(members)  # type: ignore[arg-type]
+    return MemberList(members)

@@ -1,0 +1,455 @@
+"""A grid of distillation runs trained as one model: one process, one loop, M members.
+
+Runs of one student shape that differ only in seed, divergence, temperature and beta are M
+independent optimisations. :class:`BatchedDistillation` takes the M
+:class:`~tnkd.training.modules.DistillationModule` objects of those runs (each built as its
+separate run builds it: ``seed_everything(seed)``, then the student) and trains them together:
+
+* the students become one model with a leading member index on every parameter
+  (:func:`~tnkd.students.batched.batch_students`): ``(M, B, C)`` logits per batch;
+* the teacher runs once per batch (or its cached logits are read once) for all members;
+* member k's loss is its run's loss, ``(1 - beta_k) CE + beta_k scale(T_k) D_k(P_T || Q_T)``
+  (masked CE on transfer sets), and the sum over members is backpropagated: member k's
+  parameters get exactly member k's gradient;
+* one AdamW over the stacked parameters is M separate AdamW's (its update is elementwise) and
+  the cosine schedule is shared, so member k follows its separate run's trajectory: same
+  initialisation, same batches (the batch order is the data module's, the same for every run),
+  same updates, up to floating-point rounding.
+
+What a separate run would have logged is recorded per member (:attr:`history`: per stage and
+epoch, the epoch means of loss, CE, divergence, student and teacher accuracy and calibration,
+agreement) with vectorised sums instead of M sets of metric objects; :mod:`tnkd.experiments`
+writes one W&B run and one results row per member from it.
+
+Refused with a one-line ``ValueError``: members whose runs would differ in anything but seed,
+divergence, temperature and beta (student arguments or shapes, lr, weight decay, scheduler,
+teacher cache); a transfer set whose members mix labels-only and distilled runs (they go over
+different training samples); several different teachers with a teacher cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tnkd.divergences import Divergence
+from tnkd.students.batched import batch_students
+from tnkd.training.modules import DistillationModule, _configure
+from tnkd.training.teacher_cache import module_digest
+
+#: calibration bins, as the separate runs' ``MulticlassCalibrationError(n_bins=15)``
+ECE_BINS = 15
+STAGES = ("train", "val", "test")
+
+
+def check_batchable(members: Sequence[DistillationModule]) -> None:
+    """Raise a one-line ``ValueError`` unless the runs can share one optimiser and loop.
+
+    They may differ in seed (the students' initialisation), divergence, temperature and beta;
+    lr, weight decay, scheduler and teacher cache must be equal (the schedule and the data are
+    shared). Student shapes are checked by :func:`~tnkd.students.batched.batch_students`.
+    """
+    if not members:
+        raise ValueError("a batched grid needs at least one run, but got none")
+    first = members[0]
+    for k, other in enumerate(members[1:], start=1):
+        for key in ("lr", "weight_decay", "scheduler", "teacher_cache"):
+            a, b = first.hparams.get(key), other.hparams.get(key)
+            if a != b:
+                raise ValueError(
+                    f"batched runs must share {key} (one optimiser and schedule), but run 0 has "
+                    f"{a!r} and run {k} {b!r}; train them in separate batches"
+                )
+
+
+def _grouped(
+    members: Sequence[DistillationModule], teacher_of: Sequence[int | None]
+) -> list[tuple[Divergence, float, int, list[int]]]:
+    """Distilled members with one divergence, temperature and teacher: ``(D, T, teacher, indices)``."""
+    groups: dict[tuple, tuple[Divergence, float, int, list[int]]] = {}
+    for k, m in enumerate(members):
+        teacher = teacher_of[k]
+        if m.beta == 0 or teacher is None:
+            continue
+        key = (type(m.divergence).__name__, repr(m.divergence), m.temperature, teacher)
+        groups.setdefault(key, (m.divergence, m.temperature, teacher, []))[3].append(k)
+    return list(groups.values())
+
+
+def _vectorisable(divergence: Divergence) -> bool:
+    """Whether the divergence's loss is the batch mean of ``scaled_per_sample`` (not DKD's)."""
+    cls = type(divergence)
+    return cls.loss is Divergence.loss and cls.forward is Divergence.forward
+
+
+class BatchedDistillation(L.LightningModule):
+    """M distillation runs of one student shape as one LightningModule.
+
+    Args:
+        members: the runs, as separate :class:`~tnkd.training.modules.DistillationModule`
+            objects (they give the students, teachers, divergences, temperatures, betas and the
+            optimiser settings; their students are copied into one batched model).
+        kind: how the students are batched: ``"auto"``, ``"batched"`` or ``"list"`` (see
+            :func:`~tnkd.students.batched.batch_students`).
+
+    Attributes:
+        history: ``history[stage]`` is a list of ``(epoch, values)`` with ``values[k]`` member
+            k's epoch means (keys as a separate run logs them, e.g. ``val/student_acc``).
+        test_confusion: ``(M, C, C)`` test confusion matrices (true x predicted).
+        fit_seconds: wall time of ``fit``.
+
+    Example:
+        >>> from tnkd.students import MPSClassifier
+        >>> from tnkd.teachers import MLP
+        >>> teacher = MLP(64, 10)
+        >>> runs = [DistillationModule(MPSClassifier(64, 10, bond_dim=4), teacher=teacher,
+        ...                            beta=b) for b in (0.0, 0.9)]
+        >>> model = BatchedDistillation(runs)
+        >>> model(torch.rand(3, 64)).shape
+        torch.Size([2, 3, 10])
+    """
+
+    def __init__(self, members: Sequence[DistillationModule], kind: str = "auto") -> None:
+        super().__init__()
+        members = list(members)
+        check_batchable(members)
+        self.student = batch_students([m.student for m in members], kind)
+        self.__dict__["members"] = members  # not submodules: their students are copied above
+        self.num_members = len(members)
+        self.num_classes = int(self.student.num_classes)
+        self.lr = members[0].lr
+        self.scheduler = members[0].scheduler
+        self.weight_decay = float(members[0].hparams.get("weight_decay", 0.0))
+        # distinct teachers (an ensemble is one per temperature); member k uses teacher_of[k]
+        teachers: list[nn.Module] = []
+        digests: list[str] = []
+        self.teacher_of: list[int | None] = []
+        for m in members:
+            if m.teacher is None:
+                self.teacher_of.append(None)
+                continue
+            digest = module_digest(m.teacher)  # copies of one teacher (or ensemble at one T): one
+            if digest not in digests:
+                teachers.append(m.teacher)
+                digests.append(digest)
+            self.teacher_of.append(digests.index(digest))
+        if len(teachers) > 1 and members[0].hparams.get("teacher_cache"):
+            raise ValueError(
+                f"a batched grid with a teacher cache needs one teacher, but its runs have "
+                f"{len(teachers)} (an ensemble at several temperatures, or copies): give the runs "
+                "one teacher object, or use no teacher_cache"
+            )
+        self.teachers = nn.ModuleList(teachers)
+        for t in teachers:
+            t.eval()
+            t.requires_grad_(False)
+        self.groups = _grouped(members, self.teacher_of)
+        self.register_buffer(
+            "betas", torch.tensor([m.beta for m in members], dtype=torch.float64), persistent=False
+        )
+        self.history: dict[str, list[tuple[int, list[dict[str, float]]]]] = {s: [] for s in STAGES}
+        self.test_confusion: torch.Tensor | None = None
+        self.fit_seconds: float | None = None
+        self._sums: dict[str, dict[str, torch.Tensor]] = {}
+        self._indices: dict[tuple, torch.Tensor] = {}
+
+    # ---- Lightning hooks ----------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' logits, (M, batch, C)."""
+        return self.student(x)
+
+    def train(self, mode: bool = True) -> BatchedDistillation:
+        """Switch the students' mode; the teachers stay in eval mode."""
+        super().train(mode)
+        for t in self.teachers:
+            t.eval()
+        return self
+
+    def setup(self, stage: str) -> None:  # noqa: D102
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        for m in self.members:
+            m.check_data(dm)
+        distilled = [m.beta > 0 for m in self.members]
+        if getattr(dm, "is_transfer_set", False) and len(set(distilled)) > 1:
+            raise ValueError(
+                "a batched grid on a transfer set cannot mix labels-only runs (trained on the "
+                "labeled images alone) with distilled ones (on all images): batch them separately"
+            )
+        if hasattr(dm, "use_unlabeled"):
+            dm.use_unlabeled(any(distilled))
+        # the cached logits of the one teacher: a distilled member attaches them for all
+        owner = next((m for m in self.members if m.beta > 0), self.members[0])
+        owner.attach_cached_logits(dm, stage)
+
+    def on_train_start(self) -> None:  # noqa: D102
+        self.train()
+
+    def on_fit_start(self) -> None:  # noqa: D102
+        self._fit_started = time.perf_counter()
+
+    def on_fit_end(self) -> None:  # noqa: D102
+        self.fit_seconds = time.perf_counter() - self._fit_started
+
+    def configure_optimizers(self) -> Any:  # noqa: D102
+        return _configure(
+            self, self.student.parameters(), self.lr, self.weight_decay, self.scheduler
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._shared_step(batch, "test")
+
+    def on_train_epoch_start(self) -> None:  # noqa: D102
+        self._sums.pop("train", None)
+
+    def on_validation_epoch_start(self) -> None:  # noqa: D102
+        self._sums.pop("val", None)
+
+    def on_test_epoch_start(self) -> None:  # noqa: D102
+        self._sums.pop("test", None)
+        self.test_confusion = None
+
+    def on_train_epoch_end(self) -> None:  # noqa: D102
+        self._close("train")
+
+    def on_validation_epoch_end(self) -> None:  # noqa: D102
+        if not self.trainer.sanity_checking:
+            self._close("val")
+
+    def on_test_epoch_end(self) -> None:  # noqa: D102
+        self._close("test")
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    def teacher_logits(
+        self, x: torch.Tensor, cached: list, stage: str
+    ) -> list[torch.Tensor | None]:
+        """Each distinct teacher's float logits for the batch (cached ones when the batch has them).
+
+        Labels-only members need no teacher on training batches: a teacher whose members all
+        have beta = 0 is not run there (``None``).
+        """
+        out: list[torch.Tensor | None] = []
+        for i, teacher in enumerate(self.teachers):
+            users = [k for k, t in enumerate(self.teacher_of) if t == i]
+            if stage == "train" and all(self.members[k].beta == 0 for k in users):
+                out.append(None)
+            elif cached and len(self.teachers) == 1:
+                out.append(cached[0].float())
+            else:
+                with torch.no_grad():
+                    out.append(teacher(x).float())
+        return out
+
+    def loss_terms(
+        self, z: torch.Tensor, teachers: list[torch.Tensor | None], y: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per-member ``ce``, ``kd`` (unscaled divergence, NaN for labels-only) and ``loss``, (M,).
+
+        The same terms as :meth:`DistillationModule.loss_terms` of each member, computed per
+        group of members with one divergence and temperature at once.
+        """
+        m, b, c = z.shape
+        labeled = y >= 0
+        n_lab = labeled.sum()
+        ce_each = F.cross_entropy(
+            z.reshape(m * b, c), y.clamp_min(0).repeat(m), reduction="none"
+        ).view(m, b)
+        ce = (ce_each * labeled).sum(1) / n_lab.clamp_min(1)
+        kd = torch.full_like(ce, float("nan"))
+        distill = torch.zeros_like(ce)
+        for divergence, temperature, teacher, idx in self.groups:
+            v = teachers[teacher]
+            if v is None:  # a distilled member's teacher always runs
+                raise RuntimeError("internal: missing teacher logits for a distilled member")
+            sel = self._index(idx, z.device)
+            if _vectorisable(divergence):
+                zg = z.index_select(0, sel)
+                vg = v.unsqueeze(0).expand_as(zg)
+                ratios = divergence.ratios(vg, zg, temperature)
+                scaled = divergence.scaled_per_sample(ratios, temperature).mean(-1)
+                with torch.no_grad():  # the unscaled value, for the logs (no second ratios)
+                    plain = divergence.per_sample(ratios).mean(-1)
+            else:  # DKD (it needs the labels) and other custom losses: one member at a time
+                scaled = torch.stack([self._distill(k, z[k], v, y) for k in idx])
+                with torch.no_grad():
+                    plain = torch.stack([self._distill(k, z[k].detach(), v, y, True) for k in idx])
+            distill = distill.index_put((sel,), scaled.to(distill.dtype))
+            kd = kd.index_put((sel,), plain.to(kd.dtype))
+        beta = self.betas.to(device=z.device, dtype=ce.dtype)
+        loss = torch.where(beta > 0, (1 - beta) * ce + beta * distill, ce)
+        return {"ce": ce, "kd": kd, "loss": loss}
+
+    def _index(self, idx: list[int], device: torch.device) -> torch.Tensor:
+        """``idx`` as a long tensor on ``device``, made once (no host-to-device copy per step)."""
+        key = (tuple(idx), str(device))
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(idx, device=device)
+        return self._indices[key]
+
+    def _distill(
+        self, k: int, z: torch.Tensor, v: torch.Tensor, y: torch.Tensor, plain: bool = False
+    ) -> torch.Tensor:
+        """Member k's distillation term ``scale(T) D`` (``plain``: the unscaled ``D``)."""
+        member = self.members[k]
+        extra = {"target": y} if member._divergence_takes_target else {}
+        fn = member.divergence if plain else member.divergence.loss
+        return fn(v, z, member.temperature, **extra)
+
+    def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
+        x, y, *cached = batch
+        z = self.student(x)
+        teachers = self.teacher_logits(x, cached, stage)
+        terms = self.loss_terms(z, teachers, y)
+        self._accumulate(stage, z.detach(), teachers, y, terms)
+        if stage == "train":  # the members' mean, for progress lines (``tnkd compare --progress``)
+            self.log("train/loss", terms["loss"].detach().mean(), on_step=False, on_epoch=True)
+        return terms["loss"].sum()
+
+    # ---- per-member metrics as sums -----------------------------------------------------------
+
+    def _accumulate(
+        self,
+        stage: str,
+        z: torch.Tensor,
+        teachers: list[torch.Tensor | None],
+        y: torch.Tensor,
+        terms: dict[str, torch.Tensor],
+    ) -> None:
+        """Add the batch's counts to the stage's running sums (all (M, ...) tensors, no sync)."""
+        m, b, c = z.shape
+        labeled = (y >= 0).to(z.dtype)
+        n_lab = labeled.sum()
+        batch: dict[str, torch.Tensor] = {
+            "n": z.new_full((m,), float(b)),
+            "labeled": n_lab.expand(m),
+            "loss": terms["loss"].detach() * b,
+            "ce": terms["ce"].detach() * n_lab,  # a mean over the labeled samples
+            "ce_n": n_lab.expand(m),
+            "kd": torch.nan_to_num(terms["kd"].detach()) * b,
+        }
+        target = y.clamp_min(0)
+        probs = z.float().softmax(-1)
+        conf, pred = probs.max(-1)
+        correct = (pred == target).to(z.dtype) * labeled
+        batch["student_acc"] = correct.sum(1)
+        batch["student_bins"] = _bins(conf, correct, labeled)
+        v = self._member_teacher_logits(teachers, m, b, c)
+        if v is not None:
+            t_probs = v.softmax(-1)
+            t_conf, t_pred = t_probs.max(-1)
+            t_correct = (t_pred == target).to(z.dtype) * labeled
+            batch["teacher_acc"] = t_correct.sum(1)
+            batch["teacher_bins"] = _bins(t_conf, t_correct, labeled)
+            batch["agreement"] = (pred == t_pred).to(z.dtype).sum(1)
+            batch["has_teacher"] = z.new_ones(m)
+        if stage == "test":
+            index = (target * c).unsqueeze(0) + pred  # (M, B) cells of the confusion matrix
+            counts = torch.zeros(m, c * c, device=z.device, dtype=z.dtype)
+            counts.scatter_add_(1, index, labeled.expand(m, b).contiguous())
+            confusion = counts.view(m, c, c)
+            self.test_confusion = (
+                confusion if self.test_confusion is None else self.test_confusion + confusion
+            )
+        sums = self._sums.get(stage)
+        self._sums[stage] = batch if sums is None else _add(sums, batch)
+
+    def _member_teacher_logits(
+        self, teachers: list[torch.Tensor | None], m: int, b: int, c: int
+    ) -> torch.Tensor | None:
+        """(M, B, C) teacher logits of each member's teacher, or ``None`` if no member has one."""
+        rows = [None if t is None else teachers[t] for t in self.teacher_of]
+        if all(r is None for r in rows):
+            return None
+        if len(self.teachers) == 1 and all(r is not None for r in rows):
+            return rows[0].unsqueeze(0).expand(m, b, c)  # type: ignore[union-attr]
+        fill = next(r for r in rows if r is not None)
+        return torch.stack([fill if r is None else r for r in rows])
+
+    def _close(self, stage: str) -> None:
+        """Turn the stage's sums into per-member epoch means and append them to :attr:`history`."""
+        sums = self._sums.pop(stage, None)
+        if sums is None:
+            return
+        if self.trainer.world_size > 1:  # under DDP every process summed its own shard
+            sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in sums.items()}
+            if stage == "test" and self.test_confusion is not None:
+                self.test_confusion = self.trainer.strategy.reduce(
+                    self.test_confusion, reduce_op="sum"
+                )
+        s = {k: v.detach().double().cpu() for k, v in sums.items()}
+        values: list[dict[str, float]] = []
+        for k, member in enumerate(self.members):
+            n, lab = float(s["n"][k]), float(s["labeled"][k])
+            row = {
+                f"{stage}/loss": float(s["loss"][k]) / n,
+                f"{stage}/ce": float(s["ce"][k]) / float(s["ce_n"][k]),
+                f"{stage}/student_acc": float(s["student_acc"][k]) / max(lab, 1.0),
+                f"{stage}/student_ece": _ece(s["student_bins"][k], lab),
+            }
+            if member.beta > 0 and "teacher_acc" in s:
+                row[f"{stage}/kd"] = float(s["kd"][k]) / n
+            if (
+                "teacher_acc" in s
+                and self.teacher_of[k] is not None
+                and (stage != "train" or member.beta > 0)
+            ):
+                row[f"{stage}/teacher_acc"] = float(s["teacher_acc"][k]) / max(lab, 1.0)
+                row[f"{stage}/teacher_ece"] = _ece(s["teacher_bins"][k], lab)
+                row[f"{stage}/agreement"] = float(s["agreement"][k]) / n
+            values.append(row)
+        self.history[stage].append((int(self.current_epoch), values))
+        if stage == "val":  # the members' mean, for progress lines
+            accuracy = sum(v["val/student_acc"] for v in values) / len(values)
+            self.log("val/student_acc", accuracy)
+
+    def member_metrics(self, stage: str = "test") -> list[dict[str, float]]:
+        """Each member's last epoch means of ``stage`` (the test metrics after ``trainer.test``)."""
+        if not self.history[stage]:
+            raise ValueError(f"no {stage} epoch has run yet on this batched model")
+        return self.history[stage][-1][1]
+
+    def member_students(self) -> list[nn.Module]:
+        """The trained members as ordinary students (parameters copied)."""
+        return [self.student.member(k) for k in range(self.num_members)]
+
+
+def _bins(conf: torch.Tensor, correct: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(M, bins + 1, 3) per-bin count, confidence sum and correct sum of labeled samples.
+
+    Bins as torchmetrics' calibration error: ``bucketize(conf, linspace(0, 1, bins + 1),
+    right=True) - 1`` (a confidence of exactly 1 gets a bin of its own, which adds 0).
+    """
+    m = conf.shape[0]
+    edges = torch.linspace(0, 1, ECE_BINS + 1, device=conf.device, dtype=conf.dtype)
+    index = torch.bucketize(conf, edges, right=True) - 1
+    w = weight.to(conf.dtype).expand_as(conf)
+    src = torch.stack([w, conf * w, correct.to(conf.dtype) * w], dim=-1)  # (M, B, 3)
+    out = torch.zeros(m, ECE_BINS + 1, 3, device=conf.device, dtype=conf.dtype)
+    out.scatter_add_(1, index.unsqueeze(-1).expand_as(src), src)
+    return out
+
+
+def _ece(bins: torch.Tensor, total: float) -> float:
+    """Expected calibration error from per-bin sums: ``sum_b |correct_b - conf_b| / n``."""
+    if total <= 0:
+        return 0.0
+    return float((bins[:, 2] - bins[:, 1]).abs().sum()) / total
+
+
+def _add(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: a[k] + b[k] if k in b else a[k] for k in a} | {
+        k: v for k, v in b.items() if k not in a
+    }
