@@ -68,9 +68,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tnkd.feature_maps import FeatureMap, build_feature_map
+from tnkd.feature_maps import FeatureMap, LinearFeatureMap, build_feature_map
 from tnkd.students.base import Student, check_positive_int, image_patches
 from tnkd.tn.contraction import CompiledNetwork
+from tnkd.tn.fused import normalized_logits
 from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
 from tnkd.tn.stable import MODES, AutoNetwork
 
@@ -388,6 +389,15 @@ class GraphStudent(Student):
                 self._block_of[name] = (len(self.blocks), g)
             self.blocks.append(nn.Parameter(torch.stack([initial[n] for n in names])))
         self._block_kinds = list(stable.block_is_input)
+        # the sites are the sample's scalars in order (no pooling or patches)
+        self._flat_sites = (self.input_shape is None or len(self.input_shape) == 1) and getattr(
+            self.feature_map, "in_features", 1
+        ) == 1
+        #: the whole forward pass on the lean path: a balanced binary tree (``fast_plan``, see
+        #: :class:`~tnkd.tn.fused.FastTree`) on the stable path, not compiled
+        self.fast_path = (
+            self.network.chosen == "stable" and stable.fast_plan is not None and not compile
+        )
         self.node_names = [n for n in spec.node_names if n not in set(inputs)]
         self._compiled: CompiledNetwork | None = None
         if output == "normalized":
@@ -477,7 +487,7 @@ class GraphStudent(Student):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, sites, site_dim)`` feature vectors."""
         u = self.site_inputs(x)
-        dtype = self.blocks[0].dtype
+        dtype = self._dtype()
         if u.ndim == 3 and getattr(self.feature_map, "in_features", 1) == 1:
             phi = self.feature_map(u)  # (batch, sites, values, d): the product map
             out = phi[:, :, 0]
@@ -486,16 +496,32 @@ class GraphStudent(Student):
             return out.to(dtype)
         return self.feature_map(u).to(dtype)
 
+    def _site_features_t(self, x: torch.Tensor) -> torch.Tensor:
+        """``(sites, site_dim, batch)`` feature vectors, contiguous (the blocks' layout).
+
+        A block is then a slice whose samples are contiguous: a strided block made the first
+        tree level's outer product and matrix product 10x and 5x slower than on a copy (58 and
+        34 us against 5.6 and 6 us at 64 sites, batch 100, one core). The [1, x] map on
+        scalar sites is written in this layout directly (one ``stack``, no copy).
+        """
+        if type(self.feature_map) is LinearFeatureMap and self._flat_sites:
+            u = self.flatten_input(x).T.to(self._dtype())
+            return torch.stack([torch.ones_like(u), u], 1)
+        return self.features(x).permute(1, 2, 0).contiguous()
+
+    def _dtype(self) -> torch.dtype:
+        return next(iter(self.blocks._parameters.values())).dtype  # type: ignore[union-attr]
+
     def operand_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The contraction's operands, one stacked tensor per block (see :class:`StableNetwork`)."""
-        phi = self.features(x)
-        params = iter(self.blocks)
+        phi = self._site_features_t(x)
+        params = iter(self.blocks._parameters.values())
         inputs = iter(self._input_blocks)
         out = []
         for is_input in self._block_kinds:
             if is_input:
                 _, where = next(inputs)
-                out.append(phi[:, where].permute(1, 2, 0))  # (G, site_dim, batch)
+                out.append(phi[where])  # (G, site_dim, batch)
             else:
                 out.append(next(params))
         return out
@@ -530,6 +556,8 @@ class GraphStudent(Student):
         if self.output == "raw":
             return self.raw_forward(x)
         values, _ = self.log_forward(x)
+        if self.fast_path:
+            return normalized_logits(values, self.log_logit_scale)
         direction = values / values.norm(dim=-1, keepdim=True).clamp_min(
             torch.finfo(values.dtype).tiny
         )

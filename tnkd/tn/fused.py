@@ -336,3 +336,187 @@ def pair_step(
     if chunk is None:
         chunk = chunk_size(weight.shape, lhs.shape[2])
     return _PairStep.apply(left, right, weight, renorm, chunk)
+
+
+# ---- a whole tree as one tight loop ----------------------------------------------------------
+
+
+class FastTree(torch.autograd.Function):
+    r"""A tree of pair steps as one autograd node: a tight loop over a plan made at build time.
+
+    Used by :class:`~tnkd.tn.stable.StableNetwork` (``fast_plan``) when every step is a pair
+    step whose operands are whole tensors: the weight a whole parameter block in (child,
+    child, parent) order, the children either a level's result interleaved (node g's at 2g and
+    2g + 1) or two whole blocks/results (the leaves). That is any balanced binary tree of
+    :func:`~tnkd.students.tree.tree_graph` (sites a power of two along each axis); a tree with
+    odd sites passed up, a chain drawn as a graph or a user graph whose operands are slices
+    goes through the general one-node path (:class:`~tnkd.tn.stable._PairNetwork`).
+
+    What it leaves out, against the general path (at 64 sites the Python-level calls, not the
+    arithmetic, set the time): no dicts of named tensors, no per-level log-scale tensors, no
+    gradient accumulation. In a tree every intermediate feeds exactly one parent, so the root's
+    log-scale is the sum over all renormalised levels of the logs of all their divisors:
+    ``log_root[n] = sum_levels sum_g log s_level[g, n]``, taken once at the end from the
+    divisors (one ``cat``, one ``log``, one ``sum``), and the same concatenated divisors give
+    the range check (one ``aminmax``). Renormalisation follows the network's plan; when a
+    divisor left the range where float keeps its digits (or is not finite), the forward runs
+    again renormalising every level, exactly as the general path does.
+    """
+
+    @staticmethod
+    def forward(ctx, plan, every, check, *blocks):  # noqa: D102
+        run = tree_forward(plan, blocks, every, check)
+        if run is None:
+            run = tree_forward(plan, blocks, True, False)
+        out, log, ctx.saved = run
+        ctx.plan = plan
+        ctx.save_for_backward(*blocks)
+        ctx.mark_non_differentiable(log)
+        return out, log
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_log):  # noqa: D102
+        ctx.saved_tensors  # noqa: B018  (raises if a block was changed in place since forward)
+        return (
+            None,
+            None,
+            None,
+            *tree_backward(ctx.plan, ctx.saved, grad_out, ctx.needs_input_grad[3:]),
+        )
+
+
+def tree_forward(plan, blocks, every: bool, check: bool):
+    """The forward pass of :class:`FastTree`: ``(root, log, saved)``, or None to rerun."""
+    slots = list(blocks)
+    slots.extend([None] * len(plan))
+    saved = []
+    scales = []
+    batch = blocks[plan[0][1]].shape[-1]
+    tiny = torch.finfo(blocks[0].dtype).tiny
+    out = None
+    for w_slot, l_slot, r_slot, interleaved, renorm, o_slot in plan:
+        weight = slots[w_slot]
+        nodes, a, b, p = weight.shape
+        if interleaved:
+            pairs = slots[l_slot].view(nodes, 2, a, batch)
+            lhs, rhs = pairs[:, 0], pairs[:, 1]
+        else:
+            lhs, rhs = slots[l_slot], slots[r_slot]
+        chunk = chunk_size(weight.shape, batch)
+        if chunk >= nodes:
+            outer = torch.mul(lhs.unsqueeze(2), rhs.unsqueeze(1))
+            out = torch.bmm(weight.reshape(nodes, a * b, p).mT, outer.view(nodes, a * b, batch))
+        else:
+            outer = None
+            out = pair_forward(lhs, rhs, weight, False, chunk)[0]
+        scale = None
+        if every or renorm:
+            scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
+            out.div_(scale)
+            scales.append(scale.view(nodes, batch))
+        slots[o_slot] = out
+        saved.append((lhs, rhs, weight, scale, outer, chunk))
+    divisors = scales[0] if len(scales) == 1 else torch.cat(scales)
+    if check and not every:
+        info = torch.finfo(out.dtype)
+        low, high = torch.aminmax(divisors)
+        if not (low.item() >= info.tiny / info.eps and high.item() <= info.max * info.eps):
+            return None  # False for NaN too
+    return out, divisors.log().sum(0), saved
+
+
+def tree_backward(plan, saved, grad_out, needs):
+    """Gradients of the blocks of :class:`FastTree` (None where not needed)."""
+    slots: list = [None] * (len(needs) + len(plan))
+    slots[plan[-1][5]] = grad_out
+    need_slot = list(needs) + [False] * len(plan)
+    for w_slot, l_slot, r_slot, interleaved, _, o_slot in plan:
+        need_slot[o_slot] = (
+            need_slot[w_slot] or need_slot[l_slot] or (not interleaved and need_slot[r_slot])
+        )
+    for level in range(len(plan) - 1, -1, -1):
+        w_slot, l_slot, r_slot, interleaved, _, o_slot = plan[level]
+        grad = slots[o_slot]
+        slots[o_slot] = None
+        lhs, rhs, weight, scale, outer, chunk = saved[level]
+        need_w = need_slot[w_slot]
+        need_l = need_slot[l_slot]
+        need_r = need_l if interleaved else need_slot[r_slot]
+        if outer is not None:
+            nodes, a, b, p = weight.shape
+            g = grad if scale is None else grad / scale
+            if need_w:
+                slots[w_slot] = torch.bmm(outer.view(nodes, a * b, -1), g.mT).view(weight.shape)
+            if need_l or need_r:
+                g_outer = torch.bmm(weight.reshape(nodes, a * b, p), g).view(nodes, a, b, -1)
+                if interleaved:
+                    g_children = g_outer.new_empty(nodes, 2, a, g.shape[2])
+                    torch.sum(g_outer * rhs.unsqueeze(1), 2, out=g_children[:, 0])
+                    torch.sum(g_outer.mul_(lhs.unsqueeze(2)), 1, out=g_children[:, 1])
+                    slots[l_slot] = g_children.view(2 * nodes, a, -1)
+                    continue
+                if need_l:
+                    slots[l_slot] = (g_outer * rhs.unsqueeze(1)).sum(2)
+                if need_r:
+                    slots[r_slot] = g_outer.mul_(lhs.unsqueeze(2)).sum(1)
+            continue
+        g_left, g_right, g_weight = pair_backward(
+            lhs,
+            rhs,
+            weight,
+            scale,
+            grad,
+            (need_l, need_r, need_w),
+            chunk,
+        )
+        if need_w:
+            slots[w_slot] = g_weight
+        if interleaved:
+            if need_l:
+                slots[l_slot] = torch.stack([g_left, g_right], 1).view(
+                    2 * weight.shape[0], weight.shape[1], -1
+                )
+        else:
+            if need_l:
+                slots[l_slot] = g_left
+            if need_r:
+                slots[r_slot] = g_right
+    return slots[: len(needs)]
+
+
+class _NormalizedLogits(torch.autograd.Function):
+    """``exp(s) * v / ||v||`` per row as one autograd node (see :func:`normalized_logits`)."""
+
+    @staticmethod
+    def forward(ctx, values, log_scale):
+        inverse = values.norm(dim=1, keepdim=True).clamp_min_(torch.finfo(values.dtype).tiny)
+        direction = values / inverse
+        inverse.reciprocal_()
+        scale = log_scale.exp()
+        ctx.save_for_backward(direction, inverse, scale)
+        return direction * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        direction, inverse, scale = ctx.saved_tensors
+        dot = (grad * direction).sum(1, keepdim=True)
+        g_values = (grad - direction * dot).mul_(scale * inverse)
+        return g_values, (dot.sum() * scale).reshape(scale.shape)
+
+
+def normalized_logits(values: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    r"""Logits ``exp(s) v / ||v||`` (rows of a (batch, C) ``values``), with a hand-written backward.
+
+    With ``d = v / ||v||`` and the upstream gradient ``g``:
+    ``dL/dv = exp(s) (g - d (g . d)) / ||v||`` and ``dL/ds = exp(s) sum_rows g . d``. One
+    autograd node instead of five (norm, clamp, divide, exp, multiply); the rows' norms are
+    clamped at the smallest normal float, as :class:`~tnkd.students.graph.GraphStudent` does.
+
+    Example:
+        >>> v, s = torch.tensor([[3.0, 4.0]]), torch.tensor(0.0)
+        >>> normalized_logits(v, s)
+        tensor([[0.6000, 0.8000]])
+    """
+    return _NormalizedLogits.apply(values, log_scale)

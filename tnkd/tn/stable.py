@@ -81,6 +81,7 @@ import torch
 
 from tnkd.tn.contraction import CompiledNetwork, einsum_equation
 from tnkd.tn.fused import (
+    FastTree,
     chunk_size,
     pair_backward,
     pair_backward_interleaved,
@@ -491,6 +492,38 @@ class StableNetwork:
         #: then the whole contraction runs as one autograd node (see _PairNetwork)
         self.all_pairs = all(group.pair is not None for group in self._groups)
         self._needs_cache: dict[tuple[bool, ...], list[tuple[bool, bool, bool]]] = {}
+        #: the plan of :class:`~tnkd.tn.fused.FastTree` when every operand is a whole tensor
+        #: (balanced binary trees), else None
+        self.fast_plan = self._fast_plan() if self.all_pairs else None
+
+    def _fast_plan(self) -> tuple[tuple[int, int, int, bool, bool, int], ...] | None:
+        """Levels as ``(weight, left, right, interleaved, renorm, out)`` slots, or None."""
+        first = len(self.blocks)
+
+        def slot(source: tuple[str, int]) -> int:
+            return source[1] if source[0] == "block" else first + source[1]
+
+        plan = []
+        for number, group in enumerate(self._groups):
+            w, left, right, axes = group.pair  # type: ignore[misc]
+            cw, cl, cr = group.columns[w], group.columns[left], group.columns[right]
+            if axes != (0, 1, 2) or not cw.whole or cw.source[0] != "block":
+                return None
+            if not group.interleaved and not (cl.whole and cr.whole):
+                return None
+            plan.append(
+                (
+                    slot(cw.source),
+                    slot(cl.source),
+                    slot(cr.source),
+                    group.interleaved,
+                    group.renorm,
+                    first + number,
+                )
+            )
+        if self._last != (("group", len(self._groups) - 1), 0) or len(self._groups[-1].steps) != 1:
+            return None
+        return tuple(plan)
 
     @property
     def depth(self) -> int:
@@ -648,6 +681,11 @@ class StableNetwork:
     def _contract(
         self, blocks: list[torch.Tensor], every: bool = False, fused: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if fused and self.fast_plan is not None:
+            check = self.renormalisations < self.kernels
+            out, log = FastTree.apply(self.fast_plan, every, check, *blocks)
+            values = out[0].permute(*self._permutation)
+            return values, log
         if fused and self.all_pairs:
             out, log = _PairNetwork.apply(self, every, *blocks)
             _, g = self._last
