@@ -38,6 +38,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 #: target size (elements) of one chunk's (nodes, A*B, n) temporaries
@@ -365,11 +367,20 @@ class FastTree(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, every, check, *blocks):  # noqa: D102
-        run = tree_forward(plan, blocks, every, check)
+        batch = blocks[plan.levels[0][1]].shape[-1]
+        space = plan.take(blocks, batch)
+        run_fn = tree_forward if space is None else space.forward
+        run = run_fn(plan.levels, blocks, every, check)
         if run is None:
-            run = tree_forward(plan, blocks, True, False)
+            run = run_fn(plan.levels, blocks, True, False)
         out, log, ctx.saved = run
-        ctx.plan = plan
+        ctx.plan, ctx.space = plan, space
+        if space is not None:
+            if any(ctx.needs_input_grad):
+                # back to the pool when this node is freed (after its last backward)
+                ctx.lease = _Lease(plan, space)
+            else:
+                plan.give_back(space)  # no backward will read it
         ctx.save_for_backward(*blocks)
         ctx.mark_non_differentiable(log)
         return out, log
@@ -378,16 +389,186 @@ class FastTree(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_log):  # noqa: D102
         ctx.saved_tensors  # noqa: B018  (raises if a block was changed in place since forward)
-        return (
-            None,
-            None,
-            None,
-            *tree_backward(ctx.plan, ctx.saved, grad_out, ctx.needs_input_grad[3:]),
-        )
+        plan, space, needs = ctx.plan, ctx.space, ctx.needs_input_grad[3:]
+        if space is None:
+            grads = tree_backward(plan.levels, ctx.saved, grad_out, needs)
+        else:
+            grads = space.backward(plan.levels, ctx.saved, grad_out, needs)
+        return None, None, None, *grads
+
+
+class _Lease:
+    """Gives a workspace back to its plan's pool when the autograd node holding it is freed."""
+
+    def __init__(self, plan: TreePlan, space: _Workspace) -> None:
+        self.plan, self.space = plan, space
+
+    def __del__(self) -> None:
+        self.plan.give_back(self.space)
+
+
+class TreePlan:
+    """The levels of a :class:`FastTree` and its pool of workspaces.
+
+    ``levels``: per level ``(weight, left, right, interleaved, renorm, out)``: slot numbers
+    (blocks first, then the levels' results in order), whether ``left`` holds both children
+    interleaved, whether the level is renormalised, and the slot of its result.
+
+    **Workspaces.** When every level's temporaries fit one chunk (small trees, where the
+    Python-level calls set the time), a forward pass takes a :class:`_Workspace` from the pool:
+    buffers for every level's outer product and result with all their views made once, so that
+    a level is two calls forward (``mul`` and ``bmm`` with ``out=``) and about six backward.
+    The workspace goes back to the pool when the autograd node that saved it is freed (after
+    its last backward; at once for a pass that needs no gradient); a forward pass that finds
+    the pool empty (the previous step's graph still alive, a second forward before the first
+    one's backward) makes a new one, so no buffer is written while a backward may still read
+    it, and the backward only writes scratch buffers (``retain_graph`` works). The root's value
+    and the weights' gradients are fresh tensors (the caller keeps them).
+    """
+
+    def __init__(self, levels: Sequence[tuple[int, int, int, bool, bool, int]]) -> None:
+        self.levels = tuple(levels)
+        self._free: dict[tuple, list[_Workspace]] = {}
+
+    def take(self, blocks: Sequence[torch.Tensor], batch: int) -> _Workspace | None:
+        """A free workspace for these blocks' shapes and this batch, or None (chunked levels)."""
+        weights = tuple(blocks[level[0]].shape for level in self.levels)
+        key = (batch, blocks[0].dtype, blocks[0].device, weights)
+        free = self._free.get(key)
+        if free:
+            return free.pop()
+        if any(chunk_size(shape, batch) < shape[0] for shape in weights):
+            return None
+        space = _Workspace(self.levels, weights, batch, blocks[0].dtype, blocks[0].device)
+        space.key = key
+        return space
+
+    def give_back(self, space: _Workspace) -> None:
+        """Return a workspace to the pool (at most two kept per key)."""
+        free = self._free.setdefault(space.key, [])
+        if len(free) < 2:
+            free.append(space)
+
+    def __getstate__(self) -> dict:
+        return {"levels": self.levels, "_free": {}}
+
+
+class _Workspace:
+    """Buffers and their views for one pass of a :class:`TreePlan` (see there)."""
+
+    def __init__(self, levels, weights, batch, dtype, device) -> None:
+        self.key: tuple = ()
+        made: dict[int, torch.Tensor] = {}  # level result slot -> its buffer
+        largest = max(nodes * a * b for nodes, a, b, _ in weights) * batch
+        # backward scratch shared by all levels: g_outer = W g, and its product with a child
+        scratch = [torch.empty(largest, dtype=dtype, device=device) for _ in range(2)]
+        self.views = []
+        last = len(levels) - 1
+        for number, ((_, l_slot, _, interleaved, _, o_slot), shape) in enumerate(
+            zip(levels, weights, strict=True)
+        ):
+            nodes, a, b, p = shape
+            size = nodes * a * b * batch
+            outer = torch.empty(nodes, a, b, batch, dtype=dtype, device=device)
+            g_outer = scratch[0][:size].view(nodes, a, b, batch)
+            temp = scratch[1][:size].view(nodes, a, b, batch)
+            out = None
+            if number < last:
+                out = made[o_slot] = torch.empty(nodes, p, batch, dtype=dtype, device=device)
+            lhs = rhs = g_pair = None
+            if interleaved and l_slot in made:
+                pairs = made[l_slot].view(nodes, 2, a, batch)
+                lhs, rhs = pairs[:, 0].unsqueeze(2), pairs[:, 1].unsqueeze(1)
+                g_children = torch.empty(nodes, 2, a, batch, dtype=dtype, device=device)
+                g_pair = (g_children[:, 0], g_children[:, 1], g_children.view(2 * nodes, a, batch))
+            self.views.append(
+                (outer, outer.view(nodes, a * b, batch), g_outer, temp, out, lhs, rhs, g_pair)
+            )
+
+    def forward(self, levels, blocks, every: bool, check: bool):
+        """:func:`tree_forward` in the workspace's buffers."""
+        slots = list(blocks)
+        saved, scales = [], []
+        tiny = torch.finfo(blocks[0].dtype).tiny
+        out = None
+        for (w_slot, l_slot, r_slot, interleaved, renorm, _), views in zip(
+            levels, self.views, strict=True
+        ):
+            outer, outer_flat, _, _, out, lhs, rhs, _ = views
+            weight = slots[w_slot]
+            nodes, a, b, p = weight.shape
+            if lhs is None:
+                if interleaved:
+                    pairs = slots[l_slot].view(nodes, 2, a, -1)
+                    lhs, rhs = pairs[:, 0].unsqueeze(2), pairs[:, 1].unsqueeze(1)
+                else:
+                    lhs, rhs = slots[l_slot].unsqueeze(2), slots[r_slot].unsqueeze(1)
+            torch.mul(lhs, rhs, out=outer)
+            if out is None:  # the root: a fresh tensor for the caller
+                out = torch.bmm(weight.view(nodes, a * b, p).mT, outer_flat)
+            else:
+                torch.bmm(weight.view(nodes, a * b, p).mT, outer_flat, out=out)
+            scale = None
+            if every or renorm:
+                scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
+                out.div_(scale)
+                scales.append(scale.view(nodes, -1))
+            slots.append(out)
+            saved.append((lhs, rhs, weight, scale))
+        divisors = scales[0] if len(scales) == 1 else torch.cat(scales)
+        if check and not every:
+            info = torch.finfo(out.dtype)
+            low, high = torch.aminmax(divisors)
+            if not (low.item() >= info.tiny / info.eps and high.item() <= info.max * info.eps):
+                return None  # False for NaN too
+        return out, divisors.log().sum(0), saved
+
+    def backward(self, levels, saved, grad_out, needs):
+        """:func:`tree_backward` in the workspace's buffers (weights' gradients fresh)."""
+        slots: list = [None] * (len(needs) + len(levels))
+        need_slot = list(needs) + [False] * len(levels)
+        for w_slot, l_slot, r_slot, interleaved, _, o_slot in levels:
+            need_slot[o_slot] = (
+                need_slot[w_slot] or need_slot[l_slot] or (not interleaved and need_slot[r_slot])
+            )
+        slots[levels[-1][5]] = grad_out
+        owned = set()  # slots whose gradient is a workspace buffer (divided in place)
+        for level in range(len(levels) - 1, -1, -1):
+            w_slot, l_slot, r_slot, interleaved, _, o_slot = levels[level]
+            grad = slots[o_slot]
+            if grad is None:
+                continue
+            slots[o_slot] = None
+            _, outer_flat, g_outer, temp, _, _, _, g_pair = self.views[level]
+            lhs, rhs, weight, scale = saved[level]
+            nodes, a, b, p = weight.shape
+            if scale is not None:
+                grad = grad.div_(scale) if o_slot in owned else grad / scale
+            if need_slot[w_slot]:
+                slots[w_slot] = torch.bmm(outer_flat, grad.mT).view(weight.shape)
+            need_l = need_slot[l_slot]
+            need_r = need_l if interleaved else need_slot[r_slot]
+            if not (need_l or need_r):
+                continue
+            torch.bmm(weight.view(nodes, a * b, p), grad, out=g_outer.view(nodes, a * b, -1))
+            if g_pair is not None:
+                g_left, g_right, g_children = g_pair
+                torch.sum(torch.mul(g_outer, rhs, out=temp), 2, out=g_left)
+                torch.sum(g_outer.mul_(lhs), 1, out=g_right)
+                slots[l_slot] = g_children
+                owned.add(l_slot)
+                continue
+            g_left = (g_outer * rhs).sum(2) if need_l else None
+            g_right = g_outer.mul_(lhs).sum(1) if need_r else None
+            if interleaved:
+                slots[l_slot] = torch.stack([g_left, g_right], 1).view(2 * nodes, a, -1)
+            else:
+                slots[l_slot], slots[r_slot] = g_left, g_right
+        return slots[: len(needs)]
 
 
 def tree_forward(plan, blocks, every: bool, check: bool):
-    """The forward pass of :class:`FastTree`: ``(root, log, saved)``, or None to rerun."""
+    """The forward pass of :class:`FastTree` (its ``levels``): ``(root, log, saved)``, or None to rerun."""
     slots = list(blocks)
     slots.extend([None] * len(plan))
     saved = []

@@ -82,6 +82,7 @@ import torch
 from tnkd.tn.contraction import CompiledNetwork, einsum_equation
 from tnkd.tn.fused import (
     FastTree,
+    TreePlan,
     chunk_size,
     pair_backward,
     pair_backward_interleaved,
@@ -496,7 +497,7 @@ class StableNetwork:
         #: (balanced binary trees), else None
         self.fast_plan = self._fast_plan() if self.all_pairs else None
 
-    def _fast_plan(self) -> tuple[tuple[int, int, int, bool, bool, int], ...] | None:
+    def _fast_plan(self) -> TreePlan | None:
         """Levels as ``(weight, left, right, interleaved, renorm, out)`` slots, or None."""
         first = len(self.blocks)
 
@@ -523,7 +524,7 @@ class StableNetwork:
             )
         if self._last != (("group", len(self._groups) - 1), 0) or len(self._groups[-1].steps) != 1:
             return None
-        return tuple(plan)
+        return TreePlan(plan)
 
     @property
     def depth(self) -> int:
