@@ -71,7 +71,6 @@ from torch import nn
 from tnkd.feature_maps import FeatureMap, LinearFeatureMap, build_feature_map
 from tnkd.students.base import Student, check_positive_int, image_patches
 from tnkd.tn.contraction import CompiledNetwork
-from tnkd.tn.fused import normalized_logits
 from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
 from tnkd.tn.stable import MODES, AutoNetwork
 
@@ -555,9 +554,10 @@ class GraphStudent(Student):
         """Logits, shape (batch, C): see ``output``."""
         if self.output == "raw":
             return self.raw_forward(x)
-        values, _ = self.log_forward(x)
         if self.fast_path:
-            return normalized_logits(values, self.log_logit_scale)
+            blocks = self.operand_blocks(x)
+            return self.network.stable.normalized_logits(blocks, self.log_logit_scale)
+        values, _ = self.log_forward(x)
         direction = values / values.norm(dim=-1, keepdim=True).clamp_min(
             torch.finfo(values.dtype).tiny
         )

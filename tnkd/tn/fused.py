@@ -366,7 +366,7 @@ class FastTree(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan, every, check, *blocks):  # noqa: D102
+    def forward(ctx, plan, every, check, head, *blocks):  # noqa: D102
         batch = blocks[plan.levels[0][1]].shape[-1]
         space = plan.take(blocks, batch)
         run_fn = tree_forward if space is None else space.forward
@@ -383,18 +383,33 @@ class FastTree(torch.autograd.Function):
                 plan.give_back(space)  # no backward will read it
         ctx.save_for_backward(*blocks)
         ctx.mark_non_differentiable(log)
+        ctx.head = None
+        if head is not None:  # logits exp(s) v / ||v||, v = the root's (C, batch) values
+            values = out[0]
+            inverse = values.norm(dim=0, keepdim=True).clamp_min_(torch.finfo(values.dtype).tiny)
+            direction = values / inverse
+            scale = head.exp()
+            ctx.head = (direction, inverse.reciprocal_(), scale)
+            return (direction * scale).T, log
         return out, log
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_log):  # noqa: D102
         ctx.saved_tensors  # noqa: B018  (raises if a block was changed in place since forward)
-        plan, space, needs = ctx.plan, ctx.space, ctx.needs_input_grad[3:]
+        plan, space, needs = ctx.plan, ctx.space, ctx.needs_input_grad[4:]
+        g_head = None
+        if ctx.head is not None:  # see normalized_logits
+            direction, inverse, scale = ctx.head
+            grad = grad_out.T
+            dot = (grad * direction).sum(0, keepdim=True)
+            g_head = (dot.sum() * scale).reshape(scale.shape)
+            grad_out = (grad - direction * dot).mul_(scale * inverse).unsqueeze(0)
         if space is None:
             grads = tree_backward(plan.levels, ctx.saved, grad_out, needs)
         else:
             grads = space.backward(plan.levels, ctx.saved, grad_out, needs)
-        return None, None, None, *grads
+        return None, None, None, g_head, *grads
 
 
 class _Lease:
@@ -484,6 +499,20 @@ class _Workspace:
             self.views.append(
                 (outer, outer.view(nodes, a * b, batch), g_outer, temp, out, lhs, rhs, g_pair)
             )
+        # per level: (weight, its data pointer, (G, A*B, P) view, its transpose), made again
+        # only when another tensor (or storage) comes in
+        self.weights: list[tuple] = [(None, 0, None, None)] * len(levels)
+        self.flat_scratch = [v[2].flatten(1, 2) for v in self.views]
+
+    def weight_views(self, level: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``weight`` as (G, A*B, P) and (G, P, A*B) views, kept while it is the same tensor."""
+        cached, pointer, flat, flat_t = self.weights[level]
+        if cached is not weight or pointer != weight.data_ptr():
+            nodes, a, b, p = weight.shape
+            flat = weight.view(nodes, a * b, p)
+            flat_t = flat.mT
+            self.weights[level] = (weight, weight.data_ptr(), flat, flat_t)
+        return flat, flat_t
 
     def forward(self, levels, blocks, every: bool, check: bool):
         """:func:`tree_forward` in the workspace's buffers."""
@@ -491,12 +520,11 @@ class _Workspace:
         saved, scales = [], []
         tiny = torch.finfo(blocks[0].dtype).tiny
         out = None
-        for (w_slot, l_slot, r_slot, interleaved, renorm, _), views in zip(
-            levels, self.views, strict=True
-        ):
-            outer, outer_flat, _, _, out, lhs, rhs, _ = views
+        for number, (w_slot, l_slot, r_slot, interleaved, renorm, _) in enumerate(levels):
+            outer, outer_flat, _, _, out, lhs, rhs, _ = self.views[number]
             weight = slots[w_slot]
-            nodes, a, b, p = weight.shape
+            nodes, a = weight.shape[:2]
+            _, w_t = self.weight_views(number, weight)
             if lhs is None:
                 if interleaved:
                     pairs = slots[l_slot].view(nodes, 2, a, -1)
@@ -505,9 +533,9 @@ class _Workspace:
                     lhs, rhs = slots[l_slot].unsqueeze(2), slots[r_slot].unsqueeze(1)
             torch.mul(lhs, rhs, out=outer)
             if out is None:  # the root: a fresh tensor for the caller
-                out = torch.bmm(weight.view(nodes, a * b, p).mT, outer_flat)
+                out = torch.bmm(w_t, outer_flat)
             else:
-                torch.bmm(weight.view(nodes, a * b, p).mT, outer_flat, out=out)
+                torch.bmm(w_t, outer_flat, out=out)
             scale = None
             if every or renorm:
                 scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
@@ -540,8 +568,9 @@ class _Workspace:
                 continue
             slots[o_slot] = None
             _, outer_flat, g_outer, temp, _, _, _, g_pair = self.views[level]
+            g_outer_flat = self.flat_scratch[level]
             lhs, rhs, weight, scale = saved[level]
-            nodes, a, b, p = weight.shape
+            nodes, a = weight.shape[:2]
             if scale is not None:
                 grad = grad.div_(scale) if o_slot in owned else grad / scale
             if need_slot[w_slot]:
@@ -550,7 +579,8 @@ class _Workspace:
             need_r = need_l if interleaved else need_slot[r_slot]
             if not (need_l or need_r):
                 continue
-            torch.bmm(weight.view(nodes, a * b, p), grad, out=g_outer.view(nodes, a * b, -1))
+            flat, _ = self.weight_views(level, weight)
+            torch.bmm(flat, grad, out=g_outer_flat)
             if g_pair is not None:
                 g_left, g_right, g_children = g_pair
                 torch.sum(torch.mul(g_outer, rhs, out=temp), 2, out=g_left)

@@ -84,6 +84,7 @@ from tnkd.tn.fused import (
     FastTree,
     TreePlan,
     chunk_size,
+    normalized_logits,
     pair_backward,
     pair_backward_interleaved,
     pair_backward_small,
@@ -583,6 +584,24 @@ class StableNetwork:
                 return self._contract([t.to(dtype) for t in blocks], every, fused)
         return self._contract(list(blocks), every, fused)
 
+    def normalized_logits(
+        self, blocks: Sequence[torch.Tensor], log_scale: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits ``exp(s) f / ||f||`` (batch, C) of a balanced tree (``fast_plan``), one node.
+
+        What :func:`~tnkd.tn.fused.normalized_logits` does with :meth:`contract`'s values,
+        inside the tree's autograd node (its backward first, then the tree's). Falls back to
+        exactly that under autocast.
+        """
+        if self.fast_plan is None:
+            raise ValueError("normalized_logits needs a balanced tree (fast_plan), but it is None")
+        if len(blocks) != len(self.blocks):
+            raise ValueError(f"expected {len(self.blocks)} blocks, got {len(blocks)}")
+        if torch.is_autocast_enabled(blocks[0].device.type):
+            return normalized_logits(self.contract(blocks)[0], log_scale)
+        check = self.renormalisations < self.kernels
+        return FastTree.apply(self.fast_plan, False, check, log_scale, *blocks)[0]
+
     @staticmethod
     def _pair(
         group: _Group, tensors: dict[tuple[str, int], torch.Tensor], renorm: bool
@@ -684,7 +703,7 @@ class StableNetwork:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if fused and self.fast_plan is not None:
             check = self.renormalisations < self.kernels
-            out, log = FastTree.apply(self.fast_plan, every, check, *blocks)
+            out, log = FastTree.apply(self.fast_plan, every, check, None, *blocks)
             values = out[0].permute(*self._permutation)
             return values, log
         if fused and self.all_pairs:
