@@ -397,6 +397,18 @@ class GraphStudent(Student):
         self.fast_path = (
             self.network.chosen == "stable" and stable.fast_plan is not None and not compile
         )
+        # [1, x] on flat sites, leaves joining sites 2g and 2g + 1 (the input blocks first):
+        # the map is fused with the leaves (see tnkd.tn.fused.TreePlan)
+        self._linear_leaves = (
+            self.fast_path
+            and type(self.feature_map) is LinearFeatureMap
+            and self._flat_sites
+            and self._block_kinds[:2] == [True, True]
+            and not any(self._block_kinds[2:])
+            and [w for _, w in self._input_blocks]
+            == [slice(0, num_sites - 1, 2), slice(1, num_sites, 2)]
+            and stable.fast_plan.levels[0][1:4] == (0, 1, False)
+        )
         self.node_names = [n for n in spec.node_names if n not in set(inputs)]
         self._compiled: CompiledNetwork | None = None
         if output == "normalized":
@@ -555,8 +567,13 @@ class GraphStudent(Student):
         if self.output == "raw":
             return self.raw_forward(x)
         if self.fast_path:
-            blocks = self.operand_blocks(x)
-            return self.network.stable.normalized_logits(blocks, self.log_logit_scale)
+            stable = self.network.stable
+            if self._linear_leaves:
+                u = self.flatten_input(x).T.to(self._dtype())
+                pairs = u.view(u.shape[0] // 2, 2, u.shape[1])  # (leaves, [x_l, x_r], batch)
+                blocks = [pairs, pairs, *self.blocks._parameters.values()]
+                return stable.normalized_logits(blocks, self.log_logit_scale, linear_leaves=True)
+            return stable.normalized_logits(self.operand_blocks(x), self.log_logit_scale)
         values, _ = self.log_forward(x)
         direction = values / values.norm(dim=-1, keepdim=True).clamp_min(
             torch.finfo(values.dtype).tiny

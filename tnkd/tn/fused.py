@@ -366,9 +366,14 @@ class FastTree(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan, every, check, head, *blocks):  # noqa: D102
+    def forward(ctx, plan, every, check, head, linear_leaves, *blocks):  # noqa: D102
         batch = blocks[plan.levels[0][1]].shape[-1]
         space = plan.take(blocks, batch)
+        if linear_leaves:
+            if space is None:  # no workspace: the [1, x] features, then the general loop
+                blocks = linear_leaf_features(plan, blocks)
+            else:
+                space.linear = True
         run_fn = tree_forward if space is None else space.forward
         run = run_fn(plan.levels, blocks, every, check)
         if run is None:
@@ -397,7 +402,7 @@ class FastTree(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_log):  # noqa: D102
         ctx.saved_tensors  # noqa: B018  (raises if a block was changed in place since forward)
-        plan, space, needs = ctx.plan, ctx.space, ctx.needs_input_grad[4:]
+        plan, space, needs = ctx.plan, ctx.space, ctx.needs_input_grad[5:]
         g_head = None
         if ctx.head is not None:  # see normalized_logits
             direction, inverse, scale = ctx.head
@@ -409,7 +414,18 @@ class FastTree(torch.autograd.Function):
             grads = tree_backward(plan.levels, ctx.saved, grad_out, needs)
         else:
             grads = space.backward(plan.levels, ctx.saved, grad_out, needs)
-        return None, None, None, g_head, *grads
+        return None, None, None, g_head, None, *grads
+
+
+def linear_leaf_features(plan: TreePlan, blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Blocks with the leaves' (G, 2, n) raw pairs replaced by their [1, x] features."""
+    _, l_slot, r_slot = plan.levels[0][:3]
+    pairs = blocks[l_slot]
+    out = list(blocks)
+    for slot, k in ((l_slot, 0), (r_slot, 1)):
+        values = pairs[:, k]
+        out[slot] = torch.stack([torch.ones_like(values), values], 1)
+    return out
 
 
 class _Lease:
@@ -503,6 +519,33 @@ class _Workspace:
         # only when another tensor (or storage) comes in
         self.weights: list[tuple] = [(None, 0, None, None)] * len(levels)
         self.flat_scratch = [v[2].flatten(1, 2) for v in self.views]
+        self.linear = False  # this pass's leaves are raw (G, 2, n) pairs: see _linear_leaf
+        self._leaf = None
+
+    def _linear_leaf(
+        self, pairs: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The leaves on raw pairs ``[x_l, x_r]`` with the [1, x] map, fused with the map.
+
+        The outer product of ``[1, x_l]`` and ``[1, x_r]`` in (b, a) order is
+        ``[1, x_l, x_r, x_l x_r]``: rows 1-2 are the pairs as they come, row 0 is written once,
+        so the level is a copy, a product and one matrix product with the weight's (b, a, p)
+        copy, written into ``out`` (a fresh tensor when None). Returns ``(outer, weight_ba,
+        out)``.
+        """
+        nodes, _, _, p = weight.shape
+        batch = pairs.shape[2]
+        if self._leaf is None:
+            outer = torch.empty(nodes, 4, batch, dtype=pairs.dtype, device=pairs.device)
+            outer[:, 0] = 1
+            self._leaf = (outer, outer[:, 1:3], outer[:, 1], outer[:, 2], outer[:, 3])
+        outer, raw, left, right, both = self._leaf
+        raw.copy_(pairs)
+        torch.mul(left, right, out=both)
+        weight_ba = weight.transpose(1, 2).reshape(nodes, 4, p)
+        if out is None:
+            return outer, weight_ba, torch.bmm(weight_ba.mT, outer)
+        return outer, weight_ba, torch.bmm(weight_ba.mT, outer, out=out)
 
     def weight_views(self, level: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``weight`` as (G, A*B, P) and (G, P, A*B) views, kept while it is the same tensor."""
@@ -520,22 +563,27 @@ class _Workspace:
         saved, scales = [], []
         tiny = torch.finfo(blocks[0].dtype).tiny
         out = None
+        linear, self.linear = self.linear, False
         for number, (w_slot, l_slot, r_slot, interleaved, renorm, _) in enumerate(levels):
             outer, outer_flat, _, _, out, lhs, rhs, _ = self.views[number]
             weight = slots[w_slot]
-            nodes, a = weight.shape[:2]
-            _, w_t = self.weight_views(number, weight)
-            if lhs is None:
-                if interleaved:
-                    pairs = slots[l_slot].view(nodes, 2, a, -1)
-                    lhs, rhs = pairs[:, 0].unsqueeze(2), pairs[:, 1].unsqueeze(1)
-                else:
-                    lhs, rhs = slots[l_slot].unsqueeze(2), slots[r_slot].unsqueeze(1)
-            torch.mul(lhs, rhs, out=outer)
-            if out is None:  # the root: a fresh tensor for the caller
-                out = torch.bmm(w_t, outer_flat)
+            nodes = weight.shape[0]
+            if linear and number == 0:
+                # lhs None marks the fused leaves; rhs, weight: their outer product, weight_ba
+                lhs, (rhs, weight, out) = None, self._linear_leaf(slots[l_slot], weight, out)
             else:
-                torch.bmm(w_t, outer_flat, out=out)
+                _, w_t = self.weight_views(number, weight)
+                if lhs is None:
+                    if interleaved:
+                        pairs = slots[l_slot].view(nodes, 2, weight.shape[1], -1)
+                        lhs, rhs = pairs[:, 0].unsqueeze(2), pairs[:, 1].unsqueeze(1)
+                    else:
+                        lhs, rhs = slots[l_slot].unsqueeze(2), slots[r_slot].unsqueeze(1)
+                torch.mul(lhs, rhs, out=outer)
+                if out is None:  # the root: a fresh tensor for the caller
+                    out = torch.bmm(w_t, outer_flat)
+                else:
+                    torch.bmm(w_t, outer_flat, out=out)
             scale = None
             if every or renorm:
                 scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
@@ -548,6 +596,7 @@ class _Workspace:
             info = torch.finfo(out.dtype)
             low, high = torch.aminmax(divisors)
             if not (low.item() >= info.tiny / info.eps and high.item() <= info.max * info.eps):
+                self.linear = linear  # the rerun reads the same raw pairs
                 return None  # False for NaN too
         return out, divisors.log().sum(0), saved
 
@@ -570,9 +619,15 @@ class _Workspace:
             _, outer_flat, g_outer, temp, _, _, _, g_pair = self.views[level]
             g_outer_flat = self.flat_scratch[level]
             lhs, rhs, weight, scale = saved[level]
-            nodes, a = weight.shape[:2]
             if scale is not None:
                 grad = grad.div_(scale) if o_slot in owned else grad / scale
+            if lhs is None:  # fused [1, x] leaves: rhs is their outer product, weight (b, a, p)
+                if need_slot[w_slot]:
+                    nodes, _, p = weight.shape
+                    g_ba = torch.bmm(rhs, grad.mT).view(nodes, 2, 2, p)
+                    slots[w_slot] = g_ba.transpose(1, 2).contiguous()
+                continue
+            nodes, a = weight.shape[:2]
             if need_slot[w_slot]:
                 slots[w_slot] = torch.bmm(outer_flat, grad.mT).view(weight.shape)
             need_l = need_slot[l_slot]

@@ -84,6 +84,7 @@ from tnkd.tn.fused import (
     FastTree,
     TreePlan,
     chunk_size,
+    linear_leaf_features,
     normalized_logits,
     pair_backward,
     pair_backward_interleaved,
@@ -585,22 +586,27 @@ class StableNetwork:
         return self._contract(list(blocks), every, fused)
 
     def normalized_logits(
-        self, blocks: Sequence[torch.Tensor], log_scale: torch.Tensor
+        self, blocks: Sequence[torch.Tensor], log_scale: torch.Tensor, linear_leaves: bool = False
     ) -> torch.Tensor:
         """Logits ``exp(s) f / ||f||`` (batch, C) of a balanced tree (``fast_plan``), one node.
 
         What :func:`~tnkd.tn.fused.normalized_logits` does with :meth:`contract`'s values,
         inside the tree's autograd node (its backward first, then the tree's). Falls back to
-        exactly that under autocast.
+        exactly that under autocast. With ``linear_leaves`` the leaves' two input blocks are
+        one (G, 2, batch) tensor of raw values ``[x_l, x_r]`` (passed in both slots), and the
+        [1, x] map is fused with the leaves (:class:`~tnkd.tn.fused.TreePlan`).
         """
         if self.fast_plan is None:
             raise ValueError("normalized_logits needs a balanced tree (fast_plan), but it is None")
         if len(blocks) != len(self.blocks):
             raise ValueError(f"expected {len(self.blocks)} blocks, got {len(blocks)}")
+        if linear_leaves and torch.is_autocast_enabled(blocks[0].device.type):
+            blocks = linear_leaf_features(self.fast_plan, blocks)
+            linear_leaves = False
         if torch.is_autocast_enabled(blocks[0].device.type):
             return normalized_logits(self.contract(blocks)[0], log_scale)
         check = self.renormalisations < self.kernels
-        return FastTree.apply(self.fast_plan, False, check, log_scale, *blocks)[0]
+        return FastTree.apply(self.fast_plan, False, check, log_scale, linear_leaves, *blocks)[0]
 
     @staticmethod
     def _pair(
@@ -703,7 +709,7 @@ class StableNetwork:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if fused and self.fast_plan is not None:
             check = self.renormalisations < self.kernels
-            out, log = FastTree.apply(self.fast_plan, every, check, None, *blocks)
+            out, log = FastTree.apply(self.fast_plan, every, check, None, False, *blocks)
             values = out[0].permute(*self._permutation)
             return values, log
         if fused and self.all_pairs:
