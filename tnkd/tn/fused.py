@@ -375,9 +375,11 @@ class FastTree(torch.autograd.Function):
             else:
                 space.linear = True
         run_fn = tree_forward if space is None else space.forward
-        run = run_fn(plan.levels, blocks, every, check)
+        # with the head, the root is renormalised by its L2 norm: it is then the direction
+        l2_root = head is not None
+        run = run_fn(plan.levels, blocks, every, check, l2_root)
         if run is None:
-            run = run_fn(plan.levels, blocks, True, False)
+            run = run_fn(plan.levels, blocks, True, False, l2_root)
         out, log, ctx.saved = run
         ctx.plan, ctx.space = plan, space
         if space is not None:
@@ -389,12 +391,10 @@ class FastTree(torch.autograd.Function):
         ctx.save_for_backward(*blocks)
         ctx.mark_non_differentiable(log)
         ctx.head = None
-        if head is not None:  # logits exp(s) v / ||v||, v = the root's (C, batch) values
-            values = out[0]
-            inverse = values.norm(dim=0, keepdim=True).clamp_min_(torch.finfo(values.dtype).tiny)
-            direction = values / inverse
+        if head is not None:  # logits exp(s) v / ||v||: the root is v / ||v|| already
+            direction = out[0]
             scale = head.exp()
-            ctx.head = (direction, inverse.reciprocal_(), scale)
+            ctx.head = (direction, scale)
             return (direction * scale).T, log
         return out, log
 
@@ -404,12 +404,13 @@ class FastTree(torch.autograd.Function):
         ctx.saved_tensors  # noqa: B018  (raises if a block was changed in place since forward)
         plan, space, needs = ctx.plan, ctx.space, ctx.needs_input_grad[5:]
         g_head = None
-        if ctx.head is not None:  # see normalized_logits
-            direction, inverse, scale = ctx.head
+        if ctx.head is not None:  # see normalized_logits; the root's divisor ||v|| is a
+            # constant to the tree's backward, which divides by it
+            direction, scale = ctx.head
             grad = grad_out.T
             dot = (grad * direction).sum(0, keepdim=True)
             g_head = (dot.sum() * scale).reshape(scale.shape)
-            grad_out = (grad - direction * dot).mul_(scale * inverse).unsqueeze(0)
+            grad_out = (grad - direction * dot).mul_(scale).unsqueeze(0)
         if space is None:
             grads = tree_backward(plan.levels, ctx.saved, grad_out, needs)
         else:
@@ -557,8 +558,9 @@ class _Workspace:
             self.weights[level] = (weight, weight.data_ptr(), flat, flat_t)
         return flat, flat_t
 
-    def forward(self, levels, blocks, every: bool, check: bool):
+    def forward(self, levels, blocks, every: bool, check: bool, l2_root: bool = False):
         """:func:`tree_forward` in the workspace's buffers."""
+        last = len(levels) - 1
         slots = list(blocks)
         saved, scales = [], []
         tiny = torch.finfo(blocks[0].dtype).tiny
@@ -586,7 +588,10 @@ class _Workspace:
                     torch.bmm(w_t, outer_flat, out=out)
             scale = None
             if every or renorm:
-                scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
+                if l2_root and number == last:
+                    scale = out.norm(dim=1, keepdim=True).clamp_min_(tiny)
+                else:
+                    scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
                 out.div_(scale)
                 scales.append(scale.view(nodes, -1))
             slots.append(out)
@@ -652,7 +657,7 @@ class _Workspace:
         return slots[: len(needs)]
 
 
-def tree_forward(plan, blocks, every: bool, check: bool):
+def tree_forward(plan, blocks, every: bool, check: bool, l2_root: bool = False):
     """The forward pass of :class:`FastTree` (its ``levels``): ``(root, log, saved)``, or None to rerun."""
     slots = list(blocks)
     slots.extend([None] * len(plan))
@@ -678,7 +683,10 @@ def tree_forward(plan, blocks, every: bool, check: bool):
             out = pair_forward(lhs, rhs, weight, False, chunk)[0]
         scale = None
         if every or renorm:
-            scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
+            if l2_root and o_slot == plan[-1][5]:
+                scale = out.norm(dim=1, keepdim=True).clamp_min_(tiny)
+            else:
+                scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
             out.div_(scale)
             scales.append(scale.view(nodes, batch))
         slots[o_slot] = out
