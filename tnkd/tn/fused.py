@@ -380,7 +380,7 @@ class FastTree(torch.autograd.Function):
         run = run_fn(plan.levels, blocks, every, check, l2_root)
         if run is None:
             run = run_fn(plan.levels, blocks, True, False, l2_root)
-        out, log, ctx.saved = run
+        out, divisors, ctx.saved = run
         ctx.plan, ctx.space = plan, space
         if space is not None:
             if any(ctx.needs_input_grad):
@@ -389,14 +389,14 @@ class FastTree(torch.autograd.Function):
             else:
                 plan.give_back(space)  # no backward will read it
         ctx.save_for_backward(*blocks)
-        ctx.mark_non_differentiable(log)
+        ctx.mark_non_differentiable(divisors)
         ctx.head = None
         if head is not None:  # logits exp(s) v / ||v||: the root is v / ||v|| already
             direction = out[0]
             scale = head.exp()
             ctx.head = (direction, scale)
-            return (direction * scale).T, log
-        return out, log
+            return (direction * scale).T, divisors
+        return out, divisors
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -524,29 +524,27 @@ class _Workspace:
         self._leaf = None
 
     def _linear_leaf(
-        self, pairs: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, level: int, pairs: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The leaves on raw pairs ``[x_l, x_r]`` with the [1, x] map, fused with the map.
 
-        The outer product of ``[1, x_l]`` and ``[1, x_r]`` in (b, a) order is
-        ``[1, x_l, x_r, x_l x_r]``: rows 1-2 are the pairs as they come, row 0 is written once,
-        so the level is a copy, a product and one matrix product with the weight's (b, a, p)
-        copy, written into ``out`` (a fresh tensor when None). Returns ``(outer, weight_ba,
-        out)``.
+        The outer product of ``[1, x_l]`` and ``[1, x_r]`` is ``[1, x_r, x_l, x_l x_r]``: row 0
+        is written once, so the level is two copies, a product and one matrix product, written
+        into ``out`` (a fresh tensor when None). Returns ``(outer, out)``.
         """
-        nodes, _, _, p = weight.shape
-        batch = pairs.shape[2]
         if self._leaf is None:
+            nodes, batch = pairs.shape[0], pairs.shape[2]
             outer = torch.empty(nodes, 4, batch, dtype=pairs.dtype, device=pairs.device)
             outer[:, 0] = 1
-            self._leaf = (outer, outer[:, 1:3], outer[:, 1], outer[:, 2], outer[:, 3])
-        outer, raw, left, right, both = self._leaf
-        raw.copy_(pairs)
+            self._leaf = (outer, outer[:, 1], outer[:, 2], outer[:, 3])
+        outer, right, left, both = self._leaf
+        right.copy_(pairs[:, 1])
+        left.copy_(pairs[:, 0])
         torch.mul(left, right, out=both)
-        weight_ba = weight.transpose(1, 2).reshape(nodes, 4, p)
+        _, w_t = self.weight_views(level, weight)
         if out is None:
-            return outer, weight_ba, torch.bmm(weight_ba.mT, outer)
-        return outer, weight_ba, torch.bmm(weight_ba.mT, outer, out=out)
+            return outer, torch.bmm(w_t, outer)
+        return outer, torch.bmm(w_t, outer, out=out)
 
     def weight_views(self, level: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``weight`` as (G, A*B, P) and (G, P, A*B) views, kept while it is the same tensor."""
@@ -571,8 +569,8 @@ class _Workspace:
             weight = slots[w_slot]
             nodes = weight.shape[0]
             if linear and number == 0:
-                # lhs None marks the fused leaves; rhs, weight: their outer product, weight_ba
-                lhs, (rhs, weight, out) = None, self._linear_leaf(slots[l_slot], weight, out)
+                # lhs None marks the fused leaves; rhs: their outer product
+                lhs, (rhs, out) = None, self._linear_leaf(number, slots[l_slot], weight, out)
             else:
                 _, w_t = self.weight_views(number, weight)
                 if lhs is None:
@@ -593,7 +591,7 @@ class _Workspace:
                 else:
                     scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
                 out.div_(scale)
-                scales.append(scale.view(nodes, -1))
+                scales.append(scale)
             slots.append(out)
             saved.append((lhs, rhs, weight, scale))
         divisors = scales[0] if len(scales) == 1 else torch.cat(scales)
@@ -603,7 +601,7 @@ class _Workspace:
             if not (low.item() >= info.tiny / info.eps and high.item() <= info.max * info.eps):
                 self.linear = linear  # the rerun reads the same raw pairs
                 return None  # False for NaN too
-        return out, divisors.log().sum(0), saved
+        return out, divisors, saved
 
     def backward(self, levels, saved, grad_out, needs):
         """:func:`tree_backward` in the workspace's buffers (weights' gradients fresh)."""
@@ -626,11 +624,9 @@ class _Workspace:
             lhs, rhs, weight, scale = saved[level]
             if scale is not None:
                 grad = grad.div_(scale) if o_slot in owned else grad / scale
-            if lhs is None:  # fused [1, x] leaves: rhs is their outer product, weight (b, a, p)
+            if lhs is None:  # fused [1, x] leaves: rhs is their (G, 4, n) outer product
                 if need_slot[w_slot]:
-                    nodes, _, p = weight.shape
-                    g_ba = torch.bmm(rhs, grad.mT).view(nodes, 2, 2, p)
-                    slots[w_slot] = g_ba.transpose(1, 2).contiguous()
+                    slots[w_slot] = torch.bmm(rhs, grad.mT).view(weight.shape)
                 continue
             nodes, a = weight.shape[:2]
             if need_slot[w_slot]:
@@ -658,7 +654,11 @@ class _Workspace:
 
 
 def tree_forward(plan, blocks, every: bool, check: bool, l2_root: bool = False):
-    """The forward pass of :class:`FastTree` (its ``levels``): ``(root, log, saved)``, or None to rerun."""
+    """The forward pass of :class:`FastTree` (its ``levels``): ``(root, divisors, saved)``.
+
+    ``divisors`` (K, 1, n): every renormalised node's divisors; None when one left the range
+    (the caller reruns renormalising every level).
+    """
     slots = list(blocks)
     slots.extend([None] * len(plan))
     saved = []
@@ -688,7 +688,7 @@ def tree_forward(plan, blocks, every: bool, check: bool, l2_root: bool = False):
             else:
                 scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
             out.div_(scale)
-            scales.append(scale.view(nodes, batch))
+            scales.append(scale)
         slots[o_slot] = out
         saved.append((lhs, rhs, weight, scale, outer, chunk))
     divisors = scales[0] if len(scales) == 1 else torch.cat(scales)
@@ -697,7 +697,7 @@ def tree_forward(plan, blocks, every: bool, check: bool, l2_root: bool = False):
         low, high = torch.aminmax(divisors)
         if not (low.item() >= info.tiny / info.eps and high.item() <= info.max * info.eps):
             return None  # False for NaN too
-    return out, divisors.log().sum(0), saved
+    return out, divisors, saved
 
 
 def tree_backward(plan, saved, grad_out, needs):

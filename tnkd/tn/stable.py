@@ -709,9 +709,10 @@ class StableNetwork:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if fused and self.fast_plan is not None:
             check = self.renormalisations < self.kernels
-            out, log = FastTree.apply(self.fast_plan, every, check, None, False, *blocks)
+            out, divisors = FastTree.apply(self.fast_plan, every, check, None, False, *blocks)
             values = out[0].permute(*self._permutation)
-            return values, log
+            # every node feeds one parent: the root's log-scale is the sum of all divisors' logs
+            return values, divisors.log().sum((0, 1))
         if fused and self.all_pairs:
             out, log = _PairNetwork.apply(self, every, *blocks)
             _, g = self._last
