@@ -413,8 +413,8 @@ class FastTree(torch.autograd.Function):
             grad_out = (grad - direction * dot).mul_(scale).unsqueeze(0)
         if space is None:
             grads = tree_backward(plan.levels, ctx.saved, grad_out, needs)
-        else:
-            grads = space.backward(plan.levels, ctx.saved, grad_out, needs)
+        else:  # the head's gradient is a fresh tensor: divided in place
+            grads = space.backward(plan.levels, ctx.saved, grad_out, needs, g_head is not None)
         return None, None, None, g_head, None, *grads
 
 
@@ -521,6 +521,9 @@ class _Workspace:
         self.weights: list[tuple] = [(None, 0, None, None)] * len(levels)
         self.flat_scratch = [v[2].flatten(1, 2) for v in self.views]
         self.linear = False  # this pass's leaves are raw (G, 2, n) pairs: see _linear_leaf
+        self.info = torch.finfo(dtype)
+        # the range where float keeps all its digits (see StableNetwork)
+        self.lowest, self.highest = self.info.tiny / self.info.eps, self.info.max * self.info.eps
         self._leaf = None
 
     def _linear_leaf(
@@ -561,7 +564,8 @@ class _Workspace:
         last = len(levels) - 1
         slots = list(blocks)
         saved, scales = [], []
-        tiny = torch.finfo(blocks[0].dtype).tiny
+        info = self.info
+        tiny = info.tiny
         out = None
         linear, self.linear = self.linear, False
         for number, (w_slot, l_slot, r_slot, interleaved, renorm, _) in enumerate(levels):
@@ -596,14 +600,13 @@ class _Workspace:
             saved.append((lhs, rhs, weight, scale))
         divisors = scales[0] if len(scales) == 1 else torch.cat(scales)
         if check and not every:
-            info = torch.finfo(out.dtype)
             low, high = torch.aminmax(divisors)
-            if not (low.item() >= info.tiny / info.eps and high.item() <= info.max * info.eps):
+            if not (low.item() >= self.lowest and high.item() <= self.highest):
                 self.linear = linear  # the rerun reads the same raw pairs
                 return None  # False for NaN too
         return out, divisors, saved
 
-    def backward(self, levels, saved, grad_out, needs):
+    def backward(self, levels, saved, grad_out, needs, own_root: bool = False):
         """:func:`tree_backward` in the workspace's buffers (weights' gradients fresh)."""
         slots: list = [None] * (len(needs) + len(levels))
         need_slot = list(needs) + [False] * len(levels)
@@ -612,7 +615,8 @@ class _Workspace:
                 need_slot[w_slot] or need_slot[l_slot] or (not interleaved and need_slot[r_slot])
             )
         slots[levels[-1][5]] = grad_out
-        owned = set()  # slots whose gradient is a workspace buffer (divided in place)
+        # slots whose gradient is ours to change (a workspace buffer): divided in place
+        owned = {levels[-1][5]} if own_root else set()
         for level in range(len(levels) - 1, -1, -1):
             w_slot, l_slot, r_slot, interleaved, _, o_slot = levels[level]
             grad = slots[o_slot]
