@@ -344,25 +344,33 @@ def pair_step(
 
 
 class FastTree(torch.autograd.Function):
-    r"""A tree of pair steps as one autograd node: a tight loop over a plan made at build time.
+    r"""A balanced tree of pair steps as one autograd node: a tight loop over a :class:`TreePlan`.
 
     Used by :class:`~tnkd.tn.stable.StableNetwork` (``fast_plan``) when every step is a pair
     step whose operands are whole tensors: the weight a whole parameter block in (child,
     child, parent) order, the children either a level's result interleaved (node g's at 2g and
-    2g + 1) or two whole blocks/results (the leaves). That is any balanced binary tree of
-    :func:`~tnkd.students.tree.tree_graph` (sites a power of two along each axis); a tree with
-    odd sites passed up, a chain drawn as a graph or a user graph whose operands are slices
-    goes through the general one-node path (:class:`~tnkd.tn.stable._PairNetwork`).
+    2g + 1) or two whole blocks (the leaves). That is any balanced binary tree of
+    :func:`~tnkd.students.tree.tree_graph` (a power of two of sites along each axis); a tree
+    with odd sites passed up, a chain drawn as a graph or a user graph whose operands are
+    slices goes through the general one-node path (:class:`~tnkd.tn.stable._PairNetwork`).
 
-    What it leaves out, against the general path (at 64 sites the Python-level calls, not the
-    arithmetic, set the time): no dicts of named tensors, no per-level log-scale tensors, no
-    gradient accumulation. In a tree every intermediate feeds exactly one parent, so the root's
-    log-scale is the sum over all renormalised levels of the logs of all their divisors:
-    ``log_root[n] = sum_levels sum_g log s_level[g, n]``, taken once at the end from the
-    divisors (one ``cat``, one ``log``, one ``sum``), and the same concatenated divisors give
-    the range check (one ``aminmax``). Renormalisation follows the network's plan; when a
-    divisor left the range where float keeps its digits (or is not finite), the forward runs
-    again renormalising every level, exactly as the general path does.
+    ``FastTree.apply(plan, every, check, head, linear_leaves, *blocks)`` returns ``(out,
+    divisors)``: the root's (1, C, n) values (or, with ``head``, a logit scale s, the logits
+    ``exp(s) v / ||v||`` as (n, C)) and the (K, 1, n) divisors of every renormalised node. In a
+    tree every intermediate feeds exactly one parent, so the root's log-scale is the sum of all
+    their logs, ``log_root[n] = sum_k log divisors[k, 0, n]``: no per-level log-scale tensors,
+    and the same divisors give the range check (one ``aminmax``). Renormalisation follows the
+    network's plan; when a divisor left the range where float keeps its digits (or is not
+    finite), the forward runs again renormalising every level, as the general path does. With
+    ``head`` the root is renormalised by its L2 norm instead of its max-abs (it is then the
+    direction v / ||v||, and its divisor still takes part in the range check), and the backward
+    of ``exp(s) d`` comes first: ``dL/d(root) = exp(s) (g - d (g . d))`` (the root's divisor, a
+    constant to the tree's backward, is divided out there), ``dL/ds = exp(s) sum g . d``. With
+    ``linear_leaves`` the two input blocks are one (G, 2, n) tensor of raw pairs and the [1, x]
+    map is fused with the leaves (:meth:`_Workspace._linear_leaf`).
+
+    Speed against TensorKrowch's ``Tree``: ``benchmarks/tree_vs_tensorkrowch.py`` (README,
+    "Trees against TensorKrowch").
     """
 
     @staticmethod
@@ -407,10 +415,9 @@ class FastTree(torch.autograd.Function):
         if ctx.head is not None:  # see normalized_logits; the root's divisor ||v|| is a
             # constant to the tree's backward, which divides by it
             direction, scale = ctx.head
-            grad = grad_out.T
-            dot = (grad * direction).sum(0, keepdim=True)
-            g_head = (dot.sum() * scale).reshape(scale.shape)
-            grad_out = (grad - direction * dot).mul_(scale).unsqueeze(0)
+            dot = torch.linalg.vecdot(grad_out.T, direction, dim=0)  # (n,): g . d per sample
+            g_head = dot.sum().mul_(scale)
+            grad_out = torch.addcmul(grad_out.T, direction, dot, value=-1).mul_(scale).unsqueeze(0)
         if space is None:
             grads = tree_backward(plan.levels, ctx.saved, grad_out, needs)
         else:  # the head's gradient is a fresh tensor: divided in place
@@ -456,6 +463,12 @@ class TreePlan:
     one's backward) makes a new one, so no buffer is written while a backward may still read
     it, and the backward only writes scratch buffers (``retain_graph`` works). The root's value
     and the weights' gradients are fresh tensors (the caller keeps them).
+
+    Example:
+        >>> from tnkd.students import TreeClassifier
+        >>> tree = TreeClassifier(input_shape=(16,), num_classes=3, bond_dim=4)
+        >>> len(tree.network.stable.fast_plan.levels), tree.fast_path
+        (4, True)
     """
 
     def __init__(self, levels: Sequence[tuple[int, int, int, bool, bool, int]]) -> None:

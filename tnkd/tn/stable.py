@@ -43,6 +43,16 @@ autograd (the reference in the tests, what ``torch.compile`` traces, and the way
 derivatives: the fused backward is differentiable once). Measured in
 ``benchmarks/tree_vs_tensorkrowch.py`` (README, "Stable contraction of any graph").
 
+**Balanced trees: a tight loop.** When, moreover, every operand is a whole tensor (each weight
+a whole parameter block, the children of a level the previous level's results interleaved or
+two whole input blocks: the balanced binary trees of :func:`~tnkd.students.tree.tree_graph`,
+a power of two of sites along each axis), ``fast_plan`` is a :class:`~tnkd.tn.fused.TreePlan`
+and the contraction runs as :class:`~tnkd.tn.fused.FastTree`: the same renormalisation plan
+and range check (with the rerun), but a plain loop over levels with its buffers made once per
+batch size (at 64 sites the Python-level calls, not the arithmetic, set the time).
+:meth:`normalized_logits` also folds a student's normalised output into that node. Other
+all-pairs graphs (odd sites passed up, chains drawn as graphs) keep :class:`_PairNetwork`.
+
 **Plain or stable.** :class:`AutoNetwork` (what :class:`~tnkd.students.graph.GraphStudent` uses)
 picks per graph. It uses the grouped, stable path when the contraction tree is deep (more than
 ``plain_max_depth`` = 12 levels: a product of more factors than float32 safely holds) or when
