@@ -362,10 +362,9 @@ class FastTree(torch.autograd.Function):
     and the same divisors give the range check (one ``aminmax``). Renormalisation follows the
     network's plan; when a divisor left the range where float keeps its digits (or is not
     finite), the forward runs again renormalising every level, as the general path does. With
-    ``head`` the root is renormalised by its L2 norm instead of its max-abs (it is then the
-    direction v / ||v||, and its divisor still takes part in the range check), and the backward
-    of ``exp(s) d`` comes first: ``dL/d(root) = exp(s) (g - d (g . d))`` (the root's divisor, a
-    constant to the tree's backward, is divided out there), ``dL/ds = exp(s) sum g . d``. With
+    ``head``, the root v (max-abs 1 per sample, so 1 <= ||v|| <= sqrt(C): no overflow) becomes
+    ``d = v / ||v||`` (one ``vecdot``), and the backward of ``exp(s) d`` comes first:
+    ``dL/dv = exp(s) (g - d (g . d)) / ||v||``, ``dL/ds = exp(s) sum g . d``. With
     ``linear_leaves`` the two input blocks are one (G, 2, n) tensor of raw pairs and the [1, x]
     map is fused with the leaves (:meth:`_Workspace._linear_leaf`).
 
@@ -383,11 +382,9 @@ class FastTree(torch.autograd.Function):
             else:
                 space.linear = True
         run_fn = tree_forward if space is None else space.forward
-        # with the head, the root is renormalised by its L2 norm: it is then the direction
-        l2_root = head is not None
-        run = run_fn(plan.levels, blocks, every, check, l2_root)
+        run = run_fn(plan.levels, blocks, every, check)
         if run is None:
-            run = run_fn(plan.levels, blocks, True, False, l2_root)
+            run = run_fn(plan.levels, blocks, True, False)
         out, divisors, ctx.saved = run
         ctx.plan, ctx.space = plan, space
         if space is not None:
@@ -399,10 +396,13 @@ class FastTree(torch.autograd.Function):
         ctx.save_for_backward(*blocks)
         ctx.mark_non_differentiable(divisors)
         ctx.head = None
-        if head is not None:  # logits exp(s) v / ||v||: the root is v / ||v|| already
-            direction = out[0]
+        if head is not None:  # logits exp(s) v / ||v|| of the root v (max-abs 1 per sample)
+            values = out[0]
+            # ||v|| is in [1, sqrt(C)] (no overflow); 0 only for an all-zero root: then 0 logits
+            inverse = torch.linalg.vecdot(values, values, dim=0).rsqrt_().clamp_max_(1.0)
+            direction = values * inverse
             scale = head.exp()
-            ctx.head = (direction, scale)
+            ctx.head = (direction, inverse, scale)
             return (direction * scale).T, divisors
         return out, divisors
 
@@ -412,12 +412,12 @@ class FastTree(torch.autograd.Function):
         ctx.saved_tensors  # noqa: B018  (raises if a block was changed in place since forward)
         plan, space, needs = ctx.plan, ctx.space, ctx.needs_input_grad[5:]
         g_head = None
-        if ctx.head is not None:  # see normalized_logits; the root's divisor ||v|| is a
-            # constant to the tree's backward, which divides by it
-            direction, scale = ctx.head
+        if ctx.head is not None:  # see normalized_logits
+            direction, inverse, scale = ctx.head
             dot = torch.linalg.vecdot(grad_out.T, direction, dim=0)  # (n,): g . d per sample
             g_head = dot.sum().mul_(scale)
-            grad_out = torch.addcmul(grad_out.T, direction, dot, value=-1).mul_(scale).unsqueeze(0)
+            grad_out = torch.addcmul(grad_out.T, direction, dot, value=-1).mul_(inverse * scale)
+            grad_out = grad_out.unsqueeze(0)
         if space is None:
             grads = tree_backward(plan.levels, ctx.saved, grad_out, needs)
         else:  # the head's gradient is a fresh tensor: divided in place
@@ -572,9 +572,8 @@ class _Workspace:
             self.weights[level] = (weight, weight.data_ptr(), flat, flat_t)
         return flat, flat_t
 
-    def forward(self, levels, blocks, every: bool, check: bool, l2_root: bool = False):
+    def forward(self, levels, blocks, every: bool, check: bool):
         """:func:`tree_forward` in the workspace's buffers."""
-        last = len(levels) - 1
         slots = list(blocks)
         saved, scales = [], []
         info = self.info
@@ -603,10 +602,7 @@ class _Workspace:
                     torch.bmm(w_t, outer_flat, out=out)
             scale = None
             if every or renorm:
-                if l2_root and number == last:
-                    scale = out.norm(dim=1, keepdim=True).clamp_min_(tiny)
-                else:
-                    scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
+                scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
                 out.div_(scale)
                 scales.append(scale)
             slots.append(out)
@@ -670,7 +666,7 @@ class _Workspace:
         return slots[: len(needs)]
 
 
-def tree_forward(plan, blocks, every: bool, check: bool, l2_root: bool = False):
+def tree_forward(plan, blocks, every: bool, check: bool):
     """The forward pass of :class:`FastTree` (its ``levels``): ``(root, divisors, saved)``.
 
     ``divisors`` (K, 1, n): every renormalised node's divisors; None when one left the range
@@ -700,10 +696,7 @@ def tree_forward(plan, blocks, every: bool, check: bool, l2_root: bool = False):
             out = pair_forward(lhs, rhs, weight, False, chunk)[0]
         scale = None
         if every or renorm:
-            if l2_root and o_slot == plan[-1][5]:
-                scale = out.norm(dim=1, keepdim=True).clamp_min_(tiny)
-            else:
-                scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
+            scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
             out.div_(scale)
             scales.append(scale)
         slots[o_slot] = out
