@@ -508,6 +508,8 @@ class StableNetwork:
         #: the plan of :class:`~tnkd.tn.fused.FastTree` when every operand is a whole tensor
         #: (balanced binary trees), else None
         self.fast_plan = self._fast_plan() if self.all_pairs else None
+        #: some levels are not renormalised: check the divisors' range (and rerun if needed)
+        self._check = self.renormalisations < self.kernels
 
     def _fast_plan(self) -> TreePlan | None:
         """Levels as ``(weight, left, right, interleaved, renorm, out)`` slots, or None."""
@@ -610,13 +612,13 @@ class StableNetwork:
             raise ValueError("normalized_logits needs a balanced tree (fast_plan), but it is None")
         if len(blocks) != len(self.blocks):
             raise ValueError(f"expected {len(self.blocks)} blocks, got {len(blocks)}")
-        if linear_leaves and torch.is_autocast_enabled(blocks[0].device.type):
-            blocks = linear_leaf_features(self.fast_plan, blocks)
-            linear_leaves = False
         if torch.is_autocast_enabled(blocks[0].device.type):
+            if linear_leaves:
+                blocks = linear_leaf_features(self.fast_plan, blocks)
             return normalized_logits(self.contract(blocks)[0], log_scale)
-        check = self.renormalisations < self.kernels
-        return FastTree.apply(self.fast_plan, False, check, log_scale, linear_leaves, *blocks)[0]
+        return FastTree.apply(
+            self.fast_plan, False, self._check, log_scale, linear_leaves, *blocks
+        )[0]
 
     @staticmethod
     def _pair(
@@ -718,8 +720,7 @@ class StableNetwork:
         self, blocks: list[torch.Tensor], every: bool = False, fused: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if fused and self.fast_plan is not None:
-            check = self.renormalisations < self.kernels
-            out, divisors = FastTree.apply(self.fast_plan, every, check, None, False, *blocks)
+            out, divisors = FastTree.apply(self.fast_plan, every, self._check, None, False, *blocks)
             values = out[0].permute(*self._permutation)
             # every node feeds one parent: the root's log-scale is the sum of all divisors' logs
             return values, divisors.log().sum((0, 1))
