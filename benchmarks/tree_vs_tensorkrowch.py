@@ -13,7 +13,9 @@ below)), the root (D, D, 10):
   contracted by :class:`tnkd.tn.stable.StableNetwork` (one batched step per tree level, a
   log-scale per sample; every step of a tree joins a node with its two children, so the whole
   contraction runs as one autograd node with a hand-written backward, ``tnkd.tn.fused``: note
-  "fused pair steps"), normalised logits (learned scale).
+  "fused pair steps"; a balanced tree runs as ``FastTree``, a loop over levels with buffers made
+  once, the normalised output in the same node and the [1, x] map fused with the leaves: note
+  "one loop"), normalised logits (learned scale).
 * TensorKrowch 1.1.6 ``Tree`` with the same ``sites_per_layer`` / ``bond_dim`` lists, its
   default initialisation, ``auto_stack=True``, ``auto_unbind=False``, traced once (the settings its
   docs give for speed), fed ``tk.embeddings.poly(x, degree=1)``; raw output (it has no
@@ -115,6 +117,8 @@ def run(configs: list[tuple[int, int]], reps: int, markdown: bool, compile_: boo
         models = {"tnkd": (ours, ours), "TensorKrowch": (theirs, tk_forward)}
         stable = ours.network.stable
         fused = ", fused pair steps" if stable.all_pairs else ""
+        if ours.fast_path:
+            fused = ", one loop" + (", [1, x] in the leaves" if ours._linear_leaves else "")
         notes = {"tnkd": f"{ours.network.chosen} path, {stable.kernels} levels{fused}"}
         if compile_:
             compiled = TreeClassifier(

@@ -248,3 +248,25 @@ def test_trees_with_odd_sites_keep_the_general_one_node_path():
     assert net.all_pairs and net.fast_plan is None and not tree.fast_path
     with pytest.raises(ValueError, match="fast_plan"):
         net.normalized_logits(tree.operand_blocks(torch.rand(2, 15)), tree.log_logit_scale)
+
+
+@pytest.mark.parametrize("every", [False, True])  # the root's norm checked; renormalised first
+def test_the_head_equals_the_general_path_with_a_small_root(every):
+    torch.manual_seed(9)
+    tree = TreeClassifier((64,), num_classes=10, bond_dim=8).double()
+    with torch.no_grad():
+        for block in tree.blocks:
+            block.mul_(1e-3)  # ||root|| far below 1
+    x = torch.rand(5, 64, dtype=torch.float64)
+    pairs = x.T.reshape(32, 2, 5)
+    plan = tree.network.stable.fast_plan
+    args = (plan, every, True, tree.log_logit_scale, True, pairs, pairs, *tree.blocks)
+    logits = fused.FastTree.apply(*args)[0]
+    tree.fast_path = False
+    ref = tree(x)
+    assert torch.allclose(logits, ref, rtol=1e-10, atol=1e-12)
+    params = list(tree.parameters())
+    g = torch.autograd.grad(logits.sin().sum(), params)
+    g_ref = torch.autograd.grad(ref.sin().sum(), params)
+    for a, b in zip(g, g_ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)

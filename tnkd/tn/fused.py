@@ -362,8 +362,10 @@ class FastTree(torch.autograd.Function):
     and the same divisors give the range check (one ``aminmax``). Renormalisation follows the
     network's plan; when a divisor left the range where float keeps its digits (or is not
     finite), the forward runs again renormalising every level, as the general path does. With
-    ``head``, the root v (max-abs 1 per sample, so 1 <= ||v|| <= sqrt(C): no overflow) becomes
-    ``d = v / ||v||`` (one ``vecdot``), and the backward of ``exp(s) d`` comes first:
+    ``head``, the root v is not renormalised by its max-abs: its squared norms ``||v||^2`` (one
+    ``vecdot``) join the divisors, so the range check guarantees they neither overflowed nor
+    lost digits, and ``d = v / ||v||`` (on the rerun, which renormalises every level, the root
+    has max-abs 1 first). The backward of ``exp(s) d`` comes first:
     ``dL/dv = exp(s) (g - d (g . d)) / ||v||``, ``dL/ds = exp(s) sum g . d``. With
     ``linear_leaves`` the two input blocks are one (G, 2, n) tensor of raw pairs and the [1, x]
     map is fused with the leaves (:meth:`_Workspace._linear_leaf`).
@@ -382,10 +384,10 @@ class FastTree(torch.autograd.Function):
             else:
                 space.linear = True
         run_fn = tree_forward if space is None else space.forward
-        run = run_fn(plan.levels, blocks, every, check)
+        run = run_fn(plan.levels, blocks, every, check, head is not None)
         if run is None:
-            run = run_fn(plan.levels, blocks, True, False)
-        out, divisors, ctx.saved = run
+            run = run_fn(plan.levels, blocks, True, False, head is not None)
+        out, divisors, ctx.saved, square = run
         ctx.plan, ctx.space = plan, space
         if space is not None:
             if any(ctx.needs_input_grad):
@@ -396,10 +398,12 @@ class FastTree(torch.autograd.Function):
         ctx.save_for_backward(*blocks)
         ctx.mark_non_differentiable(divisors)
         ctx.head = None
-        if head is not None:  # logits exp(s) v / ||v|| of the root v (max-abs 1 per sample)
+        if head is not None:  # logits exp(s) v / ||v|| of the root v
             values = out[0]
-            # ||v|| is in [1, sqrt(C)] (no overflow); 0 only for an all-zero root: then 0 logits
-            inverse = torch.linalg.vecdot(values, values, dim=0).rsqrt_().clamp_max_(1.0)
+            if square is not None:  # ||v||^2 in range: checked with the divisors
+                inverse = square.view(-1).rsqrt()
+            else:  # renormalised (max-abs 1): 1 <= ||v|| <= sqrt(C), or an all-zero root
+                inverse = torch.linalg.vecdot(values, values, dim=0).rsqrt_().clamp_max_(1.0)
             direction = values * inverse
             scale = head.exp()
             ctx.head = (direction, inverse, scale)
@@ -572,8 +576,9 @@ class _Workspace:
             self.weights[level] = (weight, weight.data_ptr(), flat, flat_t)
         return flat, flat_t
 
-    def forward(self, levels, blocks, every: bool, check: bool):
+    def forward(self, levels, blocks, every: bool, check: bool, head: bool = False):
         """:func:`tree_forward` in the workspace's buffers."""
+        last = len(levels) - 1
         slots = list(blocks)
         saved, scales = [], []
         info = self.info
@@ -601,19 +606,16 @@ class _Workspace:
                 else:
                     torch.bmm(w_t, outer_flat, out=out)
             scale = None
-            if every or renorm:
+            if (every or renorm) and not (head and not every and number == last):
                 scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
                 out.div_(scale)
                 scales.append(scale)
             slots.append(out)
             saved.append((lhs, rhs, weight, scale))
-        divisors = scales[0] if len(scales) == 1 else torch.cat(scales)
-        if check and not every:
-            low, high = torch.aminmax(divisors)
-            if not (low.item() >= self.lowest and high.item() <= self.highest):
-                self.linear = linear  # the rerun reads the same raw pairs
-                return None  # False for NaN too
-        return out, divisors, saved
+        run = _finish(out, scales, saved, every, check, head, self.lowest, self.highest)
+        if run is None:
+            self.linear = linear  # the rerun reads the same raw pairs
+        return run
 
     def backward(self, levels, saved, grad_out, needs, own_root: bool = False):
         """:func:`tree_backward` in the workspace's buffers (weights' gradients fresh)."""
@@ -666,7 +668,7 @@ class _Workspace:
         return slots[: len(needs)]
 
 
-def tree_forward(plan, blocks, every: bool, check: bool):
+def tree_forward(plan, blocks, every: bool, check: bool, head: bool = False):
     """The forward pass of :class:`FastTree` (its ``levels``): ``(root, divisors, saved)``.
 
     ``divisors`` (K, 1, n): every renormalised node's divisors; None when one left the range
@@ -695,19 +697,36 @@ def tree_forward(plan, blocks, every: bool, check: bool):
             outer = None
             out = pair_forward(lhs, rhs, weight, False, chunk)[0]
         scale = None
-        if every or renorm:
+        if (every or renorm) and not (head and not every and o_slot == plan[-1][5]):
             scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
             out.div_(scale)
             scales.append(scale)
         slots[o_slot] = out
         saved.append((lhs, rhs, weight, scale, outer, chunk))
+    info = torch.finfo(out.dtype)
+    lowest, highest = info.tiny / info.eps, info.max * info.eps
+    return _finish(out, scales, saved, every, check, head, lowest, highest)
+
+
+def _finish(out, scales, saved, every, check, head, lowest, highest):
+    """End of a forward pass: ``(root, divisors, saved, square)`` or None (rerun needed).
+
+    With ``head`` (and not ``every``) the root was not renormalised: its squared norms
+    ``square`` (1, 1, n) join the divisors, so that the range check also guarantees that
+    ``||v||^2`` neither overflowed nor lost digits (``||v||`` within the square roots of the
+    range). ``square`` is None otherwise.
+    """
+    square = None
+    if head and not every:
+        square = torch.linalg.vecdot(out, out, dim=1).unsqueeze(1)
+        scales.append(square)
+        check = True
     divisors = scales[0] if len(scales) == 1 else torch.cat(scales)
     if check and not every:
-        info = torch.finfo(out.dtype)
         low, high = torch.aminmax(divisors)
-        if not (low.item() >= info.tiny / info.eps and high.item() <= info.max * info.eps):
+        if not (low.item() >= lowest and high.item() <= highest):
             return None  # False for NaN too
-    return out, divisors, saved
+    return out, divisors, saved, square
 
 
 def tree_backward(plan, saved, grad_out, needs):
