@@ -255,13 +255,13 @@ def test_the_head_equals_the_general_path_with_a_small_root(every):
     torch.manual_seed(9)
     tree = TreeClassifier((64,), num_classes=10, bond_dim=8).double()
     with torch.no_grad():
-        for block in tree.blocks:
-            block.mul_(1e-3)  # ||root|| far below 1
+        tree.blocks[-1].mul_(1e-3)  # ||root|| far below 1, every other value near 1
     x = torch.rand(5, 64, dtype=torch.float64)
     pairs = x.T.reshape(32, 2, 5)
     plan = tree.network.stable.fast_plan
     args = (plan, every, True, tree.log_logit_scale, True, pairs, pairs, *tree.blocks)
     logits = fused.FastTree.apply(*args)[0]
+    assert plan.lean  # no rerun: with every=False the root's squared norm was checked
     tree.fast_path = False
     ref = tree(x)
     assert torch.allclose(logits, ref, rtol=1e-10, atol=1e-12)
@@ -270,3 +270,25 @@ def test_the_head_equals_the_general_path_with_a_small_root(every):
     g_ref = torch.autograd.grad(ref.sin().sum(), params)
     for a, b in zip(g, g_ref, strict=True):
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_the_lean_renormalisation_plan_falls_back_for_good_when_values_leave_the_range():
+    torch.manual_seed(10)
+    tree = TreeClassifier((64,), num_classes=3, bond_dim=4, output="raw").double()
+    plan = tree.network.stable.fast_plan
+    # the lean plan renormalises only the root of a 64-site tree; the network's plan two levels
+    assert [lv[4] for lv in plan.lean_levels] == [False] * 5 + [True]
+    assert sum(lv[4] for lv in plan.levels) == 2
+    x = torch.rand(4, 64, dtype=torch.float64)
+    tree(x)
+    assert plan.lean  # values near 1: no rerun
+    with torch.no_grad():
+        for block in tree.blocks:
+            block.mul_(1e5)  # 63 nodes: 1e315, beyond float64 without renormalisation
+    blocks = tree.operand_blocks(x)
+    values, log_scale = tree.network.contract(blocks)
+    assert not plan.lean  # one rerun, then the network's plan
+    ref_values, ref_log = tree.network.stable.contract(blocks, fused=False)
+    assert torch.isfinite(values).all() and (log_scale > 700).all()  # exp(700): beyond float64
+    assert torch.allclose(log_abs(values, log_scale), log_abs(ref_values, ref_log), atol=1e-9)
+    assert torch.allclose(values, ref_values, atol=1e-12)
