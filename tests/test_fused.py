@@ -292,3 +292,17 @@ def test_the_lean_renormalisation_plan_falls_back_for_good_when_values_leave_the
     assert torch.isfinite(values).all() and (log_scale > 700).all()  # exp(700): beyond float64
     assert torch.allclose(log_abs(values, log_scale), log_abs(ref_values, ref_log), atol=1e-9)
     assert torch.allclose(values, ref_values, atol=1e-12)
+
+
+def test_gradients_reach_the_inputs_when_they_need_them():
+    torch.manual_seed(11)
+    tree = TreeClassifier((16,), num_classes=3, bond_dim=3, init_std=0.5).double()
+    x = torch.rand(4, 16, dtype=torch.float64, requires_grad=True)
+    (g_x,) = torch.autograd.grad(tree(x).sin().sum(), x)  # not through the fused [1, x] leaves
+    tree.fast_path = False
+    (ref,) = torch.autograd.grad(tree(x).sin().sum(), x)
+    assert torch.allclose(g_x, ref, rtol=1e-10, atol=1e-12) and g_x.abs().sum() > 0
+    pairs = x.T.reshape(8, 2, 4)
+    blocks = [pairs, pairs, *tree.blocks]
+    with pytest.raises(ValueError, match="no gradient"):
+        tree.network.stable.normalized_logits(blocks, tree.log_logit_scale, linear_leaves=True)

@@ -574,7 +574,7 @@ class GraphStudent(Student):
             return self.raw_forward(x)
         if self.fast_path:
             stable = self.network.stable
-            if self._linear_leaves:
+            if self._linear_leaves and not x.requires_grad:  # (the raw pairs get no gradient)
                 u = self.flatten_input(x).T
                 dtype = self._dtype()
                 if u.dtype != dtype:

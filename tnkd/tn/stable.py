@@ -612,6 +612,11 @@ class StableNetwork:
             raise ValueError("normalized_logits needs a balanced tree (fast_plan), but it is None")
         if len(blocks) != len(self.blocks):
             raise ValueError(f"expected {len(self.blocks)} blocks, got {len(blocks)}")
+        if linear_leaves and blocks[self.fast_plan.levels[0][1]].requires_grad:
+            raise ValueError(
+                "normalized_logits with linear_leaves gives the raw pairs no gradient, but they "
+                "require one; pass the [1, x] features as blocks instead"
+            )
         if torch.is_autocast_enabled(blocks[0].device.type):
             if linear_leaves:
                 blocks = linear_leaf_features(self.fast_plan, blocks)
