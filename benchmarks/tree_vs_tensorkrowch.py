@@ -3,6 +3,7 @@
     python benchmarks/tree_vs_tensorkrowch.py              # the table (a few minutes on 2 cores)
     python benchmarks/tree_vs_tensorkrowch.py --quick      # 64 and 256 sites, D = 8 only
     python benchmarks/tree_vs_tensorkrowch.py --markdown   # the table as markdown, for the README
+    python benchmarks/tree_vs_tensorkrowch.py --phases --sizes 64:8   # where a training step goes
 
 Models, same shapes (N sites with d = 2, the [1, x] map, 10 classes, batch 100, random inputs in
 [0, 1]): N / 2 leaves of shape (2, 2, min(D, 4)), then one level of (D_in, D_in, D_out) nodes per
@@ -13,7 +14,9 @@ below)), the root (D, D, 10):
   contracted by :class:`tnkd.tn.stable.StableNetwork` (one batched step per tree level, a
   log-scale per sample; every step of a tree joins a node with its two children, so the whole
   contraction runs as one autograd node with a hand-written backward, ``tnkd.tn.fused``: note
-  "fused pair steps"), normalised logits (learned scale).
+  "fused pair steps"; a balanced tree runs as ``FastTree``, a loop over levels with buffers made
+  once, the normalised output in the same node and the [1, x] map fused with the leaves: note
+  "one loop"), normalised logits (learned scale).
 * TensorKrowch 1.1.6 ``Tree`` with the same ``sites_per_layer`` / ``bond_dim`` lists, its
   default initialisation, ``auto_stack=True``, ``auto_unbind=False``, traced once (the settings its
   docs give for speed), fed ``tk.embeddings.poly(x, degree=1)``; raw output (it has no
@@ -31,6 +34,7 @@ machine; ratios are against TensorKrowch in the same run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -97,6 +101,51 @@ def interleaved(fns: dict[str, object], reps: int, warmup: int = 2) -> dict[str,
     return {name: BATCH / min(t) for name, t in times.items()}
 
 
+def phases(configs: list[tuple[int, int]], steps: int = 300) -> None:
+    """Milliseconds per phase of a training step (zero_grad, forward, loss, backward, Adam).
+
+    The two libraries' steps alternate (tnkd, TensorKrowch, tnkd, ...), as in the table, so
+    each runs right after the other has filled the caches; each figure is the 10th percentile
+    of ``steps`` steps (the first 20 left out).
+    """
+    torch.manual_seed(0)
+    names = ("zero_grad", "forward", "loss", "backward", "Adam", "step")
+    for sites, bond in configs:
+        x = torch.rand(BATCH, sites)
+        y = torch.randint(0, CLASSES, (BATCH,))
+        ours = TreeClassifier(input_shape=(sites,), num_classes=CLASSES, bond_dim=bond)
+        theirs, tk_forward = tensorkrowch_tree(sites, bond)
+        timed = {}
+        for name, model, forward in (("tnkd", ours, ours), ("TensorKrowch", theirs, tk_forward)):
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+            def step(opt=opt, forward=forward, x=x, y=y) -> list[float]:
+                t = [time.perf_counter()]
+                opt.zero_grad(set_to_none=True)
+                t.append(time.perf_counter())
+                out = forward(x)
+                t.append(time.perf_counter())
+                loss = F.cross_entropy(out, y)
+                t.append(time.perf_counter())
+                loss.backward()
+                t.append(time.perf_counter())
+                opt.step()
+                t.append(time.perf_counter())
+                return [b - a for a, b in itertools.pairwise(t)] + [t[-1] - t[0]]
+
+            timed[name] = (step, [])
+        for _ in range(steps):
+            for step, rows in timed.values():
+                rows.append(step())
+        print(f"\n{sites} sites, D = {bond}: ms per phase (10th percentile of {steps - 20} steps)")
+        print(f"{'':>14s}" + "".join(f"{n:>11s}" for n in names))
+        for name, (_, rows) in timed.items():
+            cols = zip(*rows[20:], strict=True)
+            cells = [sorted(c)[len(c) // 10] * 1e3 for c in cols]
+            print(f"{name:>14s}" + "".join(f"{c:11.3f}" for c in cells))
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} thread(s); batch {BATCH}")
+
+
 def run(configs: list[tuple[int, int]], reps: int, markdown: bool, compile_: bool) -> None:
     torch.manual_seed(0)
     header = True
@@ -115,6 +164,8 @@ def run(configs: list[tuple[int, int]], reps: int, markdown: bool, compile_: boo
         models = {"tnkd": (ours, ours), "TensorKrowch": (theirs, tk_forward)}
         stable = ours.network.stable
         fused = ", fused pair steps" if stable.all_pairs else ""
+        if getattr(ours, "fast_path", False):
+            fused = ", one loop" + (", [1, x] in the leaves" if ours._linear_leaves else "")
         notes = {"tnkd": f"{ours.network.chosen} path, {stable.kernels} levels{fused}"}
         if compile_:
             compiled = TreeClassifier(
@@ -206,6 +257,9 @@ def main() -> None:
     parser.add_argument(
         "--sizes", nargs="+", default=None, help="sites:D pairs, e.g. 256:8 4096:4 (powers of 2)"
     )
+    parser.add_argument(
+        "--phases", action="store_true", help="ms per phase of a training step, not the table"
+    )
     args = parser.parse_args()
     configs = (
         [tuple(int(v) for v in item.split(":")) for item in args.sizes]
@@ -216,6 +270,9 @@ def main() -> None:
             else [(64, 8), (64, 16), (256, 8), (256, 16), (1024, 8), (1024, 16)]
         )
     )
+    if args.phases:
+        phases(configs)
+        return
     run(configs, 5 if args.quick else args.reps, args.markdown, args.compile)
 
 

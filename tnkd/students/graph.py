@@ -15,7 +15,13 @@ as :class:`~tnkd.students.mps.MPSClassifier` does. The contraction is planned on
 ``opt_einsum`` and executed by :class:`~tnkd.tn.stable.AutoNetwork`: plainly for shallow graphs,
 with a per-sample log-scale for deep ones (see :mod:`tnkd.tn.stable`). A graph whose every step
 joins a three-leg node with two per-sample vectors (a binary tree, however drawn) is contracted
-as one autograd node with a hand-written backward (:mod:`tnkd.tn.fused`), automatically.
+as one autograd node with a hand-written backward (:mod:`tnkd.tn.fused`), automatically. A
+*balanced* binary tree (``fast_path``: every weight a whole block, every level's children the
+previous level's results in pairs, the stable path, not compiled) runs the leanest path,
+:class:`~tnkd.tn.fused.FastTree`: buffers made once per batch size, the normalised output inside
+the same node, and with the [1, x] map on flat sites whose leaves join sites 2g and 2g + 1 (as
+:class:`~tnkd.students.tree.TreeClassifier` draws them over ``(n,)`` inputs) the map fused with
+the leaves. Results equal the general path's (tested in float64).
 
 **Initialisation (nodes drawn from a shape).** A node made from a shape (``make_node((2, 8, 8),
 ...)``, i.e. all zeros) is initialised by tnkd; a node made from a tensor keeps that tensor.
@@ -68,7 +74,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tnkd.feature_maps import FeatureMap, build_feature_map
+from tnkd.feature_maps import FeatureMap, LinearFeatureMap, build_feature_map
 from tnkd.students.base import Student, check_positive_int, image_patches
 from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
@@ -388,6 +394,27 @@ class GraphStudent(Student):
                 self._block_of[name] = (len(self.blocks), g)
             self.blocks.append(nn.Parameter(torch.stack([initial[n] for n in names])))
         self._block_kinds = list(stable.block_is_input)
+        # the sites are the sample's scalars in order (no pooling or patches)
+        self._flat_sites = (self.input_shape is None or len(self.input_shape) == 1) and getattr(
+            self.feature_map, "in_features", 1
+        ) == 1
+        #: the whole forward pass on the lean path: a balanced binary tree (``fast_plan``, see
+        #: :class:`~tnkd.tn.fused.FastTree`) on the stable path, not compiled
+        self.fast_path = (
+            self.network.chosen == "stable" and stable.fast_plan is not None and not compile
+        )
+        # [1, x] on flat sites, leaves joining sites 2g and 2g + 1 (the input blocks first):
+        # the map is fused with the leaves (see tnkd.tn.fused.TreePlan)
+        self._linear_leaves = (
+            self.fast_path
+            and type(self.feature_map) is LinearFeatureMap
+            and self._flat_sites
+            and self._block_kinds[:2] == [True, True]
+            and not any(self._block_kinds[2:])
+            and [w for _, w in self._input_blocks]
+            == [slice(0, num_sites - 1, 2), slice(1, num_sites, 2)]
+            and stable.fast_plan.levels[0][1:4] == (0, 1, False)
+        )
         self.node_names = [n for n in spec.node_names if n not in set(inputs)]
         self._compiled: CompiledNetwork | None = None
         if output == "normalized":
@@ -477,7 +504,7 @@ class GraphStudent(Student):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, sites, site_dim)`` feature vectors."""
         u = self.site_inputs(x)
-        dtype = self.blocks[0].dtype
+        dtype = self._dtype()
         if u.ndim == 3 and getattr(self.feature_map, "in_features", 1) == 1:
             phi = self.feature_map(u)  # (batch, sites, values, d): the product map
             out = phi[:, :, 0]
@@ -486,16 +513,32 @@ class GraphStudent(Student):
             return out.to(dtype)
         return self.feature_map(u).to(dtype)
 
+    def _site_features_t(self, x: torch.Tensor) -> torch.Tensor:
+        """``(sites, site_dim, batch)`` feature vectors, contiguous (the blocks' layout).
+
+        A block is then a slice whose samples are contiguous; a strided block (samples a row
+        of sites apart) makes every elementwise kernel of the first tree level gather its
+        operands. The [1, x] map on scalar sites is written in this layout directly (one
+        ``stack``, no copy).
+        """
+        if type(self.feature_map) is LinearFeatureMap and self._flat_sites:
+            u = self.flatten_input(x).T.to(self._dtype())
+            return torch.stack([torch.ones_like(u), u], 1)
+        return self.features(x).permute(1, 2, 0).contiguous()
+
+    def _dtype(self) -> torch.dtype:
+        return next(iter(self.blocks._parameters.values())).dtype  # type: ignore[union-attr]
+
     def operand_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The contraction's operands, one stacked tensor per block (see :class:`StableNetwork`)."""
-        phi = self.features(x)
-        params = iter(self.blocks)
+        phi = self._site_features_t(x)
+        params = iter(self.blocks._parameters.values())
         inputs = iter(self._input_blocks)
         out = []
         for is_input in self._block_kinds:
             if is_input:
                 _, where = next(inputs)
-                out.append(phi[:, where].permute(1, 2, 0))  # (G, site_dim, batch)
+                out.append(phi[where])  # (G, site_dim, batch)
             else:
                 out.append(next(params))
         return out
@@ -529,6 +572,17 @@ class GraphStudent(Student):
         """Logits, shape (batch, C): see ``output``."""
         if self.output == "raw":
             return self.raw_forward(x)
+        if self.fast_path:
+            stable = self.network.stable
+            if self._linear_leaves and not x.requires_grad:  # (the raw pairs get no gradient)
+                u = self.flatten_input(x).T
+                dtype = self._dtype()
+                if u.dtype != dtype:
+                    u = u.to(dtype)
+                pairs = u.view(u.shape[0] // 2, 2, u.shape[1])  # (leaves, [x_l, x_r], batch)
+                blocks = [pairs, pairs, *self.blocks._parameters.values()]
+                return stable.normalized_logits(blocks, self.log_logit_scale, linear_leaves=True)
+            return stable.normalized_logits(self.operand_blocks(x), self.log_logit_scale)
         values, _ = self.log_forward(x)
         direction = values / values.norm(dim=-1, keepdim=True).clamp_min(
             torch.finfo(values.dtype).tiny

@@ -43,6 +43,16 @@ autograd (the reference in the tests, what ``torch.compile`` traces, and the way
 derivatives: the fused backward is differentiable once). Measured in
 ``benchmarks/tree_vs_tensorkrowch.py`` (README, "Stable contraction of any graph").
 
+**Balanced trees: a tight loop.** When, moreover, every operand is a whole tensor (each weight
+a whole parameter block, the children of a level the previous level's results interleaved or
+two whole input blocks: the balanced binary trees of :func:`~tnkd.students.tree.tree_graph`,
+a power of two of sites along each axis), ``fast_plan`` is a :class:`~tnkd.tn.fused.TreePlan`
+and the contraction runs as :class:`~tnkd.tn.fused.FastTree`: the same renormalisation plan
+and range check (with the rerun), but a plain loop over levels with its buffers made once per
+batch size (at 64 sites the Python-level calls, not the arithmetic, set the time).
+:meth:`normalized_logits` also folds a student's normalised output into that node. Other
+all-pairs graphs (odd sites passed up, chains drawn as graphs) keep :class:`_PairNetwork`.
+
 **Plain or stable.** :class:`AutoNetwork` (what :class:`~tnkd.students.graph.GraphStudent` uses)
 picks per graph. It uses the grouped, stable path when the contraction tree is deep (more than
 ``plain_max_depth`` = 12 levels: a product of more factors than float32 safely holds) or when
@@ -81,7 +91,11 @@ import torch
 
 from tnkd.tn.contraction import CompiledNetwork, einsum_equation
 from tnkd.tn.fused import (
+    FastTree,
+    TreePlan,
     chunk_size,
+    linear_leaf_features,
+    normalized_logits,
     pair_backward,
     pair_backward_interleaved,
     pair_backward_small,
@@ -491,6 +505,40 @@ class StableNetwork:
         #: then the whole contraction runs as one autograd node (see _PairNetwork)
         self.all_pairs = all(group.pair is not None for group in self._groups)
         self._needs_cache: dict[tuple[bool, ...], list[tuple[bool, bool, bool]]] = {}
+        #: the plan of :class:`~tnkd.tn.fused.FastTree` when every operand is a whole tensor
+        #: (balanced binary trees), else None
+        self.fast_plan = self._fast_plan() if self.all_pairs else None
+        #: some levels are not renormalised: check the divisors' range (and rerun if needed)
+        self._check = self.renormalisations < self.kernels
+
+    def _fast_plan(self) -> TreePlan | None:
+        """Levels as ``(weight, left, right, interleaved, renorm, out)`` slots, or None."""
+        first = len(self.blocks)
+
+        def slot(source: tuple[str, int]) -> int:
+            return source[1] if source[0] == "block" else first + source[1]
+
+        plan = []
+        for number, group in enumerate(self._groups):
+            w, left, right, axes = group.pair  # type: ignore[misc]
+            cw, cl, cr = group.columns[w], group.columns[left], group.columns[right]
+            if axes != (0, 1, 2) or not cw.whole or cw.source[0] != "block":
+                return None
+            if not group.interleaved and not (cl.whole and cr.whole):
+                return None
+            plan.append(
+                (
+                    slot(cw.source),
+                    slot(cl.source),
+                    slot(cr.source),
+                    group.interleaved,
+                    group.renorm,
+                    first + number,
+                )
+            )
+        if self._last != (("group", len(self._groups) - 1), 0) or len(self._groups[-1].steps) != 1:
+            return None
+        return TreePlan(plan)
 
     @property
     def depth(self) -> int:
@@ -548,6 +596,34 @@ class StableNetwork:
             with torch.autocast(device_type=device, enabled=False):
                 return self._contract([t.to(dtype) for t in blocks], every, fused)
         return self._contract(list(blocks), every, fused)
+
+    def normalized_logits(
+        self, blocks: Sequence[torch.Tensor], log_scale: torch.Tensor, linear_leaves: bool = False
+    ) -> torch.Tensor:
+        """Logits ``exp(s) f / ||f||`` (batch, C) of a balanced tree (``fast_plan``), one node.
+
+        What :func:`~tnkd.tn.fused.normalized_logits` does with :meth:`contract`'s values,
+        inside the tree's autograd node (its backward first, then the tree's). Falls back to
+        exactly that under autocast. With ``linear_leaves`` the leaves' two input blocks are
+        one (G, 2, batch) tensor of raw values ``[x_l, x_r]`` (passed in both slots), and the
+        [1, x] map is fused with the leaves (:class:`~tnkd.tn.fused.TreePlan`).
+        """
+        if self.fast_plan is None:
+            raise ValueError("normalized_logits needs a balanced tree (fast_plan), but it is None")
+        if len(blocks) != len(self.blocks):
+            raise ValueError(f"expected {len(self.blocks)} blocks, got {len(blocks)}")
+        if linear_leaves and blocks[self.fast_plan.levels[0][1]].requires_grad:
+            raise ValueError(
+                "normalized_logits with linear_leaves gives the raw pairs no gradient, but they "
+                "require one; pass the [1, x] features as blocks instead"
+            )
+        if torch.is_autocast_enabled(blocks[0].device.type):
+            if linear_leaves:
+                blocks = linear_leaf_features(self.fast_plan, blocks)
+            return normalized_logits(self.contract(blocks)[0], log_scale)
+        return FastTree.apply(
+            self.fast_plan, False, self._check, log_scale, linear_leaves, *blocks
+        )[0]
 
     @staticmethod
     def _pair(
@@ -648,6 +724,11 @@ class StableNetwork:
     def _contract(
         self, blocks: list[torch.Tensor], every: bool = False, fused: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if fused and self.fast_plan is not None:
+            out, divisors = FastTree.apply(self.fast_plan, every, self._check, None, False, *blocks)
+            values = out[0].permute(*self._permutation)
+            # every node feeds one parent: the root's log-scale is the sum of all divisors' logs
+            return values, divisors.log().sum((0, 1))
         if fused and self.all_pairs:
             out, log = _PairNetwork.apply(self, every, *blocks)
             _, g = self._last
