@@ -25,7 +25,7 @@ import torch
 from contraction import BATCH, CLASSES, inference_step, samples_per_second, train_step
 
 from tnkd.students import MPSClassifier
-from tnkd.tn.contraction import TREE_MAX_BOND_DIM
+from tnkd.tn.chain import TREE_MAX_BOND_DIM
 
 
 def measure(

@@ -13,7 +13,7 @@ Models (d = 2 with the [1, x] map, 10 classes, batch 100, random inputs in [0, 1
   when training and every 8 under no-grad). Kept in the library as ``method="sweep"`` so that
   this baseline runs in the same process as the new method.
 * **new**: ``MPSClassifier(method="auto")``; the column "auto" says what it resolved to (see
-  ``tnkd.tn.contraction.resolve_chain_method``).
+  ``tnkd.tn.chain.resolve_chain_method``).
 * **TensorKrowch**: ``tk.models.MPSLayer`` set up as in ``benchmarks/contraction.py``
   (``randn_eye`` init, ``auto_stack=True``, ``auto_unbind=False``, traced once), plain and with
   ``renormalize=True``; the faster of the two in training is the peer.
@@ -39,7 +39,7 @@ import torch
 from contraction import BATCH, CLASSES, inference_step, tensorkrowch_models, train_step
 
 from tnkd.students import MPSClassifier
-from tnkd.tn.contraction import resolve_chain_method
+from tnkd.tn.chain import resolve_chain_method
 
 FULL = [(784, 10), (784, 16), (784, 20), (784, 50), (196, 8), (196, 16), (196, 32)]
 QUICK = [(784, 10), (196, 16)]

@@ -2,15 +2,14 @@ import pytest
 import torch
 
 from tnkd.students import MPSClassifier
-from tnkd.tn.contraction import (
-    CompiledNetwork,
+from tnkd.tn.chain import (
     contract_chain,
     default_block,
     default_renorm_every,
-    einsum_equation,
     resolve_chain_method,
     sweep_boundary,
 )
+from tnkd.tn.contraction import CompiledNetwork, einsum_equation
 from tnkd.tn.graph import TNGraph, connect, make_node
 
 

@@ -8,7 +8,7 @@ separate optimizers.
 
 * :class:`BatchedMPS`: members of one :class:`~tnkd.students.mps.MPSClassifier` shape with a
   parameter-free feature map. Its M left halves and M right halves go through the chain engine
-  as K = 2M chains at once (:func:`~tnkd.tn.contraction.sweep_boundary`: one scan of 2M chains
+  as K = 2M chains at once (:func:`~tnkd.tn.chain.sweep_boundary`: one scan of 2M chains
   instead of M scans of 2), then each member's output core closes its two boundary vectors.
 * :class:`MemberList`: any other student: the members in a list, run one after the other in
   the same step (the teacher, data and training loop are still shared).
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from tnkd.students.mps import MPSClassifier
-from tnkd.tn.contraction import _full_precision, sweep_boundary
+from tnkd.tn.chain import _full_precision, sweep_boundary
 
 #: the parameters an MPSClassifier member stacks (``log_logit_scale`` only with normalized output)
 MPS_PARAMETERS = ("cores", "left", "right", "output_core", "log_logit_scale")

@@ -22,7 +22,8 @@ from torch import nn
 
 from tnkd.feature_maps import FeatureMap, build_feature_map
 from tnkd.students.base import Student, check_positive_int, image_patches, near_identity_cores
-from tnkd.tn.contraction import CHAIN_METHODS, CompiledNetwork, contract_chain
+from tnkd.tn.chain import CHAIN_METHODS, contract_chain
+from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.decompositions import tt_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
 
@@ -46,7 +47,7 @@ class MPSClassifier(Student):
         logit_scale: initial s of the normalized output.
         init_std: relative noise of the near-identity initialisation.
         method: chain contraction, ``"auto"``, ``"scan"``, ``"sweep"`` or ``"tree"`` (see
-            :func:`tnkd.tn.contraction.contract_chain`).
+            :func:`tnkd.tn.chain.contract_chain`).
         pool: average-pool ``(batch, channels, H, W)`` images by this factor before the feature
             map (2: a 28x28 image becomes 196 sites), so a short-chain student distils from a
             teacher that sees the full image; ``num_sites`` is the pooled pixel count.

@@ -32,7 +32,8 @@ from torch import nn
 
 from tnkd.feature_maps import FeatureMap, LearnableFeatureMap, build_feature_map
 from tnkd.students.base import Student, check_positive_int, image_patches, near_identity_cores
-from tnkd.tn.contraction import CompiledNetwork, sweep_boundary
+from tnkd.tn.chain import sweep_boundary
+from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.graph import TNGraph, connect, make_node
 
 OUTPUT_MODES = ("normalized", "raw")

@@ -9,7 +9,7 @@ children) and keeps every intermediate tensor as
 
     T = values * exp(log_scale),    max |values| = 1 for each sample,
 
-renormalising as the chain paths do (:func:`~tnkd.tn.contraction.contract_chain`): once more
+renormalising as the chain paths do (:func:`~tnkd.tn.chain.contract_chain`): once more
 than ``renorm_after`` = 12 tensors have been multiplied into an intermediate since its last
 renormalisation, and after every step on a rerun if a renormalised value came within a mantissa's
 width of the float range (or was 0, inf or NaN). The log-scales of the operands add up, and so
