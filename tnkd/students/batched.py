@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnkd.students.base import direction_logits, scaled_values
 from tnkd.students.mps import MPSClassifier
 from tnkd.tn.chain import _full_precision, sweep_boundary
 
@@ -147,10 +148,8 @@ class BatchedMPS(nn.Module):
             t.method,
         )
         if t.output == "raw":
-            return values * torch.exp(log_scale).unsqueeze(-1)
-        tiny = torch.finfo(values.dtype).tiny
-        direction = values / values.norm(dim=-1, keepdim=True).clamp_min(tiny)
-        return torch.exp(self.log_logit_scale).view(-1, 1, 1) * direction
+            return scaled_values(values, log_scale)
+        return direction_logits(values, self.log_logit_scale.view(-1, 1, 1))
 
 
 def _stacked_chain_impl(

@@ -75,7 +75,13 @@ import torch
 from torch import nn
 
 from tnkd.feature_maps import FeatureMap, LinearFeatureMap, build_feature_map
-from tnkd.students.base import Student, check_positive_int, image_patches
+from tnkd.students.base import (
+    Student,
+    check_positive_int,
+    direction_logits,
+    image_patches,
+    scaled_values,
+)
 from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
 from tnkd.tn.stable import MODES, AutoNetwork
@@ -565,8 +571,7 @@ class GraphStudent(Student):
 
     def raw_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The exact value f(x), shape (batch, C)."""
-        values, log_scale = self.log_forward(x)
-        return values * torch.exp(log_scale).unsqueeze(-1)
+        return scaled_values(*self.log_forward(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, shape (batch, C): see ``output``."""
@@ -584,10 +589,7 @@ class GraphStudent(Student):
                 return stable.normalized_logits(blocks, self.log_logit_scale, linear_leaves=True)
             return stable.normalized_logits(self.operand_blocks(x), self.log_logit_scale)
         values, _ = self.log_forward(x)
-        direction = values / values.norm(dim=-1, keepdim=True).clamp_min(
-            torch.finfo(values.dtype).tiny
-        )
-        return torch.exp(self.log_logit_scale) * direction
+        return direction_logits(values, self.log_logit_scale)
 
     def generic_forward(self, x: torch.Tensor) -> torch.Tensor:
         """f(x) through one plain ``opt_einsum`` expression (no renormalisation)."""

@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from tnkd.feature_maps import FeatureMap, build_feature_map
-from tnkd.students.base import Student, check_positive_int, image_patches, near_identity_cores
+from tnkd.students.base import (
+    Student,
+    check_positive_int,
+    direction_logits,
+    image_patches,
+    near_identity_cores,
+    scaled_values,
+)
 from tnkd.tn.chain import CHAIN_METHODS, contract_chain
 from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.decompositions import tt_svd
@@ -226,18 +233,14 @@ class MPSClassifier(Student):
 
     def raw_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The exact value f(x), shape (batch, C)."""
-        values, log_scale = self.log_forward(x)
-        return values * torch.exp(log_scale).unsqueeze(-1)
+        return scaled_values(*self.log_forward(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, shape (batch, C): see ``output``."""
         if self.output == "raw":
             return self.raw_forward(x)
         values, _ = self.log_forward(x)
-        direction = values / values.norm(dim=-1, keepdim=True).clamp_min(
-            torch.finfo(values.dtype).tiny
-        )
-        return torch.exp(self.log_logit_scale) * direction
+        return direction_logits(values, self.log_logit_scale)
 
     # ---- diagram and generic path ------------------------------------------------------------
     def _node_order(self) -> list[str]:

@@ -31,7 +31,14 @@ import torch
 from torch import nn
 
 from tnkd.feature_maps import FeatureMap, LearnableFeatureMap, build_feature_map
-from tnkd.students.base import Student, check_positive_int, image_patches, near_identity_cores
+from tnkd.students.base import (
+    Student,
+    check_positive_int,
+    direction_logits,
+    image_patches,
+    near_identity_cores,
+    scaled_values,
+)
 from tnkd.tn.chain import sweep_boundary
 from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.graph import TNGraph, connect, make_node
@@ -187,18 +194,14 @@ class TTNetwork(Student):
 
     def raw_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The exact scores l_y(X), shape (batch, C)."""
-        values, log_scale = self.log_forward(x)
-        return values * torch.exp(log_scale).unsqueeze(-1)
+        return scaled_values(*self.log_forward(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, shape (batch, C): see ``output``."""
         if self.output == "raw":
             return self.raw_forward(x)
         values, _ = self.log_forward(x)
-        direction = values / values.norm(dim=-1, keepdim=True).clamp_min(
-            torch.finfo(values.dtype).tiny
-        )
-        return torch.exp(self.log_logit_scale) * direction
+        return direction_logits(values, self.log_logit_scale)
 
     def cores(self) -> list[torch.Tensor]:
         """The TT cores as (r_{k-1}, n, r_k) tensors, r_0 = 1 and the label as the last rank."""
