@@ -34,7 +34,7 @@ import lightning as L
 import torch
 
 from tnkd.data import MNISTDataModule
-from tnkd.experiments.compare import evaluate
+from tnkd.experiments.compare import test_metrics
 from tnkd.students import MPSClassifier
 from tnkd.students.truncation import truncate_student
 from tnkd.training import DistillationModule
@@ -66,8 +66,10 @@ def fit(model, data, epochs: int, lr: float, teacher: str, cache: str) -> float:
     return time.perf_counter() - start
 
 
-def accuracy(model, data, labels) -> float:
-    return (evaluate(model, data).argmax(-1) == labels).float().mean().item()
+def accuracy(model, data) -> float:
+    """Test accuracy through Lightning's test loop (the one evaluation path of ``tnkd compare``)."""
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return test_metrics(trainer, DistillationModule(model, beta=0.0), data)["test/student_acc"]
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -81,7 +83,6 @@ def run(args: argparse.Namespace) -> list[dict]:
     data = MNISTDataModule(root=args.root, batch_size=100, val_fraction=0.1)
     data.setup("fit")
     data.setup("test")
-    labels = data.dataset("test").tensors[1]
     rows = []
     for seed in args.seeds:
         L.seed_everything(seed, verbose=False)
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 stage="scratch",
                 bond_dim=args.dim,
                 epochs=args.scratch_epochs,
-                test_acc=accuracy(small, data, labels),
+                test_acc=accuracy(small, data),
                 seconds=seconds,
                 params=small.parameter_count(),
             )
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 stage="wide",
                 bond_dim=args.wide_dim,
                 epochs=args.wide_epochs,
-                test_acc=accuracy(wide, data, labels),
+                test_acc=accuracy(wide, data),
                 seconds=seconds,
                 params=wide.parameter_count(),
             )
@@ -126,7 +127,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 stage="cut",
                 bond_dim=args.dim,
                 epochs=0,
-                test_acc=accuracy(cut, data, labels),
+                test_acc=accuracy(cut, data),
                 seconds=seconds,
                 params=cut.parameter_count(),
                 discarded=report.total_discarded,
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 stage="fine-tune",
                 bond_dim=args.dim,
                 epochs=args.finetune_epochs,
-                test_acc=accuracy(cut, data, labels),
+                test_acc=accuracy(cut, data),
                 seconds=seconds,
                 params=cut.parameter_count(),
             )
