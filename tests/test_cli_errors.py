@@ -291,6 +291,27 @@ ROWS = [
         r"--results afile/r.json cannot be created",
     ),
     ("grid-malformed-file", ["grid", "grids"], r"grid_broken.yaml"),
+    (
+        "compare-value-of-the-wrong-type",
+        ["compare", "--config", MAIN, "--lr", "[1]"],
+        r"^tnkd compare: error: lr: Expected a <class 'float'>",
+    ),
+    (
+        "study-missing-config",
+        ["study", "--config", "nope.yaml"],
+        r"^tnkd study: error: config: File does not exist: .*nope\.yaml",
+    ),
+    (
+        "study-without-kl",
+        [
+            "study",
+            "--config",
+            str(REPO / "configs" / "digits" / "renyi_study.yaml"),
+            "--alphas",
+            "[0.5]",
+        ],
+        r"alphas must include 1",
+    ),
 ]
 
 

@@ -527,8 +527,6 @@ def _write_results(
 
 def main(args: list[str]) -> list[RunResult]:
     """``tnkd compare``: :func:`compare` configured from YAML (``--config``) and flags."""
-    from jsonargparse import CLI
+    from tnkd.experiments.command import function_command
 
-    return CLI(
-        compare, args=args, as_positional=False, description="Teacher and students side by side."
-    )
+    return function_command(compare, args, "tnkd compare", "Teacher and students side by side.")

@@ -333,10 +333,10 @@ def heatmaps(
 
 
 def main(args: list[str] | None = None) -> list[dict[str, Any]]:
-    """``python -m tnkd.experiments.study --config FILE``: :func:`study` from YAML and flags."""
-    from jsonargparse import CLI
+    """``tnkd study --config FILE``: :func:`study` from YAML and flags."""
+    from tnkd.experiments.command import function_command
 
-    return CLI(study, args=args, as_positional=False, description="A Renyi alpha x T study.")
+    return function_command(study, args, "tnkd study", "A Renyi alpha x T study.")
 
 
 if __name__ == "__main__":
