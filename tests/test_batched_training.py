@@ -12,12 +12,11 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from torchmetrics.classification import MulticlassCalibrationError
 
 from tnkd.data import DigitsDataModule
 from tnkd.students import MPSClassifier
 from tnkd.teachers import MLP
-from tnkd.training.batched import ECE_BINS, BatchedDistillation, _bins, _ece
+from tnkd.training.batched import BatchedDistillation
 from tnkd.training.modules import DistillationModule
 
 RUNS = [
@@ -93,23 +92,6 @@ def test_test_metrics_and_confusion_matrices_match_separate_tests(teacher):
         assert torch.equal(model.test_confusion[k].long(), alone.test_confusion.long())
 
 
-def test_calibration_sums_give_torchmetrics_calibration_error():
-    torch.manual_seed(0)
-    logits = 3 * torch.randn(2, 500, 10)
-    labels = torch.randint(0, 10, (500,))
-    labeled = torch.rand(500) < 0.7
-    probs = logits.softmax(-1)
-    conf, pred = probs.max(-1)
-    correct = (pred == labels).float() * labeled
-    bins = _bins(conf[:, :250], correct[:, :250], labeled[:250].float())
-    bins += _bins(conf[:, 250:], correct[:, 250:], labeled[250:].float())  # summed over batches
-    for k in range(2):
-        reference = MulticlassCalibrationError(10, n_bins=ECE_BINS)(
-            probs[k][labeled], labels[labeled]
-        )
-        assert _ece(bins[k], float(labeled.sum())) == pytest.approx(float(reference), abs=1e-6)
-
-
 @pytest.mark.parametrize(
     ("second", "message"),
     [
@@ -165,7 +147,9 @@ def test_loss_terms_equal_each_runs_own_with_ensembles_and_unlabeled_samples():
         zk = z[k].detach().requires_grad_(True)
         v = member.teacher(x).float() if member.beta > 0 else None
         own = member.loss_terms(zk, v, y)
-        assert float(terms["loss"][k].detach()) == pytest.approx(float(own["loss"].detach()), rel=1e-12)
+        assert float(terms["loss"][k].detach()) == pytest.approx(
+            float(own["loss"].detach()), rel=1e-12
+        )
         assert float(terms["ce"][k].detach()) == pytest.approx(float(own["ce"].detach()), rel=1e-12)
         if "kd" in own:
             assert float(terms["kd"][k]) == pytest.approx(float(own["kd"]), rel=1e-12)

@@ -176,3 +176,47 @@ def test_models_built_in_eval_mode_still_train_in_train_mode():
     modes = _RecordModes()
     _fit(TeacherModule(net), callbacks=[modes])
     assert modes.student and all(modes.student)
+
+
+class _KeepLosses(L.Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append((float(outputs["loss"]), len(batch[1])))
+
+
+def test_logged_epoch_values_equal_torchmetrics_and_the_per_batch_losses():
+    from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+    module = make_module(temperature=2.0, beta=0.6)
+    keep = _KeepLosses()
+    dm = DigitsDataModule(batch_size=50)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[keep],
+    )
+    trainer.fit(module, datamodule=dm)
+    weighted = sum(v * n for v, n in keep.losses) / sum(n for _, n in keep.losses)
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(weighted, rel=1e-5)
+    assert len(keep.losses) > 1 and keep.losses[-1][1] < 50  # a short last batch is weighed in
+    # validation values against torchmetrics on the same batches, computed here
+    metrics = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    acc, ece = MulticlassAccuracy(10, average="micro"), MulticlassCalibrationError(10, n_bins=15)
+    t_acc, agree = MulticlassAccuracy(10, average="micro"), MulticlassAccuracy(10, average="micro")
+    module.eval()
+    with torch.no_grad():
+        for x, y in dm.val_dataloader():
+            z, v = module.student(x), module.teacher(x)
+            acc.update(z, y)
+            ece.update(z.softmax(-1), y)
+            t_acc.update(v, y)
+            agree.update(z, v.argmax(-1))
+    assert metrics["val/student_acc"] == pytest.approx(float(acc.compute()), abs=1e-6)
+    assert metrics["val/student_ece"] == pytest.approx(float(ece.compute()), abs=1e-5)
+    assert metrics["val/teacher_acc"] == pytest.approx(float(t_acc.compute()), abs=1e-6)
+    assert metrics["val/agreement"] == pytest.approx(float(agree.compute()), abs=1e-6)

@@ -17,10 +17,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from tnkd.data.augment import Augment, affine_augment
-from tnkd.data.loader import ResumableLoader
+from tnkd.data.loader import ResumableLoader, TensorBatches, collate_batch
 from tnkd.data.transfer import UNLABELED, load_unlabeled, stratified_subset
 
 
@@ -284,23 +284,23 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
-            self.dataset(split),
+            TensorBatches(self.dataset(split).tensors),
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=collate_batch,
         )
 
-    def _train_set(self) -> Dataset:
+    def _train_set(self) -> TensorBatches:
         """What the training loader goes over (the split, or the positions of :meth:`train_order`).
 
         Each sample is followed by its position in the epoch's list when augmenting.
         """
         split = self.dataset("train")
-        order = self.train_order()
-        if order is None and self.augmentation is None:
-            return split
-        return _Positions(split.tensors, order, with_position=self.augmentation is not None)
+        return TensorBatches(
+            split.tensors, self.train_order(), with_position=self.augmentation is not None
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled per epoch from ``seed``; resumes mid-epoch exactly (:mod:`tnkd.data.loader`).
@@ -318,6 +318,7 @@ class ClassificationDataModule(L.LightningDataModule):
                 shuffle=True,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
+                collate_fn=collate_batch,
             )
         loader = ResumableLoader(
             self._train_set(),
@@ -325,6 +326,7 @@ class ClassificationDataModule(L.LightningDataModule):
             seed=self.seed,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=collate_batch,
         )
         if trainer is not None:
             loader.progress = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.completed
@@ -338,20 +340,3 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:  # noqa: D102
         return self._loader("test", shuffle=False)
-
-
-class _Positions(Dataset):
-    """Samples of ``tensors`` at ``order`` (or all of them), optionally followed by their position."""
-
-    def __init__(
-        self, tensors: tuple[torch.Tensor, ...], order: torch.Tensor | None, with_position: bool
-    ) -> None:
-        self.tensors, self.order, self.with_position = tensors, order, with_position
-
-    def __len__(self) -> int:
-        return len(self.tensors[0]) if self.order is None else len(self.order)
-
-    def __getitem__(self, j: int) -> tuple[Any, ...]:
-        i = j if self.order is None else int(self.order[j])
-        items = tuple(t[i] for t in self.tensors)
-        return (*items, j) if self.with_position else items

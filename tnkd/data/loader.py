@@ -5,6 +5,10 @@ does not depend on how many random numbers the run drew before (a resumed run se
 order). The loader implements ``state_dict`` / ``load_state_dict``, which Lightning saves in
 every checkpoint and restores on ``--ckpt_path``: a run stopped after batch k of an epoch
 continues with batch k + 1 of the same order.
+
+In-memory data sets are cut a batch at a time (:class:`TensorBatches`): one ``index_select``
+per tensor instead of indexing every sample and stacking them (``default_collate``), which took
+about 2 ms of a 5 ms step of a small MNIST student. The batches are the same, value for value.
 """
 
 from __future__ import annotations
@@ -14,6 +18,55 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class TensorBatches(Dataset):
+    """Samples of in-memory tensors, fetched a whole batch at a time.
+
+    Args:
+        tensors: tensors of equal length (images, labels, teacher logits...).
+        order: positions in ``tensors`` that the data set goes over (``None``: all of them in
+            turn); sample ``j`` is row ``order[j]``.
+        with_position: follow each sample by ``j``, its place in the data set (what
+            augmentation keys its draws by).
+
+    ``DataLoader`` hands a batch's indices to ``__getitems__``; use :func:`collate_batch` as
+    its ``collate_fn`` (the batch is already the list ``[x, y, ...]`` that ``default_collate``
+    would have stacked).
+
+    Example:
+        >>> data = TensorBatches((torch.arange(10.0).view(5, 2), torch.arange(5)))
+        >>> loader = DataLoader(data, batch_size=2, collate_fn=collate_batch)
+        >>> [b[1].tolist() for b in loader]
+        [[0, 1], [2, 3], [4]]
+    """
+
+    def __init__(
+        self,
+        tensors: tuple[torch.Tensor, ...],
+        order: torch.Tensor | None = None,
+        with_position: bool = False,
+    ) -> None:
+        self.tensors, self.order, self.with_position = tuple(tensors), order, with_position
+
+    def __len__(self) -> int:
+        return len(self.tensors[0]) if self.order is None else len(self.order)
+
+    def __getitem__(self, j: int) -> tuple[Any, ...]:
+        i = j if self.order is None else int(self.order[j])
+        items = tuple(t[i] for t in self.tensors)
+        return (*items, j) if self.with_position else items
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        positions = torch.as_tensor(indices, dtype=torch.long)
+        rows = positions if self.order is None else self.order[positions]
+        batch = [t.index_select(0, rows.to(t.device)) for t in self.tensors]
+        return [*batch, positions] if self.with_position else batch
+
+
+def collate_batch(batch: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The ``collate_fn`` for :class:`TensorBatches`: its batches come collated."""
+    return batch
 
 
 class EpochSampler(Sampler[int]):

@@ -181,8 +181,6 @@ def _log_history(wb: Any, model: BatchedDistillation, k: int) -> None:
     for stage in ("train", "val"):
         for epoch, values in model.history[stage]:
             row = dict(values[k])
-            if stage == "train" and "train/loss" in row:
-                row["train/loss_epoch"] = row.pop("train/loss")
             epochs.setdefault(epoch, {}).update(row)
     for epoch in sorted(epochs):
         wb.log({**epochs[epoch], "epoch": epoch})

@@ -40,11 +40,10 @@ from torch import nn
 
 from tnkd.divergences import Divergence
 from tnkd.students.batched import batch_students
+from tnkd.training.metrics import calibration_bins, calibration_error
 from tnkd.training.modules import DistillationModule, _configure
 from tnkd.training.teacher_cache import module_digest
 
-#: calibration bins, as the separate runs' ``MulticlassCalibrationError(n_bins=15)``
-ECE_BINS = 15
 STAGES = ("train", "val", "test")
 
 
@@ -345,14 +344,14 @@ class BatchedDistillation(L.LightningModule):
         conf, pred = probs.max(-1)
         correct = (pred == target).to(z.dtype) * labeled
         batch["student_acc"] = correct.sum(1)
-        batch["student_bins"] = _bins(conf, correct, labeled)
+        batch["student_bins"] = calibration_bins(conf, correct, labeled)
         v = self._member_teacher_logits(teachers, m, b, c)
         if v is not None:
             t_probs = v.softmax(-1)
             t_conf, t_pred = t_probs.max(-1)
             t_correct = (t_pred == target).to(z.dtype) * labeled
             batch["teacher_acc"] = t_correct.sum(1)
-            batch["teacher_bins"] = _bins(t_conf, t_correct, labeled)
+            batch["teacher_bins"] = calibration_bins(t_conf, t_correct, labeled)
             batch["agreement"] = (pred == t_pred).to(z.dtype).sum(1)
             batch["has_teacher"] = z.new_ones(m)
         if stage == "test":
@@ -397,7 +396,7 @@ class BatchedDistillation(L.LightningModule):
                 f"{stage}/loss": float(s["loss"][k]) / n,
                 f"{stage}/ce": float(s["ce"][k]) / float(s["ce_n"][k]),
                 f"{stage}/student_acc": float(s["student_acc"][k]) / max(lab, 1.0),
-                f"{stage}/student_ece": _ece(s["student_bins"][k], lab),
+                f"{stage}/student_ece": float(calibration_error(s["student_bins"][k], lab)),
             }
             if member.beta > 0 and "teacher_acc" in s:
                 row[f"{stage}/kd"] = float(s["kd"][k]) / n
@@ -407,7 +406,7 @@ class BatchedDistillation(L.LightningModule):
                 and (stage != "train" or member.beta > 0)
             ):
                 row[f"{stage}/teacher_acc"] = float(s["teacher_acc"][k]) / max(lab, 1.0)
-                row[f"{stage}/teacher_ece"] = _ece(s["teacher_bins"][k], lab)
+                row[f"{stage}/teacher_ece"] = float(calibration_error(s["teacher_bins"][k], lab))
                 row[f"{stage}/agreement"] = float(s["agreement"][k]) / n
             values.append(row)
         self.history[stage].append((int(self.current_epoch), values))
@@ -424,29 +423,6 @@ class BatchedDistillation(L.LightningModule):
     def member_students(self) -> list[nn.Module]:
         """The trained members as ordinary students (parameters copied)."""
         return [self.student.member(k) for k in range(self.num_members)]
-
-
-def _bins(conf: torch.Tensor, correct: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(M, bins + 1, 3) per-bin count, confidence sum and correct sum of labeled samples.
-
-    Bins as torchmetrics' calibration error: ``bucketize(conf, linspace(0, 1, bins + 1),
-    right=True) - 1`` (a confidence of exactly 1 gets a bin of its own, which adds 0).
-    """
-    m = conf.shape[0]
-    edges = torch.linspace(0, 1, ECE_BINS + 1, device=conf.device, dtype=conf.dtype)
-    index = torch.bucketize(conf, edges, right=True) - 1
-    w = weight.to(conf.dtype).expand_as(conf)
-    src = torch.stack([w, conf * w, correct.to(conf.dtype) * w], dim=-1)  # (M, B, 3)
-    out = torch.zeros(m, ECE_BINS + 1, 3, device=conf.device, dtype=conf.dtype)
-    out.scatter_add_(1, index.unsqueeze(-1).expand_as(src), src)
-    return out
-
-
-def _ece(bins: torch.Tensor, total: float) -> float:
-    """Expected calibration error from per-bin sums: ``sum_b |correct_b - conf_b| / n``."""
-    if total <= 0:
-        return 0.0
-    return float((bins[:, 2] - bins[:, 1]).abs().sum()) / total
 
 
 def _add(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

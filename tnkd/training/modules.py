@@ -31,17 +31,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassCalibrationError,
-    MulticlassConfusionMatrix,
-)
+from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics.metric import CompositionalMetric
 
 from tnkd.divergences import Divergence, build_divergence
 from tnkd.students.base import count_parameters
 from tnkd.teachers import TeacherEnsemble, load_teacher, save_teacher
 from tnkd.training.media import confusion_figure, diagram_figure, log_figure
+from tnkd.training.metrics import BatchMean, ClassifierStats
 
 STAGES = ("train", "val", "test")
 SCHEDULERS = ("cosine", "none")
@@ -79,16 +76,53 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits[labeled], labels[labeled])
 
 
-def _stage_metrics(num_classes: int, names: tuple[str, ...]) -> nn.ModuleDict:
-    """Per stage: accuracy (and calibration error) for each named model."""
-    out = {}
+class _Pick:
+    """``values[key][index]`` of a metric's compute (named for ``CompositionalMetric``)."""
+
+    def __init__(self, key: str | None, index: int | None) -> None:
+        self.key, self.index = key, index
+        self.__name__ = f"{key}[{index}]"
+
+    def __call__(self, values: Any, _: Any = None) -> torch.Tensor:
+        value = values if self.key is None else values[self.key]
+        return value if self.index is None else value[self.index]
+
+
+class StatValue(CompositionalMetric):
+    """One number of a metric's compute (``values[key][index]``) as a metric for ``self.log``.
+
+    ``self.log`` takes one scalar metric per name. The view keeps no state: its compute is the
+    metric's compute (cached until its next update, synced across processes), and resetting it
+    resets the metric, as torchmetrics' arithmetic of metrics does.
+    """
+
+    def __init__(self, metric: Any, key: str | None = None, index: int | None = None) -> None:
+        super().__init__(_Pick(key, index), metric, None)
+
+
+#: the loss terms a run logs, in the order of its :class:`BatchMean` of terms
+TERMS = ("loss", "ce", "kd")
+
+
+def _stage_stats(num_classes: int, models: tuple[str, ...]) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+    """Per stage the epoch sums and the views that ``self.log`` takes (:meth:`_RunModule._record`).
+
+    Sums: ``{stage}_terms`` (the :data:`TERMS` means) and ``{stage}_models{k}`` (accuracy,
+    calibration and agreement of the first k ``models``; a labels-only run's training batches
+    have the student alone). Views: ``{stage}_{term}`` and ``{stage}_{k}_{model}_{key}``.
+    """
+    stats: dict[str, Any] = {}
+    views: dict[str, Any] = {}
     for stage in STAGES:
-        metrics: dict[str, Any] = {}
-        for name in names:
-            metrics[f"{name}_acc"] = MulticlassAccuracy(num_classes, average="micro")
-            metrics[f"{name}_ece"] = MulticlassCalibrationError(num_classes, n_bins=15)
-        out[f"{stage}_metrics"] = MetricCollection(metrics, prefix=f"{stage}/")
-    return nn.ModuleDict(out)
+        terms = stats[f"{stage}_terms"] = BatchMean(len(TERMS))
+        for i, term in enumerate(TERMS):
+            views[f"{stage}_{term}"] = StatValue(terms, index=i)
+        for k in range(1, len(models) + 1):
+            sums = stats[f"{stage}_models{k}"] = ClassifierStats(num_classes, members=k)
+            for i, model in enumerate(models[:k]):
+                for key in ("acc", "ece", "agreement"):
+                    views[f"{stage}_{k}_{model}_{key}"] = StatValue(sums, key, i if k > 1 else None)
+    return nn.ModuleDict(stats), nn.ModuleDict(views)
 
 
 def _configure(
@@ -205,9 +239,95 @@ class _RunModule(L.LightningModule):
     """
 
     fit_seconds: float | None = None
+    #: per stage the sums of the epoch's metrics and their views (:func:`_stage_stats`)
+    stats: nn.ModuleDict
+    stat_views: nn.ModuleDict
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def _record(
+        self,
+        stage: str,
+        terms: dict[str, tuple[torch.Tensor, Any]],
+        models: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        agreement: bool = False,
+    ) -> None:
+        """Add a batch to the stage's epoch sums; hand them to ``self.log`` once per epoch.
+
+        ``terms`` maps some of :data:`TERMS` to the batch's value and weight (samples);
+        ``models`` model names (``student``, ``teacher``) to their logits, whose accuracy and
+        calibration error over the labeled samples are logged as ``{stage}/{model}_acc`` and
+        ``{stage}/{model}_ece``; with ``agreement`` the first model's agreement with the
+        second's predictions is ``{stage}/agreement``.
+
+        Lightning keeps a reference to a logged metric object, computes it over all of the
+        epoch's updates at the epoch's end (synced across processes), logs it and resets it: one
+        ``self.log`` per epoch logs what one per step did, without the per-step bookkeeping that
+        cost about as much as a small student's step (``benchmarks/end_to_end.py``). Training
+        also logs ``train/loss_step`` on the steps whose values go to the logger
+        (``log_every_n_steps``), and to the progress bar.
+        """
+        zero = terms["loss"][0].detach().new_zeros(())
+        values = tuple(terms[t][0].detach() if t in terms else zero for t in TERMS)
+        self.stats[f"{stage}_terms"].update(
+            values, tuple(terms[t][1] if t in terms else 0 for t in TERMS)
+        )
+        names = list(models)
+        logits = [z.detach() for z in models.values()]
+        k = len(names)
+        reference = logits[1].argmax(-1) if agreement else None
+        stacked = logits[0] if k == 1 else torch.stack([z.float() for z in logits])
+        self.stats[f"{stage}_models{k}"].update(stacked, labels, reference)
+        logged = self.__dict__.setdefault("_epoch_logged", set())
+        if stage not in logged:
+            logged.add(stage)
+            for name in terms:
+                self.log(
+                    f"{stage}/{name}",
+                    self.stat_views[f"{stage}_{name}"],
+                    on_step=False,
+                    on_epoch=True,
+                    prog_bar=name == "loss" and stage != "test",
+                )
+            for name in names:
+                for key in ("acc", "ece"):
+                    self.log(
+                        f"{stage}/{name}_{key}",
+                        self.stat_views[f"{stage}_{k}_{name}_{key}"],
+                        on_step=False,
+                        on_epoch=True,
+                        prog_bar=stage == "val" and key == "acc",
+                    )
+            if agreement:
+                self.log(
+                    f"{stage}/agreement",
+                    self.stat_views[f"{stage}_{k}_{names[0]}_agreement"],
+                    on_step=False,
+                    on_epoch=True,
+                )
+        if stage == "train" and self._logs_this_step():
+            self.log(
+                "train/loss_step", terms["loss"][0], on_step=True, on_epoch=False, prog_bar=True
+            )
+
+    def _logs_this_step(self) -> bool:
+        """Whether Lightning sends this training step's values to the logger."""
+        connector = getattr(self.trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
+
+    def _new_epoch(self, stage: str) -> None:
+        self.__dict__.setdefault("_epoch_logged", set()).discard(stage)
+
+    def on_train_epoch_start(self) -> None:
+        self._new_epoch("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self._new_epoch("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._new_epoch("test")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
@@ -264,7 +384,7 @@ class TeacherModule(_RunModule):
             raise ValueError(
                 f"teacher net {type(net).__name__} must have a `num_classes` attribute"
             )
-        self.metrics = _stage_metrics(num_classes, ("teacher",))
+        self.stats, self.stat_views = _stage_stats(num_classes, ("teacher",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self.net(x)
@@ -295,19 +415,8 @@ class TeacherModule(_RunModule):
         loss = F.cross_entropy(
             logits, y, label_smoothing=self.hparams.label_smoothing, ignore_index=-1
         )
-        labeled = y >= 0
-        self.metrics[f"{stage}_metrics"].update(logits.detach()[labeled], y[labeled])
-        self.log(
-            f"{stage}/loss",
-            loss,
-            prog_bar=stage != "test",
-            on_epoch=True,
-            on_step=False,
-            sync_dist=True,
-        )
-        self.log_dict(
-            self.metrics[f"{stage}_metrics"], on_epoch=True, on_step=False, prog_bar=stage == "val"
-        )
+        # the loss is a mean over the labeled samples (ignore_index): weigh it by their number
+        self._record(stage, {"loss": (loss, (y >= 0).sum())}, {"teacher": logits}, y)
         return loss
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -446,15 +555,10 @@ class DistillationModule(_RunModule):
             raise ValueError(
                 f"the teacher has {teacher_classes} classes but the student has {num_classes}; they must match"
             )
-        names = ("student", "teacher") if teacher is not None else ("student",)
-        self.metrics = _stage_metrics(num_classes, names)
+        models = ("student", "teacher") if teacher is not None else ("student",)
+        self.stats, self.stat_views = _stage_stats(num_classes, models)
         self.confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion: torch.Tensor | None = None
-        self.agreement = nn.ModuleDict(
-            {f"{s}_metrics": MulticlassAccuracy(num_classes, average="micro") for s in STAGES}
-            if teacher is not None
-            else {}
-        )
 
     def _load_teacher(
         self,
@@ -613,53 +717,16 @@ class DistillationModule(_RunModule):
             with torch.no_grad():
                 teacher_logits = self.teacher(x).float()
         terms = self.loss_terms(student_logits, teacher_logits, y)
-        on_step = stage == "train"
-        for name, value in terms.items():
-            self.log(
-                f"{stage}/{name}",
-                value,
-                on_epoch=True,
-                on_step=on_step and name == "loss",
-                prog_bar=name == "loss" and stage != "test",
-                sync_dist=True,
-                # CE is a mean over the labeled samples only: weigh the epoch mean by them
-                batch_size=None if all_labeled or name != "ce" else int(labeled.sum()),
-            )
-        metrics = self.metrics[f"{stage}_metrics"]
         if stage == "test":
             self.confusion.update(student_logits.detach(), y)
-        # accuracy and calibration against labels: labeled samples only
-        z_lab = student_logits.detach() if all_labeled else student_logits.detach()[labeled]
-        y_lab = y if all_labeled else y[labeled]
-        v_lab = None
+        n = len(y)
+        # CE is a mean over the labeled samples only: weigh the epoch mean by their number
+        weights = {"ce": n if all_labeled else labeled.sum(), "kd": n, "loss": n}
+        logged = {name: (value, weights[name]) for name, value in terms.items()}
+        models = {"student": student_logits}
         if teacher_logits is not None:
-            v_lab = teacher_logits if all_labeled else teacher_logits[labeled]
-        if len(y_lab):
-            metrics["student_acc"].update(z_lab, y_lab)
-            metrics["student_ece"].update(z_lab.float().softmax(-1), y_lab)
-        if v_lab is not None and len(y_lab):
-            metrics["teacher_acc"].update(v_lab, y_lab)
-            metrics["teacher_ece"].update(v_lab.softmax(-1), y_lab)
-        if teacher_logits is not None:
-            self.agreement[f"{stage}_metrics"].update(
-                student_logits.detach(), teacher_logits.argmax(-1)
-            )
-            self.log(
-                f"{stage}/agreement",
-                self.agreement[f"{stage}_metrics"],
-                on_epoch=True,
-                on_step=False,
-            )
-        names = ("student", "teacher") if teacher_logits is not None else ("student",)
-        for name in names:
-            for kind in ("acc", "ece"):
-                self.log(
-                    f"{stage}/{name}_{kind}",
-                    metrics[f"{name}_{kind}"],
-                    on_epoch=True,
-                    on_step=False,
-                    prog_bar=stage == "val" and kind == "acc",
-                )
+            models["teacher"] = teacher_logits
+        self._record(stage, logged, models, y, agreement=teacher_logits is not None)
         return terms["loss"]
 
     def on_test_epoch_end(self) -> None:
