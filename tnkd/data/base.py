@@ -33,6 +33,21 @@ def check_fraction(name: str, value: float, *, upper_open: bool = True) -> float
     return float(value)
 
 
+#: share of an accelerator's free memory the data sets may take to stay on it
+RESIDENT_FRACTION = 0.5
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Free bytes on an accelerator, or ``None`` where torch cannot tell."""
+    info = getattr(getattr(torch, device.type, None), "mem_get_info", None)
+    if info is None:
+        return None
+    try:
+        return int(info(device)[0])
+    except (RuntimeError, AssertionError, TypeError):
+        return None
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Base class: a seeded train/val/test split of an image classification set.
 
@@ -93,6 +108,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self._unlabeled_used = True
         self._labeled_order: torch.Tensor | None = None
         self._splits: dict[str, TensorDataset] = {}
+        self._resident: dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
         self._logits_keys: dict[str, str | None] = {}
         self._draws: dict[tuple[str, int, int], torch.Tensor] = {}
 
@@ -282,9 +298,44 @@ class ClassificationDataModule(L.LightningDataModule):
         self.setup()
         return self._splits[split]
 
+    def resident_device(self) -> torch.device | None:
+        """The accelerator the loaders keep the data on, or ``None`` (the data stays in RAM).
+
+        In-memory splits are copied once to the trainer's device and batches are cut there, so
+        that no step waits for a host-to-device copy: on an accelerator, in one process, without
+        loader workers (they cannot share device tensors), when the splits take at most half of
+        the device's free memory.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size > 1 or self.num_workers > 0:
+            return None
+        device = trainer.strategy.root_device
+        if device.type == "cpu":
+            return None
+        size = sum(t.numel() * t.element_size() for d in self._splits.values() for t in d.tensors)
+        free = _free_memory(device)
+        return device if free is None or size <= RESIDENT_FRACTION * free else None
+
+    def _tensors(self, split: str) -> tuple[torch.Tensor, ...]:
+        """The split's tensors, on :meth:`resident_device` when there is one (copied once)."""
+        tensors = self.dataset(split).tensors
+        device = self.resident_device()
+        if device is None:
+            return tensors
+        kept = self._resident.get(split)
+        if (
+            kept is None
+            or len(kept[0]) != len(tensors)
+            or any(a is not b for a, b in zip(kept[0], tensors, strict=True))
+            or kept[1][0].device != device
+        ):
+            kept = (tensors, tuple(t.to(device) for t in tensors))
+            self._resident[split] = kept
+        return kept[1]
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
-            TensorBatches(self.dataset(split).tensors),
+            TensorBatches(self._tensors(split)),
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
@@ -297,9 +348,8 @@ class ClassificationDataModule(L.LightningDataModule):
 
         Each sample is followed by its position in the epoch's list when augmenting.
         """
-        split = self.dataset("train")
         return TensorBatches(
-            split.tensors, self.train_order(), with_position=self.augmentation is not None
+            self._tensors("train"), self.train_order(), with_position=self.augmentation is not None
         )
 
     def train_dataloader(self) -> DataLoader:
