@@ -212,6 +212,7 @@ def compare(
     progress: bool = False,
     evaluate: str = "test",
     batched: bool = False,
+    mixup: float = 0.0,
 ) -> list[RunResult]:
     """Train one student family several ways against one teacher; print and return the results.
 
@@ -252,6 +253,9 @@ def compare(
             :mod:`tnkd.experiments.batched`): each run keeps its initialisation, loss, results
             row and W&B run, and follows its separate run's optimisation up to rounding; the
             time per run is then its share of the batched fit time.
+        mixup: mixup's alpha for every run (``DistillationModule(mixup=...)``; 0: off): the
+            labels-only runs mix images and labels, the distilled runs' teacher labels the mixed
+            images (it then runs on every training batch).
 
     Returns:
         One :class:`RunResult` per run.
@@ -269,6 +273,8 @@ def compare(
             "variants is empty: give at least one way to train the student (e.g. --variants "
             "'[{name: labels only, beta: 0.0}]'), or leave it out for labels only and KL"
         )
+    if batched and mixup:
+        raise ValueError("mixup runs cannot be batched yet: leave out --batched or --mixup")
     _check_outputs(teacher_checkpoint, teacher_cache, logger, save_dir, results)
     data.setup("fit")
     group = group or f"{type(data).__name__}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -330,6 +336,7 @@ def compare(
                 weight_decay=weight_decay,
                 scheduler=scheduler,
                 teacher_cache=teacher_cache,
+                mixup=mixup,
             )
             module.hparams["teacher_checkpoint"] = teacher_checkpoint  # for the run's config
             log = make_logger(

@@ -34,6 +34,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 from torchmetrics.metric import CompositionalMetric
 
+from tnkd.data.mixup import mixup as mix_batch
 from tnkd.divergences import Divergence, build_divergence
 from tnkd.students.base import count_parameters
 from tnkd.teachers import TeacherEnsemble, load_teacher, save_teacher
@@ -483,6 +484,11 @@ class DistillationModule(_RunModule):
             ``teacher_checkpoint`` is meant to be used untrained; the ``tnkd`` command refuses
             such a teacher otherwise (distilling from a random network is almost always a
             forgotten teacher file).
+        mixup: alpha of mixup's ``Beta(alpha, alpha)`` weight (:mod:`tnkd.data.mixup`; e.g.
+            0.2 or 1.0); 0 (default) is off. Training batches become mixed images, the CE term
+            mixes the two labels, and the teacher runs on every mixed batch (cached training
+            logits are those of unmixed images and are not used).
+        mixup_seed: seed of the mixup draws (default: the run's seed, ``torch.initial_seed()``).
 
     Teachers: ``teacher_checkpoint`` may be a tnkd teacher file (architecture included), a
     ``state_dict`` or a Lightning checkpoint (with ``teacher`` as the architecture), or a trusted
@@ -517,9 +523,16 @@ class DistillationModule(_RunModule):
         teacher_cache: str | None = None,
         trust_teacher_file: bool = False,
         untrained_teacher: bool = False,
+        mixup: float = 0.0,
+        mixup_seed: int | None = None,
     ) -> None:
         super().__init__()
+        if isinstance(mixup, bool) or not isinstance(mixup, int | float) or not mixup >= 0:
+            raise ValueError(f"mixup must be a number >= 0 (0: off), but got {mixup!r}")
+        if mixup_seed is None:
+            mixup_seed = torch.initial_seed() & 0xFFFFFFFF  # the run's seed (seed_everything)
         self.save_hyperparameters(ignore=["student", "teacher", "divergence"])
+        self.mixup, self.mixup_seed = float(mixup), int(mixup_seed)
         self.temperature = _check_positive("temperature", temperature)
         if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1], but got {beta!r}")
@@ -623,8 +636,8 @@ class DistillationModule(_RunModule):
 
         key = module_digest(self.teacher)
         for split in CACHED_SPLITS.get(stage, ()):
-            if split == "train" and self.beta == 0:
-                continue  # a labels-only run uses its teacher for metrics only
+            if split == "train" and (self.beta == 0 or self.mixup > 0):
+                continue  # labels only: the teacher is for metrics; mixup: it sees mixed images
             tensors = dm.dataset(split).tensors
             owner = dm.teacher_logits_key(split) if hasattr(dm, "teacher_logits_key") else None
             if not len(tensors[0]) or (len(tensors) >= 3 and owner in (key, None)):
@@ -681,8 +694,12 @@ class DistillationModule(_RunModule):
         student_logits: torch.Tensor,
         teacher_logits: torch.Tensor | None,
         labels: torch.Tensor,
+        mix: tuple[torch.Tensor, float] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The loss and its parts: ``ce``, ``kd`` (the unscaled divergence, for logging) and ``loss``.
+
+        With ``mix = (perm, lam)`` (a mixup batch) the CE term is
+        ``lam * CE(z, labels) + (1 - lam) * CE(z, labels[perm])``.
 
         The distillation term is ``divergence.loss``: ``scale(T) * D`` computed as one quantity,
         which stays accurate where the product is a limit (Renyi near alpha = 0). Samples
@@ -690,6 +707,9 @@ class DistillationModule(_RunModule):
         the mean over the labeled samples, 0 when the batch has none (see the module docs).
         """
         ce = masked_cross_entropy(student_logits, labels)
+        if mix is not None:
+            perm, lam = mix
+            ce = lam * ce + (1 - lam) * masked_cross_entropy(student_logits, labels[perm])
         if teacher_logits is None or self.beta == 0:
             return {"ce": ce, "loss": ce}
         # the labels go to divergences that take them (DKD; every built-in accepts and ignores)
@@ -702,6 +722,10 @@ class DistillationModule(_RunModule):
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y, *cached = batch
+        mix = None
+        if stage == "train" and self.mixup > 0:
+            x, perm, lam = mix_batch(x, self.mixup, self.mixup_seed, int(self.global_step))
+            mix, cached = (perm, lam), []  # cached logits are of the unmixed images
         labeled = y >= 0
         all_labeled = bool(labeled.all())
         student_logits = self.student(x)
@@ -716,7 +740,7 @@ class DistillationModule(_RunModule):
         if wanted and teacher_logits is None:
             with torch.no_grad():
                 teacher_logits = self.teacher(x).float()
-        terms = self.loss_terms(student_logits, teacher_logits, y)
+        terms = self.loss_terms(student_logits, teacher_logits, y, mix)
         if stage == "test":
             self.confusion.update(student_logits.detach(), y)
         n = len(y)

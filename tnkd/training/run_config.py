@@ -174,6 +174,7 @@ def run_config(module: Any, datamodule: Any = None, trainer: Any = None) -> dict
             config.update({k: params[k] for k in TOP_LEVEL_DIVERGENCE_KEYS if k in params})
         config["temperature"] = module.temperature
         config["beta"] = module.beta
+        config["mixup"] = getattr(module, "mixup", 0.0)
         if module.teacher is not None:
             config["teacher"] = describe_teacher(module.teacher, hp.get("teacher_checkpoint"))
         config.update(module.size_summary())
