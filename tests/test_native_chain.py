@@ -1,4 +1,4 @@
-"""The native chain scan (tnkd.tn.native, method="native") against the Python scan and dense truth."""
+"""The native chain scan (method="native") against the Python scan and dense references."""
 
 import warnings
 

@@ -4,6 +4,14 @@
 :func:`sweep_boundary`, its K-chains-at-once engine. They return the value *and a tracked
 log-scale*, so that chains of any length neither overflow nor vanish:
 
+- ``"native"``: the scan below with its loops in C++ (``tnkd/tn/csrc/chain_scan.cpp``,
+  :mod:`tnkd.tn.native`, compiled on first use): the same steps, renormalisations, fallbacks
+  and hand-written backward pass, but a step is one pass of register-tiled SIMD loops over
+  L1-resident data instead of two ATen kernels dispatched from Python, the step matrices and
+  features are read in place (no per-step copies), the K chains run on parallel threads, and
+  :func:`contract_chain` is one autograd node from the features to the normalised values (the
+  merge of site pairs and the output core included). float32 and float64 on the CPU; other
+  dtypes and devices, or a machine without a compiler, run the Python scan.
 - ``"scan"``: a boundary vector is swept along the chain (D^2 d work per site, sequential;
   the left and right halves of an MPS are swept together as K = 2 chains, two neighbouring
   sites are merged into one step up to D = 32, the vectors are renormalised every 16 sites),
@@ -19,18 +27,28 @@ log-scale*, so that chains of any length neither overflow nor vanish:
 - ``"tree"``: every site's feature vector is contracted into its core in one batched
   operation, then the matrices are multiplied pairwise in log depth (D^3 work per site, but
   about 2 log2(N) large kernels instead of N small ones), renormalised at every level.
-- ``"auto"`` picks ``scan`` on CPU at every D, ``tree`` on accelerators for D <= 64 and
-  ``sweep`` above.
+- ``"auto"`` picks ``native`` on CPU at every D (``scan`` where it cannot be compiled),
+  ``tree`` on accelerators for D <= 64 and ``sweep`` above.
 
-Why, measured (``benchmarks/chain_speed.py --threads 1 --clock cpu``, twice: MPS classifier,
-batch 100, training step = forward, cross-entropy, backward, Adam; a 2-core CPU shared with
-other jobs, models timed interleaved): against the sweep the scan trains 2.0x faster at 784
-sites and D = 10, 1.8-1.9x at D = 16 and 20, 1.7-1.8x at D = 50, 1.4-1.8x at 196 sites and
-D = 8-32, and infers 1.2-1.5x faster; measured the same way with a development script, 1.7x
-at D = 64, 1.1-1.2x at D = 100 and 1.3x at D = 128. On a GPU the tree was measured (an H200
-at batch 100, ``benchmarks/chain_methods.py``: a 784-site training step 4.9x faster than the
-sweep at D = 32 and 2.2x at D = 64, 196 sites 2.1x and 1.3x); the scan was not measured on a
-GPU, so ``auto`` keeps the tree and the sweep there.
+Why, measured (``python benchmarks/chain_speed.py --markdown --threads 1 --clock cpu``, twice:
+MPS classifier, [1, x] map, batch 100, training step = forward, cross-entropy, backward, Adam;
+samples per CPU-second of one torch thread on a 2-core Xeon shared with other jobs, load
+average 2-3, models timed interleaved): the native scan trains 4.9x and 4.6x faster than the
+sweep at 784 sites and D = 10, 3.6x and 3.9x at D = 16, 3.0x and 2.9x at D = 20, 2.4x at
+D = 50, and at 196 sites 3.6x and 3.8x at D = 8, 3.1x (both runs) at D = 16 and 2.3x and 2.5x
+at D = 32; it infers 2.2-3.9x faster. The Python scan had reached 2.0x at 784 sites, D = 10
+and 1.7-1.8x at 196 sites, D = 16, measured the same way before. Against the Python scan
+directly (a development script, the two models interleaved, one thread, CPU time, run twice)
+the native scan trained 2.2x and 2.4x faster at 784 sites and D = 10, 1.7x and 1.6x at
+D = 50, and at 196 sites 1.9x and 1.7x at D = 16, 1.4x and 1.5x at D = 64, 1.5x and 1.4x at
+D = 100 and 1.3x at D = 128: faster at every D, hence ``native`` at every D. Its SIMD loops
+run near the CPU's multiply-add rate (33 GMAC/s for the forward scan at 196 sites, D = 16,
+against 31.5 GMAC/s for a plain loop of 512-bit FMAs on the same machine), so at 196 sites and
+D = 16 the three passes of 6 B N D^2 d flop take about 1 ms of a 2.6 ms step and Adam 0.6 ms; the
+feature map, logits, loss, autograd and Python take the other 1 ms. On a GPU the tree was
+measured (an H200 at batch 100, ``benchmarks/chain_methods.py``: a 784-site training step
+4.9x faster than the sweep at D = 32 and 2.2x at D = 64, 196 sites 2.1x and 1.3x); the scans
+were not measured on a GPU, so ``auto`` keeps the tree and the sweep there.
 
 Tried on the CPU and not taken: the tree (D^3 work in 10x10 matmuls at 12 GFLOP/s, and the
 whole stack renormalised at every level: a 784-site D = 10 forward pass took 35 ms against
@@ -38,7 +56,15 @@ the scan's 3.5 ms); ``torch.compile`` of a 49-step loop (192 s to compile, 1.2x 
 merging 3 or 4 sites per step (fewer steps, but d^k/k more work per site: slower at D = 10);
 per-sample (D, D) transfer matrices (a step is then two elementwise kernels over D^2 B
 numbers, 7.0 us at D = 10, against 4.7 us for the outer product and matmul of two merged
-sites); sweeping the two halves in two Python threads (slower: the GIL).
+sites); sweeping the two halves in two Python threads (slower: the GIL). For the native scan:
+plain C++ loops with arrays as accumulators, left to g++'s auto-vectoriser (the forward loop
+0.7x as fast as the Python scan's at D = 16 in float32; with explicit vector types and
+register tiles it ran 2.8x faster than the Python scan's); the cores' gradients as per-step
+dot products along the batch (a horizontal sum of a register per entry: the backward loop no
+faster than the Python one) instead of broadcasts against the transposed input vectors; the
+step matrices, block features, pair merges and output core left to ATen around the native
+loops (moving them into one native autograd node took the 196-site D = 16 training step from
+about 3.0 to 2.6 ms, measured alone, one thread, CPU time).
 
 The generic path for any graph is :class:`tnkd.tn.contraction.CompiledNetwork`.
 """
@@ -693,7 +719,7 @@ class _NativeScan(torch.autograd.Function):
 
 
 def _mps_sources(position: int, num_sites: int, pad: int, extra: int) -> torch.Tensor:
-    """Which input site each site of :func:`_mps_plan`'s site tensor reads (-1: an identity site)."""
+    """Which input site each site of :func:`_mps_plan`'s site tensor reads (-1: identity)."""
     key = ("sources", position, num_sites, pad, extra)
     if key not in _PLANS:
         sites = list(range(position)) + [-1] * pad + list(range(position, num_sites))
@@ -840,8 +866,9 @@ def _sweep_boundary(
     With ``block = k > 1``, k neighbouring cores are first merged into one (D, d^k, D) core (and
     their features into one d^k vector), so the sweep takes L/k steps. ``"scan"`` runs the loop
     as one autograd node with a hand-written backward (the same two kernels per step, in
-    reverse); ``"sweep"`` lets autograd record every step. ``"tree"`` multiplies all transfer
-    matrices pairwise in log depth. If a value comes out non-finite or zero, the sweep is
+    reverse), ``"native"`` the same in C++ loops (:mod:`tnkd.tn.native`); ``"sweep"`` lets
+    autograd record every step. ``"tree"`` multiplies all transfer matrices pairwise in log
+    depth. If a value comes out non-finite or zero, the sweep is
     redone renormalising after every unmerged site.
 
     Args:
@@ -850,8 +877,8 @@ def _sweep_boundary(
         features: (K, B, L, d).
         renorm_every: sites between renormalisations; default :func:`default_renorm_every`.
         block: sites merged per step; default :func:`default_block`.
-        method: ``"auto"`` (see :func:`resolve_chain_method`), ``"scan"``, ``"sweep"`` or
-            ``"tree"`` (which ignores ``renorm_every`` and ``block``).
+        method: ``"auto"`` (see :func:`resolve_chain_method`), ``"native"``, ``"scan"``,
+            ``"sweep"`` or ``"tree"`` (which ignores ``renorm_every`` and ``block``).
 
     Returns:
         (K, B, D) normalised vectors (max-abs 1 per sample) and (K, B) log-scales: the exact
@@ -911,7 +938,8 @@ def _contract_chain(
         features: (B, N, d) feature vectors.
         output_core: (D, C, D) output core.
         position: p, the number of sites left of the output core (0..N).
-        method: ``"auto"``, ``"scan"``, ``"sweep"`` or ``"tree"`` (see :func:`sweep_boundary`).
+        method: ``"auto"``, ``"native"``, ``"scan"``, ``"sweep"`` or ``"tree"`` (see
+            :func:`sweep_boundary`).
 
     Returns:
         ``values`` (B, C) and ``log_scale`` (B,).

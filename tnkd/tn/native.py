@@ -3,18 +3,20 @@
 :func:`tnkd.tn.chain.sweep_boundary`'s ``"scan"`` runs its steps from Python, two ATen kernels
 per step (an outer product and a batched matmul), and at small bond dimensions those kernels'
 dispatch, not their arithmetic, sets the time: a step at D = 10 is about 80,000 multiply-adds
-for two chains and a batch of 100, a microsecond of work. ``"native"`` runs the same math (the
-same steps, renormalisations and hand-written backward pass) as one C++ function per pass:
+for two chains and a batch of 100, a few microseconds of work. ``"native"`` runs the same math
+(the same steps, renormalisations and hand-written backward pass) as one C++ function per pass:
 every step is an outer product into an L1-resident scratch and a register-tiled matrix product
-along the batch (the long, contiguous axis), and the K chains run on parallel threads.
+along the batch (the long, contiguous axis), and the K chains run on parallel threads. For an
+MPS the merge of site pairs, the block features and the output core are native too, so that
+:func:`tnkd.tn.chain.contract_chain` is one autograd node.
 
 The source is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja) the first time a
 native scan runs, about 30 s, into torch's extension cache (``~/.cache/torch_extensions``,
 or ``TORCH_EXTENSIONS_DIR``), so later processes load it in about a second. The build is
-specific to the CPU (``-march=native``); the CPU's flags are part of the extension's name, so
-a cache shared between different machines never loads a foreign build. If it cannot be built
-(no compiler, no ninja), :func:`kernels` warns once and returns ``None``, and the chain
-contraction uses the Python scan instead.
+specific to the CPU (``-march=native``); the CPU's model and flags are part of the extension's
+name, so a cache shared between different machines never loads a foreign build. If it cannot
+be built (no compiler, no ninja), :func:`kernels` warns once and returns ``None``, and the
+chain contraction uses the Python scan instead.
 
 Example:
     >>> ext = kernels()  # compiles on first use

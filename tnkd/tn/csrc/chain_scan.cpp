@@ -1,14 +1,17 @@
-// The boundary-vector scan of tnkd.tn.chain as two native loops (forward and backward).
+// The boundary-vector scan of tnkd.tn.chain (method="native") as native loops.
 //
-// Same math as tnkd.tn.chain._scan_forward / _scan_backward: K independent chains, each a
-// sequence of S steps v_{i+1} = M_i (phi_i (x) v_i), vectors carried as (D, B) columns (bond
-// index first, batch last), every `every`-th output and the last divided by their max-abs.
-// Step i of chain k reads block index[k][i] of the merged cores, natural layout (l, s, r), and
-// of the block features (s, b); a chain with in_first enters a block on l (a left-to-right
-// sweep), the others on r. At small D a step is a few thousand multiply-adds, so the Python
-// loop's per-kernel dispatch set the time; here a step is one pass over L1-resident data with
-// register-tiled loops, the step matrices are read in place (no per-step copies), and the K
-// chains run in parallel (one chain per thread).
+// scan_forward / scan_backward: the same math as tnkd.tn.chain._scan_forward / _scan_backward.
+// K independent chains, each a sequence of S steps v_{i+1} = M_i (phi_i (x) v_i), vectors
+// carried as (D, B) columns (bond index first, batch last), every `every`-th output and the
+// last divided by their max-abs. Step i of chain k reads block index[k][i] of the merged cores,
+// natural layout (l, s, r), and of the block features (s, b); a chain with in_first enters a
+// block on l (a left-to-right sweep), the others on r. At small D a step is some 10^4-10^5
+// multiply-adds, so the Python loop's per-kernel dispatch set the time; here a step is one
+// pass over L1-resident data with register-tiled SIMD loops, the step matrices are read in
+// place (no per-step copies), and the K chains run in parallel (one chain per thread).
+// merge_pairs / unmerge_pairs, block_features and mps_output_forward / _backward: the small
+// operations around the scan of an MPS (tnkd.tn.chain._NativeMPS), so that it is one autograd
+// node with no ATen kernel per site.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -271,9 +274,9 @@ Plan read_plan(const at::Tensor& index, const std::vector<bool>& in_first, int64
 // log-scales (K, B) (the sum of the scales' logarithms), whether the scan stayed in float range
 // (every scale finite and at least tiny / eps: tnkd.tn.chain._healthy) and whether the last
 // vectors are finite.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, bool> scan_forward(at::Tensor start, at::Tensor blocks, at::Tensor features,
-                                     at::Tensor index, std::vector<bool> in_first,
-                                     int64_t every) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, bool> scan_forward(
+    at::Tensor start, at::Tensor blocks, at::Tensor features, at::Tensor index,
+    std::vector<bool> in_first, int64_t every) {
   check(start, "start", 3);
   check(blocks, "blocks", 3);
   check(features, "features", 3);
@@ -354,10 +357,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, bool> scan_forward(at::Tens
 // two chains: a constant) gets the first one's gradient; a block read by none, zero. Also
 // returns whether grad and gs[0] are finite. Without keep_all, gs is (1, K, D, B), only the
 // start's gradient (the others live in a two-slot ring: less memory traffic).
-std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(at::Tensor grad, at::Tensor blocks, at::Tensor features,
-                                      at::Tensor index, std::vector<bool> in_first,
-                                      at::Tensor vs, at::Tensor scales, int64_t every,
-                                      bool core_grads, bool keep_all) {
+std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
+    at::Tensor grad, at::Tensor blocks, at::Tensor features, at::Tensor index,
+    std::vector<bool> in_first, at::Tensor vs, at::Tensor scales, int64_t every, bool core_grads,
+    bool keep_all) {
   check(grad, "grad", 3);
   check(blocks, "blocks", 3);
   check(features, "features", 3);
