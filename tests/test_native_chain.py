@@ -183,3 +183,16 @@ def test_no_compiler_means_the_python_scan_and_one_warning(monkeypatch):
         mps = MPSClassifier(7, 3, bond_dim=4, output="raw", method="native").double()
         x = torch.rand(2, 7, dtype=torch.float64)
         assert torch.allclose(mps.raw_forward(x), dense_reference(mps, x), rtol=1e-10)
+
+
+def test_torch_compile_traces_the_python_scan(ext):
+    # torch.compile cannot trace into the native functions: under tracing auto picks the scan
+    torch.manual_seed(8)
+    mps = MPSClassifier(9, 3, bond_dim=4, init_std=0.5)
+    x = torch.rand(4, 9)
+    compiled = torch.compile(mps, backend="eager")
+    with warnings.catch_warnings():
+        # what a graph break at a native call would say
+        warnings.filterwarnings("error", message="Dynamo does not know how to trace")
+        out = compiled(x)
+    assert torch.allclose(out, mps(x), atol=1e-6)

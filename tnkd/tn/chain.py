@@ -820,8 +820,10 @@ def resolve_chain_method(method: str, bond_dim: int, device: torch.device | None
 
     CPU (or no device): ``"native"`` at every D, or ``"scan"`` if the native kernels cannot be
     compiled here (:func:`tnkd.tn.native.kernels` warns once; the first call on a machine
-    compiles them, about 30 s). Accelerators: ``"tree"`` for D <= ``TREE_MAX_BOND_DIM``,
-    ``"sweep"`` above. The measurements behind the choice are in the module docstring.
+    compiles them, about 30 s) and while ``torch.compile`` traces (it cannot trace into the
+    native functions and would break the graph there). Accelerators: ``"tree"`` for
+    D <= ``TREE_MAX_BOND_DIM``, ``"sweep"`` above. The measurements behind the choice are in
+    the module docstring.
 
     Example:
         >>> resolve_chain_method("auto", 10, torch.device("cpu")) in ("native", "scan")
@@ -834,6 +836,8 @@ def resolve_chain_method(method: str, bond_dim: int, device: torch.device | None
     if method != "auto":
         return method
     if device is None or torch.device(device).type == "cpu":
+        if torch.compiler.is_compiling():
+            return "scan"
         return "native" if native.kernels() is not None else "scan"
     return "tree" if bond_dim <= TREE_MAX_BOND_DIM else "sweep"
 
