@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from tnkd.students import MPSClassifier
+from tnkd.tn import native
 from tnkd.tn.chain import (
     contract_chain,
     default_block,
@@ -132,14 +133,16 @@ def test_raw_value_that_overflows_float32_is_carried_by_the_log_scale():
     assert torch.allclose(values, torch.ones(2, 3), atol=1e-5)
 
 
-def test_auto_method_is_scan_on_cpu_and_tree_or_sweep_on_accelerators():
+def test_auto_method_is_native_on_cpu_and_tree_or_sweep_on_accelerators():
+    # "native" where its kernels compile (tests/test_native_chain.py), else the Python scan
+    cpu = "native" if native.kernels() is not None else "scan"
     for bond in (2, 10, 16, 50, 64, 65, 200):
-        assert resolve_chain_method("auto", bond, torch.device("cpu")) == "scan"
-        assert resolve_chain_method("auto", bond) == "scan"
+        assert resolve_chain_method("auto", bond, torch.device("cpu")) == cpu
+        assert resolve_chain_method("auto", bond) == cpu
     assert resolve_chain_method("auto", 10, torch.device("cuda")) == "tree"
     assert resolve_chain_method("auto", 64, torch.device("cuda")) == "tree"
     assert resolve_chain_method("auto", 65, torch.device("cuda")) == "sweep"
-    for method in ("scan", "sweep", "tree"):
+    for method in ("native", "scan", "sweep", "tree"):
         assert resolve_chain_method(method, 10, torch.device("cpu")) == method
     with pytest.raises(ValueError, match="method must be one of"):
         resolve_chain_method("fastest", 10)

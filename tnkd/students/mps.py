@@ -53,8 +53,8 @@ class MPSClassifier(Student):
             regression and exact function evaluation; can overflow only where f itself does).
         logit_scale: initial s of the normalized output.
         init_std: relative noise of the near-identity initialisation.
-        method: chain contraction, ``"auto"``, ``"scan"``, ``"sweep"`` or ``"tree"`` (see
-            :func:`tnkd.tn.chain.contract_chain`).
+        method: chain contraction, ``"auto"``, ``"native"``, ``"scan"``, ``"sweep"`` or
+            ``"tree"`` (see :func:`tnkd.tn.chain.contract_chain`).
         pool: average-pool ``(batch, channels, H, W)`` images by this factor before the feature
             map (2: a 28x28 image becomes 196 sites), so a short-chain student distils from a
             teacher that sees the full image; ``num_sites`` is the pooled pixel count.

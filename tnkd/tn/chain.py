@@ -4,6 +4,14 @@
 :func:`sweep_boundary`, its K-chains-at-once engine. They return the value *and a tracked
 log-scale*, so that chains of any length neither overflow nor vanish:
 
+- ``"native"``: the scan below with its loops in C++ (``tnkd/tn/csrc/chain_scan.cpp``,
+  :mod:`tnkd.tn.native`, compiled on first use): the same steps, renormalisations, fallbacks
+  and hand-written backward pass, but a step is one pass of register-tiled SIMD loops over
+  L1-resident data instead of two ATen kernels dispatched from Python, the step matrices and
+  features are read in place (no per-step copies), the K chains run on parallel threads, and
+  :func:`contract_chain` is one autograd node from the features to the normalised values (the
+  merge of site pairs and the output core included). float32 and float64 on the CPU; other
+  dtypes and devices, or a machine without a compiler, run the Python scan.
 - ``"scan"``: a boundary vector is swept along the chain (D^2 d work per site, sequential;
   the left and right halves of an MPS are swept together as K = 2 chains, two neighbouring
   sites are merged into one step up to D = 32, the vectors are renormalised every 16 sites),
@@ -19,18 +27,28 @@ log-scale*, so that chains of any length neither overflow nor vanish:
 - ``"tree"``: every site's feature vector is contracted into its core in one batched
   operation, then the matrices are multiplied pairwise in log depth (D^3 work per site, but
   about 2 log2(N) large kernels instead of N small ones), renormalised at every level.
-- ``"auto"`` picks ``scan`` on CPU at every D, ``tree`` on accelerators for D <= 64 and
-  ``sweep`` above.
+- ``"auto"`` picks ``native`` on CPU at every D (``scan`` where it cannot be compiled),
+  ``tree`` on accelerators for D <= 64 and ``sweep`` above.
 
-Why, measured (``benchmarks/chain_speed.py --threads 1 --clock cpu``, twice: MPS classifier,
-batch 100, training step = forward, cross-entropy, backward, Adam; a 2-core CPU shared with
-other jobs, models timed interleaved): against the sweep the scan trains 2.0x faster at 784
-sites and D = 10, 1.8-1.9x at D = 16 and 20, 1.7-1.8x at D = 50, 1.4-1.8x at 196 sites and
-D = 8-32, and infers 1.2-1.5x faster; measured the same way with a development script, 1.7x
-at D = 64, 1.1-1.2x at D = 100 and 1.3x at D = 128. On a GPU the tree was measured (an H200
-at batch 100, ``benchmarks/chain_methods.py``: a 784-site training step 4.9x faster than the
-sweep at D = 32 and 2.2x at D = 64, 196 sites 2.1x and 1.3x); the scan was not measured on a
-GPU, so ``auto`` keeps the tree and the sweep there.
+Why, measured (``python benchmarks/chain_speed.py --markdown --threads 1 --clock cpu``, twice:
+MPS classifier, [1, x] map, batch 100, training step = forward, cross-entropy, backward, Adam;
+samples per CPU-second of one torch thread on a 2-core Xeon shared with other jobs, load
+average 2-3, models timed interleaved): the native scan trains 4.9x and 4.6x faster than the
+sweep at 784 sites and D = 10, 3.6x and 3.9x at D = 16, 3.0x and 2.9x at D = 20, 2.4x at
+D = 50, and at 196 sites 3.6x and 3.8x at D = 8, 3.1x (both runs) at D = 16 and 2.3x and 2.5x
+at D = 32; it infers 2.2-3.9x faster. The Python scan had reached 2.0x at 784 sites, D = 10
+and 1.7-1.8x at 196 sites, D = 16, measured the same way before. Against the Python scan
+directly (a development script, the two models interleaved, one thread, CPU time, run twice)
+the native scan trained 2.2x and 2.4x faster at 784 sites and D = 10, 1.7x and 1.6x at
+D = 50, and at 196 sites 1.9x and 1.7x at D = 16, 1.4x and 1.5x at D = 64, 1.5x and 1.4x at
+D = 100 and 1.3x at D = 128: faster at every D, hence ``native`` at every D. Its SIMD loops
+run near the CPU's multiply-add rate (33 GMAC/s for the forward scan at 196 sites, D = 16,
+against 31.5 GMAC/s for a plain loop of 512-bit FMAs on the same machine), so at 196 sites and
+D = 16 the three passes of 6 B N D^2 d flop take about 1 ms of a 2.6 ms step and Adam 0.6 ms; the
+feature map, logits, loss, autograd and Python take the other 1 ms. On a GPU the tree was
+measured (an H200 at batch 100, ``benchmarks/chain_methods.py``: a 784-site training step
+4.9x faster than the sweep at D = 32 and 2.2x at D = 64, 196 sites 2.1x and 1.3x); the scans
+were not measured on a GPU, so ``auto`` keeps the tree and the sweep there.
 
 Tried on the CPU and not taken: the tree (D^3 work in 10x10 matmuls at 12 GFLOP/s, and the
 whole stack renormalised at every level: a 784-site D = 10 forward pass took 35 ms against
@@ -38,7 +56,15 @@ the scan's 3.5 ms); ``torch.compile`` of a 49-step loop (192 s to compile, 1.2x 
 merging 3 or 4 sites per step (fewer steps, but d^k/k more work per site: slower at D = 10);
 per-sample (D, D) transfer matrices (a step is then two elementwise kernels over D^2 B
 numbers, 7.0 us at D = 10, against 4.7 us for the outer product and matmul of two merged
-sites); sweeping the two halves in two Python threads (slower: the GIL).
+sites); sweeping the two halves in two Python threads (slower: the GIL). For the native scan:
+plain C++ loops with arrays as accumulators, left to g++'s auto-vectoriser (the forward loop
+0.7x as fast as the Python scan's at D = 16 in float32; with explicit vector types and
+register tiles it ran 2.8x faster than the Python scan's); the cores' gradients as per-step
+dot products along the batch (a horizontal sum of a register per entry: the backward loop no
+faster than the Python one) instead of broadcasts against the transposed input vectors; the
+step matrices, block features, pair merges and output core left to ATen around the native
+loops (moving them into one native autograd node took the 196-site D = 16 training step from
+about 3.0 to 2.6 ms, measured alone, one thread, CPU time).
 
 The generic path for any graph is :class:`tnkd.tn.contraction.CompiledNetwork`.
 """
@@ -49,7 +75,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-CHAIN_METHODS = ("auto", "scan", "sweep", "tree")
+from tnkd.tn import native
+
+CHAIN_METHODS = ("auto", "native", "scan", "sweep", "tree")
+SCANS = ("native", "scan")  # one scan, its loops run by native code or from Python
 TREE_MAX_BOND_DIM = 64
 SCAN_RENORM_EVERY = 16
 SCAN_MAX_MERGED_BOND_DIM = 32
@@ -96,7 +125,7 @@ def default_renorm_every(dtype: torch.dtype, method: str = "sweep") -> int:
     """
     if dtype == torch.float16:
         return 1
-    if method == "scan":
+    if method in SCANS:
         return SCAN_RENORM_EVERY
     return 4 if torch.is_grad_enabled() else 8
 
@@ -112,7 +141,7 @@ def default_block(bond_dim: int, method: str = "sweep") -> int:
     1.3x faster than k = 1 at D = 16, 1.1x at D = 20 and 24, as fast at D = 32, and 1.04-1.14x
     slower at D = 50 and 64; k = 3 was slower than 2 at D = 10.
     """
-    if method == "scan":
+    if method in SCANS:
         return 2 if bond_dim <= SCAN_MAX_MERGED_BOND_DIM else 1
     return 2 if bond_dim <= 64 else 1
 
@@ -223,7 +252,9 @@ def _block_features(features: torch.Tensor, block: int) -> torch.Tensor:
     ``s_1 d^(k-1) + ... + s_k`` in site order (the merged core's physical index).
     """
     n, d, batch = features.shape
-    f = features.reshape(n // block, block, d, batch)
+    # contiguous first: features usually arrive as a (B, n, d) tensor's permuted view, and the
+    # products below on that view run 8x slower (measured: 780 us against 95 + 20 us at n = 784)
+    f = features.contiguous().view(n // block, block, d, batch)
     phi = f[:, 0]
     for j in range(1, block):
         phi = (phi.unsqueeze(2) * f[:, j].unsqueeze(1)).flatten(1, 2)
@@ -450,7 +481,7 @@ def _merged_grads_to_sites(
     the merge: for ``M_j = M_{j-1} A_j``, ``g_{M_{j-1}} = g_{M_j} A_j^T`` and
     ``g_{A_j} = M_{j-1}^T g_{M_j}``.
     """
-    n, bond, d = sites.shape[:3]
+    n, bond = sites.shape[:2]
     block = plan.block
     (k, steps), blocks = plan.index.shape, n // block
     m = g_mats.shape[2] // bond
@@ -460,7 +491,15 @@ def _merged_grads_to_sites(
         # natural [l, s, r] from [s, out, in]
         src = g[:, chain].permute(0, 3, 1, 2) if in_first else g[:, chain].permute(0, 2, 1, 3)
         g_blocks.index_copy_(0, plan.index[chain], src)
-    g_m = g_blocks.view(blocks, bond * m, bond)
+    return _unmerge_grads(g_blocks.view(blocks, bond * m, bond), merged, sites, block)
+
+
+def _unmerge_grads(
+    g_m: torch.Tensor, merged: list[torch.Tensor], sites: torch.Tensor, block: int
+) -> torch.Tensor:
+    """Gradients of the (n / block, D d^block, D) merged blocks -> of the (n, D, d, D) sites."""
+    n, bond, d = sites.shape[:3]
+    blocks = n // block
     if block == 1:
         return g_m.view_as(sites)
     c = sites.reshape(blocks, block, bond, d, bond)
@@ -522,12 +561,19 @@ def _scan(
     features: torch.Tensor,
     plan: _ChainPlan,
     every: int,
+    method: str = "scan",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run :class:`_Scan` on (K, D, B) start vectors, (n, D, d, D) sites, (n, d, B) features.
 
     Falls back to unmerged sites, renormalised every step, if the merged ones left float range.
     Returns the (K, D, B) normalised vectors and the (K, B) log-scales; ``every`` counts sites.
+    ``method="native"`` runs :class:`_NativeScan` instead where :mod:`tnkd.tn.native` takes the
+    tensors (float32 and float64 on a CPU with a compiler).
     """
+    if method == "native" and native.supports(start):
+        ext = native.kernels()
+        if ext is not None:
+            return _native_scan(start, sites, features, plan, every, ext)
     phis = _block_features(features, plan.block).index_select(0, plan.index.t().flatten())
     phis = phis.view(plan.index.shape[1], plan.index.shape[0], -1, 1, features.shape[2])
     v, log_scale = _Scan.apply(start, sites, phis, plan, max(1, every // plan.block))
@@ -537,6 +583,204 @@ def _scan(
         phis = phis.view(single.index.shape[1], single.index.shape[0], -1, 1, features.shape[2])
         v, log_scale = _Scan.apply(start, sites, phis, single, 1)
     return v, log_scale
+
+
+def _native_scan(
+    start: torch.Tensor,
+    sites: torch.Tensor,
+    features: torch.Tensor,
+    plan: _ChainPlan,
+    every: int,
+    ext: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_scan` by :class:`_NativeScan` (same fallback to unmerged sites)."""
+    bfeats = _block_features(features, plan.block)
+    finite: list[bool] = []  # the kernel's check of the result, no extra pass over it
+    v, log_scale = _NativeScan.apply(
+        start, sites, bfeats, plan, max(1, every // plan.block), ext, finite
+    )
+    if plan.block > 1 and not finite[0]:
+        single = _unmerged_plan(plan)
+        v, log_scale = _NativeScan.apply(start, sites, features, single, 1, ext, finite)
+    return v, log_scale
+
+
+class _NativeRun(NamedTuple):
+    """What a native forward pass leaves for its backward pass."""
+
+    plan: _ChainPlan
+    every: int  # steps between renormalisations
+    merged: list[torch.Tensor]  # :func:`_merge_cores` of the sites
+    bfeats: torch.Tensor  # (blocks, m, B) block features
+    vs: torch.Tensor  # (S+1, K, D, B)
+    scales: torch.Tensor  # (R, K, 1, B)
+
+
+def _native_forward(
+    ext: Any,
+    start: torch.Tensor,
+    sites: torch.Tensor,
+    bfeats: torch.Tensor,
+    plan: _ChainPlan,
+    every: int,
+) -> tuple[_NativeRun, torch.Tensor, bool]:
+    """The native forward scan, renormalising every step if a value left float range.
+
+    Returns the run, the (K, B) log-scales and whether the last vectors are finite.
+    """
+    merged = [ext.merge_pairs(sites)] if plan.block == 2 else _merge_cores(sites, plan.block)
+    args = (merged[-1], bfeats, plan.index, list(plan.in_first))
+    vs, scales, log_scale, healthy, finite = ext.scan_forward(start, *args, every)
+    if every > 1 and not healthy:
+        # a value left float range between two renormalisations: renormalise every step
+        every = 1
+        vs, scales, log_scale, _, finite = ext.scan_forward(start, *args, every)
+    return _NativeRun(plan, every, merged, bfeats, vs, scales), log_scale, finite
+
+
+def _native_backward(
+    ext: Any,
+    run: _NativeRun,
+    sites: torch.Tensor,
+    grad_v: torch.Tensor,
+    need_cores: bool,
+    keep_all: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The native reverse scan: vector gradients and the sites' gradients.
+
+    The vector gradients are (S+1, K, D, B) with ``keep_all`` (``[i+1]`` of step i's output,
+    ``[0]`` of the start), else (1, K, D, B), the start's only. Redoes both passes renormalising
+    every step if a gradient left float range (the same function, so the same gradient), like
+    :class:`_Scan`.
+    """
+    plan, every = run.plan, run.every
+    args = (run.merged[-1], run.bfeats, plan.index, list(plan.in_first))
+    grad_v = grad_v.contiguous()
+    gs, g_blocks, grad_finite, start_finite = ext.scan_backward(
+        grad_v, *args, run.vs, run.scales, every, need_cores, keep_all
+    )
+    if every > 1 and grad_finite and not start_finite:
+        vs, scales, *_ = ext.scan_forward(run.vs[0], *args, 1)
+        gs, g_blocks, *_ = ext.scan_backward(grad_v, *args, vs, scales, 1, need_cores, keep_all)
+    if not need_cores:
+        return gs, None
+    if plan.block == 2:
+        return gs, ext.unmerge_pairs(g_blocks, sites)
+    return gs, _unmerge_grads(g_blocks, run.merged, sites, plan.block)
+
+
+class _NativeScan(torch.autograd.Function):
+    """:class:`_Scan` with both loops in native code (:mod:`tnkd.tn.native`).
+
+    Inputs: ``start`` (K, D, B) vectors, ``sites`` (n, D, d, D) cores, ``bfeats``
+    (n / block, d^block, B) block features (:func:`_block_features`), the :class:`_ChainPlan`,
+    ``every`` steps between renormalisations, the compiled module and a list that receives
+    whether the result is finite. The kernels read each step's merged block and features in
+    place through the plan's index, so no per-step copies of matrices or features are made (the
+    Python scan's :func:`_step_matrices` and feature gather), and they return the merged
+    blocks' gradients already in the blocks' layout.
+    """
+
+    @staticmethod
+    def forward(ctx, start, sites, bfeats, plan, every, ext, finite):
+        run, log_scale, last_finite = _native_forward(ext, start, sites, bfeats, plan, every)
+        finite.append(last_finite)
+        ctx.save_for_backward(sites, bfeats, run.vs, run.scales, *run.merged)
+        ctx.plan, ctx.every, ctx.ext = run.plan, run.every, ext
+        ctx.mark_non_differentiable(log_scale)
+        return run.vs[-1].clone(), log_scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_v, _grad_log_scale):
+        sites, bfeats, vs, scales, *merged = ctx.saved_tensors
+        plan, ext = ctx.plan, ctx.ext
+        run = _NativeRun(plan, ctx.every, merged, bfeats, vs, scales)
+        need_feats = ctx.needs_input_grad[2]
+        gs, grad_sites = _native_backward(
+            ext, run, sites, grad_v, ctx.needs_input_grad[1], keep_all=need_feats
+        )
+        grad_bfeats = None
+        if need_feats:
+            # g_phi[s, b] = sum_in v[in, b] (M^T g_y)[(s, in), b], M the forward step matrix,
+            # summed over the steps that read a block
+            (k, steps), bond, batch = plan.index.shape, sites.shape[1], grad_v.shape[2]
+            m = bfeats.shape[1]
+            mats = _step_matrices(merged[-1], plan, forward=True)
+            g_y = gs[1:].transpose(0, 1).reshape(k * steps, bond, batch)
+            g_x = torch.bmm(mats.view(k * steps, bond, m * bond).transpose(1, 2), g_y)
+            v_in = vs[:-1].transpose(0, 1).reshape(k, steps, 1, bond, batch)
+            g_phi = (g_x.view(k, steps, m, bond, batch) * v_in).sum(3)
+            grad_bfeats = torch.zeros_like(bfeats).index_add_(
+                0, plan.index.flatten(), g_phi.view(k * steps, m, batch)
+            )
+        grad_start = gs[0] if ctx.needs_input_grad[0] else None
+        return grad_start, grad_sites, grad_bfeats, None, None, None, None
+
+
+def _mps_sources(position: int, num_sites: int, pad: int, extra: int) -> torch.Tensor:
+    """Which input site each site of :func:`_mps_plan`'s site tensor reads (-1: identity)."""
+    key = ("sources", position, num_sites, pad, extra)
+    if key not in _PLANS:
+        sites = list(range(position)) + [-1] * pad + list(range(position, num_sites))
+        _remember(key, torch.tensor(sites + [-1] * extra))
+    return _PLANS[key]
+
+
+class _NativeMPS(torch.autograd.Function):
+    """An MPS with an output core, contracted natively in one autograd node: :func:`contract_chain`.
+
+    Inputs: the ``left`` and ``right`` (D,) boundaries, the (N, D, d, D) ``cores``, the
+    (D, C, D) ``output_core``, (B, N, d) ``features`` (constants: the feature map has no
+    parameters), the output core's ``position`` and the compiled module. Outputs: the (B, C)
+    values, max-abs 1 per sample, and their (B,) log-scales (constants, as in the scan).
+
+    The left and right halves are swept as K = 2 chains (:func:`_mps_plan`) and the output core
+    is contracted with their ends, ``values[b, c] = sum_{l, r} u[l, b] O[l, c, r] w[r, b]``; the
+    backward pass differentiates that by hand and sweeps the two gradient vectors back. One node
+    instead of about twenty: at small D the autograd bookkeeping of the preparation and of the
+    output contraction cost as much as the whole native scan.
+    """
+
+    @staticmethod
+    def forward(ctx, left, cores, right, output_core, features, position, ext):
+        num_sites, bond = cores.shape[:2]
+        batch = features.shape[0]
+        every, block = _sweep_settings("native", features.dtype, bond, None, None)
+        plan, pad, extra = _mps_plan(position, num_sites - position, block, features.device)
+        sites = _insert_identity(cores, position, pad, extra)
+        source = _mps_sources(position, num_sites, pad, extra)
+        start = torch.stack([left, right]).unsqueeze(-1).expand(2, bond, batch)
+        bfeats = ext.block_features(features, source, block)
+        run, logs, finite = _native_forward(ext, start, sites, bfeats, plan, max(1, every // block))
+        if block > 1 and not finite:
+            feats = ext.block_features(features, source, 1)
+            run, logs, _ = _native_forward(ext, start, sites, feats, _unmerged_plan(plan), 1)
+        # values[b, c] = sum_{l, r} u[l, b] O[l, c, r] w[r, b], (u, w) = the halves' (D, B) ends
+        values, log_scale, ow, scale = ext.mps_output_forward(run.vs[-1], output_core, logs)
+        ctx.save_for_backward(sites, run.bfeats, run.vs, run.scales, output_core, ow, scale)
+        ctx.run = run._replace(bfeats=None, vs=None, scales=None)  # the tensors are saved above
+        ctx.ext, ctx.position, ctx.pad, ctx.num_sites = ext, position, pad, num_sites
+        ctx.mark_non_differentiable(log_scale)
+        return values, log_scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_values, _grad_log_scale):
+        sites, bfeats, vs, scales, output_core, ow, scale = ctx.saved_tensors
+        run = ctx.run._replace(bfeats=bfeats, vs=vs, scales=scales)
+        grad_v, grad_out = ctx.ext.mps_output_backward(
+            grad_values, vs[-1], output_core, ow, scale, ctx.needs_input_grad[3]
+        )
+        need_cores = ctx.needs_input_grad[1]
+        gs, grad_sites = _native_backward(ctx.ext, run, sites, grad_v, need_cores)
+        grad_cores = None
+        if need_cores:
+            p, pad, n = ctx.position, ctx.pad, ctx.num_sites
+            grad_cores = torch.cat([grad_sites[:p], grad_sites[p + pad : n + pad]])
+        grad_out = grad_out if ctx.needs_input_grad[3] else None
+        grad_start = gs[0].sum(-1)
+        return grad_start[0], grad_cores, grad_start[1], grad_out, None, None, None
 
 
 def _unmerged_plan(plan: _ChainPlan) -> _ChainPlan:
@@ -574,13 +818,16 @@ def _sweep_settings(
 def resolve_chain_method(method: str, bond_dim: int, device: torch.device | None = None) -> str:
     """Turn ``"auto"`` into a method for this device and bond dimension; validate the name.
 
-    CPU (or no device): ``"scan"`` at every D. Accelerators: ``"tree"`` for
+    CPU (or no device): ``"native"`` at every D, or ``"scan"`` if the native kernels cannot be
+    compiled here (:func:`tnkd.tn.native.kernels` warns once; the first call on a machine
+    compiles them, about 30 s) and while ``torch.compile`` traces (it cannot trace into the
+    native functions and would break the graph there). Accelerators: ``"tree"`` for
     D <= ``TREE_MAX_BOND_DIM``, ``"sweep"`` above. The measurements behind the choice are in
     the module docstring.
 
     Example:
-        >>> resolve_chain_method("auto", 10, torch.device("cpu"))
-        'scan'
+        >>> resolve_chain_method("auto", 10, torch.device("cpu")) in ("native", "scan")
+        True
     """
     if method not in CHAIN_METHODS:
         raise ValueError(
@@ -589,7 +836,9 @@ def resolve_chain_method(method: str, bond_dim: int, device: torch.device | None
     if method != "auto":
         return method
     if device is None or torch.device(device).type == "cpu":
-        return "scan"
+        if torch.compiler.is_compiling():
+            return "scan"
+        return "native" if native.kernels() is not None else "scan"
     return "tree" if bond_dim <= TREE_MAX_BOND_DIM else "sweep"
 
 
@@ -621,8 +870,9 @@ def _sweep_boundary(
     With ``block = k > 1``, k neighbouring cores are first merged into one (D, d^k, D) core (and
     their features into one d^k vector), so the sweep takes L/k steps. ``"scan"`` runs the loop
     as one autograd node with a hand-written backward (the same two kernels per step, in
-    reverse); ``"sweep"`` lets autograd record every step. ``"tree"`` multiplies all transfer
-    matrices pairwise in log depth. If a value comes out non-finite or zero, the sweep is
+    reverse), ``"native"`` the same in C++ loops (:mod:`tnkd.tn.native`); ``"sweep"`` lets
+    autograd record every step. ``"tree"`` multiplies all transfer matrices pairwise in log
+    depth. If a value comes out non-finite or zero, the sweep is
     redone renormalising after every unmerged site.
 
     Args:
@@ -631,8 +881,8 @@ def _sweep_boundary(
         features: (K, B, L, d).
         renorm_every: sites between renormalisations; default :func:`default_renorm_every`.
         block: sites merged per step; default :func:`default_block`.
-        method: ``"auto"`` (see :func:`resolve_chain_method`), ``"scan"``, ``"sweep"`` or
-            ``"tree"`` (which ignores ``renorm_every`` and ``block``).
+        method: ``"auto"`` (see :func:`resolve_chain_method`), ``"native"``, ``"scan"``,
+            ``"sweep"`` or ``"tree"`` (which ignores ``renorm_every`` and ``block``).
 
     Returns:
         (K, B, D) normalised vectors (max-abs 1 per sample) and (K, B) log-scales: the exact
@@ -652,14 +902,14 @@ def _sweep_boundary(
     if method == "tree":
         return _tree_boundary(start, cores, features)
     every, block = _sweep_settings(method, start.dtype, cores.shape[2], renorm_every, block)
-    if method == "scan":
+    if method in SCANS:
         chains, length, bond, d = cores.shape[:4]
         padded = -(-length // block) * block
         sites = _identity_cores(cores, padded).reshape(chains * padded, bond, d, bond)
         feats = _pad_sites(features.permute(0, 2, 3, 1), padded, 1, 2)
         plan = _parallel_plan(chains, padded // block, block, start.device)
         v, log_scale = _scan(
-            start.transpose(1, 2), sites, feats.reshape(chains * padded, d, -1), plan, every
+            start.transpose(1, 2), sites, feats.reshape(chains * padded, d, -1), plan, every, method
         )
         return v.transpose(1, 2), log_scale
     v, log_scale = _autograd_sweep(start, cores, features, every, block)
@@ -692,7 +942,8 @@ def _contract_chain(
         features: (B, N, d) feature vectors.
         output_core: (D, C, D) output core.
         position: p, the number of sites left of the output core (0..N).
-        method: ``"auto"``, ``"scan"``, ``"sweep"`` or ``"tree"`` (see :func:`sweep_boundary`).
+        method: ``"auto"``, ``"native"``, ``"scan"``, ``"sweep"`` or ``"tree"`` (see
+            :func:`sweep_boundary`).
 
     Returns:
         ``values`` (B, C) and ``log_scale`` (B,).
@@ -704,13 +955,17 @@ def _contract_chain(
     if not 0 <= position <= num_sites:
         raise ValueError(f"output core position must be in [0, {num_sites}], but got {position}")
     method = resolve_chain_method(method, bond, features.device)
-    if method == "scan":
+    if method == "native" and native.supports(features) and not features.requires_grad:
+        ext = native.kernels()
+        if ext is not None:
+            return _NativeMPS.apply(left, cores, right, output_core, features, position, ext)
+    if method in SCANS:
         every, block = _sweep_settings(method, features.dtype, bond, None, None)
         plan, pad, extra = _mps_plan(position, num_sites - position, block, features.device)
         sites = _insert_identity(cores, position, pad, extra)
         feats = _insert_e0(features.permute(1, 2, 0), position, pad, extra)  # (n, d, B)
         start = torch.stack([left, right]).unsqueeze(-1).expand(2, bond, batch)
-        v, logs = _scan(start, sites, feats, plan, every)
+        v, logs = _scan(start, sites, feats, plan, every, method)
         # values[b, c] = sum_{l, r} u[l, b] O[l, c, r] w[r, b], as one matmul and one reduction
         ow = (output_core.reshape(-1, bond) @ v[1]).view(bond, -1, batch)
         values = (ow * v[0].unsqueeze(1)).sum(0).t()

@@ -1,0 +1,691 @@
+// The boundary-vector scan of tnkd.tn.chain (method="native") as native loops.
+//
+// scan_forward / scan_backward: the same math as tnkd.tn.chain._scan_forward / _scan_backward.
+// K independent chains, each a sequence of S steps v_{i+1} = M_i (phi_i (x) v_i), vectors
+// carried as (D, B) columns (bond index first, batch last), every `every`-th output and the
+// last divided by their max-abs. Step i of chain k reads block index[k][i] of the merged cores,
+// natural layout (l, s, r), and of the block features (s, b); a chain with in_first enters a
+// block on l (a left-to-right sweep), the others on r. At small D a step is some 10^4-10^5
+// multiply-adds, so the Python loop's per-kernel dispatch set the time; here a step is one
+// pass over L1-resident data with register-tiled SIMD loops, the step matrices are read in
+// place (no per-step copies), and the K chains run in parallel (one chain per thread).
+// merge_pairs / unmerge_pairs, block_features and mps_output_forward / _backward: the small
+// operations around the scan of an MPS (tnkd.tn.chain._NativeMPS), so that it is one autograd
+// node with no ATen kernel per site.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// One SIMD register's worth of T (GCC/Clang vector extension: 16 floats or 8 doubles; lowered
+// to narrower registers where the CPU has no 512-bit ones).
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int64_t lanes = 64 / sizeof(T);
+};
+
+template <typename T>
+inline typename Vec<T>::type load(const T* p) {
+  typename Vec<T>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store(T* p, typename Vec<T>::type v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// The scratch rows are `padded` wide: the batch rounded up to whole registers, zero past it.
+template <typename T>
+inline int64_t padded_width(int64_t batch) {
+  return (batch + Vec<T>::lanes - 1) / Vec<T>::lanes * Vec<T>::lanes;
+}
+
+// A step matrix read in place from a merged block: element (o, (s, i)) at o*so + s*ss + i*si.
+struct Strides {
+  int64_t so, ss, si;
+};
+
+// out[o][b] = sum_{s, i} A(o, s, i) x[s*bond + i][b] for rows o0..o0+R-1 and NV registers of
+// columns from b0 (`valid` of them inside the batch); x (m*bond, ldx), out (rows, ldo).
+template <typename T, int R, int NV>
+inline void mm_tile(const T* __restrict A, Strides st, int64_t m, int64_t bond,
+                    const T* __restrict x, int64_t ldx, T* __restrict out, int64_t ldo,
+                    int64_t o0, int64_t b0, int64_t valid) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::lanes;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NV; ++n) acc[r][n] = V{};
+  for (int64_t s = 0; s < m; ++s) {
+    for (int64_t i = 0; i < bond; ++i) {
+      const T* xr = x + (s * bond + i) * ldx + b0;
+      const T* a = A + o0 * st.so + s * st.ss + i * st.si;
+      V xv[NV];
+      for (int n = 0; n < NV; ++n) xv[n] = load(xr + n * L);
+      for (int r = 0; r < R; ++r) {
+        const T ar = a[r * st.so];
+        for (int n = 0; n < NV; ++n) acc[r][n] += ar * xv[n];
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    T* o = out + (o0 + r) * ldo + b0;
+    if (valid == NV * L) {
+      for (int n = 0; n < NV; ++n) store(o + n * L, acc[r][n]);
+    } else {
+      T tmp[NV * L];
+      for (int n = 0; n < NV; ++n) store(tmp + n * L, acc[r][n]);
+      for (int64_t w = 0; w < valid; ++w) o[w] = tmp[w];
+    }
+  }
+}
+
+template <typename T, int NV>
+inline void mm_rows(const T* A, Strides st, int64_t m, int64_t bond, const T* x, int64_t ldx,
+                    T* out, int64_t ldo, int64_t b0, int64_t valid) {
+  int64_t o = 0;
+  for (; o + 4 <= bond; o += 4) mm_tile<T, 4, NV>(A, st, m, bond, x, ldx, out, ldo, o, b0, valid);
+  for (; o + 2 <= bond; o += 2) mm_tile<T, 2, NV>(A, st, m, bond, x, ldx, out, ldo, o, b0, valid);
+  for (; o < bond; ++o) mm_tile<T, 1, NV>(A, st, m, bond, x, ldx, out, ldo, o, b0, valid);
+}
+
+// out (bond, batch) = A (bond, m*bond) @ x (m*bond, padded).
+template <typename T>
+void matmul(const T* A, Strides st, int64_t m, int64_t bond, const T* x, int64_t padded, T* out,
+            int64_t batch) {
+  constexpr int64_t L = Vec<T>::lanes;
+  int64_t b0 = 0;
+  for (; b0 + 2 * L <= padded; b0 += 2 * L)
+    mm_rows<T, 2>(A, st, m, bond, x, padded, out, batch, b0, std::min<int64_t>(2 * L, batch - b0));
+  if (b0 < padded)
+    mm_rows<T, 1>(A, st, m, bond, x, padded, out, batch, b0, std::min<int64_t>(L, batch - b0));
+}
+
+// G[r][c] = sum_b x[r][b] vt[b][c] for rows r0..r0+R-1 and NV registers of columns from c0
+// (`valid` of them inside the cols): x (rows, ldx), vt (batch, ldv) the input vectors
+// transposed, zero-padded to whole registers, G (rows, cols). The batch is the reduction: one
+// broadcast of x and one FMA per register and sample, no horizontal sums.
+template <typename T, int R, int NV>
+inline void gram_tile(const T* __restrict x, int64_t ldx, const T* __restrict vt, int64_t ldv,
+                      int64_t batch, T* __restrict G, int64_t cols, int64_t r0, int64_t c0,
+                      int64_t valid) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::lanes;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NV; ++n) acc[r][n] = V{};
+  for (int64_t b = 0; b < batch; ++b) {
+    V vv[NV];
+    for (int n = 0; n < NV; ++n) vv[n] = load(vt + b * ldv + c0 + n * L);
+    for (int r = 0; r < R; ++r) {
+      const T a = x[(r0 + r) * ldx + b];
+      for (int n = 0; n < NV; ++n) acc[r][n] += a * vv[n];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    T* g = G + (r0 + r) * cols + c0;
+    T tmp[NV * L];
+    for (int n = 0; n < NV; ++n) store(tmp + n * L, acc[r][n]);
+    for (int64_t w = 0; w < valid; ++w) g[w] = tmp[w];
+  }
+}
+
+template <typename T, int NV>
+inline void gram_rows(const T* x, int64_t rows, int64_t ldx, const T* vt, int64_t ldv,
+                      int64_t batch, T* G, int64_t cols, int64_t c0) {
+  const int64_t valid = std::min<int64_t>(NV * Vec<T>::lanes, cols - c0);
+  int64_t r = 0;
+  constexpr int RR = NV == 1 ? 8 : 4;  // 8 or 4 accumulators, one x broadcast per FMA or two
+  for (; r + RR <= rows; r += RR)
+    gram_tile<T, RR, NV>(x, ldx, vt, ldv, batch, G, cols, r, c0, valid);
+  for (; r + 4 <= rows; r += 4) gram_tile<T, 4, NV>(x, ldx, vt, ldv, batch, G, cols, r, c0, valid);
+  for (; r < rows; ++r) gram_tile<T, 1, NV>(x, ldx, vt, ldv, batch, G, cols, r, c0, valid);
+}
+
+// G (rows, cols) = x (rows, ldx) @ vt (batch, ldv), ldv = cols rounded up to whole registers.
+template <typename T>
+void gram(const T* x, int64_t rows, int64_t ldx, const T* vt, int64_t ldv, int64_t batch, T* G,
+          int64_t cols) {
+  constexpr int64_t L = Vec<T>::lanes;
+  for (int64_t c0 = 0; c0 < ldv; c0 += 2 * L) {
+    if (ldv - c0 >= 2 * L)
+      gram_rows<T, 2>(x, rows, ldx, vt, ldv, batch, G, cols, c0);
+    else
+      gram_rows<T, 1>(x, rows, ldx, vt, ldv, batch, G, cols, c0);
+  }
+}
+
+// out[i][j] = sum_k a[i*ai + k*ak] b[k*ldb + j] for i < rows, j < cols (out row-major, ldo):
+// a small matrix product vectorised along j, R rows and NV registers of j at a time (the
+// merge of site pairs, its gradient and the output core; the scan steps use matmul above).
+template <typename T, int R, int NV>
+inline void small_tile(const T* __restrict a, int64_t ai, int64_t ak, int64_t depth,
+                       const T* __restrict bm, int64_t ldb, T* __restrict out, int64_t ldo,
+                       int64_t i0, int64_t j0) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::lanes;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NV; ++n) acc[r][n] = V{};
+  for (int64_t k = 0; k < depth; ++k) {
+    V bv[NV];
+    for (int n = 0; n < NV; ++n) bv[n] = load(bm + k * ldb + j0 + n * L);
+    for (int r = 0; r < R; ++r) {
+      const T av = a[(i0 + r) * ai + k * ak];
+      for (int n = 0; n < NV; ++n) acc[r][n] += av * bv[n];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NV; ++n) store(out + (i0 + r) * ldo + j0 + n * L, acc[r][n]);
+}
+
+template <typename T, int NV>
+inline void small_rows(const T* a, int64_t ai, int64_t ak, int64_t rows, int64_t depth,
+                       const T* bm, int64_t ldb, T* out, int64_t ldo, int64_t j0) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) small_tile<T, 4, NV>(a, ai, ak, depth, bm, ldb, out, ldo, i, j0);
+  for (; i < rows; ++i) small_tile<T, 1, NV>(a, ai, ak, depth, bm, ldb, out, ldo, i, j0);
+}
+
+template <typename T>
+void small_matmul(const T* a, int64_t ai, int64_t ak, int64_t rows, int64_t depth, const T* bm,
+                  int64_t ldb, int64_t cols, T* out, int64_t ldo) {
+  constexpr int64_t L = Vec<T>::lanes;
+  int64_t j0 = 0;
+  for (; j0 + 2 * L <= cols; j0 += 2 * L)
+    small_rows<T, 2>(a, ai, ak, rows, depth, bm, ldb, out, ldo, j0);
+  for (; j0 + L <= cols; j0 += L) small_rows<T, 1>(a, ai, ak, rows, depth, bm, ldb, out, ldo, j0);
+  for (int64_t i = 0; i < rows; ++i)  // the last cols % L columns
+    for (int64_t j = j0; j < cols; ++j) {
+      T acc = 0;
+      for (int64_t k = 0; k < depth; ++k) acc += a[i * ai + k * ak] * bm[k * ldb + j];
+      out[i * ldo + j] = acc;
+    }
+}
+
+// x[s][i][b] = phi[s][b] v[i][b] for b < batch, 0 up to `padded`.
+template <typename T>
+void outer(const T* phi, int64_t m, const T* v, int64_t bond, int64_t batch, int64_t padded,
+           T* x) {
+  for (int64_t s = 0; s < m; ++s)
+    for (int64_t i = 0; i < bond; ++i) {
+      T* row = x + (s * bond + i) * padded;
+      const T* p = phi + s * batch;
+      const T* vi = v + i * batch;
+      for (int64_t b = 0; b < batch; ++b) row[b] = p[b] * vi[b];
+      for (int64_t b = batch; b < padded; ++b) row[b] = 0;
+    }
+}
+
+std::vector<bool> renorm_plan(int64_t steps, int64_t every) {
+  std::vector<bool> plan(steps);
+  for (int64_t i = 0; i < steps; ++i) plan[i] = (i + 1) % every == 0 || i == steps - 1;
+  return plan;
+}
+
+void check(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), "chain_scan: ", name, " must be on the CPU");
+  TORCH_CHECK(t.dim() == dim, "chain_scan: ", name, " must have ", dim, " dimensions, got ",
+              t.dim());
+}
+
+// The strides of chain step matrices in a natural (D, m, D) block: a forward step maps the
+// entry bond to the exit bond, a backward step the exit bond's gradient to the entry bond's.
+Strides step_strides(bool in_first, bool forward, int64_t m, int64_t bond) {
+  if (in_first == forward) return {1, bond, m * bond};  // A(o, s, i) = block[i][s][o]
+  return {m * bond, bond, 1};                           // A(o, s, i) = block[o][s][i]
+}
+
+struct Plan {
+  int64_t K, S, blocks;
+  std::vector<int64_t> index;  // (K, S)
+  std::vector<bool> in_first;
+};
+
+Plan read_plan(const at::Tensor& index, const std::vector<bool>& in_first, int64_t blocks) {
+  check(index, "index", 2);
+  TORCH_CHECK(index.scalar_type() == at::kLong, "chain_scan: index must be int64");
+  auto idx = index.contiguous();
+  Plan plan{idx.size(0), idx.size(1), blocks, {}, in_first};
+  TORCH_CHECK(static_cast<int64_t>(in_first.size()) == plan.K,
+              "chain_scan: one in_first flag per chain expected");
+  const int64_t* p = idx.data_ptr<int64_t>();
+  plan.index.assign(p, p + plan.K * plan.S);
+  for (int64_t b : plan.index)
+    TORCH_CHECK(b >= 0 && b < blocks, "chain_scan: block index out of range");
+  return plan;
+}
+
+}  // namespace
+
+// start (K, D, B), blocks (n, D*m, D) merged cores in natural layout (l, s, r), features
+// (n, m, B) block features, index (K, S) which block each step reads ->
+// vs (S+1, K, D, B) (every step's input and the last output), scales (R, K, 1, B), the
+// log-scales (K, B) (the sum of the scales' logarithms), whether the scan stayed in float range
+// (every scale finite and at least tiny / eps: tnkd.tn.chain._healthy) and whether the last
+// vectors are finite.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, bool> scan_forward(
+    at::Tensor start, at::Tensor blocks, at::Tensor features, at::Tensor index,
+    std::vector<bool> in_first, int64_t every) {
+  check(start, "start", 3);
+  check(blocks, "blocks", 3);
+  check(features, "features", 3);
+  blocks = blocks.contiguous();
+  features = features.contiguous();
+  const int64_t K = start.size(0), D = start.size(1), B = start.size(2);
+  const int64_t n = blocks.size(0), m = features.size(1);
+  TORCH_CHECK(blocks.size(1) == D * m && blocks.size(2) == D && features.size(0) == n &&
+                  features.size(2) == B && blocks.scalar_type() == start.scalar_type() &&
+                  features.scalar_type() == start.scalar_type(),
+              "chain_scan: inconsistent shapes or dtypes");
+  const Plan plan = read_plan(index, in_first, n);
+  TORCH_CHECK(plan.K == K, "chain_scan: index has ", plan.K, " chains, start ", K);
+  const int64_t S = plan.S;
+  const auto renorm = renorm_plan(S, every);
+  const int64_t R = std::count(renorm.begin(), renorm.end(), true);
+  auto vs = at::empty({S + 1, K, D, B}, start.options());
+  auto scales = at::empty({R, K, 1, B}, start.options());
+  auto log_scale = at::zeros({K, B}, start.options());
+  vs[0].copy_(start);
+  AT_DISPATCH_FLOATING_TYPES(start.scalar_type(), "scan_forward", [&] {
+    using T = scalar_t;
+    const int64_t padded = padded_width<T>(B);
+    T* v_ptr = vs.data_ptr<T>();
+    T* s_ptr = scales.data_ptr<T>();
+    T* l_ptr = log_scale.data_ptr<T>();
+    const T* c_ptr = blocks.data_ptr<T>();
+    const T* f_ptr = features.data_ptr<T>();
+    const T tiny = std::numeric_limits<T>::min();
+    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<T> x(m * D * padded), peak(B);
+      for (int64_t k = k0; k < k1; ++k) {
+        const Strides st = step_strides(plan.in_first[k], true, m, D);
+        T* logs = l_ptr + k * B;
+        int64_t r = 0;
+        for (int64_t i = 0; i < S; ++i) {
+          const int64_t blk = plan.index[k * S + i];
+          const T* v = v_ptr + (i * K + k) * D * B;
+          T* out = v_ptr + ((i + 1) * K + k) * D * B;
+          outer(f_ptr + blk * m * B, m, v, D, B, padded, x.data());
+          matmul(c_ptr + blk * D * m * D, st, m, D, x.data(), padded, out, B);
+          if (renorm[i]) {
+            std::fill(peak.begin(), peak.end(), tiny);
+            for (int64_t o = 0; o < D; ++o)
+              for (int64_t b = 0; b < B; ++b) {
+                const T a = std::abs(out[o * B + b]);
+                peak[b] = (a > peak[b] || a != a) ? a : peak[b];  // NaN propagates, as in amax
+              }
+            for (int64_t o = 0; o < D; ++o)
+              for (int64_t b = 0; b < B; ++b) out[o * B + b] /= peak[b];
+            std::copy(peak.begin(), peak.end(), s_ptr + (r * K + k) * B);
+            for (int64_t b = 0; b < B; ++b) logs[b] += std::log(peak[b]);
+            ++r;
+          }
+        }
+      }
+    });
+  });
+  bool healthy = true, finite = true;
+  AT_DISPATCH_FLOATING_TYPES(start.scalar_type(), "scan_forward_checks", [&] {
+    using T = scalar_t;
+    const T low = std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
+    const T high = std::numeric_limits<T>::max();
+    const T* sc = scales.data_ptr<T>();
+    for (int64_t j = 0; j < R * K * B; ++j) healthy = healthy && sc[j] >= low && sc[j] <= high;
+    const T* last = vs.data_ptr<T>() + S * K * D * B;
+    for (int64_t j = 0; j < K * D * B; ++j) finite = finite && std::isfinite(last[j]);
+  });
+  return {vs, scales, log_scale, healthy, finite};
+}
+
+// grad (K, D, B), blocks, features, index, in_first as for scan_forward, vs and scales as it
+// returned them -> gs (S+1, K, D, B) (gs[i+1] the gradient of step i's output after its
+// renormalisation's division, gs[0] of the start) and, with core_grads, the gradients of the
+// merged blocks (n, D*m, D), natural layout: a step's G[(s, out), in] = sum_b (phi (x) g)[(s,
+// out), b] v_in[in, b] lands on block[l][s][r] with (in, out) = (l, r) for an in_first chain,
+// (r, l) otherwise. A block read by several steps (the identity block that pads the shorter of
+// two chains: a constant) gets the first one's gradient; a block read by none, zero. Also
+// returns whether grad and gs[0] are finite. Without keep_all, gs is (1, K, D, B), only the
+// start's gradient (the others live in a two-slot ring: less memory traffic).
+std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
+    at::Tensor grad, at::Tensor blocks, at::Tensor features, at::Tensor index,
+    std::vector<bool> in_first, at::Tensor vs, at::Tensor scales, int64_t every, bool core_grads,
+    bool keep_all) {
+  check(grad, "grad", 3);
+  check(blocks, "blocks", 3);
+  check(features, "features", 3);
+  check(vs, "vs", 4);
+  check(scales, "scales", 4);
+  grad = grad.contiguous();
+  blocks = blocks.contiguous();
+  features = features.contiguous();
+  vs = vs.contiguous();
+  scales = scales.contiguous();
+  const int64_t K = grad.size(0), D = grad.size(1), B = grad.size(2);
+  const int64_t n = blocks.size(0), m = features.size(1);
+  const Plan plan = read_plan(index, in_first, n);
+  const int64_t S = plan.S;
+  const auto renorm = renorm_plan(S, every);
+  const int64_t R = std::count(renorm.begin(), renorm.end(), true);
+  TORCH_CHECK(plan.K == K && scales.size(0) == R && vs.size(0) == S + 1 &&
+                  blocks.size(1) == D * m && features.size(2) == B,
+              "chain_scan: inconsistent shapes");
+  // which step writes each block's gradient: the first (in chain, then step order) to read it
+  std::vector<char> writes(K * S, 0), seen(n, 0);
+  for (int64_t j = 0; j < K * S; ++j)
+    if (!seen[plan.index[j]]) seen[plan.index[j]] = writes[j] = 1;
+  auto gs = at::empty({keep_all ? S + 1 : 1, K, D, B}, grad.options());
+  auto g_blocks = core_grads ? at::empty({n, D * m, D}, grad.options()) : at::Tensor();
+  if (core_grads)
+    for (int64_t b = 0; b < n; ++b)
+      if (!seen[b]) g_blocks[b].zero_();
+  if (keep_all) gs[S].copy_(grad);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "scan_backward", [&] {
+    using T = scalar_t;
+    const int64_t padded = padded_width<T>(B), ldv = padded_width<T>(D);
+    T* g_ptr = gs.data_ptr<T>();
+    T* gb_ptr = core_grads ? g_blocks.data_ptr<T>() : nullptr;
+    const T* c_ptr = blocks.data_ptr<T>();
+    const T* f_ptr = features.data_ptr<T>();
+    const T* v_ptr = vs.data_ptr<T>();
+    const T* s_ptr = scales.data_ptr<T>();
+    at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<T> x(m * D * padded), vt(core_grads ? B * ldv : 0, T(0));
+      std::vector<T> G(core_grads ? m * D * D : 0), ring(keep_all ? 0 : 2 * D * B);
+      const T* grad_ptr = grad.data_ptr<T>();
+      for (int64_t k = k0; k < k1; ++k) {
+        const Strides st = step_strides(plan.in_first[k], false, m, D);
+        if (!keep_all) std::copy(grad_ptr + k * D * B, grad_ptr + (k + 1) * D * B, ring.data());
+        int64_t r = R;
+        for (int64_t i = S - 1; i >= 0; --i) {
+          const int64_t blk = plan.index[k * S + i];
+          // the gradient of step i's output, and where that of its input goes
+          T* g = keep_all ? g_ptr + ((i + 1) * K + k) * D * B : &ring[((S - 1 - i) % 2) * D * B];
+          T* g_in = keep_all ? g_ptr + (i * K + k) * D * B : &ring[((S - i) % 2) * D * B];
+          if (renorm[i]) {
+            --r;
+            const T* sc = s_ptr + (r * K + k) * B;
+            for (int64_t o = 0; o < D; ++o)
+              for (int64_t b = 0; b < B; ++b) g[o * B + b] /= sc[b];
+          }
+          outer(f_ptr + blk * m * B, m, g, D, B, padded, x.data());
+          matmul(c_ptr + blk * D * m * D, st, m, D, x.data(), padded, g_in, B);
+          if (core_grads && writes[k * S + i]) {
+            const T* v = v_ptr + (i * K + k) * D * B;
+            for (int64_t c = 0; c < D; ++c)
+              for (int64_t b = 0; b < B; ++b) vt[b * ldv + c] = v[c * B + b];
+            gram(x.data(), m * D, padded, vt.data(), ldv, B, G.data(), D);
+            T* dst = gb_ptr + blk * D * m * D;  // [l][s][r]
+            for (int64_t s = 0; s < m; ++s)
+              for (int64_t o = 0; o < D; ++o)
+                for (int64_t c = 0; c < D; ++c) {
+                  const T value = G[(s * D + o) * D + c];  // (s, out), in
+                  if (plan.in_first[k])
+                    dst[(c * m + s) * D + o] = value;  // l = in, r = out
+                  else
+                    dst[(o * m + s) * D + c] = value;  // l = out, r = in
+                }
+          }
+        }
+        if (!keep_all) {
+          const T* g0 = &ring[(S % 2) * D * B];
+          std::copy(g0, g0 + D * B, g_ptr + k * D * B);
+        }
+      }
+    });
+  });
+  bool grad_finite = true, start_finite = true;
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "scan_backward_checks", [&] {
+    using T = scalar_t;
+    const T* g_in = grad.data_ptr<T>();
+    const T* g_start = gs.data_ptr<T>();
+    for (int64_t j = 0; j < K * D * B; ++j) {
+      grad_finite = grad_finite && std::isfinite(g_in[j]);
+      start_finite = start_finite && std::isfinite(g_start[j]);
+    }
+  });
+  return {gs, g_blocks, grad_finite, start_finite};
+}
+
+// The gradients of pairs of sites from those of their merged blocks: sites (2n, D, d, D),
+// g_blocks (n, D*d*d, D) with M[l][s1][s2][r] = sum_c A1[l][s1][c] A2[c][s2][r] ->
+// (2n, D, d, D): g_A1[l][s1][c] = sum_{s2, r} g_M[l][s1][s2][r] A2[c][s2][r] and
+// g_A2[c][s2][r] = sum_{l, s1} A1[l][s1][c] g_M[l][s1][s2][r], written in place (the Python
+// path's two batched matmuls and a stack).
+at::Tensor unmerge_pairs(at::Tensor g_blocks, at::Tensor sites) {
+  check(g_blocks, "g_blocks", 3);
+  check(sites, "sites", 4);
+  g_blocks = g_blocks.contiguous();
+  sites = sites.contiguous();
+  const int64_t n2 = sites.size(0), D = sites.size(1), d = sites.size(2), n = n2 / 2;
+  TORCH_CHECK(n2 % 2 == 0 && g_blocks.size(0) == n && g_blocks.size(1) == D * d * d &&
+                  g_blocks.size(2) == D && sites.scalar_type() == g_blocks.scalar_type(),
+              "chain_scan: inconsistent shapes");
+  auto grads = at::empty_like(sites);
+  const int64_t row = d * D, site = D * d * D;  // (s, r) entries of a site row; a site's size
+  AT_DISPATCH_FLOATING_TYPES(sites.scalar_type(), "unmerge_pairs", [&] {
+    using T = scalar_t;
+    using V = typename Vec<T>::type;
+    constexpr int64_t L = Vec<T>::lanes;
+    const int64_t ldv = padded_width<T>(D);
+    const T* a_ptr = sites.data_ptr<T>();
+    const T* g_ptr = g_blocks.data_ptr<T>();
+    T* o_ptr = grads.data_ptr<T>();
+    at::parallel_for(0, n, 8, [&](int64_t b0, int64_t b1) {
+      std::vector<T> a2t(row * ldv, T(0));  // A2 transposed, [(s2, r)][c], zero-padded
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const T* a1 = a_ptr + 2 * blk * site;  // [(l, s1)][c]
+        const T* a2 = a1 + site;               // [c][(s2, r)]
+        const T* gm = g_ptr + blk * site * d;  // [(l, s1)][(s2, r)]
+        T* g1 = o_ptr + 2 * blk * site;
+        T* g2 = g1 + site;
+        for (int64_t c = 0; c < D; ++c)
+          for (int64_t j = 0; j < row; ++j) a2t[j * ldv + c] = a2[c * row + j];
+        // g_A1 = g_M A2^T: a (D d, D) product reducing over (s2, r)
+        gram(gm, D * d, row, a2t.data(), ldv, row, g1, D);
+        // g_A2 = A1^T g_M
+        small_matmul(a1, 1, D, D, D * d, gm, row, row, g2, row);
+      }
+    });
+  });
+  return grads;
+}
+
+// Merged cores of pairs of sites: sites (2n, D, d, D) -> (n, D*d*d, D),
+// M[l][s1][s2][r] = sum_c A1[l][s1][c] A2[c][s2][r] (tnkd.tn.chain._merge_cores for block 2).
+at::Tensor merge_pairs(at::Tensor sites) {
+  check(sites, "sites", 4);
+  sites = sites.contiguous();
+  const int64_t n2 = sites.size(0), D = sites.size(1), d = sites.size(2), n = n2 / 2;
+  TORCH_CHECK(n2 % 2 == 0 && sites.size(3) == D, "chain_scan: inconsistent shapes");
+  auto merged = at::empty({n, D * d * d, D}, sites.options());
+  const int64_t row = d * D, site = D * d * D;
+  AT_DISPATCH_FLOATING_TYPES(sites.scalar_type(), "merge_pairs", [&] {
+    using T = scalar_t;
+    const T* a_ptr = sites.data_ptr<T>();
+    T* m_ptr = merged.data_ptr<T>();
+    at::parallel_for(0, n, 8, [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const T* a1 = a_ptr + 2 * blk * site;  // [(l, s1)][c]
+        const T* a2 = a1 + site;               // [c][(s2, r)]
+        small_matmul(a1, D, 1, D * d, D, a2, row, row, m_ptr + blk * site * d, row);
+      }
+    });
+  });
+  return merged;
+}
+
+// Block features straight from the feature map's (B, N, d) output: the n padded sites read
+// features[:, source[i]] (an identity site, source -1, reads e_0), and a block's features are
+// the outer product of its `block` sites' (tnkd.tn.chain._block_features) -> (n / block,
+// d^block, B).
+at::Tensor block_features(at::Tensor features, at::Tensor source, int64_t block) {
+  check(features, "features", 3);
+  check(source, "source", 1);
+  features = features.contiguous();
+  source = source.contiguous();
+  const int64_t B = features.size(0), N = features.size(1), d = features.size(2);
+  const int64_t n = source.size(0), blocks = n / block;
+  int64_t m = 1;
+  for (int64_t j = 0; j < block; ++j) m *= d;
+  TORCH_CHECK(n % block == 0 && source.scalar_type() == at::kLong, "chain_scan: bad source");
+  auto out = at::empty({blocks, m, B}, features.options());
+  const int64_t* src = source.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(src[i] >= -1 && src[i] < N, "chain_scan: source site out of range");
+  AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "block_features", [&] {
+    using T = scalar_t;
+    const T* f = features.data_ptr<T>();
+    T* o = out.data_ptr<T>();
+    std::vector<T> site(d * B), prod(m * B), next(m * B);
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      int64_t width = 1;  // d^j after j sites
+      for (int64_t j = 0; j < block; ++j) {
+        const int64_t s_idx = src[blk * block + j];
+        for (int64_t s = 0; s < d; ++s)
+          for (int64_t b = 0; b < B; ++b)
+            site[s * B + b] = s_idx < 0 ? T(s == 0) : f[(b * N + s_idx) * d + s];
+        if (j == 0) {
+          std::copy(site.begin(), site.end(), prod.begin());
+        } else {
+          for (int64_t p = 0; p < width; ++p)
+            for (int64_t s = 0; s < d; ++s)
+              for (int64_t b = 0; b < B; ++b)
+                next[(p * d + s) * B + b] = prod[p * B + b] * site[s * B + b];
+          std::swap(prod, next);
+        }
+        width *= d;
+      }
+      std::copy(prod.begin(), prod.begin() + m * B, o + blk * m * B);
+    }
+  });
+  return out;
+}
+
+// The output core of an MPS contracted with the ends of its two halves, u = ends[0] and
+// w = ends[1], (D, B) each: values[b][c] = sum_{l, r} u[l][b] O[l][c][r] w[r][b], divided by
+// their max-abs per sample. Returns the (B, C) normalised values, the (B,) log-scales
+// logs[0] + logs[1] + log(scale), ow[l][c][b] = sum_r O[l][c][r] w[r][b] (D, C, B) and the
+// (B,) scales, both for mps_output_backward.
+std::vector<at::Tensor> mps_output_forward(at::Tensor ends, at::Tensor out_core, at::Tensor logs) {
+  check(ends, "ends", 3);
+  check(out_core, "output_core", 3);
+  check(logs, "logs", 2);
+  ends = ends.contiguous();
+  out_core = out_core.contiguous();
+  logs = logs.contiguous();
+  const int64_t D = ends.size(1), B = ends.size(2), C = out_core.size(1);
+  TORCH_CHECK(ends.size(0) == 2 && out_core.size(0) == D && out_core.size(2) == D &&
+                  logs.size(0) == 2 && logs.size(1) == B &&
+                  out_core.scalar_type() == ends.scalar_type(),
+              "chain_scan: inconsistent shapes");
+  auto values = at::empty({B, C}, ends.options());
+  auto log_scale = at::empty({B}, ends.options());
+  auto ow = at::empty({D, C, B}, ends.options());
+  auto scale = at::empty({B}, ends.options());
+  AT_DISPATCH_FLOATING_TYPES(ends.scalar_type(), "mps_output_forward", [&] {
+    using T = scalar_t;
+    const T* u = ends.data_ptr<T>();
+    const T* w = u + D * B;
+    const T* o = out_core.data_ptr<T>();
+    const T* lg = logs.data_ptr<T>();
+    T* owp = ow.data_ptr<T>();
+    std::vector<T> val(C * B, T(0));
+    small_matmul(o, D, 1, D * C, D, w, B, B, owp, B);
+    for (int64_t lc = 0; lc < D * C; ++lc) {
+      const T* row = owp + lc * B;
+      const T* ul = u + (lc / C) * B;
+      T* vc = val.data() + (lc % C) * B;
+      for (int64_t b = 0; b < B; ++b) vc[b] += row[b] * ul[b];
+    }
+    T* vp = values.data_ptr<T>();
+    T* sp = scale.data_ptr<T>();
+    T* lp = log_scale.data_ptr<T>();
+    const T tiny = std::numeric_limits<T>::min();
+    for (int64_t b = 0; b < B; ++b) {
+      T peak = tiny;
+      for (int64_t c = 0; c < C; ++c) {
+        const T a = std::abs(val[c * B + b]);
+        peak = (a > peak || a != a) ? a : peak;
+      }
+      sp[b] = peak;
+      lp[b] = lg[b] + lg[B + b] + std::log(peak);
+      for (int64_t c = 0; c < C; ++c) vp[b * C + c] = val[c * B + b] / peak;
+    }
+  });
+  return {values, log_scale, ow, scale};
+}
+
+// The vector-Jacobian product of mps_output_forward (the scales are constants): from the
+// (B, C) gradient of the normalised values, the gradients of the ends (2, D, B),
+// g_u[l][b] = sum_c ow[l][c][b] g'[c][b] and g_w[r][b] = sum_{l, c} O[l][c][r] u[l][b] g'[c][b]
+// with g'[c][b] = grad[b][c] / scale[b], and, with core_grad, of the output core,
+// g_O[l][c][r] = sum_b u[l][b] g'[c][b] w[r][b] (else an undefined tensor).
+std::vector<at::Tensor> mps_output_backward(at::Tensor grad, at::Tensor ends, at::Tensor out_core,
+                                            at::Tensor ow, at::Tensor scale, bool core_grad) {
+  grad = grad.contiguous();
+  ends = ends.contiguous();
+  out_core = out_core.contiguous();
+  ow = ow.contiguous();
+  scale = scale.contiguous();
+  const int64_t D = ends.size(1), B = ends.size(2), C = out_core.size(1);
+  TORCH_CHECK(grad.size(0) == B && grad.size(1) == C && ow.size(0) == D && ow.size(1) == C,
+              "chain_scan: inconsistent shapes");
+  auto g_ends = at::zeros({2, D, B}, ends.options());
+  auto g_core = core_grad ? at::empty({D, C, D}, ends.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(ends.scalar_type(), "mps_output_backward", [&] {
+    using T = scalar_t;
+    const T* u = ends.data_ptr<T>();
+    const T* w = u + D * B;
+    const T* o = out_core.data_ptr<T>();
+    const T* owp = ow.data_ptr<T>();
+    const T* gp = grad.data_ptr<T>();
+    const T* sp = scale.data_ptr<T>();
+    T* gu = g_ends.data_ptr<T>();
+    T* gw = gu + D * B;
+    std::vector<T> gt(C * B), ug(D * C * B);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < C; ++c) gt[c * B + b] = gp[b * C + c] / sp[b];
+    for (int64_t lc = 0; lc < D * C; ++lc) {
+      const int64_t l = lc / C, c = lc % C;
+      const T* row = owp + lc * B;
+      const T* g = gt.data() + c * B;
+      const T* ul = u + l * B;
+      T* gul = gu + l * B;
+      T* ugr = ug.data() + lc * B;
+      for (int64_t b = 0; b < B; ++b) {
+        gul[b] += row[b] * g[b];
+        ugr[b] = ul[b] * g[b];
+      }
+    }
+    small_matmul(o, 1, D, D, D * C, ug.data(), B, B, gw, B);
+    if (core_grad) {
+      const int64_t ldv = padded_width<T>(D);
+      std::vector<T> wt(B * ldv, T(0));
+      for (int64_t r = 0; r < D; ++r)
+        for (int64_t b = 0; b < B; ++b) wt[b * ldv + r] = w[r * B + b];
+      gram(ug.data(), D * C, B, wt.data(), ldv, B, g_core.data_ptr<T>(), D);
+    }
+  });
+  return {g_ends, g_core};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("merge_pairs", &merge_pairs, "merged cores of pairs of sites");
+  module.def("block_features", &block_features, "block features from (B, N, d) features");
+  module.def("mps_output_forward", &mps_output_forward, "MPS output core, forward");
+  module.def("mps_output_backward", &mps_output_backward, "MPS output core, backward");
+  module.def("unmerge_pairs", &unmerge_pairs, "site-pair gradients from merged-block gradients");
+  module.def("scan_forward", &scan_forward, "boundary-vector scan, forward");
+  module.def("scan_backward", &scan_backward, "boundary-vector scan, backward");
+}
