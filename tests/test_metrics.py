@@ -104,3 +104,16 @@ def test_batch_mean_of_several_values_with_their_own_weights_and_pending_reset()
     mean.reset()
     mean.update(torch.tensor([5.0, 5.0, 5.0]), 2)
     assert mean.compute().tolist() == [5.0, 5.0, 5.0]
+
+
+def test_add_is_update_without_the_wrapper():
+    a, b = ClassifierStats(10, members=2), ClassifierStats(10, members=2)
+    torch.manual_seed(3)
+    for _ in range(3):
+        z, y = torch.randn(2, 20, 10), torch.randint(0, 10, (20,))
+        a.update(z, y, 1)
+        b.add([z[0], z[1]], y, 1)
+        assert a.compute()["agreement"].tolist() == b.compute()["agreement"].tolist()  # no stale cache
+    assert a.update_count == b.update_count == 3
+    for key in ("acc", "ece"):
+        assert torch.equal(a.compute()[key], b.compute()[key])

@@ -240,9 +240,19 @@ class _RunModule(L.LightningModule):
     """
 
     fit_seconds: float | None = None
+    #: plain attributes Lightning sets around every hook call (about 40 times a training step)
+    _PLAIN = frozenset({"_current_fx_name"})
     #: per stage the sums of the epoch's metrics and their views (:func:`_stage_stats`)
     stats: nn.ModuleDict
     stat_views: nn.ModuleDict
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # a str attribute never goes into nn.Module's parameter, buffer or module tables: skip
+        # their lookups (nn.Module.__setattr__ costs ~100 us a step at these call counts)
+        if name in self._PLAIN:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         raise NotImplementedError
@@ -272,15 +282,15 @@ class _RunModule(L.LightningModule):
         """
         zero = terms["loss"][0].detach().new_zeros(())
         values = tuple(terms[t][0].detach() if t in terms else zero for t in TERMS)
-        self.stats[f"{stage}_terms"].update(
+        self.stats[f"{stage}_terms"].add(
             values, tuple(terms[t][1] if t in terms else 0 for t in TERMS)
         )
         names = list(models)
-        logits = [z.detach() for z in models.values()]
         k = len(names)
-        reference = logits[1].argmax(-1) if agreement else None
-        stacked = logits[0] if k == 1 else torch.stack([z.float() for z in logits])
-        self.stats[f"{stage}_models{k}"].update(stacked, labels, reference)
+        # the agreement: the first model's predictions against the second's (at the fold)
+        self.stats[f"{stage}_models{k}"].add(
+            [z.detach() for z in models.values()], labels, 1 if agreement else None
+        )
         logged = self.__dict__.setdefault("_epoch_logged", set())
         if stage not in logged:
             logged.add(stage)
@@ -726,8 +736,6 @@ class DistillationModule(_RunModule):
         if stage == "train" and self.mixup > 0:
             x, perm, lam = mix_batch(x, self.mixup, self.mixup_seed, int(self.global_step))
             mix, cached = (perm, lam), []  # cached logits are of the unmixed images
-        labeled = y >= 0
-        all_labeled = bool(labeled.all())
         student_logits = self.student(x)
         teacher_logits = (
             cached[0].float()
@@ -745,7 +753,7 @@ class DistillationModule(_RunModule):
             self.confusion.update(student_logits.detach(), y)
         n = len(y)
         # CE is a mean over the labeled samples only: weigh the epoch mean by their number
-        weights = {"ce": n if all_labeled else labeled.sum(), "kd": n, "loss": n}
+        weights = {"ce": (y >= 0).sum(), "kd": n, "loss": n}
         logged = {name: (value, weights[name]) for name, value in terms.items()}
         models = {"student": student_logits}
         if teacher_logits is not None:
