@@ -67,6 +67,8 @@ def test_a_fit_run_records_the_structured_config(tmp_path, monkeypatch):
             "2",
             "--trainer.limit_val_batches",
             "1",
+            "--trainer.log_every_n_steps",
+            "1",
             "--trainer.logger.init_args.save_dir",
             str(tmp_path / "runs"),  # absolute: the W&B service keeps the first test's cwd
             *QUIET,
@@ -87,6 +89,12 @@ def test_a_fit_run_records_the_structured_config(tmp_path, monkeypatch):
     assert "student" in record.tags and "renyi" in record.tags
     assert record.summary["student_params"] == config["student_params"]
     assert record.summary["fit_seconds"] > 0
+    # what a run logs per epoch (from the epoch sums) and per logged step
+    logged = {"train/loss", "train/ce", "train/kd", "train/loss_step", "train/student_acc"}
+    logged |= {"val/loss", "val/student_acc", "val/student_ece", "val/agreement", "val/teacher_acc"}
+    assert logged <= set(record.summary), logged - set(record.summary)
+    assert "train/loss_epoch" not in record.summary
+    assert 0 <= record.summary["val/student_acc"] <= 1 and record.summary["train/loss"] > 0
 
 
 @pytest.fixture(scope="module")
