@@ -5,6 +5,7 @@
     python benchmarks/batched_grid.py --epochs 5 --threads 2
     python benchmarks/batched_grid.py --only steps         # raw training steps, 1 vs 12 stacked
     python benchmarks/batched_grid.py --only rounding      # how far rounding alone moves a run
+    python benchmarks/batched_grid.py --accelerator gpu    # every run on a GPU
 
 The grid is ``configs/digits/main.yaml`` (64-site MPS, D = 10, batch 64, 50 epochs, AdamW lr
 3e-3 with cosine decay, CNN teacher run on every batch) with one more variant, Renyi alpha = 0.5:
@@ -76,7 +77,14 @@ def run(
         "--teacher_checkpoint",
         args.teacher,
         "--trainer",
-        json.dumps({"enable_progress_bar": False, "enable_model_summary": False}),
+        json.dumps(
+            {
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+                "accelerator": args.accelerator,
+                "devices": 1,
+            }
+        ),
         "--batched",
         "true" if batched else "false",
     ]
@@ -147,6 +155,9 @@ def main() -> None:
     parser.add_argument("--sequential", action="store_true", help="also run the 12 in turn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: one core)")
     parser.add_argument("--out", help="write every number to this JSON file")
+    parser.add_argument(
+        "--accelerator", default="cpu", help="Lightning accelerator of every run (cpu, gpu)"
+    )
     parser.add_argument(
         "--only",
         choices=["steps", "rounding"],

@@ -3,7 +3,7 @@
     python benchmarks/speed.py                         # all three parts, torch's threads
     python benchmarks/speed.py --quick                 # shorter: 2 chain rows, 2 epochs, 5-epoch grid
     python benchmarks/speed.py --threads 1 --clock cpu # one thread, CPU time (a shared machine)
-    python benchmarks/speed.py --device cuda           # on a GPU (chains and epoch; grid on CPU)
+    python benchmarks/speed.py --device cuda           # on a GPU (chains, epoch and grid)
 
 It runs, one after another and each in its own process (so that no part warms the caches or
 the allocator of the next):
@@ -14,8 +14,9 @@ the allocator of the next):
 2. ``benchmarks/end_to_end.py``: a Lightning training epoch of the MNIST D = 8 MPS student
    against the raw step, and the epoch as it was before (the floor: raw / epoch <= 1.3);
 3. ``benchmarks/batched_grid.py``: the 12-run digits grid as one batched model against one of
-   its runs alone (the floor: <= 3x), CPU, one thread as the floor asks; needs the digits
-   teacher (``tnkd compare --config configs/digits/main.yaml`` trains it).
+   its runs alone (the floor: <= 3x), one CPU thread as the floor asks (on the GPU with
+   ``--device cuda``); needs the digits teacher (``tnkd compare --config
+   configs/digits/main.yaml`` trains it).
 
 Each part prints its own tables; this script prints a header per part and the wall time.
 """
@@ -36,7 +37,8 @@ def parts(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     common = ["--clock", args.clock] + (["--threads", str(args.threads)] if args.threads else [])
     chain = [str(HERE / "chain_speed.py"), "--markdown", "--device", args.device, *common]
     epoch = [str(HERE / "end_to_end.py"), "--device", args.device, "--root", args.root, *common]
-    grid = [str(HERE / "batched_grid.py"), "--teacher", args.teacher]
+    accelerator = "cpu" if args.device == "cpu" else "gpu"
+    grid = [str(HERE / "batched_grid.py"), "--teacher", args.teacher, "--accelerator", accelerator]
     if args.quick:
         chain.append("--quick")
         epoch += ["--rounds", "2"]
@@ -55,7 +57,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="shorter versions of each part")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (chains, epoch)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
-    parser.add_argument("--device", default="cpu", help="chains and epoch (the grid: CPU)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (every part)")
     parser.add_argument("--root", default="../shared/datasets", help="folder with MNIST/raw")
     parser.add_argument("--teacher", default="runs/teachers/digits_cnn.pt")
     parser.add_argument("--skip", type=int, nargs="*", default=[], help="part numbers to skip")
