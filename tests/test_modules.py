@@ -89,18 +89,17 @@ def test_teacher_frozen_and_always_in_eval_mode(tmp_path):
     assert torch.equal(module.teacher(x), v)  # dropout off: deterministic
 
 
-def _fit(module, **trainer_kwargs):
+def _fit(module, datamodule=None, **trainer_kwargs):
+    settings = {"limit_train_batches": 2, "limit_val_batches": 1} | trainer_kwargs
     trainer = L.Trainer(
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        **trainer_kwargs,
+        **settings,
     )
-    trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
+    trainer.fit(module, datamodule=datamodule or DigitsDataModule(batch_size=32))
     return trainer
 
 
@@ -192,15 +191,7 @@ def test_logged_epoch_values_equal_torchmetrics_and_the_per_batch_losses():
     module = make_module(temperature=2.0, beta=0.6)
     keep = _KeepLosses()
     dm = DigitsDataModule(batch_size=50)
-    trainer = L.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[keep],
-    )
-    trainer.fit(module, datamodule=dm)
+    trainer = _fit(module, dm, limit_train_batches=None, limit_val_batches=None, callbacks=[keep])
     weighted = sum(v * n for v, n in keep.losses) / sum(n for _, n in keep.losses)
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(weighted, rel=1e-5)
     assert len(keep.losses) > 1 and keep.losses[-1][1] < 50  # a short last batch is weighed in

@@ -270,12 +270,12 @@ class ClassificationDataModule(L.LightningDataModule):
         aug = self.augmentation
         assert aug is not None
         pos = position.cpu()
-        n = len(self._train_set())
+        order = self.train_order()
+        n = len(self.dataset("train")) if order is None else len(order)
         if aug.views == 0:
             params = self._drawn("fresh", epoch, n)[pos]
         else:
             choice = self._drawn("choice", epoch, n)[pos]
-            order = self.train_order()
             image = pos if order is None else order[pos]
             params = self._view_params()[choice, image]
             if len(tensors) > 2 and tensors[2].ndim == 3:  # cached logits of every view

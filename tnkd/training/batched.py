@@ -40,7 +40,7 @@ from torch import nn
 
 from tnkd.divergences import Divergence
 from tnkd.students.batched import batch_students
-from tnkd.training.metrics import calibration_bins, calibration_error
+from tnkd.training.metrics import calibration_bins, calibration_error, top_class
 from tnkd.training.modules import DistillationModule, _configure
 from tnkd.training.teacher_cache import module_digest
 
@@ -340,15 +340,13 @@ class BatchedDistillation(L.LightningModule):
             "kd": torch.nan_to_num(terms["kd"].detach()) * b,
         }
         target = y.clamp_min(0)
-        probs = z.float().softmax(-1)
-        conf, pred = probs.max(-1)
+        conf, pred = top_class(z)
         correct = (pred == target).to(z.dtype) * labeled
         batch["student_acc"] = correct.sum(1)
         batch["student_bins"] = calibration_bins(conf, correct, labeled)
         v = self._member_teacher_logits(teachers, m, b, c)
         if v is not None:
-            t_probs = v.softmax(-1)
-            t_conf, t_pred = t_probs.max(-1)
+            t_conf, t_pred = top_class(v)
             t_correct = (t_pred == target).to(z.dtype) * labeled
             batch["teacher_acc"] = t_correct.sum(1)
             batch["teacher_bins"] = calibration_bins(t_conf, t_correct, labeled)

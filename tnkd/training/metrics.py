@@ -59,6 +59,18 @@ def calibration_bins(
     return out
 
 
+def top_class(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(confidence, class)``: the softmax's largest probability and its class, per row.
+
+    The probability is ``1 / sum_c exp(z_c - z_max)``, the softmax's maximum without the softmax
+    (on this CPU a softmax over 10 classes costs 20x these three kernels); the class is the
+    logits' argmax (the first one on ties, as ``argmax``).
+    """
+    z = logits.float()
+    z_max, top = z.max(-1)
+    return (z - z_max.unsqueeze(-1)).exp().sum(-1).reciprocal(), top
+
+
 def calibration_error(bins: torch.Tensor, total: torch.Tensor | float) -> torch.Tensor:
     """Expected calibration error from :func:`calibration_bins` sums of ``total`` samples."""
     total = torch.as_tensor(total, dtype=bins.dtype, device=bins.device)
@@ -252,10 +264,7 @@ class ClassifierStats(_Buffered):
 
     def _add(self, z: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None) -> None:
         weight = labels >= 0
-        # the top class and its probability 1 / sum_c exp(z_c - z_max): the softmax's maximum
-        # without the softmax (on this CPU a softmax over 10 classes costs 20x the three kernels)
-        z_max, top = z.max(-1)
-        conf = (z - z_max.unsqueeze(-1)).exp().sum(-1).reciprocal()
+        conf, top = top_class(z)
         hit = (top == labels) & weight
         self.correct.add_(hit.sum(-1))
         self.labeled.add_(weight.sum())

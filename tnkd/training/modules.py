@@ -280,8 +280,9 @@ class _RunModule(L.LightningModule):
         also logs ``train/loss_step`` on the steps whose values go to the logger
         (``log_every_n_steps``), and to the progress bar.
         """
-        zero = terms["loss"][0].detach().new_zeros(())
-        values = tuple(terms[t][0].detach() if t in terms else zero for t in TERMS)
+        loss = terms["loss"][0].detach()
+        # a term the run does not have (kd without a teacher) is a 0 of weight 0
+        values = tuple(terms[t][0].detach() if t in terms else loss * 0 for t in TERMS)
         self.stats[f"{stage}_terms"].add(
             values, tuple(terms[t][1] if t in terms else 0 for t in TERMS)
         )
