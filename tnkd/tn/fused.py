@@ -42,6 +42,8 @@ from collections.abc import Sequence
 
 import torch
 
+from tnkd.tn import native
+
 #: target size (elements) of one chunk's (nodes, A*B, n) temporaries
 CHUNK_ELEMENTS = 1 << 17
 #: tensors multiplied into a value between two renormalisations on the lean plan of
@@ -379,14 +381,22 @@ class FastTree(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, every, check, head, linear_leaves, *blocks):  # noqa: D102
-        batch = blocks[plan.levels[0][1]].shape[-1]
-        space = plan.take(blocks, batch)
-        if linear_leaves:
-            if space is None:  # no workspace: the [1, x] features, then the general loop
-                blocks = linear_leaf_features(plan, blocks)
-            else:
-                space.linear = True
-        run_fn = tree_forward if space is None else space.forward
+        ext = _tree_kernels(blocks) if plan.native else None
+        space = None
+        if ext is not None:  # the whole level loop in C++ (tnkd.tn.native, "tree_levels")
+
+            def run_fn(levels, blocks, every, check, head):
+                return native_tree_forward(ext, levels, blocks, every, check, head, linear_leaves)
+
+        else:
+            batch = blocks[plan.levels[0][1]].shape[-1]
+            space = plan.take(blocks, batch)
+            if linear_leaves:
+                if space is None:  # no workspace: the [1, x] features, then the general loop
+                    blocks = linear_leaf_features(plan, blocks)
+                else:
+                    space.linear = True
+            run_fn = tree_forward if space is None else space.forward
         levels = plan.levels
         if plan.lean and not every:
             levels, check = plan.lean_levels, True
@@ -395,7 +405,7 @@ class FastTree(torch.autograd.Function):
             plan.lean = False  # this network's values leave the range: its own plan from now on
             run = run_fn(plan.levels, blocks, True, False, head is not None)
         out, divisors, ctx.saved, square = run
-        ctx.plan, ctx.space = plan, space
+        ctx.plan, ctx.space, ctx.ext = plan, space, ext
         if space is not None:
             if any(ctx.needs_input_grad):
                 # back to the pool when this node is freed (after its last backward)
@@ -420,7 +430,7 @@ class FastTree(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_log):  # noqa: D102
-        ctx.saved_tensors  # noqa: B018  (raises if a block was changed in place since forward)
+        blocks = ctx.saved_tensors  # (raises if a block was changed in place since forward)
         plan, space, needs = ctx.plan, ctx.space, ctx.needs_input_grad[5:]
         g_head = None
         if ctx.head is not None:  # see normalized_logits
@@ -429,11 +439,57 @@ class FastTree(torch.autograd.Function):
             g_head = dot.sum().mul_(scale)
             grad_out = torch.addcmul(grad_out.T, direction, dot, value=-1).mul_(inverse * scale)
             grad_out = grad_out.unsqueeze(0)
-        if space is None:
+        if ctx.ext is not None:
+            grads = native_tree_backward(ctx.ext, ctx.saved, blocks, grad_out, needs)
+        elif space is None:
             grads = tree_backward(plan.levels, ctx.saved, grad_out, needs)
         else:  # the head's gradient is a fresh tensor: divided in place
             grads = space.backward(plan.levels, ctx.saved, grad_out, needs, g_head is not None)
         return None, None, None, g_head, None, *grads
+
+
+def _tree_kernels(blocks: Sequence[torch.Tensor]):
+    """The native level loop (:mod:`tnkd.tn.native`, ``"tree_levels"``) for these blocks, or None.
+
+    None (the Python loop runs) off the CPU, for other dtypes than float32 and float64, blocks
+    of mixed dtypes, while ``torch.compile`` traces (it cannot trace into the native functions)
+    and where the kernels cannot be built.
+    """
+    first = blocks[0]
+    if not native.supports(first) or torch.compiler.is_compiling():
+        return None
+    if any(b.dtype != first.dtype or b.device != first.device for b in blocks):
+        return None
+    return native.kernels("tree_levels")
+
+
+def native_tree_forward(ext, levels, blocks, every: bool, check: bool, head: bool, linear: bool):
+    """:func:`tree_forward` by the native level loop: ``(root, divisors, saved, square)`` or None.
+
+    The same renormalisations (``renorm`` of the level, or ``every``; not the root with ``head``
+    and not ``every``: its squared norms are the divisors' last row instead) and the same range
+    check, from the kernel's smallest and largest divisor. With ``linear`` the first level's
+    children are the raw (G, 2, n) pairs of the [1, x] map (:meth:`_Workspace._linear_leaf`).
+    """
+    last = len(levels) - 1
+    square = head and not every
+    renorm = [bool(every or lv[4]) and not (square and k == last) for k, lv in enumerate(levels)]
+    slots = [list(column) for column in zip(*levels, strict=True)][:4]
+    outs, divisors, low, high = ext.tree_forward(list(blocks), *slots, renorm, linear, square)
+    if (check or square) and not every:
+        info = torch.finfo(divisors.dtype)
+        if not (low >= info.tiny / info.eps and high <= info.max * info.eps):
+            return None  # False for NaN too
+    saved = (slots, renorm, linear, outs, divisors)
+    return outs[-1], divisors, saved, divisors[-1:] if square else None
+
+
+def native_tree_backward(ext, saved, blocks, grad_out, needs):
+    """Gradients of the blocks from :func:`native_tree_forward`'s ``saved`` (None where not needed)."""
+    slots, renorm, linear, outs, divisors = saved
+    return ext.tree_backward(
+        list(blocks), outs, divisors, *slots, renorm, linear, grad_out, list(needs)
+    )
 
 
 def linear_leaf_features(plan: TreePlan, blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -498,6 +554,8 @@ class TreePlan:
     ) -> None:
         self.levels = tuple(levels)
         self._free: dict[tuple, list[_Workspace]] = {}
+        #: run the level loop natively where it can (:func:`_tree_kernels`); False: the Python loop
+        self.native = True
         #: the levels with the lean renormalisation plan (see the class docstring), or None
         self.lean_levels = None if lean_after is None else self._lean(lean_after)
         #: whether the next pass tries the lean plan (False for good after one rerun)

@@ -1,4 +1,11 @@
-"""The chain scan as native CPU loops: ``csrc/chain_scan.cpp``, compiled on first use.
+"""Native CPU loops compiled on first use: the chain scan and the tree's levels.
+
+Two C++ sources, one loader (:func:`kernels`, by name, :data:`SOURCES`):
+
+- ``"chain_scan"`` (``csrc/chain_scan.cpp``): the boundary-vector scan of :mod:`tnkd.tn.chain`;
+- ``"tree_levels"`` (``csrc/tree_levels.cpp``): the level loop of a balanced binary tree,
+  :class:`tnkd.tn.fused.FastTree`, forward and backward, each thread running every level on its
+  own columns of the batch.
 
 :func:`tnkd.tn.chain.sweep_boundary`'s ``"scan"`` runs its steps from Python, two ATen kernels
 per step (an outer product and a batched matmul), and at small bond dimensions those kernels'
@@ -10,13 +17,13 @@ along the batch (the long, contiguous axis), and the K chains run on parallel th
 MPS the merge of site pairs, the block features and the output core are native too, so that
 :func:`tnkd.tn.chain.contract_chain` is one autograd node.
 
-The source is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja) the first time a
-native scan runs, about 30 s, into torch's extension cache (``~/.cache/torch_extensions``,
+Each source is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja) the first time
+it is needed, about 30 s, into torch's extension cache (``~/.cache/torch_extensions``,
 or ``TORCH_EXTENSIONS_DIR``), so later processes load it in about a second. The build is
 specific to the CPU (``-march=native``); the CPU's model and flags are part of the extension's
-name, so a cache shared between different machines never loads a foreign build. If it cannot
+name, so a cache shared between different machines never loads a foreign build. If one cannot
 be built (no compiler, no ninja), :func:`kernels` warns once and returns ``None``, and the
-chain contraction uses the Python scan instead.
+caller runs its Python loop instead (the chain's ``"scan"``, the tree's ATen level loop).
 
 Example:
     >>> ext = kernels()  # compiles on first use
@@ -32,7 +39,12 @@ from types import ModuleType
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "chain_scan.cpp"
+#: the native sources by name, and what runs instead when one cannot be built
+SOURCES = {
+    "chain_scan": (Path(__file__).parent / "csrc" / "chain_scan.cpp", "the Python scan (method='scan')"),
+    "tree_levels": (Path(__file__).parent / "csrc" / "tree_levels.cpp", "the Python level loop"),
+}
+SOURCE = SOURCES["chain_scan"][0]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 _STATE: dict[str, ModuleType | None] = {}
@@ -48,38 +60,42 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build_name() -> str:
-    text = SOURCE.read_text() + " ".join(FLAGS) + _cpu_id() + torch.__version__
-    return "tnkd_chain_scan_" + hashlib.sha1(text.encode()).hexdigest()[:12]
+def _build_name(name: str = "chain_scan") -> str:
+    text = SOURCES[name][0].read_text() + " ".join(FLAGS) + _cpu_id() + torch.__version__
+    return f"tnkd_{name}_" + hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def kernels() -> ModuleType | None:
-    """The compiled module (``scan_forward``, ``scan_backward``), or ``None`` if it cannot be built.
+def kernels(name: str = "chain_scan") -> ModuleType | None:
+    """The compiled module ``name`` (a key of :data:`SOURCES`), or ``None`` if it cannot be built.
 
-    Builds once per process (and once per machine: later processes load the cached build); a
-    failed build warns once and is not retried.
+    ``"chain_scan"``: ``scan_forward``, ``scan_backward``, ...; ``"tree_levels"``:
+    ``tree_forward``, ``tree_backward``. Builds once per process (and once per machine: later
+    processes load the cached build); a failed build warns once and is not retried.
     """
-    if "ext" not in _STATE:
+    if name not in SOURCES:
+        raise ValueError(f"native kernels are one of {tuple(SOURCES)}, but got {name!r}")
+    if name not in _STATE:
+        source, instead = SOURCES[name]
         try:
             from torch.utils.cpp_extension import load
 
-            _STATE["ext"] = load(
-                name=_build_name(),
-                sources=[str(SOURCE)],
+            _STATE[name] = load(
+                name=_build_name(name),
+                sources=[str(source)],
                 extra_cflags=FLAGS,
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
-        except Exception as err:  # any build failure means: use the Python scan
-            _STATE["ext"] = None
+        except Exception as err:  # any build failure means: use the Python loop
+            _STATE[name] = None
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            label = name.replace("_", " ")
             warnings.warn(
-                f"tnkd: the native chain scan could not be compiled ({first}); "
-                "using the Python scan (method='scan') instead",
+                f"tnkd: the native {label} could not be compiled ({first}); using {instead} instead",
                 RuntimeWarning,
                 stacklevel=2,
             )
-    return _STATE["ext"]
+    return _STATE[name]
 
 
 def supports(tensor: torch.Tensor) -> bool:

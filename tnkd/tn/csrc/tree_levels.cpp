@@ -1,0 +1,622 @@
+// The level loop of tnkd.tn.fused.FastTree (a balanced binary tree) as native loops.
+//
+// tree_forward / tree_backward: the same math as tnkd.tn.fused.tree_forward / tree_backward.
+// Level k joins G nodes W[g, a, b, p] with their two children (G, A, n) and (G, B, n):
+//
+//     out[g, p, c] = sum_{a, b} W[g, a, b, p] left[g, a, c] right[g, b, c]
+//
+// optionally divided per (node, sample) by its max-abs over p (clamped at the smallest normal
+// float; the divisors are returned, their logs sum to the root's log-scale). Backward, with
+// G = grad / divisor:
+//
+//     g_W[g, a, b, p] = sum_c left[a, c] right[b, c] G[p, c]
+//     gO[(a, b), c]   = sum_p W[a, b, p] G[p, c]
+//     g_left[a, c]    = sum_b gO[(a, b), c] right[b, c],  g_right[b, c] = sum_a gO[(a, b), c] left[a, c]
+//
+// Samples are independent, so the batch (the last, contiguous axis n) is split into one column
+// range per thread, and each thread runs *every* level on its range with no synchronisation
+// between levels (the Python loop pays one ATen dispatch, and one parallel region, per kernel and
+// level). The weights' gradients are sums over the batch: each thread accumulates into its own
+// buffer, summed at the end. Inside a range, the columns go in chunks of at most 4 SIMD
+// registers, with the chunk's outer product left (x) right in an L1-sized scratch: the forward
+// product is a register-tiled matrix product along the columns, g_W a product with the batch as
+// the reduction (the gradient transposed, so no horizontal sums).
+//
+// With `linear`, level 0's left child is a (G, 2, n) tensor of raw pairs [x_l, x_r] (any
+// strides), and its children are the [1, x] features [1, x_l] and [1, x_r] (A = B = 2), made
+// on the fly; the raw pairs get no gradient.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// One SIMD register's worth of T (16 floats or 8 doubles; GCC/Clang vector extension).
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int64_t lanes = 64 / sizeof(T);
+};
+
+template <typename T>
+inline typename Vec<T>::type load(const T* p) {
+  typename Vec<T>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store(T* p, typename Vec<T>::type v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// out (rows, NV*L) = A (rows, depth) @ x (depth, NV*L); A(r, k) = a[r*ar + k*ak].
+template <typename T, int R, int NV>
+inline void mm_tile(const T* __restrict a, int64_t ar, int64_t ak, int64_t depth,
+                    const T* __restrict x, int64_t ldx, T* __restrict out, int64_t ldo,
+                    int64_t r0) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::lanes;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NV; ++n) acc[r][n] = V{};
+  for (int64_t k = 0; k < depth; ++k) {
+    V xv[NV];
+    for (int n = 0; n < NV; ++n) xv[n] = load(x + k * ldx + n * L);
+    for (int r = 0; r < R; ++r) {
+      const T av = a[(r0 + r) * ar + k * ak];
+      for (int n = 0; n < NV; ++n) acc[r][n] += av * xv[n];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < NV; ++n) store(out + (r0 + r) * ldo + n * L, acc[r][n]);
+}
+
+template <typename T, int NV>
+void mm_rows(const T* a, int64_t ar, int64_t ak, int64_t rows, int64_t depth, const T* x,
+             int64_t ldx, T* out, int64_t ldo) {
+  int64_t r = 0;
+  constexpr int RR = NV <= 2 ? 6 : 4;
+  for (; r + RR <= rows; r += RR) mm_tile<T, RR, NV>(a, ar, ak, depth, x, ldx, out, ldo, r);
+  for (; r + 2 <= rows; r += 2) mm_tile<T, 2, NV>(a, ar, ak, depth, x, ldx, out, ldo, r);
+  for (; r < rows; ++r) mm_tile<T, 1, NV>(a, ar, ak, depth, x, ldx, out, ldo, r);
+}
+
+// out (rows, nv*L) = A (rows, depth) @ x (depth, nv*L), both scratch with row stride ld.
+template <typename T>
+void matmul(const T* a, int64_t ar, int64_t ak, int64_t rows, int64_t depth, const T* x,
+            int64_t nv, int64_t ld, T* out) {
+  switch (nv) {
+    case 1: mm_rows<T, 1>(a, ar, ak, rows, depth, x, ld, out, ld); break;
+    case 2: mm_rows<T, 2>(a, ar, ak, rows, depth, x, ld, out, ld); break;
+    case 3: mm_rows<T, 3>(a, ar, ak, rows, depth, x, ld, out, ld); break;
+    default: mm_rows<T, 4>(a, ar, ak, rows, depth, x, ld, out, ld); break;
+  }
+}
+
+// gw[r][p] += sum_{c < cols} o[r][c] gt[c][p] for rows r0..r0+R-1, PV registers of p from p0
+// (`valid` of them inside P): o (rows, ldo), gt (cols, ldg) the gradient transposed.
+template <typename T, int R, int PV>
+inline void gram_tile(const T* __restrict o, int64_t ldo, const T* __restrict gt, int64_t ldg,
+                      int64_t cols, T* __restrict gw, int64_t P, int64_t r0, int64_t p0,
+                      int64_t valid) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::lanes;
+  V acc[R][PV];
+  for (int r = 0; r < R; ++r)
+    for (int n = 0; n < PV; ++n) acc[r][n] = V{};
+  for (int64_t c = 0; c < cols; ++c) {
+    V gv[PV];
+    for (int n = 0; n < PV; ++n) gv[n] = load(gt + c * ldg + p0 + n * L);
+    for (int r = 0; r < R; ++r) {
+      const T ov = o[(r0 + r) * ldo + c];
+      for (int n = 0; n < PV; ++n) acc[r][n] += ov * gv[n];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    T tmp[PV * L];
+    for (int n = 0; n < PV; ++n) store(tmp + n * L, acc[r][n]);
+    T* g = gw + (r0 + r) * P + p0;
+    for (int64_t q = 0; q < valid; ++q) g[q] += tmp[q];
+  }
+}
+
+template <typename T, int PV>
+void gram_rows(const T* o, int64_t rows, int64_t ldo, const T* gt, int64_t ldg, int64_t cols,
+               T* gw, int64_t P, int64_t p0) {
+  const int64_t valid = std::min<int64_t>(PV * Vec<T>::lanes, P - p0);
+  constexpr int RR = PV == 1 ? 8 : 4;
+  int64_t r = 0;
+  for (; r + RR <= rows; r += RR) gram_tile<T, RR, PV>(o, ldo, gt, ldg, cols, gw, P, r, p0, valid);
+  for (; r + 2 <= rows; r += 2) gram_tile<T, 2, PV>(o, ldo, gt, ldg, cols, gw, P, r, p0, valid);
+  for (; r < rows; ++r) gram_tile<T, 1, PV>(o, ldo, gt, ldg, cols, gw, P, r, p0, valid);
+}
+
+// gw (rows, P) += o (rows, cols) @ gt (cols, ldg), ldg = P rounded up to whole registers.
+template <typename T>
+void gram(const T* o, int64_t rows, int64_t ldo, const T* gt, int64_t ldg, int64_t cols, T* gw,
+          int64_t P) {
+  constexpr int64_t L = Vec<T>::lanes;
+  for (int64_t p0 = 0; p0 < ldg; p0 += 2 * L) {
+    if (ldg - p0 >= 2 * L)
+      gram_rows<T, 2>(o, rows, ldo, gt, ldg, cols, gw, P, p0);
+    else
+      gram_rows<T, 1>(o, rows, ldo, gt, ldg, cols, gw, P, p0);
+  }
+}
+
+// A child: element (node, row, column) at ptr[node*sn + row*sr + column*sc].
+template <typename T>
+struct Child {
+  T* ptr;
+  int64_t sn, sr, sc;
+};
+
+// dst[r][0..width) = src rows r (columns c0..c0+cols), zero from cols on.
+template <typename T>
+inline void load_rows(const T* src, int64_t sr, int64_t sc, int64_t rows, int64_t cols,
+                      int64_t width, T* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * sr;
+    T* d = dst + r * width;
+    if (sc == 1) {
+      std::memcpy(d, s, cols * sizeof(T));
+    } else {
+      for (int64_t c = 0; c < cols; ++c) d[c] = s[c * sc];
+    }
+    for (int64_t c = cols; c < width; ++c) d[c] = 0;
+  }
+}
+
+template <typename T>
+inline void store_rows(const T* src, int64_t rows, int64_t width, int64_t cols, T* dst,
+                       int64_t sr) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * sr, src + r * width, cols * sizeof(T));
+}
+
+// o[(a, b)][:] = l[a][:] r[b][:] over `nv` registers.
+template <typename T>
+inline void outer(const T* l, int64_t A, const T* r, int64_t B, int64_t nv, int64_t width, T* o) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::lanes;
+  for (int64_t a = 0; a < A; ++a)
+    for (int64_t n = 0; n < nv; ++n) {
+      const V lv = load(l + a * width + n * L);
+      for (int64_t b = 0; b < B; ++b)
+        store(o + (a * B + b) * width + n * L, lv * load(r + b * width + n * L));
+    }
+}
+
+// 64-byte aligned scratch.
+template <typename T>
+struct Scratch {
+  std::vector<T> data;
+  T* base;
+  explicit Scratch(int64_t size) : data(size + 64 / sizeof(T)) {
+    auto p = reinterpret_cast<std::uintptr_t>(data.data());
+    base = reinterpret_cast<T*>((p + 63) / 64 * 64);
+  }
+};
+
+struct Level {
+  int64_t w, l, r;
+  bool interleaved, renorm;
+  int64_t nodes, A, B, P;
+};
+
+struct Plan {
+  std::vector<Level> levels;
+  int64_t blocks, n;
+  bool linear;
+  int64_t max_ab = 1, max_a = 1, max_p = 1;
+};
+
+Plan make_plan(const std::vector<at::Tensor>& blocks, const std::vector<int64_t>& w,
+               const std::vector<int64_t>& l, const std::vector<int64_t>& r,
+               const std::vector<bool>& interleaved, const std::vector<bool>& renorm, bool linear,
+               int64_t n) {
+  const int64_t K = w.size();
+  TORCH_CHECK(K > 0 && (int64_t)l.size() == K && (int64_t)r.size() == K &&
+                  (int64_t)interleaved.size() == K && (int64_t)renorm.size() == K,
+              "tree_levels: the plan's lists must have one entry per level");
+  Plan plan;
+  plan.blocks = blocks.size();
+  plan.n = n;
+  plan.linear = linear;
+  for (int64_t k = 0; k < K; ++k) {
+    TORCH_CHECK(w[k] >= 0 && w[k] < plan.blocks, "tree_levels: a weight must be a block");
+    const at::Tensor& wt = blocks[w[k]];
+    TORCH_CHECK(wt.dim() == 4, "tree_levels: weights must be (G, A, B, P), got ", wt.dim(),
+                " dimensions");
+    Level lv{w[k], l[k], r[k], interleaved[k], renorm[k], wt.size(0), wt.size(1), wt.size(2),
+             wt.size(3)};
+    TORCH_CHECK(l[k] < plan.blocks + k && r[k] < plan.blocks + k,
+                "tree_levels: a level reads a later level's result");
+    TORCH_CHECK(!lv.interleaved || lv.A == lv.B, "tree_levels: interleaved children need A == B");
+    if (linear && k == 0) {
+      TORCH_CHECK(lv.A == 2 && lv.B == 2, "tree_levels: [1, x] leaves need A = B = 2");
+    }
+    plan.max_ab = std::max(plan.max_ab, lv.A * lv.B);
+    plan.max_a = std::max({plan.max_a, lv.A, lv.B});
+    plan.max_p = std::max(plan.max_p, lv.P);
+    plan.levels.push_back(lv);
+  }
+  return plan;
+}
+
+// The columns of task t of `tasks`: whole registers, split as evenly as they go.
+template <typename T>
+std::pair<int64_t, int64_t> columns(int64_t t, int64_t tasks, int64_t n) {
+  constexpr int64_t L = Vec<T>::lanes;
+  const int64_t regs = (n + L - 1) / L;
+  const int64_t r0 = t * regs / tasks, r1 = (t + 1) * regs / tasks;
+  return {std::min(n, r0 * L), std::min(n, r1 * L)};
+}
+
+template <typename T>
+int64_t task_count(int64_t n) {
+  const int64_t regs = (n + Vec<T>::lanes - 1) / Vec<T>::lanes;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), regs));
+}
+
+// Registers per chunk: the outer product (A*B rows) within about 32 KB, at most 4.
+template <typename T>
+int64_t chunk_registers(int64_t max_ab) {
+  const int64_t fit = (32 * 1024) / (max_ab * 64);
+  return std::max<int64_t>(1, std::min<int64_t>(4, fit));
+}
+
+// The children of node g at level k: (left, right) element pointers and strides.
+template <typename T>
+std::pair<Child<T>, Child<T>> children(const Plan& plan, const Level& lv, int64_t g,
+                                       const std::vector<Child<T>>& slots) {
+  Child<T> left = slots[lv.l], right = lv.interleaved ? slots[lv.l] : slots[lv.r];
+  if (lv.interleaved) {
+    left.ptr += 2 * g * left.sn;
+    right.ptr += (2 * g + 1) * right.sn;
+  } else {
+    left.ptr += g * left.sn;
+    right.ptr += g * right.sn;
+  }
+  return {left, right};
+}
+
+template <typename T>
+Child<T> as_child(const at::Tensor& t) {
+  return Child<T>{t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Level k's children of node g for columns c0..c0+cols into ls (A rows), rs (B rows).
+template <typename T>
+inline void load_children(const Plan& plan, int64_t k, const Level& lv, const Child<T>& left,
+                          const Child<T>& right, int64_t c0, int64_t cols, int64_t width, T* ls,
+                          T* rs) {
+  if (plan.linear && k == 0) {  // left: the raw pair [x_l, x_r] of node g
+    for (int64_t c = 0; c < width; ++c) ls[c] = rs[c] = c < cols ? T(1) : T(0);
+    const T* base = left.ptr + c0 * left.sc;
+    load_rows(base, left.sr, left.sc, 1, cols, width, ls + width);
+    load_rows(base + left.sr, left.sr, left.sc, 1, cols, width, rs + width);
+    return;
+  }
+  load_rows(left.ptr + c0 * left.sc, left.sr, left.sc, lv.A, cols, width, ls);
+  load_rows(right.ptr + c0 * right.sc, right.sr, right.sc, lv.B, cols, width, rs);
+}
+
+template <typename T>
+std::tuple<std::vector<at::Tensor>, at::Tensor, double, double> forward_impl(
+    const std::vector<at::Tensor>& blocks, const Plan& plan, bool square) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::lanes;
+  const int64_t n = plan.n, K = plan.levels.size();
+  const auto options = blocks[plan.levels[0].w].options();
+  std::vector<Child<T>> slots;
+  for (const auto& b : blocks)
+    slots.push_back(b.dim() == 3 ? as_child<T>(b) : Child<T>{nullptr, 0, 0, 0});
+  std::vector<at::Tensor> outs;
+  std::vector<int64_t> first;  // each level's first divisor row (-1: not renormalised)
+  int64_t rows = 0;
+  for (const auto& lv : plan.levels) {
+    outs.push_back(at::empty({lv.nodes, lv.P, n}, options));
+    slots.push_back(as_child<T>(outs.back()));
+    first.push_back(lv.renorm ? rows : -1);
+    if (lv.renorm) rows += lv.nodes;
+  }
+  const int64_t square_row = rows;
+  at::Tensor divisors = at::empty({rows + (square ? 1 : 0), 1, n}, options);
+  T* div = divisors.data_ptr<T>();
+  const int64_t tasks = task_count<T>(n);
+  const int64_t nv_max = chunk_registers<T>(plan.max_ab);
+  const int64_t width = nv_max * L;
+  std::vector<double> lows(tasks, std::numeric_limits<double>::infinity());
+  std::vector<double> highs(tasks, -std::numeric_limits<double>::infinity());
+  std::vector<char> nans(tasks, 0);
+  const T tiny = std::numeric_limits<T>::min();
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<T> ls(plan.max_a * width), rs(plan.max_a * width), o(plan.max_ab * width),
+        out(plan.max_p * width);
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [cbegin, cend] = columns<T>(t, tasks, n);
+      T low = std::numeric_limits<T>::infinity(), high = -low;
+      bool nan = false;
+      auto seen = [&](T v) {
+        if (std::isnan(v)) nan = true;
+        low = std::min(low, v);
+        high = std::max(high, v);
+      };
+      for (int64_t k = 0; k < K; ++k) {
+        const Level& lv = plan.levels[k];
+        const T* weight = blocks[lv.w].data_ptr<T>();
+        const Child<T> dst = slots[plan.blocks + k];
+        const int64_t abp = lv.A * lv.B * lv.P;
+        for (int64_t g = 0; g < lv.nodes; ++g) {
+          const auto [left, right] = children<T>(plan, lv, g, slots);
+          const T* wg = weight + g * abp;
+          for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
+            const int64_t cols = std::min(width, cend - c0);
+            const int64_t nv = (cols + L - 1) / L;
+            load_children(plan, k, lv, left, right, c0, cols, width, ls.base, rs.base);
+            outer(ls.base, lv.A, rs.base, lv.B, nv, width, o.base);
+            // out[p][:] = sum_{ab} W[ab][p] o[ab][:]
+            matmul(wg, 1, lv.P, lv.P, lv.A * lv.B, o.base, nv, width, out.base);
+            if (lv.renorm) {
+              T* drow = div + (first[k] + g) * n + c0;
+              for (int64_t v = 0; v < nv; ++v) {
+                V peak = V{};
+                for (int64_t p = 0; p < lv.P; ++p) {
+                  V x = load(out.base + p * width + v * L);
+                  V ax = x < 0 ? -x : x;
+                  peak = peak < ax ? ax : peak;
+                  // NaN: keep it visible in the divisor (the range check then fails)
+                  peak = x != x ? x : peak;
+                }
+                T lanes[L];
+                store(lanes, peak);
+                for (int64_t q = 0; q < L; ++q)
+                  lanes[q] = std::isnan(lanes[q]) ? lanes[q] : std::max(lanes[q], tiny);
+                V scale = load(lanes);
+                for (int64_t p = 0; p < lv.P; ++p) {
+                  T* row = out.base + p * width + v * L;
+                  store(row, load(row) / scale);
+                }
+                const int64_t valid = std::min<int64_t>(L, cols - v * L);
+                for (int64_t q = 0; q < valid; ++q) {
+                  drow[v * L + q] = lanes[q];
+                  seen(lanes[q]);
+                }
+              }
+            } else if (square && k == K - 1) {
+              T* drow = div + square_row * n + c0;
+              for (int64_t c = 0; c < cols; ++c) {
+                T s = 0;
+                for (int64_t p = 0; p < lv.P; ++p) s += out.base[p * width + c] * out.base[p * width + c];
+                drow[c] = s;
+                seen(s);
+              }
+            }
+            store_rows(out.base, lv.P, width, cols, dst.ptr + g * dst.sn + c0, dst.sr);
+          }
+        }
+      }
+      lows[t] = low;
+      highs[t] = high;
+      nans[t] = nan;
+    }
+  });
+  double low = std::numeric_limits<double>::infinity(), high = -low;
+  for (int64_t t = 0; t < tasks; ++t) {
+    if (nans[t]) low = high = std::numeric_limits<double>::quiet_NaN();
+    if (std::isnan(low)) break;
+    low = std::min(low, lows[t]);
+    high = std::max(high, highs[t]);
+  }
+  return {outs, divisors, low, high};
+}
+
+template <typename T>
+std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
+                                      const std::vector<at::Tensor>& outs,
+                                      const at::Tensor& divisors, const Plan& plan,
+                                      const at::Tensor& grad_root,
+                                      const std::vector<bool>& needs) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::lanes;
+  const int64_t n = plan.n, K = plan.levels.size(), nb = plan.blocks;
+  // which slots' gradients are needed: the blocks' as asked, a level's if anything below it is
+  std::vector<bool> need(needs.begin(), needs.end());
+  need.resize(nb + K, false);
+  for (int64_t k = 0; k < K; ++k) {
+    const Level& lv = plan.levels[k];
+    const bool children = !(plan.linear && k == 0) && (need[lv.l] || need[lv.r]);
+    need[nb + k] = need[lv.w] || children;
+  }
+  const auto options = grad_root.options();
+  std::vector<Child<T>> gslots(nb + K, Child<T>{nullptr, 0, 0, 0});
+  std::vector<at::Tensor> grads(nb);
+  for (int64_t s = 0; s < nb; ++s) {
+    if (!need[s] || blocks[s].dim() != 3) continue;
+    grads[s] = at::zeros(blocks[s].sizes(), options);  // several levels may read one block
+    gslots[s] = as_child<T>(grads[s]);
+  }
+  std::vector<at::Tensor> level_grads(K);
+  for (int64_t k = 0; k + 1 < K; ++k) {
+    if (!need[nb + k]) continue;
+    level_grads[k] = at::empty(outs[k].sizes(), options);
+    gslots[nb + k] = as_child<T>(level_grads[k]);
+  }
+  gslots[nb + K - 1] = as_child<T>(grad_root);
+  // the weights' gradients: one buffer per task, each weight block at its offset
+  std::vector<int64_t> offset(nb, -1);
+  int64_t total = 0;
+  for (const auto& lv : plan.levels)
+    if (need[lv.w] && offset[lv.w] < 0) {
+      offset[lv.w] = total;
+      total += blocks[lv.w].numel();
+    }
+  std::vector<Child<T>> slots;
+  for (const auto& b : blocks)
+    slots.push_back(b.dim() == 3 ? as_child<T>(b) : Child<T>{nullptr, 0, 0, 0});
+  for (const auto& o : outs) slots.push_back(as_child<T>(o));
+  std::vector<int64_t> first;
+  int64_t rows = 0;
+  for (const auto& lv : plan.levels) {
+    first.push_back(lv.renorm ? rows : -1);
+    if (lv.renorm) rows += lv.nodes;
+  }
+  const T* div = divisors.data_ptr<T>();
+  const int64_t tasks = task_count<T>(n);
+  at::Tensor g_weights = at::empty({tasks, std::max<int64_t>(total, 1)}, options);
+  const int64_t nv_max = chunk_registers<T>(plan.max_ab);
+  const int64_t width = nv_max * L;
+  const int64_t pad_p = (plan.max_p + L - 1) / L * L;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    Scratch<T> ls(plan.max_a * width), rs(plan.max_a * width), o(plan.max_ab * width),
+        go(plan.max_ab * width), gs(plan.max_p * width), gt(width * pad_p),
+        gl(plan.max_a * width), gr(plan.max_a * width);
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [cbegin, cend] = columns<T>(t, tasks, n);
+      T* gw_all = g_weights.data_ptr<T>() + t * g_weights.size(1);
+      std::fill(gw_all, gw_all + total, T(0));
+      for (int64_t k = K - 1; k >= 0; --k) {
+        const Level& lv = plan.levels[k];
+        if (!need[nb + k]) continue;
+        const bool need_w = need[lv.w];
+        const bool need_children = !(plan.linear && k == 0) && (need[lv.l] || need[lv.r]);
+        const T* weight = blocks[lv.w].data_ptr<T>();
+        const Child<T> gsrc = gslots[nb + k];
+        const int64_t ab = lv.A * lv.B, abp = ab * lv.P;
+        const int64_t ldg = (lv.P + L - 1) / L * L;
+        for (int64_t g = 0; g < lv.nodes; ++g) {
+          const auto [left, right] = children<T>(plan, lv, g, slots);
+          const auto [gleft, gright] = children<T>(plan, lv, g, gslots);
+          const T* wg = weight + g * abp;
+          for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
+            const int64_t cols = std::min(width, cend - c0);
+            const int64_t nv = (cols + L - 1) / L;
+            // G[p][:] = grad / divisor, zero past the columns
+            const T* grow = gsrc.ptr + g * gsrc.sn + c0 * gsrc.sc;
+            load_rows(grow, gsrc.sr, gsrc.sc, lv.P, cols, width, gs.base);
+            if (lv.renorm) {
+              const T* drow = div + (first[k] + g) * n + c0;
+              for (int64_t p = 0; p < lv.P; ++p)
+                for (int64_t c = 0; c < cols; ++c) gs.base[p * width + c] /= drow[c];
+            }
+            load_children(plan, k, lv, left, right, c0, cols, width, ls.base, rs.base);
+            if (need_w) {
+              outer(ls.base, lv.A, rs.base, lv.B, nv, width, o.base);
+              for (int64_t c = 0; c < cols; ++c) {
+                T* row = gt.base + c * ldg;
+                for (int64_t p = 0; p < lv.P; ++p) row[p] = gs.base[p * width + c];
+                for (int64_t p = lv.P; p < ldg; ++p) row[p] = 0;
+              }
+              gram(o.base, ab, width, gt.base, ldg, cols, gw_all + offset[lv.w] + g * abp, lv.P);
+            }
+            if (!need_children) continue;
+            // gO[ab][:] = sum_p W[ab][p] G[p][:]
+            matmul(wg, lv.P, 1, ab, lv.P, gs.base, nv, width, go.base);
+            for (int64_t v = 0; v < nv; ++v) {
+              for (int64_t a = 0; a < lv.A; ++a) {
+                V acc = V{};
+                for (int64_t b = 0; b < lv.B; ++b)
+                  acc += load(go.base + (a * lv.B + b) * width + v * L) *
+                         load(rs.base + b * width + v * L);
+                store(gl.base + a * width + v * L, acc);
+              }
+              for (int64_t b = 0; b < lv.B; ++b) {
+                V acc = V{};
+                for (int64_t a = 0; a < lv.A; ++a)
+                  acc += load(go.base + (a * lv.B + b) * width + v * L) *
+                         load(ls.base + a * width + v * L);
+                store(gr.base + b * width + v * L, acc);
+              }
+            }
+            const bool block_l = lv.l < nb, block_r = (lv.interleaved ? lv.l : lv.r) < nb;
+            if (need[lv.l]) {
+              T* d = gleft.ptr + c0 * gleft.sc;
+              for (int64_t a = 0; a < lv.A; ++a)
+                for (int64_t c = 0; c < cols; ++c) {
+                  T& x = d[a * gleft.sr + c * gleft.sc];
+                  x = block_l ? x + gl.base[a * width + c] : gl.base[a * width + c];
+                }
+            }
+            if (lv.interleaved ? need[lv.l] : need[lv.r]) {
+              T* d = gright.ptr + c0 * gright.sc;
+              for (int64_t b = 0; b < lv.B; ++b)
+                for (int64_t c = 0; c < cols; ++c) {
+                  T& x = d[b * gright.sr + c * gright.sc];
+                  x = block_r ? x + gr.base[b * width + c] : gr.base[b * width + c];
+                }
+            }
+          }
+        }
+      }
+    }
+  });
+  at::Tensor summed = tasks > 1 ? g_weights.sum(0) : g_weights[0];
+  for (int64_t s = 0; s < nb; ++s)
+    if (offset[s] >= 0) grads[s] = summed.narrow(0, offset[s], blocks[s].numel()).view(blocks[s].sizes());
+  return grads;
+}
+
+std::vector<at::Tensor> prepare(const std::vector<at::Tensor>& blocks, int64_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(blocks.size());
+  for (const auto& b : blocks) {
+    TORCH_CHECK(b.device().is_cpu(), "tree_levels: blocks must be on the CPU");
+    TORCH_CHECK(b.scalar_type() == blocks[0].scalar_type(),
+                "tree_levels: all blocks must have one dtype");
+    TORCH_CHECK(b.dim() != 3 || b.size(2) == n, "tree_levels: every input's batch must be ", n,
+                ", got ", b.size(2));
+    out.push_back(b.dim() == 4 ? b.contiguous() : b);
+  }
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, double, double> tree_forward(
+    std::vector<at::Tensor> blocks, std::vector<int64_t> w, std::vector<int64_t> l,
+    std::vector<int64_t> r, std::vector<bool> interleaved, std::vector<bool> renorm, bool linear,
+    bool square) {
+  TORCH_CHECK(!l.empty() && l[0] < (int64_t)blocks.size() && blocks[l[0]].dim() == 3,
+              "tree_levels: the first level's children must be (G, A, n) blocks");
+  const int64_t n = blocks[l[0]].size(2);
+  blocks = prepare(blocks, n);
+  const Plan plan = make_plan(blocks, w, l, r, interleaved, renorm, linear, n);
+  std::tuple<std::vector<at::Tensor>, at::Tensor, double, double> result;
+  AT_DISPATCH_FLOATING_TYPES(blocks[0].scalar_type(), "tree_forward", [&] {
+    result = forward_impl<scalar_t>(blocks, plan, square);
+  });
+  return result;
+}
+
+std::vector<at::Tensor> tree_backward(std::vector<at::Tensor> blocks, std::vector<at::Tensor> outs,
+                                      at::Tensor divisors, std::vector<int64_t> w,
+                                      std::vector<int64_t> l, std::vector<int64_t> r,
+                                      std::vector<bool> interleaved, std::vector<bool> renorm,
+                                      bool linear, at::Tensor grad_root, std::vector<bool> needs) {
+  const int64_t n = outs.back().size(2);
+  blocks = prepare(blocks, n);
+  const Plan plan = make_plan(blocks, w, l, r, interleaved, renorm, linear, n);
+  TORCH_CHECK((int64_t)needs.size() == plan.blocks, "tree_levels: one need per block");
+  TORCH_CHECK(grad_root.sizes() == outs.back().sizes(), "tree_levels: the root's gradient must be ",
+              outs.back().sizes(), ", got ", grad_root.sizes());
+  grad_root = grad_root.to(blocks[0].scalar_type()).contiguous();
+  std::vector<at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES(blocks[0].scalar_type(), "tree_backward", [&] {
+    result = backward_impl<scalar_t>(blocks, outs, divisors.contiguous(), plan, grad_root, needs);
+  });
+  return result;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("tree_forward", &tree_forward, "the levels of a balanced binary tree, forward");
+  module.def("tree_backward", &tree_backward, "the levels of a balanced binary tree, backward");
+}
