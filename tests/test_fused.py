@@ -124,11 +124,12 @@ def test_1024_site_trig_tree_is_finite_and_equals_the_unfused_stable_path():
     assert torch.isfinite(fast).all() and (values.abs().amax(1) > 0).all()
     assert (fast.abs() > 100).all()  # |log f| > 88: the exact value is outside float32 range
     assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-3)
-    # gradients through the one-node path match the unfused autograd path
+    # gradients through the one-node path match the unfused autograd path (float32 sums of
+    # entries up to ~400: rounding of a few 1e-6 of a block's largest entry)
     g_fast = torch.autograd.grad(values.sum(), list(tree.blocks))
     g_ref = torch.autograd.grad(ref_values.sum(), list(tree.blocks))
     for a, b in zip(g_fast, g_ref, strict=True):
-        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5 * b.abs().amax().item())
 
 
 def test_graphs_with_other_steps_keep_the_general_path():
@@ -190,6 +191,7 @@ def test_normalized_logits_gradients_match_finite_differences():
 def test_workspaces_are_not_shared_by_pending_backward_passes():
     torch.manual_seed(8)
     tree = TreeClassifier((32,), num_classes=4, bond_dim=4, init_std=0.5).double()
+    tree.network.stable.fast_plan.native = False  # the Python loop's workspaces (native: none)
     x1, x2 = torch.rand(6, 32, dtype=torch.float64), torch.rand(6, 32, dtype=torch.float64)
     params = list(tree.parameters())
     one = [torch.autograd.grad(tree(x).square().sum(), params) for x in (x1, x2)]
@@ -238,8 +240,8 @@ def test_1024_site_trig_tree_logits_equal_the_unfused_stable_path():
     assert torch.isfinite(logits).all() and torch.allclose(logits, ref, rtol=1e-4, atol=1e-5)
     g_fast = torch.autograd.grad(logits.sum(), list(tree.blocks))
     g_ref = torch.autograd.grad(ref.sum(), list(tree.blocks))
-    for a, b in zip(g_fast, g_ref, strict=True):
-        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+    for a, b in zip(g_fast, g_ref, strict=True):  # float32 rounding: see the test above
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5 * b.abs().amax().item())
 
 
 def test_trees_with_odd_sites_keep_the_general_one_node_path():

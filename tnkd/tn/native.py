@@ -41,7 +41,10 @@ import torch
 
 #: the native sources by name, and what runs instead when one cannot be built
 SOURCES = {
-    "chain_scan": (Path(__file__).parent / "csrc" / "chain_scan.cpp", "the Python scan (method='scan')"),
+    "chain_scan": (
+        Path(__file__).parent / "csrc" / "chain_scan.cpp",
+        "the Python scan (method='scan')",
+    ),
     "tree_levels": (Path(__file__).parent / "csrc" / "tree_levels.cpp", "the Python level loop"),
 }
 SOURCE = SOURCES["chain_scan"][0]

@@ -182,6 +182,22 @@ inline void store_rows(const T* src, int64_t rows, int64_t width, int64_t cols, 
   for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * sr, src + r * width, cols * sizeof(T));
 }
 
+// A child's gradient rows from scratch (rows, width): written, or added to with `add`.
+template <typename T>
+inline void give(const T* src, int64_t rows, int64_t width, int64_t cols, const Child<T>& dst,
+                 int64_t c0, bool add) {
+  T* d = dst.ptr + c0 * dst.sc;
+  if (!add && dst.sc == 1) {
+    store_rows(src, rows, width, cols, d, dst.sr);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      T& x = d[r * dst.sr + c * dst.sc];
+      x = add ? x + src[r * width + c] : src[r * width + c];
+    }
+}
+
 // o[(a, b)][:] = l[a][:] r[b][:] over `nv` registers.
 template <typename T>
 inline void outer(const T* l, int64_t A, const T* r, int64_t B, int64_t nv, int64_t width, T* o) {
@@ -476,10 +492,12 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
   const int64_t nv_max = chunk_registers<T>(plan.max_ab);
   const int64_t width = nv_max * L;
   const int64_t pad_p = (plan.max_p + L - 1) / L * L;
+  int64_t pad_bp = L;
+  for (const auto& lv : plan.levels) pad_bp = std::max(pad_bp, (lv.B * lv.P + L - 1) / L * L);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     Scratch<T> ls(plan.max_a * width), rs(plan.max_a * width), o(plan.max_ab * width),
         go(plan.max_ab * width), gs(plan.max_p * width), gt(width * pad_p),
-        gl(plan.max_a * width), gr(plan.max_a * width);
+        gl(plan.max_a * width), gr(plan.max_a * width), dv(width), qt(width * pad_bp);
     for (int64_t t = t0; t < t1; ++t) {
       const auto [cbegin, cend] = columns<T>(t, tasks, n);
       T* gw_all = g_weights.data_ptr<T>() + t * g_weights.size(1);
@@ -493,6 +511,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
         const Child<T> gsrc = gslots[nb + k];
         const int64_t ab = lv.A * lv.B, abp = ab * lv.P;
         const int64_t ldg = (lv.P + L - 1) / L * L;
+        const int64_t ldq = (lv.B * lv.P + L - 1) / L * L;
+        // g_W as a product with (A, B) rows and P wide registers, or A rows and (B, P) wide ones
+        // (through Q = right (x) G, transposed): fewer instructions where P < L (D = 8 floats)
+        const bool by_q = lv.A * (ldq / L) + lv.B * (ldg / L) < ab * (ldg / L);
         for (int64_t g = 0; g < lv.nodes; ++g) {
           const auto [left, right] = children<T>(plan, lv, g, slots);
           const auto [gleft, gright] = children<T>(plan, lv, g, gslots);
@@ -503,20 +525,41 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
             // G[p][:] = grad / divisor, zero past the columns
             const T* grow = gsrc.ptr + g * gsrc.sn + c0 * gsrc.sc;
             load_rows(grow, gsrc.sr, gsrc.sc, lv.P, cols, width, gs.base);
-            if (lv.renorm) {
+            if (lv.renorm) {  // the divisors padded with ones, then whole registers
               const T* drow = div + (first[k] + g) * n + c0;
-              for (int64_t p = 0; p < lv.P; ++p)
-                for (int64_t c = 0; c < cols; ++c) gs.base[p * width + c] /= drow[c];
+              for (int64_t c = 0; c < width; ++c) dv.base[c] = c < cols ? drow[c] : T(1);
+              for (int64_t v = 0; v < nv; ++v) {
+                const V d = load(dv.base + v * L);
+                for (int64_t p = 0; p < lv.P; ++p) {
+                  T* row = gs.base + p * width + v * L;
+                  store(row, load(row) / d);
+                }
+              }
             }
             load_children(plan, k, lv, left, right, c0, cols, width, ls.base, rs.base);
             if (need_w) {
-              outer(ls.base, lv.A, rs.base, lv.B, nv, width, o.base);
               for (int64_t c = 0; c < cols; ++c) {
                 T* row = gt.base + c * ldg;
                 for (int64_t p = 0; p < lv.P; ++p) row[p] = gs.base[p * width + c];
                 for (int64_t p = lv.P; p < ldg; ++p) row[p] = 0;
               }
-              gram(o.base, ab, width, gt.base, ldg, cols, gw_all + offset[lv.w] + g * abp, lv.P);
+              T* gw = gw_all + offset[lv.w] + g * abp;
+              if (by_q) {
+                // Q[c][(b, p)] = right[b][c] G[p][c]; g_W[a][(b, p)] = sum_c left[a][c] Q[c][(b, p)]
+                for (int64_t c = 0; c < cols; ++c) {
+                  const T* grow_t = gt.base + c * ldg;
+                  T* q = qt.base + c * ldq;
+                  for (int64_t b = 0; b < lv.B; ++b) {
+                    const T rv = rs.base[b * width + c];
+                    for (int64_t p = 0; p < lv.P; ++p) q[b * lv.P + p] = rv * grow_t[p];
+                  }
+                  for (int64_t j = lv.B * lv.P; j < ldq; ++j) q[j] = 0;
+                }
+                gram(ls.base, lv.A, width, qt.base, ldq, cols, gw, lv.B * lv.P);
+              } else {  // g_W[(a, b)][p] = sum_c (left (x) right)[(a, b)][c] G[c][p]
+                outer(ls.base, lv.A, rs.base, lv.B, nv, width, o.base);
+                gram(o.base, ab, width, gt.base, ldg, cols, gw, lv.P);
+              }
             }
             if (!need_children) continue;
             // gO[ab][:] = sum_p W[ab][p] G[p][:]
@@ -537,23 +580,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
                 store(gr.base + b * width + v * L, acc);
               }
             }
-            const bool block_l = lv.l < nb, block_r = (lv.interleaved ? lv.l : lv.r) < nb;
-            if (need[lv.l]) {
-              T* d = gleft.ptr + c0 * gleft.sc;
-              for (int64_t a = 0; a < lv.A; ++a)
-                for (int64_t c = 0; c < cols; ++c) {
-                  T& x = d[a * gleft.sr + c * gleft.sc];
-                  x = block_l ? x + gl.base[a * width + c] : gl.base[a * width + c];
-                }
-            }
-            if (lv.interleaved ? need[lv.l] : need[lv.r]) {
-              T* d = gright.ptr + c0 * gright.sc;
-              for (int64_t b = 0; b < lv.B; ++b)
-                for (int64_t c = 0; c < cols; ++c) {
-                  T& x = d[b * gright.sr + c * gright.sc];
-                  x = block_r ? x + gr.base[b * width + c] : gr.base[b * width + c];
-                }
-            }
+            // a level's result feeds one parent (written); a block may feed several (added)
+            if (need[lv.l]) give(gl.base, lv.A, width, cols, gleft, c0, lv.l < nb);
+            const int64_t r_slot = lv.interleaved ? lv.l : lv.r;
+            if (need[r_slot]) give(gr.base, lv.B, width, cols, gright, c0, r_slot < nb);
           }
         }
       }
