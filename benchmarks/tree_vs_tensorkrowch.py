@@ -4,6 +4,7 @@
     python benchmarks/tree_vs_tensorkrowch.py --quick      # 64 and 256 sites, D = 8 only
     python benchmarks/tree_vs_tensorkrowch.py --markdown   # the table as markdown, for the README
     python benchmarks/tree_vs_tensorkrowch.py --phases --sizes 64:8   # where a training step goes
+    python benchmarks/tree_vs_tensorkrowch.py --python-loop   # also tnkd with its Python level loop
 
 Models, same shapes (N sites with d = 2, the [1, x] map, 10 classes, batch 100, random inputs in
 [0, 1]): N / 2 leaves of shape (2, 2, min(D, 4)), then one level of (D_in, D_in, D_out) nodes per
@@ -16,7 +17,12 @@ below)), the root (D, D, 10):
   contraction runs as one autograd node with a hand-written backward, ``tnkd.tn.fused``: note
   "fused pair steps"; a balanced tree runs as ``FastTree``, a loop over levels with buffers made
   once, the normalised output in the same node and the [1, x] map fused with the leaves: note
-  "one loop"), normalised logits (learned scale).
+  "one loop"; on CPU that loop runs in C++, ``tnkd/tn/csrc/tree_levels.cpp``, every thread
+  running all levels on its own columns of the batch: note "native levels"), normalised logits
+  (learned scale).
+* tnkd Python loop (``--python-loop``): the same model with the level loop run from Python
+  (``fast_plan.native = False``: one ATen ``mul`` and ``bmm`` per level forward, about six
+  backward), the path before the native one, for a before/after ratio in the same run.
 * TensorKrowch 1.1.6 ``Tree`` with the same ``sites_per_layer`` / ``bond_dim`` lists, its
   default initialisation, ``auto_stack=True``, ``auto_unbind=False``, traced once (the settings its
   docs give for speed), fed ``tk.embeddings.poly(x, degree=1)``; raw output (it has no
@@ -34,6 +40,7 @@ machine; ratios are against TensorKrowch in the same run.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import time
 
@@ -41,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from tnkd.students import TreeClassifier
+from tnkd.tn.fused import tree_kernels
 
 CLASSES, BATCH, PHYS = 10, 100, 2
 
@@ -101,7 +109,14 @@ def interleaved(fns: dict[str, object], reps: int, warmup: int = 2) -> dict[str,
     return {name: BATCH / min(t) for name, t in times.items()}
 
 
-def phases(configs: list[tuple[int, int]], steps: int = 300) -> None:
+def python_loop_twin(model: TreeClassifier) -> TreeClassifier:
+    """A copy of ``model`` whose balanced tree runs its level loop from Python (not native)."""
+    twin = copy.deepcopy(model)
+    twin.network.stable.fast_plan.native = False
+    return twin
+
+
+def phases(configs: list[tuple[int, int]], steps: int = 300, python_loop: bool = False) -> None:
     """Milliseconds per phase of a training step (zero_grad, forward, loss, backward, Adam).
 
     The two libraries' steps alternate (tnkd, TensorKrowch, tnkd, ...), as in the table, so
@@ -116,7 +131,11 @@ def phases(configs: list[tuple[int, int]], steps: int = 300) -> None:
         ours = TreeClassifier(input_shape=(sites,), num_classes=CLASSES, bond_dim=bond)
         theirs, tk_forward = tensorkrowch_tree(sites, bond)
         timed = {}
-        for name, model, forward in (("tnkd", ours, ours), ("TensorKrowch", theirs, tk_forward)):
+        runs = [("tnkd", ours, ours), ("TensorKrowch", theirs, tk_forward)]
+        if python_loop:
+            twin = python_loop_twin(ours)
+            runs.insert(1, ("tnkd Python loop", twin, twin))
+        for name, model, forward in runs:
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
             def step(opt=opt, forward=forward, x=x, y=y) -> list[float]:
@@ -138,15 +157,21 @@ def phases(configs: list[tuple[int, int]], steps: int = 300) -> None:
             for step, rows in timed.values():
                 rows.append(step())
         print(f"\n{sites} sites, D = {bond}: ms per phase (10th percentile of {steps - 20} steps)")
-        print(f"{'':>14s}" + "".join(f"{n:>11s}" for n in names))
+        print(f"{'':>17s}" + "".join(f"{n:>11s}" for n in names))
         for name, (_, rows) in timed.items():
             cols = zip(*rows[20:], strict=True)
             cells = [sorted(c)[len(c) // 10] * 1e3 for c in cols]
-            print(f"{name:>14s}" + "".join(f"{c:11.3f}" for c in cells))
+            print(f"{name:>17s}" + "".join(f"{c:11.3f}" for c in cells))
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} thread(s); batch {BATCH}")
 
 
-def run(configs: list[tuple[int, int]], reps: int, markdown: bool, compile_: bool) -> None:
+def run(
+    configs: list[tuple[int, int]],
+    reps: int,
+    markdown: bool,
+    compile_: bool,
+    python_loop: bool = False,
+) -> None:
     torch.manual_seed(0)
     header = True
     for sites, bond in configs:
@@ -166,7 +191,13 @@ def run(configs: list[tuple[int, int]], reps: int, markdown: bool, compile_: boo
         fused = ", fused pair steps" if stable.all_pairs else ""
         if getattr(ours, "fast_path", False):
             fused = ", one loop" + (", [1, x] in the leaves" if ours._linear_leaves else "")
-        notes = {"tnkd": f"{ours.network.chosen} path, {stable.kernels} levels{fused}"}
+        levels = f"{ours.network.chosen} path, {stable.kernels} levels{fused}"
+        native_loop = getattr(ours, "fast_path", False) and tree_kernels(ours.blocks) is not None
+        notes = {"tnkd": levels + (", native levels" if native_loop else "")}
+        if python_loop:
+            twin = python_loop_twin(ours)
+            models["tnkd Python loop"] = (twin, twin)
+            notes["tnkd Python loop"] = levels
         if compile_:
             compiled = TreeClassifier(
                 input_shape=(sites,), num_classes=CLASSES, bond_dim=bond, compile=True
@@ -183,6 +214,11 @@ def run(configs: list[tuple[int, int]], reps: int, markdown: bool, compile_: boo
         with torch.no_grad():
             notes["TensorKrowch"] = (
                 "finite" if bool(torch.isfinite(tk_forward(x)).all()) else "NOT finite"
+            )
+        if python_loop:
+            notes["tnkd"] += (
+                f"; {train['tnkd'] / train['tnkd Python loop']:.2f}x the Python loop's training, "
+                f"{infer['tnkd'] / infer['tnkd Python loop']:.2f}x its inference"
             )
         rows = [
             (
@@ -260,6 +296,11 @@ def main() -> None:
     parser.add_argument(
         "--phases", action="store_true", help="ms per phase of a training step, not the table"
     )
+    parser.add_argument(
+        "--python-loop",
+        action="store_true",
+        help="also time tnkd with its level loop run from Python (the path before the native one)",
+    )
     args = parser.parse_args()
     configs = (
         [tuple(int(v) for v in item.split(":")) for item in args.sizes]
@@ -271,9 +312,9 @@ def main() -> None:
         )
     )
     if args.phases:
-        phases(configs)
+        phases(configs, python_loop=args.python_loop)
         return
-    run(configs, 5 if args.quick else args.reps, args.markdown, args.compile)
+    run(configs, 5 if args.quick else args.reps, args.markdown, args.compile, args.python_loop)
 
 
 if __name__ == "__main__":

@@ -381,7 +381,7 @@ class FastTree(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, every, check, head, linear_leaves, *blocks):  # noqa: D102
-        ext = _tree_kernels(blocks) if plan.native else None
+        ext = tree_kernels(blocks) if plan.native else None
         space = None
         if ext is not None:  # the whole level loop in C++ (tnkd.tn.native, "tree_levels")
 
@@ -448,7 +448,7 @@ class FastTree(torch.autograd.Function):
         return None, None, None, g_head, None, *grads
 
 
-def _tree_kernels(blocks: Sequence[torch.Tensor]):
+def tree_kernels(blocks: Sequence[torch.Tensor]):
     """The native level loop (:mod:`tnkd.tn.native`, ``"tree_levels"``) for these blocks, or None.
 
     None (the Python loop runs) off the CPU, for other dtypes than float32 and float64, blocks
@@ -554,7 +554,7 @@ class TreePlan:
     ) -> None:
         self.levels = tuple(levels)
         self._free: dict[tuple, list[_Workspace]] = {}
-        #: run the level loop natively where it can (:func:`_tree_kernels`); False: the Python loop
+        #: run the level loop natively where it can (:func:`tree_kernels`); False: the Python loop
         self.native = True
         #: the levels with the lean renormalisation plan (see the class docstring), or None
         self.lean_levels = None if lean_after is None else self._lean(lean_after)
