@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -384,9 +385,12 @@ class FastTree(torch.autograd.Function):
         ext = tree_kernels(blocks) if plan.native else None
         space = None
         if ext is not None:  # the whole level loop in C++ (tnkd.tn.native, "tree_levels")
+            log_scale = None if head is None else float(head)
 
-            def run_fn(levels, blocks, every, check, head):
-                return native_tree_forward(ext, levels, blocks, every, check, head, linear_leaves)
+            def run_fn(levels, blocks, every, check, _head):  # the head too
+                return native_tree_forward(
+                    ext, levels, blocks, every, check, log_scale, linear_leaves
+                )
 
         else:
             batch = blocks[plan.levels[0][1]].shape[-1]
@@ -415,6 +419,8 @@ class FastTree(torch.autograd.Function):
         ctx.save_for_backward(*blocks)
         ctx.mark_non_differentiable(divisors)
         ctx.head = None
+        if ext is not None and head is not None:  # the kernel's logits
+            return ctx.saved.logits, divisors
         if head is not None:  # logits exp(s) v / ||v|| of the root v
             values = out[0]
             if square is not None:  # ||v||^2 in range: checked with the divisors
@@ -432,6 +438,10 @@ class FastTree(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_log):  # noqa: D102
         blocks = ctx.saved_tensors  # (raises if a block was changed in place since forward)
         plan, space, needs = ctx.plan, ctx.space, ctx.needs_input_grad[5:]
+        if ctx.ext is not None:  # the head's backward in the kernel too
+            grads = native_tree_backward(ctx.ext, ctx.saved, blocks, grad_out, needs)
+            g_head = grads.pop() if ctx.saved.log_scale is not None else None
+            return None, None, None, g_head, None, *grads
         g_head = None
         if ctx.head is not None:  # see normalized_logits
             direction, inverse, scale = ctx.head
@@ -439,9 +449,7 @@ class FastTree(torch.autograd.Function):
             g_head = dot.sum().mul_(scale)
             grad_out = torch.addcmul(grad_out.T, direction, dot, value=-1).mul_(inverse * scale)
             grad_out = grad_out.unsqueeze(0)
-        if ctx.ext is not None:
-            grads = native_tree_backward(ctx.ext, ctx.saved, blocks, grad_out, needs)
-        elif space is None:
+        if space is None:
             grads = tree_backward(plan.levels, ctx.saved, grad_out, needs)
         else:  # the head's gradient is a fresh tensor: divided in place
             grads = space.backward(plan.levels, ctx.saved, grad_out, needs, g_head is not None)
@@ -463,32 +471,62 @@ def tree_kernels(blocks: Sequence[torch.Tensor]):
     return native.kernels("tree_levels")
 
 
-def native_tree_forward(ext, levels, blocks, every: bool, check: bool, head: bool, linear: bool):
+class _NativeRun(NamedTuple):
+    """What a native forward pass of :class:`FastTree` leaves for its backward pass."""
+
+    slots: list[list]  # the levels' (weight, left, right, interleaved) columns
+    renorm: list[bool]  # which levels were renormalised
+    linear: bool  # [1, x] leaves on raw pairs
+    outs: list[torch.Tensor]  # every level's (G, P, n) result
+    divisors: torch.Tensor  # (R, 1, n)
+    log_scale: float | None  # the head's s (None: no head)
+    logits: torch.Tensor | None  # (n, C) exp(s) v / ||v||
+    inverse: torch.Tensor | None  # (n,) 1 / ||v||
+
+
+def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear):
     """:func:`tree_forward` by the native level loop: ``(root, divisors, saved, square)`` or None.
 
-    The same renormalisations (``renorm`` of the level, or ``every``; not the root with ``head``
-    and not ``every``: its squared norms are the divisors' last row instead) and the same range
-    check, from the kernel's smallest and largest divisor. With ``linear`` the first level's
-    children are the raw (G, 2, n) pairs of the [1, x] map (:meth:`_Workspace._linear_leaf`).
+    The same renormalisations (``renorm`` of the level, or ``every``; with the head, a float
+    ``log_scale`` s, and not ``every``, not the root: its squared norms are the divisors' last
+    row instead) and the same range check, from the kernel's smallest and largest divisor. With
+    the head, the kernel also gives the logits ``exp(s) v / ||v||`` (``saved.logits``). With
+    ``linear`` the first level's children are the raw (G, 2, n) pairs of the [1, x] map
+    (:meth:`_Workspace._linear_leaf`). ``saved`` is a :class:`_NativeRun`.
     """
     last = len(levels) - 1
+    head = log_scale is not None
     square = head and not every
     renorm = [bool(every or lv[4]) and not (square and k == last) for k, lv in enumerate(levels)]
     slots = [list(column) for column in zip(*levels, strict=True)][:4]
-    outs, divisors, low, high = ext.tree_forward(list(blocks), *slots, renorm, linear, square)
+    outs, divisors, low, high, logits, inverse = ext.tree_forward(
+        list(blocks), *slots, renorm, linear, square, log_scale
+    )
     if (check or square) and not every:
         info = torch.finfo(divisors.dtype)
         if not (low >= info.tiny / info.eps and high <= info.max * info.eps):
             return None  # False for NaN too
-    saved = (slots, renorm, linear, outs, divisors)
+    saved = _NativeRun(slots, renorm, linear, outs, divisors, log_scale, logits, inverse)
     return outs[-1], divisors, saved, divisors[-1:] if square else None
 
 
-def native_tree_backward(ext, saved, blocks, grad_out, needs):
-    """Gradients of the blocks from :func:`native_tree_forward`'s ``saved`` (None where not needed)."""
-    slots, renorm, linear, outs, divisors = saved
+def native_tree_backward(ext, saved: _NativeRun, blocks, grad_out, needs) -> list:
+    """Gradients of the blocks from :func:`native_tree_forward` (None where not needed).
+
+    With the head, ``grad_out`` is the logits' (n, C) gradient and the log-scale's gradient
+    comes last.
+    """
     return ext.tree_backward(
-        list(blocks), outs, divisors, *slots, renorm, linear, grad_out, list(needs)
+        list(blocks),
+        saved.outs,
+        saved.divisors,
+        *saved.slots,
+        saved.renorm,
+        saved.linear,
+        grad_out,
+        list(needs),
+        saved.inverse,
+        saved.log_scale,
     )
 
 

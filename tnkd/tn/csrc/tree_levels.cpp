@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -140,13 +141,13 @@ void gram_rows(const T* o, int64_t rows, int64_t ldo, const T* gt, int64_t ldg, 
   for (; r < rows; ++r) gram_tile<T, 1, PV>(o, ldo, gt, ldg, cols, gw, P, r, p0, valid);
 }
 
-// gw (rows, P) += o (rows, cols) @ gt (cols, ldg), ldg = P rounded up to whole registers.
+// gw (rows, P) += o (rows, cols) @ gt (cols, ldg); ldg >= P rounded up to whole registers.
 template <typename T>
 void gram(const T* o, int64_t rows, int64_t ldo, const T* gt, int64_t ldg, int64_t cols, T* gw,
           int64_t P) {
   constexpr int64_t L = Vec<T>::lanes;
-  for (int64_t p0 = 0; p0 < ldg; p0 += 2 * L) {
-    if (ldg - p0 >= 2 * L)
+  for (int64_t p0 = 0; p0 < P; p0 += 2 * L) {
+    if (P - p0 > L)
       gram_rows<T, 2>(o, rows, ldo, gt, ldg, cols, gw, P, p0);
     else
       gram_rows<T, 1>(o, rows, ldo, gt, ldg, cols, gw, P, p0);
@@ -160,26 +161,44 @@ struct Child {
   int64_t sn, sr, sc;
 };
 
-// dst[r][0..width) = src rows r (columns c0..c0+cols), zero from cols on.
+// dst[r][0..width) = src rows r (columns c0..c0+cols), zero from cols on (width: whole
+// registers). Whole registers are copied as such (a memcpy call per short row cost more).
 template <typename T>
 inline void load_rows(const T* src, int64_t sr, int64_t sc, int64_t rows, int64_t cols,
                       int64_t width, T* dst) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::lanes;
+  const int64_t whole = cols / L * L;
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * sr;
     T* d = dst + r * width;
+    int64_t c = 0;
     if (sc == 1) {
-      std::memcpy(d, s, cols * sizeof(T));
+      for (; c < whole; c += L) store(d + c, load(s + c));
+      for (; c < cols; ++c) d[c] = s[c];
     } else {
-      for (int64_t c = 0; c < cols; ++c) d[c] = s[c * sc];
+      for (; c < cols; ++c) d[c] = s[c * sc];
     }
-    for (int64_t c = cols; c < width; ++c) d[c] = 0;
+    if (c < width) {
+      const int64_t v0 = c / L * L;  // the partial register: its tail zeroed
+      for (int64_t q = c; q < v0 + L; ++q) d[q] = 0;
+      for (int64_t q = v0 + L; q < width; q += L) store(d + q, V{});
+    }
   }
 }
 
 template <typename T>
 inline void store_rows(const T* src, int64_t rows, int64_t width, int64_t cols, T* dst,
                        int64_t sr) {
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * sr, src + r * width, cols * sizeof(T));
+  constexpr int64_t L = Vec<T>::lanes;
+  const int64_t whole = cols / L * L;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * width;
+    T* d = dst + r * sr;
+    int64_t c = 0;
+    for (; c < whole; c += L) store(d + c, load(s + c));
+    for (; c < cols; ++c) d[c] = s[c];
+  }
 }
 
 // A child's gradient rows from scratch (rows, width): written, or added to with `add`.
@@ -211,13 +230,13 @@ inline void outer(const T* l, int64_t A, const T* r, int64_t B, int64_t nv, int6
     }
 }
 
-// 64-byte aligned scratch.
+// 64-byte aligned scratch, not initialised.
 template <typename T>
 struct Scratch {
-  std::vector<T> data;
+  std::unique_ptr<T[]> data;
   T* base;
-  explicit Scratch(int64_t size) : data(size + 64 / sizeof(T)) {
-    auto p = reinterpret_cast<std::uintptr_t>(data.data());
+  explicit Scratch(int64_t size) : data(new T[size + 64 / sizeof(T)]) {
+    auto p = reinterpret_cast<std::uintptr_t>(data.get());
     base = reinterpret_cast<T*>((p + 63) / 64 * 64);
   }
 };
@@ -326,9 +345,12 @@ inline void load_children(const Plan& plan, int64_t k, const Level& lv, const Ch
   load_rows(right.ptr + c0 * right.sc, right.sr, right.sc, lv.B, cols, width, rs);
 }
 
+using Forward = std::tuple<std::vector<at::Tensor>, at::Tensor, double, double, at::Tensor,
+                           at::Tensor>;
+
 template <typename T>
-std::tuple<std::vector<at::Tensor>, at::Tensor, double, double> forward_impl(
-    const std::vector<at::Tensor>& blocks, const Plan& plan, bool square) {
+Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bool square,
+                     bool head, double log_scale) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
   const int64_t n = plan.n, K = plan.levels.size();
@@ -355,6 +377,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, double, double> forward_impl(
   std::vector<double> highs(tasks, -std::numeric_limits<double>::infinity());
   std::vector<char> nans(tasks, 0);
   const T tiny = std::numeric_limits<T>::min();
+  // the head: logits (n, C) = exp(s) v / ||v|| of the root v, and 1 / ||v|| per sample
+  at::Tensor logits, inverse;
+  const T scale = std::exp(static_cast<T>(log_scale));
+  const int64_t classes = plan.levels.back().P;
+  if (head) {
+    logits = at::empty({n, classes}, options);
+    inverse = at::empty({n}, options);
+  }
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     Scratch<T> ls(plan.max_a * width), rs(plan.max_a * width), o(plan.max_ab * width),
         out(plan.max_p * width);
@@ -421,6 +451,25 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, double, double> forward_impl(
           }
         }
       }
+      if (head) {
+        // as FastTree's Python head: 1 / ||v|| from the checked squared norms, or (every level
+        // renormalised, max-abs 1) min(1 / ||v||, 1); then (v * inverse) * exp(s)
+        const T* root = outs.back().data_ptr<T>();
+        T* lg = logits.data_ptr<T>();
+        T* inv = inverse.data_ptr<T>();
+        for (int64_t c = cbegin; c < cend; ++c) {
+          T i;
+          if (square) {
+            i = T(1) / std::sqrt(div[square_row * n + c]);
+          } else {
+            T sq = 0;
+            for (int64_t p = 0; p < classes; ++p) sq += root[p * n + c] * root[p * n + c];
+            i = std::min(T(1) / std::sqrt(sq), T(1));
+          }
+          inv[c] = i;
+          for (int64_t p = 0; p < classes; ++p) lg[c * classes + p] = (root[p * n + c] * i) * scale;
+        }
+      }
       lows[t] = low;
       highs[t] = high;
       nans[t] = nan;
@@ -433,15 +482,16 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, double, double> forward_impl(
     low = std::min(low, lows[t]);
     high = std::max(high, highs[t]);
   }
-  return {outs, divisors, low, high};
+  return {outs, divisors, low, high, logits, inverse};
 }
 
 template <typename T>
 std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
                                       const std::vector<at::Tensor>& outs,
                                       const at::Tensor& divisors, const Plan& plan,
-                                      const at::Tensor& grad_root,
-                                      const std::vector<bool>& needs) {
+                                      const at::Tensor& grad_in,
+                                      const std::vector<bool>& needs, const at::Tensor& inverse,
+                                      double log_scale) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
   const int64_t n = plan.n, K = plan.levels.size(), nb = plan.blocks;
@@ -453,7 +503,12 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
     const bool children = !(plan.linear && k == 0) && (need[lv.l] || need[lv.r]);
     need[nb + k] = need[lv.w] || children;
   }
-  const auto options = grad_root.options();
+  const auto options = grad_in.options();
+  // with the head, grad_in is the logits' (n, C) gradient: the root's comes first (per task)
+  const bool head = inverse.defined();
+  const int64_t classes = plan.levels.back().P;
+  const at::Tensor grad_root = head ? at::empty({1, classes, n}, options) : grad_in;
+  const T scale = std::exp(static_cast<T>(log_scale));
   std::vector<Child<T>> gslots(nb + K, Child<T>{nullptr, 0, 0, 0});
   std::vector<at::Tensor> grads(nb);
   for (int64_t s = 0; s < nb; ++s) {
@@ -489,11 +544,13 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
   const T* div = divisors.data_ptr<T>();
   const int64_t tasks = task_count<T>(n);
   at::Tensor g_weights = at::empty({tasks, std::max<int64_t>(total, 1)}, options);
+  std::vector<T> dots(tasks, T(0));
   const int64_t nv_max = chunk_registers<T>(plan.max_ab);
   const int64_t width = nv_max * L;
   const int64_t pad_p = (plan.max_p + L - 1) / L * L;
-  int64_t pad_bp = L;
+  int64_t pad_bp = L;  // Q's rows: B*P rounded up to whole registers, and one more (the spill)
   for (const auto& lv : plan.levels) pad_bp = std::max(pad_bp, (lv.B * lv.P + L - 1) / L * L);
+  pad_bp += L;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     Scratch<T> ls(plan.max_a * width), rs(plan.max_a * width), o(plan.max_ab * width),
         go(plan.max_ab * width), gs(plan.max_p * width), gt(width * pad_p),
@@ -502,6 +559,25 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
       const auto [cbegin, cend] = columns<T>(t, tasks, n);
       T* gw_all = g_weights.data_ptr<T>() + t * g_weights.size(1);
       std::fill(gw_all, gw_all + total, T(0));
+      if (head) {
+        // d = v / ||v||: dL/dv = exp(s) (g - d (g . d)) / ||v||, dL/ds = exp(s) sum g . d
+        const T* root = outs.back().data_ptr<T>();
+        const T* inv = inverse.data_ptr<T>();
+        const T* g = grad_in.data_ptr<T>();
+        const int64_t gs0 = grad_in.stride(0), gs1 = grad_in.stride(1);
+        T* gv = grad_root.data_ptr<T>();
+        T dot_sum = 0;
+        for (int64_t c = cbegin; c < cend; ++c) {
+          T dot = 0;
+          for (int64_t p = 0; p < classes; ++p)
+            dot += g[c * gs0 + p * gs1] * (root[p * n + c] * inv[c]);
+          dot_sum += dot;
+          const T factor = inv[c] * scale;
+          for (int64_t p = 0; p < classes; ++p)
+            gv[p * n + c] = (g[c * gs0 + p * gs1] - (root[p * n + c] * inv[c]) * dot) * factor;
+        }
+        dots[t] = dot_sum;
+      }
       for (int64_t k = K - 1; k >= 0; --k) {
         const Level& lv = plan.levels[k];
         if (!need[nb + k]) continue;
@@ -511,10 +587,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
         const Child<T> gsrc = gslots[nb + k];
         const int64_t ab = lv.A * lv.B, abp = ab * lv.P;
         const int64_t ldg = (lv.P + L - 1) / L * L;
-        const int64_t ldq = (lv.B * lv.P + L - 1) / L * L;
+        const int64_t ldq = (lv.B * lv.P + L - 1) / L * L + L;
         // g_W as a product with (A, B) rows and P wide registers, or A rows and (B, P) wide ones
         // (through Q = right (x) G, transposed): fewer instructions where P < L (D = 8 floats)
-        const bool by_q = lv.A * (ldq / L) + lv.B * (ldg / L) < ab * (ldg / L);
+        const bool by_q = lv.A * (ldq / L - 1) + lv.B * (ldg / L) < ab * (ldg / L);
         for (int64_t g = 0; g < lv.nodes; ++g) {
           const auto [left, right] = children<T>(plan, lv, g, slots);
           const auto [gleft, gright] = children<T>(plan, lv, g, gslots);
@@ -538,22 +614,24 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
             }
             load_children(plan, k, lv, left, right, c0, cols, width, ls.base, rs.base);
             if (need_w) {
+              // G transposed, (cols, ldg): lanes P..ldg are left as they are (the products
+              // below compute them, but only lanes below P are kept)
               for (int64_t c = 0; c < cols; ++c) {
                 T* row = gt.base + c * ldg;
                 for (int64_t p = 0; p < lv.P; ++p) row[p] = gs.base[p * width + c];
-                for (int64_t p = lv.P; p < ldg; ++p) row[p] = 0;
               }
               T* gw = gw_all + offset[lv.w] + g * abp;
               if (by_q) {
                 // Q[c][(b, p)] = right[b][c] G[p][c]; g_W[a][(b, p)] = sum_c left[a][c] Q[c][(b, p)]
+                // (whole registers per b: each spills past b's P lanes, into b + 1's, written next)
                 for (int64_t c = 0; c < cols; ++c) {
                   const T* grow_t = gt.base + c * ldg;
                   T* q = qt.base + c * ldq;
                   for (int64_t b = 0; b < lv.B; ++b) {
                     const T rv = rs.base[b * width + c];
-                    for (int64_t p = 0; p < lv.P; ++p) q[b * lv.P + p] = rv * grow_t[p];
+                    for (int64_t p0 = 0; p0 < lv.P; p0 += L)
+                      store(q + b * lv.P + p0, rv * load(grow_t + p0));
                   }
-                  for (int64_t j = lv.B * lv.P; j < ldq; ++j) q[j] = 0;
                 }
                 gram(ls.base, lv.A, width, qt.base, ldq, cols, gw, lv.B * lv.P);
               } else {  // g_W[(a, b)][p] = sum_c (left (x) right)[(a, b)][c] G[c][p]
@@ -592,6 +670,11 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
   at::Tensor summed = tasks > 1 ? g_weights.sum(0) : g_weights[0];
   for (int64_t s = 0; s < nb; ++s)
     if (offset[s] >= 0) grads[s] = summed.narrow(0, offset[s], blocks[s].numel()).view(blocks[s].sizes());
+  if (head) {
+    T dot = 0;
+    for (int64_t t = 0; t < tasks; ++t) dot += dots[t];
+    grads.push_back(at::scalar_tensor(dot * scale, options));
+  }
   return grads;
 }
 
@@ -609,18 +692,21 @@ std::vector<at::Tensor> prepare(const std::vector<at::Tensor>& blocks, int64_t n
   return out;
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor, double, double> tree_forward(
-    std::vector<at::Tensor> blocks, std::vector<int64_t> w, std::vector<int64_t> l,
-    std::vector<int64_t> r, std::vector<bool> interleaved, std::vector<bool> renorm, bool linear,
-    bool square) {
+// Returns (level results, divisors (R, 1, n), smallest and largest divisor (NaN if one is),
+// logits (n, C), 1 / ||root|| (n)); the last two undefined (None) without `head` (log_scale s).
+Forward tree_forward(std::vector<at::Tensor> blocks, std::vector<int64_t> w,
+                     std::vector<int64_t> l, std::vector<int64_t> r,
+                     std::vector<bool> interleaved, std::vector<bool> renorm, bool linear,
+                     bool square, c10::optional<double> log_scale) {
   TORCH_CHECK(!l.empty() && l[0] < (int64_t)blocks.size() && blocks[l[0]].dim() == 3,
               "tree_levels: the first level's children must be (G, A, n) blocks");
   const int64_t n = blocks[l[0]].size(2);
   blocks = prepare(blocks, n);
   const Plan plan = make_plan(blocks, w, l, r, interleaved, renorm, linear, n);
-  std::tuple<std::vector<at::Tensor>, at::Tensor, double, double> result;
+  Forward result;
   AT_DISPATCH_FLOATING_TYPES(blocks[0].scalar_type(), "tree_forward", [&] {
-    result = forward_impl<scalar_t>(blocks, plan, square);
+    result = forward_impl<scalar_t>(blocks, plan, square, log_scale.has_value(),
+                                    log_scale.value_or(0.0));
   });
   return result;
 }
@@ -629,17 +715,28 @@ std::vector<at::Tensor> tree_backward(std::vector<at::Tensor> blocks, std::vecto
                                       at::Tensor divisors, std::vector<int64_t> w,
                                       std::vector<int64_t> l, std::vector<int64_t> r,
                                       std::vector<bool> interleaved, std::vector<bool> renorm,
-                                      bool linear, at::Tensor grad_root, std::vector<bool> needs) {
+                                      bool linear, at::Tensor grad, std::vector<bool> needs,
+                                      c10::optional<at::Tensor> inverse,
+                                      c10::optional<double> log_scale) {
   const int64_t n = outs.back().size(2);
   blocks = prepare(blocks, n);
   const Plan plan = make_plan(blocks, w, l, r, interleaved, renorm, linear, n);
   TORCH_CHECK((int64_t)needs.size() == plan.blocks, "tree_levels: one need per block");
-  TORCH_CHECK(grad_root.sizes() == outs.back().sizes(), "tree_levels: the root's gradient must be ",
-              outs.back().sizes(), ", got ", grad_root.sizes());
-  grad_root = grad_root.to(blocks[0].scalar_type()).contiguous();
+  const bool head = inverse.has_value();
+  if (head) {
+    TORCH_CHECK(grad.dim() == 2 && grad.size(0) == n && grad.size(1) == outs.back().size(1),
+                "tree_levels: the logits' gradient must be (", n, ", ", outs.back().size(1),
+                "), got ", grad.sizes());
+  } else {
+    TORCH_CHECK(grad.sizes() == outs.back().sizes(), "tree_levels: the root's gradient must be ",
+                outs.back().sizes(), ", got ", grad.sizes());
+    grad = grad.contiguous();
+  }
+  grad = grad.to(blocks[0].scalar_type());
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(blocks[0].scalar_type(), "tree_backward", [&] {
-    result = backward_impl<scalar_t>(blocks, outs, divisors.contiguous(), plan, grad_root, needs);
+    result = backward_impl<scalar_t>(blocks, outs, divisors.contiguous(), plan, grad, needs,
+                                     head ? *inverse : at::Tensor(), log_scale.value_or(0.0));
   });
   return result;
 }
