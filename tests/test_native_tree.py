@@ -70,7 +70,7 @@ def _dense(tree, x):
     return tree.log_logit_scale.exp() * f / f.norm(dim=1, keepdim=True)
 
 
-@pytest.mark.parametrize("batch", [1, 17, 33])  # 17, 33: not whole SIMD registers per thread
+@pytest.mark.parametrize("batch", [1, 17, 33])  # 17, 33: not whole SIMD registers
 @pytest.mark.parametrize(
     ("feature_map", "output", "every"),
     [
@@ -94,6 +94,26 @@ def test_native_levels_equal_the_python_loop_and_a_dense_reference(
     want, g_want = _outputs_and_grads(tree, x, False, every)
     assert calls == {"forward": 1, "backward": 1}  # the Python loop: no native call
     assert torch.allclose(got[:5], _dense(tree, x[:5]), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+    for a, b in zip(g_got, g_want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_the_split_by_columns_equals_the_python_loop(ext, calls, threads):
+    # a 4-site tree has 2 leaves: fewer than 4 threads, so each thread takes columns of the batch
+    # (its own weight-gradient buffer, summed); 40 float64 columns: 5 registers over 4 threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(12)
+        tree = TreeClassifier((4,), num_classes=3, bond_dim=3, init_std=0.5).double()
+        x = torch.rand(40, 4, dtype=torch.float64)
+        got, g_got = _outputs_and_grads(tree, x, True)
+        want, g_want = _outputs_and_grads(tree, x, False)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == {"forward": 1, "backward": 1}
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
     for a, b in zip(g_got, g_want, strict=True):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)

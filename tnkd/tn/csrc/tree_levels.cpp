@@ -345,6 +345,63 @@ inline void load_children(const Plan& plan, int64_t k, const Level& lv, const Ch
   load_rows(right.ptr + c0 * right.sc, right.sr, right.sc, lv.B, cols, width, rs);
 }
 
+// How a pass is split between threads. By subtrees where the levels form a chain (each reads
+// the one below, interleaved: node g of level k depends only on nodes g 2^(k-j) ..
+// (g+1) 2^(k-j) - 1 of level j <= k): task t runs levels 0..top-1 on its own subtrees, all
+// columns, with no synchronisation and no shared weight gradients; the levels from `top` (fewer
+// nodes than threads: the root, ...) run on one thread after them (before them, backward).
+// Otherwise by columns: task t runs every level on its own columns of the batch, each task
+// with its own weight-gradient buffer, summed at the end.
+struct Split {
+  bool subtrees;
+  int64_t tasks, top;
+};
+
+template <typename T>
+Split split_work(const Plan& plan) {
+  const int64_t K = plan.levels.size(), threads = at::get_num_threads();
+  bool chain = plan.levels[0].l < plan.blocks && plan.levels[0].r < plan.blocks;
+  for (int64_t k = 1; k < K; ++k) {
+    const Level& lv = plan.levels[k];
+    chain = chain && lv.interleaved && lv.l == plan.blocks + k - 1 &&
+            2 * lv.nodes == plan.levels[k - 1].nodes;
+  }
+  if (threads > 1 && chain) {
+    int64_t top = 0;
+    while (top < K && plan.levels[top].nodes >= threads) ++top;
+    if (top > 0) return {true, threads, top};
+  }
+  return {false, task_count<T>(plan.n), K};
+}
+
+// The nodes of level k < top in task t's subtrees.
+inline std::pair<int64_t, int64_t> subtree_nodes(const Plan& plan, const Split& split, int64_t t,
+                                                 int64_t k) {
+  const int64_t G = plan.levels[split.top - 1].nodes;
+  const int64_t f = plan.levels[k].nodes / G;  // 2^(top - 1 - k)
+  return {t * G / split.tasks * f, (t + 1) * G / split.tasks * f};
+}
+
+// The smallest and largest divisor seen, and whether one was NaN.
+struct Range {
+  double low = std::numeric_limits<double>::infinity();
+  double high = -std::numeric_limits<double>::infinity();
+  bool nan = false;
+  void see(double v) {
+    if (std::isnan(v)) nan = true;
+    low = std::min(low, v);
+    high = std::max(high, v);
+  }
+};
+
+template <typename T>
+struct ForwardScratch {
+  Scratch<T> ls, rs, o, out;
+  ForwardScratch(const Plan& plan, int64_t width)
+      : ls(plan.max_a * width), rs(plan.max_a * width), o(plan.max_ab * width),
+        out(plan.max_p * width) {}
+};
+
 using Forward = std::tuple<std::vector<at::Tensor>, at::Tensor, double, double, at::Tensor,
                            at::Tensor>;
 
@@ -370,12 +427,7 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
   const int64_t square_row = rows;
   at::Tensor divisors = at::empty({rows + (square ? 1 : 0), 1, n}, options);
   T* div = divisors.data_ptr<T>();
-  const int64_t tasks = task_count<T>(n);
-  const int64_t nv_max = chunk_registers<T>(plan.max_ab);
-  const int64_t width = nv_max * L;
-  std::vector<double> lows(tasks, std::numeric_limits<double>::infinity());
-  std::vector<double> highs(tasks, -std::numeric_limits<double>::infinity());
-  std::vector<char> nans(tasks, 0);
+  const int64_t width = chunk_registers<T>(plan.max_ab) * L;
   const T tiny = std::numeric_limits<T>::min();
   // the head: logits (n, C) = exp(s) v / ||v|| of the root v, and 1 / ||v|| per sample
   at::Tensor logits, inverse;
@@ -385,105 +437,127 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
     logits = at::empty({n, classes}, options);
     inverse = at::empty({n}, options);
   }
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    Scratch<T> ls(plan.max_a * width), rs(plan.max_a * width), o(plan.max_ab * width),
-        out(plan.max_p * width);
-    for (int64_t t = t0; t < t1; ++t) {
-      const auto [cbegin, cend] = columns<T>(t, tasks, n);
-      T low = std::numeric_limits<T>::infinity(), high = -low;
-      bool nan = false;
-      auto seen = [&](T v) {
-        if (std::isnan(v)) nan = true;
-        low = std::min(low, v);
-        high = std::max(high, v);
-      };
-      for (int64_t k = 0; k < K; ++k) {
-        const Level& lv = plan.levels[k];
-        const T* weight = blocks[lv.w].data_ptr<T>();
-        const Child<T> dst = slots[plan.blocks + k];
-        const int64_t abp = lv.A * lv.B * lv.P;
-        for (int64_t g = 0; g < lv.nodes; ++g) {
-          const auto [left, right] = children<T>(plan, lv, g, slots);
-          const T* wg = weight + g * abp;
-          for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
-            const int64_t cols = std::min(width, cend - c0);
-            const int64_t nv = (cols + L - 1) / L;
-            load_children(plan, k, lv, left, right, c0, cols, width, ls.base, rs.base);
-            outer(ls.base, lv.A, rs.base, lv.B, nv, width, o.base);
-            // out[p][:] = sum_{ab} W[ab][p] o[ab][:]
-            matmul(wg, 1, lv.P, lv.P, lv.A * lv.B, o.base, nv, width, out.base);
-            if (lv.renorm) {
-              T* drow = div + (first[k] + g) * n + c0;
-              for (int64_t v = 0; v < nv; ++v) {
-                V peak = V{};
-                for (int64_t p = 0; p < lv.P; ++p) {
-                  V x = load(out.base + p * width + v * L);
-                  V ax = x < 0 ? -x : x;
-                  peak = peak < ax ? ax : peak;
-                  // NaN: keep it visible in the divisor (the range check then fails)
-                  peak = x != x ? x : peak;
-                }
-                T lanes[L];
-                store(lanes, peak);
-                for (int64_t q = 0; q < L; ++q)
-                  lanes[q] = std::isnan(lanes[q]) ? lanes[q] : std::max(lanes[q], tiny);
-                V scale = load(lanes);
-                for (int64_t p = 0; p < lv.P; ++p) {
-                  T* row = out.base + p * width + v * L;
-                  store(row, load(row) / scale);
-                }
-                const int64_t valid = std::min<int64_t>(L, cols - v * L);
-                for (int64_t q = 0; q < valid; ++q) {
-                  drow[v * L + q] = lanes[q];
-                  seen(lanes[q]);
-                }
+
+  // levels k0..k1-1, the nodes nodes(k) of each, columns cbegin..cend
+  auto run = [&](int64_t k0, int64_t k1, auto nodes, int64_t cbegin, int64_t cend, Range& range,
+                 ForwardScratch<T>& sc) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const Level& lv = plan.levels[k];
+      const T* weight = blocks[lv.w].data_ptr<T>();
+      const Child<T> dst = slots[plan.blocks + k];
+      const int64_t abp = lv.A * lv.B * lv.P;
+      const auto [g0, g1] = nodes(k);
+      for (int64_t g = g0; g < g1; ++g) {
+        const auto [left, right] = children<T>(plan, lv, g, slots);
+        const T* wg = weight + g * abp;
+        for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
+          const int64_t cols = std::min(width, cend - c0);
+          const int64_t nv = (cols + L - 1) / L;
+          T* out = sc.out.base;
+          load_children(plan, k, lv, left, right, c0, cols, width, sc.ls.base, sc.rs.base);
+          outer(sc.ls.base, lv.A, sc.rs.base, lv.B, nv, width, sc.o.base);
+          // out[p][:] = sum_{ab} W[ab][p] o[ab][:]
+          matmul(wg, 1, lv.P, lv.P, lv.A * lv.B, sc.o.base, nv, width, out);
+          if (lv.renorm) {
+            T* drow = div + (first[k] + g) * n + c0;
+            for (int64_t v = 0; v < nv; ++v) {
+              V peak = V{};
+              for (int64_t p = 0; p < lv.P; ++p) {
+                V x = load(out + p * width + v * L);
+                V ax = x < 0 ? -x : x;
+                peak = peak < ax ? ax : peak;
+                peak = x != x ? x : peak;  // NaN stays visible (the range check then fails)
               }
-            } else if (square && k == K - 1) {
-              T* drow = div + square_row * n + c0;
-              for (int64_t c = 0; c < cols; ++c) {
-                T s = 0;
-                for (int64_t p = 0; p < lv.P; ++p) s += out.base[p * width + c] * out.base[p * width + c];
-                drow[c] = s;
-                seen(s);
+              T lanes[L];
+              store(lanes, peak);
+              for (int64_t q = 0; q < L; ++q)
+                lanes[q] = std::isnan(lanes[q]) ? lanes[q] : std::max(lanes[q], tiny);
+              const V d = load(lanes);
+              for (int64_t p = 0; p < lv.P; ++p) {
+                T* row = out + p * width + v * L;
+                store(row, load(row) / d);
+              }
+              const int64_t valid = std::min<int64_t>(L, cols - v * L);
+              for (int64_t q = 0; q < valid; ++q) {
+                drow[v * L + q] = lanes[q];
+                range.see(lanes[q]);
               }
             }
-            store_rows(out.base, lv.P, width, cols, dst.ptr + g * dst.sn + c0, dst.sr);
+          } else if (square && k == K - 1) {
+            T* drow = div + square_row * n + c0;
+            for (int64_t c = 0; c < cols; ++c) {
+              T s = 0;
+              for (int64_t p = 0; p < lv.P; ++p) s += out[p * width + c] * out[p * width + c];
+              drow[c] = s;
+              range.see(s);
+            }
           }
+          store_rows(out, lv.P, width, cols, dst.ptr + g * dst.sn + c0, dst.sr);
         }
       }
-      if (head) {
-        // as FastTree's Python head: 1 / ||v|| from the checked squared norms, or (every level
-        // renormalised, max-abs 1) min(1 / ||v||, 1); then (v * inverse) * exp(s)
-        const T* root = outs.back().data_ptr<T>();
-        T* lg = logits.data_ptr<T>();
-        T* inv = inverse.data_ptr<T>();
-        for (int64_t c = cbegin; c < cend; ++c) {
-          T i;
-          if (square) {
-            i = T(1) / std::sqrt(div[square_row * n + c]);
-          } else {
-            T sq = 0;
-            for (int64_t p = 0; p < classes; ++p) sq += root[p * n + c] * root[p * n + c];
-            i = std::min(T(1) / std::sqrt(sq), T(1));
-          }
-          inv[c] = i;
-          for (int64_t p = 0; p < classes; ++p) lg[c * classes + p] = (root[p * n + c] * i) * scale;
-        }
-      }
-      lows[t] = low;
-      highs[t] = high;
-      nans[t] = nan;
     }
-  });
-  double low = std::numeric_limits<double>::infinity(), high = -low;
-  for (int64_t t = 0; t < tasks; ++t) {
-    if (nans[t]) low = high = std::numeric_limits<double>::quiet_NaN();
-    if (std::isnan(low)) break;
-    low = std::min(low, lows[t]);
-    high = std::max(high, highs[t]);
+  };
+  // as FastTree's Python head: 1 / ||v|| from the checked squared norms, or (every level
+  // renormalised, max-abs 1) min(1 / ||v||, 1); then (v * inverse) * exp(s)
+  auto run_head = [&](int64_t cbegin, int64_t cend) {
+    const T* root = outs.back().data_ptr<T>();
+    T* lg = logits.data_ptr<T>();
+    T* inv = inverse.data_ptr<T>();
+    for (int64_t c = cbegin; c < cend; ++c) {
+      T i;
+      if (square) {
+        i = T(1) / std::sqrt(div[square_row * n + c]);
+      } else {
+        T sq = 0;
+        for (int64_t p = 0; p < classes; ++p) sq += root[p * n + c] * root[p * n + c];
+        i = std::min(T(1) / std::sqrt(sq), T(1));
+      }
+      inv[c] = i;
+      for (int64_t p = 0; p < classes; ++p) lg[c * classes + p] = (root[p * n + c] * i) * scale;
+    }
+  };
+  auto all_nodes = [&](int64_t k) { return std::pair<int64_t, int64_t>{0, plan.levels[k].nodes}; };
+
+  const Split split = split_work<T>(plan);
+  std::vector<Range> ranges(split.tasks + 1);
+  if (split.subtrees) {
+    at::parallel_for(0, split.tasks, 1, [&](int64_t t0, int64_t t1) {
+      ForwardScratch<T> sc(plan, width);
+      for (int64_t t = t0; t < t1; ++t)
+        run(0, split.top, [&](int64_t k) { return subtree_nodes(plan, split, t, k); }, 0, n,
+            ranges[t], sc);
+    });
+    ForwardScratch<T> sc(plan, width);
+    run(split.top, K, all_nodes, 0, n, ranges[split.tasks], sc);
+    if (head) run_head(0, n);
+  } else {
+    at::parallel_for(0, split.tasks, 1, [&](int64_t t0, int64_t t1) {
+      ForwardScratch<T> sc(plan, width);
+      for (int64_t t = t0; t < t1; ++t) {
+        const auto [cbegin, cend] = columns<T>(t, split.tasks, n);
+        run(0, K, all_nodes, cbegin, cend, ranges[t], sc);
+        if (head) run_head(cbegin, cend);
+      }
+    });
   }
-  return {outs, divisors, low, high, logits, inverse};
+  Range range;
+  for (const auto& r : ranges) {
+    range.nan = range.nan || r.nan;
+    range.low = std::min(range.low, r.low);
+    range.high = std::max(range.high, r.high);
+  }
+  if (range.nan) range.low = range.high = std::numeric_limits<double>::quiet_NaN();
+  return {outs, divisors, range.low, range.high, logits, inverse};
 }
+
+template <typename T>
+struct BackwardScratch {
+  Scratch<T> ls, rs, o, go, gs, gt, gl, gr, dv, qt;
+  BackwardScratch(const Plan& plan, int64_t width, int64_t pad_p, int64_t pad_bp)
+      : ls(plan.max_a * width), rs(plan.max_a * width), o(plan.max_ab * width),
+        go(plan.max_ab * width), gs(plan.max_p * width), gt(width * pad_p),
+        gl(plan.max_a * width), gr(plan.max_a * width), dv(width), qt(width * pad_bp) {}
+};
 
 template <typename T>
 std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
@@ -504,7 +578,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
     need[nb + k] = need[lv.w] || children;
   }
   const auto options = grad_in.options();
-  // with the head, grad_in is the logits' (n, C) gradient: the root's comes first (per task)
+  // with the head, grad_in is the logits' (n, C) gradient: the root's comes first
   const bool head = inverse.defined();
   const int64_t classes = plan.levels.back().P;
   const at::Tensor grad_root = head ? at::empty({1, classes, n}, options) : grad_in;
@@ -523,14 +597,19 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
     gslots[nb + k] = as_child<T>(level_grads[k]);
   }
   gslots[nb + K - 1] = as_child<T>(grad_root);
-  // the weights' gradients: one buffer per task, each weight block at its offset
+  // the weights' gradients: each weight block at its offset in a buffer
   std::vector<int64_t> offset(nb, -1);
   int64_t total = 0;
-  for (const auto& lv : plan.levels)
-    if (need[lv.w] && offset[lv.w] < 0) {
-      offset[lv.w] = total;
-      total += blocks[lv.w].numel();
+  bool shared = false;  // a weight block in several levels: its buffer zeroed first, not per node
+  for (const auto& lv : plan.levels) {
+    if (!need[lv.w]) continue;
+    if (offset[lv.w] >= 0) {
+      shared = true;
+      continue;
     }
+    offset[lv.w] = total;
+    total += blocks[lv.w].numel();
+  }
   std::vector<Child<T>> slots;
   for (const auto& b : blocks)
     slots.push_back(b.dim() == 3 ? as_child<T>(b) : Child<T>{nullptr, 0, 0, 0});
@@ -542,137 +621,162 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
     if (lv.renorm) rows += lv.nodes;
   }
   const T* div = divisors.data_ptr<T>();
-  const int64_t tasks = task_count<T>(n);
-  at::Tensor g_weights = at::empty({tasks, std::max<int64_t>(total, 1)}, options);
-  std::vector<T> dots(tasks, T(0));
-  const int64_t nv_max = chunk_registers<T>(plan.max_ab);
-  const int64_t width = nv_max * L;
+  const int64_t width = chunk_registers<T>(plan.max_ab) * L;
   const int64_t pad_p = (plan.max_p + L - 1) / L * L;
   int64_t pad_bp = L;  // Q's rows: B*P rounded up to whole registers, and one more (the spill)
   for (const auto& lv : plan.levels) pad_bp = std::max(pad_bp, (lv.B * lv.P + L - 1) / L * L);
   pad_bp += L;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    Scratch<T> ls(plan.max_a * width), rs(plan.max_a * width), o(plan.max_ab * width),
-        go(plan.max_ab * width), gs(plan.max_p * width), gt(width * pad_p),
-        gl(plan.max_a * width), gr(plan.max_a * width), dv(width), qt(width * pad_bp);
-    for (int64_t t = t0; t < t1; ++t) {
-      const auto [cbegin, cend] = columns<T>(t, tasks, n);
-      T* gw_all = g_weights.data_ptr<T>() + t * g_weights.size(1);
-      std::fill(gw_all, gw_all + total, T(0));
-      if (head) {
-        // d = v / ||v||: dL/dv = exp(s) (g - d (g . d)) / ||v||, dL/ds = exp(s) sum g . d
-        const T* root = outs.back().data_ptr<T>();
-        const T* inv = inverse.data_ptr<T>();
-        const T* g = grad_in.data_ptr<T>();
-        const int64_t gs0 = grad_in.stride(0), gs1 = grad_in.stride(1);
-        T* gv = grad_root.data_ptr<T>();
-        T dot_sum = 0;
-        for (int64_t c = cbegin; c < cend; ++c) {
-          T dot = 0;
-          for (int64_t p = 0; p < classes; ++p)
-            dot += g[c * gs0 + p * gs1] * (root[p * n + c] * inv[c]);
-          dot_sum += dot;
-          const T factor = inv[c] * scale;
-          for (int64_t p = 0; p < classes; ++p)
-            gv[p * n + c] = (g[c * gs0 + p * gs1] - (root[p * n + c] * inv[c]) * dot) * factor;
-        }
-        dots[t] = dot_sum;
-      }
-      for (int64_t k = K - 1; k >= 0; --k) {
-        const Level& lv = plan.levels[k];
-        if (!need[nb + k]) continue;
-        const bool need_w = need[lv.w];
-        const bool need_children = !(plan.linear && k == 0) && (need[lv.l] || need[lv.r]);
-        const T* weight = blocks[lv.w].data_ptr<T>();
-        const Child<T> gsrc = gslots[nb + k];
-        const int64_t ab = lv.A * lv.B, abp = ab * lv.P;
-        const int64_t ldg = (lv.P + L - 1) / L * L;
-        const int64_t ldq = (lv.B * lv.P + L - 1) / L * L + L;
-        // g_W as a product with (A, B) rows and P wide registers, or A rows and (B, P) wide ones
-        // (through Q = right (x) G, transposed): fewer instructions where P < L (D = 8 floats)
-        const bool by_q = lv.A * (ldq / L - 1) + lv.B * (ldg / L) < ab * (ldg / L);
-        for (int64_t g = 0; g < lv.nodes; ++g) {
-          const auto [left, right] = children<T>(plan, lv, g, slots);
-          const auto [gleft, gright] = children<T>(plan, lv, g, gslots);
-          const T* wg = weight + g * abp;
-          for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
-            const int64_t cols = std::min(width, cend - c0);
-            const int64_t nv = (cols + L - 1) / L;
-            // G[p][:] = grad / divisor, zero past the columns
-            const T* grow = gsrc.ptr + g * gsrc.sn + c0 * gsrc.sc;
-            load_rows(grow, gsrc.sr, gsrc.sc, lv.P, cols, width, gs.base);
-            if (lv.renorm) {  // the divisors padded with ones, then whole registers
-              const T* drow = div + (first[k] + g) * n + c0;
-              for (int64_t c = 0; c < width; ++c) dv.base[c] = c < cols ? drow[c] : T(1);
-              for (int64_t v = 0; v < nv; ++v) {
-                const V d = load(dv.base + v * L);
-                for (int64_t p = 0; p < lv.P; ++p) {
-                  T* row = gs.base + p * width + v * L;
-                  store(row, load(row) / d);
-                }
-              }
-            }
-            load_children(plan, k, lv, left, right, c0, cols, width, ls.base, rs.base);
-            if (need_w) {
-              // G transposed, (cols, ldg): lanes P..ldg are left as they are (the products
-              // below compute them, but only lanes below P are kept)
-              for (int64_t c = 0; c < cols; ++c) {
-                T* row = gt.base + c * ldg;
-                for (int64_t p = 0; p < lv.P; ++p) row[p] = gs.base[p * width + c];
-              }
-              T* gw = gw_all + offset[lv.w] + g * abp;
-              if (by_q) {
-                // Q[c][(b, p)] = right[b][c] G[p][c]; g_W[a][(b, p)] = sum_c left[a][c] Q[c][(b, p)]
-                // (whole registers per b: each spills past b's P lanes, into b + 1's, written next)
-                for (int64_t c = 0; c < cols; ++c) {
-                  const T* grow_t = gt.base + c * ldg;
-                  T* q = qt.base + c * ldq;
-                  for (int64_t b = 0; b < lv.B; ++b) {
-                    const T rv = rs.base[b * width + c];
-                    for (int64_t p0 = 0; p0 < lv.P; p0 += L)
-                      store(q + b * lv.P + p0, rv * load(grow_t + p0));
-                  }
-                }
-                gram(ls.base, lv.A, width, qt.base, ldq, cols, gw, lv.B * lv.P);
-              } else {  // g_W[(a, b)][p] = sum_c (left (x) right)[(a, b)][c] G[c][p]
-                outer(ls.base, lv.A, rs.base, lv.B, nv, width, o.base);
-                gram(o.base, ab, width, gt.base, ldg, cols, gw, lv.P);
-              }
-            }
-            if (!need_children) continue;
-            // gO[ab][:] = sum_p W[ab][p] G[p][:]
-            matmul(wg, lv.P, 1, ab, lv.P, gs.base, nv, width, go.base);
+
+  // d = v / ||v||: dL/dv = exp(s) (g - d (g . d)) / ||v||, dL/ds = exp(s) sum g . d; returns
+  // the sum of g . d over columns cbegin..cend
+  auto run_head = [&](int64_t cbegin, int64_t cend) {
+    const T* root = outs.back().data_ptr<T>();
+    const T* inv = inverse.data_ptr<T>();
+    const T* g = grad_in.data_ptr<T>();
+    const int64_t gs0 = grad_in.stride(0), gs1 = grad_in.stride(1);
+    T* gv = grad_root.data_ptr<T>();
+    T dot_sum = 0;
+    for (int64_t c = cbegin; c < cend; ++c) {
+      T dot = 0;
+      for (int64_t p = 0; p < classes; ++p) dot += g[c * gs0 + p * gs1] * (root[p * n + c] * inv[c]);
+      dot_sum += dot;
+      const T factor = inv[c] * scale;
+      for (int64_t p = 0; p < classes; ++p)
+        gv[p * n + c] = (g[c * gs0 + p * gs1] - (root[p * n + c] * inv[c]) * dot) * factor;
+    }
+    return dot_sum;
+  };
+  // levels k_hi down to k_lo, the nodes nodes(k) of each, columns cbegin..cend; weight
+  // gradients added into gw_all
+  auto run = [&](int64_t k_hi, int64_t k_lo, auto nodes, int64_t cbegin, int64_t cend,
+                 T* gw_all, BackwardScratch<T>& sc) {
+    for (int64_t k = k_hi; k >= k_lo; --k) {
+      const Level& lv = plan.levels[k];
+      if (!need[nb + k]) continue;
+      const bool need_w = need[lv.w];
+      const bool need_children = !(plan.linear && k == 0) && (need[lv.l] || need[lv.r]);
+      const T* weight = blocks[lv.w].data_ptr<T>();
+      const Child<T> gsrc = gslots[nb + k];
+      const int64_t ab = lv.A * lv.B, abp = ab * lv.P;
+      const int64_t ldg = (lv.P + L - 1) / L * L;
+      const int64_t ldq = (lv.B * lv.P + L - 1) / L * L + L;
+      // g_W as a product with (A, B) rows and P wide registers, or A rows and (B, P) wide ones
+      // (through Q = right (x) G, transposed): fewer instructions where P < L (D = 8 floats)
+      const bool by_q = lv.A * (ldq / L - 1) + lv.B * (ldg / L) < ab * (ldg / L);
+      const auto [g0, g1] = nodes(k);
+      for (int64_t g = g0; g < g1; ++g) {
+        const auto [left, right] = children<T>(plan, lv, g, slots);
+        const auto [gleft, gright] = children<T>(plan, lv, g, gslots);
+        const T* wg = weight + g * abp;
+        T* gw = need_w ? gw_all + offset[lv.w] + g * abp : nullptr;
+        if (need_w && !shared) std::fill(gw, gw + abp, T(0));
+        for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
+          const int64_t cols = std::min(width, cend - c0);
+          const int64_t nv = (cols + L - 1) / L;
+          // G[p][:] = grad / divisor, zero past the columns
+          const T* grow = gsrc.ptr + g * gsrc.sn + c0 * gsrc.sc;
+          load_rows(grow, gsrc.sr, gsrc.sc, lv.P, cols, width, sc.gs.base);
+          if (lv.renorm) {  // the divisors padded with ones, then whole registers
+            const T* drow = div + (first[k] + g) * n + c0;
+            for (int64_t c = 0; c < width; ++c) sc.dv.base[c] = c < cols ? drow[c] : T(1);
             for (int64_t v = 0; v < nv; ++v) {
-              for (int64_t a = 0; a < lv.A; ++a) {
-                V acc = V{};
-                for (int64_t b = 0; b < lv.B; ++b)
-                  acc += load(go.base + (a * lv.B + b) * width + v * L) *
-                         load(rs.base + b * width + v * L);
-                store(gl.base + a * width + v * L, acc);
-              }
-              for (int64_t b = 0; b < lv.B; ++b) {
-                V acc = V{};
-                for (int64_t a = 0; a < lv.A; ++a)
-                  acc += load(go.base + (a * lv.B + b) * width + v * L) *
-                         load(ls.base + a * width + v * L);
-                store(gr.base + b * width + v * L, acc);
+              const V d = load(sc.dv.base + v * L);
+              for (int64_t p = 0; p < lv.P; ++p) {
+                T* row = sc.gs.base + p * width + v * L;
+                store(row, load(row) / d);
               }
             }
-            // a level's result feeds one parent (written); a block may feed several (added)
-            if (need[lv.l]) give(gl.base, lv.A, width, cols, gleft, c0, lv.l < nb);
-            const int64_t r_slot = lv.interleaved ? lv.l : lv.r;
-            if (need[r_slot]) give(gr.base, lv.B, width, cols, gright, c0, r_slot < nb);
           }
+          load_children(plan, k, lv, left, right, c0, cols, width, sc.ls.base, sc.rs.base);
+          if (need_w) {
+            // G transposed, (cols, ldg): lanes P..ldg are left as they are (the products
+            // below compute them, but only lanes below P are kept)
+            for (int64_t c = 0; c < cols; ++c) {
+              T* row = sc.gt.base + c * ldg;
+              for (int64_t p = 0; p < lv.P; ++p) row[p] = sc.gs.base[p * width + c];
+            }
+            if (by_q) {
+              // Q[c][(b, p)] = right[b][c] G[p][c]; g_W[a][(b, p)] = sum_c left[a][c] Q[c][(b, p)]
+              // (whole registers per b: each spills past b's P lanes, into b + 1's, written next)
+              for (int64_t c = 0; c < cols; ++c) {
+                const T* grow_t = sc.gt.base + c * ldg;
+                T* q = sc.qt.base + c * ldq;
+                for (int64_t b = 0; b < lv.B; ++b) {
+                  const T rv = sc.rs.base[b * width + c];
+                  for (int64_t p0 = 0; p0 < lv.P; p0 += L)
+                    store(q + b * lv.P + p0, rv * load(grow_t + p0));
+                }
+              }
+              gram(sc.ls.base, lv.A, width, sc.qt.base, ldq, cols, gw, lv.B * lv.P);
+            } else {  // g_W[(a, b)][p] = sum_c (left (x) right)[(a, b)][c] G[c][p]
+              outer(sc.ls.base, lv.A, sc.rs.base, lv.B, nv, width, sc.o.base);
+              gram(sc.o.base, ab, width, sc.gt.base, ldg, cols, gw, lv.P);
+            }
+          }
+          if (!need_children) continue;
+          // gO[ab][:] = sum_p W[ab][p] G[p][:]
+          T* go = sc.go.base;
+          matmul(wg, lv.P, 1, ab, lv.P, sc.gs.base, nv, width, go);
+          for (int64_t v = 0; v < nv; ++v) {
+            for (int64_t a = 0; a < lv.A; ++a) {
+              V acc = V{};
+              for (int64_t b = 0; b < lv.B; ++b)
+                acc += load(go + (a * lv.B + b) * width + v * L) *
+                       load(sc.rs.base + b * width + v * L);
+              store(sc.gl.base + a * width + v * L, acc);
+            }
+            for (int64_t b = 0; b < lv.B; ++b) {
+              V acc = V{};
+              for (int64_t a = 0; a < lv.A; ++a)
+                acc += load(go + (a * lv.B + b) * width + v * L) *
+                       load(sc.ls.base + a * width + v * L);
+              store(sc.gr.base + b * width + v * L, acc);
+            }
+          }
+          // a level's result feeds one parent (written); a block may feed several (added)
+          if (need[lv.l]) give(sc.gl.base, lv.A, width, cols, gleft, c0, lv.l < nb);
+          const int64_t r_slot = lv.interleaved ? lv.l : lv.r;
+          if (need[r_slot]) give(sc.gr.base, lv.B, width, cols, gright, c0, r_slot < nb);
         }
       }
     }
-  });
-  at::Tensor summed = tasks > 1 ? g_weights.sum(0) : g_weights[0];
+  };
+  auto all_nodes = [&](int64_t k) { return std::pair<int64_t, int64_t>{0, plan.levels[k].nodes}; };
+
+  const Split split = split_work<T>(plan);
+  const int64_t buffers = split.subtrees ? 1 : split.tasks;
+  at::Tensor g_weights = at::empty({buffers, std::max<int64_t>(total, 1)}, options);
+  if (shared) g_weights.zero_();
+  std::vector<T> dots(split.tasks, T(0));
+  if (split.subtrees) {
+    T* gw_all = g_weights.data_ptr<T>();
+    if (head) dots[0] = run_head(0, n);
+    BackwardScratch<T> sc(plan, width, pad_p, pad_bp);
+    run(K - 1, split.top, all_nodes, 0, n, gw_all, sc);
+    at::parallel_for(0, split.tasks, 1, [&](int64_t t0, int64_t t1) {
+      BackwardScratch<T> sc(plan, width, pad_p, pad_bp);
+      for (int64_t t = t0; t < t1; ++t)
+        run(split.top - 1, 0, [&](int64_t k) { return subtree_nodes(plan, split, t, k); }, 0, n,
+            gw_all, sc);
+    });
+  } else {
+    at::parallel_for(0, split.tasks, 1, [&](int64_t t0, int64_t t1) {
+      BackwardScratch<T> sc(plan, width, pad_p, pad_bp);
+      for (int64_t t = t0; t < t1; ++t) {
+        const auto [cbegin, cend] = columns<T>(t, split.tasks, n);
+        if (head) dots[t] = run_head(cbegin, cend);
+        run(K - 1, 0, all_nodes, cbegin, cend, g_weights.data_ptr<T>() + t * g_weights.size(1),
+            sc);
+      }
+    });
+  }
+  at::Tensor summed = buffers > 1 ? g_weights.sum(0) : g_weights[0];
   for (int64_t s = 0; s < nb; ++s)
-    if (offset[s] >= 0) grads[s] = summed.narrow(0, offset[s], blocks[s].numel()).view(blocks[s].sizes());
+    if (offset[s] >= 0)
+      grads[s] = summed.narrow(0, offset[s], blocks[s].numel()).view(blocks[s].sizes());
   if (head) {
     T dot = 0;
-    for (int64_t t = 0; t < tasks; ++t) dot += dots[t];
+    for (const T d : dots) dot += d;
     grads.push_back(at::scalar_tensor(dot * scale, options));
   }
   return grads;
