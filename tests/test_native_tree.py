@@ -99,16 +99,16 @@ def test_native_levels_equal_the_python_loop_and_a_dense_reference(
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
 
 
-@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("threads", [1, 8])
 def test_the_split_by_columns_equals_the_python_loop(ext, calls, threads):
-    # a 4-site tree has 2 leaves: fewer than 4 threads, so each thread takes columns of the batch
-    # (its own weight-gradient buffer, summed); 40 float64 columns: 5 registers over 4 threads
+    # an 8-site tree has 4 leaves: fewer than 8 threads, so each thread takes columns of the
+    # batch (its own weight-gradient buffer, summed); 40 float64 columns: 5 registers, 5 tasks
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(12)
-        tree = TreeClassifier((4,), num_classes=3, bond_dim=3, init_std=0.5).double()
-        x = torch.rand(40, 4, dtype=torch.float64)
+        tree = TreeClassifier((8,), num_classes=3, bond_dim=3, init_std=0.5).double()
+        x = torch.rand(40, 8, dtype=torch.float64)
         got, g_got = _outputs_and_grads(tree, x, True)
         want, g_want = _outputs_and_grads(tree, x, False)
     finally:
