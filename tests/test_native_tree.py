@@ -1,4 +1,4 @@
-"""The native level loop of FastTree (csrc/tree_levels.cpp) against the Python loop and dense references."""
+"""FastTree's native level loop (csrc/tree_levels.cpp) against the Python loop and dense truth."""
 
 import warnings
 

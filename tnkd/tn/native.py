@@ -94,7 +94,8 @@ def kernels(name: str = "chain_scan") -> ModuleType | None:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             label = name.replace("_", " ")
             warnings.warn(
-                f"tnkd: the native {label} could not be compiled ({first}); using {instead} instead",
+                f"tnkd: the native {label} could not be compiled ({first}); "
+                f"using {instead} instead",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -11,7 +11,8 @@
 //
 //     g_W[g, a, b, p] = sum_c left[a, c] right[b, c] G[p, c]
 //     gO[(a, b), c]   = sum_p W[a, b, p] G[p, c]
-//     g_left[a, c]    = sum_b gO[(a, b), c] right[b, c],  g_right[b, c] = sum_a gO[(a, b), c] left[a, c]
+//     g_left[a, c]    = sum_b gO[(a, b), c] right[b, c]
+//     g_right[b, c]   = sum_a gO[(a, b), c] left[a, c]
 //
 // Samples are independent, so the batch (the last, contiguous axis n) is split into one column
 // range per thread, and each thread runs *every* level on its range with no synchronisation
@@ -638,7 +639,8 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
     T dot_sum = 0;
     for (int64_t c = cbegin; c < cend; ++c) {
       T dot = 0;
-      for (int64_t p = 0; p < classes; ++p) dot += g[c * gs0 + p * gs1] * (root[p * n + c] * inv[c]);
+      for (int64_t p = 0; p < classes; ++p)
+        dot += g[c * gs0 + p * gs1] * (root[p * n + c] * inv[c]);
       dot_sum += dot;
       const T factor = inv[c] * scale;
       for (int64_t p = 0; p < classes; ++p)
