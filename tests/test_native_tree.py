@@ -245,3 +245,9 @@ def test_torch_compile_traces_the_python_loop(ext):
     ref_values, ref_log = tree.log_forward(x)
     assert torch.allclose(values, ref_values, atol=1e-6)
     assert torch.allclose(log_scale, ref_log, atol=1e-6)
+
+
+def test_the_kernels_reject_children_that_do_not_fit_the_weights(ext):
+    feats, weight = torch.rand(4, 2, 5), torch.rand(4, 3, 3, 2)  # A = 3, children with 2 rows
+    with pytest.raises(RuntimeError, match=r"expects children \(4, 3, n\).*got \(4, 2, n\)"):
+        ext.tree_forward([feats, feats, weight], [2], [0], [1], [False], [True], False, False, None)

@@ -274,11 +274,34 @@ Plan make_plan(const std::vector<at::Tensor>& blocks, const std::vector<int64_t>
                 " dimensions");
     Level lv{w[k], l[k], r[k], interleaved[k], renorm[k], wt.size(0), wt.size(1), wt.size(2),
              wt.size(3)};
-    TORCH_CHECK(l[k] < plan.blocks + k && r[k] < plan.blocks + k,
-                "tree_levels: a level reads a later level's result");
+    TORCH_CHECK(l[k] >= 0 && r[k] >= 0 && l[k] < plan.blocks + k && r[k] < plan.blocks + k,
+                "tree_levels: a level reads a block or an earlier level's result");
     TORCH_CHECK(!lv.interleaved || lv.A == lv.B, "tree_levels: interleaved children need A == B");
+    // a child's (nodes, rows) as read: a (G, X, n) block or an earlier level's (G, P, n) result
+    auto shape = [&](int64_t slot) -> std::pair<int64_t, int64_t> {
+      if (slot >= plan.blocks) {
+        const Level& below = plan.levels[slot - plan.blocks];
+        return {below.nodes, below.P};
+      }
+      const at::Tensor& b = blocks[slot];
+      TORCH_CHECK(b.dim() == 3, "tree_levels: a child block must be (G, A, n), got ", b.dim(),
+                  " dimensions");
+      return {b.size(0), b.size(1)};
+    };
+    const auto [ln, la] = shape(lv.l);
     if (linear && k == 0) {
-      TORCH_CHECK(lv.A == 2 && lv.B == 2, "tree_levels: [1, x] leaves need A = B = 2");
+      TORCH_CHECK(lv.A == 2 && lv.B == 2 && !lv.interleaved && ln == lv.nodes && la == 2,
+                  "tree_levels: [1, x] leaves need (G, 2, 2, P) weights and (G, 2, n) pairs");
+    } else if (lv.interleaved) {
+      TORCH_CHECK(ln == 2 * lv.nodes && la == lv.A, "tree_levels: level ", k, " expects (",
+                  2 * lv.nodes, ", ", lv.A, ", n) interleaved children, got (", ln, ", ", la,
+                  ", n)");
+    } else {
+      const auto [rn, rb] = shape(lv.r);
+      TORCH_CHECK(ln == lv.nodes && la == lv.A && rn == lv.nodes && rb == lv.B,
+                  "tree_levels: level ", k, " expects children (", lv.nodes, ", ", lv.A,
+                  ", n) and (", lv.nodes, ", ", lv.B, ", n), got (", ln, ", ", la, ", n) and (",
+                  rn, ", ", rb, ", n)");
     }
     plan.max_ab = std::max(plan.max_ab, lv.A * lv.B);
     plan.max_a = std::max({plan.max_a, lv.A, lv.B});
