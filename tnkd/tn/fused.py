@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -402,7 +403,7 @@ class FastTree(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, every, check, head, linear_leaves, *blocks):  # noqa: D102
-        ext = tree_kernels(blocks) if plan.native else None
+        ext = tree_kernels(blocks) if getattr(plan, "native", True) else None  # (older pickles)
         space = None
         if ext is not None:  # the whole level loop in C++ (tnkd.tn.native, "tree_levels")
             log_scale = None if head is None else float(head)
@@ -504,6 +505,29 @@ class _NativeRun(NamedTuple):
     inverse: torch.Tensor | None  # (n,) 1 / ||v||
 
 
+#: the range where float keeps all its digits, per dtype (see StableNetwork)
+_RANGES = {
+    dtype: (
+        torch.finfo(dtype).tiny / torch.finfo(dtype).eps,
+        torch.finfo(dtype).max * torch.finfo(dtype).eps,
+    )
+    for dtype in (torch.float32, torch.float64)
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _native_plan(levels: tuple, every: bool, square: bool) -> tuple[list[list], list[bool]]:
+    """The kernels' plan arguments: the levels' columns, and which levels are renormalised.
+
+    The columns: (weight, left, right, interleaved) slots; renormalised: with ``every``, or by
+    the level's own plan, but not the root with the head's ``square``. Made once per plan (the
+    lists are read, never changed).
+    """
+    last = len(levels) - 1
+    renorm = [bool(every or lv[4]) and not (square and k == last) for k, lv in enumerate(levels)]
+    return [list(column) for column in zip(*levels, strict=True)][:4], renorm
+
+
 def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear):
     """:func:`tree_forward` by the native level loop: ``(root, divisors, saved, square)`` or None.
 
@@ -514,17 +538,14 @@ def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear):
     ``linear`` the first level's children are the raw (G, 2, n) pairs of the [1, x] map
     (:meth:`_Workspace._linear_leaf`). ``saved`` is a :class:`_NativeRun`.
     """
-    last = len(levels) - 1
-    head = log_scale is not None
-    square = head and not every
-    renorm = [bool(every or lv[4]) and not (square and k == last) for k, lv in enumerate(levels)]
-    slots = [list(column) for column in zip(*levels, strict=True)][:4]
+    square = log_scale is not None and not every
+    slots, renorm = _native_plan(levels, every, square)
     outs, divisors, low, high, logits, inverse = ext.tree_forward(
         list(blocks), *slots, renorm, linear, square, log_scale
     )
     if (check or square) and not every:
-        info = torch.finfo(divisors.dtype)
-        if not (low >= info.tiny / info.eps and high <= info.max * info.eps):
+        lowest, highest = _RANGES[divisors.dtype]
+        if not (low >= lowest and high <= highest):
             return None  # False for NaN too
     saved = _NativeRun(slots, renorm, linear, outs, divisors, log_scale, logits, inverse)
     return outs[-1], divisors, saved, divisors[-1:] if square else None
