@@ -14,14 +14,19 @@
 //     g_left[a, c]    = sum_b gO[(a, b), c] right[b, c]
 //     g_right[b, c]   = sum_a gO[(a, b), c] left[a, c]
 //
-// Samples are independent, so the batch (the last, contiguous axis n) is split into one column
-// range per thread, and each thread runs *every* level on its range with no synchronisation
-// between levels (the Python loop pays one ATen dispatch, and one parallel region, per kernel and
-// level). The weights' gradients are sums over the batch: each thread accumulates into its own
-// buffer, summed at the end. Inside a range, the columns go in chunks of at most 4 SIMD
-// registers, with the chunk's outer product left (x) right in an L1-sized scratch: the forward
-// product is a register-tiled matrix product along the columns, g_W a product with the batch as
-// the reduction (the gradient transposed, so no horizontal sums).
+// Threads never meet between levels (the Python loop pays one ATen dispatch, and one parallel
+// region, per kernel and level): subtrees are independent, and so are samples. Where every
+// level reads the one below (a balanced tree), thread t runs all levels of its own subtrees on
+// every column of the batch, and the levels with fewer nodes than threads (the root, ...) run
+// on one thread after them (before them, backward); each weight's gradient is written by one
+// thread. Other plans split the batch (the last, contiguous axis n) into per-thread column
+// ranges, each thread running every level on its range and accumulating the weights' gradients
+// (sums over the batch) into its own buffer, summed at the end (see Split). Inside a thread, a
+// node's columns go in chunks of at most 4 SIMD registers, with the chunk's outer product
+// left (x) right in an L1-sized scratch: the forward product is a register-tiled matrix product
+// along the columns, g_W a product with the batch as the reduction (the gradient transposed, so
+// no horizontal sums), through Q = right (x) G where P is narrower than a register. The
+// optional head (logits exp(s) v / ||v|| of the root v, and its backward) is computed here too.
 //
 // With `linear`, level 0's left child is a (G, 2, n) tensor of raw pairs [x_l, x_r] (any
 // strides), and its children are the [1, x] features [1, x_l] and [1, x_r] (A = B = 2), made
