@@ -8,7 +8,7 @@ from tnkd.cli import run
 from tnkd.experiments.report import load_results, markdown
 
 
-def _results(path, accs):
+def _results(path, accs, teacher="x.CNN"):
     runs = [
         {
             "name": name,
@@ -27,7 +27,7 @@ def _results(path, accs):
     ]
     path.write_text(
         json.dumps(
-            {"teacher": {"class_path": "x.CNN", "test_acc": 0.99, "params": 10000}, "runs": runs}
+            {"teacher": {"class_path": teacher, "test_acc": 0.99, "params": 10000}, "runs": runs}
         )
     )
     return path
@@ -82,3 +82,12 @@ def test_merging_refuses_results_of_different_teachers(tmp_path):
         markdown(tmp_path / "a_*.json")
     with pytest.raises(FileNotFoundError, match="no results files match"):
         markdown(tmp_path / "zzz_*.json")
+
+
+def test_report_names_an_ensembles_members(tmp_path):
+    path = _results(
+        tmp_path / "ens.json",
+        [(("labels only", "-", 0.0), 0, 0.9)],
+        teacher="tnkd.teachers.TeacherEnsemble[tnkd.teachers.CNN, tnkd.teachers.MLP]",
+    )
+    assert "(10,000 parameters, TeacherEnsemble[CNN, MLP])" in markdown(path, "toy")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from dataclasses import fields
 from pathlib import Path
@@ -91,8 +92,21 @@ def markdown(path: str | Path, title: str | None = None) -> str:
         int(teacher["params"]),
         name,
         seconds,
-        teacher_note=str(teacher.get("class_path", "teacher")).rsplit(".", 1)[-1],
+        teacher_note=short_class_name(str(teacher.get("class_path", "teacher"))),
     )
+
+
+def short_class_name(class_path: str) -> str:
+    """A class path with every dotted name cut to its last part, ensembles' members too.
+
+    ``tnkd.teachers.CNN`` -> ``CNN``; ``pkg.TeacherEnsemble[pkg.CNN, pkg.MLP]`` ->
+    ``TeacherEnsemble[CNN, MLP]`` (the title line of a report table).
+
+    Example:
+        >>> short_class_name("tnkd.teachers.TeacherEnsemble[tnkd.teachers.CNN, tnkd.teachers.CNN]")
+        'TeacherEnsemble[CNN, CNN]'
+    """
+    return re.sub(r"[\w.]+\.(\w+)", r"\1", class_path)
 
 
 def _summary(runs: list[RunResult]) -> list[tuple[str, int, float, float]]:
