@@ -32,9 +32,13 @@ def _finish() -> None:
 
 
 def test_a_fit_run_records_the_structured_config(tmp_path, monkeypatch):
+    import wandb
+
     _finish()  # a run left open by another test would be reused by Lightning's logger
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.chdir(tmp_path)
+    said: list[str] = []
+    monkeypatch.setattr(wandb, "termwarn", lambda text, *a, **k: said.append(str(text)))
     save_teacher(MLP(64, 10, hidden=(16,)), tmp_path / "teacher.pt")
     run(
         [
@@ -75,6 +79,7 @@ def test_a_fit_run_records_the_structured_config(tmp_path, monkeypatch):
         ]
     )
     _finish()
+    assert not any("anonymous" in text for text in said)  # the CLI drops Lightning's None
     (record,) = _runs(tmp_path / "runs")
     config = record.config
     assert config["role"] == "student"
@@ -174,3 +179,25 @@ def test_summary_and_results_file_agree_to_the_last_digit(compared):
     assert payload["teacher"]["test_acc"] == records[0].summary.get(
         "test/teacher_acc", payload["teacher"]["test_acc"]
     )
+
+
+def test_runs_start_without_wandbs_deprecation_notice(tmp_path, monkeypatch):
+    """Lightning passes ``anonymous=None``; wandb warns about it into every run's console."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    from tnkd.experiments.compare import make_logger
+
+    _finish()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    said: list[str] = []
+    monkeypatch.setattr(wandb, "termwarn", lambda text, *a, **k: said.append(str(text)))
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    WandbLogger(save_dir=str(folder), offline=True, project="p").experiment  # noqa: B018
+    _finish()
+    assert any("anonymous" in text for text in said)  # what Lightning's own logger causes
+    said.clear()
+    make_logger("wandb", str(folder), "p", "run", None).experiment  # noqa: B018
+    _finish()
+    assert not any("anonymous" in text for text in said)

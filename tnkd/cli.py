@@ -33,6 +33,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import tnkd.training.preemption as preemption
 from tnkd.data.base import ClassificationDataModule
 from tnkd.errors import debug_enabled, user_error_message
+from tnkd.experiments.compare import without_unset_settings
 from tnkd.experiments.files import unique_path
 from tnkd.training.callbacks import RunCheckpoint, checkpoint_folder
 from tnkd.training.modules import DistillationModule, TeacherModule, check_checkpoint_shapes
@@ -289,7 +290,11 @@ class TnkdCLI(LightningCLI):
     # ---- subcommands ---------------------------------------------------------------------
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Add a :class:`~tnkd.training.callbacks.RunCheckpoint` unless the config names a checkpoint."""
+        """Add a :class:`~tnkd.training.callbacks.RunCheckpoint` unless the config names a checkpoint.
+
+        W&B loggers lose the settings that Lightning passes as None
+        (:func:`~tnkd.experiments.compare.without_unset_settings`).
+        """
         config = self._get(self.config_init, "trainer", default={})
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
@@ -300,7 +305,10 @@ class TnkdCLI(LightningCLI):
             and not any(isinstance(c, Checkpoint) for c in configured)
         ):
             kwargs["callbacks"] = [*configured, RunCheckpoint()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        for logger in trainer.loggers:  # before anything starts the W&B run
+            without_unset_settings(logger)
+        return trainer
 
     def after_fit(self) -> None:
         """A teacher that exported its file is tested too: the file records its test accuracy."""

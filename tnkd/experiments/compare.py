@@ -91,7 +91,7 @@ def make_logger(
 
     folder = Path(save_dir).resolve()  # the W&B service process may have another cwd
     folder.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(
+    logger = WandbLogger(
         project=project,
         name=name,
         group=group,
@@ -100,6 +100,20 @@ def make_logger(
         job_type=job_type,
         tags=list(tags),
     )
+    return without_unset_settings(logger)
+
+
+def without_unset_settings(logger: Any) -> Any:
+    """Drop the ``wandb.init`` settings that Lightning passes as None (before the run starts).
+
+    Lightning's ``WandbLogger`` always passes ``anonymous=None``, and wandb >= 0.19 prints "The
+    anonymous setting has no effect and will be removed" for any value it is given, once per
+    run, into every console. A setting left out is wandb's default, as None meant.
+    """
+    settings = getattr(logger, "_wandb_init", None)
+    if isinstance(settings, dict) and settings.get("anonymous", False) is None:
+        del settings["anonymous"]
+    return logger
 
 
 def _finish(logger: Any) -> None:
@@ -442,7 +456,6 @@ def _quiet() -> None:
         ".*LeafSpec.*",
         ".*is smaller than the logging interval.*",
         r".*module\(s\) in eval mode.*",
-        ".*anonymous setting has no effect.*",
     ):
         warnings.filterwarnings("ignore", pattern)
 
