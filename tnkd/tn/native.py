@@ -64,7 +64,9 @@ def _cpu_id() -> str:
 
 
 def _build_name(name: str = "chain_scan") -> str:
-    text = SOURCES[name][0].read_text() + " ".join(FLAGS) + _cpu_id() + torch.__version__
+    source = SOURCES[name][0]
+    headers = "".join(h.read_text() for h in sorted(source.parent.glob("*.h")))
+    text = source.read_text() + headers + " ".join(FLAGS) + _cpu_id() + torch.__version__
     return f"tnkd_{name}_" + hashlib.sha1(text.encode()).hexdigest()[:12]
 
 

@@ -14,6 +14,8 @@
 // node with no ATen kernel per site.
 
 #include <torch/extension.h>
+
+#include "simd.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -24,25 +26,9 @@
 
 namespace {
 
-// One SIMD register's worth of T (GCC/Clang vector extension: 16 floats or 8 doubles; lowered
-// to narrower registers where the CPU has no 512-bit ones).
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int64_t lanes = 64 / sizeof(T);
-};
-
-template <typename T>
-inline typename Vec<T>::type load(const T* p) {
-  typename Vec<T>::type v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-inline void store(T* p, typename Vec<T>::type v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
+using tnkd_simd::load;
+using tnkd_simd::store;
+using tnkd_simd::Vec;
 
 // The scratch rows are `padded` wide: the batch rounded up to whole registers, zero past it.
 template <typename T>

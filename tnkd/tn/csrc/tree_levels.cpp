@@ -33,6 +33,8 @@
 // on the fly; the raw pairs get no gradient.
 
 #include <torch/extension.h>
+
+#include "simd.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -46,24 +48,9 @@
 
 namespace {
 
-// One SIMD register's worth of T (16 floats or 8 doubles; GCC/Clang vector extension).
-template <typename T>
-struct Vec {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int64_t lanes = 64 / sizeof(T);
-};
-
-template <typename T>
-inline typename Vec<T>::type load(const T* p) {
-  typename Vec<T>::type v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-inline void store(T* p, typename Vec<T>::type v) {
-  __builtin_memcpy(p, &v, sizeof(v));
-}
+using tnkd_simd::load;
+using tnkd_simd::store;
+using tnkd_simd::Vec;
 
 // out (rows, NV*L) = A (rows, depth) @ x (depth, NV*L); A(r, k) = a[r*ar + k*ak].
 template <typename T, int R, int NV>
