@@ -91,3 +91,23 @@ def test_report_names_an_ensembles_members(tmp_path):
         teacher="tnkd.teachers.TeacherEnsemble[tnkd.teachers.CNN, tnkd.teachers.MLP]",
     )
     assert "(10,000 parameters, TeacherEnsemble[CNN, MLP])" in markdown(path, "toy")
+
+
+def test_report_into_a_closed_pipe_exits_quietly(tmp_path):
+    """``tnkd report ... | head -n 0``: no "Broken pipe" error, the status a pipeline reports."""
+    import signal
+    import subprocess
+    import sys
+
+    labels = ("labels only", "-", 0.0)
+    path = _results(tmp_path / "r.json", [(labels, 0, 0.9), (labels, 1, 0.92)])
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tnkd.cli", "report", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    child.stdout.close()  # the reader is gone before the report is written (imports take seconds)
+    err = child.stderr.read()
+    assert child.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert err == ""

@@ -18,6 +18,7 @@ the checkpoint it resumes from and the folders and files it will write. A run st
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
@@ -465,6 +466,17 @@ def _stopped(argv: list[str], signum: int) -> None:
     raise SystemExit(preemption.EXIT_STATUS.get(signum, 128 + signum))
 
 
+def _reader_gone() -> None:
+    """Exit quietly when the reader of our output went away (``tnkd report ... | head``).
+
+    Like a shell pipeline member killed by SIGPIPE: exit status 141, no message; stdout is pointed
+    at ``os.devnull`` first so the interpreter's final flush does not raise again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(128 + int(getattr(signal, "SIGPIPE", 13)))
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``tnkd`` console script (one-line errors, exit statuses; see above)."""
     argv = sys.argv[1:] if args is None else list(args)
@@ -472,12 +484,15 @@ def main(args: list[str] | None = None) -> None:
     preemption.install()
     try:
         run(argv, from_argv=args is None)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
     except SIGTERMException:
         _stopped(argv, preemption.stop_signal())
     except preemption.Preempted as stop:
         _stopped(argv, stop.signum)
     except SystemExit:
         raise
+    except BrokenPipeError:
+        _reader_gone()
     except BaseException as error:
         message = None if debug_enabled() else user_error_message(error)
         if message is None:
