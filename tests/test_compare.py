@@ -92,6 +92,14 @@ def test_a_transfer_set_needs_an_existing_teacher_and_ensembles_run(tmp_path):
             teacher_checkpoint=str(tmp_path / "missing.pt"),
             logger="none",
         )
+    with pytest.raises(FileNotFoundError, match=r"a\.pt, .*b\.pt do not exist\): train them"):
+        compare(
+            DigitsDataModule(),
+            student=partial(MPSClassifier, 64, 10, bond_dim=3),
+            teacher=partial(MLP, 64, 10, hidden=[32]),
+            teacher_checkpoint=[str(tmp_path / "a.pt"), str(tmp_path / "b.pt")],
+            logger="none",
+        )
     torch.manual_seed(0)
     files = [str(save_teacher(MLP(64, 10, hidden=[8]), tmp_path / f"t{i}.pt")) for i in range(2)]
     (run,) = _compare(

@@ -408,9 +408,11 @@ def _teachers(
     missing = [f for f in files if not Path(f).exists()]
     if missing and (len(files) > 1 or getattr(data, "is_transfer_set", False)):
         what = "an ensemble's teacher files" if len(files) > 1 else "a transfer set's teacher"
+        verb, them = ("does", "it") if len(missing) == 1 else ("do", "them")
         raise FileNotFoundError(
-            f"{what} must exist before the comparison ({', '.join(missing)} does not): train "
-            "it on all labels first (e.g. tnkd fit --config configs/mnist/teacher_cnn.yaml)"
+            f"{what} must exist before the comparison ({', '.join(missing)} {verb} not exist): "
+            f"train {them} on all labels first with tnkd fit (e.g. tnkd fit --config "
+            "configs/mnist/teacher_cnn.yaml --model.init_args.export_path FILE)"
         )
     if isinstance(checkpoint, list | tuple):
         return [load_teacher(f, make_teacher()) for f in checkpoint], False
