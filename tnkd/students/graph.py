@@ -82,8 +82,10 @@ from tnkd.students.base import (
     image_patches,
     scaled_values,
 )
+from tnkd.tn.chain import contract_chain
 from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
+from tnkd.tn.planner import METHODS, ChainNode, GraphShape, Plan, plan, recognise_chain
 from tnkd.tn.stable import MODES, AutoNetwork
 
 OUTPUT_MODES = ("normalized", "raw")
@@ -216,6 +218,33 @@ def copy_tensor(
     return value + noise
 
 
+def _pad_bonds(tensor: torch.Tensor, bond: int) -> torch.Tensor:
+    """Zero-pad the first and the last axis (a chain tensor's bonds) to size ``bond``."""
+    pad_left, pad_right = bond - tensor.shape[0], bond - tensor.shape[-1]
+    if pad_left or pad_right:  # F.pad's pairs run from the last dimension to the first
+        tensor = torch.nn.functional.pad(
+            tensor, [0, pad_right] + [0, 0] * (tensor.ndim - 2) + [0, pad_left]
+        )
+    return tensor
+
+
+def _padded(tensor: torch.Tensor, node: ChainNode, bond: int) -> torch.Tensor:
+    """A chain tensor stored as (left?, phys?, label?, right?) -> (D, ..., D), zero-padded."""
+    if node.left is None:
+        tensor = tensor.unsqueeze(0)
+    if node.right is None:
+        tensor = tensor.unsqueeze(-1)
+    return _pad_bonds(tensor, bond)
+
+
+@functools.lru_cache(maxsize=32)
+def _unit(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """e_0 of length ``size``: the boundary of an open end (its outer bond is index 0)."""
+    out = torch.zeros(size, dtype=dtype, device=device)
+    out[0] = 1.0
+    return out
+
+
 def _resolve_graph(graph: Any, graph_args: Mapping[str, Any] | None) -> TNGraph:
     if isinstance(graph, str):
         module, _, name = graph.rpartition(".")
@@ -302,7 +331,10 @@ class GraphStudent(Student):
             ``"raw"`` (the exact value f, which can overflow where f does).
         logit_scale: the initial s.
         init_std: relative noise of the copy-tensor initialisation.
-        contraction: ``"auto"``, ``"stable"`` or ``"plain"`` (see :class:`~tnkd.tn.stable.AutoNetwork`).
+        method: the contraction engine: ``"auto"`` (the planner chooses from the graph's shape
+            and the device, see :mod:`tnkd.tn.planner`) or an engine's name: ``"chain"``,
+            ``"tree"``, ``"stable"``, ``"reference"``. :meth:`plan` says which runs and why.
+        contraction: the older name of ``method`` (``"plain"`` is ``"reference"``).
         optimize: the ``opt_einsum`` path optimizer.
         compile: run the contraction through ``torch.compile`` (inductor), which fuses the
             small elementwise steps between the batched matrix products (the stable path,
@@ -323,7 +355,8 @@ class GraphStudent(Student):
         output: str = "normalized",
         logit_scale: float = 5.0,
         init_std: float = 0.3,
-        contraction: str = "auto",
+        method: str = "auto",
+        contraction: str | None = None,
         optimize: str = "auto",
         compile: bool = False,
     ) -> None:
@@ -331,8 +364,14 @@ class GraphStudent(Student):
         what = type(self).__name__
         if output not in OUTPUT_MODES:
             raise ValueError(f"{what} output must be one of {OUTPUT_MODES}, but got {output!r}")
-        if contraction not in MODES:
-            raise ValueError(f"{what} contraction must be one of {MODES}, but got {contraction!r}")
+        if contraction is not None:
+            if contraction not in MODES:
+                raise ValueError(
+                    f"{what} contraction must be one of {MODES}, but got {contraction!r}"
+                )
+            method = {"plain": "reference"}.get(contraction, contraction)
+        if method not in METHODS:
+            raise ValueError(f"{what} method must be one of {METHODS}, but got {method!r}")
         if not (init_std >= 0 and math.isfinite(init_std)):
             raise ValueError(f"{what} init_std must be a finite number >= 0, but got {init_std!r}")
         self.feature_map = build_feature_map(feature_map)
@@ -380,14 +419,82 @@ class GraphStudent(Student):
         self._positions_xy = dict(graph.positions) or tree_positions(spec)
         self.input_nodes = inputs
         self.input_sites = [sites[n] for n in inputs]
-        self.network = AutoNetwork(spec, mode=contraction, optimize=optimize)
+        self.method = method
+        self.optimize = optimize
+        # the sites are the sample's scalars in order (no pooling or patches)
+        self._flat_sites = (self.input_shape is None or len(self.input_shape) == 1) and getattr(
+            self.feature_map, "in_features", 1
+        ) == 1
         self.compile = bool(compile)
         self._contract_fn: Any = None  # the (compiled) contraction, made on first use
+        self.node_names = [n for n in spec.node_names if n not in set(inputs)]
+        self._compiled: CompiledNetwork | None = None
+        if output == "normalized":
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
+        chain, why = recognise_chain(spec)
+        if compile:
+            chain, why = None, "compile=True traces the stable path"
+        self._shape = GraphShape(spec, chain, why)
+        self._network: AutoNetwork | None = None
+        if chain is None or method not in ("auto", "chain"):
+            self._examine_stable_paths()
+        #: the engine chosen from the graph's shape (``plan()`` adds the device's kernel)
+        self.engine = plan(self._shape, method).engine
+        self.fast_path = self._linear_leaves = False
+        self.blocks = nn.ParameterList()
+        self._block_of: dict[str, tuple[int, int]] = {}
+        #: per node: (stored as slice 0 of its first axis, ... of its last axis, permutation to
+        #: the node's axis order or None); only the chain engine stores nodes so
+        self._node_view: dict[str, tuple[bool, bool, tuple[int, ...] | None]] = {}
+        if self.engine == "chain":
+            self._store_chain(initial)
+            return
+        self._store_blocks(initial, sites, num_sites)
+
+    def _examine_stable_paths(self) -> None:
+        """Build the pairwise network and tell the planner whether it is a tree, and deep."""
+        mode = {"stable": "stable", "tree": "stable", "reference": "plain"}.get(self.method, "auto")
+        self._network = AutoNetwork(self._spec, mode=mode, optimize=self.optimize)
+        stable = self._network.stable
+        shape = self._shape
+        shape.tree = stable.fast_plan is not None and not self.compile
+        shape.why_not_tree = (
+            "compile=True traces the stable path"
+            if self.compile
+            else "not a balanced binary tree (some level does not take the previous level's "
+            "results whole, in pairs)"
+        )
+        shape.deep_or_grouped = self._network.chosen == "stable"
+
+    @property
+    def network(self) -> AutoNetwork:
+        """The pairwise (stable or plain) network of the graph, built on first use for chains."""
+        if self._network is None:
+            self._network = AutoNetwork(self._spec, mode="stable", optimize=self.optimize)
+        return self._network
+
+    def plan(self, device: torch.device | str | None = None) -> Plan:
+        """Which engine contracts this student on ``device`` (default: its parameters'), and why.
+
+        Example:
+            >>> from tnkd.students import MPSClassifier
+            >>> GraphStudent(MPSClassifier(16, 3, bond_dim=4).to_graph()).plan().engine
+            'chain'
+        """
+        if device is None:
+            device = next(iter(self.blocks._parameters.values())).device
+        return plan(self._shape, self.method, device)
+
+    def _store_blocks(
+        self, initial: dict[str, torch.Tensor], sites: dict[str, int], num_sites: int
+    ) -> None:
+        """Parameters stacked as the pairwise network consumes them (see ``blocks``)."""
+        spec = self._spec
+        if self.engine == "stable":
+            self.network.stable.fast_plan = None  # asked for by name: no tree loop
         # parameters stacked as the contraction consumes them (one tensor per block: e.g. all
         # leaves of a tree level), so a level is one kernel with no copy; node_tensors() names them
         stable = self.network.stable
-        self.blocks = nn.ParameterList()
-        self._block_of: dict[str, tuple[int, int]] = {}
         self._input_blocks: list[tuple[int, list[int] | slice]] = []
         for block, is_input in zip(stable.blocks, stable.block_is_input, strict=True):
             names = [spec.node_names[i] for i in block]
@@ -400,15 +507,9 @@ class GraphStudent(Student):
                 self._block_of[name] = (len(self.blocks), g)
             self.blocks.append(nn.Parameter(torch.stack([initial[n] for n in names])))
         self._block_kinds = list(stable.block_is_input)
-        # the sites are the sample's scalars in order (no pooling or patches)
-        self._flat_sites = (self.input_shape is None or len(self.input_shape) == 1) and getattr(
-            self.feature_map, "in_features", 1
-        ) == 1
         #: the whole forward pass on the lean path: a balanced binary tree (``fast_plan``, see
         #: :class:`~tnkd.tn.fused.FastTree`) on the stable path, not compiled
-        self.fast_path = (
-            self.network.chosen == "stable" and stable.fast_plan is not None and not compile
-        )
+        self.fast_path = self.engine == "tree"
         # [1, x] on flat sites, leaves joining sites 2g and 2g + 1 (the input blocks first):
         # the map is fused with the leaves (see tnkd.tn.fused.TreePlan)
         self._linear_leaves = (
@@ -421,10 +522,111 @@ class GraphStudent(Student):
             == [slice(0, num_sites - 1, 2), slice(1, num_sites, 2)]
             and stable.fast_plan.levels[0][1:4] == (0, 1, False)
         )
-        self.node_names = [n for n in spec.node_names if n not in set(inputs)]
-        self._compiled: CompiledNetwork | None = None
-        if output == "normalized":
-            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
+
+    def _store_chain(self, initial: dict[str, torch.Tensor]) -> None:
+        """Parameters in the chain engine's layout: the sites stacked as (N, D, d, D), in order.
+
+        Every tensor is stored with its axes as the chain engine reads them (towards the start,
+        input, label, towards the end). The sites whose bonds are all of size D form one stacked
+        block, so the chain reaches :func:`~tnkd.tn.chain.contract_chain` without a copy; an
+        open end's site, (d, D) or (D, d), is stored there as the slice 0 of a (D, d, D) core
+        whose other entries stay zero (the open end's boundary is e_0, so they get no gradient:
+        :meth:`parameter_count` counts the graph's entries, not the padding). Other tensors
+        (smaller bonds, boundary vectors, the label tensor) are blocks of their own, zero-padded
+        to D when the chain is assembled.
+        """
+        layout = self._shape.chain
+        names = self._spec.node_names
+        bond, d = layout.bond_dim, layout.site_dim
+
+        def stored(node: ChainNode) -> torch.Tensor:
+            axes = node.canonical()
+            self._node_view[names[node.index]] = (
+                node.left is None and node.phys is not None and node.label is None,
+                node.right is None and node.phys is not None and node.label is None,
+                None if axes == tuple(sorted(axes)) else tuple(map(axes.index, sorted(axes))),
+            )
+            return initial[names[node.index]].permute(*axes)
+
+        sites = layout.sites
+        full = []
+        for node in sites:
+            core = stored(node)
+            if core.ndim == 2:  # an open end: its outer bond becomes index 0 of size D
+                core = core.unsqueeze(0 if node.left is None else -1)
+            if core.shape == (bond, d, bond) or core.shape in ((1, d, bond), (bond, d, 1)):
+                full.append((node, _pad_bonds(core, bond)))
+            else:
+                name = names[node.index]
+                self._node_view[name] = (False, False, self._node_view[name][2])
+        if full:
+            self.blocks.append(nn.Parameter(torch.stack([core for _, core in full])))
+            for g, (node, _) in enumerate(full):
+                self._block_of[names[node.index]] = (0, g)
+        for node in layout.nodes:
+            name = names[node.index]
+            if name not in self._block_of:
+                tensor = stored(node)
+                self._node_view[name] = (False, False, self._node_view[name][2])
+                self._block_of[name] = (len(self.blocks), 0)
+                self.blocks.append(nn.Parameter(tensor.unsqueeze(0)))
+        # the chain's sites as runs: ("full", first, stop) of block 0 or ("node", block, node)
+        runs: list[list] = []
+        for node in sites:
+            b, g = self._block_of[names[node.index]]
+            if full and b == 0 and runs and runs[-1][0] == "full" and runs[-1][2] == g:
+                runs[-1][2] = g + 1
+            elif full and b == 0:
+                runs.append(["full", g, g + 1])
+            else:
+                runs.append(["node", b, node])
+        self._chain_runs = [tuple(r) for r in runs]
+        site = dict(zip(self.input_nodes, self.input_sites, strict=True))
+        order = [site[names[n.input_node]] for n in sites]
+        self._chain_sites = _sites(order) if order else []
+        label = layout.label_node
+        self._label_site = None if label.phys is None else site[names[label.input_node]]
+
+    def parameter_count(self) -> int:
+        """Number of trainable scalars of the graph's tensors (storage padding not counted)."""
+        nodes = sum(t.numel() for t in self.node_tensors().values())
+        rest = (p for name, p in self.named_parameters() if not name.startswith("blocks."))
+        return nodes + sum(p.numel() for p in rest)
+
+    def _chain_operands(self) -> tuple[torch.Tensor, ...]:
+        """``(left, cores, right, output core)`` for :func:`~tnkd.tn.chain.contract_chain`.
+
+        Open ends and smaller bonds are zero-padded to D (their outer bond is index 0 of a unit
+        boundary vector), which leaves the contraction's value unchanged.
+        """
+        layout = self._shape.chain
+        bond = layout.bond_dim
+        blocks = list(self.blocks._parameters.values())
+        pieces = []
+        for run in self._chain_runs:
+            if run[0] == "full":
+                pieces.append(blocks[0][run[1] : run[2]])
+            else:
+                pieces.append(_padded(blocks[run[1]][0], run[2], bond).unsqueeze(0))
+        ref = blocks[0]
+        cores = (
+            pieces[0]
+            if len(pieces) == 1
+            else torch.cat(pieces)
+            if pieces
+            else ref.new_zeros(0, bond, layout.site_dim, bond)
+        )
+        ends = []
+        for node in (layout.nodes[0], layout.nodes[-1]):
+            if node.phys is None and node.label is None:  # a boundary vector
+                b, _ = self._block_of[self._spec.node_names[node.index]]
+                vector = blocks[b][0]
+                ends.append(torch.nn.functional.pad(vector, (0, bond - vector.shape[0])))
+            else:
+                ends.append(_unit(bond, ref.dtype, ref.device))
+        b, _ = self._block_of[self._spec.node_names[layout.label_node.index]]
+        output_core = _padded(blocks[b][0], layout.label_node, bond)
+        return ends[0], cores, ends[1], output_core
 
     # ---- construction helpers -------------------------------------------------------------
     def _positions(
@@ -537,6 +739,8 @@ class GraphStudent(Student):
 
     def operand_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The contraction's operands, one stacked tensor per block (see :class:`StableNetwork`)."""
+        if self.engine == "chain":
+            return self.network.stable.to_blocks(self.graph_operands(x))
         phi = self._site_features_t(x)
         params = iter(self.blocks._parameters.values())
         inputs = iter(self._input_blocks)
@@ -551,10 +755,30 @@ class GraphStudent(Student):
 
     def graph_operands(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One tensor per graph node, in node order (input nodes batched)."""
-        return self.network.stable.from_blocks(self.operand_blocks(x))
+        if self.engine != "chain":
+            return self.network.stable.from_blocks(self.operand_blocks(x))
+        phi = self.features(x)
+        params = self.node_tensors()
+        site = dict(zip(self.input_nodes, self.input_sites, strict=True))
+        return [
+            phi[:, site[name]] if name in site else params[name] for name in self._spec.node_names
+        ]
+
+    def _chain_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chain engine: :func:`~tnkd.tn.chain.contract_chain` on the assembled chain."""
+        phi = self.features(x)
+        where = self._chain_sites
+        whole = isinstance(where, slice) and where == slice(0, phi.shape[1], 1)
+        feats = phi if whole else phi[:, where]
+        label = None if self._label_site is None else phi[:, self._label_site]
+        left, cores, right, output_core = self._chain_operands()
+        position = self._shape.chain.sites_before_label
+        return contract_chain(left, cores, right, feats, output_core, position, "auto", label)
 
     def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values, log_scale)`` with f(x) = values * exp(log_scale), shape (batch, C), (batch,)."""
+        if self.engine == "chain":
+            return self._chain_log_forward(x)
         if self._contract_fn is None:
             net = self.network
             self._contract_fn = (
@@ -603,7 +827,13 @@ class GraphStudent(Student):
         out = {}
         for name in self.node_names:
             b, g = self._block_of[name]
-            out[name] = self.blocks[b][g]
+            tensor = self.blocks[b][g]
+            first, last, axes = self._node_view.get(name, (False, False, None))
+            if first:
+                tensor = tensor[0]
+            if last:
+                tensor = tensor[..., 0]
+            out[name] = tensor if axes is None else tensor.permute(*axes)
         return out
 
     def to_graph(self) -> TNGraph:
@@ -641,8 +871,7 @@ class GraphStudent(Student):
             for name, value in tensors.items():
                 if name not in self._block_of:
                     raise ValueError(f"no parameter node {name!r}; nodes are {self.node_names}")
-                b, g = self._block_of[name]
-                own = self.blocks[b][g]
+                own = self.node_tensors()[name]
                 if tuple(value.shape) != tuple(own.shape):
                     raise ValueError(
                         f"node {name!r} has shape {tuple(own.shape)}, but got {tuple(value.shape)}"

@@ -33,6 +33,7 @@ from tnkd.tn.chain import CHAIN_METHODS, contract_chain
 from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.decompositions import tt_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
+from tnkd.tn.planner import Plan, plan
 
 OUTPUT_MODES = ("normalized", "raw")
 
@@ -241,6 +242,17 @@ class MPSClassifier(Student):
             return self.raw_forward(x)
         values, _ = self.log_forward(x)
         return direction_logits(values, self.log_logit_scale)
+
+    def plan(self, device: torch.device | str | None = None) -> Plan:
+        """Which engine contracts this student on ``device`` (default: its parameters'), and why.
+
+        An MPS is a chain: the chain engine, whose kernel ``method`` picks (``"auto"``: by device).
+        """
+        device = self.cores.device if device is None else device
+        chosen = plan(self.to_graph().spec(), "auto", device)
+        if self.method == "auto":
+            return chosen
+        return chosen.__class__(chosen.engine, self.method, chosen.device, "asked for by name")
 
     # ---- diagram and generic path ------------------------------------------------------------
     def _node_order(self) -> list[str]:

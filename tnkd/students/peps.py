@@ -148,7 +148,9 @@ class PEPSClassifier(GraphStudent):
         output: ``"normalized"`` or ``"raw"``.
         logit_scale: initial logit scale.
         init_std: relative noise of the copy-tensor initialisation.
-        contraction: ``"auto"``, ``"stable"`` or ``"plain"``.
+        method: the contraction engine, ``"auto"`` or a name (see
+            :class:`~tnkd.students.graph.GraphStudent` and :mod:`tnkd.tn.planner`).
+        contraction: the older name of ``method``.
         compile: contract through ``torch.compile`` (see :class:`~tnkd.students.graph.GraphStudent`).
     """
 
@@ -164,7 +166,8 @@ class PEPSClassifier(GraphStudent):
         output: str = "normalized",
         logit_scale: float = 5.0,
         init_std: float = 0.3,
-        contraction: str = "auto",
+        method: str = "auto",
+        contraction: str | None = None,
         compile: bool = False,
     ) -> None:
         fmap = build_feature_map(feature_map)
@@ -183,6 +186,7 @@ class PEPSClassifier(GraphStudent):
             output=output,
             logit_scale=logit_scale,
             init_std=init_std,
+            method=method,
             contraction=contraction,
             compile=compile,
         )

@@ -149,7 +149,9 @@ class TreeClassifier(GraphStudent):
         output: ``"normalized"`` or ``"raw"`` (see :class:`~tnkd.students.graph.GraphStudent`).
         logit_scale: initial logit scale s of the normalized output.
         init_std: relative noise of the copy-tensor initialisation.
-        contraction: ``"auto"``, ``"stable"`` or ``"plain"``.
+        method: the contraction engine, ``"auto"`` or a name (see
+            :class:`~tnkd.students.graph.GraphStudent` and :mod:`tnkd.tn.planner`).
+        contraction: the older name of ``method``.
         compile: contract through ``torch.compile`` (see :class:`~tnkd.students.graph.GraphStudent`).
     """
 
@@ -164,7 +166,8 @@ class TreeClassifier(GraphStudent):
         output: str = "normalized",
         logit_scale: float = 5.0,
         init_std: float = 0.3,
-        contraction: str = "auto",
+        method: str = "auto",
+        contraction: str | None = None,
         compile: bool = False,
     ) -> None:
         fmap = build_feature_map(feature_map)
@@ -181,6 +184,7 @@ class TreeClassifier(GraphStudent):
             output=output,
             logit_scale=logit_scale,
             init_std=init_std,
+            method=method,
             contraction=contraction,
             compile=compile,
         )

@@ -184,7 +184,7 @@ def _tree_like(
         pool=student.pool,
         patch=student.patch,
         output=student.output,
-        contraction=student.network.mode,
+        method=student.method,
         compile=student.compile,
     ).to(student.blocks[0].dtype)
     shapes = {name: tuple(t.shape) for name, t in new.node_tensors().items()}

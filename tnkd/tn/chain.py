@@ -928,6 +928,7 @@ def _contract_chain(
     output_core: torch.Tensor,
     position: int,
     method: str = "auto",
+    output_features: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Contract an MPS with an output core, returning ``(values, log_scale)``.
 
@@ -944,6 +945,8 @@ def _contract_chain(
         position: p, the number of sites left of the output core (0..N).
         method: ``"auto"``, ``"native"``, ``"scan"``, ``"sweep"`` or ``"tree"`` (see
             :func:`sweep_boundary`).
+        output_features: (B, d) features of an output core that also reads an input; then
+            ``output_core`` is (D, d, C, D) and ``O(x) = sum_s phi_s(x) O[:, s]`` joins the halves.
 
     Returns:
         ``values`` (B, C) and ``log_scale`` (B,).
@@ -955,7 +958,13 @@ def _contract_chain(
     if not 0 <= position <= num_sites:
         raise ValueError(f"output core position must be in [0, {num_sites}], but got {position}")
     method = resolve_chain_method(method, bond, features.device)
-    if method == "native" and native.supports(features) and not features.requires_grad:
+    reads = output_features is not None
+    if (
+        method == "native"
+        and not reads
+        and native.supports(features)
+        and not features.requires_grad
+    ):
         ext = native.kernels()
         if ext is not None:
             return _NativeMPS.apply(left, cores, right, output_core, features, position, ext)
@@ -966,9 +975,12 @@ def _contract_chain(
         feats = _insert_e0(features.permute(1, 2, 0), position, pad, extra)  # (n, d, B)
         start = torch.stack([left, right]).unsqueeze(-1).expand(2, bond, batch)
         v, logs = _scan(start, sites, feats, plan, every, method)
-        # values[b, c] = sum_{l, r} u[l, b] O[l, c, r] w[r, b], as one matmul and one reduction
-        ow = (output_core.reshape(-1, bond) @ v[1]).view(bond, -1, batch)
-        values = (ow * v[0].unsqueeze(1)).sum(0).t()
+        if reads:
+            values = torch.einsum("lb,lscr,rb,bs->bc", v[0], output_core, v[1], output_features)
+        else:
+            # values[b, c] = sum_{l, r} u[l, b] O[l, c, r] w[r, b]: one matmul, one reduction
+            ow = (output_core.reshape(-1, bond) @ v[1]).view(bond, -1, batch)
+            values = (ow * v[0].unsqueeze(1)).sum(0).t()
     else:
         length = max(position, num_sites - position)
         left_cores, right_cores = cores[:position], cores[position:].flip(0).transpose(1, 3)
@@ -983,7 +995,10 @@ def _contract_chain(
             torch.stack([left_feats, right_feats]),
             method=method,
         )
-        values = torch.einsum("bl,lcr,br->bc", v[0], output_core, v[1])
+        if reads:
+            values = torch.einsum("bl,lscr,br,bs->bc", v[0], output_core, v[1], output_features)
+        else:
+            values = torch.einsum("bl,lcr,br->bc", v[0], output_core, v[1])
     log_scale = logs.sum(0)
     scale = (
         values.detach().abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)

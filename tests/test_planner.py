@@ -1,0 +1,277 @@
+"""The planner: graphs recognised by their shape, engines chosen in one place, and the chain
+engine on hand-drawn chains held against a dense contraction (float64) and finite differences."""
+
+import itertools
+import random
+
+import pytest
+import torch
+from tn_reference import dense_coefficients, evaluate_dense
+
+from tnkd.students import GraphStudent, MPSClassifier, PEPSClassifier, TreeClassifier
+from tnkd.tn.graph import TNGraph, connect, make_node
+from tnkd.tn.planner import ENGINES, METHODS, chain_layout, plan, recognise_chain
+
+
+def chain_graph(
+    num_sites: int,
+    bonds: list[int] | int,
+    label: int | str = "middle",
+    label_reads: bool = False,
+    boundaries: bool = False,
+    classes: int = 3,
+    d: int = 2,
+    shuffle: int | None = None,
+    axis_order: str = "lpr",
+) -> TNGraph:
+    """A chain drawn by hand: ``label`` is the index of the label tensor among the chain's
+    tensors (or "middle"/"end"/"start"); ``label_reads``: the label tensor also reads an input
+    (then it replaces a site); ``bonds``: the bond sizes along the chain; ``shuffle``: the node
+    list in a random order; ``axis_order``: the order of (left, phys, right) axes of the sites."""
+    n = num_sites
+    slots = n + (0 if label_reads else 1)
+    if label == "middle":
+        label = n // 2
+    elif label == "end":
+        label = slots - 1
+    elif label == "start":
+        label = 0
+    length = slots + 2 * boundaries
+    sizes = [bonds] * (length - 1) if isinstance(bonds, int) else list(bonds)
+    assert len(sizes) == length - 1
+    nodes, inputs = [], []
+    position = 0
+    for k in range(length):
+        left = sizes[k - 1] if k > 0 else None
+        right = sizes[k] if k < length - 1 else None
+        is_boundary = boundaries and k in (0, length - 1)
+        is_label = k - boundaries == label
+        axes = {}
+        if left is not None:
+            axes["l"] = left
+        if not is_boundary and (not is_label or label_reads):
+            axes["p"] = d
+        if is_label:
+            axes["c"] = classes
+        if right is not None:
+            axes["r"] = right
+        names = sorted(axes, key=lambda a: (axis_order + "c").index(a))
+        node = make_node(tuple(axes[a] for a in names), f"T{k}", names)
+        nodes.append(node)
+        if "p" in axes:
+            x = make_node((d,), f"x{position}", ["p"])
+            connect(node, "p", x, "p")
+            inputs.append(x)
+            position += 1
+    for a, b in itertools.pairwise(nodes):
+        connect(a, "r", b, "l")
+    label_node = nodes[label + boundaries]
+    everything = nodes + inputs
+    if shuffle is not None:
+        random.Random(shuffle).shuffle(everything)
+    return TNGraph(everything, [x.name for x in inputs], [label_node["c"]])
+
+
+CHAINS = {
+    "label in the middle": dict(num_sites=7, bonds=4),
+    "label at the end": dict(num_sites=7, bonds=4, label="end"),
+    "label at the start": dict(num_sites=7, bonds=4, label="start"),
+    "label tensor reads an input": dict(num_sites=7, bonds=4, label=3, label_reads=True),
+    "label tensor reads an input, at the end": dict(
+        num_sites=6, bonds=3, label="end", label_reads=True
+    ),
+    "boundary vectors": dict(num_sites=6, bonds=3, boundaries=True),
+    "bonds of different sizes": dict(num_sites=6, bonds=[2, 4, 3, 5, 4, 2]),
+    "node list shuffled, axes phys first": dict(
+        num_sites=8, bonds=3, label=2, shuffle=5, axis_order="plr"
+    ),
+    "axes reversed": dict(num_sites=5, bonds=4, label="end", axis_order="rpl"),
+}
+
+
+@pytest.mark.parametrize("name", list(CHAINS))
+@pytest.mark.parametrize("feature_map", ["linear", "trig"])
+def test_a_chain_drawn_any_way_runs_the_chain_engine_and_equals_the_dense_contraction(
+    name, feature_map
+):
+    torch.manual_seed(0)
+    graph = chain_graph(**CHAINS[name])
+    student = GraphStudent(graph, feature_map=feature_map, output="raw", init_std=0.5).double()
+    assert student.plan().engine == "chain"
+    num = len(student.input_nodes)
+    x = torch.rand(5, num, dtype=torch.float64)
+    reference = evaluate_dense(
+        dense_coefficients(student.to_graph()), list(student.features(x).unbind(1))
+    )
+    out = student(x)
+    assert torch.allclose(out, reference, rtol=1e-10, atol=1e-10 * float(reference.abs().max()))
+    assert student.parameter_count() == sum(
+        t.tensor.numel() for t in student.to_graph().nodes if t.name not in student.input_nodes
+    )
+
+
+@pytest.mark.parametrize("label_reads", [False, True])
+def test_the_chain_engine_gradients_match_finite_differences(label_reads):
+    torch.manual_seed(1)
+    graph = chain_graph(num_sites=4, bonds=2, label=2, label_reads=label_reads)
+    student = GraphStudent(graph, output="raw", init_std=0.5).double()
+    x = torch.rand(3, len(student.input_nodes), dtype=torch.float64)
+    params = list(student.blocks)
+    originals = [p.detach().clone() for p in params]
+
+    def f(*tensors):
+        with torch.no_grad():
+            for p, t in zip(params, originals, strict=True):
+                p.copy_(t)
+        return torch.func.functional_call(
+            student, {f"blocks.{k}": t for k, t in enumerate(tensors)}, (x,)
+        )
+
+    tensors = [t.clone().requires_grad_() for t in originals]
+    assert torch.autograd.gradcheck(f, tensors)
+
+
+def test_the_padding_of_an_open_end_gets_no_gradient_and_stays_zero():
+    torch.manual_seed(2)
+    student = GraphStudent(chain_graph(num_sites=6, bonds=3))  # open ends: (d, D) and (D, d)
+    stacked = student.blocks[0]
+    assert stacked.shape == (6, 3, 2, 3)
+    opt = torch.optim.AdamW(student.parameters(), lr=0.1)
+    x, y = torch.rand(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(student(x), y).backward()
+        assert stacked.grad[0, 1:].abs().max() == 0 and stacked.grad[-1, ..., 1:].abs().max() == 0
+        opt.step()
+    assert stacked[0, 1:].abs().max() == 0 and stacked[-1, ..., 1:].abs().max() == 0
+
+
+@pytest.mark.parametrize("label_position", [0, 5, 11])
+def test_mps_classifier_and_its_graph_give_the_same_outputs_and_plan(label_position):
+    torch.manual_seed(3)
+    mps = MPSClassifier(11, 4, bond_dim=5, label_position=label_position, init_std=0.5).double()
+    drawn = GraphStudent(mps.to_graph()).double()
+    with torch.no_grad():
+        drawn.log_logit_scale.copy_(mps.log_logit_scale)
+    x = torch.rand(6, 11, dtype=torch.float64)
+    assert torch.allclose(drawn(x), mps(x), rtol=1e-12, atol=1e-12)
+    assert drawn.plan() == mps.plan()
+    assert drawn.parameter_count() == mps.parameter_count()
+
+
+@pytest.mark.parametrize(
+    ("make", "options"), [(TreeClassifier, {}), (PEPSClassifier, {"patch": 2})]
+)
+def test_tree_and_peps_plans_survive_drawing_them_again(make, options):
+    student = make(input_shape=(1, 4, 4), num_classes=3, bond_dim=2, **options)
+    again = GraphStudent(student.to_graph(), input_shape=(1, 4, 4), **options)
+    assert again.plan() == student.plan()
+    with torch.no_grad():
+        again.log_logit_scale.copy_(student.log_logit_scale)
+    x = torch.rand(3, 1, 4, 4)
+    assert torch.allclose(again(x), student(x), atol=1e-6)
+
+
+def test_plans_name_the_engine_and_say_why():
+    tree = TreeClassifier(input_shape=(16,), num_classes=3, bond_dim=3)
+    assert tree.plan().engine == "tree"
+    refused = dict(tree.plan().refused)
+    assert "reads two inputs" in refused["chain"]
+    peps = PEPSClassifier(input_shape=(1, 4, 4), num_classes=3, bond_dim=2, patch=2)
+    assert peps.plan().engine == "reference"
+    assert "open path" in dict(peps.plan().refused)["chain"]
+    text = str(GraphStudent(chain_graph(num_sites=5, bonds=2)).plan())
+    assert text.startswith("chain engine (") and "the graph is a chain" in text
+    assert set(ENGINES.names()) == set(METHODS) - {"auto"}
+
+
+def test_asking_for_an_engine_by_name():
+    graph = chain_graph(num_sites=6, bonds=3)
+    x = torch.rand(4, 6, dtype=torch.float64)
+    values = {}
+    for method in ("auto", "chain", "stable", "reference"):
+        torch.manual_seed(4)  # the same initial tensors for every engine
+        student = GraphStudent(graph, method=method, output="raw").double()
+        assert student.plan().engine == ("chain" if method == "auto" else method)
+        values[method] = student(x)
+    for method, value in values.items():
+        assert torch.allclose(value, values["reference"], rtol=1e-10), method
+    with pytest.raises(ValueError, match="not a balanced binary tree"):
+        GraphStudent(graph, method="tree")
+    with pytest.raises(ValueError, match="expected one of: auto, chain, tree, stable, reference"):
+        plan(graph.spec(), "fastest")
+    tree = TreeClassifier(input_shape=(16,), num_classes=3, bond_dim=3)
+    with pytest.raises(ValueError, match="reads two inputs"):
+        GraphStudent(tree.to_graph(), method="chain")
+
+
+def _inputs(nodes: list) -> list:
+    xs = [make_node((2,), f"x{i}", ["p"]) for i in range(len(nodes))]
+    for node, x in zip(nodes, xs, strict=True):
+        connect(node, "p", x, "p")
+    return xs
+
+
+def test_graphs_that_are_not_chains_say_why():
+    # a ring of cores with the label tensor hanging off one of them: a core with three bonds
+    ring = [make_node((2, 2, 2, 2), "A0", ["l", "p", "r", "o"])]
+    ring += [make_node((2, 2, 2), f"A{i}", ["l", "p", "r"]) for i in (1, 2, 3)]
+    for a, b in zip(ring, ring[1:] + ring[:1], strict=True):
+        connect(a, "r", b, "l")
+    out = make_node((2, 3), "O", ["o", "c"])
+    connect(ring[0], "o", out, "o")
+    xs = _inputs(ring)
+    layout, why = recognise_chain(
+        TNGraph([*ring, out, *xs], [x.name for x in xs], [out["c"]]).spec()
+    )
+    assert layout is None and "3 bonds" in why
+    # a closed ring, the label on a core: no open ends
+    ring = [make_node((2, 2, 2, 3), "B0", ["l", "p", "r", "c"])]
+    ring += [make_node((2, 2, 2), f"B{i}", ["l", "p", "r"]) for i in (1, 2)]
+    for a, b in zip(ring, ring[1:] + ring[:1], strict=True):
+        connect(a, "r", b, "l")
+    xs = _inputs(ring)
+    graph = TNGraph([*ring, *xs], [x.name for x in xs], [ring[0]["c"]])
+    assert chain_layout(graph.spec()) is None
+    assert "open path" in recognise_chain(graph.spec())[1]
+    # a bond matrix between two sites
+    a = make_node((2, 2), "A", ["p", "r"])
+    m = make_node((2, 2), "M", ["l", "r"])
+    b = make_node((2, 2, 3), "B", ["l", "p", "c"])
+    connect(a, "r", m, "l")
+    connect(m, "r", b, "l")
+    xs = _inputs([a, b])
+    layout, why = recognise_chain(TNGraph([a, m, b, *xs], [x.name for x in xs], [b["c"]]).spec())
+    assert layout is None and "bond matrix" in why
+    # the stable engine still contracts what the chain engine refuses
+    student = GraphStudent(TNGraph([a, m, b, *xs], [x.name for x in xs], [b["c"]]))
+    assert student.plan().engine in ("stable", "reference")
+
+
+@pytest.mark.parametrize("feature_map", ["linear", "trig"])
+@pytest.mark.parametrize("label", ["middle", "end"])
+def test_784_site_drawn_chains_stay_finite(feature_map, label):
+    torch.manual_seed(5)
+    student = GraphStudent(
+        chain_graph(num_sites=784, bonds=10, label=label), feature_map=feature_map
+    )
+    x = torch.rand(8, 784)
+    values, log_scale = student.log_forward(x)
+    logits = student(x)
+    assert torch.isfinite(values).all() and torch.isfinite(log_scale).all()
+    assert torch.isfinite(logits).all() and logits.abs().amax() > 0
+    logits.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters())
+
+
+def test_node_tensors_round_trip_through_the_graph():
+    torch.manual_seed(6)
+    graph = chain_graph(num_sites=6, bonds=[2, 4, 3, 5, 4, 2], axis_order="prl", shuffle=1)
+    student = GraphStudent(graph, output="raw", init_std=0.5).double()
+    again = GraphStudent(student.to_graph(), output="raw").double()
+    x = torch.rand(4, 6, dtype=torch.float64)
+    assert torch.allclose(again(x), student(x), rtol=1e-12)
+    tensors = {k: torch.rand_like(v) for k, v in student.node_tensors().items()}
+    student.load_node_tensors(tensors)
+    for k, v in student.node_tensors().items():
+        assert torch.equal(v, tensors[k])

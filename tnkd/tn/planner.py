@@ -1,0 +1,333 @@
+"""The planner: a graph's shape and the device choose the contraction engine, in one place.
+
+A student is its tensor-network graph (:class:`~tnkd.tn.graph.TNGraph`). Which engine contracts
+it is decided here, from what the graph *is*, not from how it was built: a chain drawn by hand
+(its label anywhere) is recognised as a chain, a balanced binary tree however drawn as a tree.
+The engines live in one registry, :data:`ENGINES`, in the order ``"auto"`` tries them:
+
+========== ============================================ ==========================================
+engine     accepts                                      runs
+========== ============================================ ==========================================
+chain      a path of tensors, one label, at most one    :func:`~tnkd.tn.chain.contract_chain`:
+           input per tensor (:func:`chain_layout`)      native scan on CPU, log-depth products on
+                                                        accelerators, tracked log-scale
+tree       a balanced binary tree (every level's        :class:`~tnkd.tn.fused.FastTree`: native
+           children the previous level's results)       level loop on CPU, tracked log-scale
+stable     any graph with an input                      :class:`~tnkd.tn.stable.StableNetwork`:
+                                                        the planned pairwise path, log-scale
+reference  any graph                                    one ``opt_einsum`` expression
+                                                        (:class:`~tnkd.tn.contraction.CompiledNetwork`)
+========== ============================================ ==========================================
+
+``auto`` takes the first engine that accepts the graph; between ``stable`` and ``reference`` it
+prefers ``reference`` for shallow graphs that grouping does not help (a small PEPS), as
+:class:`~tnkd.tn.stable.AutoNetwork` does. :func:`plan` returns a :class:`Plan` that says which
+engine runs, on which device, why, and why each engine tried before it refused (the way PyTorch's
+``scaled_dot_product_attention`` explains its kernel choice).
+
+Example:
+    >>> from tnkd.students import MPSClassifier
+    >>> graph = MPSClassifier(num_sites=8, num_classes=3, bond_dim=4).to_graph()
+    >>> chain_layout(graph.spec()).label_position
+    4
+    >>> plan(graph.spec(), "auto").engine
+    'chain'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from tnkd.registry import Registry
+from tnkd.tn.graph import NetworkSpec
+
+
+@dataclass(frozen=True)
+class ChainNode:
+    """One tensor of a chain and the roles of its axes (axis numbers of the graph node)."""
+
+    index: int  # the node's position in the spec
+    left: int | None  # the bond towards the chain's start
+    right: int | None  # the bond towards the chain's end
+    phys: int | None  # the axis joined to an input node
+    label: int | None  # the dangling label axis
+    input_node: int | None  # spec index of the input node on ``phys``
+
+    def canonical(self) -> tuple[int, ...]:
+        """The node's axes in the chain engine's order: left, phys, label, right (those present)."""
+        return tuple(a for a in (self.left, self.phys, self.label, self.right) if a is not None)
+
+
+@dataclass(frozen=True)
+class ChainLayout:
+    """A graph recognised as a chain (matrix product state), start to end.
+
+    Attributes:
+        nodes: the parameter tensors along the chain, with their axes' roles.
+        label_position: index in ``nodes`` of the tensor that carries the label.
+        bond_dim: the largest bond dimension (smaller bonds are zero-padded to it).
+        site_dim: the feature size of the inputs.
+    """
+
+    nodes: tuple[ChainNode, ...]
+    label_position: int
+    bond_dim: int
+    site_dim: int
+
+    @property
+    def sites(self) -> tuple[ChainNode, ...]:
+        """The tensors that read an input, other than the label tensor, in chain order."""
+        return tuple(
+            n for k, n in enumerate(self.nodes) if n.phys is not None and k != self.label_position
+        )
+
+    @property
+    def label_node(self) -> ChainNode:
+        """The tensor that carries the label."""
+        return self.nodes[self.label_position]
+
+    @property
+    def sites_before_label(self) -> int:
+        """Number of input-reading tensors before the label tensor."""
+        return sum(n.phys is not None for n in self.nodes[: self.label_position])
+
+
+def recognise_chain(spec: NetworkSpec) -> tuple[ChainLayout | None, str]:
+    """The chain layout of ``spec`` and ``""``, or None and why it is not a chain."""
+    inputs = {k for k, n in enumerate(spec.node_names) if n in spec.input_nodes}
+    params = [k for k in range(len(spec.node_names)) if k not in inputs]
+    if len(spec.output_indices) != 1:
+        return None, f"it has {len(spec.output_indices)} dangling edges, a chain has one label"
+    label_index = spec.output_indices[0]
+    ends: dict[str, list[tuple[int, int]]] = {}
+    for k, indices in enumerate(spec.node_indices):
+        for axis, name in enumerate(indices):
+            ends.setdefault(name, []).append((k, axis))
+    bonds: dict[int, dict[int, int]] = {k: {} for k in params}  # node -> {neighbour: axis}
+    roles: dict[int, dict[str, int]] = {k: {} for k in params}
+    input_of: dict[int, int] = {}
+    for k in params:
+        for axis, name in enumerate(spec.node_indices[k]):
+            if name == label_index:
+                roles[k]["label"] = axis
+                continue
+            ((other, _),) = [e for e in ends[name] if e != (k, axis)]
+            if other in inputs:
+                if "phys" in roles[k]:
+                    return None, f"tensor {spec.node_names[k]!r} reads two inputs"
+                roles[k]["phys"] = axis
+                input_of[k] = other
+            elif other in bonds[k]:
+                return None, (
+                    f"tensors {spec.node_names[k]!r} and {spec.node_names[other]!r} share two edges"
+                )
+            else:
+                bonds[k][other] = axis
+    if any(len(b) > 2 for b in bonds.values()):
+        node = next(k for k, b in bonds.items() if len(b) > 2)
+        return None, f"tensor {spec.node_names[node]!r} has {len(bonds[node])} bonds (a chain: 2)"
+    ends_of_path = [k for k in params if len(bonds[k]) <= 1]
+    if len(params) < 2 or len(ends_of_path) != 2:
+        return None, "its tensors do not form one open path"
+    order = [min(ends_of_path)]
+    while len(order) < len(params):
+        nxt = [k for k in bonds[order[-1]] if k not in order[-2:-1]]
+        if not nxt:
+            return None, "its tensors do not form one open path"
+        order.append(nxt[0])
+    if len(set(order)) != len(params):
+        return None, "its tensors do not form one open path"
+    nodes = []
+    for pos, k in enumerate(order):
+        role = roles[k]
+        if "phys" not in role and "label" not in role and 0 < pos < len(order) - 1:
+            return None, (
+                f"tensor {spec.node_names[k]!r} inside the chain reads no input and carries no "
+                "label (a bond matrix)"
+            )
+        prev = order[pos - 1] if pos > 0 else None
+        nxt = order[pos + 1] if pos + 1 < len(order) else None
+        nodes.append(
+            ChainNode(
+                index=k,
+                left=bonds[k][prev] if prev is not None else None,
+                right=bonds[k][nxt] if nxt is not None else None,
+                phys=role.get("phys"),
+                label=role.get("label"),
+                input_node=input_of.get(k),
+            )
+        )
+    label_positions = [p for p, n in enumerate(nodes) if n.label is not None]
+    if len(label_positions) != 1:
+        return None, "no tensor carries the label"
+    sizes = [spec.node_shapes[n.index][n.phys] for n in nodes if n.phys is not None]
+    if not sizes or len(set(sizes)) != 1:
+        return None, "its inputs differ in size"
+    bond = max(
+        spec.node_shapes[n.index][a] for n in nodes for a in (n.left, n.right) if a is not None
+    )
+    return ChainLayout(tuple(nodes), label_positions[0], bond, sizes[0]), ""
+
+
+def chain_layout(spec: NetworkSpec) -> ChainLayout | None:
+    """The graph as a chain, or None if it is not one.
+
+    A chain is a path of tensors (each joined to the next by one bond) with one dangling label
+    edge on any tensor, every tensor reading at most one input; a tensor that reads no input may
+    stand only at an end (a boundary vector) or carry the label. Bond dimensions may differ.
+    """
+    return recognise_chain(spec)[0]
+
+
+@dataclass
+class GraphShape:
+    """What the planner knows about a graph: its spec, and its shape as a chain or a tree."""
+
+    spec: NetworkSpec
+    chain: ChainLayout | None
+    why_not_chain: str
+    tree: bool = False  # a balanced binary tree (the stable path's ``fast_plan``)
+    why_not_tree: str = "not examined"
+    deep_or_grouped: bool = True  # the stable path beats one einsum (see AutoNetwork)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """One contraction engine: its name, what it says about itself, and which graphs it takes.
+
+    ``refuse(shape, device)`` returns None when the engine accepts the graph, else the reason.
+    """
+
+    name: str
+    summary: str
+    refuse: Callable[[GraphShape, torch.device], str | None]
+    kernel: Callable[[GraphShape, torch.device], str]
+
+
+#: every contraction engine, in the order ``method="auto"`` tries them
+ENGINES: Registry[Engine] = Registry("contraction engine")
+AUTO_ORDER = ("chain", "tree", "stable", "reference")
+
+
+def _chain_kernel(shape: GraphShape, device: torch.device) -> str:
+    from tnkd.tn.chain import resolve_chain_method
+
+    method = resolve_chain_method("auto", shape.chain.bond_dim if shape.chain else 1, device)
+    return {
+        "native": "native scan (C++)",
+        "scan": "scan (Python loop)",
+        "tree": "log-depth products",
+        "sweep": "autograd sweep",
+    }[method]
+
+
+def _tree_kernel(shape: GraphShape, device: torch.device) -> str:
+    from tnkd.tn import native
+
+    if device.type == "cpu" and native.kernels("tree_levels") is not None:
+        return "native level loop (C++)"
+    return "level loop (Python)"
+
+
+for _engine in (
+    Engine(
+        "chain",
+        "a boundary vector swept along the chain from both ends, joined at the label",
+        lambda s, d: None if s.chain is not None else s.why_not_chain,
+        _chain_kernel,
+    ),
+    Engine(
+        "tree",
+        "a balanced binary tree contracted level by level",
+        lambda s, d: None if s.tree else s.why_not_tree,
+        _tree_kernel,
+    ),
+    Engine(
+        "stable",
+        "the planned pairwise path, steps of one depth batched, with a per-sample log-scale",
+        lambda s, d: None,
+        lambda s, d: "grouped einsum steps",
+    ),
+    Engine(
+        "reference",
+        "the whole graph as one opt_einsum expression (no log-scale: the truth in tests)",
+        lambda s, d: None,
+        lambda s, d: "opt_einsum expression",
+    ),
+):
+    ENGINES.add(_engine.name, _engine)
+
+#: every name ``method=`` takes
+METHODS = ("auto", *AUTO_ORDER)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which engine contracts a graph, on which device, and why.
+
+    Attributes:
+        engine: the engine's name in :data:`ENGINES`.
+        kernel: what runs inside it on this device (e.g. ``"native scan (C++)"``).
+        device: the device type.
+        reason: why this engine.
+        refused: ``(engine, why not)`` for each engine tried before it.
+    """
+
+    engine: str
+    kernel: str
+    device: str
+    reason: str
+    refused: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        lines = [f"{self.engine} engine ({self.kernel}) on {self.device}: {self.reason}"]
+        lines += [f"  not {name}: {why}" for name, why in self.refused]
+        return "\n".join(lines)
+
+
+def plan(shape: GraphShape | NetworkSpec, method: str = "auto", device=None) -> Plan:
+    """Choose the engine for a graph: ``method`` names one, or ``"auto"`` tries them in order.
+
+    Args:
+        shape: the graph's :class:`GraphShape` (or its spec, examined for a chain only).
+        method: ``"auto"`` or an engine's name.
+        device: where the contraction runs (default CPU).
+
+    Raises:
+        ValueError: an unknown name (the error lists the valid ones), or an engine that does not
+            accept this graph (the error says why).
+    """
+    if not isinstance(shape, GraphShape):
+        shape = GraphShape(shape, *recognise_chain(shape))
+    device = torch.device("cpu" if device is None else device)
+    if method != "auto":
+        engine = ENGINES.get(method) if method in ENGINES else None
+        if engine is None:
+            raise ValueError(
+                f"unknown contraction method {method!r}; expected one of: {', '.join(METHODS)}"
+            )
+        why = engine.refuse(shape, device)
+        if why is not None:
+            raise ValueError(f"method={method!r} cannot contract this graph: {why}; use 'auto'")
+        return Plan(engine.name, engine.kernel(shape, device), device.type, "asked for by name")
+    refused = []
+    for name in AUTO_ORDER:
+        engine = ENGINES.get(name)
+        why = engine.refuse(shape, device)
+        if why is None and name == "stable" and not shape.deep_or_grouped:
+            why = "the graph is shallow and grouping saves few kernels: one einsum is faster"
+        if why is not None:
+            refused.append((name, why))
+            continue
+        reason = {
+            "chain": "the graph is a chain",
+            "tree": "the graph is a balanced binary tree",
+            "stable": "a deep or groupable graph: pairwise steps with a log-scale",
+            "reference": "a shallow graph: one einsum (values rescaled per sample after it)",
+        }[name]
+        return Plan(name, engine.kernel(shape, device), device.type, reason, tuple(refused))
+    raise AssertionError("the reference engine accepts every graph")  # pragma: no cover
