@@ -5,6 +5,7 @@
     python benchmarks/chain_speed.py --markdown     # the tables as markdown, for the README
     python benchmarks/chain_speed.py --threads 1    # torch intra-op threads (default: torch's choice)
     python benchmarks/chain_speed.py --threads 1 --clock cpu   # per CPU-second: for shared machines
+    python benchmarks/chain_speed.py --baseline REV   # also the MPS of commit REV, same rounds
 
 Models (d = 2 with the [1, x] map, 10 classes, batch 100, random inputs in [0, 1]):
 
@@ -14,6 +15,8 @@ Models (d = 2 with the [1, x] map, 10 classes, batch 100, random inputs in [0, 1
   this baseline runs in the same process as the new method.
 * **new**: ``MPSClassifier(method="auto")``; the column "auto" says what it resolved to (see
   ``tnkd.tn.chain.resolve_chain_method``).
+* **base** (with ``--baseline REV``): ``MPSClassifier(method="auto")`` of commit REV
+  (:mod:`baseline`), to show that a refactor lost no speed.
 * **TensorKrowch**: ``tk.models.MPSLayer`` set up as in ``benchmarks/contraction.py``
   (``randn_eye`` init, ``auto_stack=True``, ``auto_unbind=False``, traced once), plain and with
   ``renormalize=True``; the faster of the two in training is the peer.
@@ -32,8 +35,10 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from contraction import BATCH, CLASSES, inference_step, tensorkrowch_models, train_step
@@ -86,6 +91,7 @@ def measure(
     device: torch.device,
     with_tk: bool,
     clock: Callable[[], float] = time.perf_counter,
+    base: Any = None,
 ) -> dict[str, object]:
     """One configuration: samples/s of today, new and TensorKrowch, training and inference."""
     torch.manual_seed(0)
@@ -95,6 +101,9 @@ def measure(
     for name, method in (("today", "sweep"), ("new", "auto")):
         model = MPSClassifier(sites, CLASSES, bond_dim=bond_dim, method=method).to(device)
         models[name] = (model, model)
+    if base is not None:
+        model = base.MPSClassifier(sites, CLASSES, bond_dim=bond_dim).to(device)
+        models["base"] = (model, model)
     if with_tk:
         for name, model, forward in tensorkrowch_models(bond_dim, "linear", sites):
             models[name] = (model.to(device), forward)
@@ -130,6 +139,9 @@ def table(results: list[dict], mode: str, markdown: bool) -> list[str]:
         "new / today",
         "new / TensorKrowch",
     ]
+    with_base = "base" in results[0][mode]
+    if with_base:
+        head.append("new / base")
     rows = []
     for r in results:
         speeds = r[mode]
@@ -146,6 +158,8 @@ def table(results: list[dict], mode: str, markdown: bool) -> list[str]:
                 f"{speeds['new'] / peer:.1f}x" if r["peer"] else "-",
             ]
         )
+        if with_base:
+            rows[-1].append(f"{speeds['new'] / speeds['base']:.2f}x")
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return lines + ["| " + " | ".join(row) + " |" for row in rows]
@@ -189,7 +203,15 @@ def main() -> None:
     parser.add_argument(
         "--clock", choices=["wall", "cpu"], default="wall", help="time steps by wall or CPU time"
     )
+    parser.add_argument("--baseline", default=None, help="a commit to compare with (new / base)")
     args = parser.parse_args()
+    base = None
+    if args.baseline:
+        from baseline import OUT, materialise
+
+        materialise(args.baseline)
+        sys.path.insert(0, str(OUT))
+        import tnkd_base.students as base
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -208,7 +230,7 @@ def main() -> None:
     t0 = time.perf_counter()
     results = []
     for sites, bond in configs:
-        results.append(measure(sites, bond, reps, device, with_tk, clock))
+        results.append(measure(sites, bond, reps, device, with_tk, clock, base))
         r = results[-1]
         print(
             f"  measured {sites} sites D = {bond}: train new/today "

@@ -21,6 +21,7 @@ The column "plan" is what ``student.plan()`` says runs the drawn chain. Run it t
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 
 import torch
@@ -48,10 +49,10 @@ def drawn_chain(num_sites: int, bond_dim: int, label: str = "middle", d: int = 2
     else:
         out = make_node((bond, CLASSES, bond), "label", ["left", "label", "right"])
         chain = [*cores[: n // 2], out, *cores[n // 2 :]]
-    for a, b in zip(chain, chain[1:]):
+    for a, b in itertools.pairwise(chain):
         connect(a, "right", b, "left")
     inputs = [make_node((d,), f"x{i}", ["phys"]) for i in range(n)]
-    for core, x in zip(cores, inputs):
+    for core, x in zip(cores, inputs, strict=True):
         connect(core, "phys", x, "phys")
     return TNGraph([*chain, *inputs], [x.name for x in inputs], [out["label"]])
 

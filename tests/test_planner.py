@@ -275,3 +275,30 @@ def test_node_tensors_round_trip_through_the_graph():
     student.load_node_tensors(tensors)
     for k, v in student.node_tensors().items():
         assert torch.equal(v, tensors[k])
+
+
+def test_mps_classifier_is_a_graph_student_and_keeps_its_checkpoint_format():
+    """Checkpoints written before MPSClassifier became a graph student hold exactly these
+    tensors (names, shapes, order); they load as they are."""
+    mps = MPSClassifier(7, 3, bond_dim=4, label_position=2)
+    assert isinstance(mps, GraphStudent) and mps.plan().engine == "chain"
+    shapes = [(name, tuple(t.shape)) for name, t in mps.state_dict().items()]
+    assert shapes == [
+        ("cores", (7, 4, 2, 4)),
+        ("left", (4,)),
+        ("right", (4,)),
+        ("output_core", (4, 3, 4)),
+        ("log_logit_scale", ()),
+    ]
+    uniform = MPSClassifier(7, 3, bond_dim=4, uniform=True)
+    assert uniform.state_dict()["cores"].shape == (1, 4, 2, 4)
+    assert uniform.parameter_count() == 4 * 2 * 4 + 4 + 4 + 4 * 3 * 4 + 1
+    x = torch.rand(5, 7, dtype=torch.float64)
+    uniform = uniform.double()
+    again = GraphStudent(uniform.to_graph()).double()  # the same graph, sites untied
+    with torch.no_grad():
+        again.log_logit_scale.copy_(uniform.log_logit_scale)
+    assert torch.allclose(again(x), uniform(x), rtol=1e-12)
+    fresh = MPSClassifier(7, 3, bond_dim=4, label_position=2)
+    fresh.load_state_dict(mps.state_dict())
+    assert torch.equal(fresh(x.float()), mps(x.float()))

@@ -64,6 +64,7 @@ keyword arguments in ``graph_args``), or a subclass such as
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import itertools
@@ -78,6 +79,7 @@ from tnkd.feature_maps import FeatureMap, LinearFeatureMap, build_feature_map
 from tnkd.students.base import (
     Student,
     check_positive_int,
+    count_parameters,
     direction_logits,
     image_patches,
     scaled_values,
@@ -85,7 +87,15 @@ from tnkd.students.base import (
 from tnkd.tn.chain import contract_chain
 from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
-from tnkd.tn.planner import METHODS, ChainNode, GraphShape, Plan, plan, recognise_chain
+from tnkd.tn.planner import (
+    METHODS,
+    ChainNode,
+    GraphShape,
+    Plan,
+    choose,
+    plan,
+    recognise_chain,
+)
 from tnkd.tn.stable import MODES, AutoNetwork
 
 OUTPUT_MODES = ("normalized", "raw")
@@ -341,6 +351,10 @@ class GraphStudent(Student):
             renormalising after every step: one graph, no data-dependent branch). The first
             call compiles (one to two minutes on a busy 2-core CPU) and needs a C++ compiler on
             CPU. Measured in ``benchmarks/tree_vs_tensorkrowch.py``.
+        tie_sites: every site of a chain shares one tensor (a translation-invariant MPS; the
+            first site's tensor is used), so it trains as one parameter.
+        parameter_names: names for the chain engine's parameters: ``"sites"`` (the stacked
+            sites) and node names -> attribute names (default: the ``blocks`` list).
     """
 
     def __init__(
@@ -359,6 +373,8 @@ class GraphStudent(Student):
         contraction: str | None = None,
         optimize: str = "auto",
         compile: bool = False,
+        tie_sites: bool = False,
+        parameter_names: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         what = type(self).__name__
@@ -419,7 +435,7 @@ class GraphStudent(Student):
         self._positions_xy = dict(graph.positions) or tree_positions(spec)
         self.input_nodes = inputs
         self.input_sites = [sites[n] for n in inputs]
-        self.method = method
+        self.method = self._method = method
         self.optimize = optimize
         # the sites are the sample's scalars in order (no pooling or patches)
         self._flat_sites = (self.input_shape is None or len(self.input_shape) == 1) and getattr(
@@ -429,8 +445,6 @@ class GraphStudent(Student):
         self._contract_fn: Any = None  # the (compiled) contraction, made on first use
         self.node_names = [n for n in spec.node_names if n not in set(inputs)]
         self._compiled: CompiledNetwork | None = None
-        if output == "normalized":
-            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
         chain, why = recognise_chain(spec)
         if compile:
             chain, why = None, "compile=True traces the stable path"
@@ -439,21 +453,31 @@ class GraphStudent(Student):
         if chain is None or method not in ("auto", "chain"):
             self._examine_stable_paths()
         #: the engine chosen from the graph's shape (``plan()`` adds the device's kernel)
-        self.engine = plan(self._shape, method).engine
+        self.engine = choose(self._shape, method)[0].name
+        if tie_sites and self.engine != "chain":
+            raise ValueError(f"{what} tie_sites=True needs a chain (run on the chain engine)")
         self.fast_path = self._linear_leaves = False
         self.blocks = nn.ParameterList()
-        self._block_of: dict[str, tuple[int, int]] = {}
+        #: node name -> (block: an index of ``blocks`` or a parameter's name, row or None)
+        self._block_of: dict[str, tuple[int | str, int | None]] = {}
         #: per node: (stored as slice 0 of its first axis, ... of its last axis, permutation to
         #: the node's axis order or None); only the chain engine stores nodes so
         self._node_view: dict[str, tuple[bool, bool, tuple[int, ...] | None]] = {}
+        self._padding = 0  # stored entries that belong to no node (open ends' padding)
+        self._chain_kernel = "auto"  # the chain engine's kernel (see contract_chain)
+        self._tied = bool(tie_sites)
         if self.engine == "chain":
-            self._store_chain(initial)
-            return
-        self._store_blocks(initial, sites, num_sites)
+            self._store_chain(initial, bool(tie_sites), dict(parameter_names or {}))
+        else:
+            self._store_blocks(initial, sites, num_sites)
+        if output == "normalized":
+            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
 
     def _examine_stable_paths(self) -> None:
         """Build the pairwise network and tell the planner whether it is a tree, and deep."""
-        mode = {"stable": "stable", "tree": "stable", "reference": "plain"}.get(self.method, "auto")
+        mode = {"stable": "stable", "tree": "stable", "reference": "plain"}.get(
+            self._method, "auto"
+        )
         self._network = AutoNetwork(self._spec, mode=mode, optimize=self.optimize)
         stable = self._network.stable
         shape = self._shape
@@ -482,8 +506,11 @@ class GraphStudent(Student):
             'chain'
         """
         if device is None:
-            device = next(iter(self.blocks._parameters.values())).device
-        return plan(self._shape, self.method, device)
+            device = self._dtype_device()[1]
+        chosen = plan(self._shape, self._method, device)
+        if self.engine == "chain" and self._chain_kernel != "auto":
+            return dataclasses.replace(chosen, kernel=self._chain_kernel)
+        return chosen
 
     def _store_blocks(
         self, initial: dict[str, torch.Tensor], sites: dict[str, int], num_sites: int
@@ -523,7 +550,9 @@ class GraphStudent(Student):
             and stable.fast_plan.levels[0][1:4] == (0, 1, False)
         )
 
-    def _store_chain(self, initial: dict[str, torch.Tensor]) -> None:
+    def _store_chain(
+        self, initial: dict[str, torch.Tensor], tie: bool, names_of: dict[str, str]
+    ) -> None:
         """Parameters in the chain engine's layout: the sites stacked as (N, D, d, D), in order.
 
         Every tensor is stored with its axes as the chain engine reads them (towards the start,
@@ -532,12 +561,19 @@ class GraphStudent(Student):
         open end's site, (d, D) or (D, d), is stored there as the slice 0 of a (D, d, D) core
         whose other entries stay zero (the open end's boundary is e_0, so they get no gradient:
         :meth:`parameter_count` counts the graph's entries, not the padding). Other tensors
-        (smaller bonds, boundary vectors, the label tensor) are blocks of their own, zero-padded
-        to D when the chain is assembled.
+        (smaller bonds, boundary vectors, the label tensor) are stored on their own and
+        zero-padded to D when the chain is assembled. ``tie``: one (1, D, d, D) tensor for all.
         """
         layout = self._shape.chain
         names = self._spec.node_names
         bond, d = layout.bond_dim, layout.site_dim
+
+        def add(key: str, tensor: torch.Tensor) -> int | str:
+            if key in names_of:
+                self.register_parameter(names_of[key], nn.Parameter(tensor))
+                return names_of[key]
+            self.blocks.append(nn.Parameter(tensor))
+            return len(self.blocks) - 1
 
         def stored(node: ChainNode) -> torch.Tensor:
             axes = node.canonical()
@@ -548,50 +584,59 @@ class GraphStudent(Student):
             )
             return initial[names[node.index]].permute(*axes)
 
-        sites = layout.sites
-        full = []
-        for node in sites:
+        full, alone = [], []
+        for node in layout.sites:
             core = stored(node)
             if core.ndim == 2:  # an open end: its outer bond becomes index 0 of size D
                 core = core.unsqueeze(0 if node.left is None else -1)
             if core.shape == (bond, d, bond) or core.shape in ((1, d, bond), (bond, d, 1)):
                 full.append((node, _pad_bonds(core, bond)))
+                self._padding += bond * d * bond - core.numel()
             else:
-                name = names[node.index]
-                self._node_view[name] = (False, False, self._node_view[name][2])
+                alone.append(node)
+        if tie and (alone or self._padding):
+            raise ValueError("tie_sites=True needs every site of one shape (D, d, D)")
+        if tie:
+            full, self._padding = full[:1], 0
         if full:
-            self.blocks.append(nn.Parameter(torch.stack([core for _, core in full])))
-            for g, (node, _) in enumerate(full):
-                self._block_of[names[node.index]] = (0, g)
-        for node in layout.nodes:
+            block = add("sites", torch.stack([core for _, core in full]))
+            nodes = layout.sites if tie else [n for n, _ in full]
+            rows = [0] * len(nodes) if tie else range(len(nodes))
+            for node, g in zip(nodes, rows, strict=True):
+                self._block_of[names[node.index]] = (block, g)
+        rest = [n for n in layout.nodes if names[n.index] not in self._block_of]
+        wanted = list(names_of)  # the order of registration: the names' order, else chain order
+        rest.sort(key=lambda n: wanted.index(names[n.index]) if names[n.index] in wanted else 0)
+        for node in rest:
             name = names[node.index]
-            if name not in self._block_of:
-                tensor = stored(node)
-                self._node_view[name] = (False, False, self._node_view[name][2])
-                self._block_of[name] = (len(self.blocks), 0)
-                self.blocks.append(nn.Parameter(tensor.unsqueeze(0)))
-        # the chain's sites as runs: ("full", first, stop) of block 0 or ("node", block, node)
+            tensor = stored(node)
+            self._node_view[name] = (False, False, self._node_view[name][2])
+            self._block_of[name] = (add(name, tensor), None)
+        # the chain's sites as runs of the stacked block, or tensors stored alone
         runs: list[list] = []
-        for node in sites:
-            b, g = self._block_of[names[node.index]]
-            if full and b == 0 and runs and runs[-1][0] == "full" and runs[-1][2] == g:
+        for node in layout.sites:
+            block, g = self._block_of[names[node.index]]
+            if g is not None and runs and runs[-1][0] == "full" and runs[-1][2] == g:
                 runs[-1][2] = g + 1
-            elif full and b == 0:
+            elif g is not None:
                 runs.append(["full", g, g + 1])
             else:
-                runs.append(["node", b, node])
+                runs.append(["alone", block, node])
         self._chain_runs = [tuple(r) for r in runs]
+        self._sites_block = block if full else None
         site = dict(zip(self.input_nodes, self.input_sites, strict=True))
-        order = [site[names[n.input_node]] for n in sites]
+        order = [site[names[n.input_node]] for n in layout.sites]
         self._chain_sites = _sites(order) if order else []
         label = layout.label_node
         self._label_site = None if label.phys is None else site[names[label.input_node]]
 
+    def _stored(self, block: int | str) -> torch.Tensor:
+        """A stored parameter: an index of ``blocks`` or the name it was registered under."""
+        return self.blocks[block] if isinstance(block, int) else getattr(self, block)
+
     def parameter_count(self) -> int:
-        """Number of trainable scalars of the graph's tensors (storage padding not counted)."""
-        nodes = sum(t.numel() for t in self.node_tensors().values())
-        rest = (p for name, p in self.named_parameters() if not name.startswith("blocks."))
-        return nodes + sum(p.numel() for p in rest)
+        """Number of trainable scalars of the graph's tensors (tied sites once, no padding)."""
+        return count_parameters(self) - self._padding
 
     def _chain_operands(self) -> tuple[torch.Tensor, ...]:
         """``(left, cores, right, output core)`` for :func:`~tnkd.tn.chain.contract_chain`.
@@ -600,32 +645,31 @@ class GraphStudent(Student):
         boundary vector), which leaves the contraction's value unchanged.
         """
         layout = self._shape.chain
-        bond = layout.bond_dim
-        blocks = list(self.blocks._parameters.values())
+        bond, names = layout.bond_dim, self._spec.node_names
+        sites = None if self._sites_block is None else self._stored(self._sites_block)
         pieces = []
         for run in self._chain_runs:
             if run[0] == "full":
-                pieces.append(blocks[0][run[1] : run[2]])
+                pieces.append(sites[run[1] : run[2]])
             else:
-                pieces.append(_padded(blocks[run[1]][0], run[2], bond).unsqueeze(0))
-        ref = blocks[0]
-        cores = (
-            pieces[0]
-            if len(pieces) == 1
-            else torch.cat(pieces)
-            if pieces
-            else ref.new_zeros(0, bond, layout.site_dim, bond)
-        )
+                pieces.append(_padded(self._stored(run[1]), run[2], bond).unsqueeze(0))
+        if self._tied:
+            cores = sites.expand(len(layout.sites), -1, -1, -1)
+        elif len(pieces) == 1:
+            cores = pieces[0]
+        else:
+            cores = torch.cat(pieces)
         ends = []
         for node in (layout.nodes[0], layout.nodes[-1]):
             if node.phys is None and node.label is None:  # a boundary vector
-                b, _ = self._block_of[self._spec.node_names[node.index]]
-                vector = blocks[b][0]
-                ends.append(torch.nn.functional.pad(vector, (0, bond - vector.shape[0])))
+                vector = self._stored(self._block_of[names[node.index]][0])
+                if vector.shape[0] < bond:
+                    vector = torch.nn.functional.pad(vector, (0, bond - vector.shape[0]))
+                ends.append(vector)
             else:
-                ends.append(_unit(bond, ref.dtype, ref.device))
-        b, _ = self._block_of[self._spec.node_names[layout.label_node.index]]
-        output_core = _padded(blocks[b][0], layout.label_node, bond)
+                ends.append(_unit(bond, cores.dtype, cores.device))
+        label = layout.label_node
+        output_core = _padded(self._stored(self._block_of[names[label.index]][0]), label, bond)
         return ends[0], cores, ends[1], output_core
 
     # ---- construction helpers -------------------------------------------------------------
@@ -734,8 +778,13 @@ class GraphStudent(Student):
             return torch.stack([torch.ones_like(u), u], 1)
         return self.features(x).permute(1, 2, 0).contiguous()
 
+    def _dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        block = self._block_of[self.node_names[0]][0]
+        tensor = self._stored(block)
+        return tensor.dtype, tensor.device
+
     def _dtype(self) -> torch.dtype:
-        return next(iter(self.blocks._parameters.values())).dtype  # type: ignore[union-attr]
+        return self._dtype_device()[0]
 
     def operand_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The contraction's operands, one stacked tensor per block (see :class:`StableNetwork`)."""
@@ -773,7 +822,8 @@ class GraphStudent(Student):
         label = None if self._label_site is None else phi[:, self._label_site]
         left, cores, right, output_core = self._chain_operands()
         position = self._shape.chain.sites_before_label
-        return contract_chain(left, cores, right, feats, output_core, position, "auto", label)
+        kernel = self._chain_kernel
+        return contract_chain(left, cores, right, feats, output_core, position, kernel, label)
 
     def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values, log_scale)`` with f(x) = values * exp(log_scale), shape (batch, C), (batch,)."""
@@ -827,7 +877,8 @@ class GraphStudent(Student):
         out = {}
         for name in self.node_names:
             b, g = self._block_of[name]
-            tensor = self.blocks[b][g]
+            tensor = self._stored(b)
+            tensor = tensor if g is None else tensor[g]
             first, last, axes = self._node_view.get(name, (False, False, None))
             if first:
                 tensor = tensor[0]

@@ -18,28 +18,72 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from tnkd.feature_maps import FeatureMap, build_feature_map
 from tnkd.students.base import (
-    Student,
     check_positive_int,
-    direction_logits,
     image_patches,
     near_identity_cores,
-    scaled_values,
 )
-from tnkd.tn.chain import CHAIN_METHODS, contract_chain
-from tnkd.tn.contraction import CompiledNetwork
+from tnkd.students.graph import GraphStudent
+from tnkd.tn.chain import CHAIN_METHODS
 from tnkd.tn.decompositions import tt_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
-from tnkd.tn.planner import Plan, plan
 
 OUTPUT_MODES = ("normalized", "raw")
 
 
-class MPSClassifier(Student):
-    """An MPS with an output (label) core, contracted with a fast chain path.
+PARAMETER_NAMES = {"sites": "cores", "left": "left", "right": "right", "output": "output_core"}
+
+
+def mps_graph(
+    left: torch.Tensor,
+    cores: torch.Tensor,
+    right: torch.Tensor,
+    output_core: torch.Tensor,
+    label_position: int,
+) -> TNGraph:
+    """The diagram of an MPS classifier: ``left - A_0 .. A_{p-1} - output - A_p .. - right``.
+
+    Args:
+        left: (D,) left boundary vector.
+        cores: (N, D, d, D) site cores (bond, physical, bond).
+        right: (D,) right boundary vector.
+        output_core: (D, C, D), the label core.
+        label_position: p, the number of sites left of the label core.
+
+    Returns:
+        The graph: nodes ``left``, ``site_i``, ``output``, ``right`` and the input nodes ``x_i``.
+    """
+    num_sites = cores.shape[0]
+    nodes = {
+        "left": make_node(left, "left", ["right"]),
+        "right": make_node(right, "right", ["left"]),
+    }
+    for i in range(num_sites):
+        nodes[f"site_{i}"] = make_node(cores[i], f"site_{i}", ["left", "phys", "right"])
+    nodes["output"] = make_node(output_core, "output", ["left", "label", "right"])
+    sites = [f"site_{i}" for i in range(num_sites)]
+    order = ["left", *sites[:label_position], "output", *sites[label_position:], "right"]
+    chain = [nodes[n] for n in order]
+    for k, (a, b) in enumerate(itertools.pairwise(chain)):
+        connect(a, "right", b, "left", name=f"bond_{k}")
+    inputs = []
+    for i in range(num_sites):
+        node = make_node((cores.shape[2],), f"x_{i}", ["phys"])
+        connect(nodes[f"site_{i}"], "phys", node, "phys", name=f"phys_{i}")
+        inputs.append(node)
+    nodes["output"].get_edge("label").set_name("label")
+    return TNGraph(
+        nodes=chain + inputs,
+        input_nodes=[n.name for n in inputs],
+        output_edges=[nodes["output"]["label"]],
+        positions={name: (float(k), 0.0) for k, name in enumerate(order)},
+    )
+
+
+class MPSClassifier(GraphStudent):
+    """An MPS with an output (label) core: the graph of :func:`mps_graph`, on the chain engine.
 
     Args:
         num_sites: chain length N: the number of scalar inputs per sample (64 for 8x8 images).
@@ -92,18 +136,16 @@ class MPSClassifier(Student):
         pool: int = 1,
         patch: int = 1,
     ) -> None:
-        super().__init__()
-        self.num_sites = check_positive_int("student num_sites", num_sites)
-        self.pool = check_positive_int("student pool", pool)
-        self.patch = check_positive_int("student patch", patch)
+        check_positive_int("student num_sites", num_sites)
+        check_positive_int("student pool", pool)
+        check_positive_int("student patch", patch)
         if pool > 1 and patch > 1:
             raise ValueError(
                 f"student pool={pool} and patch={patch} cannot be combined: pool averages each "
                 "block to one pixel, patch gives a site the whole block; choose one"
             )
-        self.num_inputs = num_sites * pool * pool * patch * patch
-        self.num_classes = check_positive_int("student num_classes", num_classes)
-        self.bond_dim = check_positive_int("student bond_dim", bond_dim)
+        check_positive_int("student num_classes", num_classes)
+        check_positive_int("student bond_dim", bond_dim)
         position = num_sites // 2 if label_position is None else label_position
         if (
             isinstance(position, bool)
@@ -119,12 +161,8 @@ class MPSClassifier(Student):
             raise ValueError(f"student method must be one of {CHAIN_METHODS}, but got {method!r}")
         if not (init_std >= 0 and math.isfinite(init_std)):
             raise ValueError(f"student init_std must be a finite number >= 0, but got {init_std!r}")
-        self.label_position = position
-        self.uniform = uniform
-        self.output = output
-        self.method = method
-        self.feature_map = build_feature_map(feature_map)
-        in_features = getattr(self.feature_map, "in_features", 1)
+        fmap = build_feature_map(feature_map)
+        in_features = getattr(fmap, "in_features", 1)
         if in_features != patch * patch:
             hint = (
                 f"use a map that takes {patch * patch} values, e.g. "
@@ -133,28 +171,32 @@ class MPSClassifier(Student):
                 else "use a scalar map (linear, trig, poly, or learnable with in_features 1)"
             )
             raise ValueError(
-                f"student feature map {type(self.feature_map).__name__} takes {in_features} "
+                f"student feature map {type(fmap).__name__} takes {in_features} "
                 f"value(s) per site but patch={patch} gives each site {patch * patch}; {hint}"
             )
         bond = bond_dim
-        self.cores = nn.Parameter(
-            near_identity_cores(
-                1 if uniform else num_sites, bond, self.feature_map.neutral(), init_std
-            )
-        )
-        self.left = nn.Parameter(
-            torch.ones(bond) / math.sqrt(bond) + init_std * torch.randn(bond) / math.sqrt(bond)
-        )
-        self.right = nn.Parameter(
-            torch.ones(bond) / math.sqrt(bond) + init_std * torch.randn(bond) / math.sqrt(bond)
-        )
+        cores = near_identity_cores(1 if uniform else num_sites, bond, fmap.neutral(), init_std)
+        left = torch.ones(bond) / math.sqrt(bond) + init_std * torch.randn(bond) / math.sqrt(bond)
+        right = torch.ones(bond) / math.sqrt(bond) + init_std * torch.randn(bond) / math.sqrt(bond)
         eye = torch.eye(bond).unsqueeze(1).expand(bond, num_classes, bond)
-        self.output_core = nn.Parameter(
-            eye + init_std * torch.randn(bond, num_classes, bond) / math.sqrt(bond)
+        output_core = eye + init_std * torch.randn(bond, num_classes, bond) / math.sqrt(bond)
+        graph = mps_graph(left, cores.expand(num_sites, -1, -1, -1), right, output_core, position)
+        super().__init__(
+            graph,
+            feature_map=fmap,
+            output=output,
+            logit_scale=logit_scale,
+            init_std=init_std,
+            tie_sites=uniform,
+            parameter_names=PARAMETER_NAMES,
         )
-        if output == "normalized":
-            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
-        self._compiled: CompiledNetwork | None = None
+        self.num_sites = num_sites
+        self.pool, self.patch = pool, patch
+        self.num_inputs = num_sites * pool * pool * patch * patch
+        self.bond_dim = bond_dim
+        self.label_position = position
+        self.uniform = uniform
+        self.method = self._chain_kernel = method
 
     @classmethod
     def from_tensor(
@@ -215,89 +257,3 @@ class MPSClassifier(Student):
         if self.patch > 1:
             return image_patches(x, self.patch, self.patch)
         return torch.nn.functional.avg_pool2d(x, self.pool).reshape(x.shape[0], -1)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(batch, *input_shape) inputs -> (batch, N, d) feature vectors."""
-        return self.feature_map(self.flatten_input(x)).to(self.cores.dtype)
-
-    def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values, log_scale)`` with f(x) = values * exp(log_scale); never overflows."""
-        return contract_chain(
-            self.left,
-            self.site_cores(),
-            self.right,
-            self.features(x),
-            self.output_core,
-            self.label_position,
-            self.method,
-        )
-
-    def raw_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The exact value f(x), shape (batch, C)."""
-        return scaled_values(*self.log_forward(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits, shape (batch, C): see ``output``."""
-        if self.output == "raw":
-            return self.raw_forward(x)
-        values, _ = self.log_forward(x)
-        return direction_logits(values, self.log_logit_scale)
-
-    def plan(self, device: torch.device | str | None = None) -> Plan:
-        """Which engine contracts this student on ``device`` (default: its parameters'), and why.
-
-        An MPS is a chain: the chain engine, whose kernel ``method`` picks (``"auto"``: by device).
-        """
-        device = self.cores.device if device is None else device
-        chosen = plan(self.to_graph().spec(), "auto", device)
-        if self.method == "auto":
-            return chosen
-        return chosen.__class__(chosen.engine, self.method, chosen.device, "asked for by name")
-
-    # ---- diagram and generic path ------------------------------------------------------------
-    def _node_order(self) -> list[str]:
-        p = self.label_position
-        sites = [f"site_{i}" for i in range(self.num_sites)]
-        return ["left", *sites[:p], "output", *sites[p:], "right"]
-
-    def to_graph(self) -> TNGraph:
-        """The MPS as ``tensornetwork`` nodes: cores, output core, boundaries and input nodes."""
-        cores = self.site_cores()
-        nodes = {
-            "left": make_node(self.left, "left", ["right"]),
-            "right": make_node(self.right, "right", ["left"]),
-        }
-        for i in range(self.num_sites):
-            nodes[f"site_{i}"] = make_node(cores[i], f"site_{i}", ["left", "phys", "right"])
-        nodes["output"] = make_node(self.output_core, "output", ["left", "label", "right"])
-        order = self._node_order()
-        chain = [nodes[n] for n in order]
-        for k, (a, b) in enumerate(itertools.pairwise(chain)):
-            connect(a, "right", b, "left", name=f"bond_{k}")
-        inputs = []
-        for i in range(self.num_sites):
-            node = make_node((self.feature_map.dim,), f"x_{i}", ["phys"])
-            connect(nodes[f"site_{i}"], "phys", node, "phys", name=f"phys_{i}")
-            inputs.append(node)
-        positions = {name: (float(k), 0.0) for k, name in enumerate(order)}
-        nodes["output"].get_edge("label").set_name("label")
-        return TNGraph(
-            nodes=chain + inputs,
-            input_nodes=[n.name for n in inputs],
-            output_edges=[nodes["output"]["label"]],
-            positions=positions,
-        )
-
-    def graph_operands(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Tensors in :meth:`to_graph` node order (inputs batched), for :class:`CompiledNetwork`."""
-        cores = self.site_cores()
-        by_name = {"left": self.left, "right": self.right, "output": self.output_core}
-        params = [by_name[n] if n in by_name else cores[int(n[5:])] for n in self._node_order()]
-        phi = self.features(x)
-        return params + list(phi.unbind(1))
-
-    def generic_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """f(x) through the generic compiled contraction of :meth:`to_graph` (no renormalisation)."""
-        if self._compiled is None:
-            self._compiled = CompiledNetwork(self.to_graph())
-        return self._compiled(self.graph_operands(x))

@@ -289,18 +289,10 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(shape: GraphShape | NetworkSpec, method: str = "auto", device=None) -> Plan:
-    """Choose the engine for a graph: ``method`` names one, or ``"auto"`` tries them in order.
-
-    Args:
-        shape: the graph's :class:`GraphShape` (or its spec, examined for a chain only).
-        method: ``"auto"`` or an engine's name.
-        device: where the contraction runs (default CPU).
-
-    Raises:
-        ValueError: an unknown name (the error lists the valid ones), or an engine that does not
-            accept this graph (the error says why).
-    """
+def choose(
+    shape: GraphShape | NetworkSpec, method: str = "auto", device=None
+) -> tuple[Engine, str, tuple[tuple[str, str], ...]]:
+    """The engine for a graph, why, and why each engine tried before it refused (see :func:`plan`)."""
     if not isinstance(shape, GraphShape):
         shape = GraphShape(shape, *recognise_chain(shape))
     device = torch.device("cpu" if device is None else device)
@@ -313,7 +305,7 @@ def plan(shape: GraphShape | NetworkSpec, method: str = "auto", device=None) -> 
         why = engine.refuse(shape, device)
         if why is not None:
             raise ValueError(f"method={method!r} cannot contract this graph: {why}; use 'auto'")
-        return Plan(engine.name, engine.kernel(shape, device), device.type, "asked for by name")
+        return engine, "asked for by name", ()
     refused = []
     for name in AUTO_ORDER:
         engine = ENGINES.get(name)
@@ -329,5 +321,27 @@ def plan(shape: GraphShape | NetworkSpec, method: str = "auto", device=None) -> 
             "stable": "a deep or groupable graph: pairwise steps with a log-scale",
             "reference": "a shallow graph: one einsum (values rescaled per sample after it)",
         }[name]
-        return Plan(name, engine.kernel(shape, device), device.type, reason, tuple(refused))
+        return engine, reason, tuple(refused)
     raise AssertionError("the reference engine accepts every graph")  # pragma: no cover
+
+
+def plan(shape: GraphShape | NetworkSpec, method: str = "auto", device=None) -> Plan:
+    """Choose the engine for a graph: ``method`` names one, or ``"auto"`` tries them in order.
+
+    Args:
+        shape: the graph's :class:`GraphShape` (or its spec, examined for a chain only).
+        method: ``"auto"`` or an engine's name.
+        device: where the contraction runs (default CPU).
+
+    Returns:
+        The :class:`Plan`: the engine, the kernel it runs on this device, and the reasons.
+
+    Raises:
+        ValueError: an unknown name (the error lists the valid ones), or an engine that does not
+            accept this graph (the error says why).
+    """
+    if not isinstance(shape, GraphShape):
+        shape = GraphShape(shape, *recognise_chain(shape))
+    device = torch.device("cpu" if device is None else device)
+    engine, reason, refused = choose(shape, method, device)
+    return Plan(engine.name, engine.kernel(shape, device), device.type, reason, refused)
