@@ -26,3 +26,12 @@ def test_import_tnkd_is_light_and_star_import_works():
         "from tnkd import *; assert DistillationModule.__name__ == 'DistillationModule'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compression_ratio_counts_a_frozen_teacher():
+    import torch
+
+    student = tnkd.MPSClassifier(16, 3, bond_dim=2)
+    teacher = torch.nn.Linear(16, 3)  # 51 parameters
+    teacher.requires_grad_(False)
+    assert student.compression_ratio(teacher) == 51 / student.parameter_count()

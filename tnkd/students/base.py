@@ -103,8 +103,13 @@ class Student(nn.Module):
         return count_parameters(self)
 
     def compression_ratio(self, teacher: nn.Module | int) -> float:
-        """Teacher parameters / student parameters (teacher given as a module or a count)."""
-        teacher_count = teacher if isinstance(teacher, int) else count_parameters(teacher)
+        """Teacher parameters / student parameters (teacher given as a module or a count).
+
+        The teacher's parameters are all counted, trainable or frozen (distillation freezes it).
+        """
+        teacher_count = (
+            teacher if isinstance(teacher, int) else sum(p.numel() for p in teacher.parameters())
+        )
         return teacher_count / self.parameter_count()
 
     def to_graph(self) -> TNGraph:
