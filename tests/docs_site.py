@@ -26,6 +26,12 @@ def code_blocks(path: Path, language: str) -> list[str]:
     return pattern.findall(path.read_text(encoding="utf-8"))
 
 
+def ci_command() -> str:
+    """The command line ``.ci/run`` runs (its last line that is not a comment)."""
+    lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("#")][-1].strip()
+
+
 def require_docs_tools() -> None:
     """Skip unless the ``docs`` extra is installed."""
     for name in DOCS_TOOLS:

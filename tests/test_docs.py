@@ -19,7 +19,7 @@ from pathlib import Path
 
 import matplotlib
 import pytest
-from docs_site import DOCS, ROOT, code_blocks, fetch
+from docs_site import DOCS, ROOT, ci_command, code_blocks, fetch
 
 import tnkd
 
@@ -49,6 +49,16 @@ def test_pages_have_python_examples():
         "concepts/divergences.md",
         "guides/draw-your-own.md",
     } <= names
+
+
+def test_the_test_command_of_the_docs_is_what_ci_runs():
+    lines = [
+        " ".join(block.split())
+        for page in DOCS.rglob("*.md")
+        for block in code_blocks(page, "bash")
+        if "pytest" in block
+    ]
+    assert lines and set(lines) == {ci_command()}
 
 
 def modules() -> list[str]:

@@ -19,7 +19,7 @@ import re
 import shlex
 
 import pytest
-from docs_site import DOCS, ROOT, code_blocks, fetch
+from docs_site import DOCS, ROOT, ci_command, code_blocks, fetch
 
 README = ROOT / "README.md"
 #: commands that finish in seconds and run as written; every other ``tnkd`` command trains
@@ -37,12 +37,6 @@ def commands() -> list[list[str]]:
                 found.append(tokens[:cut])
                 tokens = tokens[cut + 1 :]
     return found
-
-
-def ci_command() -> str:
-    """The command line ``.ci/run`` runs (its last line that is not a comment)."""
-    lines = (ROOT / ".ci" / "run").read_text().splitlines()
-    return [line for line in lines if line.strip() and not line.startswith("#")][-1].strip()
 
 
 def tnkd_commands() -> list[list[str]]:
