@@ -17,3 +17,14 @@ def tnkd_cli(tmp_path_factory):
     runner = TnkdRunner(tmp_path_factory.mktemp("cli-output"))
     yield runner
     runner.close()
+
+
+@pytest.fixture(scope="session")
+def served_docs(tmp_path_factory):
+    """The documentation site as ``mkdocs serve`` serves it (the README's command); its URL.
+
+    Skipped where the docs tools are not installed (``pip install -e ".[docs]"``).
+    """
+    from docs_site import serve
+
+    yield from serve(tmp_path_factory.mktemp("mkdocs") / "serve.log")

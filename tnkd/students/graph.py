@@ -15,13 +15,9 @@ as :class:`~tnkd.students.mps.MPSClassifier` does. The contraction is planned on
 ``opt_einsum`` and executed by :class:`~tnkd.tn.stable.AutoNetwork`: plainly for shallow graphs,
 with a per-sample log-scale for deep ones (see :mod:`tnkd.tn.stable`). A graph whose every step
 joins a three-leg node with two per-sample vectors (a binary tree, however drawn) is contracted
-as one autograd node with a hand-written backward (:mod:`tnkd.tn.fused`), automatically. A
-*balanced* binary tree (``fast_path``: every weight a whole block, every level's children the
-previous level's results in pairs, the stable path, not compiled) runs the leanest path,
-:class:`~tnkd.tn.fused.FastTree`: buffers made once per batch size, the normalised output inside
-the same node, and with the [1, x] map on flat sites whose leaves join sites 2g and 2g + 1 (as
-:class:`~tnkd.students.tree.TreeClassifier` draws them over ``(n,)`` inputs) the map fused with
-the leaves. Results equal the general path's (tested in float64).
+as one autograd node with a hand-written backward (:mod:`tnkd.tn.fused`), automatically, and
+a *balanced* binary tree (``fast_path``) runs the leaner :class:`~tnkd.tn.fused.FastTree`, with
+the [1, x] map fused with the leaves where it can. Results equal the general path's (tested).
 
 **Initialisation (nodes drawn from a shape).** A node made from a shape (``make_node((2, 8, 8),
 ...)``, i.e. all zeros) is initialised by tnkd; a node made from a tensor keeps that tensor.
@@ -42,7 +38,8 @@ one with a node per pixel), or a map that takes p values (``{name: learnable, in
 Sites are numbered row-major; ``input_positions`` ties input nodes to sites (default: the graph's
 input nodes in order, one per site).
 
-Example (a 4-site MPS drawn by hand):
+Examples:
+    A 4-site MPS drawn by hand:
     >>> from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
     >>> cores = [make_node((2, 3), "A0", ["phys", "r"])]
     >>> cores += [make_node((3, 2, 3), f"A{i}", ["l", "phys", "r"]) for i in (1, 2)]

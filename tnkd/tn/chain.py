@@ -30,41 +30,9 @@ log-scale*, so that chains of any length neither overflow nor vanish:
 - ``"auto"`` picks ``native`` on CPU at every D (``scan`` where it cannot be compiled),
   ``tree`` on accelerators for D <= 64 and ``sweep`` above.
 
-Why, measured (``python benchmarks/chain_speed.py --markdown --threads 1 --clock cpu``, twice:
-MPS classifier, [1, x] map, batch 100, training step = forward, cross-entropy, backward, Adam;
-samples per CPU-second of one torch thread on a 2-core Xeon shared with other jobs, load
-average 2-3, models timed interleaved): the native scan trains 4.9x and 4.6x faster than the
-sweep at 784 sites and D = 10, 3.6x and 3.9x at D = 16, 3.0x and 2.9x at D = 20, 2.4x at
-D = 50, and at 196 sites 3.6x and 3.8x at D = 8, 3.1x (both runs) at D = 16 and 2.3x and 2.5x
-at D = 32; it infers 2.2-3.9x faster. The Python scan had reached 2.0x at 784 sites, D = 10
-and 1.7-1.8x at 196 sites, D = 16, measured the same way before. Against the Python scan
-directly (a development script, the two models interleaved, one thread, CPU time, run twice)
-the native scan trained 2.2x and 2.4x faster at 784 sites and D = 10, 1.7x and 1.6x at
-D = 50, and at 196 sites 1.9x and 1.7x at D = 16, 1.4x and 1.5x at D = 64, 1.5x and 1.4x at
-D = 100 and 1.3x at D = 128: faster at every D, hence ``native`` at every D. Its SIMD loops
-run near the CPU's multiply-add rate (33 GMAC/s for the forward scan at 196 sites, D = 16,
-against 31.5 GMAC/s for a plain loop of 512-bit FMAs on the same machine), so at 196 sites and
-D = 16 the three passes of 6 B N D^2 d flop take about 1 ms of a 2.6 ms step and Adam 0.6 ms; the
-feature map, logits, loss, autograd and Python take the other 1 ms. On a GPU the tree was
-measured (an H200 at batch 100, ``benchmarks/chain_methods.py``: a 784-site training step
-4.9x faster than the sweep at D = 32 and 2.2x at D = 64, 196 sites 2.1x and 1.3x); the scans
-were not measured on a GPU, so ``auto`` keeps the tree and the sweep there.
-
-Tried on the CPU and not taken: the tree (D^3 work in 10x10 matmuls at 12 GFLOP/s, and the
-whole stack renormalised at every level: a 784-site D = 10 forward pass took 35 ms against
-the scan's 3.5 ms); ``torch.compile`` of a 49-step loop (192 s to compile, 1.2x faster);
-merging 3 or 4 sites per step (fewer steps, but d^k/k more work per site: slower at D = 10);
-per-sample (D, D) transfer matrices (a step is then two elementwise kernels over D^2 B
-numbers, 7.0 us at D = 10, against 4.7 us for the outer product and matmul of two merged
-sites); sweeping the two halves in two Python threads (slower: the GIL). For the native scan:
-plain C++ loops with arrays as accumulators, left to g++'s auto-vectoriser (the forward loop
-0.7x as fast as the Python scan's at D = 16 in float32; with explicit vector types and
-register tiles it ran 2.8x faster than the Python scan's); the cores' gradients as per-step
-dot products along the batch (a horizontal sum of a register per entry: the backward loop no
-faster than the Python one) instead of broadcasts against the transposed input vectors; the
-step matrices, block features, pair merges and output core left to ATen around the native
-loops (moving them into one native autograd node took the 196-site D = 16 training step from
-about 3.0 to 2.6 ms, measured alone, one thread, CPU time).
+The measurements behind ``auto`` and the designs tried and not taken are on the documentation's
+chain-speed benchmark page (``docs/benchmarks/chain.md``); ``benchmarks/chain_speed.py`` and
+``benchmarks/chain_methods.py`` rerun them.
 
 The generic path for any graph is :class:`tnkd.tn.contraction.CompiledNetwork`.
 """

@@ -3,7 +3,7 @@
 :class:`~tnkd.tn.contraction.CompiledNetwork` hands the whole graph to one ``opt_einsum``
 expression. That is exact, but it keeps no scale: the value of a deep network is a product of
 hundreds of factors and leaves the floating-point range. A 784-site MPS with the [cos, sin] map
-underflows to exactly 0 that way (README, "Contraction speed"). :class:`StableNetwork` executes
+underflows to exactly 0 that way. :class:`StableNetwork` executes
 the same kind of plan one step at a time (a step joins two tensors, or a node with all its
 children) and keeps every intermediate tensor as
 
@@ -11,11 +11,9 @@ children) and keeps every intermediate tensor as
 
 renormalising as the chain paths do (:func:`~tnkd.tn.chain.contract_chain`): once more
 than ``renorm_after`` = 12 tensors have been multiplied into an intermediate since its last
-renormalisation, and after every step on a rerun if a renormalised value came within a mantissa's
-width of the float range (or was 0, inf or NaN). The log-scales of the operands add up, and so
-does the log of the new step's scale. Scales are taken from detached values: f = values *
-exp(log_scale) stays exact, and gradients flow through ``values``. A network whose exact value
-is 1e-400 comes back as a finite ``values`` and a ``log_scale`` of about -921.
+renormalisation, and after every step on a rerun if a value came within a mantissa's width of
+the float range (or was 0, inf or NaN). Scales are taken from detached values, so gradients flow
+through ``values``; a network whose value is 1e-400 comes back finite, log-scale about -921.
 
 **Steps at the same depth run as one batched kernel.** The path from ``opt_einsum`` is a
 contraction tree. A step's depth is one more than the deepest of its operands, so steps at the
@@ -23,45 +21,29 @@ same depth do not depend on each other. Steps at the same depth that share an eq
 renaming indices) and operand shapes are stacked and contracted by one ``torch.einsum`` with a
 leading group index. On a binary tree tensor network this is the layer-by-layer contraction
 (all leaves at once, then all their parents, ...): about log2(N) kernels instead of N. Feature
-vectors absorbed into their cores are one group at depth 1, for any graph. When a group's
-operands are evenly spaced outputs of one earlier group (a tree's pairs ``0::2``, ``1::2``)
-they are sliced, not copied. This engine has no hand-written case for any family: the tree and
-the PEPS students of :mod:`tnkd.students` run on it as they are drawn.
+vectors absorbed into their cores are one group at depth 1, for any graph; a group's operands
+that are evenly spaced outputs of one earlier group are sliced, not copied. The tree and PEPS
+students of :mod:`tnkd.students` run on this engine as they are drawn.
 
 **Pair steps: trees in one autograd node.** A step that joins a three-leg node with two
-per-sample vectors (``W[a, b, p] left[a, n] right[b, n]``: a tree node and its children, a chain
-core with its vector and its features) is run by :func:`tnkd.tn.fused.pair_step`: an outer
-product and one batched matrix product, with a hand-written backward, in chunks of nodes whose
-temporaries stay in cache. When *every* step of a graph is a pair step (``all_pairs``: the binary
-trees of :func:`~tnkd.students.tree.tree_graph`, balanced or with odd sites passed up, or any
-user-drawn graph of three-leg nodes whose path has that shape), the whole contraction is one
-autograd node (:class:`_PairNetwork`): the same groups, renormalisation plan and range check,
-but autograd records one node instead of a dozen per level, which at 64 sites is most of the
-time. Other graphs run group by group, their pair groups through ``pair_step`` and the rest
-through ``torch.einsum``. ``contract(..., fused=False)`` runs everything through einsum and
-autograd (the reference in the tests, what ``torch.compile`` traces, and the way to take second
-derivatives: the fused backward is differentiable once). Measured in
-``benchmarks/tree_vs_tensorkrowch.py`` (README, "Stable contraction of any graph").
-
-**Balanced trees: a tight loop.** When, moreover, every operand is a whole tensor (each weight
-a whole parameter block, the children of a level the previous level's results interleaved or
-two whole input blocks: the balanced binary trees of :func:`~tnkd.students.tree.tree_graph`,
-a power of two of sites along each axis), ``fast_plan`` is a :class:`~tnkd.tn.fused.TreePlan`
-and the contraction runs as :class:`~tnkd.tn.fused.FastTree`: the same renormalisation plan
-and range check (with the rerun), but a plain loop over levels with its buffers made once per
-batch size (at 64 sites the Python-level calls, not the arithmetic, set the time).
-:meth:`normalized_logits` also folds a student's normalised output into that node. Other
-all-pairs graphs (odd sites passed up, chains drawn as graphs) keep :class:`_PairNetwork`.
+per-sample vectors (``W[a, b, p] left[a, n] right[b, n]``: a tree node and its children) runs
+as :func:`tnkd.tn.fused.pair_step`, an outer product and one batched matrix product with a
+hand-written backward. When *every* step is a pair step (``all_pairs``: the binary trees of
+:func:`~tnkd.students.tree.tree_graph`, or any drawn graph of that shape) the whole contraction
+is one autograd node (:class:`_PairNetwork`), with the same groups, renormalisation plan and
+range check; when moreover every operand is a whole tensor (balanced trees) ``fast_plan`` is a
+:class:`~tnkd.tn.fused.TreePlan` and it runs as :class:`~tnkd.tn.fused.FastTree`, a plain loop
+over levels. Other graphs run group by group. ``contract(..., fused=False)`` runs everything
+through einsum and autograd (the reference in the tests, what ``torch.compile`` traces, and the
+way to take second derivatives).
 
 **Plain or stable.** :class:`AutoNetwork` (what :class:`~tnkd.students.graph.GraphStudent` uses)
-picks per graph. It uses the grouped, stable path when the contraction tree is deep (more than
-``plain_max_depth`` = 12 levels: a product of more factors than float32 safely holds) or when
-grouping at least halves the number of kernels (trees, chains: binary trees over 64 and 196
-pixels trained 5.4x and 7.8x faster than on the plain path along the same path). It uses the
-plain :class:`~tnkd.tn.contraction.CompiledNetwork` otherwise (shallow graphs with loops, such
-as a 4x4 PEPS: there the plain path trained 1.6-1.7x faster), and falls back to the stable path
-for any batch whose plain values came out non-finite or all zero in a sample. Measured with
-``benchmarks/plain_vs_stable.py`` (1 CPU thread of a shared 2-core machine, batch 100).
+picks per graph: the grouped, stable path when the contraction tree is deep (more than
+``plain_max_depth`` = 12 levels) or when grouping at least halves the number of kernels (trees,
+chains); the plain :class:`~tnkd.tn.contraction.CompiledNetwork` otherwise (shallow graphs with
+loops, such as a 4x4 PEPS), falling back to the stable path for any batch whose plain values
+came out non-finite or all zero in a sample. The measurements (``benchmarks/plain_vs_stable.py``,
+``benchmarks/tree_vs_tensorkrowch.py``) are on the documentation's graph benchmark page.
 
 **Paths.** ``optimize="auto"`` (the default) hangs a graph without loops from its label node and
 contracts each node with all its children in one step (:func:`tree_path`: a tree network level
