@@ -302,3 +302,26 @@ def test_mps_classifier_is_a_graph_student_and_keeps_its_checkpoint_format():
     fresh = MPSClassifier(7, 3, bond_dim=4, label_position=2)
     fresh.load_state_dict(mps.state_dict())
     assert torch.equal(fresh(x.float()), mps(x.float()))
+
+
+@pytest.mark.parametrize("equal_cores", [False, True])
+def test_tt_network_is_a_graph_student_on_the_chain_engine_with_its_checkpoint_format(equal_cores):
+    from tnkd.students import TTNetwork
+
+    torch.manual_seed(7)
+    net = TTNetwork((1, 4, 4), 3, patch_size=2, rank=3, equal_cores=equal_cores).double()
+    assert isinstance(net, GraphStudent) and net.plan().engine == "chain"
+    inner = 1 if equal_cores else 2
+    assert [(k, tuple(v.shape)) for k, v in net.state_dict().items()] == [
+        ("first", (4, 3)),
+        ("inner_cores", (inner, 3, 4, 3)),
+        ("last", (3, 4, 3)),
+        ("log_logit_scale", ()),
+        ("feature_map.weight", (1, 4, 3)),
+        ("feature_map.bias", (1, 3)),
+    ]
+    net.output = "raw"
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64)
+    phi = net.features(x).unbind(1)
+    reference = torch.einsum("abcdk,na,nb,nc,nd->nk", net.full_tensor(), *phi)
+    assert torch.allclose(net(x), reference, rtol=1e-10)

@@ -348,10 +348,12 @@ class GraphStudent(Student):
             renormalising after every step: one graph, no data-dependent branch). The first
             call compiles (one to two minutes on a busy 2-core CPU) and needs a C++ compiler on
             CPU. Measured in ``benchmarks/tree_vs_tensorkrowch.py``.
-        tie_sites: every site of a chain shares one tensor (a translation-invariant MPS; the
-            first site's tensor is used), so it trains as one parameter.
-        parameter_names: names for the chain engine's parameters: ``"sites"`` (the stacked
-            sites) and node names -> attribute names (default: the ``blocks`` list).
+        tie_sites: the sites of a chain share one tensor (a translation-invariant MPS; the first
+            site's tensor is used), so it trains as one parameter; sites named in
+            ``parameter_names`` keep their own.
+        parameter_names: names for the chain engine's parameters, registered in this order:
+            ``"sites"`` (the stacked sites) and node names (each stored alone) -> attribute
+            names (default: the ``blocks`` list).
     """
 
     def __init__(
@@ -462,7 +464,6 @@ class GraphStudent(Student):
         self._node_view: dict[str, tuple[bool, bool, tuple[int, ...] | None]] = {}
         self._padding = 0  # stored entries that belong to no node (open ends' padding)
         self._chain_kernel = "auto"  # the chain engine's kernel (see contract_chain)
-        self._tied = bool(tie_sites)
         if self.engine == "chain":
             self._store_chain(initial, bool(tie_sites), dict(parameter_names or {}))
         else:
@@ -565,9 +566,11 @@ class GraphStudent(Student):
         names = self._spec.node_names
         bond, d = layout.bond_dim, layout.site_dim
 
+        named: dict[str, torch.Tensor] = {}  # registered at the end, in ``names_of``'s order
+
         def add(key: str, tensor: torch.Tensor) -> int | str:
             if key in names_of:
-                self.register_parameter(names_of[key], nn.Parameter(tensor))
+                named[key] = tensor
                 return names_of[key]
             self.blocks.append(nn.Parameter(tensor))
             return len(self.blocks) - 1
@@ -586,18 +589,22 @@ class GraphStudent(Student):
             core = stored(node)
             if core.ndim == 2:  # an open end: its outer bond becomes index 0 of size D
                 core = core.unsqueeze(0 if node.left is None else -1)
-            if core.shape == (bond, d, bond) or core.shape in ((1, d, bond), (bond, d, 1)):
+            fits = core.shape == (bond, d, bond) or core.shape in ((1, d, bond), (bond, d, 1))
+            if fits and names[node.index] not in names_of:  # a named tensor is stored alone
                 full.append((node, _pad_bonds(core, bond)))
                 self._padding += bond * d * bond - core.numel()
             else:
                 alone.append(node)
-        if tie and (alone or self._padding):
+        if tie and (any(names[n.index] not in names_of for n in alone) or self._padding):
             raise ValueError("tie_sites=True needs every site of one shape (D, d, D)")
         if tie:
             full, self._padding = full[:1], 0
-        if full:
-            block = add("sites", torch.stack([core for _, core in full]))
-            nodes = layout.sites if tie else [n for n, _ in full]
+        block = None
+        if full or "sites" in names_of:
+            empty = initial[self.node_names[0]].new_zeros(0, bond, d, bond)
+            block = add("sites", torch.stack([core for _, core in full]) if full else empty)
+            nodes = [n for n in layout.sites if names[n.index] not in names_of] if tie else None
+            nodes = nodes or [n for n, _ in full]
             rows = [0] * len(nodes) if tie else range(len(nodes))
             for node, g in zip(nodes, rows, strict=True):
                 self._block_of[names[node.index]] = (block, g)
@@ -609,18 +616,26 @@ class GraphStudent(Student):
             tensor = stored(node)
             self._node_view[name] = (False, False, self._node_view[name][2])
             self._block_of[name] = (add(name, tensor), None)
+        for key in names_of:
+            if key in named:
+                self.register_parameter(names_of[key], nn.Parameter(named[key]))
         # the chain's sites as runs of the stacked block, or tensors stored alone
         runs: list[list] = []
         for node in layout.sites:
             block, g = self._block_of[names[node.index]]
-            if g is not None and runs and runs[-1][0] == "full" and runs[-1][2] == g:
+            if g is not None and tie:  # ("tied", count): the shared core, count times
+                if runs and runs[-1][0] == "tied":
+                    runs[-1][1] += 1
+                else:
+                    runs.append(["tied", 1])
+            elif g is not None and runs and runs[-1][0] == "full" and runs[-1][2] == g:
                 runs[-1][2] = g + 1
             elif g is not None:
                 runs.append(["full", g, g + 1])
             else:
                 runs.append(["alone", block, node])
         self._chain_runs = [tuple(r) for r in runs]
-        self._sites_block = block if full else None
+        self._sites_block = block
         site = dict(zip(self.input_nodes, self.input_sites, strict=True))
         order = [site[names[n.input_node]] for n in layout.sites]
         self._chain_sites = _sites(order) if order else []
@@ -648,10 +663,14 @@ class GraphStudent(Student):
         for run in self._chain_runs:
             if run[0] == "full":
                 pieces.append(sites[run[1] : run[2]])
+            elif run[0] == "tied":
+                pieces.append(sites.expand(run[1], -1, -1, -1))
             else:
                 pieces.append(_padded(self._stored(run[1]), run[2], bond).unsqueeze(0))
-        if self._tied:
-            cores = sites.expand(len(layout.sites), -1, -1, -1)
+        if not pieces:
+            cores = self._stored(self._block_of[names[layout.label_node.index]][0]).new_zeros(
+                0, bond, layout.site_dim, bond
+            )
         elif len(pieces) == 1:
             cores = pieces[0]
         else:

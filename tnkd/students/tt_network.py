@@ -28,19 +28,14 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from tnkd.feature_maps import FeatureMap, LearnableFeatureMap, build_feature_map
 from tnkd.students.base import (
-    Student,
     check_positive_int,
-    direction_logits,
     image_patches,
     near_identity_cores,
-    scaled_values,
 )
-from tnkd.tn.chain import sweep_boundary
-from tnkd.tn.contraction import CompiledNetwork
+from tnkd.students.graph import GraphStudent
 from tnkd.tn.graph import TNGraph, connect, make_node
 
 OUTPUT_MODES = ("normalized", "raw")
@@ -55,7 +50,39 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     return check_positive_int(f"{name}[0]", pair[0]), check_positive_int(f"{name}[1]", pair[1])
 
 
-class TTNetwork(Student):
+def tt_graph(first: torch.Tensor, inner: torch.Tensor, last: torch.Tensor) -> TNGraph:
+    """The TT network's diagram: ``core_0 (n, r) - core_1 .. core_{d-2} (r, n, r) - core_{d-1}``.
+
+    Args:
+        first: (n, r), the first core (an open end).
+        inner: (d - 2, r, n, r), the inner cores.
+        last: (r, n, C), the last core, which carries the label.
+
+    Returns:
+        The graph, with input nodes ``x_0 .. x_{d-1}`` (one per patch).
+    """
+    d = inner.shape[0] + 2
+    nodes = [make_node(first, "core_0", ["phys", "right"])]
+    for k in range(1, d - 1):
+        nodes.append(make_node(inner[k - 1], f"core_{k}", ["left", "phys", "right"]))
+    nodes.append(make_node(last, f"core_{d - 1}", ["left", "phys", "label"]))
+    for k, (a, b) in enumerate(itertools.pairwise(nodes)):
+        connect(a, "right", b, "left", name=f"bond_{k}")
+    inputs = []
+    for k in range(d):
+        node = make_node((first.shape[0],), f"x_{k}", ["phys"])
+        connect(nodes[k], "phys", node, "phys", name=f"phys_{k}")
+        inputs.append(node)
+    nodes[-1].get_edge("label").set_name("label")
+    return TNGraph(
+        nodes=nodes + inputs,
+        input_nodes=[n.name for n in inputs],
+        output_edges=[nodes[-1]["label"]],
+        positions={f"core_{k}": (float(k), 0.0) for k in range(d)},
+    )
+
+
+class TTNetwork(GraphStudent):
     """Tensor-train network over image patches, with different or equal inner cores.
 
     Args:
@@ -92,7 +119,6 @@ class TTNetwork(Student):
         logit_scale: float = 5.0,
         init_std: float = 1e-2,
     ) -> None:
-        super().__init__()
         shape = tuple(input_shape)
         if len(shape) == 2:
             shape = (1, *shape)
@@ -107,17 +133,14 @@ class TTNetwork(Student):
                 f"TTNetwork patch_size {ph}x{pw} must divide the image size {height}x{width}; "
                 f"choose a patch size whose sides divide {height} and {width}"
             )
-        self.input_shape = (channels, height, width)
-        self.patch_size = (ph, pw)
-        self.num_patches = (height // ph) * (width // pw)
-        if self.num_patches < 2:
+        num_patches = (height // ph) * (width // pw)
+        if num_patches < 2:
             raise ValueError(
                 f"TTNetwork needs at least 2 patches, but patch_size {ph}x{pw} covers the whole "
                 f"{height}x{width} image; use smaller patches"
             )
-        self.num_inputs = channels * height * width
-        self.num_classes = check_positive_int("TTNetwork num_classes", num_classes)
-        self.rank = check_positive_int("TTNetwork rank", rank)
+        check_positive_int("TTNetwork num_classes", num_classes)
+        check_positive_int("TTNetwork rank", rank)
         if output not in OUTPUT_MODES:
             raise ValueError(f"TTNetwork output must be one of {OUTPUT_MODES}, but got {output!r}")
         if not (init_std >= 0 and math.isfinite(init_std)):
@@ -127,34 +150,45 @@ class TTNetwork(Student):
         patch_numel = channels * ph * pw
         if feature_map is None:
             check_positive_int("TTNetwork feature_dim", feature_dim)
-            self.feature_map = LearnableFeatureMap(dim=feature_dim, in_features=patch_numel)
+            fmap: FeatureMap = LearnableFeatureMap(dim=feature_dim, in_features=patch_numel)
         else:
-            self.feature_map = build_feature_map(feature_map)
-            in_features = getattr(self.feature_map, "in_features", 1)
+            fmap = build_feature_map(feature_map)
+            in_features = getattr(fmap, "in_features", 1)
             if in_features != patch_numel:
                 raise ValueError(
-                    f"TTNetwork feature map {type(self.feature_map).__name__} takes {in_features} "
+                    f"TTNetwork feature map {type(fmap).__name__} takes {in_features} "
                     f"value(s) per patch but a {channels}x{ph}x{pw} patch has {patch_numel}; use "
                     f"patch_size 1 for scalar maps or feature_map=None (learnable patch map)"
                 )
-        self.feature_dim = n = self.feature_map.dim
+        n, r, c = fmap.dim, rank, num_classes
+        neutral = fmap.neutral()
+        first = neutral.view(n, 1) * torch.ones(1, r) / math.sqrt(r) + init_std * torch.randn(
+            n, r
+        ) / math.sqrt(r)
+        inner = near_identity_cores(
+            1 if equal_cores else max(num_patches - 2, 0), r, neutral, init_std
+        )
+        last = neutral.view(1, n, 1) * torch.randn(r, 1, c) / math.sqrt(r) + init_std * torch.randn(
+            r, n, c
+        ) / math.sqrt(r)
+        inner = inner.expand(num_patches - 2, -1, -1, -1) if equal_cores else inner
+        names = {"core_0": "first", "sites": "inner_cores", f"core_{num_patches - 1}": "last"}
+        super().__init__(
+            tt_graph(first, inner, last),
+            feature_map=fmap,
+            output=output,
+            logit_scale=logit_scale,
+            init_std=init_std,
+            tie_sites=equal_cores,
+            parameter_names=names,
+        )
+        self.input_shape = (channels, height, width)
+        self.patch_size = (ph, pw)
+        self.num_patches = num_patches
+        self.num_inputs = channels * height * width
+        self.rank = rank
+        self.feature_dim = n
         self.equal_cores = equal_cores
-        self.output = output
-        r, c = rank, num_classes
-        neutral = self.feature_map.neutral()
-        self.first = nn.Parameter(
-            neutral.view(n, 1) * torch.ones(1, r) / math.sqrt(r)
-            + init_std * torch.randn(n, r) / math.sqrt(r)
-        )
-        inner = 1 if equal_cores else max(self.num_patches - 2, 0)
-        self.inner_cores = nn.Parameter(near_identity_cores(inner, r, neutral, init_std))
-        self.last = nn.Parameter(
-            neutral.view(1, n, 1) * torch.randn(r, 1, c) / math.sqrt(r)
-            + init_std * torch.randn(r, n, c) / math.sqrt(r)
-        )
-        if output == "normalized":
-            self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
-        self._compiled: CompiledNetwork | None = None
 
     # ---- evaluation ------------------------------------------------------------------------
     def patches(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,34 +209,6 @@ class TTNetwork(Student):
             return self.inner_cores.expand(self.num_patches - 2, -1, -1, -1)
         return self.inner_cores
 
-    def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values, log_scale)`` with l(X) = values * exp(log_scale); never overflows."""
-        phi = self.features(x)
-        tiny = torch.finfo(phi.dtype).tiny
-        v = phi[:, 0] @ self.first
-        scale = v.detach().abs().amax(dim=1, keepdim=True).clamp_min(tiny)
-        v = v / scale
-        log_scale = torch.log(scale[:, 0])
-        if self.num_patches > 2:
-            v, logs = sweep_boundary(
-                v.unsqueeze(0), self.inner().unsqueeze(0), phi[:, 1:-1].unsqueeze(0)
-            )
-            v, log_scale = v[0], log_scale + logs[0]
-        values = torch.einsum("br,rnc,bn->bc", v, self.last, phi[:, -1])
-        scale = values.detach().abs().amax(dim=1, keepdim=True).clamp_min(tiny)
-        return values / scale, log_scale + torch.log(scale[:, 0])
-
-    def raw_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The exact scores l_y(X), shape (batch, C)."""
-        return scaled_values(*self.log_forward(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits, shape (batch, C): see ``output``."""
-        if self.output == "raw":
-            return self.raw_forward(x)
-        values, _ = self.log_forward(x)
-        return direction_logits(values, self.log_logit_scale)
-
     def cores(self) -> list[torch.Tensor]:
         """The TT cores as (r_{k-1}, n, r_k) tensors, r_0 = 1 and the label as the last rank."""
         return [self.first.unsqueeze(0), *self.inner().unbind(0), self.last]
@@ -218,41 +224,6 @@ class TTNetwork(Student):
         for core in self.cores()[1:]:
             out = torch.tensordot(out, core, dims=([out.ndim - 1], [0]))
         return out
-
-    # ---- diagram and generic path ------------------------------------------------------------
-    def to_graph(self) -> TNGraph:
-        """The TT network as ``tensornetwork`` nodes: d cores and d input (feature) nodes."""
-        d = self.num_patches
-        cores = self.cores()
-        nodes = [make_node(self.first, "core_0", ["phys", "right"])]
-        for k in range(1, d - 1):
-            nodes.append(make_node(cores[k], f"core_{k}", ["left", "phys", "right"]))
-        nodes.append(make_node(self.last, f"core_{d - 1}", ["left", "phys", "label"]))
-        for k, (a, b) in enumerate(itertools.pairwise(nodes)):
-            connect(a, "right", b, "left", name=f"bond_{k}")
-        inputs = []
-        for k in range(d):
-            node = make_node((self.feature_dim,), f"x_{k}", ["phys"])
-            connect(nodes[k], "phys", node, "phys", name=f"phys_{k}")
-            inputs.append(node)
-        nodes[-1].get_edge("label").set_name("label")
-        return TNGraph(
-            nodes=nodes + inputs,
-            input_nodes=[n.name for n in inputs],
-            output_edges=[nodes[-1]["label"]],
-            positions={f"core_{k}": (float(k), 0.0) for k in range(d)},
-        )
-
-    def graph_operands(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Tensors in :meth:`to_graph` node order (inputs batched), for :class:`CompiledNetwork`."""
-        cores = [self.first, *self.inner().unbind(0), self.last]
-        return cores + list(self.features(x).unbind(1))
-
-    def generic_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """l(X) through the generic compiled contraction of :meth:`to_graph` (no renormalisation)."""
-        if self._compiled is None:
-            self._compiled = CompiledNetwork(self.to_graph())
-        return self._compiled(self.graph_operands(x))
 
 
 def iverson_equal_cores(n: int, r: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

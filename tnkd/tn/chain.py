@@ -927,6 +927,10 @@ def _contract_chain(
         raise ValueError(f"output core position must be in [0, {num_sites}], but got {position}")
     method = resolve_chain_method(method, bond, features.device)
     reads = output_features is not None
+    if position in (0, num_sites):
+        return _label_at_an_end(
+            left, cores, right, features, output_core, position, method, output_features
+        )
     if (
         method == "native"
         and not reads
@@ -967,11 +971,51 @@ def _contract_chain(
             values = torch.einsum("bl,lscr,br,bs->bc", v[0], output_core, v[1], output_features)
         else:
             values = torch.einsum("bl,lcr,br->bc", v[0], output_core, v[1])
-    log_scale = logs.sum(0)
+    return _rescaled(values, logs.sum(0))
+
+
+def _rescaled(values: torch.Tensor, log_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` scaled to max-abs 1 per sample, the scale moved into ``log_scale``."""
     scale = (
         values.detach().abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
     )
     return values / scale, log_scale + torch.log(scale[:, 0])
+
+
+def _label_at_an_end(
+    left: torch.Tensor,
+    cores: torch.Tensor,
+    right: torch.Tensor,
+    features: torch.Tensor,
+    output_core: torch.Tensor,
+    position: int,
+    method: str,
+    output_features: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`contract_chain` with the output core at an end: one chain swept towards it.
+
+    (Two half-chains swept side by side would have one of them sweep identities all the way.)
+    """
+    batch, bond = features.shape[0], cores.shape[1]
+    if position == cores.shape[0]:
+        start, sites, feats, eq = left, cores, features, "bl,l{s}cr,r{b}->bc"
+    else:
+        start, sites, eq = right, cores.flip(0).transpose(1, 3), "l,l{s}cr,br{b}->bc"
+        feats = features.flip(1)
+    v, logs = _sweep_boundary(
+        start.expand(batch, bond).unsqueeze(0),
+        sites.unsqueeze(0),
+        feats.unsqueeze(0),
+        method=method,
+    )
+    ends = (v[0], right) if position == cores.shape[0] else (left, v[0])
+    if output_features is None:
+        values = torch.einsum(eq.format(s="", b=""), ends[0], output_core, ends[1])
+    else:
+        values = torch.einsum(
+            eq.format(s="s", b=",bs"), ends[0], output_core, ends[1], output_features
+        )
+    return _rescaled(values, logs[0])
 
 
 def _full_precision(fn: Any) -> Any:
