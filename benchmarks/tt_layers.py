@@ -130,7 +130,7 @@ def measure(name: str, m, n, rank: int, rounds: int, stat: str) -> dict:
         fns[("train", label)] = train_step(model, x, target)
         fns[("inference", label)] = inference_step(model, x)
     times = interleaved_times(fns, rounds, stat)
-    plan = tt.plan(x) if hasattr(tt, "plan") else None  # the training plan (cached)
+    plan = tt.matvec_plan(x) if hasattr(tt, "matvec_plan") else None  # the training plan (cached)
     return {
         "layer": f"{name}, rank {rank}",
         "weights": (tt.weight_parameter_count(), in_features * out_features),

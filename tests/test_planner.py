@@ -198,7 +198,7 @@ def test_asking_for_an_engine_by_name():
         assert torch.allclose(value, values["reference"], rtol=1e-10), method
     with pytest.raises(ValueError, match="not a balanced binary tree"):
         GraphStudent(graph, method="tree")
-    with pytest.raises(ValueError, match="expected one of: auto, chain, tree, stable, reference"):
+    with pytest.raises(ValueError, match="expected one of: auto, chain, tree, tt_matrix, stable"):
         plan(graph.spec(), "fastest")
     tree = TreeClassifier(input_shape=(16,), num_classes=3, bond_dim=3)
     with pytest.raises(ValueError, match="reads two inputs"):
@@ -325,3 +325,23 @@ def test_tt_network_is_a_graph_student_on_the_chain_engine_with_its_checkpoint_f
     phi = net.features(x).unbind(1)
     reference = torch.einsum("abcdk,na,nb,nc,nd->nk", net.full_tensor(), *phi)
     assert torch.allclose(net(x), reference, rtol=1e-10)
+
+
+def test_a_tt_layer_is_a_tt_matrix_graph_for_the_planner():
+    from tnkd.students import TTLinear
+    from tnkd.tn.contraction import CompiledNetwork
+    from tnkd.tn.planner import recognise_tt_matrix
+
+    torch.manual_seed(8)
+    layer = TTLinear(24, 12, in_factors=(2, 3, 4), out_factors=(3, 2, 2), ranks=3).double()
+    chosen = layer.plan()
+    assert chosen.engine == "tt_matrix" and dict(chosen.refused)["chain"].startswith("it has 3")
+    # the graph the planner read is the layer: its dense contraction is x @ W.T
+    graph = layer.to_graph()
+    x = torch.rand(5, 24, dtype=torch.float64)
+    operands = [node.tensor for node in graph.nodes if node.name != "x"]
+    dense = CompiledNetwork(graph)([*operands, x.view(5, 2, 3, 4)]).reshape(5, 12)
+    assert torch.allclose(layer(x) - layer.bias, dense, rtol=1e-10)
+    # a chain is not a TT-matrix, and says why
+    ok, why = recognise_tt_matrix(chain_graph(num_sites=4, bonds=2).spec())
+    assert not ok and "input nodes" in why

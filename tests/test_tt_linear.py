@@ -111,7 +111,7 @@ def test_forward_does_not_rebuild_the_weight_and_plans_once(monkeypatch):
     layer(torch.randn(5, 1, 64))
     assert layer.plans == 2 and calls == [(3, 64), (5, 64)]  # once per batch size
     x = torch.randn(5, 64)
-    assert layer.plan(x) is layer.plan(x)
+    assert layer.matvec_plan(x) is layer.matvec_plan(x)
 
 
 def test_gradcheck():

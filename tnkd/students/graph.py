@@ -87,11 +87,10 @@ from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
 from tnkd.tn.planner import (
     METHODS,
     ChainNode,
-    GraphShape,
     Plan,
     choose,
+    examine,
     plan,
-    recognise_chain,
 )
 from tnkd.tn.stable import MODES, AutoNetwork
 
@@ -444,12 +443,14 @@ class GraphStudent(Student):
         self._contract_fn: Any = None  # the (compiled) contraction, made on first use
         self.node_names = [n for n in spec.node_names if n not in set(inputs)]
         self._compiled: CompiledNetwork | None = None
-        chain, why = recognise_chain(spec)
+        self._shape = examine(spec)
         if compile:
-            chain, why = None, "compile=True traces the stable path"
-        self._shape = GraphShape(spec, chain, why)
+            self._shape.chain, self._shape.why_not_chain = (
+                None,
+                "compile=True traces the stable path",
+            )
         self._network: AutoNetwork | None = None
-        if chain is None or method not in ("auto", "chain"):
+        if self._shape.chain is None or method not in ("auto", "chain"):
             self._examine_stable_paths()
         #: the engine chosen from the graph's shape (``plan()`` adds the device's kernel)
         self.engine = choose(self._shape, method)[0].name

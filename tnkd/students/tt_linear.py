@@ -23,6 +23,7 @@ from torch import nn
 from tnkd.students.base import Student, check_positive_int
 from tnkd.tn.decompositions import check_factors, factorize, tt_matrix_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
+from tnkd.tn.planner import Plan, plan
 from tnkd.tn.tt_matrix import TTPlan, plan_for, tt_linear
 
 
@@ -208,10 +209,21 @@ class TTLinear(nn.Module):
             )
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = tt_linear(x2, list(self.cores), self.bias, self.plan(x2))
+        y = tt_linear(x2, list(self.cores), self.bias, self.matvec_plan(x2))
         return y.reshape(*lead, self.out_features)
 
-    def plan(self, x: torch.Tensor) -> TTPlan:
+    def plan(self, device: torch.device | str | None = None) -> Plan:
+        """Which engine contracts this layer's graph on ``device`` (default: its cores'), and why.
+
+        Example:
+            >>> TTLinear(64, 64, in_factors=(8, 8), out_factors=(8, 8), ranks=4).plan().engine
+            'tt_matrix'
+        """
+        return plan(
+            self.to_graph().spec(), "auto", self.cores[0].device if device is None else device
+        )
+
+    def matvec_plan(self, x: torch.Tensor) -> TTPlan:
         """The contraction plan for a (batch, in_features) input, planned once per batch size."""
         cores = list(self.cores)
         training = torch.is_grad_enabled() and (

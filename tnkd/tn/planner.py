@@ -13,6 +13,9 @@ chain      a path of tensors, one label, at most one    :func:`~tnkd.tn.chain.co
                                                         accelerators, tracked log-scale
 tree       a balanced binary tree (every level's        :class:`~tnkd.tn.fused.FastTree`: native
            children the previous level's results)       level loop on CPU, tracked log-scale
+tt_matrix  a TT-matrix (MPO) against one input: a       :func:`~tnkd.tn.tt_matrix.tt_linear`:
+           path of cores, each with an input leg and    merged neighbouring cores, the order
+           an output leg (a TT layer)                   planned per batch size by counted MACs
 stable     any graph with an input                      :class:`~tnkd.tn.stable.StableNetwork`:
                                                         the planned pairwise path, log-scale
 reference  any graph                                    one ``opt_einsum`` expression
@@ -172,6 +175,42 @@ def recognise_chain(spec: NetworkSpec) -> tuple[ChainLayout | None, str]:
     return ChainLayout(tuple(nodes), label_positions[0], bond, sizes[0]), ""
 
 
+def recognise_tt_matrix(spec: NetworkSpec) -> tuple[bool, str]:
+    """Whether ``spec`` is a TT-matrix against one input node, and if not, why.
+
+    A TT-matrix (matrix product operator) is a path of cores, each with one leg on the single
+    input node (a factor of the input) and one dangling leg (a factor of the output).
+    """
+    inputs = [k for k, n in enumerate(spec.node_names) if n in spec.input_nodes]
+    if len(inputs) != 1:
+        return False, f"it has {len(inputs)} input nodes, a TT-matrix has one"
+    inputs_indices = set(spec.node_indices[inputs[0]])
+    outputs = set(spec.output_indices)
+    owners: dict[str, list[int]] = {}
+    for k, indices in enumerate(spec.node_indices):
+        for name in indices:
+            owners.setdefault(name, []).append(k)
+    cores = [k for k in range(len(spec.node_names)) if k != inputs[0]]
+    links = 0
+    for k in cores:
+        indices = spec.node_indices[k]
+        if (
+            sum(i in inputs_indices for i in indices) != 1
+            or sum(i in outputs for i in indices) != 1
+        ):
+            return (
+                False,
+                f"tensor {spec.node_names[k]!r} does not take one input and give one output leg",
+            )
+        bonds = [i for i in indices if i not in inputs_indices and i not in outputs]
+        if len(bonds) > 2:
+            return False, f"tensor {spec.node_names[k]!r} has {len(bonds)} bonds (a TT-matrix: 2)"
+        links += len(bonds)
+    if links != 2 * (len(cores) - 1):
+        return False, "its cores do not form one open path"
+    return True, ""
+
+
 def chain_layout(spec: NetworkSpec) -> ChainLayout | None:
     """The graph as a chain, or None if it is not one.
 
@@ -191,8 +230,21 @@ class GraphShape:
     why_not_chain: str
     tree: bool = False  # a balanced binary tree (the stable path's ``fast_plan``)
     why_not_tree: str = "not examined"
+    tt_matrix: bool = False  # a TT-matrix against one input (a TT layer)
+    why_not_tt_matrix: str = "not examined"
     deep_or_grouped: bool = True  # the stable path beats one einsum (see AutoNetwork)
     extra: dict = field(default_factory=dict)
+
+
+def examine(spec: NetworkSpec) -> GraphShape:
+    """The shape of a graph as far as its spec tells: a chain, a TT-matrix.
+
+    Whether it is a balanced tree is known to the pairwise network
+    (:class:`~tnkd.students.graph.GraphStudent` asks it).
+    """
+    shape = GraphShape(spec, *recognise_chain(spec))
+    shape.tt_matrix, shape.why_not_tt_matrix = recognise_tt_matrix(spec)
+    return shape
 
 
 @dataclass(frozen=True)
@@ -210,7 +262,7 @@ class Engine:
 
 #: every contraction engine, in the order ``method="auto"`` tries them
 ENGINES: Registry[Engine] = Registry("contraction engine")
-AUTO_ORDER = ("chain", "tree", "stable", "reference")
+AUTO_ORDER = ("chain", "tree", "tt_matrix", "stable", "reference")
 
 
 def _chain_kernel(shape: GraphShape, device: torch.device) -> str:
@@ -245,6 +297,12 @@ for _engine in (
         "a balanced binary tree contracted level by level",
         lambda s, d: None if s.tree else s.why_not_tree,
         _tree_kernel,
+    ),
+    Engine(
+        "tt_matrix",
+        "a TT-matrix swept against the input, neighbouring cores merged as counted MACs say",
+        lambda s, d: None if s.tt_matrix else s.why_not_tt_matrix,
+        lambda s, d: "merged-core sweep (hand-written backward)",
     ),
     Engine(
         "stable",
@@ -293,8 +351,7 @@ def choose(
     shape: GraphShape | NetworkSpec, method: str = "auto", device=None
 ) -> tuple[Engine, str, tuple[tuple[str, str], ...]]:
     """The engine for a graph, why, and why each engine tried before it refused (see :func:`plan`)."""
-    if not isinstance(shape, GraphShape):
-        shape = GraphShape(shape, *recognise_chain(shape))
+    shape = shape if isinstance(shape, GraphShape) else examine(shape)
     device = torch.device("cpu" if device is None else device)
     if method != "auto":
         engine = ENGINES.get(method) if method in ENGINES else None
@@ -318,6 +375,7 @@ def choose(
         reason = {
             "chain": "the graph is a chain",
             "tree": "the graph is a balanced binary tree",
+            "tt_matrix": "the graph is a TT-matrix against one input",
             "stable": "a deep or groupable graph: pairwise steps with a log-scale",
             "reference": "a shallow graph: one einsum (values rescaled per sample after it)",
         }[name]
@@ -340,8 +398,7 @@ def plan(shape: GraphShape | NetworkSpec, method: str = "auto", device=None) -> 
         ValueError: an unknown name (the error lists the valid ones), or an engine that does not
             accept this graph (the error says why).
     """
-    if not isinstance(shape, GraphShape):
-        shape = GraphShape(shape, *recognise_chain(shape))
+    shape = shape if isinstance(shape, GraphShape) else examine(shape)
     device = torch.device("cpu" if device is None else device)
     engine, reason, refused = choose(shape, method, device)
     return Plan(engine.name, engine.kernel(shape, device), device.type, reason, refused)
