@@ -7,14 +7,16 @@
 Three models per size, timed interleaved (one step of each in turn; the figure is BATCH over the
 median step time after warm-up, samples per second):
 
-* **class**: ``MPSClassifier(num_sites, 10, bond_dim)``, [1, x] map, label in the middle;
-* **drawn, label in the middle**: the same chain drawn by hand with ``make_node`` / ``connect``
-  (open ends: the two end cores are (d, D) and (D, d) matrices, the label core (D, C, D) between
-  the two halves) and trained as a :class:`~tnkd.students.graph.GraphStudent`;
-* **drawn, label at one end**: the label core (D, C) is the last node of the chain.
+* **class**: ``MPSClassifier(num_sites, 10, bond_dim)``, [1, x] map, the label core in the
+  middle (or, for the last two columns, ``label_position=num_sites``: at the end);
+* **drawn**: the same chain drawn by hand with ``make_node`` / ``connect`` (open ends: the end
+  cores are (d, D) and (D, d) matrices, the label core (D, C, D) between the two halves, or a
+  (D, C) label core as the chain's last node) and trained as a
+  :class:`~tnkd.students.graph.GraphStudent`;
+* **base** (``--baseline REV``): the ``MPSClassifier`` of commit REV (see ``baseline.py``).
 
 A training step is forward + cross-entropy + backward + Adam, batch 100, inputs in [0, 1].
-The column "plan" is what ``student.plan()`` says runs the drawn chain. Run it through
+The last line is what ``student.plan()`` says runs the drawn chain. Run it through
 ``../shared/tools/quiet --`` on a shared machine; the ratios compare models of one run.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import platform
+import sys
 
 import torch
 from chain_speed import interleaved
@@ -57,22 +60,24 @@ def drawn_chain(num_sites: int, bond_dim: int, label: str = "middle", d: int = 2
     return TNGraph([*chain, *inputs], [x.name for x in inputs], [out["label"]])
 
 
-def measure(num_sites: int, bond_dim: int, reps: int) -> dict:
+def measure(num_sites: int, bond_dim: int, reps: int, base=None) -> dict:
+    """Samples/s of the class and the drawn chain, label in the middle and at the end."""
     torch.manual_seed(0)
     x = torch.rand(BATCH, num_sites)
     y = torch.randint(0, CLASSES, (BATCH,))
     models = {
-        "class": MPSClassifier(num_sites, CLASSES, bond_dim),
-        "drawn, label in the middle": GraphStudent(drawn_chain(num_sites, bond_dim, "middle")),
-        "drawn, label at one end": GraphStudent(drawn_chain(num_sites, bond_dim, "end")),
+        "class, middle": MPSClassifier(num_sites, CLASSES, bond_dim),
+        "drawn, middle": GraphStudent(drawn_chain(num_sites, bond_dim, "middle")),
+        "class, end": MPSClassifier(num_sites, CLASSES, bond_dim, label_position=num_sites),
+        "drawn, end": GraphStudent(drawn_chain(num_sites, bond_dim, "end")),
     }
+    if base is not None:
+        models["base class, middle"] = base.MPSClassifier(num_sites, CLASSES, bond_dim)
     steps = {name: train_step(m, m, x, y) for name, m in models.items()}
-    speed = interleaved(steps, reps, torch.device("cpu"))
-    plan = getattr(models["drawn, label in the middle"], "plan", None)
     return {
         "size": f"{num_sites} sites, D = {bond_dim}",
-        "speed": speed,
-        "plan": plan().engine if callable(plan) else "stable",
+        "speed": interleaved(steps, reps, torch.device("cpu")),
+        "plan": models["drawn, middle"].plan(),
     }
 
 
@@ -83,26 +88,36 @@ def main() -> None:
     parser.add_argument("--sizes", default="64:10,196:8,784:10", help="SITES:D,...")
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--markdown", action="store_true")
+    parser.add_argument("--baseline", default=None, help="also the MPSClassifier of commit REV")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    base = None
+    if args.baseline:
+        from baseline import OUT, materialise
+
+        materialise(args.baseline)
+        sys.path.insert(0, str(OUT))
+        import tnkd_base.students as base
     sizes = [tuple(int(v) for v in s.split(":")) for s in args.sizes.split(",")]
     print(
         f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), batch {BATCH}, training samples/s"
     )
-    head = "| chain | class | drawn, label in the middle | drawn, label at one end | plan |"
+    head = "| chain | class, label in the middle | drawn | class, label at the end | drawn |"
+    head += " class / base |" if base else ""
     print(head)
-    print("|---|---|---|---|---|")
+    print("|---" * (6 if base else 5) + "|")
     for n, d in sizes:
-        r = measure(n, d, args.reps)
+        r = measure(n, d, args.reps, base)
         s = r["speed"]
-        c = s["class"]
-        cells = [f"{c:,.0f}"] + [
-            f"{s[k]:,.0f} ({s[k] / c:.2f}x)"
-            for k in ("drawn, label in the middle", "drawn, label at one end")
-        ]
-        print(f"| {r['size']} | " + " | ".join(cells) + f" | {r['plan']} |", flush=True)
+        cells = []
+        for where in ("middle", "end"):
+            c, g = s[f"class, {where}"], s[f"drawn, {where}"]
+            cells += [f"{c:,.0f}", f"{g:,.0f} ({g / c:.2f}x)"]
+        if base:
+            cells.append(f"{s['class, middle'] / s['base class, middle']:.2f}x")
+        print(f"| {r['size']} | " + " | ".join(cells) + " |", flush=True)
+    print(f"\nplan of the drawn chain: {r['plan']}")
 
 
 if __name__ == "__main__":

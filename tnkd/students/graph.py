@@ -662,8 +662,9 @@ class GraphStudent(Student):
         sites = None if self._sites_block is None else self._stored(self._sites_block)
         pieces = []
         for run in self._chain_runs:
-            if run[0] == "full":
-                pieces.append(sites[run[1] : run[2]])
+            if run[0] == "full":  # (the whole block as it is: no slice for autograd to undo)
+                whole = run[1] == 0 and run[2] == sites.shape[0]
+                pieces.append(sites if whole else sites[run[1] : run[2]])
             elif run[0] == "tied":
                 pieces.append(sites.expand(run[1], -1, -1, -1))
             else:

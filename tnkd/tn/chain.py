@@ -927,10 +927,6 @@ def _contract_chain(
         raise ValueError(f"output core position must be in [0, {num_sites}], but got {position}")
     method = resolve_chain_method(method, bond, features.device)
     reads = output_features is not None
-    if position in (0, num_sites):
-        return _label_at_an_end(
-            left, cores, right, features, output_core, position, method, output_features
-        )
     if (
         method == "native"
         and not reads
@@ -940,6 +936,10 @@ def _contract_chain(
         ext = native.kernels()
         if ext is not None:
             return _NativeMPS.apply(left, cores, right, output_core, features, position, ext)
+    if position in (0, num_sites):
+        return _label_at_an_end(
+            left, cores, right, features, output_core, position, method, output_features
+        )
     if method in SCANS:
         every, block = _sweep_settings(method, features.dtype, bond, None, None)
         plan, pad, extra = _mps_plan(position, num_sites - position, block, features.device)
