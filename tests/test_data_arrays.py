@@ -461,9 +461,9 @@ def test_tabular_compare_config_runs_end_to_end(tmp_path, tnkd_cli):
     assert result.rc == 0, result.stderr
     assert "## ArrayDataModule: teacher test accuracy" in result.stdout
     assert re.search(r"\| labels only \| - \| - \| 0 \| 0\.\d{4} \|", result.stdout)
-    assert re.search(r"\| KL \(Hinton\) \| kl \| 4 \| 0.9 \| 0\.\d{4} \|", result.stdout)
+    assert re.search(r"\| KL T=2 \| kl \| 2 \| 0.9 \| 0\.\d{4} \|", result.stdout)
     saved = json.loads((tmp_path / "runs" / "results" / "breast_cancer_mps.json").read_text())
-    assert [r["name"] for r in saved["runs"]] == ["labels only", "KL (Hinton)"]
+    assert [r["name"] for r in saved["runs"]] == ["labels only", "KL T=2"]
     assert (tmp_path / "runs" / "teachers" / "breast_cancer_mlp.pt").is_file()
 
 
