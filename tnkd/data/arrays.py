@@ -264,33 +264,9 @@ class ArrayDataModule(ClassificationDataModule):
             for s in (x_train, y_train, x_test, y_test)
         )
 
-        x = check_inputs(arrays["x_train"], "x_train", self.channels_last)
-        y = check_labels(arrays["y_train"], "y_train", len(x))
-        if "x_test" in arrays:
-            if test_fraction is not None:
-                raise ValueError(
-                    "data test_fraction holds out a test split when no test arrays are given; "
-                    "leave it out, since x_test and y_test are given"
-                )
-            x_test_t = check_inputs(arrays["x_test"], "x_test", self.channels_last)
-            y_test_t = check_labels(arrays["y_test"], "y_test", len(x_test_t))
-            if x_test_t.shape[1:] != x.shape[1:]:
-                raise ValueError(
-                    f"x_test samples have shape {tuple(x_test_t.shape[1:])} but x_train samples "
-                    f"{tuple(x.shape[1:])}; they must match"
-                )
-        else:
-            fraction = check_fraction(
-                "data test_fraction", 0.2 if test_fraction is None else test_fraction
-            )
-            if fraction == 0:
-                raise ValueError(
-                    "data test_fraction must be > 0 without test arrays (x_test, y_test)"
-                )
-            self.test_fraction = fraction
-            x, y, x_test_t, y_test_t = _test_split(x, y, fraction, split_seed)
+        x, y, test_x, test_y = self._checked_splits(arrays, test_fraction)
         self.input_shape = tuple(x.shape[1:])
-        self.num_classes = self._count_classes(num_classes, y, y_test_t)
+        self.num_classes = self._count_classes(num_classes, y, test_y)
         self.class_names = self._names(class_names, arrays.get("class_names"))
         if self.augmentation is not None and len(self.input_shape) != 3:
             raise ValueError(
@@ -303,7 +279,7 @@ class ArrayDataModule(ClassificationDataModule):
                 str(extra_unlabeled) if isinstance(extra_unlabeled, str | os.PathLike) else "array"
             )
         self._range = self._fit_scale(x) if scale == "minmax" else None
-        self._arrays = {True: (self._scaled(x), y), False: (self._scaled(x_test_t), y_test_t)}
+        self._arrays = {True: (self._scaled(x), y), False: (self._scaled(test_x), test_y)}
         if scale is None:
             _warn_outside_unit(self._arrays[True][0])
 
@@ -332,6 +308,36 @@ class ArrayDataModule(ClassificationDataModule):
                 "give both x_test and y_test, or neither (a test split is then held out)"
             )
         return {k: read_array(v, k) for k, v in given.items() if v is not None}
+
+    def _checked_splits(
+        self, arrays: dict[str, np.ndarray], test_fraction: float | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x, y, x_test, y_test)``, checked; the test split held out when not given."""
+        x = check_inputs(arrays["x_train"], "x_train", self.channels_last)
+        y = check_labels(arrays["y_train"], "y_train", len(x))
+        if "x_test" not in arrays:
+            fraction = check_fraction(
+                "data test_fraction", 0.2 if test_fraction is None else test_fraction
+            )
+            if fraction == 0:
+                raise ValueError(
+                    "data test_fraction must be > 0 without test arrays (x_test, y_test)"
+                )
+            self.test_fraction = fraction
+            return _test_split(x, y, fraction, self.split_seed)
+        if test_fraction is not None:
+            raise ValueError(
+                "data test_fraction holds out a test split when no test arrays are given; "
+                "leave it out, since x_test and y_test are given"
+            )
+        x_test = check_inputs(arrays["x_test"], "x_test", self.channels_last)
+        y_test = check_labels(arrays["y_test"], "y_test", len(x_test))
+        if x_test.shape[1:] != x.shape[1:]:
+            raise ValueError(
+                f"x_test samples have shape {tuple(x_test.shape[1:])} but x_train samples "
+                f"{tuple(x.shape[1:])}; they must match"
+            )
+        return x, y, x_test, y_test
 
     def _count_classes(self, num_classes: int | None, y: torch.Tensor, y_test: torch.Tensor) -> int:
         """The class count given (checked against the labels) or read from the labels."""
