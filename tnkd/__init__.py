@@ -61,6 +61,8 @@ _EXPORTS = {
     "MNISTDataModule": "tnkd.data",
     "FashionMNISTDataModule": "tnkd.data",
     "CIFAR10DataModule": "tnkd.data",
+    "ArrayDataModule": "tnkd.data",
+    "HuggingFaceDataModule": "tnkd.data",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -141,17 +141,25 @@ class ClassificationDataModule(L.LightningDataModule):
                     f"{type(self).__name__}: the {name} set has {bad} NaN or infinite pixel "
                     "values; clean the data (e.g. torch.nan_to_num) before training"
                 )
-        n_val = round(self.val_fraction * len(x))
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))
-        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        train_idx, val_idx = self.validation_split(len(x))
         x_train, y_train = self._transfer_set(x[train_idx], y[train_idx])
         self._splits = {
             "train": TensorDataset(x_train, y_train),
             "val": TensorDataset(x[val_idx], y[val_idx])
-            if n_val
+            if len(val_idx)
             else TensorDataset(x_test, y_test),
             "test": TensorDataset(x_test, y_test),
         }
+
+    def validation_split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions ``(train, val)`` of the seeded validation split of ``n`` training samples.
+
+        ``round(val_fraction * n)`` samples, drawn by a permutation seeded with ``seed``, are
+        held out for validation; with none held out, validation uses the test set.
+        """
+        n_val = round(self.val_fraction * n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        return perm[n_val:], perm[:n_val]
 
     # ---- transfer sets ----------------------------------------------------------------------
 
@@ -168,10 +176,18 @@ class ClassificationDataModule(L.LightningDataModule):
             labels[keep] = y[keep]
             y = labels
         if self.extra_unlabeled is not None:
-            extra = load_unlabeled(self.extra_unlabeled, tuple(x.shape[1:]))
+            extra = self.load_extra_unlabeled(tuple(x.shape[1:]))
             x = torch.cat([x, extra])
             y = torch.cat([y, torch.full((len(extra),), UNLABELED, dtype=y.dtype)])
         return x, y
+
+    def load_extra_unlabeled(self, input_shape: tuple[int, ...]) -> torch.Tensor:
+        """The images of ``extra_unlabeled``, as :func:`~tnkd.data.transfer.load_unlabeled` reads them.
+
+        Subclasses that read other formats (or scale their inputs) override it.
+        """
+        assert self.extra_unlabeled is not None
+        return load_unlabeled(self.extra_unlabeled, input_shape)
 
     def use_unlabeled(self, flag: bool) -> None:
         """Train on the whole transfer set (``True``) or on its labeled images alone.
