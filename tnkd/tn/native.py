@@ -47,7 +47,6 @@ SOURCES = {
     ),
     "tree_levels": (Path(__file__).parent / "csrc" / "tree_levels.cpp", "the Python level loop"),
 }
-SOURCE = SOURCES["chain_scan"][0]
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 _STATE: dict[str, ModuleType | None] = {}
@@ -66,7 +65,10 @@ def _cpu_id() -> str:
 def _build_name(name: str = "chain_scan") -> str:
     source = SOURCES[name][0]
     headers = "".join(h.read_text() for h in sorted(source.parent.glob("*.h")))
-    text = source.read_text() + headers + " ".join(FLAGS) + _cpu_id() + torch.__version__
+    # the checkout's folder too: two checkouts (or virtual environments) on one machine keep a
+    # build each instead of rebuilding the shared one whenever the other was used last
+    where = str(source.parent.resolve())
+    text = source.read_text() + headers + " ".join(FLAGS) + _cpu_id() + torch.__version__ + where
     return f"tnkd_{name}_" + hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
