@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -173,6 +173,19 @@ class TnkdCLI(LightningCLI):
 
     # ---- parsing -------------------------------------------------------------------------
 
+    def _set_seed(self) -> None:
+        """Seed as Lightning does, without its ``Seed set to N`` notice (the seed is in the config).
+
+        The notice went to stderr before everything else, so that an error that followed was
+        two lines there where one is promised.
+        """
+        seed = self._get(self.config, "seed_everything")
+        if seed is False:
+            return
+        seed = seed_everything(None if seed is True else seed, workers=True, verbose=False)
+        target = self.config[self.subcommand] if self.subcommand else self.config
+        target["seed_everything"] = seed
+
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":
@@ -209,10 +222,7 @@ class TnkdCLI(LightningCLI):
             check_checkpoint_file(last)
             return str(last)
         if subcommand == "fit":
-            print(
-                f"tnkd fit: no checkpoint in {folder} yet: starting from the beginning",
-                file=sys.stderr,
-            )
+            print(f"tnkd fit: no checkpoint in {folder} yet: starting from the beginning")
             return None
         raise FileNotFoundError(
             f"--ckpt_path last: {last} does not exist; train the run first (tnkd fit with the "
@@ -223,7 +233,7 @@ class TnkdCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """Instantiate model and data, check them (:meth:`preflight`), then the Trainer."""
-        self.config_init = self.parser.instantiate_classes(self.config)
+        self.config_init = self.parser.instantiate(self.config)
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
         self._add_configure_optimizers_method_to_model(self.subcommand)
@@ -477,11 +487,45 @@ def _reader_gone() -> None:
     raise SystemExit(128 + int(getattr(signal, "SIGPIPE", 13)))
 
 
+#: warnings about Lightning's and torch's own internals, nothing a user can act on
+INTERNAL_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",
+    r".*``instantiate_classes`` was deprecated",
+)
+
+
+def _notices_to_stdout() -> list[Any]:
+    """Send Lightning's notices (devices, model summary, tips) to stdout; stderr is for errors.
+
+    Returns the handlers moved (for :func:`_notices_back`). Warnings about Lightning's internals
+    are silenced, so that an error during training is the only line on stderr.
+    """
+    import logging
+    import warnings
+
+    for pattern in INTERNAL_WARNINGS:
+        warnings.filterwarnings("ignore", pattern)
+    moved = []
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        for handler in logging.getLogger(name).handlers:
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and stream in (sys.stderr, sys.__stderr__):
+                handler.setStream(sys.stdout)
+                moved.append((handler, stream))
+    return moved
+
+
+def _notices_back(moved: list[Any]) -> None:
+    for handler, stream in moved:
+        handler.setStream(stream)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``tnkd`` console script (one-line errors, exit statuses; see above)."""
     argv = sys.argv[1:] if args is None else list(args)
     command = argv[0] if argv and not argv[0].startswith("-") else ""
     preemption.install()
+    moved = _notices_to_stdout()
     try:
         run(argv, from_argv=args is None)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
@@ -501,6 +545,7 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     finally:
         preemption.uninstall()
+        _notices_back(moved)
 
 
 if __name__ == "__main__":
