@@ -6,8 +6,10 @@ import os
 import signal
 
 import lightning as L
+import torch
 
 from tnkd.data import DigitsDataModule
+from tnkd.students import MPSClassifier
 
 
 class StopAt(L.Callback):
@@ -47,3 +49,68 @@ class PreemptedWhileLoading(DigitsDataModule):
     def load_split(self, train: bool):
         os.kill(os.getpid(), signal.SIGTERM)
         return super().load_split(train)
+
+
+class NaNAfter(MPSClassifier):
+    """An MPS student whose logits turn NaN after ``after`` training steps, built under ``nan_seed``.
+
+    A run that diverges, for one seed only (the seed is the one ``seed_everything`` set before
+    the student was built: ``torch.initial_seed()``).
+    """
+
+    def __init__(self, *args, nan_seed: int = 1, after: int = 2, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.poisoned = torch.initial_seed() == nan_seed
+        self.after = after
+        self.steps = 0
+
+    def forward(self, x):
+        z = super().forward(x)
+        if self.training and self.poisoned:
+            self.steps += 1
+            if self.steps > self.after:
+                return z * float("nan")
+        return z
+
+
+class SigtermOnce(MPSClassifier):
+    """An MPS student that sends this process SIGTERM when the ``at``-th student starts training.
+
+    Once only: the marker file ``marker`` records that it did (a resumed run goes on).
+    """
+
+    started = 0
+
+    def __init__(self, *args, at: int = 4, marker: str = "sigterm.done", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.at, self.marker, self.training_started = at, marker, False
+
+    def forward(self, x):
+        if self.training and not self.training_started:
+            self.training_started = True
+            SigtermOnce.started += 1
+            if SigtermOnce.started == self.at and not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                os.kill(os.getpid(), signal.SIGTERM)
+        return super().forward(x)
+
+
+class SecondRun(L.Callback):
+    """Start a second ``tnkd fit`` (``TNKD_SECOND_RUN``, JSON argv) while this run trains.
+
+    Its exit status and stderr go to ``second.json``; this run's PID to ``first.pid``.
+    """
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import json
+        import subprocess
+        import sys
+
+        args = json.loads(os.environ["TNKD_SECOND_RUN"])
+        with open("first.pid", "w") as f:
+            f.write(str(os.getpid()))
+        done = subprocess.run(
+            [sys.executable, "-m", "tnkd.cli", *args], capture_output=True, text=True, timeout=300
+        )
+        with open("second.json", "w") as f:
+            json.dump({"rc": done.returncode, "stderr": done.stderr}, f)

@@ -38,7 +38,7 @@ from tnkd.experiments.compare import without_unset_settings
 from tnkd.experiments.files import unique_path
 from tnkd.training.callbacks import RunCheckpoint, checkpoint_folder
 from tnkd.training.modules import DistillationModule, TeacherModule, check_checkpoint_shapes
-from tnkd.training.outputs import check_checkpoint_file, check_writable
+from tnkd.training.outputs import RunLock, check_checkpoint_file, check_writable
 from tnkd.training.predictions import PredictionWriter
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -157,6 +157,14 @@ class TnkdCLI(LightningCLI):
         elif isinstance(args, list):
             args = expand_short_flags(args)
         no_exit = {"exit_on_error": False}
+        self._lock: RunLock | None = None
+        try:
+            self._start(args, run, no_exit)
+        finally:
+            if self._lock is not None:  # the run has ended (or failed): the folder is free
+                self._lock.release()
+
+    def _start(self, args: list[str] | None, run: bool, no_exit: dict[str, Any]) -> None:
         super().__init__(
             LightningModule,
             ClassificationDataModule,
@@ -188,6 +196,13 @@ class TnkdCLI(LightningCLI):
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test", "predict"):
+            parser.add_argument(
+                "--allow_untrained",
+                type=bool,
+                default=False,
+                help="evaluate the model without --ckpt_path, untrained, on purpose",
+            )
         if subcommand == "predict":
             parser.add_argument(
                 "--predictions",
@@ -257,16 +272,41 @@ class TnkdCLI(LightningCLI):
                         f"predictions file {target} already exists; choose another "
                         "--predictions path (nothing was overwritten)"
                     )
+        ckpt_path = config.get("ckpt_path")
+        if subcommand != "fit" and not ckpt_path and not config.get("allow_untrained"):
+            role = "teacher" if isinstance(model, TeacherModule) else "student"
+            raise ValueError(
+                f"tnkd {subcommand} without --ckpt_path would use an untrained {role} (random "
+                "weights); pass --ckpt_path last (the named run's last checkpoint) or "
+                f"--ckpt_path FILE, or --allow_untrained true to {subcommand} it untrained on "
+                "purpose"
+            )
         if dm is not None and not getattr(dm, "download", False):
             dm.setup(STAGES[subcommand])
         if hasattr(model, "check_data"):  # TeacherModule, DistillationModule
             model.check_data(dm)
-        ckpt_path = config.get("ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file():
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
             check_checkpoint_shapes(model, checkpoint)
+            if subcommand == "fit":
+                check_same_settings(model, checkpoint, ckpt_path)
         if isinstance(model, DistillationModule) and dm is not None:
             model.attach_cached_logits(dm, STAGES[subcommand])
+        if subcommand == "fit":
+            self._lock_run_folder(config)
+
+    def _lock_run_folder(self, config: Any) -> None:
+        """Hold the run folder's lock while this run writes there (rank 0 only; see RunLock)."""
+        from lightning.fabric.utilities.rank_zero import _get_rank
+
+        folder = _checkpoint_folder(config)
+        if folder is None or _get_rank() not in (None, 0):
+            return
+        self._lock = RunLock(
+            folder,
+            "run folder",
+            "give this run another name (--trainer.logger.init_args.name NEW)",
+        ).acquire()
 
     def _check_outputs(self, config: Any) -> None:
         trainer = config.get("trainer") or {}
@@ -383,6 +423,42 @@ def _checkpoint_folder(config: Any) -> Path | None:
     return checkpoint_folder(args.get("name"), args.get("save_dir") or root, root)
 
 
+#: hyperparameters a resumed run may change: they touch no weight and no optimiser state
+RESUMABLE_CHANGES = frozenset(
+    {"teacher_cache", "trust_teacher_file", "untrained_teacher", "export_path", "mixup_seed"}
+)
+
+
+def check_same_settings(model: LightningModule, checkpoint: dict[str, Any], path: Any) -> None:
+    """Refuse, in one line listing them, to resume with settings other than the checkpoint's.
+
+    Lightning restores the optimiser and scheduler state of the checkpoint, so a new ``lr``,
+    ``weight_decay`` or ``scheduler`` would be silently ignored; a new divergence, temperature
+    or beta would silently change the run half-way. Neither is what a resumed run should do.
+    """
+    import json
+
+    saved = checkpoint.get("hyper_parameters") or {}
+    own = dict(getattr(model, "hparams", {}) or {})
+
+    def plain(value: Any) -> str:
+        return json.dumps(value, default=str, sort_keys=True)
+
+    changed = [
+        f"{key} {plain(saved.get(key))} there, {plain(own.get(key))} here"
+        for key in sorted(set(saved) | set(own))
+        if not key.startswith("_")
+        and key not in RESUMABLE_CHANGES
+        and plain(saved.get(key)) != plain(own.get(key))
+    ]
+    if changed:
+        raise ValueError(
+            f"--ckpt_path {path} was trained with other settings ({'; '.join(changed)}); resume "
+            "with the checkpoint's settings (its run's config), or train these settings as a new "
+            "run under another name (--trainer.logger.init_args.name NEW)"
+        )
+
+
 def _refuse_untrained_teacher(config: Any) -> None:
     model = config.get("model") or {}
     args = _init_args(model)
@@ -449,27 +525,35 @@ def run(args: list[str], from_argv: bool = False) -> Any:
     return TnkdCLI(args=None if from_argv else args)
 
 
-def _resume_command(argv: list[str]) -> str:
-    """The command line that resumes a stopped ``tnkd fit``: the same, with ``--ckpt_path last``."""
+def _resume_command(argv: list[str], flags: dict[str, str] | None = None) -> str:
+    """The command line that resumes a stopped command: the same, with ``flags`` set.
+
+    ``tnkd fit``: ``--ckpt_path last``; ``tnkd compare``: its results file and W&B group.
+    """
+    flags = flags if flags is not None else {"--ckpt_path": "last"}
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg == "--ckpt_path":
+        if arg in flags:
             skip = True
             continue
-        if arg.startswith("--ckpt_path="):
+        if arg.split("=", 1)[0] in flags:
             continue
         out.append(arg)
-    return shlex.join(["tnkd", *out, "--ckpt_path", "last"])
+    extra = [part for flag, value in flags.items() for part in (flag, value)]
+    return shlex.join(["tnkd", *out, *extra])
 
 
 def _stopped(argv: list[str], signum: int) -> None:
     name = signal.Signals(signum).name
     command = argv[0] if argv else ""
+    flags = preemption.resume_flags()
     if command == "fit":
         hint = f"resume with: {_resume_command(argv)}"
+    elif flags:
+        hint = f"the runs that ended are kept; resume with: {_resume_command(argv, flags)}"
     else:
         hint = "rerun the same command to start it again"
     print(f"tnkd {command}: stopped by {name}; {hint}", file=sys.stderr, flush=True)
@@ -509,7 +593,10 @@ def _notices_to_stdout() -> list[Any]:
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         for handler in logging.getLogger(name).handlers:
             stream = getattr(handler, "stream", None)
-            if isinstance(handler, logging.StreamHandler) and stream in (sys.stderr, sys.__stderr__):
+            if isinstance(handler, logging.StreamHandler) and stream in (
+                sys.stderr,
+                sys.__stderr__,
+            ):
                 handler.setStream(sys.stdout)
                 moved.append((handler, stream))
     return moved

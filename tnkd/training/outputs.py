@@ -72,3 +72,86 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
             f"checkpoint {file} is corrupt or not a checkpoint ({bad}); it was left as it is: pass "
             "another file to --ckpt_path (a run's checkpoints/last.ckpt), or retrain"
         )
+
+
+class FolderInUse(OSError):
+    """Another process holds the lock of a run folder (see :class:`RunLock`)."""
+
+
+class RunLock:
+    """An advisory lock on a run's folder, held while the run writes there.
+
+    ``fcntl.flock`` on ``FOLDER/.tnkd.lock``: a second process that asks for it is refused at
+    once (nobody waits), with a one-line :class:`FolderInUse` naming the holder's PID; the
+    kernel releases it when the holder exits, crashes included, so a stale lock file never
+    blocks anyone. :meth:`release` removes the file (and the folder, if the lock created it and
+    it is empty). On systems without ``fcntl`` (Windows) there is no lock.
+
+    Args:
+        folder: the run's folder.
+        what: what the folder is, for the message (``"run folder"``, ``"results file"``).
+        hint: how to avoid the clash, for the message.
+        name: the lock file's name inside ``folder``.
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike, what: str, hint: str, name: str = ".tnkd.lock"
+    ) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / name
+        self.what, self.hint = what, hint
+        self._fd: int | None = None
+        self._made_folder = False
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or raise :class:`FolderInUse` if another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        if self._fd is not None:
+            return self
+        self._made_folder = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise FolderInUse(
+                    f"{self.what} {self.folder} is in use by another tnkd process (PID {holder}); "
+                    f"wait for it to end, or {self.hint}"
+                ) from None
+            try:  # the holder may have removed the file between our open and our lock
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Give the lock back and remove its file (nothing if it was not held)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+            if self._made_folder and not any(self.folder.iterdir()):
+                self.folder.rmdir()
+        except OSError:
+            pass  # a lock file left behind blocks nobody: the kernel released the lock
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
