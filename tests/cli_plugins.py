@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from tnkd.data import DigitsDataModule
 from tnkd.students import MPSClassifier
@@ -95,22 +97,24 @@ class SigtermOnce(MPSClassifier):
         return super().forward(x)
 
 
-class SecondRun(L.Callback):
-    """Start a second ``tnkd fit`` (``TNKD_SECOND_RUN``, JSON argv) while this run trains.
-
-    Its exit status and stderr go to ``second.json``; this run's PID to ``first.pid``.
-    """
+class HoldWhileTraining(L.Callback):
+    """At the start of training write ``first.pid`` (this run's PID), then wait for the file
+    ``second.done`` (a second run started meanwhile), at most two minutes."""
 
     def on_train_start(self, trainer, pl_module) -> None:
-        import json
-        import subprocess
-        import sys
+        import time
 
-        args = json.loads(os.environ["TNKD_SECOND_RUN"])
         with open("first.pid", "w") as f:
             f.write(str(os.getpid()))
-        done = subprocess.run(
-            [sys.executable, "-m", "tnkd.cli", *args], capture_output=True, text=True, timeout=300
-        )
-        with open("second.json", "w") as f:
-            json.dump({"rc": done.returncode, "stderr": done.stderr}, f)
+        deadline = time.monotonic() + 120
+        while not os.path.exists("second.done") and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+class FullDiskIO(TorchCheckpointIO):
+    """Checkpoint writes that hit a full disk: part of the file is written, then ENOSPC."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        with open(path, "wb") as f:
+            f.write(b"PK partial checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")

@@ -67,9 +67,7 @@ def _runs(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("batched", ["false", "true"])
-def test_a_diverging_run_is_recorded_as_failed_and_the_others_go_on(
-    workdir, tnkd_cli, batched
-):
+def test_a_diverging_run_is_recorded_as_failed_and_the_others_go_on(workdir, tnkd_cli, batched):
     nan = ["--student.init_args.nan_seed", "1", "--student.init_args.after", "2"]
     result = tnkd_cli(
         _compare("cli_plugins.NaNAfter", "[0, 1]", *nan, "--batched", batched),
@@ -104,9 +102,7 @@ def test_a_diverging_run_is_recorded_as_failed_and_the_others_go_on(
     assert "- KL seed 1 (divergence kl, T 2, beta 0.9): student logits non-finite" in report.stdout
 
 
-def test_a_batched_member_that_diverges_is_frozen_the_others_train_on_unchanged(
-    workdir, tnkd_cli
-):
+def test_a_batched_member_that_diverges_is_frozen_the_others_train_on_unchanged(workdir, tnkd_cli):
     """The surviving members' results equal those of the same grid where nobody diverged."""
     results = {}
     for nan_seed in ("1", "99"):  # 99: no member diverges
@@ -121,7 +117,9 @@ def test_a_batched_member_that_diverges_is_frozen_the_others_train_on_unchanged(
             f"r{nan_seed}.json",
         )
         tnkd_cli(args, cwd=workdir, path=[str(TESTS)])
-        results[nan_seed] = {(r["name"], r["seed"]): r for r in _runs(workdir / f"r{nan_seed}.json")}
+        results[nan_seed] = {
+            (r["name"], r["seed"]): r for r in _runs(workdir / f"r{nan_seed}.json")
+        }
     for key in [("labels only", 0), ("KL", 0)]:
         for metric in ("student_acc", "agreement", "student_ece"):
             assert results["1"][key][metric] == pytest.approx(results["99"][key][metric], abs=1e-6)
@@ -129,9 +127,7 @@ def test_a_batched_member_that_diverges_is_frozen_the_others_train_on_unchanged(
     assert results["99"][("KL", 1)]["status"] == "finished"
 
 
-def test_sigterm_keeps_the_finished_runs_and_the_resume_reruns_only_the_missing(
-    workdir, tnkd_cli
-):
+def test_sigterm_keeps_the_finished_runs_and_the_resume_reruns_only_the_missing(workdir, tnkd_cli):
     args = _compare("cli_plugins.SigtermOnce", "[0, 1, 2]", "--student.init_args.at", "4")
     stopped = tnkd_cli(args, cwd=workdir, path=[str(TESTS)])
     assert stopped.rc == 143, stopped.stderr

@@ -33,12 +33,17 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import tnkd.training.preemption as preemption
 from tnkd.data.base import ClassificationDataModule
-from tnkd.errors import debug_enabled, user_error_message
+from tnkd.errors import debug_enabled, is_disk_full, note_output, user_error_message
 from tnkd.experiments.compare import without_unset_settings
 from tnkd.experiments.files import unique_path
 from tnkd.training.callbacks import RunCheckpoint, checkpoint_folder
 from tnkd.training.modules import DistillationModule, TeacherModule, check_checkpoint_shapes
-from tnkd.training.outputs import RunLock, check_checkpoint_file, check_writable
+from tnkd.training.outputs import (
+    RunLock,
+    check_checkpoint_file,
+    check_writable,
+    discard_wandb_run,
+)
 from tnkd.training.predictions import PredictionWriter
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -160,6 +165,10 @@ class TnkdCLI(LightningCLI):
         self._lock: RunLock | None = None
         try:
             self._start(args, run, no_exit)
+        except BaseException as error:
+            if is_disk_full(error):  # no W&B run is left of a run that could not be written
+                discard_wandb_run()
+            raise
         finally:
             if self._lock is not None:  # the run has ended (or failed): the folder is free
                 self._lock.release()
@@ -222,7 +231,11 @@ class TnkdCLI(LightningCLI):
                 config["ckpt_path"] = self._last_checkpoint(subcommand, config)
             elif path and path not in ("best", "hpc", "registry"):
                 check_checkpoint_file(path)
-        super()._parse_ckpt_path()
+            path = config.get("ckpt_path")
+            if path and Path(path).is_file():
+                checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+                check_same_settings(config.get("model"), checkpoint, path)
+        super()._parse_ckpt_path()  # Lightning puts the checkpoint's hyperparameters in the config
 
     def _last_checkpoint(self, subcommand: str, config: Any) -> str | None:
         folder = _checkpoint_folder(config)
@@ -288,8 +301,6 @@ class TnkdCLI(LightningCLI):
         if ckpt_path and Path(ckpt_path).is_file():
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
             check_checkpoint_shapes(model, checkpoint)
-            if subcommand == "fit":
-                check_same_settings(model, checkpoint, ckpt_path)
         if isinstance(model, DistillationModule) and dm is not None:
             model.attach_cached_logits(dm, STAGES[subcommand])
         if subcommand == "fit":
@@ -312,13 +323,16 @@ class TnkdCLI(LightningCLI):
         trainer = config.get("trainer") or {}
         root = trainer.get("default_root_dir") or "runs"
         check_writable(root, "--trainer.default_root_dir")
+        note_output(root)
         for logger in _logger_configs(trainer.get("logger")):
             save_dir = _init_args(logger).get("save_dir")
             if save_dir:
                 check_writable(save_dir, "--trainer.logger.init_args.save_dir")
+                note_output(save_dir)
         folder = _checkpoint_folder(config)
         if folder is not None:
             check_writable(folder, "the checkpoint folder")
+            note_output(folder)
             existing = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
             if existing and not config.get("ckpt_path"):
                 raise FileExistsError(
@@ -362,7 +376,14 @@ class TnkdCLI(LightningCLI):
         return trainer
 
     def after_fit(self) -> None:
-        """A teacher that exported its file is tested too: the file records its test accuracy."""
+        """Say where the W&B run is kept; a teacher that exported its file is tested too."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in self.trainer.loggers:
+            run = getattr(logger, "_experiment", None)
+            if isinstance(logger, WandbLogger) and run is not None and self.trainer.is_global_zero:
+                folder = Path(run.dir).parent
+                print(f"tnkd fit: W&B run kept in {folder} (upload it with: wandb sync {folder})")
         model = self.model
         if isinstance(model, TeacherModule) and model.hparams.get("export_path"):
             (metrics,) = self.trainer.test(model, datamodule=self.datamodule, verbose=False)
@@ -423,39 +444,61 @@ def _checkpoint_folder(config: Any) -> Path | None:
     return checkpoint_folder(args.get("name"), args.get("save_dir") or root, root)
 
 
-#: hyperparameters a resumed run may change: they touch no weight and no optimiser state
+#: hyperparameters a resumed run may change: they touch no weight and no optimiser state (the
+#: teacher's weights are in the checkpoint: its file may have moved)
 RESUMABLE_CHANGES = frozenset(
-    {"teacher_cache", "trust_teacher_file", "untrained_teacher", "export_path", "mixup_seed"}
+    {
+        "teacher_checkpoint",
+        "teacher_cache",
+        "trust_teacher_file",
+        "untrained_teacher",
+        "export_path",
+        "mixup_seed",
+    }
 )
 
 
-def check_same_settings(model: LightningModule, checkpoint: dict[str, Any], path: Any) -> None:
-    """Refuse, in one line listing them, to resume with settings other than the checkpoint's.
-
-    Lightning restores the optimiser and scheduler state of the checkpoint, so a new ``lr``,
-    ``weight_decay`` or ``scheduler`` would be silently ignored; a new divergence, temperature
-    or beta would silently change the run half-way. Neither is what a resumed run should do.
-    """
+def _comparable(value: Any) -> str:
+    """A setting as text for comparison: Namespaces as dicts, whole numbers as floats."""
     import json
 
+    def plain(v: Any) -> Any:
+        if hasattr(v, "as_dict"):
+            v = v.as_dict()
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, int) and not isinstance(v, bool):
+            return float(v)
+        return v
+
+    return json.dumps(plain(value), default=str, sort_keys=True)
+
+
+def check_same_settings(model: Any, checkpoint: dict[str, Any], path: Any) -> None:
+    """Refuse, in one line listing them, to resume with settings other than the checkpoint's.
+
+    ``model`` is the command's model config (``class_path`` and ``init_args``). Lightning
+    replaces the config's model settings with the checkpoint's hyperparameters, and restores
+    the optimiser's state (its learning rate too): a setting given on the command line would be
+    silently ignored. The command refuses it instead.
+    """
     saved = checkpoint.get("hyper_parameters") or {}
-    own = dict(getattr(model, "hparams", {}) or {})
-
-    def plain(value: Any) -> str:
-        return json.dumps(value, default=str, sort_keys=True)
-
-    changed = [
-        f"{key} {plain(saved.get(key))} there, {plain(own.get(key))} here"
-        for key in sorted(set(saved) | set(own))
-        if not key.startswith("_")
-        and key not in RESUMABLE_CHANGES
-        and plain(saved.get(key)) != plain(own.get(key))
-    ]
+    given = _init_args(model) if model is not None else {}
+    changed = []
+    for key in sorted(saved):
+        if key.startswith("_") or key in RESUMABLE_CHANGES or key not in given:
+            continue
+        there, here = _comparable(saved[key]), _comparable(given[key])
+        if there != here:
+            changed.append(f"{key} {there} there, {here} here")
     if changed:
         raise ValueError(
-            f"--ckpt_path {path} was trained with other settings ({'; '.join(changed)}); resume "
-            "with the checkpoint's settings (its run's config), or train these settings as a new "
-            "run under another name (--trainer.logger.init_args.name NEW)"
+            f"--ckpt_path {path} was trained with other settings ({'; '.join(changed)}); "
+            "Lightning would silently use the checkpoint's: give the checkpoint's settings "
+            "(its run's config), or train these settings as a new run under another name "
+            "(--trainer.logger.init_args.name NEW)"
         )
 
 
@@ -578,11 +621,13 @@ INTERNAL_WARNINGS = (
 )
 
 
-def _notices_to_stdout() -> list[Any]:
+def _notices_to_stdout(warnings_too: bool) -> list[Any]:
     """Send Lightning's notices (devices, model summary, tips) to stdout; stderr is for errors.
 
-    Returns the handlers moved (for :func:`_notices_back`). Warnings about Lightning's internals
-    are silenced, so that an error during training is the only line on stderr.
+    With ``warnings_too`` (``tnkd fit``, ``validate``, ``test``, ``predict``, whose stdout is
+    a log, not a table) Python warnings go there too. Warnings about Lightning's internals are
+    silenced. An error during training is then the only line on stderr. Returns the handlers
+    moved (for :func:`_notices_back`).
     """
     import logging
     import warnings
@@ -590,6 +635,12 @@ def _notices_to_stdout() -> list[Any]:
     for pattern in INTERNAL_WARNINGS:
         warnings.filterwarnings("ignore", pattern)
     moved = []
+    if warnings_too:  # Lightning's advice on batch counts, workers...: a notice, not an error
+        logging.captureWarnings(True)
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("py.warnings").addHandler(handler)
+        moved.append((handler, None))
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         for handler in logging.getLogger(name).handlers:
             stream = getattr(handler, "stream", None)
@@ -603,8 +654,14 @@ def _notices_to_stdout() -> list[Any]:
 
 
 def _notices_back(moved: list[Any]) -> None:
+    import logging
+
     for handler, stream in moved:
-        handler.setStream(stream)
+        if stream is None:
+            logging.getLogger("py.warnings").removeHandler(handler)
+            logging.captureWarnings(False)
+        else:
+            handler.setStream(stream)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -612,7 +669,9 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     command = argv[0] if argv and not argv[0].startswith("-") else ""
     preemption.install()
-    moved = _notices_to_stdout()
+    moved = _notices_to_stdout(warnings_too=command in STAGES)
+    # W&B's banner went to stderr, before any error; where the run is kept is on stdout (below)
+    os.environ.setdefault("WANDB_SILENT", "true")
     try:
         run(argv, from_argv=args is None)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit

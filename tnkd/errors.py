@@ -37,11 +37,11 @@ def user_error_message(error: BaseException) -> str | None:
     while current is not None and all(current is not e for e in chain):
         chain.append(current)
         current = current.__cause__ or current.__context__
-    for e in chain:  # a full disk, whatever wrapped it
-        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(
-            e
-        ):
-            return disk_full_message(getattr(e, "filename", None))
+    if is_disk_full(error):  # whatever wrapped it
+        names = [
+            n for e in chain for n in (getattr(e, "filename", None), getattr(e, "filename2", None))
+        ]
+        return disk_full_message(*names)
     found = [e for e in chain if isinstance(e, kinds)]
     if not found:
         return None
@@ -68,6 +68,14 @@ def _raised_by_tnkd(error: BaseException) -> bool:
 
 #: the file being written when the disk filled up (set around writes that name no file)
 _writing: dict[str, str | None] = {"path": None}
+#: the folders the command writes to (the one with the least space left is named on a full disk)
+_outputs: list[str] = []
+
+
+def note_output(path: str | os.PathLike) -> None:
+    """Record a folder (or file) the command writes to, for :func:`disk_full_message`."""
+    if str(path) not in _outputs:
+        _outputs.append(str(path))
 
 
 class writing:
@@ -86,35 +94,61 @@ class writing:
 
 
 def _human(size: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if size < 1024 or unit == "TB":
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1024:
             return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
         size /= 1024
-    return f"{size:.1f} TB"  # pragma: no cover
+    return f"{size:.1f} TB"
 
 
-def disk_full_message(path: str | os.PathLike | None) -> str:
-    """One line for a full disk: which file, how much space is left where, what to do.
-
-    Args:
-        path: the file that could not be written (``None``: the last file named by
-            :class:`writing`, or the working folder).
-    """
-    import shutil
-
-    path = path or _writing["path"]
-    target = Path(path) if path else Path.cwd()
-    probe = target if target.is_dir() else target.parent
+def _existing(path: Path) -> Path:
+    probe = path
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
+    return probe
+
+
+def _free(path: str) -> tuple[int, Path]:
+    import shutil
+
+    probe = _existing(Path(path))
     try:
-        free = _human(shutil.disk_usage(probe).free)
+        return shutil.disk_usage(probe).free, probe
     except OSError:
-        free = "unknown space"
-    what = f"writing {target}" if path else "writing the run's files"
+        return 1 << 62, probe
+
+
+def disk_full_message(*paths: str | os.PathLike | None) -> str:
+    """One line for a full disk: which file, how much space is left where, what to do.
+
+    Of the files named by the error (``paths``), the file being written (:class:`writing`) and
+    the command's output folders (:func:`note_output`), the one on the fullest disk is named:
+    the file an error names may be the source of a copy (W&B moves its media files from /tmp).
+    """
+    candidates = [str(p) for p in paths if p] + [p for p in (_writing["path"],) if p] + _outputs
+    if not candidates:
+        candidates = [os.getcwd()]
+    free, where, chosen = min(((*_free(c), c) for c in candidates), key=lambda t: t[0])
+    if chosen.endswith(".tmp") and not Path(chosen).exists():  # the removed partial file
+        chosen = chosen.removesuffix(".tmp")
+    what = f"writing {chosen}" if not Path(chosen).is_dir() else f"writing under {chosen}"
     return (
-        f"no space left on device {what} ({free} free in {probe}); nothing partial was kept: "
-        "free space there, or point the output at another disk (tnkd fit: "
+        f"no space left on device {what} ({_human(free)} free in {where}); nothing partial was "
+        "kept: free space there, or point the output at another disk (tnkd fit: "
         "--trainer.default_root_dir and --trainer.logger.init_args.save_dir; tnkd compare: "
         "--save_dir and --results)"
     )
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or an error in its chain of causes) is a full disk."""
+    seen: list[BaseException] = []
+    current: BaseException | None = error
+    while current is not None and all(current is not e for e in seen):
+        seen.append(current)
+        if (isinstance(current, OSError) and current.errno == errno.ENOSPC) or (
+            "No space left on device" in str(current)
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

@@ -24,12 +24,13 @@ from torch import nn
 
 import tnkd.training.preemption as preemption
 from tnkd.data.base import ClassificationDataModule
+from tnkd.errors import is_disk_full, note_output
 from tnkd.experiments.progress import EpochLines
 from tnkd.experiments.results_file import ResultsFile, results_target
 from tnkd.students.base import count_parameters
 from tnkd.teachers import load_teacher, read_teacher_file
 from tnkd.training.modules import DistillationModule, Diverged, TeacherModule
-from tnkd.training.outputs import check_writable
+from tnkd.training.outputs import check_writable, discard_wandb_run
 
 
 @dataclass
@@ -81,8 +82,10 @@ class RunResult:
 
     def label(self) -> str:
         """``KL seed 1 (divergence kl, T 4, beta 0.9)``: the run and its setting, for messages."""
-        setting = f"beta {self.beta:g}" if self.beta == 0 else (
-            f"divergence {self.divergence}, T {self.temperature:g}, beta {self.beta:g}"
+        setting = (
+            f"beta {self.beta:g}"
+            if self.beta == 0
+            else (f"divergence {self.divergence}, T {self.temperature:g}, beta {self.beta:g}")
         )
         return f"{self.name} seed {self.seed} ({setting})"
 
@@ -308,6 +311,9 @@ def compare(
     if batched and mixup:
         raise ValueError("mixup runs cannot be batched yet: leave out --batched or --mixup")
     _check_outputs(teacher_checkpoint, teacher_cache, logger, save_dir, results)
+    for output in (save_dir, results, teacher_cache):
+        if output:
+            note_output(output)
     group = group or default_group(data)
     journal = None
     if results:
@@ -484,6 +490,10 @@ def _compare_runs(
             failed = True
             result = _failed(variant, seed, module, failure)
             _say_failed(number, total, result, "stopped")
+        except BaseException as error:
+            if is_disk_full(error):  # no W&B run is left of a run that could not be written
+                discard_wandb_run()
+            raise
         finally:
             _finish(log, failed)
         ended(result)

@@ -101,7 +101,7 @@ class RunLock:
         self.path = self.folder / name
         self.what, self.hint = what, hint
         self._fd: int | None = None
-        self._made_folder = False
+        self._made: Path | None = None  # the outermost folder the lock created
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise :class:`FolderInUse` if another process holds it."""
@@ -111,19 +111,25 @@ class RunLock:
             return self
         if self._fd is not None:
             return self
-        self._made_folder = not self.folder.exists()
+        top = self.folder
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
+        self._made = None if self.folder.exists() else top
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = False
             except BlockingIOError:
+                held = True
+            if held:  # raised outside the except: the message is the error, not EAGAIN
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
                 os.close(fd)
                 raise FolderInUse(
                     f"{self.what} {self.folder} is in use by another tnkd process (PID {holder}); "
                     f"wait for it to end, or {self.hint}"
-                ) from None
+                )
             try:  # the holder may have removed the file between our open and our lock
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -142,8 +148,12 @@ class RunLock:
             return
         try:
             self.path.unlink(missing_ok=True)
-            if self._made_folder and not any(self.folder.iterdir()):
-                self.folder.rmdir()
+            folder = self.folder
+            while self._made is not None and folder.is_relative_to(self._made):
+                if any(folder.iterdir()):
+                    break
+                folder.rmdir()  # created by the lock and left empty by the run
+                folder = folder.parent
         except OSError:
             pass  # a lock file left behind blocks nobody: the kernel released the lock
         finally:
@@ -155,3 +165,29 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def discard_wandb_run() -> None:
+    """Finish the current W&B run and delete its folder: a run a full disk cut short.
+
+    Also removes the ``latest-run`` and ``debug*.log`` links that W&B put beside it, so that no
+    trace of the run that could not be written is left.
+    """
+    import shutil
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return
+    folder = Path(run.dir).parent
+    try:
+        wandb.finish(exit_code=1)
+    except Exception:  # the disk is full: W&B's own last writes may fail too
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
+    parent = folder.parent
+    if parent.is_dir():
+        for link in parent.iterdir():
+            if link.is_symlink() and not link.exists():  # pointed into the removed folder
+                link.unlink(missing_ok=True)
