@@ -765,6 +765,11 @@ class DistillationModule(_RunModule):
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y, *cached = batch
+        if len(y) == 0:
+            raise ValueError(
+                f"an empty batch (0 samples) reached the {stage} step: the losses and metrics are "
+                "means over samples; make the data module's loaders yield no empty batches"
+            )
         mix = None
         if stage == "train" and self.mixup > 0:
             x, perm, lam = mix_batch(x, self.mixup, self.mixup_seed, int(self.global_step))
