@@ -14,6 +14,18 @@ Before anything is trained or written, every run checks its data, its model agai
 the checkpoint it resumes from and the folders and files it will write. A run stopped by SIGTERM
 (or Ctrl-C) writes ``last.ckpt``, prints the command that resumes it and exits with status 143
 (130); see :mod:`tnkd.training.preemption`.
+
+stderr holds errors only: Lightning's notices, Python warnings and W&B's banner go to stdout (or
+nowhere), and the seed is set without Lightning's ``Seed set to N`` line. More checks:
+
+* a ``tnkd fit`` holds an advisory lock on its run folder while it writes there
+  (:class:`~tnkd.training.outputs.RunLock`); a second run of the same name is refused;
+* ``--ckpt_path`` with model settings other than the checkpoint's hyperparameters is refused
+  (Lightning would silently replace them by the checkpoint's);
+* ``tnkd validate|test|predict`` without ``--ckpt_path`` is refused (an untrained model)
+  unless ``--allow_untrained true``;
+* a full disk is one line naming the file and the space left; no partial checkpoint and no W&B
+  run of the failed run are left.
 """
 
 from __future__ import annotations
@@ -679,6 +691,8 @@ def main(args: list[str] | None = None) -> None:
         _stopped(argv, preemption.stop_signal())
     except preemption.Preempted as stop:
         _stopped(argv, stop.signum)
+    except KeyboardInterrupt:  # Ctrl-C outside a fit's training loop (compare, study, loading)
+        _stopped(argv, signal.SIGINT)
     except SystemExit:
         raise
     except BrokenPipeError:

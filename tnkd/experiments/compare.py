@@ -4,6 +4,14 @@
 first use (and reuses its file after), trains the same student on labels alone and distilled with
 each divergence / temperature / beta asked for, over one or more seeds, and prints a results
 table (test accuracy, teacher-student agreement, calibration, parameters, compression, time).
+
+Nothing finished is lost: each run's result is written to the results file as soon as the run
+ends; a run whose student's logits or loss become NaN or infinite is recorded as failed (its
+name, seed, setting, epoch and step; ``status: failed`` in the file, named under the table) and
+the others go on (with ``batched``, the diverged member is frozen and the rest train on); a
+SIGTERM keeps the runs that ended, and the command it prints (the same, with ``--results FILE
+--group G``) runs only the missing ones. ``tnkd compare`` exits with status 2 and one line naming
+the failed runs if any run failed.
 """
 
 from __future__ import annotations
@@ -277,8 +285,11 @@ def compare(
         project: W&B project.
         group: W&B group shared by the runs of this comparison.
         save_dir: where W&B runs go.
-        results: optional path of a JSON file to write the results to (never overwritten:
-            a numbered name is chosen if it exists).
+        results: path of a JSON file for the results, rewritten as each run ends (see
+            :mod:`tnkd.experiments.results_file`): a file of a stopped comparison with these
+            settings is resumed (its runs kept, the missing ones run), a complete one is never
+            overwritten (a numbered name is chosen). ``tnkd compare`` without it writes
+            ``SAVE_DIR/results/GROUP.json``; the Python function then writes no file.
         progress: print one line per epoch of each run (train loss and accuracy, validation
             accuracy, seconds); off by default, so the output is the results table alone.
         evaluate: ``"test"`` (default): each trained run is tested on the test set;
@@ -721,14 +732,12 @@ class RunsFailed(ValueError):
     """Some runs of a comparison failed (diverged); the others' results were kept."""
 
 
+# :func:`compare` as ``tnkd compare`` runs it (its signature and docs, for the parser): the
+# results always go to a file (``SAVE_DIR/results/GROUP.json`` without ``results``), so that the
+# runs that ended survive a stop or a failed run; a run that failed makes the command fail with
+# one line naming every failed run and the file, after the others' results were written.
 @functools.wraps(compare)
-def compare_command(*args: Any, **kwargs: Any) -> list[RunResult]:
-    """:func:`compare` as ``tnkd compare`` runs it: the results always go to a file.
-
-    Without ``results`` the file is ``SAVE_DIR/results/GROUP.json``, so that the runs that
-    ended survive a stop and a failed run; a run that failed makes the command fail (one line
-    naming every failed run and the file), after the others' results were written.
-    """
+def compare_command(*args: Any, **kwargs: Any) -> list[RunResult]:  # noqa: D103
     bound = inspect.signature(compare).bind(*args, **kwargs)
     bound.apply_defaults()
     call = bound.arguments

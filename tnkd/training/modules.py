@@ -77,6 +77,10 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits[labeled], labels[labeled])
 
 
+#: how a message names each stage
+STAGE_NAMES = {"train": "training", "val": "validation", "test": "testing"}
+
+
 class Diverged(ValueError):
     """The student's logits or loss became NaN or infinite: the run cannot go on.
 
@@ -87,7 +91,7 @@ class Diverged(ValueError):
 
     def __init__(self, what: str, stage: str, epoch: int, step: int) -> None:
         self.what, self.stage, self.epoch, self.step = what, stage, epoch, step
-        where = "training" if stage == "train" else f"{stage} after training"
+        where = STAGE_NAMES.get(stage, stage)
         super().__init__(
             f"the run diverged: the student's {what} became NaN or infinite in epoch {epoch} "
             f"({where}, step {step}); lower the learning rate (--lr) or the temperature, or "
@@ -97,7 +101,7 @@ class Diverged(ValueError):
     @property
     def short(self) -> str:
         """``student logits non-finite in epoch 2 (training, step 130)``, for a table's note."""
-        where = "training" if self.stage == "train" else self.stage
+        where = STAGE_NAMES.get(self.stage, self.stage)
         return f"student {self.what} non-finite in epoch {self.epoch} ({where}, step {self.step})"
 
 
