@@ -20,8 +20,8 @@ nowhere), and the seed is set without Lightning's ``Seed set to N`` line. More c
 
 * a ``tnkd fit`` holds an advisory lock on its run folder while it writes there
   (:class:`~tnkd.training.outputs.RunLock`); a second run of the same name is refused;
-* ``--ckpt_path`` with model settings other than the checkpoint's hyperparameters is refused
-  (Lightning would silently replace them by the checkpoint's);
+* ``tnkd fit --ckpt_path`` (a resume) with model settings other than the checkpoint's
+  hyperparameters is refused (Lightning would silently replace them by the checkpoint's);
 * ``tnkd validate|test|predict`` without ``--ckpt_path`` is refused (an untrained model)
   unless ``--allow_untrained true``;
 * a full disk is one line naming the file and the space left; no partial checkpoint and no W&B
@@ -244,7 +244,9 @@ class TnkdCLI(LightningCLI):
             elif path and path not in ("best", "hpc", "registry"):
                 check_checkpoint_file(path)
             path = config.get("ckpt_path")
-            if path and Path(path).is_file():
+            if subcommand == "fit" and path and Path(path).is_file():
+                # a resume; validate/test/predict evaluate the model as trained (Lightning uses
+                # the checkpoint's settings, which is right there)
                 checkpoint = torch.load(path, weights_only=True, map_location="cpu")
                 check_same_settings(config.get("model"), checkpoint, path)
         super()._parse_ckpt_path()  # Lightning puts the checkpoint's hyperparameters in the config
