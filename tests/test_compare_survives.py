@@ -166,3 +166,30 @@ def test_a_stopped_results_file_is_not_resumed_with_other_settings(workdir, tnkd
     (line,) = other.stderr_lines
     assert re.search(r"r\.json holds a stopped comparison made with other settings \(lr: ", line)
     assert (workdir / "r.json").read_text() == before
+
+
+def test_a_full_disk_while_writing_the_results_is_one_line_and_leaves_no_partial_file(
+    workdir, monkeypatch, capsys
+):
+    import errno
+
+    from tnkd.cli import main
+
+    real = Path.write_text
+
+    def full_disk(self, data, *args, **kwargs):
+        if self.name.endswith(".tmp"):
+            real(self, data[:10], *args, **kwargs)  # part of it, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data, *args, **kwargs)
+
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(SystemExit) as stop:
+        main(_compare("tnkd.students.MPSClassifier", "[0]"))
+    assert stop.value.code == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert re.match(r"tnkd compare: error: no space left on device writing r\.json \(", line), line
+    assert "--save_dir and --results" in line
+    assert not [p for p in workdir.rglob("*") if p.name.endswith((".tmp", ".lock"))]
+    assert not (workdir / "r.json").exists()

@@ -638,8 +638,8 @@ INTERNAL_WARNINGS = (
 def _notices_to_stdout(warnings_too: bool) -> list[Any]:
     """Send Lightning's notices (devices, model summary, tips) to stdout; stderr is for errors.
 
-    With ``warnings_too`` (``tnkd fit``, ``validate``, ``test``, ``predict``, whose stdout is
-    a log, not a table) Python warnings go there too. Warnings about Lightning's internals are
+    With ``warnings_too`` (every command but ``tnkd report``, whose stdout is its tables)
+    Python warnings go there too. Warnings about Lightning's internals are
     silenced. An error during training is then the only line on stderr. Returns the handlers
     moved (for :func:`_notices_back`).
     """
@@ -683,7 +683,8 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     command = argv[0] if argv and not argv[0].startswith("-") else ""
     preemption.install()
-    moved = _notices_to_stdout(warnings_too=command in STAGES)
+    # tnkd report's stdout is its tables alone; the others' is a log (progress, notices)
+    moved = _notices_to_stdout(warnings_too=command not in ("report", ""))
     # W&B's banner went to stderr, before any error; where the run is kept is on stdout (below)
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
