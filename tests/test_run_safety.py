@@ -242,3 +242,19 @@ def test_an_error_during_training_is_the_only_line_on_stderr(tmp_path, tnkd_cli)
         "epoch 1 (training, step 1)"
     ), line
     assert "Seed set to" not in result.stdout + result.stderr
+
+
+def test_resuming_another_model_class_is_refused(trained, tnkd_cli):
+    teacher_config = str(TESTS.parent / "configs" / "digits" / "teacher_cnn.yaml")
+    args = ["fit", "--config", teacher_config]
+    args += ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger"]
+    args += ["--trainer.logger.init_args.save_dir", "runs", "--trainer.logger.init_args.name"]
+    args += ["done", "--ckpt_path", "last"]  # the teacher's config, the student run's checkpoint
+    result = tnkd_cli(args, cwd=trained)
+    assert result.rc == 2
+    (line,) = result.stderr_lines
+    assert re.search(
+        r"was trained with other settings \(model tnkd\.training\.DistillationModule there, "
+        r"tnkd\.training\.\w*TeacherModule here",
+        line,
+    ), line

@@ -490,6 +490,17 @@ def _comparable(value: Any) -> str:
     return json.dumps(plain(value), default=str, sort_keys=True)
 
 
+def _resolve(class_path: str) -> Any:
+    """The class a class path names (the path itself if it cannot be imported)."""
+    import importlib
+
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return class_path
+
+
 def check_same_settings(model: Any, checkpoint: dict[str, Any], path: Any) -> None:
     """Refuse, in one line listing them, to resume with settings other than the checkpoint's.
 
@@ -501,6 +512,10 @@ def check_same_settings(model: Any, checkpoint: dict[str, Any], path: Any) -> No
     saved = checkpoint.get("hyper_parameters") or {}
     given = _init_args(model) if model is not None else {}
     changed = []
+    there_class = saved.get("_class_path")
+    here_class = model.get("class_path") if hasattr(model, "get") else None
+    if there_class and here_class and _resolve(there_class) != _resolve(here_class):
+        changed.append(f"model {there_class} there, {here_class} here")
     for key in sorted(saved):
         if key.startswith("_") or key in RESUMABLE_CHANGES or key not in given:
             continue
