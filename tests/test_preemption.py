@@ -101,7 +101,7 @@ def test_sigterm_during_start_up_then_resume_from_the_beginning(cwd, tnkd_cli):
     assert not (cwd / "runs" / "checkpoints" / "early").exists()
     resumed = tnkd_cli(_args("early", "--ckpt_path", "last", "--trainer.max_epochs", "1"), cwd=cwd)
     assert resumed.rc == 0, resumed.stderr
-    assert "no checkpoint in" in resumed.stderr and "starting from the beginning" in resumed.stderr
+    assert "no checkpoint in" in resumed.stdout and "starting from the beginning" in resumed.stdout
     assert _step(cwd / "runs" / "checkpoints" / "early" / "last.ckpt") == 6
 
 

@@ -14,6 +14,18 @@ Before anything is trained or written, every run checks its data, its model agai
 the checkpoint it resumes from and the folders and files it will write. A run stopped by SIGTERM
 (or Ctrl-C) writes ``last.ckpt``, prints the command that resumes it and exits with status 143
 (130); see :mod:`tnkd.training.preemption`.
+
+stderr holds errors only: Lightning's notices, Python warnings and W&B's banner go to stdout (or
+nowhere), and the seed is set without Lightning's ``Seed set to N`` line. More checks:
+
+* a ``tnkd fit`` holds an advisory lock on its run folder while it writes there
+  (:class:`~tnkd.training.outputs.RunLock`); a second run of the same name is refused;
+* ``tnkd fit --ckpt_path`` (a resume) with model settings other than the checkpoint's
+  hyperparameters is refused (Lightning would silently replace them by the checkpoint's);
+* ``tnkd validate|test|predict`` without ``--ckpt_path`` is refused (an untrained model)
+  unless ``--allow_untrained true``;
+* a full disk is one line naming the file and the space left; no partial checkpoint and no W&B
+  run of the failed run are left.
 """
 
 from __future__ import annotations
@@ -26,19 +38,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import tnkd.training.preemption as preemption
 from tnkd.data.base import ClassificationDataModule
-from tnkd.errors import debug_enabled, user_error_message
+from tnkd.errors import debug_enabled, is_disk_full, note_output, user_error_message
 from tnkd.experiments.compare import without_unset_settings
 from tnkd.experiments.files import unique_path
 from tnkd.training.callbacks import RunCheckpoint, checkpoint_folder
 from tnkd.training.modules import DistillationModule, TeacherModule, check_checkpoint_shapes
-from tnkd.training.outputs import check_checkpoint_file, check_writable
+from tnkd.training.outputs import (
+    RunLock,
+    check_checkpoint_file,
+    check_writable,
+    discard_wandb_run,
+)
 from tnkd.training.predictions import PredictionWriter
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -157,6 +174,18 @@ class TnkdCLI(LightningCLI):
         elif isinstance(args, list):
             args = expand_short_flags(args)
         no_exit = {"exit_on_error": False}
+        self._lock: RunLock | None = None
+        try:
+            self._start(args, run, no_exit)
+        except BaseException as error:
+            if is_disk_full(error):  # no W&B run is left of a run that could not be written
+                discard_wandb_run()
+            raise
+        finally:
+            if self._lock is not None:  # the run has ended (or failed): the folder is free
+                self._lock.release()
+
+    def _start(self, args: list[str] | None, run: bool, no_exit: dict[str, Any]) -> None:
         super().__init__(
             LightningModule,
             ClassificationDataModule,
@@ -173,8 +202,28 @@ class TnkdCLI(LightningCLI):
 
     # ---- parsing -------------------------------------------------------------------------
 
+    def _set_seed(self) -> None:
+        """Seed as Lightning does, without its ``Seed set to N`` notice (the seed is in the config).
+
+        The notice went to stderr before everything else, so that an error that followed was
+        two lines there where one is promised.
+        """
+        seed = self._get(self.config, "seed_everything")
+        if seed is False:
+            return
+        seed = seed_everything(None if seed is True else seed, workers=True, verbose=False)
+        target = self.config[self.subcommand] if self.subcommand else self.config
+        target["seed_everything"] = seed
+
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> Any:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test", "predict"):
+            parser.add_argument(
+                "--allow_untrained",
+                type=bool,
+                default=False,
+                help="evaluate the model without --ckpt_path, untrained, on purpose",
+            )
         if subcommand == "predict":
             parser.add_argument(
                 "--predictions",
@@ -194,7 +243,13 @@ class TnkdCLI(LightningCLI):
                 config["ckpt_path"] = self._last_checkpoint(subcommand, config)
             elif path and path not in ("best", "hpc", "registry"):
                 check_checkpoint_file(path)
-        super()._parse_ckpt_path()
+            path = config.get("ckpt_path")
+            if subcommand == "fit" and path and Path(path).is_file():
+                # a resume; validate/test/predict evaluate the model as trained (Lightning uses
+                # the checkpoint's settings, which is right there)
+                checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+                check_same_settings(config.get("model"), checkpoint, path)
+        super()._parse_ckpt_path()  # Lightning puts the checkpoint's hyperparameters in the config
 
     def _last_checkpoint(self, subcommand: str, config: Any) -> str | None:
         folder = _checkpoint_folder(config)
@@ -209,10 +264,7 @@ class TnkdCLI(LightningCLI):
             check_checkpoint_file(last)
             return str(last)
         if subcommand == "fit":
-            print(
-                f"tnkd fit: no checkpoint in {folder} yet: starting from the beginning",
-                file=sys.stderr,
-            )
+            print(f"tnkd fit: no checkpoint in {folder} yet: starting from the beginning")
             return None
         raise FileNotFoundError(
             f"--ckpt_path last: {last} does not exist; train the run first (tnkd fit with the "
@@ -223,7 +275,7 @@ class TnkdCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """Instantiate model and data, check them (:meth:`preflight`), then the Trainer."""
-        self.config_init = self.parser.instantiate_classes(self.config)
+        self.config_init = self.parser.instantiate(self.config)
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
         self._add_configure_optimizers_method_to_model(self.subcommand)
@@ -247,28 +299,54 @@ class TnkdCLI(LightningCLI):
                         f"predictions file {target} already exists; choose another "
                         "--predictions path (nothing was overwritten)"
                     )
+        ckpt_path = config.get("ckpt_path")
+        if subcommand != "fit" and not ckpt_path and not config.get("allow_untrained"):
+            role = "teacher" if isinstance(model, TeacherModule) else "student"
+            raise ValueError(
+                f"tnkd {subcommand} without --ckpt_path would use an untrained {role} (random "
+                "weights); pass --ckpt_path last (the named run's last checkpoint) or "
+                f"--ckpt_path FILE, or --allow_untrained true to {subcommand} it untrained on "
+                "purpose"
+            )
         if dm is not None and not getattr(dm, "download", False):
             dm.setup(STAGES[subcommand])
         if hasattr(model, "check_data"):  # TeacherModule, DistillationModule
             model.check_data(dm)
-        ckpt_path = config.get("ckpt_path")
         if ckpt_path and Path(ckpt_path).is_file():
             checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
             check_checkpoint_shapes(model, checkpoint)
         if isinstance(model, DistillationModule) and dm is not None:
             model.attach_cached_logits(dm, STAGES[subcommand])
+        if subcommand == "fit":
+            self._lock_run_folder(config)
+
+    def _lock_run_folder(self, config: Any) -> None:
+        """Hold the run folder's lock while this run writes there (rank 0 only; see RunLock)."""
+        from lightning.fabric.utilities.rank_zero import _get_rank
+
+        folder = _checkpoint_folder(config)
+        if folder is None or _get_rank() not in (None, 0):
+            return
+        self._lock = RunLock(
+            folder,
+            "run folder",
+            "give this run another name (--trainer.logger.init_args.name NEW)",
+        ).acquire()
 
     def _check_outputs(self, config: Any) -> None:
         trainer = config.get("trainer") or {}
         root = trainer.get("default_root_dir") or "runs"
         check_writable(root, "--trainer.default_root_dir")
+        note_output(root)
         for logger in _logger_configs(trainer.get("logger")):
             save_dir = _init_args(logger).get("save_dir")
             if save_dir:
                 check_writable(save_dir, "--trainer.logger.init_args.save_dir")
+                note_output(save_dir)
         folder = _checkpoint_folder(config)
         if folder is not None:
             check_writable(folder, "the checkpoint folder")
+            note_output(folder)
             existing = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
             if existing and not config.get("ckpt_path"):
                 raise FileExistsError(
@@ -312,7 +390,14 @@ class TnkdCLI(LightningCLI):
         return trainer
 
     def after_fit(self) -> None:
-        """A teacher that exported its file is tested too: the file records its test accuracy."""
+        """Say where the W&B run is kept; a teacher that exported its file is tested too."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in self.trainer.loggers:
+            run = getattr(logger, "_experiment", None)
+            if isinstance(logger, WandbLogger) and run is not None and self.trainer.is_global_zero:
+                folder = Path(run.dir).parent
+                print(f"tnkd fit: W&B run kept in {folder} (upload it with: wandb sync {folder})")
         model = self.model
         if isinstance(model, TeacherModule) and model.hparams.get("export_path"):
             (metrics,) = self.trainer.test(model, datamodule=self.datamodule, verbose=False)
@@ -371,6 +456,79 @@ def _checkpoint_folder(config: Any) -> Path | None:
         return checkpoint_folder(None, None, root)
     args = _init_args(loggers[0])
     return checkpoint_folder(args.get("name"), args.get("save_dir") or root, root)
+
+
+#: hyperparameters a resumed run may change: they touch no weight and no optimiser state (the
+#: teacher's weights are in the checkpoint: its file may have moved)
+RESUMABLE_CHANGES = frozenset(
+    {
+        "teacher_checkpoint",
+        "teacher_cache",
+        "trust_teacher_file",
+        "untrained_teacher",
+        "export_path",
+        "mixup_seed",
+    }
+)
+
+
+def _comparable(value: Any) -> str:
+    """A setting as text for comparison: Namespaces as dicts, whole numbers as floats."""
+    import json
+
+    def plain(v: Any) -> Any:
+        if hasattr(v, "as_dict"):
+            v = v.as_dict()
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, int) and not isinstance(v, bool):
+            return float(v)
+        return v
+
+    return json.dumps(plain(value), default=str, sort_keys=True)
+
+
+def _resolve(class_path: str) -> Any:
+    """The class a class path names (the path itself if it cannot be imported)."""
+    import importlib
+
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return class_path
+
+
+def check_same_settings(model: Any, checkpoint: dict[str, Any], path: Any) -> None:
+    """Refuse, in one line listing them, to resume with settings other than the checkpoint's.
+
+    ``model`` is the command's model config (``class_path`` and ``init_args``). Lightning
+    replaces the config's model settings with the checkpoint's hyperparameters, and restores
+    the optimiser's state (its learning rate too): a setting given on the command line would be
+    silently ignored. The command refuses it instead.
+    """
+    saved = checkpoint.get("hyper_parameters") or {}
+    given = _init_args(model) if model is not None else {}
+    changed = []
+    there_class = saved.get("_class_path")
+    here_class = model.get("class_path") if hasattr(model, "get") else None
+    if there_class and here_class and _resolve(there_class) != _resolve(here_class):
+        changed.append(f"model {there_class} there, {here_class} here")
+    for key in sorted(saved):
+        if key.startswith("_") or key in RESUMABLE_CHANGES or key not in given:
+            continue
+        there, here = _comparable(saved[key]), _comparable(given[key])
+        if there != here:
+            changed.append(f"{key} {there} there, {here} here")
+    if changed:
+        raise ValueError(
+            f"--ckpt_path {path} was trained with other settings ({'; '.join(changed)}); "
+            "Lightning would silently use the checkpoint's: give the checkpoint's settings "
+            "(its run's config), or train these settings as a new run under another name "
+            "(--trainer.logger.init_args.name NEW)"
+        )
 
 
 def _refuse_untrained_teacher(config: Any) -> None:
@@ -439,27 +597,35 @@ def run(args: list[str], from_argv: bool = False) -> Any:
     return TnkdCLI(args=None if from_argv else args)
 
 
-def _resume_command(argv: list[str]) -> str:
-    """The command line that resumes a stopped ``tnkd fit``: the same, with ``--ckpt_path last``."""
+def _resume_command(argv: list[str], flags: dict[str, str] | None = None) -> str:
+    """The command line that resumes a stopped command: the same, with ``flags`` set.
+
+    ``tnkd fit``: ``--ckpt_path last``; ``tnkd compare``: its results file and W&B group.
+    """
+    flags = flags if flags is not None else {"--ckpt_path": "last"}
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
             continue
-        if arg == "--ckpt_path":
+        if arg in flags:
             skip = True
             continue
-        if arg.startswith("--ckpt_path="):
+        if arg.split("=", 1)[0] in flags:
             continue
         out.append(arg)
-    return shlex.join(["tnkd", *out, "--ckpt_path", "last"])
+    extra = [part for flag, value in flags.items() for part in (flag, value)]
+    return shlex.join(["tnkd", *out, *extra])
 
 
 def _stopped(argv: list[str], signum: int) -> None:
     name = signal.Signals(signum).name
     command = argv[0] if argv else ""
+    flags = preemption.resume_flags()
     if command == "fit":
         hint = f"resume with: {_resume_command(argv)}"
+    elif flags:
+        hint = f"the runs that ended are kept; resume with: {_resume_command(argv, flags)}"
     else:
         hint = "rerun the same command to start it again"
     print(f"tnkd {command}: stopped by {name}; {hint}", file=sys.stderr, flush=True)
@@ -477,11 +643,65 @@ def _reader_gone() -> None:
     raise SystemExit(128 + int(getattr(signal, "SIGPIPE", 13)))
 
 
+#: warnings about Lightning's and torch's own internals, nothing a user can act on
+INTERNAL_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",
+    r".*``instantiate_classes`` was deprecated",
+)
+
+
+def _notices_to_stdout(warnings_too: bool) -> list[Any]:
+    """Send Lightning's notices (devices, model summary, tips) to stdout; stderr is for errors.
+
+    With ``warnings_too`` (every command but ``tnkd report``, whose stdout is its tables)
+    Python warnings go there too. Warnings about Lightning's internals are
+    silenced. An error during training is then the only line on stderr. Returns the handlers
+    moved (for :func:`_notices_back`).
+    """
+    import logging
+    import warnings
+
+    for pattern in INTERNAL_WARNINGS:
+        warnings.filterwarnings("ignore", pattern)
+    moved = []
+    if warnings_too:  # Lightning's advice on batch counts, workers...: a notice, not an error
+        logging.captureWarnings(True)
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("py.warnings").addHandler(handler)
+        moved.append((handler, None))
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        for handler in logging.getLogger(name).handlers:
+            stream = getattr(handler, "stream", None)
+            if isinstance(handler, logging.StreamHandler) and stream in (
+                sys.stderr,
+                sys.__stderr__,
+            ):
+                handler.setStream(sys.stdout)
+                moved.append((handler, stream))
+    return moved
+
+
+def _notices_back(moved: list[Any]) -> None:
+    import logging
+
+    for handler, stream in moved:
+        if stream is None:
+            logging.getLogger("py.warnings").removeHandler(handler)
+            logging.captureWarnings(False)
+        else:
+            handler.setStream(stream)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``tnkd`` console script (one-line errors, exit statuses; see above)."""
     argv = sys.argv[1:] if args is None else list(args)
     command = argv[0] if argv and not argv[0].startswith("-") else ""
     preemption.install()
+    # tnkd report's stdout is its tables alone; the others' is a log (progress, notices)
+    moved = _notices_to_stdout(warnings_too=command not in ("report", ""))
+    # W&B's banner went to stderr, before any error; where the run is kept is on stdout (below)
+    os.environ.setdefault("WANDB_SILENT", "true")
     try:
         run(argv, from_argv=args is None)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
@@ -489,6 +709,8 @@ def main(args: list[str] | None = None) -> None:
         _stopped(argv, preemption.stop_signal())
     except preemption.Preempted as stop:
         _stopped(argv, stop.signum)
+    except KeyboardInterrupt:  # Ctrl-C outside a fit's training loop (compare, study, loading)
+        _stopped(argv, signal.SIGINT)
     except SystemExit:
         raise
     except BrokenPipeError:
@@ -501,6 +723,7 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     finally:
         preemption.uninstall()
+        _notices_back(moved)
 
 
 if __name__ == "__main__":

@@ -325,4 +325,11 @@ def _dkd_parts(lr: LogRatios, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _batch_mean(per_sample: Tensor) -> Tensor:
+    """The mean over the batch; an empty batch is refused (its mean would be NaN)."""
+    if per_sample.numel() == 0:
+        raise ValueError(
+            f"a divergence of an empty batch (per-sample values of shape "
+            f"{tuple(per_sample.shape)}) is undefined: it is a mean over the samples; give at "
+            "least one sample, or use the divergence's per_sample for per-sample values"
+        )
     return per_sample.mean()

@@ -19,7 +19,7 @@ import lightning as L
 from torch import nn
 
 from tnkd.training.batched import BatchedDistillation
-from tnkd.training.modules import DistillationModule
+from tnkd.training.modules import DistillationModule, Diverged
 
 
 def batched_runs(
@@ -33,7 +33,7 @@ def batched_runs(
     logger: str,
     wandb_args: dict[str, Any],
     progress: bool = False,
-) -> list[tuple[DistillationModule, dict[str, float]]]:
+) -> list[tuple[DistillationModule, dict[str, float], Diverged | None]]:
     """Train every (seed, variant) run as one batched model; each run's module and test metrics.
 
     Args:
@@ -53,8 +53,10 @@ def batched_runs(
 
     Returns:
         Per run, its :class:`~tnkd.training.modules.DistillationModule` (its student trained,
-        ``fit_seconds`` its share of the batched fit time: the total over M runs, divided by M)
-        and its ``test/*`` metrics (validation figures with ``evaluate="val"``).
+        ``fit_seconds`` its share of the batched fit time: the total over M runs, divided by M),
+        its ``test/*`` metrics (validation figures with ``evaluate="val"``; NaN for a member
+        that diverged) and, for a member that diverged and was frozen, its
+        :class:`~tnkd.training.modules.Diverged` (else ``None``).
     """
     module_args = dict(module_args)
     checkpoint = module_args.pop("teacher_checkpoint", None)
@@ -88,9 +90,10 @@ def batched_runs(
     for k, member in enumerate(members):
         member.student = model.student.member(k)
         member.fit_seconds = float(model.fit_seconds or 0.0) / len(runs)
+    failures = [model.failed.get(k) for k in range(len(runs))]
     if logger == "wandb":
         write_wandb_runs(model, members, runs, trainer, data, metrics, **wandb_args)
-    return list(zip(members, metrics, strict=True))
+    return list(zip(members, metrics, failures, strict=True))
 
 
 def write_wandb_runs(
@@ -163,7 +166,7 @@ def write_wandb_runs(
                     }
                 )
             finally:
-                wb.finish()
+                wb.finish(exit_code=1 if k in model.failed else None)
     finally:
         if saved_seed is None:
             os.environ.pop("PL_GLOBAL_SEED", None)

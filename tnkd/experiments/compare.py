@@ -4,30 +4,41 @@
 first use (and reuses its file after), trains the same student on labels alone and distilled with
 each divergence / temperature / beta asked for, over one or more seeds, and prints a results
 table (test accuracy, teacher-student agreement, calibration, parameters, compression, time).
+
+Nothing finished is lost: each run's result is written to the results file as soon as the run
+ends; a run whose student's logits or loss become NaN or infinite is recorded as failed (its
+name, seed, setting, epoch and step; ``status: failed`` in the file, named under the table) and
+the others go on (with ``batched``, the diverged member is frozen and the rest train on); a
+SIGTERM keeps the runs that ended, and the command it prints (the same, with ``--results FILE
+--group G``) runs only the missing ones. ``tnkd compare`` exits with status 2 and one line naming
+the failed runs if any run failed.
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import functools
+import inspect
 import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from torch import nn
 
+import tnkd.training.preemption as preemption
 from tnkd.data.base import ClassificationDataModule
-from tnkd.experiments.files import unique_path
+from tnkd.errors import is_disk_full, note_output
 from tnkd.experiments.progress import EpochLines
+from tnkd.experiments.results_file import ResultsFile, results_target
 from tnkd.students.base import count_parameters
 from tnkd.teachers import load_teacher, read_teacher_file
-from tnkd.training.modules import DistillationModule, TeacherModule
-from tnkd.training.outputs import check_writable
+from tnkd.training.modules import DistillationModule, Diverged, TeacherModule
+from tnkd.training.outputs import check_writable, discard_wandb_run
 
 
 @dataclass
@@ -68,6 +79,23 @@ class RunResult:
     compression_ratio: float
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``"finished"``, or ``"failed"`` (a diverged run: its metrics are NaN, ``extra["failure"]``
+    #: says where it diverged)
+    status: str = "finished"
+
+    @property
+    def failed(self) -> bool:
+        """Whether the run failed (diverged) instead of finishing."""
+        return self.status == "failed"
+
+    def label(self) -> str:
+        """``KL seed 1 (divergence kl, T 4, beta 0.9)``: the run and its setting, for messages."""
+        setting = (
+            f"beta {self.beta:g}"
+            if self.beta == 0
+            else (f"divergence {self.divergence}, T {self.temperature:g}, beta {self.beta:g}")
+        )
+        return f"{self.name} seed {self.seed} ({setting})"
 
 
 def make_logger(
@@ -116,12 +144,13 @@ def without_unset_settings(logger: Any) -> Any:
     return logger
 
 
-def _finish(logger: Any) -> None:
+def _finish(logger: Any, failed: bool = False) -> None:
+    """End the run's W&B run (marked failed, exit code 1, for a run that diverged)."""
     if logger:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=1 if failed else None)
 
 
 def _trainer(
@@ -256,8 +285,11 @@ def compare(
         project: W&B project.
         group: W&B group shared by the runs of this comparison.
         save_dir: where W&B runs go.
-        results: optional path of a JSON file to write the results to (never overwritten:
-            a numbered name is chosen if it exists).
+        results: path of a JSON file for the results, rewritten as each run ends (see
+            :mod:`tnkd.experiments.results_file`): a file of a stopped comparison with these
+            settings is resumed (its runs kept, the missing ones run), a complete one is never
+            overwritten (a numbered name is chosen). ``tnkd compare`` without it writes
+            ``SAVE_DIR/results/GROUP.json``; the Python function then writes no file.
         progress: print one line per epoch of each run (train loss and accuracy, validation
             accuracy, seconds); off by default, so the output is the results table alone.
         evaluate: ``"test"`` (default): each trained run is tested on the test set;
@@ -290,8 +322,83 @@ def compare(
     if batched and mixup:
         raise ValueError("mixup runs cannot be batched yet: leave out --batched or --mixup")
     _check_outputs(teacher_checkpoint, teacher_cache, logger, save_dir, results)
+    for output in (save_dir, results, teacher_cache):
+        if output:
+            note_output(output)
+    group = group or default_group(data)
+    journal = None
+    if results:
+        settings = _settings(
+            data, student, teacher_checkpoint, variants, seeds, epochs, lr, scheduler,
+            weight_decay, teacher_cache, evaluate, batched, mixup,
+        )  # fmt: skip
+        journal = ResultsFile(results_target(results), settings)
+        journal.lock.acquire()
+        preemption.resume_with({"--results": str(journal.path), "--group": group})
+    try:
+        return _compare_runs(
+            data, student, teacher, teacher_checkpoint, teacher_epochs, teacher_lr, variants,
+            epochs, lr, seeds, scheduler, weight_decay, teacher_cache, trainer, logger,
+            project, group, save_dir, journal, progress, evaluate,
+            batched, mixup, started,
+        )  # fmt: skip
+    finally:
+        if journal is not None:
+            journal.lock.release()
+
+
+def default_group(data: Any) -> str:
+    """The W&B group of a comparison given none: the data module's name and the time."""
+    return f"{type(data).__name__}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _settings(
+    data: Any, student: Callable[[], nn.Module], teacher_checkpoint: Any, variants: list,
+    seeds: list, *rest: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """What a comparison's runs depend on, to refuse resuming a results file made otherwise."""
+    names = ("epochs", "lr", "scheduler", "weight_decay", "teacher_cache", "evaluate")
+    names += ("batched", "mixup")
+    made = student()
+    return {
+        "data": f"{type(data).__name__}({getattr(data, 'hparams', {})})",
+        "student": f"{type(made).__module__}.{type(made).__qualname__}"
+        f"({getattr(made, 'init_args', '')})",
+        "teacher_checkpoint": teacher_checkpoint,
+        "variants": [asdict(v) for v in variants],
+        "seeds": seeds,
+        **dict(zip(names, rest, strict=True)),
+    }
+
+
+def _compare_runs(
+    data: ClassificationDataModule,
+    student: Callable[[], nn.Module],
+    teacher: Callable[[], nn.Module],
+    teacher_checkpoint: str | list[str],
+    teacher_epochs: int,
+    teacher_lr: float,
+    variants: list[Variant],
+    epochs: int,
+    lr: float,
+    seeds: list[int],
+    scheduler: str,
+    weight_decay: float,
+    teacher_cache: str | None,
+    trainer: dict[str, Any] | None,
+    logger: str,
+    project: str,
+    group: str,
+    save_dir: str,
+    journal: ResultsFile | None,
+    progress: bool,
+    evaluate: str,
+    batched: bool,
+    mixup: float,
+    started: float,
+) -> list[RunResult]:
+    """:func:`compare`'s runs, after its checks (see there)."""
     data.setup("fit")
-    group = group or f"{type(data).__name__}-{time.strftime('%Y%m%d-%H%M%S')}"
     teacher_net, trained_now = _teachers(
         teacher,
         teacher_checkpoint,
@@ -310,19 +417,36 @@ def compare(
         if isinstance(teacher_net, list)
         else count_parameters(teacher_net)
     )
-    out: list[RunResult] = []
-    total = len(seeds) * len(variants)
-    if batched:
+    runs = [(seed, variant) for seed in seeds for variant in variants]
+    total = len(runs)
+    kept = [_from_record(r) for r in journal.runs] if journal is not None else []
+    done = {(r.name, r.seed) for r in kept}
+    todo = [(seed, v) for seed, v in runs if (v.name, seed) not in done]
+    if kept:
+        print(
+            f"tnkd compare: resuming {journal.path}: {len(kept)} of {total} runs kept, "  # type: ignore[union-attr]
+            f"{len(todo)} to run",
+            flush=True,
+        )
+    teacher_info = {"class_path": _teacher_class(teacher_checkpoint), "params": teacher_params}
+    out: list[RunResult] = list(kept)
+
+    def ended(result: RunResult) -> None:
+        out.append(result)
+        if journal is not None:
+            teacher_acc = result.extra.get("teacher_acc")
+            journal.add(result, {**teacher_info, "test_acc": teacher_acc})
+
+    if batched and todo:
         from tnkd.experiments.batched import batched_runs
 
         module_args = {"lr": lr, "weight_decay": weight_decay, "scheduler": scheduler}
         module_args |= {"teacher_cache": teacher_cache, "teacher_checkpoint": teacher_checkpoint}
-        runs = [(seed, variant) for seed in seeds for variant in variants]
         fitted = batched_runs(
             data,
             student,
             teacher_net,
-            runs,
+            todo,
             module_args,
             lambda label: _trainer(epochs, False, trainer, label),
             evaluate,
@@ -330,48 +454,64 @@ def compare(
             {"project": project, "group": group, "save_dir": save_dir},
             progress,
         )
-        for (seed, variant), (module, metrics) in zip(runs, fitted, strict=True):
-            out.append(_result(variant, seed, module, metrics))
-            out[-1].extra |= {"batched_members": len(runs)}
-            out[-1].extra["batched_fit_seconds"] = out[-1].seconds * len(runs)
-    for seed in seeds if not batched else ():
-        for variant in variants:
-            label = f"{variant.name} seed {seed}"
-            print(f"tnkd compare: run {len(out) + 1}/{total}: {label}", flush=True)
-            L.seed_everything(seed, verbose=False)
-            module = DistillationModule(
-                student(),
-                # labels-only runs keep the teacher for the test metrics (agreement) only
-                teacher=copy.deepcopy(teacher_net),  # a list: an ensemble at this T
-                divergence=variant.divergence,
-                temperature=variant.temperature,
-                beta=variant.beta,
-                lr=lr,
-                weight_decay=weight_decay,
-                scheduler=scheduler,
-                teacher_cache=teacher_cache,
-                mixup=mixup,
-            )
-            module.hparams["teacher_checkpoint"] = teacher_checkpoint  # for the run's config
-            log = make_logger(
-                logger,
-                save_dir,
-                project,
-                name=label,
-                group=group,
-                job_type="student",
-                tags=[variant.name],
-            )
-            try:
-                run = _trainer(epochs, log, trainer, label if progress else None)
-                run.fit(module, datamodule=data)
-                evaluation = validation_metrics if evaluate == "val" else test_metrics
-                metrics = evaluation(run, module, data)
+        for (seed, variant), (module, metrics, failure) in zip(todo, fitted, strict=True):
+            if failure is None:
                 result = _result(variant, seed, module, metrics)
-            finally:
-                _finish(log)
-            out.append(result)
-    teacher_acc = out[0].extra["teacher_acc"]
+            else:
+                result = _failed(variant, seed, module, failure)
+                _say_failed(runs.index((seed, variant)) + 1, total, result, "frozen")
+            result.extra |= {"batched_members": len(todo)}
+            result.extra["batched_fit_seconds"] = result.seconds * len(todo)
+            ended(result)
+    for seed, variant in todo if not batched else ():
+        number = runs.index((seed, variant)) + 1
+        label = f"{variant.name} seed {seed}"
+        print(f"tnkd compare: run {number}/{total}: {label}", flush=True)
+        L.seed_everything(seed, verbose=False)
+        module = DistillationModule(
+            student(),
+            # labels-only runs keep the teacher for the test metrics (agreement) only
+            teacher=copy.deepcopy(teacher_net),  # a list: an ensemble at this T
+            divergence=variant.divergence,
+            temperature=variant.temperature,
+            beta=variant.beta,
+            lr=lr,
+            weight_decay=weight_decay,
+            scheduler=scheduler,
+            teacher_cache=teacher_cache,
+            mixup=mixup,
+        )
+        module.hparams["teacher_checkpoint"] = teacher_checkpoint  # for the run's config
+        log = make_logger(
+            logger,
+            save_dir,
+            project,
+            name=label,
+            group=group,
+            job_type="student",
+            tags=[variant.name],
+        )
+        failed = False
+        try:
+            run = _trainer(epochs, log, trainer, label if progress else None)
+            run.fit(module, datamodule=data)
+            evaluation = validation_metrics if evaluate == "val" else test_metrics
+            result = _result(variant, seed, module, evaluation(run, module, data))
+        except Diverged as failure:  # recorded as failed; the other runs go on
+            failed = True
+            result = _failed(variant, seed, module, failure)
+            _say_failed(number, total, result, "stopped")
+        except BaseException as error:
+            if is_disk_full(error):  # no W&B run is left of a run that could not be written
+                discard_wandb_run()
+            raise
+        finally:
+            _finish(log, failed)
+        ended(result)
+    order = {(v.name, seed): k for k, (seed, v) in enumerate(runs)}
+    out.sort(key=lambda r: order.get((r.name, r.seed), len(order)))
+    finished = [r for r in out if not r.failed]
+    teacher_acc = finished[0].extra["teacher_acc"] if finished else math.nan
     table = format_table(
         out,
         teacher_acc,
@@ -386,15 +526,34 @@ def compare(
         for r in out:
             r.extra["split"] = "val"
     print(table, flush=True)
-    if results:
-        _write_results(
-            results,
-            out,
-            teacher_acc,
-            teacher_params,
-            _teacher_class(teacher_checkpoint),
-        )
+    if journal is not None:
+        journal.teacher = {**teacher_info, "test_acc": teacher_acc}
+        journal.write(complete=True, runs=[_record(r) for r in out])
     return out
+
+
+def _say_failed(number: int, total: int, result: RunResult, what: str) -> None:
+    print(
+        f"tnkd compare: run {number}/{total} FAILED ({what}): {result.label()}: "
+        f"{result.extra['failure']}; the other runs go on",
+        flush=True,
+    )
+
+
+def _record(result: RunResult) -> dict[str, Any]:
+    from tnkd.experiments.results_file import _json_value
+
+    return _json_value(asdict(result))
+
+
+def _from_record(record: dict[str, Any]) -> RunResult:
+    """A :class:`RunResult` from its results-file record (null metrics back to NaN)."""
+    names = {f.name for f in fields(RunResult)}
+    values = {k: v for k, v in record.items() if k in names}
+    for key in ("student_acc", "agreement", "student_ece", "compression_ratio", "seconds"):
+        if values.get(key) is None:
+            values[key] = math.nan
+    return RunResult(**values)
 
 
 def _teachers(
@@ -462,6 +621,28 @@ def _quiet() -> None:
         warnings.filterwarnings("ignore", pattern)
 
 
+def _failed(
+    variant: Variant, seed: int, module: DistillationModule, failure: Diverged
+) -> RunResult:
+    """The results row of a run that diverged: NaN metrics, ``status="failed"``, where it failed."""
+    sizes = module.size_summary()
+    return RunResult(
+        name=variant.name,
+        seed=seed,
+        divergence=_div_name(variant),
+        temperature=variant.temperature,
+        beta=variant.beta,
+        student_acc=math.nan,
+        agreement=math.nan,
+        student_ece=math.nan,
+        student_params=int(sizes["student_params"]),
+        compression_ratio=float(sizes.get("compression_ratio", math.nan)),
+        seconds=float(module.fit_seconds or 0.0),
+        extra={"failure": failure.short},
+        status="failed",
+    )
+
+
 def _result(
     variant: Variant, seed: int, module: DistillationModule, metrics: dict[str, float]
 ) -> RunResult:
@@ -506,49 +687,79 @@ def format_table(
     seconds: float,
     teacher_note: str = "",
 ) -> str:
-    """A markdown table: one row per variant (mean ± sd over seeds) after the teacher's row."""
+    """A markdown table: one row per variant (mean ± sd over seeds) after the teacher's row.
+
+    Failed runs (diverged) are left out of the means and named under the table; a variant
+    whose every run failed shows ``failed`` in its cells.
+    """
+    teacher = "n/a" if teacher_acc is None or math.isnan(teacher_acc) else f"{teacher_acc:.4f}"
     lines = [
-        f"## {data_name}: teacher test accuracy {teacher_acc:.4f} ({teacher_params:,} parameters, {teacher_note})",
+        f"## {data_name}: teacher test accuracy {teacher} ({teacher_params:,} parameters, {teacher_note})",
         "",
         "| student run | divergence | T | beta | test acc | agreement | ECE | params | compression | time/run |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     names = list(dict.fromkeys(r.name for r in results))
     for name in names:
-        rows = [r for r in results if r.name == name]
-        r0 = rows[0]
+        every = [r for r in results if r.name == name]
+        rows = [r for r in every if not r.failed]
+        r0 = every[0]
+        lost = len(every) - len(rows)
+        if rows:
+            note = f" ({lost} of {len(every)} failed)" if lost else ""
+            acc = _mean_sd([r.student_acc for r in rows]) + note
+            agreement = _mean_sd([r.agreement for r in rows])
+            ece = _mean_sd([r.student_ece for r in rows], 3)
+        else:
+            acc, agreement, ece = f"failed ({lost} of {lost})", "failed", "failed"
+        ratio = r0.compression_ratio
         lines.append(
             f"| {name} | {r0.divergence} | {'-' if r0.beta == 0 else f'{r0.temperature:g}'} | {r0.beta:g} | "
-            f"{_mean_sd([r.student_acc for r in rows])} | {_mean_sd([r.agreement for r in rows])} | "
-            f"{_mean_sd([r.student_ece for r in rows], 3)} | {r0.student_params:,} | "
-            f"{r0.compression_ratio:.1f}x | {statistics.mean(r.seconds for r in rows):.1f} s |"
+            f"{acc} | {agreement} | {ece} | {r0.student_params:,} | "
+            f"{'-' if math.isnan(ratio) else f'{ratio:.1f}x'} | "
+            f"{statistics.mean(r.seconds for r in every):.1f} s |"
         )
     seeds = sorted({r.seed for r in results})
     lines += ["", f"seeds {seeds}; total wall time {seconds:.1f} s"]
+    failed = [r for r in results if r.failed]
+    if failed:
+        lines.append("FAILED (left out of the means):")
+        lines += [f"- {r.label()}: {r.extra.get('failure', 'failed')}" for r in failed]
     return "\n".join(lines)
 
 
-def _write_results(
-    path: str, results: list[RunResult], teacher_acc: float, teacher_params: int, teacher: str
-) -> Path:
-    target = unique_path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "teacher": {"class_path": teacher, "test_acc": teacher_acc, "params": teacher_params},
-        "runs": [asdict(r) for r in results],
-    }
-    target.write_text(
-        json.dumps(
-            payload,
-            indent=2,
-            default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o),
+class RunsFailed(ValueError):
+    """Some runs of a comparison failed (diverged); the others' results were kept."""
+
+
+# :func:`compare` as ``tnkd compare`` runs it (its signature and docs, for the parser): the
+# results always go to a file (``SAVE_DIR/results/GROUP.json`` without ``results``), so that the
+# runs that ended survive a stop or a failed run; a run that failed makes the command fail with
+# one line naming every failed run and the file, after the others' results were written.
+@functools.wraps(compare)
+def compare_command(*args: Any, **kwargs: Any) -> list[RunResult]:  # noqa: D103
+    bound = inspect.signature(compare).bind(*args, **kwargs)
+    bound.apply_defaults()
+    call = bound.arguments
+    call["group"] = call["group"] or default_group(call["data"])
+    if not call["results"]:
+        name = "".join(c if c.isalnum() or c in "-_." else "_" for c in call["group"])
+        call["results"] = str(Path(call["save_dir"], "results", f"{name}.json"))
+    out = compare(**call)
+    failed = [r for r in out if r.failed]
+    if failed:
+        target = preemption.resume_flags().get("--results", call["results"])
+        raise RunsFailed(
+            f"{len(failed)} of {len(out)} runs failed, the others' results are in {target}: "
+            + "; ".join(f"{r.label()}: {r.extra.get('failure', 'failed')}" for r in failed)
         )
-    )
-    return target
+    return out
 
 
 def main(args: list[str]) -> list[RunResult]:
-    """``tnkd compare``: :func:`compare` configured from YAML (``--config``) and flags."""
+    """``tnkd compare``: :func:`compare_command` configured from YAML (``--config``) and flags."""
     from tnkd.experiments.command import function_command
 
-    return function_command(compare, args, "tnkd compare", "Teacher and students side by side.")
+    return function_command(
+        compare_command, args, "tnkd compare", "Teacher and students side by side."
+    )

@@ -16,7 +16,6 @@ still run.
 from __future__ import annotations
 
 import argparse
-import sys
 import traceback
 from pathlib import Path
 
@@ -24,8 +23,8 @@ import yaml
 
 from tnkd.errors import debug_enabled, user_error_message
 from tnkd.experiments.compare import main as run_compare
-from tnkd.experiments.files import unique_path
 from tnkd.experiments.report import markdown, plot
+from tnkd.experiments.results_file import results_target
 
 
 def grid_configs(paths: list[str]) -> list[Path]:
@@ -65,11 +64,12 @@ def main(args: list[str]) -> list[Path]:
         parser.error("give at least one folder of grid*.yaml configs, or config files")
     configs = grid_configs(args[:split])
     written: list[Path] = []
-    failed: list[Path] = []
+    failed: list[tuple[Path, str]] = []
     for config in configs:
         try:
             settings = _read_grid_config(config)
-            target = unique_path(settings.get("results") or f"runs/results/{config.stem}.json")
+            # a stopped grid's results file is resumed, a complete one never overwritten
+            target = results_target(settings.get("results") or f"runs/results/{config.stem}.json")
             print(f"\n== tnkd grid: {config} -> {target}", flush=True)
             run_compare(["--config", str(config), *overrides, "--results", str(target)])
         except (Exception, SystemExit) as err:  # keep going: one family's failure is not all
@@ -79,8 +79,9 @@ def main(args: list[str]) -> list[Path]:
             if message is None:
                 traceback.print_exc()
                 message = f"{type(err).__name__}: {err}"
-            print(f"tnkd grid: {config} failed: {message}", file=sys.stderr, flush=True)
-            failed.append(config)
+            # on stdout with the progress: the one line on stderr, at the end, names them all
+            print(f"tnkd grid: {config} failed: {message}", flush=True)
+            failed.append((config, message))
             continue
         written.append(target)
     for path in written:
@@ -88,8 +89,11 @@ def main(args: list[str]) -> list[Path]:
     if ns.plot and written:
         print(f"plot: {plot(written, ns.plot, ns.title)}")
     if failed:
-        names = ", ".join(str(c) for c in failed)
-        raise SystemExit(f"tnkd grid: {len(failed)} of {len(configs)} configs failed: {names}")
+        names = "; ".join(f"{c} ({message})" for c, message in failed)
+        raise SystemExit(
+            f"tnkd grid: error: {len(failed)} of {len(configs)} configs failed, the others' "
+            f"results were written: {names}"
+        )
     return written
 
 

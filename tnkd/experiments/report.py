@@ -20,11 +20,10 @@ import json
 import math
 import re
 import statistics
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from tnkd.experiments.compare import RunResult, format_table
+from tnkd.experiments.compare import RunResult, _from_record, format_table
 
 
 def load_results(path: str | Path) -> tuple[dict[str, Any], list[RunResult]]:
@@ -37,9 +36,10 @@ def load_results(path: str | Path) -> tuple[dict[str, Any], list[RunResult]]:
         )
     try:
         payload = json.loads(file.read_text())
-        names = {f.name for f in fields(RunResult)}
-        runs = [RunResult(**{k: v for k, v in r.items() if k in names}) for r in payload["runs"]]
+        runs = [_from_record(r) for r in payload["runs"]]
         teacher = dict(payload["teacher"])
+        if teacher.get("test_acc") is None:  # every run failed (or none ended yet)
+            teacher["test_acc"] = math.nan
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(
             f"{file} is not a tnkd results file ({type(err).__name__}: {err}); it was left as it is"
@@ -113,7 +113,9 @@ def _summary(runs: list[RunResult]) -> list[tuple[str, int, float, float]]:
     """Per variant: (name, params, mean test accuracy, sd)."""
     out = []
     for name in dict.fromkeys(r.name for r in runs):
-        rows = [r for r in runs if r.name == name]
+        rows = [r for r in runs if r.name == name and not r.failed]
+        if not rows:  # every run of the variant failed: nothing to plot
+            continue
         accs = [r.student_acc for r in rows]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         out.append((name, rows[0].student_params, statistics.mean(accs), sd))

@@ -167,7 +167,9 @@ def study(
     records = [
         r
         for r in load_records(results)
-        if r["seed"] in seeds and r["name"] in {v.name for v in cells}
+        if r["seed"] in seeds
+        and r["name"] in {v.name for v in cells}
+        and r.get("status", "finished") == "finished"  # a diverged run has no figures
     ]
     if figures:
         table = paired_table(records, alphas, temperatures, title)

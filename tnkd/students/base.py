@@ -93,6 +93,18 @@ class Student(nn.Module):
         if init is not None and not getattr(init, "_records_init_args", False):
             cls.__init__ = _recording_init(init)  # type: ignore[method-assign]
 
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """``forward``, except that an empty batch gives empty logits ``(0, num_classes)``.
+
+        The contractions reshape by the batch size and would fail on a batch of 0 samples.
+        """
+        if isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == 0:
+            param = next(self.parameters(), None)
+            floating = param is not None and param.is_floating_point()
+            dtype = param.dtype if floating else torch.get_default_dtype()  # type: ignore[union-attr]
+            return x.new_zeros((0, self.num_classes), dtype=dtype)
+        return super().__call__(x, *args, **kwargs)
+
     @property
     def init_args(self) -> dict[str, Any]:
         """The constructor arguments of the student's own class (defaults filled in)."""
@@ -122,7 +134,7 @@ class Student(nn.Module):
 
     def flatten_input(self, x: torch.Tensor) -> torch.Tensor:
         """Flatten ``(batch, *input_shape)`` to ``(batch, num_inputs)``, checking the size."""
-        flat = x.reshape(x.shape[0], -1)
+        flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # -1 fails on an empty batch
         if flat.shape[1] != self.num_inputs:
             raise ValueError(
                 f"{type(self).__name__} expects {self.num_inputs} inputs per sample, but got "

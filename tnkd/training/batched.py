@@ -21,6 +21,11 @@ epoch, the epoch means of loss, CE, divergence, student and teacher accuracy and
 agreement) with vectorised sums instead of M sets of metric objects; :mod:`tnkd.experiments`
 writes one W&B run and one results row per member from it.
 
+A member whose logits or loss become NaN or infinite is frozen at that step (its parameters
+kept as they were, its loss and gradients zero from then on) and recorded in :attr:`failed`
+(a :class:`~tnkd.training.modules.Diverged` naming the epoch and step); the other members
+train on, and :mod:`tnkd.experiments` reports the frozen one as a failed run.
+
 Refused with a one-line ``ValueError``: members whose runs would differ in anything but seed,
 divergence, temperature and beta (student arguments or shapes, lr, weight decay, scheduler,
 teacher cache); a transfer set whose members mix labels-only and distilled runs (they go over
@@ -39,9 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tnkd.divergences import Divergence
-from tnkd.students.batched import batch_students
+from tnkd.students.batched import MemberList, batch_students
 from tnkd.training.metrics import calibration_bins, calibration_error, top_class
-from tnkd.training.modules import DistillationModule, _configure
+from tnkd.training.modules import DistillationModule, Diverged, _configure, diverged
 from tnkd.training.teacher_cache import module_digest
 
 STAGES = ("train", "val", "test")
@@ -102,6 +107,7 @@ class BatchedDistillation(L.LightningModule):
             k's epoch means (keys as a separate run logs them, e.g. ``val/student_acc``).
         test_confusion: ``(M, C, C)`` test confusion matrices (true x predicted).
         fit_seconds: wall time of ``fit``.
+        failed: the frozen members: index -> :class:`~tnkd.training.modules.Diverged`.
 
     Example:
         >>> from tnkd.students import MPSClassifier
@@ -157,6 +163,11 @@ class BatchedDistillation(L.LightningModule):
         self.fit_seconds: float | None = None
         self._sums: dict[str, dict[str, torch.Tensor]] = {}
         self._indices: dict[tuple, torch.Tensor] = {}
+        self.failed: dict[int, Diverged] = {}
+        self._frozen_values: dict[int, list[torch.Tensor]] = {}
+        self.register_buffer(
+            "frozen", torch.zeros(self.num_members, dtype=torch.bool), persistent=False
+        )
 
     # ---- Lightning hooks ----------------------------------------------------------------------
 
@@ -307,11 +318,61 @@ class BatchedDistillation(L.LightningModule):
         fn = member.divergence if plain else member.divergence.loss
         return fn(v, z, member.temperature, **extra)
 
+    # ---- diverged members --------------------------------------------------------------------
+
+    def _member_tensors(self, k: int, grads: bool = False) -> list[torch.Tensor]:
+        """Member k's parameters (or their gradients) as views into the batched model's tensors."""
+        if isinstance(self.student, MemberList):
+            params = list(self.student.members[k].parameters())
+            tensors = [p.grad if grads else p.data for p in params]
+            return [t for t in tensors if t is not None]
+        out = []
+        for p in self.student.parameters():
+            t = p.grad if grads else p.data
+            if t is not None and t.shape[:1] == (self.num_members,):
+                out.append(t[k])
+        return out
+
+    def _guard(self, values: torch.Tensor, what: str, stage: str) -> torch.Tensor:
+        """Freeze the members whose ``values`` (leading member index) are not all finite.
+
+        Returns ``values`` with every frozen member's entries replaced by zeros, so that a
+        frozen member neither stops the step (the divergences refuse NaN logits) nor adds
+        NaN to the others' metrics.
+        """
+        bad = ~torch.isfinite(values.detach()).reshape(self.num_members, -1).all(1)
+        if bool(bad.any()):
+            for k in bad.nonzero().flatten().tolist():
+                if k not in self.failed:
+                    self.failed[k] = diverged(self, what, stage)
+                    self._frozen_values[k] = [t.clone() for t in self._member_tensors(k)]
+                    self.frozen[k] = True
+        if not self.failed:
+            return values
+        mask = self.frozen.view(-1, *([1] * (values.ndim - 1)))
+        return torch.where(mask, torch.zeros_like(values), values)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:  # noqa: D102
+        for k in self.failed:  # a frozen member's NaN gradients never reach the optimiser
+            for g in self._member_tensors(k, grads=True):
+                g.zero_()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        with torch.no_grad():  # Adam's momentum and weight decay would still move it
+            for k, saved in self._frozen_values.items():
+                for t, value in zip(self._member_tensors(k), saved, strict=True):
+                    t.copy_(value)
+
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y, *cached = batch
-        z = self.student(x)
+        z = self._guard(self.student(x), "logits", stage)
         teachers = self.teacher_logits(x, cached, stage)
         terms = self.loss_terms(z, teachers, y)
+        before = len(self.failed)
+        loss = self._guard(terms["loss"], "loss", stage)
+        if len(self.failed) > before:  # a member whose loss alone went non-finite
+            z = self._guard(z, "loss", stage)
+        terms = {**terms, "loss": loss}
         self._accumulate(stage, z.detach(), teachers, y, terms)
         if stage == "train":  # the members' mean, for progress lines (``tnkd compare --progress``)
             self.log("train/loss", terms["loss"].detach().mean(), on_step=False, on_epoch=True)
@@ -408,9 +469,12 @@ class BatchedDistillation(L.LightningModule):
                 row[f"{stage}/agreement"] = float(s["agreement"][k]) / n
             values.append(row)
         self.history[stage].append((int(self.current_epoch), values))
+        for k in self.failed:  # a frozen member has no figures of its own
+            values[k] = {key: float("nan") for key in values[k]}
         if stage == "val":  # the members' mean, for progress lines
-            accuracy = sum(v["val/student_acc"] for v in values) / len(values)
-            self.log("val/student_acc", accuracy)
+            alive = [v["val/student_acc"] for k, v in enumerate(values) if k not in self.failed]
+            if alive:
+                self.log("val/student_acc", sum(alive) / len(alive))
 
     def member_metrics(self, stage: str = "test") -> list[dict[str, float]]:
         """Each member's last epoch means of ``stage`` (the test metrics after ``trainer.test``)."""

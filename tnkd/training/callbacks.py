@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import tnkd.training.preemption as preemption
+from tnkd.errors import writing
 
 
 def run_name(trainer: L.Trainer) -> str | None:
@@ -158,9 +159,15 @@ class RunCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         tmp = f"{filepath}.tmp"
-        super()._save_checkpoint(trainer, tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, filepath)
+        try:
+            with writing(filepath):
+                super()._save_checkpoint(trainer, tmp)
+                if trainer.is_global_zero:
+                    os.replace(tmp, filepath)
+        except BaseException:
+            if trainer.is_global_zero:  # a full disk or a stop leaves no partial file
+                Path(tmp).unlink(missing_ok=True)
+            raise
         self._last_checkpoint_saved = filepath
 
     def on_exception(  # noqa: D102

@@ -77,6 +77,42 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits[labeled], labels[labeled])
 
 
+#: how a message names each stage
+STAGE_NAMES = {"train": "training", "val": "validation", "test": "testing"}
+
+
+class Diverged(ValueError):
+    """The student's logits or loss became NaN or infinite: the run cannot go on.
+
+    Raised by :class:`DistillationModule` at the step where it happens, with the epoch (counted
+    from 1) and the optimizer step; ``tnkd compare`` records the run as failed and goes on with
+    the others, ``tnkd fit`` ends with this one line.
+    """
+
+    def __init__(self, what: str, stage: str, epoch: int, step: int) -> None:
+        self.what, self.stage, self.epoch, self.step = what, stage, epoch, step
+        where = STAGE_NAMES.get(stage, stage)
+        super().__init__(
+            f"the run diverged: the student's {what} became NaN or infinite in epoch {epoch} "
+            f"({where}, step {step}); lower the learning rate (--lr) or the temperature, or "
+            "try another seed"
+        )
+
+    @property
+    def short(self) -> str:
+        """``student logits non-finite in epoch 2 (training, step 130)``, for a table's note."""
+        where = STAGE_NAMES.get(self.stage, self.stage)
+        return f"student {self.what} non-finite in epoch {self.epoch} ({where}, step {self.step})"
+
+
+def diverged(module: L.LightningModule, what: str, stage: str) -> Diverged:
+    """A :class:`Diverged` for ``module``'s current epoch and step."""
+    trainer = module._trainer
+    epoch = int(trainer.current_epoch) + 1 if trainer is not None else 0
+    step = int(trainer.global_step) if trainer is not None else 0
+    return Diverged(what, stage, epoch, step)
+
+
 class _Pick:
     """``values[key][index]`` of a metric's compute (named for ``CompositionalMetric``)."""
 
@@ -733,11 +769,18 @@ class DistillationModule(_RunModule):
 
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         x, y, *cached = batch
+        if len(y) == 0:
+            raise ValueError(
+                f"an empty batch (0 samples) reached the {stage} step: the losses and metrics are "
+                "means over samples; make the data module's loaders yield no empty batches"
+            )
         mix = None
         if stage == "train" and self.mixup > 0:
             x, perm, lam = mix_batch(x, self.mixup, self.mixup_seed, int(self.global_step))
             mix, cached = (perm, lam), []  # cached logits are of the unmixed images
         student_logits = self.student(x)
+        if not bool(torch.isfinite(student_logits).all()):
+            raise diverged(self, "logits", stage)
         teacher_logits = (
             cached[0].float()
             if cached and self.teacher is not None and (self.beta > 0 or stage != "train")
@@ -750,6 +793,8 @@ class DistillationModule(_RunModule):
             with torch.no_grad():
                 teacher_logits = self.teacher(x).float()
         terms = self.loss_terms(student_logits, teacher_logits, y, mix)
+        if not bool(torch.isfinite(terms["loss"])):
+            raise diverged(self, "loss", stage)
         if stage == "test":
             self.confusion.update(student_logits.detach(), y)
         n = len(y)

@@ -28,7 +28,7 @@ class Preempted(BaseException):  # a stop, not an error (like SystemExit)
         self.signum = signum
 
 
-_state: dict[str, Any] = {"training": False, "signal": None, "previous": None}
+_state: dict[str, Any] = {"training": False, "signal": None, "previous": None, "resume": {}}
 
 
 def _handler(signum: int, frame: Any) -> None:
@@ -42,7 +42,9 @@ def install() -> None:
     """Handle SIGTERM from now on (main thread only; a no-op elsewhere)."""
     if threading.current_thread() is not threading.main_thread():
         return
-    _state.update(training=False, signal=None, previous=signal.getsignal(signal.SIGTERM))
+    _state.update(
+        training=False, signal=None, previous=signal.getsignal(signal.SIGTERM), resume={}
+    )
     signal.signal(signal.SIGTERM, _handler)
 
 
@@ -67,3 +69,13 @@ def record_stop(signum: int) -> None:
 def stop_signal() -> int:
     """The signal that stopped the run: SIGINT after a Ctrl-C, else SIGTERM."""
     return _state["signal"] or signal.SIGTERM
+
+
+def resume_with(flags: dict[str, str]) -> None:
+    """Flags the resume command must carry (``tnkd compare``: its results file and W&B group)."""
+    _state["resume"] = dict(flags)
+
+
+def resume_flags() -> dict[str, str]:
+    """The flags set by :func:`resume_with` since :func:`install` (none: rerun as it was)."""
+    return dict(_state.get("resume") or {})
