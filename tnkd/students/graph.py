@@ -642,6 +642,20 @@ class GraphStudent(Student):
         self._chain_sites = _sites(order) if order else []
         label = layout.label_node
         self._label_site = None if label.phys is None else site[names[label.input_node]]
+        # a chain stored as the engine reads it (boundary vectors, one whole untied block of
+        # sites, a (D, C, D) label tensor): its operands are the parameters themselves
+        first, last = layout.nodes[0], layout.nodes[-1]
+        plain = (
+            not tie
+            and self._chain_runs == [("full", 0, len(full))]
+            and self._padding == 0
+            and all(n.phys is None and n.label is None for n in (first, last))
+            and all(initial[names[n.index]].shape == (bond,) for n in (first, last))
+            and label.phys is None
+            and stored(label).shape == (bond, self.num_classes, bond)
+        )
+        refs = [self._block_of[names[n.index]][0] for n in (first, last, label)]
+        self._plain_chain = (refs[0], block, refs[1], refs[2]) if plain else None
 
     def _stored(self, block: int | str) -> torch.Tensor:
         """A stored parameter: an index of ``blocks`` or the name it was registered under."""
@@ -657,6 +671,8 @@ class GraphStudent(Student):
         Open ends and smaller bonds are zero-padded to D (their outer bond is index 0 of a unit
         boundary vector), which leaves the contraction's value unchanged.
         """
+        if self._plain_chain is not None:
+            return tuple(map(self._stored, self._plain_chain))
         layout = self._shape.chain
         bond, names = layout.bond_dim, self._spec.node_names
         sites = None if self._sites_block is None else self._stored(self._sites_block)
@@ -797,12 +813,11 @@ class GraphStudent(Student):
         return self.features(x).permute(1, 2, 0).contiguous()
 
     def _dtype_device(self) -> tuple[torch.dtype, torch.device]:
-        block = self._block_of[self.node_names[0]][0]
-        tensor = self._stored(block)
+        tensor = self._stored(self._block_of[self.node_names[0]][0])
         return tensor.dtype, tensor.device
 
     def _dtype(self) -> torch.dtype:
-        return self._dtype_device()[0]
+        return self._stored(self._block_of[self.node_names[0]][0]).dtype
 
     def operand_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The contraction's operands, one stacked tensor per block (see :class:`StableNetwork`)."""

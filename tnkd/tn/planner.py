@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -80,7 +81,7 @@ class ChainLayout:
     bond_dim: int
     site_dim: int
 
-    @property
+    @functools.cached_property
     def sites(self) -> tuple[ChainNode, ...]:
         """The tensors that read an input, other than the label tensor, in chain order."""
         return tuple(
@@ -92,7 +93,7 @@ class ChainLayout:
         """The tensor that carries the label."""
         return self.nodes[self.label_position]
 
-    @property
+    @functools.cached_property
     def sites_before_label(self) -> int:
         """Number of input-reading tensors before the label tensor."""
         return sum(n.phys is not None for n in self.nodes[: self.label_position])
