@@ -111,3 +111,29 @@ def test_report_into_a_closed_pipe_exits_quietly(tmp_path):
     err = child.stderr.read()
     assert child.wait(timeout=120) == 128 + signal.SIGPIPE
     assert err == ""
+
+
+def test_paired_differences_with_a_t_interval():
+    from tnkd.experiments.compare import RunResult
+    from tnkd.experiments.report import paired_differences
+
+    def run(name, seed, acc, status="finished"):
+        return RunResult(name, seed, "kl", 4.0, 0.9, acc, 0.9, 0.01, 100, 10.0, 1.0, status=status)
+
+    base = [0.90, 0.91, 0.92]
+    runs = [run("labels", s, a) for s, a in enumerate(base)]
+    # differences 1, 2, 3 points: mean 2, sd 1, t(0.975, 2) = 4.3027: 2 +- 2.484 holds 0
+    runs += [
+        run("noisy", s, a + d / 100) for s, (a, d) in enumerate(zip(base, (1, 2, 3), strict=True))
+    ]
+    # differences 2, 2.1, 1.9 points: 2 +- 0.248, above 0
+    runs += [
+        run("better", s, a + d / 100)
+        for s, (a, d) in enumerate(zip(base, (2, 2.1, 1.9), strict=True))
+    ]
+    runs.append(run("better", 3, float("nan"), status="failed"))  # left out, not a NaN
+    table = paired_differences(runs, "labels")
+    assert "| noisy | 3 | +2.00 | 1.00 | [-0.48, +4.48] | no measurable difference |" in table
+    assert "| better | 3 | +2.00 | 0.10 | [+1.75, +2.25] | higher |" in table
+    with pytest.raises(ValueError, match="not a variant"):
+        paired_differences(runs, "nothing")

@@ -96,6 +96,52 @@ def markdown(path: str | Path, title: str | None = None) -> str:
     )
 
 
+def paired_differences(runs: list[RunResult], reference: str) -> str:
+    """Markdown: each variant's test accuracy minus the ``reference`` variant's, seed by seed.
+
+    For every variant, the differences over the seeds both ran (failed runs left out), their mean
+    and standard deviation, and the 95 % interval of the mean difference from Student's t
+    distribution (``mean ± t(0.975, n - 1) sd / sqrt(n)``). An interval that holds 0 reads "no
+    measurable difference": the difference is inside the seed-to-seed noise.
+    """
+    from scipy.stats import t as student_t
+
+    names = list(dict.fromkeys(r.name for r in runs))
+    if reference not in names:
+        raise ValueError(f"--paired {reference!r} is not a variant of these runs; they are {names}")
+    by_seed = {r.seed: r.student_acc for r in runs if r.name == reference and not r.failed}
+    lines = [
+        f"Paired against {reference!r} (test accuracy points, seed by seed):",
+        "",
+        "| variant | seeds | mean difference | sd | 95 % interval | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        if name == reference:
+            continue
+        diffs = [
+            100 * (r.student_acc - by_seed[r.seed])
+            for r in sorted(runs, key=lambda r: r.seed)
+            if r.name == name and not r.failed and r.seed in by_seed
+        ]
+        if len(diffs) < 2:
+            lines.append(f"| {name} | {len(diffs)} | - | - | - | too few paired seeds |")
+            continue
+        mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+        half = float(student_t.ppf(0.975, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
+        low, high = mean - half, mean + half
+        if low > 0:
+            verdict = "higher"
+        elif high < 0:
+            verdict = "lower"
+        else:
+            verdict = "no measurable difference"
+        lines.append(
+            f"| {name} | {len(diffs)} | {mean:+.2f} | {sd:.2f} | [{low:+.2f}, {high:+.2f}] | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
 def short_class_name(class_path: str) -> str:
     """A class path with every dotted name cut to its last part, ensembles' members too.
 
@@ -200,9 +246,17 @@ def main(args: list[str] | None = None) -> None:
     )
     parser.add_argument("--plot", help="write an accuracy-vs-parameters PNG here")
     parser.add_argument("--title", default="", help="title of the tables and the plot")
+    parser.add_argument(
+        "--paired",
+        metavar="VARIANT",
+        help="also each variant minus this one, seed by seed, with a 95 %% interval",
+    )
     ns = parser.parse_args(args)
     for path in ns.results:
         print(markdown(path, f"{ns.title} {family_name(path)}".strip()))
         print()
+        if ns.paired:
+            print(paired_differences(load_family(path)[1], ns.paired))
+            print()
     if ns.plot:
         print(f"plot: {plot(ns.results, ns.plot, ns.title)}")
