@@ -625,42 +625,40 @@ def _failed(
     variant: Variant, seed: int, module: DistillationModule, failure: Diverged
 ) -> RunResult:
     """The results row of a run that diverged: NaN metrics, ``status="failed"``, where it failed."""
-    sizes = module.size_summary()
-    return RunResult(
-        name=variant.name,
-        seed=seed,
-        divergence=_div_name(variant),
-        temperature=variant.temperature,
-        beta=variant.beta,
-        student_acc=math.nan,
-        agreement=math.nan,
-        student_ece=math.nan,
-        student_params=int(sizes["student_params"]),
-        compression_ratio=float(sizes.get("compression_ratio", math.nan)),
-        seconds=float(module.fit_seconds or 0.0),
-        extra={"failure": failure.short},
-        status="failed",
-    )
+    return _result(variant, seed, module, None, failure)
 
 
 def _result(
-    variant: Variant, seed: int, module: DistillationModule, metrics: dict[str, float]
+    variant: Variant,
+    seed: int,
+    module: DistillationModule,
+    metrics: dict[str, float] | None,
+    failure: Diverged | None = None,
 ) -> RunResult:
-    """A results row from the values the run's test loop logged (the W&B summary's values)."""
+    """A results row from the values the run's test loop logged (the W&B summary's values).
+
+    Without ``metrics`` (a run that diverged, ``failure`` says where) the metrics are NaN.
+    """
     sizes = module.size_summary()
+    nan = math.nan
     return RunResult(
         name=variant.name,
         seed=seed,
         divergence=_div_name(variant),
         temperature=variant.temperature,
         beta=variant.beta,
-        student_acc=metrics["test/student_acc"],
-        agreement=metrics["test/agreement"],
-        student_ece=metrics["test/student_ece"],
+        student_acc=nan if metrics is None else metrics["test/student_acc"],
+        agreement=nan if metrics is None else metrics["test/agreement"],
+        student_ece=nan if metrics is None else metrics["test/student_ece"],
         student_params=int(sizes["student_params"]),
-        compression_ratio=float(sizes["compression_ratio"]),
-        seconds=float(module.fit_seconds),
-        extra={"teacher_acc": metrics["test/teacher_acc"]},
+        compression_ratio=float(sizes.get("compression_ratio", nan)),
+        seconds=float(module.fit_seconds or 0.0),
+        extra=(
+            {"failure": failure.short}
+            if metrics is None
+            else {"teacher_acc": metrics["test/teacher_acc"]}
+        ),
+        status="failed" if metrics is None else "finished",
     )
 
 
