@@ -4,20 +4,20 @@ A :class:`GraphStudent` is built from a :class:`~tnkd.tn.graph.TNGraph` that a u
 :func:`~tnkd.tn.graph.make_node` and :func:`~tnkd.tn.graph.connect` (``tensornetwork`` nodes with
 named axes):
 
-* **parameter nodes**: every node that is not an input; each becomes one ``nn.Parameter``;
+* **parameter nodes**: every node that is not an input, trained (stored stacked as the engine
+  reads them; :meth:`GraphStudent.node_tensors` gives them back by name);
 * **input nodes**: one small node per site (a pixel, or a patch of pixels), with one axis of
   the site's feature size, connected to a parameter node; the feature map fills them per sample;
 * **one dangling edge**: the label, of size ``num_classes``.
 
 The student is f_c(x) = the contraction of the graph with phi(x_site) on every input node; with
 ``output="normalized"`` (the default) its logits are s * f(x) / ||f(x)||, with a learned scale s,
-as :class:`~tnkd.students.mps.MPSClassifier` does. The contraction is planned once by
-``opt_einsum`` and executed by :class:`~tnkd.tn.stable.AutoNetwork`: plainly for shallow graphs,
-with a per-sample log-scale for deep ones (see :mod:`tnkd.tn.stable`). A graph whose every step
-joins a three-leg node with two per-sample vectors (a binary tree, however drawn) is contracted
-as one autograd node with a hand-written backward (:mod:`tnkd.tn.fused`), automatically, and
-a *balanced* binary tree (``fast_path``) runs the leaner :class:`~tnkd.tn.fused.FastTree`, with
-the [1, x] map fused with the leaves where it can. Results equal the general path's (tested).
+as :class:`~tnkd.students.mps.MPSClassifier` does. The planner (:mod:`tnkd.tn.planner`) reads
+the graph's shape and picks the engine, and :meth:`GraphStudent.plan` says which and why: a chain
+(the label anywhere) runs on the chain engine (:func:`~tnkd.tn.chain.contract_chain`), a balanced
+binary tree on :class:`~tnkd.tn.fused.FastTree`, other graphs on the pairwise path with a
+per-sample log-scale (:mod:`tnkd.tn.stable`) or, when shallow, one ``opt_einsum`` expression.
+Results equal the dense contraction's (tested in float64).
 
 **Initialisation (nodes drawn from a shape).** A node made from a shape (``make_node((2, 8, 8),
 ...)``, i.e. all zeros) is initialised by tnkd; a node made from a tensor keeps that tensor.
