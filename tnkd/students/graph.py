@@ -243,7 +243,6 @@ def _padded(tensor: torch.Tensor, node: ChainNode, bond: int) -> torch.Tensor:
     return _pad_bonds(tensor, bond)
 
 
-@functools.lru_cache(maxsize=32)
 def _unit(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """e_0 of length ``size``: the boundary of an open end (its outer bond is index 0)."""
     out = torch.zeros(size, dtype=dtype, device=device)
