@@ -96,6 +96,13 @@ def markdown(path: str | Path, title: str | None = None) -> str:
     )
 
 
+def t_critical(n: int) -> float:
+    """The two-sided 5 % critical value of Student's t with ``n - 1`` degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
+
+
 def paired_differences(runs: list[RunResult], reference: str) -> str:
     """Markdown: each variant's test accuracy minus the ``reference`` variant's, seed by seed.
 
@@ -104,8 +111,6 @@ def paired_differences(runs: list[RunResult], reference: str) -> str:
     distribution (``mean ± t(0.975, n - 1) sd / sqrt(n)``). An interval that holds 0 reads "no
     measurable difference": the difference is inside the seed-to-seed noise.
     """
-    from scipy.stats import t as student_t
-
     names = list(dict.fromkeys(r.name for r in runs))
     if reference not in names:
         raise ValueError(f"--paired {reference!r} is not a variant of these runs; they are {names}")
@@ -128,7 +133,7 @@ def paired_differences(runs: list[RunResult], reference: str) -> str:
             lines.append(f"| {name} | {len(diffs)} | - | - | - | too few paired seeds |")
             continue
         mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
-        half = float(student_t.ppf(0.975, len(diffs) - 1)) * sd / math.sqrt(len(diffs))
+        half = t_critical(len(diffs)) * sd / math.sqrt(len(diffs))
         low, high = mean - half, mean + half
         if low > 0:
             verdict = "higher"

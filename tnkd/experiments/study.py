@@ -36,6 +36,7 @@ from torch import nn
 
 from tnkd.data.base import ClassificationDataModule
 from tnkd.experiments.compare import Variant, compare
+from tnkd.experiments.report import t_critical
 
 
 def variant_for(alpha: float, temperature: float, beta: float) -> Variant:
@@ -199,12 +200,6 @@ def _cell(
     }
 
 
-def _t_critical(n: int) -> float:
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, n - 1))
-
-
 def paired_differences(
     records: list[dict[str, Any]], alpha: float, temperature: float, key: str = "student_acc"
 ) -> list[float]:
@@ -252,7 +247,7 @@ def paired_table(
                 if mean
                 else 0.0
             )
-            exceeds = abs(stat) > _t_critical(len(diffs))
+            exceeds = abs(stat) > t_critical(len(diffs))
             verdict = ("yes, higher" if mean > 0 else "yes, lower") if exceeds else "no"
             lines.append(
                 row + f" {' / '.join(f'{d:+.2f}' for d in diffs)} | {mean:+.2f} ± {sd:.2f} | "
@@ -263,7 +258,7 @@ def paired_table(
         "",
         f"Differences are in accuracy points, seed by seed (seeds {sorted({r['seed'] for r in records})}); "
         f"a difference exceeds seed-to-seed noise when the paired t statistic exceeds "
-        f"{_t_critical(n) if n > 1 else float('nan'):.2f} in size (two-sided 5 %, {n - 1} degrees of freedom).",
+        f"{t_critical(n) if n > 1 else float('nan'):.2f} in size (two-sided 5 %, {n - 1} degrees of freedom).",
     ]
     return "\n".join(lines)
 
