@@ -3,10 +3,10 @@
 A grid is a folder of ``tnkd compare`` configs named ``grid*.yaml`` (one per student family:
 MPS, TT network with different and with equal cores, TT-MLP ...). ``tnkd grid configs/mnist``
 runs each of them in turn (teachers are trained on first use and reused, every run is logged to
-W&B with the config's group), writes each config's results file, and ends with the README
-tables and, with ``--plot``, one accuracy-vs-parameters plot of all families::
+W&B with the config's group), writes each config's results file, and ends with the Markdown
+tables (those of the docs' results pages) and, with ``--plot``, one accuracy-vs-parameters plot of all families::
 
-    tnkd grid configs/mnist --plot docs/mnist_accuracy_vs_params.png --data.init_args.root PATH
+    tnkd grid configs/mnist --plot docs/results/mnist_accuracy_vs_params.png --data.init_args.root PATH
 
 Any other ``--key value`` is passed to every ``tnkd compare`` (``--seeds '[0]'`` for a quick
 look, ``--trainer '{accelerator: gpu}'`` ...). A config that fails is reported at the end; the others

@@ -1,4 +1,4 @@
-"""Turn the results files of ``tnkd compare`` runs into README tables and an accuracy plot.
+"""Turn the results files of ``tnkd compare`` runs into Markdown tables and an accuracy plot.
 
 ``tnkd compare --config FILE`` writes one JSON file per grid (``results:`` in the config): the
 teacher's test accuracy and parameter count, and one record per run (variant, seed, test

@@ -393,12 +393,8 @@ class FastTree(torch.autograd.Function):
     weights' gradients: along the node's output axis, or the (child, output) pairs where the
     output axis is narrower than a register). ``plan.native = False``, other devices or
     dtypes, ``torch.compile`` tracing, or no compiler: the Python loop below, with its
-    workspaces. On the 2-core CPU of the README, 1 thread, a training step of a 64-site D = 8
-    tree went from 1.17 to 0.83 ms (forward 0.29 to 0.18 ms, backward 0.46 to 0.29 ms; the
-    rest is Adam, the loss and Python).
-
-    Speed against TensorKrowch's ``Tree``: ``benchmarks/tree_vs_tensorkrowch.py`` (README,
-    "Trees against TensorKrowch").
+    workspaces. Speed against the Python loop and TensorKrowch's ``Tree``:
+    ``benchmarks/tree_vs_tensorkrowch.py`` (figures on the docs' benchmark pages).
     """
 
     @staticmethod
