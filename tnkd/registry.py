@@ -6,6 +6,8 @@ lists the valid names, so a typo in a YAML file gives an error that says how to 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -102,3 +104,53 @@ def build(registry: Registry[Any], spec: Any, base: type | None = None, **defaul
         f"expected a {registry.kind} name, a mapping with 'name', or an instance, "
         f"but got {type(spec).__name__}"
     )
+
+
+def _recording_init(init: Any) -> Any:
+    """Wrap a student's ``__init__`` so that the outermost call records its arguments."""
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if "_init_args" not in self.__dict__:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            recorded: dict[str, Any] = {}
+            for name, value in list(bound.arguments.items())[1:]:
+                kind = signature.parameters[name].kind
+                if kind is inspect.Parameter.VAR_KEYWORD:
+                    recorded.update(value)
+                elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                    recorded[name] = value
+            self.__dict__["_init_args"] = recorded
+        init(self, *args, **kwargs)
+
+    __init__._records_init_args = True  # type: ignore[attr-defined]
+    return __init__
+
+
+class RecordsInitArgs:
+    """Mixin: a class whose instances remember the arguments they were built with.
+
+    The outermost ``__init__`` of every subclass records its bound arguments (defaults filled
+    in) in :attr:`init_args`, so that a run's config (W&B, results files) and its checkpoint
+    (:mod:`tnkd.training.checkpoints`) can name and rebuild the object, whichever entry point
+    built it. Students and data modules record theirs.
+
+    Example:
+        >>> class Box(RecordsInitArgs):
+        ...     def __init__(self, size: int, colour: str = "red") -> None: ...
+        >>> Box(3).init_args
+        {'size': 3, 'colour': 'red'}
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not getattr(init, "_records_init_args", False):
+            cls.__init__ = _recording_init(init)  # type: ignore[method-assign]
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments of the object's own class (defaults filled in)."""
+        return dict(self.__dict__.get("_init_args", {}))

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tnkd.data.augment import Augment, affine_augment
 from tnkd.data.loader import ResumableLoader, TensorBatches, collate_batch
 from tnkd.data.transfer import UNLABELED, load_unlabeled, stratified_subset
+from tnkd.registry import RecordsInitArgs
 
 
 def check_fraction(name: str, value: float, *, upper_open: bool = True) -> float:
@@ -48,7 +49,7 @@ def _free_memory(device: torch.device) -> int | None:
         return None
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class ClassificationDataModule(RecordsInitArgs, L.LightningDataModule):
     """Base class: a seeded train/val/test split of an image classification set.
 
     Args:

@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from tnkd.registry import RecordsInitArgs
 from tnkd.tn.graph import TNGraph
-
-
-def _recording_init(init: Any) -> Any:
-    """Wrap a student's ``__init__`` so that the outermost call records its arguments."""
-    signature = inspect.signature(init)
-
-    @functools.wraps(init)
-    def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
-        if "_init_args" not in self.__dict__:
-            bound = signature.bind(self, *args, **kwargs)
-            bound.apply_defaults()
-            recorded: dict[str, Any] = {}
-            for name, value in list(bound.arguments.items())[1:]:
-                kind = signature.parameters[name].kind
-                if kind is inspect.Parameter.VAR_KEYWORD:
-                    recorded.update(value)
-                elif kind is not inspect.Parameter.VAR_POSITIONAL:
-                    recorded[name] = value
-            self.__dict__["_init_args"] = recorded
-        init(self, *args, **kwargs)
-
-    __init__._records_init_args = True  # type: ignore[attr-defined]
-    return __init__
 
 
 def scaled_values(values: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
@@ -74,7 +50,7 @@ def image_patches(images: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     return img.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // ph) * (w // pw), c * ph * pw)
 
 
-class Student(nn.Module):
+class Student(RecordsInitArgs, nn.Module):
     """Base class of tensor-network students.
 
     Subclasses set ``num_inputs`` (scalar inputs per sample: the chain length for pixel-level
@@ -87,12 +63,6 @@ class Student(nn.Module):
     num_inputs: int
     num_classes: int
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is not None and not getattr(init, "_records_init_args", False):
-            cls.__init__ = _recording_init(init)  # type: ignore[method-assign]
-
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         """``forward``, except that an empty batch gives empty logits ``(0, num_classes)``.
 
@@ -104,11 +74,6 @@ class Student(nn.Module):
             dtype = param.dtype if floating else torch.get_default_dtype()  # type: ignore[union-attr]
             return x.new_zeros((0, self.num_classes), dtype=dtype)
         return super().__call__(x, *args, **kwargs)
-
-    @property
-    def init_args(self) -> dict[str, Any]:
-        """The constructor arguments of the student's own class (defaults filled in)."""
-        return dict(self.__dict__.get("_init_args", {}))
 
     def parameter_count(self) -> int:
         """Number of trainable scalars (shared cores counted once)."""

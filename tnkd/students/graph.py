@@ -92,6 +92,7 @@ from tnkd.tn.planner import (
     examine,
     plan,
 )
+from tnkd.tn.portable import PairwiseContraction, chain_log_contract
 from tnkd.tn.stable import MODES, AutoNetwork
 
 OUTPUT_MODES = ("normalized", "raw")
@@ -433,6 +434,9 @@ class GraphStudent(Student):
         self.input_nodes = inputs
         self.input_sites = [sites[n] for n in inputs]
         self.method = self._method = method
+        #: contract with the portable engine (tensor operations only; see tnkd.export.portable)
+        self.portable = False
+        self._pairwise: PairwiseContraction | None = None
         self.optimize = optimize
         # the sites are the sample's scalars in order (no pooling or patches)
         self._flat_sites = (self.input_shape is None or len(self.input_shape) == 1) and getattr(
@@ -505,6 +509,8 @@ class GraphStudent(Student):
         """
         if device is None:
             device = self._dtype_device()[1]
+        if self.portable:
+            return plan(self._shape, "portable", device)
         chosen = plan(self._shape, self._method, device)
         if self.engine == "chain" and self._chain_kernel != "auto":
             return dataclasses.replace(chosen, kernel=self._chain_kernel)
@@ -857,8 +863,23 @@ class GraphStudent(Student):
         kernel = self._chain_kernel
         return contract_chain(left, cores, right, feats, output_core, position, kernel, label)
 
+    def _portable_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The portable engine (:mod:`tnkd.tn.portable`): tensor operations only, for export."""
+        if self.engine != "chain":
+            if self._pairwise is None:
+                self._pairwise = PairwiseContraction(self._spec)
+            return self._pairwise(self.graph_operands(x))
+        phi = self.features(x)
+        label = None if self._label_site is None else phi[:, self._label_site]
+        left, cores, right, output_core = self._chain_operands()
+        position = self._shape.chain.sites_before_label
+        feats = phi[:, self._chain_sites]
+        return chain_log_contract(left, cores, right, feats, output_core, position, label)
+
     def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values, log_scale)`` with f(x) = values * exp(log_scale), shape (batch, C), (batch,)."""
+        if self.portable:
+            return self._portable_log_forward(x)
         if self.engine == "chain":
             return self._chain_log_forward(x)
         if self._contract_fn is None:
@@ -883,7 +904,7 @@ class GraphStudent(Student):
         """Logits, shape (batch, C): see ``output``."""
         if self.output == "raw":
             return self.raw_forward(x)
-        if self.fast_path:
+        if self.fast_path and not self.portable:
             stable = self.network.stable
             if self._linear_leaves and not x.requires_grad:  # (the raw pairs get no gradient)
                 u = self.flatten_input(x).T

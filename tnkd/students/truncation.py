@@ -337,3 +337,8 @@ class TruncatedMPS(MPSClassifier):
         super().__init__(num_sites, num_classes, bond_dim, **kwargs)
         self.load_state_dict(small.state_dict())
         self.truncation = report
+
+    def checkpoint_spec(self) -> dict[str, Any]:
+        """Described as the :class:`MPSClassifier` it is, so loading never reads ``checkpoint``."""
+        args = {k: v for k, v in self.init_args.items() if k not in ("checkpoint", "tolerance")}
+        return {"class_path": "tnkd.students.MPSClassifier", "init_args": args}

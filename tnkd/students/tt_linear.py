@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from tnkd.students.base import Student, check_positive_int
 from tnkd.tn.decompositions import check_factors, factorize, tt_matrix_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
 from tnkd.tn.planner import Plan, plan
+from tnkd.tn.portable import tt_matvec
 from tnkd.tn.tt_matrix import TTPlan, plan_for, tt_linear
 
 
@@ -145,6 +147,18 @@ class TTLinear(nn.Module):
                 layer.bias.copy_(bias.detach())
         return layer
 
+    @property
+    def init_args(self) -> dict[str, Any]:
+        """The constructor arguments of a layer of this shape (the ranks as they are now)."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "in_factors": list(self.in_factors),
+            "out_factors": list(self.out_factors),
+            "ranks": list(self.ranks),
+            "bias": self.bias is not None,
+        }
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs: object) -> TTLinear:
         """:meth:`from_dense` of an ``nn.Linear`` (its weight and bias)."""
@@ -209,8 +223,13 @@ class TTLinear(nn.Module):
             )
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
+        if self.portable:  # tensor operations only (tnkd.export.portable)
+            return tt_matvec(x2, list(self.cores), self.bias).reshape(*lead, self.out_features)
         y = tt_linear(x2, list(self.cores), self.bias, self.matvec_plan(x2))
         return y.reshape(*lead, self.out_features)
+
+    #: contract with the portable engine (see :func:`tnkd.export.portable`)
+    portable = False
 
     def plan(self, device: torch.device | str | None = None) -> Plan:
         """Which engine contracts this layer's graph on ``device`` (default: its cores'), and why.
@@ -220,7 +239,9 @@ class TTLinear(nn.Module):
             'tt_matrix'
         """
         return plan(
-            self.to_graph().spec(), "auto", self.cores[0].device if device is None else device
+            self.to_graph().spec(),
+            "portable" if self.portable else "auto",
+            self.cores[0].device if device is None else device,
         )
 
     def matvec_plan(self, x: torch.Tensor) -> TTPlan:
@@ -346,6 +367,13 @@ class TTMLPFromTeacher(TTMLP):
         built = TTMLP.from_mlp(mlp, ranks, tolerance, num_factors, keep_dense_below)
         super().__init__(built.layers, built.num_inputs, built.num_classes)
         self.teacher_checkpoint = str(teacher_checkpoint)
+
+    def checkpoint_spec(self) -> dict[str, Any]:
+        """Described as the :class:`TTMLP` it is, so loading never reads the teacher file again."""
+        from tnkd.training.checkpoints import describe
+
+        args = {"layers": self.layers, "num_inputs": self.num_inputs, "num_classes": self.num_classes}
+        return {"class_path": "tnkd.students.TTMLP", "init_args": describe(args)}
 
 
 def copy_module(module: nn.Module) -> nn.Module:

@@ -115,6 +115,43 @@ class TNGraph:
             output_indices=outputs,
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The diagram as plain data (node names, shapes and axis names; edges; outputs; layout).
+
+        The tensors' values are left out: a student's trained values live in its state dict.
+        :meth:`from_dict` builds the same diagram (nodes of zeros) back.
+        """
+        where = {id(n): n.name for n in self.nodes}
+        edges, outputs = [], []
+        for e in self.edges():
+            if e.is_dangling():
+                continue
+            a, b = e.node1, e.node2
+            edges.append([where[id(a)], a.axis_names[e.axis1], where[id(b)], b.axis_names[e.axis2], e.name])
+        for e in self.output_edges:
+            outputs.append([where[id(e.node1)], e.node1.axis_names[e.axis1], e.name])
+        return {
+            "nodes": [[n.name, [int(d) for d in n.shape], list(n.axis_names)] for n in self.nodes],
+            "edges": edges,
+            "inputs": list(self.input_nodes),
+            "outputs": outputs,
+            "positions": {k: [float(x), float(y)] for k, (x, y) in self.positions.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TNGraph:
+        """The diagram :meth:`to_dict` wrote (every node's tensor zeros of its shape)."""
+        nodes = {name: make_node(shape, name, axes) for name, shape, axes in data["nodes"]}
+        for a, a_axis, b, b_axis, name in data["edges"]:
+            connect(nodes[a], a_axis, nodes[b], b_axis, name=name)
+        outputs = []
+        for node, axis, name in data["outputs"]:
+            edge = nodes[node][axis]
+            edge.name = name
+            outputs.append(edge)
+        positions = {k: (float(x), float(y)) for k, (x, y) in data.get("positions", {}).items()}
+        return cls(list(nodes.values()), list(data["inputs"]), outputs, positions)
+
     def to_graphviz(self) -> Any:
         """A ``graphviz.Graph`` of the diagram (render it with the ``dot`` program installed)."""
         from tensornetwork.visualization.graphviz import to_graphviz

@@ -320,6 +320,17 @@ for _engine in (
 ):
     ENGINES.add(_engine.name, _engine)
 
+#: not tried by "auto": tnkd.export.portable switches a student to it for torch.export / ONNX
+ENGINES.add(
+    "portable",
+    Engine(
+        "portable",
+        "tensor operations only, no branch on values, no native call: what export captures",
+        lambda s, d: None,
+        lambda s, d: "log-depth chain products" if s.chain is not None else "rescaled einsum steps",
+    ),
+)
+
 #: every name ``method=`` takes
 METHODS = ("auto", *AUTO_ORDER)
 

@@ -293,6 +293,40 @@ class _RunModule(L.LightningModule):
     def _shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Describe the module's networks in the checkpoint (:mod:`tnkd.training.checkpoints`)."""
+        from tnkd.training.checkpoints import KEY, describe_module
+
+        checkpoint[KEY] = describe_module(self)
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: Any,
+        map_location: Any = None,
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The trained module of a checkpoint; its networks rebuilt from the checkpoint itself.
+
+        Lightning's signature: ``kwargs`` replace saved hyperparameters (``student=...`` for a
+        checkpoint written before tnkd described its networks). No teacher file is read: the
+        teacher's architecture is rebuilt and its weights come with the checkpoint.
+        """
+        from tnkd.training.checkpoints import module_arguments, read_checkpoint
+
+        if hparams_file is not None:
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location, hparams_file, strict, **kwargs
+            )
+        checkpoint = read_checkpoint(checkpoint_path, map_location or "cpu")
+        module = cls(**module_arguments(cls, checkpoint, checkpoint_path, kwargs))
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=True if strict is None else strict)
+        return module.eval()
+
+
     def _record(
         self,
         stage: str,
