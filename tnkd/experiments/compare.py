@@ -36,9 +36,9 @@ from tnkd.errors import is_disk_full, note_output
 from tnkd.experiments.progress import EpochLines
 from tnkd.experiments.results_file import ResultsFile, results_target
 from tnkd.students.base import count_parameters
-from tnkd.teachers import load_teacher, read_teacher_file
 from tnkd.training.modules import DistillationModule, Diverged, TeacherModule
 from tnkd.training.outputs import check_writable, discard_wandb_run
+from tnkd.training.teacher_source import TeacherSource
 
 
 @dataclass
@@ -196,8 +196,9 @@ def ensure_teacher(
     Returns:
         The teacher in eval mode, and whether it was trained now.
     """
-    if Path(path).exists():
-        return load_teacher(path, make_teacher()), False
+    source = TeacherSource(path, make_teacher)
+    if not source.missing():
+        return source.load(), False
     print(
         f"tnkd compare: training the teacher ({epochs} epochs) -> {path}; later runs reuse it",
         flush=True,
@@ -211,7 +212,7 @@ def ensure_teacher(
         run.test(module, datamodule=data, verbose=False)
     finally:
         _finish(log)
-    return load_teacher(path, make_teacher()), True
+    return source.load(), True
 
 
 def test_metrics(trainer: L.Trainer, module: L.LightningModule, data: Any) -> dict[str, float]:
@@ -399,9 +400,9 @@ def _compare_runs(
 ) -> list[RunResult]:
     """:func:`compare`'s runs, after its checks (see there)."""
     data.setup("fit")
+    source = TeacherSource(teacher_checkpoint, teacher, cache=teacher_cache)
     teacher_net, trained_now = _teachers(
-        teacher,
-        teacher_checkpoint,
+        source,
         data,
         teacher_epochs,
         teacher_lr,
@@ -428,7 +429,7 @@ def _compare_runs(
             f"{len(todo)} to run",
             flush=True,
         )
-    teacher_info = {"class_path": _teacher_class(teacher_checkpoint), "params": teacher_params}
+    teacher_info = {"class_path": source.class_path(), "params": teacher_params}
     out: list[RunResult] = list(kept)
 
     def ended(result: RunResult) -> None:
@@ -557,33 +558,22 @@ def _from_record(record: dict[str, Any]) -> RunResult:
 
 
 def _teachers(
-    make_teacher: Callable[[], nn.Module],
-    checkpoint: str | list[str],
-    data: ClassificationDataModule,
-    *args: Any,
+    source: TeacherSource, data: ClassificationDataModule, *args: Any
 ) -> tuple[nn.Module | list[nn.Module], bool]:
     """The teacher (:func:`ensure_teacher`), or the loaded members of an ensemble of files."""
-    files = checkpoint if isinstance(checkpoint, list | tuple) else [checkpoint]
-    missing = [f for f in files if not Path(f).exists()]
-    if missing and (len(files) > 1 or getattr(data, "is_transfer_set", False)):
-        what = "an ensemble's teacher files" if len(files) > 1 else "a transfer set's teacher"
+    missing = source.missing()
+    several = len(source.files) > 1
+    if missing and (several or getattr(data, "is_transfer_set", False)):
+        what = "an ensemble's teacher files" if several else "a transfer set's teacher"
         verb, them = ("does", "it") if len(missing) == 1 else ("do", "them")
         raise FileNotFoundError(
             f"{what} must exist before the comparison ({', '.join(missing)} {verb} not exist): "
             f"train {them} on all labels first with tnkd fit (e.g. tnkd fit --config "
             "configs/mnist/teacher_cnn.yaml --model.init_args.export_path FILE)"
         )
-    if isinstance(checkpoint, list | tuple):
-        return [load_teacher(f, make_teacher()) for f in checkpoint], False
-    return ensure_teacher(make_teacher, checkpoint, data, *args)
-
-
-def _teacher_class(checkpoint: str | list[str]) -> str:
-    """The teacher's class path for the results file (``TeacherEnsemble[...]`` for several)."""
-    if isinstance(checkpoint, list | tuple):
-        members = ", ".join(read_teacher_file(f)["class_path"] for f in checkpoint)
-        return f"tnkd.teachers.TeacherEnsemble[{members}]"
-    return read_teacher_file(checkpoint)["class_path"]
+    if source.is_ensemble:
+        return source.members(), False
+    return ensure_teacher(source.architecture, source.checkpoint, data, *args)
 
 
 def _check_outputs(
@@ -594,10 +584,7 @@ def _check_outputs(
     results: str | None,
 ) -> None:
     """Every file and folder the comparison will write, checked before anything is trained."""
-    if isinstance(teacher_checkpoint, str) and not Path(teacher_checkpoint).exists():
-        check_writable(teacher_checkpoint, "--teacher_checkpoint", folder=False)
-    if teacher_cache:
-        check_writable(teacher_cache, "--teacher_cache")
+    TeacherSource(teacher_checkpoint, cache=teacher_cache).check_outputs()
     if logger == "wandb":
         check_writable(save_dir, "--save_dir")
     if results:

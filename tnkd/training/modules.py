@@ -20,7 +20,6 @@ distillation term over all of them; with every sample labeled this is the formul
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import os
@@ -37,9 +36,10 @@ from torchmetrics.metric import CompositionalMetric
 from tnkd.data.mixup import mixup as mix_batch
 from tnkd.divergences import Divergence, build_divergence
 from tnkd.students.base import count_parameters
-from tnkd.teachers import TeacherEnsemble, load_teacher, save_teacher
+from tnkd.teachers import save_teacher
 from tnkd.training.media import confusion_figure, diagram_figure, log_figure
 from tnkd.training.metrics import BatchMean, ClassifierStats
+from tnkd.training.teacher_source import TeacherSource
 
 STAGES = ("train", "val", "test")
 SCHEDULERS = ("cosine", "none")
@@ -599,7 +599,8 @@ class DistillationModule(_RunModule):
                 "distillation with beta > 0 needs a teacher: give `teacher` (a trained network) or "
                 "`teacher_checkpoint` (a teacher file), or set beta: 0 to train on labels alone"
             )
-        teacher = self._load_teacher(teacher, teacher_checkpoint, trust_teacher_file)
+        source = TeacherSource(teacher_checkpoint, teacher, trust_teacher_file)
+        teacher = source.load(self.temperature)
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -619,27 +620,6 @@ class DistillationModule(_RunModule):
         self.stats, self.stat_views = _stage_stats(num_classes, models)
         self.confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion: torch.Tensor | None = None
-
-    def _load_teacher(
-        self,
-        teacher: nn.Module | list[nn.Module] | None,
-        checkpoint: str | list[str] | None,
-        trust_file: bool,
-    ) -> nn.Module | None:
-        """The teacher network: one loaded file, or an ensemble of several at this temperature."""
-        if isinstance(checkpoint, list | tuple):
-            if isinstance(teacher, list | tuple):
-                raise ValueError("give the ensemble's teachers as files or as networks, not both")
-            members = [
-                load_teacher(path, copy.deepcopy(teacher), trust_file=trust_file)
-                for path in checkpoint
-            ]
-            return TeacherEnsemble(members, self.temperature)
-        if isinstance(teacher, list | tuple):
-            return TeacherEnsemble(list(teacher), self.temperature)
-        if checkpoint is not None:
-            return load_teacher(checkpoint, teacher, trust_file=trust_file)
-        return teacher
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         check_checkpoint_shapes(self, checkpoint)
