@@ -68,13 +68,50 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
     Unlabeled samples (label -1, a transfer set's) are left out of the mean instead of counting
     as zeros, so the CE term has the same size whatever the share of labeled samples.
+    ``(M, B, C)`` logits of M members give their M means.
     """
     labeled = labels >= 0
+    if logits.ndim > 2:
+        targets = labels.clamp_min(0).repeat(len(logits))
+        each = F.cross_entropy(logits.flatten(0, -2), targets, reduction="none")
+        return (each.view(logits.shape[:-1]) * labeled).sum(-1) / labeled.sum().clamp_min(1)
     if bool(labeled.all()):
         return F.cross_entropy(logits, labels)
     if not bool(labeled.any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits[labeled], labels[labeled])
+
+
+def distillation_terms(
+    divergence: Divergence,
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    temperature: float,
+    extra: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``divergence.loss`` (``scale(T) D``) and the unscaled ``D`` (no gradient, for the logs).
+
+    Both are means over the batch; ``(M, B, C)`` student logits of M members (against ``(B, C)``
+    teacher logits) give ``(M,)`` means. A divergence defined by its per-sample values computes
+    both from one :meth:`~tnkd.divergences.Divergence.ratios`; others (DKD) are called as
+    they are, member by member. ``extra``: keyword arguments (``target``) of the divergence.
+    """
+    cls = type(divergence)
+    if cls.loss is Divergence.loss and cls.forward is Divergence.forward:
+        teacher_logits = teacher_logits.expand_as(student_logits)
+        ratios = divergence.ratios(teacher_logits, student_logits, temperature)
+        distill = divergence.scaled_per_sample(ratios, temperature).mean(-1)
+        with torch.no_grad():
+            return distill, divergence.per_sample(ratios).mean(-1)
+    if student_logits.ndim > 2:
+        pairs = [
+            distillation_terms(divergence, teacher_logits, z, temperature, extra)
+            for z in student_logits
+        ]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    distill = divergence.loss(teacher_logits, student_logits, temperature, **extra)
+    with torch.no_grad():
+        return distill, divergence(teacher_logits, student_logits.detach(), temperature, **extra)
 
 
 #: how a message names each stage
@@ -732,6 +769,7 @@ class DistillationModule(_RunModule):
         which stays accurate where the product is a limit (Renyi near alpha = 0). Samples
         labeled -1 (a transfer set's unlabeled images) get the distillation term only: CE is
         the mean over the labeled samples, 0 when the batch has none (see the module docs).
+        ``(M, B, C)`` student logits (M students trained alike) give ``(M,)`` terms.
         """
         ce = masked_cross_entropy(student_logits, labels)
         if mix is not None:
@@ -741,9 +779,9 @@ class DistillationModule(_RunModule):
             return {"ce": ce, "loss": ce}
         # the labels go to divergences that take them (DKD; every built-in accepts and ignores)
         extra = {"target": labels} if self._divergence_takes_target else {}
-        distill = self.divergence.loss(teacher_logits, student_logits, self.temperature, **extra)
-        with torch.no_grad():
-            kd = self.divergence(teacher_logits, student_logits.detach(), self.temperature, **extra)
+        distill, kd = distillation_terms(
+            self.divergence, teacher_logits, student_logits, self.temperature, extra
+        )
         loss = (1 - self.beta) * ce + self.beta * distill
         return {"ce": ce, "kd": kd, "loss": loss}
 
