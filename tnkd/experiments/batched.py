@@ -5,14 +5,14 @@ separate run builds it (``seed_everything(seed)``, then the student and its
 :class:`~tnkd.training.modules.DistillationModule`); the runs are then trained together as one
 :class:`~tnkd.training.batched.BatchedDistillation` in one Lightning loop, tested together, and
 each gets its own results row and its own W&B run (the same config keys, group, job type, tags,
-per-epoch history and summary as a separate run; written after training, offline).
+per-epoch history and summary as a separate run; written after training through Lightning's
+``WandbLogger``, offline).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -107,66 +107,45 @@ def write_wandb_runs(
     group: str | None,
     save_dir: str,
 ) -> None:
-    """One offline W&B run per member, as its separate run would have recorded it.
+    """One offline W&B run per member, through Lightning's ``WandbLogger``, as its separate run.
 
     Config (:func:`~tnkd.training.run_config.run_config` of the member's module), tags (the
     variant's name, ``student`` and the divergence or ``labels-only``), the per-epoch history
     of training and validation means, the test metrics, the confusion matrix and diagram images,
     and the summary values of the results row (``fit_seconds`` is the member's share).
     """
-    import wandb
-
-    from tnkd.training.media import confusion_figure, diagram_figure
-    from tnkd.training.modules import SUMMARY_SIZES
+    from tnkd.experiments.compare import _finish, make_logger
+    from tnkd.training.media import confusion_figure, diagram_figure, log_figure
+    from tnkd.training.modules import SUMMARY_SIZES, add_tags, set_summary
     from tnkd.training.run_config import run_config
 
-    folder = Path(save_dir).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
     names = getattr(data, "class_names", ())
     diagram = diagram_figure(members[0].student)
     saved_seed = os.environ.get("PL_GLOBAL_SEED")
     try:
         for k, ((seed, variant), member) in enumerate(zip(runs, members, strict=True)):
             os.environ["PL_GLOBAL_SEED"] = str(seed)
-            config = run_config(member, data, trainer)
-            config["batched_members"] = len(runs)
-            tags = [variant.name, "student"]
-            tags.append(
-                "labels-only" if config.get("divergence") == "none" else config["divergence"]
-            )
-            if wandb.run is not None:
-                wandb.finish()
-            wb = wandb.init(
-                project=project,
-                name=f"{variant.name} seed {seed}",
-                group=group,
-                job_type="student",
-                tags=list(dict.fromkeys(tags)),
-                config=config,
-                dir=str(folder),
-                mode="offline",
-            )
+            config = run_config(member, data, trainer) | {"batched_members": len(runs)}
+            name = f"{variant.name} seed {seed}"
+            logger = make_logger("wandb", save_dir, project, name, group, tags=[variant.name])
+            _finish(logger)  # a run left open would be taken over by the logger
             try:
+                logger.log_hyperparams(config)
+                divergence = config.get("divergence")
+                add_tags(logger, ["student", "labels-only" if divergence == "none" else divergence])
                 if diagram is not None:
-                    wb.log({"student/diagram": wandb.Image(diagram)}, commit=False)
-                _log_history(wb, model, k)
-                wb.log(dict(metrics[k]))
+                    logger.log_image(key="student/diagram", images=[diagram])
+                for epoch, row in _history(model, k):
+                    logger.log_metrics({**row, "epoch": epoch})
+                logger.log_metrics(dict(metrics[k]))
                 if model.test_confusion is not None:
                     figure = confusion_figure(model.test_confusion[k], names)
-                    wb.log({"test/confusion_matrix": wandb.Image(figure)})
-                    import matplotlib.pyplot as plt
-
-                    plt.close(figure)
+                    log_figure(logger, "test/confusion_matrix", figure)
                 sizes = member.size_summary()
-                wb.summary.update(
-                    {
-                        **{key: sizes[key] for key in SUMMARY_SIZES if key in sizes},
-                        **metrics[k],
-                        "fit_seconds": member.fit_seconds,
-                    }
-                )
+                summary = {key: sizes[key] for key in SUMMARY_SIZES if key in sizes}
+                set_summary(logger, summary | metrics[k] | {"fit_seconds": member.fit_seconds})
             finally:
-                wb.finish(exit_code=1 if k in model.failed else None)
+                _finish(logger, failed=k in model.failed)
     finally:
         if saved_seed is None:
             os.environ.pop("PL_GLOBAL_SEED", None)
@@ -178,12 +157,10 @@ def write_wandb_runs(
             plt.close(diagram)
 
 
-def _log_history(wb: Any, model: BatchedDistillation, k: int) -> None:
-    """Member k's per-epoch training and validation means, one W&B step per epoch."""
+def _history(model: BatchedDistillation, k: int) -> list[tuple[int, dict[str, float]]]:
+    """Member k's per-epoch training and validation means, one row per epoch."""
     epochs: dict[int, dict[str, float]] = {}
     for stage in ("train", "val"):
         for epoch, values in model.history[stage]:
-            row = dict(values[k])
-            epochs.setdefault(epoch, {}).update(row)
-    for epoch in sorted(epochs):
-        wb.log({**epochs[epoch], "epoch": epoch})
+            epochs.setdefault(epoch, {}).update(values[k])
+    return sorted(epochs.items())
