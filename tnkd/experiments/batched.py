@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
-from torch import nn
 
 from tnkd.training.batched import BatchedDistillation
 from tnkd.training.modules import DistillationModule, Diverged
@@ -24,10 +23,8 @@ from tnkd.training.modules import DistillationModule, Diverged
 
 def batched_runs(
     data: Any,
-    student: Callable[[], nn.Module],
-    teacher_net: nn.Module | list[nn.Module],
     runs: Sequence[tuple[int, Any]],
-    module_args: dict[str, Any],
+    make_module: Callable[[Any], DistillationModule],
     make_trainer: Callable[[str | None], L.Trainer],
     evaluate: str,
     logger: str,
@@ -38,13 +35,10 @@ def batched_runs(
 
     Args:
         data: the data module.
-        student: the student factory.
-        teacher_net: the trained teacher (shared by every run: it is frozen), or an ensemble's
-            members.
         runs: ``(seed, variant)`` pairs; a variant has ``name``, ``divergence``,
             ``temperature`` and ``beta`` (:class:`~tnkd.experiments.compare.Variant`).
-        module_args: ``lr``, ``weight_decay``, ``scheduler``, ``teacher_cache`` and
-            ``teacher_checkpoint`` of the runs' modules.
+        make_module: a run's module from its variant (called after seeding with its seed), all
+            sharing one frozen teacher object: the batched model runs it once per batch.
         make_trainer: a ``lightning.Trainer`` factory (no logger), given the progress label.
         evaluate: ``"test"`` or ``"val"``.
         logger: ``"wandb"`` (one offline run per member, written after testing) or ``"none"``.
@@ -58,21 +52,10 @@ def batched_runs(
         that diverged) and, for a member that diverged and was frozen, its
         :class:`~tnkd.training.modules.Diverged` (else ``None``).
     """
-    module_args = dict(module_args)
-    checkpoint = module_args.pop("teacher_checkpoint", None)
     members = []
     for seed, variant in runs:
         L.seed_everything(seed, verbose=False)  # the separate run's initialisation
-        module = DistillationModule(
-            student(),
-            teacher=teacher_net,  # one frozen object for all: the batched model runs it once
-            divergence=variant.divergence,
-            temperature=variant.temperature,
-            beta=variant.beta,
-            **module_args,
-        )
-        module.hparams["teacher_checkpoint"] = checkpoint
-        members.append(module)
+        members.append(make_module(variant))
     model = BatchedDistillation(members)
     kind = type(model.student).__name__
     print(f"tnkd compare: {len(runs)} runs as one batched model ({kind})", flush=True)

@@ -89,12 +89,10 @@ def distillation_terms(
     temperature: float,
     extra: dict[str, Any],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``divergence.loss`` (``scale(T) D``) and the unscaled ``D`` (no gradient, for the logs).
+    """``divergence.loss`` (``scale(T) D``) and ``D`` (no gradient, for the logs): batch means.
 
-    Both are means over the batch; ``(M, B, C)`` student logits of M members (against ``(B, C)``
-    teacher logits) give ``(M,)`` means. A divergence defined by its per-sample values computes
-    both from one :meth:`~tnkd.divergences.Divergence.ratios`; others (DKD) are called as
-    they are, member by member. ``extra``: keyword arguments (``target``) of the divergence.
+    ``(M, B, C)`` student logits of M members give ``(M,)`` means. Both terms come from one
+    :meth:`~tnkd.divergences.Divergence.ratios` unless the divergence defines its own loss (DKD).
     """
     cls = type(divergence)
     if cls.loss is Divergence.loss and cls.forward is Divergence.forward:

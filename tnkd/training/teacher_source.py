@@ -48,9 +48,8 @@ class TeacherSource:
     @property
     def files(self) -> list[str]:
         """The teacher files (none for a teacher given as networks)."""
-        if self.checkpoint is None:
-            return []
-        return [str(self.checkpoint)] if _single(self.checkpoint) else list(self.checkpoint)
+        files = [] if self.checkpoint is None else self.checkpoint
+        return [str(files)] if _single(files) else list(files)
 
     @property
     def is_ensemble(self) -> bool:
@@ -95,9 +94,9 @@ class TeacherSource:
     def _fresh(self) -> nn.Module | None:
         """A network to load one file into: a new one per file of an ensemble."""
         arch = self.architecture
-        if isinstance(arch, nn.Module):
-            return copy.deepcopy(arch) if self.is_ensemble else arch
-        return arch() if callable(arch) else None
+        if not isinstance(arch, nn.Module):
+            return arch() if callable(arch) else None
+        return copy.deepcopy(arch) if self.is_ensemble else arch
 
 
 def _single(value: object) -> bool:
