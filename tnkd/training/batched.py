@@ -37,18 +37,23 @@ different training samples); several different teachers with a teacher cache.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from tnkd.students.batched import MemberList, batch_students
 from tnkd.training.metrics import BatchMean, ClassifierStats
-from tnkd.training.modules import TERMS, DistillationModule, Diverged, _configure, diverged
+from tnkd.training.modules import (
+    TERMS,
+    DistillationModule,
+    Diverged,
+    _configure,
+    _RunModule,
+    diverged,
+)
 from tnkd.training.teacher_cache import module_digest
 
 STAGES = ("train", "val", "test")
@@ -86,8 +91,11 @@ def _grouped(members: Sequence[DistillationModule], teacher_of: Sequence[int | N
     return list(groups.values())
 
 
-class BatchedDistillation(L.LightningModule):
+class BatchedDistillation(_RunModule):
     """M distillation runs of one student shape as one LightningModule.
+
+    Its step methods, epoch hooks and fit time are those of the other LightningModules of
+    :mod:`tnkd.training.modules`; its loss terms are each member's own, its metrics per member.
 
     Args:
         members: the runs, as separate :class:`~tnkd.training.modules.DistillationModule`
@@ -158,7 +166,6 @@ class BatchedDistillation(L.LightningModule):
         )
         self.confusion = nn.ModuleList(MulticlassConfusionMatrix(c) for _ in range(m))
         self.test_confusion: torch.Tensor | None = None
-        self.fit_seconds: float | None = None
         self._indices: dict[tuple, torch.Tensor] = {}
         self.failed: dict[int, Diverged] = {}
         self._frozen_values: dict[int, list[torch.Tensor]] = {}
@@ -198,34 +205,10 @@ class BatchedDistillation(L.LightningModule):
     def on_train_start(self) -> None:  # noqa: D102
         self.train()
 
-    def on_fit_start(self) -> None:  # noqa: D102
-        self._fit_started = time.perf_counter()
-
-    def on_fit_end(self) -> None:  # noqa: D102
-        self.fit_seconds = time.perf_counter() - self._fit_started
-
     def configure_optimizers(self) -> Any:  # noqa: D102
         return _configure(
             self, self.student.parameters(), self.lr, self.weight_decay, self.scheduler
         )
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
-        self._shared_step(batch, "test")
-
-    def on_train_epoch_start(self) -> None:  # noqa: D102
-        self._reset("train")
-
-    def on_validation_epoch_start(self) -> None:  # noqa: D102
-        self._reset("val")
-
-    def on_test_epoch_start(self) -> None:  # noqa: D102
-        self._reset("test")
 
     def on_train_epoch_end(self) -> None:  # noqa: D102
         self._close("train")
@@ -374,7 +357,8 @@ class BatchedDistillation(L.LightningModule):
             for k, confusion in enumerate(self.confusion):
                 confusion.update(z[k], y)
 
-    def _reset(self, stage: str) -> None:
+    def _new_epoch(self, stage: str) -> None:
+        """Start the stage's epoch sums afresh."""
         for name in (*TERMS, *MODELS):
             self.stats[f"{stage}_{name}"].reset()
         if stage == "test":
