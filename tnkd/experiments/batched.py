@@ -118,9 +118,11 @@ def write_wandb_runs(
                 add_tags(logger, ["student", "labels-only" if divergence == "none" else divergence])
                 if diagram is not None:
                     logger.log_image(key="student/diagram", images=[diagram])
+                # the x axis of Lightning's W&B charts: the step at each epoch's end, as logged live
+                steps, epochs = trainer.global_step, max(len(model.history["train"]), 1)
                 for epoch, row in _history(model, k):
-                    logger.log_metrics({**row, "epoch": epoch})
-                logger.log_metrics(dict(metrics[k]))
+                    logger.log_metrics({**row, "epoch": epoch}, step=steps * (epoch + 1) // epochs)
+                logger.log_metrics(dict(metrics[k]), step=steps)
                 if model.test_confusion is not None:
                     figure = confusion_figure(model.test_confusion[k], names)
                     log_figure(logger, "test/confusion_matrix", figure)
