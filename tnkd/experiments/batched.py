@@ -5,18 +5,17 @@ separate run builds it (``seed_everything(seed)``, then the student and its
 :class:`~tnkd.training.modules.DistillationModule`); the runs are then trained together as one
 :class:`~tnkd.training.batched.BatchedDistillation` in one Lightning loop, tested together, and
 each gets its own results row and its own W&B run (the same config keys, group, job type, tags,
-per-epoch history and summary as a separate run; written after training, offline).
+per-epoch history and summary as a separate run; written after training through Lightning's
+``WandbLogger``, offline).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch import nn
 
 from tnkd.training.batched import BatchedDistillation
 from tnkd.training.modules import DistillationModule, Diverged
@@ -24,10 +23,8 @@ from tnkd.training.modules import DistillationModule, Diverged
 
 def batched_runs(
     data: Any,
-    student: Callable[[], nn.Module],
-    teacher_net: nn.Module | list[nn.Module],
     runs: Sequence[tuple[int, Any]],
-    module_args: dict[str, Any],
+    make_module: Callable[[Any], DistillationModule],
     make_trainer: Callable[[str | None], L.Trainer],
     evaluate: str,
     logger: str,
@@ -38,13 +35,10 @@ def batched_runs(
 
     Args:
         data: the data module.
-        student: the student factory.
-        teacher_net: the trained teacher (shared by every run: it is frozen), or an ensemble's
-            members.
         runs: ``(seed, variant)`` pairs; a variant has ``name``, ``divergence``,
             ``temperature`` and ``beta`` (:class:`~tnkd.experiments.compare.Variant`).
-        module_args: ``lr``, ``weight_decay``, ``scheduler``, ``teacher_cache`` and
-            ``teacher_checkpoint`` of the runs' modules.
+        make_module: a run's module from its variant (called after seeding with its seed), all
+            sharing one frozen teacher object: the batched model runs it once per batch.
         make_trainer: a ``lightning.Trainer`` factory (no logger), given the progress label.
         evaluate: ``"test"`` or ``"val"``.
         logger: ``"wandb"`` (one offline run per member, written after testing) or ``"none"``.
@@ -58,21 +52,10 @@ def batched_runs(
         that diverged) and, for a member that diverged and was frozen, its
         :class:`~tnkd.training.modules.Diverged` (else ``None``).
     """
-    module_args = dict(module_args)
-    checkpoint = module_args.pop("teacher_checkpoint", None)
     members = []
     for seed, variant in runs:
         L.seed_everything(seed, verbose=False)  # the separate run's initialisation
-        module = DistillationModule(
-            student(),
-            teacher=teacher_net,  # one frozen object for all: the batched model runs it once
-            divergence=variant.divergence,
-            temperature=variant.temperature,
-            beta=variant.beta,
-            **module_args,
-        )
-        module.hparams["teacher_checkpoint"] = checkpoint
-        members.append(module)
+        members.append(make_module(variant))
     model = BatchedDistillation(members)
     kind = type(model.student).__name__
     print(f"tnkd compare: {len(runs)} runs as one batched model ({kind})", flush=True)
@@ -107,66 +90,47 @@ def write_wandb_runs(
     group: str | None,
     save_dir: str,
 ) -> None:
-    """One offline W&B run per member, as its separate run would have recorded it.
+    """One offline W&B run per member, through Lightning's ``WandbLogger``, as its separate run.
 
     Config (:func:`~tnkd.training.run_config.run_config` of the member's module), tags (the
     variant's name, ``student`` and the divergence or ``labels-only``), the per-epoch history
     of training and validation means, the test metrics, the confusion matrix and diagram images,
     and the summary values of the results row (``fit_seconds`` is the member's share).
     """
-    import wandb
-
-    from tnkd.training.media import confusion_figure, diagram_figure
-    from tnkd.training.modules import SUMMARY_SIZES
+    from tnkd.experiments.compare import _finish, make_logger
+    from tnkd.training.media import confusion_figure, diagram_figure, log_figure
+    from tnkd.training.modules import SUMMARY_SIZES, add_tags, set_summary
     from tnkd.training.run_config import run_config
 
-    folder = Path(save_dir).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
     names = getattr(data, "class_names", ())
     diagram = diagram_figure(members[0].student)
     saved_seed = os.environ.get("PL_GLOBAL_SEED")
     try:
         for k, ((seed, variant), member) in enumerate(zip(runs, members, strict=True)):
             os.environ["PL_GLOBAL_SEED"] = str(seed)
-            config = run_config(member, data, trainer)
-            config["batched_members"] = len(runs)
-            tags = [variant.name, "student"]
-            tags.append(
-                "labels-only" if config.get("divergence") == "none" else config["divergence"]
-            )
-            if wandb.run is not None:
-                wandb.finish()
-            wb = wandb.init(
-                project=project,
-                name=f"{variant.name} seed {seed}",
-                group=group,
-                job_type="student",
-                tags=list(dict.fromkeys(tags)),
-                config=config,
-                dir=str(folder),
-                mode="offline",
-            )
+            config = run_config(member, data, trainer) | {"batched_members": len(runs)}
+            name = f"{variant.name} seed {seed}"
+            logger = make_logger("wandb", save_dir, project, name, group, tags=[variant.name])
+            _finish(logger)  # a run left open would be taken over by the logger
             try:
+                logger.log_hyperparams(config)
+                divergence = config.get("divergence")
+                add_tags(logger, ["student", "labels-only" if divergence == "none" else divergence])
                 if diagram is not None:
-                    wb.log({"student/diagram": wandb.Image(diagram)}, commit=False)
-                _log_history(wb, model, k)
-                wb.log(dict(metrics[k]))
+                    logger.log_image(key="student/diagram", images=[diagram])
+                # the x axis of Lightning's W&B charts: the step at each epoch's end, as logged live
+                steps, epochs = trainer.global_step, max(len(model.history["train"]), 1)
+                for epoch, row in _history(model, k):
+                    logger.log_metrics({**row, "epoch": epoch}, step=steps * (epoch + 1) // epochs)
+                logger.log_metrics(dict(metrics[k]), step=steps)
                 if model.test_confusion is not None:
                     figure = confusion_figure(model.test_confusion[k], names)
-                    wb.log({"test/confusion_matrix": wandb.Image(figure)})
-                    import matplotlib.pyplot as plt
-
-                    plt.close(figure)
+                    log_figure(logger, "test/confusion_matrix", figure)
                 sizes = member.size_summary()
-                wb.summary.update(
-                    {
-                        **{key: sizes[key] for key in SUMMARY_SIZES if key in sizes},
-                        **metrics[k],
-                        "fit_seconds": member.fit_seconds,
-                    }
-                )
+                summary = {key: sizes[key] for key in SUMMARY_SIZES if key in sizes}
+                set_summary(logger, summary | metrics[k] | {"fit_seconds": member.fit_seconds})
             finally:
-                wb.finish(exit_code=1 if k in model.failed else None)
+                _finish(logger, failed=k in model.failed)
     finally:
         if saved_seed is None:
             os.environ.pop("PL_GLOBAL_SEED", None)
@@ -178,12 +142,10 @@ def write_wandb_runs(
             plt.close(diagram)
 
 
-def _log_history(wb: Any, model: BatchedDistillation, k: int) -> None:
-    """Member k's per-epoch training and validation means, one W&B step per epoch."""
+def _history(model: BatchedDistillation, k: int) -> list[tuple[int, dict[str, float]]]:
+    """Member k's per-epoch training and validation means, one row per epoch."""
     epochs: dict[int, dict[str, float]] = {}
     for stage in ("train", "val"):
         for epoch, values in model.history[stage]:
-            row = dict(values[k])
-            epochs.setdefault(epoch, {}).update(row)
-    for epoch in sorted(epochs):
-        wb.log({**epochs[epoch], "epoch": epoch})
+            epochs.setdefault(epoch, {}).update(values[k])
+    return sorted(epochs.items())

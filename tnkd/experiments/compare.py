@@ -36,9 +36,9 @@ from tnkd.errors import is_disk_full, note_output
 from tnkd.experiments.progress import EpochLines
 from tnkd.experiments.results_file import ResultsFile, results_target
 from tnkd.students.base import count_parameters
-from tnkd.teachers import load_teacher, read_teacher_file
 from tnkd.training.modules import DistillationModule, Diverged, TeacherModule
 from tnkd.training.outputs import check_writable, discard_wandb_run
+from tnkd.training.teacher_source import TeacherSource
 
 
 @dataclass
@@ -175,45 +175,6 @@ def _trainer(
     return L.Trainer(**kwargs)
 
 
-def ensure_teacher(
-    make_teacher: Callable[[], nn.Module],
-    path: str,
-    data: ClassificationDataModule,
-    epochs: int,
-    lr: float,
-    seed: int,
-    logger: str = "none",
-    save_dir: str = "runs",
-    project: str = "tnkd",
-    trainer: dict[str, Any] | None = None,
-    group: str | None = None,
-) -> tuple[nn.Module, bool]:
-    """Load the teacher file at ``path``, training, testing and saving it first if it does not exist.
-
-    A teacher trained here prints a line per epoch with the time left, and its file records its
-    test accuracy (``test/teacher_acc``).
-
-    Returns:
-        The teacher in eval mode, and whether it was trained now.
-    """
-    if Path(path).exists():
-        return load_teacher(path, make_teacher()), False
-    print(
-        f"tnkd compare: training the teacher ({epochs} epochs) -> {path}; later runs reuse it",
-        flush=True,
-    )
-    L.seed_everything(seed, verbose=False)
-    module = TeacherModule(make_teacher(), lr=lr, export_path=path)
-    log = make_logger(logger, save_dir, project, name="teacher", group=group, job_type="teacher")
-    try:
-        run = _trainer(epochs, log, trainer, label="teacher", eta=True)
-        run.fit(module, datamodule=data)
-        run.test(module, datamodule=data, verbose=False)
-    finally:
-        _finish(log)
-    return load_teacher(path, make_teacher()), True
-
-
 def test_metrics(trainer: L.Trainer, module: L.LightningModule, data: Any) -> dict[str, float]:
     """Lightning's test loop on ``module``: the logged ``test/*`` values as floats."""
     (metrics,) = trainer.test(module, datamodule=data, verbose=False)
@@ -306,42 +267,13 @@ def compare(
     Returns:
         One :class:`RunResult` per run.
     """
+    setup = _Setup(**locals())  # the arguments, checked
     started = time.perf_counter()
-    if evaluate not in ("test", "val"):
-        raise ValueError(f"evaluate must be 'test' or 'val', but got {evaluate!r}")
     _quiet()
-    variants = list(variants) if variants is not None else default_variants()
-    seeds = list(seeds)
-    if not seeds:
-        raise ValueError("seeds is empty: give at least one seed (e.g. --seeds '[0]')")
-    if not variants:
-        raise ValueError(
-            "variants is empty: give at least one way to train the student (e.g. --variants "
-            "'[{name: labels only, beta: 0.0}]'), or leave it out for labels only and KL"
-        )
-    if batched and mixup:
-        raise ValueError("mixup runs cannot be batched yet: leave out --batched or --mixup")
-    _check_outputs(teacher_checkpoint, teacher_cache, logger, save_dir, results)
-    for output in (save_dir, results, teacher_cache):
-        if output:
-            note_output(output)
-    group = group or default_group(data)
-    journal = None
-    if results:
-        settings = _settings(
-            data, student, teacher_checkpoint, variants, seeds, epochs, lr, scheduler,
-            weight_decay, teacher_cache, evaluate, batched, mixup,
-        )  # fmt: skip
-        journal = ResultsFile(results_target(results), settings)
-        journal.lock.acquire()
-        preemption.resume_with({"--results": str(journal.path), "--group": group})
+    setup.check_outputs()
+    journal = setup.open_results()
     try:
-        return _compare_runs(
-            data, student, teacher, teacher_checkpoint, teacher_epochs, teacher_lr, variants,
-            epochs, lr, seeds, scheduler, weight_decay, teacher_cache, trainer, logger,
-            project, group, save_dir, journal, progress, evaluate,
-            batched, mixup, started,
-        )  # fmt: skip
+        return _run_all(setup, journal, started)
     finally:
         if journal is not None:
             journal.lock.release()
@@ -352,162 +284,267 @@ def default_group(data: Any) -> str:
     return f"{type(data).__name__}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _settings(
-    data: Any, student: Callable[[], nn.Module], teacher_checkpoint: Any, variants: list,
-    seeds: list, *rest: Any,
-) -> dict[str, Any]:  # fmt: skip
-    """What a comparison's runs depend on, to refuse resuming a results file made otherwise."""
-    names = ("epochs", "lr", "scheduler", "weight_decay", "teacher_cache", "evaluate")
-    names += ("batched", "mixup")
-    made = student()
-    return {
-        "data": f"{type(data).__name__}({getattr(data, 'hparams', {})})",
-        "student": f"{type(made).__module__}.{type(made).__qualname__}"
-        f"({getattr(made, 'init_args', '')})",
-        "teacher_checkpoint": teacher_checkpoint,
-        "variants": [asdict(v) for v in variants],
-        "seeds": seeds,
-        **dict(zip(names, rest, strict=True)),
-    }
+@dataclass
+class _Setup:
+    """:func:`compare`'s arguments (see there), checked, and what its runs are built from."""
+
+    data: ClassificationDataModule
+    student: Callable[[], nn.Module]
+    teacher: Callable[[], nn.Module]
+    teacher_checkpoint: str | list[str]
+    teacher_epochs: int
+    teacher_lr: float
+    variants: Sequence[Variant] | None
+    epochs: int
+    lr: float
+    seeds: Sequence[int]
+    scheduler: str
+    weight_decay: float
+    teacher_cache: str | None
+    trainer: dict[str, Any] | None
+    logger: str
+    project: str
+    group: str | None
+    save_dir: str
+    results: str | None
+    progress: bool
+    evaluate: str
+    batched: bool
+    mixup: float
+
+    def __post_init__(self) -> None:
+        if self.evaluate not in ("test", "val"):
+            raise ValueError(f"evaluate must be 'test' or 'val', but got {self.evaluate!r}")
+        self.variants = list(self.variants) if self.variants is not None else default_variants()
+        self.seeds = list(self.seeds)
+        if not self.seeds:
+            raise ValueError("seeds is empty: give at least one seed (e.g. --seeds '[0]')")
+        if not self.variants:
+            raise ValueError(
+                "variants is empty: give at least one way to train the student (e.g. --variants "
+                "'[{name: labels only, beta: 0.0}]'), or leave it out for labels only and KL"
+            )
+        if self.batched and self.mixup:
+            raise ValueError("mixup runs cannot be batched yet: leave out --batched or --mixup")
+        self.group = self.group or default_group(self.data)
+
+    @property
+    def source(self) -> TeacherSource:
+        """Where the teacher comes from (trained into ``teacher_checkpoint`` on first use)."""
+        return TeacherSource(self.teacher_checkpoint, self.teacher, cache=self.teacher_cache)
+
+    def check_outputs(self) -> None:
+        """Every file and folder the comparison will write, checked before anything is trained."""
+        self.source.check_outputs()
+        if self.logger == "wandb":
+            check_writable(self.save_dir, "--save_dir")
+        if self.results:
+            check_writable(self.results, "--results", folder=False)
+        for output in (self.save_dir, self.results, self.teacher_cache):
+            if output:
+                note_output(output)
+
+    def open_results(self) -> ResultsFile | None:
+        """The results file, locked (a stopped comparison's is resumed), or ``None`` for none."""
+        if not self.results:
+            return None
+        journal = ResultsFile(results_target(self.results), self.resume_settings())
+        journal.lock.acquire()
+        preemption.resume_with({"--results": str(journal.path), "--group": self.group})
+        return journal
+
+    def resume_settings(self) -> dict[str, Any]:
+        """What the runs depend on, to refuse resuming a results file made otherwise."""
+        made = self.student()
+        names = ("epochs", "lr", "scheduler", "weight_decay", "teacher_cache", "evaluate")
+        return {
+            "data": f"{type(self.data).__name__}({getattr(self.data, 'hparams', {})})",
+            "student": f"{type(made).__module__}.{type(made).__qualname__}"
+            f"({getattr(made, 'init_args', '')})",
+            "teacher_checkpoint": self.teacher_checkpoint,
+            "variants": [asdict(v) for v in self.variants],  # type: ignore[union-attr]
+            "seeds": self.seeds,
+            **{name: getattr(self, name) for name in (*names, "batched", "mixup")},
+        }
+
+    def module(self, variant: Variant, teacher: nn.Module | list[nn.Module]) -> DistillationModule:
+        """A run's module (build it after seeding): a fresh student, distilled as ``variant`` says.
+
+        Labels-only runs keep the teacher for the test metrics (agreement) only; a list of
+        teachers is an ensemble at the variant's temperature.
+        """
+        run = {key: getattr(variant, key) for key in ("divergence", "temperature", "beta")}
+        shared = ("lr", "weight_decay", "scheduler", "teacher_cache", "mixup")
+        run |= {key: getattr(self, key) for key in shared}
+        module = DistillationModule(self.student(), teacher=teacher, **run)
+        module.hparams["teacher_checkpoint"] = self.teacher_checkpoint  # for the run's config
+        return module
 
 
-def _compare_runs(
-    data: ClassificationDataModule,
-    student: Callable[[], nn.Module],
-    teacher: Callable[[], nn.Module],
-    teacher_checkpoint: str | list[str],
-    teacher_epochs: int,
-    teacher_lr: float,
-    variants: list[Variant],
-    epochs: int,
-    lr: float,
-    seeds: list[int],
-    scheduler: str,
-    weight_decay: float,
-    teacher_cache: str | None,
-    trainer: dict[str, Any] | None,
-    logger: str,
-    project: str,
-    group: str,
-    save_dir: str,
-    journal: ResultsFile | None,
-    progress: bool,
-    evaluate: str,
-    batched: bool,
-    mixup: float,
-    started: float,
-) -> list[RunResult]:
-    """:func:`compare`'s runs, after its checks (see there)."""
-    data.setup("fit")
-    teacher_net, trained_now = _teachers(
-        teacher,
-        teacher_checkpoint,
-        data,
-        teacher_epochs,
-        teacher_lr,
-        seeds[0],
-        logger,
-        save_dir,
-        project,
-        trainer,
-        group,
+def _run_all(setup: _Setup, journal: ResultsFile | None, started: float) -> list[RunResult]:
+    """The teacher, then the runs not yet in the results file, then the table."""
+    setup.data.setup("fit")
+    source = setup.source
+    teacher_net, trained_now = _teachers(setup, source)
+    nets = teacher_net if isinstance(teacher_net, list) else [teacher_net]
+    teacher_info = {"class_path": source.class_path(), "params": sum(map(count_parameters, nets))}
+    runs, out, todo = _plan(setup, journal)
+
+    def ended(result: RunResult) -> None:  # each result is in the file as soon as its run ends
+        out.append(result)
+        if journal is not None:
+            journal.add(result, {**teacher_info, "test_acc": result.extra.get("teacher_acc")})
+
+    if setup.batched and todo:
+        for result in _run_batched(setup, runs, todo, teacher_net):
+            ended(result)
+    for seed, variant in todo if not setup.batched else ():
+        number = runs.index((seed, variant)) + 1
+        ended(_run_one(setup, number, len(runs), seed, variant, teacher_net))
+    return _report(setup, runs, out, teacher_info, trained_now, started, journal)
+
+
+def _teachers(setup: _Setup, source: TeacherSource) -> tuple[nn.Module | list[nn.Module], bool]:
+    """The trained teacher (or an ensemble's members), and whether it was trained now.
+
+    A single teacher file is trained on first use (:func:`_train_teacher`); an ensemble's files,
+    and the teacher of a transfer set, must exist.
+    """
+    missing = source.missing()
+    several = len(source.files) > 1
+    if missing and (several or getattr(setup.data, "is_transfer_set", False)):
+        what = "an ensemble's teacher files" if several else "a transfer set's teacher"
+        verb, them = ("does", "it") if len(missing) == 1 else ("do", "them")
+        raise FileNotFoundError(
+            f"{what} must exist before the comparison ({', '.join(missing)} {verb} not exist): "
+            f"train {them} on all labels first with tnkd fit (e.g. tnkd fit --config "
+            "configs/mnist/teacher_cnn.yaml --model.init_args.export_path FILE)"
+        )
+    if source.is_ensemble:
+        return source.members(), False
+    if missing:
+        _train_teacher(setup)
+    return source.load(), bool(missing)
+
+
+def _train_teacher(setup: _Setup) -> None:
+    """Train, test and save the teacher file; a line per epoch with the time left.
+
+    The file records the teacher's test accuracy (``test/teacher_acc``).
+    """
+    path = setup.teacher_checkpoint
+    epochs = setup.teacher_epochs
+    print(
+        f"tnkd compare: training the teacher ({epochs} epochs) -> {path}; later runs reuse it",
+        flush=True,
     )
-    teacher_params = (
-        sum(count_parameters(t) for t in teacher_net)
-        if isinstance(teacher_net, list)
-        else count_parameters(teacher_net)
+    L.seed_everything(setup.seeds[0], verbose=False)
+    module = TeacherModule(setup.teacher(), lr=setup.teacher_lr, export_path=path)
+    log = make_logger(
+        setup.logger, setup.save_dir, setup.project, "teacher", setup.group, job_type="teacher"
     )
-    runs = [(seed, variant) for seed in seeds for variant in variants]
-    total = len(runs)
+    try:
+        run = _trainer(epochs, log, setup.trainer, label="teacher", eta=True)
+        run.fit(module, datamodule=setup.data)
+        run.test(module, datamodule=setup.data, verbose=False)
+    finally:
+        _finish(log)
+
+
+def _plan(
+    setup: _Setup, journal: ResultsFile | None
+) -> tuple[list[tuple[int, Variant]], list[RunResult], list[tuple[int, Variant]]]:
+    """Every ``(seed, variant)`` run, the results kept from a resumed file, the runs to do."""
+    runs = [(seed, variant) for seed in setup.seeds for variant in setup.variants]  # type: ignore[union-attr]
     kept = [_from_record(r) for r in journal.runs] if journal is not None else []
     done = {(r.name, r.seed) for r in kept}
     todo = [(seed, v) for seed, v in runs if (v.name, seed) not in done]
     if kept:
         print(
-            f"tnkd compare: resuming {journal.path}: {len(kept)} of {total} runs kept, "  # type: ignore[union-attr]
+            f"tnkd compare: resuming {journal.path}: {len(kept)} of {len(runs)} runs kept, "  # type: ignore[union-attr]
             f"{len(todo)} to run",
             flush=True,
         )
-    teacher_info = {"class_path": _teacher_class(teacher_checkpoint), "params": teacher_params}
-    out: list[RunResult] = list(kept)
+    return runs, kept, todo
 
-    def ended(result: RunResult) -> None:
+
+def _run_one(
+    setup: _Setup,
+    number: int,
+    total: int,
+    seed: int,
+    variant: Variant,
+    teacher_net: nn.Module | list[nn.Module],
+) -> RunResult:
+    """One run in its own Lightning loop and W&B run; a run that diverged is a failed result."""
+    label = f"{variant.name} seed {seed}"
+    print(f"tnkd compare: run {number}/{total}: {label}", flush=True)
+    L.seed_everything(seed, verbose=False)
+    module = setup.module(variant, copy.deepcopy(teacher_net))
+    log = make_logger(
+        setup.logger, setup.save_dir, setup.project, label, setup.group, tags=[variant.name]
+    )
+    failed = False
+    try:
+        run = _trainer(setup.epochs, log, setup.trainer, label if setup.progress else None)
+        run.fit(module, datamodule=setup.data)
+        evaluation = validation_metrics if setup.evaluate == "val" else test_metrics
+        return _result(variant, seed, module, evaluation(run, module, setup.data))
+    except Diverged as failure:  # recorded as failed; the other runs go on
+        failed = True
+        result = _result(variant, seed, module, None, failure)
+        _say_failed(number, total, result, "stopped")
+        return result
+    except BaseException as error:
+        if is_disk_full(error):  # no W&B run is left of a run that could not be written
+            discard_wandb_run()
+        raise
+    finally:
+        _finish(log, failed)
+
+
+def _run_batched(
+    setup: _Setup,
+    runs: list[tuple[int, Variant]],
+    todo: list[tuple[int, Variant]],
+    teacher_net: nn.Module | list[nn.Module],
+) -> list[RunResult]:
+    """The runs to do as one batched model (:mod:`tnkd.experiments.batched`), a result each."""
+    from tnkd.experiments.batched import batched_runs
+
+    fitted = batched_runs(
+        setup.data,
+        todo,
+        lambda variant: setup.module(variant, teacher_net),  # one frozen teacher for all
+        lambda label: _trainer(setup.epochs, False, setup.trainer, label),
+        setup.evaluate,
+        setup.logger,
+        {"project": setup.project, "group": setup.group, "save_dir": setup.save_dir},
+        setup.progress,
+    )
+    out = []
+    for (seed, variant), (module, metrics, failure) in zip(todo, fitted, strict=True):
+        if failure is None:
+            result = _result(variant, seed, module, metrics)
+        else:
+            result = _result(variant, seed, module, None, failure)
+            _say_failed(runs.index((seed, variant)) + 1, len(runs), result, "frozen")
+        result.extra |= {"batched_members": len(todo)}
+        result.extra["batched_fit_seconds"] = result.seconds * len(todo)
         out.append(result)
-        if journal is not None:
-            teacher_acc = result.extra.get("teacher_acc")
-            journal.add(result, {**teacher_info, "test_acc": teacher_acc})
+    return out
 
-    if batched and todo:
-        from tnkd.experiments.batched import batched_runs
 
-        module_args = {"lr": lr, "weight_decay": weight_decay, "scheduler": scheduler}
-        module_args |= {"teacher_cache": teacher_cache, "teacher_checkpoint": teacher_checkpoint}
-        fitted = batched_runs(
-            data,
-            student,
-            teacher_net,
-            todo,
-            module_args,
-            lambda label: _trainer(epochs, False, trainer, label),
-            evaluate,
-            logger,
-            {"project": project, "group": group, "save_dir": save_dir},
-            progress,
-        )
-        for (seed, variant), (module, metrics, failure) in zip(todo, fitted, strict=True):
-            if failure is None:
-                result = _result(variant, seed, module, metrics)
-            else:
-                result = _failed(variant, seed, module, failure)
-                _say_failed(runs.index((seed, variant)) + 1, total, result, "frozen")
-            result.extra |= {"batched_members": len(todo)}
-            result.extra["batched_fit_seconds"] = result.seconds * len(todo)
-            ended(result)
-    for seed, variant in todo if not batched else ():
-        number = runs.index((seed, variant)) + 1
-        label = f"{variant.name} seed {seed}"
-        print(f"tnkd compare: run {number}/{total}: {label}", flush=True)
-        L.seed_everything(seed, verbose=False)
-        module = DistillationModule(
-            student(),
-            # labels-only runs keep the teacher for the test metrics (agreement) only
-            teacher=copy.deepcopy(teacher_net),  # a list: an ensemble at this T
-            divergence=variant.divergence,
-            temperature=variant.temperature,
-            beta=variant.beta,
-            lr=lr,
-            weight_decay=weight_decay,
-            scheduler=scheduler,
-            teacher_cache=teacher_cache,
-            mixup=mixup,
-        )
-        module.hparams["teacher_checkpoint"] = teacher_checkpoint  # for the run's config
-        log = make_logger(
-            logger,
-            save_dir,
-            project,
-            name=label,
-            group=group,
-            job_type="student",
-            tags=[variant.name],
-        )
-        failed = False
-        try:
-            run = _trainer(epochs, log, trainer, label if progress else None)
-            run.fit(module, datamodule=data)
-            evaluation = validation_metrics if evaluate == "val" else test_metrics
-            result = _result(variant, seed, module, evaluation(run, module, data))
-        except Diverged as failure:  # recorded as failed; the other runs go on
-            failed = True
-            result = _failed(variant, seed, module, failure)
-            _say_failed(number, total, result, "stopped")
-        except BaseException as error:
-            if is_disk_full(error):  # no W&B run is left of a run that could not be written
-                discard_wandb_run()
-            raise
-        finally:
-            _finish(log, failed)
-        ended(result)
+def _report(
+    setup: _Setup,
+    runs: list[tuple[int, Variant]],
+    out: list[RunResult],
+    teacher_info: dict[str, Any],
+    trained_now: bool,
+    started: float,
+    journal: ResultsFile | None,
+) -> list[RunResult]:
+    """The results in the runs' order: printed as a table and written as complete."""
     order = {(v.name, seed): k for k, (seed, v) in enumerate(runs)}
     out.sort(key=lambda r: order.get((r.name, r.seed), len(order)))
     finished = [r for r in out if not r.failed]
@@ -515,12 +552,12 @@ def _compare_runs(
     table = format_table(
         out,
         teacher_acc,
-        teacher_params,
-        type(data).__name__,
+        teacher_info["params"],
+        type(setup.data).__name__,
         time.perf_counter() - started,
-        teacher_note="trained now" if trained_now else f"from {teacher_checkpoint}",
+        teacher_note="trained now" if trained_now else f"from {setup.teacher_checkpoint}",
     )
-    if evaluate == "val":
+    if setup.evaluate == "val":
         table = table.replace(": teacher test accuracy", ": VALIDATION split, teacher accuracy")
         table = table.replace("| test acc |", "| val acc |", 1)
         for r in out:
@@ -556,54 +593,6 @@ def _from_record(record: dict[str, Any]) -> RunResult:
     return RunResult(**values)
 
 
-def _teachers(
-    make_teacher: Callable[[], nn.Module],
-    checkpoint: str | list[str],
-    data: ClassificationDataModule,
-    *args: Any,
-) -> tuple[nn.Module | list[nn.Module], bool]:
-    """The teacher (:func:`ensure_teacher`), or the loaded members of an ensemble of files."""
-    files = checkpoint if isinstance(checkpoint, list | tuple) else [checkpoint]
-    missing = [f for f in files if not Path(f).exists()]
-    if missing and (len(files) > 1 or getattr(data, "is_transfer_set", False)):
-        what = "an ensemble's teacher files" if len(files) > 1 else "a transfer set's teacher"
-        verb, them = ("does", "it") if len(missing) == 1 else ("do", "them")
-        raise FileNotFoundError(
-            f"{what} must exist before the comparison ({', '.join(missing)} {verb} not exist): "
-            f"train {them} on all labels first with tnkd fit (e.g. tnkd fit --config "
-            "configs/mnist/teacher_cnn.yaml --model.init_args.export_path FILE)"
-        )
-    if isinstance(checkpoint, list | tuple):
-        return [load_teacher(f, make_teacher()) for f in checkpoint], False
-    return ensure_teacher(make_teacher, checkpoint, data, *args)
-
-
-def _teacher_class(checkpoint: str | list[str]) -> str:
-    """The teacher's class path for the results file (``TeacherEnsemble[...]`` for several)."""
-    if isinstance(checkpoint, list | tuple):
-        members = ", ".join(read_teacher_file(f)["class_path"] for f in checkpoint)
-        return f"tnkd.teachers.TeacherEnsemble[{members}]"
-    return read_teacher_file(checkpoint)["class_path"]
-
-
-def _check_outputs(
-    teacher_checkpoint: str | list[str],
-    teacher_cache: str | None,
-    logger: str,
-    save_dir: str,
-    results: str | None,
-) -> None:
-    """Every file and folder the comparison will write, checked before anything is trained."""
-    if isinstance(teacher_checkpoint, str) and not Path(teacher_checkpoint).exists():
-        check_writable(teacher_checkpoint, "--teacher_checkpoint", folder=False)
-    if teacher_cache:
-        check_writable(teacher_cache, "--teacher_cache")
-    if logger == "wandb":
-        check_writable(save_dir, "--save_dir")
-    if results:
-        check_writable(results, "--results", folder=False)
-
-
 def _quiet() -> None:
     """Keep the results table readable: no per-run banners from W&B and Lightning."""
     import logging
@@ -619,13 +608,6 @@ def _quiet() -> None:
         r".*module\(s\) in eval mode.*",
     ):
         warnings.filterwarnings("ignore", pattern)
-
-
-def _failed(
-    variant: Variant, seed: int, module: DistillationModule, failure: Diverged
-) -> RunResult:
-    """The results row of a run that diverged: NaN metrics, ``status="failed"``, where it failed."""
-    return _result(variant, seed, module, None, failure)
 
 
 def _result(

@@ -9,7 +9,9 @@ separate run builds it: ``seed_everything(seed)``, then the student) and trains 
   (:func:`~tnkd.students.batched.batch_students`): ``(M, B, C)`` logits per batch;
 * the teacher runs once per batch (or its cached logits are read once) for all members;
 * member k's loss is its run's loss, ``(1 - beta_k) CE + beta_k scale(T_k) D_k(P_T || Q_T)``
-  (masked CE on transfer sets), and the sum over members is backpropagated: member k's
+  (masked CE on transfer sets), computed by its module's
+  :meth:`~tnkd.training.modules.DistillationModule.loss_terms` for all the members that share
+  divergence, T and beta at once; the sum over members is backpropagated: member k's
   parameters get exactly member k's gradient;
 * one AdamW over the stacked parameters is M separate AdamW's (its update is elementwise) and
   the cosine schedule is shared, so member k follows its separate run's trajectory: same
@@ -18,8 +20,9 @@ separate run builds it: ``seed_everything(seed)``, then the student) and trains 
 
 What a separate run would have logged is recorded per member (:attr:`history`: per stage and
 epoch, the epoch means of loss, CE, divergence, student and teacher accuracy and calibration,
-agreement) with vectorised sums instead of M sets of metric objects; :mod:`tnkd.experiments`
-writes one W&B run and one results row per member from it.
+agreement) with the separate run's metrics for M members at once
+(:class:`~tnkd.training.metrics.ClassifierStats` and :class:`~tnkd.training.metrics.BatchMean`);
+:mod:`tnkd.experiments` writes one W&B run and one results row per member from it.
 
 A member whose logits or loss become NaN or infinite is frozen at that step (its parameters
 kept as they were, its loss and gradients zero from then on) and recorded in :attr:`failed`
@@ -34,22 +37,28 @@ different training samples); several different teachers with a teacher cache.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
 
-from tnkd.divergences import Divergence
 from tnkd.students.batched import MemberList, batch_students
-from tnkd.training.metrics import calibration_bins, calibration_error, top_class
-from tnkd.training.modules import DistillationModule, Diverged, _configure, diverged
+from tnkd.training.metrics import BatchMean, ClassifierStats
+from tnkd.training.modules import (
+    TERMS,
+    DistillationModule,
+    Diverged,
+    _configure,
+    _RunModule,
+    diverged,
+)
 from tnkd.training.teacher_cache import module_digest
 
 STAGES = ("train", "val", "test")
+#: whose accuracy and calibration each member records
+MODELS = ("student", "teacher")
 
 
 def check_batchable(members: Sequence[DistillationModule]) -> None:
@@ -72,28 +81,21 @@ def check_batchable(members: Sequence[DistillationModule]) -> None:
                 )
 
 
-def _grouped(
-    members: Sequence[DistillationModule], teacher_of: Sequence[int | None]
-) -> list[tuple[Divergence, float, int, list[int]]]:
-    """Distilled members with one divergence, temperature and teacher: ``(D, T, teacher, indices)``."""
-    groups: dict[tuple, tuple[Divergence, float, int, list[int]]] = {}
+def _grouped(members: Sequence[DistillationModule], teacher_of: Sequence[int | None]) -> list:
+    """Indices of the members whose loss terms are one call: one divergence, T, beta, teacher."""
+    groups: dict[tuple, list[int]] = {}
     for k, m in enumerate(members):
-        teacher = teacher_of[k]
-        if m.beta == 0 or teacher is None:
-            continue
-        key = (type(m.divergence).__name__, repr(m.divergence), m.temperature, teacher)
-        groups.setdefault(key, (m.divergence, m.temperature, teacher, []))[3].append(k)
+        distilled = m.beta > 0 and teacher_of[k] is not None
+        div = (type(m.divergence).__name__, repr(m.divergence), m.temperature, m.beta)
+        groups.setdefault((*div, teacher_of[k]) if distilled else (), []).append(k)
     return list(groups.values())
 
 
-def _vectorisable(divergence: Divergence) -> bool:
-    """Whether the divergence's loss is the batch mean of ``scaled_per_sample`` (not DKD's)."""
-    cls = type(divergence)
-    return cls.loss is Divergence.loss and cls.forward is Divergence.forward
-
-
-class BatchedDistillation(L.LightningModule):
+class BatchedDistillation(_RunModule):
     """M distillation runs of one student shape as one LightningModule.
+
+    Its step methods, epoch hooks and fit time are those of the other LightningModules of
+    :mod:`tnkd.training.modules`; its loss terms are each member's own, its metrics per member.
 
     Args:
         members: the runs, as separate :class:`~tnkd.training.modules.DistillationModule`
@@ -155,13 +157,15 @@ class BatchedDistillation(L.LightningModule):
             t.eval()
             t.requires_grad_(False)
         self.groups = _grouped(members, self.teacher_of)
-        self.register_buffer(
-            "betas", torch.tensor([m.beta for m in members], dtype=torch.float64), persistent=False
-        )
         self.history: dict[str, list[tuple[int, list[dict[str, float]]]]] = {s: [] for s in STAGES}
+        # per stage: the epoch means of the loss terms, the students' and the teachers' stats
+        m, c = self.num_members, self.num_classes
+        self.stats = nn.ModuleDict(
+            {f"{stage}_{term}": BatchMean(m) for stage in STAGES for term in TERMS}
+            | {f"{stage}_{who}": ClassifierStats(c, m) for stage in STAGES for who in MODELS}
+        )
+        self.confusion = nn.ModuleList(MulticlassConfusionMatrix(c) for _ in range(m))
         self.test_confusion: torch.Tensor | None = None
-        self.fit_seconds: float | None = None
-        self._sums: dict[str, dict[str, torch.Tensor]] = {}
         self._indices: dict[tuple, torch.Tensor] = {}
         self.failed: dict[int, Diverged] = {}
         self._frozen_values: dict[int, list[torch.Tensor]] = {}
@@ -201,35 +205,10 @@ class BatchedDistillation(L.LightningModule):
     def on_train_start(self) -> None:  # noqa: D102
         self.train()
 
-    def on_fit_start(self) -> None:  # noqa: D102
-        self._fit_started = time.perf_counter()
-
-    def on_fit_end(self) -> None:  # noqa: D102
-        self.fit_seconds = time.perf_counter() - self._fit_started
-
     def configure_optimizers(self) -> Any:  # noqa: D102
         return _configure(
             self, self.student.parameters(), self.lr, self.weight_decay, self.scheduler
         )
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:  # noqa: D102
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:  # noqa: D102
-        self._shared_step(batch, "test")
-
-    def on_train_epoch_start(self) -> None:  # noqa: D102
-        self._sums.pop("train", None)
-
-    def on_validation_epoch_start(self) -> None:  # noqa: D102
-        self._sums.pop("val", None)
-
-    def on_test_epoch_start(self) -> None:  # noqa: D102
-        self._sums.pop("test", None)
-        self.test_confusion = None
 
     def on_train_epoch_end(self) -> None:  # noqa: D102
         self._close("train")
@@ -268,39 +247,19 @@ class BatchedDistillation(L.LightningModule):
     ) -> dict[str, torch.Tensor]:
         """Per-member ``ce``, ``kd`` (unscaled divergence, NaN for labels-only) and ``loss``, (M,).
 
-        The same terms as :meth:`DistillationModule.loss_terms` of each member, computed per
-        group of members with one divergence and temperature at once.
+        Each member's :meth:`DistillationModule.loss_terms`, called once for all the members
+        with one divergence, temperature, beta and teacher.
         """
-        m, b, c = z.shape
-        labeled = y >= 0
-        n_lab = labeled.sum()
-        ce_each = F.cross_entropy(
-            z.reshape(m * b, c), y.clamp_min(0).repeat(m), reduction="none"
-        ).view(m, b)
-        ce = (ce_each * labeled).sum(1) / n_lab.clamp_min(1)
-        kd = torch.full_like(ce, float("nan"))
-        distill = torch.zeros_like(ce)
-        for divergence, temperature, teacher, idx in self.groups:
-            v = teachers[teacher]
-            if v is None:  # a distilled member's teacher always runs
-                raise RuntimeError("internal: missing teacher logits for a distilled member")
+        m = z.shape[0]
+        out = {"ce": z.new_zeros(m), "kd": z.new_full((m,), float("nan")), "loss": z.new_zeros(m)}
+        for idx in self.groups:
+            teacher = self.teacher_of[idx[0]]
+            v = None if teacher is None else teachers[teacher]
             sel = self._index(idx, z.device)
-            if _vectorisable(divergence):
-                zg = z.index_select(0, sel)
-                vg = v.unsqueeze(0).expand_as(zg)
-                ratios = divergence.ratios(vg, zg, temperature)
-                scaled = divergence.scaled_per_sample(ratios, temperature).mean(-1)
-                with torch.no_grad():  # the unscaled value, for the logs (no second ratios)
-                    plain = divergence.per_sample(ratios).mean(-1)
-            else:  # DKD (it needs the labels) and other custom losses: one member at a time
-                scaled = torch.stack([self._distill(k, z[k], v, y) for k in idx])
-                with torch.no_grad():
-                    plain = torch.stack([self._distill(k, z[k].detach(), v, y, True) for k in idx])
-            distill = distill.index_put((sel,), scaled.to(distill.dtype))
-            kd = kd.index_put((sel,), plain.to(kd.dtype))
-        beta = self.betas.to(device=z.device, dtype=ce.dtype)
-        loss = torch.where(beta > 0, (1 - beta) * ce + beta * distill, ce)
-        return {"ce": ce, "kd": kd, "loss": loss}
+            terms = self.members[idx[0]].loss_terms(z.index_select(0, sel), v, y)
+            for name, value in terms.items():
+                out[name] = out[name].index_put((sel,), value.to(out[name].dtype))
+        return out
 
     def _index(self, idx: list[int], device: torch.device) -> torch.Tensor:
         """``idx`` as a long tensor on ``device``, made once (no host-to-device copy per step)."""
@@ -308,15 +267,6 @@ class BatchedDistillation(L.LightningModule):
         if key not in self._indices:
             self._indices[key] = torch.tensor(idx, device=device)
         return self._indices[key]
-
-    def _distill(
-        self, k: int, z: torch.Tensor, v: torch.Tensor, y: torch.Tensor, plain: bool = False
-    ) -> torch.Tensor:
-        """Member k's distillation term ``scale(T) D`` (``plain``: the unscaled ``D``)."""
-        member = self.members[k]
-        extra = {"target": y} if member._divergence_takes_target else {}
-        fn = member.divergence if plain else member.divergence.loss
-        return fn(v, z, member.temperature, **extra)
 
     # ---- diverged members --------------------------------------------------------------------
 
@@ -388,85 +338,58 @@ class BatchedDistillation(L.LightningModule):
         y: torch.Tensor,
         terms: dict[str, torch.Tensor],
     ) -> None:
-        """Add the batch's counts to the stage's running sums (all (M, ...) tensors, no sync)."""
-        m, b, c = z.shape
-        labeled = (y >= 0).to(z.dtype)
-        n_lab = labeled.sum()
-        batch: dict[str, torch.Tensor] = {
-            "n": z.new_full((m,), float(b)),
-            "labeled": n_lab.expand(m),
-            "loss": terms["loss"].detach() * b,
-            "ce": terms["ce"].detach() * n_lab,  # a mean over the labeled samples
-            "ce_n": n_lab.expand(m),
-            "kd": torch.nan_to_num(terms["kd"].detach()) * b,
-        }
-        target = y.clamp_min(0)
-        conf, pred = top_class(z)
-        correct = (pred == target).to(z.dtype) * labeled
-        batch["student_acc"] = correct.sum(1)
-        batch["student_bins"] = calibration_bins(conf, correct, labeled)
-        v = self._member_teacher_logits(teachers, m, b, c)
-        if v is not None:
-            t_conf, t_pred = top_class(v)
-            t_correct = (t_pred == target).to(z.dtype) * labeled
-            batch["teacher_acc"] = t_correct.sum(1)
-            batch["teacher_bins"] = calibration_bins(t_conf, t_correct, labeled)
-            batch["agreement"] = (pred == t_pred).to(z.dtype).sum(1)
-            batch["has_teacher"] = z.new_ones(m)
-        if stage == "test":
-            index = (target * c).unsqueeze(0) + pred  # (M, B) cells of the confusion matrix
-            counts = torch.zeros(m, c * c, device=z.device, dtype=z.dtype)
-            counts.scatter_add_(1, index, labeled.expand(m, b).contiguous())
-            confusion = counts.view(m, c, c)
-            self.test_confusion = (
-                confusion if self.test_confusion is None else self.test_confusion + confusion
-            )
-        sums = self._sums.get(stage)
-        self._sums[stage] = batch if sums is None else _add(sums, batch)
-
-    def _member_teacher_logits(
-        self, teachers: list[torch.Tensor | None], m: int, b: int, c: int
-    ) -> torch.Tensor | None:
-        """(M, B, C) teacher logits of each member's teacher, or ``None`` if no member has one."""
+        """Add the batch to the stage's epoch sums (no sync until the epoch's end)."""
+        n, labeled = len(y), (y >= 0).sum()
+        stats = self.stats
+        stats[f"{stage}_loss"].add(terms["loss"].detach(), n)
+        stats[f"{stage}_ce"].add(terms["ce"].detach(), labeled)  # a mean over the labeled
+        stats[f"{stage}_kd"].add(torch.nan_to_num(terms["kd"].detach()), n)
         rows = [None if t is None else teachers[t] for t in self.teacher_of]
-        if all(r is None for r in rows):
-            return None
-        if len(self.teachers) == 1 and all(r is not None for r in rows):
-            return rows[0].unsqueeze(0).expand(m, b, c)  # type: ignore[union-attr]
-        fill = next(r for r in rows if r is not None)
-        return torch.stack([fill if r is None else r for r in rows])
+        reference = None
+        if any(r is not None for r in rows):
+            fill = next(r for r in rows if r is not None)  # members without one: dropped later
+            rows = [fill if r is None else r for r in rows]
+            stats[f"{stage}_teacher"].add(rows, y)
+            classes = {id(r): r.argmax(-1) for r in rows}
+            reference = torch.stack([classes[id(r)] for r in rows])
+        stats[f"{stage}_student"].add(z, y, reference)
+        if stage == "test":
+            for k, confusion in enumerate(self.confusion):
+                confusion.update(z[k], y)
+
+    def _new_epoch(self, stage: str) -> None:
+        """Start the stage's epoch sums afresh."""
+        for name in (*TERMS, *MODELS):
+            self.stats[f"{stage}_{name}"].reset()
+        if stage == "test":
+            self.test_confusion = None
+            for confusion in self.confusion:
+                confusion.reset()
+
+    def _rates(self, stage: str, who: str) -> dict[str, list[float]]:
+        """Per member the epoch's accuracy, calibration error and agreement ({} if no update)."""
+        stats = self.stats[f"{stage}_{who}"]
+        if not stats.update_called:
+            return {}
+        return {key: value.reshape(-1).tolist() for key, value in stats.compute().items()}
 
     def _close(self, stage: str) -> None:
         """Turn the stage's sums into per-member epoch means and append them to :attr:`history`."""
-        sums = self._sums.pop(stage, None)
-        if sums is None:
+        if not self.stats[f"{stage}_loss"].update_called:
             return
-        if self.trainer.world_size > 1:  # under DDP every process summed its own shard
-            sums = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in sums.items()}
-            if stage == "test" and self.test_confusion is not None:
-                self.test_confusion = self.trainer.strategy.reduce(
-                    self.test_confusion, reduce_op="sum"
-                )
-        s = {k: v.detach().double().cpu() for k, v in sums.items()}
+        means = {t: self.stats[f"{stage}_{t}"].compute().reshape(-1).tolist() for t in TERMS}
+        student, teacher = (self._rates(stage, who) for who in MODELS)
+        if stage == "test":
+            self.test_confusion = torch.stack([c.compute() for c in self.confusion])
         values: list[dict[str, float]] = []
         for k, member in enumerate(self.members):
-            n, lab = float(s["n"][k]), float(s["labeled"][k])
-            row = {
-                f"{stage}/loss": float(s["loss"][k]) / n,
-                f"{stage}/ce": float(s["ce"][k]) / float(s["ce_n"][k]),
-                f"{stage}/student_acc": float(s["student_acc"][k]) / max(lab, 1.0),
-                f"{stage}/student_ece": float(calibration_error(s["student_bins"][k], lab)),
-            }
-            if member.beta > 0 and "teacher_acc" in s:
-                row[f"{stage}/kd"] = float(s["kd"][k]) / n
-            if (
-                "teacher_acc" in s
-                and self.teacher_of[k] is not None
-                and (stage != "train" or member.beta > 0)
-            ):
-                row[f"{stage}/teacher_acc"] = float(s["teacher_acc"][k]) / max(lab, 1.0)
-                row[f"{stage}/teacher_ece"] = float(calibration_error(s["teacher_bins"][k], lab))
-                row[f"{stage}/agreement"] = float(s["agreement"][k]) / n
+            row = {f"{stage}/{t}": means[t][k] for t in ("loss", "ce")}
+            row |= {f"{stage}/student_{key}": student[key][k] for key in ("acc", "ece")}
+            if member.beta > 0 and teacher:
+                row[f"{stage}/kd"] = means["kd"][k]
+            if teacher and self.teacher_of[k] is not None and (stage != "train" or member.beta > 0):
+                row |= {f"{stage}/teacher_{key}": teacher[key][k] for key in ("acc", "ece")}
+                row[f"{stage}/agreement"] = student["agreement"][k]
             values.append(row)
         self.history[stage].append((int(self.current_epoch), values))
         for k in self.failed:  # a frozen member has no figures of its own
@@ -485,9 +408,3 @@ class BatchedDistillation(L.LightningModule):
     def member_students(self) -> list[nn.Module]:
         """The trained members as ordinary students (parameters copied)."""
         return [self.student.member(k) for k in range(self.num_members)]
-
-
-def _add(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: a[k] + b[k] if k in b else a[k] for k in a} | {
-        k: v for k, v in b.items() if k not in a
-    }

@@ -201,9 +201,9 @@ class ClassifierStats(_Buffered):
         n_bins: calibration bins.
 
     ``update(logits, labels, reference=None)``: accuracy and calibration over the labeled
-    samples; with ``(B,)`` reference classes (the teacher's argmax) also the agreement, the
-    share of all samples whose predicted class is the reference's. ``compute()`` returns
-    ``{"acc", "ece", "agreement"}``: scalars for one model, ``(M,)`` tensors for M.
+    samples; with ``(B,)`` reference classes (the teacher's argmax; ``(M, B)``: one row per
+    member) also the agreement, the share of all samples whose predicted class is the
+    reference's. ``compute()`` returns ``{"acc", "ece", "agreement"}``: scalars for one model, ``(M,)`` tensors for M.
     """
 
     def __init__(self, num_classes: int, members: int = 1, n_bins: int = ECE_BINS) -> None:
@@ -224,8 +224,8 @@ class ClassifierStats(_Buffered):
     ) -> None:
         """Add a batch: ``(B, C)`` or ``(M, B, C)`` logits (or M ``(B, C)`` tensors), ``(B,)`` labels.
 
-        ``reference``: ``(B,)`` classes to agree with, or an int ``m``: the argmax of member m's
-        logits (computed when the batch is folded). Labels -1 mark unlabeled samples.
+        ``reference``: ``(B,)`` or ``(M, B)`` classes to agree with, or an int ``m``: the argmax
+        of member m's logits (computed when the batch is folded). Labels -1 mark unlabeled samples.
         """
         members = (
             [z.detach() for z in logits]
@@ -257,7 +257,7 @@ class ClassifierStats(_Buffered):
             if key is None:
                 reference = None
             elif key == "tensor":
-                reference = torch.cat([it[2] for it in part])
+                reference = torch.cat([it[2] for it in part], dim=-1)
             else:
                 reference = z[key].argmax(-1)
             self._add(z, labels, reference)
@@ -270,7 +270,7 @@ class ClassifierStats(_Buffered):
         self.labeled.add_(weight.sum())
         if reference is not None:
             self.agreed.add_((top == reference).sum(-1))
-            self.compared.add_(len(reference))
+            self.compared.add_(reference.shape[-1])
         self.bins.add_(calibration_bins(conf, hit, weight, self.n_bins))
 
     def compute(self) -> dict[str, torch.Tensor]:

@@ -20,7 +20,6 @@ distillation term over all of them; with every sample labeled this is the formul
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import os
@@ -37,9 +36,10 @@ from torchmetrics.metric import CompositionalMetric
 from tnkd.data.mixup import mixup as mix_batch
 from tnkd.divergences import Divergence, build_divergence
 from tnkd.students.base import count_parameters
-from tnkd.teachers import TeacherEnsemble, load_teacher, save_teacher
+from tnkd.teachers import save_teacher
 from tnkd.training.media import confusion_figure, diagram_figure, log_figure
 from tnkd.training.metrics import BatchMean, ClassifierStats
+from tnkd.training.teacher_source import TeacherSource
 
 STAGES = ("train", "val", "test")
 SCHEDULERS = ("cosine", "none")
@@ -68,13 +68,48 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
     Unlabeled samples (label -1, a transfer set's) are left out of the mean instead of counting
     as zeros, so the CE term has the same size whatever the share of labeled samples.
+    ``(M, B, C)`` logits of M members give their M means.
     """
     labeled = labels >= 0
+    if logits.ndim > 2:
+        targets = labels.clamp_min(0).repeat(len(logits))
+        each = F.cross_entropy(logits.flatten(0, -2), targets, reduction="none")
+        return (each.view(logits.shape[:-1]) * labeled).sum(-1) / labeled.sum().clamp_min(1)
     if bool(labeled.all()):
         return F.cross_entropy(logits, labels)
     if not bool(labeled.any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits[labeled], labels[labeled])
+
+
+def distillation_terms(
+    divergence: Divergence,
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    temperature: float,
+    extra: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``divergence.loss`` (``scale(T) D``) and ``D`` (no gradient, for the logs): batch means.
+
+    ``(M, B, C)`` student logits of M members give ``(M,)`` means. Both terms come from one
+    :meth:`~tnkd.divergences.Divergence.ratios` unless the divergence defines its own loss (DKD).
+    """
+    cls = type(divergence)
+    if cls.loss is Divergence.loss and cls.forward is Divergence.forward:
+        teacher_logits = teacher_logits.expand_as(student_logits)
+        ratios = divergence.ratios(teacher_logits, student_logits, temperature)
+        distill = divergence.scaled_per_sample(ratios, temperature).mean(-1)
+        with torch.no_grad():
+            return distill, divergence.per_sample(ratios).mean(-1)
+    if student_logits.ndim > 2:
+        pairs = [
+            distillation_terms(divergence, teacher_logits, z, temperature, extra)
+            for z in student_logits
+        ]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    distill = divergence.loss(teacher_logits, student_logits, temperature, **extra)
+    with torch.no_grad():
+        return distill, divergence(teacher_logits, student_logits.detach(), temperature, **extra)
 
 
 #: how a message names each stage
@@ -633,7 +668,8 @@ class DistillationModule(_RunModule):
                 "distillation with beta > 0 needs a teacher: give `teacher` (a trained network) or "
                 "`teacher_checkpoint` (a teacher file), or set beta: 0 to train on labels alone"
             )
-        teacher = self._load_teacher(teacher, teacher_checkpoint, trust_teacher_file)
+        source = TeacherSource(teacher_checkpoint, teacher, trust_teacher_file)
+        teacher = source.load(self.temperature)
         self.student = student
         self.teacher = teacher
         if teacher is not None:
@@ -653,27 +689,6 @@ class DistillationModule(_RunModule):
         self.stats, self.stat_views = _stage_stats(num_classes, models)
         self.confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion: torch.Tensor | None = None
-
-    def _load_teacher(
-        self,
-        teacher: nn.Module | list[nn.Module] | None,
-        checkpoint: str | list[str] | None,
-        trust_file: bool,
-    ) -> nn.Module | None:
-        """The teacher network: one loaded file, or an ensemble of several at this temperature."""
-        if isinstance(checkpoint, list | tuple):
-            if isinstance(teacher, list | tuple):
-                raise ValueError("give the ensemble's teachers as files or as networks, not both")
-            members = [
-                load_teacher(path, copy.deepcopy(teacher), trust_file=trust_file)
-                for path in checkpoint
-            ]
-            return TeacherEnsemble(members, self.temperature)
-        if isinstance(teacher, list | tuple):
-            return TeacherEnsemble(list(teacher), self.temperature)
-        if checkpoint is not None:
-            return load_teacher(checkpoint, teacher, trust_file=trust_file)
-        return teacher
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         check_checkpoint_shapes(self, checkpoint)
@@ -786,6 +801,7 @@ class DistillationModule(_RunModule):
         which stays accurate where the product is a limit (Renyi near alpha = 0). Samples
         labeled -1 (a transfer set's unlabeled images) get the distillation term only: CE is
         the mean over the labeled samples, 0 when the batch has none (see the module docs).
+        ``(M, B, C)`` student logits (M students trained alike) give ``(M,)`` terms.
         """
         ce = masked_cross_entropy(student_logits, labels)
         if mix is not None:
@@ -795,9 +811,9 @@ class DistillationModule(_RunModule):
             return {"ce": ce, "loss": ce}
         # the labels go to divergences that take them (DKD; every built-in accepts and ignores)
         extra = {"target": labels} if self._divergence_takes_target else {}
-        distill = self.divergence.loss(teacher_logits, student_logits, self.temperature, **extra)
-        with torch.no_grad():
-            kd = self.divergence(teacher_logits, student_logits.detach(), self.temperature, **extra)
+        distill, kd = distillation_terms(
+            self.divergence, teacher_logits, student_logits, self.temperature, extra
+        )
         loss = (1 - self.beta) * ce + self.beta * distill
         return {"ce": ce, "kd": kd, "loss": loss}
 
