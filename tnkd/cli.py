@@ -551,7 +551,7 @@ def _refuse_untrained_teacher(config: Any) -> None:
         )
 
 
-USAGE = """usage: tnkd {fit,validate,test,predict,compare,grid,report,study} [--config FILE] [--help] [overrides]
+USAGE = """usage: tnkd {fit,validate,test,predict,compare,grid,report,study,export} [--config FILE] [--help] [overrides]
 
   tnkd fit --config configs/digits/teacher_cnn.yaml       train a teacher (saves its file)
   tnkd fit --config configs/digits/mps_from_cnn.yaml      distil it into an MPS student
@@ -559,6 +559,7 @@ USAGE = """usage: tnkd {fit,validate,test,predict,compare,grid,report,study} [--
   tnkd grid configs/mnist --plot P.png                    every grid*.yaml of a data set, one report
   tnkd report runs/results/digits_mps.json --plot P.png   tables + accuracy-vs-parameters plot
   tnkd study --config configs/digits/renyi_study.yaml     Renyi alpha x T x seeds: heatmaps, paired table
+  tnkd export runs/checkpoints/NAME/last.ckpt NAME.onnx   the trained student as ONNX (or .pt2)
   tnkd fit --config FILE --print_config                   show the full resolved config
   tnkd fit --config FILE --model.init_args.temperature 2  override any setting
   tnkd fit --config FILE --divergence renyi --alpha 0.5   short flags: --divergence --alpha --skew
@@ -589,6 +590,10 @@ def run(args: list[str], from_argv: bool = False) -> Any:
         from tnkd.experiments.report import main as report
 
         return report(args[1:])
+    if args and args[0] == "export":
+        from tnkd.export import main as export
+
+        return export(args[1:])
     if args and args[0] == "study":
         from tnkd.experiments.study import main as study
 

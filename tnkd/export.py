@@ -144,3 +144,107 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             if "/extra/" in name:
                 extra[name.rsplit("/extra/", 1)[1]] = archive.read(name).decode()
     return extra
+
+
+# ---- tnkd export ------------------------------------------------------------------------------
+
+
+def _data_module(checkpoint: Mapping[str, Any], path: Any, root: str | None) -> Any:
+    """The run's data module, rebuilt from the checkpoint (``root`` replaces its data folder)."""
+    from tnkd.training.checkpoints import KEY, build
+
+    entry = (checkpoint.get(KEY) or {}).get("data")
+    if not entry or "spec" not in entry:
+        raise ValueError(
+            f"checkpoint {path} does not describe its data, so the export cannot be checked on "
+            "the test split; add --check none to export without the check"
+        )
+    spec = copy.deepcopy(entry["spec"])
+    if root is not None:
+        spec["init_args"]["root"] = root
+    data = build(spec)
+    data.setup("test")
+    return data
+
+
+def _runner(path: Path) -> Any:
+    """A function running the exported file on a numpy/torch batch (logits as a torch tensor)."""
+    if path.suffix == ".pt2":
+        module = torch.export.load(path).module()
+        return lambda x: module(x)
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    session = onnxruntime.InferenceSession(
+        str(path), options, providers=["CPUExecutionProvider"]
+    )
+    name = session.get_inputs()[0].name
+    return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
+
+def agreement(student: nn.Module, exported: Any, batches: Any) -> tuple[int, int, float]:
+    """``(same top-1, images, largest relative logit difference)`` of a student and its export.
+
+    The relative difference of an image is ``max |a - b| / max |a|`` over its logits.
+    """
+    same = total = 0
+    worst = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            x = batch[0]
+            a, b = student(x).float(), exported(x).float()
+            same += int((a.argmax(1) == b.argmax(1)).sum())
+            total += x.shape[0]
+            scale = a.abs().amax(1).clamp_min(torch.finfo(a.dtype).tiny)
+            worst = max(worst, float(((a - b).abs().amax(1) / scale).max()))
+    return same, total, worst
+
+
+def main(args: list[str] | None = None) -> Path:
+    """``tnkd export CHECKPOINT OUT.{onnx,pt2}``: write the trained student as a program."""
+    import argparse
+
+    from tnkd import __version__
+    from tnkd.training.checkpoints import KEY, load_student, read_checkpoint
+
+    parser = argparse.ArgumentParser(prog="tnkd export", description=main.__doc__)
+    parser.add_argument("checkpoint", help="a run's checkpoint, e.g. runs/checkpoints/NAME/last.ckpt")
+    parser.add_argument("output", help="the file to write: NAME.onnx or NAME.pt2 (never overwritten)")
+    parser.add_argument("--check", choices=("test", "val", "none"), default="test",
+                        help="the split the export is checked on against the PyTorch student")
+    parser.add_argument("--data_root", help="where the data lives here, if not where it was")
+    ns = parser.parse_args(args)
+    out = Path(ns.output)
+    _check_output(out, overwrite=False)
+    checkpoint = read_checkpoint(ns.checkpoint)
+    student = load_student(ns.checkpoint)
+    saved = checkpoint.get(KEY) or {}
+    data = None if ns.check == "none" else _data_module(checkpoint, ns.checkpoint, ns.data_root)
+    if data is not None:
+        batches = data.test_dataloader() if ns.check == "test" else data.val_dataloader()
+        example = next(iter(batches))[0][:2]
+        shape = tuple(example.shape[1:])
+    else:
+        shape = tuple(getattr(student, "input_shape", None) or (student.num_inputs,))
+        example = torch.rand(2, *shape)
+    metadata = {
+        "producer": f"tnkd {__version__}",
+        "input_shape": list(shape),
+        "class_names": list(getattr(data, "class_names", ()) or range(student.num_classes)),
+        "student": saved.get("student", {}).get("spec"),
+        "data": (saved.get("data") or {}).get("spec"),
+        "hyper_parameters": {
+            k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k[:1] != "_"
+        },
+    }
+    save(student, out, example, metadata)
+    size = out.stat().st_size
+    line = f"{out}: {size / 1024:.1f} KiB, {student.parameter_count():,} parameters"
+    if data is not None:
+        same, total, worst = agreement(student, _runner(out), batches)
+        line += (
+            f"; {ns.check} split: the same top-1 class on {same}/{total} images, largest "
+            f"relative logit difference {worst:.1e}"
+        )
+    print(line)
+    return out

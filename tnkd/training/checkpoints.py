@@ -50,6 +50,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnkd.registry import RecordsInitArgs
+
 #: the checkpoint key of the description, and its format number
 KEY = "tnkd"
 FORMAT = 1
@@ -127,6 +129,8 @@ def describe(obj: Any) -> Any:
                 "dict (as tnkd's teachers do) or a `checkpoint_spec()` method"
             )
         return {"class_path": class_path(obj), "init_args": describe(dict(args))}
+    if isinstance(obj, RecordsInitArgs):  # a data module, say
+        return {"class_path": class_path(obj), "init_args": describe(obj.init_args)}
     if inspect.isfunction(obj) or inspect.isclass(obj):
         return f"{obj.__module__}.{obj.__qualname__}"
     raise CannotDescribe(f"{type(obj).__name__} value {obj!r} is not plain data")
@@ -146,8 +150,10 @@ def build(spec: Any) -> Any:
         return [build(m) for m in spec["ensemble"]]
     if "class_path" in spec and ("init_args" in spec or "modules" in spec):
         cls = _import(spec["class_path"])
-        if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
-            raise ValueError(f"{spec['class_path']} named in the checkpoint is not a torch module")
+        if not (inspect.isclass(cls) and issubclass(cls, nn.Module | RecordsInitArgs)):
+            raise ValueError(
+                f"{spec['class_path']} named in the checkpoint is not a torch module or a tnkd class"
+            )
         if "modules" in spec:
             return cls(*[build(m) for m in spec["modules"]])
         return cls(**{k: build(v) for k, v in spec["init_args"].items()})
@@ -164,10 +170,13 @@ def _safe(network: Any) -> Any:
 def describe_module(module: nn.Module) -> dict[str, Any]:
     """The ``"tnkd"`` entry of a run module's checkpoint: its networks' descriptions."""
     names = ("student", "teacher") if hasattr(module, "student") else ("net",)
+    trainer = getattr(module, "_trainer", None)
+    data = getattr(trainer, "datamodule", None) if trainer is not None else None
     return {
         "format": FORMAT,
         "module": class_path(module),
         **{name: _safe(getattr(module, name, None)) for name in names},
+        **({"data": _safe(data)} if data is not None else {}),
     }
 
 
@@ -182,8 +191,10 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     try:
         data = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"checkpoint {file} could not be read ({first})") from err
+        raise ValueError(
+            f"checkpoint {file} could not be read: it is not a checkpoint tnkd or Lightning "
+            f"wrote, or it is damaged ({type(err).__name__})"
+        ) from err
     if not isinstance(data, dict) or "state_dict" not in data:
         raise ValueError(f"{file} is not a Lightning checkpoint (no state_dict)")
     return data
