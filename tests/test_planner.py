@@ -179,6 +179,8 @@ def test_plans_name_the_engine_and_say_why():
     assert "reads two inputs" in refused["chain"]
     peps = PEPSClassifier(input_shape=(1, 4, 4), num_classes=3, bond_dim=2, patch=2)
     assert peps.plan().engine == "reference"
+    assert "two children" in dict(peps.plan().refused)["tree"]
+    assert "shallow" in dict(peps.plan().refused)["stable"]
     assert "open path" in dict(peps.plan().refused)["chain"]
     text = str(GraphStudent(chain_graph(num_sites=5, bonds=2)).plan())
     assert text.startswith("chain engine (") and "the graph is a chain" in text
@@ -196,7 +198,7 @@ def test_asking_for_an_engine_by_name():
         values[method] = student(x)
     for method, value in values.items():
         assert torch.allclose(value, values["reference"], rtol=1e-10), method
-    with pytest.raises(ValueError, match="not a balanced binary tree"):
+    with pytest.raises(ValueError, match="not join a node with its two children"):
         GraphStudent(graph, method="tree")
     with pytest.raises(ValueError, match="expected one of: auto, chain, tree, tt_matrix, stable"):
         plan(graph.spec(), "fastest")
