@@ -190,8 +190,8 @@ def test_the_head_equals_the_stable_engine_with_a_small_root(every, native):
     x = torch.rand(5, 64, dtype=torch.float64)
     pairs = x.T.reshape(32, 2, 5)
     plan = tree.tree_plan
-    args = (plan, every, True, tree.log_logit_scale, True, pairs, pairs, *tree.blocks)
-    logits = fused.FastTree.apply(*args)[0]
+    blocks = [pairs, pairs, *tree.blocks]
+    logits = plan.normalized_logits(blocks, tree.log_logit_scale, linear_leaves=True, every=every)
     assert plan.lean  # no rerun: with every=False the root's squared norm was checked
     ref = _stable_logits(tree, x)
     assert torch.allclose(logits, ref, rtol=1e-10, atol=1e-12)

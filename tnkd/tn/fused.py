@@ -137,17 +137,22 @@ class TreePlan:
         ``every``: renormalise every level (no range check, no rerun).
         """
         with full_precision(blocks) as blocks:
-            out, divisors = FastTree.apply(self, every, self.check, None, False, *blocks)
+            ext = self.kernels(blocks)
+            out, divisors = FastTree.apply(self, ext, every, self.check, None, False, *blocks)
         # every node feeds one parent: the root's log-scale is the sum of all divisors' logs
         return out[0].T, divisors.log().sum((0, 1))
 
     def normalized_logits(
-        self, blocks: Sequence[torch.Tensor], log_scale: torch.Tensor, linear_leaves: bool = False
+        self,
+        blocks: Sequence[torch.Tensor],
+        log_scale: torch.Tensor,
+        linear_leaves: bool = False,
+        every: bool = False,
     ) -> torch.Tensor:
-        """Logits ``exp(s) f / ||f||`` (batch, C), the head inside the tree's autograd node.
+        """Logits ``exp(s) f / ||f||`` (batch, C), the head inside the native loop's autograd node.
 
-        What :func:`normalized_logits` does with :meth:`contract`'s values (and does under
-        autocast). With ``linear_leaves`` the leaves' two input blocks are one (G, 2, batch)
+        What :func:`normalized_logits` does with :meth:`contract`'s values (and does so for the
+        Python loop and under autocast). With ``linear_leaves`` the leaves' two input blocks are one (G, 2, batch)
         tensor of raw values ``[x_l, x_r]`` (passed in both slots) and the [1, x] map is fused
         with the leaves (:func:`linear_leaf_features`).
         """
@@ -156,97 +161,82 @@ class TreePlan:
                 "normalized_logits with linear_leaves gives the raw pairs no gradient, but they "
                 "require one; pass the [1, x] features as blocks instead"
             )
-        if torch.is_autocast_enabled(blocks[0].device.type):
+        ext = self.kernels(blocks)
+        if ext is None or torch.is_autocast_enabled(blocks[0].device.type):
             if linear_leaves:
                 blocks = linear_leaf_features(self, blocks)
-            return normalized_logits(self.contract(blocks)[0], log_scale)
-        return FastTree.apply(self, False, self.check, log_scale, linear_leaves, *blocks)[0]
+            return normalized_logits(self.contract(blocks, every)[0], log_scale)
+        args = (self, ext, every, self.check, log_scale, linear_leaves)
+        return FastTree.apply(*args, *blocks)[0]
+
+    def kernels(self, blocks: Sequence[torch.Tensor]):
+        """The native level loop for these blocks (:func:`tree_kernels`), or None: the Python loop."""
+        return tree_kernels(blocks) if self.native else None
 
 
 class FastTree(torch.autograd.Function):
-    r"""A :class:`TreePlan` as one autograd node: the native level loop on CPU, else one Python loop.
+    r"""A :class:`TreePlan` as one autograd node: the native level loop, or the Python loop.
 
-    ``FastTree.apply(plan, every, check, head, linear_leaves, *blocks)`` returns ``(out,
+    ``FastTree.apply(plan, ext, every, check, head, linear_leaves, *blocks)`` returns ``(out,
     divisors)``: the root's (1, C, n) values (or, with ``head``, a logit scale s, the logits
     ``exp(s) v / ||v||`` as (n, C)) and the (K, 1, n) divisors of every renormalised node. In a
     tree every intermediate feeds exactly one parent, so the root's log-scale is the sum of all
     their logs: no per-level log-scale tensors, and the same divisors give the range check (one
     ``aminmax``). When a divisor left the range where float keeps its digits (or is not
-    finite), the forward runs again renormalising every level, as the stable engine does. With
-    ``head``, the root v is not renormalised: its squared norms ``||v||^2`` join the divisors,
-    so the range check guarantees they neither overflowed nor lost digits, and the backward of
-    ``exp(s) v / ||v||`` comes first (:func:`normalized_logits`). With ``linear_leaves`` the
-    two input blocks are one (G, 2, n) tensor of raw pairs and the [1, x] map is fused with the
-    leaves.
+    finite), the forward runs again renormalising every level, as the stable engine does.
 
-    **The native level loop** (``csrc/tree_levels.cpp``, built on first use by
-    :func:`tnkd.tn.native.kernels` ``("tree_levels")``): the same levels, renormalisations,
-    range check, rerun, [1, x] leaves and head, as one call forward and one backward. Where
-    every level reads the one below in pairs (a balanced tree), thread t runs all levels of its
-    own subtrees and the few top levels run on one thread; other trees split the batch into
-    per-thread column ranges. ``plan.native = False``, other devices or dtypes,
-    ``torch.compile`` tracing, or no compiler: the Python loop (:func:`tree_forward`).
+    ``ext``: the native kernels (``csrc/tree_levels.cpp``, :meth:`TreePlan.kernels`), which run
+    the whole loop as one call forward and one backward. Where every level reads the one below
+    in pairs (a balanced tree), thread t runs all levels of its own subtrees and the few top
+    levels run on one thread; other trees split the batch into per-thread column ranges. Only
+    the native loop takes the head (the root not renormalised: its squared norms ``||v||^2``
+    join the divisors, so the range check guarantees they neither overflowed nor lost digits;
+    backward of ``exp(s) v / ||v||`` first, see :func:`normalized_logits`) and
+    ``linear_leaves`` (the two input blocks one (G, 2, n) tensor of raw pairs, the [1, x] map
+    fused with the leaves). ``ext=None``: the Python loop (:func:`tree_forward`), for other
+    devices or dtypes, ``torch.compile`` tracing, ``plan.native = False`` or no compiler.
     """
 
     @staticmethod
-    def forward(ctx, plan, every, check, head, linear_leaves, *blocks):  # noqa: D102
+    def forward(ctx, plan, ext, every, check, head, linear_leaves, *blocks):  # noqa: D102
         ctx.save_for_backward(*blocks)
-        ext = tree_kernels(blocks) if plan.native else None
-        if ext is not None:  # the whole level loop in C++ (tnkd.tn.native, "tree_levels")
-            log_scale = None if head is None else float(head)
-
-            def run_fn(levels, blocks, every, check, _head):  # the head too
-                return native_tree_forward(
-                    ext, levels, blocks, every, check, log_scale, linear_leaves
-                )
-
-        else:
-            if linear_leaves:
-                blocks = linear_leaf_features(plan, blocks)
-            run_fn = tree_forward
+        ctx.plan, ctx.ext = plan, ext
         levels = plan.levels
         if plan.lean and not every:
             levels, check = plan.lean_levels, True
-        run = run_fn(levels, blocks, every, check, head is not None)
+        if ext is None:  # the Python loop: no head, no fused leaves (see TreePlan)
+            if head is not None or linear_leaves:
+                raise ValueError("the Python level loop takes no head and no raw [1, x] leaves")
+            run = tree_forward(levels, blocks, every, check)
+            if run is None:
+                plan.lean = False  # this network's values leave the range: its plan from now on
+                run = tree_forward(plan.levels, blocks, True, False)
+            out, divisors, ctx.saved = run
+            ctx.mark_non_differentiable(divisors)
+            return out, divisors
+        log_scale = None if head is None else float(head)
+        run = native_tree_forward(ext, levels, blocks, every, check, log_scale, linear_leaves)
         if run is None:
-            plan.lean = False  # this network's values leave the range: its own plan from now on
-            run = run_fn(plan.levels, blocks, True, False, head is not None)
-        out, divisors, ctx.saved, square = run
-        ctx.plan, ctx.ext = plan, ext
+            plan.lean = False
+            run = native_tree_forward(
+                ext, plan.levels, blocks, True, False, log_scale, linear_leaves
+            )
+        out, divisors, ctx.saved = run
         ctx.mark_non_differentiable(divisors)
-        ctx.head = None
-        if ext is not None and head is not None:  # the kernel's logits
-            return ctx.saved.logits, divisors
-        if head is not None:  # logits exp(s) v / ||v|| of the root v
-            values = out[0]
-            if square is not None:  # ||v||^2 in range: checked with the divisors
-                inverse = square.view(-1).rsqrt()
-            else:  # renormalised (max-abs 1): 1 <= ||v|| <= sqrt(C), or an all-zero root
-                inverse = torch.linalg.vecdot(values, values, dim=0).rsqrt_().clamp_max_(1.0)
-            direction = values * inverse
-            scale = head.exp()
-            ctx.head = (direction, inverse, scale)
-            return (direction * scale).T, divisors
-        return out, divisors
+        return (out if head is None else ctx.saved.logits), divisors
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_log):  # noqa: D102
         blocks = ctx.saved_tensors  # (raises if a block was changed in place since forward)
-        needs = ctx.needs_input_grad[5:]
-        if ctx.ext is not None:  # the head's backward in the kernel too
+        needs = ctx.needs_input_grad[6:]
+        g_head = None
+        if ctx.ext is None:
+            grads = tree_backward(ctx.plan.levels, ctx.saved, grad_out, needs)
+        else:  # the head's backward in the kernel too
             grads = native_tree_backward(ctx.ext, ctx.saved, blocks, grad_out, needs)
             g_head = grads.pop() if ctx.saved.log_scale is not None else None
-            return None, None, None, g_head, None, *grads
-        g_head = None
-        if ctx.head is not None:  # see normalized_logits
-            direction, inverse, scale = ctx.head
-            dot = torch.linalg.vecdot(grad_out.T, direction, dim=0)  # (n,): g . d per sample
-            g_head = dot.sum().mul_(scale)
-            grad_out = torch.addcmul(grad_out.T, direction, dot, value=-1).mul_(inverse * scale)
-            grad_out = grad_out.unsqueeze(0)
-        grads = tree_backward(ctx.plan.levels, ctx.saved, grad_out, needs)
-        return None, None, None, g_head, None, *grads
+        return None, None, None, None, g_head, None, *grads
 
 
 def tree_kernels(blocks: Sequence[torch.Tensor]):
@@ -305,7 +295,7 @@ def _native_plan(levels: tuple, every: bool, square: bool) -> tuple[list[list], 
 
 
 def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear):
-    """:func:`tree_forward` by the native level loop: ``(root, divisors, saved, square)`` or None.
+    """:func:`tree_forward` by the native level loop: ``(root, divisors, saved)`` or None.
 
     The same renormalisations (``renorm`` of the level, or ``every``; with the head, a float
     ``log_scale`` s, and not ``every``, not the root: its squared norms are the divisors' last
@@ -324,7 +314,7 @@ def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear):
         if not (low >= lowest and high <= highest):
             return None  # False for NaN too
     saved = _NativeRun(slots, renorm, linear, outs, divisors, log_scale, logits, inverse)
-    return outs[-1], divisors, saved, divisors[-1:] if square else None
+    return outs[-1], divisors, saved
 
 
 def native_tree_backward(ext, saved: _NativeRun, blocks, grad_out, needs) -> list:
@@ -358,55 +348,34 @@ def linear_leaf_features(plan: TreePlan, blocks: Sequence[torch.Tensor]) -> list
     return out
 
 
-def tree_forward(levels, blocks, every: bool, check: bool, head: bool = False):
-    """The Python loop of :class:`FastTree`: ``(root, divisors, saved, square)``, or None.
+def tree_forward(levels, blocks, every: bool, check: bool):
+    """The Python loop of :class:`FastTree`: ``(root, divisors, saved)``, or None.
 
     ``divisors`` (K, 1, n): every renormalised node's divisors; None when one left the range
-    (the caller reruns renormalising every level).
+    where float keeps all its digits (the caller reruns renormalising every level).
     """
     slots = list(blocks)
     saved, scales = [], []
-    tiny = torch.finfo(blocks[0].dtype).tiny
-    last = len(levels) - 1
-    for number, (w, left, right, renorm, _) in enumerate(levels):
+    info = torch.finfo(blocks[0].dtype)
+    for w, left, right, renorm, _ in levels:
         weight = slots[w]
         nodes, a, b, p = weight.shape
         lhs, rhs = left.take(slots), right.take(slots)
         outer = (lhs.unsqueeze(2) * rhs.unsqueeze(1)).view(nodes, a * b, -1)
         out = torch.bmm(weight.reshape(nodes, a * b, p).mT, outer)
         scale = None
-        if (every or renorm) and not (head and not every and number == last):
-            scale = out.abs().amax(1, keepdim=True).clamp_min_(tiny)
+        if every or renorm:
+            scale = out.abs().amax(1, keepdim=True).clamp_min_(info.tiny)
             out.div_(scale)
             scales.append(scale)
         slots.append(out)
         saved.append((lhs, rhs, weight, scale, outer))
-    info = torch.finfo(out.dtype)
-    rows = [t.shape[0] for t in slots]
-    return _finish(
-        out, scales, (saved, rows), every, check, head, tiny / info.eps, info.max * info.eps
-    )
-
-
-def _finish(out, scales, saved, every, check, head, lowest, highest):
-    """End of a forward pass: ``(root, divisors, saved, square)`` or None (rerun needed).
-
-    With ``head`` (and not ``every``) the root was not renormalised: its squared norms
-    ``square`` (1, 1, n) join the divisors, so that the range check also guarantees that
-    ``||v||^2`` neither overflowed nor lost digits (``||v||`` within the square roots of the
-    range). ``square`` is None otherwise.
-    """
-    square = None
-    if head and not every:
-        square = torch.linalg.vecdot(out, out, dim=1).unsqueeze(1)
-        scales.append(square)
-        check = True
-    divisors = scales[0] if len(scales) == 1 else torch.cat(scales)
+    divisors = torch.cat(scales)
     if check and not every:
         low, high = torch.aminmax(divisors)
-        if not (low.item() >= lowest and high.item() <= highest):
+        if not (low.item() >= info.tiny / info.eps and high.item() <= info.max * info.eps):
             return None  # False for NaN too
-    return out, divisors, saved, square
+    return out, divisors, (saved, [t.shape[0] for t in slots])
 
 
 def tree_backward(levels, saved, grad_out, needs) -> list:
