@@ -152,9 +152,9 @@ class TreePlan:
         """Logits ``exp(s) f / ||f||`` (batch, C), the head inside the native loop's autograd node.
 
         What :func:`normalized_logits` does with :meth:`contract`'s values (and does so for the
-        Python loop and under autocast). With ``linear_leaves`` the leaves' two input blocks are one (G, 2, batch)
-        tensor of raw values ``[x_l, x_r]`` (passed in both slots) and the [1, x] map is fused
-        with the leaves (:func:`linear_leaf_features`).
+        Python loop and under autocast). With ``linear_leaves`` the leaves' two input blocks are
+        one (G, 2, batch) tensor of raw values ``[x_l, x_r]`` (passed in both slots) and the
+        [1, x] map is fused with the leaves (:func:`linear_leaf_features`).
         """
         if linear_leaves and blocks[self.levels[0][1].source].requires_grad:
             raise ValueError(
