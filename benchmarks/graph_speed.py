@@ -3,10 +3,12 @@
     python benchmarks/graph_speed.py --baseline REV          # today against commit REV
     python benchmarks/graph_speed.py --baseline REV --reps 30 --threads 1
 
-Models (10 classes, batch 100, MNIST-shaped random inputs in [0, 1]):
+Models (10 classes, batch 100, random inputs in [0, 1]):
 
 * **tree 196**: ``TreeClassifier`` over the 196 pixels of a 2x2-pooled 28x28 image, D = 8, the
-  [1, x] map;
+  [1, x] map (odd sites passed up: not a balanced tree);
+* **tree 64**, **tree 1024**: ``TreeClassifier`` over 64 / 1024 flat sites, D = 8 (balanced,
+  the [1, x] map fused with the leaves);
 * **peps 4x4**: ``PEPSClassifier`` of ``configs/mnist/grid_peps.yaml`` (a 4x4 grid of 7x7
   patches, a learnable map of size 4, D = 4).
 
@@ -36,6 +38,8 @@ PEPS = dict(
 )
 MODELS = {
     "tree 196": ("TreeClassifier", dict(input_shape=(1, 28, 28), pool=2, bond_dim=8)),
+    "tree 64": ("TreeClassifier", dict(input_shape=(64,), bond_dim=8)),
+    "tree 1024": ("TreeClassifier", dict(input_shape=(1024,), bond_dim=8)),
     "peps 4x4": ("PEPSClassifier", PEPS),
 }
 
@@ -54,11 +58,11 @@ def main() -> None:
     sys.path.insert(0, str(OUT))
     import tnkd_base.students as base
 
-    x = torch.rand(BATCH, 1, 28, 28)
     y = torch.randint(0, CLASSES, (BATCH,))
     for name, (cls, kwargs) in MODELS.items():
         if args.only and name != args.only:
             continue
+        x = torch.rand(BATCH, *kwargs["input_shape"])
         models = {}
         for label, package in (("new", students), ("base", base)):
             torch.manual_seed(0)
