@@ -28,9 +28,9 @@ reference  any graph                                    one ``opt_einsum`` expre
 :data:`PLAIN_MAX_DEPTH` levels whose groups save fewer than half the steps, such as a 4x4 PEPS)
 runs as one einsum, and a batch whose values then leave the float range (not finite, or all
 zero in a sample) is contracted again by the stable engine (:func:`reference_values`).
-:func:`plan` returns a :class:`Plan` that says which
-engine runs, on which device, why, and why each engine tried before it refused (the way PyTorch's
-``scaled_dot_product_attention`` explains its kernel choice).
+:func:`plan` returns a :class:`Plan` that says which engine runs, on which device, why, and why
+each engine tried before it refused (the way PyTorch's ``scaled_dot_product_attention`` explains
+its kernel choice).
 
 Example:
     >>> from tnkd.students import MPSClassifier
@@ -258,9 +258,9 @@ def examine_tree(shape: GraphShape, optimize="auto") -> tuple[StableNetwork, Tre
 
     A binary tree is a schedule whose every step joins a node with its two children
     (:func:`~tnkd.tn.fused.tree_plan`), however the graph was drawn; sets ``shape.tree`` and
-    ``shape.why_not_tree``.
-    Also sets ``shape.shallow``: at most :data:`PLAIN_MAX_DEPTH` levels, and grouping saves
-    fewer than half the steps (measured by ``benchmarks/plain_vs_stable.py``).
+    ``shape.why_not_tree``, and ``shape.shallow``: at most :data:`PLAIN_MAX_DEPTH` levels, and
+    grouping saves fewer than half the steps (one einsum is faster there, as measured by
+    ``benchmarks/plain_vs_stable.py``).
     """
     network = StableNetwork(shape.spec, optimize=optimize)
     tree, shape.why_not_tree = tree_plan(network)
