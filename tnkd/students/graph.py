@@ -15,9 +15,8 @@ The student is f_c(x) = the contraction of the graph with phi(x_site) on every i
 as :class:`~tnkd.students.mps.MPSClassifier` does. The planner (:mod:`tnkd.tn.planner`) reads
 the graph's shape and picks the engine, and :meth:`GraphStudent.plan` says which and why: a chain
 (the label anywhere) runs on the chain engine (:func:`~tnkd.tn.chain.contract_chain`), a binary
-tree on the tree engine (:class:`~tnkd.tn.fused.FastTree`), other graphs on the pairwise path
-with a per-sample log-scale (:mod:`tnkd.tn.stable`) or, when shallow, one ``opt_einsum``
-expression.
+tree on the tree engine (:mod:`tnkd.tn.fused`), other graphs on the pairwise path with a
+per-sample log-scale (:mod:`tnkd.tn.stable`) or, when shallow, one ``opt_einsum`` expression.
 Results equal the dense contraction's (tested in float64).
 
 **Initialisation (nodes drawn from a shape).** A node made from a shape (``make_node((2, 8, 8),
