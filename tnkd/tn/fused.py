@@ -62,25 +62,28 @@ Level = tuple[int, Column, Column, bool, int]
 def tree_plan(net: StableNetwork) -> tuple[TreePlan | None, str]:
     """The tree engine's plan of a network's schedule and ``""``, or None and why not.
 
-    Every step must join a node ``W[a, b, p]`` (its parent axis last) with two per-sample
-    children, and the last step must give the whole result.
+    Every step must join a node with two per-sample children, and the last step must give the
+    whole result. A node's axes may come in any order: its weights are read as ``W[a, b, p]``
+    (children's axes, then the parent's) through :meth:`TreePlan.arranged`.
     """
     first = len(net.blocks)
-    levels = []
+    levels, permutations = [], {}
     for number, group in enumerate(net.groups):
         if group.pair is None:
             return None, "some step does not join a node with its two children"
         w, left, right, axes = group.pair
-        if axes == (1, 0, 2):
-            left, right, axes = right, left, (0, 1, 2)
+        if axes[1] < axes[0]:  # the children the other way round: no copy of the weights
+            left, right, axes = right, left, (axes[1], axes[0], axes[2])
         weight = group.columns[w]
-        if axes != (0, 1, 2) or not weight.whole or weight.source >= first:
-            return None, "a node's parent (or label) axis is not its last"
+        if not weight.whole or weight.source >= first:
+            return None, "a node's weights are not one whole block"
+        if axes != (0, 1, 2):
+            permutations[weight.source] = (0, *(1 + k for k in axes))
         columns = group.columns
         levels.append((weight.source, columns[left], columns[right], group.renorm, first + number))
     if net.last != (first + len(levels) - 1, 0) or len(net.groups[-1].steps) != 1:
         return None, "the last step does not give the whole result"
-    return TreePlan(levels), ""
+    return TreePlan(levels, permutations), ""
 
 
 class TreePlan:
@@ -105,8 +108,15 @@ class TreePlan:
         (4, 'tree')
     """
 
-    def __init__(self, levels: Sequence[Level], lean_after: int | None = LEAN_RENORM_AFTER) -> None:
+    def __init__(
+        self,
+        levels: Sequence[Level],
+        permutations: dict[int, tuple[int, ...]] | None = None,
+        lean_after: int | None = LEAN_RENORM_AFTER,
+    ) -> None:
         self.levels = tuple(levels)
+        #: weight blocks whose axes are not (node, left child, right child, parent): how to read them
+        self.permutations = dict(permutations or {})
         #: some levels are not renormalised: check the divisors' range (and rerun if needed)
         self.check = not all(level[3] for level in self.levels)
         #: run the level loop natively where it can (:func:`tree_kernels`); False: the Python loop
@@ -136,7 +146,7 @@ class TreePlan:
 
         ``every``: renormalise every level (no range check, no rerun).
         """
-        with full_precision(blocks) as blocks:
+        with full_precision(self.arranged(blocks)) as blocks:
             ext = self.kernels(blocks)
             out, divisors = FastTree.apply(self, ext, every, self.check, None, False, *blocks)
         # every node feeds one parent: the root's log-scale is the sum of all divisors' logs
@@ -167,7 +177,14 @@ class TreePlan:
                 blocks = linear_leaf_features(self, blocks)
             return normalized_logits(self.contract(blocks, every)[0], log_scale)
         args = (self, ext, every, self.check, log_scale, linear_leaves)
-        return FastTree.apply(*args, *blocks)[0]
+        return FastTree.apply(*args, *self.arranged(blocks))[0]
+
+    def arranged(self, blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The blocks with every weight's axes as (node, left child, right child, parent)."""
+        blocks = list(blocks)
+        for slot, axes in self.permutations.items():
+            blocks[slot] = blocks[slot].permute(*axes)
+        return blocks
 
     def kernels(self, blocks: Sequence[torch.Tensor]):
         """The native level loop for these blocks (:func:`tree_kernels`), or None: the Python loop."""
