@@ -1,6 +1,6 @@
 """Plain or stable? Training and inference speed of graph students under both contraction paths.
 
-    python benchmarks/plain_vs_stable.py            # the table behind AutoNetwork's rule
+    python benchmarks/plain_vs_stable.py            # the reference engine against the stable one
     python benchmarks/plain_vs_stable.py --markdown
 
 Students (batch 100, random inputs, 10 classes): binary trees over 64 pixels (8x8, D = 8) and
@@ -8,8 +8,8 @@ Students (batch 100, random inputs, 10 classes): binary trees over 64 pixels (8x
 d = 16, D = 3) and the MNIST PEPS of ``configs/mnist/grid_peps.yaml`` (4x4 grid of 7x7 patches,
 learned map of size 4, D = 4). Each is timed with ``contraction="plain"`` (one ``opt_einsum``
 expression along the same path, values renormalised once at the end) and ``"stable"`` (grouped
-levels, tracked log-scale), interleaved, fastest of the repetitions; ``auto`` is what
-``AutoNetwork`` picks for that graph.
+levels, tracked log-scale), interleaved, fastest of the repetitions; ``auto`` is the engine
+the planner picks for that graph (``tree`` for trees, ``stable`` for PEPS).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
             mode: cls(num_classes=CLASSES, contraction=mode, **kwargs)
             for mode in ("plain", "stable")
         }
-        chosen = cls(num_classes=CLASSES, **kwargs).network.chosen
+        chosen = cls(num_classes=CLASSES, **kwargs).plan().engine
         steps = {mode: step_fns(m, m, x, y) for mode, m in models.items()}
         train = interleaved({k: v[0] for k, v in steps.items()}, args.reps)
         infer = interleaved({k: v[1] for k, v in steps.items()}, args.reps)

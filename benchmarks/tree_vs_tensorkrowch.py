@@ -12,17 +12,14 @@ halving, bond dimensions capped as ``TreeClassifier`` caps them (min(D, product 
 below)), the root (D, D, 10):
 
 * tnkd: ``TreeClassifier(input_shape=(N,), bond_dim=D)``: the graph drawn by ``tree_graph``,
-  contracted by :class:`tnkd.tn.stable.StableNetwork` (one batched step per tree level, a
-  log-scale per sample; every step of a tree joins a node with its two children, so the whole
-  contraction runs as one autograd node with a hand-written backward, ``tnkd.tn.fused``: note
-  "fused pair steps"; a balanced tree runs as ``FastTree``, a loop over levels with buffers made
-  once, the normalised output in the same node and the [1, x] map fused with the leaves: note
-  "one loop"; on CPU that loop runs in C++, ``tnkd/tn/csrc/tree_levels.cpp``, every thread
-  running all levels on its own columns of the batch: note "native levels"), normalised logits
-  (learned scale).
+  contracted by the planner's tree engine (``tnkd.tn.fused``: one batched step per tree level,
+  a log-scale per sample, the whole contraction one autograd node with a hand-written backward,
+  the normalised output in the same node and the [1, x] map fused with the leaves; on CPU the
+  level loop runs in C++, ``tnkd/tn/csrc/tree_levels.cpp``: note "native level loop (C++)"),
+  normalised logits (learned scale).
 * tnkd Python loop (``--python-loop``): the same model with the level loop run from Python
-  (``fast_plan.native = False``: one ATen ``mul`` and ``bmm`` per level forward, about six
-  backward), the path before the native one, for a before/after ratio in the same run.
+  (``tree_plan.native = False``: one ATen ``mul`` and ``bmm`` per level forward, about four
+  backward), the engine's fallback off the CPU, for a ratio in the same run.
 * TensorKrowch 1.1.6 ``Tree`` with the same ``sites_per_layer`` / ``bond_dim`` lists, its
   default initialisation, ``auto_stack=True``, ``auto_unbind=False``, traced once (the settings its
   docs give for speed), fed ``tk.embeddings.poly(x, degree=1)``; raw output (it has no
@@ -48,7 +45,6 @@ import torch
 import torch.nn.functional as F
 
 from tnkd.students import TreeClassifier
-from tnkd.tn.fused import tree_kernels
 
 CLASSES, BATCH, PHYS = 10, 100, 2
 
@@ -110,9 +106,9 @@ def interleaved(fns: dict[str, object], reps: int, warmup: int = 2) -> dict[str,
 
 
 def python_loop_twin(model: TreeClassifier) -> TreeClassifier:
-    """A copy of ``model`` whose balanced tree runs its level loop from Python (not native)."""
+    """A copy of ``model`` whose tree runs its level loop from Python (not native)."""
     twin = copy.deepcopy(model)
-    twin.network.stable.fast_plan.native = False
+    twin.tree_plan.native = False
     return twin
 
 
@@ -187,13 +183,10 @@ def run(
         if ours.parameter_count() - 1 != params:  # tnkd also learns the logit scale
             raise RuntimeError(f"parameter counts differ: {ours.parameter_count() - 1} vs {params}")
         models = {"tnkd": (ours, ours), "TensorKrowch": (theirs, tk_forward)}
-        stable = ours.network.stable
-        fused = ", fused pair steps" if stable.all_pairs else ""
-        if getattr(ours, "fast_path", False):
-            fused = ", one loop" + (", [1, x] in the leaves" if ours._linear_leaves else "")
-        levels = f"{ours.network.chosen} path, {stable.kernels} levels{fused}"
-        native_loop = getattr(ours, "fast_path", False) and tree_kernels(ours.blocks) is not None
-        notes = {"tnkd": levels + (", native levels" if native_loop else "")}
+        plan = ours.plan()
+        leaves = ", [1, x] in the leaves" if ours._linear_leaves else ""
+        levels = f"{plan.engine} engine, {len(ours.tree_plan.levels)} levels{leaves}"
+        notes = {"tnkd": f"{levels}, {plan.kernel}"}
         if python_loop:
             twin = python_loop_twin(ours)
             models["tnkd Python loop"] = (twin, twin)

@@ -12,7 +12,8 @@ from tnkd.students import MPSClassifier
 from tnkd.teachers import MLP, TeacherEnsemble, save_teacher
 from tnkd.tn.graph import TNGraph
 from tnkd.training import DistillationModule, TeacherModule
-from tnkd.training.checkpoints import KEY, build as build_spec, describe, describe_checkpoint, load_student
+from tnkd.training.checkpoints import KEY, describe, describe_checkpoint, load_student
+from tnkd.training.checkpoints import build as build_spec
 
 
 def _fit(module, tmp_path, steps=2):
@@ -72,7 +73,7 @@ def test_an_older_checkpoint_says_what_to_do_and_can_be_described(tmp_path):
     old = torch.load(path, weights_only=True)
     del old[KEY]
     torch.save(old, tmp_path / "old.ckpt")
-    with pytest.raises(ValueError, match="does not describe its student.*student="):
+    with pytest.raises(ValueError, match=r"does not describe its student.*student="):
         DistillationModule.load_from_checkpoint(tmp_path / "old.ckpt")
     x = torch.rand(3, 64)
     given = DistillationModule.load_from_checkpoint(

@@ -133,7 +133,7 @@ def test_export_refuses_to_overwrite_and_names_the_format(tmp_path):
     path = save(student, tmp_path / "s.pt2", x)
     with pytest.raises(FileExistsError, match="already exists"):
         save(student, path, x)
-    with pytest.raises(ValueError, match="must end in one of .pt2, .onnx"):
+    with pytest.raises(ValueError, match=r"must end in one of \.pt2, \.onnx"):
         save(student, tmp_path / "s.tflite", x)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt2"]  # no partial files
     assert torch.allclose(torch.export.load(path).module()(x), student.eval()(x), rtol=1e-4)

@@ -1,4 +1,4 @@
-"""FastTree's native level loop (csrc/tree_levels.cpp) against the Python loop and dense truth."""
+"""The tree engine's native level loop (csrc/tree_levels.cpp) against its Python loop and dense truth."""
 
 import warnings
 
@@ -52,9 +52,9 @@ def two_threads():
 
 def _outputs_and_grads(tree, x, use_native, every=False):
     """The tree's output (logits, or raw values with ``every``) and every parameter's gradient."""
-    tree.network.stable.fast_plan.native = use_native
+    tree.tree_plan.native = use_native
     if every:
-        values, log_scale = tree.network.stable.contract(tree.operand_blocks(x), every=True)
+        values, log_scale = tree.tree_plan.contract(tree.operand_blocks(x), every=True)
         out = values * log_scale.exp().unsqueeze(1)
     else:
         out = tree(x)
@@ -99,6 +99,24 @@ def test_native_levels_equal_the_python_loop_and_a_dense_reference(
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("input_shape", [(1, 5, 3), (1, 3, 6)])  # odd sites passed up
+def test_native_levels_of_unbalanced_trees_equal_the_python_loop_and_a_dense_reference(
+    ext, calls, two_threads, input_shape
+):
+    torch.manual_seed(13)
+    tree = TreeClassifier(input_shape, num_classes=3, bond_dim=3, output="raw", init_std=0.5)
+    tree = tree.double()
+    assert tree.plan().engine == "tree"
+    x = torch.rand(9, *input_shape, dtype=torch.float64)
+    got, g_got = _outputs_and_grads(tree, x, True)
+    want, g_want = _outputs_and_grads(tree, x, False)
+    assert calls == {"forward": 1, "backward": 1}
+    assert torch.allclose(got, _dense(tree, x), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+    for a, b in zip(g_got, g_want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
 @pytest.mark.parametrize("threads", [1, 8])
 def test_the_split_by_columns_equals_the_python_loop(ext, calls, threads):
     # an 8-site tree has 4 leaves: fewer than 8 threads, so each thread takes columns of the
@@ -124,7 +142,7 @@ def test_native_levels_gradients_match_finite_differences(ext, calls, two_thread
     torch.manual_seed(2)
     tree = TreeClassifier((8,), num_classes=2, bond_dim=3, init_std=0.5).double()
     x = torch.rand(9, 8, dtype=torch.float64)  # 9: 8 columns on one thread, 1 on the other
-    net = tree.network.stable
+    plan = tree.tree_plan
     if linear:  # the raw [x_l, x_r] pairs (no gradient), the weights and the logit scale
         pairs = x.T.reshape(4, 2, 9)
         inputs = [pairs, pairs]
@@ -137,7 +155,7 @@ def test_native_levels_gradients_match_finite_differences(ext, calls, two_thread
     def f(*ps):
         feats = list(inputs) if linear else list(ps[:2])
         ws, s = list(ps[-len(weights) - 1 : -1]), ps[-1]
-        return net.normalized_logits([*feats, *ws], s, linear_leaves=linear)
+        return plan.normalized_logits([*feats, *ws], s, linear_leaves=linear)
 
     assert torch.autograd.gradcheck(f, leaves)
     assert calls["forward"] > 0 and calls["backward"] > 0
@@ -145,8 +163,8 @@ def test_native_levels_gradients_match_finite_differences(ext, calls, two_thread
     def raw(*ps):  # the exact values without the head (every level renormalised)
         feats = list(inputs) if linear else list(ps[:2])
         if linear:
-            feats = fused.linear_leaf_features(net.fast_plan, [*feats, *weights])[:2]
-        values, log_scale = net.contract([*feats, *ps[-len(weights) - 1 : -1]], every=True)
+            feats = fused.linear_leaf_features(plan, [*feats, *weights])[:2]
+        values, log_scale = plan.contract([*feats, *ps[-len(weights) - 1 : -1]], every=True)
         return values * log_scale.exp().unsqueeze(1)
 
     assert torch.autograd.gradcheck(raw, leaves, fast_mode=True)
@@ -157,11 +175,11 @@ def test_1024_site_trig_tree_is_finite_and_equals_the_python_loop(ext, calls):
     tree = TreeClassifier((1024,), num_classes=4, bond_dim=4, feature_map="trig", output="raw")
     x = torch.rand(3, 1024)
     blocks = tree.operand_blocks(x)
-    plan = tree.network.stable.fast_plan
+    plan = tree.tree_plan
     runs = {}
     for use_native in (True, False):
         plan.native, plan.lean = use_native, True
-        values, log_scale = tree.network.contract(blocks)
+        values, log_scale = plan.contract(blocks)
         runs[use_native] = (values, log_scale, torch.autograd.grad(values.sum(), list(tree.blocks)))
     assert calls["forward"] >= 1 and calls["backward"] == 1
     fast, ref = log_abs(*runs[True][:2]), log_abs(*runs[False][:2])
@@ -178,10 +196,10 @@ def test_native_levels_rerun_renormalising_every_level_when_values_leave_the_ran
         for block in tree.blocks:
             block.mul_(1e5)  # 63 nodes: 1e315, beyond float64 without renormalisation
     x = torch.rand(4, 64, dtype=torch.float64)
-    plan = tree.network.stable.fast_plan
-    values, log_scale = tree.network.contract(tree.operand_blocks(x))
+    plan = tree.tree_plan
+    values, log_scale = plan.contract(tree.operand_blocks(x))
     assert not plan.lean and calls["forward"] == 2  # the lean plan, then every level
-    ref_values, ref_log = tree.network.stable.contract(tree.operand_blocks(x), fused=False)
+    ref_values, ref_log = tree.network.contract(tree.operand_blocks(x))  # the stable engine
     assert torch.isfinite(values).all() and (log_scale > 700).all()
     assert torch.allclose(log_abs(values, log_scale), log_abs(ref_values, ref_log), atol=1e-9)
 
@@ -249,5 +267,11 @@ def test_torch_compile_traces_the_python_loop(ext):
 
 def test_the_kernels_reject_children_that_do_not_fit_the_weights(ext):
     feats, weight = torch.rand(4, 2, 5), torch.rand(4, 3, 3, 2)  # A = 3, children with 2 rows
-    with pytest.raises(RuntimeError, match=r"expects children \(4, 3, n\).*got \(4, 2, n\)"):
-        ext.tree_forward([feats, feats, weight], [2], [0], [1], [False], [True], False, False, None)
+    rows = [0, 1, 2, 3]  # node g's children: row g of block 0 and of block 1
+    children = ([0] * 4, rows, [1] * 4, rows)
+    with pytest.raises(RuntimeError, match=r"expects children of 3 rows, got a \(4, 2, n\)"):
+        ext.tree_forward([feats, feats, weight], [2], *children, [True], False, False, None)
+    with pytest.raises(RuntimeError, match="one entry per node"):
+        ext.tree_forward(
+            [feats, feats, weight], [2], [0] * 4, rows, [1] * 3, rows, [True], False, False, None
+        )

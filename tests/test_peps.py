@@ -16,14 +16,16 @@ from tnkd.tn.stable import planned_cost
     ],
 )
 def test_peps_equals_the_dense_contraction_of_all_its_cores(input_shape, kwargs):
-    torch.manual_seed(0)
-    peps = PEPSClassifier(input_shape, num_classes=3, output="raw", init_std=0.5, **kwargs).double()
-    x = torch.rand(4, *input_shape, dtype=torch.float64)
-    w = dense_coefficients(peps.to_graph())
-    ref = evaluate_dense(w, list(peps.features(x).unbind(1)))
-    for mode in ("plain", "stable"):
-        peps.network.chosen = mode
-        assert torch.allclose(peps(x), ref, rtol=1e-10, atol=1e-12), mode
+    for method in ("reference", "stable"):
+        torch.manual_seed(0)
+        peps = PEPSClassifier(
+            input_shape, num_classes=3, output="raw", init_std=0.5, method=method, **kwargs
+        ).double()
+        x = torch.rand(4, *input_shape, dtype=torch.float64)
+        w = dense_coefficients(peps.to_graph())
+        ref = evaluate_dense(w, list(peps.features(x).unbind(1)))
+        assert peps.plan().engine == method
+        assert torch.allclose(peps(x), ref, rtol=1e-10, atol=1e-12), method
 
 
 def test_peps_gradients_match_finite_differences():

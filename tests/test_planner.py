@@ -179,6 +179,8 @@ def test_plans_name_the_engine_and_say_why():
     assert "reads two inputs" in refused["chain"]
     peps = PEPSClassifier(input_shape=(1, 4, 4), num_classes=3, bond_dim=2, patch=2)
     assert peps.plan().engine == "reference"
+    assert "two children" in dict(peps.plan().refused)["tree"]
+    assert "shallow" in dict(peps.plan().refused)["stable"]
     assert "open path" in dict(peps.plan().refused)["chain"]
     text = str(GraphStudent(chain_graph(num_sites=5, bonds=2)).plan())
     assert text.startswith("chain engine (") and "the graph is a chain" in text
@@ -196,7 +198,7 @@ def test_asking_for_an_engine_by_name():
         values[method] = student(x)
     for method, value in values.items():
         assert torch.allclose(value, values["reference"], rtol=1e-10), method
-    with pytest.raises(ValueError, match="not a balanced binary tree"):
+    with pytest.raises(ValueError, match="not join a node with its two children"):
         GraphStudent(graph, method="tree")
     with pytest.raises(ValueError, match="expected one of: auto, chain, tree, tt_matrix, stable"):
         plan(graph.spec(), "fastest")
@@ -345,3 +347,34 @@ def test_a_tt_layer_is_a_tt_matrix_graph_for_the_planner():
     # a chain is not a TT-matrix, and says why
     ok, why = recognise_tt_matrix(chain_graph(num_sites=4, bonds=2).spec())
     assert not ok and "input nodes" in why
+
+
+@pytest.mark.parametrize(
+    ("inner", "root"),
+    [
+        (["up", "in0", "in1"], ["label", "a", "b"]),  # the parent's axis first
+        (["in1", "up", "in0"], ["b", "a", "label"]),  # children the other way round
+    ],
+)
+def test_a_binary_tree_drawn_with_any_axis_order_runs_the_tree_engine(inner, root):
+    torch.manual_seed(12)
+    xs = [make_node((2,), f"x{k}", ["phys"]) for k in range(4)]
+    sizes = {"up": 3, "in0": 2, "in1": 2, "label": 4, "a": 3, "b": 3}
+    pair = [make_node(tuple(sizes[n] for n in inner), f"t{k}", inner) for k in range(2)]
+    top = make_node(tuple(sizes[n] for n in root), "root", root)
+    for k, node in enumerate(pair):
+        connect(node, "in0", xs[2 * k], "phys")
+        connect(node, "in1", xs[2 * k + 1], "phys")
+        connect(node, "up", top, "ab"[k])
+    graph = TNGraph([*pair, top, *xs], [x.name for x in xs], [top["label"]])
+    student = GraphStudent(graph, output="raw", init_std=0.5).double()
+    assert student.plan().engine == "tree"
+    x = torch.rand(5, 4, dtype=torch.float64)
+    ref = evaluate_dense(
+        dense_coefficients(student.to_graph()), list(student.features(x).unbind(1))
+    )
+    assert torch.allclose(student(x), ref, rtol=1e-10, atol=1e-12)
+    (grad,) = torch.autograd.grad(student(x).sin().sum(), [student.blocks[0]])
+    student.tree_plan.native = False  # the Python loop reads the weights the same way
+    (again,) = torch.autograd.grad(student(x).sin().sum(), [student.blocks[0]])
+    assert torch.allclose(grad, again, rtol=1e-10, atol=1e-12)

@@ -4,9 +4,10 @@ import pytest
 import torch
 from test_contraction import peps_2x2
 
-from tnkd.students import MPSClassifier, TreeClassifier
+from tnkd.students import GraphStudent, MPSClassifier, TreeClassifier
 from tnkd.tn.contraction import CompiledNetwork
-from tnkd.tn.stable import AutoNetwork, StableNetwork, log_abs, tree_path
+from tnkd.tn.planner import examine, examine_tree, plan
+from tnkd.tn.stable import StableNetwork, log_abs, tree_path
 
 
 def test_stable_equals_a_handwritten_einsum_on_a_graph_with_loops():
@@ -52,7 +53,7 @@ def test_gradients_of_the_stable_contraction_match_finite_differences():
 
 def test_steps_of_equal_shape_run_as_one_kernel_per_tree_level():
     tree = TreeClassifier(input_shape=(64,), num_classes=10, bond_dim=4)
-    net = tree.network.stable
+    net = tree.network
     assert tree_path(net.spec) is not None
     assert net.depth == 6 and net.kernels == 6  # 64 leaves: 32 + 16 + ... + 1 nodes, 6 levels
     assert [
@@ -65,22 +66,44 @@ def test_tree_path_refuses_graphs_with_loops():
     assert tree_path(graph.spec()) is None
 
 
-def test_auto_picks_stable_for_trees_and_long_chains_plain_for_a_small_loop():
+def test_the_planner_picks_one_einsum_for_a_small_loop_and_the_tree_engine_for_a_tree():
     graph, _ = peps_2x2()
-    assert AutoNetwork(graph).chosen == "plain"
-    assert AutoNetwork(TreeClassifier(input_shape=(16,), bond_dim=3).to_graph()).chosen == "stable"
-    assert AutoNetwork(MPSClassifier(40, 3, bond_dim=3).to_graph()).chosen == "stable"
+    shape = examine(graph.spec())
+    examine_tree(shape)
+    assert shape.shallow and plan(shape).engine == "reference"
+    shape = examine(TreeClassifier(input_shape=(16,), bond_dim=3).to_graph().spec())
+    network, tree = examine_tree(shape)
+    assert tree is not None and plan(shape).engine == "tree"
+    assert len(tree.levels) == network.kernels == 4
+    shape = examine(MPSClassifier(40, 3, bond_dim=3).to_graph().spec())
+    examine_tree(shape)
+    assert not shape.shallow  # deep: the stable engine where the chain engine is not asked
 
 
-def test_auto_falls_back_to_stable_when_the_plain_values_underflow():
+def test_auto_reruns_a_shallow_graph_on_the_stable_engine_when_its_values_underflow():
+    graph, params = peps_2x2()
+    x = torch.rand(2, 4, dtype=torch.float64)
+    logs = {}
+    for method in ("auto", "reference", "stable"):
+        student = GraphStudent(graph, method=method, output="raw").double()
+        student.load_node_tensors(
+            {n: p * 1e-120 for n, p in zip(student.node_names, params, strict=True)}
+        )
+        assert student.plan().engine == ("reference" if method == "auto" else method)
+        logs[method] = log_abs(*student.log_forward(x))
+    assert torch.isinf(logs["reference"]).all()  # ~1e-480 underflows one einsum
+    assert torch.isfinite(logs["auto"]).all()
+    assert torch.allclose(logs["auto"], logs["stable"], rtol=1e-12)
+
+
+def test_stable_keeps_values_that_underflow_the_reference_contraction():
     graph, params = peps_2x2()
     tiny = [p * 1e-120 for p in params]  # the value is ~1e-480
     x = torch.rand(2, 4, 2, dtype=torch.float64)
-    net = AutoNetwork(graph)
-    assert net.chosen == "plain"
-    assert (net.plain(tiny + list(x.unbind(1))) == 0).all()
+    net = StableNetwork(graph)
+    assert (CompiledNetwork(graph)(tiny + list(x.unbind(1))) == 0).all()
     values, log_scale = net(tiny + list(x.unbind(1)))
-    ref = log_abs(*AutoNetwork(graph)(params + list(x.unbind(1))))
+    ref = torch.log(CompiledNetwork(graph)(params + list(x.unbind(1))).abs())
     assert torch.allclose(log_abs(values, log_scale), ref + 4 * math.log(1e-120), rtol=1e-10)
 
 
@@ -95,8 +118,6 @@ def test_blocks_round_trip_and_bad_operand_counts_are_clear_errors():
         net(params)
     with pytest.raises(ValueError, match=r"expected .* blocks"):
         net.contract([])
-    with pytest.raises(ValueError, match="contraction mode"):
-        AutoNetwork(graph, mode="fast")
 
 
 def test_bfloat16_autocast_contracts_in_float32():

@@ -46,7 +46,7 @@ def portable(student: nn.Module) -> nn.Module:
     """A copy of ``student`` in eval mode whose every contraction uses the portable engine."""
     copied = copy.deepcopy(student).eval()
     for module in copied.modules():
-        if hasattr(type(module), "portable") or hasattr(module, "_pairwise"):
+        if hasattr(module, "portable"):
             module.portable = True
     return copied
 

@@ -14,8 +14,8 @@ The student is f_c(x) = the contraction of the graph with phi(x_site) on every i
 ``output="normalized"`` (the default) its logits are s * f(x) / ||f(x)||, with a learned scale s,
 as :class:`~tnkd.students.mps.MPSClassifier` does. The planner (:mod:`tnkd.tn.planner`) reads
 the graph's shape and picks the engine, and :meth:`GraphStudent.plan` says which and why: a chain
-(the label anywhere) runs on the chain engine (:func:`~tnkd.tn.chain.contract_chain`), a balanced
-binary tree on :class:`~tnkd.tn.fused.FastTree`, other graphs on the pairwise path with a
+(the label anywhere) runs on the chain engine (:func:`~tnkd.tn.chain.contract_chain`), a binary
+tree on the tree engine (:mod:`tnkd.tn.fused`), other graphs on the pairwise path with a
 per-sample log-scale (:mod:`tnkd.tn.stable`) or, when shallow, one ``opt_einsum`` expression.
 Results equal the dense contraction's (tested in float64).
 
@@ -83,6 +83,7 @@ from tnkd.students.base import (
 )
 from tnkd.tn.chain import contract_chain
 from tnkd.tn.contraction import CompiledNetwork
+from tnkd.tn.fused import TreePlan
 from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
 from tnkd.tn.planner import (
     METHODS,
@@ -90,12 +91,16 @@ from tnkd.tn.planner import (
     Plan,
     choose,
     examine,
+    examine_tree,
     plan,
+    reference_values,
 )
-from tnkd.tn.portable import PairwiseContraction, chain_log_contract
-from tnkd.tn.stable import MODES, AutoNetwork
+from tnkd.tn.portable import chain_log_contract
+from tnkd.tn.stable import StableNetwork
 
 OUTPUT_MODES = ("normalized", "raw")
+#: the older names of ``method`` (``contraction=``)
+CONTRACTIONS = ("auto", "stable", "plain")
 
 
 def _image_shape(input_shape: Sequence[int], what: str) -> tuple[int, int, int]:
@@ -379,9 +384,9 @@ class GraphStudent(Student):
         if output not in OUTPUT_MODES:
             raise ValueError(f"{what} output must be one of {OUTPUT_MODES}, but got {output!r}")
         if contraction is not None:
-            if contraction not in MODES:
+            if contraction not in CONTRACTIONS:
                 raise ValueError(
-                    f"{what} contraction must be one of {MODES}, but got {contraction!r}"
+                    f"{what} contraction must be one of {CONTRACTIONS}, but got {contraction!r}"
                 )
             method = {"plain": "reference"}.get(contraction, contraction)
         if method not in METHODS:
@@ -436,7 +441,6 @@ class GraphStudent(Student):
         self.method = self._method = method
         #: contract with the portable engine (tensor operations only; see tnkd.export.portable)
         self.portable = False
-        self._pairwise: PairwiseContraction | None = None
         self.optimize = optimize
         # the sites are the sample's scalars in order (no pooling or patches)
         self._flat_sites = (self.input_shape is None or len(self.input_shape) == 1) and getattr(
@@ -446,13 +450,16 @@ class GraphStudent(Student):
         self._contract_fn: Any = None  # the (compiled) contraction, made on first use
         self.node_names = [n for n in spec.node_names if n not in set(inputs)]
         self._compiled: CompiledNetwork | None = None
+        self._reference: CompiledNetwork | None = None  # the reference engine, along the path
         self._shape = examine(spec)
         if compile:
             self._shape.chain, self._shape.why_not_chain = (
                 None,
                 "compile=True traces the stable path",
             )
-        self._network: AutoNetwork | None = None
+        self._network: StableNetwork | None = None
+        #: the tree engine's plan (:func:`~tnkd.tn.fused.tree_plan`) when the graph is a tree
+        self.tree_plan: TreePlan | None = None
         if self._shape.chain is None or method not in ("auto", "chain"):
             self._examine_stable_paths()
         #: the engine chosen from the graph's shape (``plan()`` adds the device's kernel)
@@ -476,27 +483,19 @@ class GraphStudent(Student):
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
 
     def _examine_stable_paths(self) -> None:
-        """Build the pairwise network and tell the planner whether it is a tree, and deep."""
-        mode = {"stable": "stable", "tree": "stable", "reference": "plain"}.get(
-            self._method, "auto"
-        )
-        self._network = AutoNetwork(self._spec, mode=mode, optimize=self.optimize)
-        stable = self._network.stable
-        shape = self._shape
-        shape.tree = stable.fast_plan is not None and not self.compile
-        shape.why_not_tree = (
-            "compile=True traces the stable path"
-            if self.compile
-            else "not a balanced binary tree (some level does not take the previous level's "
-            "results whole, in pairs)"
-        )
-        shape.deep_or_grouped = self._network.chosen == "stable"
+        """Schedule the pairwise steps and tell the planner whether the graph is a binary tree."""
+        self._network, self.tree_plan = examine_tree(self._shape, self.optimize)
+        if self.compile:
+            self._shape.tree, self._shape.why_not_tree = (
+                False,
+                "compile=True traces the stable path",
+            )
 
     @property
-    def network(self) -> AutoNetwork:
-        """The pairwise (stable or plain) network of the graph, built on first use for chains."""
+    def network(self) -> StableNetwork:
+        """The graph's pairwise schedule (:class:`~tnkd.tn.stable.StableNetwork`), made on first use."""
         if self._network is None:
-            self._network = AutoNetwork(self._spec, mode="stable", optimize=self.optimize)
+            self._network = StableNetwork(self._spec, optimize=self.optimize)
         return self._network
 
     def plan(self, device: torch.device | str | None = None) -> Plan:
@@ -521,11 +520,9 @@ class GraphStudent(Student):
     ) -> None:
         """Parameters stacked as the pairwise network consumes them (see ``blocks``)."""
         spec = self._spec
-        if self.engine == "stable":
-            self.network.stable.fast_plan = None  # asked for by name: no tree loop
         # parameters stacked as the contraction consumes them (one tensor per block: e.g. all
         # leaves of a tree level), so a level is one kernel with no copy; node_tensors() names them
-        stable = self.network.stable
+        stable = self.network
         self._input_blocks: list[tuple[int, list[int] | slice]] = []
         for block, is_input in zip(stable.blocks, stable.block_is_input, strict=True):
             names = [spec.node_names[i] for i in block]
@@ -538,11 +535,11 @@ class GraphStudent(Student):
                 self._block_of[name] = (len(self.blocks), g)
             self.blocks.append(nn.Parameter(torch.stack([initial[n] for n in names])))
         self._block_kinds = list(stable.block_is_input)
-        #: the whole forward pass on the lean path: a balanced binary tree (``fast_plan``, see
-        #: :class:`~tnkd.tn.fused.FastTree`) on the stable path, not compiled
+        #: the logits come from the tree engine's autograd node (:class:`~tnkd.tn.fused.FastTree`)
         self.fast_path = self.engine == "tree"
         # [1, x] on flat sites, leaves joining sites 2g and 2g + 1 (the input blocks first):
-        # the map is fused with the leaves (see tnkd.tn.fused.TreePlan)
+        # the map is fused with the leaves (see tnkd.tn.fused.FastTree)
+        leaves = self.tree_plan.levels[0] if self.fast_path else None
         self._linear_leaves = (
             self.fast_path
             and type(self.feature_map) is LinearFeatureMap
@@ -551,7 +548,9 @@ class GraphStudent(Student):
             and not any(self._block_kinds[2:])
             and [w for _, w in self._input_blocks]
             == [slice(0, num_sites - 1, 2), slice(1, num_sites, 2)]
-            and stable.fast_plan.levels[0][1:4] == (0, 1, False)
+            and (leaves[1].source, leaves[2].source) == (0, 1)
+            and leaves[1].whole
+            and leaves[2].whole
         )
 
     def _store_chain(
@@ -827,7 +826,7 @@ class GraphStudent(Student):
     def operand_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The contraction's operands, one stacked tensor per block (see :class:`StableNetwork`)."""
         if self.engine == "chain":
-            return self.network.stable.to_blocks(self.graph_operands(x))
+            return self.network.to_blocks(self.graph_operands(x))
         phi = self._site_features_t(x)
         params = iter(self.blocks._parameters.values())
         inputs = iter(self._input_blocks)
@@ -843,7 +842,7 @@ class GraphStudent(Student):
     def graph_operands(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One tensor per graph node, in node order (input nodes batched)."""
         if self.engine != "chain":
-            return self.network.stable.from_blocks(self.operand_blocks(x))
+            return self.network.from_blocks(self.operand_blocks(x))
         phi = self.features(x)
         params = self.node_tensors()
         site = dict(zip(self.input_nodes, self.input_sites, strict=True))
@@ -865,10 +864,8 @@ class GraphStudent(Student):
 
     def _portable_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The portable engine (:mod:`tnkd.tn.portable`): tensor operations only, for export."""
-        if self.engine != "chain":
-            if self._pairwise is None:
-                self._pairwise = PairwiseContraction(self._spec)
-            return self._pairwise(self.graph_operands(x))
+        if self.engine != "chain":  # the stable engine renormalising at every step
+            return self.network.contract(self.operand_blocks(x), every=True)
         phi = self.features(x)
         label = None if self._label_site is None else phi[:, self._label_site]
         left, cores, right, output_core = self._chain_operands()
@@ -882,10 +879,19 @@ class GraphStudent(Student):
             return self._portable_log_forward(x)
         if self.engine == "chain":
             return self._chain_log_forward(x)
+        if self.engine == "tree":
+            return self.tree_plan.contract(self.operand_blocks(x))
+        if self.engine == "reference":
+            if self._reference is None:
+                self._reference = CompiledNetwork(self._spec, optimize=self.network.path)
+            values = self._reference(self.graph_operands(x))
+            blocks = functools.partial(self.operand_blocks, x)
+            rerun = None if self._method != "auto" else lambda: self.network.contract(blocks())
+            return reference_values(values, rerun)
         if self._contract_fn is None:
             net = self.network
             self._contract_fn = (
-                torch.compile(functools.partial(net.contract, traced=True))
+                torch.compile(functools.partial(net.contract, every=True))
                 if self.compile
                 else net.contract
             )
@@ -905,7 +911,7 @@ class GraphStudent(Student):
         if self.output == "raw":
             return self.raw_forward(x)
         if self.fast_path and not self.portable:
-            stable = self.network.stable
+            tree = self.tree_plan
             if self._linear_leaves and not x.requires_grad:  # (the raw pairs get no gradient)
                 u = self.flatten_input(x).T
                 dtype = self._dtype()
@@ -913,8 +919,8 @@ class GraphStudent(Student):
                     u = u.to(dtype)
                 pairs = u.view(u.shape[0] // 2, 2, u.shape[1])  # (leaves, [x_l, x_r], batch)
                 blocks = [pairs, pairs, *self.blocks._parameters.values()]
-                return stable.normalized_logits(blocks, self.log_logit_scale, linear_leaves=True)
-            return stable.normalized_logits(self.operand_blocks(x), self.log_logit_scale)
+                return tree.normalized_logits(blocks, self.log_logit_scale, linear_leaves=True)
+            return tree.normalized_logits(self.operand_blocks(x), self.log_logit_scale)
         values, _ = self.log_forward(x)
         return direction_logits(values, self.log_logit_scale)
 

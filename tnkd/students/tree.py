@@ -21,13 +21,12 @@ loses nothing (bonds just above 2 pixels with d = 2 have size 4 at most). An odd
 level is passed up unchanged.
 
 **Cost.** Contracting one sample costs about sum over nodes of D^3 (the leaves d^2 D): linear in
-the number of sites, any size is affordable; the contraction runs level by level in one batched
-kernel per level (:class:`~tnkd.tn.stable.StableNetwork` groups the steps of equal shape), with
-a log-scale, so depth does not matter either. Every step of this tree joins a node with its two
-children, so the whole contraction is one autograd node with a hand-written backward
-(:mod:`tnkd.tn.fused`; chosen automatically for any graph made only of such steps). A balanced
-tree (a power of two of sites along each axis) runs as :class:`~tnkd.tn.fused.FastTree`, whose
-level loop runs in C++ on CPU (``tnkd/tn/csrc/tree_levels.cpp``, compiled on first use; each
+the number of sites, any size is affordable; the contraction runs level by level (the steps of
+equal shape grouped by :class:`~tnkd.tn.stable.StableNetwork`), with a log-scale, so depth does
+not matter either. Every step of this tree joins a node with its two children, so the planner
+gives it to the tree engine (:mod:`tnkd.tn.fused`, for any graph made only of such steps): the
+whole contraction is one autograd node with a hand-written backward, whose level loop runs in
+C++ on CPU (``tnkd/tn/csrc/tree_levels.cpp``, compiled on first use; in a balanced tree each
 thread runs every level of its own subtrees, with no synchronisation between levels): see
 ``benchmarks/tree_vs_tensorkrowch.py`` for its speed against TensorKrowch's ``Tree`` (2.7-6x
 its training throughput at 64-1024 sites, D = 8 and 16, batch 100, at 1 and 2 threads on a

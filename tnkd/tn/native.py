@@ -3,7 +3,7 @@
 Two C++ sources, one loader (:func:`kernels`, by name, :data:`SOURCES`):
 
 - ``"chain_scan"`` (``csrc/chain_scan.cpp``): the boundary-vector scan of :mod:`tnkd.tn.chain`;
-- ``"tree_levels"`` (``csrc/tree_levels.cpp``): the level loop of a balanced binary tree,
+- ``"tree_levels"`` (``csrc/tree_levels.cpp``): the level loop of a binary tree,
   :class:`tnkd.tn.fused.FastTree`, forward and backward, each thread running every level on its
   own columns of the batch.
 

@@ -11,22 +11,26 @@ engine     accepts                                      runs
 chain      a path of tensors, one label, at most one    :func:`~tnkd.tn.chain.contract_chain`:
            input per tensor (:func:`chain_layout`)      native scan on CPU, log-depth products on
                                                         accelerators, tracked log-scale
-tree       a balanced binary tree (every level's        :class:`~tnkd.tn.fused.FastTree`: native
-           children the previous level's results)       level loop on CPU, tracked log-scale
+tree       a binary tree: every step joins a node with  :class:`~tnkd.tn.fused.FastTree`: native
+           its two children (:func:`examine_tree`)      level loop on CPU, tracked log-scale
 tt_matrix  a TT-matrix (MPO) against one input: a       :func:`~tnkd.tn.tt_matrix.tt_linear`:
            path of cores, each with an input leg and    merged neighbouring cores, the order
            an output leg (a TT layer)                   planned per batch size by counted MACs
 stable     any graph with an input                      :class:`~tnkd.tn.stable.StableNetwork`:
                                                         the planned pairwise path, log-scale
 reference  any graph                                    one ``opt_einsum`` expression
-                                                        (:class:`~tnkd.tn.contraction.CompiledNetwork`)
+                                                        (:class:`~tnkd.tn.contraction.CompiledNetwork`),
+                                                        rescaled per sample after it
 ========== ============================================ ==========================================
 
-``auto`` takes the first engine that accepts the graph; between ``stable`` and ``reference`` it
-prefers ``reference`` for shallow graphs that grouping does not help (a small PEPS), as
-:class:`~tnkd.tn.stable.AutoNetwork` does. :func:`plan` returns a :class:`Plan` that says which
-engine runs, on which device, why, and why each engine tried before it refused (the way PyTorch's
-``scaled_dot_product_attention`` explains its kernel choice).
+``auto`` takes the first engine that accepts the graph, with one rule between ``stable`` and
+``reference``: a shallow graph that grouping does not help (a contraction tree of at most
+:data:`PLAIN_MAX_DEPTH` levels whose groups save fewer than half the steps, such as a 4x4 PEPS)
+runs as one einsum, and a batch whose values then leave the float range (not finite, or all
+zero in a sample) is contracted again by the stable engine (:func:`reference_values`).
+:func:`plan` returns a :class:`Plan` that says which engine runs, on which device, why, and why
+each engine tried before it refused (the way PyTorch's ``scaled_dot_product_attention`` explains
+its kernel choice).
 
 Example:
     >>> from tnkd.students import MPSClassifier
@@ -46,7 +50,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tnkd.registry import Registry
+from tnkd.tn.fused import TreePlan, tree_plan
 from tnkd.tn.graph import NetworkSpec
+from tnkd.tn.stable import StableNetwork
 
 
 @dataclass(frozen=True)
@@ -229,23 +235,54 @@ class GraphShape:
     spec: NetworkSpec
     chain: ChainLayout | None
     why_not_chain: str
-    tree: bool = False  # a balanced binary tree (the stable path's ``fast_plan``)
+    tree: bool = False  # a binary tree of pair steps (see examine_tree)
+    shallow: bool = False  # one einsum beats the grouped steps (see examine_tree)
     why_not_tree: str = "not examined"
     tt_matrix: bool = False  # a TT-matrix against one input (a TT layer)
     why_not_tt_matrix: str = "not examined"
-    deep_or_grouped: bool = True  # the stable path beats one einsum (see AutoNetwork)
     extra: dict = field(default_factory=dict)
 
 
 def examine(spec: NetworkSpec) -> GraphShape:
     """The shape of a graph as far as its spec tells: a chain, a TT-matrix.
 
-    Whether it is a balanced tree is known to the pairwise network
-    (:class:`~tnkd.students.graph.GraphStudent` asks it).
+    Whether it is a tree is known from its pairwise schedule (:func:`examine_tree`).
     """
     shape = GraphShape(spec, *recognise_chain(spec))
     shape.tt_matrix, shape.why_not_tt_matrix = recognise_tt_matrix(spec)
     return shape
+
+
+def examine_tree(shape: GraphShape, optimize="auto") -> tuple[StableNetwork, TreePlan | None]:
+    """The graph's pairwise schedule, and the tree engine's plan when it is a binary tree.
+
+    A binary tree is a schedule whose every step joins a node with its two children
+    (:func:`~tnkd.tn.fused.tree_plan`), however the graph was drawn; sets ``shape.tree`` and
+    ``shape.why_not_tree``, and ``shape.shallow``: at most :data:`PLAIN_MAX_DEPTH` levels, and
+    grouping saves fewer than half the steps (one einsum is faster there, as measured by
+    ``benchmarks/plain_vs_stable.py``).
+    """
+    network = StableNetwork(shape.spec, optimize=optimize)
+    tree, shape.why_not_tree = tree_plan(network)
+    shape.tree = tree is not None
+    shape.shallow = network.depth <= PLAIN_MAX_DEPTH and 2 * network.kernels > len(network.path)
+    return network, tree
+
+
+def reference_values(
+    values: torch.Tensor, rerun: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference engine's ``(values, log_scale)``: one einsum's values rescaled per sample.
+
+    With ``rerun`` (the stable engine, where ``auto`` chose the reference for a shallow graph),
+    a batch whose values are not finite or all zero in a sample is ``rerun()`` instead.
+    """
+    flat = values.detach().flatten(1)
+    peak = flat.abs().amax(1)
+    if rerun is not None and not bool(torch.isfinite(flat).all() and (peak > 0).all()):
+        return rerun()
+    peak = peak.clamp_min(torch.finfo(values.dtype).tiny)
+    return values / peak.view(-1, *[1] * (values.ndim - 1)), peak.log()
 
 
 @dataclass(frozen=True)
@@ -261,6 +298,8 @@ class Engine:
     kernel: Callable[[GraphShape, torch.device], str]
 
 
+#: contraction-tree depth up to which ``auto`` may prefer one einsum (see :func:`examine_tree`)
+PLAIN_MAX_DEPTH = 12
 #: every contraction engine, in the order ``method="auto"`` tries them
 ENGINES: Registry[Engine] = Registry("contraction engine")
 AUTO_ORDER = ("chain", "tree", "tt_matrix", "stable", "reference")
@@ -308,7 +347,7 @@ for _engine in (
     Engine(
         "stable",
         "the planned pairwise path, steps of one depth batched, with a per-sample log-scale",
-        lambda s, d: None,
+        lambda s, d: None if s.spec.input_nodes else "the graph has no input node",
         lambda s, d: "grouped einsum steps",
     ),
     Engine(
@@ -379,17 +418,17 @@ def choose(
     for name in AUTO_ORDER:
         engine = ENGINES.get(name)
         why = engine.refuse(shape, device)
-        if why is None and name == "stable" and not shape.deep_or_grouped:
+        if why is None and name == "stable" and shape.shallow:
             why = "the graph is shallow and grouping saves few kernels: one einsum is faster"
         if why is not None:
             refused.append((name, why))
             continue
         reason = {
             "chain": "the graph is a chain",
-            "tree": "the graph is a balanced binary tree",
+            "tree": "the graph is a binary tree",
             "tt_matrix": "the graph is a TT-matrix against one input",
-            "stable": "a deep or groupable graph: pairwise steps with a log-scale",
-            "reference": "a shallow graph: one einsum (values rescaled per sample after it)",
+            "stable": "a graph of another shape: pairwise steps with a log-scale",
+            "reference": "a shallow graph: one einsum (a batch out of range: the stable engine)",
         }[name]
         return engine, reason, tuple(refused)
     raise AssertionError("the reference engine accepts every graph")  # pragma: no cover

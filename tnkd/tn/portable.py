@@ -11,11 +11,11 @@ computes the same contraction, with its log-scale, using only shape-static loops
   largest magnitude and the logarithm of that kept per sample. A 784-site chain is 10 levels,
   its values finite for any feature map. The two halves either side of the label are joined
   by the label core.
-* **any other graph** (:class:`PairwiseContraction`): opt_einsum's pairwise path, each step one
-  ``einsum`` followed by the same division by the largest magnitude (per sample for a step
-  that carries the batch).
+* **any other graph**: the stable engine (:class:`~tnkd.tn.stable.StableNetwork`) with
+  ``every=True``: its grouped pairwise steps, each rescaled, and no range check.
+* a **TT-matrix** (:func:`tt_matvec`): one einsum per core, no plan per batch size.
 
-Both return ``(values, log_scale)`` with ``f(x) = values * exp(log_scale)``, as every engine
+The contractions return ``(values, log_scale)`` with ``f(x) = values * exp(log_scale)``, as every engine
 does (:mod:`tnkd.tn.planner`); their results equal the other engines' to rounding (tested
 against the dense ``opt_einsum`` reference). The planner never picks this engine by itself:
 :func:`tnkd.export.portable` switches a student to it.
@@ -25,10 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import opt_einsum
 import torch
-
-from tnkd.tn.graph import NetworkSpec
 
 
 def _divided(tensor: torch.Tensor, log: torch.Tensor, dims: tuple[int, ...]):
@@ -91,82 +88,6 @@ def chain_log_contract(
         joined = torch.einsum("bscr,bs->bcr", joined, output_features)
     values = torch.einsum("bcr,br->bc", joined, w)
     return _divided(values, log_before + log_after, (1,))
-
-
-def _lettered(equation: str) -> str:
-    """``equation`` with its index symbols renamed to ``a-zA-Z`` (what ``torch.einsum`` takes)."""
-    names: dict[str, str] = {}
-    for c in equation:
-        if c not in ",->":
-            names.setdefault(c, opt_einsum.get_symbol(len(names)))
-    return "".join(names.get(c, c) for c in equation)
-
-
-class PairwiseContraction:
-    """Any graph by opt_einsum's pairwise path, each step rescaled (see the module docstring).
-
-    Args:
-        spec: the graph's spec (input nodes get a leading batch index).
-        batch: the batch size the path is planned for (the path is then fixed: it does not
-            depend on the batch a call brings).
-    """
-
-    def __init__(self, spec: NetworkSpec, batch: int = 64) -> None:
-        symbols: dict[str, str] = {}
-
-        def letters(indices: Sequence[str]) -> str:
-            for index in indices:
-                symbols.setdefault(index, opt_einsum.get_symbol(len(symbols) + 1))
-            return "".join(symbols[i] for i in indices)
-
-        b = opt_einsum.get_symbol(0)  # the batch index
-        terms, shapes = [], []
-        for name, shape, indices in zip(
-            spec.node_names, spec.node_shapes, spec.node_indices, strict=True
-        ):
-            batched = name in spec.input_nodes
-            terms.append((b if batched else "") + letters(indices))
-            shapes.append(((batch,) if batched else ()) + tuple(shape))
-        output = b + letters(spec.output_indices)
-        path, _ = opt_einsum.contract_path(
-            ",".join(terms) + "->" + output, *shapes, shapes=True, optimize="auto"
-        )
-        self.steps: list[tuple[tuple[int, ...], str, bool]] = []
-        live = list(terms)
-        for picked in path:
-            inputs = [live[i] for i in picked]
-            for i in sorted(picked, reverse=True):
-                live.pop(i)
-            rest = "".join(live) + output
-            kept = "".join(dict.fromkeys(c for term in inputs for c in term if c in rest))
-            result = (b if b in kept else "") + kept.replace(b, "")
-            equation = _lettered(",".join(inputs) + "->" + result)
-            self.steps.append((tuple(picked), equation, b in result))
-            live.append(result)
-        self.final = _lettered(live[0] + "->" + output)
-
-    def __call__(self, operands: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values, log_scale)`` of the graph on these operands (spec order, inputs batched)."""
-        tensors = list(operands)
-        zero = tensors[0].new_zeros(())
-        logs: list[torch.Tensor] = [zero] * len(tensors)
-        for picked, equation, batched in self.steps:
-            args = [tensors[i] for i in picked]
-            log = sum((logs[i] for i in picked), zero)
-            for i in sorted(picked, reverse=True):
-                tensors.pop(i)
-                logs.pop(i)
-            out = torch.einsum(equation, *args)
-            if batched:
-                log = log.expand(out.shape[0]) if log.ndim == 0 else log
-                out, log = _divided(out, log, tuple(range(1, out.ndim)))
-            else:
-                out, log = _divided(out, log.reshape(1), tuple(range(out.ndim)))
-                log = log.reshape(())
-            tensors.append(out)
-            logs.append(log)
-        values = torch.einsum(self.final, tensors[0])
-        return values, logs[0]
 
 
 def tt_matvec(

@@ -22,28 +22,15 @@ renaming indices) and operand shapes are stacked and contracted by one ``torch.e
 leading group index. On a binary tree tensor network this is the layer-by-layer contraction
 (all leaves at once, then all their parents, ...): about log2(N) kernels instead of N. Feature
 vectors absorbed into their cores are one group at depth 1, for any graph; a group's operands
-that are evenly spaced outputs of one earlier group are sliced, not copied. The tree and PEPS
-students of :mod:`tnkd.students` run on this engine as they are drawn.
+that are evenly spaced outputs of one earlier group are sliced, not copied. PEPS students and
+other graphs with loops run on this engine as they are drawn.
 
-**Pair steps: trees in one autograd node.** A step that joins a three-leg node with two
-per-sample vectors (``W[a, b, p] left[a, n] right[b, n]``: a tree node and its children) runs
-as :func:`tnkd.tn.fused.pair_step`, an outer product and one batched matrix product with a
-hand-written backward. When *every* step is a pair step (``all_pairs``: the binary trees of
-:func:`~tnkd.students.tree.tree_graph`, or any drawn graph of that shape) the whole contraction
-is one autograd node (:class:`_PairNetwork`), with the same groups, renormalisation plan and
-range check; when moreover every operand is a whole tensor (balanced trees) ``fast_plan`` is a
-:class:`~tnkd.tn.fused.TreePlan` and it runs as :class:`~tnkd.tn.fused.FastTree`, a plain loop
-over levels. Other graphs run group by group. ``contract(..., fused=False)`` runs everything
-through einsum and autograd (the reference in the tests, what ``torch.compile`` traces, and the
-way to take second derivatives).
-
-**Plain or stable.** :class:`AutoNetwork` (what :class:`~tnkd.students.graph.GraphStudent` uses)
-picks per graph: the grouped, stable path when the contraction tree is deep (more than
-``plain_max_depth`` = 12 levels) or when grouping at least halves the number of kernels (trees,
-chains); the plain :class:`~tnkd.tn.contraction.CompiledNetwork` otherwise (shallow graphs with
-loops, such as a 4x4 PEPS), falling back to the stable path for any batch whose plain values
-came out non-finite or all zero in a sample. The measurements (``benchmarks/plain_vs_stable.py``,
-``benchmarks/tree_vs_tensorkrowch.py``) are on the documentation's graph benchmark page.
+Every step runs through ``torch.einsum`` and autograd (second derivatives work, and
+``torch.compile`` traces it with ``every=True``). This is the planner's ``stable`` engine
+(:mod:`tnkd.tn.planner`): any graph with an input node. Binary trees, whose steps all join a
+node with its two children, have their own engine (:mod:`tnkd.tn.fused`) built from this
+schedule; chains and TT-matrices too. The measurements are on the documentation's graph
+benchmark page (``benchmarks/graph_speed.py``, ``benchmarks/tree_vs_tensorkrowch.py``).
 
 **Paths.** ``optimize="auto"`` (the default) hangs a graph without loops from its label node and
 contracts each node with all its children in one step (:func:`tree_path`: a tree network level
@@ -61,6 +48,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from collections import Counter
@@ -71,25 +59,10 @@ from typing import Any
 import opt_einsum as oe
 import torch
 
-from tnkd.tn.contraction import CompiledNetwork, einsum_equation
-from tnkd.tn.fused import (
-    FastTree,
-    TreePlan,
-    chunk_size,
-    linear_leaf_features,
-    normalized_logits,
-    pair_backward,
-    pair_backward_interleaved,
-    pair_backward_small,
-    pair_forward,
-    pair_step,
-)
+from tnkd.tn.contraction import einsum_equation
 from tnkd.tn.graph import NetworkSpec, TNGraph
 
 BATCH = "__batch__"
-#: contraction-tree depth up to which ``AutoNetwork`` uses the plain compiled contraction
-PLAIN_MAX_DEPTH = 12
-MODES = ("auto", "stable", "plain")
 #: tensors multiplied into an intermediate between two renormalisations (see StableNetwork)
 RENORM_AFTER = 12
 
@@ -100,33 +73,38 @@ class _Step:
     output: int  # slot id of the result
 
 
-@dataclass
-class _Take:
-    """How to fetch one operand column of a group: members ``(source, g)``."""
+class Column:
+    """One operand column of a group: per step, the (slot, row) it reads.
 
-    members: tuple[tuple[tuple[str, int], int], ...]
+    A slot is a block (``0 .. len(blocks) - 1``) or a group's result (from ``len(blocks)`` on,
+    in order). One source read in order is taken whole; evenly spaced rows as a slice (a view);
+    other rows by ``index_select``; rows of several sources stacked.
+    """
 
-    def __post_init__(self) -> None:
-        self.sources = tuple(dict.fromkeys(src for src, _ in self.members))
+    def __init__(self, members: tuple[tuple[int, int], ...]) -> None:
+        self.members = members
+        self.sources = tuple(dict.fromkeys(src for src, _ in members))
         self.source = self.sources[0] if len(self.sources) == 1 else None
         self.whole = False  # the whole source, in order (set by _layout)
-        idx = [g for _, g in self.members]
+        idx = [g for _, g in members]
         step = idx[1] - idx[0] if len(idx) > 1 else 1
         progression = step > 0 and all(y - x == step for x, y in itertools.pairwise(idx))
         self.slice = slice(idx[0], idx[-1] + 1, step) if progression else None
         self.index = idx
 
-    def take(self, tensors: dict[tuple[str, int], torch.Tensor]) -> torch.Tensor:
+    def take(self, slots: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The column's operand, stacked along a leading group axis."""
         if self.whole:
-            return tensors[self.source]
+            return slots[self.source]
         if self.source is not None:
-            src = tensors[self.source]
+            src = slots[self.source]
             if self.slice is not None:
                 return src[self.slice]
             return src.index_select(0, torch.tensor(self.index, device=src.device))
-        return torch.stack([tensors[s][g] for s, g in self.members])
+        return torch.stack([slots[s][g] for s, g in self.members])
 
-    def take_log(self, logs: dict[tuple[str, int], torch.Tensor]) -> torch.Tensor | None:
+    def take_log(self, logs: dict[int, torch.Tensor]) -> torch.Tensor | None:
+        """The operands' (G, batch or 1) log-scales, or None if none has one."""
         if self.source is not None:
             return self.take(logs) if self.source in logs else None
         parts = [logs[s][g] if s in logs else None for s, g in self.members]
@@ -137,6 +115,18 @@ class _Take:
         return torch.stack(
             [present[0].new_zeros(width) if q is None else q.expand(width) for q in parts]
         )
+
+    def give(self, grads: dict[int, torch.Tensor], grad: torch.Tensor, rows: Sequence[int]) -> None:
+        """Add the gradient of :meth:`take`'s result to its sources' (``rows``: each slot's size)."""
+        for src in self.sources:
+            if self.whole:
+                part = grad
+            else:
+                picked = [k for k, (s, _) in enumerate(self.members) if s == src]
+                index = torch.tensor([self.members[k][1] for k in picked], device=grad.device)
+                part = grad.new_zeros(rows[src], *grad.shape[1:])
+                part.index_add_(0, index, grad[picked] if self.source is None else grad)
+            grads[src] = part if src not in grads else grads[src] + part
 
 
 @dataclass
@@ -153,13 +143,12 @@ class _Group:
     equation: str  # with a leading group index on every term
     batch_axis: int | None  # batch axis of the result (without the group axis)
     steps: list[_Step]
-    columns: list[_Take]
+    columns: list[Column]
     stages: list[tuple[str, tuple[int, ...]]]  # (equation, operand positions; -1: previous)
     renorm: bool = True  # renormalise the result (see StableNetwork's renorm_after)
     # a node joining two per-sample vectors: (weight, left, right) positions and the weight's
-    # axes for (left bond, right bond, kept index); run by tnkd.tn.fused.pair_step
+    # axes for (left bond, right bond, kept index); the tree engine runs such steps
     pair: tuple[int, int, int, tuple[int, int, int]] | None = None
-    interleaved: bool = False  # left and right are the even and odd entries of one tensor
 
 
 def tree_path(spec: NetworkSpec) -> list[tuple[int, ...]] | None:
@@ -304,7 +293,7 @@ def _pair_roles(
 
     The step ``W[a, b, p] * left[a, n] * right[b, n] -> out[p, n]`` (a tree node and its two
     children; a chain core with its vector and its feature vector) is what
-    :func:`tnkd.tn.fused.pair_step` runs fused.
+    the tree engine (:mod:`tnkd.tn.fused`) runs.
     """
     if len(operands) != 3:
         return None
@@ -368,11 +357,12 @@ def _plan_renormalisation(levels: list[list[_Group]], num_nodes: int, after: int
 
 def _layout(
     levels: list[list[_Group]], num_nodes: int, inputs: set[int]
-) -> tuple[list[tuple[int, ...]], dict[int, tuple[tuple[str, int], int]]]:
-    """Blocks of original operands (one per group column made only of them) and every slot's source.
+) -> tuple[list[tuple[int, ...]], dict[int, tuple[int, int]]]:
+    """Blocks of original operands (one per group column made only of them) and every step's source.
 
     Returns:
-        ``blocks``: node positions per block, and ``where``: slot id -> ``((kind, k), g)``.
+        ``blocks``: node positions per block, and for every operand and result of the schedule
+        its ``(slot, row)``: a slot is a block or (from ``len(blocks)`` on) a group's result.
     """
     blocks: list[tuple[int, ...]] = []
     where: dict[int, tuple[tuple[str, int], int]] = {}
@@ -395,37 +385,20 @@ def _layout(
             for g, st in enumerate(group.steps):
                 where[st.output] = (("group", number), g)
             number += 1
-    sizes = {("block", b): len(block) for b, block in enumerate(blocks)}
-    number = 0
-    for level in levels:
-        for group in level:
-            group.columns = [
-                _Take(tuple(where[st.inputs[k]] for st in group.steps))
-                for k in range(len(group.steps[0].inputs))
-            ]
-            for column in group.columns:
-                column.whole = column.source is not None and column.index == list(
-                    range(sizes[column.source])
-                )
-            sizes["group", number] = len(group.steps)
-            number += 1
-            if group.pair is not None:
-                _mark_interleaved(group, sizes)
-    return blocks, where
-
-
-def _mark_interleaved(group: _Group, sizes: dict[tuple[str, int], int]) -> None:
-    """Whether a pair step's children are entries 0, 2, 4, ... and 1, 3, 5, ... of one tensor."""
-    w, left, right, (a, b, p) = group.pair  # type: ignore[misc]
-    cl, cr = group.columns[left], group.columns[right]
-    count = len(group.steps)
-    if cl.source is None or cl.source != cr.source or sizes[cl.source] != 2 * count:
-        return
-    evens, odds = list(range(0, 2 * count, 2)), list(range(1, 2 * count, 2))
-    if (cl.index, cr.index) == (odds, evens):
-        group.pair = (w, right, left, (b, a, p))
-        cl, cr = cr, cl
-    group.interleaved = (cl.index, cr.index) == (evens, odds)
+    first = len(blocks)
+    slots = {s: (k if kind == "block" else first + k, g) for s, ((kind, k), g) in where.items()}
+    sizes = [len(block) for block in blocks]
+    for group in (group for level in levels for group in level):
+        group.columns = [
+            Column(tuple(slots[st.inputs[k]] for st in group.steps))
+            for k in range(len(group.steps[0].inputs))
+        ]
+        for column in group.columns:
+            column.whole = column.source is not None and column.index == list(
+                range(sizes[column.source])
+            )
+        sizes.append(len(group.steps))
+    return blocks, slots
 
 
 class StableNetwork:
@@ -449,7 +422,8 @@ class StableNetwork:
     tree, or all their left inputs) form a *block*; ``blocks`` lists them. :meth:`contract`
     takes one stacked tensor per block, so a student that stores its parameters stacked by
     block (as :class:`~tnkd.students.graph.GraphStudent` does) feeds a whole tree level to one
-    kernel without copying it.
+    kernel without copying it. ``groups`` (the schedule, in order) and ``last`` (the result's
+    slot and row) are what the tree engine (:func:`tnkd.tn.fused.tree_plan`) reads.
     """
 
     def __init__(
@@ -478,49 +452,10 @@ class StableNetwork:
         _plan_renormalisation(self.levels, len(self.spec.node_names), renorm_after)
         self.renormalisations = sum(g.renorm for level in self.levels for g in level)
         self.block_is_input = [block[0] in inputs for block in self.blocks]
-        self._where = where
-        self._last = where[last]
+        self.last = where[last]
         order = (BATCH, *self.spec.output_indices)
         self._permutation = tuple(last_names.index(ix) for ix in order)
-        self._groups = [group for level in self.levels for group in level]
-        #: every step joins a three-leg node with two per-sample vectors (binary trees, chains):
-        #: then the whole contraction runs as one autograd node (see _PairNetwork)
-        self.all_pairs = all(group.pair is not None for group in self._groups)
-        self._needs_cache: dict[tuple[bool, ...], list[tuple[bool, bool, bool]]] = {}
-        #: the plan of :class:`~tnkd.tn.fused.FastTree` when every operand is a whole tensor
-        #: (balanced binary trees), else None
-        self.fast_plan = self._fast_plan() if self.all_pairs else None
-        #: some levels are not renormalised: check the divisors' range (and rerun if needed)
-        self._check = self.renormalisations < self.kernels
-
-    def _fast_plan(self) -> TreePlan | None:
-        """Levels as ``(weight, left, right, interleaved, renorm, out)`` slots, or None."""
-        first = len(self.blocks)
-
-        def slot(source: tuple[str, int]) -> int:
-            return source[1] if source[0] == "block" else first + source[1]
-
-        plan = []
-        for number, group in enumerate(self._groups):
-            w, left, right, axes = group.pair  # type: ignore[misc]
-            cw, cl, cr = group.columns[w], group.columns[left], group.columns[right]
-            if axes != (0, 1, 2) or not cw.whole or cw.source[0] != "block":
-                return None
-            if not group.interleaved and not (cl.whole and cr.whole):
-                return None
-            plan.append(
-                (
-                    slot(cw.source),
-                    slot(cl.source),
-                    slot(cr.source),
-                    group.interleaved,
-                    group.renorm,
-                    first + number,
-                )
-            )
-        if self._last != (("group", len(self._groups) - 1), 0) or len(self._groups[-1].steps) != 1:
-            return None
-        return TreePlan(plan)
+        self.groups = [group for level in self.levels for group in level]
 
     @property
     def depth(self) -> int:
@@ -556,7 +491,7 @@ class StableNetwork:
         return self.contract(self.to_blocks(operands))
 
     def contract(
-        self, blocks: Sequence[torch.Tensor], every: bool = False, fused: bool = True
+        self, blocks: Sequence[torch.Tensor], every: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Contract stacked operands, one tensor per block (see ``blocks``).
 
@@ -564,309 +499,65 @@ class StableNetwork:
         (intermediates keep the batch index last too: elementwise work then runs along
         contiguous samples, measured 1.1-1.2x faster training than batch-first on trees).
         ``every=True`` renormalises after every step and skips the range check (no
-        data-dependent branch: what ``torch.compile`` traces in one graph). ``fused=False``
-        runs every step through ``torch.einsum`` and autograd, also the pair steps that
-        :func:`~tnkd.tn.fused.pair_step` runs otherwise (the reference, and what is compiled).
+        data-dependent branch: what ``torch.compile`` traces in one graph).
         """
         if len(blocks) != len(self.blocks):
             raise ValueError(f"expected {len(self.blocks)} blocks, got {len(blocks)}")
-        device = blocks[0].device.type
-        if torch.is_autocast_enabled(device):
-            # like the chain paths: products of many tensors lose their small corrections in
-            # bfloat16, so the network is contracted in float32 (the rest stays under autocast)
-            dtype = torch.promote_types(torch.float32, blocks[0].dtype)
-            with torch.autocast(device_type=device, enabled=False):
-                return self._contract([t.to(dtype) for t in blocks], every, fused)
-        return self._contract(list(blocks), every, fused)
-
-    def normalized_logits(
-        self, blocks: Sequence[torch.Tensor], log_scale: torch.Tensor, linear_leaves: bool = False
-    ) -> torch.Tensor:
-        """Logits ``exp(s) f / ||f||`` (batch, C) of a balanced tree (``fast_plan``), one node.
-
-        What :func:`~tnkd.tn.fused.normalized_logits` does with :meth:`contract`'s values,
-        inside the tree's autograd node (its backward first, then the tree's). Falls back to
-        exactly that under autocast. With ``linear_leaves`` the leaves' two input blocks are
-        one (G, 2, batch) tensor of raw values ``[x_l, x_r]`` (passed in both slots), and the
-        [1, x] map is fused with the leaves (:class:`~tnkd.tn.fused.TreePlan`).
-        """
-        if self.fast_plan is None:
-            raise ValueError("normalized_logits needs a balanced tree (fast_plan), but it is None")
-        if len(blocks) != len(self.blocks):
-            raise ValueError(f"expected {len(self.blocks)} blocks, got {len(blocks)}")
-        if linear_leaves and blocks[self.fast_plan.levels[0][1]].requires_grad:
-            raise ValueError(
-                "normalized_logits with linear_leaves gives the raw pairs no gradient, but they "
-                "require one; pass the [1, x] features as blocks instead"
-            )
-        if torch.is_autocast_enabled(blocks[0].device.type):
-            if linear_leaves:
-                blocks = linear_leaf_features(self.fast_plan, blocks)
-            return normalized_logits(self.contract(blocks)[0], log_scale)
-        return FastTree.apply(
-            self.fast_plan, False, self._check, log_scale, linear_leaves, *blocks
-        )[0]
-
-    @staticmethod
-    def _pair(
-        group: _Group, tensors: dict[tuple[str, int], torch.Tensor], renorm: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A node joining two per-sample vectors, by :func:`~tnkd.tn.fused.pair_step`."""
-        w, left, right, axes = group.pair  # type: ignore[misc]
-        weight = group.columns[w].take(tensors)
-        if axes != (0, 1, 2):
-            weight = weight.permute(0, *(1 + k for k in axes))
-        if group.interleaved:
-            return pair_step(tensors[group.columns[left].source], None, weight, renorm)
-        lhs, rhs = group.columns[left].take(tensors), group.columns[right].take(tensors)
-        return pair_step(lhs, rhs, weight, renorm)
-
-    def _pair_forward(self, blocks: Sequence[torch.Tensor], every: bool) -> tuple | None:
-        """The forward pass of :class:`_PairNetwork` (no autograd).
-
-        Returns ``(result, log, saved, shapes)``, or None when a renormalised value left the
-        range where float keeps all its digits (then the caller reruns with ``every=True``).
-        Nodes that fit one chunk run inline (two kernels, plus four when renormalised): at
-        small sizes the cost of a step is the number of Python-level tensor calls.
-        """
-        tensors: dict[tuple[str, int], torch.Tensor] = {
-            ("block", b): t for b, t in enumerate(blocks)
-        }
-        logs: dict[tuple[str, int], torch.Tensor] = {}
-        saved, scales = [], []
-        tiny = torch.finfo(blocks[0].dtype).tiny
-        for number, group in enumerate(self._groups):
-            w, left, right, axes = group.pair  # type: ignore[misc]
-            columns = group.columns
-            weight = columns[w].take(tensors)
-            if axes != (0, 1, 2):
-                weight = weight.permute(0, *(1 + k for k in axes))
-            nodes, a, b, p = weight.shape
-            source = None
-            if group.interleaved:
-                source = tensors[columns[left].source]
-                lhs, rhs = source.view(nodes, 2, a, -1).unbind(1)
-            else:
-                lhs, rhs = columns[left].take(tensors), columns[right].take(tensors)
-            batch = lhs.shape[2]
-            renorm = every or group.renorm
-            chunk = chunk_size(weight.shape, batch)
-            outer = scale = None
-            if chunk >= nodes:
-                outer = (lhs.unsqueeze(2) * rhs.unsqueeze(1)).reshape(nodes, a * b, batch)
-                out = torch.bmm(weight.reshape(nodes, a * b, p).mT, outer)
-                if renorm:
-                    # max(peak, tiny): out of the checked range exactly when the peak is
-                    scale = out.abs().amax(dim=1, keepdim=True).clamp_min_(tiny)
-                    out.div_(scale)
-            else:
-                out, scale, _, _ = pair_forward(lhs, rhs, weight, renorm, chunk)
-            log = None
-            if scale is not None:
-                scales.append(scale)
-                log = scale.log().view(nodes, batch)
-            if group.interleaved:
-                if columns[left].source in logs:
-                    part = logs[columns[left].source].view(nodes, 2, batch).sum(1)
-                    log = part if log is None else log + part
-            else:
-                for column in (columns[left], columns[right]):
-                    if any(src in logs for src in column.sources):
-                        part = column.take_log(logs)
-                        log = part if log is None else log + part
-            tensors["group", number] = out
-            if log is not None:
-                logs["group", number] = log
-            saved.append((lhs, rhs, weight, scale, outer, chunk, source))
-        if not every and self.renormalisations < self.kernels:
-            info = torch.finfo(blocks[0].dtype)
-            low, high = torch.aminmax(torch.cat([q.view(-1) for q in scales]))
-            if not (low.item() >= info.tiny / info.eps and high.item() <= info.max * info.eps):
-                return None  # False for NaN too
-        key = self._last[0]
-        return tensors[key], logs[key], saved, {k: t.shape for k, t in tensors.items()}
-
-    def _pair_needs(self, leaves: tuple[bool, ...]) -> list[tuple[bool, bool, bool]]:
-        """Per group: whether its (left, right, weight) depend on a block that needs a gradient."""
-        cached = self._needs_cache.get(leaves)
-        if cached is None:
-            needs = {("block", b): need for b, need in enumerate(leaves)}
-            cached = []
-            for number, group in enumerate(self._groups):
-                w, left, right, _ = group.pair  # type: ignore[misc]
-                columns = group.columns
-                triple = tuple(
-                    any(needs[src] for src in columns[k].sources) for k in (left, right, w)
-                )
-                cached.append(triple)
-                needs["group", number] = any(triple)
-            self._needs_cache[leaves] = cached
-        return cached
+        with full_precision(blocks) as blocks:
+            return self._contract(blocks, every)
 
     def _contract(
-        self, blocks: list[torch.Tensor], every: bool = False, fused: bool = True
+        self, blocks: list[torch.Tensor], every: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if fused and self.fast_plan is not None:
-            out, divisors = FastTree.apply(self.fast_plan, every, self._check, None, False, *blocks)
-            values = out[0].permute(*self._permutation)
-            # every node feeds one parent: the root's log-scale is the sum of all divisors' logs
-            return values, divisors.log().sum((0, 1))
-        if fused and self.all_pairs:
-            out, log = _PairNetwork.apply(self, every, *blocks)
-            _, g = self._last
-            values = out[g].permute(*self._permutation)
-            return values, log[g].expand(values.shape[0])
         info = torch.finfo(blocks[0].dtype)
-        tensors: dict[tuple[str, int], torch.Tensor] = {
-            ("block", b): t for b, t in enumerate(blocks)
-        }
-        logs: dict[tuple[str, int], torch.Tensor] = {}
+        tensors = list(blocks)
+        logs: dict[int, torch.Tensor] = {}
         peaks = []
-        number = 0
-        for level in self.levels:
-            for group in level:
-                renorm = group.renorm or every
-                log = None
-                if group.pair is not None and fused:
-                    result, log, peak = self._pair(group, tensors, renorm)
-                    if not renorm:
-                        log = None
-                else:
-                    ops = [c.take(tensors) for c in group.columns]
-                    result = ops[0]
-                    for equation, positions in group.stages:
-                        result = torch.einsum(
-                            equation, *[result if k < 0 else ops[k] for k in positions]
-                        )
-                    if renorm:
-                        result, log, peak = _renormalise(result, group.batch_axis, info.tiny)
-                if renorm:
-                    peaks.append(peak)
-                for column in group.columns:
-                    part = column.take_log(logs)
-                    if part is not None:
-                        log = part if log is None else log + part
-                tensors["group", number] = result
-                if log is not None:
-                    logs["group", number] = log
-                number += 1
+        for group in self.groups:
+            renorm = group.renorm or every
+            log = None
+            ops = [c.take(tensors) for c in group.columns]
+            result = ops[0]
+            for equation, positions in group.stages:
+                result = torch.einsum(equation, *[result if k < 0 else ops[k] for k in positions])
+            if renorm:
+                result, log, peak = _renormalise(result, group.batch_axis, info.tiny)
+                peaks.append(peak)
+            for column in group.columns:
+                part = column.take_log(logs)
+                if part is not None:
+                    log = part if log is None else log + part
+            if log is not None:
+                logs[len(tensors)] = log
+            tensors.append(result)
         if not every and self.renormalisations < self.kernels:
             # between renormalisations a value may have left the range where float keeps all its
             # digits: then contract again, renormalising after every step
             lowest, highest = info.tiny / info.eps, info.max * info.eps
             worst = torch.cat([p.reshape(-1) for p in peaks])
             if not bool(((worst >= lowest) & (worst <= highest)).all()):  # False for NaN too
-                return self._contract(blocks, every=True, fused=fused)
-        source, g = self._last
-        values = tensors[source][g].permute(*self._permutation)
+                return self._contract(blocks, every=True)
+        slot, g = self.last
+        values = tensors[slot][g].permute(*self._permutation)
         batch = values.shape[0]
-        log_scale = logs[source][g].expand(batch) if source in logs else values.new_zeros(batch)
+        log_scale = logs[slot][g].expand(batch) if slot in logs else values.new_zeros(batch)
         return values, log_scale
 
 
-class _PairNetwork(torch.autograd.Function):
-    """A contraction made only of pair steps, as one autograd node with a hand-written backward.
+@contextlib.contextmanager
+def full_precision(blocks: Sequence[torch.Tensor]):
+    """The blocks as they are, or under autocast in float32 with autocast off.
 
-    Used by :class:`StableNetwork` when every step joins a three-leg node with two per-sample
-    vectors (``all_pairs``: binary trees such as :func:`~tnkd.students.tree.tree_graph`'s,
-    chains drawn as graphs). The forward pass runs the schedule with
-    :func:`~tnkd.tn.fused.pair_forward` (the same renormalisation plan and range check as the
-    general path); the backward pass walks the groups in reverse with
-    :func:`~tnkd.tn.fused.pair_backward` and hands each gradient to the tensor its operand was
-    taken from (a whole block or the interleaved children of a level: no copy; a slice,
-    indices or stacked members: added in place). Autograd then sees one node instead of a few
-    per level, which at small sizes is most of the time (see ``benchmarks/tree_vs_tensorkrowch.py``).
+    Like the chain paths: products of many tensors lose their small corrections in bfloat16,
+    so a network is contracted in float32 (the rest of the model stays under autocast).
     """
-
-    @staticmethod
-    def forward(ctx, net, every, *blocks):
-        run = net._pair_forward(blocks, every)
-        if run is None:  # renormalise every step (see StableNetwork)
-            run = net._pair_forward(blocks, True)
-        result, log, ctx.saved, ctx.shapes = run
-        ctx.save_for_backward(*blocks)  # for autograd's check that they were not changed in place
-        ctx.net = net
-        ctx.mark_non_differentiable(log)
-        return result, log
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, _grad_log):
-        net, saved, shapes = ctx.net, ctx.saved, ctx.shapes
-        ctx.saved_tensors  # noqa: B018  (raises if a block was changed in place since forward)
-        needs = net._pair_needs(tuple(ctx.needs_input_grad[2:]))
-        grads: dict[tuple[str, int], torch.Tensor] = {net._last[0]: grad_out}
-        for number in range(len(net._groups) - 1, -1, -1):
-            grad = grads.pop(("group", number), None)
-            if grad is None:
-                continue
-            group = net._groups[number]
-            w, left, right, axes = group.pair  # type: ignore[misc]
-            lhs, rhs, weight, scale, outer, chunk, source = saved[number]
-            columns = group.columns
-            need = needs[number]
-            g_children = g_left = g_right = None
-            if outer is not None:
-                g_left, g_right, g_weight = pair_backward_small(
-                    lhs, rhs, weight, scale, outer, grad, need, group.interleaved
-                )
-                if group.interleaved and g_left is not None:
-                    g_children, g_left = g_left, None
-            elif group.interleaved:
-                pairs = source.view(weight.shape[0], 2, *source.shape[1:])
-                g_children, g_weight = pair_backward_interleaved(
-                    pairs, weight, scale, grad, (need[0], need[2]), chunk
-                )
-                if g_children is not None:
-                    g_children = g_children.flatten(0, 1)
-            else:
-                g_left, g_right, g_weight = pair_backward(
-                    lhs, rhs, weight, scale, grad, need, chunk
-                )
-            if g_weight is not None:
-                if axes != (0, 1, 2):
-                    g_weight = g_weight.permute(0, *(1 + axes.index(k) for k in range(3)))
-                _accumulate(grads, columns[w], g_weight, shapes)
-            if g_children is not None:
-                _accumulate(grads, columns[left], g_children, shapes, whole=True)
-            if g_left is not None:
-                _accumulate(grads, columns[left], g_left, shapes)
-            if g_right is not None:
-                _accumulate(grads, columns[right], g_right, shapes)
-        return (
-            None,
-            None,
-            *(grads.get(("block", b)) for b in range(len(ctx.needs_input_grad) - 2)),
-        )
-
-
-def _accumulate(
-    grads: dict[tuple[str, int], torch.Tensor],
-    take: _Take,
-    grad: torch.Tensor,
-    shapes: dict[tuple[str, int], torch.Size],
-    whole: bool = False,
-) -> None:
-    """Add the gradient of an operand taken by ``take`` to its source(s)' gradients."""
-    src = take.source
-    if src is not None:
-        covers = whole or (take.slice is not None and take.slice == slice(0, shapes[src][0], 1))
-        if covers:
-            grads[src] = grad if src not in grads else grads[src] + grad
-            return
-        buffer = grads.get(src)
-        if buffer is None:
-            buffer = grads[src] = grad.new_zeros(shapes[src])
-        if take.slice is not None:
-            buffer[take.slice] += grad
-        else:
-            buffer.index_add_(0, torch.tensor(take.index, device=grad.device), grad)
+    device = blocks[0].device.type
+    if not torch.is_autocast_enabled(device):
+        yield list(blocks)
         return
-    for k, (member, g) in enumerate(take.members):
-        buffer = grads.get(member)
-        if buffer is None:
-            buffer = grads[member] = grad.new_zeros(shapes[member])
-        buffer[g] += grad[k]
+    dtype = torch.promote_types(torch.float32, blocks[0].dtype)
+    with torch.autocast(device_type=device, enabled=False):
+        yield [t.to(dtype) for t in blocks]
 
 
 def _renormalise(
@@ -881,71 +572,6 @@ def _renormalise(
     scale = peak.clamp_min(tiny)
     log = torch.log(scale).reshape(result.shape[0], -1)
     return result / scale, log, peak
-
-
-class AutoNetwork:
-    """Plain or stable contraction of a graph, chosen per graph (and per batch as a fallback).
-
-    Args:
-        graph: the graph.
-        mode: ``"auto"``: stable when the contraction tree has more than ``plain_max_depth``
-            levels or when grouping at least halves the kernels, plain otherwise (with a
-            fallback to the stable path for a batch whose plain values are not finite or are
-            all zero in a sample); ``"stable"``: always :class:`StableNetwork`; ``"plain"``:
-            always :class:`~tnkd.tn.contraction.CompiledNetwork` (values renormalised per
-            sample after the contraction, no fallback).
-        optimize: the path (see :class:`StableNetwork`); both paths use the same one.
-        plain_max_depth: the depth limit of ``"auto"``.
-
-    Call it like :class:`StableNetwork`; ``chosen`` says which path ``"auto"`` picked.
-    """
-
-    def __init__(
-        self,
-        graph: TNGraph | NetworkSpec,
-        mode: str = "auto",
-        optimize: Any = "auto",
-        plain_max_depth: int = PLAIN_MAX_DEPTH,
-    ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"contraction mode must be one of {MODES}, but got {mode!r}")
-        spec = graph.spec() if isinstance(graph, TNGraph) else graph
-        self.stable = StableNetwork(spec, optimize=optimize)
-        self.plain = CompiledNetwork(spec, optimize=self.stable.path)
-        self.mode = mode
-        if mode == "auto":
-            deep = self.stable.depth > plain_max_depth
-            grouped = 2 * self.stable.kernels <= len(self.stable.path)
-            self.chosen = "stable" if deep or grouped else "plain"
-        else:
-            self.chosen = mode
-
-    def __call__(self, operands: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values, log_scale)`` of per-node operands (see :class:`StableNetwork`)."""
-        return self.contract(self.stable.to_blocks(operands))
-
-    def contract(
-        self, blocks: Sequence[torch.Tensor], traced: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values, log_scale)`` of stacked operands, one per block of ``stable.blocks``.
-
-        ``traced=True`` (for ``torch.compile``): the stable path renormalising after every
-        step, whatever was chosen; no data-dependent branch.
-        """
-        if traced:
-            return self.stable.contract(blocks, every=True, fused=False)
-        if self.chosen == "stable":
-            return self.stable.contract(blocks)
-        operands = self.stable.from_blocks(blocks)
-        values = self.plain(operands)
-        batch = values.shape[0]
-        flat = values.detach().reshape(batch, -1)
-        peak = flat.abs().amax(dim=1)
-        if self.mode == "auto" and not bool(torch.isfinite(flat).all() and (peak > 0).all()):
-            return self.stable.contract(blocks)
-        scale = peak.clamp_min(torch.finfo(values.dtype).tiny)
-        shape = (batch,) + (1,) * (values.ndim - 1)
-        return values / scale.view(shape), torch.log(scale)
 
 
 def log_abs(values: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:

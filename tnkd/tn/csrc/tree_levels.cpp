@@ -1,7 +1,8 @@
-// The level loop of tnkd.tn.fused.FastTree (a balanced binary tree) as native loops.
+// The level loop of tnkd.tn.fused.FastTree (a binary tree of pair steps) as native loops.
 //
 // tree_forward / tree_backward: the same math as tnkd.tn.fused.tree_forward / tree_backward.
-// Level k joins G nodes W[g, a, b, p] with their two children (G, A, n) and (G, B, n):
+// Level k joins G nodes W[g, a, b, p] with their two children, each a row (A, n) of a block
+// or of an earlier level's result (named per node: slot and row):
 //
 //     out[g, p, c] = sum_{a, b} W[g, a, b, p] left[g, a, c] right[g, b, c]
 //
@@ -16,7 +17,7 @@
 //
 // Threads never meet between levels (the Python loop pays one ATen dispatch, and one parallel
 // region, per kernel and level): subtrees are independent, and so are samples. Where every
-// level reads the one below (a balanced tree), thread t runs all levels of its own subtrees on
+// level reads the one below in pairs (a balanced tree), thread t runs all levels of its own subtrees on
 // every column of the batch, and the levels with fewer nodes than threads (the root, ...) run
 // on one thread after them (before them, backward); each weight's gradient is written by one
 // thread. Other plans split the batch (the last, contiguous axis n) into per-thread column
@@ -235,71 +236,75 @@ struct Scratch {
 };
 
 struct Level {
-  int64_t w, l, r;
-  bool interleaved, renorm;
+  int64_t w;
+  bool renorm;
   int64_t nodes, A, B, P;
+  int64_t first;  // where its nodes' children start in the plan's lists
+  bool need_children = false;  // (backward) some child's gradient is needed
 };
 
+// A node's children: left (slot, row) and right (slot, row); a slot is a block, or (from
+// `blocks` on) an earlier level's result.
 struct Plan {
   std::vector<Level> levels;
+  std::vector<int64_t> ls, lr, rs, rr;
   int64_t blocks, n;
   bool linear;
   int64_t max_ab = 1, max_a = 1, max_p = 1;
 };
 
 Plan make_plan(const std::vector<at::Tensor>& blocks, const std::vector<int64_t>& w,
-               const std::vector<int64_t>& l, const std::vector<int64_t>& r,
-               const std::vector<bool>& interleaved, const std::vector<bool>& renorm, bool linear,
-               int64_t n) {
+               std::vector<int64_t> ls, std::vector<int64_t> lr, std::vector<int64_t> rs,
+               std::vector<int64_t> rr, const std::vector<bool>& renorm, bool linear, int64_t n) {
   const int64_t K = w.size();
-  TORCH_CHECK(K > 0 && (int64_t)l.size() == K && (int64_t)r.size() == K &&
-                  (int64_t)interleaved.size() == K && (int64_t)renorm.size() == K,
+  TORCH_CHECK(K > 0 && (int64_t)renorm.size() == K,
               "tree_levels: the plan's lists must have one entry per level");
-  Plan plan;
-  plan.blocks = blocks.size();
-  plan.n = n;
-  plan.linear = linear;
+  Plan plan{{}, std::move(ls), std::move(lr), std::move(rs), std::move(rr),
+            (int64_t)blocks.size(), n, linear};
+  const int64_t total = plan.ls.size();
+  TORCH_CHECK((int64_t)plan.lr.size() == total && (int64_t)plan.rs.size() == total &&
+                  (int64_t)plan.rr.size() == total,
+              "tree_levels: the children's lists must have one entry per node");
+  // a slot's (nodes, rows): a (G, X, n) block or an earlier level's (G, P, n) result
+  auto shape = [&](int64_t slot) -> std::pair<int64_t, int64_t> {
+    if (slot >= plan.blocks) {
+      const Level& below = plan.levels[slot - plan.blocks];
+      return {below.nodes, below.P};
+    }
+    const at::Tensor& b = blocks[slot];
+    TORCH_CHECK(b.dim() == 3, "tree_levels: a child block must be (G, A, n), got ", b.dim(),
+                " dimensions");
+    return {b.size(0), b.size(1)};
+  };
+  int64_t first = 0;
   for (int64_t k = 0; k < K; ++k) {
     TORCH_CHECK(w[k] >= 0 && w[k] < plan.blocks, "tree_levels: a weight must be a block");
     const at::Tensor& wt = blocks[w[k]];
     TORCH_CHECK(wt.dim() == 4, "tree_levels: weights must be (G, A, B, P), got ", wt.dim(),
                 " dimensions");
-    Level lv{w[k], l[k], r[k], interleaved[k], renorm[k], wt.size(0), wt.size(1), wt.size(2),
-             wt.size(3)};
-    TORCH_CHECK(l[k] >= 0 && r[k] >= 0 && l[k] < plan.blocks + k && r[k] < plan.blocks + k,
-                "tree_levels: a level reads a block or an earlier level's result");
-    TORCH_CHECK(!lv.interleaved || lv.A == lv.B, "tree_levels: interleaved children need A == B");
-    // a child's (nodes, rows) as read: a (G, X, n) block or an earlier level's (G, P, n) result
-    auto shape = [&](int64_t slot) -> std::pair<int64_t, int64_t> {
-      if (slot >= plan.blocks) {
-        const Level& below = plan.levels[slot - plan.blocks];
-        return {below.nodes, below.P};
+    Level lv{w[k], renorm[k], wt.size(0), wt.size(1), wt.size(2), wt.size(3), first};
+    TORCH_CHECK(first + lv.nodes <= total, "tree_levels: level ", k, " has no children listed");
+    for (int64_t i = first; i < first + lv.nodes; ++i) {
+      for (const auto& [slot, row, rows] : {std::tuple{plan.ls[i], plan.lr[i], lv.A},
+                                            std::tuple{plan.rs[i], plan.rr[i], lv.B}}) {
+        TORCH_CHECK(slot >= 0 && slot < plan.blocks + k,
+                    "tree_levels: a level reads a block or an earlier level's result");
+        const auto [sn, sr] = shape(slot);
+        const int64_t want = linear && k == 0 ? 2 : rows;
+        TORCH_CHECK(row >= 0 && row < sn && sr == want, "tree_levels: level ", k,
+                    " expects children of ", want, " rows, got a (", sn, ", ", sr,
+                    ", n) slot (row ", row, ")");
       }
-      const at::Tensor& b = blocks[slot];
-      TORCH_CHECK(b.dim() == 3, "tree_levels: a child block must be (G, A, n), got ", b.dim(),
-                  " dimensions");
-      return {b.size(0), b.size(1)};
-    };
-    const auto [ln, la] = shape(lv.l);
-    if (linear && k == 0) {
-      TORCH_CHECK(lv.A == 2 && lv.B == 2 && !lv.interleaved && ln == lv.nodes && la == 2,
-                  "tree_levels: [1, x] leaves need (G, 2, 2, P) weights and (G, 2, n) pairs");
-    } else if (lv.interleaved) {
-      TORCH_CHECK(ln == 2 * lv.nodes && la == lv.A, "tree_levels: level ", k, " expects (",
-                  2 * lv.nodes, ", ", lv.A, ", n) interleaved children, got (", ln, ", ", la,
-                  ", n)");
-    } else {
-      const auto [rn, rb] = shape(lv.r);
-      TORCH_CHECK(ln == lv.nodes && la == lv.A && rn == lv.nodes && rb == lv.B,
-                  "tree_levels: level ", k, " expects children (", lv.nodes, ", ", lv.A,
-                  ", n) and (", lv.nodes, ", ", lv.B, ", n), got (", ln, ", ", la, ", n) and (",
-                  rn, ", ", rb, ", n)");
     }
+    TORCH_CHECK(!(linear && k == 0) || (lv.A == 2 && lv.B == 2),
+                "tree_levels: [1, x] leaves need (G, 2, 2, P) weights and (G, 2, n) pairs");
+    first += lv.nodes;
     plan.max_ab = std::max(plan.max_ab, lv.A * lv.B);
     plan.max_a = std::max({plan.max_a, lv.A, lv.B});
     plan.max_p = std::max(plan.max_p, lv.P);
     plan.levels.push_back(lv);
   }
+  TORCH_CHECK(first == total, "tree_levels: ", total, " children listed for ", first, " nodes");
   return plan;
 }
 
@@ -329,14 +334,10 @@ int64_t chunk_registers(int64_t max_ab) {
 template <typename T>
 std::pair<Child<T>, Child<T>> children(const Plan& plan, const Level& lv, int64_t g,
                                        const std::vector<Child<T>>& slots) {
-  Child<T> left = slots[lv.l], right = lv.interleaved ? slots[lv.l] : slots[lv.r];
-  if (lv.interleaved) {
-    left.ptr += 2 * g * left.sn;
-    right.ptr += (2 * g + 1) * right.sn;
-  } else {
-    left.ptr += g * left.sn;
-    right.ptr += g * right.sn;
-  }
+  const int64_t i = lv.first + g;
+  Child<T> left = slots[plan.ls[i]], right = slots[plan.rs[i]];
+  left.ptr += plan.lr[i] * left.sn;
+  right.ptr += plan.rr[i] * right.sn;
   return {left, right};
 }
 
@@ -361,8 +362,9 @@ inline void load_children(const Plan& plan, int64_t k, const Level& lv, const Ch
   load_rows(right.ptr + c0 * right.sc, right.sr, right.sc, lv.B, cols, width, rs);
 }
 
-// How a pass is split between threads. By subtrees where the levels form a chain (each reads
-// the one below, interleaved: node g of level k depends only on nodes g 2^(k-j) ..
+// How a pass is split between threads. By subtrees where the levels form a chain (the leaves
+// read row g of two blocks, each level rows 2g and 2g + 1 of the one below: node g of level k
+// depends only on nodes g 2^(k-j) ..
 // (g+1) 2^(k-j) - 1 of level j <= k): task t runs levels 0..top-1 on its own subtrees, all
 // columns, with no synchronisation and no shared weight gradients; the levels from `top` (fewer
 // nodes than threads: the root, ...) run on one thread after them (before them, backward).
@@ -376,11 +378,18 @@ struct Split {
 template <typename T>
 Split split_work(const Plan& plan) {
   const int64_t K = plan.levels.size(), threads = at::get_num_threads();
-  bool chain = plan.levels[0].l < plan.blocks && plan.levels[0].r < plan.blocks;
-  for (int64_t k = 1; k < K; ++k) {
+  bool chain = true;
+  for (int64_t k = 0; k < K && chain; ++k) {
     const Level& lv = plan.levels[k];
-    chain = chain && lv.interleaved && lv.l == plan.blocks + k - 1 &&
-            2 * lv.nodes == plan.levels[k - 1].nodes;
+    chain = k == 0 || 2 * lv.nodes == plan.levels[k - 1].nodes;
+    for (int64_t g = 0; g < lv.nodes && chain; ++g) {
+      const int64_t i = lv.first + g, below = plan.blocks + k - 1;
+      chain = k == 0 ? plan.ls[i] == plan.ls[0] && plan.rs[i] == plan.rs[0] &&
+                           plan.ls[0] < plan.blocks && plan.rs[0] < plan.blocks &&
+                           plan.lr[i] == g && plan.rr[i] == g
+                     : plan.ls[i] == below && plan.rs[i] == below && plan.lr[i] == 2 * g &&
+                           plan.rr[i] == 2 * g + 1;
+    }
   }
   if (threads > 1 && chain) {
     int64_t top = 0;
@@ -578,20 +587,22 @@ struct BackwardScratch {
 template <typename T>
 std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
                                       const std::vector<at::Tensor>& outs,
-                                      const at::Tensor& divisors, const Plan& plan,
+                                      const at::Tensor& divisors, const Plan& plan_in,
                                       const at::Tensor& grad_in,
                                       const std::vector<bool>& needs, const at::Tensor& inverse,
                                       double log_scale) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
-  const int64_t n = plan.n, K = plan.levels.size(), nb = plan.blocks;
+  const int64_t n = plan_in.n, K = plan_in.levels.size(), nb = plan_in.blocks;
   // which slots' gradients are needed: the blocks' as asked, a level's if anything below it is
   std::vector<bool> need(needs.begin(), needs.end());
   need.resize(nb + K, false);
+  Plan plan = plan_in;
   for (int64_t k = 0; k < K; ++k) {
-    const Level& lv = plan.levels[k];
-    const bool children = !(plan.linear && k == 0) && (need[lv.l] || need[lv.r]);
-    need[nb + k] = need[lv.w] || children;
+    Level& lv = plan.levels[k];
+    for (int64_t i = lv.first; i < lv.first + lv.nodes && !(plan.linear && k == 0); ++i)
+      lv.need_children = lv.need_children || need[plan.ls[i]] || need[plan.rs[i]];
+    need[nb + k] = need[lv.w] || lv.need_children;
   }
   const auto options = grad_in.options();
   // with the head, grad_in is the logits' (n, C) gradient: the root's comes first
@@ -671,7 +682,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
       const Level& lv = plan.levels[k];
       if (!need[nb + k]) continue;
       const bool need_w = need[lv.w];
-      const bool need_children = !(plan.linear && k == 0) && (need[lv.l] || need[lv.r]);
+      const bool need_children = lv.need_children;
       const T* weight = blocks[lv.w].data_ptr<T>();
       const Child<T> gsrc = gslots[nb + k];
       const int64_t ab = lv.A * lv.B, abp = ab * lv.P;
@@ -751,8 +762,8 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
             }
           }
           // a level's result feeds one parent (written); a block may feed several (added)
-          if (need[lv.l]) give(sc.gl.base, lv.A, width, cols, gleft, c0, lv.l < nb);
-          const int64_t r_slot = lv.interleaved ? lv.l : lv.r;
+          const int64_t l_slot = plan.ls[lv.first + g], r_slot = plan.rs[lv.first + g];
+          if (need[l_slot]) give(sc.gl.base, lv.A, width, cols, gleft, c0, l_slot < nb);
           if (need[r_slot]) give(sc.gr.base, lv.B, width, cols, gright, c0, r_slot < nb);
         }
       }
@@ -816,14 +827,15 @@ std::vector<at::Tensor> prepare(const std::vector<at::Tensor>& blocks, int64_t n
 // Returns (level results, divisors (R, 1, n), smallest and largest divisor (NaN if one is),
 // logits (n, C), 1 / ||root|| (n)); the last two undefined (None) without `head` (log_scale s).
 Forward tree_forward(std::vector<at::Tensor> blocks, std::vector<int64_t> w,
-                     std::vector<int64_t> l, std::vector<int64_t> r,
-                     std::vector<bool> interleaved, std::vector<bool> renorm, bool linear,
-                     bool square, c10::optional<double> log_scale) {
-  TORCH_CHECK(!l.empty() && l[0] < (int64_t)blocks.size() && blocks[l[0]].dim() == 3,
+                     std::vector<int64_t> ls, std::vector<int64_t> lr, std::vector<int64_t> rs,
+                     std::vector<int64_t> rr, std::vector<bool> renorm, bool linear, bool square,
+                     c10::optional<double> log_scale) {
+  TORCH_CHECK(!ls.empty() && ls[0] >= 0 && ls[0] < (int64_t)blocks.size() &&
+                  blocks[ls[0]].dim() == 3,
               "tree_levels: the first level's children must be (G, A, n) blocks");
-  const int64_t n = blocks[l[0]].size(2);
+  const int64_t n = blocks[ls[0]].size(2);
   blocks = prepare(blocks, n);
-  const Plan plan = make_plan(blocks, w, l, r, interleaved, renorm, linear, n);
+  const Plan plan = make_plan(blocks, w, ls, lr, rs, rr, renorm, linear, n);
   Forward result;
   AT_DISPATCH_FLOATING_TYPES(blocks[0].scalar_type(), "tree_forward", [&] {
     result = forward_impl<scalar_t>(blocks, plan, square, log_scale.has_value(),
@@ -834,14 +846,15 @@ Forward tree_forward(std::vector<at::Tensor> blocks, std::vector<int64_t> w,
 
 std::vector<at::Tensor> tree_backward(std::vector<at::Tensor> blocks, std::vector<at::Tensor> outs,
                                       at::Tensor divisors, std::vector<int64_t> w,
-                                      std::vector<int64_t> l, std::vector<int64_t> r,
-                                      std::vector<bool> interleaved, std::vector<bool> renorm,
-                                      bool linear, at::Tensor grad, std::vector<bool> needs,
+                                      std::vector<int64_t> ls, std::vector<int64_t> lr,
+                                      std::vector<int64_t> rs, std::vector<int64_t> rr,
+                                      std::vector<bool> renorm, bool linear, at::Tensor grad,
+                                      std::vector<bool> needs,
                                       c10::optional<at::Tensor> inverse,
                                       c10::optional<double> log_scale) {
   const int64_t n = outs.back().size(2);
   blocks = prepare(blocks, n);
-  const Plan plan = make_plan(blocks, w, l, r, interleaved, renorm, linear, n);
+  const Plan plan = make_plan(blocks, w, ls, lr, rs, rr, renorm, linear, n);
   TORCH_CHECK((int64_t)needs.size() == plan.blocks, "tree_levels: one need per block");
   const bool head = inverse.has_value();
   if (head) {
@@ -865,6 +878,6 @@ std::vector<at::Tensor> tree_backward(std::vector<at::Tensor> blocks, std::vecto
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("tree_forward", &tree_forward, "the levels of a balanced binary tree, forward");
-  module.def("tree_backward", &tree_backward, "the levels of a balanced binary tree, backward");
+  module.def("tree_forward", &tree_forward, "the levels of a binary tree, forward");
+  module.def("tree_backward", &tree_backward, "the levels of a binary tree, backward");
 }
