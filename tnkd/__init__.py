@@ -49,6 +49,10 @@ _EXPORTS = {
     "DistillationModule": "tnkd.training",
     "TeacherModule": "tnkd.training",
     "RunCheckpoint": "tnkd.training",
+    "load_student": "tnkd.training.checkpoints",
+    # shipping a trained student
+    "export_program": "tnkd.export",
+    "portable": "tnkd.export",
     # teachers
     "CNN": "tnkd.teachers",
     "MLP": "tnkd.teachers",
