@@ -85,9 +85,11 @@ from tnkd.tn.chain import contract_chain
 from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
 from tnkd.tn.planner import (
+    CHAIN_KERNELS,
     METHODS,
     ChainNode,
     Plan,
+    chain_kernel,
     choose,
     examine,
     plan,
@@ -507,7 +509,8 @@ class GraphStudent(Student):
             device = self._dtype_device()[1]
         chosen = plan(self._shape, self._method, device)
         if self.engine == "chain" and self._chain_kernel != "auto":
-            return dataclasses.replace(chosen, kernel=self._chain_kernel)
+            kernel = chain_kernel(self._chain_kernel, self._shape.chain.bond_dim, device)[0]
+            return dataclasses.replace(chosen, kernel=CHAIN_KERNELS[kernel])
         return chosen
 
     def _store_blocks(

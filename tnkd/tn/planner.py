@@ -10,7 +10,8 @@ engine     accepts                                      runs
 ========== ============================================ ==========================================
 chain      a path of tensors, one label, at most one    :func:`~tnkd.tn.chain.contract_chain`:
            input per tensor (:func:`chain_layout`)      native scan on CPU, log-depth products on
-                                                        accelerators, tracked log-scale
+                                                        accelerators (:func:`chain_kernel`),
+                                                        tracked log-scale
 tree       a balanced binary tree (every level's        :class:`~tnkd.tn.fused.FastTree`: native
            children the previous level's results)       level loop on CPU, tracked log-scale
 tt_matrix  a TT-matrix (MPO) against one input: a       :func:`~tnkd.tn.tt_matrix.tt_linear`:
@@ -266,16 +267,61 @@ ENGINES: Registry[Engine] = Registry("contraction engine")
 AUTO_ORDER = ("chain", "tree", "tt_matrix", "stable", "reference")
 
 
-def _chain_kernel(shape: GraphShape, device: torch.device) -> str:
-    from tnkd.tn.chain import resolve_chain_method
+#: the chain engine's kernels (:func:`tnkd.tn.chain.contract_chain`), what each is
+CHAIN_KERNELS = {
+    "native": "native scan (C++)",
+    "scan": "scan (Python loop)",
+    "tree": "log-depth products",
+}
+#: the largest bond dimension the log-depth products run at on accelerators (D^3 per site)
+TREE_MAX_BOND_DIM = 64
+#: the largest bond dimension at which the scans merge two sites into one step
+SCAN_MAX_MERGED_BOND_DIM = 32
 
-    method = resolve_chain_method("auto", shape.chain.bond_dim if shape.chain else 1, device)
-    return {
-        "native": "native scan (C++)",
-        "scan": "scan (Python loop)",
-        "tree": "log-depth products",
-        "sweep": "autograd sweep",
-    }[method]
+
+def chain_kernel(
+    kernel: str, bond_dim: int, device=None, dtype: torch.dtype | None = None
+) -> tuple[str, str]:
+    """The chain engine's kernel for this device, bond dimension and dtype, and why.
+
+    ``"auto"``: on a CPU the native scan, or the Python scan where the native kernels cannot be
+    compiled (:func:`tnkd.tn.native.kernels` warns once; the first call on a machine compiles
+    them, about 30 s), while ``torch.compile`` traces (it cannot trace into native functions),
+    and for dtypes other than float32 and float64; on accelerators the log-depth products for
+    D <= ``TREE_MAX_BOND_DIM`` and the Python scan above (the products' D^3 work and memory per
+    site outgrow the scan's D^2). A kernel named here is taken as asked, except that
+    ``"native"`` runs the Python scan where the native kernels do not (another device or dtype,
+    no compiler).
+
+    Example:
+        >>> chain_kernel("auto", 10, torch.device("cuda"))
+        ('tree', 'an accelerator at D <= 64: log-depth products')
+    """
+    if kernel not in ("auto", *CHAIN_KERNELS):
+        raise ValueError(
+            f"chain kernel must be one of {('auto', *CHAIN_KERNELS)}, but got {kernel!r}"
+        )
+    device = torch.device("cpu" if device is None else device)
+    if kernel == "tree" or kernel == "scan":
+        return kernel, "asked for by name"
+    if kernel == "auto" and device.type != "cpu":
+        if bond_dim <= TREE_MAX_BOND_DIM:
+            return "tree", f"an accelerator at D <= {TREE_MAX_BOND_DIM}: log-depth products"
+        return "scan", f"an accelerator at D > {TREE_MAX_BOND_DIM}: the scan"
+    from tnkd.tn import native
+
+    if device.type != "cpu" or dtype not in (None, torch.float32, torch.float64):
+        return "scan", "the native scan runs float32 and float64 on a CPU only"
+    if torch.compiler.is_compiling():
+        return "scan", "torch.compile cannot trace into the native scan"
+    if native.kernels() is None:
+        return "scan", "the native scan could not be compiled here"
+    return "native", "a CPU: the native scan"
+
+
+def _chain_kernel(shape: GraphShape, device: torch.device) -> str:
+    kernel = chain_kernel("auto", shape.chain.bond_dim if shape.chain else 1, device)[0]
+    return CHAIN_KERNELS[kernel]
 
 
 def _tree_kernel(shape: GraphShape, device: torch.device) -> str:

@@ -69,45 +69,17 @@ void gram(const T* x, int64_t rows, int64_t ldx, const T* vt, int64_t ldv, int64
 }
 
 // out[i][j] = sum_k a[i*ai + k*ak] b[k*ldb + j] for i < rows, j < cols (out row-major, ldo):
-// a small matrix product vectorised along j, R rows and NV registers of j at a time (the
-// merge of site pairs, its gradient and the output core; the scan steps use matmul above).
-template <typename T, int R, int NV>
-inline void small_tile(const T* __restrict a, int64_t ai, int64_t ak, int64_t depth,
-                       const T* __restrict bm, int64_t ldb, T* __restrict out, int64_t ldo,
-                       int64_t i0, int64_t j0) {
-  using V = typename Vec<T>::type;
-  constexpr int64_t L = Vec<T>::lanes;
-  V acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NV; ++n) acc[r][n] = V{};
-  for (int64_t k = 0; k < depth; ++k) {
-    V bv[NV];
-    for (int n = 0; n < NV; ++n) bv[n] = load(bm + k * ldb + j0 + n * L);
-    for (int r = 0; r < R; ++r) {
-      const T av = a[(i0 + r) * ai + k * ak];
-      for (int n = 0; n < NV; ++n) acc[r][n] += av * bv[n];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NV; ++n) store(out + (i0 + r) * ldo + j0 + n * L, acc[r][n]);
-}
-
-template <typename T, int NV>
-inline void small_rows(const T* a, int64_t ai, int64_t ak, int64_t rows, int64_t depth,
-                       const T* bm, int64_t ldb, T* out, int64_t ldo, int64_t j0) {
-  int64_t i = 0;
-  for (; i + 4 <= rows; i += 4) small_tile<T, 4, NV>(a, ai, ak, depth, bm, ldb, out, ldo, i, j0);
-  for (; i < rows; ++i) small_tile<T, 1, NV>(a, ai, ak, depth, bm, ldb, out, ldo, i, j0);
-}
-
+// a small matrix product vectorised along j (the merge of site pairs, its gradient and the
+// output core; the scan steps use matmul above).
 template <typename T>
 void small_matmul(const T* a, int64_t ai, int64_t ak, int64_t rows, int64_t depth, const T* bm,
                   int64_t ldb, int64_t cols, T* out, int64_t ldo) {
   constexpr int64_t L = Vec<T>::lanes;
   int64_t j0 = 0;
   for (; j0 + 2 * L <= cols; j0 += 2 * L)
-    small_rows<T, 2>(a, ai, ak, rows, depth, bm, ldb, out, ldo, j0);
-  for (; j0 + L <= cols; j0 += L) small_rows<T, 1>(a, ai, ak, rows, depth, bm, ldb, out, ldo, j0);
+    mm_rows<T, 4, 2>(a, {ai, 0, ak}, 1, depth, rows, bm, ldb, out, ldo, j0, 2 * L);
+  for (; j0 + L <= cols; j0 += L)
+    mm_rows<T, 4, 1>(a, {ai, 0, ak}, 1, depth, rows, bm, ldb, out, ldo, j0, L);
   for (int64_t i = 0; i < rows; ++i)  // the last cols % L columns
     for (int64_t j = j0; j < cols; ++j) {
       T acc = 0;

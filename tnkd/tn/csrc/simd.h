@@ -42,9 +42,7 @@ inline void mm_tile(const T* __restrict A, Strides st, int64_t m, int64_t inner,
                     int64_t o0, int64_t b0, int64_t valid) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
-  V acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NV; ++n) acc[r][n] = V{};
+  V acc[R][NV] = {};  // zeros
   for (int64_t s = 0; s < m; ++s) {
     for (int64_t i = 0; i < inner; ++i) {
       const T* xr = x + (s * inner + i) * ldx + b0;
@@ -91,9 +89,7 @@ inline void gram_tile(const T* __restrict x, int64_t ldx, const T* __restrict vt
                       int64_t valid) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
-  V acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NV; ++n) acc[r][n] = V{};
+  V acc[R][NV] = {};  // zeros
   for (int64_t b = 0; b < batch; ++b) {
     V vv[NV];
     for (int n = 0; n < NV; ++n) vv[n] = load(vt + b * ldv + c0 + n * L);
