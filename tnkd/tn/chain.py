@@ -339,8 +339,6 @@ class _Scan(torch.autograd.Function):
     def backward(ctx, grad_v, _grad_log_scale):
         sites, phis, vs, scales, *merged = ctx.saved_tensors
         plan, every, phi_list = ctx.plan, ctx.every, ctx.phi_list
-        bond = sites.shape[1]
-        (k, steps), m, batch = plan.index.shape, phis.shape[2], grad_v.shape[2]
         need_cores = ctx.needs_input_grad[1]
         mats = _step_matrices(merged[-1], plan, forward=False)
         grad_v = grad_v.contiguous()
@@ -356,15 +354,27 @@ class _Scan(torch.autograd.Function):
         if need_cores:
             grad_sites = _merged_grads_to_sites(g_mats, merged, sites, plan)
         if ctx.needs_input_grad[2]:
-            # g_phi[s, b] = sum_in v[in, b] (M^T g_y)[(s, in), b], M the forward step matrix
-            forward_mats = _step_matrices(merged[-1], plan, forward=True)
-            g_y = gs[1:].transpose(0, 1).reshape(k * steps, bond, batch)
-            g_x = torch.bmm(forward_mats.view(k * steps, bond, m * bond).transpose(1, 2), g_y)
-            v_in = vs[:-1].transpose(0, 1).reshape(k, steps, 1, bond, batch)
-            grad_phis = (g_x.view(k, steps, m, bond, batch) * v_in).sum(3)
+            grad_phis = _step_feature_grads(merged[-1], plan, gs, vs, phis.shape[2])
             grad_phis = grad_phis.transpose(0, 1).unsqueeze(3)
         grad_start = gs[0] if ctx.needs_input_grad[0] else None
         return grad_start, grad_sites, grad_phis, None, None
+
+
+def _step_feature_grads(
+    merged: torch.Tensor, plan: _ChainPlan, gs: torch.Tensor, vs: torch.Tensor, m: int
+) -> torch.Tensor:
+    """(K, S, m, B) gradients of every step's features from a scan's vectors and their gradients.
+
+    Step i computed ``y = M (phi (x) v)``: ``g_phi[s, b] = sum_in v[in, b] (M^T g_y)[(s, in), b]``,
+    M the forward step matrix; ``gs`` and ``vs`` are the (S+1, K, D, B) vector gradients and
+    vectors.
+    """
+    (k, steps), bond, batch = plan.index.shape, merged.shape[-1], gs.shape[-1]
+    mats = _step_matrices(merged, plan, forward=True)
+    g_y = gs[1:].transpose(0, 1).reshape(k * steps, bond, batch)
+    g_x = torch.bmm(mats.view(k * steps, bond, m * bond).transpose(1, 2), g_y)
+    v_in = vs[:-1].transpose(0, 1).reshape(k, steps, 1, bond, batch)
+    return (g_x.view(k, steps, m, bond, batch) * v_in).sum(3)
 
 
 def _merged_grads_to_sites(
@@ -650,7 +660,7 @@ class _NativeChain(torch.autograd.Function):
             grad_cores = grad_cores[0] if ctx.single else grad_cores
         if need[4]:
             where = (ctx.position, ctx.pad, ctx.extra)
-            grad_feats = _feature_grads(run, sites, gs, features, where)
+            grad_feats = _feature_grads(run, gs, features, where)
         grad_left, grad_right = gs[0].sum(-1).view(2, members, bond)
         if ctx.single:
             grad_left, grad_right = grad_left[0], grad_right[0]
@@ -658,30 +668,18 @@ class _NativeChain(torch.autograd.Function):
 
 
 def _feature_grads(
-    run: _NativeRun, sites: torch.Tensor, gs: torch.Tensor, features: torch.Tensor, where: tuple
+    run: _NativeRun, gs: torch.Tensor, features: torch.Tensor, where: tuple
 ) -> torch.Tensor:
     """Gradients of the (B, N, d) features from a native run's (S+1, K, D, B) vector gradients.
 
-    ``g_phi[s, b] = sum_in v[in, b] (M^T g_y)[(s, in), b]``, M a step's forward matrix, summed
-    over the steps that read a block, then pushed through the block features (an outer product
-    of the sites' features, recomputed here under autograd).
+    The steps' feature gradients (:func:`_step_feature_grads`) summed over the steps that read a
+    block, then pushed through the block features (an outer product of the sites' features,
+    recomputed here under autograd).
     """
-    plan, vs, merged = run.plan, run.vs, run.merged
-    (k, steps), bond, batch, m = (
-        plan.index.shape,
-        sites.shape[1],
-        features.shape[0],
-        run.bfeats.shape[1],
-    )
-    mats = _step_matrices(merged[-1], plan, forward=True)
-    g_y = gs[1:].transpose(0, 1).reshape(k * steps, bond, batch)
-    g_x = torch.bmm(mats.view(k * steps, bond, m * bond).transpose(1, 2), g_y)
-    v_in = vs[:-1].transpose(0, 1).reshape(k, steps, 1, bond, batch)
-    g_phi = (g_x.view(k, steps, m, bond, batch) * v_in).sum(3)
-    g_bfeats = torch.zeros_like(run.bfeats).index_add_(
-        0, plan.index.flatten(), g_phi.view(k * steps, m, batch)
-    )
-    members = k // 2
+    plan = run.plan
+    g_phi = _step_feature_grads(run.merged[-1], plan, gs, run.vs, run.bfeats.shape[1])
+    g_bfeats = torch.zeros_like(run.bfeats).index_add_(0, plan.index.flatten(), g_phi.flatten(0, 1))
+    members = plan.index.shape[0] // 2
     with torch.enable_grad():
         f = features.detach().requires_grad_()
         phi = _block_features(_insert_e0(f.permute(1, 2, 0), *where), plan.block)
