@@ -235,12 +235,15 @@ def test_members_and_a_reading_label_tensor_pass_gradcheck(method):
     assert torch.autograd.gradcheck(f, (left, cores, right, feats, out, label_feats))
 
 
-@pytest.mark.parametrize("method", ["native", "scan"])
-def test_scan_gradient_survives_an_overflow_between_renormalisations(monkeypatch, method):
+def test_native_gradient_survives_an_overflow_between_renormalisations(monkeypatch):
     # Every transfer matrix is 1e-3 * I: between two renormalisations (8 sites) the vector
     # shrinks by 1e-24, inside float32's range. Going back, a gradient of size 1e15 is first
-    # divided by that scale (1e39: beyond float32) and then shrinks again; the backward pass
-    # sees the overflow and redoes both passes renormalising every step.
+    # divided by that scale (1e39: beyond float32) and then shrinks again; the native backward
+    # pass sees the overflow and redoes both passes renormalising every step. (The Python
+    # scan's autograd cannot redo a pass: it is the fallback for ordinary gradients.)
+    if native.kernels() is None:
+        pytest.skip("the native chain scan cannot be compiled here")
+    method = "native"
     monkeypatch.setattr(chain, "SCAN_RENORM_EVERY", 8)
     bond, length, g = 3, 32, 1e-3
     cores = torch.zeros(length, bond, 2, bond)

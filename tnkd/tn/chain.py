@@ -15,10 +15,10 @@ chosen by the planner (:func:`tnkd.tn.planner.chain_kernel`):
   normalised values (the merge of site pairs and the output core included) with a hand-written
   backward pass; a step is one pass of register-tiled SIMD loops over L1-resident data, the K
   chains run on parallel threads.
-- ``"scan"`` (any device; the fallback where the native one does not run): the same steps from
-  Python, two ATen kernels per step (an outer product with the features and one batched matmul)
-  and the same hand-written backward (:class:`_Scan`). Vectors are carried batch-last, as
-  (D, B) columns, which makes both kernels 2.5x faster at D = 10 on a CPU.
+- ``"scan"`` (any device; the fallback where the native one does not run): the same steps,
+  plan and renormalisations as torch operations (an outer product with the features and one
+  batched matmul per step), differentiated by autograd. It is also the independent check of
+  the native scan's hand-written backward pass in the tests.
 - ``"tree"`` (accelerators, D <= 64): every site's transfer matrix in one batched operation,
   then the matrices of each half multiplied pairwise in log depth (D^3 work per site, but about
   2 log2(N) large kernels instead of N small ones), renormalised at every level.
@@ -37,7 +37,6 @@ Example:
 """
 
 import functools
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -159,18 +158,17 @@ def _block_features(features: torch.Tensor, block: int) -> torch.Tensor:
     return phi
 
 
-def _merge_cores(sites: torch.Tensor, block: int) -> list[torch.Tensor]:
-    """Partial products of ``block`` neighbouring cores, each (n / block, D d^j, D), j = 1..block.
+def _merge_cores(sites: torch.Tensor, block: int) -> torch.Tensor:
+    """(n, D, d, D) sites -> (n / block, D d^block, D) merged cores ``M[(l, s_1..s_k), r]``.
 
-    ``sites`` is (n, D, d, D). The last product is the merged core ``M[(l, s_1..s_k), r]``; the
-    others are kept for the backward pass. One batched matmul per merged site.
+    The product of ``block`` neighbouring cores, one batched matmul per merged site.
     """
     n, bond, d = sites.shape[:3]
     c = sites.reshape(n // block, block, bond, d, bond)
-    merged = [c[:, 0].reshape(-1, bond * d, bond)]
+    merged = c[:, 0].reshape(-1, bond * d, bond)
     for j in range(1, block):
-        prod = torch.bmm(merged[-1], c[:, j].reshape(-1, bond, d * bond))
-        merged.append(prod.view(prod.shape[0], -1, bond))
+        merged = torch.bmm(merged, c[:, j].reshape(-1, bond, d * bond))
+        merged = merged.view(n // block, -1, bond)
     return merged
 
 
@@ -183,181 +181,13 @@ def _step_matrices(merged: torch.Tensor, plan: _ChainPlan, forward: bool) -> tor
     matrix of one entering on ``r``; the other two are its per-physical-index transpose.
     """
     blocks, rows, bond = merged.shape
-    m = rows // bond
-    natural = merged.view(blocks, bond, m, bond)
+    natural = merged.view(blocks, bond, rows // bond, bond)
     swapped = natural.permute(0, 3, 2, 1)
-    k, steps = plan.index.shape
-    mats = merged.new_empty(k, steps, bond, m, bond)
-    if all(plan.in_first) or not any(plan.in_first):
-        source = swapped if plan.in_first[0] == forward else natural
-        torch.index_select(source, 0, plan.index.flatten(), out=mats.view(k * steps, bond, m, bond))
-    else:
-        for chain, in_first in enumerate(plan.in_first):
-            source = swapped if in_first == forward else natural
-            torch.index_select(source, 0, plan.index[chain], out=mats[chain])
-    return mats.view(k, steps, bond, m * bond)
-
-
-def _renorm_plan(steps: int, every: int) -> list[bool]:
-    """Which scan steps end with a renormalisation: every ``every``-th one and the last."""
-    return [(i + 1) % every == 0 or i == steps - 1 for i in range(steps)]
-
-
-def _scan_forward(
-    start: torch.Tensor, mats: torch.Tensor, phi_list: Sequence[torch.Tensor], every: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Carry (K, D, B) vectors through the steps; all of them, (S+1, K, D, B), and the scales.
-
-    Step i is ``v_{i+1} = mats[:, i] @ (phi_i (x) v_i)``: an outer product into a scratch and
-    one bmm written straight into the next slot of the result. Every ``every``-th output and
-    the last are divided by their max-abs; the scales are returned, (R, K, 1, B).
-    """
-    (k, bond, batch), steps = start.shape, mats.shape[1]
-    m = phi_list[0].shape[1]
-    tiny = torch.finfo(start.dtype).tiny
-    vs = start.new_empty(steps + 1, k, 1, bond, batch)
-    v_outer, v_flat = vs.unbind(0), vs.view(steps + 1, k, bond, batch).unbind(0)
-    x = start.new_empty(k, m, bond, batch)
-    x_flat = x.view(k, m * bond, batch)
-    v_flat[0].copy_(start)
-    scales = []
-    plan = _renorm_plan(steps, every)
-    for i, mat in enumerate(mats.unbind(1)):
-        torch.mul(phi_list[i], v_outer[i], out=x)
-        out = torch.bmm(mat, x_flat, out=v_flat[i + 1])
-        if plan[i]:
-            scale = out.abs().amax(dim=1, keepdim=True).clamp_min_(tiny)
-            out.div_(scale)
-            scales.append(scale)
-    return vs.view(steps + 1, k, bond, batch), torch.stack(scales)
-
-
-def _scan_backward(
-    grad: torch.Tensor,
-    mats: torch.Tensor,
-    phi_list: Sequence[torch.Tensor],
-    vs: torch.Tensor,
-    scales: torch.Tensor,
-    every: int,
-    core_grads: bool,
-    chunk: int = 8,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The reverse scan: gradients of the start vectors and of every step's matrix.
-
-    Step i computed ``y = M (phi (x) v)`` and ``v' = y / c`` (``c`` a constant); its
-    vector-Jacobian product is ``g_y = g_v' / c`` and ``g_v = M' (phi (x) g_y)``, with ``M'`` the
-    backward step matrix (``mats[:, i]``, see :func:`_step_matrices`): the forward step's two
-    kernels again. With ``core_grads`` the outer products ``phi (x) g_y`` of ``chunk`` steps are
-    kept and one bmm per chunk gives those steps' matrix gradients
-    ``G[(s, out), in] = sum_b (phi (x) g_y)[(s, out), b] v[in, b]`` while the factors are still in
-    cache (measured: faster than keeping every forward outer product for one large kernel).
-
-    Returns:
-        (S+1, K, D, B) vector gradients (``[i+1]`` of step i's output, ``[0]`` of the start)
-        and, with ``core_grads``, the (S, K, m*D, D) step-matrix gradients ``G``.
-    """
-    (k, bond, batch), steps = grad.shape, mats.shape[1]
-    m = phi_list[0].shape[1]
-    gs = grad.new_empty(steps + 1, k, 1, bond, batch)
-    g_outer, g_flat = gs.unbind(0), gs.view(steps + 1, k, bond, batch).unbind(0)
-    chunk = chunk if core_grads else 1
-    xs = grad.new_empty(chunk, k, m, bond, batch)
-    x_outer, x_flat = xs.unbind(0), xs.view(chunk, k, m * bond, batch).unbind(0)
-    g_mats = grad.new_empty(steps, k, m * bond, bond) if core_grads else None
-    mat_list = mats.unbind(1)
-    g_flat[steps].copy_(grad)
-    plan, r = _renorm_plan(steps, every), scales.shape[0]
-    for i in range(steps - 1, -1, -1):
-        if plan[i]:
-            r -= 1
-            g_flat[i + 1].div_(scales[r])
-        j = i % chunk
-        torch.mul(phi_list[i], g_outer[i + 1], out=x_outer[j])
-        torch.bmm(mat_list[i], x_flat[j], out=g_flat[i])
-        if core_grads and j == 0:  # steps i .. i + n - 1 have their outer products in xs
-            n = min(chunk, steps - i)
-            torch.bmm(
-                xs[:n].view(-1, m * bond, batch),
-                vs[i : i + n].transpose(2, 3).reshape(-1, batch, bond),
-                out=g_mats[i : i + n].view(-1, m * bond, bond),
-            )
-    return gs.view(steps + 1, k, bond, batch), g_mats
-
-
-def _healthy(scales: torch.Tensor) -> bool:
-    """Whether a scan stayed in float range: finite scales, none near underflow.
-
-    A non-finite value anywhere propagates into the next scale. A scale below ``tiny / eps``
-    means the largest entry came within a mantissa's width of the subnormal range, so smaller
-    entries of the same vector lost digits.
-    """
-    info = torch.finfo(scales.dtype)
-    low, high = torch.aminmax(scales)
-    return bool(low >= info.tiny / info.eps) and bool(high <= info.max)
-
-
-class _Scan(torch.autograd.Function):
-    """The boundary-vector sweep as one autograd node with a hand-written backward (a reverse scan).
-
-    Inputs: ``start`` (K, D, B) vectors, ``sites`` (n, D, d, D) cores, ``phis``
-    (S, K, m, 1, B) block features (m = d^block), the :class:`_ChainPlan` and ``every`` steps
-    between renormalisations. Outputs: the (K, D, B) vectors, max-abs 1 per sample, and their
-    (K, B) log-scales (not differentiable: the scales are constants, as in the autograd sweep,
-    so the gradient of ``v * exp(log_scale)`` is exact).
-
-    Autograd would record three or four nodes per step and, in backward, run each with its own
-    dispatch, broadcast reduction and gradient accumulation; at small D those per-op costs, not
-    arithmetic, set the time. Here the forward pass merges each block of cores with one batched
-    matmul per merged site and runs two kernels per step; the backward pass sweeps a gradient
-    vector back with the same two kernels per step plus one per chunk of steps for the blocks'
-    gradients, which a few batched matmuls then split into per-site ones.
-
-    The vectors are carried as (D, B) columns, bond index first and batch last: the outer
-    product then runs along the batch, the long contiguous axis, and the matmul has the batch as
-    its wide dimension (measured on this 2-core CPU at D = 10, K x B = 2 x 100: 4.7 us per
-    step against 11.7 us in the (B, D) layout).
-    """
-
-    @staticmethod
-    def forward(ctx, start, sites, phis, plan, every):
-        merged = _merge_cores(sites, plan.block)
-        mats = _step_matrices(merged[-1], plan, forward=True)
-        phi_list = phis.unbind(0)
-        vs, scales = _scan_forward(start, mats, phi_list, every)
-        if every > 1 and not _healthy(scales):
-            # a value left float range between two renormalisations: renormalise every step
-            every = 1
-            vs, scales = _scan_forward(start, mats, phi_list, every)
-        ctx.save_for_backward(sites, phis, vs, scales, *merged)
-        ctx.plan, ctx.every, ctx.phi_list = plan, every, phi_list
-        log_scale = torch.log(scales).sum(0)[:, 0]
-        ctx.mark_non_differentiable(log_scale)
-        return vs[-1].clone(), log_scale
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_v, _grad_log_scale):
-        sites, phis, vs, scales, *merged = ctx.saved_tensors
-        plan, every, phi_list = ctx.plan, ctx.every, ctx.phi_list
-        need_cores = ctx.needs_input_grad[1]
-        mats = _step_matrices(merged[-1], plan, forward=False)
-        grad_v = grad_v.contiguous()
-        gs, g_mats = _scan_backward(grad_v, mats, phi_list, vs, scales, every, need_cores)
-        if every > 1 and not bool(torch.isfinite(gs[0]).all()):
-            if bool(torch.isfinite(grad_v).all()):
-                # a gradient left float range between two renormalisations: redo both passes
-                # renormalising every step (the same function, so the same gradient)
-                forward_mats = _step_matrices(merged[-1], plan, forward=True)
-                vs, scales = _scan_forward(vs[0], forward_mats, phi_list, 1)
-                gs, g_mats = _scan_backward(grad_v, mats, phi_list, vs, scales, 1, need_cores)
-        grad_sites = grad_phis = None
-        if need_cores:
-            grad_sites = _merged_grads_to_sites(g_mats, merged, sites, plan)
-        if ctx.needs_input_grad[2]:
-            grad_phis = _step_feature_grads(merged[-1], plan, gs, vs, phis.shape[2])
-            grad_phis = grad_phis.transpose(0, 1).unsqueeze(3)
-        grad_start = gs[0] if ctx.needs_input_grad[0] else None
-        return grad_start, grad_sites, grad_phis, None, None
+    chains = [
+        (swapped if in_first == forward else natural).index_select(0, plan.index[k])
+        for k, in_first in enumerate(plan.in_first)
+    ]
+    return torch.stack(chains).flatten(3)
 
 
 def _step_feature_grads(
@@ -375,49 +205,6 @@ def _step_feature_grads(
     g_x = torch.bmm(mats.view(k * steps, bond, m * bond).transpose(1, 2), g_y)
     v_in = vs[:-1].transpose(0, 1).reshape(k, steps, 1, bond, batch)
     return (g_x.view(k, steps, m, bond, batch) * v_in).sum(3)
-
-
-def _merged_grads_to_sites(
-    g_mats: torch.Tensor, merged: list[torch.Tensor], sites: torch.Tensor, plan: _ChainPlan
-) -> torch.Tensor:
-    """Step-matrix gradients (S, K, m*D, D) -> gradients of the (n, D, d, D) site cores.
-
-    ``G[(s, out), in]`` of a step is the gradient of its block's natural core ``[l, s, r]``
-    with ``(in, out) = (l, r)`` for an ``in_first`` chain and ``(r, l)`` otherwise. Every
-    block is read once, except the identity block of a shorter chain (a constant: its gradient
-    is dropped), so the blocks' gradients are copied, not summed, and then pushed back through
-    the merge: for ``M_j = M_{j-1} A_j``, ``g_{M_{j-1}} = g_{M_j} A_j^T`` and
-    ``g_{A_j} = M_{j-1}^T g_{M_j}``.
-    """
-    n, bond = sites.shape[:2]
-    block = plan.block
-    (k, steps), blocks = plan.index.shape, n // block
-    m = g_mats.shape[2] // bond
-    g = g_mats.view(steps, k, m, bond, bond)
-    g_blocks = sites.new_empty(blocks, bond, m, bond)
-    for chain, in_first in enumerate(plan.in_first):
-        # natural [l, s, r] from [s, out, in]
-        src = g[:, chain].permute(0, 3, 1, 2) if in_first else g[:, chain].permute(0, 2, 1, 3)
-        g_blocks.index_copy_(0, plan.index[chain], src)
-    return _unmerge_grads(g_blocks.view(blocks, bond * m, bond), merged, sites, block)
-
-
-def _unmerge_grads(
-    g_m: torch.Tensor, merged: list[torch.Tensor], sites: torch.Tensor, block: int
-) -> torch.Tensor:
-    """Gradients of the (n / block, D d^block, D) merged blocks -> of the (n, D, d, D) sites."""
-    n, bond, d = sites.shape[:3]
-    blocks = n // block
-    if block == 1:
-        return g_m.view_as(sites)
-    c = sites.reshape(blocks, block, bond, d, bond)
-    grads = []
-    for j in range(block - 1, 0, -1):
-        g_m = g_m.view(blocks, -1, d * bond)  # rows (l, s_1..s_j), cols (s_j+1, r)
-        grads.append(torch.bmm(merged[j - 1].transpose(1, 2), g_m).view_as(c[:, j]))
-        g_m = torch.bmm(g_m, c[:, j].reshape(-1, bond, d * bond).transpose(1, 2))
-    grads.append(g_m.view_as(c[:, 0]))
-    return torch.stack(grads[::-1], dim=1).view_as(sites)
 
 
 def _insert_identity(cores: torch.Tensor, at: int, count: int, extra: int) -> torch.Tensor:
@@ -448,26 +235,48 @@ def _per_member(features: torch.Tensor, members: int) -> torch.Tensor:
     return features if members == 1 else features.repeat(members, *(1,) * (features.dim() - 1))
 
 
-def _scan(
-    start: torch.Tensor,
-    sites: torch.Tensor,
-    features: torch.Tensor,
-    plan: _ChainPlan,
-    every: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run :class:`_Scan` on (K, D, B) start vectors, (n, D, d, D) sites, (n, d, B) features.
+def _python_scan(
+    start: torch.Tensor, sites: torch.Tensor, features: torch.Tensor, plan: _ChainPlan, every: int
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The scan's steps as torch operations, recorded by autograd; ``every`` counts steps.
 
-    Falls back to unmerged sites, renormalised every step, if the merged ones left float range.
+    Step i is ``v_{i+1} = mats[:, i] @ (phi_i (x) v_i)`` (an outer product and one batched
+    matmul), every ``every``-th output and the last divided by their max-abs. Returns the
+    (K, D, B) vectors, their (K, B) log-scales and whether every scale stayed in float range.
+    """
+    steps, batch = plan.index.shape[1], start.shape[2]
+    mats = _step_matrices(_merge_cores(sites, plan.block), plan, forward=True)
+    phis = _block_features(features, plan.block).index_select(0, plan.index.t().flatten())
+    phis = phis.view(steps, plan.index.shape[0], -1, 1, batch)
+    # unbound once: slicing inside the loop would make autograd allocate a full-size zero
+    # gradient per step (quadratic traffic)
+    v, scales, info = start, [], torch.finfo(start.dtype)
+    for i, (mat, phi) in enumerate(zip(mats.unbind(1), phis.unbind(0), strict=True)):
+        v = torch.bmm(mat, (phi * v.unsqueeze(1)).flatten(1, 2))
+        if (i + 1) % every == 0 or i == steps - 1:
+            scale = v.detach().abs().amax(dim=1, keepdim=True).clamp_min(info.tiny)
+            v = v / scale
+            scales.append(scale)
+    scales = torch.cat(scales, dim=1)
+    # a non-finite value propagates into the next scale; one below tiny / eps came within a
+    # mantissa's width of the subnormal range, so smaller entries of that vector lost digits
+    low, high = torch.aminmax(scales)
+    healthy = bool(low >= info.tiny / info.eps) and bool(high <= info.max)
+    return v, torch.log(scales).sum(1), healthy
+
+
+def _scan(
+    start: torch.Tensor, sites: torch.Tensor, features: torch.Tensor, plan: _ChainPlan, every: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Python scan of (K, D, B) start vectors, (n, D, d, D) sites, (n, d, B) features.
+
+    A pass that left float range is redone one site per step, renormalising every step.
     Returns the (K, D, B) normalised vectors and the (K, B) log-scales; ``every`` counts sites.
     """
-    phis = _block_features(features, plan.block).index_select(0, plan.index.t().flatten())
-    phis = phis.view(plan.index.shape[1], plan.index.shape[0], -1, 1, features.shape[2])
-    v, log_scale = _Scan.apply(start, sites, phis, plan, max(1, every // plan.block))
-    if plan.block > 1 and not bool(torch.isfinite(v.detach()).all()):
+    v, log_scale, healthy = _python_scan(start, sites, features, plan, max(1, every // plan.block))
+    if not healthy and (every > 1 or plan.block > 1):
         single = _unmerged_plan(plan)
-        phis = features.index_select(0, single.index.t().flatten())
-        phis = phis.view(single.index.shape[1], single.index.shape[0], -1, 1, features.shape[2])
-        v, log_scale = _Scan.apply(start, sites, phis, single, 1)
+        v, log_scale, _ = _python_scan(start, sites, features, single, 1)
     return v, log_scale
 
 
@@ -476,7 +285,7 @@ class _NativeRun(NamedTuple):
 
     plan: _ChainPlan
     every: int  # steps between renormalisations
-    merged: list[torch.Tensor]  # :func:`_merge_cores` of the sites
+    merged: torch.Tensor  # the sites' merged blocks (:func:`_merge_cores`)
     bfeats: torch.Tensor  # (blocks, m, B) block features
     vs: torch.Tensor  # (S+1, K, D, B)
     scales: torch.Tensor  # (R, K, 1, B)
@@ -494,8 +303,8 @@ def _native_forward(
 
     Returns the run, the (K, B) log-scales and whether the last vectors are finite.
     """
-    merged = [ext.merge_pairs(sites)] if plan.block == 2 else _merge_cores(sites, plan.block)
-    args = (merged[-1], bfeats, plan.index, list(plan.in_first))
+    merged = ext.merge_pairs(sites) if plan.block == 2 else _merge_cores(sites, plan.block)
+    args = (merged, bfeats, plan.index, list(plan.in_first))
     vs, scales, log_scale, healthy, finite = ext.scan_forward(start, *args, every)
     if every > 1 and not healthy:
         # a value left float range between two renormalisations: renormalise every step
@@ -516,11 +325,10 @@ def _native_backward(
 
     The vector gradients are (S+1, K, D, B) with ``keep_all`` (``[i+1]`` of step i's output,
     ``[0]`` of the start), else (1, K, D, B), the start's only. Redoes both passes renormalising
-    every step if a gradient left float range (the same function, so the same gradient), like
-    :class:`_Scan`.
+    every step if a gradient left float range (the same function, so the same gradient).
     """
     plan, every = run.plan, run.every
-    args = (run.merged[-1], run.bfeats, plan.index, list(plan.in_first))
+    args = (run.merged, run.bfeats, plan.index, list(plan.in_first))
     grad_v = grad_v.contiguous()
     gs, g_blocks, grad_finite, start_finite = ext.scan_backward(
         grad_v, *args, run.vs, run.scales, every, need_cores, keep_all
@@ -530,9 +338,8 @@ def _native_backward(
         gs, g_blocks, *_ = ext.scan_backward(grad_v, *args, vs, scales, 1, need_cores, keep_all)
     if not need_cores:
         return gs, None
-    if plan.block == 2:
-        return gs, ext.unmerge_pairs(g_blocks, sites)
-    return gs, _unmerge_grads(g_blocks, run.merged, sites, plan.block)
+    # the merged blocks' gradients in the sites' layout: pairs natively, single sites as they are
+    return gs, ext.unmerge_pairs(g_blocks, sites) if plan.block == 2 else g_blocks.view_as(sites)
 
 
 def _mps_sources(position: int, num_sites: int, pad: int, extra: int) -> torch.Tensor:
@@ -677,7 +484,7 @@ def _feature_grads(
     recomputed here under autograd).
     """
     plan = run.plan
-    g_phi = _step_feature_grads(run.merged[-1], plan, gs, run.vs, run.bfeats.shape[1])
+    g_phi = _step_feature_grads(run.merged, plan, gs, run.vs, run.bfeats.shape[1])
     g_bfeats = torch.zeros_like(run.bfeats).index_add_(0, plan.index.flatten(), g_phi.flatten(0, 1))
     members = plan.index.shape[0] // 2
     with torch.enable_grad():
