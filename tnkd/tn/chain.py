@@ -208,17 +208,22 @@ def _step_feature_grads(
 
 
 def _insert_identity(cores: torch.Tensor, at: int, count: int, extra: int) -> torch.Tensor:
-    """(M, N, D, d, D) cores -> (M (N + count + extra), D, d, D), identity sites inserted.
+    """(N, D, d, D) or (M, N, D, d, D) cores -> (M (N + count + extra), D, d, D).
 
-    Each member gets ``count`` identity sites before site ``at`` and ``extra`` at its end. An identity site is ``I`` on physical index 0; with the feature ``e_0`` (:func:`_insert_e0`)
+    Each member gets ``count`` identity sites before site ``at`` and ``extra`` at its end. An
+    identity site is ``I`` on physical index 0; with the feature ``e_0`` (:func:`_insert_e0`)
     its transfer matrix is exactly the identity, whatever the feature map.
     """
     if count or extra:
-        members, _, bond, d, _ = cores.shape
-        eye = cores.new_zeros(members, count + extra, bond, d, bond)
-        eye[:, :, :, 0, :] = torch.eye(bond, dtype=cores.dtype, device=cores.device)
-        cores = torch.cat([cores[:, :at], eye[:, :count], cores[:, at:], eye[:, count:]], 1)
-    return cores.reshape(-1, *cores.shape[2:])
+        members = cores.shape[:-4]
+        bond, d = cores.shape[-3], cores.shape[-2]
+        eye = cores.new_zeros(*members, count + extra, bond, d, bond)
+        eye[..., 0, :] = torch.eye(bond, dtype=cores.dtype, device=cores.device)
+        axis = len(members)
+        parts = [cores.narrow(axis, 0, at), eye.narrow(axis, 0, count)]
+        parts += [cores.narrow(axis, at, cores.shape[axis] - at), eye.narrow(axis, count, extra)]
+        cores = torch.cat(parts, axis)
+    return cores if cores.dim() == 4 else cores.flatten(0, 1)
 
 
 def _insert_e0(features: torch.Tensor, at: int, count: int, extra: int) -> torch.Tensor:
@@ -395,17 +400,15 @@ class _NativeChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, left, cores, right, output_core, features, output_features, position, ext):
         ctx.single = cores.dim() == 4  # one chain: no member axis in or out
-        if ctx.single:
-            left, cores, right, output_core = (t[None] for t in (left, cores, right, output_core))
-        members, num_sites, bond = cores.shape[:3]
-        batch = features.shape[0]
+        members = 1 if ctx.single else cores.shape[0]
+        num_sites, bond, batch = cores.shape[-4], cores.shape[-3], features.shape[0]
         every, block = _settings(features.dtype, bond)
         plan, pad, extra = _mps_plan(
             position, num_sites - position, block, features.device, members
         )
         sites = _insert_identity(cores, position, pad, extra)
         source = _mps_sources(position, num_sites, pad, extra)
-        start = torch.cat([left, right]).unsqueeze(-1).expand(2 * members, bond, batch)
+        start = torch.cat([left, right]).view(-1, bond, 1).expand(2 * members, bond, batch)
         bfeats = _per_member(ext.block_features(features, source, block), members)
         run, logs, finite = _native_forward(ext, start, sites, bfeats, plan, max(1, every // block))
         if block > 1 and not finite:
@@ -414,13 +417,12 @@ class _NativeChain(torch.autograd.Function):
         ctx.native_close = ctx.single and output_features is None
         if ctx.native_close:
             # values[b, c] = sum_{l, r} u[l, b] O[l, c, r] w[r, b], (u, w) = the halves' ends
-            values, log_scale, ow, scale = ext.mps_output_forward(run.vs[-1], output_core[0], logs)
+            values, log_scale, ow, scale = ext.mps_output_forward(run.vs[-1], output_core, logs)
             closing = (ow, scale)
         else:
             ends = run.vs[-1].view(2, members, bond, batch)
-            values, log_scale = _close(
-                ends, output_core, output_features, logs.view(2, members, -1)
-            )
+            core = output_core[None] if ctx.single else output_core
+            values, log_scale = _close(ends, core, output_features, logs.view(2, members, -1))
             values, log_scale = (values[0], log_scale[0]) if ctx.single else (values, log_scale)
             closing = ()
         ctx.save_for_backward(
@@ -438,18 +440,19 @@ class _NativeChain(torch.autograd.Function):
             ctx.saved_tensors
         )
         run = ctx.run._replace(bfeats=bfeats, vs=vs, scales=scales)
-        members, bond, batch = output_core.shape[0], sites.shape[1], features.shape[0]
-        need = ctx.needs_input_grad
+        members = 1 if ctx.single else output_core.shape[0]
+        bond, batch, need = sites.shape[1], features.shape[0], ctx.needs_input_grad
         grad_out = grad_ofeats = None
         if ctx.native_close:
             grad_v, grad_out = ctx.ext.mps_output_backward(
-                grad_values, vs[-1], output_core[0], *closing, need[3]
+                grad_values, vs[-1], output_core, *closing, need[3]
             )
             grad_out = grad_out if need[3] else None
         else:
             with torch.enable_grad():
                 ends = vs[-1].detach().view(2, members, bond, batch).requires_grad_()
-                core = output_core.detach().requires_grad_()
+                core = (output_core[None] if ctx.single else output_core).detach()
+                core.requires_grad_()
                 ofeats = None if output_features is None else output_features.detach()
                 inputs = [ends, core] if ofeats is None else [ends, core, ofeats.requires_grad_()]
                 values, _ = _close(ends, core, ofeats, vs.new_zeros(2, members, batch))
