@@ -59,6 +59,8 @@ def interleaved(
 ) -> dict[str, float]:
     """Samples per second of each step function, timed one step of each in turn by ``clock``.
 
+    The order of the steps turns by one every round, so each follows each as often.
+
     Stops after ``reps`` rounds, or after 3 rounds once ``budget_s`` (wall clock) has passed.
     """
 
@@ -72,10 +74,13 @@ def interleaved(
     sync()
     times: dict[str, list[float]] = {name: [] for name in steps}
     start = time.perf_counter()
+    names = list(steps)
     for rnd in range(reps):
-        for name, fn in steps.items():
+        # the order turns every round: a step timed right after another model's pays for the
+        # caches that model evicted (measured: up to 20 % at 196 sites, D = 8, inference)
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
             t0 = clock()
-            fn()
+            steps[name]()
             sync()
             times[name].append(clock() - t0)
         if rnd >= 2 and time.perf_counter() - start > budget_s:
