@@ -47,11 +47,6 @@ from tnkd.tn.planner import SCAN_MAX_MERGED_BOND_DIM, chain_kernel
 SCAN_RENORM_EVERY = 16
 
 
-def _site_matrices(cores: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """(K, N, D, d, D) cores and (K, B, N, d) features -> (K, B, N, D, D) transfer matrices."""
-    return torch.einsum("knlsr,kbns->kbnlr", cores, features)
-
-
 def _tree_product(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ordered product of (B, N, D, D) matrices in log depth; returns (B, D, D) and log-scale (B,)."""
     batch = mats.shape[0]
@@ -63,13 +58,8 @@ def _tree_product(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mats = torch.matmul(pairs[:, 0::2], pairs[:, 1::2])
         if tail is not None:
             mats = torch.cat([mats, tail], dim=1)
-        scale = (
-            mats.detach()
-            .abs()
-            .amax(dim=(2, 3), keepdim=True)
-            .clamp_min(torch.finfo(mats.dtype).tiny)
-        )
-        mats = mats / scale
+        scale = mats.detach().abs().amax(dim=(2, 3), keepdim=True)
+        mats = mats / scale.clamp_min_(torch.finfo(mats.dtype).tiny)
         log_scale = log_scale + torch.log(scale).sum(dim=(1, 2, 3))
     return mats[:, 0], log_scale
 
@@ -78,12 +68,10 @@ def _settings(dtype: torch.dtype, bond_dim: int) -> tuple[int, int]:
     """Sites between renormalisations (16; float16: 1) and sites merged per step (2 up to D = 32).
 
     Between two renormalisations a value may grow or shrink by the product of a few transfer
-    matrices' norms; float32 and bfloat16 (range 1e+-38) absorb that for any sane cores, and a
-    pass that left float range anyway is redone renormalising every site. float16 (range
-    6.5e4) renormalises every site. Measured at 784 sites, D = 10: every 16 sites trains 3 %
-    faster than every 8. Merging k = 2 sites costs the same D^2 d^k / k flops per site when
-    d = 2 and halves the sequential steps: 1.3x faster at D = 16, as fast at D = 32, slower
-    above (1 thread, 784 sites); k = 3 was slower than 2 at D = 10.
+    matrices' norms; float32 and bfloat16 (range 1e+-38) absorb that for any sane cores (a pass
+    that left float range anyway is redone), float16 (range 6.5e4) does not. Merging two sites
+    costs the same D^2 d^2 / 2 flops per site when d = 2 and halves the sequential steps; the
+    measurements behind both numbers are on the chain-speed benchmark page.
     """
     every = 1 if dtype == torch.float16 else SCAN_RENORM_EVERY
     return every, 2 if bond_dim <= SCAN_MAX_MERGED_BOND_DIM else 1
