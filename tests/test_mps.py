@@ -237,7 +237,8 @@ def test_patch_student_rejects_maps_and_inputs_that_do_not_fit():
 
 def test_method_names_the_kernel_and_the_plan_says_it():
     mps = MPSClassifier(8, 3, bond_dim=4, method="scan")
-    assert mps.plan().kernel == "scan (Python loop)"
+    assert mps.plan().kernel == "scan (torch steps, autograd)"
+    assert mps.plan().reason == "the graph is a chain; asked for by name"
     mps.method = "tree"  # switches the kernel of the next call
     assert mps.plan().kernel == "log-depth products"
     # "sweep", the autograd sweep of older versions (in old configs and checkpoints): the scan

@@ -61,7 +61,6 @@ keyword arguments in ``graph_args``), or a subclass such as
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import itertools
@@ -85,11 +84,9 @@ from tnkd.tn.chain import contract_chain
 from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
 from tnkd.tn.planner import (
-    CHAIN_KERNELS,
     METHODS,
     ChainNode,
     Plan,
-    chain_kernel,
     choose,
     examine,
     plan,
@@ -507,11 +504,7 @@ class GraphStudent(Student):
         """
         if device is None:
             device = self._dtype_device()[1]
-        chosen = plan(self._shape, self._method, device)
-        if self.engine == "chain" and self._chain_kernel != "auto":
-            kernel = chain_kernel(self._chain_kernel, self._shape.chain.bond_dim, device)[0]
-            return dataclasses.replace(chosen, kernel=CHAIN_KERNELS[kernel])
-        return chosen
+        return plan(self._shape, self._method, device, self._chain_kernel)
 
     def _store_blocks(
         self, initial: dict[str, torch.Tensor], sites: dict[str, int], num_sites: int

@@ -270,7 +270,7 @@ AUTO_ORDER = ("chain", "tree", "tt_matrix", "stable", "reference")
 #: the chain engine's kernels (:func:`tnkd.tn.chain.contract_chain`), what each is
 CHAIN_KERNELS = {
     "native": "native scan (C++)",
-    "scan": "scan (Python loop)",
+    "scan": "scan (torch steps, autograd)",
     "tree": "log-depth products",
 }
 #: the largest bond dimension the log-depth products run at on accelerators (D^3 per site)
@@ -319,11 +319,6 @@ def chain_kernel(
     return "native", "a CPU: the native scan"
 
 
-def _chain_kernel(shape: GraphShape, device: torch.device) -> str:
-    kernel = chain_kernel("auto", shape.chain.bond_dim if shape.chain else 1, device)[0]
-    return CHAIN_KERNELS[kernel]
-
-
 def _tree_kernel(shape: GraphShape, device: torch.device) -> str:
     from tnkd.tn import native
 
@@ -337,7 +332,7 @@ for _engine in (
         "chain",
         "a boundary vector swept along the chain from both ends, joined at the label",
         lambda s, d: None if s.chain is not None else s.why_not_chain,
-        _chain_kernel,
+        lambda s, d: CHAIN_KERNELS[chain_kernel("auto", s.chain.bond_dim if s.chain else 1, d)[0]],
     ),
     Engine(
         "tree",
@@ -430,13 +425,17 @@ def choose(
     raise AssertionError("the reference engine accepts every graph")  # pragma: no cover
 
 
-def plan(shape: GraphShape | NetworkSpec, method: str = "auto", device=None) -> Plan:
+def plan(
+    shape: GraphShape | NetworkSpec, method: str = "auto", device=None, kernel: str = "auto"
+) -> Plan:
     """Choose the engine for a graph: ``method`` names one, or ``"auto"`` tries them in order.
 
     Args:
         shape: the graph's :class:`GraphShape` (or its spec, examined for a chain only).
         method: ``"auto"`` or an engine's name.
         device: where the contraction runs (default CPU).
+        kernel: the chain engine's kernel, ``"auto"`` or a name of :data:`CHAIN_KERNELS` (see
+            :func:`chain_kernel`, whose reason the plan's joins).
 
     Returns:
         The :class:`Plan`: the engine, the kernel it runs on this device, and the reasons.
@@ -448,4 +447,7 @@ def plan(shape: GraphShape | NetworkSpec, method: str = "auto", device=None) -> 
     shape = shape if isinstance(shape, GraphShape) else examine(shape)
     device = torch.device("cpu" if device is None else device)
     engine, reason, refused = choose(shape, method, device)
+    if engine.name == "chain":
+        name, why = chain_kernel(kernel, shape.chain.bond_dim, device)
+        return Plan(engine.name, CHAIN_KERNELS[name], device.type, f"{reason}; {why}", refused)
     return Plan(engine.name, engine.kernel(shape, device), device.type, reason, refused)
