@@ -135,11 +135,11 @@ def raw_steps(
 
 
 def rounding(args: argparse.Namespace) -> None:
-    """Seed 0's 4 runs batched with the chain methods ``scan`` and ``sweep``: rounding noise."""
-    flags = ["--student.init_args.method", "sweep"]
+    """Seed 0's 4 runs batched with the chain kernels ``auto`` and ``tree``: rounding noise."""
+    flags = ["--student.init_args.method", "tree"]
     scan, _ = run(args, args.seeds[:1], VARIANTS, batched=True)
     sweep, _ = run(args, args.seeds[:1], VARIANTS, batched=True, extra=flags)
-    print("\n| run | seed | test acc, method scan | test acc, method sweep |")
+    print("\n| run | seed | test acc, method auto | test acc, method tree |")
     print("|---|---|---|---|")
     for a, b in zip(scan, sweep, strict=True):
         print(f"| {a.name} | {a.seed} | {a.student_acc:.4f} | {b.student_acc:.4f} |")
@@ -162,7 +162,7 @@ def main() -> None:
         "--only",
         choices=["steps", "rounding"],
         help="steps: raw training steps of 1 and 12 stacked MPS only; rounding: seed 0's runs "
-        "batched with the scan and with the sweep (same function, other rounding) only",
+        "batched with the native scan and with the tree (same function, other rounding) only",
     )
     parser.add_argument("--sites", type=int, default=64, help="--only steps: chain length")
     parser.add_argument("--bond_dim", type=int, default=10, help="--only steps: D")

@@ -1,20 +1,21 @@
-"""Samples per second of an MPS classifier with the two fast chain contractions, on one device.
+"""Samples per second of an MPS classifier with each chain kernel, on one device.
 
     python benchmarks/chain_methods.py                      # CPU, 784 and 196 sites
     python benchmarks/chain_methods.py --device cuda        # the same on a GPU
     python benchmarks/chain_methods.py --markdown           # the table as markdown
-    python benchmarks/chain_methods.py --methods sweep scan # only some methods
+    python benchmarks/chain_methods.py --methods tree       # only some kernels
 
-``method="sweep"`` carries boundary vectors site by site (N/2 sequential steps of small batched
-matmuls; D^2 work per site and sample); ``method="scan"`` is the same sweep with a hand-written
-backward pass (one autograd node); ``method="tree"`` multiplies the transfer matrices pairwise
-in log depth (few, large kernels; D^3 work per site and sample). ``"auto"`` picks the tree on an
-accelerator for D <= ``TREE_MAX_BOND_DIM`` and the sweep otherwise (the scan has not been
-measured on a GPU yet: this script is how to), and the scan on CPU. Models: ``MPSClassifier`` ([1, x] map, 10 classes, normalised
-logits), batch 100, random inputs in [0, 1]. A training step is forward + cross-entropy + backward
-+ Adam step; inference is a forward pass under ``torch.inference_mode``. Each figure is the
-median of several timed repetitions after warm-up (CUDA: synchronised). Figures move from run to
-run; the ratio column compares the two methods in the same run.
+``method="scan"`` (the reference column) carries boundary vectors site by site from Python (N/2
+sequential steps of small batched matmuls, D^2 work per site and sample, a hand-written backward
+pass); ``method="native"`` runs the same scan in C++ (CPU only); ``method="tree"`` multiplies the
+transfer matrices pairwise in log depth (few, large kernels; D^3 work per site and sample).
+``"auto"`` picks the native scan on CPU, the tree on an accelerator for D <=
+``TREE_MAX_BOND_DIM`` and the scan above (:func:`tnkd.tn.planner.chain_kernel`). Models:
+``MPSClassifier`` ([1, x] map, 10 classes, normalised logits), batch 100, random inputs in
+[0, 1]. A training step is forward + cross-entropy + backward + Adam step; inference is a forward
+pass under ``torch.inference_mode``. Each figure is the median of several timed repetitions after
+warm-up (CUDA: synchronised). Figures move from run to run; the ratio columns compare kernels of
+the same run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from contraction import BATCH, CLASSES, inference_step, samples_per_second, train_step
 
 from tnkd.students import MPSClassifier
-from tnkd.tn.chain import TREE_MAX_BOND_DIM
+from tnkd.tn.planner import TREE_MAX_BOND_DIM
 
 
 def measure(
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument(
-        "--methods", nargs="+", default=["sweep", "tree", "scan"], help="compared with the sweep"
+        "--methods", nargs="+", default=["tree", "native"], help="compared with the scan"
     )
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -63,21 +64,21 @@ def main() -> None:
     print(
         f"# chain methods on {name} (torch {torch.__version__}); batch {BATCH}; auto = tree for D <= {TREE_MAX_BOND_DIM} on accelerators"
     )
-    others = [m for m in args.methods if m != "sweep"]
-    head = ["sites", "D", "train sweep"]
-    head += [c for m in others for c in (f"train {m}", f"{m}/sweep")]
-    head += ["infer sweep"] + [c for m in others for c in (f"infer {m}", f"{m}/sweep")]
+    others = [m for m in args.methods if m != "scan"]
+    head = ["sites", "D", "train scan"]
+    head += [c for m in others for c in (f"train {m}", f"{m}/scan")]
+    head += ["infer scan"] + [c for m in others for c in (f"infer {m}", f"{m}/scan")]
     print("| " + " | ".join(head) + " |" if args.markdown else "  ".join(head))
     if args.markdown:
         print("|" + "---|" * len(head))
     for sites in args.sites:
         for d in args.bond_dims:
-            speed = {m: measure(sites, d, m, device, args.reps) for m in ["sweep", *others]}
+            speed = {m: measure(sites, d, m, device, args.reps) for m in ["scan", *others]}
             cells = [f"{sites}", f"{d}"]
             for i in (0, 1):  # train, inference
-                cells.append(f"{speed['sweep'][i]:,.0f}")
+                cells.append(f"{speed['scan'][i]:,.0f}")
                 for m in others:
-                    cells += [f"{speed[m][i]:,.0f}", f"{speed[m][i] / speed['sweep'][i]:.2f}x"]
+                    cells += [f"{speed[m][i]:,.0f}", f"{speed[m][i] / speed['scan'][i]:.2f}x"]
             print(
                 "| " + " | ".join(cells) + " |" if args.markdown else "  ".join(cells), flush=True
             )

@@ -9,8 +9,8 @@ It runs, one after another and each in its own process (so that no part warms th
 the allocator of the next):
 
 1. ``benchmarks/chain_speed.py``: MPS training and inference samples/s at 784 sites (D = 10,
-   16, 20, 50) and 196 sites (D = 8, 16, 32) for "today" (``method="sweep"``, the baseline kept
-   in the library), "new" (``method="auto"``) and TensorKrowch's ``MPSLayer``, with the ratios;
+   16, 20, 50) and 196 sites (D = 8, 16, 32) for "today" (``method="scan"``, the Python
+   fallback), "new" (``method="auto"``) and TensorKrowch's ``MPSLayer``, with the ratios;
 2. ``benchmarks/end_to_end.py``: a Lightning training epoch of the MNIST D = 8 MPS student
    against the raw step, and the epoch as it was before (the floor: raw / epoch <= 1.3);
 3. ``benchmarks/batched_grid.py``: the 12-run digits grid as one batched model against one of

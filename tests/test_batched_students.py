@@ -32,7 +32,7 @@ def _members(count: int = 3, **kwargs) -> list[MPSClassifier]:
         {"label_position": 12},
         {"label_position": 3},
         {"feature_map": "trig"},
-        {"method": "sweep"},
+        {"method": "scan"},
         {"method": "tree"},
         {"num_sites": 9, "pool": 2},
     ],

@@ -2,16 +2,11 @@ import pytest
 import torch
 
 from tnkd.students import MPSClassifier
-from tnkd.tn import native
-from tnkd.tn.chain import (
-    contract_chain,
-    default_block,
-    default_renorm_every,
-    resolve_chain_method,
-    sweep_boundary,
-)
+from tnkd.tn import chain, native
+from tnkd.tn.chain import contract_chain
 from tnkd.tn.contraction import CompiledNetwork, einsum_equation
 from tnkd.tn.graph import TNGraph, connect, make_node
+from tnkd.tn.planner import chain_kernel
 
 
 def peps_2x2(bond: int = 3, phys: int = 2, label: int = 4) -> tuple[TNGraph, list[torch.Tensor]]:
@@ -77,7 +72,7 @@ def test_wrong_operand_count_is_a_clear_error():
         CompiledNetwork(graph)(params)
 
 
-@pytest.mark.parametrize("method", ["scan", "sweep", "tree"])
+@pytest.mark.parametrize("method", ["native", "scan", "tree"])
 @pytest.mark.parametrize("position", [0, 5, 11])
 def test_fast_paths_equal_the_generic_compiled_contraction(method, position):
     torch.manual_seed(1)
@@ -89,7 +84,7 @@ def test_fast_paths_equal_the_generic_compiled_contraction(method, position):
     assert mps._compiled.plans == 1
 
 
-@pytest.mark.parametrize("method", ["scan", "sweep", "tree"])
+@pytest.mark.parametrize("method", ["native", "scan", "tree"])
 def test_fast_paths_gradcheck(method):
     torch.manual_seed(2)
     bond, n, d, c = 3, 6, 2, 2
@@ -106,7 +101,7 @@ def test_fast_paths_gradcheck(method):
     assert torch.autograd.gradcheck(f, (left, cores, right, feats, out))
 
 
-@pytest.mark.parametrize("method", ["scan", "sweep", "tree"])
+@pytest.mark.parametrize("method", ["native", "scan", "tree"])
 def test_784_sites_bond_100_finite_values_and_gradients(method):
     torch.manual_seed(3)
     mps = MPSClassifier(784, 10, bond_dim=100, method=method)
@@ -133,29 +128,32 @@ def test_raw_value_that_overflows_float32_is_carried_by_the_log_scale():
     assert torch.allclose(values, torch.ones(2, 3), atol=1e-5)
 
 
-def test_auto_method_is_native_on_cpu_and_tree_or_sweep_on_accelerators():
+def test_auto_kernel_is_native_on_cpu_and_tree_or_scan_on_accelerators():
     # "native" where its kernels compile (tests/test_native_chain.py), else the Python scan
     cpu = "native" if native.kernels() is not None else "scan"
     for bond in (2, 10, 16, 50, 64, 65, 200):
-        assert resolve_chain_method("auto", bond, torch.device("cpu")) == cpu
-        assert resolve_chain_method("auto", bond) == cpu
-    assert resolve_chain_method("auto", 10, torch.device("cuda")) == "tree"
-    assert resolve_chain_method("auto", 64, torch.device("cuda")) == "tree"
-    assert resolve_chain_method("auto", 65, torch.device("cuda")) == "sweep"
-    for method in ("native", "scan", "sweep", "tree"):
-        assert resolve_chain_method(method, 10, torch.device("cpu")) == method
-    with pytest.raises(ValueError, match="method must be one of"):
-        resolve_chain_method("fastest", 10)
+        assert chain_kernel("auto", bond, torch.device("cpu"))[0] == cpu
+        assert chain_kernel("auto", bond)[0] == cpu
+    assert chain_kernel("auto", 10, torch.device("cuda"))[0] == "tree"
+    assert chain_kernel("auto", 64, torch.device("cuda"))[0] == "tree"
+    assert chain_kernel("auto", 65, torch.device("cuda"))[0] == "scan"
+    for kernel in ("scan", "tree"):
+        assert chain_kernel(kernel, 10, torch.device("cpu"))[0] == kernel
+    # the native scan takes float32 and float64 on a CPU; anything else runs the Python scan
+    assert chain_kernel("native", 10, torch.device("cuda"))[0] == "scan"
+    assert chain_kernel("native", 10, None, torch.float16)[0] == "scan"
+    with pytest.raises(ValueError, match="chain kernel must be one of"):
+        chain_kernel("fastest", 10)
 
 
 @pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("method", ["scan", "sweep"])
+@pytest.mark.parametrize("method", ["native", "scan"])
 @pytest.mark.parametrize("factor", [1e6, 1e-6])
-def test_sweep_falls_back_to_renormalising_every_site_when_blocks_would_overflow(
+def test_scan_falls_back_to_renormalising_every_site_when_blocks_would_overflow(
     grad, method, factor
 ):
-    # transfer matrices 1e6 * I: 8 sites between renormalisations would reach 1e48 in float32,
-    # and 1e-6 * I would sink to 1e-48, below its range
+    # transfer matrices 1e6 * I: 16 sites between renormalisations would reach 1e96 in float32,
+    # and 1e-6 * I would sink to 1e-96, below its range
     mps = MPSClassifier(64, 3, bond_dim=4, init_std=0.0, output="raw", method=method)
     with torch.no_grad():
         mps.cores.mul_(factor)
@@ -168,103 +166,112 @@ def test_sweep_falls_back_to_renormalising_every_site_when_blocks_would_overflow
     assert torch.allclose(values, torch.ones(2, 3), atol=1e-5)
 
 
-@pytest.mark.parametrize("block", [1, 2, 3, 5])
-@pytest.mark.parametrize("method", ["scan", "sweep"])
-def test_sweep_intervals_and_blocks_match_a_plain_loop(block, method):
-    torch.manual_seed(5)
-    start = torch.rand(2, 3, 6, dtype=torch.float64)
-    cores = torch.randn(2, 41, 6, 2, 6, dtype=torch.float64)  # 41 sites: blocks leave a rest
-    feats = torch.rand(2, 3, 41, 2, dtype=torch.float64)
-    ref = start
-    for i in range(41):  # no rescaling: float64 holds these values exactly enough
-        ref = torch.einsum("kbl,kbs,klsr->kbr", ref, feats[:, :, i], cores[:, i])
+def _dense_chains(left, cores, right, feats, out, position):
+    """M chains' exact values, (M, B, C), by explicit products site by site (no rescaling)."""
+    mats = torch.einsum("mnlsr,bns->mbnlr", cores, feats)
+    u = left.unsqueeze(1).expand(-1, feats.shape[0], -1)
+    for i in range(position):
+        u = torch.einsum("mbl,mblr->mbr", u, mats[:, :, i])
+    w = right.unsqueeze(1).expand(-1, feats.shape[0], -1)
+    for i in reversed(range(position, cores.shape[1])):
+        w = torch.einsum("mblr,mbr->mbl", mats[:, :, i], w)
+    return torch.einsum("mbl,mlcr,mbr->mbc", u, out, w)
+
+
+def _random_chains(members, length, bond, d=2, batch=3, classes=2, seed=5):
+    torch.manual_seed(seed)
+    left = torch.randn(members, bond, dtype=torch.float64)
+    right = torch.randn(members, bond, dtype=torch.float64)
+    cores = torch.randn(members, length, bond, d, bond, dtype=torch.float64) / bond**0.5
+    out = torch.randn(members, bond, classes, bond, dtype=torch.float64)
+    feats = torch.rand(batch, length, d, dtype=torch.float64)
+    return [t.requires_grad_() for t in (left, cores, right, feats, out)]
+
+
+@pytest.mark.parametrize("merge", [False, True])  # one site per step, or pairs of sites
+@pytest.mark.parametrize("method", ["native", "scan"])
+@pytest.mark.parametrize("members", [1, 3])
+def test_renormalisation_intervals_and_blocks_match_a_plain_loop(
+    monkeypatch, merge, method, members
+):
+    # 41 sites: blocks leave a rest, halves of different lengths; values and every gradient
+    # (features too: a learnable map) equal autograd through the plain float64 loop
+    monkeypatch.setattr(chain, "SCAN_MAX_MERGED_BOND_DIM", 32 if merge else 1)
+    args = _random_chains(members, 41, 5, d=3)
+    ref = _dense_chains(*args, 17)
+    weights = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * weights).sum(), args)
     for every in (1, 3, 8, 40):
-        v, log_scale = sweep_boundary(
-            start, cores, feats, renorm_every=every, block=block, method=method
-        )
-        assert torch.allclose(v * log_scale.exp().unsqueeze(-1), ref, rtol=1e-10)
+        monkeypatch.setattr(chain, "SCAN_RENORM_EVERY", every)
+        values, log_scale = contract_chain(*args, 17, method)
+        exact = values * log_scale.exp().unsqueeze(-1)
+        assert torch.allclose(exact, ref, rtol=1e-10, atol=1e-14)
+        got = torch.autograd.grad((exact * weights).sum(), args)
+        for g, w in zip(got, want, strict=True):
+            assert torch.allclose(g, w, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["scan", "sweep"])
-def test_sweep_rejects_bad_block_and_interval(method):
-    args = (torch.rand(1, 2, 3), torch.rand(1, 4, 3, 2, 3), torch.rand(1, 2, 4, 2))
-    with pytest.raises(ValueError, match="block must be a positive integer, but got 0"):
-        sweep_boundary(*args, block=0, method=method)
-    with pytest.raises(ValueError, match="renorm_every must be a positive integer, but got 0"):
-        sweep_boundary(*args, renorm_every=0, method=method)
+def test_members_and_bad_arguments_are_checked():
+    left, cores, right, feats, out = _random_chains(2, 6, 3)
+    with pytest.raises(ValueError, match="chain kernel must be one of"):
+        contract_chain(left, cores, right, feats, out, 2, "sweepy")
+    with pytest.raises(ValueError, match="expected features for 6 sites, but got 5"):
+        contract_chain(left, cores, right, feats[:, :5], out, 2)
+    with pytest.raises(ValueError, match=r"position must be in \[0, 6\], but got 7"):
+        contract_chain(left, cores, right, feats, out, 7)
 
 
-@pytest.mark.parametrize("chains", [1, 3])
-@pytest.mark.parametrize("block", [1, 2, 3])
-@pytest.mark.parametrize("every", [1, 4, 100])
-def test_scan_values_and_gradients_equal_the_autograd_sweep(chains, block, every):
-    # K chains at once, a length that leaves partial blocks and chunks, features with gradients
-    # (a learnable map): every input's gradient must equal autograd's through the plain sweep
-    torch.manual_seed(6)
-    bond, length, d, batch = 5, 37, 3, 4
-    start = torch.randn(chains, batch, bond, dtype=torch.float64, requires_grad=True)
-    cores = torch.randn(chains, length, bond, d, bond, dtype=torch.float64) / bond**0.5
-    cores.requires_grad_()
-    feats = torch.rand(chains, batch, length, d, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(chains, batch, bond, dtype=torch.float64)
-    results = {}
-    for method in ("scan", "sweep"):
-        v, log_scale = sweep_boundary(
-            start, cores, feats, renorm_every=every, block=block, method=method
-        )
-        exact = v * log_scale.exp().unsqueeze(-1)
-        grads = torch.autograd.grad((exact * weights).sum(), (start, cores, feats))
-        results[method] = (exact, *grads)
-    for got, want in zip(results["scan"], results["sweep"], strict=True):
-        assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
+@pytest.mark.parametrize("method", ["native", "scan", "tree"])
+def test_members_and_a_reading_label_tensor_pass_gradcheck(method):
+    # M = 2 chains of one shape, and an output core that reads an input (D, d, C, D)
+    left, cores, right, feats, _ = _random_chains(2, 5, 3, seed=7)
+    out = torch.randn(2, 3, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    label_feats = torch.rand(3, 2, dtype=torch.float64, requires_grad=True)
+
+    def f(left, cores, right, feats, out, label_feats):
+        values, log_scale = contract_chain(left, cores, right, feats, out, 2, method, label_feats)
+        return values * log_scale.exp().unsqueeze(-1)
+
+    assert torch.autograd.gradcheck(f, (left, cores, right, feats, out, label_feats))
 
 
-def test_scan_gradcheck_through_merged_blocks():
-    torch.manual_seed(7)
-    start = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
-    cores = torch.randn(2, 5, 3, 2, 3, dtype=torch.float64, requires_grad=True)
-    feats = torch.rand(2, 3, 5, 2, dtype=torch.float64, requires_grad=True)
-
-    def f(start, cores, feats):
-        v, log_scale = sweep_boundary(start, cores, feats, renorm_every=2, block=2, method="scan")
-        return v * log_scale.exp().unsqueeze(-1)
-
-    assert torch.autograd.gradcheck(f, (start, cores, feats))
-
-
-def test_scan_gradient_survives_an_overflow_between_renormalisations():
+def test_native_gradient_survives_an_overflow_between_renormalisations(monkeypatch):
     # Every transfer matrix is 1e-3 * I: between two renormalisations (8 sites) the vector
     # shrinks by 1e-24, inside float32's range. Going back, a gradient of size 1e15 is first
-    # divided by that scale (1e39: beyond float32) and then shrinks again; the backward pass
-    # sees the overflow and redoes both passes renormalising every step.
+    # divided by that scale (1e39: beyond float32) and then shrinks again; the native backward
+    # pass sees the overflow and redoes both passes renormalising every step. (The Python
+    # scan's autograd cannot redo a pass: it is the fallback for ordinary gradients.)
+    if native.kernels() is None:
+        pytest.skip("the native chain scan cannot be compiled here")
+    method = "native"
+    monkeypatch.setattr(chain, "SCAN_RENORM_EVERY", 8)
     bond, length, g = 3, 32, 1e-3
-    start = torch.ones(1, 2, bond)
-    cores = torch.zeros(1, length, bond, 2, bond)
-    cores[:, :, :, 0, :] = g * torch.eye(bond)
-    cores[:, :, 0, 1, 2] = g  # an off-diagonal entry reached through the second feature
+    cores = torch.zeros(length, bond, 2, bond)
+    cores[:, :, 0, :] = g * torch.eye(bond)
+    cores[:, 0, 1, 2] = g  # an off-diagonal entry reached through the second feature
     cores.requires_grad_()
-    feats = torch.zeros(1, 2, length, 2)
+    feats = torch.zeros(2, length, 2)
     feats[..., 0] = 1.0
-    feats[:, 1, :, 1] = 0.5
+    feats[1, :, 1] = 0.5
+    # the label at the end, read off the left half's vector: values[c] = u[c]
+    out = torch.zeros(bond, bond, bond)
+    out[:, :, 0] = torch.eye(bond)
+    right = torch.eye(bond)[0]
     weights = torch.tensor([1.0, -2.0, 3.0]) * 1e15
-    v, _ = sweep_boundary(start, cores, feats, renorm_every=8, block=2, method="scan")
-    (grad,) = torch.autograd.grad((v * weights).sum(), cores)
+    values, _ = contract_chain(torch.ones(bond), cores, right, feats, out, length, method)
+    (grad,) = torch.autograd.grad((values * weights).sum(), cores)
     # reference: the plain loop in float64, whose range needs no renormalisation here
     c64 = cores.detach().double().requires_grad_()
-    ref = start.double()
+    ref = torch.ones(2, bond, dtype=torch.float64)
     for i in range(length):
-        ref = torch.einsum("kbl,kbs,klsr->kbr", ref, feats[:, :, i].double(), c64[:, i])
-    ref = ref / ref.abs().amax(dim=2, keepdim=True).detach()
+        ref = torch.einsum("bl,bs,lsr->br", ref, feats[:, i].double(), c64[i])
+    ref = ref / ref.abs().amax(dim=1, keepdim=True).detach()
     (want,) = torch.autograd.grad((ref * weights.double()).sum(), c64)
     assert torch.isfinite(grad).all()
     assert torch.allclose(grad.double(), want, rtol=1e-4, atol=want.abs().amax().item() * 1e-6)
 
 
-def test_scan_and_sweep_defaults():
-    with torch.no_grad():
-        assert default_renorm_every(torch.float32, "sweep") == 8
-    assert default_renorm_every(torch.float32, "sweep") == 4  # tests run with grad enabled
-    assert default_renorm_every(torch.float16, "scan") == 1
-    assert default_renorm_every(torch.float32, "scan") >= 1
-    assert default_block(10, "sweep") == 2 and default_block(100, "sweep") == 1
-    assert default_block(32, "scan") == 2 and default_block(33, "scan") == 1
+def test_scan_settings():
+    assert chain._settings(torch.float16, 10) == (1, 2)  # float16: renormalise every site
+    assert chain._settings(torch.float32, 32) == (chain.SCAN_RENORM_EVERY, 2)
+    assert chain._settings(torch.float64, 33)[1] == 1  # no merged pairs above D = 32

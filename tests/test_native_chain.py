@@ -8,7 +8,8 @@ from test_mps import dense_reference
 
 from tnkd.students import MPSClassifier
 from tnkd.tn import native
-from tnkd.tn.chain import contract_chain, resolve_chain_method, sweep_boundary
+from tnkd.tn.chain import contract_chain
+from tnkd.tn.planner import chain_kernel
 
 
 @pytest.fixture(scope="module")
@@ -87,36 +88,39 @@ def test_mps_gradients_pass_gradcheck(ext, position):
     assert torch.autograd.gradcheck(f, params)
 
 
-@pytest.mark.parametrize("block", [1, 2, 3])
-@pytest.mark.parametrize("chains", [2, 3])
-def test_sweep_boundary_equals_scan_with_gradients(ext, block, chains):
+@pytest.mark.parametrize("bond", [3, 40])  # sites merged in pairs, or one per step
+@pytest.mark.parametrize("members", [1, 3])
+def test_learnable_features_and_members_equal_the_scan_with_gradients(ext, bond, members):
+    # features with gradients (a learnable map) and M chains at once: the one native node
+    # against the Python scan, values and every gradient
     torch.manual_seed(3)
-    start = torch.randn(chains, 4, 3, dtype=torch.float64, requires_grad=True)
-    cores = 0.6 * torch.randn(chains, 11, 3, 2, 3, dtype=torch.float64)
-    cores = cores.requires_grad_()
-    feats = torch.rand(chains, 4, 11, 2, dtype=torch.float64, requires_grad=True)
+    left = torch.randn(members, bond, dtype=torch.float64)
+    right = torch.randn(members, bond, dtype=torch.float64)
+    cores = torch.eye(bond).view(1, bond, 1, bond) + 0.3 * torch.randn(members, 11, bond, 2, bond)
+    out = torch.randn(members, bond, 2, bond, dtype=torch.float64)
+    feats = torch.rand(4, 11, 2, dtype=torch.float64)
+    args = [t.double().requires_grad_() for t in (left, cores, right, feats, out)]
     runs = {}
     for method in ("scan", "native"):
-        v, log_scale = sweep_boundary(
-            start, cores, feats, renorm_every=4, block=block, method=method
-        )
-        exact = v * torch.exp(log_scale)[..., None]
-        runs[method] = (v, log_scale, *torch.autograd.grad(exact.sum(), (start, cores, feats)))
+        values, log_scale = contract_chain(*args, 4, method)
+        exact = values * torch.exp(log_scale)[..., None]
+        runs[method] = (values, log_scale, *torch.autograd.grad(exact.sum(), args))
     for got, want in zip(runs["native"], runs["scan"], strict=True):
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)
 
 
-def test_sweep_boundary_gradients_pass_gradcheck(ext):
+@pytest.mark.parametrize("position", [0, 3, 6])
+def test_learnable_features_pass_gradcheck(ext, position):
     torch.manual_seed(4)
-    start = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
-    cores = (0.7 * torch.randn(2, 6, 3, 2, 3, dtype=torch.float64)).requires_grad_()
-    feats = torch.rand(2, 3, 6, 2, dtype=torch.float64, requires_grad=True)
+    cores = (torch.eye(3).view(1, 3, 1, 3) + 0.5 * torch.randn(6, 3, 2, 3)).double()
+    args = [torch.randn(3), cores, torch.randn(3), torch.rand(3, 6, 2), torch.randn(3, 2, 3)]
+    args = [t.double().requires_grad_() for t in args]
 
-    def f(start, cores, feats):
-        v, log_scale = sweep_boundary(start, cores, feats, renorm_every=2, method="native")
-        return v * torch.exp(log_scale)[..., None]
+    def f(left, cores, right, feats, out):
+        values, log_scale = contract_chain(left, cores, right, feats, out, position, "native")
+        return values * torch.exp(log_scale)[..., None]
 
-    assert torch.autograd.gradcheck(f, (start, cores, feats))
+    assert torch.autograd.gradcheck(f, args)
 
 
 @pytest.mark.parametrize("feature_map", ["linear", "trig"])
@@ -161,9 +165,9 @@ def test_values_out_of_float_range_fall_back_like_the_scan(ext, factor):
 
 
 def test_auto_picks_native_on_cpu_only(ext):
-    assert resolve_chain_method("auto", 10, torch.device("cpu")) == "native"
-    assert resolve_chain_method("auto", 200) == "native"
-    assert resolve_chain_method("auto", 10, torch.device("cuda")) == "tree"
+    assert chain_kernel("auto", 10, torch.device("cpu"))[0] == "native"
+    assert chain_kernel("auto", 200)[0] == "native"
+    assert chain_kernel("auto", 10, torch.device("cuda"))[0] == "tree"
 
 
 def test_no_compiler_means_the_python_scan_and_one_warning(monkeypatch):
@@ -175,7 +179,7 @@ def test_no_compiler_means_the_python_scan_and_one_warning(monkeypatch):
     monkeypatch.setattr(native, "_STATE", {})  # as if nothing had been built in this process
     monkeypatch.setattr(torch.utils.cpp_extension, "load", fail)
     with pytest.warns(RuntimeWarning, match="could not be compiled.*Ninja is required"):
-        assert resolve_chain_method("auto", 10, torch.device("cpu")) == "scan"
+        assert chain_kernel("auto", 10, torch.device("cpu"))[0] == "scan"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once only
         assert native.kernels() is None

@@ -7,9 +7,9 @@ exactly its own gradient, and one Adam(W) over the stacked parameters (elementwi
 separate optimizers.
 
 * :class:`BatchedMPS`: members of one :class:`~tnkd.students.mps.MPSClassifier` shape with a
-  parameter-free feature map. Its M left halves and M right halves go through the chain engine
-  as K = 2M chains at once (:func:`~tnkd.tn.chain.sweep_boundary`: one scan of 2M chains
-  instead of M scans of 2), then each member's output core closes its two boundary vectors.
+  parameter-free feature map, contracted by the chain engine with a member axis
+  (:func:`~tnkd.tn.chain.contract_chain`: the M left halves and M right halves as one scan of
+  2M chains instead of M scans of 2), each member's output core closing its two halves.
 * :class:`MemberList`: any other student: the members in a list, run one after the other in
   the same step (the teacher, data and training loop are still shared).
 
@@ -39,7 +39,7 @@ from torch import nn
 
 from tnkd.students.base import direction_logits, scaled_values
 from tnkd.students.mps import MPSClassifier
-from tnkd.tn.chain import _full_precision, sweep_boundary
+from tnkd.tn.chain import contract_chain
 
 #: the parameters an MPSClassifier member stacks (``log_logit_scale`` only with normalized output)
 MPS_PARAMETERS = ("cores", "left", "right", "output_core", "log_logit_scale")
@@ -82,10 +82,10 @@ class BatchedMPS(nn.Module):
     """M MPS classifiers of one shape, each parameter stacked along a leading member index.
 
     ``cores`` is (M, N, D, d, D), ``left``/``right`` (M, D), ``output_core`` (M, D, C, D),
-    ``log_logit_scale`` (M,). The forward pass feeds the M left halves (swept rightwards) and
-    the M right halves (flipped, swept leftwards) to the chain engine as 2M chains, exactly the
-    contraction :class:`~tnkd.students.mps.MPSClassifier` does for one member (same method,
-    same renormalised log-scale), so member k's logits equal ``members[k](x)`` up to rounding.
+    ``log_logit_scale`` (M,). The forward pass is :func:`~tnkd.tn.chain.contract_chain` with
+    a member axis: the contraction :class:`~tnkd.students.mps.MPSClassifier` does for one member
+    (same kernel, same renormalised log-scale), so member k's logits equal ``members[k](x)`` up
+    to rounding.
 
     Args:
         members: MPSClassifier students of one shape whose feature map has no parameters
@@ -137,82 +137,13 @@ class BatchedMPS(nn.Module):
         """Logits, shape (M, batch, C)."""
         t = self.template
         features = t.feature_map(t.flatten_input(x)).to(self.cores.dtype)
-        values, log_scale = _stacked_chain(
-            self.left,
-            self.cores,
-            self.right,
-            features,
-            self.output_core,
-            t.label_position,
-            t.num_sites,
-            t.method,
+        cores = self.cores.expand(-1, t.num_sites, -1, -1, -1)  # uniform: one shared core
+        values, log_scale = contract_chain(
+            self.left, cores, self.right, features, self.output_core, t.label_position, t.method
         )
         if t.output == "raw":
             return scaled_values(values, log_scale)
         return direction_logits(values, self.log_logit_scale.view(-1, 1, 1))
-
-
-def _stacked_chain_impl(
-    left: torch.Tensor,
-    cores: torch.Tensor,
-    right: torch.Tensor,
-    features: torch.Tensor,
-    output_core: torch.Tensor,
-    position: int,
-    num_sites: int,
-    method: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """M chains' ``(values (M, B, C), log_scale (M, B))``; members share ``features`` (B, N, d).
-
-    Member m's network is ``left[m] - A[m, 0] - ... - O[m] - ... - A[m, N-1] - right[m]``; its
-    halves are chains m (rightwards) and M + m (leftwards) of one K = 2M sweep.
-    """
-    members, bond = left.shape
-    batch, d = features.shape[0], features.shape[2]
-    cores = cores.expand(members, num_sites, *cores.shape[2:])  # a uniform MPS: one shared core
-    length = max(position, num_sites - position)
-    left_cores = _pad_identity(cores[:, :position], length)
-    right_cores = _pad_identity(cores[:, position:].flip(1).transpose(2, 4), length)
-    left_feats = _pad_e0(features[:, :position], length)
-    right_feats = _pad_e0(features[:, position:].flip(1), length)
-    feats = torch.stack([left_feats, right_feats]).unsqueeze(1).expand(2, members, batch, length, d)
-    start = torch.stack([left, right]).unsqueeze(2).expand(2, members, batch, bond)
-    v, logs = sweep_boundary(
-        start.reshape(2 * members, batch, bond),
-        torch.cat([left_cores, right_cores]),
-        feats.reshape(2 * members, batch, length, d),
-        method=method,
-    )
-    v, logs = v.view(2, members, batch, bond), logs.view(2, members, batch)
-    values = torch.einsum("mbl,mlcr,mbr->mbc", v[0], output_core, v[1])
-    scale = (
-        values.detach().abs().amax(dim=2, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
-    )
-    return values / scale, logs.sum(0) + torch.log(scale[..., 0])
-
-
-_stacked_chain = _full_precision(_stacked_chain_impl)
-
-
-def _pad_identity(cores: torch.Tensor, length: int) -> torch.Tensor:
-    """(M, L, D, d, D) cores padded to ``length`` sites with ``I`` on physical index 0."""
-    missing = length - cores.shape[1]
-    if missing == 0:
-        return cores
-    members, _, bond, d, _ = cores.shape
-    eye = cores.new_zeros(members, missing, bond, d, bond)
-    eye[:, :, :, 0, :] = torch.eye(bond, dtype=cores.dtype, device=cores.device)
-    return torch.cat([cores, eye], dim=1)
-
-
-def _pad_e0(features: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, L, d) features padded to ``length`` sites with ``e_0`` (an identity site's feature)."""
-    missing = length - features.shape[1]
-    if missing == 0:
-        return features
-    pad = features.new_zeros(features.shape[0], missing, features.shape[2])
-    pad[:, :, 0] = 1.0
-    return torch.cat([features, pad], dim=1)
 
 
 class MemberList(nn.Module):

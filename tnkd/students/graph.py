@@ -61,7 +61,6 @@ keyword arguments in ``graph_args``), or a subclass such as
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import itertools
@@ -510,10 +509,7 @@ class GraphStudent(Student):
             device = self._dtype_device()[1]
         if self.portable:
             return plan(self._shape, "portable", device)
-        chosen = plan(self._shape, self._method, device)
-        if self.engine == "chain" and self._chain_kernel != "auto":
-            return dataclasses.replace(chosen, kernel=self._chain_kernel)
-        return chosen
+        return plan(self._shape, self._method, device, self._chain_kernel)
 
     def _store_blocks(
         self, initial: dict[str, torch.Tensor], sites: dict[str, int], num_sites: int

@@ -26,9 +26,9 @@ from tnkd.students.base import (
     near_identity_cores,
 )
 from tnkd.students.graph import GraphStudent
-from tnkd.tn.chain import CHAIN_METHODS
 from tnkd.tn.decompositions import tt_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
+from tnkd.tn.planner import CHAIN_KERNELS
 
 OUTPUT_MODES = ("normalized", "raw")
 
@@ -98,8 +98,10 @@ class MPSClassifier(GraphStudent):
             regression and exact function evaluation; can overflow only where f itself does).
         logit_scale: initial s of the normalized output.
         init_std: relative noise of the near-identity initialisation.
-        method: chain contraction, ``"auto"``, ``"native"``, ``"scan"``, ``"sweep"`` or
-            ``"tree"`` (see :func:`tnkd.tn.chain.contract_chain`).
+        method: the chain engine's kernel: ``"auto"`` (the planner's choice,
+            :func:`tnkd.tn.planner.chain_kernel`), ``"native"``, ``"scan"`` or ``"tree"`` (see
+            :func:`tnkd.tn.chain.contract_chain`); ``"sweep"``, the autograd sweep of older
+            versions, now runs the scan.
         pool: average-pool ``(batch, channels, H, W)`` images by this factor before the feature
             map (2: a 28x28 image becomes 196 sites), so a short-chain student distils from a
             teacher that sees the full image; ``num_sites`` is the pooled pixel count.
@@ -157,8 +159,6 @@ class MPSClassifier(GraphStudent):
             )
         if output not in OUTPUT_MODES:
             raise ValueError(f"student output must be one of {OUTPUT_MODES}, but got {output!r}")
-        if method not in CHAIN_METHODS:
-            raise ValueError(f"student method must be one of {CHAIN_METHODS}, but got {method!r}")
         if not (init_std >= 0 and math.isfinite(init_std)):
             raise ValueError(f"student init_std must be a finite number >= 0, but got {init_std!r}")
         fmap = build_feature_map(feature_map)
@@ -196,7 +196,19 @@ class MPSClassifier(GraphStudent):
         self.bond_dim = bond_dim
         self.label_position = position
         self.uniform = uniform
-        self.method = self._chain_kernel = method
+        self.method = method
+
+    @property
+    def method(self) -> str:
+        """The chain engine's kernel (``"auto"`` or a name of :data:`~tnkd.tn.planner.CHAIN_KERNELS`)."""
+        return self._chain_kernel
+
+    @method.setter
+    def method(self, method: str) -> None:
+        if method not in ("auto", "sweep", *CHAIN_KERNELS):
+            names = ("auto", *CHAIN_KERNELS)
+            raise ValueError(f"student method must be one of {names}, but got {method!r}")
+        self._chain_kernel = "scan" if method == "sweep" else method
 
     @classmethod
     def from_tensor(

@@ -8,9 +8,8 @@ with one input node (a TT-layer) is planned on the batched shapes, where the bes
 depend on the batch size; a graph with several (a 784-site chain) is planned once on the
 single-sample network, which keeps its planning cheap.
 
-Chains (MPS classifiers, TT networks) have fast paths with a tracked log-scale in
-:mod:`tnkd.tn.chain` (:func:`~tnkd.tn.chain.contract_chain`, :func:`~tnkd.tn.chain.sweep_boundary`),
-tested equal to this generic path.
+Chains (MPS classifiers, TT networks) have a fast engine with a tracked log-scale,
+:func:`tnkd.tn.chain.contract_chain`, tested equal to this generic path.
 """
 
 import functools

@@ -7,7 +7,7 @@ Two C++ sources, one loader (:func:`kernels`, by name, :data:`SOURCES`):
   :class:`tnkd.tn.fused.FastTree`, forward and backward, each thread running every level on its
   own columns of the batch.
 
-:func:`tnkd.tn.chain.sweep_boundary`'s ``"scan"`` runs its steps from Python, two ATen kernels
+The chain engine's Python scan (``method="scan"``) runs its steps from Python, two ATen kernels
 per step (an outer product and a batched matmul), and at small bond dimensions those kernels'
 dispatch, not their arithmetic, sets the time: a step at D = 10 is about 80,000 multiply-adds
 for two chains and a batch of 100, a few microseconds of work. ``"native"`` runs the same math

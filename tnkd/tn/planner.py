@@ -10,7 +10,8 @@ engine     accepts                                      runs
 ========== ============================================ ==========================================
 chain      a path of tensors, one label, at most one    :func:`~tnkd.tn.chain.contract_chain`:
            input per tensor (:func:`chain_layout`)      native scan on CPU, log-depth products on
-                                                        accelerators, tracked log-scale
+                                                        accelerators (:func:`chain_kernel`),
+                                                        tracked log-scale
 tree       a binary tree: every step joins a node with  :class:`~tnkd.tn.fused.FastTree`: native
            its two children (:func:`examine_tree`)      level loop on CPU, tracked log-scale
 tt_matrix  a TT-matrix (MPO) against one input: a       :func:`~tnkd.tn.tt_matrix.tt_linear`:
@@ -305,16 +306,56 @@ ENGINES: Registry[Engine] = Registry("contraction engine")
 AUTO_ORDER = ("chain", "tree", "tt_matrix", "stable", "reference")
 
 
-def _chain_kernel(shape: GraphShape, device: torch.device) -> str:
-    from tnkd.tn.chain import resolve_chain_method
+#: the chain engine's kernels (:func:`tnkd.tn.chain.contract_chain`), what each is
+CHAIN_KERNELS = {
+    "native": "native scan (C++)",
+    "scan": "scan (torch steps, autograd)",
+    "tree": "log-depth products",
+}
+#: the largest bond dimension the log-depth products run at on accelerators (D^3 per site)
+TREE_MAX_BOND_DIM = 64
+#: the largest bond dimension at which the scans merge two sites into one step
+SCAN_MAX_MERGED_BOND_DIM = 32
 
-    method = resolve_chain_method("auto", shape.chain.bond_dim if shape.chain else 1, device)
-    return {
-        "native": "native scan (C++)",
-        "scan": "scan (Python loop)",
-        "tree": "log-depth products",
-        "sweep": "autograd sweep",
-    }[method]
+
+def chain_kernel(
+    kernel: str, bond_dim: int, device=None, dtype: torch.dtype | None = None
+) -> tuple[str, str]:
+    """The chain engine's kernel for this device, bond dimension and dtype, and why.
+
+    ``"auto"``: on a CPU the native scan, or the Python scan where the native kernels cannot be
+    compiled (:func:`tnkd.tn.native.kernels` warns once; the first call on a machine compiles
+    them, about 30 s), while ``torch.compile`` traces (it cannot trace into native functions),
+    and for dtypes other than float32 and float64; on accelerators the log-depth products for
+    D <= ``TREE_MAX_BOND_DIM`` and the Python scan above (the products' D^3 work and memory per
+    site outgrow the scan's D^2). A kernel named here is taken as asked, except that
+    ``"native"`` runs the Python scan where the native kernels do not (another device or dtype,
+    no compiler).
+
+    Example:
+        >>> chain_kernel("auto", 10, torch.device("cuda"))
+        ('tree', 'an accelerator at D <= 64: log-depth products')
+    """
+    if kernel not in ("auto", *CHAIN_KERNELS):
+        raise ValueError(
+            f"chain kernel must be one of {('auto', *CHAIN_KERNELS)}, but got {kernel!r}"
+        )
+    device = torch.device("cpu" if device is None else device)
+    if kernel == "tree" or kernel == "scan":
+        return kernel, "asked for by name"
+    if kernel == "auto" and device.type != "cpu":
+        if bond_dim <= TREE_MAX_BOND_DIM:
+            return "tree", f"an accelerator at D <= {TREE_MAX_BOND_DIM}: log-depth products"
+        return "scan", f"an accelerator at D > {TREE_MAX_BOND_DIM}: the scan"
+    from tnkd.tn import native
+
+    if device.type != "cpu" or dtype not in (None, torch.float32, torch.float64):
+        return "scan", "the native scan runs float32 and float64 on a CPU only"
+    if torch.compiler.is_compiling():
+        return "scan", "torch.compile cannot trace into the native scan"
+    if native.kernels() is None:
+        return "scan", "the native scan could not be compiled here"
+    return "native", "a CPU: the native scan"
 
 
 def _tree_kernel(shape: GraphShape, device: torch.device) -> str:
@@ -330,7 +371,7 @@ for _engine in (
         "chain",
         "a boundary vector swept along the chain from both ends, joined at the label",
         lambda s, d: None if s.chain is not None else s.why_not_chain,
-        _chain_kernel,
+        lambda s, d: CHAIN_KERNELS[chain_kernel("auto", s.chain.bond_dim if s.chain else 1, d)[0]],
     ),
     Engine(
         "tree",
@@ -434,13 +475,17 @@ def choose(
     raise AssertionError("the reference engine accepts every graph")  # pragma: no cover
 
 
-def plan(shape: GraphShape | NetworkSpec, method: str = "auto", device=None) -> Plan:
+def plan(
+    shape: GraphShape | NetworkSpec, method: str = "auto", device=None, kernel: str = "auto"
+) -> Plan:
     """Choose the engine for a graph: ``method`` names one, or ``"auto"`` tries them in order.
 
     Args:
         shape: the graph's :class:`GraphShape` (or its spec, examined for a chain only).
         method: ``"auto"`` or an engine's name.
         device: where the contraction runs (default CPU).
+        kernel: the chain engine's kernel, ``"auto"`` or a name of :data:`CHAIN_KERNELS` (see
+            :func:`chain_kernel`, whose reason the plan's joins).
 
     Returns:
         The :class:`Plan`: the engine, the kernel it runs on this device, and the reasons.
@@ -452,4 +497,7 @@ def plan(shape: GraphShape | NetworkSpec, method: str = "auto", device=None) -> 
     shape = shape if isinstance(shape, GraphShape) else examine(shape)
     device = torch.device("cpu" if device is None else device)
     engine, reason, refused = choose(shape, method, device)
+    if engine.name == "chain":
+        name, why = chain_kernel(kernel, shape.chain.bond_dim, device)
+        return Plan(engine.name, CHAIN_KERNELS[name], device.type, f"{reason}; {why}", refused)
     return Plan(engine.name, engine.kernel(shape, device), device.type, reason, refused)

@@ -26,8 +26,11 @@
 
 namespace {
 
+using tnkd_simd::gram_rows;
 using tnkd_simd::load;
+using tnkd_simd::mm_rows;
 using tnkd_simd::store;
+using tnkd_simd::Strides;
 using tnkd_simd::Vec;
 
 // The scratch rows are `padded` wide: the batch rounded up to whole registers, zero past it.
@@ -36,54 +39,7 @@ inline int64_t padded_width(int64_t batch) {
   return (batch + Vec<T>::lanes - 1) / Vec<T>::lanes * Vec<T>::lanes;
 }
 
-// A step matrix read in place from a merged block: element (o, (s, i)) at o*so + s*ss + i*si.
-struct Strides {
-  int64_t so, ss, si;
-};
-
-// out[o][b] = sum_{s, i} A(o, s, i) x[s*bond + i][b] for rows o0..o0+R-1 and NV registers of
-// columns from b0 (`valid` of them inside the batch); x (m*bond, ldx), out (rows, ldo).
-template <typename T, int R, int NV>
-inline void mm_tile(const T* __restrict A, Strides st, int64_t m, int64_t bond,
-                    const T* __restrict x, int64_t ldx, T* __restrict out, int64_t ldo,
-                    int64_t o0, int64_t b0, int64_t valid) {
-  using V = typename Vec<T>::type;
-  constexpr int64_t L = Vec<T>::lanes;
-  V acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NV; ++n) acc[r][n] = V{};
-  for (int64_t s = 0; s < m; ++s) {
-    for (int64_t i = 0; i < bond; ++i) {
-      const T* xr = x + (s * bond + i) * ldx + b0;
-      const T* a = A + o0 * st.so + s * st.ss + i * st.si;
-      V xv[NV];
-      for (int n = 0; n < NV; ++n) xv[n] = load(xr + n * L);
-      for (int r = 0; r < R; ++r) {
-        const T ar = a[r * st.so];
-        for (int n = 0; n < NV; ++n) acc[r][n] += ar * xv[n];
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    T* o = out + (o0 + r) * ldo + b0;
-    if (valid == NV * L) {
-      for (int n = 0; n < NV; ++n) store(o + n * L, acc[r][n]);
-    } else {
-      T tmp[NV * L];
-      for (int n = 0; n < NV; ++n) store(tmp + n * L, acc[r][n]);
-      for (int64_t w = 0; w < valid; ++w) o[w] = tmp[w];
-    }
-  }
-}
-
-template <typename T, int NV>
-inline void mm_rows(const T* A, Strides st, int64_t m, int64_t bond, const T* x, int64_t ldx,
-                    T* out, int64_t ldo, int64_t b0, int64_t valid) {
-  int64_t o = 0;
-  for (; o + 4 <= bond; o += 4) mm_tile<T, 4, NV>(A, st, m, bond, x, ldx, out, ldo, o, b0, valid);
-  for (; o + 2 <= bond; o += 2) mm_tile<T, 2, NV>(A, st, m, bond, x, ldx, out, ldo, o, b0, valid);
-  for (; o < bond; ++o) mm_tile<T, 1, NV>(A, st, m, bond, x, ldx, out, ldo, o, b0, valid);
-}
+// A step matrix is read in place from a merged block: element (o, (s, i)) at o*so + s*ss + i*si.
 
 // out (bond, batch) = A (bond, m*bond) @ x (m*bond, padded).
 template <typename T>
@@ -92,50 +48,11 @@ void matmul(const T* A, Strides st, int64_t m, int64_t bond, const T* x, int64_t
   constexpr int64_t L = Vec<T>::lanes;
   int64_t b0 = 0;
   for (; b0 + 2 * L <= padded; b0 += 2 * L)
-    mm_rows<T, 2>(A, st, m, bond, x, padded, out, batch, b0, std::min<int64_t>(2 * L, batch - b0));
+    mm_rows<T, 4, 2>(A, st, m, bond, bond, x, padded, out, batch, b0,
+                     std::min<int64_t>(2 * L, batch - b0));
   if (b0 < padded)
-    mm_rows<T, 1>(A, st, m, bond, x, padded, out, batch, b0, std::min<int64_t>(L, batch - b0));
-}
-
-// G[r][c] = sum_b x[r][b] vt[b][c] for rows r0..r0+R-1 and NV registers of columns from c0
-// (`valid` of them inside the cols): x (rows, ldx), vt (batch, ldv) the input vectors
-// transposed, zero-padded to whole registers, G (rows, cols). The batch is the reduction: one
-// broadcast of x and one FMA per register and sample, no horizontal sums.
-template <typename T, int R, int NV>
-inline void gram_tile(const T* __restrict x, int64_t ldx, const T* __restrict vt, int64_t ldv,
-                      int64_t batch, T* __restrict G, int64_t cols, int64_t r0, int64_t c0,
-                      int64_t valid) {
-  using V = typename Vec<T>::type;
-  constexpr int64_t L = Vec<T>::lanes;
-  V acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NV; ++n) acc[r][n] = V{};
-  for (int64_t b = 0; b < batch; ++b) {
-    V vv[NV];
-    for (int n = 0; n < NV; ++n) vv[n] = load(vt + b * ldv + c0 + n * L);
-    for (int r = 0; r < R; ++r) {
-      const T a = x[(r0 + r) * ldx + b];
-      for (int n = 0; n < NV; ++n) acc[r][n] += a * vv[n];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    T* g = G + (r0 + r) * cols + c0;
-    T tmp[NV * L];
-    for (int n = 0; n < NV; ++n) store(tmp + n * L, acc[r][n]);
-    for (int64_t w = 0; w < valid; ++w) g[w] = tmp[w];
-  }
-}
-
-template <typename T, int NV>
-inline void gram_rows(const T* x, int64_t rows, int64_t ldx, const T* vt, int64_t ldv,
-                      int64_t batch, T* G, int64_t cols, int64_t c0) {
-  const int64_t valid = std::min<int64_t>(NV * Vec<T>::lanes, cols - c0);
-  int64_t r = 0;
-  constexpr int RR = NV == 1 ? 8 : 4;  // 8 or 4 accumulators, one x broadcast per FMA or two
-  for (; r + RR <= rows; r += RR)
-    gram_tile<T, RR, NV>(x, ldx, vt, ldv, batch, G, cols, r, c0, valid);
-  for (; r + 4 <= rows; r += 4) gram_tile<T, 4, NV>(x, ldx, vt, ldv, batch, G, cols, r, c0, valid);
-  for (; r < rows; ++r) gram_tile<T, 1, NV>(x, ldx, vt, ldv, batch, G, cols, r, c0, valid);
+    mm_rows<T, 4, 1>(A, st, m, bond, bond, x, padded, out, batch, b0,
+                     std::min<int64_t>(L, batch - b0));
 }
 
 // G (rows, cols) = x (rows, ldx) @ vt (batch, ldv), ldv = cols rounded up to whole registers.
@@ -145,52 +62,24 @@ void gram(const T* x, int64_t rows, int64_t ldx, const T* vt, int64_t ldv, int64
   constexpr int64_t L = Vec<T>::lanes;
   for (int64_t c0 = 0; c0 < ldv; c0 += 2 * L) {
     if (ldv - c0 >= 2 * L)
-      gram_rows<T, 2>(x, rows, ldx, vt, ldv, batch, G, cols, c0);
+      gram_rows<T, 2, false>(x, rows, ldx, vt, ldv, batch, G, cols, c0);
     else
-      gram_rows<T, 1>(x, rows, ldx, vt, ldv, batch, G, cols, c0);
+      gram_rows<T, 1, false>(x, rows, ldx, vt, ldv, batch, G, cols, c0);
   }
 }
 
 // out[i][j] = sum_k a[i*ai + k*ak] b[k*ldb + j] for i < rows, j < cols (out row-major, ldo):
-// a small matrix product vectorised along j, R rows and NV registers of j at a time (the
-// merge of site pairs, its gradient and the output core; the scan steps use matmul above).
-template <typename T, int R, int NV>
-inline void small_tile(const T* __restrict a, int64_t ai, int64_t ak, int64_t depth,
-                       const T* __restrict bm, int64_t ldb, T* __restrict out, int64_t ldo,
-                       int64_t i0, int64_t j0) {
-  using V = typename Vec<T>::type;
-  constexpr int64_t L = Vec<T>::lanes;
-  V acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NV; ++n) acc[r][n] = V{};
-  for (int64_t k = 0; k < depth; ++k) {
-    V bv[NV];
-    for (int n = 0; n < NV; ++n) bv[n] = load(bm + k * ldb + j0 + n * L);
-    for (int r = 0; r < R; ++r) {
-      const T av = a[(i0 + r) * ai + k * ak];
-      for (int n = 0; n < NV; ++n) acc[r][n] += av * bv[n];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NV; ++n) store(out + (i0 + r) * ldo + j0 + n * L, acc[r][n]);
-}
-
-template <typename T, int NV>
-inline void small_rows(const T* a, int64_t ai, int64_t ak, int64_t rows, int64_t depth,
-                       const T* bm, int64_t ldb, T* out, int64_t ldo, int64_t j0) {
-  int64_t i = 0;
-  for (; i + 4 <= rows; i += 4) small_tile<T, 4, NV>(a, ai, ak, depth, bm, ldb, out, ldo, i, j0);
-  for (; i < rows; ++i) small_tile<T, 1, NV>(a, ai, ak, depth, bm, ldb, out, ldo, i, j0);
-}
-
+// a small matrix product vectorised along j (the merge of site pairs, its gradient and the
+// output core; the scan steps use matmul above).
 template <typename T>
 void small_matmul(const T* a, int64_t ai, int64_t ak, int64_t rows, int64_t depth, const T* bm,
                   int64_t ldb, int64_t cols, T* out, int64_t ldo) {
   constexpr int64_t L = Vec<T>::lanes;
   int64_t j0 = 0;
   for (; j0 + 2 * L <= cols; j0 += 2 * L)
-    small_rows<T, 2>(a, ai, ak, rows, depth, bm, ldb, out, ldo, j0);
-  for (; j0 + L <= cols; j0 += L) small_rows<T, 1>(a, ai, ak, rows, depth, bm, ldb, out, ldo, j0);
+    mm_rows<T, 4, 2>(a, {ai, 0, ak}, 1, depth, rows, bm, ldb, out, ldo, j0, 2 * L);
+  for (; j0 + L <= cols; j0 += L)
+    mm_rows<T, 4, 1>(a, {ai, 0, ak}, 1, depth, rows, bm, ldb, out, ldo, j0, L);
   for (int64_t i = 0; i < rows; ++i)  // the last cols % L columns
     for (int64_t j = j0; j < cols; ++j) {
       T acc = 0;

@@ -49,90 +49,25 @@
 
 namespace {
 
+using tnkd_simd::gram_rows;
 using tnkd_simd::load;
+using tnkd_simd::mm_rows;
 using tnkd_simd::store;
+using tnkd_simd::Strides;
 using tnkd_simd::Vec;
-
-// out (rows, NV*L) = A (rows, depth) @ x (depth, NV*L); A(r, k) = a[r*ar + k*ak].
-template <typename T, int R, int NV>
-inline void mm_tile(const T* __restrict a, int64_t ar, int64_t ak, int64_t depth,
-                    const T* __restrict x, int64_t ldx, T* __restrict out, int64_t ldo,
-                    int64_t r0) {
-  using V = typename Vec<T>::type;
-  constexpr int64_t L = Vec<T>::lanes;
-  V acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NV; ++n) acc[r][n] = V{};
-  for (int64_t k = 0; k < depth; ++k) {
-    V xv[NV];
-    for (int n = 0; n < NV; ++n) xv[n] = load(x + k * ldx + n * L);
-    for (int r = 0; r < R; ++r) {
-      const T av = a[(r0 + r) * ar + k * ak];
-      for (int n = 0; n < NV; ++n) acc[r][n] += av * xv[n];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NV; ++n) store(out + (r0 + r) * ldo + n * L, acc[r][n]);
-}
-
-template <typename T, int NV>
-void mm_rows(const T* a, int64_t ar, int64_t ak, int64_t rows, int64_t depth, const T* x,
-             int64_t ldx, T* out, int64_t ldo) {
-  int64_t r = 0;
-  constexpr int RR = NV <= 2 ? 6 : 4;
-  for (; r + RR <= rows; r += RR) mm_tile<T, RR, NV>(a, ar, ak, depth, x, ldx, out, ldo, r);
-  for (; r + 2 <= rows; r += 2) mm_tile<T, 2, NV>(a, ar, ak, depth, x, ldx, out, ldo, r);
-  for (; r < rows; ++r) mm_tile<T, 1, NV>(a, ar, ak, depth, x, ldx, out, ldo, r);
-}
 
 // out (rows, nv*L) = A (rows, depth) @ x (depth, nv*L), both scratch with row stride ld.
 template <typename T>
 void matmul(const T* a, int64_t ar, int64_t ak, int64_t rows, int64_t depth, const T* x,
             int64_t nv, int64_t ld, T* out) {
-  switch (nv) {
-    case 1: mm_rows<T, 1>(a, ar, ak, rows, depth, x, ld, out, ld); break;
-    case 2: mm_rows<T, 2>(a, ar, ak, rows, depth, x, ld, out, ld); break;
-    case 3: mm_rows<T, 3>(a, ar, ak, rows, depth, x, ld, out, ld); break;
-    default: mm_rows<T, 4>(a, ar, ak, rows, depth, x, ld, out, ld); break;
-  }
-}
-
-// gw[r][p] += sum_{c < cols} o[r][c] gt[c][p] for rows r0..r0+R-1, PV registers of p from p0
-// (`valid` of them inside P): o (rows, ldo), gt (cols, ldg) the gradient transposed.
-template <typename T, int R, int PV>
-inline void gram_tile(const T* __restrict o, int64_t ldo, const T* __restrict gt, int64_t ldg,
-                      int64_t cols, T* __restrict gw, int64_t P, int64_t r0, int64_t p0,
-                      int64_t valid) {
-  using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
-  V acc[R][PV];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < PV; ++n) acc[r][n] = V{};
-  for (int64_t c = 0; c < cols; ++c) {
-    V gv[PV];
-    for (int n = 0; n < PV; ++n) gv[n] = load(gt + c * ldg + p0 + n * L);
-    for (int r = 0; r < R; ++r) {
-      const T ov = o[(r0 + r) * ldo + c];
-      for (int n = 0; n < PV; ++n) acc[r][n] += ov * gv[n];
-    }
+  const Strides st{ar, 0, ak};
+  switch (nv) {
+    case 1: mm_rows<T, 6, 1>(a, st, 1, depth, rows, x, ld, out, ld, 0, L); break;
+    case 2: mm_rows<T, 6, 2>(a, st, 1, depth, rows, x, ld, out, ld, 0, 2 * L); break;
+    case 3: mm_rows<T, 4, 3>(a, st, 1, depth, rows, x, ld, out, ld, 0, 3 * L); break;
+    default: mm_rows<T, 4, 4>(a, st, 1, depth, rows, x, ld, out, ld, 0, 4 * L); break;
   }
-  for (int r = 0; r < R; ++r) {
-    T tmp[PV * L];
-    for (int n = 0; n < PV; ++n) store(tmp + n * L, acc[r][n]);
-    T* g = gw + (r0 + r) * P + p0;
-    for (int64_t q = 0; q < valid; ++q) g[q] += tmp[q];
-  }
-}
-
-template <typename T, int PV>
-void gram_rows(const T* o, int64_t rows, int64_t ldo, const T* gt, int64_t ldg, int64_t cols,
-               T* gw, int64_t P, int64_t p0) {
-  const int64_t valid = std::min<int64_t>(PV * Vec<T>::lanes, P - p0);
-  constexpr int RR = PV == 1 ? 8 : 4;
-  int64_t r = 0;
-  for (; r + RR <= rows; r += RR) gram_tile<T, RR, PV>(o, ldo, gt, ldg, cols, gw, P, r, p0, valid);
-  for (; r + 2 <= rows; r += 2) gram_tile<T, 2, PV>(o, ldo, gt, ldg, cols, gw, P, r, p0, valid);
-  for (; r < rows; ++r) gram_tile<T, 1, PV>(o, ldo, gt, ldg, cols, gw, P, r, p0, valid);
 }
 
 // gw (rows, P) += o (rows, cols) @ gt (cols, ldg); ldg >= P rounded up to whole registers.
@@ -142,9 +77,9 @@ void gram(const T* o, int64_t rows, int64_t ldo, const T* gt, int64_t ldg, int64
   constexpr int64_t L = Vec<T>::lanes;
   for (int64_t p0 = 0; p0 < P; p0 += 2 * L) {
     if (P - p0 > L)
-      gram_rows<T, 2>(o, rows, ldo, gt, ldg, cols, gw, P, p0);
+      gram_rows<T, 2, true>(o, rows, ldo, gt, ldg, cols, gw, P, p0);
     else
-      gram_rows<T, 1>(o, rows, ldo, gt, ldg, cols, gw, P, p0);
+      gram_rows<T, 1, true>(o, rows, ldo, gt, ldg, cols, gw, P, p0);
   }
 }
 
