@@ -1,9 +1,19 @@
 """Ship a trained student: a program of tensor operations, as ``.pt2`` or ``.onnx``.
 
 A student trained by tnkd runs fast engines (C++ kernels, plans per batch size, range checks)
-that ``torch.export`` and the ONNX exporter cannot capture. :func:`portable` returns a copy of
-the student that contracts with the portable engine (:mod:`tnkd.tn.portable`: tensor operations
-only; the same logits to rounding); :func:`export_program` captures it with a dynamic batch
+that ``torch.export`` and the ONNX exporter cannot capture (a Python branch on a tensor's
+value, a call into C++). :func:`portable` returns a copy of the student that contracts with the
+**portable engine** of the planner (:mod:`tnkd.tn.planner`; the same logits to rounding): tensor
+operations in shape-static loops only,
+
+* a chain: :func:`~tnkd.tn.chain.contract_chain`'s log-depth kernel (``"tree"``, the
+  accelerators'): all transfer matrices at once, neighbours multiplied in pairs level by level
+  (``ceil(log2 N)`` batched matmuls, 10 for 784 sites), each product rescaled, its logarithm
+  kept per sample;
+* any other graph: the stable engine's grouped steps, rescaled at every step, no range check;
+* a TT layer: :func:`~tnkd.tn.tt_matrix.tt_matvec`, one einsum per core, no plan per batch.
+
+:func:`export_program` captures it with a dynamic batch
 dimension, and :func:`save` writes it as
 
 * ``.pt2``: ``torch.export.save`` (load with ``torch.export.load(path).module()``), or

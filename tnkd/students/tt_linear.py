@@ -25,8 +25,7 @@ from tnkd.students.base import Student, check_positive_int
 from tnkd.tn.decompositions import check_factors, factorize, tt_matrix_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
 from tnkd.tn.planner import Plan, plan
-from tnkd.tn.portable import tt_matvec
-from tnkd.tn.tt_matrix import TTPlan, plan_for, tt_linear
+from tnkd.tn.tt_matrix import TTPlan, plan_for, tt_linear, tt_matvec
 
 
 def _factors(

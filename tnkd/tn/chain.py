@@ -48,19 +48,25 @@ SCAN_RENORM_EVERY = 16
 
 
 def _tree_product(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ordered product of (B, N, D, D) matrices in log depth; returns (B, D, D) and log-scale (B,)."""
-    batch = mats.shape[0]
+    """Ordered product of (B, N, D, D) matrices in log depth; returns (B, D, D) and log-scale (B,).
+
+    Neighbours are multiplied in pairs, level by level (an odd one out waits for the next level),
+    each product divided by its largest magnitude. Shape-static steps only, no branch on values:
+    the portable engine (what ``torch.export`` captures) runs it too.
+    """
+    batch, bond = mats.shape[0], mats.shape[-1]
     log_scale = mats.new_zeros(batch)
-    while mats.shape[1] > 1:
-        n = mats.shape[1]
-        tail = mats[:, -1:] if n % 2 else None
-        pairs = mats[:, : n - (n % 2)]
-        mats = torch.matmul(pairs[:, 0::2], pairs[:, 1::2])
+    n = mats.shape[1]
+    while n > 1:
+        tail = mats[:, n - 1 :] if n % 2 else None
+        pairs = mats[:, : n - n % 2].reshape(batch, n // 2, 2, bond, bond)
+        mats = torch.matmul(pairs[:, :, 0], pairs[:, :, 1])
         if tail is not None:
             mats = torch.cat([mats, tail], dim=1)
         scale = mats.detach().abs().amax(dim=(2, 3), keepdim=True)
         mats = mats / scale.clamp_min_(torch.finfo(mats.dtype).tiny)
         log_scale = log_scale + torch.log(scale).sum(dim=(1, 2, 3))
+        n = mats.shape[1]
     return mats[:, 0], log_scale
 
 

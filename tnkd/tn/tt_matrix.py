@@ -539,3 +539,22 @@ def _run(
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _TTLinearFunction.apply(plan, x, bias, *mats)
     return _sweep(x, mats, bias, plan)[0]
+
+
+def tt_matvec(
+    x: torch.Tensor, cores: Sequence[torch.Tensor], bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for the TT-matrix W of ``cores`` (r, m_k, n_k, r'), one core a step.
+
+    The portable twin of :func:`tnkd.tn.tt_matrix.tt_linear` (which merges cores and orders
+    the steps per batch size): the input (B, m_1 ... m_d) meets core k, which trades the index
+    m_k for n_k; d einsums with no plan, so the captured program serves every batch size.
+    """
+    batch = x.shape[0]
+    state = x.reshape(batch, 1, -1)  # (B, r_0, m_1 ... m_d)
+    for core in cores:
+        r, m, _, r_next = core.shape
+        state = torch.einsum("brmx,rmns->bsxn", state.reshape(batch, r, m, -1), core)
+        state = state.reshape(batch, r_next, -1)
+    out = state.reshape(batch, -1)
+    return out if bias is None else out + bias
