@@ -177,7 +177,7 @@ def _data_module(checkpoint: Mapping[str, Any], path: Any, root: str | None) -> 
     return data
 
 
-def _runner(path: Path) -> Any:
+def load_program(path: Path) -> Any:
     """A function running the exported file on a numpy/torch batch (logits as a torch tensor)."""
     if path.suffix == ".pt2":
         module = torch.export.load(path).module()
@@ -251,7 +251,7 @@ def main(args: list[str] | None = None) -> Path:
     size = out.stat().st_size
     line = f"{out}: {size / 1024:.1f} KiB, {student.parameter_count():,} parameters"
     if data is not None:
-        same, total, worst = agreement(student, _runner(out), batches)
+        same, total, worst = agreement(student, load_program(out), batches)
         line += (
             f"; {ns.check} split: the same top-1 class on {same}/{total} images, largest "
             f"relative logit difference {worst:.1e}"
