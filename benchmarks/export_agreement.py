@@ -33,7 +33,7 @@ STUDENTS = {
     ),
     "MPS, 196 pooled sites, D = 8": lambda: MPSClassifier(196, 10, bond_dim=8, pool=2),
     "MPS, 784 sites, [cos, sin], D = 10": lambda: MPSClassifier(784, 10, bond_dim=10, feature_map="trig"),
-    "stacked MPS, 196 pooled sites": lambda: StackedMPS(784, 10, hidden=8, bond_dim=6),
+    "stacked MPS, 784 sites, hidden 8, D = 6": lambda: StackedMPS(784, 10, hidden=8, bond_dim=6),
     "TT network, different cores": lambda: TTNetwork(input_shape=IMAGE, patch_size=7, rank=16, feature_dim=4),
     "TT network, equal cores": lambda: TTNetwork(
         input_shape=IMAGE, patch_size=7, rank=16, feature_dim=4, equal_cores=True
