@@ -23,7 +23,15 @@ import torch
 
 from tnkd.data import MNISTDataModule
 from tnkd.export import agreement, load_program, save
-from tnkd.students import MPSClassifier, PEPSClassifier, StackedMPS, TreeClassifier, TTNetwork
+from tnkd.students import (
+    TTMLP,
+    MPSClassifier,
+    PEPSClassifier,
+    StackedMPS,
+    TreeClassifier,
+    TTNetwork,
+)
+from tnkd.teachers import MLP
 from tnkd.training.checkpoints import load_student
 
 IMAGE = (1, 28, 28)
@@ -39,6 +47,9 @@ STUDENTS = {
         input_shape=IMAGE, patch_size=7, rank=16, feature_dim=4, equal_cores=True
     ),
     "tree, 196 pooled sites, D = 8": lambda: TreeClassifier(input_shape=IMAGE, pool=2, bond_dim=8),
+    "TT-layer MLP, rank 8, from the 784-1200-1200-10 MLP": lambda: TTMLP.from_mlp(
+        MLP(784, 10, hidden=(1200, 1200)), ranks=8
+    ),
     "PEPS, 4x4 patches, D = 4": lambda: PEPSClassifier(
         input_shape=IMAGE, patch=7, bond_dim=4, feature_map={"name": "learnable", "in_features": 49, "dim": 4}
     ),
@@ -49,13 +60,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="the folder holding MNIST/raw/*.gz")
     parser.add_argument("--checkpoints", nargs="*", default=[], help="trained runs to check instead")
+    parser.add_argument("--only", help="the students whose name contains this text")
     ns = parser.parse_args()
     data = MNISTDataModule(root=ns.root, batch_size=500)
     data.setup("test")
     if ns.checkpoints:
         students = {path: (lambda p=path: load_student(p)) for path in ns.checkpoints}
     else:
-        students = STUDENTS
+        students = {k: v for k, v in STUDENTS.items() if ns.only is None or ns.only in k}
     example = next(iter(data.test_dataloader()))[0][:2]
     print(f"torch {torch.__version__}, {sys.platform}; MNIST test split, "
           f"{len(data.dataset('test'))} images\n")
