@@ -21,7 +21,7 @@ LAYERS = [
     },
     {"tnkd.students", "tnkd.teachers"},
     {"tnkd.training"},
-    {"tnkd.experiments"},
+    {"tnkd.experiments", "tnkd.export"},
     {"tnkd.cli"},
 ]
 

@@ -186,7 +186,7 @@ def test_runs_start_without_wandbs_deprecation_notice(tmp_path, monkeypatch):
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    from tnkd.experiments.compare import make_logger
+    from tnkd.experiments.wandb_runs import make_logger
 
     _finish()
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -46,8 +46,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import tnkd.training.preemption as preemption
 from tnkd.data.base import ClassificationDataModule
 from tnkd.errors import debug_enabled, is_disk_full, note_output, user_error_message
-from tnkd.experiments.compare import without_unset_settings
 from tnkd.experiments.files import unique_path
+from tnkd.experiments.wandb_runs import without_unset_settings
 from tnkd.training.callbacks import RunCheckpoint, checkpoint_folder
 from tnkd.training.modules import DistillationModule, TeacherModule, check_checkpoint_shapes
 from tnkd.training.outputs import (
@@ -372,7 +372,7 @@ class TnkdCLI(LightningCLI):
         """Add a :class:`~tnkd.training.callbacks.RunCheckpoint` unless the config names a checkpoint.
 
         W&B loggers lose the settings that Lightning passes as None
-        (:func:`~tnkd.experiments.compare.without_unset_settings`).
+        (:func:`~tnkd.experiments.wandb_runs.without_unset_settings`).
         """
         config = self._get(self.config_init, "trainer", default={})
         configured = config.get("callbacks") or []

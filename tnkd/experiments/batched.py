@@ -97,7 +97,7 @@ def write_wandb_runs(
     of training and validation means, the test metrics, the confusion matrix and diagram images,
     and the summary values of the results row (``fit_seconds`` is the member's share).
     """
-    from tnkd.experiments.compare import _finish, make_logger
+    from tnkd.experiments.wandb_runs import finish_run, make_logger
     from tnkd.training.media import confusion_figure, diagram_figure, log_figure
     from tnkd.training.modules import SUMMARY_SIZES, add_tags, set_summary
     from tnkd.training.run_config import run_config
@@ -111,7 +111,7 @@ def write_wandb_runs(
             config = run_config(member, data, trainer) | {"batched_members": len(runs)}
             name = f"{variant.name} seed {seed}"
             logger = make_logger("wandb", save_dir, project, name, group, tags=[variant.name])
-            _finish(logger)  # a run left open would be taken over by the logger
+            finish_run(logger)  # a run left open would be taken over by the logger
             try:
                 logger.log_hyperparams(config)
                 divergence = config.get("divergence")
@@ -130,7 +130,7 @@ def write_wandb_runs(
                 summary = {key: sizes[key] for key in SUMMARY_SIZES if key in sizes}
                 set_summary(logger, summary | metrics[k] | {"fit_seconds": member.fit_seconds})
             finally:
-                _finish(logger, failed=k in model.failed)
+                finish_run(logger, failed=k in model.failed)
     finally:
         if saved_seed is None:
             os.environ.pop("PL_GLOBAL_SEED", None)

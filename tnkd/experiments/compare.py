@@ -35,6 +35,7 @@ from tnkd.data.base import ClassificationDataModule
 from tnkd.errors import is_disk_full, note_output
 from tnkd.experiments.progress import EpochLines
 from tnkd.experiments.results_file import ResultsFile, results_target
+from tnkd.experiments.wandb_runs import finish_run, make_logger
 from tnkd.students.base import count_parameters
 from tnkd.training.modules import DistillationModule, Diverged, TeacherModule
 from tnkd.training.outputs import check_writable, discard_wandb_run
@@ -96,61 +97,6 @@ class RunResult:
             else (f"divergence {self.divergence}, T {self.temperature:g}, beta {self.beta:g}")
         )
         return f"{self.name} seed {self.seed} ({setting})"
-
-
-def make_logger(
-    kind: str,
-    save_dir: str,
-    project: str,
-    name: str,
-    group: str | None,
-    job_type: str = "student",
-    tags: Sequence[str] = (),
-) -> Any:
-    """A W&B logger that never touches the network (offline), or none.
-
-    Runs of one comparison share ``group``; ``job_type`` tells teacher and student runs apart.
-    """
-    if kind == "none":
-        return False
-    if kind != "wandb":
-        raise ValueError(f"logger must be 'wandb' or 'none', but got {kind!r}")
-    from lightning.pytorch.loggers import WandbLogger
-
-    folder = Path(save_dir).resolve()  # the W&B service process may have another cwd
-    folder.mkdir(parents=True, exist_ok=True)
-    logger = WandbLogger(
-        project=project,
-        name=name,
-        group=group,
-        save_dir=str(folder),
-        offline=True,
-        job_type=job_type,
-        tags=list(tags),
-    )
-    return without_unset_settings(logger)
-
-
-def without_unset_settings(logger: Any) -> Any:
-    """Drop the ``wandb.init`` settings that Lightning passes as None (before the run starts).
-
-    Lightning's ``WandbLogger`` always passes ``anonymous=None``, and wandb >= 0.19 prints "The
-    anonymous setting has no effect and will be removed" for any value it is given, once per
-    run, into every console. A setting left out is wandb's default, as None meant.
-    """
-    settings = getattr(logger, "_wandb_init", None)
-    if isinstance(settings, dict) and settings.get("anonymous", False) is None:
-        del settings["anonymous"]
-    return logger
-
-
-def _finish(logger: Any, failed: bool = False) -> None:
-    """End the run's W&B run (marked failed, exit code 1, for a run that diverged)."""
-    if logger:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish(exit_code=1 if failed else None)
 
 
 def _trainer(
@@ -448,7 +394,7 @@ def _train_teacher(setup: _Setup) -> None:
         run.fit(module, datamodule=setup.data)
         run.test(module, datamodule=setup.data, verbose=False)
     finally:
-        _finish(log)
+        finish_run(log)
 
 
 def _plan(
@@ -500,7 +446,7 @@ def _run_one(
             discard_wandb_run()
         raise
     finally:
-        _finish(log, failed)
+        finish_run(log, failed)
 
 
 def _run_batched(

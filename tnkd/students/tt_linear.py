@@ -369,10 +369,8 @@ class TTMLPFromTeacher(TTMLP):
 
     def checkpoint_spec(self) -> dict[str, Any]:
         """Described as the :class:`TTMLP` it is, so loading never reads the teacher file again."""
-        from tnkd.training.checkpoints import describe
-
         args = {"layers": self.layers, "num_inputs": self.num_inputs, "num_classes": self.num_classes}
-        return {"class_path": "tnkd.students.TTMLP", "init_args": describe(args)}
+        return {"class_path": "tnkd.students.TTMLP", "init_args": args}
 
 
 def copy_module(module: nn.Module) -> nn.Module:

@@ -117,8 +117,8 @@ def describe(obj: Any) -> Any:
         return {"ensemble": [describe(m) for m in obj.members]}
     if isinstance(obj, nn.Module):
         spec = getattr(obj, "checkpoint_spec", None)
-        if callable(spec):
-            return spec()
+        if callable(spec):  # its own {"class_path", "init_args"}, values described here
+            return describe(spec())
         args = getattr(obj, "init_args", None)
         if args is None and isinstance(obj, nn.Sequential | nn.ModuleList):
             return {"class_path": class_path(obj), "modules": [describe(m) for m in obj]}
