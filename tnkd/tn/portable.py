@@ -5,12 +5,15 @@ a Python branch on a tensor's value (the fast engines check their renormalisatio
 choose kernels) or a call into tnkd's C++ kernels cannot be captured. The portable engine
 computes the same contraction, with its log-scale, using only shape-static loops:
 
-* a **chain** (:func:`chain_log_contract`): every site's transfer matrix
-  ``M_i = sum_s x_i[s] A_i[:, s, :]`` at once, then products of neighbouring pairs, level by
-  level (``ceil(log2 N)`` levels of one batched matmul each), every product divided by its
-  largest magnitude and the logarithm of that kept per sample. A 784-site chain is 10 levels,
-  its values finite for any feature map. The two halves either side of the label are joined
-  by the label core.
+* a **chain** (:func:`chain_log_contract`): two boundary vectors swept in from the ends to the
+  label core, one site a step, both halves in one batched matrix product per step (the
+  vector times the outer product of state and features against the core reshaped (D d, D)):
+  real matrix products whatever the batch size, and about 6 graph nodes per pair of sites.
+  Every :data:`RESCALE_EVERY` sites the vectors are divided by their largest magnitude and the
+  logarithm kept per sample, so a 784-site chain stays finite for any feature map. (The first
+  version multiplied the transfer matrices by pairs, level by level: fewer graph nodes, but
+  B N products of D x D matrices, which ONNX Runtime and PyTorch run one by one: several times
+  slower than this sweep at batch 256, see the inference benchmark's page.)
 * **any other graph**: the stable engine (:class:`~tnkd.tn.stable.StableNetwork`) with
   ``every=True``: its grouped pairwise steps, each rescaled, and no range check.
 * a **TT-matrix** (:func:`tt_matvec`): one einsum per core, no plan per batch size.
@@ -35,24 +38,16 @@ def _divided(tensor: torch.Tensor, log: torch.Tensor, dims: tuple[int, ...]):
     return tensor / scale, log + torch.log(scale.reshape(log.shape))
 
 
-def _product(mats: torch.Tensor, logs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, n, D, D)`` matrices multiplied in order, by pairs, level by level; ``(B, D, D)``, ``(B,)``."""
-    batch, n, bond = mats.shape[0], mats.shape[1], mats.shape[-1]
-    if n == 0:
-        eye = torch.eye(bond, dtype=mats.dtype, device=mats.device)
-        return eye.expand(batch, bond, bond), logs.new_zeros(batch)
-    while n > 1:
-        if n % 2:  # an identity closes the odd one out (a static shape: no branch on values)
-            eye = torch.eye(bond, dtype=mats.dtype, device=mats.device)
-            mats = torch.cat([mats, eye.expand(batch, 1, bond, bond)], 1)
-            logs = torch.cat([logs, logs.new_zeros(batch, 1)], 1)
-            n += 1
-        pairs = mats.reshape(batch, n // 2, 2, bond, bond)
-        mats = pairs[:, :, 0] @ pairs[:, :, 1]
-        logs = logs.reshape(batch, n // 2, 2).sum(-1)
-        mats, logs = _divided(mats, logs, (-2, -1))
-        n //= 2
-    return mats[:, 0], logs[:, 0]
+#: the sweeps of the portable chain divide their vectors by their largest magnitude every so many
+#: sites (a fixed schedule: no branch on values); a site multiplies magnitudes by at most
+#: ``sqrt(D d) max|A|``, so 4 sites stay far from float32's range for any trained core
+RESCALE_EVERY = 4
+
+
+def _step(state: torch.Tensor, features: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    """``state_i x_s A_isj`` summed over i, s: one matrix product of the outer product ``(i s)``."""
+    outer = state[..., :, None] * features[..., None, :]
+    return torch.matmul(outer.reshape(*state.shape[:-1], -1), core)
 
 
 def chain_log_contract(
@@ -64,7 +59,7 @@ def chain_log_contract(
     position: int,
     output_features: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chain ``left - A_0 .. A_{p-1} - O - A_p .. A_{N-1} - right`` by log-depth products.
+    """The chain ``left - A_0 .. A_{p-1} - O - A_p .. A_{N-1} - right`` by two boundary sweeps.
 
     Arguments as :func:`tnkd.tn.chain.contract_chain`: ``left``, ``right`` (D,) boundaries,
     ``cores`` (N, D, d, D), ``features`` (B, N, d), ``output_core`` (D, C, D) (or (D, d, C, D)
@@ -73,13 +68,39 @@ def chain_log_contract(
     Returns:
         ``values`` (B, C) of largest magnitude 1 per sample, and ``log_scale`` (B,).
     """
-    mats = torch.einsum("bnd,nidj->bnij", features, cores).contiguous()
-    logs = features.new_zeros(features.shape[:2])
-    mats, logs = _divided(mats, logs, (-2, -1))
-    before, log_before = _product(mats[:, :position], logs[:, :position])
-    after, log_after = _product(mats[:, position:], logs[:, position:])
-    u = torch.einsum("i,bij->bj", left, before)
-    w = torch.einsum("bij,j->bi", after, right)
+    batch, num, d = features.shape
+    bond = cores.shape[-1]
+    # the right half is read from the right end, each core transposed (i, s, j) -> (j, s, i),
+    # so that both halves are the same step and their common length runs as one batched product
+    halves = [
+        (cores[:position].reshape(position, bond * d, bond), features[:, :position]),
+        (
+            cores[position:].flip(0).transpose(1, 3).reshape(num - position, bond * d, bond),
+            features[:, position:].flip(1),
+        ),
+    ]
+    common = min(position, num - position)
+    paired = torch.stack([halves[0][0][:common], halves[1][0][:common]], 1)  # (k, 2, Dd, D)
+    feats = torch.stack([halves[0][1][:, :common], halves[1][1][:, :common]])  # (2, B, k, d)
+    state = torch.stack([left, right])[:, None, :].expand(2, batch, bond)
+    log = features.new_zeros(batch)
+    for k in range(common):
+        state = _step(state, feats[:, :, k], paired[k])
+        if (k + 1) % RESCALE_EVERY == 0:  # each half by its own largest magnitude
+            scale = state.detach().abs().amax(2, keepdim=True)
+            state = state / scale.clamp_min(torch.finfo(state.dtype).tiny)
+            log = log + torch.log(scale.clamp_min(torch.finfo(state.dtype).tiny)).squeeze(2).sum(0)
+    # the rest of the longer half, alone (its boundary vector and its log-scale kept apart)
+    longer = 0 if position > common else 1
+    cores_left, feats_left = halves[longer]
+    ends = [state[0], state[1]]
+    vector, vector_log = ends[longer], features.new_zeros(batch)
+    for k in range(common, max(position, num - position)):
+        vector = _step(vector, feats_left[:, k], cores_left[k])
+        if (k + 1) % RESCALE_EVERY == 0:
+            vector, vector_log = _divided(vector, vector_log, (1,))
+    ends[longer] = vector
+    u, w = ends
     # pairwise einsums only: torch.einsum plans three operands with opt_einsum, on int(batch)
     if output_features is None:
         joined = torch.einsum("bl,lcr->bcr", u, output_core)
@@ -87,7 +108,7 @@ def chain_log_contract(
         joined = torch.einsum("bl,lscr->bscr", u, output_core)
         joined = torch.einsum("bscr,bs->bcr", joined, output_features)
     values = torch.einsum("bcr,br->bc", joined, w)
-    return _divided(values, log_before + log_after, (1,))
+    return _divided(values, log + vector_log, (1,))
 
 
 def tt_matvec(
