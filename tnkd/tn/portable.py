@@ -44,10 +44,28 @@ def _divided(tensor: torch.Tensor, log: torch.Tensor, dims: tuple[int, ...]):
 RESCALE_EVERY = 4
 
 
-def _step(state: torch.Tensor, features: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
-    """``state_i x_s A_isj`` summed over i, s: one matrix product of the outer product ``(i s)``."""
-    outer = state[..., :, None] * features[..., None, :]
-    return torch.matmul(outer.reshape(*state.shape[:-1], -1), core)
+def _step(state: torch.Tensor, core: torch.Tensor, repeated: torch.Tensor) -> torch.Tensor:
+    """``sum_{i,s} state_i x_s A_isj``: ``state @ A`` with A as (D, d D), times x, summed over s.
+
+    ``core`` is A as (D, d D) and ``repeated`` the features repeated to (..., d D) (each ``x_s``
+    D times): two matrix products (the sum over s is one, with D x D identities stacked d
+    times) and a product of equal shapes, which ONNX Runtime runs fast (a broadcast outer
+    product of state and features, then one matrix product, ran several times slower).
+    """
+    bond = core.shape[-2]
+    sums = torch.eye(bond, dtype=core.dtype, device=core.device).repeat(core.shape[-1] // bond, 1)
+    return (state @ core * repeated) @ sums
+
+
+def _half(cores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cores (n, D, d, D) as (n, D, d D); features (B, n, d) repeated to (B, n, d D).
+
+    The repetition is a matrix product with a 0/1 matrix (ONNX Runtime's ``Expand`` is slow).
+    """
+    n, bond, d, _ = cores.shape
+    ones = torch.ones(1, bond, dtype=features.dtype, device=features.device)
+    repeat = torch.kron(torch.eye(d, dtype=features.dtype, device=features.device), ones)
+    return cores.reshape(n, bond, d * bond), features @ repeat
 
 
 def chain_log_contract(
@@ -68,35 +86,33 @@ def chain_log_contract(
     Returns:
         ``values`` (B, C) of largest magnitude 1 per sample, and ``log_scale`` (B,).
     """
-    batch, num, d = features.shape
+    batch, num, _ = features.shape
     bond = cores.shape[-1]
+    tiny = torch.finfo(features.dtype).tiny
     # the right half is read from the right end, each core transposed (i, s, j) -> (j, s, i),
     # so that both halves are the same step and their common length runs as one batched product
     halves = [
-        (cores[:position].reshape(position, bond * d, bond), features[:, :position]),
-        (
-            cores[position:].flip(0).transpose(1, 3).reshape(num - position, bond * d, bond),
-            features[:, position:].flip(1),
-        ),
+        _half(cores[:position], features[:, :position]),
+        _half(cores[position:].flip(0).transpose(1, 3), features[:, position:].flip(1)),
     ]
     common = min(position, num - position)
-    paired = torch.stack([halves[0][0][:common], halves[1][0][:common]], 1)  # (k, 2, Dd, D)
-    feats = torch.stack([halves[0][1][:, :common], halves[1][1][:, :common]])  # (2, B, k, d)
+    paired = torch.stack([halves[0][0][:common], halves[1][0][:common]], 1)  # (k, 2, D, d D)
+    repeated = torch.stack([halves[0][1][:, :common], halves[1][1][:, :common]])  # (2, B, k, d D)
     state = torch.stack([left, right])[:, None, :].expand(2, batch, bond)
     log = features.new_zeros(batch)
     for k in range(common):
-        state = _step(state, feats[:, :, k], paired[k])
+        state = _step(state, paired[k], repeated[:, :, k])
         if (k + 1) % RESCALE_EVERY == 0:  # each half by its own largest magnitude
-            scale = state.detach().abs().amax(2, keepdim=True)
-            state = state / scale.clamp_min(torch.finfo(state.dtype).tiny)
-            log = log + torch.log(scale.clamp_min(torch.finfo(state.dtype).tiny)).squeeze(2).sum(0)
+            scale = state.detach().abs().amax(2, keepdim=True).clamp_min(tiny)
+            state = state / scale
+            log = log + torch.log(scale).squeeze(2).sum(0)
     # the rest of the longer half, alone (its boundary vector and its log-scale kept apart)
     longer = 0 if position > common else 1
     cores_left, feats_left = halves[longer]
     ends = [state[0], state[1]]
     vector, vector_log = ends[longer], features.new_zeros(batch)
     for k in range(common, max(position, num - position)):
-        vector = _step(vector, feats_left[:, k], cores_left[k])
+        vector = _step(vector, cores_left[k], feats_left[:, k])
         if (k + 1) % RESCALE_EVERY == 0:
             vector, vector_log = _divided(vector, vector_log, (1,))
     ends[longer] = vector
