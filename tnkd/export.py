@@ -256,13 +256,6 @@ def log_artifact(
     return folder
 
 
-def _flag(text: str) -> bool:
-    value = text.lower()
-    if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise ValueError(f"expected true or false but got {text!r}")
-    return value in ("true", "1", "yes")
-
-
 def main(args: list[str] | None = None) -> Path:
     """``tnkd export CHECKPOINT OUT.{onnx,pt2}``: write the trained student as a program."""
     import argparse
@@ -276,7 +269,7 @@ def main(args: list[str] | None = None) -> Path:
     parser.add_argument("--check", choices=("test", "val", "none"), default="test",
                         help="the split the export is checked on against the PyTorch student")
     parser.add_argument("--data_root", help="where the data lives here, if not where it was")
-    parser.add_argument("--wandb", type=_flag, default=False, metavar="true|false",
+    parser.add_argument("--wandb", type=str.lower, choices=("true", "false"), default="false",
                         help="log the file as a W&B model artifact (offline unless WANDB_MODE "
                         "says otherwise), with the run's config, the check's accuracy and sizes")
     parser.add_argument("--project", default="tnkd", help="the W&B project (with --wandb true)")
@@ -285,6 +278,7 @@ def main(args: list[str] | None = None) -> Path:
     ns = parser.parse_args(args)
     out = Path(ns.output)
     _check_output(out, overwrite=False)
+    ns.wandb = ns.wandb == "true"
     if ns.wandb:
         from tnkd.training.outputs import check_writable
 

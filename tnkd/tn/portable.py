@@ -8,7 +8,7 @@ computes the same contraction, with its log-scale, using only shape-static loops
 * a **chain** (:func:`chain_log_contract`): two boundary vectors swept in from the ends to the
   label core, one site a step, both halves in one batched matrix product per step (the
   vector times the outer product of state and features against the core reshaped (D d, D)):
-  real matrix products whatever the batch size, and about 6 graph nodes per pair of sites.
+  real matrix products whatever the batch size, and a handful of graph nodes per site.
   Every :data:`RESCALE_EVERY` sites the vectors are divided by their largest magnitude and the
   logarithm kept per sample, so a 784-site chain stays finite for any feature map. (The first
   version multiplied the transfer matrices by pairs, level by level: fewer graph nodes, but
@@ -39,8 +39,8 @@ def _divided(tensor: torch.Tensor, log: torch.Tensor, dims: tuple[int, ...]):
 
 
 #: the sweeps of the portable chain divide their vectors by their largest magnitude every so many
-#: sites (a fixed schedule: no branch on values); a site multiplies magnitudes by at most
-#: ``sqrt(D d) max|A|``, so 4 sites stay far from float32's range for any trained core
+#: sites (a fixed schedule: no branch on values); a site multiplies the largest magnitude by at
+#: most ``D d max|x| max|A|``, so 4 sites stay far from float32's range for trained cores
 RESCALE_EVERY = 4
 
 
