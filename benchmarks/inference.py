@@ -13,7 +13,8 @@ Models (eval mode; untrained weights by default, since the cost does not depend 
 * **pooled MPS**: 196 sites after 2 x 2 pooling, [1, x] map, D = 8.
 
 ``--checkpoint CKPT`` (repeatable) adds the trained student of a run's checkpoint, and its
-teacher replaces the default one when the checkpoint holds one.
+teacher replaces the default one when the checkpoint holds one (a run on other images than
+MNIST's, digits say, replaces the default models: the images are random of the run's shape).
 
 Engines, for each model, batch size and thread setting:
 
@@ -52,6 +53,7 @@ from torch import nn
 from tnkd.export import portable, save
 from tnkd.students import MPSClassifier
 from tnkd.teachers import CNN
+from tnkd.training.checkpoints import load_student
 
 CORES = os.cpu_count() or 1
 
@@ -71,7 +73,7 @@ def default_models() -> dict[str, nn.Module]:
 
 def checkpoint_models(path: str) -> dict[str, nn.Module]:
     """The trained student of a checkpoint, and its teacher when it holds one."""
-    from tnkd.training.checkpoints import KEY, load_student, read_checkpoint, rebuilt
+    from tnkd.training.checkpoints import KEY, read_checkpoint, rebuilt
 
     name = Path(path).parent.name or Path(path).stem
     models = {f"{name} student": load_student(path)}
@@ -160,14 +162,14 @@ def time_call(call: Any, x: torch.Tensor, block: float) -> float:
 
 
 def measure(
-    engines: dict[str, Engines], batches: list[int], rounds: int, block: float
+    engines: dict[str, Engines], shape: tuple[int, ...], batches: list[int], rounds: int, block: float
 ) -> dict[tuple[str, str, int, int], float]:
     """Median seconds per call for every (model, engine, threads, batch), rounds interleaved."""
     times: dict[tuple[str, str, int, int], list[float]] = {}
     for threads in (1, CORES):
         torch.set_num_threads(threads)
         for batch in batches:
-            x = torch.rand(batch, 1, 28, 28)
+            x = torch.rand(batch, *shape)
             with torch.no_grad():
                 for model in engines.values():  # warm-up (plans, sessions, caches)
                     for call in model.calls(threads).values():
@@ -192,12 +194,19 @@ def main() -> None:
                         help="a run's checkpoint: its trained student (and teacher) join")
     args = parser.parse_args()
     models = default_models()
+    shape = (1, 28, 28)
     for path in args.checkpoint:
+        student = load_student(path)
+        wanted = tuple(getattr(student, "input_shape", None) or (student.num_inputs,))
+        if math.prod(wanted) != math.prod(shape):  # not MNIST's images
+            shape, models = wanted, {}
         trained = checkpoint_models(path)
-        if "teacher" in trained:
-            models["CNN teacher"] = trained.pop("teacher")
+        if "teacher" in trained:  # the first model is the one the students are compared with
+            teacher = trained.pop("teacher")
+            models.pop("CNN teacher", None)
+            models = {f"{type(teacher).__name__} teacher (trained)": teacher, **models}
         models |= trained
-    example = torch.rand(2, 1, 28, 28)
+    example = torch.rand(2, *shape)
     with tempfile.TemporaryDirectory() as folder:
         engines = {name: Engines(m, example, Path(folder), name) for name, m in models.items()}
         sizes = {name: e.file.stat().st_size for name, e in engines.items()}
@@ -212,8 +221,8 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name in models:
         print(f"| {name} | {params[name]:,} | {sizes[name] / 1024:.1f} KiB | {macs[name]:,} |")
-    result = measure(engines, args.batches, args.rounds, args.block)
-    teacher = next(iter(models))
+    result = measure(engines, shape, args.batches, args.rounds, args.block)
+    teacher = next((name for name in models if "teacher" in name), None)
     for threads in (1, CORES):
         label = "one thread" if threads == 1 else f"all cores ({threads} threads)"
         print(f"\n**{label}**: ms per call (samples per second)\n")
@@ -226,10 +235,12 @@ def main() -> None:
                     t = result[(name, engine, threads, b)]
                     cells.append(f"{t * 1e3:.3g} ({b / t:,.0f}/s)")
                 print(f"| {name} | {engine} | " + " | ".join(cells) + " |")
+        if teacher is None:
+            continue
         print(f"\nspeed-up over the {teacher} in the same engine (its time / the student's):\n")
         print("| model | engine | " + " | ".join(f"batch {b}" for b in args.batches) + " |")
         print("|---|---|" + "---:|" * len(args.batches))
-        for name in list(models)[1:]:
+        for name in [m for m in models if m != teacher]:
             for engine in ("torch", "ORT"):
                 cells = [
                     f"{result[(teacher, engine, threads, b)] / result[(name, engine, threads, b)]:.1f}x"
