@@ -3,8 +3,8 @@
 wandb 0.31 ships no reader for offline run files, so this parses the file itself: a LevelDB-style
 log (a 7-byte ``:W&B`` header, then 32 KiB blocks of records with 7-byte headers: CRC, length,
 type FULL/FIRST/MIDDLE/LAST) whose payloads are wandb's own ``Record`` protobuf messages. What
-``wandb sync`` would upload: the run's name, group, job type, tags, config, summary and the media
-files it lists.
+``wandb sync`` would upload: the run's name, group, job type, tags, config, summary, the media
+files it lists and its artifacts (their files are staged in W&B's data folder, ``WANDB_DATA_DIR``).
 """
 
 from __future__ import annotations
@@ -62,6 +62,18 @@ class OfflineRun:
     config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    artifacts: list[Artifact] = field(default_factory=list)
+
+
+@dataclass
+class Artifact:
+    """An artifact the run logged: its files map a name in the artifact to the staged copy."""
+
+    name: str
+    type: str
+    aliases: list[str]
+    metadata: dict[str, Any]
+    files: dict[str, Path]
 
 
 def read_offline_run(run_dir: Path, timeout: float = 60.0) -> OfflineRun:
@@ -108,6 +120,17 @@ def _read(run_dir: Path) -> tuple[OfflineRun, bool]:
                 run.summary[_key(item)] = json.loads(item.value_json)
         elif kind == "files":
             run.files += [f.path for f in record.files.files]
+        elif kind == "artifact":
+            a = record.artifact
+            run.artifacts.append(
+                Artifact(
+                    a.name,
+                    a.type,
+                    list(a.aliases),
+                    json.loads(a.metadata or "{}"),
+                    {c.path: Path(c.local_path) for c in a.manifest.contents},
+                )
+            )
         elif kind == "exit":
             finished = True
     return run, finished

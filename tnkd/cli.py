@@ -275,6 +275,8 @@ class TnkdCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """Instantiate model and data, check them (:meth:`preflight`), then the Trainer."""
+        if self.subcommand is not None:
+            _log_model_offline(self.config[self.subcommand].get("trainer"))
         self.config_init = self.parser.instantiate(self.config)
         self.datamodule = self._get(self.config_init, "data")
         self.model = self._get(self.config_init, "model")
@@ -427,6 +429,22 @@ def _logger_configs(logger: Any) -> list[Any]:
     if not logger or logger is True:
         return []
     return list(logger) if isinstance(logger, list) else [logger]
+
+
+def _log_model_offline(trainer: Any) -> None:
+    """Let an offline ``WandbLogger`` log checkpoints as artifacts (``log_model``).
+
+    Lightning refuses ``offline=True`` with ``log_model`` (it cannot upload), but an offline W&B
+    run records artifacts all the same and ``wandb sync`` uploads them with the run. Such a
+    logger is made with ``offline=False`` and W&B's own ``mode="offline"``: the same offline run.
+    """
+    for logger in _logger_configs((trainer or {}).get("logger")):
+        if not str(logger.get("class_path", "")).endswith("WandbLogger"):
+            continue
+        args = _init_args(logger)
+        if args.get("offline") and args.get("log_model"):
+            args["offline"] = False
+            logger["dict_kwargs"] = {**(logger.get("dict_kwargs") or {}), "mode": "offline"}
 
 
 def _init_args(config: Any) -> Any:

@@ -3,18 +3,15 @@
 A student trained by tnkd runs fast engines (C++ kernels, plans per batch size, range checks)
 that ``torch.export`` and the ONNX exporter cannot capture (a Python branch on a tensor's
 value, a call into C++). :func:`portable` returns a copy of the student that contracts with the
-**portable engine** of the planner (:mod:`tnkd.tn.planner`; the same logits to rounding): tensor
-operations in shape-static loops only,
+**portable engine** (:mod:`tnkd.tn.portable`, registered in the planner; the same logits to
+rounding): tensor operations in shape-static loops only,
 
-* a chain: :func:`~tnkd.tn.chain.contract_chain`'s log-depth kernel (``"tree"``, the
-  accelerators'): all transfer matrices at once, neighbours multiplied in pairs level by level
-  (``ceil(log2 N)`` batched matmuls, 10 for 784 sites), each product rescaled, its logarithm
-  kept per sample;
+* a chain: two boundary vectors swept in from the ends, one batched matrix product per site,
+  rescaled on a fixed schedule (:func:`tnkd.tn.portable.chain_log_contract`);
 * any other graph: the stable engine's grouped steps, rescaled at every step, no range check;
 * a TT layer: :func:`~tnkd.tn.tt_matrix.tt_matvec`, one einsum per core, no plan per batch.
 
-:func:`export_program` captures it with a dynamic batch
-dimension, and :func:`save` writes it as
+:func:`export_program` captures it with a dynamic batch dimension, and :func:`save` writes it as
 
 * ``.pt2``: ``torch.export.save`` (load with ``torch.export.load(path).module()``), or
 * ``.onnx``: ``torch.onnx.export(..., dynamo=True)`` (run it in ONNX Runtime, no tnkd needed;
@@ -210,6 +207,62 @@ def agreement(student: nn.Module, exported: Any, batches: Any) -> tuple[int, int
     return same, total, worst
 
 
+def accuracy(exported: Any, batches: Any) -> tuple[int, int]:
+    """``(images whose top-1 class is the label, images)`` for the exported program."""
+    correct = total = 0
+    with torch.no_grad():
+        for x, y, *_ in batches:
+            correct += int((exported(x).argmax(1) == y).sum())
+            total += x.shape[0]
+    return correct, total
+
+
+def _teacher_parameters(checkpoint: Mapping[str, Any], path: Any) -> int | None:
+    """The parameter count of the checkpoint's teacher (its described architecture), if any."""
+    from tnkd.training.checkpoints import KEY, rebuilt
+
+    entry = (checkpoint.get(KEY) or {}).get("teacher") or {}
+    if not entry.get("spec"):
+        return None
+    teacher = rebuilt(checkpoint, "teacher", path)
+    members = teacher if isinstance(teacher, list | tuple) else [teacher]
+    return sum(p.numel() for m in members for p in m.parameters())
+
+
+def log_artifact(
+    path: Path, metadata: Mapping[str, Any], config: Mapping[str, Any], project: str, save_dir: str
+) -> Path:
+    """Log the exported file as a W&B model artifact, in a run of its own; the run's folder.
+
+    The run is offline unless ``WANDB_MODE`` says otherwise (``wandb sync FOLDER`` uploads it
+    and its artifact later). The artifact is named after the file (``student.onnx``:
+    ``student-onnx``); ``metadata`` is the artifact's, ``config`` the run's.
+    """
+    import re
+
+    import wandb
+
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=project,
+        dir=save_dir,
+        job_type="export",
+        mode=os.environ.get("WANDB_MODE", "offline"),
+        config=dict(config),
+        reinit="create_new",
+    )
+    try:
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{path.stem}-{path.suffix[1:]}")
+        artifact = wandb.Artifact(name, type="model", metadata=dict(metadata))
+        artifact.add_file(str(path), name=path.name)
+        run.log_artifact(artifact, aliases=["latest"])
+        run.summary.update({k: v for k, v in metadata.items() if isinstance(v, int | float)})
+        folder = Path(run.dir).parent
+    finally:
+        run.finish()
+    return folder
+
+
 def main(args: list[str] | None = None) -> Path:
     """``tnkd export CHECKPOINT OUT.{onnx,pt2}``: write the trained student as a program."""
     import argparse
@@ -223,9 +276,20 @@ def main(args: list[str] | None = None) -> Path:
     parser.add_argument("--check", choices=("test", "val", "none"), default="test",
                         help="the split the export is checked on against the PyTorch student")
     parser.add_argument("--data_root", help="where the data lives here, if not where it was")
+    parser.add_argument("--wandb", type=str.lower, choices=("true", "false"), default="false",
+                        help="log the file as a W&B model artifact (offline unless WANDB_MODE "
+                        "says otherwise), with the run's config, the check's accuracy and sizes")
+    parser.add_argument("--project", default="tnkd", help="the W&B project (with --wandb true)")
+    parser.add_argument("--save_dir", default="runs",
+                        help="where the W&B run is kept: SAVE_DIR/wandb/ (with --wandb true)")
     ns = parser.parse_args(args)
     out = Path(ns.output)
     _check_output(out, overwrite=False)
+    ns.wandb = ns.wandb == "true"
+    if ns.wandb:
+        from tnkd.training.outputs import check_writable
+
+        check_writable(ns.save_dir, "--save_dir")
     checkpoint = read_checkpoint(ns.checkpoint)
     student = load_student(ns.checkpoint)
     saved = checkpoint.get(KEY) or {}
@@ -250,11 +314,34 @@ def main(args: list[str] | None = None) -> Path:
     save(student, out, example, metadata)
     size = out.stat().st_size
     line = f"{out}: {size / 1024:.1f} KiB, {student.parameter_count():,} parameters"
+    record: dict[str, Any] = {"format": out.suffix[1:], "file_bytes": size}
     if data is not None:
-        same, total, worst = agreement(student, load_program(out), batches)
+        runner = load_program(out)
+        same, total, worst = agreement(student, runner, batches)
         line += (
             f"; {ns.check} split: the same top-1 class on {same}/{total} images, largest "
             f"relative logit difference {worst:.1e}"
         )
+        if ns.wandb:
+            correct, _ = accuracy(runner, batches)
+            record |= {
+                f"{ns.check}_agreement": same / total,
+                f"{ns.check}_accuracy": correct / total,
+                f"{ns.check}_max_relative_logit_difference": worst,
+                f"{ns.check}_images": total,
+            }
     print(line)
+    if ns.wandb:
+        params = student.parameter_count()
+        teacher = _teacher_parameters(checkpoint, ns.checkpoint)
+        record["student_params"] = params
+        if teacher is not None:
+            record |= {"teacher_params": teacher, "compression_ratio": teacher / params}
+        config = {**metadata["hyper_parameters"], "student": metadata["student"],
+                  "data": metadata["data"], "checkpoint": str(ns.checkpoint)}
+        record |= {"config": config, "class_names": metadata["class_names"],
+                   "input_shape": metadata["input_shape"], "producer": metadata["producer"]}
+        folder = log_artifact(out, record, config, ns.project, ns.save_dir)
+        print(f"tnkd export: logged {out.name} as a W&B model artifact in {folder} "
+              f"(upload it with: wandb sync {folder})")
     return out

@@ -94,6 +94,7 @@ from tnkd.tn.planner import (
     plan,
     reference_values,
 )
+from tnkd.tn.portable import chain_log_contract
 from tnkd.tn.stable import StableNetwork
 
 OUTPUT_MODES = ("normalized", "raw")
@@ -845,9 +846,7 @@ class GraphStudent(Student):
             phi[:, site[name]] if name in site else params[name] for name in self._spec.node_names
         ]
 
-    def _chain_log_forward(
-        self, x: torch.Tensor, kernel: str | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _chain_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The chain engine: :func:`~tnkd.tn.chain.contract_chain` on the assembled chain."""
         phi = self.features(x)
         where = self._chain_sites
@@ -856,14 +855,19 @@ class GraphStudent(Student):
         label = None if self._label_site is None else phi[:, self._label_site]
         left, cores, right, output_core = self._chain_operands()
         position = self._shape.chain.sites_before_label
-        kernel = self._chain_kernel if kernel is None else kernel
+        kernel = self._chain_kernel
         return contract_chain(left, cores, right, feats, output_core, position, kernel, label)
 
     def _portable_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The portable engine (see :mod:`tnkd.export`): tensor operations only, no native call."""
+        """The portable engine (:mod:`tnkd.tn.portable`): tensor operations only, for export."""
         if self.engine != "chain":  # the stable engine renormalising at every step
             return self.network.contract(self.operand_blocks(x), every=True)
-        return self._chain_log_forward(x, kernel="tree")  # the log-depth kernel: no native call
+        phi = self.features(x)
+        label = None if self._label_site is None else phi[:, self._label_site]
+        left, cores, right, output_core = self._chain_operands()
+        position = self._shape.chain.sites_before_label
+        feats = phi[:, self._chain_sites]
+        return chain_log_contract(left, cores, right, feats, output_core, position, label)
 
     def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values, log_scale)`` with f(x) = values * exp(log_scale), shape (batch, C), (batch,)."""

@@ -407,7 +407,7 @@ ENGINES.add(
         "portable",
         "tensor operations only, no branch on values, no native call: what export captures",
         lambda s, d: None,
-        lambda s, d: "log-depth chain products" if s.chain is not None else "rescaled einsum steps",
+        lambda s, d: "boundary sweeps in tensor ops" if s.chain is not None else "rescaled einsum steps",
     ),
 )
 

@@ -19,6 +19,7 @@ in four ways:
   latest weights (Lightning would write ``last-v1.ckpt`` beside a resumed run's ``last.ckpt``).
 * **Atomic files.** Every checkpoint is written to a temporary file and renamed, so a run killed
   while saving never leaves a truncated ``.ckpt`` behind; the torch random state is saved too.
+  Loggers hear of a checkpoint once it has its name (``WandbLogger(log_model=...)`` logs it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import threading
 import warnings
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 import torch
@@ -158,17 +160,22 @@ class RunCheckpoint(ModelCheckpoint):
         preemption.training_started()
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # ModelCheckpoint._save_checkpoint, with the file written beside its name and renamed
         tmp = f"{filepath}.tmp"
         try:
             with writing(filepath):
-                super()._save_checkpoint(trainer, tmp)
+                trainer.save_checkpoint(tmp, self.save_weights_only)
                 if trainer.is_global_zero:
                     os.replace(tmp, filepath)
         except BaseException:
             if trainer.is_global_zero:  # a full disk or a stop leaves no partial file
                 Path(tmp).unlink(missing_ok=True)
             raise
+        self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:  # after the rename: WandbLogger(log_model="all") reads the file
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
     def on_exception(  # noqa: D102
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException

@@ -1,0 +1,126 @@
+"""The portable engine: contractions written in tensor operations only, for export.
+
+``torch.export`` and the ONNX exporter capture a program as a fixed graph of tensor operations:
+a Python branch on a tensor's value (the fast engines check their renormalisation range, and
+choose kernels) or a call into tnkd's C++ kernels cannot be captured. The portable engine
+computes the same contraction, with its log-scale, using only shape-static loops:
+
+* a **chain** (:func:`chain_log_contract`): two boundary vectors swept in from the ends to the
+  label core, one site a step, both halves in one batched matrix product per step (the
+  vector times the outer product of state and features against the core reshaped (D d, D)):
+  real matrix products whatever the batch size, and a handful of graph nodes per site.
+  Every :data:`RESCALE_EVERY` sites the vectors are divided by their largest magnitude and the
+  logarithm kept per sample, so a 784-site chain stays finite for any feature map. (The first
+  version multiplied the transfer matrices by pairs, level by level: fewer graph nodes, but
+  B N products of D x D matrices, which ONNX Runtime and PyTorch run one by one: several times
+  slower than this sweep at batch 256, see the inference benchmark's page.)
+* **any other graph**: the stable engine (:class:`~tnkd.tn.stable.StableNetwork`) with
+  ``every=True``: its grouped pairwise steps, each rescaled, and no range check.
+* a **TT-matrix** (:func:`~tnkd.tn.tt_matrix.tt_matvec`): one einsum per core, no plan per
+  batch size.
+
+The contractions return ``(values, log_scale)`` with ``f(x) = values * exp(log_scale)``, as every engine
+does (:mod:`tnkd.tn.planner`); their results equal the other engines' to rounding (tested
+against the dense ``opt_einsum`` reference). The planner never picks this engine by itself:
+:func:`tnkd.export.portable` switches a student to it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _divided(tensor: torch.Tensor, log: torch.Tensor, dims: tuple[int, ...]):
+    """``tensor`` divided by its largest magnitude over ``dims``; the logarithm added to ``log``."""
+    scale = tensor.detach().abs().amax(dim=dims, keepdim=True)
+    scale = scale.clamp_min(torch.finfo(tensor.dtype).tiny)
+    return tensor / scale, log + torch.log(scale.reshape(log.shape))
+
+
+#: the sweeps of the portable chain divide their vectors by their largest magnitude every so many
+#: sites (a fixed schedule: no branch on values); a site multiplies the largest magnitude by at
+#: most ``D d max|x| max|A|``, so 4 sites stay far from float32's range for trained cores
+RESCALE_EVERY = 4
+
+
+def _step(state: torch.Tensor, core: torch.Tensor, repeated: torch.Tensor) -> torch.Tensor:
+    """``sum_{i,s} state_i x_s A_isj``: ``state @ A`` with A as (D, d D), times x, summed over s.
+
+    ``core`` is A as (D, d D) and ``repeated`` the features repeated to (..., d D) (each ``x_s``
+    D times): two matrix products (the sum over s is one, with D x D identities stacked d
+    times) and a product of equal shapes, which ONNX Runtime runs fast (a broadcast outer
+    product of state and features, then one matrix product, ran several times slower).
+    """
+    bond = core.shape[-2]
+    sums = torch.eye(bond, dtype=core.dtype, device=core.device).repeat(core.shape[-1] // bond, 1)
+    return (state @ core * repeated) @ sums
+
+
+def _half(cores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cores (n, D, d, D) as (n, D, d D); features (B, n, d) repeated to (B, n, d D).
+
+    The repetition is a matrix product with a 0/1 matrix (ONNX Runtime's ``Expand`` is slow).
+    """
+    n, bond, d, _ = cores.shape
+    ones = torch.ones(1, bond, dtype=features.dtype, device=features.device)
+    repeat = torch.kron(torch.eye(d, dtype=features.dtype, device=features.device), ones)
+    return cores.reshape(n, bond, d * bond), features @ repeat
+
+
+def chain_log_contract(
+    left: torch.Tensor,
+    cores: torch.Tensor,
+    right: torch.Tensor,
+    features: torch.Tensor,
+    output_core: torch.Tensor,
+    position: int,
+    output_features: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chain ``left - A_0 .. A_{p-1} - O - A_p .. A_{N-1} - right`` by two boundary sweeps.
+
+    Arguments as :func:`tnkd.tn.chain.contract_chain`: ``left``, ``right`` (D,) boundaries,
+    ``cores`` (N, D, d, D), ``features`` (B, N, d), ``output_core`` (D, C, D) (or (D, d, C, D)
+    with ``output_features`` (B, d) for a label core that reads an input), ``position`` p.
+
+    Returns:
+        ``values`` (B, C) of largest magnitude 1 per sample, and ``log_scale`` (B,).
+    """
+    batch, num, _ = features.shape
+    bond = cores.shape[-1]
+    tiny = torch.finfo(features.dtype).tiny
+    # the right half is read from the right end, each core transposed (i, s, j) -> (j, s, i),
+    # so that both halves are the same step and their common length runs as one batched product
+    halves = [
+        _half(cores[:position], features[:, :position]),
+        _half(cores[position:].flip(0).transpose(1, 3), features[:, position:].flip(1)),
+    ]
+    common = min(position, num - position)
+    paired = torch.stack([halves[0][0][:common], halves[1][0][:common]], 1)  # (k, 2, D, d D)
+    repeated = torch.stack([halves[0][1][:, :common], halves[1][1][:, :common]])  # (2, B, k, d D)
+    state = torch.stack([left, right])[:, None, :].expand(2, batch, bond)
+    log = features.new_zeros(batch)
+    for k in range(common):
+        state = _step(state, paired[k], repeated[:, :, k])
+        if (k + 1) % RESCALE_EVERY == 0:  # each half by its own largest magnitude
+            scale = state.detach().abs().amax(2, keepdim=True).clamp_min(tiny)
+            state = state / scale
+            log = log + torch.log(scale).squeeze(2).sum(0)
+    # the rest of the longer half, alone (its boundary vector and its log-scale kept apart)
+    longer = 0 if position > common else 1
+    cores_left, feats_left = halves[longer]
+    ends = [state[0], state[1]]
+    vector, vector_log = ends[longer], features.new_zeros(batch)
+    for k in range(common, max(position, num - position)):
+        vector = _step(vector, cores_left[k], feats_left[:, k])
+        if (k + 1) % RESCALE_EVERY == 0:
+            vector, vector_log = _divided(vector, vector_log, (1,))
+    ends[longer] = vector
+    u, w = ends
+    # pairwise einsums only: torch.einsum plans three operands with opt_einsum, on int(batch)
+    if output_features is None:
+        joined = torch.einsum("bl,lcr->bcr", u, output_core)
+    else:
+        joined = torch.einsum("bl,lscr->bscr", u, output_core)
+        joined = torch.einsum("bscr,bs->bcr", joined, output_features)
+    values = torch.einsum("bcr,br->bc", joined, w)
+    return _divided(values, log + vector_log, (1,))
