@@ -7,6 +7,7 @@ lists the valid names, so a typo in a YAML file gives an error that says how to 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -154,3 +155,18 @@ class RecordsInitArgs:
     def init_args(self) -> dict[str, Any]:
         """The constructor arguments of the object's own class (defaults filled in)."""
         return dict(self.__dict__.get("_init_args", {}))
+
+
+def class_path(obj: object) -> str:
+    """``module.QualName`` of an object's class: what a YAML ``class_path`` names."""
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def import_path(path: str, what: str = "class") -> Any:
+    """The object a ``module.Name`` path names (what :func:`class_path` wrote); one-line errors."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"cannot import {what} {path!r}: {err}") from err

@@ -9,7 +9,6 @@ file holds only tensors and plain values, so it loads with ``torch.load(weights_
 from __future__ import annotations
 
 import hashlib
-import importlib
 import itertools
 import math
 import os
@@ -20,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from tnkd.registry import class_path, import_path
 
 TEACHER_FORMAT = "tnkd-teacher"
 TEACHER_FORMAT_VERSION = 1
@@ -195,19 +196,6 @@ class TeacherEnsemble(nn.Module):
 # ---- teacher files ----------------------------------------------------------------------------
 
 
-def _class_path(obj: object) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _import(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import teacher class {class_path!r}: {err}") from err
-
-
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file (hex), used to key caches by the exact teacher weights."""
     h = hashlib.sha256()
@@ -259,7 +247,7 @@ def save_teacher(
     payload = {
         "format": TEACHER_FORMAT,
         "version": TEACHER_FORMAT_VERSION,
-        "class_path": _class_path(net),
+        "class_path": class_path(net),
         "init_args": init_args,
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "metrics": dict(metrics or {}),
@@ -378,7 +366,7 @@ def load_teacher(
         return module.eval()
     if _is_teacher_file(payload):
         if net is None:
-            net = _import(payload["class_path"])(**payload["init_args"])
+            net = import_path(payload["class_path"], "teacher class")(**payload["init_args"])
         return _load_state(path, net, payload["state_dict"], payload["class_path"])
     if isinstance(payload, dict) and _is_state_dict(payload.get("state_dict")):
         payload = payload["state_dict"]  # a Lightning checkpoint

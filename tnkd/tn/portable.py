@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from tnkd.tn.chain import _close
+
 
 def _divided(tensor: torch.Tensor, log: torch.Tensor, dims: tuple[int, ...]):
     """``tensor`` divided by its largest magnitude over ``dims``; the logarithm added to ``log``."""
@@ -67,14 +69,9 @@ def _half(cores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, to
     return cores.reshape(n, bond, d * bond), features @ repeat
 
 
-def chain_log_contract(
-    left: torch.Tensor,
-    cores: torch.Tensor,
-    right: torch.Tensor,
-    features: torch.Tensor,
-    output_core: torch.Tensor,
-    position: int,
-    output_features: torch.Tensor | None = None,
+def chain_log_contract(  # the arguments of tnkd.tn.chain.contract_chain
+    left: torch.Tensor, cores: torch.Tensor, right: torch.Tensor, features: torch.Tensor,
+    output_core: torch.Tensor, position: int, output_features: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chain ``left - A_0 .. A_{p-1} - O - A_p .. A_{N-1} - right`` by two boundary sweeps.
 
@@ -115,12 +112,11 @@ def chain_log_contract(
         if (k + 1) % RESCALE_EVERY == 0:
             vector, vector_log = _divided(vector, vector_log, (1,))
     ends[longer] = vector
-    u, w = ends
-    # pairwise einsums only: torch.einsum plans three operands with opt_einsum, on int(batch)
-    if output_features is None:
-        joined = torch.einsum("bl,lcr->bcr", u, output_core)
-    else:
-        joined = torch.einsum("bl,lscr->bscr", u, output_core)
-        joined = torch.einsum("bscr,bs->bcr", joined, output_features)
-    values = torch.einsum("bcr,br->bc", joined, w)
-    return _divided(values, log + vector_log, (1,))
+    # the label core between the ends, as the chain engine joins them (one member)
+    values, log_scale = _close(
+        torch.stack(ends).transpose(1, 2)[:, None],
+        output_core[None],
+        output_features,
+        torch.stack([log, vector_log])[:, None],
+    )
+    return values[0], log_scale[0]

@@ -40,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 from collections.abc import Mapping
@@ -50,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tnkd.registry import RecordsInitArgs
+from tnkd.registry import RecordsInitArgs, class_path, import_path
 
 #: the checkpoint key of the description, and its format number
 KEY = "tnkd"
@@ -60,23 +59,6 @@ _GRAPH = "tnkd_graph"
 
 class CannotDescribe(ValueError):
     """A network (or one of its arguments) cannot be written as plain data."""
-
-
-def class_path(obj: object) -> str:
-    """``module.QualName`` of an object's class."""
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _import(path: str) -> Any:
-    module, _, name = path.rpartition(".")
-    try:
-        value = importlib.import_module(module)
-        for part in name.split("."):
-            value = getattr(value, part)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"cannot import {path!r} named in the checkpoint: {err}") from err
-    return value
 
 
 def _layer_args(module: nn.Module) -> dict[str, Any] | None:
@@ -149,7 +131,7 @@ def build(spec: Any) -> Any:
     if "ensemble" in spec:
         return [build(m) for m in spec["ensemble"]]
     if "class_path" in spec and ("init_args" in spec or "modules" in spec):
-        cls = _import(spec["class_path"])
+        cls = import_path(spec["class_path"], "the class named in the checkpoint")
         if not (inspect.isclass(cls) and issubclass(cls, nn.Module | RecordsInitArgs)):
             raise ValueError(
                 f"{spec['class_path']} named in the checkpoint is not a torch module or a tnkd class"
