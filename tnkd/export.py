@@ -90,20 +90,27 @@ def _check_output(path: Path, overwrite: bool) -> None:
 
 
 def save(
-    student: nn.Module,
+    student: nn.Module | torch.export.ExportedProgram,
     path: str | os.PathLike,
-    example: torch.Tensor,
+    example: torch.Tensor | None = None,
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Export ``student`` to ``path`` (``.pt2`` or ``.onnx``); ``metadata`` goes into the file.
 
-    The file is written beside its final name and renamed when complete, so a failed export
-    leaves nothing behind. Values of ``metadata`` that are not strings are stored as JSON.
+    ``student`` is a student (captured here from ``example``) or a program
+    :func:`export_program` already captured. The file is written beside its final name and
+    renamed when complete, so a failed export leaves nothing behind. Values of ``metadata``
+    that are not strings are stored as JSON.
     """
     out = Path(path)
     _check_output(out, overwrite)
-    program = export_program(student, example)
+    if isinstance(student, torch.export.ExportedProgram):
+        program = student
+    elif example is None:
+        raise ValueError("save needs an example batch to capture the student from")
+    else:
+        program = export_program(student, example)
     meta = {
         str(k): v if isinstance(v, str) else json.dumps(v, default=str)
         for k, v in (metadata or {}).items()
