@@ -135,6 +135,10 @@ def _save_onnx(program: torch.export.ExportedProgram, path: Path, meta: dict[str
             "ONNX export needs the export extra: pip install 'tnkd[export]' (onnx, onnxscript, "
             "onnxruntime)"
         ) from err
+    import logging
+
+    # the exporter's registry warns, on stderr, that torchvision's operators are not there
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     exported = torch.onnx.export(program, dynamo=True, verbose=False)
     model = exported.model_proto
     for key, value in meta.items():
