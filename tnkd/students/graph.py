@@ -846,8 +846,13 @@ class GraphStudent(Student):
             phi[:, site[name]] if name in site else params[name] for name in self._spec.node_names
         ]
 
-    def _chain_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chain engine: :func:`~tnkd.tn.chain.contract_chain` on the assembled chain."""
+    def _chain_log_forward(
+        self, x: torch.Tensor, portable: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chain engine: :func:`~tnkd.tn.chain.contract_chain` on the assembled chain.
+
+        ``portable``: the same chain by :func:`~tnkd.tn.portable.chain_log_contract` instead.
+        """
         phi = self.features(x)
         where = self._chain_sites
         whole = isinstance(where, slice) and where == slice(0, phi.shape[1], 1)
@@ -855,6 +860,8 @@ class GraphStudent(Student):
         label = None if self._label_site is None else phi[:, self._label_site]
         left, cores, right, output_core = self._chain_operands()
         position = self._shape.chain.sites_before_label
+        if portable:
+            return chain_log_contract(left, cores, right, feats, output_core, position, label)
         kernel = self._chain_kernel
         return contract_chain(left, cores, right, feats, output_core, position, kernel, label)
 
@@ -869,12 +876,7 @@ class GraphStudent(Student):
             wide = [b.to(torch.promote_types(b.dtype, torch.float64)) for b in blocks]
             values, log_scale = self.network.contract(wide, every=True)
             return values.to(dtype), log_scale.to(dtype)
-        phi = self.features(x)
-        label = None if self._label_site is None else phi[:, self._label_site]
-        left, cores, right, output_core = self._chain_operands()
-        position = self._shape.chain.sites_before_label
-        feats = phi[:, self._chain_sites]
-        return chain_log_contract(left, cores, right, feats, output_core, position, label)
+        return self._chain_log_forward(x, portable=True)
 
     def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values, log_scale)`` with f(x) = values * exp(log_scale), shape (batch, C), (batch,)."""

@@ -277,6 +277,11 @@ def load_student_state(checkpoint: str | Path, prefix: str = "student.") -> dict
     state = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds no state dict")
+    return student_state(state, prefix)
+
+
+def student_state(state: dict[str, Any], prefix: str = "student.") -> dict[str, Any]:
+    """The entries of a module's state dict under ``prefix``, without it (all of them if none)."""
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from tnkd.registry import RecordsInitArgs, class_path, import_path
+from tnkd.students.truncation import student_state
 
 #: the checkpoint key of the description, and its format number
 KEY = "tnkd"
@@ -233,12 +234,10 @@ def load_student(
     """
     checkpoint = read_checkpoint(path, map_location)
     net = student if student is not None else rebuilt(checkpoint, "student", path)
-    prefix = "student."
-    state = {
-        k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
-    }
-    if not state:
+    state = checkpoint["state_dict"]
+    if not any(k.startswith("student.") for k in state):
         raise ValueError(f"checkpoint {path} holds no student weights (no 'student.' keys)")
+    state = student_state(state)
     net.load_state_dict(state)
     return net.eval()
 
