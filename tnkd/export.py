@@ -8,8 +8,9 @@ rounding): tensor operations in shape-static loops only,
 
 * a chain: two boundary vectors swept in from the ends, one batched matrix product per site,
   rescaled on a fixed schedule (:func:`tnkd.tn.portable.chain_log_contract`);
-* any other graph: the stable engine's grouped steps, rescaled at every step, no range check,
-  in float64 (so the export is the exact value, not a second float32 rounding);
+* any other graph: the stable engine's grouped steps, rescaled at every step, no range check;
+  both in float64 (so the export is the exact value, not a second float32 rounding; the
+  program still takes and returns float32);
 * a TT layer: :func:`~tnkd.tn.tt_matrix.tt_matvec`, one einsum per core, no plan per batch.
 
 :func:`export_program` captures it with a dynamic batch dimension, and :func:`save` writes it as

@@ -15,12 +15,16 @@ computes the same contraction, with its log-scale, using only shape-static loops
   B N products of D x D matrices, which ONNX Runtime and PyTorch run one by one: several times
   slower than this sweep at batch 256, see the inference benchmark's page.)
 * **any other graph**: the stable engine (:class:`~tnkd.tn.stable.StableNetwork`) with
-  ``every=True``: its grouped pairwise steps, each rescaled, and no range check, in float64 (the
-  float32 roundings of this path and of the tree engine differed by up to 1.3e-4 relative on
-  MNIST; in float64 the export is exact and differs from the trained student by that engine's
-  own rounding alone).
+  ``every=True``: its grouped pairwise steps, each rescaled, and no range check.
 * a **TT-matrix** (:func:`~tnkd.tn.tt_matrix.tt_matvec`): one einsum per core, no plan per
   batch size.
+
+A student switched to this engine (:meth:`tnkd.students.graph.GraphStudent`'s ``portable``)
+contracts in float64 and returns its own dtype: in float32 the sweep and the fast engines round
+differently (up to 1.2e-4 relative apart on the 784-site MNIST chain and a 196-leaf tree), in
+float64 the export differs from the trained student by that student's own rounding alone
+(3.3e-5 and 7.9e-5). The weights stay float32 in the exported file (the widening is one cast in
+the program).
 
 The contractions return ``(values, log_scale)`` with ``f(x) = values * exp(log_scale)``, as every engine
 does (:mod:`tnkd.tn.planner`); their results equal the other engines' to rounding (tested
