@@ -116,7 +116,8 @@ def save(
         str(k): v if isinstance(v, str) else json.dumps(v, default=str)
         for k, v in (metadata or {}).items()
     }
-    partial = out.with_name(f".{out.name}.partial")
+    # (torch.export.save warns unless the name ends in .pt2)
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")
     try:
         if out.suffix == ".pt2":
             torch.export.save(program, partial, extra_files=meta)
