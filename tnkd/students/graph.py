@@ -875,20 +875,16 @@ class GraphStudent(Student):
     def _portable_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The portable engine (:mod:`tnkd.tn.portable`): tensor operations only, for export.
 
-        It contracts in float64 at least and returns the student's dtype: a float32 export then
-        differs from the trained student by the trained engine's own rounding alone (float32
-        portable contractions differed from it by up to 1.2e-4 relative: the 784-site chain's
-        sweep, a 196-leaf tree; in float64 3.3e-5 and 7.9e-5, the native engines' rounding).
+        A chain runs the portable sweep, any other graph the stable engine rescaled at every
+        step; both in float64 at least, returned in the student's dtype.
         """
-        wide = functools.partial(_widened, dtype=torch.promote_types(self._dtype(), torch.float64))
-        if self.engine != "chain":
-            # the stable engine renormalising at every step
-            values, log_scale = self.network.contract(wide(self.operand_blocks(x)), every=True)
+        dtype = self._dtype()
+        wide = functools.partial(_widened, dtype=torch.promote_types(dtype, torch.float64))
+        if self.engine == "chain":
+            values, log_scale = chain_log_contract(*wide(self._chain_arguments(self.features(x))))
         else:
-            phi = self.features(x)
-            operands = self._chain_arguments(phi)
-            values, log_scale = chain_log_contract(*wide(operands))
-        return values.to(self._dtype()), log_scale.to(self._dtype())
+            values, log_scale = self.network.contract(wide(self.operand_blocks(x)), every=True)
+        return values.to(dtype), log_scale.to(dtype)
 
     def log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values, log_scale)`` with f(x) = values * exp(log_scale), shape (batch, C), (batch,)."""

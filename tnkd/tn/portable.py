@@ -20,11 +20,11 @@ computes the same contraction, with its log-scale, using only shape-static loops
   batch size.
 
 A student switched to this engine (:meth:`tnkd.students.graph.GraphStudent`'s ``portable``)
-contracts in float64 and returns its own dtype: in float32 the sweep and the fast engines round
-differently (up to 1.2e-4 relative apart on the 784-site MNIST chain and a 196-leaf tree), in
-float64 the export differs from the trained student by that student's own rounding alone
-(3.3e-5 and 7.9e-5). The weights stay float32 in the exported file (the widening is one cast in
-the program).
+contracts in float64 and returns its own dtype, so that the export differs from the trained
+student by that student's own float32 rounding alone (two float32 contractions summed in
+different orders differ by about twice as much: the inference benchmark's page measures both,
+and the price of float64 in ONNX Runtime). The weights stay float32 in the exported file (the
+widening is one cast in the program).
 
 The contractions return ``(values, log_scale)`` with ``f(x) = values * exp(log_scale)``, as every engine
 does (:mod:`tnkd.tn.planner`); their results equal the other engines' to rounding (tested
