@@ -50,16 +50,16 @@ from tnkd.students.mps import MPSClassifier
 from tnkd.students.tree import TreeClassifier
 from tnkd.students.tt_network import TTNetwork
 from tnkd.tn.canonical import (
+    Discarded,
     Truncation,
     entanglement_entropy,
-    error_bound,
     network_of,
     truncate,
 )
 
 
 @dataclass
-class TruncationReport:
+class TruncationReport(Discarded):
     """What a truncation kept and cut (see :class:`tnkd.tn.canonical.Truncation`).
 
     Attributes:
@@ -77,20 +77,6 @@ class TruncationReport:
     params_before: int
     params_after: int
     chain: bool = True
-
-    @property
-    def total_discarded(self) -> float:
-        """Sum of the discarded weights."""
-        return float(sum(self.discarded.values()))
-
-    @property
-    def error_bound(self) -> float:
-        """Bound on ||W - W_trunc||_F / ||W||_F for the full coefficient tensor W.
-
-        sqrt(total_discarded) for chains (MPS, TT networks); the sum of the square roots of the
-        discarded weights for trees (see :mod:`tnkd.tn.canonical`).
-        """
-        return error_bound(self.discarded, self.chain)
 
 
 def _network(student: Student) -> tuple[list[torch.Tensor], list[tuple[str, ...]], list[str], int]:
