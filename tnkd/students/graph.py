@@ -876,9 +876,7 @@ class GraphStudent(Student):
         """The portable engine (:mod:`tnkd.tn.portable`): tensor operations only, for export.
 
         It contracts in float64 at least and returns the student's dtype: a float32 export then
-        differs from the trained student by the trained engine's own rounding alone (float32
-        portable contractions differed from it by up to 1.2e-4 relative: the 784-site chain's
-        sweep, a 196-leaf tree; in float64 3.3e-5 and 7.9e-5, the native engines' rounding).
+        differs from the trained student by the trained engine's own rounding alone.
         """
         wide = functools.partial(_widened, dtype=torch.promote_types(self._dtype(), torch.float64))
         if self.engine != "chain":

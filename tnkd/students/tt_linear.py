@@ -65,10 +65,8 @@ class TTLinear(nn.Module):
     4096 -> 16) and direction are the cheapest by counted multiply-adds for the batch size, and
     the plan is cached per batch size (``plans`` counts the plannings). On CPU the batch runs in
     cache-sized chunks and the backward pass recomputes a chunk's states instead of storing the
-    r-times-larger intermediate. This is faster than one ``opt_einsum`` path planned on the
-    single-sample network and reused for the batch (the layer's earlier forward), or one
-    ``torch.einsum`` over all cores (``benchmarks/tt_layers.py``). :meth:`to_graph` is the same
-    network for the generic contraction engine (tested equal).
+    r-times-larger intermediate (speed: ``benchmarks/tt_layers.py``). :meth:`to_graph` is the
+    same network for the generic contraction engine (tested equal).
 
     Example:
         >>> layer = TTLinear(4096, 16, (8, 8, 8, 8), (2, 2, 2, 2), ranks=8, bias=False)
@@ -266,10 +264,8 @@ class TTLinear(nn.Module):
 class TTMLP(Student):
     """An MLP whose dense layers are TT-layers: a compressed student made from a trained MLP teacher.
 
-    Its TT-layers run :class:`TTLinear`'s planned contraction (for the MNIST student of
-    ``configs/mnist/ttmlp_from_mlp.yaml`` at batch 128: cores (1, 2) and (3, 4) merged, one
-    chunk for 784 -> 1200 and three for 1200 -> 1200); ``benchmarks/ttmlp_epoch.py`` times an
-    epoch.
+    Its TT-layers run :class:`TTLinear`'s planned contraction; ``benchmarks/ttmlp_epoch.py``
+    times an epoch.
 
     Args:
         layers: the network, an ``nn.Sequential`` of ``Flatten``, ``TTLinear``/``Linear``,

@@ -51,8 +51,7 @@ import torch
 from tnkd.tn import native
 from tnkd.tn.stable import Column, StableNetwork, full_precision
 
-#: tensors multiplied into a value between two renormalisations on the lean plan of
-#: :class:`TreePlan` (tried first; the network's plan, 12, after a pass had to be rerun)
+#: tensors multiplied into a value between two renormalisations on :class:`TreePlan`'s lean plan
 LEAN_RENORM_AFTER = 64
 
 #: a level: (weight slot, left children, right children, renormalised, result slot)
