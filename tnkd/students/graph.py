@@ -83,7 +83,7 @@ from tnkd.students.base import (
 from tnkd.tn.chain import contract_chain
 from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.fused import TreePlan
-from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
+from tnkd.tn.graph import NetworkSpec, TNGraph, connect, index_ends, make_node
 from tnkd.tn.planner import (
     METHODS,
     ChainNode,
@@ -283,18 +283,16 @@ def tree_positions(spec: NetworkSpec) -> dict[str, tuple[float, float]]:
     Leaves (input nodes) are spread left to right in depth-first order; each other node sits
     above the middle of its children. Returns ``{}`` for graphs with loops (drawn in a line).
     """
-    owners: dict[str, list[str]] = {}
-    for name, idx in zip(spec.node_names, spec.node_indices, strict=True):
-        for ix in idx:
-            owners.setdefault(ix, []).append(name)
-    neighbours: dict[str, list[str]] = {n: [] for n in spec.node_names}
-    for ends in owners.values():
-        if len(ends) == 2:
-            neighbours[ends[0]].append(ends[1])
-            neighbours[ends[1]].append(ends[0])
-    if sum(len(v) for v in neighbours.values()) // 2 != len(spec.node_names) - 1:
+    names, ends = spec.node_names, index_ends(spec.node_indices)
+    neighbours: dict[str, list[str]] = {n: [] for n in names}
+    for (a, _), *other in ends.values():
+        if other:
+            ((b, _),) = other
+            neighbours[names[a]].append(names[b])
+            neighbours[names[b]].append(names[a])
+    if sum(len(v) for v in neighbours.values()) // 2 != len(names) - 1:
         return {}
-    root = owners[spec.output_indices[0]][0] if spec.output_indices else spec.node_names[0]
+    root = names[ends[spec.output_indices[0]][0][0]] if spec.output_indices else names[0]
     pos: dict[str, tuple[float, float]] = {}
     count = 0
     stack: list[tuple[str, str | None, bool]] = [(root, None, False)]

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tnkd.tn.graph import TNGraph
+from tnkd.tn.graph import TNGraph, index_ends
 
 Indices = Sequence[Sequence[str]]
 
@@ -72,10 +72,7 @@ def network_of(graph: TNGraph) -> tuple[list[torch.Tensor], list[tuple[str, ...]
 
 def _bonds(indices: Indices) -> dict[str, list[tuple[int, int]]]:
     """Label -> [(node, axis), (node, axis)] for labels shared by two axes."""
-    ends: dict[str, list[tuple[int, int]]] = {}
-    for k, idx in enumerate(indices):
-        for a, label in enumerate(idx):
-            ends.setdefault(label, []).append((k, a))
+    ends = index_ends(indices)
     bad = [label for label, e in ends.items() if len(e) > 2]
     if bad:
         raise ValueError(f"indices {bad} appear on more than two axes; expected bonds or free legs")

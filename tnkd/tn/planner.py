@@ -52,7 +52,7 @@ import torch
 
 from tnkd.registry import Registry
 from tnkd.tn.fused import TreePlan, tree_plan
-from tnkd.tn.graph import NetworkSpec
+from tnkd.tn.graph import NetworkSpec, index_ends
 from tnkd.tn.stable import StableNetwork
 
 
@@ -113,10 +113,7 @@ def recognise_chain(spec: NetworkSpec) -> tuple[ChainLayout | None, str]:
     if len(spec.output_indices) != 1:
         return None, f"it has {len(spec.output_indices)} dangling edges, a chain has one label"
     label_index = spec.output_indices[0]
-    ends: dict[str, list[tuple[int, int]]] = {}
-    for k, indices in enumerate(spec.node_indices):
-        for axis, name in enumerate(indices):
-            ends.setdefault(name, []).append((k, axis))
+    ends = index_ends(spec.node_indices)
     bonds: dict[int, dict[int, int]] = {k: {} for k in params}  # node -> {neighbour: axis}
     roles: dict[int, dict[str, int]] = {k: {} for k in params}
     input_of: dict[int, int] = {}
@@ -194,10 +191,6 @@ def recognise_tt_matrix(spec: NetworkSpec) -> tuple[bool, str]:
         return False, f"it has {len(inputs)} input nodes, a TT-matrix has one"
     inputs_indices = set(spec.node_indices[inputs[0]])
     outputs = set(spec.output_indices)
-    owners: dict[str, list[int]] = {}
-    for k, indices in enumerate(spec.node_indices):
-        for name in indices:
-            owners.setdefault(name, []).append(k)
     cores = [k for k in range(len(spec.node_names)) if k != inputs[0]]
     links = 0
     for k in cores:

@@ -61,7 +61,7 @@ import opt_einsum as oe
 import torch
 
 from tnkd.tn.contraction import einsum_equation
-from tnkd.tn.graph import NetworkSpec, TNGraph
+from tnkd.tn.graph import NetworkSpec, TNGraph, index_ends
 
 BATCH = "__batch__"
 #: tensors multiplied into an intermediate between two renormalisations (see StableNetwork)
@@ -163,16 +163,13 @@ def tree_path(spec: NetworkSpec) -> list[tuple[int, ...]] | None:
     Returns:
         A path in ``opt_einsum``'s format (positions in the shrinking operand list).
     """
-    owners: dict[str, list[int]] = {}
-    for k, idx in enumerate(spec.node_indices):
-        for ix in idx:
-            owners.setdefault(ix, []).append(k)
     n = len(spec.node_names)
     neighbours: list[set[int]] = [set() for _ in range(n)]
     edges = 0
-    for ks in owners.values():
-        if len(ks) == 2:
-            a, b = ks
+    owners = index_ends(spec.node_indices)
+    for ends in owners.values():
+        if len(ends) == 2:
+            (a, _), (b, _) = ends
             if a == b or b in neighbours[a]:
                 return None  # a self-loop or a double bond is a loop
             neighbours[a].add(b)
@@ -180,7 +177,7 @@ def tree_path(spec: NetworkSpec) -> list[tuple[int, ...]] | None:
             edges += 1
     if edges != n - 1:
         return None  # loops (or disconnected pieces)
-    root = owners[spec.output_indices[0]][0] if spec.output_indices else 0
+    root = owners[spec.output_indices[0]][0][0] if spec.output_indices else 0
     order, parent, stack, seen = [], {root: -1}, [root], {root}
     while stack:
         v = stack.pop()
