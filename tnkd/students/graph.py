@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -95,14 +94,15 @@ from tnkd.tn.planner import (
     reference_values,
 )
 from tnkd.tn.portable import chain_log_contract
-from tnkd.tn.stable import StableNetwork
+from tnkd.tn.stable import StableNetwork, as_slice
 
 OUTPUT_MODES = ("normalized", "raw")
 #: the older names of ``method`` (``contraction=``)
 CONTRACTIONS = ("auto", "stable", "plain")
 
 
-def _image_shape(input_shape: Sequence[int], what: str) -> tuple[int, int, int]:
+def image_shape(input_shape: Sequence[int], what: str) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of an image shape (a missing channel axis is 1), checked."""
     shape = tuple(input_shape)
     if len(shape) == 2:
         shape = (1, *shape)
@@ -148,7 +148,7 @@ def site_layout(
     if pool == 1 and patch == 1 and len(tuple(input_shape)) == 1:
         n = check_positive_int(f"{what} input_shape", next(iter(input_shape)))
         return (n,), feature_map.dim, n
-    c, h, w = _image_shape(input_shape, what)
+    c, h, w = image_shape(input_shape, what)
     block = max(pool, patch)
     if h % block or w % block:
         raise ValueError(
@@ -314,10 +314,7 @@ def tree_positions(spec: NetworkSpec) -> dict[str, tuple[float, float]]:
 
 def _sites(values: list[int]) -> list[int] | slice:
     """A slice when the sites are evenly spaced and increasing (a view, no copy), else the list."""
-    step = values[1] - values[0] if len(values) > 1 else 1
-    if step > 0 and all(b - a == step for a, b in itertools.pairwise(values)):
-        return slice(values[0], values[-1] + 1, step)
-    return values
+    return as_slice(values) or values
 
 
 def _widened(operands: Any, dtype: torch.dtype) -> list[Any]:
@@ -512,7 +509,7 @@ class GraphStudent(Student):
             'chain'
         """
         if device is None:
-            device = self._dtype_device()[1]
+            device = self._first_parameter().device
         if self.portable:
             return plan(self._shape, "portable", device)
         return plan(self._shape, self._method, device, self._chain_kernel)
@@ -785,7 +782,7 @@ class GraphStudent(Student):
         flat = self.flatten_input(x)
         if self.input_shape is None or len(self.input_shape) == 1:
             return flat
-        c, h, w = _image_shape(self.input_shape, type(self).__name__)
+        c, h, w = image_shape(self.input_shape, type(self).__name__)
         images = flat.view(flat.shape[0], c, h, w)
         if self.patch > 1:
             return image_patches(images, self.patch, self.patch)
@@ -818,12 +815,12 @@ class GraphStudent(Student):
             return torch.stack([torch.ones_like(u), u], 1)
         return self.features(x).permute(1, 2, 0).contiguous()
 
-    def _dtype_device(self) -> tuple[torch.dtype, torch.device]:
-        tensor = self._stored(self._block_of[self.node_names[0]][0])
-        return tensor.dtype, tensor.device
+    def _first_parameter(self) -> torch.Tensor:
+        """The first node's stored tensor: the student's dtype and device."""
+        return self._stored(self._block_of[self.node_names[0]][0])
 
     def _dtype(self) -> torch.dtype:
-        return self._stored(self._block_of[self.node_names[0]][0]).dtype
+        return self._first_parameter().dtype
 
     def operand_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The contraction's operands, one stacked tensor per block (see :class:`StableNetwork`)."""

@@ -68,6 +68,14 @@ BATCH = "__batch__"
 RENORM_AFTER = 12
 
 
+def as_slice(index: Sequence[int]) -> slice | None:
+    """``index`` as a slice when it is evenly spaced and increasing (a view, no copy), else None."""
+    step = index[1] - index[0] if len(index) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in itertools.pairwise(index)):
+        return slice(index[0], index[-1] + 1, step)
+    return None
+
+
 @dataclass(frozen=True)
 class _Step:
     inputs: tuple[int, ...]  # slot ids, in the group's canonical operand order
@@ -87,11 +95,8 @@ class Column:
         self.sources = tuple(dict.fromkeys(src for src, _ in members))
         self.source = self.sources[0] if len(self.sources) == 1 else None
         self.whole = False  # the whole source, in order (set by _layout)
-        idx = [g for _, g in members]
-        step = idx[1] - idx[0] if len(idx) > 1 else 1
-        progression = step > 0 and all(y - x == step for x, y in itertools.pairwise(idx))
-        self.slice = slice(idx[0], idx[-1] + 1, step) if progression else None
-        self.index = idx
+        self.index = [g for _, g in members]
+        self.slice = as_slice(self.index)
 
     def take(self, slots: Sequence[torch.Tensor]) -> torch.Tensor:
         """The column's operand, stacked along a leading group axis."""
