@@ -75,7 +75,6 @@ from tnkd.students.base import (
     Student,
     check_positive_int,
     count_parameters,
-    direction_logits,
     image_patches,
     scaled_values,
 )
@@ -94,7 +93,7 @@ from tnkd.tn.planner import (
     reference_values,
 )
 from tnkd.tn.portable import chain_log_contract
-from tnkd.tn.stable import StableNetwork, as_slice
+from tnkd.tn.stable import StableNetwork, as_slice, direction_logits
 
 OUTPUT_MODES = ("normalized", "raw")
 #: the older names of ``method`` (``contraction=``)

@@ -49,7 +49,7 @@ from typing import NamedTuple
 import torch
 
 from tnkd.tn import native
-from tnkd.tn.stable import Column, StableNetwork, full_precision
+from tnkd.tn.stable import Column, StableNetwork, direction_logits, full_precision
 
 #: tensors multiplied into a value between two renormalisations on :class:`TreePlan`'s lean plan
 LEAN_RENORM_AFTER = 64
@@ -160,7 +160,7 @@ class TreePlan:
     ) -> torch.Tensor:
         """Logits ``exp(s) f / ||f||`` (batch, C), the head inside the native loop's autograd node.
 
-        What :func:`normalized_logits` does with :meth:`contract`'s values (and does so for the
+        What :func:`~tnkd.tn.stable.direction_logits` does with :meth:`contract`'s values (and does so for the
         Python loop and under autocast). With ``linear_leaves`` the leaves' two input blocks are
         one (G, 2, batch) tensor of raw values ``[x_l, x_r]`` (passed in both slots) and the
         [1, x] map is fused with the leaves (:func:`linear_leaf_features`).
@@ -174,7 +174,7 @@ class TreePlan:
         if ext is None or torch.is_autocast_enabled(blocks[0].device.type):
             if linear_leaves:
                 blocks = linear_leaf_features(self, blocks)
-            return normalized_logits(self.contract(blocks, every)[0], log_scale)
+            return direction_logits(self.contract(blocks, every)[0], log_scale)
         args = (self, ext, every, self.check, log_scale, linear_leaves)
         return FastTree.apply(*args, *self.arranged(blocks))[0]
 
@@ -207,7 +207,7 @@ class FastTree(torch.autograd.Function):
     levels run on one thread; other trees split the batch into per-thread column ranges. Only
     the native loop takes the head (the root not renormalised: its squared norms ``||v||^2``
     join the divisors, so the range check guarantees they neither overflowed nor lost digits;
-    backward of ``exp(s) v / ||v||`` first, see :func:`normalized_logits`) and
+    backward of ``exp(s) v / ||v||`` first) and
     ``linear_leaves`` (the two input blocks one (G, 2, n) tensor of raw pairs, the [1, x] map
     fused with the leaves). ``ext=None``: the Python loop (:func:`tree_forward`), for other
     devices or dtypes, ``torch.compile`` tracing, ``plan.native = False`` or no compiler.
@@ -416,40 +416,3 @@ def tree_backward(levels, saved, grad_out, needs) -> list:
             left.give(grads, (g_outer * rhs.unsqueeze(1)).sum(2), rows)
             right.give(grads, g_outer.mul_(lhs.unsqueeze(2)).sum(1), rows)
     return [grads.get(k) if needs[k] else None for k in range(len(needs))]
-
-
-class _NormalizedLogits(torch.autograd.Function):
-    """``exp(s) * v / ||v||`` per row as one autograd node (see :func:`normalized_logits`)."""
-
-    @staticmethod
-    def forward(ctx, values, log_scale):
-        inverse = values.norm(dim=1, keepdim=True).clamp_min_(torch.finfo(values.dtype).tiny)
-        direction = values / inverse
-        inverse.reciprocal_()
-        scale = log_scale.exp()
-        ctx.save_for_backward(direction, inverse, scale)
-        return direction * scale
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        direction, inverse, scale = ctx.saved_tensors
-        dot = (grad * direction).sum(1, keepdim=True)
-        g_values = (grad - direction * dot).mul_(scale * inverse)
-        return g_values, (dot.sum() * scale).reshape(scale.shape)
-
-
-def normalized_logits(values: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    r"""Logits ``exp(s) v / ||v||`` (rows of a (batch, C) ``values``), with a hand-written backward.
-
-    With ``d = v / ||v||`` and the upstream gradient ``g``:
-    ``dL/dv = exp(s) (g - d (g . d)) / ||v||`` and ``dL/ds = exp(s) sum_rows g . d``. One
-    autograd node instead of five (norm, clamp, divide, exp, multiply); the rows' norms are
-    clamped at the smallest normal float, as :class:`~tnkd.students.graph.GraphStudent` does.
-
-    Example:
-        >>> v, s = torch.tensor([[3.0, 4.0]]), torch.tensor(0.0)
-        >>> normalized_logits(v, s)
-        tensor([[0.6000, 0.8000]])
-    """
-    return _NormalizedLogits.apply(values, log_scale)

@@ -579,6 +579,21 @@ def _renormalise(
     return result / scale, log, peak
 
 
+def direction_logits(values: torch.Tensor, log_logit_scale: torch.Tensor) -> torch.Tensor:
+    """Normalized logits ``exp(s) v / ||v||``: what a student with ``output="normalized"`` returns.
+
+    The norm is over the last dimension, clamped at the smallest normal float.
+    ``log_logit_scale`` broadcasts against ``values`` (a scalar, or ``(M, 1, 1)`` for stacked
+    members).
+
+    Example:
+        >>> direction_logits(torch.tensor([[3.0, 4.0]]), torch.tensor(0.0))
+        tensor([[0.6000, 0.8000]])
+    """
+    tiny = torch.finfo(values.dtype).tiny
+    return torch.exp(log_logit_scale) * (values / values.norm(dim=-1, keepdim=True).clamp_min(tiny))
+
+
 def log_abs(values: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """Log |f| of a contraction returned as ``(values, log_scale)``: finite where f != 0."""
     shape = (log_scale.shape[0],) + (1,) * (values.ndim - 1)
