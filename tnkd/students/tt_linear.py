@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tnkd.students.base import Student, check_positive_int
-from tnkd.tn.decompositions import check_factors, factorize, tt_matrix_svd
+from tnkd.tn.decompositions import check_factors, factorize, tt_matrix_svd, tt_to_full
 from tnkd.tn.graph import TNGraph, connect, make_node
 from tnkd.tn.planner import Plan, plan
 from tnkd.tn.tt_matrix import TTPlan, plan_for, tt_linear, tt_matvec
@@ -167,11 +167,8 @@ class TTLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) matrix the cores represent (for tests and inspection; not used in forward)."""
-        out = self.cores[0]
-        for core in self.cores[1:]:
-            out = torch.tensordot(out, core, dims=([out.ndim - 1], [0]))
         d = len(self.cores)
-        w = out.squeeze(0).squeeze(-1)  # (m1, n1, m2, n2, ...)
+        w = tt_to_full(list(self.cores))  # (m1, n1, m2, n2, ...)
         w = w.permute(*[2 * k + 1 for k in range(d)], *[2 * k for k in range(d)])
         return w.reshape(self.out_features, self.in_features)
 

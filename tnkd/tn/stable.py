@@ -60,10 +60,10 @@ from typing import Any
 import opt_einsum as oe
 import torch
 
+from tnkd.tn.contraction import BATCH_INDEX as BATCH
 from tnkd.tn.contraction import einsum_equation
 from tnkd.tn.graph import NetworkSpec, TNGraph, index_ends
 
-BATCH = "__batch__"
 #: tensors multiplied into an intermediate between two renormalisations (see StableNetwork)
 RENORM_AFTER = 12
 
