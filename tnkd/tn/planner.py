@@ -36,8 +36,8 @@ its kernel choice).
 Example:
     >>> from tnkd.students import MPSClassifier
     >>> graph = MPSClassifier(num_sites=8, num_classes=3, bond_dim=4).to_graph()
-    >>> recognise_chain(graph.spec())[0].label_position
-    4
+    >>> recognise_chain(graph.spec())[0].label_position  # after the left boundary and 4 sites
+    5
     >>> plan(graph.spec(), "auto").engine
     'chain'
 """
