@@ -986,11 +986,12 @@ class GraphStudent(Student):
 
     def load_node_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Copy tensors into the parameter nodes (by node name; shapes must match)."""
+        own_tensors = self.node_tensors()
         with torch.no_grad():
             for name, value in tensors.items():
                 if name not in self._block_of:
                     raise ValueError(f"no parameter node {name!r}; nodes are {self.node_names}")
-                own = self.node_tensors()[name]
+                own = own_tensors[name]
                 if tuple(value.shape) != tuple(own.shape):
                     raise ValueError(
                         f"node {name!r} has shape {tuple(own.shape)}, but got {tuple(value.shape)}"

@@ -115,67 +115,47 @@ def _pad(value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def _mps_like(
-    student: MPSClassifier, bond_dim: int, tensors: dict[str, torch.Tensor]
-) -> MPSClassifier:
-    new = MPSClassifier(
-        student.num_sites,
-        student.num_classes,
-        bond_dim,
-        feature_map=copy.deepcopy(student.feature_map),
-        label_position=student.label_position,
-        output=student.output,
-        method=student.method,
-        pool=student.pool,
-        patch=student.patch,
-    ).to(student.cores.dtype)
-    d = student.feature_map.dim
-    with torch.no_grad():
-        new.left.copy_(_pad(tensors["left"], (bond_dim,)))
-        new.right.copy_(_pad(tensors["right"], (bond_dim,)))
-        new.output_core.copy_(_pad(tensors["output"], (bond_dim, student.num_classes, bond_dim)))
-        for i in range(student.num_sites):
-            new.cores[i] = _pad(tensors[f"site_{i}"], (bond_dim, d, bond_dim))
-    return new
-
-
-def _tt_like(student: TTNetwork, rank: int, tensors: dict[str, torch.Tensor]) -> TTNetwork:
-    new = TTNetwork(
-        student.input_shape,
-        student.num_classes,
-        patch_size=student.patch_size,
-        rank=rank,
-        feature_map=copy.deepcopy(student.feature_map),
-        equal_cores=False,
-        output=student.output,
-    ).to(student.first.dtype)
-    n, d = student.feature_dim, student.num_patches
-    with torch.no_grad():
-        new.first.copy_(_pad(tensors["core_0"], (n, rank)))
-        for k in range(1, d - 1):
-            new.inner_cores[k - 1] = _pad(tensors[f"core_{k}"], (rank, n, rank))
-        new.last.copy_(_pad(tensors[f"core_{d - 1}"], (rank, n, student.num_classes)))
-    return new
-
-
-def _tree_like(
-    student: TreeClassifier, bond_dim: int, tensors: dict[str, torch.Tensor]
-) -> TreeClassifier:
+def _like(student: Student, width: int) -> GraphStudent:
+    """A student of ``student``'s family and arguments with bond dimension (TT-rank) ``width``."""
     fmap: FeatureMap = copy.deepcopy(student.feature_map)
-    new = TreeClassifier(
-        student.input_shape,
-        student.num_classes,
-        bond_dim,
-        feature_map=fmap,
-        pool=student.pool,
-        patch=student.patch,
-        output=student.output,
-        method=student.method,
-        compile=student.compile,
-    ).to(student.blocks[0].dtype)
-    shapes = {name: tuple(t.shape) for name, t in new.node_tensors().items()}
-    new.load_node_tensors({name: _pad(t, shapes[name]) for name, t in tensors.items()})
-    return new
+    if isinstance(student, MPSClassifier):
+        return MPSClassifier(
+            student.num_sites,
+            student.num_classes,
+            width,
+            feature_map=fmap,
+            label_position=student.label_position,
+            output=student.output,
+            method=student.method,
+            pool=student.pool,
+            patch=student.patch,
+        )
+    if isinstance(student, TTNetwork):
+        return TTNetwork(
+            student.input_shape,
+            student.num_classes,
+            patch_size=student.patch_size,
+            rank=width,
+            feature_map=fmap,
+            equal_cores=False,
+            output=student.output,
+        )
+    if isinstance(student, TreeClassifier):
+        return TreeClassifier(
+            student.input_shape,
+            student.num_classes,
+            width,
+            feature_map=fmap,
+            pool=student.pool,
+            patch=student.patch,
+            output=student.output,
+            method=student.method,
+            compile=student.compile,
+        )
+    raise ValueError(
+        f"truncation of {type(student).__name__} is not supported: use MPSClassifier, "
+        "TTNetwork or TreeClassifier"
+    )
 
 
 def truncate_student(
@@ -200,17 +180,9 @@ def truncate_student(
     cut: Truncation = truncate(tensors, indices, center, rank=bond_dim, tolerance=tolerance)
     width = bond_dim if bond_dim is not None else max(cut.ranks.values(), default=1)
     values = dict(zip(names, _spread(cut.tensors, cut.log_norm), strict=True))
-    if isinstance(student, MPSClassifier):
-        new: Student = _mps_like(student, width, values)
-    elif isinstance(student, TTNetwork):
-        new = _tt_like(student, width, values)
-    elif isinstance(student, TreeClassifier):
-        new = _tree_like(student, width, values)
-    else:
-        raise ValueError(
-            f"truncation of {type(student).__name__} is not supported: use MPSClassifier, "
-            "TTNetwork or TreeClassifier"
-        )
+    new = _like(student, width).to(student._dtype())
+    shapes = {name: tuple(t.shape) for name, t in new.node_tensors().items()}
+    new.load_node_tensors({name: _pad(t, shapes[name]) for name, t in values.items()})
     if hasattr(student, "log_logit_scale") and hasattr(new, "log_logit_scale"):
         with torch.no_grad():
             new.log_logit_scale.copy_(student.log_logit_scale)
