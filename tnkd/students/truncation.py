@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,10 @@ class TruncationReport(Discarded):
     chain: bool = True
 
 
+#: the families truncate_student rebuilds (a subclass, e.g. TruncatedMPS, as its family)
+FAMILIES = (MPSClassifier, TTNetwork, TreeClassifier)
+
+
 def _network(student: Student) -> tuple[list[torch.Tensor], list[tuple[str, ...]], list[str], int]:
     """(tensors, indices, node names, centre) of a student's graph without its input nodes."""
     if isinstance(student, MPSClassifier) and student.uniform:
@@ -117,45 +122,17 @@ def _pad(value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 def _like(student: Student, width: int) -> GraphStudent:
     """A student of ``student``'s family and arguments with bond dimension (TT-rank) ``width``."""
-    fmap: FeatureMap = copy.deepcopy(student.feature_map)
-    if isinstance(student, MPSClassifier):
-        return MPSClassifier(
-            student.num_sites,
-            student.num_classes,
-            width,
-            feature_map=fmap,
-            label_position=student.label_position,
-            output=student.output,
-            method=student.method,
-            pool=student.pool,
-            patch=student.patch,
+    family = next((c for c in FAMILIES if isinstance(student, c)), None)
+    if family is None:
+        raise ValueError(
+            f"truncation of {type(student).__name__} is not supported: use MPSClassifier, "
+            "TTNetwork or TreeClassifier"
         )
-    if isinstance(student, TTNetwork):
-        return TTNetwork(
-            student.input_shape,
-            student.num_classes,
-            patch_size=student.patch_size,
-            rank=width,
-            feature_map=fmap,
-            equal_cores=False,
-            output=student.output,
-        )
-    if isinstance(student, TreeClassifier):
-        return TreeClassifier(
-            student.input_shape,
-            student.num_classes,
-            width,
-            feature_map=fmap,
-            pool=student.pool,
-            patch=student.patch,
-            output=student.output,
-            method=student.method,
-            compile=student.compile,
-        )
-    raise ValueError(
-        f"truncation of {type(student).__name__} is not supported: use MPSClassifier, "
-        "TTNetwork or TreeClassifier"
-    )
+    accepted = inspect.signature(family).parameters
+    args = {k: v for k, v in student.init_args.items() if k in accepted}
+    args["feature_map"] = copy.deepcopy(student.feature_map)  # learned maps keep what they learned
+    args["rank" if family is TTNetwork else "bond_dim"] = width
+    return family(**args)
 
 
 def truncate_student(

@@ -527,29 +527,6 @@ def _tree_chain(
     return _close(torch.stack(ends), output_core, output_features, torch.stack(logs))
 
 
-def _scan_chain(
-    left: torch.Tensor,
-    cores: torch.Tensor,
-    right: torch.Tensor,
-    features: torch.Tensor,
-    output_core: torch.Tensor,
-    position: int,
-    output_features: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`contract_chain` by the Python scan of both halves (:func:`_scan`)."""
-    members, bond, batch = cores.shape[0], cores.shape[2], features.shape[0]
-    every, block = _settings(features.dtype, bond)
-    plan, pad, extra = _mps_plan(
-        position, cores.shape[1] - position, block, features.device, members
-    )
-    sites = _insert_identity(cores, position, pad, extra)
-    feats = _per_member(_insert_e0(features.permute(1, 2, 0), position, pad, extra), members)
-    start = torch.cat([left, right]).unsqueeze(-1).expand(2 * members, bond, batch)
-    v, logs = _scan(start, sites, feats, plan, every)
-    ends = v.view(2, members, bond, batch)
-    return _close(ends, output_core, output_features, logs.view(2, members, -1))
-
-
 def contract_chain(
     left: torch.Tensor,
     cores: torch.Tensor,
@@ -599,8 +576,20 @@ def contract_chain(
         single = cores.dim() == 4
         if single:
             left, cores, right, output_core = (t[None] for t in (left, cores, right, output_core))
-        run = _tree_chain if kernel == "tree" or num_sites == 0 else _scan_chain
-        values, log_scale = run(
-            left, cores, right, features, output_core, position, output_features
+        if kernel == "tree" or num_sites == 0:
+            values, log_scale = _tree_chain(
+                left, cores, right, features, output_core, position, output_features
+            )
+            return (values[0], log_scale[0]) if single else (values, log_scale)
+        members, batch = cores.shape[0], features.shape[0]  # the Python scan of both halves
+        every, block = _settings(features.dtype, bond)
+        plan, pad, extra = _mps_plan(
+            position, num_sites - position, block, features.device, members
         )
+        sites = _insert_identity(cores, position, pad, extra)
+        feats = _insert_e0(features.permute(1, 2, 0), position, pad, extra)
+        start = torch.cat([left, right]).unsqueeze(-1).expand(2 * members, bond, batch)
+        v, logs = _scan(start, sites, _per_member(feats, members), plan, every)
+        ends = v.view(2, members, bond, batch)
+        values, log_scale = _close(ends, output_core, output_features, logs.view(2, members, -1))
     return (values[0], log_scale[0]) if single else (values, log_scale)
