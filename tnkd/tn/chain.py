@@ -500,18 +500,15 @@ def _unmerged_plan(plan: _ChainPlan) -> _ChainPlan:
     return _ChainPlan(1, torch.stack(rows), plan.in_first)
 
 
-def _tree_chain(
-    left: torch.Tensor,
-    cores: torch.Tensor,
-    right: torch.Tensor,
-    features: torch.Tensor,
-    output_core: torch.Tensor,
-    position: int,
-    output_features: torch.Tensor | None,
+def _tree_halves(
+    left: torch.Tensor, right: torch.Tensor, mats: torch.Tensor, position: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`contract_chain` by log-depth products of each half's transfer matrices."""
-    members, bond, batch = cores.shape[0], cores.shape[2], features.shape[0]
-    mats = torch.einsum("mnlsr,bns->mbnlr", cores, features)
+    """The halves' (2, M, D, B) ends and (2, M, B) log-scales by log-depth products.
+
+    ``mats`` are the (M, B, N, D, D) transfer matrices; each half's are multiplied pairwise
+    (:func:`_tree_product`) and applied to its boundary vector.
+    """
+    members, batch, _, bond, _ = mats.shape
     ends, logs = [], []
     for vector, part, eq in (
         (left, mats[:, :, :position], "ml,mblr->mrb"),
@@ -524,7 +521,7 @@ def _tree_chain(
         prod, log_scale = _tree_product(part.reshape(members * batch, -1, bond, bond))
         ends.append(torch.einsum(eq, vector, prod.view(members, batch, bond, bond)))
         logs.append(log_scale.view(members, batch))
-    return _close(torch.stack(ends), output_core, output_features, torch.stack(logs))
+    return torch.stack(ends), torch.stack(logs)
 
 
 def contract_chain(
@@ -576,20 +573,19 @@ def contract_chain(
         single = cores.dim() == 4
         if single:
             left, cores, right, output_core = (t[None] for t in (left, cores, right, output_core))
+        members, batch = cores.shape[0], features.shape[0]
         if kernel == "tree" or num_sites == 0:
-            values, log_scale = _tree_chain(
-                left, cores, right, features, output_core, position, output_features
+            mats = torch.einsum("mnlsr,bns->mbnlr", cores, features)
+            ends, logs = _tree_halves(left, right, mats, position)
+        else:  # the Python scan of both halves
+            every, block = _settings(features.dtype, bond)
+            plan, pad, extra = _mps_plan(
+                position, num_sites - position, block, features.device, members
             )
-            return (values[0], log_scale[0]) if single else (values, log_scale)
-        members, batch = cores.shape[0], features.shape[0]  # the Python scan of both halves
-        every, block = _settings(features.dtype, bond)
-        plan, pad, extra = _mps_plan(
-            position, num_sites - position, block, features.device, members
-        )
-        sites = _insert_identity(cores, position, pad, extra)
-        feats = _insert_e0(features.permute(1, 2, 0), position, pad, extra)
-        start = torch.cat([left, right]).unsqueeze(-1).expand(2 * members, bond, batch)
-        v, logs = _scan(start, sites, _per_member(feats, members), plan, every)
-        ends = v.view(2, members, bond, batch)
-        values, log_scale = _close(ends, output_core, output_features, logs.view(2, members, -1))
+            sites = _insert_identity(cores, position, pad, extra)
+            feats = _insert_e0(features.permute(1, 2, 0), position, pad, extra)
+            start = torch.cat([left, right]).unsqueeze(-1).expand(2 * members, bond, batch)
+            v, logs = _scan(start, sites, _per_member(feats, members), plan, every)
+            ends, logs = v.view(2, members, bond, batch), logs.view(2, members, -1)
+        values, log_scale = _close(ends, output_core, output_features, logs)
     return (values[0], log_scale[0]) if single else (values, log_scale)
