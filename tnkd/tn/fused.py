@@ -49,7 +49,7 @@ from typing import NamedTuple
 import torch
 
 from tnkd.tn import native
-from tnkd.tn.stable import Column, StableNetwork, direction_logits, full_precision
+from tnkd.tn.stable import Column, StableNetwork, digits_range, direction_logits, full_precision
 
 #: tensors multiplied into a value between two renormalisations on :class:`TreePlan`'s lean plan
 LEAN_RENORM_AFTER = 64
@@ -283,16 +283,6 @@ class _NativeRun(NamedTuple):
     inverse: torch.Tensor | None  # (n,) 1 / ||v||
 
 
-#: the range where float keeps all its digits, per dtype (see StableNetwork)
-_RANGES = {
-    dtype: (
-        torch.finfo(dtype).tiny / torch.finfo(dtype).eps,
-        torch.finfo(dtype).max * torch.finfo(dtype).eps,
-    )
-    for dtype in (torch.float32, torch.float64)
-}
-
-
 @functools.lru_cache(maxsize=256)
 def _native_plan(levels: tuple, every: bool, square: bool) -> tuple[list[list], list[bool]]:
     """The kernels' plan arguments: the levels' slots, and which levels are renormalised.
@@ -326,7 +316,7 @@ def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear):
         list(blocks), *slots, renorm, linear, square, log_scale
     )
     if (check or square) and not every:
-        lowest, highest = _RANGES[divisors.dtype]
+        lowest, highest = digits_range(divisors.dtype)
         if not (low >= lowest and high <= highest):
             return None  # False for NaN too
     saved = _NativeRun(slots, renorm, linear, outs, divisors, log_scale, logits, inverse)
@@ -389,7 +379,8 @@ def tree_forward(levels, blocks, every: bool, check: bool):
     divisors = torch.cat(scales)
     if check and not every:
         low, high = torch.aminmax(divisors)
-        if not (low.item() >= info.tiny / info.eps and high.item() <= info.max * info.eps):
+        lowest, highest = digits_range(divisors.dtype)
+        if not (low.item() >= lowest and high.item() <= highest):
             return None  # False for NaN too
     return out, divisors, (saved, [t.shape[0] for t in slots])
 

@@ -76,6 +76,13 @@ def as_slice(index: Sequence[int]) -> slice | None:
     return None
 
 
+@functools.cache
+def digits_range(dtype: torch.dtype) -> tuple[float, float]:
+    """``[tiny / eps, max * eps]``: the magnitudes at which ``dtype`` keeps all its digits."""
+    info = torch.finfo(dtype)
+    return info.tiny / info.eps, info.max * info.eps
+
+
 @dataclass(frozen=True)
 class _Step:
     inputs: tuple[int, ...]  # slot ids, in the group's canonical operand order
@@ -535,7 +542,7 @@ class StableNetwork:
         if not every and self.renormalisations < self.kernels:
             # between renormalisations a value may have left the range where float keeps all its
             # digits: then contract again, renormalising after every step
-            lowest, highest = info.tiny / info.eps, info.max * info.eps
+            lowest, highest = digits_range(blocks[0].dtype)
             worst = torch.cat([p.reshape(-1) for p in peaks])
             if not bool(((worst >= lowest) & (worst <= highest)).all()):  # False for NaN too
                 return self._contract(blocks, every=True)
