@@ -860,11 +860,8 @@ class GraphStudent(Student):
 
     def _chain_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The chain engine: :func:`~tnkd.tn.chain.contract_chain` on the assembled chain."""
-        left, cores, right, feats, output_core, position, label = self._chain_arguments(
-            self.features(x)
-        )
-        kernel = self._chain_kernel
-        return contract_chain(left, cores, right, feats, output_core, position, kernel, label)
+        *operands, label = self._chain_arguments(self.features(x))
+        return contract_chain(*operands, self._chain_kernel, label)
 
     def _portable_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The portable engine (:mod:`tnkd.tn.portable`): tensor operations only, for export.

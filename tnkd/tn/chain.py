@@ -386,8 +386,7 @@ class _NativeChain(torch.autograd.Function):
     chain's output core (the usual case) is contracted natively too, ``values[b, c] =
     sum_{l, r} u[l, b] O[l, c, r] w[r, b]``, and differentiated by hand; M chains' or an output
     core that reads an input are closed by :func:`_close`, differentiated by autograd inside
-    the backward pass. One node instead of about twenty: at small D the autograd bookkeeping of
-    the preparation and of the output contraction cost as much as the whole native scan.
+    the backward pass (why one node: ``docs/benchmarks/chain.md``).
     """
 
     @staticmethod
