@@ -453,16 +453,17 @@ class GraphStudent(Student):
         self._compiled: CompiledNetwork | None = None
         self._reference: CompiledNetwork | None = None  # the reference engine, along the path
         self._shape = examine(spec)
+        traced = "compile=True traces the stable path"
         if compile:
-            self._shape.chain, self._shape.why_not_chain = (
-                None,
-                "compile=True traces the stable path",
-            )
+            self._shape.chain, self._shape.why_not_chain = None, traced
         self._network: StableNetwork | None = None
         #: the tree engine's plan (:func:`~tnkd.tn.fused.tree_plan`) when the graph is a tree
         self.tree_plan: TreePlan | None = None
         if self._shape.chain is None or method not in ("auto", "chain"):
-            self._examine_stable_paths()
+            # the pairwise schedule, and whether it is a binary tree (the tree engine's plan)
+            self._network, self.tree_plan = examine_tree(self._shape, optimize)
+            if compile:
+                self._shape.tree, self._shape.why_not_tree = False, traced
         #: the engine chosen from the graph's shape (``plan()`` adds the device's kernel)
         self.engine = choose(self._shape, method)[0].name
         if tie_sites and self.engine != "chain":
@@ -482,15 +483,6 @@ class GraphStudent(Student):
             self._store_blocks(initial, sites, num_sites)
         if output == "normalized":
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
-
-    def _examine_stable_paths(self) -> None:
-        """Schedule the pairwise steps and tell the planner whether the graph is a binary tree."""
-        self._network, self.tree_plan = examine_tree(self._shape, self.optimize)
-        if self.compile:
-            self._shape.tree, self._shape.why_not_tree = (
-                False,
-                "compile=True traces the stable path",
-            )
 
     @property
     def network(self) -> StableNetwork:
