@@ -118,7 +118,7 @@ class TreePlan:
         self.permutations = dict(permutations or {})
         #: some levels are not renormalised: check the divisors' range (and rerun if needed)
         self.check = not all(level[3] for level in self.levels)
-        #: run the level loop natively where it can (:func:`tree_kernels`); False: the Python loop
+        #: run the level loop natively where it can (:meth:`kernels`); False: the Python loop
         self.native = True
         #: the levels with the lean renormalisation plan (see the class docstring), or None
         self.lean_levels = None if lean_after is None else self._lean(lean_after)
@@ -186,8 +186,18 @@ class TreePlan:
         return blocks
 
     def kernels(self, blocks: Sequence[torch.Tensor]):
-        """The native level loop for these blocks (:func:`tree_kernels`), or None: the Python loop."""
-        return tree_kernels(blocks) if self.native else None
+        """The native level loop (:mod:`tnkd.tn.native`, ``"tree_levels"``) for these blocks, or None.
+
+        None (the Python loop runs) with ``native = False``, off the CPU, for other dtypes than
+        float32 and float64, blocks of mixed dtypes, while ``torch.compile`` traces (it cannot
+        trace into the native functions) and where the kernels cannot be built.
+        """
+        first = blocks[0]
+        if not self.native or not native.supports(first) or torch.compiler.is_compiling():
+            return None
+        if any(b.dtype != first.dtype or b.device != first.device for b in blocks):
+            return None
+        return native.kernels("tree_levels")
 
 
 class FastTree(torch.autograd.Function):
@@ -253,21 +263,6 @@ class FastTree(torch.autograd.Function):
             grads = native_tree_backward(ctx.ext, ctx.saved, blocks, grad_out, needs)
             g_head = grads.pop() if ctx.saved.log_scale is not None else None
         return None, None, None, None, g_head, None, *grads
-
-
-def tree_kernels(blocks: Sequence[torch.Tensor]):
-    """The native level loop (:mod:`tnkd.tn.native`, ``"tree_levels"``) for these blocks, or None.
-
-    None (the Python loop runs) off the CPU, for other dtypes than float32 and float64, blocks
-    of mixed dtypes, while ``torch.compile`` traces (it cannot trace into the native functions)
-    and where the kernels cannot be built.
-    """
-    first = blocks[0]
-    if not native.supports(first) or torch.compiler.is_compiling():
-        return None
-    if any(b.dtype != first.dtype or b.device != first.device for b in blocks):
-        return None
-    return native.kernels("tree_levels")
 
 
 class _NativeRun(NamedTuple):
