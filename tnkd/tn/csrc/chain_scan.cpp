@@ -50,6 +50,19 @@ void matmul(const T* A, Strides st, int64_t m, int64_t bond, const T* x, int64_t
                      std::min<int64_t>(L, batch - b0));
 }
 
+// G (rows, cols) = x (rows, ldx) @ vt (batch, ldv), ldv = cols rounded up to whole registers.
+template <typename T>
+void gram(const T* x, int64_t rows, int64_t ldx, const T* vt, int64_t ldv, int64_t batch, T* G,
+          int64_t cols) {
+  constexpr int64_t L = Vec<T>::lanes;
+  for (int64_t c0 = 0; c0 < ldv; c0 += 2 * L) {
+    if (ldv - c0 >= 2 * L)
+      gram_rows<T, 2, false>(x, rows, ldx, vt, ldv, batch, G, cols, c0);
+    else
+      gram_rows<T, 1, false>(x, rows, ldx, vt, ldv, batch, G, cols, c0);
+  }
+}
+
 // out[i][j] = sum_k a[i*ai + k*ak] b[k*ldb + j] for i < rows, j < cols (out row-major, ldo):
 // a small matrix product vectorised along j (the merge of site pairs, its gradient and the
 // output core; the scan steps use matmul above).
@@ -275,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
             const T* v = v_ptr + (i * K + k) * D * B;
             for (int64_t c = 0; c < D; ++c)
               for (int64_t b = 0; b < B; ++b) vt[b * ldv + c] = v[c * B + b];
-            gram<T, false>(x.data(), m * D, padded, vt.data(), ldv, B, G.data(), D);
+            gram(x.data(), m * D, padded, vt.data(), ldv, B, G.data(), D);
             T* dst = gb_ptr + blk * D * m * D;  // [l][s][r]
             for (int64_t s = 0; s < m; ++s)
               for (int64_t o = 0; o < D; ++o)
@@ -341,7 +354,7 @@ at::Tensor unmerge_pairs(at::Tensor g_blocks, at::Tensor sites) {
         for (int64_t c = 0; c < D; ++c)
           for (int64_t j = 0; j < row; ++j) a2t[j * ldv + c] = a2[c * row + j];
         // g_A1 = g_M A2^T: a (D d, D) product reducing over (s2, r)
-        gram<T, false>(gm, D * d, row, a2t.data(), ldv, row, g1, D);
+        gram(gm, D * d, row, a2t.data(), ldv, row, g1, D);
         // g_A2 = A1^T g_M
         small_matmul(a1, 1, D, D, D * d, gm, row, row, g2, row);
       }
@@ -517,7 +530,7 @@ std::vector<at::Tensor> mps_output_backward(at::Tensor grad, at::Tensor ends, at
       std::vector<T> wt(B * ldv, T(0));
       for (int64_t r = 0; r < D; ++r)
         for (int64_t b = 0; b < B; ++b) wt[b * ldv + r] = w[r * B + b];
-      gram<T, false>(ug.data(), D * C, B, wt.data(), ldv, B, g_core.data_ptr<T>(), D);
+      gram(ug.data(), D * C, B, wt.data(), ldv, B, g_core.data_ptr<T>(), D);
     }
   });
   return {g_ends, g_core};

@@ -65,6 +65,19 @@ void matmul(const T* a, int64_t ar, int64_t ak, int64_t rows, int64_t depth, con
   }
 }
 
+// gw (rows, P) += o (rows, cols) @ gt (cols, ldg); ldg >= P rounded up to whole registers.
+template <typename T>
+void gram(const T* o, int64_t rows, int64_t ldo, const T* gt, int64_t ldg, int64_t cols, T* gw,
+          int64_t P) {
+  constexpr int64_t L = Vec<T>::lanes;
+  for (int64_t p0 = 0; p0 < P; p0 += 2 * L) {
+    if (P - p0 > L)
+      gram_rows<T, 2, true>(o, rows, ldo, gt, ldg, cols, gw, P, p0);
+    else
+      gram_rows<T, 1, true>(o, rows, ldo, gt, ldg, cols, gw, P, p0);
+  }
+}
+
 // A child: element (node, row, column) at ptr[node*sn + row*sr + column*sc].
 template <typename T>
 struct Child {
@@ -651,10 +664,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
                     store(q + b * lv.P + p0, rv * load(grow_t + p0));
                 }
               }
-              gram<T, true>(sc.ls.base, lv.A, width, sc.qt.base, ldq, cols, gw, lv.B * lv.P);
+              gram(sc.ls.base, lv.A, width, sc.qt.base, ldq, cols, gw, lv.B * lv.P);
             } else {  // g_W[(a, b)][p] = sum_c (left (x) right)[(a, b)][c] G[c][p]
               outer(sc.ls.base, lv.A, sc.rs.base, lv.B, nv, width, sc.o.base);
-              gram<T, true>(sc.o.base, ab, width, sc.gt.base, ldg, cols, gw, lv.P);
+              gram(sc.o.base, ab, width, sc.gt.base, ldg, cols, gw, lv.P);
             }
           }
           if (!need_children) continue;
