@@ -10,7 +10,7 @@ from tn_reference import dense_coefficients, evaluate_dense
 
 from tnkd.students import GraphStudent, MPSClassifier, PEPSClassifier, TreeClassifier
 from tnkd.tn.graph import TNGraph, connect, make_node
-from tnkd.tn.planner import ENGINES, METHODS, chain_layout, plan, recognise_chain
+from tnkd.tn.planner import ENGINES, METHODS, plan, recognise_chain
 
 
 def chain_graph(
@@ -234,8 +234,8 @@ def test_graphs_that_are_not_chains_say_why():
         connect(a, "r", b, "l")
     xs = _inputs(ring)
     graph = TNGraph([*ring, *xs], [x.name for x in xs], [ring[0]["c"]])
-    assert chain_layout(graph.spec()) is None
-    assert "open path" in recognise_chain(graph.spec())[1]
+    layout, why = recognise_chain(graph.spec())
+    assert layout is None and "open path" in why
     # a bond matrix between two sites
     a = make_node((2, 2), "A", ["p", "r"])
     m = make_node((2, 2), "M", ["l", "r"])

@@ -20,17 +20,6 @@ def scaled_values(values: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor
     return values * torch.exp(log_scale).unsqueeze(-1)
 
 
-def direction_logits(values: torch.Tensor, log_logit_scale: torch.Tensor) -> torch.Tensor:
-    """Normalized logits ``exp(s) v / ||v||``: what a student with ``output="normalized"`` returns.
-
-    The norm is over the last dimension, clamped at the smallest normal float. ``log_logit_scale`` broadcasts against ``values`` (a scalar, or ``(M, 1, 1)`` for stacked
-    members). Plain autograd; :func:`tnkd.tn.fused.normalized_logits` is the one-node version
-    for (batch, C) values with a scalar scale.
-    """
-    tiny = torch.finfo(values.dtype).tiny
-    return torch.exp(log_logit_scale) * (values / values.norm(dim=-1, keepdim=True).clamp_min(tiny))
-
-
 def count_parameters(module: nn.Module) -> int:
     """Number of distinct trainable scalars (shared tensors counted once)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -37,9 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tnkd.students.base import direction_logits, scaled_values
+from tnkd.students.base import scaled_values
 from tnkd.students.mps import MPSClassifier
 from tnkd.tn.chain import contract_chain
+from tnkd.tn.stable import direction_logits
 
 #: the parameters an MPSClassifier member stacks (``log_logit_scale`` only with normalized output)
 MPS_PARAMETERS = ("cores", "left", "right", "output_core", "log_logit_scale")

@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -76,14 +75,13 @@ from tnkd.students.base import (
     Student,
     check_positive_int,
     count_parameters,
-    direction_logits,
     image_patches,
     scaled_values,
 )
 from tnkd.tn.chain import contract_chain
 from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.fused import TreePlan
-from tnkd.tn.graph import NetworkSpec, TNGraph, connect, make_node
+from tnkd.tn.graph import NetworkSpec, TNGraph, connect, index_ends, make_node
 from tnkd.tn.planner import (
     METHODS,
     ChainNode,
@@ -95,14 +93,15 @@ from tnkd.tn.planner import (
     reference_values,
 )
 from tnkd.tn.portable import chain_log_contract
-from tnkd.tn.stable import StableNetwork
+from tnkd.tn.stable import StableNetwork, as_slice, direction_logits
 
 OUTPUT_MODES = ("normalized", "raw")
 #: the older names of ``method`` (``contraction=``)
 CONTRACTIONS = ("auto", "stable", "plain")
 
 
-def _image_shape(input_shape: Sequence[int], what: str) -> tuple[int, int, int]:
+def image_shape(input_shape: Sequence[int], what: str) -> tuple[int, int, int]:
+    """``(channels, height, width)`` of an image shape (a missing channel axis is 1), checked."""
     shape = tuple(input_shape)
     if len(shape) == 2:
         shape = (1, *shape)
@@ -148,7 +147,7 @@ def site_layout(
     if pool == 1 and patch == 1 and len(tuple(input_shape)) == 1:
         n = check_positive_int(f"{what} input_shape", next(iter(input_shape)))
         return (n,), feature_map.dim, n
-    c, h, w = _image_shape(input_shape, what)
+    c, h, w = image_shape(input_shape, what)
     block = max(pool, patch)
     if h % block or w % block:
         raise ValueError(
@@ -283,18 +282,16 @@ def tree_positions(spec: NetworkSpec) -> dict[str, tuple[float, float]]:
     Leaves (input nodes) are spread left to right in depth-first order; each other node sits
     above the middle of its children. Returns ``{}`` for graphs with loops (drawn in a line).
     """
-    owners: dict[str, list[str]] = {}
-    for name, idx in zip(spec.node_names, spec.node_indices, strict=True):
-        for ix in idx:
-            owners.setdefault(ix, []).append(name)
-    neighbours: dict[str, list[str]] = {n: [] for n in spec.node_names}
-    for ends in owners.values():
-        if len(ends) == 2:
-            neighbours[ends[0]].append(ends[1])
-            neighbours[ends[1]].append(ends[0])
-    if sum(len(v) for v in neighbours.values()) // 2 != len(spec.node_names) - 1:
+    names, ends = spec.node_names, index_ends(spec.node_indices)
+    neighbours: dict[str, list[str]] = {n: [] for n in names}
+    for (a, _), *other in ends.values():
+        if other:
+            ((b, _),) = other
+            neighbours[names[a]].append(names[b])
+            neighbours[names[b]].append(names[a])
+    if sum(len(v) for v in neighbours.values()) // 2 != len(names) - 1:
         return {}
-    root = owners[spec.output_indices[0]][0] if spec.output_indices else spec.node_names[0]
+    root = names[ends[spec.output_indices[0]][0][0]] if spec.output_indices else names[0]
     pos: dict[str, tuple[float, float]] = {}
     count = 0
     stack: list[tuple[str, str | None, bool]] = [(root, None, False)]
@@ -316,10 +313,7 @@ def tree_positions(spec: NetworkSpec) -> dict[str, tuple[float, float]]:
 
 def _sites(values: list[int]) -> list[int] | slice:
     """A slice when the sites are evenly spaced and increasing (a view, no copy), else the list."""
-    step = values[1] - values[0] if len(values) > 1 else 1
-    if step > 0 and all(b - a == step for a, b in itertools.pairwise(values)):
-        return slice(values[0], values[-1] + 1, step)
-    return values
+    return as_slice(values) or values
 
 
 def _widened(operands: Any, dtype: torch.dtype) -> list[Any]:
@@ -459,16 +453,17 @@ class GraphStudent(Student):
         self._compiled: CompiledNetwork | None = None
         self._reference: CompiledNetwork | None = None  # the reference engine, along the path
         self._shape = examine(spec)
+        traced = "compile=True traces the stable path"
         if compile:
-            self._shape.chain, self._shape.why_not_chain = (
-                None,
-                "compile=True traces the stable path",
-            )
+            self._shape.chain, self._shape.why_not_chain = None, traced
         self._network: StableNetwork | None = None
         #: the tree engine's plan (:func:`~tnkd.tn.fused.tree_plan`) when the graph is a tree
         self.tree_plan: TreePlan | None = None
         if self._shape.chain is None or method not in ("auto", "chain"):
-            self._examine_stable_paths()
+            # the pairwise schedule, and whether it is a binary tree (the tree engine's plan)
+            self._network, self.tree_plan = examine_tree(self._shape, optimize)
+            if compile:
+                self._shape.tree, self._shape.why_not_tree = False, traced
         #: the engine chosen from the graph's shape (``plan()`` adds the device's kernel)
         self.engine = choose(self._shape, method)[0].name
         if tie_sites and self.engine != "chain":
@@ -489,15 +484,6 @@ class GraphStudent(Student):
         if output == "normalized":
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
 
-    def _examine_stable_paths(self) -> None:
-        """Schedule the pairwise steps and tell the planner whether the graph is a binary tree."""
-        self._network, self.tree_plan = examine_tree(self._shape, self.optimize)
-        if self.compile:
-            self._shape.tree, self._shape.why_not_tree = (
-                False,
-                "compile=True traces the stable path",
-            )
-
     @property
     def network(self) -> StableNetwork:
         """The graph's pairwise schedule (:class:`~tnkd.tn.stable.StableNetwork`), made on first use."""
@@ -514,7 +500,7 @@ class GraphStudent(Student):
             'chain'
         """
         if device is None:
-            device = self._dtype_device()[1]
+            device = self._first_parameter().device
         if self.portable:
             return plan(self._shape, "portable", device)
         return plan(self._shape, self._method, device, self._chain_kernel)
@@ -787,7 +773,7 @@ class GraphStudent(Student):
         flat = self.flatten_input(x)
         if self.input_shape is None or len(self.input_shape) == 1:
             return flat
-        c, h, w = _image_shape(self.input_shape, type(self).__name__)
+        c, h, w = image_shape(self.input_shape, type(self).__name__)
         images = flat.view(flat.shape[0], c, h, w)
         if self.patch > 1:
             return image_patches(images, self.patch, self.patch)
@@ -820,12 +806,12 @@ class GraphStudent(Student):
             return torch.stack([torch.ones_like(u), u], 1)
         return self.features(x).permute(1, 2, 0).contiguous()
 
-    def _dtype_device(self) -> tuple[torch.dtype, torch.device]:
-        tensor = self._stored(self._block_of[self.node_names[0]][0])
-        return tensor.dtype, tensor.device
+    def _first_parameter(self) -> torch.Tensor:
+        """The first node's stored tensor: the student's dtype and device."""
+        return self._stored(self._block_of[self.node_names[0]][0])
 
     def _dtype(self) -> torch.dtype:
-        return self._stored(self._block_of[self.node_names[0]][0]).dtype
+        return self._first_parameter().dtype
 
     def operand_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The contraction's operands, one stacked tensor per block (see :class:`StableNetwork`)."""
@@ -866,11 +852,8 @@ class GraphStudent(Student):
 
     def _chain_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The chain engine: :func:`~tnkd.tn.chain.contract_chain` on the assembled chain."""
-        left, cores, right, feats, output_core, position, label = self._chain_arguments(
-            self.features(x)
-        )
-        kernel = self._chain_kernel
-        return contract_chain(left, cores, right, feats, output_core, position, kernel, label)
+        *operands, label = self._chain_arguments(self.features(x))
+        return contract_chain(*operands, self._chain_kernel, label)
 
     def _portable_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The portable engine (:mod:`tnkd.tn.portable`): tensor operations only, for export.
@@ -990,11 +973,12 @@ class GraphStudent(Student):
 
     def load_node_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Copy tensors into the parameter nodes (by node name; shapes must match)."""
+        own_tensors = self.node_tensors()
         with torch.no_grad():
             for name, value in tensors.items():
                 if name not in self._block_of:
                     raise ValueError(f"no parameter node {name!r}; nodes are {self.node_names}")
-                own = self.node_tensors()[name]
+                own = own_tensors[name]
                 if tuple(value.shape) != tuple(own.shape):
                     raise ValueError(
                         f"node {name!r} has shape {tuple(own.shape)}, but got {tuple(value.shape)}"

@@ -112,10 +112,8 @@ class MPSClassifier(GraphStudent):
             becomes 196 sites of 4 pixels each.
 
     Learning rate: Adam moves every core entry by about ``lr`` per step, and all N cores move
-    at once, so the output moves more per step as the chain and D grow. Measured with Adam(W)
-    and cosine decay, batch 100: a 64-site D = 10 chain (digits) trains well at 3e-3, a 196-site
-    D = 32 chain on MNIST at 1e-3, but on Fashion-MNIST the same chain plateaued at 87 % test
-    accuracy with 1e-3 (3e-3 and D = 64: worse) and reached 89.6-90.0 % with 3e-4, 30 epochs.
+    at once, so longer chains and larger D want a smaller ``lr`` (the rates measured:
+    ``docs/benchmarks/chain.md``).
 
     Example:
         >>> mps = MPSClassifier(num_sites=64, num_classes=10, bond_dim=8)

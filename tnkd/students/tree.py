@@ -28,9 +28,8 @@ gives it to the tree engine (:mod:`tnkd.tn.fused`, for any graph made only of su
 whole contraction is one autograd node with a hand-written backward, whose level loop runs in
 C++ on CPU (``tnkd/tn/csrc/tree_levels.cpp``, compiled on first use; in a balanced tree each
 thread runs every level of its own subtrees, with no synchronisation between levels): see
-``benchmarks/tree_vs_tensorkrowch.py`` for its speed against TensorKrowch's ``Tree`` (2.7-6x
-its training throughput at 64-1024 sites, D = 8 and 16, batch 100, at 1 and 2 threads on a
-2-core CPU). The parameter count is what limits D: over the 196 pixels of a 2x2-pooled MNIST
+``benchmarks/tree_vs_tensorkrowch.py`` for its speed against TensorKrowch's ``Tree``
+(``docs/benchmarks/graphs.md``). The parameter count is what limits D: over the 196 pixels of a 2x2-pooled MNIST
 image a tree has 32,545 parameters at D = 8 and 209,185 at D = 16 (98 leaves, ~97 D^3 inner
 nodes).
 

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,16 +51,16 @@ from tnkd.students.mps import MPSClassifier
 from tnkd.students.tree import TreeClassifier
 from tnkd.students.tt_network import TTNetwork
 from tnkd.tn.canonical import (
+    Discarded,
     Truncation,
     entanglement_entropy,
-    error_bound,
     network_of,
     truncate,
 )
 
 
 @dataclass
-class TruncationReport:
+class TruncationReport(Discarded):
     """What a truncation kept and cut (see :class:`tnkd.tn.canonical.Truncation`).
 
     Attributes:
@@ -78,19 +79,9 @@ class TruncationReport:
     params_after: int
     chain: bool = True
 
-    @property
-    def total_discarded(self) -> float:
-        """Sum of the discarded weights."""
-        return float(sum(self.discarded.values()))
 
-    @property
-    def error_bound(self) -> float:
-        """Bound on ||W - W_trunc||_F / ||W||_F for the full coefficient tensor W.
-
-        sqrt(total_discarded) for chains (MPS, TT networks); the sum of the square roots of the
-        discarded weights for trees (see :mod:`tnkd.tn.canonical`).
-        """
-        return error_bound(self.discarded, self.chain)
+#: the families truncate_student rebuilds (a subclass, e.g. TruncatedMPS, as its family)
+FAMILIES = (MPSClassifier, TTNetwork, TreeClassifier)
 
 
 def _network(student: Student) -> tuple[list[torch.Tensor], list[tuple[str, ...]], list[str], int]:
@@ -129,67 +120,19 @@ def _pad(value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return out
 
 
-def _mps_like(
-    student: MPSClassifier, bond_dim: int, tensors: dict[str, torch.Tensor]
-) -> MPSClassifier:
-    new = MPSClassifier(
-        student.num_sites,
-        student.num_classes,
-        bond_dim,
-        feature_map=copy.deepcopy(student.feature_map),
-        label_position=student.label_position,
-        output=student.output,
-        method=student.method,
-        pool=student.pool,
-        patch=student.patch,
-    ).to(student.cores.dtype)
-    d = student.feature_map.dim
-    with torch.no_grad():
-        new.left.copy_(_pad(tensors["left"], (bond_dim,)))
-        new.right.copy_(_pad(tensors["right"], (bond_dim,)))
-        new.output_core.copy_(_pad(tensors["output"], (bond_dim, student.num_classes, bond_dim)))
-        for i in range(student.num_sites):
-            new.cores[i] = _pad(tensors[f"site_{i}"], (bond_dim, d, bond_dim))
-    return new
-
-
-def _tt_like(student: TTNetwork, rank: int, tensors: dict[str, torch.Tensor]) -> TTNetwork:
-    new = TTNetwork(
-        student.input_shape,
-        student.num_classes,
-        patch_size=student.patch_size,
-        rank=rank,
-        feature_map=copy.deepcopy(student.feature_map),
-        equal_cores=False,
-        output=student.output,
-    ).to(student.first.dtype)
-    n, d = student.feature_dim, student.num_patches
-    with torch.no_grad():
-        new.first.copy_(_pad(tensors["core_0"], (n, rank)))
-        for k in range(1, d - 1):
-            new.inner_cores[k - 1] = _pad(tensors[f"core_{k}"], (rank, n, rank))
-        new.last.copy_(_pad(tensors[f"core_{d - 1}"], (rank, n, student.num_classes)))
-    return new
-
-
-def _tree_like(
-    student: TreeClassifier, bond_dim: int, tensors: dict[str, torch.Tensor]
-) -> TreeClassifier:
-    fmap: FeatureMap = copy.deepcopy(student.feature_map)
-    new = TreeClassifier(
-        student.input_shape,
-        student.num_classes,
-        bond_dim,
-        feature_map=fmap,
-        pool=student.pool,
-        patch=student.patch,
-        output=student.output,
-        method=student.method,
-        compile=student.compile,
-    ).to(student.blocks[0].dtype)
-    shapes = {name: tuple(t.shape) for name, t in new.node_tensors().items()}
-    new.load_node_tensors({name: _pad(t, shapes[name]) for name, t in tensors.items()})
-    return new
+def _like(student: Student, width: int) -> GraphStudent:
+    """A student of ``student``'s family and arguments with bond dimension (TT-rank) ``width``."""
+    family = next((c for c in FAMILIES if isinstance(student, c)), None)
+    if family is None:
+        raise ValueError(
+            f"truncation of {type(student).__name__} is not supported: use MPSClassifier, "
+            "TTNetwork or TreeClassifier"
+        )
+    accepted = inspect.signature(family).parameters
+    args = {k: v for k, v in student.init_args.items() if k in accepted}
+    args["feature_map"] = copy.deepcopy(student.feature_map)  # learned maps keep what they learned
+    args["rank" if family is TTNetwork else "bond_dim"] = width
+    return family(**args)
 
 
 def truncate_student(
@@ -214,17 +157,9 @@ def truncate_student(
     cut: Truncation = truncate(tensors, indices, center, rank=bond_dim, tolerance=tolerance)
     width = bond_dim if bond_dim is not None else max(cut.ranks.values(), default=1)
     values = dict(zip(names, _spread(cut.tensors, cut.log_norm), strict=True))
-    if isinstance(student, MPSClassifier):
-        new: Student = _mps_like(student, width, values)
-    elif isinstance(student, TTNetwork):
-        new = _tt_like(student, width, values)
-    elif isinstance(student, TreeClassifier):
-        new = _tree_like(student, width, values)
-    else:
-        raise ValueError(
-            f"truncation of {type(student).__name__} is not supported: use MPSClassifier, "
-            "TTNetwork or TreeClassifier"
-        )
+    new = _like(student, width).to(student._dtype())
+    shapes = {name: tuple(t.shape) for name, t in new.node_tensors().items()}
+    new.load_node_tensors({name: _pad(t, shapes[name]) for name, t in values.items()})
     if hasattr(student, "log_logit_scale") and hasattr(new, "log_logit_scale"):
         with torch.no_grad():
             new.log_logit_scale.copy_(student.log_logit_scale)

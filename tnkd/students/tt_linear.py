@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tnkd.students.base import Student, check_positive_int
-from tnkd.tn.decompositions import check_factors, factorize, tt_matrix_svd
+from tnkd.tn.decompositions import check_factors, factorize, tt_matrix_svd, tt_to_full
 from tnkd.tn.graph import TNGraph, connect, make_node
 from tnkd.tn.planner import Plan, plan
 from tnkd.tn.tt_matrix import TTPlan, plan_for, tt_linear, tt_matvec
@@ -65,10 +65,8 @@ class TTLinear(nn.Module):
     4096 -> 16) and direction are the cheapest by counted multiply-adds for the batch size, and
     the plan is cached per batch size (``plans`` counts the plannings). On CPU the batch runs in
     cache-sized chunks and the backward pass recomputes a chunk's states instead of storing the
-    r-times-larger intermediate. This is faster than one ``opt_einsum`` path planned on the
-    single-sample network and reused for the batch (the layer's earlier forward), or one
-    ``torch.einsum`` over all cores (``benchmarks/tt_layers.py``). :meth:`to_graph` is the same
-    network for the generic contraction engine (tested equal).
+    r-times-larger intermediate (speed: ``benchmarks/tt_layers.py``). :meth:`to_graph` is the
+    same network for the generic contraction engine (tested equal).
 
     Example:
         >>> layer = TTLinear(4096, 16, (8, 8, 8, 8), (2, 2, 2, 2), ranks=8, bias=False)
@@ -169,11 +167,8 @@ class TTLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The (out, in) matrix the cores represent (for tests and inspection; not used in forward)."""
-        out = self.cores[0]
-        for core in self.cores[1:]:
-            out = torch.tensordot(out, core, dims=([out.ndim - 1], [0]))
         d = len(self.cores)
-        w = out.squeeze(0).squeeze(-1)  # (m1, n1, m2, n2, ...)
+        w = tt_to_full(list(self.cores))  # (m1, n1, m2, n2, ...)
         w = w.permute(*[2 * k + 1 for k in range(d)], *[2 * k for k in range(d)])
         return w.reshape(self.out_features, self.in_features)
 
@@ -266,10 +261,8 @@ class TTLinear(nn.Module):
 class TTMLP(Student):
     """An MLP whose dense layers are TT-layers: a compressed student made from a trained MLP teacher.
 
-    Its TT-layers run :class:`TTLinear`'s planned contraction (for the MNIST student of
-    ``configs/mnist/ttmlp_from_mlp.yaml`` at batch 128: cores (1, 2) and (3, 4) merged, one
-    chunk for 784 -> 1200 and three for 1200 -> 1200); ``benchmarks/ttmlp_epoch.py`` times an
-    epoch.
+    Its TT-layers run :class:`TTLinear`'s planned contraction; ``benchmarks/ttmlp_epoch.py``
+    times an epoch.
 
     Args:
         layers: the network, an ``nn.Sequential`` of ``Flatten``, ``TTLinear``/``Linear``,

@@ -35,10 +35,8 @@ from tnkd.students.base import (
     image_patches,
     near_identity_cores,
 )
-from tnkd.students.graph import GraphStudent
+from tnkd.students.graph import GraphStudent, image_shape
 from tnkd.tn.graph import TNGraph, connect, make_node
-
-OUTPUT_MODES = ("normalized", "raw")
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -119,14 +117,7 @@ class TTNetwork(GraphStudent):
         logit_scale: float = 5.0,
         init_std: float = 1e-2,
     ) -> None:
-        shape = tuple(input_shape)
-        if len(shape) == 2:
-            shape = (1, *shape)
-        if len(shape) != 3:
-            raise ValueError(
-                f"TTNetwork input_shape must be (channels, height, width) or (height, width), but got {input_shape!r}"
-            )
-        channels, height, width = (check_positive_int("TTNetwork input_shape", s) for s in shape)
+        channels, height, width = image_shape(input_shape, "TTNetwork")
         ph, pw = _pair(patch_size, "TTNetwork patch_size")
         if height % ph or width % pw:
             raise ValueError(
@@ -141,12 +132,6 @@ class TTNetwork(GraphStudent):
             )
         check_positive_int("TTNetwork num_classes", num_classes)
         check_positive_int("TTNetwork rank", rank)
-        if output not in OUTPUT_MODES:
-            raise ValueError(f"TTNetwork output must be one of {OUTPUT_MODES}, but got {output!r}")
-        if not (init_std >= 0 and math.isfinite(init_std)):
-            raise ValueError(
-                f"TTNetwork init_std must be a finite number >= 0, but got {init_std!r}"
-            )
         patch_numel = channels * ph * pw
         if feature_map is None:
             check_positive_int("TTNetwork feature_dim", feature_dim)

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tnkd.tn.graph import TNGraph
+from tnkd.tn.graph import TNGraph, index_ends
 
 Indices = Sequence[Sequence[str]]
 
@@ -72,10 +72,7 @@ def network_of(graph: TNGraph) -> tuple[list[torch.Tensor], list[tuple[str, ...]
 
 def _bonds(indices: Indices) -> dict[str, list[tuple[int, int]]]:
     """Label -> [(node, axis), (node, axis)] for labels shared by two axes."""
-    ends: dict[str, list[tuple[int, int]]] = {}
-    for k, idx in enumerate(indices):
-        for a, label in enumerate(idx):
-            ends.setdefault(label, []).append((k, a))
+    ends = index_ends(indices)
     bad = [label for label, e in ends.items() if len(e) > 2]
     if bad:
         raise ValueError(f"indices {bad} appear on more than two axes; expected bonds or free legs")
@@ -178,8 +175,30 @@ def canonicalize(
     return [t.to(dtype) for t in work], log_norm
 
 
+class Discarded:
+    """The error bound of a truncation from its ``discarded`` weights (and ``chain``)."""
+
+    discarded: dict[str, float]
+    chain: bool
+
+    @property
+    def total_discarded(self) -> float:
+        """Sum of the discarded weights (for a chain, ||W - W_trunc||^2 / ||W||^2 is at most this)."""
+        return float(sum(self.discarded.values()))
+
+    @property
+    def error_bound(self) -> float:
+        """Bound on ||W - W_trunc||_F / ||W||_F: sqrt(total) for a chain, sum of sqrt for a tree.
+
+        See the module docstring for both bounds.
+        """
+        if self.chain:
+            return math.sqrt(self.total_discarded)
+        return float(sum(math.sqrt(w) for w in self.discarded.values()))
+
+
 @dataclass
-class Truncation:
+class Truncation(Discarded):
     """What :func:`truncate` did.
 
     Attributes:
@@ -199,23 +218,6 @@ class Truncation:
     ranks: dict[str, int] = field(default_factory=dict)
     discarded: dict[str, float] = field(default_factory=dict)
     chain: bool = True
-
-    @property
-    def total_discarded(self) -> float:
-        """Sum of the discarded weights (for a chain, ||W - W_trunc||^2 / ||W||^2 is at most this)."""
-        return float(sum(self.discarded.values()))
-
-    @property
-    def error_bound(self) -> float:
-        """Bound on ||W - W_trunc||_F / ||W||_F: sqrt(total) for a chain, sum of sqrt for a tree."""
-        return error_bound(self.discarded, self.chain)
-
-
-def error_bound(discarded: dict[str, float], chain: bool) -> float:
-    """The relative error bound of a truncation from its discarded weights (see the module doc)."""
-    if chain:
-        return math.sqrt(sum(discarded.values()))
-    return float(sum(math.sqrt(w) for w in discarded.values()))
 
 
 def _keep(s: torch.Tensor, rank: int | None, tolerance: float | None) -> int:

@@ -36,13 +36,13 @@ Example:
     ([1.0], 52.0)
 """
 
-import functools
 from typing import Any, NamedTuple
 
 import torch
 
 from tnkd.tn import native
 from tnkd.tn.planner import SCAN_MAX_MERGED_BOND_DIM, chain_kernel
+from tnkd.tn.stable import full_precision
 
 SCAN_RENORM_EVERY = 16
 
@@ -143,8 +143,7 @@ def _block_features(features: torch.Tensor, block: int) -> torch.Tensor:
     ``s_1 d^(k-1) + ... + s_k`` in site order (the merged core's physical index).
     """
     n, d, batch = features.shape
-    # contiguous first: features usually arrive as a (B, n, d) tensor's permuted view, and the
-    # products below on that view run 8x slower (measured: 780 us against 95 + 20 us at n = 784)
+    # contiguous first: features usually arrive as a permuted view, slow to multiply
     f = features.contiguous().view(n // block, block, d, batch)
     phi = f[:, 0]
     for j in range(1, block):
@@ -387,8 +386,7 @@ class _NativeChain(torch.autograd.Function):
     chain's output core (the usual case) is contracted natively too, ``values[b, c] =
     sum_{l, r} u[l, b] O[l, c, r] w[r, b]``, and differentiated by hand; M chains' or an output
     core that reads an input are closed by :func:`_close`, differentiated by autograd inside
-    the backward pass. One node instead of about twenty: at small D the autograd bookkeeping of
-    the preparation and of the output contraction cost as much as the whole native scan.
+    the backward pass (why one node: ``docs/benchmarks/chain.md``).
     """
 
     @staticmethod
@@ -501,18 +499,15 @@ def _unmerged_plan(plan: _ChainPlan) -> _ChainPlan:
     return _ChainPlan(1, torch.stack(rows), plan.in_first)
 
 
-def _tree_chain(
-    left: torch.Tensor,
-    cores: torch.Tensor,
-    right: torch.Tensor,
-    features: torch.Tensor,
-    output_core: torch.Tensor,
-    position: int,
-    output_features: torch.Tensor | None,
+def _tree_halves(
+    left: torch.Tensor, right: torch.Tensor, mats: torch.Tensor, position: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`contract_chain` by log-depth products of each half's transfer matrices."""
-    members, bond, batch = cores.shape[0], cores.shape[2], features.shape[0]
-    mats = torch.einsum("mnlsr,bns->mbnlr", cores, features)
+    """The halves' (2, M, D, B) ends and (2, M, B) log-scales by log-depth products.
+
+    ``mats`` are the (M, B, N, D, D) transfer matrices; each half's are multiplied pairwise
+    (:func:`_tree_product`) and applied to its boundary vector.
+    """
+    members, batch, _, bond, _ = mats.shape
     ends, logs = [], []
     for vector, part, eq in (
         (left, mats[:, :, :position], "ml,mblr->mrb"),
@@ -525,10 +520,10 @@ def _tree_chain(
         prod, log_scale = _tree_product(part.reshape(members * batch, -1, bond, bond))
         ends.append(torch.einsum(eq, vector, prod.view(members, batch, bond, bond)))
         logs.append(log_scale.view(members, batch))
-    return _close(torch.stack(ends), output_core, output_features, torch.stack(logs))
+    return torch.stack(ends), torch.stack(logs)
 
 
-def _contract_chain(
+def contract_chain(
     left: torch.Tensor,
     cores: torch.Tensor,
     right: torch.Tensor,
@@ -560,62 +555,36 @@ def _contract_chain(
 
     Returns:
         ``values`` (B, C) and ``log_scale`` (B,); with members (M, B, C) and (M, B).
+
+    Under autocast the chain is contracted in float32 (:func:`~tnkd.tn.stable.full_precision`).
     """
     num_sites, bond = cores.shape[-4], cores.shape[-3]
     if features.shape[1] != num_sites:
         raise ValueError(f"expected features for {num_sites} sites, but got {features.shape[1]}")
     if not 0 <= position <= num_sites:
         raise ValueError(f"output core position must be in [0, {num_sites}], but got {position}")
-    kernel = chain_kernel(method, bond, features.device, features.dtype)[0]
-    if kernel == "native" and num_sites > 0:
-        return _NativeChain.apply(
-            left, cores, right, output_core, features, output_features, position, native.kernels()
-        )
-    single = cores.dim() == 4
-    if single:
-        left, cores, right, output_core = (t[None] for t in (left, cores, right, output_core))
-    if kernel == "tree" or num_sites == 0:
-        values, log_scale = _tree_chain(
-            left, cores, right, features, output_core, position, output_features
-        )
-    else:
+    operands = (left, cores, right, features, output_core, output_features)
+    with full_precision(operands) as (left, cores, right, features, output_core, output_features):
+        kernel = chain_kernel(method, bond, features.device, features.dtype)[0]
+        if kernel == "native" and num_sites > 0:
+            args = (left, cores, right, output_core, features, output_features, position)
+            return _NativeChain.apply(*args, native.kernels())
+        single = cores.dim() == 4
+        if single:
+            left, cores, right, output_core = (t[None] for t in (left, cores, right, output_core))
         members, batch = cores.shape[0], features.shape[0]
-        every, block = _settings(features.dtype, bond)
-        plan, pad, extra = _mps_plan(
-            position, num_sites - position, block, features.device, members
-        )
-        sites = _insert_identity(cores, position, pad, extra)
-        feats = _per_member(_insert_e0(features.permute(1, 2, 0), position, pad, extra), members)
-        start = torch.cat([left, right]).unsqueeze(-1).expand(2 * members, bond, batch)
-        v, logs = _scan(start, sites, feats, plan, every)
-        ends = v.view(2, members, bond, batch)
-        values, log_scale = _close(ends, output_core, output_features, logs.view(2, members, -1))
+        if kernel == "tree" or num_sites == 0:
+            mats = torch.einsum("mnlsr,bns->mbnlr", cores, features)
+            ends, logs = _tree_halves(left, right, mats, position)
+        else:  # the Python scan of both halves
+            every, block = _settings(features.dtype, bond)
+            plan, pad, extra = _mps_plan(
+                position, num_sites - position, block, features.device, members
+            )
+            sites = _insert_identity(cores, position, pad, extra)
+            feats = _insert_e0(features.permute(1, 2, 0), position, pad, extra)
+            start = torch.cat([left, right]).unsqueeze(-1).expand(2 * members, bond, batch)
+            v, logs = _scan(start, sites, _per_member(feats, members), plan, every)
+            ends, logs = v.view(2, members, bond, batch), logs.view(2, members, -1)
+        values, log_scale = _close(ends, output_core, output_features, logs)
     return (values[0], log_scale[0]) if single else (values, log_scale)
-
-
-def _full_precision(fn: Any) -> Any:
-    """Run a chain contraction in the parameters' precision even under autocast.
-
-    bfloat16 keeps 8 bits of mantissa: products of hundreds of near-identity cores lose the
-    small corrections that carry the signal (measured: a digits MPS under ``bf16-mixed`` learned
-    at half the speed). So chains contract in float32 (or float64); the teacher, the feature
-    maps and the divergences still run under autocast.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        device = tensors[0].device.type if tensors else "cpu"
-        if not torch.is_autocast_enabled(device):
-            return fn(*args, **kwargs)
-        dtype = torch.promote_types(
-            torch.float32, max((a.dtype for a in tensors), key=lambda d: torch.finfo(d).bits)
-        )
-        cast = [a.to(dtype) if isinstance(a, torch.Tensor) else a for a in args]
-        with torch.autocast(device_type=device, enabled=False):
-            return fn(*cast, **kwargs)
-
-    return wrapper
-
-
-contract_chain = _full_precision(_contract_chain)

@@ -49,10 +49,9 @@ from typing import NamedTuple
 import torch
 
 from tnkd.tn import native
-from tnkd.tn.stable import Column, StableNetwork, full_precision
+from tnkd.tn.stable import Column, StableNetwork, digits_range, direction_logits, full_precision
 
-#: tensors multiplied into a value between two renormalisations on the lean plan of
-#: :class:`TreePlan` (tried first; the network's plan, 12, after a pass had to be rerun)
+#: tensors multiplied into a value between two renormalisations on :class:`TreePlan`'s lean plan
 LEAN_RENORM_AFTER = 64
 
 #: a level: (weight slot, left children, right children, renormalised, result slot)
@@ -119,7 +118,7 @@ class TreePlan:
         self.permutations = dict(permutations or {})
         #: some levels are not renormalised: check the divisors' range (and rerun if needed)
         self.check = not all(level[3] for level in self.levels)
-        #: run the level loop natively where it can (:func:`tree_kernels`); False: the Python loop
+        #: run the level loop natively where it can (:meth:`kernels`); False: the Python loop
         self.native = True
         #: the levels with the lean renormalisation plan (see the class docstring), or None
         self.lean_levels = None if lean_after is None else self._lean(lean_after)
@@ -161,7 +160,7 @@ class TreePlan:
     ) -> torch.Tensor:
         """Logits ``exp(s) f / ||f||`` (batch, C), the head inside the native loop's autograd node.
 
-        What :func:`normalized_logits` does with :meth:`contract`'s values (and does so for the
+        What :func:`~tnkd.tn.stable.direction_logits` does with :meth:`contract`'s values (and does so for the
         Python loop and under autocast). With ``linear_leaves`` the leaves' two input blocks are
         one (G, 2, batch) tensor of raw values ``[x_l, x_r]`` (passed in both slots) and the
         [1, x] map is fused with the leaves (:func:`linear_leaf_features`).
@@ -175,7 +174,7 @@ class TreePlan:
         if ext is None or torch.is_autocast_enabled(blocks[0].device.type):
             if linear_leaves:
                 blocks = linear_leaf_features(self, blocks)
-            return normalized_logits(self.contract(blocks, every)[0], log_scale)
+            return direction_logits(self.contract(blocks, every)[0], log_scale)
         args = (self, ext, every, self.check, log_scale, linear_leaves)
         return FastTree.apply(*args, *self.arranged(blocks))[0]
 
@@ -187,8 +186,18 @@ class TreePlan:
         return blocks
 
     def kernels(self, blocks: Sequence[torch.Tensor]):
-        """The native level loop for these blocks (:func:`tree_kernels`), or None: the Python loop."""
-        return tree_kernels(blocks) if self.native else None
+        """The native level loop (:mod:`tnkd.tn.native`, ``"tree_levels"``) for these blocks, or None.
+
+        None (the Python loop runs) with ``native = False``, off the CPU, for other dtypes than
+        float32 and float64, blocks of mixed dtypes, while ``torch.compile`` traces (it cannot
+        trace into the native functions) and where the kernels cannot be built.
+        """
+        first = blocks[0]
+        if not self.native or not native.supports(first) or torch.compiler.is_compiling():
+            return None
+        if any(b.dtype != first.dtype or b.device != first.device for b in blocks):
+            return None
+        return native.kernels("tree_levels")
 
 
 class FastTree(torch.autograd.Function):
@@ -208,7 +217,7 @@ class FastTree(torch.autograd.Function):
     levels run on one thread; other trees split the batch into per-thread column ranges. Only
     the native loop takes the head (the root not renormalised: its squared norms ``||v||^2``
     join the divisors, so the range check guarantees they neither overflowed nor lost digits;
-    backward of ``exp(s) v / ||v||`` first, see :func:`normalized_logits`) and
+    backward of ``exp(s) v / ||v||`` first) and
     ``linear_leaves`` (the two input blocks one (G, 2, n) tensor of raw pairs, the [1, x] map
     fused with the leaves). ``ext=None``: the Python loop (:func:`tree_forward`), for other
     devices or dtypes, ``torch.compile`` tracing, ``plan.native = False`` or no compiler.
@@ -256,21 +265,6 @@ class FastTree(torch.autograd.Function):
         return None, None, None, None, g_head, None, *grads
 
 
-def tree_kernels(blocks: Sequence[torch.Tensor]):
-    """The native level loop (:mod:`tnkd.tn.native`, ``"tree_levels"``) for these blocks, or None.
-
-    None (the Python loop runs) off the CPU, for other dtypes than float32 and float64, blocks
-    of mixed dtypes, while ``torch.compile`` traces (it cannot trace into the native functions)
-    and where the kernels cannot be built.
-    """
-    first = blocks[0]
-    if not native.supports(first) or torch.compiler.is_compiling():
-        return None
-    if any(b.dtype != first.dtype or b.device != first.device for b in blocks):
-        return None
-    return native.kernels("tree_levels")
-
-
 class _NativeRun(NamedTuple):
     """What a native forward pass of :class:`FastTree` leaves for its backward pass."""
 
@@ -282,16 +276,6 @@ class _NativeRun(NamedTuple):
     log_scale: float | None  # the head's s (None: no head)
     logits: torch.Tensor | None  # (n, C) exp(s) v / ||v||
     inverse: torch.Tensor | None  # (n,) 1 / ||v||
-
-
-#: the range where float keeps all its digits, per dtype (see StableNetwork)
-_RANGES = {
-    dtype: (
-        torch.finfo(dtype).tiny / torch.finfo(dtype).eps,
-        torch.finfo(dtype).max * torch.finfo(dtype).eps,
-    )
-    for dtype in (torch.float32, torch.float64)
-}
 
 
 @functools.lru_cache(maxsize=256)
@@ -327,7 +311,7 @@ def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear):
         list(blocks), *slots, renorm, linear, square, log_scale
     )
     if (check or square) and not every:
-        lowest, highest = _RANGES[divisors.dtype]
+        lowest, highest = digits_range(divisors.dtype)
         if not (low >= lowest and high <= highest):
             return None  # False for NaN too
     saved = _NativeRun(slots, renorm, linear, outs, divisors, log_scale, logits, inverse)
@@ -390,7 +374,8 @@ def tree_forward(levels, blocks, every: bool, check: bool):
     divisors = torch.cat(scales)
     if check and not every:
         low, high = torch.aminmax(divisors)
-        if not (low.item() >= info.tiny / info.eps and high.item() <= info.max * info.eps):
+        lowest, highest = digits_range(divisors.dtype)
+        if not (low.item() >= lowest and high.item() <= highest):
             return None  # False for NaN too
     return out, divisors, (saved, [t.shape[0] for t in slots])
 
@@ -417,40 +402,3 @@ def tree_backward(levels, saved, grad_out, needs) -> list:
             left.give(grads, (g_outer * rhs.unsqueeze(1)).sum(2), rows)
             right.give(grads, g_outer.mul_(lhs.unsqueeze(2)).sum(1), rows)
     return [grads.get(k) if needs[k] else None for k in range(len(needs))]
-
-
-class _NormalizedLogits(torch.autograd.Function):
-    """``exp(s) * v / ||v||`` per row as one autograd node (see :func:`normalized_logits`)."""
-
-    @staticmethod
-    def forward(ctx, values, log_scale):
-        inverse = values.norm(dim=1, keepdim=True).clamp_min_(torch.finfo(values.dtype).tiny)
-        direction = values / inverse
-        inverse.reciprocal_()
-        scale = log_scale.exp()
-        ctx.save_for_backward(direction, inverse, scale)
-        return direction * scale
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        direction, inverse, scale = ctx.saved_tensors
-        dot = (grad * direction).sum(1, keepdim=True)
-        g_values = (grad - direction * dot).mul_(scale * inverse)
-        return g_values, (dot.sum() * scale).reshape(scale.shape)
-
-
-def normalized_logits(values: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    r"""Logits ``exp(s) v / ||v||`` (rows of a (batch, C) ``values``), with a hand-written backward.
-
-    With ``d = v / ||v||`` and the upstream gradient ``g``:
-    ``dL/dv = exp(s) (g - d (g . d)) / ||v||`` and ``dL/ds = exp(s) sum_rows g . d``. One
-    autograd node instead of five (norm, clamp, divide, exp, multiply); the rows' norms are
-    clamped at the smallest normal float, as :class:`~tnkd.students.graph.GraphStudent` does.
-
-    Example:
-        >>> v, s = torch.tensor([[3.0, 4.0]]), torch.tensor(0.0)
-        >>> normalized_logits(v, s)
-        tensor([[0.6000, 0.8000]])
-    """
-    return _NormalizedLogits.apply(values, log_scale)

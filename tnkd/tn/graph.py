@@ -36,6 +36,15 @@ def connect(a: tn.Node, a_axis: str, b: tn.Node, b_axis: str, name: str | None =
     return tn.connect(a[a_axis], b[b_axis], name=name or f"{a.name}.{a_axis}-{b.name}.{b_axis}")
 
 
+def index_ends(node_indices: Sequence[Sequence[str]]) -> dict[str, list[tuple[int, int]]]:
+    """Index name -> its ``(node, axis)`` places, in node order: two for a bond, one if dangling."""
+    ends: dict[str, list[tuple[int, int]]] = {}
+    for k, indices in enumerate(node_indices):
+        for axis, name in enumerate(indices):
+            ends.setdefault(name, []).append((k, axis))
+    return ends
+
+
 @dataclass
 class NetworkSpec:
     """What the contraction engine needs to know about a graph: names, shapes and index labels.

@@ -9,7 +9,7 @@ The engines live in one registry, :data:`ENGINES`, in the order ``"auto"`` tries
 engine     accepts                                      runs
 ========== ============================================ ==========================================
 chain      a path of tensors, one label, at most one    :func:`~tnkd.tn.chain.contract_chain`:
-           input per tensor (:func:`chain_layout`)      native scan on CPU, log-depth products on
+           input per tensor (:func:`recognise_chain`)   native scan on CPU, log-depth products on
                                                         accelerators (:func:`chain_kernel`),
                                                         tracked log-scale
 tree       a binary tree: every step joins a node with  :class:`~tnkd.tn.fused.FastTree`: native
@@ -36,8 +36,8 @@ its kernel choice).
 Example:
     >>> from tnkd.students import MPSClassifier
     >>> graph = MPSClassifier(num_sites=8, num_classes=3, bond_dim=4).to_graph()
-    >>> chain_layout(graph.spec()).label_position
-    4
+    >>> recognise_chain(graph.spec())[0].label_position  # after the left boundary and 4 sites
+    5
     >>> plan(graph.spec(), "auto").engine
     'chain'
 """
@@ -46,13 +46,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from tnkd.registry import Registry
 from tnkd.tn.fused import TreePlan, tree_plan
-from tnkd.tn.graph import NetworkSpec
+from tnkd.tn.graph import NetworkSpec, index_ends
 from tnkd.tn.stable import StableNetwork
 
 
@@ -107,16 +107,18 @@ class ChainLayout:
 
 
 def recognise_chain(spec: NetworkSpec) -> tuple[ChainLayout | None, str]:
-    """The chain layout of ``spec`` and ``""``, or None and why it is not a chain."""
+    """The chain layout of ``spec`` and ``""``, or None and why it is not a chain.
+
+    A chain is a path of tensors (each joined to the next by one bond) with one dangling label
+    edge on any tensor, every tensor reading at most one input; a tensor that reads no input may
+    stand only at an end (a boundary vector) or carry the label. Bond dimensions may differ.
+    """
     inputs = {k for k, n in enumerate(spec.node_names) if n in spec.input_nodes}
     params = [k for k in range(len(spec.node_names)) if k not in inputs]
     if len(spec.output_indices) != 1:
         return None, f"it has {len(spec.output_indices)} dangling edges, a chain has one label"
     label_index = spec.output_indices[0]
-    ends: dict[str, list[tuple[int, int]]] = {}
-    for k, indices in enumerate(spec.node_indices):
-        for axis, name in enumerate(indices):
-            ends.setdefault(name, []).append((k, axis))
+    ends = index_ends(spec.node_indices)
     bonds: dict[int, dict[int, int]] = {k: {} for k in params}  # node -> {neighbour: axis}
     roles: dict[int, dict[str, int]] = {k: {} for k in params}
     input_of: dict[int, int] = {}
@@ -194,10 +196,6 @@ def recognise_tt_matrix(spec: NetworkSpec) -> tuple[bool, str]:
         return False, f"it has {len(inputs)} input nodes, a TT-matrix has one"
     inputs_indices = set(spec.node_indices[inputs[0]])
     outputs = set(spec.output_indices)
-    owners: dict[str, list[int]] = {}
-    for k, indices in enumerate(spec.node_indices):
-        for name in indices:
-            owners.setdefault(name, []).append(k)
     cores = [k for k in range(len(spec.node_names)) if k != inputs[0]]
     links = 0
     for k in cores:
@@ -219,16 +217,6 @@ def recognise_tt_matrix(spec: NetworkSpec) -> tuple[bool, str]:
     return True, ""
 
 
-def chain_layout(spec: NetworkSpec) -> ChainLayout | None:
-    """The graph as a chain, or None if it is not one.
-
-    A chain is a path of tensors (each joined to the next by one bond) with one dangling label
-    edge on any tensor, every tensor reading at most one input; a tensor that reads no input may
-    stand only at an end (a boundary vector) or carry the label. Bond dimensions may differ.
-    """
-    return recognise_chain(spec)[0]
-
-
 @dataclass
 class GraphShape:
     """What the planner knows about a graph: its spec, and its shape as a chain or a tree."""
@@ -241,7 +229,6 @@ class GraphShape:
     why_not_tree: str = "not examined"
     tt_matrix: bool = False  # a TT-matrix against one input (a TT layer)
     why_not_tt_matrix: str = "not examined"
-    extra: dict = field(default_factory=dict)
 
 
 def examine(spec: NetworkSpec) -> GraphShape:

@@ -10,21 +10,17 @@ computes the same contraction, with its log-scale, using only shape-static loops
   vector times the outer product of state and features against the core reshaped (D d, D)):
   real matrix products whatever the batch size, and a handful of graph nodes per site.
   Every :data:`RESCALE_EVERY` sites the vectors are divided by their largest magnitude and the
-  logarithm kept per sample, so a 784-site chain stays finite for any feature map. (The first
-  version multiplied the transfer matrices by pairs, level by level: fewer graph nodes, but
-  B N products of D x D matrices, which ONNX Runtime and PyTorch run one by one: several times
-  slower than this sweep at batch 256, see the inference benchmark's page.)
+  logarithm kept per sample, so a 784-site chain stays finite for any feature map.
 * **any other graph**: the stable engine (:class:`~tnkd.tn.stable.StableNetwork`) with
   ``every=True``: its grouped pairwise steps, each rescaled, and no range check.
 * a **TT-matrix** (:func:`~tnkd.tn.tt_matrix.tt_matvec`): one einsum per core, no plan per
   batch size.
 
 A student switched to this engine (:meth:`tnkd.students.graph.GraphStudent`'s ``portable``)
-contracts in float64 and returns its own dtype, so that the export differs from the trained
-student by that student's own float32 rounding alone (two float32 contractions summed in
-different orders differ by about twice as much: the inference benchmark's page measures both,
-and the price of float64 in ONNX Runtime). The weights stay float32 in the exported file (the
-widening is one cast in the program).
+contracts in float64 and returns its own dtype, so an export differs from the trained student by
+that student's own rounding alone; the weights stay float32 in the exported file (the widening
+is one cast in the program). What was tried first, and the rounding measured:
+``docs/benchmarks/inference.md``.
 
 The contractions return ``(values, log_scale)`` with ``f(x) = values * exp(log_scale)``, as every engine
 does (:mod:`tnkd.tn.planner`); their results equal the other engines' to rounding (tested
@@ -57,8 +53,7 @@ def _step(state: torch.Tensor, core: torch.Tensor, repeated: torch.Tensor) -> to
 
     ``core`` is A as (D, d D) and ``repeated`` the features repeated to (..., d D) (each ``x_s``
     D times): two matrix products (the sum over s is one, with D x D identities stacked d
-    times) and a product of equal shapes, which ONNX Runtime runs fast (a broadcast outer
-    product of state and features, then one matrix product, ran several times slower).
+    times) and a product of equal shapes, which ONNX Runtime runs fast.
     """
     bond = core.shape[-2]
     sums = torch.eye(bond, dtype=core.dtype, device=core.device).repeat(core.shape[-1] // bond, 1)

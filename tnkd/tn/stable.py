@@ -49,6 +49,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from collections import Counter
@@ -59,12 +60,27 @@ from typing import Any
 import opt_einsum as oe
 import torch
 
+from tnkd.tn.contraction import BATCH_INDEX as BATCH
 from tnkd.tn.contraction import einsum_equation
-from tnkd.tn.graph import NetworkSpec, TNGraph
+from tnkd.tn.graph import NetworkSpec, TNGraph, index_ends
 
-BATCH = "__batch__"
 #: tensors multiplied into an intermediate between two renormalisations (see StableNetwork)
 RENORM_AFTER = 12
+
+
+def as_slice(index: Sequence[int]) -> slice | None:
+    """``index`` as a slice when it is evenly spaced and increasing (a view, no copy), else None."""
+    step = index[1] - index[0] if len(index) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in itertools.pairwise(index)):
+        return slice(index[0], index[-1] + 1, step)
+    return None
+
+
+@functools.cache
+def digits_range(dtype: torch.dtype) -> tuple[float, float]:
+    """``[tiny / eps, max * eps]``: the magnitudes at which ``dtype`` keeps all its digits."""
+    info = torch.finfo(dtype)
+    return info.tiny / info.eps, info.max * info.eps
 
 
 @dataclass(frozen=True)
@@ -86,11 +102,8 @@ class Column:
         self.sources = tuple(dict.fromkeys(src for src, _ in members))
         self.source = self.sources[0] if len(self.sources) == 1 else None
         self.whole = False  # the whole source, in order (set by _layout)
-        idx = [g for _, g in members]
-        step = idx[1] - idx[0] if len(idx) > 1 else 1
-        progression = step > 0 and all(y - x == step for x, y in itertools.pairwise(idx))
-        self.slice = slice(idx[0], idx[-1] + 1, step) if progression else None
-        self.index = idx
+        self.index = [g for _, g in members]
+        self.slice = as_slice(self.index)
 
     def take(self, slots: Sequence[torch.Tensor]) -> torch.Tensor:
         """The column's operand, stacked along a leading group axis."""
@@ -136,8 +149,7 @@ class _Group:
     ``stages`` splits a step that joins several per-sample operands with parameters (a tree node
     with its children, a chain core with its vector and features) in two: the per-sample
     operands' outer product first (elementwise along contiguous samples), then one batched
-    matrix product with the parameters, laid out so that it needs no copy. torch.einsum's own
-    order for such steps made a training step about 1.3x slower (measured on trees).
+    matrix product with the parameters, laid out so that it needs no copy.
     """
 
     equation: str  # with a leading group index on every term
@@ -163,16 +175,13 @@ def tree_path(spec: NetworkSpec) -> list[tuple[int, ...]] | None:
     Returns:
         A path in ``opt_einsum``'s format (positions in the shrinking operand list).
     """
-    owners: dict[str, list[int]] = {}
-    for k, idx in enumerate(spec.node_indices):
-        for ix in idx:
-            owners.setdefault(ix, []).append(k)
     n = len(spec.node_names)
     neighbours: list[set[int]] = [set() for _ in range(n)]
     edges = 0
-    for ks in owners.values():
-        if len(ks) == 2:
-            a, b = ks
+    owners = index_ends(spec.node_indices)
+    for ends in owners.values():
+        if len(ends) == 2:
+            (a, _), (b, _) = ends
             if a == b or b in neighbours[a]:
                 return None  # a self-loop or a double bond is a loop
             neighbours[a].add(b)
@@ -180,7 +189,7 @@ def tree_path(spec: NetworkSpec) -> list[tuple[int, ...]] | None:
             edges += 1
     if edges != n - 1:
         return None  # loops (or disconnected pieces)
-    root = owners[spec.output_indices[0]][0] if spec.output_indices else 0
+    root = owners[spec.output_indices[0]][0][0] if spec.output_indices else 0
     order, parent, stack, seen = [], {root: -1}, [root], {root}
     while stack:
         v = stack.pop()
@@ -497,7 +506,7 @@ class StableNetwork:
 
         A parameter block is ``(G, *node shape)``, an input block ``(G, *node shape, batch)``
         (intermediates keep the batch index last too: elementwise work then runs along
-        contiguous samples, measured 1.1-1.2x faster training than batch-first on trees).
+        contiguous samples).
         ``every=True`` renormalises after every step and skips the range check (no
         data-dependent branch: what ``torch.compile`` traces in one graph).
         """
@@ -533,7 +542,7 @@ class StableNetwork:
         if not every and self.renormalisations < self.kernels:
             # between renormalisations a value may have left the range where float keeps all its
             # digits: then contract again, renormalising after every step
-            lowest, highest = info.tiny / info.eps, info.max * info.eps
+            lowest, highest = digits_range(blocks[0].dtype)
             worst = torch.cat([p.reshape(-1) for p in peaks])
             if not bool(((worst >= lowest) & (worst <= highest)).all()):  # False for NaN too
                 return self._contract(blocks, every=True)
@@ -545,19 +554,22 @@ class StableNetwork:
 
 
 @contextlib.contextmanager
-def full_precision(blocks: Sequence[torch.Tensor]):
-    """The blocks as they are, or under autocast in float32 with autocast off.
+def full_precision(tensors: Sequence[Any]):
+    """The tensors as they are, or under autocast in float32 (or wider) with autocast off.
 
-    Like the chain paths: products of many tensors lose their small corrections in bfloat16,
-    so a network is contracted in float32 (the rest of the model stays under autocast).
+    Products of many tensors (chains, trees, any network) lose their small corrections in
+    bfloat16, which keeps 8 bits of mantissa, so a network is contracted in float32, or in its
+    widest operand's dtype (the teacher, feature maps and divergences still run under autocast).
+    Items that are not tensors (None, ints) pass through.
     """
-    device = blocks[0].device.type
+    present = [t for t in tensors if isinstance(t, torch.Tensor)]
+    device = present[0].device.type if present else "cpu"
     if not torch.is_autocast_enabled(device):
-        yield list(blocks)
+        yield list(tensors)
         return
-    dtype = torch.promote_types(torch.float32, blocks[0].dtype)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in present), torch.float32)
     with torch.autocast(device_type=device, enabled=False):
-        yield [t.to(dtype) for t in blocks]
+        yield [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
 def _renormalise(
@@ -567,11 +579,26 @@ def _renormalise(
     keep = {0} if batch_axis is None else {0, batch_axis + 1}
     dims = [d for d in range(result.ndim) if d not in keep]
     peak = result.detach().abs()
-    if dims:  # abs().amax(): linalg.vector_norm(ord=inf) over a middle dim was 170x slower
+    if dims:
         peak = peak.amax(dim=dims, keepdim=True)
     scale = peak.clamp_min(tiny)
     log = torch.log(scale).reshape(result.shape[0], -1)
     return result / scale, log, peak
+
+
+def direction_logits(values: torch.Tensor, log_logit_scale: torch.Tensor) -> torch.Tensor:
+    """Normalized logits ``exp(s) v / ||v||``: what a student with ``output="normalized"`` returns.
+
+    The norm is over the last dimension, clamped at the smallest normal float.
+    ``log_logit_scale`` broadcasts against ``values`` (a scalar, or ``(M, 1, 1)`` for stacked
+    members).
+
+    Example:
+        >>> direction_logits(torch.tensor([[3.0, 4.0]]), torch.tensor(0.0))
+        tensor([[0.6000, 0.8000]])
+    """
+    tiny = torch.finfo(values.dtype).tiny
+    return torch.exp(log_logit_scale) * (values / values.norm(dim=-1, keepdim=True).clamp_min(tiny))
 
 
 def log_abs(values: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:

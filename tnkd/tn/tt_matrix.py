@@ -46,15 +46,8 @@ from dataclasses import dataclass
 import torch
 
 CHUNK_FLOATS = 1 << 20
-"""Bound on the numbers in one chunk's largest intermediate state on CPU (4 MiB in float32).
-
-Measured on the shared 2-core CPU with ``python benchmarks/tt_layers.py --threads 1 --layers 1 2
---chunk-floats none`` against the default (two runs each): without chunks, 4096 -> 4096 trained
-1.5-1.9x slower at rank 8 and 1.7x slower at rank 16. With ``--layers 1 2 3``, a bound of 2^19
-trained as fast as 2^20 (4.3x and 4.5x faster than ``nn.Linear`` at rank 8, 2.3x at rank 16) and
-2^21 a little slower (3.5x at rank 8); 2^20 makes half the kernels of 2^19, which counts on a
-busy machine.
-"""
+"""Bound on the numbers in one chunk's largest intermediate state on CPU (4 MiB in float32;
+the measurements behind it: ``docs/benchmarks/tt-layers.md``, ``benchmarks/tt_layers.py``)."""
 
 
 @dataclass(frozen=True)

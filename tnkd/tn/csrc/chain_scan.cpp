@@ -26,12 +26,7 @@
 
 namespace {
 
-using tnkd_simd::gram_rows;
-using tnkd_simd::load;
-using tnkd_simd::mm_rows;
-using tnkd_simd::store;
-using tnkd_simd::Strides;
-using tnkd_simd::Vec;
+using namespace tnkd_simd;
 
 // The scratch rows are `padded` wide: the batch rounded up to whole registers, zero past it.
 template <typename T>
@@ -108,10 +103,12 @@ std::vector<bool> renorm_plan(int64_t steps, int64_t every) {
   return plan;
 }
 
-void check(const at::Tensor& t, const char* name, int64_t dim) {
+// `t` checked (on the CPU, `dim` dimensions) and contiguous.
+at::Tensor checked(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), "chain_scan: ", name, " must be on the CPU");
   TORCH_CHECK(t.dim() == dim, "chain_scan: ", name, " must have ", dim, " dimensions, got ",
               t.dim());
+  return t.contiguous();
 }
 
 // The strides of chain step matrices in a natural (D, m, D) block: a forward step maps the
@@ -128,9 +125,8 @@ struct Plan {
 };
 
 Plan read_plan(const at::Tensor& index, const std::vector<bool>& in_first, int64_t blocks) {
-  check(index, "index", 2);
-  TORCH_CHECK(index.scalar_type() == at::kLong, "chain_scan: index must be int64");
-  auto idx = index.contiguous();
+  auto idx = checked(index, "index", 2);
+  TORCH_CHECK(idx.scalar_type() == at::kLong, "chain_scan: index must be int64");
   Plan plan{idx.size(0), idx.size(1), blocks, {}, in_first};
   TORCH_CHECK(static_cast<int64_t>(in_first.size()) == plan.K,
               "chain_scan: one in_first flag per chain expected");
@@ -152,11 +148,9 @@ Plan read_plan(const at::Tensor& index, const std::vector<bool>& in_first, int64
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, bool> scan_forward(
     at::Tensor start, at::Tensor blocks, at::Tensor features, at::Tensor index,
     std::vector<bool> in_first, int64_t every) {
-  check(start, "start", 3);
-  check(blocks, "blocks", 3);
-  check(features, "features", 3);
-  blocks = blocks.contiguous();
-  features = features.contiguous();
+  checked(start, "start", 3);  // read once (copied into vs): may stay strided
+  blocks = checked(blocks, "blocks", 3);
+  features = checked(features, "features", 3);
   const int64_t K = start.size(0), D = start.size(1), B = start.size(2);
   const int64_t n = blocks.size(0), m = features.size(1);
   TORCH_CHECK(blocks.size(1) == D * m && blocks.size(2) == D && features.size(0) == n &&
@@ -236,16 +230,11 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
     at::Tensor grad, at::Tensor blocks, at::Tensor features, at::Tensor index,
     std::vector<bool> in_first, at::Tensor vs, at::Tensor scales, int64_t every, bool core_grads,
     bool keep_all) {
-  check(grad, "grad", 3);
-  check(blocks, "blocks", 3);
-  check(features, "features", 3);
-  check(vs, "vs", 4);
-  check(scales, "scales", 4);
-  grad = grad.contiguous();
-  blocks = blocks.contiguous();
-  features = features.contiguous();
-  vs = vs.contiguous();
-  scales = scales.contiguous();
+  grad = checked(grad, "grad", 3);
+  blocks = checked(blocks, "blocks", 3);
+  features = checked(features, "features", 3);
+  vs = checked(vs, "vs", 4);
+  scales = checked(scales, "scales", 4);
   const int64_t K = grad.size(0), D = grad.size(1), B = grad.size(2);
   const int64_t n = blocks.size(0), m = features.size(1);
   const Plan plan = read_plan(index, in_first, n);
@@ -338,10 +327,8 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
 // g_A2[c][s2][r] = sum_{l, s1} A1[l][s1][c] g_M[l][s1][s2][r], written in place (the Python
 // path's two batched matmuls and a stack).
 at::Tensor unmerge_pairs(at::Tensor g_blocks, at::Tensor sites) {
-  check(g_blocks, "g_blocks", 3);
-  check(sites, "sites", 4);
-  g_blocks = g_blocks.contiguous();
-  sites = sites.contiguous();
+  g_blocks = checked(g_blocks, "g_blocks", 3);
+  sites = checked(sites, "sites", 4);
   const int64_t n2 = sites.size(0), D = sites.size(1), d = sites.size(2), n = n2 / 2;
   TORCH_CHECK(n2 % 2 == 0 && g_blocks.size(0) == n && g_blocks.size(1) == D * d * d &&
                   g_blocks.size(2) == D && sites.scalar_type() == g_blocks.scalar_type(),
@@ -379,8 +366,7 @@ at::Tensor unmerge_pairs(at::Tensor g_blocks, at::Tensor sites) {
 // Merged cores of pairs of sites: sites (2n, D, d, D) -> (n, D*d*d, D),
 // M[l][s1][s2][r] = sum_c A1[l][s1][c] A2[c][s2][r] (tnkd.tn.chain._merge_cores for block 2).
 at::Tensor merge_pairs(at::Tensor sites) {
-  check(sites, "sites", 4);
-  sites = sites.contiguous();
+  sites = checked(sites, "sites", 4);
   const int64_t n2 = sites.size(0), D = sites.size(1), d = sites.size(2), n = n2 / 2;
   TORCH_CHECK(n2 % 2 == 0 && sites.size(3) == D, "chain_scan: inconsistent shapes");
   auto merged = at::empty({n, D * d * d, D}, sites.options());
@@ -405,10 +391,8 @@ at::Tensor merge_pairs(at::Tensor sites) {
 // the outer product of its `block` sites' (tnkd.tn.chain._block_features) -> (n / block,
 // d^block, B).
 at::Tensor block_features(at::Tensor features, at::Tensor source, int64_t block) {
-  check(features, "features", 3);
-  check(source, "source", 1);
-  features = features.contiguous();
-  source = source.contiguous();
+  features = checked(features, "features", 3);
+  source = checked(source, "source", 1);
   const int64_t B = features.size(0), N = features.size(1), d = features.size(2);
   const int64_t n = source.size(0), blocks = n / block;
   int64_t m = 1;
@@ -453,12 +437,9 @@ at::Tensor block_features(at::Tensor features, at::Tensor source, int64_t block)
 // logs[0] + logs[1] + log(scale), ow[l][c][b] = sum_r O[l][c][r] w[r][b] (D, C, B) and the
 // (B,) scales, both for mps_output_backward.
 std::vector<at::Tensor> mps_output_forward(at::Tensor ends, at::Tensor out_core, at::Tensor logs) {
-  check(ends, "ends", 3);
-  check(out_core, "output_core", 3);
-  check(logs, "logs", 2);
-  ends = ends.contiguous();
-  out_core = out_core.contiguous();
-  logs = logs.contiguous();
+  ends = checked(ends, "ends", 3);
+  out_core = checked(out_core, "output_core", 3);
+  logs = checked(logs, "logs", 2);
   const int64_t D = ends.size(1), B = ends.size(2), C = out_core.size(1);
   TORCH_CHECK(ends.size(0) == 2 && out_core.size(0) == D && out_core.size(2) == D &&
                   logs.size(0) == 2 && logs.size(1) == B &&

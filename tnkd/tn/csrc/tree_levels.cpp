@@ -49,12 +49,7 @@
 
 namespace {
 
-using tnkd_simd::gram_rows;
-using tnkd_simd::load;
-using tnkd_simd::mm_rows;
-using tnkd_simd::store;
-using tnkd_simd::Strides;
-using tnkd_simd::Vec;
+using namespace tnkd_simd;
 
 // out (rows, nv*L) = A (rows, depth) @ x (depth, nv*L), both scratch with row stride ld.
 template <typename T>
@@ -90,27 +85,34 @@ struct Child {
   int64_t sn, sr, sc;
 };
 
+// d[0..cols) = s[0..cols): whole registers copied as such (a memcpy call per short row cost
+// more), then the rest one by one.
+template <typename T>
+inline void copy_row(const T* s, int64_t cols, T* d) {
+  constexpr int64_t L = Vec<T>::lanes;
+  int64_t c = 0;
+  for (; c + L <= cols; c += L) store(d + c, load(s + c));
+  for (; c < cols; ++c) d[c] = s[c];
+}
+
 // dst[r][0..width) = src rows r (columns c0..c0+cols), zero from cols on (width: whole
-// registers). Whole registers are copied as such (a memcpy call per short row cost more).
+// registers).
 template <typename T>
 inline void load_rows(const T* src, int64_t sr, int64_t sc, int64_t rows, int64_t cols,
                       int64_t width, T* dst) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
-  const int64_t whole = cols / L * L;
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * sr;
     T* d = dst + r * width;
-    int64_t c = 0;
     if (sc == 1) {
-      for (; c < whole; c += L) store(d + c, load(s + c));
-      for (; c < cols; ++c) d[c] = s[c];
+      copy_row(s, cols, d);
     } else {
-      for (; c < cols; ++c) d[c] = s[c * sc];
+      for (int64_t c = 0; c < cols; ++c) d[c] = s[c * sc];
     }
-    if (c < width) {
-      const int64_t v0 = c / L * L;  // the partial register: its tail zeroed
-      for (int64_t q = c; q < v0 + L; ++q) d[q] = 0;
+    if (cols < width) {
+      const int64_t v0 = cols / L * L;  // the partial register: its tail zeroed
+      for (int64_t q = cols; q < v0 + L; ++q) d[q] = 0;
       for (int64_t q = v0 + L; q < width; q += L) store(d + q, V{});
     }
   }
@@ -119,15 +121,7 @@ inline void load_rows(const T* src, int64_t sr, int64_t sc, int64_t rows, int64_
 template <typename T>
 inline void store_rows(const T* src, int64_t rows, int64_t width, int64_t cols, T* dst,
                        int64_t sr) {
-  constexpr int64_t L = Vec<T>::lanes;
-  const int64_t whole = cols / L * L;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* s = src + r * width;
-    T* d = dst + r * sr;
-    int64_t c = 0;
-    for (; c < whole; c += L) store(d + c, load(s + c));
-    for (; c < cols; ++c) d[c] = s[c];
-  }
+  for (int64_t r = 0; r < rows; ++r) copy_row(src + r * width, cols, dst + r * sr);
 }
 
 // A child's gradient rows from scratch (rows, width): written, or added to with `add`.
