@@ -10,11 +10,15 @@ contraction, not of training; or the trained students of ``--checkpoints``): exp
 Runtime on the CPU) and print, per file, the images whose top-1 class equals the PyTorch
 student's and the largest relative logit difference ``max |a - b| / max |a|`` of an image.
 The 784-site chain with the [cos, sin] map is the floor's case for finite values.
+
+``--float16``: instead of exporting, round each student's weights and the images to float16
+(what a float16 file would hold) and compare that student with the float32 one, in PyTorch.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 from pathlib import Path
@@ -61,6 +65,7 @@ def main() -> None:
     parser.add_argument("--root", required=True, help="the folder holding MNIST/raw/*.gz")
     parser.add_argument("--checkpoints", nargs="*", default=[], help="trained runs to check instead")
     parser.add_argument("--only", help="the students whose name contains this text")
+    parser.add_argument("--float16", action="store_true", help="weights and images rounded to float16")
     ns = parser.parse_args()
     data = MNISTDataModule(root=ns.root, batch_size=500)
     data.setup("test")
@@ -81,6 +86,18 @@ def main() -> None:
                 with torch.no_grad():
                     for p in student.parameters():
                         p.add_(0.05 * torch.randn_like(p))
+            if ns.float16:
+                rounded = copy.deepcopy(student)
+                with torch.no_grad():
+                    for p in rounded.parameters():
+                        p.copy_(p.half().float())
+                same, total, worst = agreement(
+                    student, lambda x, r=rounded: r(x.half().float()), data.test_dataloader()
+                )
+                print(f"| {name} | {student.parameter_count():,} | float16 weights and images | "
+                      f"{student.parameter_count() * 2 / 1024:.0f} KiB of weights | {same}/{total} | "
+                      f"{worst:.1e} |", flush=True)
+                continue
             for suffix in (".pt2", ".onnx"):
                 path = save(student, Path(folder) / f"s{k}{suffix}", example)
                 same, total, worst = agreement(student, load_program(path), data.test_dataloader())
