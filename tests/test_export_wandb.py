@@ -105,3 +105,19 @@ def test_tnkd_export_logs_the_file_as_a_model_artifact(fitted, monkeypatch, caps
     assert meta["config"]["student"]["init_args"]["bond_dim"] == 4
     assert record.job_type == "export" and record.config["student"] == meta["config"]["student"]
     assert record.summary["test_accuracy"] == meta["test_accuracy"]
+
+
+def test_tnkd_export_takes_a_run_name(fitted, monkeypatch, capsys):
+    from tnkd.export import main
+    from tnkd.training.checkpoints import load_student
+
+    monkeypatch.chdir(fitted)
+    out = main([NAME, "by-name.pt2", "--check", "none"])  # runs/checkpoints/NAME/last.ckpt
+    assert "by-name.pt2: " in capsys.readouterr().out
+    student = load_student(fitted / "runs" / "checkpoints" / NAME / "last.ckpt")
+    x = torch.rand(5, 64)
+    with torch.no_grad():
+        got, want = torch.export.load(out).module()(x), student(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    with pytest.raises(FileNotFoundError, match="checkpoint no-such-run does not exist"):
+        main(["no-such-run", "x.pt2"])

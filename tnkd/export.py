@@ -277,6 +277,18 @@ def log_artifact(
     return folder
 
 
+def run_checkpoint(name: str, runs: str | os.PathLike = "runs") -> str:
+    """``name`` if it is a file or a ``.ckpt`` path, else the named run's ``last.ckpt`` if any.
+
+    ``tnkd fit --trainer.logger.init_args.name NAME`` keeps its checkpoints in
+    ``runs/checkpoints/NAME/``, so ``tnkd export NAME OUT`` exports its newest weights.
+    """
+    last = Path(runs, "checkpoints", name, "last.ckpt")
+    if Path(name).is_file() or Path(name).suffix == ".ckpt" or not last.is_file():
+        return name
+    return str(last)
+
+
 def main(args: list[str] | None = None) -> Path:
     """``tnkd export CHECKPOINT OUT.{onnx,pt2}``: write the trained student as a program."""
     import argparse
@@ -285,7 +297,8 @@ def main(args: list[str] | None = None) -> Path:
     from tnkd.training.checkpoints import KEY, load_student, read_checkpoint
 
     parser = argparse.ArgumentParser(prog="tnkd export", description=main.__doc__)
-    parser.add_argument("checkpoint", help="a run's checkpoint, e.g. runs/checkpoints/NAME/last.ckpt")
+    parser.add_argument("checkpoint", help="a run's checkpoint, e.g. runs/checkpoints/NAME/last.ckpt, "
+                        "or a run's name NAME (its runs/checkpoints/NAME/last.ckpt)")
     parser.add_argument("output", help="the file to write: NAME.onnx or NAME.pt2 (never overwritten)")
     parser.add_argument("--check", choices=("test", "val", "none"), default="test",
                         help="the split the export is checked on against the PyTorch student")
@@ -304,6 +317,7 @@ def main(args: list[str] | None = None) -> Path:
         from tnkd.training.outputs import check_writable
 
         check_writable(ns.save_dir, "--save_dir")
+    ns.checkpoint = run_checkpoint(ns.checkpoint)
     checkpoint = read_checkpoint(ns.checkpoint)
     student = load_student(ns.checkpoint)
     saved = checkpoint.get(KEY) or {}
