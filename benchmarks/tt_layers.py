@@ -3,6 +3,7 @@
     python benchmarks/tt_layers.py              # the four layers, 7 interleaved rounds
     python benchmarks/tt_layers.py --quick      # 3 rounds
     python benchmarks/tt_layers.py --markdown   # the table as markdown, for the README
+    python benchmarks/tt_layers.py --baseline REV   # also TTLinear of commit REV, same rounds
 
 Layers (batch 256, bias on, float32, random inputs):
 
@@ -111,8 +112,8 @@ def interleaved_times(fns: dict, rounds: int, stat: str = "median", warmup: int 
     return {name: reduce(t) for name, t in times.items()}
 
 
-def measure(name: str, m, n, rank: int, rounds: int, stat: str) -> dict:
-    """Train and inference times of the three models for one layer."""
+def measure(name: str, m, n, rank: int, rounds: int, stat: str, base=None) -> dict:
+    """Train and inference times of the three models for one layer (and ``base.TTLinear``)."""
     torch.manual_seed(0)
     in_features, out_features = int(torch.tensor(m).prod()), int(torch.tensor(n).prod())
     tt = TTLinear(in_features, out_features, m, n, ranks=rank)
@@ -121,10 +122,14 @@ def measure(name: str, m, n, rank: int, rounds: int, stat: str) -> dict:
         "einsum": EinsumTT(tt),
         "nn.Linear": nn.Linear(in_features, out_features),
     }
+    if base is not None:  # the same layer and cores at the baseline commit
+        models["base"] = base.TTLinear(in_features, out_features, m, n, ranks=rank)
+        models["base"].load_state_dict(tt.state_dict())
     x = torch.randn(BATCH, in_features)
     target = torch.randn(BATCH, out_features)
     with torch.no_grad():
-        assert torch.allclose(models["TTLinear"](x), models["einsum"](x), rtol=1e-3, atol=1e-4)
+        for other in ("einsum", "base")[: len(models) - 2]:
+            assert torch.allclose(models["TTLinear"](x), models[other](x), rtol=1e-3, atol=1e-4)
     fns = {}
     for label, model in models.items():
         fns[("train", label)] = train_step(model, x, target)
@@ -185,6 +190,12 @@ def report(rows: list[dict], markdown: bool, rounds: int, stat: str) -> None:
     print()
     for row in rows:
         print(f"{row['layer']}: TTLinear plan (training) {_plan_text(row['plan'])}")
+        t = row["times"]
+        if ("train", "base") in t:
+            print("  against the baseline commit (its time / today's): " + ", ".join(
+                f"{mode} {t[(mode, 'base')] / t[(mode, 'TTLinear')]:.2f}x"
+                for mode in ("train", "inference")
+            ))
     cpu = _cpu_name()
     print(
         f"\nbatch {BATCH}, float32; torch {torch.__version__}, {torch.get_num_threads()} threads "
@@ -227,14 +238,24 @@ def main() -> None:
         default=None,
         help="override tnkd.tn.tt_matrix.CHUNK_FLOATS (an integer, or 'none': the whole batch)",
     )
+    parser.add_argument("--baseline", help="also time TTLinear of this commit (benchmarks/baseline.py)")
     args = parser.parse_args()
+    base = None
+    if args.baseline:
+        import sys
+
+        from baseline import OUT, materialise
+
+        materialise(args.baseline)
+        sys.path.insert(0, str(OUT))
+        import tnkd_base.students as base
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.chunk_floats is not None:
         tt_matrix.CHUNK_FLOATS = None if args.chunk_floats == "none" else int(args.chunk_floats)
     rounds = 3 if args.quick else args.rounds
     layers = [LAYERS[k] for k in args.layers] if args.layers else LAYERS
-    rows = [measure(name, m, n, rank, rounds, args.stat) for name, m, n, rank in layers]
+    rows = [measure(name, m, n, rank, rounds, args.stat, base) for name, m, n, rank in layers]
     report(rows, args.markdown, rounds, args.stat)
 
 
