@@ -284,8 +284,13 @@ def run_checkpoint(name: str, runs: str | os.PathLike = "runs") -> str:
     ``runs/checkpoints/NAME/``, so ``tnkd export NAME OUT`` exports its newest weights.
     """
     last = Path(runs, "checkpoints", name, "last.ckpt")
-    if Path(name).is_file() or Path(name).suffix == ".ckpt" or not last.is_file():
+    if Path(name).is_file() or Path(name).suffix == ".ckpt":
         return name
+    if not last.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {name} does not exist, nor a run of that name ({last}); give a run's "
+            "checkpoint file or the name of a run under runs/checkpoints/"
+        )
     return str(last)
 
 
