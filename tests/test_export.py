@@ -129,12 +129,21 @@ print(logits.argmax(1).tolist())
 def test_export_refuses_to_overwrite_and_names_the_format(tmp_path):
     student = build("mps")
     x = torch.rand(2, 1, 8, 8)
-    path = save(student, tmp_path / "s.pt2", x)
+    path = save(student, tmp_path / "s.pt2", x, metadata={"classes": [0, 1]})
+    assert read_metadata(path) == {"classes": "[0, 1]"}
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:  # the program's JSON is deflated, weights stored
+        kinds = {i.filename.rsplit(".", 1)[-1]: i.compress_type for i in archive.infolist()}
+    assert kinds["json"] == zipfile.ZIP_DEFLATED
+    big = torch.rand(4000, 1, 8, 8)  # 1 MB: a slice of it must not bring the whole batch along
+    sliced = save(student, tmp_path / "sliced.pt2", big[:2])
+    assert sliced.stat().st_size < path.stat().st_size + 10_000
     with pytest.raises(FileExistsError, match="already exists"):
         save(student, path, x)
     with pytest.raises(ValueError, match=r"must end in one of \.pt2, \.onnx"):
         save(student, tmp_path / "s.tflite", x)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt2"]  # no partial files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt2", "sliced.pt2"]  # no partials
     assert torch.allclose(torch.export.load(path).module()(x), student.eval()(x), rtol=1e-4)
 
 
