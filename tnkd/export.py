@@ -68,11 +68,11 @@ def export_program(student: nn.Module, example: torch.Tensor) -> torch.export.Ex
         example: one input batch as the data module yields it (any batch size).
     """
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    # (the program keeps its example inputs: a slice of a batch would keep the whole batch)
     planned = torch.backends.opt_einsum.enabled
     torch.backends.opt_einsum.enabled = False  # (it plans with int(batch): a fixed batch)
     try:
         with torch.no_grad():
+            # a copy: the program keeps its example, and a slice would keep its whole batch
             return torch.export.export(
                 portable(student), (example.clone(),), dynamic_shapes=({0: batch},), strict=False
             )
@@ -307,7 +307,9 @@ def run_checkpoint(name: str, runs: str | os.PathLike = "runs") -> str:
     ``tnkd fit --trainer.logger.init_args.name NAME`` keeps its checkpoints in
     ``runs/checkpoints/NAME/``, so ``tnkd export NAME OUT`` exports its newest weights.
     """
-    last = Path(runs, "checkpoints", name, "last.ckpt")
+    from tnkd.training.callbacks import checkpoint_folder
+
+    last = checkpoint_folder(name, runs, runs) / "last.ckpt"
     if Path(name).is_file() or Path(name).suffix == ".ckpt":
         return name
     if not last.is_file():
@@ -323,7 +325,7 @@ def main(args: list[str] | None = None) -> Path:
     import argparse
 
     from tnkd import __version__
-    from tnkd.training.checkpoints import KEY, load_student, read_checkpoint
+    from tnkd.training.checkpoints import KEY, read_checkpoint, student_of
 
     parser = argparse.ArgumentParser(prog="tnkd export", description=main.__doc__)
     parser.add_argument("checkpoint", help="a run's checkpoint, e.g. runs/checkpoints/NAME/last.ckpt, "
@@ -348,7 +350,7 @@ def main(args: list[str] | None = None) -> Path:
         check_writable(ns.save_dir, "--save_dir")
     ns.checkpoint = run_checkpoint(ns.checkpoint)
     checkpoint = read_checkpoint(ns.checkpoint)
-    student = load_student(ns.checkpoint)
+    student = student_of(checkpoint, ns.checkpoint)
     saved = checkpoint.get(KEY) or {}
     data = None if ns.check == "none" else _data_module(checkpoint, ns.checkpoint, ns.data_root)
     if data is not None:

@@ -93,7 +93,7 @@ from tnkd.tn.planner import (
     reference_values,
 )
 from tnkd.tn.portable import chain_log_contract
-from tnkd.tn.stable import StableNetwork, as_slice, direction_logits
+from tnkd.tn.stable import StableNetwork, as_slice, direction_logits, widened
 
 OUTPUT_MODES = ("normalized", "raw")
 #: the older names of ``method`` (``contraction=``)
@@ -314,14 +314,6 @@ def tree_positions(spec: NetworkSpec) -> dict[str, tuple[float, float]]:
 def _sites(values: list[int]) -> list[int] | slice:
     """A slice when the sites are evenly spaced and increasing (a view, no copy), else the list."""
     return as_slice(values) or values
-
-
-def _widened(operands: Any, dtype: torch.dtype) -> list[Any]:
-    """``operands`` with every floating tensor converted to ``dtype`` (other items as they are)."""
-    return [
-        o.to(dtype) if isinstance(o, torch.Tensor) and o.is_floating_point() else o
-        for o in operands
-    ]
 
 
 class GraphStudent(Student):
@@ -862,7 +854,7 @@ class GraphStudent(Student):
         step; both in float64 at least, returned in the student's dtype.
         """
         dtype = self._dtype()
-        wide = functools.partial(_widened, dtype=torch.promote_types(dtype, torch.float64))
+        wide = functools.partial(widened, dtype=torch.promote_types(dtype, torch.float64))
         if self.engine == "chain":
             values, log_scale = chain_log_contract(*wide(self._chain_arguments(self.features(x))))
         else:

@@ -6,8 +6,8 @@ choose kernels) or a call into tnkd's C++ kernels cannot be captured. The portab
 computes the same contraction, with its log-scale, using only shape-static loops:
 
 * a **chain** (:func:`chain_log_contract`): two boundary vectors swept in from the ends to the
-  label core, one site a step, both halves in one batched matrix product per step (the
-  vector times the outer product of state and features against the core reshaped (D d, D)):
+  label core, one site a step, both halves in one batched step (:func:`_step`: the vector
+  times the core reshaped (D, d D), times the features, summed over the physical index):
   real matrix products whatever the batch size, and a handful of graph nodes per site.
   Every :data:`RESCALE_EVERY` sites the vectors are divided by their largest magnitude and the
   logarithm kept per sample, so a 784-site chain stays finite for any feature map.

@@ -569,7 +569,15 @@ def full_precision(tensors: Sequence[Any]):
         return
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in present), torch.float32)
     with torch.autocast(device_type=device, enabled=False):
-        yield [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in tensors]
+        yield widened(tensors, dtype)
+
+
+def widened(tensors: Sequence[Any], dtype: torch.dtype) -> list[Any]:
+    """The floating tensors converted to ``dtype`` (other items, None or ints, as they are)."""
+    return [
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+        for t in tensors
+    ]
 
 
 def _renormalise(

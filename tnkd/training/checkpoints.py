@@ -232,7 +232,13 @@ def load_student(
             described its networks); by default it is rebuilt from the checkpoint.
         map_location: as in ``torch.load``.
     """
-    checkpoint = read_checkpoint(path, map_location)
+    return student_of(read_checkpoint(path, map_location), path, student)
+
+
+def student_of(
+    checkpoint: Mapping[str, Any], path: Any, student: nn.Module | None = None
+) -> nn.Module:
+    """:func:`load_student` for a checkpoint already read (``path`` names it in errors)."""
     net = student if student is not None else rebuilt(checkpoint, "student", path)
     state = checkpoint["state_dict"]
     if not any(k.startswith("student.") for k in state):
