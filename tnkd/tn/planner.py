@@ -53,7 +53,7 @@ import torch
 from tnkd.registry import Registry
 from tnkd.tn.fused import TreePlan, tree_plan
 from tnkd.tn.graph import NetworkSpec, index_ends
-from tnkd.tn.stable import StableNetwork
+from tnkd.tn.stable import StableNetwork, rescaled
 
 
 @dataclass(frozen=True)
@@ -265,12 +265,10 @@ def reference_values(
     With ``rerun`` (the stable engine, where ``auto`` chose the reference for a shallow graph),
     a batch whose values are not finite or all zero in a sample is ``rerun()`` instead.
     """
-    flat = values.detach().flatten(1)
-    peak = flat.abs().amax(1)
-    if rerun is not None and not bool(torch.isfinite(flat).all() and (peak > 0).all()):
+    scaled, log, peak = rescaled(values, range(1, values.ndim))
+    if rerun is not None and not bool((torch.isfinite(peak) & (peak > 0)).all()):
         return rerun()
-    peak = peak.clamp_min(torch.finfo(values.dtype).tiny)
-    return values / peak.view(-1, *[1] * (values.ndim - 1)), peak.log()
+    return scaled, log.reshape(-1)
 
 
 @dataclass(frozen=True)
