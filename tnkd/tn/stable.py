@@ -47,6 +47,7 @@ from typing import Any
 import opt_einsum as oe
 import torch
 
+from tnkd.tn.canonical import hang
 from tnkd.tn.contraction import BATCH_INDEX as BATCH
 from tnkd.tn.contraction import einsum_equation
 from tnkd.tn.graph import NetworkSpec, TNGraph, index_ends
@@ -162,35 +163,14 @@ def tree_path(spec: NetworkSpec) -> list[tuple[int, ...]] | None:
         A path in ``opt_einsum``'s format (positions in the shrinking operand list).
     """
     n = len(spec.node_names)
-    neighbours: list[set[int]] = [set() for _ in range(n)]
-    edges = 0
-    owners = index_ends(spec.node_indices)
-    for ends in owners.values():
-        if len(ends) == 2:
-            (a, _), (b, _) = ends
-            if a == b or b in neighbours[a]:
-                return None  # a self-loop or a double bond is a loop
-            neighbours[a].add(b)
-            neighbours[b].add(a)
-            edges += 1
-    if edges != n - 1:
-        return None  # loops (or disconnected pieces)
-    root = owners[spec.output_indices[0]][0][0] if spec.output_indices else 0
-    order, parent, stack, seen = [], {root: -1}, [root], {root}
-    while stack:
-        v = stack.pop()
-        order.append(v)
-        for u in sorted(neighbours[v]):
-            if u not in seen:
-                seen.add(u)
-                parent[u] = v
-                stack.append(u)
-    if len(seen) != n:
-        return None
-    children: dict[int, list[int]] = {v: [] for v in range(n)}
-    for u, v in parent.items():
-        if v >= 0:
-            children[v].append(u)
+    root = index_ends(spec.node_indices)[spec.output_indices[0]][0][0] if spec.output_indices else 0
+    try:
+        order, parent = hang(spec.node_indices, root)
+    except ValueError:
+        return None  # a loop (or disconnected pieces)
+    children: dict[int, list[int]] = {v: [] for v in order}
+    for v in order[1:]:
+        children[parent[v][0]].append(v)
     height = [0] * n
     for v in reversed(order):
         height[v] = 1 + max((height[u] for u in children[v]), default=-1)
