@@ -182,14 +182,9 @@ def recognise_tt_matrix(spec: NetworkSpec) -> tuple[bool, str]:
     links = 0
     for k in cores:
         indices = spec.node_indices[k]
-        if (
-            sum(i in inputs_indices for i in indices) != 1
-            or sum(i in outputs for i in indices) != 1
-        ):
-            return (
-                False,
-                f"tensor {spec.node_names[k]!r} does not take one input and give one output leg",
-            )
+        if [sum(i in legs for i in indices) for legs in (inputs_indices, outputs)] != [1, 1]:
+            name = spec.node_names[k]
+            return False, f"tensor {name!r} does not take one input and give one output leg"
         bonds = [i for i in indices if i not in inputs_indices and i not in outputs]
         if len(bonds) > 2:
             return False, f"tensor {spec.node_names[k]!r} has {len(bonds)} bonds (a TT-matrix: 2)"

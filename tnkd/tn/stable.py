@@ -246,20 +246,17 @@ def _pair_roles(
     children; a chain core with its vector and its feature vector) is what
     the tree engine (:mod:`tnkd.tn.fused`) runs.
     """
-    if len(operands) != 3:
+    if len(operands) != 3 or len(kept) != 2 or kept[1] != BATCH:
         return None
     params = [k for k, idx in enumerate(operands) if BATCH not in idx]
     vectors = [k for k, idx in enumerate(operands) if len(idx) == 2 and idx[1] == BATCH]
-    if len(params) != 1 or len(vectors) != 2 or len(operands[params[0]]) != 3:
+    if len(params) != 1 or len(vectors) != 2:
         return None
     w = operands[params[0]]
-    bonds = [operands[k][0] for k in vectors]
-    rest = [ix for ix in w if ix not in bonds]
-    if bonds[0] == bonds[1] or not all(ix in w for ix in bonds) or len(rest) != 1:
+    legs = (operands[vectors[0]][0], operands[vectors[1]][0], kept[0])  # left, right, kept
+    axes = tuple(w.index(ix) if ix in w else -1 for ix in legs)
+    if len(w) != 3 or sorted(axes) != [0, 1, 2]:
         return None
-    if kept != [rest[0], BATCH]:
-        return None
-    axes = (w.index(bonds[0]), w.index(bonds[1]), w.index(rest[0]))
     return params[0], vectors[0], vectors[1], axes
 
 

@@ -322,13 +322,11 @@ def _backward_step(
     first: bool,
 ) -> None:
     """Write (first chunk) or add one step's matrix gradient; write its state gradient if asked."""
+    beta = 0 if first else 1  # 0: the buffer's old contents are ignored, even NaN
     if step.cols == 1:
         g2 = g.view(-1, step.out)
         if grad_mat is not None:
-            if first:
-                torch.mm(g2.t(), state.view(-1, step.inner), out=grad_mat)
-            else:
-                grad_mat.addmm_(g2.t(), state.view(-1, step.inner))
+            grad_mat.addmm_(g2.t(), state.view(-1, step.inner), beta=beta)
         if grad_state is not None:
             torch.mm(g2, mat, out=grad_state.view(-1, step.inner))
         return
@@ -351,10 +349,7 @@ def _backward_step(
             sc = scratch[step.out * n : (step.out + step.inner) * n].view(step.inner, p, step.cols)
             gt.copy_(g3.transpose(0, 1))
             sc.copy_(st.transpose(0, 1))
-            if first:
-                torch.mm(gt.view(step.out, n), sc.view(step.inner, n).t(), out=grad_mat)
-            else:
-                grad_mat.addmm_(gt.view(step.out, n), sc.view(step.inner, n).t())
+            grad_mat.addmm_(gt.view(step.out, n), sc.view(step.inner, n).t(), beta=beta)
     if grad_state is not None:
         torch.bmm(mat.t().expand(p, -1, -1), g3, out=grad_state.view(p, step.inner, step.cols))
 
