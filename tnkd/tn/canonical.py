@@ -291,13 +291,6 @@ def truncate(
     return out
 
 
-def bond_spectra(
-    tensors: Sequence[torch.Tensor], indices: Indices, center: int
-) -> dict[str, torch.Tensor]:
-    """Each bond's singular values (of the unit-norm network across the bond), nothing cut."""
-    return truncate(tensors, indices, center).spectra
-
-
 def entanglement_entropy(singular_values: torch.Tensor) -> float:
     """Von Neumann entropy S = -sum p log p, p_i = s_i^2 / sum s^2 (natural log; 0 for rank 1)."""
     p = singular_values.double() ** 2
