@@ -71,9 +71,8 @@ class CompiledNetwork:
         self._path: list[tuple[int, ...]] | None = None
         self._expressions: dict[tuple[tuple[int, ...], ...], Any] = {}
         self.plans = 0
-        # one input node: the batch index is an ordinary index of one tensor, so the planner can
-        # see the batched sizes (for a TT-layer at batch 256 its path does 2.4x fewer flops than
-        # the single-sample one); several: it would be a hyperedge over all inputs
+        # one input node: the batch index is an ordinary index that the planner sees (its best
+        # order can depend on the batch size); several: it would be a hyperedge over all inputs
         self.plan_per_shape = len(self.spec.input_nodes) == 1
 
     def _plan(self, equation: str, shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:

@@ -85,13 +85,14 @@ class Column:
     other rows by ``index_select``; rows of several sources stacked.
     """
 
-    def __init__(self, members: tuple[tuple[int, int], ...]) -> None:
+    def __init__(self, members: tuple[tuple[int, int], ...], sizes: Sequence[int]) -> None:
         self.members = members
         self.sources = tuple(dict.fromkeys(src for src, _ in members))
         self.source = self.sources[0] if len(self.sources) == 1 else None
-        self.whole = False  # the whole source, in order (set by _layout)
         self.index = [g for _, g in members]
         self.slice = as_slice(self.index)
+        # the whole source, in order (``sizes``: the rows of each slot)
+        self.whole = self.source is not None and self.index == list(range(sizes[self.source]))
 
     def take(self, slots: Sequence[torch.Tensor]) -> torch.Tensor:
         """The column's operand, stacked along a leading group axis."""
@@ -274,15 +275,9 @@ def _stages(
     everything = [term(idx) for idx in operands]
     if len(per_sample) < 2 or not params:
         return [(",".join(everything) + "->" + term(kept), tuple(range(len(operands))))]
-    later = set(kept)
-    for k in params:
-        later.update(operands[k])
-    product: list[str] = []
-    for k in per_sample:
-        product.extend(
-            ix for ix in operands[k] if ix in later and ix != BATCH and ix not in product
-        )
-    product.append(BATCH)
+    later = set(kept).union(*(operands[k] for k in params))
+    seen = dict.fromkeys(ix for k in per_sample for ix in operands[k])
+    product = [ix for ix in seen if ix in later and ix != BATCH] + [BATCH]
     first = ",".join(everything[k] for k in per_sample) + "->" + term(product)
     second = ",".join([*(everything[k] for k in params), term(product)]) + "->" + term(kept)
     return [(first, tuple(per_sample)), (second, (*params, -1))]
@@ -325,11 +320,7 @@ def _layout(
                 blocks.append((s,))
     sizes = [len(block) for block in blocks]
     for group, group_columns in zip(groups, columns, strict=True):
-        group.columns = [Column(tuple(slots[s] for s in column)) for column in group_columns]
-        for column in group.columns:
-            column.whole = column.source is not None and column.index == list(
-                range(sizes[column.source])
-            )
+        group.columns = [Column(tuple(slots[s] for s in c), sizes) for c in group_columns]
         slots.update((st.output, (len(sizes), g)) for g, st in enumerate(group.steps))
         sizes.append(len(group.steps))
     return blocks, slots
@@ -506,11 +497,10 @@ def widened(tensors: Sequence[Any], dtype: torch.dtype) -> list[Any]:
 def rescaled(
     values: torch.Tensor, dims: Sequence[int], floor: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``values`` divided by their largest magnitude over ``dims``, with its logarithm.
+    """``values`` divided by their largest magnitude over ``dims``: the engines' max-abs rescaling.
 
-    The one max-abs rescaling of the engines: the largest ``|value|`` (of detached values, so
-    gradients flow through the quotient only) is the divisor, and its log goes into the caller's
-    running log-scale.
+    The divisor comes from detached values (gradients flow through the quotient only); its log
+    goes into the caller's running log-scale.
 
     Args:
         values: any tensor.
@@ -519,8 +509,8 @@ def rescaled(
             all-zero slice stays 0 with a finite log.
 
     Returns:
-        ``(values / scale, log(scale), peak)``, ``peak`` the largest magnitudes before the floor;
-        ``scale`` and ``peak`` keep ``dims`` as axes of size 1.
+        ``(values / scale, log(scale), peak)``, ``peak`` the largest magnitudes before the floor,
+        both with ``dims`` kept as axes of size 1.
     """
     peak = values.detach().abs()
     if dims:
