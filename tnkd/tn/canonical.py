@@ -36,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -264,8 +263,8 @@ def truncate(
     for v in order[1:]:
         p, label = parent[v]
         children[p].append((v, label))
-    degrees = Counter(node for ends in _bonds(idx).values() for node, _ in ends)
-    out = Truncation(tensors=[], log_norm=log_norm, chain=max(degrees.values(), default=0) <= 2)
+    chain = all(len(children[v]) + (v != center) <= 2 for v in order)  # every node: <= 2 bonds
+    out = Truncation(tensors=[], log_norm=log_norm, chain=chain)
     stack = [(center, iter(children[center]))]
     while stack:
         v, todo = stack[-1]

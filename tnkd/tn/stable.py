@@ -141,7 +141,7 @@ class _Group:
     matrix product with the parameters, laid out so that it needs no copy.
     """
 
-    batch_axis: int | None  # batch axis of the result (without the group axis)
+    scale_axes: list[int]  # the result's axes but the group and batch axes (one scale each)
     steps: list[_Step]
     columns: list[Column]
     stages: list[tuple[str, tuple[int, ...]]]  # (equation, operand positions; -1: previous)
@@ -226,9 +226,9 @@ def _schedule(
         terms = tuple("".join(labels[ix] for ix in idx) for idx in (*operands, kept))
         key = (depth[new], terms, tuple(shapes[s] for s in ids))
         if key not in groups:
-            batch_axis = kept.index(BATCH) if BATCH in kept else None
+            axes = [1 + k for k, ix in enumerate(kept) if ix != BATCH]
             stages = _stages(operands, kept, labels)
-            groups[key] = _Group(batch_axis, [], [], stages, pair=_pair_roles(operands, kept))
+            groups[key] = _Group(axes, [], [], stages, pair=_pair_roles(operands, kept))
         groups[key].steps.append(_Step(tuple(ids), new))
     if len(current) != 1:
         raise ValueError(f"the contraction path left {len(current)} tensors; expected one")
@@ -442,9 +442,7 @@ class StableNetwork:
             for equation, positions in group.stages:
                 result = torch.einsum(equation, *[result if k < 0 else ops[k] for k in positions])
             if renorm:  # per (group entry, sample)
-                keep = (0,) if group.batch_axis is None else (0, group.batch_axis + 1)
-                dims = [d for d in range(result.ndim) if d not in keep]
-                result, log, peak = rescaled(result, dims)
+                result, log, peak = rescaled(result, group.scale_axes)
                 log = log.reshape(result.shape[0], -1)
                 peaks.append(peak)
             for column in group.columns:
