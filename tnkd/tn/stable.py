@@ -109,13 +109,12 @@ class Column:
         """The operands' (G, batch or 1) log-scales, or None if none has one."""
         if self.source is not None:
             return self.take(logs) if self.source in logs else None
-        parts = [logs[s][g] if s in logs else None for s, g in self.members]
-        present = [q for q in parts if q is not None]
+        present = [logs[s] for s in self.sources if s in logs]
         if not present:
             return None
-        width = max(q.shape[0] for q in present)
+        zero = present[0].new_zeros(max(q.shape[1] for q in present))
         return torch.stack(
-            [present[0].new_zeros(width) if q is None else q.expand(width) for q in parts]
+            [logs[s][g].expand_as(zero) if s in logs else zero for s, g in self.members]
         )
 
     def give(self, grads: dict[int, torch.Tensor], grad: torch.Tensor, rows: Sequence[int]) -> None:
