@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tnkd.tn.stable import widened
+
 CHUNK_FLOATS = 1 << 20
 """Bound on the numbers in one chunk's largest intermediate state on CPU (4 MiB in float32;
 the measurements behind it: ``docs/benchmarks/tt-layers.md``, ``benchmarks/tt_layers.py``)."""
@@ -485,9 +487,7 @@ def tt_linear(
     device = x.device.type
     if torch.is_autocast_enabled(device):
         # like nn.Linear under autocast: the products run in the autocast dtype
-        dtype = torch.get_autocast_dtype(device)
-        x, mats = x.to(dtype), [m.to(dtype) for m in mats]
-        bias = bias.to(dtype) if bias is not None else None
+        x, bias, *mats = widened([x, bias, *mats], torch.get_autocast_dtype(device))
         with torch.autocast(device, enabled=False):
             return _run(x, mats, bias, plan)
     return _run(x, mats, bias, plan)
