@@ -492,27 +492,26 @@ def widened(tensors: Sequence[Any], dtype: torch.dtype) -> list[Any]:
 
 
 def rescaled(
-    values: torch.Tensor, dims: Sequence[int], floor: float | None = None
+    values: torch.Tensor, dims: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``values`` divided by their largest magnitude over ``dims``: the engines' max-abs rescaling.
 
-    The divisor comes from detached values (gradients flow through the quotient only); its log
-    goes into the caller's running log-scale.
+    The divisor comes from detached values (gradients flow through the quotient only), clamped
+    at the dtype's smallest normal number (an all-zero slice stays 0, with a finite log); its
+    log goes into the caller's running log-scale.
 
     Args:
         values: any tensor.
         dims: the axes the largest magnitude is taken over (none: every entry alone).
-        floor: the smallest divisor (default: the dtype's smallest normal number), so that an
-            all-zero slice stays 0 with a finite log.
 
     Returns:
-        ``(values / scale, log(scale), peak)``, ``peak`` the largest magnitudes before the floor,
+        ``(values / scale, log(scale), peak)``, ``peak`` the largest magnitudes before the clamp,
         both with ``dims`` kept as axes of size 1.
     """
     peak = values.detach().abs()
     if dims:
         peak = peak.amax(dim=tuple(dims), keepdim=True)
-    scale = peak.clamp_min(torch.finfo(values.dtype).tiny if floor is None else floor)
+    scale = peak.clamp_min(torch.finfo(values.dtype).tiny)
     return values / scale, torch.log(scale), peak
 
 

@@ -220,18 +220,9 @@ def plan_tt_matvec(
     Every grouping of neighbouring cores (2^(d-1)) in both directions is costed: for inference
     ``batch * sum(step MACs) + merge MACs``; for training, whose backward pass recomputes every
     state but the output and takes two products per step (input and matrix gradients),
-    ``batch * (4 * sum - last step) + 3 * merge``.
-
-    Args:
-        in_factors: (m_1, ..., m_d).
-        out_factors: (n_1, ..., n_d).
-        ranks: the inner ranks (r_1, ..., r_{d-1}).
-        batch: rows of the input.
-        training: plan for forward + backward (else forward only).
-        chunk_floats: as in :func:`build_plan`.
-
-    Returns:
-        The cheapest :class:`TTPlan` (the first found among equals).
+    ``batch * (4 * sum - last step) + 3 * merge``. The arguments are :func:`build_plan`'s (as
+    tuples, for the cache) but the grouping and the direction, which this chooses; returns the
+    cheapest :class:`TTPlan` (the first found among equals).
 
     Example:
         >>> plan_tt_matvec((8, 8, 8, 8), (8, 8, 8, 8), (16, 16, 16), batch=256).groups
