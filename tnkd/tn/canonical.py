@@ -59,22 +59,17 @@ def network_of(graph: TNGraph) -> tuple[list[torch.Tensor], list[tuple[str, ...]
     return tensors, indices, names
 
 
-def _bonds(indices: Indices) -> dict[str, list[tuple[int, int]]]:
-    """Label -> [(node, axis), (node, axis)] for labels shared by two axes."""
-    ends = index_ends(indices)
-    bad = [label for label, e in ends.items() if len(e) > 2]
-    if bad:
-        raise ValueError(f"indices {bad} appear on more than two axes; expected bonds or free legs")
-    return {label: e for label, e in ends.items() if len(e) == 2}
-
-
 def hang(indices: Indices, center: int) -> tuple[list[int], dict[int, tuple[int, str]]]:
     """A network without loops hung from node ``center``: nodes breadth-first, (parent, bond)s.
 
     Raises:
         ValueError: the network has a loop or is not connected.
     """
-    bonds = _bonds(indices)
+    ends = index_ends(indices)
+    bad = [label for label, e in ends.items() if len(e) > 2]
+    if bad:
+        raise ValueError(f"indices {bad} appear on more than two axes; expected bonds or free legs")
+    bonds = {label: e for label, e in ends.items() if len(e) == 2}
     n = len(indices)
     if not 0 <= center < n:
         raise ValueError(f"centre must be a node index in [0, {n}), but got {center}")
