@@ -172,10 +172,7 @@ class Discarded:
 
     @property
     def error_bound(self) -> float:
-        """Bound on ||W - W_trunc||_F / ||W||_F: sqrt(total) for a chain, sum of sqrt for a tree.
-
-        See the module docstring for both bounds.
-        """
+        """Bound on ||W - W_trunc||_F / ||W||_F: sqrt(total) for a chain, sum of sqrt for a tree."""
         if self.chain:
             return math.sqrt(self.total_discarded)
         return float(sum(math.sqrt(w) for w in self.discarded.values()))

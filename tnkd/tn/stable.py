@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -549,5 +548,4 @@ def planned_cost(graph: TNGraph | NetworkSpec, optimize: Any = "auto") -> dict[s
         "largest_intermediate": float(info.largest_intermediate),
         "depth": float(net.depth),
         "kernels": float(net.kernels),
-        "log10_flops": math.log10(max(float(info.opt_cost), 1.0)),
     }
