@@ -141,7 +141,7 @@ def recognise_chain(spec: NetworkSpec) -> tuple[ChainLayout | None, str]:
     if len(params) < 2 or len(ends_of_path) != 2:
         return None, "its tensors do not form one open path"
     order = [min(ends_of_path)]
-    for _ in params[1:]:
+    for _ in params[1:]:  # walk from one end: on to the neighbour it did not come from
         order += [k for k in bonds[order[-1]] if k not in order[-2:-1]][:1]
     if len(set(order)) != len(params):
         return None, "its tensors do not form one open path"
