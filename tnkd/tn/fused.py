@@ -213,12 +213,10 @@ class FastTree(torch.autograd.Function):
     again renormalising every level, as the stable engine does.
 
     ``ext``: the native kernels (``csrc/tree_levels.cpp``, :meth:`TreePlan.kernels`), which run
-    the whole loop as one call forward and one backward. Where every level reads the one below
-    in pairs (a balanced tree), thread t runs all levels of its own subtrees and the few top
-    levels run on one thread; other trees split the batch into per-thread column ranges. With
-    the head, the root is not renormalised: its squared norms ``||v||^2`` join the divisors, so
-    the range check guarantees they neither overflowed nor lost digits. ``linear_leaves``: the
-    two input blocks are one (G, 2, n) tensor of raw pairs, the [1, x] map fused with the leaves.
+    the whole loop as one call forward and one backward. With the head, the root is not
+    renormalised: its squared norms ``||v||^2`` join the divisors, so the range check guarantees
+    they neither overflowed nor lost digits. ``linear_leaves``: the two input blocks are one
+    (G, 2, n) tensor of raw pairs, the [1, x] map fused with the leaves.
     """
 
     @staticmethod
@@ -300,10 +298,7 @@ def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear) ->
 
 
 def native_tree_backward(ext, run: _NativeRun, blocks, grad_out, needs) -> list:
-    """Gradients of the blocks (None where not needed), then with the head the log-scale's.
-
-    With the head, ``grad_out`` is the logits' (n, C) gradient.
-    """
+    """Gradients of the blocks (None where not needed), then the head's (``grad_out``: logits')."""
     return ext.tree_backward(list(blocks), grad_out, list(needs), *run[:-1])  # all but the logits
 
 
