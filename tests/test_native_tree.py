@@ -269,7 +269,7 @@ def test_the_kernels_reject_children_that_do_not_fit_the_weights(ext):
     rows = [0, 1, 2, 3]  # node g's children: row g of block 0 and of block 1
     children = ([0] * 4, rows, [1] * 4, rows)
     with pytest.raises(RuntimeError, match=r"expects children of 3 rows, got a \(4, 2, n\)"):
-        ext.tree_forward([feats, feats, weight], [[2], *children], [True], False, False, None)
+        ext.tree_forward([feats, feats, weight], [[2], *children], [True], False, False, None, 0, 1)
+    plan = [[2], [0] * 4, rows, [1] * 3, rows]  # three right children for four nodes
     with pytest.raises(RuntimeError, match="one entry per node"):
-        plan = [[2], [0] * 4, rows, [1] * 3, rows]
-        ext.tree_forward([feats, feats, weight], plan, [True], False, False, None)
+        ext.tree_forward([feats, feats, weight], plan, [True], False, False, None, 0, 1)

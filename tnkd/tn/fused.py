@@ -282,18 +282,17 @@ def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear) ->
     Renormalises each level as its plan says, or every level with ``every``; with the head (a
     float ``log_scale`` s) and not ``every``, the root is not: its squared norms are the
     divisors' last row instead. None where ``check`` (or the head) asks for the range check and
-    the kernel's smallest or largest divisor left the range. ``linear``: the first level's
-    children are the raw (G, 2, n) pairs of the [1, x] map (:func:`linear_leaf_features`).
+    a divisor left :func:`~tnkd.tn.stable.digits_range` (or is NaN). ``linear``: the first
+    level's children are the raw (G, 2, n) pairs of the [1, x] map (:func:`linear_leaf_features`).
     """
     square = log_scale is not None and not every
     slots, renorm = _native_plan(levels, every, square)
-    outs, divisors, low, high, logits, inverse = ext.tree_forward(
-        list(blocks), slots, renorm, linear, square, log_scale
+    bounds = digits_range(blocks[0].dtype)
+    outs, divisors, in_range, logits, inverse = ext.tree_forward(
+        list(blocks), slots, renorm, linear, square, log_scale, *bounds
     )
-    if (check or square) and not every:
-        lowest, highest = digits_range(divisors.dtype)
-        if not (low >= lowest and high <= highest):
-            return None  # False for NaN too
+    if (check or square) and not every and not in_range:
+        return None
     return _NativeRun(slots, renorm, linear, outs, divisors, inverse, log_scale, logits)
 
 

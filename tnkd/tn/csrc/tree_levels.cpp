@@ -394,24 +394,11 @@ void run_split(const Plan& plan, const Split& split, bool backward, int64_t widt
   if (backward) tasks(split.top);
 }
 
-// The smallest and largest divisor seen, and whether one was NaN.
-struct Range {
-  double low = std::numeric_limits<double>::infinity();
-  double high = -std::numeric_limits<double>::infinity();
-  bool nan = false;
-  void see(double v) {
-    if (std::isnan(v)) nan = true;
-    low = std::min(low, v);
-    high = std::max(high, v);
-  }
-};
-
-using Forward = std::tuple<std::vector<at::Tensor>, at::Tensor, double, double, at::Tensor,
-                           at::Tensor>;
+using Forward = std::tuple<std::vector<at::Tensor>, at::Tensor, bool, at::Tensor, at::Tensor>;
 
 template <typename T>
 Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bool square,
-                     bool head, double log_scale) {
+                     bool head, double log_scale, double lowest, double highest) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
   const int64_t n = plan.n, K = plan.levels.size();
@@ -433,7 +420,9 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
     inverse = at::empty({n}, options);
   }
   const Split split = split_work<T>(plan);
-  std::vector<Range> ranges(split.tasks + 1);
+  // per task: whether every divisor was within [lowest, highest] (false for NaN too)
+  std::vector<char> fine(split.tasks + 1, 1);
+  auto see = [&](int64_t t, double v) { fine[t] = fine[t] && v >= lowest && v <= highest; };
 
   auto levels = [&](int64_t t, int64_t k0, int64_t k1, int64_t cbegin, int64_t cend, Work<T>& w) {
     for (int64_t k = k0; k < k1; ++k) {
@@ -474,7 +463,7 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
               const int64_t valid = std::min<int64_t>(L, cols - v * L);
               for (int64_t q = 0; q < valid; ++q) {
                 drow[v * L + q] = lanes[q];
-                ranges[t].see(lanes[q]);
+                see(t, lanes[q]);
               }
             }
           } else if (square && k == K - 1) {
@@ -483,7 +472,7 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
               T s = 0;
               for (int64_t p = 0; p < lv.P; ++p) s += out[p * width + c] * out[p * width + c];
               drow[c] = s;
-              ranges[t].see(s);
+              see(t, s);
             }
           }
           give(out, lv.P, width, cols, Child<T>{dst.ptr + g * dst.sn, 0, dst.sr, 1}, c0, false);
@@ -512,14 +501,8 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
     }
   };
   run_split<T>(plan, split, false, width, 0, 0, levels, run_head);
-  Range range;
-  for (const auto& r : ranges) {
-    range.nan = range.nan || r.nan;
-    range.low = std::min(range.low, r.low);
-    range.high = std::max(range.high, r.high);
-  }
-  if (range.nan) range.low = range.high = std::numeric_limits<double>::quiet_NaN();
-  return {outs, divisors, range.low, range.high, logits, inverse};
+  const bool in_range = std::all_of(fine.begin(), fine.end(), [](char f) { return f; });
+  return {outs, divisors, in_range, logits, inverse};
 }
 
 template <typename T>
@@ -691,15 +674,17 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
 using Lists = std::vector<std::vector<int64_t>>;
 
 // `lists`: the weights' slots, then the left and right children's slots and rows, one entry
-// per node. Returns (level results, divisors (R, 1, n), smallest and largest divisor (NaN if one
-// is), logits (n, C), 1 / ||root|| (n)); the last two undefined (None) without `head` (log_scale s).
+// per node. Returns (level results, divisors (R, 1, n), whether every divisor lies within
+// [lowest, highest], logits (n, C), 1 / ||root|| (n)); the last two undefined (None) without
+// `head` (log_scale s).
 Forward tree_forward(std::vector<at::Tensor> blocks, Lists lists, std::vector<bool> renorm,
-                     bool linear, bool square, c10::optional<double> log_scale) {
+                     bool linear, bool square, c10::optional<double> log_scale, double lowest,
+                     double highest) {
   const Plan plan = make_plan(blocks, std::move(lists), renorm, linear);
   Forward result;
   AT_DISPATCH_FLOATING_TYPES(blocks[0].scalar_type(), "tree_forward", [&] {
     result = forward_impl<scalar_t>(blocks, plan, square, log_scale.has_value(),
-                                    log_scale.value_or(0.0));
+                                    log_scale.value_or(0.0), lowest, highest);
   });
   return result;
 }
