@@ -37,8 +37,8 @@ from types import ModuleType
 
 import torch
 
-#: the native sources by name, and what runs instead when one cannot be built
 CSRC = Path(__file__).parent / "csrc"
+#: the native sources by name, and what runs instead when one cannot be built
 SOURCES = {
     "chain_scan": (CSRC / "chain_scan.cpp", "the Python scan (method='scan')"),
     "tree_levels": (CSRC / "tree_levels.cpp", "the stable engine"),
@@ -58,7 +58,7 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build_name(name: str = "chain_scan") -> str:
+def _build_name(name: str) -> str:
     source = SOURCES[name][0]
     headers = "".join(h.read_text() for h in sorted(source.parent.glob("*.h")))
     # the checkout's folder too: two checkouts (or virtual environments) on one machine keep a
