@@ -326,7 +326,7 @@ def _tree_kernel(shape: GraphShape, device: torch.device) -> str:
 
     if device.type == "cpu" and native.kernels("tree_levels") is not None:
         return "native level loop (C++)"
-    return "level loop (Python)"
+    return "the stable engine's grouped einsum steps"
 
 
 for _engine in (
