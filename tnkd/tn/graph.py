@@ -161,6 +161,12 @@ class TNGraph:
         positions = {k: (float(x), float(y)) for k, (x, y) in data.get("positions", {}).items()}
         return cls(list(nodes.values()), list(data["inputs"]), outputs, positions)
 
+    def to_graphviz(self) -> Any:
+        """A ``graphviz.Graph`` of the diagram (render it with the ``dot`` program installed)."""
+        from tensornetwork.visualization.graphviz import to_graphviz
+
+        return to_graphviz(self.nodes)
+
     def draw(self, ax: Any = None, max_nodes: int = 40) -> Any:
         """Draw the diagram with matplotlib: circles are tensors, lines are indices.
 

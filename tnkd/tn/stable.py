@@ -116,18 +116,6 @@ class Column:
             [logs[s][g].expand_as(zero) if s in logs else zero for s, g in self.members]
         )
 
-    def give(self, grads: dict[int, torch.Tensor], grad: torch.Tensor, rows: Sequence[int]) -> None:
-        """Add the gradient of :meth:`take`'s result to its sources' (``rows``: each slot's size)."""
-        for src in self.sources:
-            if self.whole:
-                part = grad
-            else:
-                picked = [k for k, (s, _) in enumerate(self.members) if s == src]
-                index = torch.tensor([self.members[k][1] for k in picked], device=grad.device)
-                part = grad.new_zeros(rows[src], *grad.shape[1:])
-                part.index_add_(0, index, grad[picked] if self.source is None else grad)
-            grads[src] = part if src not in grads else grads[src] + part
-
 
 @dataclass
 class _Group:
