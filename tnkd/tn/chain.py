@@ -13,19 +13,18 @@ chosen by the planner (:func:`tnkd.tn.planner.chain_kernel`):
 - ``"native"`` (CPU, float32/float64): the scan in C++ (``tnkd/tn/csrc/chain_scan.cpp``,
   :mod:`tnkd.tn.native`, compiled on first use), one autograd node from the features to the
   normalised values (the merge of site pairs and the output core included) with a hand-written
-  backward pass; a step is one pass of register-tiled SIMD loops over L1-resident data, the K
-  chains run on parallel threads.
-- ``"scan"`` (any device; the fallback where the native one does not run): the same steps,
-  plan and renormalisations as torch operations (an outer product with the features and one
-  batched matmul per step), differentiated by autograd. It is also the independent check of
-  the native scan's hand-written backward pass in the tests.
+  backward pass; the K chains run on parallel threads.
+- ``"scan"`` (the fallback wherever the native one does not run, and accelerators at D > 64):
+  the same steps, plan and renormalisations as torch operations (an outer product with the
+  features and one batched matmul per step), differentiated by autograd. It is also the
+  independent check of the native scan's hand-written backward pass in the tests.
 - ``"tree"`` (accelerators, D <= 64): every site's transfer matrix in one batched operation,
   then the matrices of each half multiplied pairwise in log depth (D^3 work per site, but about
   2 log2(N) large kernels instead of N small ones), renormalised at every level.
 
 The measurements behind the planner's choice and the designs tried and not taken are on the
-documentation's chain-speed benchmark page (``docs/benchmarks/chain.md``);
-``benchmarks/chain_speed.py`` reruns them.
+chain-speed benchmark page (``docs/benchmarks/chain.md``); ``benchmarks/chain_speed.py`` reruns
+them.
 
 Example:
     >>> cores = torch.eye(4).view(1, 4, 1, 4).expand(50, 4, 2, 4) * 2.0  # A_i(x) = 2 I
@@ -36,6 +35,7 @@ Example:
     ([1.0], 52.0)
 """
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -51,8 +51,7 @@ def _tree_product(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ordered product of (B, N, D, D) matrices in log depth; returns (B, D, D) and log-scale (B,).
 
     Neighbours are multiplied in pairs, level by level (an odd one out waits for the next level),
-    each product divided by its largest magnitude. Shape-static steps only, no branch on values:
-    the portable engine (what ``torch.export`` captures) runs it too.
+    each product divided by its largest magnitude.
     """
     batch, bond = mats.shape[0], mats.shape[-1]
     log_scale = mats.new_zeros(batch)
@@ -70,27 +69,40 @@ def _tree_product(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mats[:, 0], log_scale
 
 
+def _tree_halves(
+    left: torch.Tensor, right: torch.Tensor, mats: torch.Tensor, position: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The halves' (2, M, D, B) ends and (2, M, B) log-scales by log-depth products.
+
+    ``mats`` are the (M, B, N, D, D) transfer matrices; each half's are multiplied pairwise
+    (:func:`_tree_product`) and applied to its boundary vector.
+    """
+    members, batch, _, bond, _ = mats.shape
+    ends, logs = [], []
+    for vector, part, eq in (
+        (left, mats[:, :, :position], "ml,mblr->mrb"),
+        (right, mats[:, :, position:], "mr,mblr->mlb"),
+    ):
+        if part.shape[2] == 0:
+            ends.append(vector.unsqueeze(-1).expand(members, bond, batch))
+            logs.append(vector.new_zeros(members, batch))
+            continue
+        prod, log_scale = _tree_product(part.reshape(members * batch, -1, bond, bond))
+        ends.append(torch.einsum(eq, vector, prod.view(members, batch, bond, bond)))
+        logs.append(log_scale.view(members, batch))
+    return torch.stack(ends), torch.stack(logs)
+
+
 def _settings(dtype: torch.dtype, bond_dim: int) -> tuple[int, int]:
     """Sites between renormalisations (16; float16: 1) and sites merged per step (2 up to D = 32).
 
     Between two renormalisations a value may grow or shrink by the product of a few transfer
-    matrices' norms; float32 and bfloat16 (range 1e+-38) absorb that for any sane cores (a pass
+    matrices' norms: float32 and bfloat16 (range 1e+-38) absorb that for any sane cores (a pass
     that left float range anyway is redone), float16 (range 6.5e4) does not. Merging two sites
-    costs the same D^2 d^2 / 2 flops per site when d = 2 and halves the sequential steps; the
-    measurements behind both numbers are on the chain-speed benchmark page.
+    costs the same D^2 d^2 / 2 flops per site when d = 2 and halves the sequential steps.
     """
     every = 1 if dtype == torch.float16 else SCAN_RENORM_EVERY
     return every, 2 if bond_dim <= SCAN_MAX_MERGED_BOND_DIM else 1
-
-
-# Plans by (kind, sizes, block, device): small index tensors built once per chain shape.
-_PLANS: dict[tuple, Any] = {}
-
-
-def _remember(key: tuple, plan: Any) -> None:
-    if len(_PLANS) >= 256:  # many shapes (a sweep over sizes): start over rather than grow
-        _PLANS.clear()
-    _PLANS[key] = plan
 
 
 class _ChainPlan(NamedTuple):
@@ -108,32 +120,80 @@ class _ChainPlan(NamedTuple):
     in_first: tuple[bool, ...]
 
 
+# Plans by chain shape and device: small index tensors, built once per shape.
+_PLANS: dict[tuple, tuple[_ChainPlan, torch.Tensor]] = {}
+
+
 def _mps_plan(
-    left: int, right: int, block: int, device: torch.device, members: int = 1
-) -> tuple[_ChainPlan, int, int]:
+    left: int, right: int, block: int, device: torch.device, members: int
+) -> tuple[_ChainPlan, torch.Tensor]:
     """The plan of M chains' two halves: ``left`` sites swept rightwards, ``right`` leftwards.
 
     A member's site tensor is ``[A_0 .. A_{left-1}, I x pad, A_left .. A_{N-1}, I x extra]``:
     each half padded with identity sites to whole blocks next to the output core, and, if the
     halves have different numbers of blocks, one identity block at the end that the shorter
     half reads for its remaining steps. The members' site tensors follow each other; chains
-    0..M-1 are the left halves, M..2M-1 the right halves. Returns the plan, ``pad`` and ``extra``.
+    0..M-1 are the left halves, M..2M-1 the right halves. Returns the plan and the site
+    tensor's sources: the input site each of its sites reads, N for an identity site.
     """
-    key = ("mps", left, right, block, device, members)
+    key = (left, right, block, device, members)
     if key in _PLANS:
         return _PLANS[key]
+    if len(_PLANS) >= 256:  # many shapes (a sweep over sizes): start over rather than grow
+        _PLANS.clear()
     pad_l, pad_r = (-left) % block, (-right) % block
     nl, nr = (left + pad_l) // block, (right + pad_r) // block
     steps, extra = max(nl, nr, 1), block if nl != nr or nl == 0 else 0
     eye = nl + nr  # the identity block's index when there is one
     left_idx = torch.tensor(list(range(nl)) + [eye] * (steps - nl))
     right_idx = torch.tensor(list(range(nl + nr - 1, nl - 1, -1)) + [eye] * (steps - nr))
-    per = nl + nr + extra // block  # blocks per member
-    offsets = torch.arange(members).unsqueeze(1) * per
+    offsets = torch.arange(members).unsqueeze(1) * (nl + nr + extra // block)  # blocks per member
     index = torch.cat([left_idx + offsets, right_idx + offsets]).to(device)
+    n = left + right
+    sources = [*range(left), *[n] * (pad_l + pad_r), *range(left, n), *[n] * extra]
     in_first = (True,) * members + (False,) * members
-    _remember(key, (_ChainPlan(block, index, in_first), pad_l + pad_r, extra))
+    _PLANS[key] = _ChainPlan(block, index, in_first), torch.tensor(sources, device=device)
     return _PLANS[key]
+
+
+def _padded(
+    tensor: torch.Tensor, sources: torch.Tensor, identity: Callable[[], torch.Tensor], axis: int
+) -> torch.Tensor:
+    """The sites of ``tensor`` (along ``axis``) that ``sources`` reads, ``identity()`` for N.
+
+    An identity site is ``I`` on physical index 0 and its feature ``e_0``: its transfer matrix is
+    exactly the identity, whatever the feature map.
+    """
+    if sources.shape[0] == tensor.shape[axis]:  # no identity site: sources is 0..N-1
+        return tensor
+    site = identity().expand(*tensor.shape[:axis], 1, *tensor.shape[axis + 1 :])
+    return torch.cat([tensor, site], axis).index_select(axis, sources)
+
+
+def _site_features(features: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """(B, N, d) features -> (n, d, B) features of the site tensor's sites (:func:`_padded`)."""
+    kw = {"dtype": features.dtype, "device": features.device}
+    e0 = lambda: torch.eye(features.shape[2], 1, **kw)  # noqa: E731
+    return _padded(features.permute(1, 2, 0), sources, e0, 0)
+
+
+def _prepared(
+    left: torch.Tensor, cores: torch.Tensor, right: torch.Tensor, features: torch.Tensor, at: int
+) -> tuple[_ChainPlan, torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """What both scans of M chains' halves start from (member axes on every argument).
+
+    Returns the plan and sources (:func:`_mps_plan`), the (M n, D, d, D) site tensor, the
+    (2M, D, B) start vectors and the sites between renormalisations (:func:`_settings`).
+    """
+    members, num_sites, bond, d = cores.shape[:4]
+    every, block = _settings(features.dtype, bond)
+    plan, sources = _mps_plan(at, num_sites - at, block, features.device, members)
+
+    kw = {"dtype": cores.dtype, "device": cores.device}
+    identity = lambda: torch.eye(bond, **kw)[:, None] * torch.eye(d, 1, **kw)[None]  # noqa: E731
+    sites = _padded(cores, sources, identity, 1).flatten(0, 1)
+    start = torch.cat([left, right]).unsqueeze(-1).expand(2 * members, bond, features.shape[0])
+    return plan, sites, start, every, sources
 
 
 def _block_features(features: torch.Tensor, block: int) -> torch.Tensor:
@@ -149,6 +209,11 @@ def _block_features(features: torch.Tensor, block: int) -> torch.Tensor:
     for j in range(1, block):
         phi = (phi.unsqueeze(2) * f[:, j].unsqueeze(1)).flatten(1, 2)
     return phi
+
+
+def _per_member(features: torch.Tensor, members: int) -> torch.Tensor:
+    """(n, ...) features of one member's site tensor repeated for M members (read by its index)."""
+    return features if members == 1 else features.repeat(members, *(1,) * (features.dim() - 1))
 
 
 def _merge_cores(sites: torch.Tensor, block: int) -> torch.Tensor:
@@ -183,84 +248,14 @@ def _step_matrices(merged: torch.Tensor, plan: _ChainPlan, forward: bool) -> tor
     return torch.stack(chains).flatten(3)
 
 
-def _step_feature_grads(
-    merged: torch.Tensor, plan: _ChainPlan, gs: torch.Tensor, vs: torch.Tensor, m: int
-) -> torch.Tensor:
-    """(K, S, m, B) gradients of every step's features from a scan's vectors and their gradients.
-
-    Step i computed ``y = M (phi (x) v)``: ``g_phi[s, b] = sum_in v[in, b] (M^T g_y)[(s, in), b]``,
-    M the forward step matrix; ``gs`` and ``vs`` are the (S+1, K, D, B) vector gradients and
-    vectors.
-    """
-    (k, steps), bond, batch = plan.index.shape, merged.shape[-1], gs.shape[-1]
-    mats = _step_matrices(merged, plan, forward=True)
-    g_y = gs[1:].transpose(0, 1).reshape(k * steps, bond, batch)
-    g_x = torch.bmm(mats.view(k * steps, bond, m * bond).transpose(1, 2), g_y)
-    v_in = vs[:-1].transpose(0, 1).reshape(k, steps, 1, bond, batch)
-    return (g_x.view(k, steps, m, bond, batch) * v_in).sum(3)
-
-
-def _insert_identity(cores: torch.Tensor, at: int, count: int, extra: int) -> torch.Tensor:
-    """(N, D, d, D) or (M, N, D, d, D) cores -> (M (N + count + extra), D, d, D).
-
-    Each member gets ``count`` identity sites before site ``at`` and ``extra`` at its end. An
-    identity site is ``I`` on physical index 0; with the feature ``e_0`` (:func:`_insert_e0`)
-    its transfer matrix is exactly the identity, whatever the feature map.
-    """
-    if count or extra:
-        members = cores.shape[:-4]
-        bond, d = cores.shape[-3], cores.shape[-2]
-        eye = cores.new_zeros(*members, count + extra, bond, d, bond)
-        eye[..., 0, :] = torch.eye(bond, dtype=cores.dtype, device=cores.device)
-        axis = len(members)
-        parts = [cores.narrow(axis, 0, at), eye.narrow(axis, 0, count)]
-        parts += [cores.narrow(axis, at, cores.shape[axis] - at), eye.narrow(axis, count, extra)]
-        cores = torch.cat(parts, axis)
-    return cores if cores.dim() == 4 else cores.flatten(0, 1)
-
-
-def _insert_e0(features: torch.Tensor, at: int, count: int, extra: int) -> torch.Tensor:
-    """(N, d, B) features with the identity sites' ``e_0`` inserted like :func:`_insert_identity`."""
-    if count == 0 and extra == 0:
-        return features
-    e0 = features.new_zeros(count + extra, *features.shape[1:])
-    e0[:, 0] = 1.0
-    return torch.cat([features[:at], e0[:count], features[at:], e0[count:]])
-
-
-def _per_member(features: torch.Tensor, members: int) -> torch.Tensor:
-    """(n, ...) features of one member's site tensor repeated for M members (read by its index)."""
-    return features if members == 1 else features.repeat(members, *(1,) * (features.dim() - 1))
-
-
-def _python_scan(
-    start: torch.Tensor, sites: torch.Tensor, features: torch.Tensor, plan: _ChainPlan, every: int
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The scan's steps as torch operations, recorded by autograd; ``every`` counts steps.
-
-    Step i is ``v_{i+1} = mats[:, i] @ (phi_i (x) v_i)`` (an outer product and one batched
-    matmul), every ``every``-th output and the last divided by their max-abs. Returns the
-    (K, D, B) vectors, their (K, B) log-scales and whether every scale stayed in float range.
-    """
-    steps, batch = plan.index.shape[1], start.shape[2]
-    mats = _step_matrices(_merge_cores(sites, plan.block), plan, forward=True)
-    phis = _block_features(features, plan.block).index_select(0, plan.index.t().flatten())
-    phis = phis.view(steps, plan.index.shape[0], -1, 1, batch)
-    # unbound once: slicing inside the loop would make autograd allocate a full-size zero
-    # gradient per step (quadratic traffic)
-    v, scales, info = start, [], torch.finfo(start.dtype)
-    for i, (mat, phi) in enumerate(zip(mats.unbind(1), phis.unbind(0), strict=True)):
-        v = torch.bmm(mat, (phi * v.unsqueeze(1)).flatten(1, 2))
-        if (i + 1) % every == 0 or i == steps - 1:
-            scale = v.detach().abs().amax(dim=1, keepdim=True).clamp_min(info.tiny)
-            v = v / scale
-            scales.append(scale)
-    scales = torch.cat(scales, dim=1)
-    # a non-finite value propagates into the next scale; one below tiny / eps came within a
-    # mantissa's width of the subnormal range, so smaller entries of that vector lost digits
-    low, high = torch.aminmax(scales)
-    healthy = bool(low >= info.tiny / info.eps) and bool(high <= info.max)
-    return v, torch.log(scales).sum(1), healthy
+def _unmerged_plan(plan: _ChainPlan) -> _ChainPlan:
+    """The same chains one site per step (a chain leaving a block rightwards reads it backwards)."""
+    rows = []
+    for chain, in_first in enumerate(plan.in_first):
+        offsets = torch.arange(plan.block, device=plan.index.device)
+        offsets = offsets if in_first else offsets.flip(0)
+        rows.append((plan.index[chain].unsqueeze(1) * plan.block + offsets).flatten())
+    return _ChainPlan(1, torch.stack(rows), plan.in_first)
 
 
 def _scan(
@@ -268,14 +263,34 @@ def _scan(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Python scan of (K, D, B) start vectors, (n, D, d, D) sites, (n, d, B) features.
 
-    A pass that left float range is redone one site per step, renormalising every step.
-    Returns the (K, D, B) normalised vectors and the (K, B) log-scales; ``every`` counts sites.
+    Step i is ``v_{i+1} = mats[:, i] @ (phi_i (x) v_i)`` (an outer product and one batched
+    matmul), the output of every ``every``-th site and the last divided by their max-abs,
+    recorded by autograd. A pass that left float range is redone one site per step,
+    renormalising every step. Returns the (K, D, B) vectors and their (K, B) log-scales.
     """
-    v, log_scale, healthy = _python_scan(start, sites, features, plan, max(1, every // plan.block))
-    if not healthy and (every > 1 or plan.block > 1):
-        single = _unmerged_plan(plan)
-        v, log_scale, _ = _python_scan(start, sites, features, single, 1)
-    return v, log_scale
+    info, batch, every = torch.finfo(start.dtype), start.shape[2], max(1, every // plan.block)
+    while True:
+        steps = plan.index.shape[1]
+        mats = _step_matrices(_merge_cores(sites, plan.block), plan, forward=True)
+        phis = _block_features(features, plan.block).index_select(0, plan.index.t().flatten())
+        phis = phis.view(steps, plan.index.shape[0], -1, 1, batch)
+        # unbound once: slicing inside the loop would make autograd allocate a full-size zero
+        # gradient per step (quadratic traffic)
+        v, scales = start, []
+        for i, (mat, phi) in enumerate(zip(mats.unbind(1), phis.unbind(0), strict=True)):
+            v = torch.bmm(mat, (phi * v.unsqueeze(1)).flatten(1, 2))
+            if (i + 1) % every == 0 or i == steps - 1:
+                scale = v.detach().abs().amax(dim=1, keepdim=True).clamp_min(info.tiny)
+                v = v / scale
+                scales.append(scale)
+        scales = torch.cat(scales, dim=1)
+        # a non-finite value propagates into the next scale; one below tiny / eps came within a
+        # mantissa's width of the subnormal range, so smaller entries of that vector lost digits
+        low, high = torch.aminmax(scales)
+        healthy = bool(low >= info.tiny / info.eps) and bool(high <= info.max)
+        if healthy or (every == 1 and plan.block == 1):
+            return v, torch.log(scales).sum(1)
+        plan, every = _unmerged_plan(plan), 1
 
 
 class _NativeRun(NamedTuple):
@@ -305,7 +320,6 @@ def _native_forward(
     args = (merged, bfeats, plan.index, list(plan.in_first))
     vs, scales, log_scale, healthy, finite = ext.scan_forward(start, *args, every)
     if every > 1 and not healthy:
-        # a value left float range between two renormalisations: renormalise every step
         every = 1
         vs, scales, log_scale, _, finite = ext.scan_forward(start, *args, every)
     return _NativeRun(plan, every, merged, bfeats, vs, scales), log_scale, finite
@@ -340,13 +354,28 @@ def _native_backward(
     return gs, ext.unmerge_pairs(g_blocks, sites) if plan.block == 2 else g_blocks.view_as(sites)
 
 
-def _mps_sources(position: int, num_sites: int, pad: int, extra: int) -> torch.Tensor:
-    """Which input site each site of :func:`_mps_plan`'s site tensor reads (-1: identity)."""
-    key = ("sources", position, num_sites, pad, extra)
-    if key not in _PLANS:
-        sites = list(range(position)) + [-1] * pad + list(range(position, num_sites))
-        _remember(key, torch.tensor(sites + [-1] * extra))
-    return _PLANS[key]
+def _feature_grads(
+    run: _NativeRun, gs: torch.Tensor, features: torch.Tensor, sources: torch.Tensor
+) -> torch.Tensor:
+    """Gradients of the (B, N, d) features from a native run's (S+1, K, D, B) vector gradients.
+
+    Step i computed ``y = M (phi (x) v)``, M its forward matrix (:func:`_step_matrices`), so
+    ``g_phi[s, b] = sum_in v[in, b] (M^T g_y)[(s, in), b]``; these are summed over the steps
+    that read a block, then pushed through the block features (an outer product of the sites'
+    features, recomputed here under autograd).
+    """
+    plan, vs, bfeats = run.plan, run.vs, run.bfeats
+    (k, steps), bond, batch, m = plan.index.shape, vs.shape[2], vs.shape[3], bfeats.shape[1]
+    mats = _step_matrices(run.merged, plan, forward=True).view(k * steps, bond, m * bond)
+    g_y = gs[1:].transpose(0, 1).reshape(k * steps, bond, batch)
+    g_x = torch.bmm(mats.transpose(1, 2), g_y).view(k, steps, m, bond, batch)
+    g_phi = (g_x * vs[:-1].transpose(0, 1).reshape(k, steps, 1, bond, batch)).sum(3)
+    g_bfeats = torch.zeros_like(bfeats).index_add_(0, plan.index.flatten(), g_phi.flatten(0, 1))
+    with torch.enable_grad():
+        f = features.detach().requires_grad_()
+        phi = _block_features(_site_features(f, sources), plan.block)
+        (grad,) = torch.autograd.grad(_per_member(phi, k // 2), f, g_bfeats)
+    return grad
 
 
 def _close(
@@ -375,53 +404,43 @@ def _close(
 class _NativeChain(torch.autograd.Function):
     """:func:`contract_chain` by the native scan, in one autograd node.
 
-    Inputs: the (M, D) ``left`` and ``right`` boundaries, the (M, N, D, d, D) ``cores``, the
-    (M, D, C, D) ``output_core`` (or (M, D, d, C, D) with ``output_features``, (B, d)), the
-    (B, N, d) ``features``, the output core's ``position`` and the compiled module. Outputs: the
-    (M, B, C) values, max-abs 1 per sample, and their (M, B) log-scales (constants: the
-    gradient of ``values * exp(log_scale)`` is exact).
-
-    The halves are swept as K = 2M chains (:func:`_mps_plan`), the kernels reading each step's
-    merged block and features in place through the plan's index (no per-step copies). One
-    chain's output core (the usual case) is contracted natively too, ``values[b, c] =
-    sum_{l, r} u[l, b] O[l, c, r] w[r, b]``, and differentiated by hand; M chains' or an output
-    core that reads an input are closed by :func:`_close`, differentiated by autograd inside
-    the backward pass (why one node: ``docs/benchmarks/chain.md``).
+    Arguments and outputs as :func:`contract_chain`'s (``position`` after the features, then the
+    compiled module); the log-scales are constants (the gradient of ``values * exp(log_scale)``
+    is exact). The halves are swept as K = 2M chains (:func:`_mps_plan`), the kernels reading
+    each step's merged block and features in place through the plan's index (no per-step
+    copies). One chain's output core (the usual case) is contracted natively too and
+    differentiated by hand; M chains' or an output core that reads an input are closed by
+    :func:`_close`, differentiated by autograd inside the backward pass.
     """
 
     @staticmethod
     def forward(ctx, left, cores, right, output_core, features, output_features, position, ext):
         ctx.single = cores.dim() == 4  # one chain: no member axis in or out
-        members = 1 if ctx.single else cores.shape[0]
-        num_sites, bond, batch = cores.shape[-4], cores.shape[-3], features.shape[0]
-        every, block = _settings(features.dtype, bond)
-        plan, pad, extra = _mps_plan(
-            position, num_sites - position, block, features.device, members
+        if ctx.single:
+            left, cores, right, output_core = (t[None] for t in (left, cores, right, output_core))
+        members, bond = cores.shape[0], cores.shape[2]
+        plan, sites, start, every, sources = _prepared(left, cores, right, features, position)
+        bfeats = _per_member(ext.block_features(features, sources, plan.block), members)
+        run, logs, finite = _native_forward(
+            ext, start, sites, bfeats, plan, max(1, every // plan.block)
         )
-        sites = _insert_identity(cores, position, pad, extra)
-        source = _mps_sources(position, num_sites, pad, extra)
-        start = torch.cat([left, right]).view(-1, bond, 1).expand(2 * members, bond, batch)
-        bfeats = _per_member(ext.block_features(features, source, block), members)
-        run, logs, finite = _native_forward(ext, start, sites, bfeats, plan, max(1, every // block))
-        if block > 1 and not finite:
-            feats = _per_member(ext.block_features(features, source, 1), members)
+        if plan.block > 1 and not finite:
+            feats = _per_member(ext.block_features(features, sources, 1), members)
             run, logs, _ = _native_forward(ext, start, sites, feats, _unmerged_plan(plan), 1)
-        ctx.native_close = ctx.single and output_features is None
+        ctx.native_close = members == 1 and output_features is None
         if ctx.native_close:
-            # values[b, c] = sum_{l, r} u[l, b] O[l, c, r] w[r, b], (u, w) = the halves' ends
-            values, log_scale, ow, scale = ext.mps_output_forward(run.vs[-1], output_core, logs)
-            closing = (ow, scale)
+            values, log_scale, *closing = ext.mps_output_forward(run.vs[-1], output_core[0], logs)
+            values, log_scale = values[None], log_scale[None]
         else:
-            ends = run.vs[-1].view(2, members, bond, batch)
-            core = output_core[None] if ctx.single else output_core
-            values, log_scale = _close(ends, core, output_features, logs.view(2, members, -1))
-            values, log_scale = (values[0], log_scale[0]) if ctx.single else (values, log_scale)
+            ends, logs = run.vs[-1].view(2, members, bond, -1), logs.view(2, members, -1)
+            values, log_scale = _close(ends, output_core, output_features, logs)
             closing = ()
         ctx.save_for_backward(
             sites, run.bfeats, run.vs, run.scales, output_core, features, output_features, *closing
         )
         ctx.run = run._replace(bfeats=None, vs=None, scales=None)  # the tensors are saved above
-        ctx.ext, ctx.position, ctx.pad, ctx.extra = ext, position, pad, extra
+        ctx.ext, ctx.sources, ctx.num_sites = ext, sources, cores.shape[1]
+        values, log_scale = (values[0], log_scale[0]) if ctx.single else (values, log_scale)
         ctx.mark_non_differentiable(log_scale)
         return values, log_scale
 
@@ -432,95 +451,37 @@ class _NativeChain(torch.autograd.Function):
             ctx.saved_tensors
         )
         run = ctx.run._replace(bfeats=bfeats, vs=vs, scales=scales)
-        members = 1 if ctx.single else output_core.shape[0]
-        bond, batch, need = sites.shape[1], features.shape[0], ctx.needs_input_grad
-        grad_out = grad_ofeats = None
+        members, bond, need = output_core.shape[0], sites.shape[1], ctx.needs_input_grad
+        grad_values = grad_values[None] if ctx.single else grad_values
+        grad_ofeats = None
         if ctx.native_close:
             grad_v, grad_out = ctx.ext.mps_output_backward(
-                grad_values, vs[-1], output_core, *closing, need[3]
+                grad_values[0], vs[-1], output_core[0], *closing, need[3]
             )
-            grad_out = grad_out if need[3] else None
+            grad_out = grad_out[None] if need[3] else None
         else:
             with torch.enable_grad():
-                ends = vs[-1].detach().view(2, members, bond, batch).requires_grad_()
-                core = (output_core[None] if ctx.single else output_core).detach()
-                core.requires_grad_()
+                ends = vs[-1].detach().view(2, members, bond, -1).requires_grad_()
+                core = output_core.detach().requires_grad_()
                 ofeats = None if output_features is None else output_features.detach()
                 inputs = [ends, core] if ofeats is None else [ends, core, ofeats.requires_grad_()]
-                values, _ = _close(ends, core, ofeats, vs.new_zeros(2, members, batch))
-                grad = grad_values.unsqueeze(0) if ctx.single else grad_values
-                grads = torch.autograd.grad(values, inputs, grad)
-            grad_v = grads[0].reshape(2 * members, bond, batch)
-            grad_out = (grads[1][0] if ctx.single else grads[1]) if need[3] else None
+                values, _ = _close(ends, core, ofeats, vs.new_zeros(2, members, 1))
+                grads = torch.autograd.grad(values, inputs, grad_values)
+            grad_v, grad_out = grads[0].view(2 * members, bond, -1), grads[1] if need[3] else None
             grad_ofeats = grads[2] if len(grads) > 2 and need[5] else None
         gs, grad_sites = _native_backward(ctx.ext, run, sites, grad_v, need[1], keep_all=need[4])
         grad_cores = grad_feats = None
         if need[1]:
-            p, pad, n = ctx.position, ctx.pad, sites.shape[0] // members - ctx.pad - ctx.extra
-            grad_sites = grad_sites.view(members, -1, *sites.shape[1:])
-            grad_cores = torch.cat([grad_sites[:, :p], grad_sites[:, p + pad : n + pad]], 1)
-            grad_cores = grad_cores[0] if ctx.single else grad_cores
+            grad_cores = grad_sites.view(members, -1, *sites.shape[1:])
+            if grad_cores.shape[1] != ctx.num_sites:  # without the identity sites
+                grad_cores = grad_cores[:, ctx.sources < ctx.num_sites]
         if need[4]:
-            where = (ctx.position, ctx.pad, ctx.extra)
-            grad_feats = _feature_grads(run, gs, features, where)
+            grad_feats = _feature_grads(run, gs, features, ctx.sources)
         grad_left, grad_right = gs[0].sum(-1).view(2, members, bond)
+        grads = [grad_left, grad_cores, grad_right, grad_out]
         if ctx.single:
-            grad_left, grad_right = grad_left[0], grad_right[0]
-        return grad_left, grad_cores, grad_right, grad_out, grad_feats, grad_ofeats, None, None
-
-
-def _feature_grads(
-    run: _NativeRun, gs: torch.Tensor, features: torch.Tensor, where: tuple
-) -> torch.Tensor:
-    """Gradients of the (B, N, d) features from a native run's (S+1, K, D, B) vector gradients.
-
-    The steps' feature gradients (:func:`_step_feature_grads`) summed over the steps that read a
-    block, then pushed through the block features (an outer product of the sites' features,
-    recomputed here under autograd).
-    """
-    plan = run.plan
-    g_phi = _step_feature_grads(run.merged, plan, gs, run.vs, run.bfeats.shape[1])
-    g_bfeats = torch.zeros_like(run.bfeats).index_add_(0, plan.index.flatten(), g_phi.flatten(0, 1))
-    members = plan.index.shape[0] // 2
-    with torch.enable_grad():
-        f = features.detach().requires_grad_()
-        phi = _block_features(_insert_e0(f.permute(1, 2, 0), *where), plan.block)
-        (grad,) = torch.autograd.grad(_per_member(phi, members), f, g_bfeats)
-    return grad
-
-
-def _unmerged_plan(plan: _ChainPlan) -> _ChainPlan:
-    """The same chains one site per step (a chain leaving a block rightwards reads it backwards)."""
-    rows = []
-    for chain, in_first in enumerate(plan.in_first):
-        offsets = torch.arange(plan.block, device=plan.index.device)
-        offsets = offsets if in_first else offsets.flip(0)
-        rows.append((plan.index[chain].unsqueeze(1) * plan.block + offsets).flatten())
-    return _ChainPlan(1, torch.stack(rows), plan.in_first)
-
-
-def _tree_halves(
-    left: torch.Tensor, right: torch.Tensor, mats: torch.Tensor, position: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The halves' (2, M, D, B) ends and (2, M, B) log-scales by log-depth products.
-
-    ``mats`` are the (M, B, N, D, D) transfer matrices; each half's are multiplied pairwise
-    (:func:`_tree_product`) and applied to its boundary vector.
-    """
-    members, batch, _, bond, _ = mats.shape
-    ends, logs = [], []
-    for vector, part, eq in (
-        (left, mats[:, :, :position], "ml,mblr->mrb"),
-        (right, mats[:, :, position:], "mr,mblr->mlb"),
-    ):
-        if part.shape[2] == 0:
-            ends.append(vector.unsqueeze(-1).expand(members, bond, batch))
-            logs.append(vector.new_zeros(members, batch))
-            continue
-        prod, log_scale = _tree_product(part.reshape(members * batch, -1, bond, bond))
-        ends.append(torch.einsum(eq, vector, prod.view(members, batch, bond, bond)))
-        logs.append(log_scale.view(members, batch))
-    return torch.stack(ends), torch.stack(logs)
+            grads = [None if g is None else g[0] for g in grads]
+        return *grads, grad_feats, grad_ofeats, None, None
 
 
 def contract_chain(
@@ -572,19 +533,14 @@ def contract_chain(
         single = cores.dim() == 4
         if single:
             left, cores, right, output_core = (t[None] for t in (left, cores, right, output_core))
-        members, batch = cores.shape[0], features.shape[0]
+        members = cores.shape[0]
         if kernel == "tree" or num_sites == 0:
             mats = torch.einsum("mnlsr,bns->mbnlr", cores, features)
             ends, logs = _tree_halves(left, right, mats, position)
         else:  # the Python scan of both halves
-            every, block = _settings(features.dtype, bond)
-            plan, pad, extra = _mps_plan(
-                position, num_sites - position, block, features.device, members
-            )
-            sites = _insert_identity(cores, position, pad, extra)
-            feats = _insert_e0(features.permute(1, 2, 0), position, pad, extra)
-            start = torch.cat([left, right]).unsqueeze(-1).expand(2 * members, bond, batch)
-            v, logs = _scan(start, sites, _per_member(feats, members), plan, every)
-            ends, logs = v.view(2, members, bond, batch), logs.view(2, members, -1)
+            plan, sites, start, every, sources = _prepared(left, cores, right, features, position)
+            feats = _per_member(_site_features(features, sources), members)
+            v, logs = _scan(start, sites, feats, plan, every)
+            ends, logs = v.view(2, members, bond, -1), logs.view(2, members, -1)
         values, log_scale = _close(ends, output_core, output_features, logs)
     return (values[0], log_scale[0]) if single else (values, log_scale)
