@@ -308,21 +308,29 @@ def _native_forward(
     ext: Any,
     start: torch.Tensor,
     sites: torch.Tensor,
-    bfeats: torch.Tensor,
+    features: torch.Tensor,
+    sources: torch.Tensor,
     plan: _ChainPlan,
     every: int,
-) -> tuple[_NativeRun, torch.Tensor, bool]:
-    """The native forward scan, renormalising every step if a value left float range.
+) -> tuple[_NativeRun, torch.Tensor]:
+    """The native forward scan from the (B, N, d) features; ``every`` counts steps.
 
-    Returns the run, the (K, B) log-scales and whether the last vectors are finite.
+    A pass that left float range is redone renormalising every step, and one whose last vectors
+    are still not finite one site per step (as :func:`_scan` does). Returns the run and the
+    (K, B) log-scales.
     """
-    merged = ext.merge_pairs(sites) if plan.block == 2 else _merge_cores(sites, plan.block)
-    args = (merged, bfeats, plan.index, list(plan.in_first))
-    vs, scales, log_scale, healthy, finite = ext.scan_forward(start, *args, every)
-    if every > 1 and not healthy:
-        every = 1
-        vs, scales, log_scale, _, finite = ext.scan_forward(start, *args, every)
-    return _NativeRun(plan, every, merged, bfeats, vs, scales), log_scale, finite
+    while True:
+        bfeats = ext.block_features(features, sources, plan.block)
+        bfeats = _per_member(bfeats, len(plan.in_first) // 2)
+        merged = ext.merge_pairs(sites) if plan.block == 2 else _merge_cores(sites, plan.block)
+        args = (merged, bfeats, plan.index, list(plan.in_first))
+        vs, scales, log_scale, healthy, finite = ext.scan_forward(start, *args, every)
+        if every > 1 and not healthy:
+            every = 1
+        elif plan.block > 1 and not finite:
+            plan, every = _unmerged_plan(plan), 1
+        else:
+            return _NativeRun(plan, every, merged, bfeats, vs, scales), log_scale
 
 
 def _native_backward(
@@ -420,13 +428,8 @@ class _NativeChain(torch.autograd.Function):
             left, cores, right, output_core = (t[None] for t in (left, cores, right, output_core))
         members, bond = cores.shape[0], cores.shape[2]
         plan, sites, start, every, sources = _prepared(left, cores, right, features, position)
-        bfeats = _per_member(ext.block_features(features, sources, plan.block), members)
-        run, logs, finite = _native_forward(
-            ext, start, sites, bfeats, plan, max(1, every // plan.block)
-        )
-        if plan.block > 1 and not finite:
-            feats = _per_member(ext.block_features(features, sources, 1), members)
-            run, logs, _ = _native_forward(ext, start, sites, feats, _unmerged_plan(plan), 1)
+        every = max(1, every // plan.block)
+        run, logs = _native_forward(ext, start, sites, features, sources, plan, every)
         ctx.native_close = members == 1 and output_features is None
         if ctx.native_close:
             values, log_scale, *closing = ext.mps_output_forward(run.vs[-1], output_core[0], logs)

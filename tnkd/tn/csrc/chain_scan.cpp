@@ -218,11 +218,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, bool> scan_forward(
 // returned them -> gs (S+1, K, D, B) (gs[i+1] the gradient of step i's output after its
 // renormalisation's division, gs[0] of the start) and, with core_grads, the gradients of the
 // merged blocks (n, D*m, D), natural layout: a step's G[(s, out), in] = sum_b (phi (x) g)[(s,
-// out), b] v_in[in, b] lands where its forward matrix reads (out, s, in). A block read by
-// several steps (the identity block that pads the shorter of two chains: a constant) gets the
-// first one's gradient; a block read by none, zero. Also returns whether grad and gs[0] are
-// finite. Without keep_all, gs is (1, K, D, B), only the start's gradient (the others live in
-// a two-slot ring: less memory traffic).
+// out), b] v_in[in, b] lands on block[l][s][r] with (in, out) = (l, r) for an in_first chain,
+// (r, l) otherwise. A block read by several steps (the identity block that pads the shorter of
+// two chains: a constant) gets the first one's gradient; a block read by none, zero. Also
+// returns whether grad and gs[0] are finite. Without keep_all, gs is (1, K, D, B), only the
+// start's gradient (the others live in a two-slot ring: less memory traffic).
 std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
     at::Tensor grad, at::Tensor blocks, at::Tensor features, at::Tensor index,
     std::vector<bool> in_first, at::Tensor vs, at::Tensor scales, int64_t every, bool core_grads,
@@ -261,7 +261,6 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
       std::vector<T> G(core_grads ? m * D * D : 0), ring(keep_all ? 0 : 2 * D * B);
       for (int64_t k = k0; k < k1; ++k) {
         const Strides st = step_strides(sc.in_first[k], false, m, D);
-        const Strides fw = step_strides(sc.in_first[k], true, m, D);
         if (!keep_all) std::copy(grad_ptr + k * D * B, grad_ptr + (k + 1) * D * B, ring.data());
         for (int64_t i = S - 1, r = sc.R; i >= 0; --i) {
           const int64_t blk = sc.index[k * S + i];
@@ -280,11 +279,16 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
             for (int64_t c = 0; c < D; ++c)
               for (int64_t b = 0; b < B; ++b) vt[b * ldv + c] = v[c * B + b];
             gram(x.data(), m * D, padded, vt.data(), ldv, B, G.data(), D);
-            T* dst = gb_ptr + blk * D * m * D;
+            T* dst = gb_ptr + blk * D * m * D;  // [l][s][r]
             for (int64_t s = 0; s < m; ++s)
               for (int64_t o = 0; o < D; ++o)
-                for (int64_t c = 0; c < D; ++c)
-                  dst[o * fw.so + s * fw.ss + c * fw.si] = G[(s * D + o) * D + c];
+                for (int64_t c = 0; c < D; ++c) {
+                  const T value = G[(s * D + o) * D + c];  // (s, out), in
+                  if (sc.in_first[k])
+                    dst[(c * m + s) * D + o] = value;  // l = in, r = out
+                  else
+                    dst[(o * m + s) * D + c] = value;  // l = out, r = in
+                }
           }
         }
         if (!keep_all) {
@@ -376,19 +380,23 @@ at::Tensor block_features(at::Tensor features, at::Tensor source, int64_t block)
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "block_features", [&] {
     using T = scalar_t;
     const T* f = features.data_ptr<T>();
-    std::vector<T> prod(m * B), next(m * B);
+    T* o = out.data_ptr<T>();
+    std::vector<T> site(d * B), prod(m * B), next(m * B);
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      std::fill(prod.begin(), prod.begin() + B, T(1));
       for (int64_t j = 0, width = 1; j < block; ++j, width *= d) {  // width: d^j
         const int64_t at = src[blk * block + j];
+        T* dst = j == 0 ? prod.data() : site.data();
+        for (int64_t s = 0; s < d; ++s)
+          for (int64_t b = 0; b < B; ++b)
+            dst[s * B + b] = at == N ? T(s == 0) : f[(b * N + at) * d + s];
+        if (j == 0) continue;
         for (int64_t p = 0; p < width; ++p)
           for (int64_t s = 0; s < d; ++s)
             for (int64_t b = 0; b < B; ++b)
-              next[(p * d + s) * B + b] =
-                  prod[p * B + b] * (at == N ? T(s == 0) : f[(b * N + at) * d + s]);
+              next[(p * d + s) * B + b] = prod[p * B + b] * site[s * B + b];
         std::swap(prod, next);
       }
-      std::copy(prod.begin(), prod.end(), out.data_ptr<T>() + blk * m * B);
+      std::copy(prod.begin(), prod.end(), o + blk * m * B);
     }
   });
   return out;
