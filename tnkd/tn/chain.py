@@ -8,23 +8,17 @@ two halves are swept towards the label as K = 2 (or 2M) boundary vectors; each s
 ``v <- A_i(x_i) v`` with ``A_i(x) = sum_s phi_s(x) A_i[:, s, :]``, two neighbouring sites merged
 into one step up to D = 32, the vectors renormalised every 16 sites (their scales summed in log
 space; a pass that leaves float range anyway is redone renormalising every site). Three kernels,
-chosen by the planner (:func:`tnkd.tn.planner.chain_kernel`):
+chosen by the planner (:func:`tnkd.tn.planner.chain_kernel`; why, measured:
+``docs/benchmarks/chain.md``):
 
-- ``"native"`` (CPU, float32/float64): the scan in C++ (``tnkd/tn/csrc/chain_scan.cpp``,
-  :mod:`tnkd.tn.native`, compiled on first use), one autograd node from the features to the
-  normalised values (the merge of site pairs and the output core included) with a hand-written
-  backward pass; the K chains run on parallel threads.
-- ``"scan"`` (the fallback wherever the native one does not run, and accelerators at D > 64):
-  the same steps, plan and renormalisations as torch operations (an outer product with the
-  features and one batched matmul per step), differentiated by autograd. It is also the
-  independent check of the native scan's hand-written backward pass in the tests.
-- ``"tree"`` (accelerators, D <= 64): every site's transfer matrix in one batched operation,
-  then the matrices of each half multiplied pairwise in log depth (D^3 work per site, but about
-  2 log2(N) large kernels instead of N small ones), renormalised at every level.
-
-The measurements behind the planner's choice and the designs tried and not taken are on the
-chain-speed benchmark page (``docs/benchmarks/chain.md``); ``benchmarks/chain_speed.py`` reruns
-them.
+- ``"native"`` (CPU, float32/float64): the scan in C++ (``tnkd/tn/csrc/chain_scan.cpp``), one
+  autograd node from the features to the normalised values with a hand-written backward pass.
+- ``"scan"`` (wherever the native one does not run, and accelerators at D > 64): the same steps
+  as torch operations (an outer product with the features and one batched matmul per step),
+  differentiated by autograd; the tests' independent check of the native backward pass.
+- ``"tree"`` (accelerators, D <= 64): every site's transfer matrix at once, each half's
+  multiplied pairwise in log depth (D^3 work per site, but about 2 log2(N) large kernels instead
+  of N small ones), renormalised at every level.
 
 Example:
     >>> cores = torch.eye(4).view(1, 4, 1, 4).expand(50, 4, 2, 4) * 2.0  # A_i(x) = 2 I
@@ -96,10 +90,9 @@ def _tree_halves(
 def _settings(dtype: torch.dtype, bond_dim: int) -> tuple[int, int]:
     """Sites between renormalisations (16; float16: 1) and sites merged per step (2 up to D = 32).
 
-    Between two renormalisations a value may grow or shrink by the product of a few transfer
-    matrices' norms: float32 and bfloat16 (range 1e+-38) absorb that for any sane cores (a pass
-    that left float range anyway is redone), float16 (range 6.5e4) does not. Merging two sites
-    costs the same D^2 d^2 / 2 flops per site when d = 2 and halves the sequential steps.
+    float32 and bfloat16 (range 1e+-38) absorb 16 sites' growth for any sane cores, float16
+    (range 6.5e4) does not. Merging two sites costs the same D^2 d^2 / 2 flops per site when
+    d = 2 and halves the sequential steps.
     """
     every = 1 if dtype == torch.float16 else SCAN_RENORM_EVERY
     return every, 2 if bond_dim <= SCAN_MAX_MERGED_BOND_DIM else 1
@@ -110,9 +103,7 @@ class _ChainPlan(NamedTuple):
 
     The site tensor is cut into blocks of ``block`` consecutive sites, each merged into one
     (D, d^block, D) core. Chain k reads block ``index[k, i]`` at step i; an ``in_first`` chain
-    enters every block on its first site's left bond and leaves on its last site's right bond
-    (a left-to-right sweep), the other chains enter on the last site's right bond (a
-    right-to-left sweep, as the right half of an MPS does).
+    enters every block on its left bond (a left-to-right sweep), the others on its right bond.
     """
 
     block: int
@@ -120,7 +111,6 @@ class _ChainPlan(NamedTuple):
     in_first: tuple[bool, ...]
 
 
-# Plans by chain shape and device: small index tensors, built once per shape.
 _PLANS: dict[tuple, tuple[_ChainPlan, torch.Tensor]] = {}
 
 
@@ -161,8 +151,7 @@ def _padded(
 ) -> torch.Tensor:
     """The sites of ``tensor`` (along ``axis``) that ``sources`` reads, ``identity()`` for N.
 
-    An identity site is ``I`` on physical index 0 and its feature ``e_0``: its transfer matrix is
-    exactly the identity, whatever the feature map.
+    An identity site is ``I`` on physical index 0, its feature ``e_0``: its transfer matrix is I.
     """
     if sources.shape[0] == tensor.shape[axis]:  # no identity site: sources is 0..N-1
         return tensor
@@ -233,10 +222,9 @@ def _merge_cores(sites: torch.Tensor, block: int) -> torch.Tensor:
 def _step_matrices(merged: torch.Tensor, plan: _ChainPlan, forward: bool) -> torch.Tensor:
     """(K, S, D, m*D) matrices of the steps: the merged blocks the plan reads, laid out per step.
 
-    Forward step: ``v_out = mats[k, i] @ (phi (x) v_in)`` with columns ``(s, in)``; backward
-    step: ``g_in = mats[k, i] @ (phi (x) g_out)`` with columns ``(s, out)``. A block's natural
-    layout ``(l, s, r)`` is the backward matrix of a chain entering on ``l`` and the forward
-    matrix of one entering on ``r``; the other two are its per-physical-index transpose.
+    Forward step: ``v_out = mats[k, i] @ (phi (x) v_in)``, columns ``(s, in)``; backward step:
+    ``g_in = mats[k, i] @ (phi (x) g_out)``, columns ``(s, out)``. A block ``(l, s, r)`` is the
+    backward matrix of a chain entering on ``l``, the forward one of a chain entering on ``r``.
     """
     blocks, rows, bond = merged.shape
     natural = merged.view(blocks, bond, rows // bond, bond)
@@ -341,11 +329,10 @@ def _native_backward(
     need_cores: bool,
     keep_all: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The native reverse scan: vector gradients and the sites' gradients.
+    """The native reverse scan: the vector gradients and the sites' gradients.
 
-    The vector gradients are (S+1, K, D, B) with ``keep_all`` (``[i+1]`` of step i's output,
-    ``[0]`` of the start), else (1, K, D, B), the start's only. Redoes both passes renormalising
-    every step if a gradient left float range (the same function, so the same gradient).
+    The vector gradients are (S+1, K, D, B) with ``keep_all``, else the start's (1, K, D, B).
+    Both passes are redone renormalising every step if a gradient left float range.
     """
     plan, every = run.plan, run.every
     args = (run.merged, run.bfeats, plan.index, list(plan.in_first))

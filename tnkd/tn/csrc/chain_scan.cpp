@@ -1,14 +1,10 @@
-// The boundary-vector scan of tnkd.tn.chain (method="native") as native loops.
-//
-// scan_forward / scan_backward: K independent chains, each a sequence of S steps
-// v_{i+1} = M_i (phi_i (x) v_i), vectors carried as (D, B) columns (bond index first, batch
-// last), every `every`-th output and the last divided by their max-abs. Step i of chain k reads
-// block index[k][i] of the merged cores, natural layout (l, s, r), and of the block features
-// (s, b); a chain with in_first enters a block on l (a left-to-right sweep), the others on r.
-// A step is one pass over L1-resident data with register-tiled SIMD loops, the step matrices
-// read in place, one chain per thread. merge_pairs / unmerge_pairs, block_features and
-// mps_output_forward / _backward: the operations around the scan of an MPS, so that
-// tnkd.tn.chain._NativeChain is one autograd node with no ATen kernel per site.
+// The boundary-vector scan of tnkd.tn.chain (method="native"): K chains of S steps
+// v_{i+1} = M_i (phi_i (x) v_i), vectors as (D, B) columns, every `every`-th output and the last
+// divided by their max-abs. Step i of chain k reads block index[k][i] of the merged cores,
+// natural layout (l, s, r), and of the block features (s, b); an in_first chain enters a block
+// on l, the others on r. A step is one pass of register-tiled SIMD loops over L1-resident data,
+// one chain per thread. The pair merges, block features and output core around the scan make
+// tnkd.tn.chain._NativeChain one autograd node with no ATen kernel per site.
 
 #include <torch/extension.h>
 
@@ -25,10 +21,34 @@ namespace {
 
 using namespace tnkd_simd;
 
-// The scratch rows are `padded` wide: the batch rounded up to whole registers, zero past it.
+// The batch rounded up to whole registers (the scratch rows' width, zero past the batch).
 template <typename T>
 inline int64_t padded_width(int64_t batch) {
   return (batch + Vec<T>::lanes - 1) / Vec<T>::lanes * Vec<T>::lanes;
+}
+
+// out[o][j] = sum_{s < m, i < inner} A(o, s, i) x[s*inner + i][j] for o < rows, j < cols, A
+// read in place with strides st (simd.h): register tiles along j, the last cols % L columns a
+// partial tile where x's rows are readable to whole registers (`wide`), else one by one.
+template <typename T>
+void product(const T* A, Strides st, int64_t m, int64_t inner, int64_t rows, const T* x,
+             int64_t ldx, int64_t cols, T* out, int64_t ldo, bool wide) {
+  constexpr int64_t L = Vec<T>::lanes;
+  int64_t j0 = 0;
+  for (; j0 + 2 * L <= cols; j0 += 2 * L)
+    mm_rows<T, 4, 2>(A, st, m, inner, rows, x, ldx, out, ldo, j0, 2 * L);
+  for (; j0 + L <= cols; j0 += L) mm_rows<T, 4, 1>(A, st, m, inner, rows, x, ldx, out, ldo, j0, L);
+  if (wide && j0 < cols)
+    mm_rows<T, 4, 1>(A, st, m, inner, rows, x, ldx, out, ldo, j0, cols - j0);
+  else
+    for (int64_t o = 0; o < rows; ++o)
+      for (int64_t j = j0; j < cols; ++j) {
+        T acc = 0;
+        for (int64_t s = 0; s < m; ++s)
+          for (int64_t i = 0; i < inner; ++i)
+            acc += A[o * st.so + s * st.ss + i * st.si] * x[(s * inner + i) * ldx + j];
+        out[o * ldo + j] = acc;
+      }
 }
 
 // One step: x[s][i][b] = phi[s][b] v[i][b] (zero for batch <= b < padded), then out (bond,
@@ -44,14 +64,7 @@ void step(const T* phi, const T* v, const T* A, Strides st, int64_t m, int64_t b
       for (int64_t b = 0; b < batch; ++b) row[b] = p[b] * vi[b];
       for (int64_t b = batch; b < padded; ++b) row[b] = 0;
     }
-  constexpr int64_t L = Vec<T>::lanes;
-  int64_t b0 = 0;
-  for (; b0 + 2 * L <= padded; b0 += 2 * L)
-    mm_rows<T, 4, 2>(A, st, m, bond, bond, x, padded, out, batch, b0,
-                     std::min<int64_t>(2 * L, batch - b0));
-  if (b0 < padded)
-    mm_rows<T, 4, 1>(A, st, m, bond, bond, x, padded, out, batch, b0,
-                     std::min<int64_t>(L, batch - b0));
+  product(A, st, m, bond, bond, x, padded, batch, out, batch, true);
 }
 
 // G (rows, cols) = x (rows, ldx) @ vt (batch, ldv), ldv = cols rounded up to whole registers.
@@ -65,26 +78,6 @@ void gram(const T* x, int64_t rows, int64_t ldx, const T* vt, int64_t ldv, int64
     else
       gram_rows<T, 1, false>(x, rows, ldx, vt, ldv, batch, G, cols, c0);
   }
-}
-
-// out[i][j] = sum_k a[i*ai + k*ak] b[k*ldb + j] for i < rows, j < cols (out row-major, ldo):
-// a small matrix product vectorised along j (the merge of site pairs, its gradient and the
-// output core).
-template <typename T>
-void small_matmul(const T* a, int64_t ai, int64_t ak, int64_t rows, int64_t depth, const T* bm,
-                  int64_t ldb, int64_t cols, T* out, int64_t ldo) {
-  constexpr int64_t L = Vec<T>::lanes;
-  int64_t j0 = 0;
-  for (; j0 + 2 * L <= cols; j0 += 2 * L)
-    mm_rows<T, 4, 2>(a, {ai, 0, ak}, 1, depth, rows, bm, ldb, out, ldo, j0, 2 * L);
-  for (; j0 + L <= cols; j0 += L)
-    mm_rows<T, 4, 1>(a, {ai, 0, ak}, 1, depth, rows, bm, ldb, out, ldo, j0, L);
-  for (int64_t i = 0; i < rows; ++i)  // the last cols % L columns
-    for (int64_t j = j0; j < cols; ++j) {
-      T acc = 0;
-      for (int64_t k = 0; k < depth; ++k) acc += a[i * ai + k * ak] * bm[k * ldb + j];
-      out[i * ldo + j] = acc;
-    }
 }
 
 // peak[b] = the max-abs of column b of x (rows, batch), at least tiny (NaN propagates, as in
@@ -101,18 +94,13 @@ void normalise_columns(T* x, int64_t rows, int64_t batch, T* peak) {
     for (int64_t b = 0; b < batch; ++b) x[o * batch + b] /= peak[b];
 }
 
-// Whether every one of the n values at p lies in [low, high] (false for NaN).
+// Whether the n values at p all lie in [low, high] (by default: are finite; false for NaN).
 template <typename T>
-bool all_within(const T* p, int64_t n, T low, T high) {
+bool all_within(const T* p, int64_t n, T low = -std::numeric_limits<T>::max(),
+                T high = std::numeric_limits<T>::max()) {
   for (int64_t j = 0; j < n; ++j)
     if (!(p[j] >= low && p[j] <= high)) return false;
   return true;
-}
-
-template <typename T>
-bool all_finite(const at::Tensor& t) {
-  const T high = std::numeric_limits<T>::max();
-  return all_within(t.data_ptr<T>(), t.numel(), -high, high);
 }
 
 // `t` checked (on the CPU, `dim` dimensions) and contiguous.
@@ -130,18 +118,19 @@ Strides step_strides(bool in_first, bool forward, int64_t m, int64_t bond) {
   return {m * bond, bond, 1};                           // A(o, s, i) = block[o][s][i]
 }
 
-// The sizes and plan of a scan: K chains of S steps over n blocks, vectors (K, D, B), block
-// features (n, m, B), R renormalisations (renorm[i]: after step i).
+// A scan's sizes and plan: K chains of S steps over n blocks of block features (n, m, B), vectors
+// (K, D, B), R renormalisations (renorm[i]: after step i).
 struct Scan {
   int64_t K, D, B, n, m, S, R;
   std::vector<int64_t> index;  // (K, S)
   std::vector<bool> in_first, renorm;
 };
 
-// The scan of `vectors` (start or gradient) checked against blocks, features and the plan.
+// The scan of `vectors` (start or gradient), checked against blocks, features and the plan.
 Scan read_scan(const at::Tensor& vectors, const at::Tensor& blocks, const at::Tensor& features,
                const at::Tensor& index, const std::vector<bool>& in_first, int64_t every) {
-  checked(vectors, "vectors", 3);
+  TORCH_CHECK(vectors.device().is_cpu() && vectors.dim() == 3,
+              "chain_scan: vectors (K, D, B) on the CPU expected");  // may stay strided
   const auto idx = checked(index, "index", 2);
   Scan sc{vectors.size(0), vectors.size(1), vectors.size(2), blocks.size(0), features.size(1),
           idx.size(1),     0,               {},              in_first,       {}};
@@ -180,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, bool> scan_forward(
   auto vs = at::empty({S + 1, K, D, B}, start.options());
   auto scales = at::empty({sc.R, K, 1, B}, start.options());
   auto log_scale = at::zeros({K, B}, start.options());
-  vs[0].copy_(start);  // start is read once: it may stay strided
+  vs[0].copy_(start);
   bool healthy = true, finite = true;
   AT_DISPATCH_FLOATING_TYPES(start.scalar_type(), "scan_forward", [&] {
     using T = scalar_t;
@@ -209,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, bool> scan_forward(
     });
     const T low = std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
     healthy = all_within(s_ptr, scales.numel(), low, std::numeric_limits<T>::max());
-    finite = all_finite<T>(vs[S]);
+    finite = all_within(v_ptr + S * K * D * B, K * D * B);
   });
   return {vs, scales, log_scale, healthy, finite};
 }
@@ -297,8 +286,8 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
         }
       }
     });
-    grad_finite = all_finite<T>(grad);
-    start_finite = all_finite<T>(gs[0]);
+    grad_finite = all_within(grad_ptr, K * D * B);
+    start_finite = all_within(g_ptr, K * D * B);
   });
   return {gs, g_blocks, grad_finite, start_finite};
 }
@@ -331,8 +320,9 @@ at::Tensor unmerge_pairs(at::Tensor g_blocks, at::Tensor sites) {
         T* g1 = o_ptr + 2 * blk * site;
         for (int64_t c = 0; c < D; ++c)
           for (int64_t j = 0; j < row; ++j) a2t[j * ldv + c] = a2[c * row + j];
-        gram(gm, D * d, row, a2t.data(), ldv, row, g1, D);  // g_A1 = g_M A2^T
-        small_matmul(a1, 1, D, D, D * d, gm, row, row, g1 + site, row);  // g_A2 = A1^T g_M
+        // g_A1 = g_M A2^T, g_A2 = A1^T g_M
+        gram(gm, D * d, row, a2t.data(), ldv, row, g1, D);
+        product(a1, {1, 0, D}, 1, D * d, D, gm, row, row, g1 + site, row, false);
       }
     });
   });
@@ -353,8 +343,9 @@ at::Tensor merge_pairs(at::Tensor sites) {
     T* m_ptr = merged.data_ptr<T>();
     at::parallel_for(0, n, 8, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) {
-        const T* a1 = a_ptr + 2 * blk * site;  // [(l, s1)][c]
-        small_matmul(a1, D, 1, D * d, D, a1 + site, row, row, m_ptr + blk * site * d, row);
+        const T* a1 = a_ptr + 2 * blk * site;  // [(l, s1)][c], then A2 [c][(s2, r)]
+        product(a1, {D, 0, 1}, 1, D, D * d, a1 + site, row, row, m_ptr + blk * site * d, row,
+                false);
       }
     });
   });
@@ -429,7 +420,7 @@ std::vector<at::Tensor> mps_output_forward(at::Tensor ends, at::Tensor out_core,
     T* vp = values.data_ptr<T>();
     T* lp = log_scale.data_ptr<T>();
     std::vector<T> val(C * B, T(0));
-    small_matmul(out_core.data_ptr<T>(), D, 1, D * C, D, u + D * B, B, B, owp, B);
+    product(out_core.data_ptr<T>(), {D, 0, 1}, 1, D, D * C, u + D * B, B, B, owp, B, false);
     for (int64_t lc = 0; lc < D * C; ++lc)
       for (int64_t b = 0; b < B; ++b) val[(lc % C) * B + b] += owp[lc * B + b] * u[lc / C * B + b];
     normalise_columns(val.data(), C, B, sp);
@@ -475,7 +466,7 @@ std::vector<at::Tensor> mps_output_backward(at::Tensor grad, at::Tensor ends, at
         ug[lc * B + b] = u[lc / C * B + b] * g[b];
       }
     }
-    small_matmul(out_core.data_ptr<T>(), 1, D, D, D * C, ug.data(), B, B, gu + D * B, B);
+    product(out_core.data_ptr<T>(), {1, 0, D}, 1, D * C, D, ug.data(), B, B, gu + D * B, B, false);
     if (core_grad) {
       const int64_t ldv = padded_width<T>(D);
       std::vector<T> wt(B * ldv, T(0));
