@@ -321,34 +321,6 @@ def _native_forward(
             return _NativeRun(plan, every, merged, bfeats, vs, scales), log_scale
 
 
-def _native_backward(
-    ext: Any,
-    run: _NativeRun,
-    sites: torch.Tensor,
-    grad_v: torch.Tensor,
-    need_cores: bool,
-    keep_all: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The native reverse scan: the vector gradients and the sites' gradients.
-
-    The vector gradients are (S+1, K, D, B) with ``keep_all``, else the start's (1, K, D, B).
-    Both passes are redone renormalising every step if a gradient left float range.
-    """
-    plan, every = run.plan, run.every
-    args = (run.merged, run.bfeats, plan.index, list(plan.in_first))
-    grad_v = grad_v.contiguous()
-    gs, g_blocks, grad_finite, start_finite = ext.scan_backward(
-        grad_v, *args, run.vs, run.scales, every, need_cores, keep_all
-    )
-    if every > 1 and grad_finite and not start_finite:
-        vs, scales, *_ = ext.scan_forward(run.vs[0], *args, 1)
-        gs, g_blocks, *_ = ext.scan_backward(grad_v, *args, vs, scales, 1, need_cores, keep_all)
-    if not need_cores:
-        return gs, None
-    # the merged blocks' gradients in the sites' layout: pairs natively, single sites as they are
-    return gs, ext.unmerge_pairs(g_blocks, sites) if plan.block == 2 else g_blocks.view_as(sites)
-
-
 def _feature_grads(
     run: _NativeRun, gs: torch.Tensor, features: torch.Tensor, sources: torch.Tensor
 ) -> torch.Tensor:
@@ -459,10 +431,21 @@ class _NativeChain(torch.autograd.Function):
                 grads = torch.autograd.grad(values, inputs, grad_values)
             grad_v, grad_out = grads[0].view(2 * members, bond, -1), grads[1] if need[3] else None
             grad_ofeats = grads[2] if len(grads) > 2 and need[5] else None
-        gs, grad_sites = _native_backward(ctx.ext, run, sites, grad_v, need[1], keep_all=need[4])
+        # the reverse scan (vector gradients: [0] of the start; all of them for the features'),
+        # redone after a forward pass renormalising every step if a gradient left float range
+        args = (run.merged, bfeats, run.plan.index, list(run.plan.in_first))
+        grad_v = grad_v.contiguous()
+        gs, g_blocks, grad_finite, start_finite = ctx.ext.scan_backward(
+            grad_v, *args, vs, scales, run.every, need[1], need[4]
+        )
+        if run.every > 1 and grad_finite and not start_finite:
+            vs, scales, *_ = ctx.ext.scan_forward(vs[0], *args, 1)  # (run keeps the first pass)
+            gs, g_blocks, *_ = ctx.ext.scan_backward(grad_v, *args, vs, scales, 1, need[1], need[4])
         grad_cores = grad_feats = None
-        if need[1]:
-            grad_cores = grad_sites.view(members, -1, *sites.shape[1:])
+        if need[1]:  # the merged blocks' gradients in the sites' layout
+            if run.plan.block == 2:
+                g_blocks = ctx.ext.unmerge_pairs(g_blocks, sites)
+            grad_cores = g_blocks.view(members, -1, *sites.shape[1:])
             if grad_cores.shape[1] != ctx.num_sites:  # without the identity sites
                 grad_cores = grad_cores[:, ctx.sources < ctx.num_sites]
         if need[4]:
