@@ -169,20 +169,19 @@ def _site_features(features: torch.Tensor, sources: torch.Tensor) -> torch.Tenso
 def _prepared(
     left: torch.Tensor, cores: torch.Tensor, right: torch.Tensor, features: torch.Tensor, at: int
 ) -> tuple[_ChainPlan, torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """What both scans of M chains' halves start from (member axes on every argument).
+    """What both scans of one chain's halves, or M chains' (member axes), start from.
 
     Returns the plan and sources (:func:`_mps_plan`), the (M n, D, d, D) site tensor, the
     (2M, D, B) start vectors and the sites between renormalisations (:func:`_settings`).
     """
-    members, num_sites, bond, d = cores.shape[:4]
+    (num_sites, bond, d), members = cores.shape[-4:-1], 1 if cores.dim() == 4 else len(cores)
     every, block = _settings(features.dtype, bond)
     plan, sources = _mps_plan(at, num_sites - at, block, features.device, members)
-
     kw = {"dtype": cores.dtype, "device": cores.device}
     identity = lambda: torch.eye(bond, **kw)[:, None] * torch.eye(d, 1, **kw)[None]  # noqa: E731
-    sites = _padded(cores, sources, identity, 1).flatten(0, 1)
-    start = torch.cat([left, right]).unsqueeze(-1).expand(2 * members, bond, features.shape[0])
-    return plan, sites, start, every, sources
+    sites = _padded(cores, sources, identity, cores.dim() - 4)
+    start = torch.cat([left, right]).view(-1, bond, 1).expand(2 * members, bond, features.shape[0])
+    return plan, sites if sites.dim() == 4 else sites.flatten(0, 1), start, every, sources
 
 
 def _block_features(features: torch.Tensor, block: int) -> torch.Tensor:
@@ -354,9 +353,8 @@ def _close(
     """The output core between the halves' (2, M, D, B) ends ``u``, ``w``, normalised per sample.
 
     ``values[m, b, c] = sum_{l, r} u[m, l, b] O[m, l, c, r] w[m, r, b]`` (with ``O(x) =
-    sum_s phi_s(x) O[:, s]`` if the output core reads ``output_features``), divided by their
-    max-abs; returns them (M, B, C) and the log-scales (M, B), the halves' ``logs`` (2, M, B)
-    included.
+    sum_s phi_s(x) O[:, s]`` if the output core reads ``output_features``) over their max-abs:
+    returns them (M, B, C) and the log-scales (M, B), the halves' ``logs`` (2, M, B) included.
     """
     u, w = ends
     if output_features is None:
@@ -373,36 +371,32 @@ class _NativeChain(torch.autograd.Function):
 
     Arguments and outputs as :func:`contract_chain`'s (``position`` after the features, then the
     compiled module); the log-scales are constants (the gradient of ``values * exp(log_scale)``
-    is exact). The halves are swept as K = 2M chains (:func:`_mps_plan`), the kernels reading
-    each step's merged block and features in place through the plan's index (no per-step
-    copies). One chain's output core (the usual case) is contracted natively too and
-    differentiated by hand; M chains' or an output core that reads an input are closed by
-    :func:`_close`, differentiated by autograd inside the backward pass.
+    is exact). The halves are swept as K = 2M chains (:func:`_mps_plan`). One chain's output
+    core (the usual case) is contracted natively too and differentiated by hand; others are
+    closed by :func:`_close`, differentiated by autograd inside the backward pass.
     """
 
     @staticmethod
     def forward(ctx, left, cores, right, output_core, features, output_features, position, ext):
-        ctx.single = cores.dim() == 4  # one chain: no member axis in or out
-        if ctx.single:
-            left, cores, right, output_core = (t[None] for t in (left, cores, right, output_core))
-        members, bond = cores.shape[0], cores.shape[2]
+        ctx.single = cores.dim() == 4  # one chain: no member axis in or out (and no views of it)
+        members, num_sites, bond = 1 if ctx.single else len(cores), *cores.shape[-4:-2]
         plan, sites, start, every, sources = _prepared(left, cores, right, features, position)
         every = max(1, every // plan.block)
         run, logs = _native_forward(ext, start, sites, features, sources, plan, every)
-        ctx.native_close = members == 1 and output_features is None
+        ctx.native_close = ctx.single and output_features is None
         if ctx.native_close:
-            values, log_scale, *closing = ext.mps_output_forward(run.vs[-1], output_core[0], logs)
-            values, log_scale = values[None], log_scale[None]
+            values, log_scale, *closing = ext.mps_output_forward(run.vs[-1], output_core, logs)
         else:
+            output_core = output_core[None] if ctx.single else output_core
             ends, logs = run.vs[-1].view(2, members, bond, -1), logs.view(2, members, -1)
             values, log_scale = _close(ends, output_core, output_features, logs)
+            values, log_scale = (values[0], log_scale[0]) if ctx.single else (values, log_scale)
             closing = ()
         ctx.save_for_backward(
             sites, run.bfeats, run.vs, run.scales, output_core, features, output_features, *closing
         )
         ctx.run = run._replace(bfeats=None, vs=None, scales=None)  # the tensors are saved above
-        ctx.ext, ctx.sources, ctx.num_sites = ext, sources, cores.shape[1]
-        values, log_scale = (values[0], log_scale[0]) if ctx.single else (values, log_scale)
+        ctx.ext, ctx.sources, ctx.num_sites = ext, sources, num_sites
         ctx.mark_non_differentiable(log_scale)
         return values, log_scale
 
@@ -413,15 +407,16 @@ class _NativeChain(torch.autograd.Function):
             ctx.saved_tensors
         )
         run = ctx.run._replace(bfeats=bfeats, vs=vs, scales=scales)
-        members, bond, need = output_core.shape[0], sites.shape[1], ctx.needs_input_grad
-        grad_values = grad_values[None] if ctx.single else grad_values
+        members = 1 if ctx.single else output_core.shape[0]
+        bond, need = sites.shape[1], ctx.needs_input_grad
         grad_ofeats = None
         if ctx.native_close:
             grad_v, grad_out = ctx.ext.mps_output_backward(
-                grad_values[0], vs[-1], output_core[0], *closing, need[3]
+                grad_values, vs[-1], output_core, *closing, need[3]
             )
-            grad_out = grad_out[None] if need[3] else None
+            grad_out = grad_out if need[3] else None
         else:
+            grad_values = grad_values[None] if ctx.single else grad_values
             with torch.enable_grad():
                 ends = vs[-1].detach().view(2, members, bond, -1).requires_grad_()
                 core = output_core.detach().requires_grad_()
@@ -429,7 +424,8 @@ class _NativeChain(torch.autograd.Function):
                 inputs = [ends, core] if ofeats is None else [ends, core, ofeats.requires_grad_()]
                 values, _ = _close(ends, core, ofeats, vs.new_zeros(2, members, 1))
                 grads = torch.autograd.grad(values, inputs, grad_values)
-            grad_v, grad_out = grads[0].view(2 * members, bond, -1), grads[1] if need[3] else None
+            grad_v = grads[0].view(2 * members, bond, -1)
+            grad_out = (grads[1][0] if ctx.single else grads[1]) if need[3] else None
             grad_ofeats = grads[2] if len(grads) > 2 and need[5] else None
         # the reverse scan (vector gradients: [0] of the start; all of them for the features'),
         # redone after a forward pass renormalising every step if a gradient left float range
@@ -451,10 +447,10 @@ class _NativeChain(torch.autograd.Function):
         if need[4]:
             grad_feats = _feature_grads(run, gs, features, ctx.sources)
         grad_left, grad_right = gs[0].sum(-1).view(2, members, bond)
-        grads = [grad_left, grad_cores, grad_right, grad_out]
         if ctx.single:
-            grads = [None if g is None else g[0] for g in grads]
-        return *grads, grad_feats, grad_ofeats, None, None
+            grad_left, grad_right = grad_left[0], grad_right[0]
+            grad_cores = None if grad_cores is None else grad_cores[0]
+        return grad_left, grad_cores, grad_right, grad_out, grad_feats, grad_ofeats, None, None
 
 
 def contract_chain(
