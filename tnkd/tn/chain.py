@@ -161,9 +161,8 @@ def _padded(
 
 def _site_features(features: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
     """(B, N, d) features -> (n, d, B) features of the site tensor's sites (:func:`_padded`)."""
-    kw = {"dtype": features.dtype, "device": features.device}
-    e0 = lambda: torch.eye(features.shape[2], 1, **kw)  # noqa: E731
-    return _padded(features.permute(1, 2, 0), sources, e0, 0)
+    f, kw = features.permute(1, 2, 0), {"dtype": features.dtype, "device": features.device}
+    return _padded(f, sources, lambda: torch.eye(features.shape[2], 1, **kw), 0)
 
 
 def _prepared(
@@ -178,7 +177,10 @@ def _prepared(
     every, block = _settings(features.dtype, bond)
     plan, sources = _mps_plan(at, num_sites - at, block, features.device, members)
     kw = {"dtype": cores.dtype, "device": cores.device}
-    identity = lambda: torch.eye(bond, **kw)[:, None] * torch.eye(d, 1, **kw)[None]  # noqa: E731
+
+    def identity() -> torch.Tensor:  # I on the bonds, e_0 on the physical index
+        return torch.eye(bond, **kw)[:, None] * torch.eye(d, 1, **kw)[None]
+
     sites = _padded(cores, sources, identity, cores.dim() - 4)
     start = torch.cat([left, right]).view(-1, bond, 1).expand(2 * members, bond, features.shape[0])
     return plan, sites if sites.dim() == 4 else sites.flatten(0, 1), start, every, sources
