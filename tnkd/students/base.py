@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,6 +30,20 @@ def check_positive_int(name: str, value: Any) -> int:
     """Raise a clear error unless ``value`` is an integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, but got {value!r}")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """Raise a clear error unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, but got {value!r}")
+    return value
+
+
+def check_init_std(name: str, value: Any) -> float:
+    """Raise a clear error unless ``value`` is a finite number >= 0 (an initial noise level)."""
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number >= 0, but got {value!r}")
     return value
 
 

@@ -64,7 +64,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -73,6 +73,8 @@ from torch import nn
 from tnkd.feature_maps import FeatureMap, LinearFeatureMap, build_feature_map
 from tnkd.students.base import (
     Student,
+    check_choice,
+    check_init_std,
     check_positive_int,
     count_parameters,
     image_patches,
@@ -96,8 +98,18 @@ from tnkd.tn.portable import chain_log_contract
 from tnkd.tn.stable import StableNetwork, as_slice, direction_logits, widened
 
 OUTPUT_MODES = ("normalized", "raw")
-#: the older names of ``method`` (``contraction=``)
-CONTRACTIONS = ("auto", "stable", "plain")
+#: what a family drawn on the sites of an image (tree, PEPS) passes on to GraphStudent as it is
+SITE_FAMILY_ARGS = (
+    "input_shape",
+    "pool",
+    "patch",
+    "output",
+    "logit_scale",
+    "init_std",
+    "method",
+    "contraction",
+    "compile",
+)
 
 
 def image_shape(input_shape: Sequence[int], what: str) -> tuple[int, int, int]:
@@ -374,18 +386,12 @@ class GraphStudent(Student):
     ) -> None:
         super().__init__()
         what = type(self).__name__
-        if output not in OUTPUT_MODES:
-            raise ValueError(f"{what} output must be one of {OUTPUT_MODES}, but got {output!r}")
-        if contraction is not None:
-            if contraction not in CONTRACTIONS:
-                raise ValueError(
-                    f"{what} contraction must be one of {CONTRACTIONS}, but got {contraction!r}"
-                )
+        check_choice(f"{what} output", output, OUTPUT_MODES)
+        if contraction is not None:  # the older name of method, for old YAML
+            check_choice(f"{what} contraction", contraction, ("auto", "stable", "plain"))
             method = {"plain": "reference"}.get(contraction, contraction)
-        if method not in METHODS:
-            raise ValueError(f"{what} method must be one of {METHODS}, but got {method!r}")
-        if not (init_std >= 0 and math.isfinite(init_std)):
-            raise ValueError(f"{what} init_std must be a finite number >= 0, but got {init_std!r}")
+        check_choice(f"{what} method", method, METHODS)
+        check_init_std(f"{what} init_std", init_std)
         self.feature_map = build_feature_map(feature_map)
         self.input_shape = None if input_shape is None else tuple(input_shape)
         self.pool, self.patch = pool, patch
@@ -475,6 +481,20 @@ class GraphStudent(Student):
             self._store_blocks(initial, sites, num_sites)
         if output == "normalized":
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
+
+    def _init_on_sites(self, args: Mapping[str, Any], draw: Callable[..., TNGraph]) -> None:
+        """Initialise a family drawn on the sites, as ``draw(grid, site_dim, bond_dim, classes)``.
+
+        ``args`` are the family's constructor arguments (its ``locals()``): ``feature_map``,
+        ``bond_dim``, ``num_classes`` and those of :data:`SITE_FAMILY_ARGS`, passed on as they are.
+        """
+        fmap = build_feature_map(args["feature_map"])
+        what = type(self).__name__
+        grid, dim, _ = site_layout(args["input_shape"], args["pool"], args["patch"], fmap, what)
+        graph = draw(grid, dim, args["bond_dim"], args["num_classes"])
+        passed = {name: args[name] for name in SITE_FAMILY_ARGS}
+        GraphStudent.__init__(self, graph, feature_map=fmap, **passed)
+        self.bond_dim = args["bond_dim"]
 
     @property
     def network(self) -> StableNetwork:

@@ -21,17 +21,12 @@ loses nothing (bonds just above 2 pixels with d = 2 have size 4 at most). An odd
 level is passed up unchanged.
 
 **Cost.** Contracting one sample costs about sum over nodes of D^3 (the leaves d^2 D): linear in
-the number of sites, any size is affordable; the contraction runs level by level (the steps of
-equal shape grouped by :class:`~tnkd.tn.stable.StableNetwork`), with a log-scale, so depth does
-not matter either. Every step of this tree joins a node with its two children, so the planner
-gives it to the tree engine (:mod:`tnkd.tn.fused`, for any graph made only of such steps): the
-whole contraction is one autograd node with a hand-written backward, whose level loop runs in
-C++ on CPU (``tnkd/tn/csrc/tree_levels.cpp``, compiled on first use; in a balanced tree each
-thread runs every level of its own subtrees, with no synchronisation between levels): see
-``benchmarks/tree_vs_tensorkrowch.py`` for its speed against TensorKrowch's ``Tree``
-(``docs/benchmarks/graphs.md``). The parameter count is what limits D: over the 196 pixels of a 2x2-pooled MNIST
-image a tree has 32,545 parameters at D = 8 and 209,185 at D = 16 (98 leaves, ~97 D^3 inner
-nodes).
+the number of sites, so any size is affordable, and the log-scale kept per level makes depth
+harmless. Every step joins a node with its two children, so the planner gives the tree to the
+tree engine (:mod:`tnkd.tn.fused`: one autograd node, a native level loop on CPU; its speed
+against TensorKrowch's ``Tree``: ``docs/benchmarks/graphs.md``). The parameter count is what
+limits D: over the 196 pixels of a 2x2-pooled MNIST image a tree has 32,545 parameters at D = 8
+and 209,185 at D = 16 (98 leaves, ~97 D^3 inner nodes).
 
 Example:
     >>> import torch
@@ -46,9 +41,9 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tnkd.feature_maps import FeatureMap, build_feature_map
+from tnkd.feature_maps import FeatureMap
 from tnkd.students.base import check_positive_int
-from tnkd.students.graph import GraphStudent, site_layout
+from tnkd.students.graph import GraphStudent
 from tnkd.tn.graph import TNGraph, connect, make_node
 
 
@@ -168,22 +163,4 @@ class TreeClassifier(GraphStudent):
         contraction: str | None = None,
         compile: bool = False,
     ) -> None:
-        fmap = build_feature_map(feature_map)
-        grid, dim, _ = site_layout(input_shape, pool, patch, fmap, "TreeClassifier")
-        graph = tree_graph(
-            grid, dim, check_positive_int("TreeClassifier bond_dim", bond_dim), num_classes
-        )
-        super().__init__(
-            graph,
-            feature_map=fmap,
-            input_shape=input_shape,
-            pool=pool,
-            patch=patch,
-            output=output,
-            logit_scale=logit_scale,
-            init_std=init_std,
-            method=method,
-            contraction=contraction,
-            compile=compile,
-        )
-        self.bond_dim = bond_dim
+        self._init_on_sites(locals(), tree_graph)
