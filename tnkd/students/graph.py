@@ -482,6 +482,22 @@ class GraphStudent(Student):
         if output == "normalized":
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
 
+    def _init_family(
+        self,
+        args: Mapping[str, Any],
+        graph: TNGraph,
+        feature_map: FeatureMap,
+        passed: Sequence[str] = ("output", "logit_scale", "init_std"),
+        **options: Any,
+    ) -> None:
+        """Initialise a family (a graph plus conveniences) as the :class:`GraphStudent` of ``graph``.
+
+        ``args`` are the family's constructor arguments (its ``locals()``); those named in
+        ``passed`` reach :class:`GraphStudent` as they are, with ``options``.
+        """
+        passed_args = {name: args[name] for name in passed}
+        GraphStudent.__init__(self, graph, feature_map=feature_map, **passed_args, **options)
+
     def _init_on_sites(self, args: Mapping[str, Any], draw: Callable[..., TNGraph]) -> None:
         """Initialise a family drawn on the sites, as ``draw(grid, site_dim, bond_dim, classes)``.
 
@@ -492,8 +508,7 @@ class GraphStudent(Student):
         what = type(self).__name__
         grid, dim, _ = site_layout(args["input_shape"], args["pool"], args["patch"], fmap, what)
         graph = draw(grid, dim, args["bond_dim"], args["num_classes"])
-        passed = {name: args[name] for name in SITE_FAMILY_ARGS}
-        GraphStudent.__init__(self, graph, feature_map=fmap, **passed)
+        self._init_family(args, graph, fmap, SITE_FAMILY_ARGS)
         self.bond_dim = args["bond_dim"]
 
     @property

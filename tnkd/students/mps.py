@@ -21,17 +21,16 @@ import torch
 
 from tnkd.feature_maps import FeatureMap, build_feature_map
 from tnkd.students.base import (
+    check_choice,
+    check_init_std,
     check_positive_int,
     image_patches,
     near_identity_cores,
 )
-from tnkd.students.graph import GraphStudent
+from tnkd.students.graph import OUTPUT_MODES, GraphStudent
 from tnkd.tn.decompositions import tt_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
 from tnkd.tn.planner import CHAIN_KERNELS
-
-OUTPUT_MODES = ("normalized", "raw")
-
 
 PARAMETER_NAMES = {"sites": "cores", "left": "left", "right": "right", "output": "output_core"}
 
@@ -155,10 +154,8 @@ class MPSClassifier(GraphStudent):
             raise ValueError(
                 f"student label_position must be an integer in [0, {num_sites}], but got {position!r}"
             )
-        if output not in OUTPUT_MODES:
-            raise ValueError(f"student output must be one of {OUTPUT_MODES}, but got {output!r}")
-        if not (init_std >= 0 and math.isfinite(init_std)):
-            raise ValueError(f"student init_std must be a finite number >= 0, but got {init_std!r}")
+        check_choice("student output", output, OUTPUT_MODES)
+        check_init_std("student init_std", init_std)
         fmap = build_feature_map(feature_map)
         in_features = getattr(fmap, "in_features", 1)
         if in_features != patch * patch:
@@ -179,15 +176,7 @@ class MPSClassifier(GraphStudent):
         eye = torch.eye(bond).unsqueeze(1).expand(bond, num_classes, bond)
         output_core = eye + init_std * torch.randn(bond, num_classes, bond) / math.sqrt(bond)
         graph = mps_graph(left, cores.expand(num_sites, -1, -1, -1), right, output_core, position)
-        super().__init__(
-            graph,
-            feature_map=fmap,
-            output=output,
-            logit_scale=logit_scale,
-            init_std=init_std,
-            tie_sites=uniform,
-            parameter_names=PARAMETER_NAMES,
-        )
+        self._init_family(locals(), graph, fmap, tie_sites=uniform, parameter_names=PARAMETER_NAMES)
         self.num_sites = num_sites
         self.pool, self.patch = pool, patch
         self.num_inputs = num_sites * pool * pool * patch * patch

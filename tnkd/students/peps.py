@@ -129,13 +129,8 @@ class PEPSClassifier(GraphStudent):
         feature_map: the site map: a scalar map gives the product map of the patch's pixels
             (size d^(patch^2)); ``{name: learnable, in_features: patch^2, dim: n}`` learns one.
         label_site: ``(row, col)`` of the label node; default the centre.
-        output: ``"normalized"`` or ``"raw"``.
-        logit_scale: initial logit scale.
-        init_std: relative noise of the copy-tensor initialisation.
-        method: the contraction engine, ``"auto"`` or a name (see
-            :class:`~tnkd.students.graph.GraphStudent` and :mod:`tnkd.tn.planner`).
-        contraction: the older name of ``method``.
-        compile: contract through ``torch.compile`` (see :class:`~tnkd.students.graph.GraphStudent`).
+        output, logit_scale, init_std, method, contraction, compile: as in
+            :class:`~tnkd.students.graph.GraphStudent`.
     """
 
     def __init__(

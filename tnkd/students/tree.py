@@ -139,13 +139,8 @@ class TreeClassifier(GraphStudent):
         pool: average-pool the image by this factor first.
         patch: give each site a patch x patch block (product of per-pixel maps, or a map that
             takes the block).
-        output: ``"normalized"`` or ``"raw"`` (see :class:`~tnkd.students.graph.GraphStudent`).
-        logit_scale: initial logit scale s of the normalized output.
-        init_std: relative noise of the copy-tensor initialisation.
-        method: the contraction engine, ``"auto"`` or a name (see
-            :class:`~tnkd.students.graph.GraphStudent` and :mod:`tnkd.tn.planner`).
-        contraction: the older name of ``method``.
-        compile: contract through ``torch.compile`` (see :class:`~tnkd.students.graph.GraphStudent`).
+        output, logit_scale, init_std, method, contraction, compile: as in
+            :class:`~tnkd.students.graph.GraphStudent`.
     """
 
     def __init__(

@@ -263,18 +263,12 @@ class TruncatedMPS(MPSClassifier):
         state = load_student_state(checkpoint)
         if "cores" not in state or state["cores"].ndim != 4:
             raise ValueError(f"checkpoint {checkpoint} holds no MPSClassifier (no 4-way 'cores')")
-        kwargs = dict(
-            feature_map=feature_map,
-            label_position=label_position,
-            output=output,
-            method=method,
-            pool=pool,
-            patch=patch,
-        )
-        wide = MPSClassifier(num_sites, num_classes, int(state["cores"].shape[1]), **kwargs)
+        accepted = set(inspect.signature(MPSClassifier).parameters) - {"bond_dim"}
+        mps_args = {k: v for k, v in locals().items() if k in accepted}
+        wide = MPSClassifier(bond_dim=int(state["cores"].shape[1]), **mps_args)
         wide.load_state_dict(state)
         small, report = truncate_student(wide, bond_dim=bond_dim, tolerance=tolerance)
-        super().__init__(num_sites, num_classes, bond_dim, **kwargs)
+        super().__init__(bond_dim=bond_dim, **mps_args)
         self.load_state_dict(small.state_dict())
         self.truncation = report
 

@@ -158,15 +158,8 @@ class TTNetwork(GraphStudent):
         ) / math.sqrt(r)
         inner = inner.expand(num_patches - 2, -1, -1, -1) if equal_cores else inner
         names = {"core_0": "first", "sites": "inner_cores", f"core_{num_patches - 1}": "last"}
-        super().__init__(
-            tt_graph(first, inner, last),
-            feature_map=fmap,
-            output=output,
-            logit_scale=logit_scale,
-            init_std=init_std,
-            tie_sites=equal_cores,
-            parameter_names=names,
-        )
+        graph = tt_graph(first, inner, last)
+        self._init_family(locals(), graph, fmap, tie_sites=equal_cores, parameter_names=names)
         self.input_shape = (channels, height, width)
         self.patch_size = (ph, pw)
         self.num_patches = num_patches
