@@ -1,42 +1,32 @@
 """Students defined by their graph: draw a tensor network with nodes and edges, train it.
 
-A :class:`GraphStudent` is built from a :class:`~tnkd.tn.graph.TNGraph` that a user draws with
+A :class:`GraphStudent` is built from a :class:`~tnkd.tn.graph.TNGraph` drawn with
 :func:`~tnkd.tn.graph.make_node` and :func:`~tnkd.tn.graph.connect` (``tensornetwork`` nodes with
-named axes):
-
-* **parameter nodes**: every node that is not an input, trained (stored stacked as the engine
-  reads them; :meth:`GraphStudent.node_tensors` gives them back by name);
-* **input nodes**: one small node per site (a pixel, or a patch of pixels), with one axis of
-  the site's feature size, connected to a parameter node; the feature map fills them per sample;
-* **one dangling edge**: the label, of size ``num_classes``.
+named axes): **parameter nodes** (every node that is not an input; trained), **input nodes** (one
+small node per site, a pixel or a patch, whose one axis of the site's feature size connects to a
+parameter node; the feature map fills them per sample) and **one dangling edge**, the label.
 
 The student is f_c(x) = the contraction of the graph with phi(x_site) on every input node; with
-``output="normalized"`` (the default) its logits are s * f(x) / ||f(x)||, with a learned scale s,
-as :class:`~tnkd.students.mps.MPSClassifier` does. The planner (:mod:`tnkd.tn.planner`) reads
-the graph's shape and picks the engine, and :meth:`GraphStudent.plan` says which and why: a chain
-(the label anywhere) runs on the chain engine (:func:`~tnkd.tn.chain.contract_chain`), a binary
-tree on the tree engine (:mod:`tnkd.tn.fused`), other graphs on the pairwise path with a
-per-sample log-scale (:mod:`tnkd.tn.stable`) or, when shallow, one ``opt_einsum`` expression.
-Results equal the dense contraction's (tested in float64).
+``output="normalized"`` its logits are s * f(x) / ||f(x)|| with a learned scale s, as
+:class:`~tnkd.students.mps.MPSClassifier`'s. The planner (:mod:`tnkd.tn.planner`) picks the
+engine from the graph's shape, and :meth:`GraphStudent.plan` says which and why: a chain (the
+label anywhere) runs on the chain engine (:func:`~tnkd.tn.chain.contract_chain`), a binary tree
+on the tree engine (:mod:`tnkd.tn.fused`), other graphs on the pairwise path with a per-sample
+log-scale (:mod:`tnkd.tn.stable`) or, when shallow, one ``opt_einsum`` expression. Results equal
+the dense contraction's (tested in float64).
 
-**Initialisation (nodes drawn from a shape).** A node made from a shape (``make_node((2, 8, 8),
-...)``, i.e. all zeros) is initialised by tnkd; a node made from a tensor keeps that tensor.
-The initial tensor generalises the near-identity cores of an MPS: a *copy tensor* over the
-node's bond axes (1 where all bond indices are equal, 0 elsewhere), times the feature map's
-``neutral`` vector w on every input axis (w . phi(x) ~= 1), times ones on the label axis, plus
-Gaussian noise of standard deviation ``init_std / sqrt(prod(bond dims) / max(bond dims))``. A
-graph of copy tensors contracts to (number of channels) x prod_sites w . phi(x_site) whatever its
-shape (chain, tree, loops): every class starts level, the value is about the bond dimension
-times a product of numbers near 1 (for [1, x]: exactly 1), and the noise makes each parameter
-see its inputs (an MPS drawn this way starts as :class:`MPSClassifier` does).
+**Initialisation.** A node made from a shape (all zeros) is initialised by tnkd; a node made
+from a tensor keeps it. The initial tensor generalises the near-identity cores of an MPS: a
+*copy tensor* over the node's bond axes (1 where all bond indices are equal), times the feature
+map's ``neutral`` vector w on every input axis (w . phi(x) ~= 1), times ones on the label axis,
+plus Gaussian noise of standard deviation ``init_std / sqrt(prod(bond dims) / max(bond dims))``.
+A graph of copy tensors contracts to (number of channels) x prod_sites w . phi(x_site) whatever
+its shape (chain, tree, loops): every class starts level near the bond dimension, and the noise
+makes each parameter see its inputs (an MPS drawn this way starts as :class:`MPSClassifier`).
 
-**Sites.** Without ``input_shape`` the sites are the sample's scalars, in order. With an image
-``input_shape`` (channels, height, width), ``pool=k`` averages kxk blocks first (a site per
-pooled pixel) and ``patch=k`` gives each site a kxk block: a scalar map on each of its p pixels
-multiplied together (the product map, size d^p: the network is then exactly as expressive as
-one with a node per pixel), or a map that takes p values (``{name: learnable, in_features: p}``).
-Sites are numbered row-major; ``input_positions`` ties input nodes to sites (default: the graph's
-input nodes in order, one per site).
+**Sites** are numbered row-major. A ``patch`` site takes a scalar map on each of its p pixels
+multiplied together (the product map, size d^p: exactly as expressive as a node per pixel), or a
+map that takes p values (``{name: learnable, in_features: p}``).
 
 Examples:
     A 4-site MPS drawn by hand:
@@ -55,7 +45,7 @@ Examples:
     (torch.Size([7, 5]), 5)
 
 In YAML, name a function that returns the graph (``graph: mypackage.graphs.my_tree``, with its
-keyword arguments in ``graph_args``), or a subclass such as
+keyword arguments in ``graph_args``), or a family such as
 :class:`~tnkd.students.tree.TreeClassifier` by ``class_path``.
 """
 
@@ -352,11 +342,9 @@ class GraphStudent(Student):
             ``"tree"``, ``"stable"``, ``"reference"``. :meth:`plan` says which runs and why.
         contraction: the older name of ``method`` (``"plain"`` is ``"reference"``).
         optimize: the ``opt_einsum`` path optimizer.
-        compile: run the contraction through ``torch.compile`` (inductor), which fuses the
-            small elementwise steps between the batched matrix products (the stable path,
-            renormalising after every step: one graph, no data-dependent branch). The first
-            call compiles (one to two minutes on a busy 2-core CPU) and needs a C++ compiler on
-            CPU. Measured in ``benchmarks/tree_vs_tensorkrowch.py``.
+        compile: run the contraction through ``torch.compile`` (inductor), fusing the small
+            elementwise steps of the stable path; the first call compiles (minutes on a busy
+            CPU; needs a C++ compiler). Measured in ``benchmarks/tree_vs_tensorkrowch.py``.
         tie_sites: the sites of a chain share one tensor (a translation-invariant MPS; the first
             site's tensor is used), so it trains as one parameter; sites named in
             ``parameter_names`` keep their own.
@@ -663,20 +651,6 @@ class GraphStudent(Student):
         self._chain_sites = _sites(order) if order else []
         label = layout.label_node
         self._label_site = None if label.phys is None else site[names[label.input_node]]
-        # a chain stored as the engine reads it (boundary vectors, one whole untied block of
-        # sites, a (D, C, D) label tensor): its operands are the parameters themselves
-        first, last = layout.nodes[0], layout.nodes[-1]
-        plain = (
-            not tie
-            and self._chain_runs == [("full", 0, len(full))]
-            and self._padding == 0
-            and all(n.phys is None and n.label is None for n in (first, last))
-            and all(initial[names[n.index]].shape == (bond,) for n in (first, last))
-            and label.phys is None
-            and stored(label).shape == (bond, self.num_classes, bond)
-        )
-        refs = [self._block_of[names[n.index]][0] for n in (first, last, label)]
-        self._plain_chain = (refs[0], block, refs[1], refs[2]) if plain else None
 
     def _stored(self, block: int | str) -> torch.Tensor:
         """A stored parameter: an index of ``blocks`` or the name it was registered under."""
@@ -692,8 +666,6 @@ class GraphStudent(Student):
         Open ends and smaller bonds are zero-padded to D (their outer bond is index 0 of a unit
         boundary vector), which leaves the contraction's value unchanged.
         """
-        if self._plain_chain is not None:
-            return tuple(map(self._stored, self._plain_chain))
         layout = self._shape.chain
         bond, names = layout.bond_dim, self._spec.node_names
         sites = None if self._sites_block is None else self._stored(self._sites_block)

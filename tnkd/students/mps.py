@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -33,6 +34,32 @@ from tnkd.tn.graph import TNGraph, connect, make_node
 from tnkd.tn.planner import CHAIN_KERNELS
 
 PARAMETER_NAMES = {"sites": "cores", "left": "left", "right": "right", "output": "output_core"}
+
+
+def chain_graph(chain: list[Any], sites: list[Any], label_node: Any) -> TNGraph:
+    """Nodes joined in a row (``right`` to ``left``, bonds ``bond_k``), input ``x_i`` on site i.
+
+    Args:
+        chain: the nodes in order, each with axes ``left`` and/or ``right``.
+        sites: the nodes with an input axis ``phys``, in site order.
+        label_node: the node whose ``label`` axis is the graph's output.
+
+    Returns:
+        The graph (drawn left to right) with input nodes ``x_0 ..`` on edges ``phys_0 ..``.
+    """
+    for k, (a, b) in enumerate(itertools.pairwise(chain)):
+        connect(a, "right", b, "left", name=f"bond_{k}")
+    inputs = []
+    for i, site in enumerate(sites):
+        inputs.append(make_node((site["phys"].dimension,), f"x_{i}", ["phys"]))
+        connect(site, "phys", inputs[-1], "phys", name=f"phys_{i}")
+    label_node["label"].set_name("label")
+    return TNGraph(
+        nodes=[*chain, *inputs],
+        input_nodes=[n.name for n in inputs],
+        output_edges=[label_node["label"]],
+        positions={n.name: (float(k), 0.0) for k, n in enumerate(chain)},
+    )
 
 
 def mps_graph(
@@ -54,31 +81,11 @@ def mps_graph(
     Returns:
         The graph: nodes ``left``, ``site_i``, ``output``, ``right`` and the input nodes ``x_i``.
     """
-    num_sites = cores.shape[0]
-    nodes = {
-        "left": make_node(left, "left", ["right"]),
-        "right": make_node(right, "right", ["left"]),
-    }
-    for i in range(num_sites):
-        nodes[f"site_{i}"] = make_node(cores[i], f"site_{i}", ["left", "phys", "right"])
-    nodes["output"] = make_node(output_core, "output", ["left", "label", "right"])
-    sites = [f"site_{i}" for i in range(num_sites)]
-    order = ["left", *sites[:label_position], "output", *sites[label_position:], "right"]
-    chain = [nodes[n] for n in order]
-    for k, (a, b) in enumerate(itertools.pairwise(chain)):
-        connect(a, "right", b, "left", name=f"bond_{k}")
-    inputs = []
-    for i in range(num_sites):
-        node = make_node((cores.shape[2],), f"x_{i}", ["phys"])
-        connect(nodes[f"site_{i}"], "phys", node, "phys", name=f"phys_{i}")
-        inputs.append(node)
-    nodes["output"].get_edge("label").set_name("label")
-    return TNGraph(
-        nodes=chain + inputs,
-        input_nodes=[n.name for n in inputs],
-        output_edges=[nodes["output"]["label"]],
-        positions={name: (float(k), 0.0) for k, name in enumerate(order)},
-    )
+    sites = [make_node(c, f"site_{i}", ["left", "phys", "right"]) for i, c in enumerate(cores)]
+    output = make_node(output_core, "output", ["left", "label", "right"])
+    ends = make_node(left, "left", ["right"]), make_node(right, "right", ["left"])
+    p = label_position
+    return chain_graph([ends[0], *sites[:p], output, *sites[p:], ends[1]], sites, output)
 
 
 class MPSClassifier(GraphStudent):
@@ -97,18 +104,14 @@ class MPSClassifier(GraphStudent):
             regression and exact function evaluation; can overflow only where f itself does).
         logit_scale: initial s of the normalized output.
         init_std: relative noise of the near-identity initialisation.
-        method: the chain engine's kernel: ``"auto"`` (the planner's choice,
-            :func:`tnkd.tn.planner.chain_kernel`), ``"native"``, ``"scan"`` or ``"tree"`` (see
-            :func:`tnkd.tn.chain.contract_chain`); ``"sweep"``, the autograd sweep of older
-            versions, now runs the scan.
+        method: the chain engine's kernel: ``"auto"`` (:func:`tnkd.tn.planner.chain_kernel`
+            chooses), ``"native"``, ``"scan"`` or ``"tree"`` (:func:`tnkd.tn.chain.contract_chain`);
+            ``"sweep"``, the older autograd sweep, now runs the scan.
         pool: average-pool ``(batch, channels, H, W)`` images by this factor before the feature
-            map (2: a 28x28 image becomes 196 sites), so a short-chain student distils from a
-            teacher that sees the full image; ``num_sites`` is the pooled pixel count.
-        patch: give each site a ``patch x patch`` block of ``(batch, channels, H, W)`` images
-            (row-major blocks of one-channel images) instead of one pixel; the map must take
-            that many values, e.g. ``{name: learnable, dim: 4, in_features: 4}`` for 2x2
-            blocks of one-channel images. Unlike ``pool`` it keeps every pixel: a 28x28 image
-            becomes 196 sites of 4 pixels each.
+            map (2: a 28x28 image becomes 196 sites); ``num_sites`` is the pooled pixel count.
+        patch: give each site a ``patch x patch`` block of one-channel images instead of one
+            pixel (every pixel kept: 28x28 becomes 196 sites of 4 pixels at ``patch=2``); the
+            map must take that many values, e.g. ``{name: learnable, dim: 4, in_features: 4}``.
 
     Learning rate: Adam moves every core entry by about ``lr`` per step, and all N cores move
     at once, so longer chains and larger D want a smaller ``lr`` (the rates measured:

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from tnkd.feature_maps import FeatureMap
@@ -74,31 +75,20 @@ def peps_graph(
             f"PEPS label_site must be inside the {rows}x{cols} grid, but got {label_site!r}"
         )
     nodes = {}
-    for i in range(rows):
-        for j in range(cols):
-            axes = [
-                a
-                for a, ok in (
-                    ("up", i > 0),
-                    ("left", j > 0),
-                    ("right", j < cols - 1),
-                    ("down", i < rows - 1),
-                )
-                if ok
-            ]
-            axes.append("phys")
-            if (i, j) == (li, lj):
-                axes.append("label")
-            shape = [
-                phys_dim if a == "phys" else num_classes if a == "label" else bond_dim for a in axes
-            ]
-            nodes[i, j] = make_node(tuple(shape), f"p{i}_{j}", axes)
-    for i in range(rows):
-        for j in range(cols):
-            if j < cols - 1:
-                connect(nodes[i, j], "right", nodes[i, j + 1], "left", name=f"h{i}_{j}")
-            if i < rows - 1:
-                connect(nodes[i, j], "down", nodes[i + 1, j], "up", name=f"v{i}_{j}")
+    for i, j in itertools.product(range(rows), range(cols)):
+        sides = {"up": i > 0, "left": j > 0, "right": j < cols - 1, "down": i < rows - 1}
+        axes = [a for a, ok in sides.items() if ok]
+        shape = [bond_dim] * len(axes) + [phys_dim]
+        axes.append("phys")
+        if (i, j) == (li, lj):
+            axes.append("label")
+            shape.append(num_classes)
+        nodes[i, j] = make_node(tuple(shape), f"p{i}_{j}", axes)
+    for i, j in nodes:
+        if j < cols - 1:
+            connect(nodes[i, j], "right", nodes[i, j + 1], "left", name=f"h{i}_{j}")
+        if i < rows - 1:
+            connect(nodes[i, j], "down", nodes[i + 1, j], "up", name=f"v{i}_{j}")
     inputs = []
     positions: dict[str, tuple[float, float]] = {}
     for (i, j), node in nodes.items():

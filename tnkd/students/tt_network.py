@@ -23,7 +23,6 @@ r <= 6) they reach the same rank as random different cores at every setting meas
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 
@@ -36,7 +35,8 @@ from tnkd.students.base import (
     near_identity_cores,
 )
 from tnkd.students.graph import GraphStudent, image_shape
-from tnkd.tn.graph import TNGraph, connect, make_node
+from tnkd.students.mps import chain_graph
+from tnkd.tn.graph import TNGraph, make_node
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -64,20 +64,7 @@ def tt_graph(first: torch.Tensor, inner: torch.Tensor, last: torch.Tensor) -> TN
     for k in range(1, d - 1):
         nodes.append(make_node(inner[k - 1], f"core_{k}", ["left", "phys", "right"]))
     nodes.append(make_node(last, f"core_{d - 1}", ["left", "phys", "label"]))
-    for k, (a, b) in enumerate(itertools.pairwise(nodes)):
-        connect(a, "right", b, "left", name=f"bond_{k}")
-    inputs = []
-    for k in range(d):
-        node = make_node((first.shape[0],), f"x_{k}", ["phys"])
-        connect(nodes[k], "phys", node, "phys", name=f"phys_{k}")
-        inputs.append(node)
-    nodes[-1].get_edge("label").set_name("label")
-    return TNGraph(
-        nodes=nodes + inputs,
-        input_nodes=[n.name for n in inputs],
-        output_edges=[nodes[-1]["label"]],
-        positions={f"core_{k}": (float(k), 0.0) for k in range(d)},
-    )
+    return chain_graph(nodes, nodes, nodes[-1])
 
 
 class TTNetwork(GraphStudent):
