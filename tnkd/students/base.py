@@ -117,11 +117,7 @@ class Student(RecordsInitArgs, nn.Module):
 
 
 def near_identity_cores(
-    num: int,
-    bond_dim: int,
-    neutral: torch.Tensor,
-    init_std: float,
-    generator: torch.Generator | None = None,
+    num: int, bond_dim: int, neutral: torch.Tensor, init_std: float
 ) -> torch.Tensor:
     """(num, D, d, D) cores with ``A[:, s, :] = neutral[s] I + noise``.
 
@@ -133,7 +129,5 @@ def near_identity_cores(
     d = neutral.numel()
     eye = torch.eye(bond_dim)
     cores = neutral.view(1, 1, d, 1) * eye.view(1, bond_dim, 1, bond_dim)
-    noise = torch.randn(num, bond_dim, d, bond_dim, generator=generator) * (
-        init_std / math.sqrt(bond_dim)
-    )
+    noise = torch.randn(num, bond_dim, d, bond_dim) * (init_std / math.sqrt(bond_dim))
     return cores.expand(num, -1, -1, -1) + noise

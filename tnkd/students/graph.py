@@ -186,11 +186,7 @@ def site_layout(
 
 
 def copy_tensor(
-    shape: Sequence[int],
-    kinds: Sequence[str],
-    neutral: torch.Tensor,
-    init_std: float,
-    generator: torch.Generator | None = None,
+    shape: Sequence[int], kinds: Sequence[str], neutral: torch.Tensor, init_std: float
 ) -> torch.Tensor:
     """The copy-tensor initialisation of one node (see the module docstring).
 
@@ -200,7 +196,6 @@ def copy_tensor(
             or ``"label"`` (the dangling output).
         neutral: the input axes' weight vector w (w . phi(x) ~= 1).
         init_std: relative noise.
-        generator: optional random generator.
 
     Returns:
         The tensor: copy over bond axes x w on input axes x ones on the label axis, plus noise.
@@ -209,24 +204,22 @@ def copy_tensor(
     value = torch.ones(())
     if bonds:
         dims = [shape[i] for i in bonds]
-        delta = torch.zeros(dims)
+        value = torch.zeros(dims)
         for j in range(min(dims)):
-            delta[(j,) * len(dims)] = 1.0
-        value = delta
+            value[(j,) * len(dims)] = 1.0
     order = list(bonds)
     for i, kind in enumerate(kinds):
-        if kind == "bond":
-            continue
-        factor = neutral if kind == "input" else torch.ones(shape[i])
-        if factor.numel() != shape[i]:
-            raise ValueError(
-                f"axis {i} has size {shape[i]} but its input features have {factor.numel()}"
-            )
-        value = torch.tensordot(value, factor, dims=0)
-        order.append(i)
+        if kind != "bond":
+            factor = neutral if kind == "input" else torch.ones(shape[i])
+            if factor.numel() != shape[i]:
+                raise ValueError(
+                    f"axis {i} has size {shape[i]} but its input features have {factor.numel()}"
+                )
+            value = torch.tensordot(value, factor, dims=0)
+            order.append(i)
     value = value.permute(*[order.index(i) for i in range(len(shape))])
     fan = math.prod(shape[i] for i in bonds) / max((shape[i] for i in bonds), default=1)
-    noise = torch.randn(tuple(shape), generator=generator) * (init_std / math.sqrt(fan))
+    noise = torch.randn(tuple(shape)) * (init_std / math.sqrt(fan))
     return value + noise
 
 
@@ -311,11 +304,6 @@ def tree_positions(spec: NetworkSpec) -> dict[str, tuple[float, float]]:
             xs = [pos[u][0] for u in kids]
             pos[node] = (sum(xs) / len(xs), 1.0 + max(pos[u][1] for u in kids))
     return pos
-
-
-def _sites(values: list[int]) -> list[int] | slice:
-    """A slice when the sites are evenly spaced and increasing (a view, no copy), else the list."""
-    return as_slice(values) or values
 
 
 class GraphStudent(Student):
@@ -523,18 +511,18 @@ class GraphStudent(Student):
     def _store_blocks(
         self, initial: dict[str, torch.Tensor], sites: dict[str, int], num_sites: int
     ) -> None:
-        """Parameters stacked as the pairwise network consumes them (see ``blocks``)."""
-        spec = self._spec
-        # parameters stacked as the contraction consumes them (one tensor per block: e.g. all
-        # leaves of a tree level), so a level is one kernel with no copy; node_tensors() names them
-        stable = self.network
-        self._input_blocks: list[tuple[int, list[int] | slice]] = []
+        """Parameters stacked as the pairwise network consumes them.
+
+        One tensor per block (e.g. all leaves of a tree level), so that a level is one kernel with
+        no copy; :meth:`node_tensors` names them.
+        """
+        spec, stable = self._spec, self.network
+        self._input_blocks: list[list[int] | slice] = []  # the sites of each input block
         for block, is_input in zip(stable.blocks, stable.block_is_input, strict=True):
             names = [spec.node_names[i] for i in block]
             if is_input:
-                self._input_blocks.append(
-                    (len(self._input_blocks), _sites([sites[n] for n in names]))
-                )
+                where = [sites[n] for n in names]
+                self._input_blocks.append(as_slice(where) or where)
                 continue
             for g, name in enumerate(names):
                 self._block_of[name] = (len(self.blocks), g)
@@ -551,8 +539,7 @@ class GraphStudent(Student):
             and self._flat_sites
             and self._block_kinds[:2] == [True, True]
             and not any(self._block_kinds[2:])
-            and [w for _, w in self._input_blocks]
-            == [slice(0, num_sites - 1, 2), slice(1, num_sites, 2)]
+            and self._input_blocks == [slice(0, num_sites - 1, 2), slice(1, num_sites, 2)]
             and (leaves[1].source, leaves[2].source) == (0, 1)
             and leaves[1].whole
             and leaves[2].whole
@@ -648,7 +635,7 @@ class GraphStudent(Student):
         self._sites_block = block
         site = dict(zip(self.input_nodes, self.input_sites, strict=True))
         order = [site[names[n.input_node]] for n in layout.sites]
-        self._chain_sites = _sites(order) if order else []
+        self._chain_sites = (as_slice(order) or order) if order else []
         label = layout.label_node
         self._label_site = None if label.phys is None else site[names[label.input_node]]
 
@@ -819,14 +806,8 @@ class GraphStudent(Student):
         phi = self._site_features_t(x)
         params = iter(self.blocks._parameters.values())
         inputs = iter(self._input_blocks)
-        out = []
-        for is_input in self._block_kinds:
-            if is_input:
-                _, where = next(inputs)
-                out.append(phi[where])  # (G, site_dim, batch)
-            else:
-                out.append(next(params))
-        return out
+        # an input block is (G, site_dim, batch)
+        return [phi[next(inputs)] if is_input else next(params) for is_input in self._block_kinds]
 
     def graph_operands(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One tensor per graph node, in node order (input nodes batched)."""
@@ -849,11 +830,6 @@ class GraphStudent(Student):
         position = self._shape.chain.sites_before_label
         return left, cores, right, feats, output_core, position, label
 
-    def _chain_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chain engine: :func:`~tnkd.tn.chain.contract_chain` on the assembled chain."""
-        *operands, label = self._chain_arguments(self.features(x))
-        return contract_chain(*operands, self._chain_kernel, label)
-
     def _portable_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The portable engine (:mod:`tnkd.tn.portable`): tensor operations only, for export.
 
@@ -873,7 +849,8 @@ class GraphStudent(Student):
         if self.portable:
             return self._portable_log_forward(x)
         if self.engine == "chain":
-            return self._chain_log_forward(x)
+            *operands, label = self._chain_arguments(self.features(x))
+            return contract_chain(*operands, self._chain_kernel, label)
         if self.engine == "tree":
             return self.tree_plan.contract(self.operand_blocks(x))
         if self.engine == "reference":

@@ -1,20 +1,20 @@
 """Shrink a trained student the tensor-network way: canonical form, then SVD truncation of every bond.
 
 Train wide, cut, let the teacher repair: :func:`truncate_student` brings an
-:class:`~tnkd.students.mps.MPSClassifier`, a :class:`~tnkd.students.tt_network.TTNetwork`
-(different cores) or a :class:`~tnkd.students.tree.TreeClassifier` into canonical form about
-its label node (:mod:`tnkd.tn.canonical`), cuts every bond to ``bond_dim`` singular values
-and/or a relative ``tolerance``, and returns a smaller student *of the same class* that trains
-on (its bonds are zero-padded where the kept rank is below the uniform bond dimension; those
-padded channels stay at zero). The feature map, the output mode and the learned logit scale are
-kept; the scale that canonicalisation takes out is spread evenly over the tensors, so the raw
-output is the truncated function itself. :func:`bond_spectra` gives every bond's singular values
-and :func:`entanglement_entropies` the entropy -sum p log p, p = s^2 / sum s^2, per bond: the
-bonds with little entropy are the ones that can be cut.
+:class:`~tnkd.students.mps.MPSClassifier`, a :class:`~tnkd.students.tt_network.TTNetwork` or a
+:class:`~tnkd.students.tree.TreeClassifier` into canonical form about its label node
+(:mod:`tnkd.tn.canonical`), cuts every bond to ``bond_dim`` singular values and/or a relative
+``tolerance``, and returns a smaller student *of the same class* that trains on (bonds whose kept
+rank is below the new bond dimension are zero-padded, and the padding stays at zero). The feature
+map, output mode and logit scale are kept; the scale canonicalisation takes out is spread evenly
+over the tensors, so the raw output is the truncated function itself. :func:`bond_spectra` gives
+every bond's singular values and :func:`entanglement_entropies` the entropy -sum p log p,
+p = s^2 / sum s^2, per bond: the bonds with little entropy are the ones that can be cut. Tensors
+shared between sites (uniform MPS, equal-core TT networks) are refused: a canonical form makes
+them differ; a PEPS has loops and no canonical form.
 
-For YAML, :class:`TruncatedMPS` builds the truncated student from a checkpoint (a Lightning
-``.ckpt`` of a distillation run, or a plain state dict), so a fine-tuning run names it by
-``class_path``:
+In YAML, :class:`TruncatedMPS` builds the truncated student from a checkpoint (a Lightning
+``.ckpt`` of a distillation run, or a plain state dict) for a fine-tuning run:
 
 .. code-block:: yaml
 
@@ -22,9 +22,6 @@ For YAML, :class:`TruncatedMPS` builds the truncated student from a checkpoint (
       class_path: tnkd.students.TruncatedMPS
       init_args: {checkpoint: runs/checkpoints/mnist-mps32/last.ckpt, bond_dim: 8,
                   num_sites: 196, pool: 2, num_classes: 10, feature_map: linear}
-
-Uniform MPS and equal-core TT networks share one core between sites; a canonical form makes the
-cores differ, so they are refused. A PEPS has loops and no canonical form.
 
 Example:
     >>> mps = MPSClassifier(num_sites=10, num_classes=3, bond_dim=8)
@@ -57,6 +54,7 @@ from tnkd.tn.canonical import (
     network_of,
     truncate,
 )
+from tnkd.tn.canonical import bond_spectra as network_bond_spectra
 
 
 @dataclass
@@ -177,7 +175,7 @@ def truncate_student(
 def bond_spectra(student: Student) -> dict[str, torch.Tensor]:
     """Each bond's singular values (unit-norm network), in canonical-sweep order; nothing is cut."""
     tensors, indices, _, center = _network(student)
-    return truncate(tensors, indices, center).spectra
+    return network_bond_spectra(tensors, indices, center)
 
 
 def chain_bond_spectra(student: MPSClassifier) -> list[torch.Tensor]:
@@ -225,25 +223,17 @@ def student_state(state: dict[str, Any], prefix: str = "student.") -> dict[str, 
 class TruncatedMPS(MPSClassifier):
     """An :class:`MPSClassifier` started from a wider trained MPS, truncated by SVD.
 
-    Loads the wide MPS from ``checkpoint`` (its bond dimension is read from the file; the other
-    arguments must match the run that saved it), truncates every bond to ``bond_dim``
-    (:func:`truncate_student`) and starts from the result. ``truncation`` holds the report.
-    In YAML this is the student of a fine-tuning run (see the module docstring). Loading a
-    fine-tuned checkpoint of this class needs the source checkpoint again (the constructor reads
-    it); or load its state dict into a plain ``MPSClassifier`` of the same ``bond_dim``.
+    Loads the wide MPS from ``checkpoint`` (its bond dimension read from the file), truncates every
+    bond to ``bond_dim`` (:func:`truncate_student`; ``truncation`` holds the report) and starts
+    from the result. Its checkpoints are described as a plain ``MPSClassifier`` of the new
+    ``bond_dim`` (:meth:`checkpoint_spec`), so loading them never reads the source again.
 
     Args:
         checkpoint: a Lightning checkpoint of a distillation run, or an MPS state dict file.
         bond_dim: the new bond dimension.
-        num_sites: as the wide MPS.
-        num_classes: as the wide MPS.
         tolerance: also cut singular values by relative tolerance (see :func:`truncate_student`).
-        feature_map: as the wide MPS.
-        label_position: as the wide MPS.
-        output: as the wide MPS.
-        method: chain contraction method.
-        pool: as the wide MPS.
-        patch: as the wide MPS.
+        num_sites, num_classes, feature_map, label_position, output, method, pool, patch: as
+            for the wide MPS (see :class:`MPSClassifier`).
     """
 
     def __init__(
