@@ -73,7 +73,7 @@ from tnkd.students.base import (
 from tnkd.tn.chain import contract_chain
 from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.fused import TreePlan
-from tnkd.tn.graph import NetworkSpec, TNGraph, connect, index_ends, make_node
+from tnkd.tn.graph import NetworkSpec, TNGraph, index_ends
 from tnkd.tn.planner import (
     METHODS,
     ChainNode,
@@ -409,8 +409,8 @@ class GraphStudent(Student):
                 value = copy_tensor(tuple(value.shape), kinds, neutral, init_std)
             initial[node.name] = value
         self._spec = spec
-        self._axis_names = {node.name: list(node.axis_names) for node in graph.nodes}
-        self._positions_xy = dict(graph.positions) or tree_positions(spec)
+        #: the drawing as plain data (:meth:`TNGraph.to_dict`), for :meth:`to_graph`
+        self._diagram = {**graph.to_dict(), "positions": graph.positions or tree_positions(spec)}
         self.input_nodes = inputs
         self.input_sites = [sites[n] for n in inputs]
         self.method = self._method = method
@@ -745,11 +745,8 @@ class GraphStudent(Student):
             )
 
     def _neutral(self) -> torch.Tensor:
-        w = self.feature_map.neutral()
-        if w.numel() == self.site_dim:
-            return w
-        out = w  # product map: w (x) w (x) ... one factor per pixel of the patch
-        while out.numel() < self.site_dim:
+        w = out = self.feature_map.neutral()
+        while out.numel() < self.site_dim:  # the product map: w (x) w (x) .., one w per pixel
             out = torch.kron(out, w)
         return out
 
@@ -782,10 +779,8 @@ class GraphStudent(Student):
     def _site_features_t(self, x: torch.Tensor) -> torch.Tensor:
         """``(sites, site_dim, batch)`` feature vectors, contiguous (the blocks' layout).
 
-        A block is then a slice whose samples are contiguous; a strided block (samples a row
-        of sites apart) makes every elementwise kernel of the first tree level gather its
-        operands. The [1, x] map on scalar sites is written in this layout directly (one
-        ``stack``, no copy).
+        A block's samples are then contiguous (not a row of sites apart: a gather in every
+        kernel of the first tree level); the [1, x] map is written so directly (one ``stack``).
         """
         if type(self.feature_map) is LinearFeatureMap and self._flat_sites:
             u = self.flatten_input(x).T.to(self._dtype())
@@ -920,32 +915,10 @@ class GraphStudent(Student):
 
     def to_graph(self) -> TNGraph:
         """The graph with the current tensors (input nodes hold zeros)."""
-        spec = self._spec
-        params = self.node_tensors()
-        nodes = {}
-        for name, shape in zip(spec.node_names, spec.node_shapes, strict=True):
-            value = params[name] if name in params else shape
-            nodes[name] = make_node(value, name, self._axis_names[name])
-        ends: dict[str, list[tuple[str, str]]] = {}
-        for name, idx in zip(spec.node_names, spec.node_indices, strict=True):
-            for axis, label in zip(self._axis_names[name], idx, strict=True):
-                ends.setdefault(label, []).append((name, axis))
-        outputs = []
-        for label, pair in ends.items():
-            if len(pair) == 2:
-                (a, ax), (b, bx) = pair
-                connect(nodes[a], ax, nodes[b], bx, name=label)
-            else:
-                ((a, ax),) = pair
-                edge = nodes[a][ax]
-                edge.set_name(label)
-                outputs.append(edge)
-        return TNGraph(
-            nodes=list(nodes.values()),
-            input_nodes=list(self.input_nodes),
-            output_edges=outputs,
-            positions=dict(self._positions_xy),
-        )
+        graph = TNGraph.from_dict(self._diagram)
+        for name, tensor in self.node_tensors().items():
+            graph.node(name).tensor = tensor.detach()
+        return graph
 
     def load_node_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Copy tensors into the parameter nodes (by node name; shapes must match)."""
