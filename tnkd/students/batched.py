@@ -83,10 +83,8 @@ class BatchedMPS(nn.Module):
     """M MPS classifiers of one shape, each parameter stacked along a leading member index.
 
     ``cores`` is (M, N, D, d, D), ``left``/``right`` (M, D), ``output_core`` (M, D, C, D),
-    ``log_logit_scale`` (M,). The forward pass is :func:`~tnkd.tn.chain.contract_chain` with
-    a member axis: the contraction :class:`~tnkd.students.mps.MPSClassifier` does for one member
-    (same kernel, same renormalised log-scale), so member k's logits equal ``members[k](x)`` up
-    to rounding.
+    ``log_logit_scale`` (M,); member k's logits equal ``members[k](x)`` up to rounding (same
+    kernel, same renormalised log-scale).
 
     Args:
         members: MPSClassifier students of one shape whose feature map has no parameters

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -616,22 +617,21 @@ class GraphStudent(Student):
         for key in names_of:
             if key in named:
                 self.register_parameter(names_of[key], nn.Parameter(named[key]))
-        # the chain's sites as runs of the stacked block, or tensors stored alone
-        runs: list[list] = []
-        for node in layout.sites:
-            block, g = self._block_of[names[node.index]]
-            if g is not None and tie:  # ("tied", count): the shared core, count times
-                if runs and runs[-1][0] == "tied":
-                    runs[-1][1] += 1
-                else:
-                    runs.append(["tied", 1])
-            elif g is not None and runs and runs[-1][0] == "full" and runs[-1][2] == g:
-                runs[-1][2] = g + 1
-            elif g is not None:
-                runs.append(["full", g, g + 1])
+
+        # the chain's sites as runs: ("full", start, stop), rows of the stacked block; ("tied",
+        # count), the shared core count times; ("alone", block, node), a tensor stored alone
+        def row(node: ChainNode) -> int | None:
+            return self._block_of[names[node.index]][1]
+
+        self._chain_runs: list[tuple] = []
+        for stacked, run in itertools.groupby(layout.sites, lambda n: row(n) is not None):
+            run = list(run)
+            if not stacked:
+                self._chain_runs += [("alone", self._block_of[names[n.index]][0], n) for n in run]
+            elif tie:
+                self._chain_runs.append(("tied", len(run)))
             else:
-                runs.append(["alone", block, node])
-        self._chain_runs = [tuple(r) for r in runs]
+                self._chain_runs.append(("full", row(run[0]), row(run[0]) + len(run)))
         self._sites_block = block
         site = dict(zip(self.input_nodes, self.input_sites, strict=True))
         order = [site[names[n.input_node]] for n in layout.sites]

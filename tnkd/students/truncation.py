@@ -61,13 +61,8 @@ from tnkd.tn.canonical import bond_spectra as network_bond_spectra
 class TruncationReport(Discarded):
     """What a truncation kept and cut (see :class:`tnkd.tn.canonical.Truncation`).
 
-    Attributes:
-        ranks: kept rank per bond.
-        discarded: discarded weight per bond (squared singular values cut, relative to the
-            network's squared Frobenius norm).
-        spectra: each bond's full singular values before the cut (unit-norm network).
-        params_before: trainable parameters of the input student.
-        params_after: trainable parameters of the truncated student.
+    ``ranks``, ``discarded``, ``spectra`` and ``chain`` are the truncation's; ``params_before``
+    and ``params_after`` count the trainable parameters of the two students.
     """
 
     ranks: dict[str, int]
