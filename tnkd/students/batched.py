@@ -190,11 +190,7 @@ def batch_students(members: Sequence[nn.Module], kind: str = "auto") -> nn.Modul
         raise ValueError(f"kind must be 'auto', 'batched' or 'list', but got {kind!r}")
     check_same_shape(members)
     first = members[0]
-    fits = (
-        isinstance(first, MPSClassifier)
-        and type(first) is MPSClassifier
-        and not any(True for _ in first.feature_map.parameters())
-    )
+    fits = type(first) is MPSClassifier and not any(True for _ in first.feature_map.parameters())
     if kind == "batched" or (kind == "auto" and fits):
         return BatchedMPS(members)  # type: ignore[arg-type]
     return MemberList(members)

@@ -425,8 +425,7 @@ class GraphStudent(Student):
         self.compile = bool(compile)
         self._contract_fn: Any = None  # the (compiled) contraction, made on first use
         self.node_names = [n for n in spec.node_names if n not in set(inputs)]
-        self._compiled: CompiledNetwork | None = None
-        self._reference: CompiledNetwork | None = None  # the reference engine, along the path
+        self._compiled: CompiledNetwork | None = None  # the reference engine, made on first use
         self._shape = examine(spec)
         traced = "compile=True traces the stable path"
         if compile:
@@ -849,9 +848,7 @@ class GraphStudent(Student):
         if self.engine == "tree":
             return self.tree_plan.contract(self.operand_blocks(x))
         if self.engine == "reference":
-            if self._reference is None:
-                self._reference = CompiledNetwork(self._spec, optimize=self.network.path)
-            values = self._reference(self.graph_operands(x))
+            values = self.generic_forward(x)
             blocks = functools.partial(self.operand_blocks, x)
             rerun = None if self._method != "auto" else lambda: self.network.contract(blocks())
             return reference_values(values, rerun)
@@ -892,9 +889,9 @@ class GraphStudent(Student):
         return direction_logits(values, self.log_logit_scale)
 
     def generic_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """f(x) through one plain ``opt_einsum`` expression (no renormalisation)."""
+        """f(x) through one plain ``opt_einsum`` expression (the reference engine; no rescaling)."""
         if self._compiled is None:
-            self._compiled = CompiledNetwork(self._spec)
+            self._compiled = CompiledNetwork(self._spec, optimize=self.network.path)
         return self._compiled(self.graph_operands(x))
 
     # ---- the graph --------------------------------------------------------------------------
