@@ -37,22 +37,15 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
 from tnkd.feature_maps import FeatureMap
 from tnkd.students.base import check_positive_int
 from tnkd.students.graph import GraphStudent
 from tnkd.tn.graph import TNGraph, connect, make_node
-
-
-@dataclass
-class _Item:
-    node: object  # tn.Node
-    axis: str  # the free axis that connects upward
-    dim: int
-    name: str
 
 
 def tree_graph(grid: Sequence[int], phys_dim: int, bond_dim: int, num_classes: int) -> TNGraph:
@@ -76,50 +69,42 @@ def tree_graph(grid: Sequence[int], phys_dim: int, bond_dim: int, num_classes: i
     total = math.prod(shape)
     if total < 2:
         raise ValueError(f"a tree needs at least 2 sites, but the grid {shape} has {total}")
-    inputs = []
-    items: dict[tuple[int, ...], _Item] = {}
-    for k in range(total):
-        node = make_node((phys_dim,), f"x_{k}", ["phys"])
-        inputs.append(node)
-        pos, rest = [], k
-        for size in reversed(shape):
-            pos.append(rest % size)
-            rest //= size
-        items[tuple(reversed(pos))] = _Item(node, "phys", phys_dim, node.name)
-    dims = list(shape)
-    nodes = []
+    inputs = [make_node((phys_dim,), f"x_{k}", ["phys"]) for k in range(total)]
+    # (node, free axis, its size) at each position of the grid, sites row-major
+    grid_positions = itertools.product(*map(range, shape))
+    items = {pos: (x, "phys", phys_dim) for pos, x in zip(grid_positions, inputs, strict=True)}
+
+    def join(a: tuple, b: tuple, name: str, axis: str, size: int) -> tuple[Any, str, int]:
+        node = make_node((a[2], b[2], size), name, ["child0", "child1", axis])
+        connect(a[0], a[1], node, "child0", name=f"{a[0].name}-{name}")
+        connect(b[0], b[1], node, "child1", name=f"{b[0].name}-{name}")
+        return node, axis, size
+
+    dims, nodes = list(shape), []
     level, turn = 0, len(dims) - 1
     while len(items) > 2:
         while dims[turn] == 1:
             turn = (turn - 1) % len(dims)
         level += 1
-        new_items: dict[tuple[int, ...], _Item] = {}
+        new_items: dict[tuple[int, ...], tuple[Any, str, int]] = {}
         count = 0
         for pos in sorted(items):
             if pos[turn] % 2:
                 continue
             partner = (*pos[:turn], pos[turn] + 1, *pos[turn + 1 :])
             parent_pos = (*pos[:turn], pos[turn] // 2, *pos[turn + 1 :])
-            a = items[pos]
-            if partner not in items:
+            a, b = items[pos], items.get(partner)
+            if b is None:  # the odd site out, passed up unchanged
                 new_items[parent_pos] = a
                 continue
-            b = items[partner]
-            up = min(bond_dim, a.dim * b.dim)
-            name = f"t{level}_{count}"
+            up = min(bond_dim, a[2] * b[2])
+            new_items[parent_pos] = join(a, b, f"t{level}_{count}", "parent", up)
+            nodes.append(new_items[parent_pos][0])
             count += 1
-            node = make_node((a.dim, b.dim, up), name, ["child0", "child1", "parent"])
-            connect(a.node, a.axis, node, "child0", name=f"{a.name}-{name}")
-            connect(b.node, b.axis, node, "child1", name=f"{b.name}-{name}")
-            nodes.append(node)
-            new_items[parent_pos] = _Item(node, "parent", up, name)
         items = new_items
         dims[turn] = (dims[turn] + 1) // 2
         turn = (turn - 1) % len(dims)
-    a, b = (items[p] for p in sorted(items))
-    root = make_node((a.dim, b.dim, num_classes), "root", ["child0", "child1", "label"])
-    connect(a.node, a.axis, root, "child0", name=f"{a.name}-root")
-    connect(b.node, b.axis, root, "child1", name=f"{b.name}-root")
+    root = join(*(items[p] for p in sorted(items)), "root", "label", num_classes)[0]
     root["label"].set_name("label")
     return TNGraph(
         nodes=[*nodes, root, *inputs],
