@@ -132,17 +132,13 @@ class TTNetwork(GraphStudent):
                     f"value(s) per patch but a {channels}x{ph}x{pw} patch has {patch_numel}; use "
                     f"patch_size 1 for scalar maps or feature_map=None (learnable patch map)"
                 )
-        n, r, c = fmap.dim, rank, num_classes
+        n, r, c, root = fmap.dim, rank, num_classes, math.sqrt(rank)
         neutral = fmap.neutral()
-        first = neutral.view(n, 1) * torch.ones(1, r) / math.sqrt(r) + init_std * torch.randn(
-            n, r
-        ) / math.sqrt(r)
-        inner = near_identity_cores(
-            1 if equal_cores else max(num_patches - 2, 0), r, neutral, init_std
-        )
-        last = neutral.view(1, n, 1) * torch.randn(r, 1, c) / math.sqrt(r) + init_std * torch.randn(
-            r, n, c
-        ) / math.sqrt(r)
+        first = neutral.view(n, 1) * torch.ones(1, r) / root + init_std * torch.randn(n, r) / root
+        count = 1 if equal_cores else max(num_patches - 2, 0)
+        inner = near_identity_cores(count, r, neutral, init_std)
+        last = neutral.view(1, n, 1) * torch.randn(r, 1, c) / root
+        last = last + init_std * torch.randn(r, n, c) / root
         inner = inner.expand(num_patches - 2, -1, -1, -1) if equal_cores else inner
         names = {"core_0": "first", "sites": "inner_cores", f"core_{num_patches - 1}": "last"}
         graph = tt_graph(first, inner, last)
