@@ -877,10 +877,7 @@ class GraphStudent(Student):
         if self.fast_path and not self.portable:
             tree = self.tree_plan
             if self._linear_leaves and not x.requires_grad:  # (the raw pairs get no gradient)
-                u = self.flatten_input(x).T
-                dtype = self._dtype()
-                if u.dtype != dtype:
-                    u = u.to(dtype)
+                u = self.flatten_input(x).T.to(self._dtype())
                 pairs = u.view(u.shape[0] // 2, 2, u.shape[1])  # (leaves, [x_l, x_r], batch)
                 blocks = [pairs, pairs, *self.blocks._parameters.values()]
                 return tree.normalized_logits(blocks, self.log_logit_scale, linear_leaves=True)
