@@ -54,6 +54,15 @@ def image_patches(images: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     return img.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // ph) * (w // pw), c * ph * pw)
 
 
+def site_values(images: torch.Tensor, pool: int, patch: int) -> torch.Tensor:
+    """(batch, C, H, W) -> (batch, sites) pixels pooled by ``pool``, or patches if ``patch > 1``."""
+    if patch > 1:
+        return image_patches(images, patch, patch)
+    if pool > 1:
+        images = torch.nn.functional.avg_pool2d(images, pool)
+    return images.reshape(images.shape[0], -1)
+
+
 class Student(RecordsInitArgs, nn.Module):
     """Base class of tensor-network students.
 

@@ -68,8 +68,8 @@ from tnkd.students.base import (
     check_init_std,
     check_positive_int,
     count_parameters,
-    image_patches,
     scaled_values,
+    site_values,
 )
 from tnkd.tn.chain import contract_chain
 from tnkd.tn.contraction import CompiledNetwork
@@ -756,12 +756,7 @@ class GraphStudent(Student):
         if self.input_shape is None or len(self.input_shape) == 1:
             return flat
         c, h, w = image_shape(self.input_shape, type(self).__name__)
-        images = flat.view(flat.shape[0], c, h, w)
-        if self.patch > 1:
-            return image_patches(images, self.patch, self.patch)
-        if self.pool > 1:
-            images = torch.nn.functional.avg_pool2d(images, self.pool)
-        return images.reshape(flat.shape[0], -1)
+        return site_values(flat.view(flat.shape[0], c, h, w), self.pool, self.patch)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, sites, site_dim)`` feature vectors."""

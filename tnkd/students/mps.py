@@ -25,8 +25,8 @@ from tnkd.students.base import (
     check_choice,
     check_init_std,
     check_positive_int,
-    image_patches,
     near_identity_cores,
+    site_values,
 )
 from tnkd.students.graph import OUTPUT_MODES, GraphStudent
 from tnkd.tn.decompositions import tt_svd
@@ -256,6 +256,4 @@ class MPSClassifier(GraphStudent):
                 f"and W divisible by {block}, but got shape {tuple(x.shape)}"
             )
         super().flatten_input(x)  # checks num_inputs = num_sites * block^2
-        if self.patch > 1:
-            return image_patches(x, self.patch, self.patch)
-        return torch.nn.functional.avg_pool2d(x, self.pool).reshape(x.shape[0], -1)
+        return site_values(x, self.pool, self.patch)
