@@ -699,7 +699,7 @@ class GraphStudent(Student):
                     f"{what}: the graph has {len(inputs)} input nodes but the data gives "
                     f"{num_sites} sites; pass input_positions (the site of each input node)"
                 )
-            return {n: k for k, n in enumerate(inputs)}
+            positions = range(num_sites)
         if isinstance(positions, Mapping):
             missing = [n for n in inputs if n not in positions]
             if missing:
