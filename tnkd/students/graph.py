@@ -594,21 +594,16 @@ class GraphStudent(Student):
                 alone.append(node)
         if tie and (any(names[n.index] not in names_of for n in alone) or self._padding):
             raise ValueError("tie_sites=True needs every site of one shape (D, d, D)")
+        stacked = [node for node, _ in full]
         if tie:
             full, self._padding = full[:1], 0
         block = None
         if full or "sites" in names_of:
             empty = initial[self.node_names[0]].new_zeros(0, bond, d, bond)
             block = add("sites", torch.stack([core for _, core in full]) if full else empty)
-            nodes = [n for n in layout.sites if names[n.index] not in names_of] if tie else None
-            nodes = nodes or [n for n, _ in full]
-            rows = [0] * len(nodes) if tie else range(len(nodes))
-            for node, g in zip(nodes, rows, strict=True):
-                self._block_of[names[node.index]] = (block, g)
-        rest = [n for n in layout.nodes if names[n.index] not in self._block_of]
-        wanted = list(names_of)  # the order of registration: the names' order, else chain order
-        rest.sort(key=lambda n: wanted.index(names[n.index]) if names[n.index] in wanted else 0)
-        for node in rest:
+            for g, node in enumerate(stacked):
+                self._block_of[names[node.index]] = (block, 0 if tie else g)
+        for node in [n for n in layout.nodes if names[n.index] not in self._block_of]:
             name = names[node.index]
             tensor = stored(node)
             self._node_view[name] = (False, False, self._node_view[name][2])
