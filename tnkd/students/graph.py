@@ -243,13 +243,6 @@ def _padded(tensor: torch.Tensor, node: ChainNode, bond: int) -> torch.Tensor:
     return _pad_bonds(tensor, bond)
 
 
-def _unit(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """e_0 of length ``size``: the boundary of an open end (its outer bond is index 0)."""
-    out = torch.zeros(size, dtype=dtype, device=device)
-    out[0] = 1.0
-    return out
-
-
 def _resolve_graph(graph: Any, graph_args: Mapping[str, Any] | None) -> TNGraph:
     if isinstance(graph, str):
         module, _, name = graph.rpartition(".")
@@ -281,29 +274,26 @@ def tree_positions(spec: NetworkSpec) -> dict[str, tuple[float, float]]:
     names, ends = spec.node_names, index_ends(spec.node_indices)
     neighbours: dict[str, list[str]] = {n: [] for n in names}
     for (a, _), *other in ends.values():
-        if other:
-            ((b, _),) = other
+        for b, _ in other:
             neighbours[names[a]].append(names[b])
             neighbours[names[b]].append(names[a])
     if sum(len(v) for v in neighbours.values()) // 2 != len(names) - 1:
         return {}
     root = names[ends[spec.output_indices[0]][0][0]] if spec.output_indices else names[0]
-    pos: dict[str, tuple[float, float]] = {}
-    count = 0
-    stack: list[tuple[str, str | None, bool]] = [(root, None, False)]
-    while stack:  # iterative post-order: children first
-        node, parent, done = stack.pop()
-        kids = [u for u in neighbours[node] if u != parent]
-        if not done:
-            stack.append((node, parent, True))
-            stack.extend((u, node, False) for u in reversed(kids))
-            continue
-        if not kids:
-            pos[node] = (float(count), 0.0)
-            count += 1
-        else:
-            xs = [pos[u][0] for u in kids]
-            pos[node] = (sum(xs) / len(xs), 1.0 + max(pos[u][1] for u in kids))
+    order, stack = [], [root]
+    parent: dict[str, str | None] = {root: None}
+    while stack:  # depth first, children in order
+        node = stack.pop()
+        order.append(node)
+        kids = [u for u in neighbours[node] if u != parent[node]]
+        parent.update((u, node) for u in kids)
+        stack.extend(reversed(kids))
+    leaves = [n for n in order if all(u == parent[n] for u in neighbours[n])]
+    pos = {n: (float(k), 0.0) for k, n in enumerate(leaves)}
+    for node in reversed(order):  # children before their parent
+        below = [pos[u] for u in neighbours[node] if u != parent[node]]
+        if below:
+            pos[node] = (sum(x for x, _ in below) / len(below), 1.0 + max(y for _, y in below))
     return pos
 
 
@@ -674,8 +664,9 @@ class GraphStudent(Student):
                 if vector.shape[0] < bond:
                     vector = torch.nn.functional.pad(vector, (0, bond - vector.shape[0]))
                 ends.append(vector)
-            else:
-                ends.append(_unit(bond, cores.dtype, cores.device))
+            else:  # an open end: its outer bond is index 0 of the boundary e_0
+                ends.append(cores.new_zeros(bond))
+                ends[-1][0] = 1.0
         label = layout.label_node
         output_core = _padded(self._stored(self._block_of[names[label.index]][0]), label, bond)
         return ends[0], cores, ends[1], output_core
