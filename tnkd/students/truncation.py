@@ -101,12 +101,6 @@ def _network(student: Student) -> tuple[list[torch.Tensor], list[tuple[str, ...]
     return tensors, indices, names, center
 
 
-def _spread(tensors: list[torch.Tensor], log_norm: float) -> list[torch.Tensor]:
-    """Multiply every tensor by exp(log_norm / count): the network's scale, evenly shared."""
-    factor = math.exp(log_norm / len(tensors))
-    return [t * factor for t in tensors]
-
-
 def _pad(value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     out = value.new_zeros(shape)
     out[tuple(slice(0, s) for s in value.shape)] = value
@@ -149,7 +143,8 @@ def truncate_student(
     tensors, indices, names, center = _network(student)
     cut: Truncation = truncate(tensors, indices, center, rank=bond_dim, tolerance=tolerance)
     width = bond_dim if bond_dim is not None else max(cut.ranks.values(), default=1)
-    values = dict(zip(names, _spread(cut.tensors, cut.log_norm), strict=True))
+    factor = math.exp(cut.log_norm / len(cut.tensors))  # the scale, shared evenly
+    values = {name: t * factor for name, t in zip(names, cut.tensors, strict=True)}
     new = _like(student, width).to(student._dtype())
     shapes = {name: tuple(t.shape) for name, t in new.node_tensors().items()}
     new.load_node_tensors({name: _pad(t, shapes[name]) for name, t in values.items()})
