@@ -99,10 +99,8 @@ class MPSClassifier(GraphStudent):
             ``"linear"`` ([1, x]), ``"trig"`` ([cos, sin]), ``"poly"``, ``"learnable"``.
         label_position: number of sites left of the output core, in ``[0, N]``; default N // 2.
         uniform: share one core between all sites (translation-invariant MPS).
-        output: ``"normalized"`` (default): logits = s * f(x) / ||f(x)|| with a learned scale s,
-            finite for any chain length; ``"raw"``: the exact multilinear value f(x) (use for
-            regression and exact function evaluation; can overflow only where f itself does).
-        logit_scale: initial s of the normalized output.
+        output, logit_scale: as in :class:`~tnkd.students.graph.GraphStudent` (``"raw"``: the
+            exact multilinear value f(x), for regression and exact function evaluation).
         init_std: relative noise of the near-identity initialisation.
         method: the chain engine's kernel: ``"auto"`` (:func:`tnkd.tn.planner.chain_kernel`
             chooses), ``"native"``, ``"scan"`` or ``"tree"`` (:func:`tnkd.tn.chain.contract_chain`);

@@ -115,12 +115,12 @@ class PEPSClassifier(GraphStudent):
         num_classes: size C of the label leg.
         bond_dim: bond dimension D.
         patch: patch side (the grid is (H / patch) x (W / patch)).
-        pool: average-pool the image first (combine with patch=1 for a grid of pooled pixels).
         feature_map: the site map: a scalar map gives the product map of the patch's pixels
             (size d^(patch^2)); ``{name: learnable, in_features: patch^2, dim: n}`` learns one.
         label_site: ``(row, col)`` of the label node; default the centre.
-        output, logit_scale, init_std, method, contraction, compile: as in
-            :class:`~tnkd.students.graph.GraphStudent`.
+        pool, output, logit_scale, init_std, method, contraction, compile: as in
+            :class:`~tnkd.students.graph.GraphStudent` (pool with ``patch=1``: a grid of pooled
+            pixels).
     """
 
     def __init__(

@@ -120,12 +120,8 @@ class TreeClassifier(GraphStudent):
         input_shape: (channels, height, width) of one sample, or (n,) for flat inputs.
         num_classes: size C of the label leg on the root.
         bond_dim: largest bond dimension D (bonds near the leaves are capped, see above).
-        feature_map: site map (name, mapping or :class:`~tnkd.feature_maps.FeatureMap`).
-        pool: average-pool the image by this factor first.
-        patch: give each site a patch x patch block (product of per-pixel maps, or a map that
-            takes the block).
-        output, logit_scale, init_std, method, contraction, compile: as in
-            :class:`~tnkd.students.graph.GraphStudent`.
+        feature_map, pool, patch, output, logit_scale, init_std, method, contraction, compile:
+            as in :class:`~tnkd.students.graph.GraphStudent`.
     """
 
     def __init__(

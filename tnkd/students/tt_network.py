@@ -80,9 +80,8 @@ class TTNetwork(GraphStudent):
         feature_map: None for the learnable patch map of the paper, or a map name / mapping /
             :class:`FeatureMap` (scalar maps such as ``"linear"`` need ``patch_size=1``).
         equal_cores: share one inner core G_2 = ... = G_{d-1} (recurrent-style network).
-        output: ``"normalized"`` (default): logits = s * l(X) / ||l(X)|| with a learned scale s,
-            finite for any number of patches; ``"raw"``: the exact scores l_y(X).
-        logit_scale: initial s of the normalized output.
+        output, logit_scale: as in :class:`~tnkd.students.graph.GraphStudent` (``"raw"``: the
+            exact scores l_y(X)).
         init_std: relative noise of the near-identity initialisation.
 
     Example:
