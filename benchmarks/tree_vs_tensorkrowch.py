@@ -4,7 +4,7 @@
     python benchmarks/tree_vs_tensorkrowch.py --quick      # 64 and 256 sites, D = 8 only
     python benchmarks/tree_vs_tensorkrowch.py --markdown   # the table as markdown, for the README
     python benchmarks/tree_vs_tensorkrowch.py --phases --sizes 64:8   # where a training step goes
-    python benchmarks/tree_vs_tensorkrowch.py --python-loop   # also tnkd with its Python level loop
+    python benchmarks/tree_vs_tensorkrowch.py --python-loop   # also tnkd without its native kernels (the stable engine)
 
 Models, same shapes (N sites with d = 2, the [1, x] map, 10 classes, batch 100, random inputs in
 [0, 1]): N / 2 leaves of shape (2, 2, min(D, 4)), then one level of (D_in, D_in, D_out) nodes per
@@ -17,9 +17,9 @@ below)), the root (D, D, 10):
   the normalised output in the same node and the [1, x] map fused with the leaves; on CPU the
   level loop runs in C++, ``tnkd/tn/csrc/tree_levels.cpp``: note "native level loop (C++)"),
   normalised logits (learned scale).
-* tnkd Python loop (``--python-loop``): the same model with the level loop run from Python
-  (``tree_plan.native = False``: one ATen ``mul`` and ``bmm`` per level forward, about four
-  backward), the engine's fallback off the CPU, for a ratio in the same run.
+* tnkd without natives (``--python-loop``): the same model with ``tree_plan.native = False``,
+  which runs the stable engine's grouped steps (the tree engine's fallback off the CPU or
+  without a compiler), for a ratio in the same run.
 * TensorKrowch 1.1.6 ``Tree`` with the same ``sites_per_layer`` / ``bond_dim`` lists, its
   default initialisation, ``auto_stack=True``, ``auto_unbind=False``, traced once (the settings its
   docs give for speed), fed ``tk.embeddings.poly(x, degree=1)``; raw output (it has no
@@ -106,7 +106,7 @@ def interleaved(fns: dict[str, object], reps: int, warmup: int = 2) -> dict[str,
 
 
 def python_loop_twin(model: TreeClassifier) -> TreeClassifier:
-    """A copy of ``model`` whose tree runs its level loop from Python (not native)."""
+    """A copy of ``model`` that runs without the native kernels (the stable engine)."""
     twin = copy.deepcopy(model)
     twin.tree_plan.native = False
     return twin
@@ -130,7 +130,7 @@ def phases(configs: list[tuple[int, int]], steps: int = 300, python_loop: bool =
         runs = [("tnkd", ours, ours), ("TensorKrowch", theirs, tk_forward)]
         if python_loop:
             twin = python_loop_twin(ours)
-            runs.insert(1, ("tnkd Python loop", twin, twin))
+            runs.insert(1, ("tnkd without natives (stable engine)", twin, twin))
         for name, model, forward in runs:
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 

@@ -1,4 +1,4 @@
-"""The tree engine's native level loop (csrc/tree_levels.cpp) against its Python loop and dense truth."""
+"""The tree engine's native level loop (csrc/tree_levels.cpp) against the stable engine and dense truth."""
 
 import warnings
 
@@ -80,7 +80,7 @@ def _dense(tree, x):
         ("trig", "raw", True),  # every level renormalised
     ],
 )
-def test_native_levels_equal_the_python_loop_and_a_dense_reference(
+def test_native_levels_equal_the_stable_engine_and_a_dense_reference(
     ext, calls, two_threads, feature_map, output, every, batch
 ):
     torch.manual_seed(batch)
@@ -92,7 +92,7 @@ def test_native_levels_equal_the_python_loop_and_a_dense_reference(
     got, g_got = _outputs_and_grads(tree, x, True, every)
     assert calls == {"forward": 1, "backward": 1}
     want, g_want = _outputs_and_grads(tree, x, False, every)
-    assert calls == {"forward": 1, "backward": 1}  # the Python loop: no native call
+    assert calls == {"forward": 1, "backward": 1}  # the stable engine: no native call
     assert torch.allclose(got[:5], _dense(tree, x[:5]), rtol=1e-10, atol=1e-12)
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
     for a, b in zip(g_got, g_want, strict=True):
@@ -100,7 +100,7 @@ def test_native_levels_equal_the_python_loop_and_a_dense_reference(
 
 
 @pytest.mark.parametrize("input_shape", [(1, 5, 3), (1, 3, 6)])  # odd sites passed up
-def test_native_levels_of_unbalanced_trees_equal_the_python_loop_and_a_dense_reference(
+def test_native_levels_of_unbalanced_trees_equal_the_stable_engine_and_a_dense_reference(
     ext, calls, two_threads, input_shape
 ):
     torch.manual_seed(13)
@@ -118,7 +118,7 @@ def test_native_levels_of_unbalanced_trees_equal_the_python_loop_and_a_dense_ref
 
 
 @pytest.mark.parametrize("threads", [1, 8])
-def test_the_split_by_columns_equals_the_python_loop(ext, calls, threads):
+def test_the_split_by_columns_equals_the_stable_engine(ext, calls, threads):
     # an 8-site tree has 4 leaves: fewer than 8 threads, so each thread takes columns of the
     # batch (its own weight-gradient buffer, summed); 40 float64 columns: 5 registers, 5 tasks
     before = torch.get_num_threads()
@@ -170,7 +170,7 @@ def test_native_levels_gradients_match_finite_differences(ext, calls, two_thread
     assert torch.autograd.gradcheck(raw, leaves, fast_mode=True)
 
 
-def test_1024_site_trig_tree_is_finite_and_equals_the_python_loop(ext, calls):
+def test_1024_site_trig_tree_is_finite_and_equals_the_stable_engine(ext, calls):
     torch.manual_seed(5)
     tree = TreeClassifier((1024,), num_classes=4, bond_dim=4, feature_map="trig", output="raw")
     x = torch.rand(3, 1024)
@@ -219,7 +219,7 @@ def test_pending_backward_passes_and_retain_graph(ext, calls):
     assert calls["backward"] == 5
 
 
-def test_without_the_kernels_the_python_loop_runs(monkeypatch, calls):
+def test_without_the_kernels_the_stable_engine_runs(monkeypatch, calls):
     torch.manual_seed(3)
     tree = TreeClassifier((16,), num_classes=3, bond_dim=3, init_std=0.5).double()
     x = torch.rand(7, 16, dtype=torch.float64)
@@ -229,7 +229,7 @@ def test_without_the_kernels_the_python_loop_runs(monkeypatch, calls):
     assert torch.allclose(logits, _dense(tree, x), rtol=1e-10, atol=1e-12)
 
 
-def test_no_compiler_means_one_warning_and_the_python_loop(monkeypatch, calls):
+def test_no_compiler_means_one_warning_and_the_stable_engine(monkeypatch, calls):
     import torch.utils.cpp_extension
 
     def fail(*args, **kwargs):
@@ -250,9 +250,8 @@ def test_no_compiler_means_one_warning_and_the_python_loop(monkeypatch, calls):
     assert torch.equal(logits, again)
 
 
-def test_torch_compile_traces_the_python_loop(ext):
-    # torch.compile cannot trace into the native functions: under tracing FastTree runs the
-    # Python loop
+def test_torch_compile_traces_the_stable_engine(ext):
+    # torch.compile cannot trace into the native functions: under tracing the plan's network runs
     torch.manual_seed(6)
     tree = TreeClassifier((16,), num_classes=3, bond_dim=3, output="raw", init_std=0.5)
     x = torch.rand(4, 16)
@@ -270,8 +269,7 @@ def test_the_kernels_reject_children_that_do_not_fit_the_weights(ext):
     rows = [0, 1, 2, 3]  # node g's children: row g of block 0 and of block 1
     children = ([0] * 4, rows, [1] * 4, rows)
     with pytest.raises(RuntimeError, match=r"expects children of 3 rows, got a \(4, 2, n\)"):
-        ext.tree_forward([feats, feats, weight], [2], *children, [True], False, False, None)
+        ext.tree_forward([feats, feats, weight], [[2], *children], [True], False, False, None, 0, 1)
+    plan = [[2], [0] * 4, rows, [1] * 3, rows]  # three right children for four nodes
     with pytest.raises(RuntimeError, match="one entry per node"):
-        ext.tree_forward(
-            [feats, feats, weight], [2], [0] * 4, rows, [1] * 3, rows, [True], False, False, None
-        )
+        ext.tree_forward([feats, feats, weight], plan, [True], False, False, None, 0, 1)

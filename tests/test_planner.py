@@ -375,6 +375,6 @@ def test_a_binary_tree_drawn_with_any_axis_order_runs_the_tree_engine(inner, roo
     )
     assert torch.allclose(student(x), ref, rtol=1e-10, atol=1e-12)
     (grad,) = torch.autograd.grad(student(x).sin().sum(), [student.blocks[0]])
-    student.tree_plan.native = False  # the Python loop reads the weights the same way
+    student.tree_plan.native = False  # the stable engine reads the weights the same way
     (again,) = torch.autograd.grad(student(x).sin().sum(), [student.blocks[0]])
     assert torch.allclose(grad, again, rtol=1e-10, atol=1e-12)

@@ -1,15 +1,10 @@
-"""The contraction engine: a graph becomes one einsum, planned once by ``opt_einsum``.
+"""The reference engine: a graph becomes one einsum, planned once by ``opt_einsum``.
 
 :class:`CompiledNetwork` is the generic path for any graph (tree, small PEPS, chain): the
-graph's index names become einsum symbols (one cached helper), a batch index is added to every
-input node, the contraction path is planned and the ``opt_einsum`` expression is cached per
-input shape and executed on torch tensors (autograd, mixed precision and GPUs work). A graph
-with one input node (a TT-layer) is planned on the batched shapes, where the best order can
-depend on the batch size; a graph with several (a 784-site chain) is planned once on the
-single-sample network, which keeps its planning cheap.
-
-Chains (MPS classifiers, TT networks) have a fast engine with a tracked log-scale,
-:func:`tnkd.tn.chain.contract_chain`, tested equal to this generic path.
+graph's index names become einsum symbols (:func:`einsum_equation`), a batch index is added to
+every input node, and the ``opt_einsum`` expression is cached per input shape and executed on
+torch tensors (autograd, mixed precision and GPUs work). It keeps no scale: the planner's other
+engines (:mod:`tnkd.tn.planner`) track a log-scale and are tested equal to it.
 """
 
 import functools
@@ -76,35 +71,29 @@ class CompiledNetwork:
         self._path: list[tuple[int, ...]] | None = None
         self._expressions: dict[tuple[tuple[int, ...], ...], Any] = {}
         self.plans = 0
-        # one input node: the batch index is an ordinary index of one tensor, so the planner can
-        # see the batched sizes (for a TT-layer at batch 256 its path does 2.4x fewer flops than
-        # the single-sample one); several: it would be a hyperedge over all inputs
+        # one input node: the batch index is an ordinary index that the planner sees (its best
+        # order can depend on the batch size); several: it would be a hyperedge over all inputs
         self.plan_per_shape = len(self.spec.input_nodes) == 1
+
+    def _plan(self, equation: str, shapes: Sequence[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        self.plans += 1
+        return oe.contract_path(equation, *shapes, shapes=True, optimize=self.optimize)[0]
 
     @property
     def path(self) -> list[tuple[int, ...]]:
         """The contraction path, planned once on the single-sample network."""
         if self._path is None:
-            path, _ = oe.contract_path(
-                self._single_equation, *self.spec.node_shapes, shapes=True, optimize=self.optimize
-            )
-            self._path = path
-            self.plans += 1
+            self._path = self._plan(self._single_equation, self.spec.node_shapes)
         return self._path
 
     def expression(self, shapes: tuple[tuple[int, ...], ...]) -> Any:
         """The cached ``opt_einsum`` expression for these operand shapes."""
         expr = self._expressions.get(shapes)
         if expr is None:
-            if self.plan_per_shape:
-                path, _ = oe.contract_path(
-                    self.equation, *shapes, shapes=True, optimize=self.optimize
-                )
-                self.plans += 1
-            else:
-                path = self.path
-            expr = oe.contract_expression(self.equation, *shapes, optimize=path)
-            self._expressions[shapes] = expr
+            path = self._plan(self.equation, shapes) if self.plan_per_shape else self.path
+            expr = self._expressions[shapes] = oe.contract_expression(
+                self.equation, *shapes, optimize=path
+            )
         return expr
 
     def __call__(self, operands: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -5,24 +5,23 @@ three-leg node with its two per-sample children,
 
     out[g, p, n] = sum_{a, b} W[g, a, b, p] * left[g, a, n] * right[g, b, n],
 
-computed as the outer product ``left (x) right`` (G, A*B, n) and one batched matrix product
-with ``W`` viewed as (G, A*B, P), optionally renormalised per (node, sample) to max-abs 1 as
+optionally renormalised per (node, sample) to max-abs 1 as
 :class:`~tnkd.tn.stable.StableNetwork` does. Its hand-written backward, with
 ``G = grad / divisor``:
 
-    g_W[g, (a, b), p] = sum_n (left (x) right)[g, (a, b), n] G[g, p, n]
-    gO[g, a, b, n]    = sum_p W[g, a, b, p] G[g, p, n]
-    g_left[g, a, n]   = sum_b gO[g, a, b, n] right[g, b, n]
-    g_right[g, b, n]  = sum_a gO[g, a, b, n] left[g, a, n]
+    g_W[g, a, b, p]  = sum_n left[g, a, n] right[g, b, n] G[g, p, n]
+    gO[g, a, b, n]   = sum_p W[g, a, b, p] G[g, p, n]
+    g_left[g, a, n]  = sum_b gO[g, a, b, n] right[g, b, n]
+    g_right[g, b, n] = sum_a gO[g, a, b, n] left[g, a, n]
 
 :func:`tree_plan` reads a :class:`~tnkd.tn.stable.StableNetwork`'s schedule: when every step
 is such a pair step (the trees of :func:`~tnkd.students.tree.tree_graph`, balanced or with odd
 sites passed up, or any graph of that shape however drawn) it returns a :class:`TreePlan`,
 whose levels name each node's children as (slot, row) pairs: a row of a block or of an
-earlier level's result. :class:`FastTree` runs the whole plan as one autograd node: on CPU
-(float32, float64) by the native level loop (``csrc/tree_levels.cpp``, see
-:mod:`tnkd.tn.native`), elsewhere by one Python loop (:func:`tree_forward`,
-:func:`tree_backward`): two ATen kernels per level forward, about four backward. The planner
+earlier level's result. :class:`FastTree` runs the whole plan as one autograd node by the
+native level loop (``csrc/tree_levels.cpp``, see :mod:`tnkd.tn.native`) on CPU, float32 and
+float64; elsewhere the plan's network contracts the same schedule on the stable engine
+(batched einsum steps and autograd), which gives the same values. The planner
 (:mod:`tnkd.tn.planner`) chooses this engine; :class:`~tnkd.students.graph.GraphStudent` calls
 it. The speed against TensorKrowch is measured by ``benchmarks/tree_vs_tensorkrowch.py``.
 
@@ -82,7 +81,7 @@ def tree_plan(net: StableNetwork) -> tuple[TreePlan | None, str]:
         levels.append((weight.source, columns[left], columns[right], group.renorm, first + number))
     if net.last != (first + len(levels) - 1, 0) or len(net.groups[-1].steps) != 1:
         return None, "the last step does not give the whole result"
-    return TreePlan(levels, permutations), ""
+    return TreePlan(levels, net, permutations), ""
 
 
 class TreePlan:
@@ -90,15 +89,14 @@ class TreePlan:
 
     **Lean renormalisation.** The network's plan renormalises once more than 12 tensors were
     multiplied into a value (:class:`~tnkd.tn.stable.StableNetwork`); ``lean_levels`` do so
-    once more than ``lean_after`` = :data:`LEAN_RENORM_AFTER` were (a 64-site tree: only the
-    root, against two levels), and a pass tries them first. The range check is the same
-    (every divisor within [tiny / eps, max * eps], finite); the first pass that fails it runs
-    again renormalising every level and sets ``lean = False`` for good, so a network whose
-    values do leave the range (a deep [cos, sin] tree) pays the rerun once and then runs the
-    network's plan.
+    once more than :data:`LEAN_RENORM_AFTER` were (a 64-site tree: only the root, against two
+    levels), and a pass tries them first. The range check is the same (every divisor within
+    [tiny / eps, max * eps], finite); the first pass that fails it runs again renormalising
+    every level and sets ``lean = False`` for good, so a network whose values do leave the
+    range (a deep [cos, sin] tree) pays the rerun once and then runs the network's plan.
 
-    ``native``: whether :class:`FastTree` runs the level loop in C++ where it can (default
-    True); False runs the Python loop.
+    Where the native level loop does not run (:meth:`kernels`), ``network``, the
+    :class:`~tnkd.tn.stable.StableNetwork` whose schedule the levels are, contracts the blocks.
 
     Example:
         >>> from tnkd.students import TreeClassifier
@@ -110,18 +108,19 @@ class TreePlan:
     def __init__(
         self,
         levels: Sequence[Level],
-        permutations: dict[int, tuple[int, ...]] | None = None,
-        lean_after: int | None = LEAN_RENORM_AFTER,
+        network: StableNetwork,
+        permutations: dict[int, tuple[int, ...]],
     ) -> None:
         self.levels = tuple(levels)
+        self.network = network
         #: weight blocks whose axes are not (node, left child, right child, parent): how to read them
-        self.permutations = dict(permutations or {})
+        self.permutations = permutations
         #: some levels are not renormalised: check the divisors' range (and rerun if needed)
         self.check = not all(level[3] for level in self.levels)
-        #: run the level loop natively where it can (:meth:`kernels`); False: the Python loop
+        #: run the native level loop where it can (:meth:`kernels`); False: the stable engine
         self.native = True
         #: the levels with the lean renormalisation plan (see the class docstring), or None
-        self.lean_levels = None if lean_after is None else self._lean(lean_after)
+        self.lean_levels = self._lean(LEAN_RENORM_AFTER)
         #: whether the next pass tries the lean plan (False for good after one rerun)
         self.lean = self.lean_levels is not None
 
@@ -145,9 +144,11 @@ class TreePlan:
 
         ``every``: renormalise every level (no range check, no rerun).
         """
-        with full_precision(self.arranged(blocks)) as blocks:
+        with full_precision(blocks) as blocks:
             ext = self.kernels(blocks)
-            out, divisors = FastTree.apply(self, ext, every, self.check, None, False, *blocks)
+            if ext is None:
+                return self.network.contract(blocks, every)
+            out, divisors = FastTree.apply(self, ext, every, None, False, *self.arranged(blocks))
         # every node feeds one parent: the root's log-scale is the sum of all divisors' logs
         return out[0].T, divisors.log().sum((0, 1))
 
@@ -160,10 +161,11 @@ class TreePlan:
     ) -> torch.Tensor:
         """Logits ``exp(s) f / ||f||`` (batch, C), the head inside the native loop's autograd node.
 
-        What :func:`~tnkd.tn.stable.direction_logits` does with :meth:`contract`'s values (and does so for the
-        Python loop and under autocast). With ``linear_leaves`` the leaves' two input blocks are
-        one (G, 2, batch) tensor of raw values ``[x_l, x_r]`` (passed in both slots) and the
-        [1, x] map is fused with the leaves (:func:`linear_leaf_features`).
+        What :func:`~tnkd.tn.stable.direction_logits` does with :meth:`contract`'s values (and
+        does so where the native loop does not run, and under autocast). With ``linear_leaves``
+        the leaves' two input blocks are one (G, 2, batch) tensor of raw values ``[x_l, x_r]``
+        (passed in both slots) and the [1, x] map is fused with the leaves
+        (:func:`linear_leaf_features`).
         """
         if linear_leaves and blocks[self.levels[0][1].source].requires_grad:
             raise ValueError(
@@ -175,8 +177,7 @@ class TreePlan:
             if linear_leaves:
                 blocks = linear_leaf_features(self, blocks)
             return direction_logits(self.contract(blocks, every)[0], log_scale)
-        args = (self, ext, every, self.check, log_scale, linear_leaves)
-        return FastTree.apply(*args, *self.arranged(blocks))[0]
+        return FastTree.apply(self, ext, every, log_scale, linear_leaves, *self.arranged(blocks))[0]
 
     def arranged(self, blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """The blocks with every weight's axes as (node, left child, right child, parent)."""
@@ -188,7 +189,7 @@ class TreePlan:
     def kernels(self, blocks: Sequence[torch.Tensor]):
         """The native level loop (:mod:`tnkd.tn.native`, ``"tree_levels"``) for these blocks, or None.
 
-        None (the Python loop runs) with ``native = False``, off the CPU, for other dtypes than
+        None (the stable engine runs) with ``native = False``, off the CPU, for other dtypes than
         float32 and float64, blocks of mixed dtypes, while ``torch.compile`` traces (it cannot
         trace into the native functions) and where the kernels cannot be built.
         """
@@ -201,68 +202,48 @@ class TreePlan:
 
 
 class FastTree(torch.autograd.Function):
-    r"""A :class:`TreePlan` as one autograd node: the native level loop, or the Python loop.
+    r"""A :class:`TreePlan` as one autograd node, by the native level loop.
 
-    ``FastTree.apply(plan, ext, every, check, head, linear_leaves, *blocks)`` returns ``(out,
+    ``FastTree.apply(plan, ext, every, head, linear_leaves, *blocks)`` returns ``(out,
     divisors)``: the root's (1, C, n) values (or, with ``head``, a logit scale s, the logits
     ``exp(s) v / ||v||`` as (n, C)) and the (K, 1, n) divisors of every renormalised node. In a
     tree every intermediate feeds exactly one parent, so the root's log-scale is the sum of all
-    their logs: no per-level log-scale tensors, and the same divisors give the range check (one
-    ``aminmax``). When a divisor left the range where float keeps its digits (or is not
-    finite), the forward runs again renormalising every level, as the stable engine does.
+    their logs: no per-level log-scale tensors, and the same divisors give the range check. When
+    a divisor left the range where float keeps its digits (or is not finite), the forward runs
+    again renormalising every level, as the stable engine does.
 
     ``ext``: the native kernels (``csrc/tree_levels.cpp``, :meth:`TreePlan.kernels`), which run
-    the whole loop as one call forward and one backward. Where every level reads the one below
-    in pairs (a balanced tree), thread t runs all levels of its own subtrees and the few top
-    levels run on one thread; other trees split the batch into per-thread column ranges. Only
-    the native loop takes the head (the root not renormalised: its squared norms ``||v||^2``
-    join the divisors, so the range check guarantees they neither overflowed nor lost digits;
-    backward of ``exp(s) v / ||v||`` first) and
-    ``linear_leaves`` (the two input blocks one (G, 2, n) tensor of raw pairs, the [1, x] map
-    fused with the leaves). ``ext=None``: the Python loop (:func:`tree_forward`), for other
-    devices or dtypes, ``torch.compile`` tracing, ``plan.native = False`` or no compiler.
+    the whole loop as one call forward and one backward. With the head, the root is not
+    renormalised: its squared norms ``||v||^2`` join the divisors, so the range check guarantees
+    they neither overflowed nor lost digits. ``linear_leaves``: the two input blocks are one
+    (G, 2, n) tensor of raw pairs, the [1, x] map fused with the leaves.
     """
 
     @staticmethod
-    def forward(ctx, plan, ext, every, check, head, linear_leaves, *blocks):  # noqa: D102
+    def forward(ctx, plan, ext, every, head, linear_leaves, *blocks):  # noqa: D102
         ctx.save_for_backward(*blocks)
-        ctx.plan, ctx.ext = plan, ext
-        levels = plan.levels
+        ctx.ext = ext
+        levels, check = plan.levels, plan.check
         if plan.lean and not every:
             levels, check = plan.lean_levels, True
-        if ext is None:  # the Python loop: no head, no fused leaves (see TreePlan)
-            if head is not None or linear_leaves:
-                raise ValueError("the Python level loop takes no head and no raw [1, x] leaves")
-            run = tree_forward(levels, blocks, every, check)
-            if run is None:
-                plan.lean = False  # this network's values leave the range: its plan from now on
-                run = tree_forward(plan.levels, blocks, True, False)
-            out, divisors, ctx.saved = run
-            ctx.mark_non_differentiable(divisors)
-            return out, divisors
         log_scale = None if head is None else float(head)
         run = native_tree_forward(ext, levels, blocks, every, check, log_scale, linear_leaves)
         if run is None:
-            plan.lean = False
+            plan.lean = False  # this network's values leave the range: its plan from now on
             run = native_tree_forward(
                 ext, plan.levels, blocks, True, False, log_scale, linear_leaves
             )
-        out, divisors, ctx.saved = run
-        ctx.mark_non_differentiable(divisors)
-        return (out if head is None else ctx.saved.logits), divisors
+        ctx.run = run
+        ctx.mark_non_differentiable(run.divisors)
+        return (run.outs[-1] if head is None else run.logits), run.divisors
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_log):  # noqa: D102
         blocks = ctx.saved_tensors  # (raises if a block was changed in place since forward)
-        needs = ctx.needs_input_grad[6:]
-        g_head = None
-        if ctx.ext is None:
-            grads = tree_backward(ctx.plan.levels, ctx.saved, grad_out, needs)
-        else:  # the head's backward in the kernel too
-            grads = native_tree_backward(ctx.ext, ctx.saved, blocks, grad_out, needs)
-            g_head = grads.pop() if ctx.saved.log_scale is not None else None
-        return None, None, None, None, g_head, None, *grads
+        grads = native_tree_backward(ctx.ext, ctx.run, blocks, grad_out, ctx.needs_input_grad[5:])
+        g_head = grads.pop() if ctx.run.log_scale is not None else None  # (the head's last)
+        return None, None, None, g_head, None, *grads
 
 
 class _NativeRun(NamedTuple):
@@ -273,9 +254,9 @@ class _NativeRun(NamedTuple):
     linear: bool  # [1, x] leaves on raw pairs
     outs: list[torch.Tensor]  # every level's (G, P, n) result
     divisors: torch.Tensor  # (R, 1, n)
-    log_scale: float | None  # the head's s (None: no head)
+    inverse: torch.Tensor | None  # (n,) 1 / ||v|| (None: no head)
+    log_scale: float | None  # the head's s
     logits: torch.Tensor | None  # (n, C) exp(s) v / ||v||
-    inverse: torch.Tensor | None  # (n,) 1 / ||v||
 
 
 @functools.lru_cache(maxsize=256)
@@ -295,47 +276,29 @@ def _native_plan(levels: tuple, every: bool, square: bool) -> tuple[list[list], 
     return slots, renorm
 
 
-def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear):
-    """:func:`tree_forward` by the native level loop: ``(root, divisors, saved)`` or None.
+def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear) -> _NativeRun | None:
+    """The native forward pass of ``levels`` (a :class:`_NativeRun`), or None to rerun.
 
-    The same renormalisations (``renorm`` of the level, or ``every``; with the head, a float
-    ``log_scale`` s, and not ``every``, not the root: its squared norms are the divisors' last
-    row instead) and the same range check, from the kernel's smallest and largest divisor. With
-    the head, the kernel also gives the logits ``exp(s) v / ||v||`` (``saved.logits``). With
-    ``linear`` the first level's children are the raw (G, 2, n) pairs of the [1, x] map
-    (:func:`linear_leaf_features`). ``saved`` is a :class:`_NativeRun`.
+    Renormalises each level as its plan says, or every level with ``every``; with the head (a
+    float ``log_scale`` s) and not ``every``, the root is not: its squared norms are the
+    divisors' last row instead. None where ``check`` (or the head) asks for the range check and
+    a divisor left :func:`~tnkd.tn.stable.digits_range` (or is NaN). ``linear``: the first
+    level's children are the raw (G, 2, n) pairs of the [1, x] map (:func:`linear_leaf_features`).
     """
     square = log_scale is not None and not every
     slots, renorm = _native_plan(levels, every, square)
-    outs, divisors, low, high, logits, inverse = ext.tree_forward(
-        list(blocks), *slots, renorm, linear, square, log_scale
+    bounds = digits_range(blocks[0].dtype)
+    outs, divisors, in_range, logits, inverse = ext.tree_forward(
+        list(blocks), slots, renorm, linear, square, log_scale, *bounds
     )
-    if (check or square) and not every:
-        lowest, highest = digits_range(divisors.dtype)
-        if not (low >= lowest and high <= highest):
-            return None  # False for NaN too
-    saved = _NativeRun(slots, renorm, linear, outs, divisors, log_scale, logits, inverse)
-    return outs[-1], divisors, saved
+    if (check or square) and not every and not in_range:
+        return None
+    return _NativeRun(slots, renorm, linear, outs, divisors, inverse, log_scale, logits)
 
 
-def native_tree_backward(ext, saved: _NativeRun, blocks, grad_out, needs) -> list:
-    """Gradients of the blocks from :func:`native_tree_forward` (None where not needed).
-
-    With the head, ``grad_out`` is the logits' (n, C) gradient and the log-scale's gradient
-    comes last.
-    """
-    return ext.tree_backward(
-        list(blocks),
-        saved.outs,
-        saved.divisors,
-        *saved.slots,
-        saved.renorm,
-        saved.linear,
-        grad_out,
-        list(needs),
-        saved.inverse,
-        saved.log_scale,
-    )
+def native_tree_backward(ext, run: _NativeRun, blocks, grad_out, needs) -> list:
+    """Gradients of the blocks (None where not needed), then the head's (``grad_out``: logits')."""
+    return ext.tree_backward(list(blocks), grad_out, list(needs), *run[:-1])  # all but the logits
 
 
 def linear_leaf_features(plan: TreePlan, blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -347,58 +310,3 @@ def linear_leaf_features(plan: TreePlan, blocks: Sequence[torch.Tensor]) -> list
         values = pairs[:, k]
         out[slot] = torch.stack([torch.ones_like(values), values], 1)
     return out
-
-
-def tree_forward(levels, blocks, every: bool, check: bool):
-    """The Python loop of :class:`FastTree`: ``(root, divisors, saved)``, or None.
-
-    ``divisors`` (K, 1, n): every renormalised node's divisors; None when one left the range
-    where float keeps all its digits (the caller reruns renormalising every level).
-    """
-    slots = list(blocks)
-    saved, scales = [], []
-    info = torch.finfo(blocks[0].dtype)
-    for w, left, right, renorm, _ in levels:
-        weight = slots[w]
-        nodes, a, b, p = weight.shape
-        lhs, rhs = left.take(slots), right.take(slots)
-        outer = (lhs.unsqueeze(2) * rhs.unsqueeze(1)).view(nodes, a * b, -1)
-        out = torch.bmm(weight.reshape(nodes, a * b, p).mT, outer)
-        scale = None
-        if every or renorm:
-            scale = out.abs().amax(1, keepdim=True).clamp_min_(info.tiny)
-            out.div_(scale)
-            scales.append(scale)
-        slots.append(out)
-        saved.append((lhs, rhs, weight, scale, outer))
-    divisors = torch.cat(scales)
-    if check and not every:
-        low, high = torch.aminmax(divisors)
-        lowest, highest = digits_range(divisors.dtype)
-        if not (low.item() >= lowest and high.item() <= highest):
-            return None  # False for NaN too
-    return out, divisors, (saved, [t.shape[0] for t in slots])
-
-
-def tree_backward(levels, saved, grad_out, needs) -> list:
-    """Gradients of the blocks from :func:`tree_forward` (None where not needed)."""
-    steps, rows = saved
-    need = list(needs) + [False] * len(levels)
-    for w, left, right, _, out in levels:
-        need[out] = need[w] or any(need[s] for s in left.sources + right.sources)
-    grads = {levels[-1][4]: grad_out}
-    for (w, left, right, _, out), (lhs, rhs, weight, scale, outer) in reversed(
-        list(zip(levels, steps, strict=True))
-    ):
-        grad = grads.pop(out, None)
-        if grad is None:
-            continue
-        nodes, a, b, p = weight.shape
-        g = grad if scale is None else grad / scale
-        if need[w]:
-            grads[w] = torch.bmm(outer, g.mT).view(weight.shape)
-        if any(need[s] for s in left.sources + right.sources):
-            g_outer = torch.bmm(weight.reshape(nodes, a * b, p), g).view(nodes, a, b, -1)
-            left.give(grads, (g_outer * rhs.unsqueeze(1)).sum(2), rows)
-            right.give(grads, g_outer.mul_(lhs.unsqueeze(2)).sum(1), rows)
-    return [grads.get(k) if needs[k] else None for k in range(len(needs))]

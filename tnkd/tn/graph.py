@@ -208,24 +208,13 @@ class TNGraph:
             b = pos.get(e.node2.name)
             if b is not None:
                 ax.plot([a[0], b[0]], [a[1], b[1]], color="0.3", lw=1.2, zorder=1)
-                ax.text(
-                    (a[0] + b[0]) / 2,
-                    (a[1] + b[1]) / 2 + 0.08,
-                    str(e.dimension),
-                    fontsize=6,
-                    ha="center",
-                )
+                middle = ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2 + 0.08)
+                ax.text(*middle, str(e.dimension), fontsize=6, ha="center")
         for name, (x, y) in pos.items():
-            is_input = name in self.input_nodes
-            ax.scatter(
-                [x],
-                [y],
-                s=60 if is_input else 260,
-                marker="s" if is_input else "o",
-                color="tab:gray" if is_input else "tab:blue",
-                zorder=2,
-            )
-            if not is_input:
+            if name in self.input_nodes:
+                ax.scatter([x], [y], s=60, marker="s", color="tab:gray", zorder=2)
+            else:
+                ax.scatter([x], [y], s=260, marker="o", color="tab:blue", zorder=2)
                 ax.text(x, y - 0.35, name, ha="center", fontsize=7)
         if len(params) > max_nodes:
             ax.set_title(f"{len(params)} tensors, {max_nodes} shown", fontsize=9)

@@ -2,20 +2,18 @@
 
 Two C++ sources, one loader (:func:`kernels`, by name, :data:`SOURCES`):
 
-- ``"chain_scan"`` (``csrc/chain_scan.cpp``): the boundary-vector scan of :mod:`tnkd.tn.chain`;
+- ``"chain_scan"`` (``csrc/chain_scan.cpp``): the boundary-vector scan of :mod:`tnkd.tn.chain`
+  (``method="native"``), with the same steps, renormalisations and hand-written backward pass as
+  its Python scan; for an MPS the merge of site pairs, the block features and the output core
+  too, so that :func:`tnkd.tn.chain.contract_chain` is one autograd node;
 - ``"tree_levels"`` (``csrc/tree_levels.cpp``): the level loop of a binary tree,
-  :class:`tnkd.tn.fused.FastTree`, forward and backward, each thread running every level on its
-  own columns of the batch.
+  :class:`tnkd.tn.fused.FastTree`, forward and backward.
 
-The chain engine's Python scan (``method="scan"``) runs its steps from Python, two ATen kernels
-per step (an outer product and a batched matmul), and at small bond dimensions those kernels'
-dispatch, not their arithmetic, sets the time: a step at D = 10 is about 80,000 multiply-adds
-for two chains and a batch of 100, a few microseconds of work. ``"native"`` runs the same math
-(the same steps, renormalisations and hand-written backward pass) as one C++ function per pass:
-every step is an outer product into an L1-resident scratch and a register-tiled matrix product
-along the batch (the long, contiguous axis), and the K chains run on parallel threads. For an
-MPS the merge of site pairs, the block features and the output core are native too, so that
-:func:`tnkd.tn.chain.contract_chain` is one autograd node.
+At small bond dimensions a loop of ATen kernels run from Python is timed by their dispatch, not
+their arithmetic (a chain step at D = 10 for a batch of 100 is a few microseconds of work). The
+native loops run a whole pass as one C++ call: every step an outer product into an L1-resident
+scratch and a register-tiled matrix product along the batch (the long, contiguous axis;
+``csrc/simd.h``), independent chains or subtrees on parallel threads.
 
 Each source is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja) the first time
 it is needed, about 30 s, into torch's extension cache (``~/.cache/torch_extensions``,
@@ -23,7 +21,7 @@ or ``TORCH_EXTENSIONS_DIR``), so later processes load it in about a second. The 
 specific to the CPU (``-march=native``); the CPU's model and flags are part of the extension's
 name, so a cache shared between different machines never loads a foreign build. If one cannot
 be built (no compiler, no ninja), :func:`kernels` warns once and returns ``None``, and the
-caller runs its Python loop instead (the chain's ``"scan"``, the tree's ATen level loop).
+caller runs without it (the chain's ``"scan"``; the tree's stable engine).
 
 Example:
     >>> ext = kernels()  # compiles on first use
@@ -39,13 +37,11 @@ from types import ModuleType
 
 import torch
 
+CSRC = Path(__file__).parent / "csrc"
 #: the native sources by name, and what runs instead when one cannot be built
 SOURCES = {
-    "chain_scan": (
-        Path(__file__).parent / "csrc" / "chain_scan.cpp",
-        "the Python scan (method='scan')",
-    ),
-    "tree_levels": (Path(__file__).parent / "csrc" / "tree_levels.cpp", "the Python level loop"),
+    "chain_scan": (CSRC / "chain_scan.cpp", "the Python scan (method='scan')"),
+    "tree_levels": (CSRC / "tree_levels.cpp", "the stable engine"),
 }
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
@@ -62,7 +58,7 @@ def _cpu_id() -> str:
         return platform.processor() or platform.machine()
 
 
-def _build_name(name: str = "chain_scan") -> str:
+def _build_name(name: str) -> str:
     source = SOURCES[name][0]
     headers = "".join(h.read_text() for h in sorted(source.parent.glob("*.h")))
     # the checkout's folder too: two checkouts (or virtual environments) on one machine keep a
@@ -93,7 +89,7 @@ def kernels(name: str = "chain_scan") -> ModuleType | None:
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
-        except Exception as err:  # any build failure means: use the Python loop
+        except Exception as err:  # any build failure means: run without it
             _STATE[name] = None
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             label = name.replace("_", " ")

@@ -53,7 +53,7 @@ import torch
 from tnkd.registry import Registry
 from tnkd.tn.fused import TreePlan, tree_plan
 from tnkd.tn.graph import NetworkSpec, index_ends
-from tnkd.tn.stable import StableNetwork
+from tnkd.tn.stable import StableNetwork, rescaled
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,9 @@ class ChainNode:
     index: int  # the node's position in the spec
     left: int | None  # the bond towards the chain's start
     right: int | None  # the bond towards the chain's end
-    phys: int | None  # the axis joined to an input node
-    label: int | None  # the dangling label axis
-    input_node: int | None  # spec index of the input node on ``phys``
+    phys: int | None = None  # the axis joined to an input node
+    label: int | None = None  # the dangling label axis
+    input_node: int | None = None  # spec index of the input node on ``phys``
 
     def canonical(self) -> tuple[int, ...]:
         """The node's axes in the chain engine's order: left, phys, label, right (those present)."""
@@ -117,62 +117,44 @@ def recognise_chain(spec: NetworkSpec) -> tuple[ChainLayout | None, str]:
     params = [k for k in range(len(spec.node_names)) if k not in inputs]
     if len(spec.output_indices) != 1:
         return None, f"it has {len(spec.output_indices)} dangling edges, a chain has one label"
-    label_index = spec.output_indices[0]
-    ends = index_ends(spec.node_indices)
+    names, ends = spec.node_names, index_ends(spec.node_indices)
     bonds: dict[int, dict[int, int]] = {k: {} for k in params}  # node -> {neighbour: axis}
-    roles: dict[int, dict[str, int]] = {k: {} for k in params}
-    input_of: dict[int, int] = {}
+    roles: dict[int, dict[str, int]] = {k: {} for k in params}  # ChainNode's phys, label, ...
     for k in params:
         for axis, name in enumerate(spec.node_indices[k]):
-            if name == label_index:
+            if name == spec.output_indices[0]:
                 roles[k]["label"] = axis
                 continue
             ((other, _),) = [e for e in ends[name] if e != (k, axis)]
+            if other in inputs and "phys" in roles[k]:
+                return None, f"tensor {names[k]!r} reads two inputs"
             if other in inputs:
-                if "phys" in roles[k]:
-                    return None, f"tensor {spec.node_names[k]!r} reads two inputs"
-                roles[k]["phys"] = axis
-                input_of[k] = other
+                roles[k].update(phys=axis, input_node=other)
             elif other in bonds[k]:
-                return None, (
-                    f"tensors {spec.node_names[k]!r} and {spec.node_names[other]!r} share two edges"
-                )
+                return None, f"tensors {names[k]!r} and {names[other]!r} share two edges"
             else:
                 bonds[k][other] = axis
-    if any(len(b) > 2 for b in bonds.values()):
-        node = next(k for k, b in bonds.items() if len(b) > 2)
-        return None, f"tensor {spec.node_names[node]!r} has {len(bonds[node])} bonds (a chain: 2)"
+    for node, b in bonds.items():
+        if len(b) > 2:
+            return None, f"tensor {names[node]!r} has {len(b)} bonds (a chain: 2)"
     ends_of_path = [k for k in params if len(bonds[k]) <= 1]
     if len(params) < 2 or len(ends_of_path) != 2:
         return None, "its tensors do not form one open path"
     order = [min(ends_of_path)]
-    while len(order) < len(params):
-        nxt = [k for k in bonds[order[-1]] if k not in order[-2:-1]]
-        if not nxt:
-            return None, "its tensors do not form one open path"
-        order.append(nxt[0])
+    for _ in params[1:]:  # walk from one end: on to the neighbour it did not come from
+        order += [k for k in bonds[order[-1]] if k not in order[-2:-1]][:1]
     if len(set(order)) != len(params):
         return None, "its tensors do not form one open path"
     nodes = []
     for pos, k in enumerate(order):
-        role = roles[k]
-        if "phys" not in role and "label" not in role and 0 < pos < len(order) - 1:
+        if not roles[k] and 0 < pos < len(order) - 1:
             return None, (
-                f"tensor {spec.node_names[k]!r} inside the chain reads no input and carries no "
-                "label (a bond matrix)"
+                f"tensor {names[k]!r} inside the chain reads no input and carries no label "
+                "(a bond matrix)"
             )
-        prev = order[pos - 1] if pos > 0 else None
+        prev = order[pos - 1] if pos else None
         nxt = order[pos + 1] if pos + 1 < len(order) else None
-        nodes.append(
-            ChainNode(
-                index=k,
-                left=bonds[k][prev] if prev is not None else None,
-                right=bonds[k][nxt] if nxt is not None else None,
-                phys=role.get("phys"),
-                label=role.get("label"),
-                input_node=input_of.get(k),
-            )
-        )
+        nodes.append(ChainNode(k, bonds[k].get(prev), bonds[k].get(nxt), **roles[k]))
     label_positions = [p for p, n in enumerate(nodes) if n.label is not None]
     if len(label_positions) != 1:
         return None, "no tensor carries the label"
@@ -200,14 +182,9 @@ def recognise_tt_matrix(spec: NetworkSpec) -> tuple[bool, str]:
     links = 0
     for k in cores:
         indices = spec.node_indices[k]
-        if (
-            sum(i in inputs_indices for i in indices) != 1
-            or sum(i in outputs for i in indices) != 1
-        ):
-            return (
-                False,
-                f"tensor {spec.node_names[k]!r} does not take one input and give one output leg",
-            )
+        if [sum(i in legs for i in indices) for legs in (inputs_indices, outputs)] != [1, 1]:
+            name = spec.node_names[k]
+            return False, f"tensor {name!r} does not take one input and give one output leg"
         bonds = [i for i in indices if i not in inputs_indices and i not in outputs]
         if len(bonds) > 2:
             return False, f"tensor {spec.node_names[k]!r} has {len(bonds)} bonds (a TT-matrix: 2)"
@@ -265,12 +242,10 @@ def reference_values(
     With ``rerun`` (the stable engine, where ``auto`` chose the reference for a shallow graph),
     a batch whose values are not finite or all zero in a sample is ``rerun()`` instead.
     """
-    flat = values.detach().flatten(1)
-    peak = flat.abs().amax(1)
-    if rerun is not None and not bool(torch.isfinite(flat).all() and (peak > 0).all()):
+    scaled, log, peak = rescaled(values, range(1, values.ndim))
+    if rerun is not None and not bool((torch.isfinite(peak) & (peak > 0)).all()):
         return rerun()
-    peak = peak.clamp_min(torch.finfo(values.dtype).tiny)
-    return values / peak.view(-1, *[1] * (values.ndim - 1)), peak.log()
+    return scaled, log.reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -283,6 +258,7 @@ class Engine:
     name: str
     summary: str
     refuse: Callable[[GraphShape, torch.device], str | None]
+    reason: str  # why ``auto`` chose it
     kernel: Callable[[GraphShape, torch.device], str]
 
 
@@ -350,7 +326,7 @@ def _tree_kernel(shape: GraphShape, device: torch.device) -> str:
 
     if device.type == "cpu" and native.kernels("tree_levels") is not None:
         return "native level loop (C++)"
-    return "level loop (Python)"
+    return "the stable engine's grouped einsum steps"
 
 
 for _engine in (
@@ -358,30 +334,35 @@ for _engine in (
         "chain",
         "a boundary vector swept along the chain from both ends, joined at the label",
         lambda s, d: None if s.chain is not None else s.why_not_chain,
+        "the graph is a chain",
         lambda s, d: CHAIN_KERNELS[chain_kernel("auto", s.chain.bond_dim if s.chain else 1, d)[0]],
     ),
     Engine(
         "tree",
         "a balanced binary tree contracted level by level",
         lambda s, d: None if s.tree else s.why_not_tree,
+        "the graph is a binary tree",
         _tree_kernel,
     ),
     Engine(
         "tt_matrix",
         "a TT-matrix swept against the input, neighbouring cores merged as counted MACs say",
         lambda s, d: None if s.tt_matrix else s.why_not_tt_matrix,
+        "the graph is a TT-matrix against one input",
         lambda s, d: "merged-core sweep (hand-written backward)",
     ),
     Engine(
         "stable",
         "the planned pairwise path, steps of one depth batched, with a per-sample log-scale",
         lambda s, d: None if s.spec.input_nodes else "the graph has no input node",
+        "a graph of another shape: pairwise steps with a log-scale",
         lambda s, d: "grouped einsum steps",
     ),
     Engine(
         "reference",
         "the whole graph as one opt_einsum expression (no log-scale: the truth in tests)",
         lambda s, d: None,
+        "a shallow graph: one einsum (a batch out of range: the stable engine)",
         lambda s, d: "opt_einsum expression",
     ),
 ):
@@ -394,7 +375,10 @@ ENGINES.add(
         "portable",
         "tensor operations only, no branch on values, no native call: what export captures",
         lambda s, d: None,
-        lambda s, d: "boundary sweeps in tensor ops" if s.chain is not None else "rescaled einsum steps",
+        "asked for by name only",
+        lambda s, d: (
+            "boundary sweeps in tensor ops" if s.chain is not None else "rescaled einsum steps"
+        ),
     ),
 )
 
@@ -451,14 +435,7 @@ def choose(
         if why is not None:
             refused.append((name, why))
             continue
-        reason = {
-            "chain": "the graph is a chain",
-            "tree": "the graph is a binary tree",
-            "tt_matrix": "the graph is a TT-matrix against one input",
-            "stable": "a graph of another shape: pairwise steps with a log-scale",
-            "reference": "a shallow graph: one einsum (a batch out of range: the stable engine)",
-        }[name]
-        return engine, reason, tuple(refused)
+        return engine, engine.reason, tuple(refused)
     raise AssertionError("the reference engine accepts every graph")  # pragma: no cover
 
 

@@ -6,26 +6,18 @@ choose kernels) or a call into tnkd's C++ kernels cannot be captured. The portab
 computes the same contraction, with its log-scale, using only shape-static loops:
 
 * a **chain** (:func:`chain_log_contract`): two boundary vectors swept in from the ends to the
-  label core, one site a step, both halves in one batched step (:func:`_step`: the vector
-  times the core reshaped (D, d D), times the features, summed over the physical index):
-  real matrix products whatever the batch size, and a handful of graph nodes per site.
-  Every :data:`RESCALE_EVERY` sites the vectors are divided by their largest magnitude and the
-  logarithm kept per sample, so a 784-site chain stays finite for any feature map.
+  label core, one site a step, both halves in one batched step (:func:`_step`), rescaled every
+  :data:`RESCALE_EVERY` sites, so a 784-site chain stays finite for any feature map.
 * **any other graph**: the stable engine (:class:`~tnkd.tn.stable.StableNetwork`) with
   ``every=True``: its grouped pairwise steps, each rescaled, and no range check.
-* a **TT-matrix** (:func:`~tnkd.tn.tt_matrix.tt_matvec`): one einsum per core, no plan per
-  batch size.
+* a **TT-matrix** (:func:`~tnkd.tn.tt_matrix.tt_matvec`): one einsum per core.
 
-A student switched to this engine (:meth:`tnkd.students.graph.GraphStudent`'s ``portable``)
-contracts in float64 and returns its own dtype, so an export differs from the trained student by
-that student's own rounding alone; the weights stay float32 in the exported file (the widening
-is one cast in the program). What was tried first, and the rounding measured:
-``docs/benchmarks/inference.md``.
-
-The contractions return ``(values, log_scale)`` with ``f(x) = values * exp(log_scale)``, as every engine
-does (:mod:`tnkd.tn.planner`); their results equal the other engines' to rounding (tested
-against the dense ``opt_einsum`` reference). The planner never picks this engine by itself:
-:func:`tnkd.export.portable` switches a student to it.
+A student switched to this engine (:meth:`tnkd.students.graph.GraphStudent`'s ``portable``, as
+:func:`tnkd.export.portable` does; the planner never picks it) contracts in float64 and returns
+its own dtype, so an export differs from the trained student by that student's own rounding
+alone. The contractions return ``(values, log_scale)`` as every engine does
+(:mod:`tnkd.tn.planner`), tested against the dense ``opt_einsum`` reference. What was tried
+first, and the rounding measured: ``docs/benchmarks/inference.md``.
 """
 
 from __future__ import annotations
@@ -34,26 +26,18 @@ import torch
 
 from tnkd.tn.chain import _close
 
-
-def _divided(tensor: torch.Tensor, log: torch.Tensor, dims: tuple[int, ...]):
-    """``tensor`` divided by its largest magnitude over ``dims``; the logarithm added to ``log``."""
-    scale = tensor.detach().abs().amax(dim=dims, keepdim=True)
-    scale = scale.clamp_min(torch.finfo(tensor.dtype).tiny)
-    return tensor / scale, log + torch.log(scale.reshape(log.shape))
-
-
-#: the sweeps of the portable chain divide their vectors by their largest magnitude every so many
-#: sites (a fixed schedule: no branch on values); a site multiplies the largest magnitude by at
-#: most ``D d max|x| max|A|``, so 4 sites stay far from float32's range for trained cores
+#: the sweeps divide their vectors by their largest magnitude every so many sites (a fixed
+#: schedule: no branch on values); a site multiplies the largest magnitude by at most
+#: ``D d max|x| max|A|``, so 4 sites stay far from float32's range for trained cores
 RESCALE_EVERY = 4
 
 
 def _step(state: torch.Tensor, core: torch.Tensor, repeated: torch.Tensor) -> torch.Tensor:
     """``sum_{i,s} state_i x_s A_isj``: ``state @ A`` with A as (D, d D), times x, summed over s.
 
-    ``core`` is A as (D, d D) and ``repeated`` the features repeated to (..., d D) (each ``x_s``
-    D times): two matrix products (the sum over s is one, with D x D identities stacked d
-    times) and a product of equal shapes, which ONNX Runtime runs fast.
+    ``repeated`` is x repeated to (..., d D) (each ``x_s`` D times); the sum over s is a product
+    with D x D identities stacked d times (ONNX Runtime runs matrix products fast, broadcasts
+    and ``Expand`` slowly).
     """
     bond = core.shape[-2]
     sums = torch.eye(bond, dtype=core.dtype, device=core.device).repeat(core.shape[-1] // bond, 1)
@@ -63,12 +47,18 @@ def _step(state: torch.Tensor, core: torch.Tensor, repeated: torch.Tensor) -> to
 def _half(cores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cores (n, D, d, D) as (n, D, d D); features (B, n, d) repeated to (B, n, d D).
 
-    The repetition is a matrix product with a 0/1 matrix (ONNX Runtime's ``Expand`` is slow).
+    The repetition is a product with a 0/1 matrix (ONNX Runtime's ``Expand`` is slow).
     """
     n, bond, d, _ = cores.shape
     ones = torch.ones(1, bond, dtype=features.dtype, device=features.device)
     repeat = torch.kron(torch.eye(d, dtype=features.dtype, device=features.device), ones)
     return cores.reshape(n, bond, d * bond), features @ repeat
+
+
+def _rescaled(state: torch.Tensor, log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``state`` (..., B, D) over its max-abs per sample; the logarithms added to ``log`` (..., B)."""
+    scale = state.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(state.dtype).tiny)
+    return state / scale, log + torch.log(scale).squeeze(-1)
 
 
 def chain_log_contract(  # the arguments of tnkd.tn.chain.contract_chain
@@ -85,8 +75,6 @@ def chain_log_contract(  # the arguments of tnkd.tn.chain.contract_chain
         ``values`` (B, C) of largest magnitude 1 per sample, and ``log_scale`` (B,).
     """
     batch, num, _ = features.shape
-    bond = cores.shape[-1]
-    tiny = torch.finfo(features.dtype).tiny
     # the right half is read from the right end, each core transposed (i, s, j) -> (j, s, i),
     # so that both halves are the same step and their common length runs as one batched product
     halves = [
@@ -96,29 +84,20 @@ def chain_log_contract(  # the arguments of tnkd.tn.chain.contract_chain
     common = min(position, num - position)
     paired = torch.stack([halves[0][0][:common], halves[1][0][:common]], 1)  # (k, 2, D, d D)
     repeated = torch.stack([halves[0][1][:, :common], halves[1][1][:, :common]])  # (2, B, k, d D)
-    state = torch.stack([left, right])[:, None, :].expand(2, batch, bond)
-    log = features.new_zeros(batch)
+    state = torch.stack([left, right])[:, None, :].expand(2, batch, cores.shape[-1])
+    logs = features.new_zeros(2, batch)
     for k in range(common):
         state = _step(state, paired[k], repeated[:, :, k])
         if (k + 1) % RESCALE_EVERY == 0:  # each half by its own largest magnitude
-            scale = state.detach().abs().amax(2, keepdim=True).clamp_min(tiny)
-            state = state / scale
-            log = log + torch.log(scale).squeeze(2).sum(0)
-    # the rest of the longer half, alone (its boundary vector and its log-scale kept apart)
+            state, logs = _rescaled(state, logs)
+    # the rest of the longer half, alone
     longer = 0 if position > common else 1
-    cores_left, feats_left = halves[longer]
-    ends = [state[0], state[1]]
-    vector, vector_log = ends[longer], features.new_zeros(batch)
+    (rest_cores, rest_features), ends, logs = halves[longer], list(state), list(logs)
     for k in range(common, max(position, num - position)):
-        vector = _step(vector, cores_left[k], feats_left[:, k])
+        ends[longer] = _step(ends[longer], rest_cores[k], rest_features[:, k])
         if (k + 1) % RESCALE_EVERY == 0:
-            vector, vector_log = _divided(vector, vector_log, (1,))
-    ends[longer] = vector
+            ends[longer], logs[longer] = _rescaled(ends[longer], logs[longer])
     # the label core between the ends, as the chain engine joins them (one member)
-    values, log_scale = _close(
-        torch.stack(ends).transpose(1, 2)[:, None],
-        output_core[None],
-        output_features,
-        torch.stack([log, vector_log])[:, None],
-    )
+    ends, logs = torch.stack(ends).transpose(1, 2)[:, None], torch.stack(logs)[:, None]
+    values, log_scale = _close(ends, output_core[None], output_features, logs)
     return values[0], log_scale[0]

@@ -1,40 +1,28 @@
 """Stable contraction of any graph: the planned pairwise path, executed with a tracked log-scale.
 
 :class:`~tnkd.tn.contraction.CompiledNetwork` hands the whole graph to one ``opt_einsum``
-expression. That is exact, but it keeps no scale: the value of a deep network is a product of
-hundreds of factors and leaves the floating-point range. A 784-site MPS with the [cos, sin] map
-underflows to exactly 0 that way. :class:`StableNetwork` executes
-the same kind of plan one step at a time (a step joins two tensors, or a node with all its
-children) and keeps every intermediate tensor as
+expression: exact, but a deep network's value (a product of hundreds of factors) leaves the
+floating-point range; a 784-site MPS with the [cos, sin] map underflows to exactly 0.
+:class:`StableNetwork` executes the plan one step at a time (a step joins two tensors, or a node
+with all its children) and keeps every intermediate tensor as
 
     T = values * exp(log_scale),    max |values| = 1 for each sample,
 
-renormalising as the chain paths do (:func:`~tnkd.tn.chain.contract_chain`): once more
-than ``renorm_after`` = 12 tensors have been multiplied into an intermediate since its last
-renormalisation, and after every step on a rerun if a value came within a mantissa's width of
-the float range (or was 0, inf or NaN). Scales are taken from detached values, so gradients flow
+renormalising (:func:`rescaled`) once more than ``renorm_after`` tensors have been multiplied
+into an intermediate, and after every step on a rerun if a value came within a mantissa's width
+of the float range (or was 0, inf or NaN). Scales come from detached values, so gradients flow
 through ``values``; a network whose value is 1e-400 comes back finite, log-scale about -921.
 
-**Steps at the same depth run as one batched kernel.** The path from ``opt_einsum`` is a
-contraction tree. A step's depth is one more than the deepest of its operands, so steps at the
-same depth do not depend on each other. Steps at the same depth that share an equation (up to
-renaming indices) and operand shapes are stacked and contracted by one ``torch.einsum`` with a
-leading group index. On a binary tree tensor network this is the layer-by-layer contraction
-(all leaves at once, then all their parents, ...): about log2(N) kernels instead of N. Feature
-vectors absorbed into their cores are one group at depth 1, for any graph; a group's operands
-that are evenly spaced outputs of one earlier group are sliced, not copied. PEPS students and
-other graphs with loops run on this engine as they are drawn.
+**Steps at the same depth run as one batched kernel.** A step's depth in the contraction tree
+is one more than its deepest operand's, so steps of one depth are independent; those that share
+an equation (up to renaming indices) and operand shapes are stacked and contracted by one
+``torch.einsum`` with a leading group index. On a binary tree this is the level-by-level
+contraction: about log2(N) kernels instead of N. Graphs with loops (PEPS) run as they are drawn.
 
 Every step runs through ``torch.einsum`` and autograd (second derivatives work, and
 ``torch.compile`` traces it with ``every=True``). This is the planner's ``stable`` engine
-(:mod:`tnkd.tn.planner`): any graph with an input node. Binary trees, whose steps all join a
-node with its two children, have their own engine (:mod:`tnkd.tn.fused`) built from this
-schedule; chains and TT-matrices too. The measurements are on the documentation's graph
-benchmark page (``benchmarks/graph_speed.py``, ``benchmarks/tree_vs_tensorkrowch.py``).
-
-**Paths.** ``optimize="auto"`` (the default) hangs a graph without loops from its label node and
-contracts each node with all its children in one step (:func:`tree_path`: a tree network level
-by level, a chain swept from both ends); graphs with loops get ``opt_einsum``'s greedy path.
+(:mod:`tnkd.tn.planner`); the tree engine (:mod:`tnkd.tn.fused`) is built from its schedule.
+Measurements: the documentation's graph benchmark page (``benchmarks/graph_speed.py``).
 
 Example:
     >>> import torch
@@ -51,8 +39,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import math
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +46,7 @@ from typing import Any
 import opt_einsum as oe
 import torch
 
+from tnkd.tn.canonical import hang
 from tnkd.tn.contraction import BATCH_INDEX as BATCH
 from tnkd.tn.contraction import einsum_equation
 from tnkd.tn.graph import NetworkSpec, TNGraph, index_ends
@@ -97,13 +84,14 @@ class Column:
     other rows by ``index_select``; rows of several sources stacked.
     """
 
-    def __init__(self, members: tuple[tuple[int, int], ...]) -> None:
+    def __init__(self, members: tuple[tuple[int, int], ...], sizes: Sequence[int]) -> None:
         self.members = members
         self.sources = tuple(dict.fromkeys(src for src, _ in members))
         self.source = self.sources[0] if len(self.sources) == 1 else None
-        self.whole = False  # the whole source, in order (set by _layout)
         self.index = [g for _, g in members]
         self.slice = as_slice(self.index)
+        # the whole source, in order (``sizes``: the rows of each slot)
+        self.whole = self.source is not None and self.index == list(range(sizes[self.source]))
 
     def take(self, slots: Sequence[torch.Tensor]) -> torch.Tensor:
         """The column's operand, stacked along a leading group axis."""
@@ -120,26 +108,13 @@ class Column:
         """The operands' (G, batch or 1) log-scales, or None if none has one."""
         if self.source is not None:
             return self.take(logs) if self.source in logs else None
-        parts = [logs[s][g] if s in logs else None for s, g in self.members]
-        present = [q for q in parts if q is not None]
+        present = [logs[s] for s in self.sources if s in logs]
         if not present:
             return None
-        width = max(q.shape[0] for q in present)
+        zero = present[0].new_zeros(max(q.shape[1] for q in present))
         return torch.stack(
-            [present[0].new_zeros(width) if q is None else q.expand(width) for q in parts]
+            [logs[s][g].expand_as(zero) if s in logs else zero for s, g in self.members]
         )
-
-    def give(self, grads: dict[int, torch.Tensor], grad: torch.Tensor, rows: Sequence[int]) -> None:
-        """Add the gradient of :meth:`take`'s result to its sources' (``rows``: each slot's size)."""
-        for src in self.sources:
-            if self.whole:
-                part = grad
-            else:
-                picked = [k for k, (s, _) in enumerate(self.members) if s == src]
-                index = torch.tensor([self.members[k][1] for k in picked], device=grad.device)
-                part = grad.new_zeros(rows[src], *grad.shape[1:])
-                part.index_add_(0, index, grad[picked] if self.source is None else grad)
-            grads[src] = part if src not in grads else grads[src] + part
 
 
 @dataclass
@@ -152,8 +127,7 @@ class _Group:
     matrix product with the parameters, laid out so that it needs no copy.
     """
 
-    equation: str  # with a leading group index on every term
-    batch_axis: int | None  # batch axis of the result (without the group axis)
+    scale_axes: list[int]  # the result's axes but the group and batch axes (one scale each)
     steps: list[_Step]
     columns: list[Column]
     stages: list[tuple[str, tuple[int, ...]]]  # (equation, operand positions; -1: previous)
@@ -176,35 +150,14 @@ def tree_path(spec: NetworkSpec) -> list[tuple[int, ...]] | None:
         A path in ``opt_einsum``'s format (positions in the shrinking operand list).
     """
     n = len(spec.node_names)
-    neighbours: list[set[int]] = [set() for _ in range(n)]
-    edges = 0
-    owners = index_ends(spec.node_indices)
-    for ends in owners.values():
-        if len(ends) == 2:
-            (a, _), (b, _) = ends
-            if a == b or b in neighbours[a]:
-                return None  # a self-loop or a double bond is a loop
-            neighbours[a].add(b)
-            neighbours[b].add(a)
-            edges += 1
-    if edges != n - 1:
-        return None  # loops (or disconnected pieces)
-    root = owners[spec.output_indices[0]][0][0] if spec.output_indices else 0
-    order, parent, stack, seen = [], {root: -1}, [root], {root}
-    while stack:
-        v = stack.pop()
-        order.append(v)
-        for u in sorted(neighbours[v]):
-            if u not in seen:
-                seen.add(u)
-                parent[u] = v
-                stack.append(u)
-    if len(seen) != n:
-        return None
-    children: dict[int, list[int]] = {v: [] for v in range(n)}
-    for u, v in parent.items():
-        if v >= 0:
-            children[v].append(u)
+    root = index_ends(spec.node_indices)[spec.output_indices[0]][0][0] if spec.output_indices else 0
+    try:
+        order, parent = hang(spec.node_indices, root)
+    except ValueError:
+        return None  # a loop (or disconnected pieces)
+    children: dict[int, list[int]] = {v: [] for v in order}
+    for v in order[1:]:
+        children[parent[v][0]].append(v)
     height = [0] * n
     for v in reversed(order):
         height[v] = 1 + max((height[u] for u in children[v]), default=-1)
@@ -221,10 +174,6 @@ def tree_path(spec: NetworkSpec) -> list[tuple[int, ...]] | None:
     return path
 
 
-def _symbol(i: int) -> str:
-    return oe.get_symbol(i)
-
-
 def _schedule(
     spec: NetworkSpec, path: Sequence[Sequence[int]]
 ) -> tuple[list[list[_Group]], tuple[str, ...], int]:
@@ -233,16 +182,10 @@ def _schedule(
     Returns:
         The levels (each a list of groups), the index names of the last slot and its id.
     """
-    inputs = spec.input_nodes
-    names: list[tuple[str, ...]] = [
-        idx + ((BATCH,) if n in inputs else ())
-        for n, idx in zip(spec.node_names, spec.node_indices, strict=True)
-    ]
-    shapes: list[tuple[int, ...]] = [
-        s + ((-1,) if n in inputs else ())
-        for n, s in zip(spec.node_names, spec.node_shapes, strict=True)
-    ]
-    sizes: dict[str, int] = {BATCH: -1}
+    batched = [(BATCH,) if n in spec.input_nodes else () for n in spec.node_names]
+    names = [idx + b for idx, b in zip(spec.node_indices, batched, strict=True)]
+    shapes = [s + (-1,) * len(b) for s, b in zip(spec.node_shapes, batched, strict=True)]
+    sizes: dict[str, int] = {}
     for idx, shape in zip(names, shapes, strict=True):
         sizes.update(zip(idx, shape, strict=True))
     final = (BATCH, *spec.output_indices)
@@ -253,40 +196,26 @@ def _schedule(
         ids = [current[i] for i in contraction]
         for i in sorted(contraction, reverse=True):
             current.pop(i)
-        needed = Counter(final)
-        for s in current:
-            needed.update(names[s])
+        needed = set(final).union(*(names[s] for s in current))
         # canonical operand order (stable: ties keep the path's order), then canonical labels
         ids.sort(key=lambda s: (len(shapes[s]), shapes[s]))
-        labels: dict[str, str] = {}
-        for s in ids:
-            for ix in names[s]:
-                labels.setdefault(ix, _symbol(len(labels) + 1))
-        kept: list[str] = []
-        for s in ids:
-            kept.extend(ix for ix in names[s] if ix in needed and ix not in kept)
-        if BATCH in kept:  # the batch index last: elementwise work runs along contiguous samples
-            kept.remove(BATCH)
-            kept.append(BATCH)
-        terms = ["".join(labels[ix] for ix in names[s]) for s in ids]
-        out = "".join(labels[ix] for ix in kept)
-        single = ",".join(terms) + "->" + out
-        g = _symbol(0)
-        batched = ",".join(g + t for t in terms) + "->" + g + out
+        seen = dict.fromkeys(ix for s in ids for ix in names[s])
+        labels = {ix: oe.get_symbol(k + 1) for k, ix in enumerate(seen)}
+        # the batch index last: elementwise work runs along contiguous samples
+        kept = [ix for ix in seen if ix in needed and ix != BATCH] + [BATCH] * (BATCH in seen)
+        operands = [names[s] for s in ids]
         new = len(names)
         names.append(tuple(kept))
         shapes.append(tuple(sizes[ix] for ix in kept))
         depth.append(1 + max(depth[s] for s in ids))
         current.append(new)
-        key = (depth[new], single, tuple(shapes[s] for s in ids))
-        group = groups.get(key)
-        if group is None:
-            batch_axis = kept.index(BATCH) if BATCH in kept else None
-            operands = [names[s] for s in ids]
+        terms = tuple("".join(labels[ix] for ix in idx) for idx in (*operands, kept))
+        key = (depth[new], terms, tuple(shapes[s] for s in ids))
+        if key not in groups:
+            axes = [1 + k for k, ix in enumerate(kept) if ix != BATCH]
             stages = _stages(operands, kept, labels)
-            group = groups[key] = _Group(batched, batch_axis, [], [], stages)
-            group.pair = _pair_roles(operands, kept)
-        group.steps.append(_Step(tuple(ids), new))
+            groups[key] = _Group(axes, [], [], stages, pair=_pair_roles(operands, kept))
+        groups[key].steps.append(_Step(tuple(ids), new))
     if len(current) != 1:
         raise ValueError(f"the contraction path left {len(current)} tensors; expected one")
     levels: dict[int, list[_Group]] = {}
@@ -304,20 +233,17 @@ def _pair_roles(
     children; a chain core with its vector and its feature vector) is what
     the tree engine (:mod:`tnkd.tn.fused`) runs.
     """
-    if len(operands) != 3:
+    if len(operands) != 3 or len(kept) != 2 or kept[1] != BATCH:
         return None
     params = [k for k, idx in enumerate(operands) if BATCH not in idx]
     vectors = [k for k, idx in enumerate(operands) if len(idx) == 2 and idx[1] == BATCH]
-    if len(params) != 1 or len(vectors) != 2 or len(operands[params[0]]) != 3:
+    if len(params) != 1 or len(vectors) != 2:
         return None
     w = operands[params[0]]
-    bonds = [operands[k][0] for k in vectors]
-    rest = [ix for ix in w if ix not in bonds]
-    if bonds[0] == bonds[1] or not all(ix in w for ix in bonds) or len(rest) != 1:
+    legs = (operands[vectors[0]][0], operands[vectors[1]][0], kept[0])  # left, right, kept
+    axes = tuple(w.index(ix) if ix in w else -1 for ix in legs)
+    if len(w) != 3 or sorted(axes) != [0, 1, 2]:
         return None
-    if kept != [rest[0], BATCH]:
-        return None
-    axes = (w.index(bonds[0]), w.index(bonds[1]), w.index(rest[0]))
     return params[0], vectors[0], vectors[1], axes
 
 
@@ -325,7 +251,7 @@ def _stages(
     operands: list[tuple[str, ...]], kept: list[str], labels: dict[str, str]
 ) -> list[tuple[str, tuple[int, ...]]]:
     """One einsum, or two: per-sample operands' product first, then the parameters (see _Group)."""
-    g = _symbol(0)
+    g = oe.get_symbol(0)
 
     def term(indices: Sequence[str]) -> str:
         return g + "".join(labels[ix] for ix in indices)
@@ -335,28 +261,21 @@ def _stages(
     everything = [term(idx) for idx in operands]
     if len(per_sample) < 2 or not params:
         return [(",".join(everything) + "->" + term(kept), tuple(range(len(operands))))]
-    later = set(kept)
-    for k in params:
-        later.update(operands[k])
-    product: list[str] = []
-    for k in per_sample:
-        product.extend(
-            ix for ix in operands[k] if ix in later and ix != BATCH and ix not in product
-        )
-    product.append(BATCH)
+    later = set(kept).union(*(operands[k] for k in params))
+    seen = dict.fromkeys(ix for k in per_sample for ix in operands[k])
+    product = [ix for ix in seen if ix in later and ix != BATCH] + [BATCH]
     first = ",".join(everything[k] for k in per_sample) + "->" + term(product)
     second = ",".join([*(everything[k] for k in params), term(product)]) + "->" + term(kept)
     return [(first, tuple(per_sample)), (second, (*params, -1))]
 
 
-def _plan_renormalisation(levels: list[list[_Group]], num_nodes: int, after: int) -> None:
+def _plan_renormalisation(groups: list[_Group], num_nodes: int, after: int) -> None:
     """Renormalise a group's results once more than ``after`` tensors were multiplied into them.
 
     Each original operand counts 1; a renormalised result counts 0. The last group is always
     renormalised (the returned values have max-abs 1 per sample).
     """
     carried: dict[int, int] = dict.fromkeys(range(num_nodes), 1)
-    groups = [group for level in levels for group in level]
     for group in groups:
         counts = [sum(carried[s] for s in st.inputs) for st in group.steps]
         group.renorm = group is groups[-1] or max(counts) > after
@@ -365,47 +284,30 @@ def _plan_renormalisation(levels: list[list[_Group]], num_nodes: int, after: int
 
 
 def _layout(
-    levels: list[list[_Group]], num_nodes: int, inputs: set[int]
+    groups: list[_Group], num_nodes: int, inputs: set[int]
 ) -> tuple[list[tuple[int, ...]], dict[int, tuple[int, int]]]:
     """Blocks of original operands (one per group column made only of them) and every step's source.
 
-    Returns:
-        ``blocks``: node positions per block, and for every operand and result of the schedule
-        its ``(slot, row)``: a slot is a block or (from ``len(blocks)`` on) a group's result.
+    Sets every group's ``columns``. Returns ``blocks``: node positions per block, and for every
+    operand and result of the schedule its ``(slot, row)``: a slot is a block or (from
+    ``len(blocks)`` on) a group's result.
     """
+    columns = [list(zip(*(st.inputs for st in group.steps), strict=True)) for group in groups]
     blocks: list[tuple[int, ...]] = []
-    where: dict[int, tuple[tuple[str, int], int]] = {}
-    number = 0
-    for level in levels:
-        for group in level:
-            for k in range(len(group.steps[0].inputs)):
-                column = [st.inputs[k] for st in group.steps]
-                originals = [s < num_nodes for s in column]
-                same_kind = len({s in inputs for s in column}) == 1
-                if all(originals) and same_kind:
-                    for g, s in enumerate(column):
-                        where[s] = (("block", len(blocks)), g)
-                    blocks.append(tuple(column))
-                else:
-                    for s in column:
-                        if s < num_nodes:
-                            where[s] = (("block", len(blocks)), 0)
-                            blocks.append((s,))
-            for g, st in enumerate(group.steps):
-                where[st.output] = (("group", number), g)
-            number += 1
-    first = len(blocks)
-    slots = {s: (k if kind == "block" else first + k, g) for s, ((kind, k), g) in where.items()}
+    slots: dict[int, tuple[int, int]] = {}
+    for column in itertools.chain.from_iterable(columns):
+        if all(s < num_nodes for s in column) and len({s in inputs for s in column}) == 1:
+            slots.update((s, (len(blocks), g)) for g, s in enumerate(column))
+            blocks.append(column)
+            continue
+        for s in column:
+            if s < num_nodes:
+                slots[s] = (len(blocks), 0)
+                blocks.append((s,))
     sizes = [len(block) for block in blocks]
-    for group in (group for level in levels for group in level):
-        group.columns = [
-            Column(tuple(slots[st.inputs[k]] for st in group.steps))
-            for k in range(len(group.steps[0].inputs))
-        ]
-        for column in group.columns:
-            column.whole = column.source is not None and column.index == list(
-                range(sizes[column.source])
-            )
+    for group, group_columns in zip(groups, columns, strict=True):
+        group.columns = [Column(tuple(slots[s] for s in c), sizes) for c in group_columns]
+        slots.update((st.output, (len(sizes), g)) for g, st in enumerate(group.steps))
         sizes.append(len(group.steps))
     return blocks, slots
 
@@ -445,26 +347,23 @@ class StableNetwork:
         self.optimize = optimize
         if not self.spec.input_nodes:
             raise ValueError("a StableNetwork needs at least one input node (the batch index)")
-        single = einsum_equation(self.spec, batched=False)
-        planned = tree_path(self.spec) if optimize == "auto" else None
-        if optimize == "auto" and planned is None:
-            planned = "greedy"
+        path = tree_path(self.spec) if optimize == "auto" else optimize
         self.path, self.path_info = oe.contract_path(
-            single,
+            einsum_equation(self.spec, batched=False),
             *self.spec.node_shapes,
             shapes=True,
-            optimize=optimize if planned is None else planned,
+            optimize="greedy" if path is None else path,
         )
         self.levels, last_names, last = _schedule(self.spec, self.path)
         inputs = {k for k, n in enumerate(self.spec.node_names) if n in self.spec.input_nodes}
-        self.blocks, where = _layout(self.levels, len(self.spec.node_names), inputs)
-        _plan_renormalisation(self.levels, len(self.spec.node_names), renorm_after)
-        self.renormalisations = sum(g.renorm for level in self.levels for g in level)
+        self.groups = [group for level in self.levels for group in level]
+        self.blocks, where = _layout(self.groups, len(self.spec.node_names), inputs)
+        _plan_renormalisation(self.groups, len(self.spec.node_names), renorm_after)
+        self.renormalisations = sum(g.renorm for g in self.groups)
         self.block_is_input = [block[0] in inputs for block in self.blocks]
         self.last = where[last]
         order = (BATCH, *self.spec.output_indices)
         self._permutation = tuple(last_names.index(ix) for ix in order)
-        self.groups = [group for level in self.levels for group in level]
 
     @property
     def depth(self) -> int:
@@ -518,7 +417,6 @@ class StableNetwork:
     def _contract(
         self, blocks: list[torch.Tensor], every: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        info = torch.finfo(blocks[0].dtype)
         tensors = list(blocks)
         logs: dict[int, torch.Tensor] = {}
         peaks = []
@@ -529,8 +427,9 @@ class StableNetwork:
             result = ops[0]
             for equation, positions in group.stages:
                 result = torch.einsum(equation, *[result if k < 0 else ops[k] for k in positions])
-            if renorm:
-                result, log, peak = _renormalise(result, group.batch_axis, info.tiny)
+            if renorm:  # per (group entry, sample)
+                result, log, peak = rescaled(result, group.scale_axes)
+                log = log.reshape(result.shape[0], -1)
                 peaks.append(peak)
             for column in group.columns:
                 part = column.take_log(logs)
@@ -575,23 +474,32 @@ def full_precision(tensors: Sequence[Any]):
 def widened(tensors: Sequence[Any], dtype: torch.dtype) -> list[Any]:
     """The floating tensors converted to ``dtype`` (other items, None or ints, as they are)."""
     return [
-        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
-        for t in tensors
+        t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors
     ]
 
 
-def _renormalise(
-    result: torch.Tensor, batch_axis: int | None, tiny: float
+def rescaled(
+    values: torch.Tensor, dims: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Divide each (group entry, sample) by its max-abs; return values, (G, B or 1) logs, peaks."""
-    keep = {0} if batch_axis is None else {0, batch_axis + 1}
-    dims = [d for d in range(result.ndim) if d not in keep]
-    peak = result.detach().abs()
+    """``values`` divided by their largest magnitude over ``dims``: the engines' max-abs rescaling.
+
+    The divisor comes from detached values (gradients flow through the quotient only), clamped
+    at the dtype's smallest normal number (an all-zero slice stays 0, with a finite log); its
+    log goes into the caller's running log-scale.
+
+    Args:
+        values: any tensor.
+        dims: the axes the largest magnitude is taken over (none: every entry alone).
+
+    Returns:
+        ``(values / scale, log(scale), peak)``, ``peak`` the largest magnitudes before the clamp,
+        both with ``dims`` kept as axes of size 1.
+    """
+    peak = values.detach().abs()
     if dims:
-        peak = peak.amax(dim=dims, keepdim=True)
-    scale = peak.clamp_min(tiny)
-    log = torch.log(scale).reshape(result.shape[0], -1)
-    return result / scale, log, peak
+        peak = peak.amax(dim=tuple(dims), keepdim=True)
+    scale = peak.clamp_min(torch.finfo(values.dtype).tiny)
+    return values / scale, torch.log(scale), peak
 
 
 def direction_logits(values: torch.Tensor, log_logit_scale: torch.Tensor) -> torch.Tensor:
@@ -628,5 +536,4 @@ def planned_cost(graph: TNGraph | NetworkSpec, optimize: Any = "auto") -> dict[s
         "largest_intermediate": float(info.largest_intermediate),
         "depth": float(net.depth),
         "kernels": float(net.kernels),
-        "log10_flops": math.log10(max(float(info.opt_cost), 1.0)),
     }

@@ -7,32 +7,22 @@ input, reshaped to (B, m_1, ..., m_d), with one core at a time, each step one ma
 over the batch. :func:`tt_linear` does that with two refinements, chosen per shape:
 
 * **Groups.** Neighbouring cores may first be merged into one core (r_a, m_a...m_b, n_a...n_b,
-  r_b), a cost independent of the batch. For 8·8·8·8 -> 8·8·8·8 at rank r, merging cores (1, 2)
-  and (3, 4) leaves two steps of 64·64·64·r multiply-adds per sample (rank 16: 8.4 M, half of
-  the dense layer's 16.8 M; one core per step: 17.8 M). For 4096 -> 16 = 2·2·2·2 at rank 8,
-  merging all four cores into the dense 16 x 4096 matrix is cheapest (65,536 per sample against
-  230,400 core by core); for a single sample it is not (the merge alone costs more).
+  r_b), a cost independent of the batch: for 8·8·8·8 -> 8·8·8·8 at rank 16, merging cores
+  (1, 2) and (3, 4) halves the dense layer's multiply-adds; for 4096 -> 16 at a large batch,
+  merging all four into the dense matrix is cheapest.
 * **Direction.** The sweep starts from the first core or from the last.
 
 :func:`plan_tt_matvec` counts the multiply-adds of every grouping (2^(d-1) of them) in both
-directions, merges included, for the actual batch size (training: forward, recomputation and
-both gradients) and keeps the cheapest; plans are cached per (factors, ranks, batch, training).
+directions, merges included, for the actual batch size and keeps the cheapest (cached).
 
-Each step is one ``mm`` (when no input factors are left behind it) or one ``bmm`` with the step
-matrix shared over the leading index, on layouts chosen so that a step's output is the next
-step's input as a view: a state (B·rows, inner, cols) times a matrix (out, inner) gives (B·rows,
-out, cols). No transposed copy of a state is made in the forward pass, and the backward pass of
-a step is two or three kernels (its matrix gradient summed over the batch in one product).
-
-Memory. The intermediate states are r times larger than the input (B·4096·r numbers for
-4096 -> 4096), and on CPU a fresh tensor of tens of megabytes is paged in anew on every call (the
-allocator returns large blocks to the system) and falls out of cache between steps. So on CPU
-the batch is cut into equal chunks whose largest state holds at most about ``CHUNK_FLOATS``
-numbers (a few megabytes), in buffers allocated once per call and reused by every chunk.
-Training runs through a :class:`torch.autograd.Function` that keeps only the input and the step
-matrices (and, when the batch is one chunk, that chunk's states) and recomputes a chunk's states
-in the backward pass: one extra product per step but the last, and never the B·4096·r
-intermediate at once. A plan of one group (all cores merged) is a plain ``addmm``.
+Each step is one ``mm`` or one ``bmm`` with the step matrix shared over the leading index, on
+layouts chosen so that a step's output is the next step's input as a view: a state (B·rows,
+inner, cols) times a matrix (out, inner) gives (B·rows, out, cols). On CPU the batch is cut into
+equal chunks whose largest state holds at most ``CHUNK_FLOATS`` numbers, in buffers reused by
+every chunk. Training runs through a :class:`torch.autograd.Function` that keeps the input and
+the step matrices and recomputes a chunk's states in the backward pass (a one-chunk batch keeps
+its states); a plan of one group (all cores merged) is a plain ``addmm``. Measurements:
+``docs/benchmarks/tt-layers.md``.
 """
 
 from __future__ import annotations
@@ -44,6 +34,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from tnkd.tn.stable import widened
 
 CHUNK_FLOATS = 1 << 20
 """Bound on the numbers in one chunk's largest intermediate state on CPU (4 MiB in float32;
@@ -228,18 +220,9 @@ def plan_tt_matvec(
     Every grouping of neighbouring cores (2^(d-1)) in both directions is costed: for inference
     ``batch * sum(step MACs) + merge MACs``; for training, whose backward pass recomputes every
     state but the output and takes two products per step (input and matrix gradients),
-    ``batch * (4 * sum - last step) + 3 * merge``.
-
-    Args:
-        in_factors: (m_1, ..., m_d).
-        out_factors: (n_1, ..., n_d).
-        ranks: the inner ranks (r_1, ..., r_{d-1}).
-        batch: rows of the input.
-        training: plan for forward + backward (else forward only).
-        chunk_floats: as in :func:`build_plan`.
-
-    Returns:
-        The cheapest :class:`TTPlan` (the first found among equals).
+    ``batch * (4 * sum - last step) + 3 * merge``. The arguments are :func:`build_plan`'s (as
+    tuples, for the cache) but the grouping and the direction, which this chooses; returns the
+    cheapest :class:`TTPlan` (the first found among equals).
 
     Example:
         >>> plan_tt_matvec((8, 8, 8, 8), (8, 8, 8, 8), (16, 16, 16), batch=256).groups
@@ -248,16 +231,12 @@ def plan_tt_matvec(
         ((0, 4),)
     """
     _check_sizes(in_factors, out_factors, ranks, batch)
-    best: TTPlan | None = None
-    for groups in _groupings(len(in_factors)):
-        for reverse in (False, True) if len(groups) > 1 else (False,):
-            plan = build_plan(
-                in_factors, out_factors, ranks, groups, reverse, batch, training, chunk_floats
-            )
-            if best is None or plan.cost < best.cost:
-                best = plan
-    assert best is not None
-    return best
+    plans = (
+        build_plan(in_factors, out_factors, ranks, groups, reverse, batch, training, chunk_floats)
+        for groups in _groupings(len(in_factors))
+        for reverse in ((False, True) if len(groups) > 1 else (False,))
+    )
+    return min(plans, key=lambda plan: plan.cost)
 
 
 def _combine(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
@@ -336,13 +315,11 @@ def _backward_step(
     first: bool,
 ) -> None:
     """Write (first chunk) or add one step's matrix gradient; write its state gradient if asked."""
+    beta = 0 if first else 1  # 0: the buffer's old contents are ignored, even NaN
     if step.cols == 1:
         g2 = g.view(-1, step.out)
         if grad_mat is not None:
-            if first:
-                torch.mm(g2.t(), state.view(-1, step.inner), out=grad_mat)
-            else:
-                grad_mat.addmm_(g2.t(), state.view(-1, step.inner))
+            grad_mat.addmm_(g2.t(), state.view(-1, step.inner), beta=beta)
         if grad_state is not None:
             torch.mm(g2, mat, out=grad_state.view(-1, step.inner))
         return
@@ -365,10 +342,7 @@ def _backward_step(
             sc = scratch[step.out * n : (step.out + step.inner) * n].view(step.inner, p, step.cols)
             gt.copy_(g3.transpose(0, 1))
             sc.copy_(st.transpose(0, 1))
-            if first:
-                torch.mm(gt.view(step.out, n), sc.view(step.inner, n).t(), out=grad_mat)
-            else:
-                grad_mat.addmm_(gt.view(step.out, n), sc.view(step.inner, n).t())
+            grad_mat.addmm_(gt.view(step.out, n), sc.view(step.inner, n).t(), beta=beta)
     if grad_state is not None:
         torch.bmm(mat.t().expand(p, -1, -1), g3, out=grad_state.view(p, step.inner, step.cols))
 
@@ -378,6 +352,26 @@ def _scratch_size(step: TTStep) -> int:
     if step.cols == 1:
         return 0
     return step.rows * min(step.out * step.inner, step.cols * (step.out + step.inner))
+
+
+def _states(
+    x: torch.Tensor,
+    mats: Sequence[torch.Tensor],
+    steps: Sequence[TTStep],
+    buffers: Sequence[torch.Tensor],
+    compute: bool = True,
+) -> list[torch.Tensor]:
+    """Every step's input for a chunk ``x``: ``x``, then the other steps' outputs in ``buffers``.
+
+    ``compute=False``: the buffers hold those states already (kept by the forward pass).
+    """
+    states = [x]
+    for mat, step, buf in zip(mats[:-1], steps[:-1], buffers, strict=True):
+        out = buf[: x.shape[0] * step.out_size]
+        if compute:
+            _forward_step(states[-1], mat, step, out)
+        states.append(out)
+    return states
 
 
 def _sweep(
@@ -393,11 +387,8 @@ def _sweep(
     buffers = [x.new_empty(chunk * s.out_size) for s in plan.steps[:-1]]
     y = x.new_empty(batch, plan.steps[-1].out_size)
     for c0 in range(0, batch, chunk):
-        c1 = min(batch, c0 + chunk)
-        state = x[c0:c1]
-        for mat, step, buf in zip(mats[:-1], plan.steps[:-1], buffers, strict=True):
-            state = _forward_step(state, mat, step, buf[: (c1 - c0) * step.out_size])
-        _forward_step(state, mats[-1], plan.steps[-1], y[c0:c1], bias)
+        state = _states(x[c0 : c0 + chunk], mats, plan.steps, buffers)[-1]
+        _forward_step(state, mats[-1], plan.steps[-1], y[c0 : c0 + chunk], bias)
     return y, buffers
 
 
@@ -436,12 +427,7 @@ class _TTLinearFunction(torch.autograd.Function):
         scratch = x.new_empty(chunk * max(_scratch_size(s) for s in steps))
         for c0 in range(0, batch, chunk):
             c1 = min(batch, c0 + chunk)
-            inputs = [x[c0:c1]]
-            for i, step in enumerate(steps[:-1]):
-                out = states[i][: (c1 - c0) * step.out_size]
-                if not kept:
-                    _forward_step(inputs[-1], mats[i], step, out)
-                inputs.append(out)
+            inputs = _states(x[c0:c1], mats, steps, states, compute=not kept)
             g = dy[c0:c1]
             for i in range(len(steps) - 1, -1, -1):
                 if i > 0:
@@ -492,9 +478,7 @@ def tt_linear(
     device = x.device.type
     if torch.is_autocast_enabled(device):
         # like nn.Linear under autocast: the products run in the autocast dtype
-        dtype = torch.get_autocast_dtype(device)
-        x, mats = x.to(dtype), [m.to(dtype) for m in mats]
-        bias = bias.to(dtype) if bias is not None else None
+        x, bias, *mats = widened([x, bias, *mats], torch.get_autocast_dtype(device))
         with torch.autocast(device, enabled=False):
             return _run(x, mats, bias, plan)
     return _run(x, mats, bias, plan)

@@ -1,17 +1,10 @@
-// The boundary-vector scan of tnkd.tn.chain (method="native") as native loops.
-//
-// scan_forward / scan_backward: the same math as tnkd.tn.chain._scan_forward / _scan_backward.
-// K independent chains, each a sequence of S steps v_{i+1} = M_i (phi_i (x) v_i), vectors
-// carried as (D, B) columns (bond index first, batch last), every `every`-th output and the
-// last divided by their max-abs. Step i of chain k reads block index[k][i] of the merged cores,
-// natural layout (l, s, r), and of the block features (s, b); a chain with in_first enters a
-// block on l (a left-to-right sweep), the others on r. At small D a step is some 10^4-10^5
-// multiply-adds, so the Python loop's per-kernel dispatch set the time; here a step is one
-// pass over L1-resident data with register-tiled SIMD loops, the step matrices are read in
-// place (no per-step copies), and the K chains run in parallel (one chain per thread).
-// merge_pairs / unmerge_pairs, block_features and mps_output_forward / _backward: the small
-// operations around the scan of an MPS (tnkd.tn.chain._NativeMPS), so that it is one autograd
-// node with no ATen kernel per site.
+// The boundary-vector scan of tnkd.tn.chain (method="native"): K chains of S steps
+// v_{i+1} = M_i (phi_i (x) v_i), vectors as (D, B) columns, every `every`-th output and the last
+// divided by their max-abs. Step i of chain k reads block index[k][i] of the merged cores,
+// natural layout (l, s, r), and of the block features (s, b); an in_first chain enters a block
+// on l, the others on r. A step is one pass of register-tiled SIMD loops over L1-resident data,
+// one chain per thread. The pair merges, block features and output core around the scan make
+// tnkd.tn.chain._NativeChain one autograd node with no ATen kernel per site.
 
 #include <torch/extension.h>
 
@@ -28,26 +21,50 @@ namespace {
 
 using namespace tnkd_simd;
 
-// The scratch rows are `padded` wide: the batch rounded up to whole registers, zero past it.
+// The batch rounded up to whole registers (the scratch rows' width, zero past the batch).
 template <typename T>
 inline int64_t padded_width(int64_t batch) {
   return (batch + Vec<T>::lanes - 1) / Vec<T>::lanes * Vec<T>::lanes;
 }
 
-// A step matrix is read in place from a merged block: element (o, (s, i)) at o*so + s*ss + i*si.
-
-// out (bond, batch) = A (bond, m*bond) @ x (m*bond, padded).
+// out[o][j] = sum_{s < m, i < inner} A(o, s, i) x[s*inner + i][j] for o < rows, j < cols, A
+// read in place with strides st (simd.h): register tiles along j, the last cols % L columns a
+// partial tile where x's rows are readable to whole registers (`wide`), else one by one.
 template <typename T>
-void matmul(const T* A, Strides st, int64_t m, int64_t bond, const T* x, int64_t padded, T* out,
-            int64_t batch) {
+void product(const T* A, Strides st, int64_t m, int64_t inner, int64_t rows, const T* x,
+             int64_t ldx, int64_t cols, T* out, int64_t ldo, bool wide) {
   constexpr int64_t L = Vec<T>::lanes;
-  int64_t b0 = 0;
-  for (; b0 + 2 * L <= padded; b0 += 2 * L)
-    mm_rows<T, 4, 2>(A, st, m, bond, bond, x, padded, out, batch, b0,
-                     std::min<int64_t>(2 * L, batch - b0));
-  if (b0 < padded)
-    mm_rows<T, 4, 1>(A, st, m, bond, bond, x, padded, out, batch, b0,
-                     std::min<int64_t>(L, batch - b0));
+  int64_t j0 = 0;
+  for (; j0 + 2 * L <= cols; j0 += 2 * L)
+    mm_rows<T, 4, 2>(A, st, m, inner, rows, x, ldx, out, ldo, j0, 2 * L);
+  for (; j0 + L <= cols; j0 += L) mm_rows<T, 4, 1>(A, st, m, inner, rows, x, ldx, out, ldo, j0, L);
+  if (wide && j0 < cols)
+    mm_rows<T, 4, 1>(A, st, m, inner, rows, x, ldx, out, ldo, j0, cols - j0);
+  else
+    for (int64_t o = 0; o < rows; ++o)
+      for (int64_t j = j0; j < cols; ++j) {
+        T acc = 0;
+        for (int64_t s = 0; s < m; ++s)
+          for (int64_t i = 0; i < inner; ++i)
+            acc += A[o * st.so + s * st.ss + i * st.si] * x[(s * inner + i) * ldx + j];
+        out[o * ldo + j] = acc;
+      }
+}
+
+// One step: x[s][i][b] = phi[s][b] v[i][b] (zero for batch <= b < padded), then out (bond,
+// batch) = A (bond, m*bond) @ x, A read in place with strides st.
+template <typename T>
+void step(const T* phi, const T* v, const T* A, Strides st, int64_t m, int64_t bond,
+          int64_t batch, int64_t padded, T* x, T* out) {
+  for (int64_t s = 0; s < m; ++s)
+    for (int64_t i = 0; i < bond; ++i) {
+      T* row = x + (s * bond + i) * padded;
+      const T* p = phi + s * batch;
+      const T* vi = v + i * batch;
+      for (int64_t b = 0; b < batch; ++b) row[b] = p[b] * vi[b];
+      for (int64_t b = batch; b < padded; ++b) row[b] = 0;
+    }
+  product(A, st, m, bond, bond, x, padded, batch, out, batch, true);
 }
 
 // G (rows, cols) = x (rows, ldx) @ vt (batch, ldv), ldv = cols rounded up to whole registers.
@@ -63,44 +80,27 @@ void gram(const T* x, int64_t rows, int64_t ldx, const T* vt, int64_t ldv, int64
   }
 }
 
-// out[i][j] = sum_k a[i*ai + k*ak] b[k*ldb + j] for i < rows, j < cols (out row-major, ldo):
-// a small matrix product vectorised along j (the merge of site pairs, its gradient and the
-// output core; the scan steps use matmul above).
+// peak[b] = the max-abs of column b of x (rows, batch), at least tiny (NaN propagates, as in
+// amax); the column divided by it.
 template <typename T>
-void small_matmul(const T* a, int64_t ai, int64_t ak, int64_t rows, int64_t depth, const T* bm,
-                  int64_t ldb, int64_t cols, T* out, int64_t ldo) {
-  constexpr int64_t L = Vec<T>::lanes;
-  int64_t j0 = 0;
-  for (; j0 + 2 * L <= cols; j0 += 2 * L)
-    mm_rows<T, 4, 2>(a, {ai, 0, ak}, 1, depth, rows, bm, ldb, out, ldo, j0, 2 * L);
-  for (; j0 + L <= cols; j0 += L)
-    mm_rows<T, 4, 1>(a, {ai, 0, ak}, 1, depth, rows, bm, ldb, out, ldo, j0, L);
-  for (int64_t i = 0; i < rows; ++i)  // the last cols % L columns
-    for (int64_t j = j0; j < cols; ++j) {
-      T acc = 0;
-      for (int64_t k = 0; k < depth; ++k) acc += a[i * ai + k * ak] * bm[k * ldb + j];
-      out[i * ldo + j] = acc;
+void normalise_columns(T* x, int64_t rows, int64_t batch, T* peak) {
+  std::fill(peak, peak + batch, std::numeric_limits<T>::min());
+  for (int64_t o = 0; o < rows; ++o)
+    for (int64_t b = 0; b < batch; ++b) {
+      const T a = std::abs(x[o * batch + b]);
+      peak[b] = (a > peak[b] || a != a) ? a : peak[b];
     }
+  for (int64_t o = 0; o < rows; ++o)
+    for (int64_t b = 0; b < batch; ++b) x[o * batch + b] /= peak[b];
 }
 
-// x[s][i][b] = phi[s][b] v[i][b] for b < batch, 0 up to `padded`.
+// Whether the n values at p all lie in [low, high] (by default: are finite; false for NaN).
 template <typename T>
-void outer(const T* phi, int64_t m, const T* v, int64_t bond, int64_t batch, int64_t padded,
-           T* x) {
-  for (int64_t s = 0; s < m; ++s)
-    for (int64_t i = 0; i < bond; ++i) {
-      T* row = x + (s * bond + i) * padded;
-      const T* p = phi + s * batch;
-      const T* vi = v + i * batch;
-      for (int64_t b = 0; b < batch; ++b) row[b] = p[b] * vi[b];
-      for (int64_t b = batch; b < padded; ++b) row[b] = 0;
-    }
-}
-
-std::vector<bool> renorm_plan(int64_t steps, int64_t every) {
-  std::vector<bool> plan(steps);
-  for (int64_t i = 0; i < steps; ++i) plan[i] = (i + 1) % every == 0 || i == steps - 1;
-  return plan;
+bool all_within(const T* p, int64_t n, T low = -std::numeric_limits<T>::max(),
+                T high = std::numeric_limits<T>::max()) {
+  for (int64_t j = 0; j < n; ++j)
+    if (!(p[j] >= low && p[j] <= high)) return false;
+  return true;
 }
 
 // `t` checked (on the CPU, `dim` dimensions) and contiguous.
@@ -118,23 +118,37 @@ Strides step_strides(bool in_first, bool forward, int64_t m, int64_t bond) {
   return {m * bond, bond, 1};                           // A(o, s, i) = block[o][s][i]
 }
 
-struct Plan {
-  int64_t K, S, blocks;
+// A scan's sizes and plan: K chains of S steps over n blocks of block features (n, m, B), vectors
+// (K, D, B), R renormalisations (renorm[i]: after step i).
+struct Scan {
+  int64_t K, D, B, n, m, S, R;
   std::vector<int64_t> index;  // (K, S)
-  std::vector<bool> in_first;
+  std::vector<bool> in_first, renorm;
 };
 
-Plan read_plan(const at::Tensor& index, const std::vector<bool>& in_first, int64_t blocks) {
-  auto idx = checked(index, "index", 2);
-  TORCH_CHECK(idx.scalar_type() == at::kLong, "chain_scan: index must be int64");
-  Plan plan{idx.size(0), idx.size(1), blocks, {}, in_first};
-  TORCH_CHECK(static_cast<int64_t>(in_first.size()) == plan.K,
-              "chain_scan: one in_first flag per chain expected");
+// The scan of `vectors` (start or gradient), checked against blocks, features and the plan.
+Scan read_scan(const at::Tensor& vectors, const at::Tensor& blocks, const at::Tensor& features,
+               const at::Tensor& index, const std::vector<bool>& in_first, int64_t every) {
+  TORCH_CHECK(vectors.device().is_cpu() && vectors.dim() == 3,
+              "chain_scan: vectors (K, D, B) on the CPU expected");  // may stay strided
+  const auto idx = checked(index, "index", 2);
+  Scan sc{vectors.size(0), vectors.size(1), vectors.size(2), blocks.size(0), features.size(1),
+          idx.size(1),     0,               {},              in_first,       {}};
+  const auto dtype = vectors.scalar_type();
+  TORCH_CHECK(blocks.size(1) == sc.D * sc.m && blocks.size(2) == sc.D &&
+                  features.size(0) == sc.n && features.size(2) == sc.B &&
+                  blocks.scalar_type() == dtype && features.scalar_type() == dtype,
+              "chain_scan: inconsistent shapes or dtypes");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.size(0) == sc.K &&
+                  static_cast<int64_t>(in_first.size()) == sc.K,
+              "chain_scan: one int64 index row and one in_first flag per chain expected");
   const int64_t* p = idx.data_ptr<int64_t>();
-  plan.index.assign(p, p + plan.K * plan.S);
-  for (int64_t b : plan.index)
-    TORCH_CHECK(b >= 0 && b < blocks, "chain_scan: block index out of range");
-  return plan;
+  sc.index.assign(p, p + sc.K * sc.S);
+  for (int64_t b : sc.index)
+    TORCH_CHECK(b >= 0 && b < sc.n, "chain_scan: block index out of range");
+  for (int64_t i = 0; i < sc.S; ++i) sc.renorm.push_back((i + 1) % every == 0 || i == sc.S - 1);
+  sc.R = std::count(sc.renorm.begin(), sc.renorm.end(), true);
+  return sc;
 }
 
 }  // namespace
@@ -143,76 +157,48 @@ Plan read_plan(const at::Tensor& index, const std::vector<bool>& in_first, int64
 // (n, m, B) block features, index (K, S) which block each step reads ->
 // vs (S+1, K, D, B) (every step's input and the last output), scales (R, K, 1, B), the
 // log-scales (K, B) (the sum of the scales' logarithms), whether the scan stayed in float range
-// (every scale finite and at least tiny / eps: tnkd.tn.chain._healthy) and whether the last
-// vectors are finite.
+// (every scale finite and at least tiny / eps, as tnkd.tn.chain._scan checks) and whether the
+// last vectors are finite.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, bool> scan_forward(
     at::Tensor start, at::Tensor blocks, at::Tensor features, at::Tensor index,
     std::vector<bool> in_first, int64_t every) {
-  checked(start, "start", 3);  // read once (copied into vs): may stay strided
   blocks = checked(blocks, "blocks", 3);
   features = checked(features, "features", 3);
-  const int64_t K = start.size(0), D = start.size(1), B = start.size(2);
-  const int64_t n = blocks.size(0), m = features.size(1);
-  TORCH_CHECK(blocks.size(1) == D * m && blocks.size(2) == D && features.size(0) == n &&
-                  features.size(2) == B && blocks.scalar_type() == start.scalar_type() &&
-                  features.scalar_type() == start.scalar_type(),
-              "chain_scan: inconsistent shapes or dtypes");
-  const Plan plan = read_plan(index, in_first, n);
-  TORCH_CHECK(plan.K == K, "chain_scan: index has ", plan.K, " chains, start ", K);
-  const int64_t S = plan.S;
-  const auto renorm = renorm_plan(S, every);
-  const int64_t R = std::count(renorm.begin(), renorm.end(), true);
+  const Scan sc = read_scan(start, blocks, features, index, in_first, every);
+  const int64_t K = sc.K, D = sc.D, B = sc.B, m = sc.m, S = sc.S;
   auto vs = at::empty({S + 1, K, D, B}, start.options());
-  auto scales = at::empty({R, K, 1, B}, start.options());
+  auto scales = at::empty({sc.R, K, 1, B}, start.options());
   auto log_scale = at::zeros({K, B}, start.options());
   vs[0].copy_(start);
+  bool healthy = true, finite = true;
   AT_DISPATCH_FLOATING_TYPES(start.scalar_type(), "scan_forward", [&] {
     using T = scalar_t;
     const int64_t padded = padded_width<T>(B);
     T* v_ptr = vs.data_ptr<T>();
     T* s_ptr = scales.data_ptr<T>();
-    T* l_ptr = log_scale.data_ptr<T>();
     const T* c_ptr = blocks.data_ptr<T>();
     const T* f_ptr = features.data_ptr<T>();
-    const T tiny = std::numeric_limits<T>::min();
     at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
-      std::vector<T> x(m * D * padded), peak(B);
+      std::vector<T> x(m * D * padded);
       for (int64_t k = k0; k < k1; ++k) {
-        const Strides st = step_strides(plan.in_first[k], true, m, D);
-        T* logs = l_ptr + k * B;
-        int64_t r = 0;
-        for (int64_t i = 0; i < S; ++i) {
-          const int64_t blk = plan.index[k * S + i];
-          const T* v = v_ptr + (i * K + k) * D * B;
+        const Strides st = step_strides(sc.in_first[k], true, m, D);
+        T* logs = log_scale.data_ptr<T>() + k * B;
+        for (int64_t i = 0, r = 0; i < S; ++i) {
+          const int64_t blk = sc.index[k * S + i];
           T* out = v_ptr + ((i + 1) * K + k) * D * B;
-          outer(f_ptr + blk * m * B, m, v, D, B, padded, x.data());
-          matmul(c_ptr + blk * D * m * D, st, m, D, x.data(), padded, out, B);
-          if (renorm[i]) {
-            std::fill(peak.begin(), peak.end(), tiny);
-            for (int64_t o = 0; o < D; ++o)
-              for (int64_t b = 0; b < B; ++b) {
-                const T a = std::abs(out[o * B + b]);
-                peak[b] = (a > peak[b] || a != a) ? a : peak[b];  // NaN propagates, as in amax
-              }
-            for (int64_t o = 0; o < D; ++o)
-              for (int64_t b = 0; b < B; ++b) out[o * B + b] /= peak[b];
-            std::copy(peak.begin(), peak.end(), s_ptr + (r * K + k) * B);
+          step(f_ptr + blk * m * B, out - K * D * B, c_ptr + blk * D * m * D, st, m, D, B, padded,
+               x.data(), out);
+          if (sc.renorm[i]) {
+            T* peak = s_ptr + (r++ * K + k) * B;
+            normalise_columns(out, D, B, peak);
             for (int64_t b = 0; b < B; ++b) logs[b] += std::log(peak[b]);
-            ++r;
           }
         }
       }
     });
-  });
-  bool healthy = true, finite = true;
-  AT_DISPATCH_FLOATING_TYPES(start.scalar_type(), "scan_forward_checks", [&] {
-    using T = scalar_t;
     const T low = std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
-    const T high = std::numeric_limits<T>::max();
-    const T* sc = scales.data_ptr<T>();
-    for (int64_t j = 0; j < R * K * B; ++j) healthy = healthy && sc[j] >= low && sc[j] <= high;
-    const T* last = vs.data_ptr<T>() + S * K * D * B;
-    for (int64_t j = 0; j < K * D * B; ++j) finite = finite && std::isfinite(last[j]);
+    healthy = all_within(s_ptr, scales.numel(), low, std::numeric_limits<T>::max());
+    finite = all_within(v_ptr + S * K * D * B, K * D * B);
   });
   return {vs, scales, log_scale, healthy, finite};
 }
@@ -235,25 +221,20 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
   features = checked(features, "features", 3);
   vs = checked(vs, "vs", 4);
   scales = checked(scales, "scales", 4);
-  const int64_t K = grad.size(0), D = grad.size(1), B = grad.size(2);
-  const int64_t n = blocks.size(0), m = features.size(1);
-  const Plan plan = read_plan(index, in_first, n);
-  const int64_t S = plan.S;
-  const auto renorm = renorm_plan(S, every);
-  const int64_t R = std::count(renorm.begin(), renorm.end(), true);
-  TORCH_CHECK(plan.K == K && scales.size(0) == R && vs.size(0) == S + 1 &&
-                  blocks.size(1) == D * m && features.size(2) == B,
-              "chain_scan: inconsistent shapes");
+  const Scan sc = read_scan(grad, blocks, features, index, in_first, every);
+  const int64_t K = sc.K, D = sc.D, B = sc.B, n = sc.n, m = sc.m, S = sc.S;
+  TORCH_CHECK(scales.size(0) == sc.R && vs.size(0) == S + 1, "chain_scan: inconsistent shapes");
   // which step writes each block's gradient: the first (in chain, then step order) to read it
   std::vector<char> writes(K * S, 0), seen(n, 0);
   for (int64_t j = 0; j < K * S; ++j)
-    if (!seen[plan.index[j]]) seen[plan.index[j]] = writes[j] = 1;
+    if (!seen[sc.index[j]]) seen[sc.index[j]] = writes[j] = 1;
   auto gs = at::empty({keep_all ? S + 1 : 1, K, D, B}, grad.options());
   auto g_blocks = core_grads ? at::empty({n, D * m, D}, grad.options()) : at::Tensor();
   if (core_grads)
     for (int64_t b = 0; b < n; ++b)
       if (!seen[b]) g_blocks[b].zero_();
   if (keep_all) gs[S].copy_(grad);
+  bool grad_finite = true, start_finite = true;
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "scan_backward", [&] {
     using T = scalar_t;
     const int64_t padded = padded_width<T>(B), ldv = padded_width<T>(D);
@@ -263,27 +244,25 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
     const T* f_ptr = features.data_ptr<T>();
     const T* v_ptr = vs.data_ptr<T>();
     const T* s_ptr = scales.data_ptr<T>();
+    const T* grad_ptr = grad.data_ptr<T>();
     at::parallel_for(0, K, 1, [&](int64_t k0, int64_t k1) {
       std::vector<T> x(m * D * padded), vt(core_grads ? B * ldv : 0, T(0));
       std::vector<T> G(core_grads ? m * D * D : 0), ring(keep_all ? 0 : 2 * D * B);
-      const T* grad_ptr = grad.data_ptr<T>();
       for (int64_t k = k0; k < k1; ++k) {
-        const Strides st = step_strides(plan.in_first[k], false, m, D);
+        const Strides st = step_strides(sc.in_first[k], false, m, D);
         if (!keep_all) std::copy(grad_ptr + k * D * B, grad_ptr + (k + 1) * D * B, ring.data());
-        int64_t r = R;
-        for (int64_t i = S - 1; i >= 0; --i) {
-          const int64_t blk = plan.index[k * S + i];
+        for (int64_t i = S - 1, r = sc.R; i >= 0; --i) {
+          const int64_t blk = sc.index[k * S + i];
           // the gradient of step i's output, and where that of its input goes
           T* g = keep_all ? g_ptr + ((i + 1) * K + k) * D * B : &ring[((S - 1 - i) % 2) * D * B];
           T* g_in = keep_all ? g_ptr + (i * K + k) * D * B : &ring[((S - i) % 2) * D * B];
-          if (renorm[i]) {
-            --r;
-            const T* sc = s_ptr + (r * K + k) * B;
+          if (sc.renorm[i]) {
+            const T* scale = s_ptr + (--r * K + k) * B;
             for (int64_t o = 0; o < D; ++o)
-              for (int64_t b = 0; b < B; ++b) g[o * B + b] /= sc[b];
+              for (int64_t b = 0; b < B; ++b) g[o * B + b] /= scale[b];
           }
-          outer(f_ptr + blk * m * B, m, g, D, B, padded, x.data());
-          matmul(c_ptr + blk * D * m * D, st, m, D, x.data(), padded, g_in, B);
+          step(f_ptr + blk * m * B, g, c_ptr + blk * D * m * D, st, m, D, B, padded, x.data(),
+               g_in);
           if (core_grads && writes[k * S + i]) {
             const T* v = v_ptr + (i * K + k) * D * B;
             for (int64_t c = 0; c < D; ++c)
@@ -294,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
               for (int64_t o = 0; o < D; ++o)
                 for (int64_t c = 0; c < D; ++c) {
                   const T value = G[(s * D + o) * D + c];  // (s, out), in
-                  if (plan.in_first[k])
+                  if (sc.in_first[k])
                     dst[(c * m + s) * D + o] = value;  // l = in, r = out
                   else
                     dst[(o * m + s) * D + c] = value;  // l = out, r = in
@@ -307,16 +286,8 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
         }
       }
     });
-  });
-  bool grad_finite = true, start_finite = true;
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "scan_backward_checks", [&] {
-    using T = scalar_t;
-    const T* g_in = grad.data_ptr<T>();
-    const T* g_start = gs.data_ptr<T>();
-    for (int64_t j = 0; j < K * D * B; ++j) {
-      grad_finite = grad_finite && std::isfinite(g_in[j]);
-      start_finite = start_finite && std::isfinite(g_start[j]);
-    }
+    grad_finite = all_within(grad_ptr, K * D * B);
+    start_finite = all_within(g_ptr, K * D * B);
   });
   return {gs, g_blocks, grad_finite, start_finite};
 }
@@ -324,8 +295,7 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
 // The gradients of pairs of sites from those of their merged blocks: sites (2n, D, d, D),
 // g_blocks (n, D*d*d, D) with M[l][s1][s2][r] = sum_c A1[l][s1][c] A2[c][s2][r] ->
 // (2n, D, d, D): g_A1[l][s1][c] = sum_{s2, r} g_M[l][s1][s2][r] A2[c][s2][r] and
-// g_A2[c][s2][r] = sum_{l, s1} A1[l][s1][c] g_M[l][s1][s2][r], written in place (the Python
-// path's two batched matmuls and a stack).
+// g_A2[c][s2][r] = sum_{l, s1} A1[l][s1][c] g_M[l][s1][s2][r].
 at::Tensor unmerge_pairs(at::Tensor g_blocks, at::Tensor sites) {
   g_blocks = checked(g_blocks, "g_blocks", 3);
   sites = checked(sites, "sites", 4);
@@ -337,8 +307,6 @@ at::Tensor unmerge_pairs(at::Tensor g_blocks, at::Tensor sites) {
   const int64_t row = d * D, site = D * d * D;  // (s, r) entries of a site row; a site's size
   AT_DISPATCH_FLOATING_TYPES(sites.scalar_type(), "unmerge_pairs", [&] {
     using T = scalar_t;
-    using V = typename Vec<T>::type;
-    constexpr int64_t L = Vec<T>::lanes;
     const int64_t ldv = padded_width<T>(D);
     const T* a_ptr = sites.data_ptr<T>();
     const T* g_ptr = g_blocks.data_ptr<T>();
@@ -350,13 +318,11 @@ at::Tensor unmerge_pairs(at::Tensor g_blocks, at::Tensor sites) {
         const T* a2 = a1 + site;               // [c][(s2, r)]
         const T* gm = g_ptr + blk * site * d;  // [(l, s1)][(s2, r)]
         T* g1 = o_ptr + 2 * blk * site;
-        T* g2 = g1 + site;
         for (int64_t c = 0; c < D; ++c)
           for (int64_t j = 0; j < row; ++j) a2t[j * ldv + c] = a2[c * row + j];
-        // g_A1 = g_M A2^T: a (D d, D) product reducing over (s2, r)
+        // g_A1 = g_M A2^T, g_A2 = A1^T g_M
         gram(gm, D * d, row, a2t.data(), ldv, row, g1, D);
-        // g_A2 = A1^T g_M
-        small_matmul(a1, 1, D, D, D * d, gm, row, row, g2, row);
+        product(a1, {1, 0, D}, 1, D * d, D, gm, row, row, g1 + site, row, false);
       }
     });
   });
@@ -377,9 +343,9 @@ at::Tensor merge_pairs(at::Tensor sites) {
     T* m_ptr = merged.data_ptr<T>();
     at::parallel_for(0, n, 8, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) {
-        const T* a1 = a_ptr + 2 * blk * site;  // [(l, s1)][c]
-        const T* a2 = a1 + site;               // [c][(s2, r)]
-        small_matmul(a1, D, 1, D * d, D, a2, row, row, m_ptr + blk * site * d, row);
+        const T* a1 = a_ptr + 2 * blk * site;  // [(l, s1)][c], then A2 [c][(s2, r)]
+        product(a1, {D, 0, 1}, 1, D, D * d, a1 + site, row, row, m_ptr + blk * site * d, row,
+                false);
       }
     });
   });
@@ -387,7 +353,7 @@ at::Tensor merge_pairs(at::Tensor sites) {
 }
 
 // Block features straight from the feature map's (B, N, d) output: the n padded sites read
-// features[:, source[i]] (an identity site, source -1, reads e_0), and a block's features are
+// features[:, source[i]] (an identity site, source N, reads e_0), and a block's features are
 // the outer product of its `block` sites' (tnkd.tn.chain._block_features) -> (n / block,
 // d^block, B).
 at::Tensor block_features(at::Tensor features, at::Tensor source, int64_t block) {
@@ -401,41 +367,37 @@ at::Tensor block_features(at::Tensor features, at::Tensor source, int64_t block)
   auto out = at::empty({blocks, m, B}, features.options());
   const int64_t* src = source.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK(src[i] >= -1 && src[i] < N, "chain_scan: source site out of range");
+    TORCH_CHECK(src[i] >= 0 && src[i] <= N, "chain_scan: source site out of range");
   AT_DISPATCH_FLOATING_TYPES(features.scalar_type(), "block_features", [&] {
     using T = scalar_t;
     const T* f = features.data_ptr<T>();
     T* o = out.data_ptr<T>();
     std::vector<T> site(d * B), prod(m * B), next(m * B);
     for (int64_t blk = 0; blk < blocks; ++blk) {
-      int64_t width = 1;  // d^j after j sites
-      for (int64_t j = 0; j < block; ++j) {
-        const int64_t s_idx = src[blk * block + j];
+      for (int64_t j = 0, width = 1; j < block; ++j, width *= d) {  // width: d^j
+        const int64_t at = src[blk * block + j];
+        T* dst = j == 0 ? prod.data() : site.data();
         for (int64_t s = 0; s < d; ++s)
           for (int64_t b = 0; b < B; ++b)
-            site[s * B + b] = s_idx < 0 ? T(s == 0) : f[(b * N + s_idx) * d + s];
-        if (j == 0) {
-          std::copy(site.begin(), site.end(), prod.begin());
-        } else {
-          for (int64_t p = 0; p < width; ++p)
-            for (int64_t s = 0; s < d; ++s)
-              for (int64_t b = 0; b < B; ++b)
-                next[(p * d + s) * B + b] = prod[p * B + b] * site[s * B + b];
-          std::swap(prod, next);
-        }
-        width *= d;
+            dst[s * B + b] = at == N ? T(s == 0) : f[(b * N + at) * d + s];
+        if (j == 0) continue;
+        for (int64_t p = 0; p < width; ++p)
+          for (int64_t s = 0; s < d; ++s)
+            for (int64_t b = 0; b < B; ++b)
+              next[(p * d + s) * B + b] = prod[p * B + b] * site[s * B + b];
+        std::swap(prod, next);
       }
-      std::copy(prod.begin(), prod.begin() + m * B, o + blk * m * B);
+      std::copy(prod.begin(), prod.end(), o + blk * m * B);
     }
   });
   return out;
 }
 
-// The output core of an MPS contracted with the ends of its two halves, u = ends[0] and
-// w = ends[1], (D, B) each: values[b][c] = sum_{l, r} u[l][b] O[l][c][r] w[r][b], divided by
-// their max-abs per sample. Returns the (B, C) normalised values, the (B,) log-scales
-// logs[0] + logs[1] + log(scale), ow[l][c][b] = sum_r O[l][c][r] w[r][b] (D, C, B) and the
-// (B,) scales, both for mps_output_backward.
+// The output core of an MPS between the ends of its two halves, u = ends[0] and w = ends[1],
+// (D, B) each: values[b][c] = sum_{l, r} u[l][b] O[l][c][r] w[r][b], divided by their max-abs
+// per sample. Returns the (B, C) normalised values, the (B,) log-scales logs[0] + logs[1] +
+// log(scale), and for mps_output_backward ow[l][c][b] = sum_r O[l][c][r] w[r][b] (D, C, B) and
+// the (B,) scales.
 std::vector<at::Tensor> mps_output_forward(at::Tensor ends, at::Tensor out_core, at::Tensor logs) {
   ends = checked(ends, "ends", 3);
   out_core = checked(out_core, "output_core", 3);
@@ -452,31 +414,19 @@ std::vector<at::Tensor> mps_output_forward(at::Tensor ends, at::Tensor out_core,
   AT_DISPATCH_FLOATING_TYPES(ends.scalar_type(), "mps_output_forward", [&] {
     using T = scalar_t;
     const T* u = ends.data_ptr<T>();
-    const T* w = u + D * B;
-    const T* o = out_core.data_ptr<T>();
     const T* lg = logs.data_ptr<T>();
     T* owp = ow.data_ptr<T>();
-    std::vector<T> val(C * B, T(0));
-    small_matmul(o, D, 1, D * C, D, w, B, B, owp, B);
-    for (int64_t lc = 0; lc < D * C; ++lc) {
-      const T* row = owp + lc * B;
-      const T* ul = u + (lc / C) * B;
-      T* vc = val.data() + (lc % C) * B;
-      for (int64_t b = 0; b < B; ++b) vc[b] += row[b] * ul[b];
-    }
-    T* vp = values.data_ptr<T>();
     T* sp = scale.data_ptr<T>();
+    T* vp = values.data_ptr<T>();
     T* lp = log_scale.data_ptr<T>();
-    const T tiny = std::numeric_limits<T>::min();
+    std::vector<T> val(C * B, T(0));
+    product(out_core.data_ptr<T>(), {D, 0, 1}, 1, D, D * C, u + D * B, B, B, owp, B, false);
+    for (int64_t lc = 0; lc < D * C; ++lc)
+      for (int64_t b = 0; b < B; ++b) val[(lc % C) * B + b] += owp[lc * B + b] * u[lc / C * B + b];
+    normalise_columns(val.data(), C, B, sp);
     for (int64_t b = 0; b < B; ++b) {
-      T peak = tiny;
-      for (int64_t c = 0; c < C; ++c) {
-        const T a = std::abs(val[c * B + b]);
-        peak = (a > peak || a != a) ? a : peak;
-      }
-      sp[b] = peak;
-      lp[b] = lg[b] + lg[B + b] + std::log(peak);
-      for (int64_t c = 0; c < C; ++c) vp[b * C + c] = val[c * B + b] / peak;
+      lp[b] = lg[b] + lg[B + b] + std::log(sp[b]);
+      for (int64_t c = 0; c < C; ++c) vp[b * C + c] = val[c * B + b];
     }
   });
   return {values, log_scale, ow, scale};
@@ -489,47 +439,39 @@ std::vector<at::Tensor> mps_output_forward(at::Tensor ends, at::Tensor out_core,
 // g_O[l][c][r] = sum_b u[l][b] g'[c][b] w[r][b] (else an undefined tensor).
 std::vector<at::Tensor> mps_output_backward(at::Tensor grad, at::Tensor ends, at::Tensor out_core,
                                             at::Tensor ow, at::Tensor scale, bool core_grad) {
-  grad = grad.contiguous();
-  ends = ends.contiguous();
-  out_core = out_core.contiguous();
-  ow = ow.contiguous();
-  scale = scale.contiguous();
-  const int64_t D = ends.size(1), B = ends.size(2), C = out_core.size(1);
-  TORCH_CHECK(grad.size(0) == B && grad.size(1) == C && ow.size(0) == D && ow.size(1) == C,
+  grad = checked(grad, "grad", 2);
+  ends = checked(ends, "ends", 3);
+  out_core = checked(out_core, "output_core", 3);
+  ow = checked(ow, "ow", 3);
+  scale = checked(scale, "scale", 1);
+  const int64_t D = ends.size(1), B = ends.size(2), C = ow.size(1);
+  TORCH_CHECK(grad.size(0) == B && grad.size(1) == C && ow.size(0) == D,
               "chain_scan: inconsistent shapes");
   auto g_ends = at::zeros({2, D, B}, ends.options());
   auto g_core = core_grad ? at::empty({D, C, D}, ends.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(ends.scalar_type(), "mps_output_backward", [&] {
     using T = scalar_t;
-    const T* u = ends.data_ptr<T>();
-    const T* w = u + D * B;
-    const T* o = out_core.data_ptr<T>();
-    const T* owp = ow.data_ptr<T>();
     const T* gp = grad.data_ptr<T>();
     const T* sp = scale.data_ptr<T>();
+    const T* u = ends.data_ptr<T>();
+    const T* owp = ow.data_ptr<T>();
     T* gu = g_ends.data_ptr<T>();
-    T* gw = gu + D * B;
-    std::vector<T> gt(C * B), ug(D * C * B);
+    std::vector<T> gt(C * B), ug(D * C * B);  // g' (C, B); ug[l][c][b] = u[l][b] g'[c][b]
     for (int64_t b = 0; b < B; ++b)
       for (int64_t c = 0; c < C; ++c) gt[c * B + b] = gp[b * C + c] / sp[b];
     for (int64_t lc = 0; lc < D * C; ++lc) {
-      const int64_t l = lc / C, c = lc % C;
-      const T* row = owp + lc * B;
-      const T* g = gt.data() + c * B;
-      const T* ul = u + l * B;
-      T* gul = gu + l * B;
-      T* ugr = ug.data() + lc * B;
+      const T* g = gt.data() + (lc % C) * B;
       for (int64_t b = 0; b < B; ++b) {
-        gul[b] += row[b] * g[b];
-        ugr[b] = ul[b] * g[b];
+        gu[lc / C * B + b] += owp[lc * B + b] * g[b];
+        ug[lc * B + b] = u[lc / C * B + b] * g[b];
       }
     }
-    small_matmul(o, 1, D, D, D * C, ug.data(), B, B, gw, B);
+    product(out_core.data_ptr<T>(), {1, 0, D}, 1, D * C, D, ug.data(), B, B, gu + D * B, B, false);
     if (core_grad) {
       const int64_t ldv = padded_width<T>(D);
       std::vector<T> wt(B * ldv, T(0));
       for (int64_t r = 0; r < D; ++r)
-        for (int64_t b = 0; b < B; ++b) wt[b * ldv + r] = w[r * B + b];
+        for (int64_t b = 0; b < B; ++b) wt[b * ldv + r] = u[(D + r) * B + b];
       gram(ug.data(), D * C, B, wt.data(), ldv, B, g_core.data_ptr<T>(), D);
     }
   });

@@ -1,5 +1,5 @@
-// SIMD helpers shared by the native sources (chain_scan.cpp, tree_levels.cpp): a register type,
-// and the register-tiled matrix products both are built from.
+// SIMD helpers of chain_scan.cpp and tree_levels.cpp: a register type and register-tiled
+// matrix products.
 #pragma once
 
 #include <algorithm>
@@ -7,8 +7,8 @@
 
 namespace tnkd_simd {
 
-// One SIMD register's worth of T (GCC/Clang vector extension: 16 floats or 8 doubles; lowered
-// to narrower registers where the CPU has no 512-bit ones).
+// One 512-bit register of T (GCC/Clang vector extension; narrower registers where the CPU has
+// no 512-bit ones).
 template <typename T>
 struct Vec {
   typedef T type __attribute__((vector_size(64)));
@@ -27,15 +27,15 @@ inline void store(T* p, typename Vec<T>::type v) {
   __builtin_memcpy(p, &v, sizeof(v));
 }
 
-// A matrix read in place: element (o, (s, i)) at o*so + s*ss + i*si (a plain (rows, depth)
-// matrix a[r*ar + k*ak] is {ar, 0, ak} with one s).
+// A matrix read in place: element (o, (s, i)) at o*so + s*ss + i*si ({ar, 0, ak} for a plain
+// matrix a[r*ar + k*ak] with one s).
 struct Strides {
   int64_t so, ss, si;
 };
 
 // out[o][b] = sum_{s < m, i < inner} A(o, s, i) x[s*inner + i][b] for rows o0..o0+R-1 and NV
 // registers of columns from b0 (`valid` of them stored); x (m*inner, ldx), out (rows, ldo).
-// Each x row is loaded once and broadcast against R rows of A (register tiling).
+// Each x row is loaded once for R rows of A.
 template <typename T, int R, int NV>
 inline void mm_tile(const T* __restrict A, Strides st, int64_t m, int64_t inner,
                     const T* __restrict x, int64_t ldx, T* __restrict out, int64_t ldo,
@@ -79,10 +79,9 @@ inline void mm_rows(const T* A, Strides st, int64_t m, int64_t inner, int64_t ro
 }
 
 // G[r][c] (+)= sum_{b < batch} x[r][b] vt[b][c] for rows r0..r0+R-1 and NV registers of
-// columns from c0 (`valid` of them written): x (rows, ldx), vt (batch, ldv) the other factor
-// transposed, zero-padded to whole registers, G (rows, cols); `Acc` adds to G instead of
-// overwriting it. The batch is the reduction: one broadcast of x and one FMA per register and
-// sample, no horizontal sums.
+// columns from c0 (`valid` of them written): x (rows, ldx), vt (batch, ldv) zero-padded to whole
+// registers, G (rows, cols); `Acc` adds to G. The batch is the reduction: one broadcast and one
+// FMA per register and sample, no horizontal sums.
 template <typename T, int R, int NV, bool Acc>
 inline void gram_tile(const T* __restrict x, int64_t ldx, const T* __restrict vt, int64_t ldv,
                       int64_t batch, T* __restrict G, int64_t cols, int64_t r0, int64_t c0,
@@ -106,8 +105,7 @@ inline void gram_tile(const T* __restrict x, int64_t ldx, const T* __restrict vt
   }
 }
 
-// gram_tile over all `rows` rows (8 or 4 at a time: one x broadcast per FMA or two), columns
-// c0..c0 + NV registers.
+// gram_tile over all `rows` rows (8 or 4 at a time), columns c0..c0 + NV registers.
 template <typename T, int NV, bool Acc>
 inline void gram_rows(const T* x, int64_t rows, int64_t ldx, const T* vt, int64_t ldv,
                       int64_t batch, T* G, int64_t cols, int64_t c0) {

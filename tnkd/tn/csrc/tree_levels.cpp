@@ -1,33 +1,16 @@
-// The level loop of tnkd.tn.fused.FastTree (a binary tree of pair steps) as native loops.
+// The level loop of tnkd.tn.fused.FastTree (a binary tree of pair steps) as native loops: the
+// forward step and hand-written backward of tnkd/tn/fused.py's module docstring. Level k joins
+// G nodes W[g, a, b, p] with their two children, each a row (A, n) of a block or of an earlier
+// level's result (named per node: slot and row), optionally divided per (node, sample) by its
+// max-abs over p (clamped at the smallest normal float; the divisors are returned, their logs
+// sum to the root's log-scale).
 //
-// tree_forward / tree_backward: the same math as tnkd.tn.fused.tree_forward / tree_backward.
-// Level k joins G nodes W[g, a, b, p] with their two children, each a row (A, n) of a block
-// or of an earlier level's result (named per node: slot and row):
-//
-//     out[g, p, c] = sum_{a, b} W[g, a, b, p] left[g, a, c] right[g, b, c]
-//
-// optionally divided per (node, sample) by its max-abs over p (clamped at the smallest normal
-// float; the divisors are returned, their logs sum to the root's log-scale). Backward, with
-// G = grad / divisor:
-//
-//     g_W[g, a, b, p] = sum_c left[a, c] right[b, c] G[p, c]
-//     gO[(a, b), c]   = sum_p W[a, b, p] G[p, c]
-//     g_left[a, c]    = sum_b gO[(a, b), c] right[b, c]
-//     g_right[b, c]   = sum_a gO[(a, b), c] left[a, c]
-//
-// Threads never meet between levels (the Python loop pays one ATen dispatch, and one parallel
-// region, per kernel and level): subtrees are independent, and so are samples. Where every
-// level reads the one below in pairs (a balanced tree), thread t runs all levels of its own subtrees on
-// every column of the batch, and the levels with fewer nodes than threads (the root, ...) run
-// on one thread after them (before them, backward); each weight's gradient is written by one
-// thread. Other plans split the batch (the last, contiguous axis n) into per-thread column
-// ranges, each thread running every level on its range and accumulating the weights' gradients
-// (sums over the batch) into its own buffer, summed at the end (see Split). Inside a thread, a
-// node's columns go in chunks of at most 4 SIMD registers, with the chunk's outer product
-// left (x) right in an L1-sized scratch: the forward product is a register-tiled matrix product
-// along the columns, g_W a product with the batch as the reduction (the gradient transposed, so
-// no horizontal sums), through Q = right (x) G where P is narrower than a register. The
-// optional head (logits exp(s) v / ||v|| of the root v, and its backward) is computed here too.
+// Threads never meet between levels (see Split). Inside a thread, a node's columns go in
+// chunks of at most 4 SIMD registers, with the chunk's outer product left (x) right in an
+// L1-sized scratch: the forward product is a register-tiled matrix product along the columns,
+// g_W a product with the batch as the reduction (the gradient transposed, so no horizontal
+// sums), through Q = right (x) G where P is narrower than a register. The optional head (logits
+// exp(s) v / ||v|| of the root v, and its backward) is computed here too.
 //
 // With `linear`, level 0's left child is a (G, 2, n) tensor of raw pairs [x_l, x_r] (any
 // strides), and its children are the [1, x] features [1, x_l] and [1, x_r] (A = B = 2), made
@@ -39,12 +22,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <memory>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -118,26 +102,19 @@ inline void load_rows(const T* src, int64_t sr, int64_t sc, int64_t rows, int64_
   }
 }
 
-template <typename T>
-inline void store_rows(const T* src, int64_t rows, int64_t width, int64_t cols, T* dst,
-                       int64_t sr) {
-  for (int64_t r = 0; r < rows; ++r) copy_row(src + r * width, cols, dst + r * sr);
-}
-
-// A child's gradient rows from scratch (rows, width): written, or added to with `add`.
+// Rows (rows, width) of scratch into columns c0..c0+cols of `dst` (a result or a gradient,
+// contiguous along the batch): written, or added to with `add`.
 template <typename T>
 inline void give(const T* src, int64_t rows, int64_t width, int64_t cols, const Child<T>& dst,
                  int64_t c0, bool add) {
-  T* d = dst.ptr + c0 * dst.sc;
-  if (!add && dst.sc == 1) {
-    store_rows(src, rows, width, cols, d, dst.sr);
-    return;
-  }
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) {
-      T& x = d[r * dst.sr + c * dst.sc];
-      x = add ? x + src[r * width + c] : src[r * width + c];
+  for (int64_t r = 0; r < rows; ++r) {
+    T* d = dst.ptr + r * dst.sr + c0;
+    if (!add) {
+      copy_row(src + r * width, cols, d);
+    } else {
+      for (int64_t c = 0; c < cols; ++c) d[c] = d[c] + src[r * width + c];
     }
+  }
 }
 
 // o[(a, b)][:] = l[a][:] r[b][:] over `nv` registers.
@@ -153,47 +130,74 @@ inline void outer(const T* l, int64_t A, const T* r, int64_t B, int64_t nv, int6
     }
 }
 
-// 64-byte aligned scratch, not initialised.
+// A child's gradient over `nv` registers: the left's (side 0) g[a] = sum_b gO[(a, b)] right[b],
+// the right's (side 1) g[b] = sum_a gO[(a, b)] left[a]; `other` is the other child.
 template <typename T>
-struct Scratch {
-  std::unique_ptr<T[]> data;
-  T* base;
-  explicit Scratch(int64_t size) : data(new T[size + 64 / sizeof(T)]) {
-    auto p = reinterpret_cast<std::uintptr_t>(data.get());
-    base = reinterpret_cast<T*>((p + 63) / 64 * 64);
-  }
-};
+inline void child_grad(const T* go, int64_t A, int64_t B, int side, const T* other, int64_t nv,
+                       int64_t width, T* g) {
+  using V = typename Vec<T>::type;
+  constexpr int64_t L = Vec<T>::lanes;
+  const int64_t rows = side ? B : A, terms = side ? A : B;
+  const int64_t s_row = side ? 1 : B, s_term = side ? B : 1;  // gO's rows (a, b) strides
+  for (int64_t v = 0; v < nv; ++v)
+    for (int64_t i = 0; i < rows; ++i) {
+      V acc = V{};
+      for (int64_t j = 0; j < terms; ++j)
+        acc += load(go + (i * s_row + j * s_term) * width + v * L) *
+               load(other + j * width + v * L);
+      store(g + i * width + v * L, acc);
+    }
+}
 
 struct Level {
   int64_t w;
   bool renorm;
   int64_t nodes, A, B, P;
   int64_t first;  // where its nodes' children start in the plan's lists
+  int64_t divisors = -1;  // its first row of divisors (-1: not renormalised)
   bool need_children = false;  // (backward) some child's gradient is needed
+  int64_t rows(int side) const { return side ? B : A; }
 };
 
-// A node's children: left (slot, row) and right (slot, row); a slot is a block, or (from
-// `blocks` on) an earlier level's result.
+// Node i's children: left (side 0) and right (side 1), each at row row[side][i] of slot
+// slot[side][i]; a slot is a block, or (from `blocks` on) an earlier level's result.
 struct Plan {
   std::vector<Level> levels;
-  std::vector<int64_t> ls, lr, rs, rr;
-  int64_t blocks, n;
+  std::vector<int64_t> slot[2], row[2];
+  int64_t blocks, n, divisors = 0;
   bool linear;
   int64_t max_ab = 1, max_a = 1, max_p = 1;
 };
 
-Plan make_plan(const std::vector<at::Tensor>& blocks, const std::vector<int64_t>& w,
-               std::vector<int64_t> ls, std::vector<int64_t> lr, std::vector<int64_t> rs,
-               std::vector<int64_t> rr, const std::vector<bool>& renorm, bool linear, int64_t n) {
-  const int64_t K = w.size();
-  TORCH_CHECK(K > 0 && (int64_t)renorm.size() == K,
+// The plan of `lists` (the weights' slots, then the left and right children's slots and rows)
+// for the blocks, which it checks, the weights made contiguous.
+Plan make_plan(std::vector<at::Tensor>& blocks, std::vector<std::vector<int64_t>> lists,
+               const std::vector<bool>& renorm, bool linear) {
+  Plan plan;
+  plan.blocks = blocks.size();
+  plan.linear = linear;
+  TORCH_CHECK(lists.size() == 5 && !lists[0].empty() && lists[0].size() == renorm.size(),
               "tree_levels: the plan's lists must have one entry per level");
-  Plan plan{{}, std::move(ls), std::move(lr), std::move(rs), std::move(rr),
-            (int64_t)blocks.size(), n, linear};
-  const int64_t total = plan.ls.size();
-  TORCH_CHECK((int64_t)plan.lr.size() == total && (int64_t)plan.rs.size() == total &&
-                  (int64_t)plan.rr.size() == total,
-              "tree_levels: the children's lists must have one entry per node");
+  const std::vector<int64_t>& w = lists[0];
+  const int64_t K = w.size(), total = lists[1].size();
+  for (int s = 0; s < 2; ++s) {
+    plan.slot[s] = std::move(lists[1 + 2 * s]);
+    plan.row[s] = std::move(lists[2 + 2 * s]);
+    TORCH_CHECK((int64_t)plan.slot[s].size() == total && (int64_t)plan.row[s].size() == total,
+                "tree_levels: the children's lists must have one entry per node");
+  }
+  const int64_t leaf = total > 0 ? plan.slot[0][0] : -1;
+  TORCH_CHECK(leaf >= 0 && leaf < plan.blocks && blocks[leaf].dim() == 3,
+              "tree_levels: the first level's children must be (G, A, n) blocks");
+  plan.n = blocks[leaf].size(2);
+  for (auto& b : blocks) {
+    TORCH_CHECK(b.device().is_cpu(), "tree_levels: blocks must be on the CPU");
+    TORCH_CHECK(b.scalar_type() == blocks[0].scalar_type(),
+                "tree_levels: all blocks must have one dtype");
+    TORCH_CHECK(b.dim() != 3 || b.size(2) == plan.n, "tree_levels: every input's batch must be ",
+                plan.n, ", got ", b.size(2));
+    if (b.dim() == 4) b = b.contiguous();
+  }
   // a slot's (nodes, rows): a (G, X, n) block or an earlier level's (G, P, n) result
   auto shape = [&](int64_t slot) -> std::pair<int64_t, int64_t> {
     if (slot >= plan.blocks) {
@@ -214,12 +218,12 @@ Plan make_plan(const std::vector<at::Tensor>& blocks, const std::vector<int64_t>
     Level lv{w[k], renorm[k], wt.size(0), wt.size(1), wt.size(2), wt.size(3), first};
     TORCH_CHECK(first + lv.nodes <= total, "tree_levels: level ", k, " has no children listed");
     for (int64_t i = first; i < first + lv.nodes; ++i) {
-      for (const auto& [slot, row, rows] : {std::tuple{plan.ls[i], plan.lr[i], lv.A},
-                                            std::tuple{plan.rs[i], plan.rr[i], lv.B}}) {
+      for (int s = 0; s < 2; ++s) {
+        const int64_t slot = plan.slot[s][i], row = plan.row[s][i];
         TORCH_CHECK(slot >= 0 && slot < plan.blocks + k,
                     "tree_levels: a level reads a block or an earlier level's result");
         const auto [sn, sr] = shape(slot);
-        const int64_t want = linear && k == 0 ? 2 : rows;
+        const int64_t want = linear && k == 0 ? 2 : lv.rows(s);
         TORCH_CHECK(row >= 0 && row < sn && sr == want, "tree_levels: level ", k,
                     " expects children of ", want, " rows, got a (", sn, ", ", sr,
                     ", n) slot (row ", row, ")");
@@ -228,6 +232,10 @@ Plan make_plan(const std::vector<at::Tensor>& blocks, const std::vector<int64_t>
     TORCH_CHECK(!(linear && k == 0) || (lv.A == 2 && lv.B == 2),
                 "tree_levels: [1, x] leaves need (G, 2, 2, P) weights and (G, 2, n) pairs");
     first += lv.nodes;
+    if (lv.renorm) {
+      lv.divisors = plan.divisors;
+      plan.divisors += lv.nodes;
+    }
     plan.max_ab = std::max(plan.max_ab, lv.A * lv.B);
     plan.max_a = std::max({plan.max_a, lv.A, lv.B});
     plan.max_p = std::max(plan.max_p, lv.P);
@@ -246,12 +254,6 @@ std::pair<int64_t, int64_t> columns(int64_t t, int64_t tasks, int64_t n) {
   return {std::min(n, r0 * L), std::min(n, r1 * L)};
 }
 
-template <typename T>
-int64_t task_count(int64_t n) {
-  const int64_t regs = (n + Vec<T>::lanes - 1) / Vec<T>::lanes;
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), regs));
-}
-
 // Registers per chunk: the outer product (A*B rows) within about 32 KB, at most 4.
 template <typename T>
 int64_t chunk_registers(int64_t max_ab) {
@@ -259,46 +261,53 @@ int64_t chunk_registers(int64_t max_ab) {
   return std::max<int64_t>(1, std::min<int64_t>(4, fit));
 }
 
-// The children of node g at level k: (left, right) element pointers and strides.
+// The children of node g at level k in `slots` (the values', or the gradients').
 template <typename T>
-std::pair<Child<T>, Child<T>> children(const Plan& plan, const Level& lv, int64_t g,
-                                       const std::vector<Child<T>>& slots) {
-  const int64_t i = lv.first + g;
-  Child<T> left = slots[plan.ls[i]], right = slots[plan.rs[i]];
-  left.ptr += plan.lr[i] * left.sn;
-  right.ptr += plan.rr[i] * right.sn;
-  return {left, right};
-}
-
-template <typename T>
-Child<T> as_child(const at::Tensor& t) {
-  return Child<T>{t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-// Level k's children of node g for columns c0..c0+cols into ls (A rows), rs (B rows).
-template <typename T>
-inline void load_children(const Plan& plan, int64_t k, const Level& lv, const Child<T>& left,
-                          const Child<T>& right, int64_t c0, int64_t cols, int64_t width, T* ls,
-                          T* rs) {
-  if (plan.linear && k == 0) {  // left: the raw pair [x_l, x_r] of node g
-    for (int64_t c = 0; c < width; ++c) ls[c] = rs[c] = c < cols ? T(1) : T(0);
-    const T* base = left.ptr + c0 * left.sc;
-    load_rows(base, left.sr, left.sc, 1, cols, width, ls + width);
-    load_rows(base + left.sr, left.sr, left.sc, 1, cols, width, rs + width);
-    return;
+std::array<Child<T>, 2> children(const Plan& plan, const Level& lv, int64_t g,
+                                 const std::vector<Child<T>>& slots) {
+  std::array<Child<T>, 2> out;
+  for (int s = 0; s < 2; ++s) {
+    out[s] = slots[plan.slot[s][lv.first + g]];
+    out[s].ptr += plan.row[s][lv.first + g] * out[s].sn;
   }
-  load_rows(left.ptr + c0 * left.sc, left.sr, left.sc, lv.A, cols, width, ls);
-  load_rows(right.ptr + c0 * right.sc, right.sr, right.sc, lv.B, cols, width, rs);
+  return out;
+}
+
+// The slots of the tensors of `a`, then of `b`: (G, X, n) tensors as children, others none.
+template <typename T>
+std::vector<Child<T>> as_slots(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  std::vector<Child<T>> slots;
+  for (const std::vector<at::Tensor>* list : {&a, &b})
+    for (const at::Tensor& t : *list)
+      slots.push_back(t.defined() && t.dim() == 3
+                          ? Child<T>{t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)}
+                          : Child<T>{nullptr, 0, 0, 0});
+  return slots;
+}
+
+// Level k's children of node g for columns c0..c0+cols into dst[0] (A rows), dst[1] (B rows).
+template <typename T>
+inline void load_children(const Plan& plan, int64_t k, const Level& lv,
+                          const std::array<Child<T>, 2>& ch, int64_t c0, int64_t cols,
+                          int64_t width, T* const* dst) {
+  for (int s = 0; s < 2; ++s) {
+    if (plan.linear && k == 0) {  // [1, x_l] and [1, x_r] from the raw pair of node g
+      for (int64_t c = 0; c < width; ++c) dst[s][c] = c < cols ? T(1) : T(0);
+      const T* x = ch[0].ptr + c0 * ch[0].sc + s * ch[0].sr;
+      load_rows(x, ch[0].sr, ch[0].sc, 1, cols, width, dst[s] + width);
+    } else {
+      load_rows(ch[s].ptr + c0 * ch[s].sc, ch[s].sr, ch[s].sc, lv.rows(s), cols, width, dst[s]);
+    }
+  }
 }
 
 // How a pass is split between threads. By subtrees where the levels form a chain (the leaves
 // read row g of two blocks, each level rows 2g and 2g + 1 of the one below: node g of level k
-// depends only on nodes g 2^(k-j) ..
-// (g+1) 2^(k-j) - 1 of level j <= k): task t runs levels 0..top-1 on its own subtrees, all
-// columns, with no synchronisation and no shared weight gradients; the levels from `top` (fewer
-// nodes than threads: the root, ...) run on one thread after them (before them, backward).
-// Otherwise by columns: task t runs every level on its own columns of the batch, each task
-// with its own weight-gradient buffer, summed at the end.
+// depends only on nodes g 2^(k-j) .. (g+1) 2^(k-j) - 1 of level j <= k): task t runs levels
+// 0..top-1 on its own subtrees, all columns, with no synchronisation and no shared weight
+// gradients; the levels from `top` (fewer nodes than threads: the root, ...) run on one thread
+// after them (before them, backward). Otherwise by columns: task t runs every level on its own
+// columns of the batch, each task with its own weight-gradient buffer, summed at the end.
 struct Split {
   bool subtrees;
   int64_t tasks, top;
@@ -313,11 +322,11 @@ Split split_work(const Plan& plan) {
     chain = k == 0 || 2 * lv.nodes == plan.levels[k - 1].nodes;
     for (int64_t g = 0; g < lv.nodes && chain; ++g) {
       const int64_t i = lv.first + g, below = plan.blocks + k - 1;
-      chain = k == 0 ? plan.ls[i] == plan.ls[0] && plan.rs[i] == plan.rs[0] &&
-                           plan.ls[0] < plan.blocks && plan.rs[0] < plan.blocks &&
-                           plan.lr[i] == g && plan.rr[i] == g
-                     : plan.ls[i] == below && plan.rs[i] == below && plan.lr[i] == 2 * g &&
-                           plan.rr[i] == 2 * g + 1;
+      for (int s = 0; s < 2; ++s) {
+        const int64_t slot = plan.slot[s][i], row = plan.row[s][i];
+        chain = chain && (k == 0 ? slot == plan.slot[s][0] && slot < plan.blocks && row == g
+                                 : slot == below && row == 2 * g + s);
+      }
     }
   }
   if (threads > 1 && chain) {
@@ -325,61 +334,80 @@ Split split_work(const Plan& plan) {
     while (top < K && plan.levels[top].nodes >= threads) ++top;
     if (top > 0) return {true, threads, top};
   }
-  return {false, task_count<T>(plan.n), K};
+  const int64_t regs = (plan.n + Vec<T>::lanes - 1) / Vec<T>::lanes;
+  return {false, std::max<int64_t>(1, std::min<int64_t>(threads, regs)), K};
 }
 
-// The nodes of level k < top in task t's subtrees.
-inline std::pair<int64_t, int64_t> subtree_nodes(const Plan& plan, const Split& split, int64_t t,
-                                                 int64_t k) {
+// The nodes of level k that task t runs: its subtrees' below split.top, else all.
+inline std::pair<int64_t, int64_t> task_nodes(const Plan& plan, const Split& split, int64_t t,
+                                              int64_t k) {
+  if (!split.subtrees || k >= split.top) return {0, plan.levels[k].nodes};
   const int64_t G = plan.levels[split.top - 1].nodes;
   const int64_t f = plan.levels[k].nodes / G;  // 2^(top - 1 - k)
   return {t * G / split.tasks * f, (t + 1) * G / split.tasks * f};
 }
 
-// The smallest and largest divisor seen, and whether one was NaN.
-struct Range {
-  double low = std::numeric_limits<double>::infinity();
-  double high = -std::numeric_limits<double>::infinity();
-  bool nan = false;
-  void see(double v) {
-    if (std::isnan(v)) nan = true;
-    low = std::min(low, v);
-    high = std::max(high, v);
+// A thread's scratch: 64-byte aligned rows of `width`, not initialised.
+template <typename T>
+struct Work {
+  std::unique_ptr<T[]> data;
+  T *child[2], *grad, *o, *go, *p, *gt, *dv, *qt;
+  Work(const Plan& plan, int64_t width, int64_t pad_p, int64_t pad_bp)
+      : data(new T[width * (3 * plan.max_a + 2 * plan.max_ab + plan.max_p + pad_p + pad_bp + 1) +
+                   64 / sizeof(T)]) {
+    T* next = reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(data.get()) + 63) / 64 * 64);
+    auto take = [&](int64_t rows) { return std::exchange(next, next + rows * width); };
+    child[0] = take(plan.max_a), child[1] = take(plan.max_a), grad = take(plan.max_a);
+    o = take(plan.max_ab), go = take(plan.max_ab), p = take(plan.max_p);
+    gt = take(pad_p), dv = take(1), qt = take(pad_bp);
   }
 };
 
-template <typename T>
-struct ForwardScratch {
-  Scratch<T> ls, rs, o, out;
-  ForwardScratch(const Plan& plan, int64_t width)
-      : ls(plan.max_a * width), rs(plan.max_a * width), o(plan.max_ab * width),
-        out(plan.max_p * width) {}
-};
+// Runs a pass as `split` says: levels(t, k0, k1, cbegin, cend, work) runs levels k0..k1-1 of
+// task t (the task after the last: the levels from split.top) on columns cbegin..cend, and
+// head(t, cbegin, cend) the head: after the levels forward, before them `backward`.
+template <typename T, typename Levels, typename Head>
+void run_split(const Plan& plan, const Split& split, bool backward, int64_t width, int64_t pad_p,
+               int64_t pad_bp, Levels&& levels, Head&& head) {
+  const int64_t K = plan.levels.size(), n = plan.n;
+  auto tasks = [&](int64_t k1) {
+    at::parallel_for(0, split.tasks, 1, [&](int64_t t0, int64_t t1) {
+      Work<T> work(plan, width, pad_p, pad_bp);
+      for (int64_t t = t0; t < t1; ++t) {
+        if (split.subtrees) {
+          levels(t, 0, k1, 0, n, work);
+          continue;
+        }
+        const auto [cbegin, cend] = columns<T>(t, split.tasks, n);
+        if (backward) head(t, cbegin, cend);
+        levels(t, 0, k1, cbegin, cend, work);
+        if (!backward) head(t, cbegin, cend);
+      }
+    });
+  };
+  if (!split.subtrees) return tasks(K);
+  Work<T> work(plan, width, pad_p, pad_bp);
+  if (!backward) tasks(split.top);
+  if (backward) head(0, 0, n);
+  levels(split.tasks, split.top, K, 0, n, work);
+  if (!backward) head(0, 0, n);
+  if (backward) tasks(split.top);
+}
 
-using Forward = std::tuple<std::vector<at::Tensor>, at::Tensor, double, double, at::Tensor,
-                           at::Tensor>;
+using Forward = std::tuple<std::vector<at::Tensor>, at::Tensor, bool, at::Tensor, at::Tensor>;
 
 template <typename T>
 Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bool square,
-                     bool head, double log_scale) {
+                     bool head, double log_scale, double lowest, double highest) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
   const int64_t n = plan.n, K = plan.levels.size();
   const auto options = blocks[plan.levels[0].w].options();
-  std::vector<Child<T>> slots;
-  for (const auto& b : blocks)
-    slots.push_back(b.dim() == 3 ? as_child<T>(b) : Child<T>{nullptr, 0, 0, 0});
   std::vector<at::Tensor> outs;
-  std::vector<int64_t> first;  // each level's first divisor row (-1: not renormalised)
-  int64_t rows = 0;
-  for (const auto& lv : plan.levels) {
-    outs.push_back(at::empty({lv.nodes, lv.P, n}, options));
-    slots.push_back(as_child<T>(outs.back()));
-    first.push_back(lv.renorm ? rows : -1);
-    if (lv.renorm) rows += lv.nodes;
-  }
-  const int64_t square_row = rows;
-  at::Tensor divisors = at::empty({rows + (square ? 1 : 0), 1, n}, options);
+  for (const auto& lv : plan.levels) outs.push_back(at::empty({lv.nodes, lv.P, n}, options));
+  const std::vector<Child<T>> slots = as_slots<T>(blocks, outs);
+  const int64_t square_row = plan.divisors;
+  at::Tensor divisors = at::empty({plan.divisors + (square ? 1 : 0), 1, n}, options);
   T* div = divisors.data_ptr<T>();
   const int64_t width = chunk_registers<T>(plan.max_ab) * L;
   const T tiny = std::numeric_limits<T>::min();
@@ -391,29 +419,30 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
     logits = at::empty({n, classes}, options);
     inverse = at::empty({n}, options);
   }
+  const Split split = split_work<T>(plan);
+  // per task: whether every divisor was within [lowest, highest] (false for NaN too)
+  std::vector<char> fine(split.tasks + 1, 1);
+  auto see = [&](int64_t t, double v) { fine[t] = fine[t] && v >= lowest && v <= highest; };
 
-  // levels k0..k1-1, the nodes nodes(k) of each, columns cbegin..cend
-  auto run = [&](int64_t k0, int64_t k1, auto nodes, int64_t cbegin, int64_t cend, Range& range,
-                 ForwardScratch<T>& sc) {
+  auto levels = [&](int64_t t, int64_t k0, int64_t k1, int64_t cbegin, int64_t cend, Work<T>& w) {
     for (int64_t k = k0; k < k1; ++k) {
       const Level& lv = plan.levels[k];
       const T* weight = blocks[lv.w].data_ptr<T>();
       const Child<T> dst = slots[plan.blocks + k];
       const int64_t abp = lv.A * lv.B * lv.P;
-      const auto [g0, g1] = nodes(k);
+      const auto [g0, g1] = task_nodes(plan, split, t, k);
       for (int64_t g = g0; g < g1; ++g) {
-        const auto [left, right] = children<T>(plan, lv, g, slots);
-        const T* wg = weight + g * abp;
+        const auto ch = children<T>(plan, lv, g, slots);
         for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
           const int64_t cols = std::min(width, cend - c0);
           const int64_t nv = (cols + L - 1) / L;
-          T* out = sc.out.base;
-          load_children(plan, k, lv, left, right, c0, cols, width, sc.ls.base, sc.rs.base);
-          outer(sc.ls.base, lv.A, sc.rs.base, lv.B, nv, width, sc.o.base);
+          T* out = w.p;
+          load_children(plan, k, lv, ch, c0, cols, width, w.child);
+          outer(w.child[0], lv.A, w.child[1], lv.B, nv, width, w.o);
           // out[p][:] = sum_{ab} W[ab][p] o[ab][:]
-          matmul(wg, 1, lv.P, lv.P, lv.A * lv.B, sc.o.base, nv, width, out);
+          matmul(weight + g * abp, 1, lv.P, lv.P, lv.A * lv.B, w.o, nv, width, out);
           if (lv.renorm) {
-            T* drow = div + (first[k] + g) * n + c0;
+            T* drow = div + (lv.divisors + g) * n + c0;
             for (int64_t v = 0; v < nv; ++v) {
               V peak = V{};
               for (int64_t p = 0; p < lv.P; ++p) {
@@ -434,7 +463,7 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
               const int64_t valid = std::min<int64_t>(L, cols - v * L);
               for (int64_t q = 0; q < valid; ++q) {
                 drow[v * L + q] = lanes[q];
-                range.see(lanes[q]);
+                see(t, lanes[q]);
               }
             }
           } else if (square && k == K - 1) {
@@ -443,17 +472,18 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
               T s = 0;
               for (int64_t p = 0; p < lv.P; ++p) s += out[p * width + c] * out[p * width + c];
               drow[c] = s;
-              range.see(s);
+              see(t, s);
             }
           }
-          store_rows(out, lv.P, width, cols, dst.ptr + g * dst.sn + c0, dst.sr);
+          give(out, lv.P, width, cols, Child<T>{dst.ptr + g * dst.sn, 0, dst.sr, 1}, c0, false);
         }
       }
     }
   };
-  // as FastTree's Python head: 1 / ||v|| from the checked squared norms, or (every level
+  // as direction_logits: 1 / ||v|| from the checked squared norms, or (every level
   // renormalised, max-abs 1) min(1 / ||v||, 1); then (v * inverse) * exp(s)
-  auto run_head = [&](int64_t cbegin, int64_t cend) {
+  auto run_head = [&](int64_t, int64_t cbegin, int64_t cend) {
+    if (!head) return;
     const T* root = outs.back().data_ptr<T>();
     T* lg = logits.data_ptr<T>();
     T* inv = inverse.data_ptr<T>();
@@ -470,89 +500,42 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
       for (int64_t p = 0; p < classes; ++p) lg[c * classes + p] = (root[p * n + c] * i) * scale;
     }
   };
-  auto all_nodes = [&](int64_t k) { return std::pair<int64_t, int64_t>{0, plan.levels[k].nodes}; };
-
-  const Split split = split_work<T>(plan);
-  std::vector<Range> ranges(split.tasks + 1);
-  if (split.subtrees) {
-    at::parallel_for(0, split.tasks, 1, [&](int64_t t0, int64_t t1) {
-      ForwardScratch<T> sc(plan, width);
-      for (int64_t t = t0; t < t1; ++t)
-        run(0, split.top, [&](int64_t k) { return subtree_nodes(plan, split, t, k); }, 0, n,
-            ranges[t], sc);
-    });
-    ForwardScratch<T> sc(plan, width);
-    run(split.top, K, all_nodes, 0, n, ranges[split.tasks], sc);
-    if (head) run_head(0, n);
-  } else {
-    at::parallel_for(0, split.tasks, 1, [&](int64_t t0, int64_t t1) {
-      ForwardScratch<T> sc(plan, width);
-      for (int64_t t = t0; t < t1; ++t) {
-        const auto [cbegin, cend] = columns<T>(t, split.tasks, n);
-        run(0, K, all_nodes, cbegin, cend, ranges[t], sc);
-        if (head) run_head(cbegin, cend);
-      }
-    });
-  }
-  Range range;
-  for (const auto& r : ranges) {
-    range.nan = range.nan || r.nan;
-    range.low = std::min(range.low, r.low);
-    range.high = std::max(range.high, r.high);
-  }
-  if (range.nan) range.low = range.high = std::numeric_limits<double>::quiet_NaN();
-  return {outs, divisors, range.low, range.high, logits, inverse};
+  run_split<T>(plan, split, false, width, 0, 0, levels, run_head);
+  const bool in_range = std::all_of(fine.begin(), fine.end(), [](char f) { return f; });
+  return {outs, divisors, in_range, logits, inverse};
 }
 
 template <typename T>
-struct BackwardScratch {
-  Scratch<T> ls, rs, o, go, gs, gt, gl, gr, dv, qt;
-  BackwardScratch(const Plan& plan, int64_t width, int64_t pad_p, int64_t pad_bp)
-      : ls(plan.max_a * width), rs(plan.max_a * width), o(plan.max_ab * width),
-        go(plan.max_ab * width), gs(plan.max_p * width), gt(width * pad_p),
-        gl(plan.max_a * width), gr(plan.max_a * width), dv(width), qt(width * pad_bp) {}
-};
-
-template <typename T>
-std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
+std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Plan plan,
+                                      const at::Tensor& grad_in, const std::vector<bool>& needs,
                                       const std::vector<at::Tensor>& outs,
-                                      const at::Tensor& divisors, const Plan& plan_in,
-                                      const at::Tensor& grad_in,
-                                      const std::vector<bool>& needs, const at::Tensor& inverse,
+                                      const at::Tensor& divisors, const at::Tensor& inverse,
                                       double log_scale) {
   using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
-  const int64_t n = plan_in.n, K = plan_in.levels.size(), nb = plan_in.blocks;
+  const int64_t n = plan.n, K = plan.levels.size(), nb = plan.blocks;
   // which slots' gradients are needed: the blocks' as asked, a level's if anything below it is
   std::vector<bool> need(needs.begin(), needs.end());
   need.resize(nb + K, false);
-  Plan plan = plan_in;
   for (int64_t k = 0; k < K; ++k) {
     Level& lv = plan.levels[k];
     for (int64_t i = lv.first; i < lv.first + lv.nodes && !(plan.linear && k == 0); ++i)
-      lv.need_children = lv.need_children || need[plan.ls[i]] || need[plan.rs[i]];
+      lv.need_children = lv.need_children || need[plan.slot[0][i]] || need[plan.slot[1][i]];
     need[nb + k] = need[lv.w] || lv.need_children;
   }
   const auto options = grad_in.options();
   // with the head, grad_in is the logits' (n, C) gradient: the root's comes first
   const bool head = inverse.defined();
   const int64_t classes = plan.levels.back().P;
-  const at::Tensor grad_root = head ? at::empty({1, classes, n}, options) : grad_in;
   const T scale = std::exp(static_cast<T>(log_scale));
-  std::vector<Child<T>> gslots(nb + K, Child<T>{nullptr, 0, 0, 0});
-  std::vector<at::Tensor> grads(nb);
-  for (int64_t s = 0; s < nb; ++s) {
-    if (!need[s] || blocks[s].dim() != 3) continue;
-    grads[s] = at::zeros(blocks[s].sizes(), options);  // several levels may read one block
-    gslots[s] = as_child<T>(grads[s]);
-  }
-  std::vector<at::Tensor> level_grads(K);
-  for (int64_t k = 0; k + 1 < K; ++k) {
-    if (!need[nb + k]) continue;
-    level_grads[k] = at::empty(outs[k].sizes(), options);
-    gslots[nb + k] = as_child<T>(level_grads[k]);
-  }
-  gslots[nb + K - 1] = as_child<T>(grad_root);
+  std::vector<at::Tensor> grads(nb), level_grads(K);
+  for (int64_t s = 0; s < nb; ++s)  // zeros: several levels may read one block
+    if (need[s] && blocks[s].dim() == 3) grads[s] = at::zeros(blocks[s].sizes(), options);
+  for (int64_t k = 0; k + 1 < K; ++k)
+    if (need[nb + k]) level_grads[k] = at::empty(outs[k].sizes(), options);
+  level_grads[K - 1] = head ? at::empty({1, classes, n}, options) : grad_in;
+  const std::vector<Child<T>> gslots = as_slots<T>(grads, level_grads);
+  const std::vector<Child<T>> slots = as_slots<T>(blocks, outs);
   // the weights' gradients: each weight block at its offset in a buffer
   std::vector<int64_t> offset(nb, -1);
   int64_t total = 0;
@@ -566,52 +549,44 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
     offset[lv.w] = total;
     total += blocks[lv.w].numel();
   }
-  std::vector<Child<T>> slots;
-  for (const auto& b : blocks)
-    slots.push_back(b.dim() == 3 ? as_child<T>(b) : Child<T>{nullptr, 0, 0, 0});
-  for (const auto& o : outs) slots.push_back(as_child<T>(o));
-  std::vector<int64_t> first;
-  int64_t rows = 0;
-  for (const auto& lv : plan.levels) {
-    first.push_back(lv.renorm ? rows : -1);
-    if (lv.renorm) rows += lv.nodes;
-  }
   const T* div = divisors.data_ptr<T>();
   const int64_t width = chunk_registers<T>(plan.max_ab) * L;
   const int64_t pad_p = (plan.max_p + L - 1) / L * L;
   int64_t pad_bp = L;  // Q's rows: B*P rounded up to whole registers, and one more (the spill)
   for (const auto& lv : plan.levels) pad_bp = std::max(pad_bp, (lv.B * lv.P + L - 1) / L * L);
   pad_bp += L;
+  const Split split = split_work<T>(plan);
+  at::Tensor g_weights =
+      at::empty({split.subtrees ? 1 : split.tasks, std::max<int64_t>(total, 1)}, options);
+  if (shared) g_weights.zero_();
+  std::vector<T> dots(split.tasks, T(0));
 
-  // d = v / ||v||: dL/dv = exp(s) (g - d (g . d)) / ||v||, dL/ds = exp(s) sum g . d; returns
+  // d = v / ||v||: dL/dv = exp(s) (g - d (g . d)) / ||v||, dL/ds = exp(s) sum g . d; dots[t]:
   // the sum of g . d over columns cbegin..cend
-  auto run_head = [&](int64_t cbegin, int64_t cend) {
+  auto run_head = [&](int64_t t, int64_t cbegin, int64_t cend) {
+    if (!head) return;
     const T* root = outs.back().data_ptr<T>();
     const T* inv = inverse.data_ptr<T>();
     const T* g = grad_in.data_ptr<T>();
     const int64_t gs0 = grad_in.stride(0), gs1 = grad_in.stride(1);
-    T* gv = grad_root.data_ptr<T>();
-    T dot_sum = 0;
+    T* gv = level_grads[K - 1].data_ptr<T>();
     for (int64_t c = cbegin; c < cend; ++c) {
       T dot = 0;
       for (int64_t p = 0; p < classes; ++p)
         dot += g[c * gs0 + p * gs1] * (root[p * n + c] * inv[c]);
-      dot_sum += dot;
+      dots[t] += dot;
       const T factor = inv[c] * scale;
       for (int64_t p = 0; p < classes; ++p)
         gv[p * n + c] = (g[c * gs0 + p * gs1] - (root[p * n + c] * inv[c]) * dot) * factor;
     }
-    return dot_sum;
   };
-  // levels k_hi down to k_lo, the nodes nodes(k) of each, columns cbegin..cend; weight
-  // gradients added into gw_all
-  auto run = [&](int64_t k_hi, int64_t k_lo, auto nodes, int64_t cbegin, int64_t cend,
-                 T* gw_all, BackwardScratch<T>& sc) {
-    for (int64_t k = k_hi; k >= k_lo; --k) {
+  // levels k1-1 down to k0, weight gradients added into task t's buffer
+  auto levels = [&](int64_t t, int64_t k0, int64_t k1, int64_t cbegin, int64_t cend, Work<T>& w) {
+    T* gw_all = g_weights.data_ptr<T>() + (split.subtrees ? 0 : t) * g_weights.size(1);
+    for (int64_t k = k1 - 1; k >= k0; --k) {
       const Level& lv = plan.levels[k];
       if (!need[nb + k]) continue;
       const bool need_w = need[lv.w];
-      const bool need_children = lv.need_children;
       const T* weight = blocks[lv.w].data_ptr<T>();
       const Child<T> gsrc = gslots[nb + k];
       const int64_t ab = lv.A * lv.B, abp = ab * lv.P;
@@ -620,11 +595,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
       // g_W as a product with (A, B) rows and P wide registers, or A rows and (B, P) wide ones
       // (through Q = right (x) G, transposed): fewer instructions where P < L (D = 8 floats)
       const bool by_q = lv.A * (ldq / L - 1) + lv.B * (ldg / L) < ab * (ldg / L);
-      const auto [g0, g1] = nodes(k);
+      const auto [g0, g1] = task_nodes(plan, split, t, k);
       for (int64_t g = g0; g < g1; ++g) {
-        const auto [left, right] = children<T>(plan, lv, g, slots);
-        const auto [gleft, gright] = children<T>(plan, lv, g, gslots);
-        const T* wg = weight + g * abp;
+        const auto ch = children<T>(plan, lv, g, slots);
+        const auto gch = children<T>(plan, lv, g, gslots);
         T* gw = need_w ? gw_all + offset[lv.w] + g * abp : nullptr;
         if (need_w && !shared) std::fill(gw, gw + abp, T(0));
         for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
@@ -632,102 +606,60 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
           const int64_t nv = (cols + L - 1) / L;
           // G[p][:] = grad / divisor, zero past the columns
           const T* grow = gsrc.ptr + g * gsrc.sn + c0 * gsrc.sc;
-          load_rows(grow, gsrc.sr, gsrc.sc, lv.P, cols, width, sc.gs.base);
+          load_rows(grow, gsrc.sr, gsrc.sc, lv.P, cols, width, w.p);
           if (lv.renorm) {  // the divisors padded with ones, then whole registers
-            const T* drow = div + (first[k] + g) * n + c0;
-            for (int64_t c = 0; c < width; ++c) sc.dv.base[c] = c < cols ? drow[c] : T(1);
+            const T* drow = div + (lv.divisors + g) * n + c0;
+            for (int64_t c = 0; c < width; ++c) w.dv[c] = c < cols ? drow[c] : T(1);
             for (int64_t v = 0; v < nv; ++v) {
-              const V d = load(sc.dv.base + v * L);
+              const V d = load(w.dv + v * L);
               for (int64_t p = 0; p < lv.P; ++p) {
-                T* row = sc.gs.base + p * width + v * L;
+                T* row = w.p + p * width + v * L;
                 store(row, load(row) / d);
               }
             }
           }
-          load_children(plan, k, lv, left, right, c0, cols, width, sc.ls.base, sc.rs.base);
+          load_children(plan, k, lv, ch, c0, cols, width, w.child);
           if (need_w) {
             // G transposed, (cols, ldg): lanes P..ldg are left as they are (the products
             // below compute them, but only lanes below P are kept)
             for (int64_t c = 0; c < cols; ++c) {
-              T* row = sc.gt.base + c * ldg;
-              for (int64_t p = 0; p < lv.P; ++p) row[p] = sc.gs.base[p * width + c];
+              T* row = w.gt + c * ldg;
+              for (int64_t p = 0; p < lv.P; ++p) row[p] = w.p[p * width + c];
             }
             if (by_q) {
               // Q[c][(b, p)] = right[b][c] G[p][c]; g_W[a][(b, p)] = sum_c left[a][c] Q[c][(b, p)]
               // (whole registers per b: each spills past b's P lanes, into b + 1's, written next)
               for (int64_t c = 0; c < cols; ++c) {
-                const T* grow_t = sc.gt.base + c * ldg;
-                T* q = sc.qt.base + c * ldq;
+                const T* grow_t = w.gt + c * ldg;
+                T* q = w.qt + c * ldq;
                 for (int64_t b = 0; b < lv.B; ++b) {
-                  const T rv = sc.rs.base[b * width + c];
+                  const T rv = w.child[1][b * width + c];
                   for (int64_t p0 = 0; p0 < lv.P; p0 += L)
                     store(q + b * lv.P + p0, rv * load(grow_t + p0));
                 }
               }
-              gram(sc.ls.base, lv.A, width, sc.qt.base, ldq, cols, gw, lv.B * lv.P);
+              gram(w.child[0], lv.A, width, w.qt, ldq, cols, gw, lv.B * lv.P);
             } else {  // g_W[(a, b)][p] = sum_c (left (x) right)[(a, b)][c] G[c][p]
-              outer(sc.ls.base, lv.A, sc.rs.base, lv.B, nv, width, sc.o.base);
-              gram(sc.o.base, ab, width, sc.gt.base, ldg, cols, gw, lv.P);
+              outer(w.child[0], lv.A, w.child[1], lv.B, nv, width, w.o);
+              gram(w.o, ab, width, w.gt, ldg, cols, gw, lv.P);
             }
           }
-          if (!need_children) continue;
+          if (!lv.need_children) continue;
           // gO[ab][:] = sum_p W[ab][p] G[p][:]
-          T* go = sc.go.base;
-          matmul(wg, lv.P, 1, ab, lv.P, sc.gs.base, nv, width, go);
-          for (int64_t v = 0; v < nv; ++v) {
-            for (int64_t a = 0; a < lv.A; ++a) {
-              V acc = V{};
-              for (int64_t b = 0; b < lv.B; ++b)
-                acc += load(go + (a * lv.B + b) * width + v * L) *
-                       load(sc.rs.base + b * width + v * L);
-              store(sc.gl.base + a * width + v * L, acc);
-            }
-            for (int64_t b = 0; b < lv.B; ++b) {
-              V acc = V{};
-              for (int64_t a = 0; a < lv.A; ++a)
-                acc += load(go + (a * lv.B + b) * width + v * L) *
-                       load(sc.ls.base + a * width + v * L);
-              store(sc.gr.base + b * width + v * L, acc);
-            }
-          }
+          matmul(weight + g * abp, lv.P, 1, ab, lv.P, w.p, nv, width, w.go);
           // a level's result feeds one parent (written); a block may feed several (added)
-          const int64_t l_slot = plan.ls[lv.first + g], r_slot = plan.rs[lv.first + g];
-          if (need[l_slot]) give(sc.gl.base, lv.A, width, cols, gleft, c0, l_slot < nb);
-          if (need[r_slot]) give(sc.gr.base, lv.B, width, cols, gright, c0, r_slot < nb);
+          for (int s = 0; s < 2; ++s) {
+            const int64_t slot = plan.slot[s][lv.first + g];
+            if (!need[slot]) continue;
+            child_grad(w.go, lv.A, lv.B, s, w.child[1 - s], nv, width, w.grad);
+            give(w.grad, lv.rows(s), width, cols, gch[s], c0, slot < nb);
+          }
         }
       }
     }
   };
-  auto all_nodes = [&](int64_t k) { return std::pair<int64_t, int64_t>{0, plan.levels[k].nodes}; };
-
-  const Split split = split_work<T>(plan);
-  const int64_t buffers = split.subtrees ? 1 : split.tasks;
-  at::Tensor g_weights = at::empty({buffers, std::max<int64_t>(total, 1)}, options);
-  if (shared) g_weights.zero_();
-  std::vector<T> dots(split.tasks, T(0));
-  if (split.subtrees) {
-    T* gw_all = g_weights.data_ptr<T>();
-    if (head) dots[0] = run_head(0, n);
-    BackwardScratch<T> sc(plan, width, pad_p, pad_bp);
-    run(K - 1, split.top, all_nodes, 0, n, gw_all, sc);
-    at::parallel_for(0, split.tasks, 1, [&](int64_t t0, int64_t t1) {
-      BackwardScratch<T> sc(plan, width, pad_p, pad_bp);
-      for (int64_t t = t0; t < t1; ++t)
-        run(split.top - 1, 0, [&](int64_t k) { return subtree_nodes(plan, split, t, k); }, 0, n,
-            gw_all, sc);
-    });
-  } else {
-    at::parallel_for(0, split.tasks, 1, [&](int64_t t0, int64_t t1) {
-      BackwardScratch<T> sc(plan, width, pad_p, pad_bp);
-      for (int64_t t = t0; t < t1; ++t) {
-        const auto [cbegin, cend] = columns<T>(t, split.tasks, n);
-        if (head) dots[t] = run_head(cbegin, cend);
-        run(K - 1, 0, all_nodes, cbegin, cend, g_weights.data_ptr<T>() + t * g_weights.size(1),
-            sc);
-      }
-    });
-  }
-  at::Tensor summed = buffers > 1 ? g_weights.sum(0) : g_weights[0];
+  run_split<T>(plan, split, true, width, pad_p, pad_bp, levels, run_head);
+  at::Tensor summed = g_weights.size(0) > 1 ? g_weights.sum(0) : g_weights[0];
   for (int64_t s = 0; s < nb; ++s)
     if (offset[s] >= 0)
       grads[s] = summed.narrow(0, offset[s], blocks[s].numel()).view(blocks[s].sizes());
@@ -739,67 +671,49 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks,
   return grads;
 }
 
-std::vector<at::Tensor> prepare(const std::vector<at::Tensor>& blocks, int64_t n) {
-  std::vector<at::Tensor> out;
-  out.reserve(blocks.size());
-  for (const auto& b : blocks) {
-    TORCH_CHECK(b.device().is_cpu(), "tree_levels: blocks must be on the CPU");
-    TORCH_CHECK(b.scalar_type() == blocks[0].scalar_type(),
-                "tree_levels: all blocks must have one dtype");
-    TORCH_CHECK(b.dim() != 3 || b.size(2) == n, "tree_levels: every input's batch must be ", n,
-                ", got ", b.size(2));
-    out.push_back(b.dim() == 4 ? b.contiguous() : b);
-  }
-  return out;
-}
+using Lists = std::vector<std::vector<int64_t>>;
 
-// Returns (level results, divisors (R, 1, n), smallest and largest divisor (NaN if one is),
-// logits (n, C), 1 / ||root|| (n)); the last two undefined (None) without `head` (log_scale s).
-Forward tree_forward(std::vector<at::Tensor> blocks, std::vector<int64_t> w,
-                     std::vector<int64_t> ls, std::vector<int64_t> lr, std::vector<int64_t> rs,
-                     std::vector<int64_t> rr, std::vector<bool> renorm, bool linear, bool square,
-                     c10::optional<double> log_scale) {
-  TORCH_CHECK(!ls.empty() && ls[0] >= 0 && ls[0] < (int64_t)blocks.size() &&
-                  blocks[ls[0]].dim() == 3,
-              "tree_levels: the first level's children must be (G, A, n) blocks");
-  const int64_t n = blocks[ls[0]].size(2);
-  blocks = prepare(blocks, n);
-  const Plan plan = make_plan(blocks, w, ls, lr, rs, rr, renorm, linear, n);
+// `lists`: the weights' slots, then the left and right children's slots and rows, one entry
+// per node. Returns (level results, divisors (R, 1, n), whether every divisor lies within
+// [lowest, highest], logits (n, C), 1 / ||root|| (n)); the last two undefined (None) without
+// `head` (log_scale s).
+Forward tree_forward(std::vector<at::Tensor> blocks, Lists lists, std::vector<bool> renorm,
+                     bool linear, bool square, c10::optional<double> log_scale, double lowest,
+                     double highest) {
+  const Plan plan = make_plan(blocks, std::move(lists), renorm, linear);
   Forward result;
   AT_DISPATCH_FLOATING_TYPES(blocks[0].scalar_type(), "tree_forward", [&] {
     result = forward_impl<scalar_t>(blocks, plan, square, log_scale.has_value(),
-                                    log_scale.value_or(0.0));
+                                    log_scale.value_or(0.0), lowest, highest);
   });
   return result;
 }
 
-std::vector<at::Tensor> tree_backward(std::vector<at::Tensor> blocks, std::vector<at::Tensor> outs,
-                                      at::Tensor divisors, std::vector<int64_t> w,
-                                      std::vector<int64_t> ls, std::vector<int64_t> lr,
-                                      std::vector<int64_t> rs, std::vector<int64_t> rr,
-                                      std::vector<bool> renorm, bool linear, at::Tensor grad,
-                                      std::vector<bool> needs,
+// The blocks' gradients (undefined where not needed), then with the head (`inverse`) the
+// log-scale's; `grad` is the root's (1, C, n) gradient, or with the head the logits' (n, C).
+std::vector<at::Tensor> tree_backward(std::vector<at::Tensor> blocks, at::Tensor grad,
+                                      std::vector<bool> needs, Lists lists,
+                                      std::vector<bool> renorm, bool linear,
+                                      std::vector<at::Tensor> outs, at::Tensor divisors,
                                       c10::optional<at::Tensor> inverse,
                                       c10::optional<double> log_scale) {
-  const int64_t n = outs.back().size(2);
-  blocks = prepare(blocks, n);
-  const Plan plan = make_plan(blocks, w, ls, lr, rs, rr, renorm, linear, n);
+  const Plan plan = make_plan(blocks, std::move(lists), renorm, linear);
   TORCH_CHECK((int64_t)needs.size() == plan.blocks, "tree_levels: one need per block");
-  const bool head = inverse.has_value();
-  if (head) {
-    TORCH_CHECK(grad.dim() == 2 && grad.size(0) == n && grad.size(1) == outs.back().size(1),
-                "tree_levels: the logits' gradient must be (", n, ", ", outs.back().size(1),
+  const at::Tensor& root = outs.back();
+  if (inverse.has_value()) {
+    TORCH_CHECK(grad.dim() == 2 && grad.size(0) == plan.n && grad.size(1) == root.size(1),
+                "tree_levels: the logits' gradient must be (", plan.n, ", ", root.size(1),
                 "), got ", grad.sizes());
   } else {
-    TORCH_CHECK(grad.sizes() == outs.back().sizes(), "tree_levels: the root's gradient must be ",
-                outs.back().sizes(), ", got ", grad.sizes());
+    TORCH_CHECK(grad.sizes() == root.sizes(), "tree_levels: the root's gradient must be ",
+                root.sizes(), ", got ", grad.sizes());
     grad = grad.contiguous();
   }
   grad = grad.to(blocks[0].scalar_type());
   std::vector<at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES(blocks[0].scalar_type(), "tree_backward", [&] {
-    result = backward_impl<scalar_t>(blocks, outs, divisors.contiguous(), plan, grad, needs,
-                                     head ? *inverse : at::Tensor(), log_scale.value_or(0.0));
+    result = backward_impl<scalar_t>(blocks, plan, grad, needs, outs, divisors.contiguous(),
+                                     inverse.value_or(at::Tensor()), log_scale.value_or(0.0));
   });
   return result;
 }
