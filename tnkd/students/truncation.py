@@ -54,7 +54,6 @@ from tnkd.tn.canonical import (
     network_of,
     truncate,
 )
-from tnkd.tn.canonical import bond_spectra as network_bond_spectra
 
 
 @dataclass
@@ -165,7 +164,7 @@ def truncate_student(
 def bond_spectra(student: Student) -> dict[str, torch.Tensor]:
     """Each bond's singular values (unit-norm network), in canonical-sweep order; nothing is cut."""
     tensors, indices, _, center = _network(student)
-    return network_bond_spectra(tensors, indices, center)
+    return truncate(tensors, indices, center).spectra
 
 
 def chain_bond_spectra(student: MPSClassifier) -> list[torch.Tensor]:
