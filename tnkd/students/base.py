@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,11 +33,34 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """Raise a clear error unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, but got {value!r}")
+    return value
+
+
+def check_init_std(name: str, value: Any) -> float:
+    """Raise a clear error unless ``value`` is a finite number >= 0 (an initial noise level)."""
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number >= 0, but got {value!r}")
+    return value
+
+
 def image_patches(images: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     """(batch, C, H, W) -> (batch, (H/ph)(W/pw), C*ph*pw): non-overlapping patches, row-major."""
     b, c, h, w = images.shape
     img = images.reshape(b, c, h // ph, ph, w // pw, pw)
     return img.permute(0, 2, 4, 1, 3, 5).reshape(b, (h // ph) * (w // pw), c * ph * pw)
+
+
+def site_values(images: torch.Tensor, pool: int, patch: int) -> torch.Tensor:
+    """(batch, C, H, W) -> (batch, sites) pixels pooled by ``pool``, or patches if ``patch > 1``."""
+    if patch > 1:
+        return image_patches(images, patch, patch)
+    if pool > 1:
+        images = torch.nn.functional.avg_pool2d(images, pool)
+    return images.reshape(images.shape[0], -1)
 
 
 class Student(RecordsInitArgs, nn.Module):
@@ -102,11 +126,7 @@ class Student(RecordsInitArgs, nn.Module):
 
 
 def near_identity_cores(
-    num: int,
-    bond_dim: int,
-    neutral: torch.Tensor,
-    init_std: float,
-    generator: torch.Generator | None = None,
+    num: int, bond_dim: int, neutral: torch.Tensor, init_std: float
 ) -> torch.Tensor:
     """(num, D, d, D) cores with ``A[:, s, :] = neutral[s] I + noise``.
 
@@ -118,7 +138,5 @@ def near_identity_cores(
     d = neutral.numel()
     eye = torch.eye(bond_dim)
     cores = neutral.view(1, 1, d, 1) * eye.view(1, bond_dim, 1, bond_dim)
-    noise = torch.randn(num, bond_dim, d, bond_dim, generator=generator) * (
-        init_std / math.sqrt(bond_dim)
-    )
+    noise = torch.randn(num, bond_dim, d, bond_dim) * (init_std / math.sqrt(bond_dim))
     return cores.expand(num, -1, -1, -1) + noise

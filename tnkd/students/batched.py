@@ -83,10 +83,8 @@ class BatchedMPS(nn.Module):
     """M MPS classifiers of one shape, each parameter stacked along a leading member index.
 
     ``cores`` is (M, N, D, d, D), ``left``/``right`` (M, D), ``output_core`` (M, D, C, D),
-    ``log_logit_scale`` (M,). The forward pass is :func:`~tnkd.tn.chain.contract_chain` with
-    a member axis: the contraction :class:`~tnkd.students.mps.MPSClassifier` does for one member
-    (same kernel, same renormalised log-scale), so member k's logits equal ``members[k](x)`` up
-    to rounding.
+    ``log_logit_scale`` (M,); member k's logits equal ``members[k](x)`` up to rounding (same
+    kernel, same renormalised log-scale).
 
     Args:
         members: MPSClassifier students of one shape whose feature map has no parameters
@@ -192,11 +190,7 @@ def batch_students(members: Sequence[nn.Module], kind: str = "auto") -> nn.Modul
         raise ValueError(f"kind must be 'auto', 'batched' or 'list', but got {kind!r}")
     check_same_shape(members)
     first = members[0]
-    fits = (
-        isinstance(first, MPSClassifier)
-        and type(first) is MPSClassifier
-        and not any(True for _ in first.feature_map.parameters())
-    )
+    fits = type(first) is MPSClassifier and not any(True for _ in first.feature_map.parameters())
     if kind == "batched" or (kind == "auto" and fits):
         return BatchedMPS(members)  # type: ignore[arg-type]
     return MemberList(members)

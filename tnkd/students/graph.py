@@ -1,42 +1,32 @@
 """Students defined by their graph: draw a tensor network with nodes and edges, train it.
 
-A :class:`GraphStudent` is built from a :class:`~tnkd.tn.graph.TNGraph` that a user draws with
+A :class:`GraphStudent` is built from a :class:`~tnkd.tn.graph.TNGraph` drawn with
 :func:`~tnkd.tn.graph.make_node` and :func:`~tnkd.tn.graph.connect` (``tensornetwork`` nodes with
-named axes):
-
-* **parameter nodes**: every node that is not an input, trained (stored stacked as the engine
-  reads them; :meth:`GraphStudent.node_tensors` gives them back by name);
-* **input nodes**: one small node per site (a pixel, or a patch of pixels), with one axis of
-  the site's feature size, connected to a parameter node; the feature map fills them per sample;
-* **one dangling edge**: the label, of size ``num_classes``.
+named axes): **parameter nodes** (every node that is not an input; trained), **input nodes** (one
+small node per site, a pixel or a patch, whose one axis of the site's feature size connects to a
+parameter node; the feature map fills them per sample) and **one dangling edge**, the label.
 
 The student is f_c(x) = the contraction of the graph with phi(x_site) on every input node; with
-``output="normalized"`` (the default) its logits are s * f(x) / ||f(x)||, with a learned scale s,
-as :class:`~tnkd.students.mps.MPSClassifier` does. The planner (:mod:`tnkd.tn.planner`) reads
-the graph's shape and picks the engine, and :meth:`GraphStudent.plan` says which and why: a chain
-(the label anywhere) runs on the chain engine (:func:`~tnkd.tn.chain.contract_chain`), a binary
-tree on the tree engine (:mod:`tnkd.tn.fused`), other graphs on the pairwise path with a
-per-sample log-scale (:mod:`tnkd.tn.stable`) or, when shallow, one ``opt_einsum`` expression.
-Results equal the dense contraction's (tested in float64).
+``output="normalized"`` its logits are s * f(x) / ||f(x)|| with a learned scale s, as
+:class:`~tnkd.students.mps.MPSClassifier`'s. The planner (:mod:`tnkd.tn.planner`) picks the
+engine from the graph's shape, and :meth:`GraphStudent.plan` says which and why: a chain (the
+label anywhere) runs on the chain engine (:func:`~tnkd.tn.chain.contract_chain`), a binary tree
+on the tree engine (:mod:`tnkd.tn.fused`), other graphs on the pairwise path with a per-sample
+log-scale (:mod:`tnkd.tn.stable`) or, when shallow, one ``opt_einsum`` expression. Results equal
+the dense contraction's (tested in float64).
 
-**Initialisation (nodes drawn from a shape).** A node made from a shape (``make_node((2, 8, 8),
-...)``, i.e. all zeros) is initialised by tnkd; a node made from a tensor keeps that tensor.
-The initial tensor generalises the near-identity cores of an MPS: a *copy tensor* over the
-node's bond axes (1 where all bond indices are equal, 0 elsewhere), times the feature map's
-``neutral`` vector w on every input axis (w . phi(x) ~= 1), times ones on the label axis, plus
-Gaussian noise of standard deviation ``init_std / sqrt(prod(bond dims) / max(bond dims))``. A
-graph of copy tensors contracts to (number of channels) x prod_sites w . phi(x_site) whatever its
-shape (chain, tree, loops): every class starts level, the value is about the bond dimension
-times a product of numbers near 1 (for [1, x]: exactly 1), and the noise makes each parameter
-see its inputs (an MPS drawn this way starts as :class:`MPSClassifier` does).
+**Initialisation.** A node made from a shape (all zeros) is initialised by tnkd; a node made
+from a tensor keeps it. The initial tensor generalises the near-identity cores of an MPS: a
+*copy tensor* over the node's bond axes (1 where all bond indices are equal), times the feature
+map's ``neutral`` vector w on every input axis (w . phi(x) ~= 1), times ones on the label axis,
+plus Gaussian noise of standard deviation ``init_std / sqrt(prod(bond dims) / max(bond dims))``.
+A graph of copy tensors contracts to (number of channels) x prod_sites w . phi(x_site) whatever
+its shape (chain, tree, loops): every class starts level near the bond dimension, and the noise
+makes each parameter see its inputs (an MPS drawn this way starts as :class:`MPSClassifier`).
 
-**Sites.** Without ``input_shape`` the sites are the sample's scalars, in order. With an image
-``input_shape`` (channels, height, width), ``pool=k`` averages kxk blocks first (a site per
-pooled pixel) and ``patch=k`` gives each site a kxk block: a scalar map on each of its p pixels
-multiplied together (the product map, size d^p: the network is then exactly as expressive as
-one with a node per pixel), or a map that takes p values (``{name: learnable, in_features: p}``).
-Sites are numbered row-major; ``input_positions`` ties input nodes to sites (default: the graph's
-input nodes in order, one per site).
+**Sites** are numbered row-major. A ``patch`` site takes a scalar map on each of its p pixels
+multiplied together (the product map, size d^p: exactly as expressive as a node per pixel), or a
+map that takes p values (``{name: learnable, in_features: p}``).
 
 Examples:
     A 4-site MPS drawn by hand:
@@ -55,7 +45,7 @@ Examples:
     (torch.Size([7, 5]), 5)
 
 In YAML, name a function that returns the graph (``graph: mypackage.graphs.my_tree``, with its
-keyword arguments in ``graph_args``), or a subclass such as
+keyword arguments in ``graph_args``), or a family such as
 :class:`~tnkd.students.tree.TreeClassifier` by ``class_path``.
 """
 
@@ -63,8 +53,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -73,15 +64,17 @@ from torch import nn
 from tnkd.feature_maps import FeatureMap, LinearFeatureMap, build_feature_map
 from tnkd.students.base import (
     Student,
+    check_choice,
+    check_init_std,
     check_positive_int,
     count_parameters,
-    image_patches,
     scaled_values,
+    site_values,
 )
 from tnkd.tn.chain import contract_chain
 from tnkd.tn.contraction import CompiledNetwork
 from tnkd.tn.fused import TreePlan
-from tnkd.tn.graph import NetworkSpec, TNGraph, connect, index_ends, make_node
+from tnkd.tn.graph import NetworkSpec, TNGraph, index_ends
 from tnkd.tn.planner import (
     METHODS,
     ChainNode,
@@ -96,8 +89,18 @@ from tnkd.tn.portable import chain_log_contract
 from tnkd.tn.stable import StableNetwork, as_slice, direction_logits, widened
 
 OUTPUT_MODES = ("normalized", "raw")
-#: the older names of ``method`` (``contraction=``)
-CONTRACTIONS = ("auto", "stable", "plain")
+#: what a family drawn on the sites of an image (tree, PEPS) passes on to GraphStudent as it is
+SITE_FAMILY_ARGS = (
+    "input_shape",
+    "pool",
+    "patch",
+    "output",
+    "logit_scale",
+    "init_std",
+    "method",
+    "contraction",
+    "compile",
+)
 
 
 def image_shape(input_shape: Sequence[int], what: str) -> tuple[int, int, int]:
@@ -184,11 +187,7 @@ def site_layout(
 
 
 def copy_tensor(
-    shape: Sequence[int],
-    kinds: Sequence[str],
-    neutral: torch.Tensor,
-    init_std: float,
-    generator: torch.Generator | None = None,
+    shape: Sequence[int], kinds: Sequence[str], neutral: torch.Tensor, init_std: float
 ) -> torch.Tensor:
     """The copy-tensor initialisation of one node (see the module docstring).
 
@@ -198,7 +197,6 @@ def copy_tensor(
             or ``"label"`` (the dangling output).
         neutral: the input axes' weight vector w (w . phi(x) ~= 1).
         init_std: relative noise.
-        generator: optional random generator.
 
     Returns:
         The tensor: copy over bond axes x w on input axes x ones on the label axis, plus noise.
@@ -207,24 +205,22 @@ def copy_tensor(
     value = torch.ones(())
     if bonds:
         dims = [shape[i] for i in bonds]
-        delta = torch.zeros(dims)
+        value = torch.zeros(dims)
         for j in range(min(dims)):
-            delta[(j,) * len(dims)] = 1.0
-        value = delta
+            value[(j,) * len(dims)] = 1.0
     order = list(bonds)
     for i, kind in enumerate(kinds):
-        if kind == "bond":
-            continue
-        factor = neutral if kind == "input" else torch.ones(shape[i])
-        if factor.numel() != shape[i]:
-            raise ValueError(
-                f"axis {i} has size {shape[i]} but its input features have {factor.numel()}"
-            )
-        value = torch.tensordot(value, factor, dims=0)
-        order.append(i)
+        if kind != "bond":
+            factor = neutral if kind == "input" else torch.ones(shape[i])
+            if factor.numel() != shape[i]:
+                raise ValueError(
+                    f"axis {i} has size {shape[i]} but its input features have {factor.numel()}"
+                )
+            value = torch.tensordot(value, factor, dims=0)
+            order.append(i)
     value = value.permute(*[order.index(i) for i in range(len(shape))])
     fan = math.prod(shape[i] for i in bonds) / max((shape[i] for i in bonds), default=1)
-    noise = torch.randn(tuple(shape), generator=generator) * (init_std / math.sqrt(fan))
+    noise = torch.randn(tuple(shape)) * (init_std / math.sqrt(fan))
     return value + noise
 
 
@@ -245,13 +241,6 @@ def _padded(tensor: torch.Tensor, node: ChainNode, bond: int) -> torch.Tensor:
     if node.right is None:
         tensor = tensor.unsqueeze(-1)
     return _pad_bonds(tensor, bond)
-
-
-def _unit(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """e_0 of length ``size``: the boundary of an open end (its outer bond is index 0)."""
-    out = torch.zeros(size, dtype=dtype, device=device)
-    out[0] = 1.0
-    return out
 
 
 def _resolve_graph(graph: Any, graph_args: Mapping[str, Any] | None) -> TNGraph:
@@ -285,35 +274,27 @@ def tree_positions(spec: NetworkSpec) -> dict[str, tuple[float, float]]:
     names, ends = spec.node_names, index_ends(spec.node_indices)
     neighbours: dict[str, list[str]] = {n: [] for n in names}
     for (a, _), *other in ends.values():
-        if other:
-            ((b, _),) = other
+        for b, _ in other:
             neighbours[names[a]].append(names[b])
             neighbours[names[b]].append(names[a])
     if sum(len(v) for v in neighbours.values()) // 2 != len(names) - 1:
         return {}
     root = names[ends[spec.output_indices[0]][0][0]] if spec.output_indices else names[0]
-    pos: dict[str, tuple[float, float]] = {}
-    count = 0
-    stack: list[tuple[str, str | None, bool]] = [(root, None, False)]
-    while stack:  # iterative post-order: children first
-        node, parent, done = stack.pop()
-        kids = [u for u in neighbours[node] if u != parent]
-        if not done:
-            stack.append((node, parent, True))
-            stack.extend((u, node, False) for u in reversed(kids))
-            continue
-        if not kids:
-            pos[node] = (float(count), 0.0)
-            count += 1
-        else:
-            xs = [pos[u][0] for u in kids]
-            pos[node] = (sum(xs) / len(xs), 1.0 + max(pos[u][1] for u in kids))
+    order, stack = [], [root]
+    parent: dict[str, str | None] = {root: None}
+    while stack:  # depth first, children in order
+        node = stack.pop()
+        order.append(node)
+        kids = [u for u in neighbours[node] if u != parent[node]]
+        parent.update((u, node) for u in kids)
+        stack.extend(reversed(kids))
+    leaves = [n for n in order if all(u == parent[n] for u in neighbours[n])]
+    pos = {n: (float(k), 0.0) for k, n in enumerate(leaves)}
+    for node in reversed(order):  # children before their parent
+        below = [pos[u] for u in neighbours[node] if u != parent[node]]
+        if below:
+            pos[node] = (sum(x for x, _ in below) / len(below), 1.0 + max(y for _, y in below))
     return pos
-
-
-def _sites(values: list[int]) -> list[int] | slice:
-    """A slice when the sites are evenly spaced and increasing (a view, no copy), else the list."""
-    return as_slice(values) or values
 
 
 class GraphStudent(Student):
@@ -340,11 +321,9 @@ class GraphStudent(Student):
             ``"tree"``, ``"stable"``, ``"reference"``. :meth:`plan` says which runs and why.
         contraction: the older name of ``method`` (``"plain"`` is ``"reference"``).
         optimize: the ``opt_einsum`` path optimizer.
-        compile: run the contraction through ``torch.compile`` (inductor), which fuses the
-            small elementwise steps between the batched matrix products (the stable path,
-            renormalising after every step: one graph, no data-dependent branch). The first
-            call compiles (one to two minutes on a busy 2-core CPU) and needs a C++ compiler on
-            CPU. Measured in ``benchmarks/tree_vs_tensorkrowch.py``.
+        compile: run the contraction through ``torch.compile`` (inductor), fusing the small
+            elementwise steps of the stable path; the first call compiles (minutes on a busy
+            CPU; needs a C++ compiler). Measured in ``benchmarks/tree_vs_tensorkrowch.py``.
         tie_sites: the sites of a chain share one tensor (a translation-invariant MPS; the first
             site's tensor is used), so it trains as one parameter; sites named in
             ``parameter_names`` keep their own.
@@ -374,18 +353,12 @@ class GraphStudent(Student):
     ) -> None:
         super().__init__()
         what = type(self).__name__
-        if output not in OUTPUT_MODES:
-            raise ValueError(f"{what} output must be one of {OUTPUT_MODES}, but got {output!r}")
-        if contraction is not None:
-            if contraction not in CONTRACTIONS:
-                raise ValueError(
-                    f"{what} contraction must be one of {CONTRACTIONS}, but got {contraction!r}"
-                )
+        check_choice(f"{what} output", output, OUTPUT_MODES)
+        if contraction is not None:  # the older name of method, for old YAML
+            check_choice(f"{what} contraction", contraction, ("auto", "stable", "plain"))
             method = {"plain": "reference"}.get(contraction, contraction)
-        if method not in METHODS:
-            raise ValueError(f"{what} method must be one of {METHODS}, but got {method!r}")
-        if not (init_std >= 0 and math.isfinite(init_std)):
-            raise ValueError(f"{what} init_std must be a finite number >= 0, but got {init_std!r}")
+        check_choice(f"{what} method", method, METHODS)
+        check_init_std(f"{what} init_std", init_std)
         self.feature_map = build_feature_map(feature_map)
         self.input_shape = None if input_shape is None else tuple(input_shape)
         self.pool, self.patch = pool, patch
@@ -427,8 +400,8 @@ class GraphStudent(Student):
                 value = copy_tensor(tuple(value.shape), kinds, neutral, init_std)
             initial[node.name] = value
         self._spec = spec
-        self._axis_names = {node.name: list(node.axis_names) for node in graph.nodes}
-        self._positions_xy = dict(graph.positions) or tree_positions(spec)
+        #: the drawing as plain data (:meth:`TNGraph.to_dict`), for :meth:`to_graph`
+        self._diagram = {**graph.to_dict(), "positions": graph.positions or tree_positions(spec)}
         self.input_nodes = inputs
         self.input_sites = [sites[n] for n in inputs]
         self.method = self._method = method
@@ -442,8 +415,7 @@ class GraphStudent(Student):
         self.compile = bool(compile)
         self._contract_fn: Any = None  # the (compiled) contraction, made on first use
         self.node_names = [n for n in spec.node_names if n not in set(inputs)]
-        self._compiled: CompiledNetwork | None = None
-        self._reference: CompiledNetwork | None = None  # the reference engine, along the path
+        self._compiled: CompiledNetwork | None = None  # the reference engine, made on first use
         self._shape = examine(spec)
         traced = "compile=True traces the stable path"
         if compile:
@@ -476,6 +448,35 @@ class GraphStudent(Student):
         if output == "normalized":
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
 
+    def _init_family(
+        self,
+        args: Mapping[str, Any],
+        graph: TNGraph,
+        feature_map: FeatureMap,
+        passed: Sequence[str] = ("output", "logit_scale", "init_std"),
+        **options: Any,
+    ) -> None:
+        """Initialise a family (a graph plus conveniences) as the :class:`GraphStudent` of ``graph``.
+
+        ``args`` are the family's constructor arguments (its ``locals()``); those named in
+        ``passed`` reach :class:`GraphStudent` as they are, with ``options``.
+        """
+        passed_args = {name: args[name] for name in passed}
+        GraphStudent.__init__(self, graph, feature_map=feature_map, **passed_args, **options)
+
+    def _init_on_sites(self, args: Mapping[str, Any], draw: Callable[..., TNGraph]) -> None:
+        """Initialise a family drawn on the sites, as ``draw(grid, site_dim, bond_dim, classes)``.
+
+        ``args`` are the family's constructor arguments (its ``locals()``): ``feature_map``,
+        ``bond_dim``, ``num_classes`` and those of :data:`SITE_FAMILY_ARGS`, passed on as they are.
+        """
+        fmap = build_feature_map(args["feature_map"])
+        what = type(self).__name__
+        grid, dim, _ = site_layout(args["input_shape"], args["pool"], args["patch"], fmap, what)
+        graph = draw(grid, dim, args["bond_dim"], args["num_classes"])
+        self._init_family(args, graph, fmap, SITE_FAMILY_ARGS)
+        self.bond_dim = args["bond_dim"]
+
     @property
     def network(self) -> StableNetwork:
         """The graph's pairwise schedule (:class:`~tnkd.tn.stable.StableNetwork`), made on first use."""
@@ -500,18 +501,18 @@ class GraphStudent(Student):
     def _store_blocks(
         self, initial: dict[str, torch.Tensor], sites: dict[str, int], num_sites: int
     ) -> None:
-        """Parameters stacked as the pairwise network consumes them (see ``blocks``)."""
-        spec = self._spec
-        # parameters stacked as the contraction consumes them (one tensor per block: e.g. all
-        # leaves of a tree level), so a level is one kernel with no copy; node_tensors() names them
-        stable = self.network
-        self._input_blocks: list[tuple[int, list[int] | slice]] = []
+        """Parameters stacked as the pairwise network consumes them.
+
+        One tensor per block (e.g. all leaves of a tree level), so that a level is one kernel with
+        no copy; :meth:`node_tensors` names them.
+        """
+        spec, stable = self._spec, self.network
+        self._input_blocks: list[list[int] | slice] = []  # the sites of each input block
         for block, is_input in zip(stable.blocks, stable.block_is_input, strict=True):
             names = [spec.node_names[i] for i in block]
             if is_input:
-                self._input_blocks.append(
-                    (len(self._input_blocks), _sites([sites[n] for n in names]))
-                )
+                where = [sites[n] for n in names]
+                self._input_blocks.append(as_slice(where) or where)
                 continue
             for g, name in enumerate(names):
                 self._block_of[name] = (len(self.blocks), g)
@@ -528,8 +529,7 @@ class GraphStudent(Student):
             and self._flat_sites
             and self._block_kinds[:2] == [True, True]
             and not any(self._block_kinds[2:])
-            and [w for _, w in self._input_blocks]
-            == [slice(0, num_sites - 1, 2), slice(1, num_sites, 2)]
+            and self._input_blocks == [slice(0, num_sites - 1, 2), slice(1, num_sites, 2)]
             and (leaves[1].source, leaves[2].source) == (0, 1)
             and leaves[1].whole
             and leaves[2].whole
@@ -584,21 +584,16 @@ class GraphStudent(Student):
                 alone.append(node)
         if tie and (any(names[n.index] not in names_of for n in alone) or self._padding):
             raise ValueError("tie_sites=True needs every site of one shape (D, d, D)")
+        stacked = [node for node, _ in full]
         if tie:
             full, self._padding = full[:1], 0
         block = None
         if full or "sites" in names_of:
             empty = initial[self.node_names[0]].new_zeros(0, bond, d, bond)
             block = add("sites", torch.stack([core for _, core in full]) if full else empty)
-            nodes = [n for n in layout.sites if names[n.index] not in names_of] if tie else None
-            nodes = nodes or [n for n, _ in full]
-            rows = [0] * len(nodes) if tie else range(len(nodes))
-            for node, g in zip(nodes, rows, strict=True):
-                self._block_of[names[node.index]] = (block, g)
-        rest = [n for n in layout.nodes if names[n.index] not in self._block_of]
-        wanted = list(names_of)  # the order of registration: the names' order, else chain order
-        rest.sort(key=lambda n: wanted.index(names[n.index]) if names[n.index] in wanted else 0)
-        for node in rest:
+            for g, node in enumerate(stacked):
+                self._block_of[names[node.index]] = (block, 0 if tie else g)
+        for node in [n for n in layout.nodes if names[n.index] not in self._block_of]:
             name = names[node.index]
             tensor = stored(node)
             self._node_view[name] = (False, False, self._node_view[name][2])
@@ -606,42 +601,27 @@ class GraphStudent(Student):
         for key in names_of:
             if key in named:
                 self.register_parameter(names_of[key], nn.Parameter(named[key]))
-        # the chain's sites as runs of the stacked block, or tensors stored alone
-        runs: list[list] = []
-        for node in layout.sites:
-            block, g = self._block_of[names[node.index]]
-            if g is not None and tie:  # ("tied", count): the shared core, count times
-                if runs and runs[-1][0] == "tied":
-                    runs[-1][1] += 1
-                else:
-                    runs.append(["tied", 1])
-            elif g is not None and runs and runs[-1][0] == "full" and runs[-1][2] == g:
-                runs[-1][2] = g + 1
-            elif g is not None:
-                runs.append(["full", g, g + 1])
+
+        # the chain's sites as runs: ("full", start, stop), rows of the stacked block; ("tied",
+        # count), the shared core count times; ("alone", block, node), a tensor stored alone
+        def row(node: ChainNode) -> int | None:
+            return self._block_of[names[node.index]][1]
+
+        self._chain_runs: list[tuple] = []
+        for stacked, run in itertools.groupby(layout.sites, lambda n: row(n) is not None):
+            run = list(run)
+            if not stacked:
+                self._chain_runs += [("alone", self._block_of[names[n.index]][0], n) for n in run]
+            elif tie:
+                self._chain_runs.append(("tied", len(run)))
             else:
-                runs.append(["alone", block, node])
-        self._chain_runs = [tuple(r) for r in runs]
+                self._chain_runs.append(("full", row(run[0]), row(run[0]) + len(run)))
         self._sites_block = block
         site = dict(zip(self.input_nodes, self.input_sites, strict=True))
         order = [site[names[n.input_node]] for n in layout.sites]
-        self._chain_sites = _sites(order) if order else []
+        self._chain_sites = (as_slice(order) or order) if order else []
         label = layout.label_node
         self._label_site = None if label.phys is None else site[names[label.input_node]]
-        # a chain stored as the engine reads it (boundary vectors, one whole untied block of
-        # sites, a (D, C, D) label tensor): its operands are the parameters themselves
-        first, last = layout.nodes[0], layout.nodes[-1]
-        plain = (
-            not tie
-            and self._chain_runs == [("full", 0, len(full))]
-            and self._padding == 0
-            and all(n.phys is None and n.label is None for n in (first, last))
-            and all(initial[names[n.index]].shape == (bond,) for n in (first, last))
-            and label.phys is None
-            and stored(label).shape == (bond, self.num_classes, bond)
-        )
-        refs = [self._block_of[names[n.index]][0] for n in (first, last, label)]
-        self._plain_chain = (refs[0], block, refs[1], refs[2]) if plain else None
 
     def _stored(self, block: int | str) -> torch.Tensor:
         """A stored parameter: an index of ``blocks`` or the name it was registered under."""
@@ -657,8 +637,6 @@ class GraphStudent(Student):
         Open ends and smaller bonds are zero-padded to D (their outer bond is index 0 of a unit
         boundary vector), which leaves the contraction's value unchanged.
         """
-        if self._plain_chain is not None:
-            return tuple(map(self._stored, self._plain_chain))
         layout = self._shape.chain
         bond, names = layout.bond_dim, self._spec.node_names
         sites = None if self._sites_block is None else self._stored(self._sites_block)
@@ -686,8 +664,9 @@ class GraphStudent(Student):
                 if vector.shape[0] < bond:
                     vector = torch.nn.functional.pad(vector, (0, bond - vector.shape[0]))
                 ends.append(vector)
-            else:
-                ends.append(_unit(bond, cores.dtype, cores.device))
+            else:  # an open end: its outer bond is index 0 of the boundary e_0
+                ends.append(cores.new_zeros(bond))
+                ends[-1][0] = 1.0
         label = layout.label_node
         output_core = _padded(self._stored(self._block_of[names[label.index]][0]), label, bond)
         return ends[0], cores, ends[1], output_core
@@ -706,7 +685,7 @@ class GraphStudent(Student):
                     f"{what}: the graph has {len(inputs)} input nodes but the data gives "
                     f"{num_sites} sites; pass input_positions (the site of each input node)"
                 )
-            return {n: k for k, n in enumerate(inputs)}
+            positions = range(num_sites)
         if isinstance(positions, Mapping):
             missing = [n for n in inputs if n not in positions]
             if missing:
@@ -751,11 +730,8 @@ class GraphStudent(Student):
             )
 
     def _neutral(self) -> torch.Tensor:
-        w = self.feature_map.neutral()
-        if w.numel() == self.site_dim:
-            return w
-        out = w  # product map: w (x) w (x) ... one factor per pixel of the patch
-        while out.numel() < self.site_dim:
+        w = out = self.feature_map.neutral()
+        while out.numel() < self.site_dim:  # the product map: w (x) w (x) .., one w per pixel
             out = torch.kron(out, w)
         return out
 
@@ -766,12 +742,7 @@ class GraphStudent(Student):
         if self.input_shape is None or len(self.input_shape) == 1:
             return flat
         c, h, w = image_shape(self.input_shape, type(self).__name__)
-        images = flat.view(flat.shape[0], c, h, w)
-        if self.patch > 1:
-            return image_patches(images, self.patch, self.patch)
-        if self.pool > 1:
-            images = torch.nn.functional.avg_pool2d(images, self.pool)
-        return images.reshape(flat.shape[0], -1)
+        return site_values(flat.view(flat.shape[0], c, h, w), self.pool, self.patch)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, sites, site_dim)`` feature vectors."""
@@ -788,10 +759,8 @@ class GraphStudent(Student):
     def _site_features_t(self, x: torch.Tensor) -> torch.Tensor:
         """``(sites, site_dim, batch)`` feature vectors, contiguous (the blocks' layout).
 
-        A block is then a slice whose samples are contiguous; a strided block (samples a row
-        of sites apart) makes every elementwise kernel of the first tree level gather its
-        operands. The [1, x] map on scalar sites is written in this layout directly (one
-        ``stack``, no copy).
+        A block's samples are then contiguous (not a row of sites apart: a gather in every
+        kernel of the first tree level); the [1, x] map is written so directly (one ``stack``).
         """
         if type(self.feature_map) is LinearFeatureMap and self._flat_sites:
             u = self.flatten_input(x).T.to(self._dtype())
@@ -812,14 +781,8 @@ class GraphStudent(Student):
         phi = self._site_features_t(x)
         params = iter(self.blocks._parameters.values())
         inputs = iter(self._input_blocks)
-        out = []
-        for is_input in self._block_kinds:
-            if is_input:
-                _, where = next(inputs)
-                out.append(phi[where])  # (G, site_dim, batch)
-            else:
-                out.append(next(params))
-        return out
+        # an input block is (G, site_dim, batch)
+        return [phi[next(inputs)] if is_input else next(params) for is_input in self._block_kinds]
 
     def graph_operands(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One tensor per graph node, in node order (input nodes batched)."""
@@ -842,11 +805,6 @@ class GraphStudent(Student):
         position = self._shape.chain.sites_before_label
         return left, cores, right, feats, output_core, position, label
 
-    def _chain_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The chain engine: :func:`~tnkd.tn.chain.contract_chain` on the assembled chain."""
-        *operands, label = self._chain_arguments(self.features(x))
-        return contract_chain(*operands, self._chain_kernel, label)
-
     def _portable_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The portable engine (:mod:`tnkd.tn.portable`): tensor operations only, for export.
 
@@ -866,13 +824,12 @@ class GraphStudent(Student):
         if self.portable:
             return self._portable_log_forward(x)
         if self.engine == "chain":
-            return self._chain_log_forward(x)
+            *operands, label = self._chain_arguments(self.features(x))
+            return contract_chain(*operands, self._chain_kernel, label)
         if self.engine == "tree":
             return self.tree_plan.contract(self.operand_blocks(x))
         if self.engine == "reference":
-            if self._reference is None:
-                self._reference = CompiledNetwork(self._spec, optimize=self.network.path)
-            values = self._reference(self.graph_operands(x))
+            values = self.generic_forward(x)
             blocks = functools.partial(self.operand_blocks, x)
             rerun = None if self._method != "auto" else lambda: self.network.contract(blocks())
             return reference_values(values, rerun)
@@ -901,10 +858,7 @@ class GraphStudent(Student):
         if self.fast_path and not self.portable:
             tree = self.tree_plan
             if self._linear_leaves and not x.requires_grad:  # (the raw pairs get no gradient)
-                u = self.flatten_input(x).T
-                dtype = self._dtype()
-                if u.dtype != dtype:
-                    u = u.to(dtype)
+                u = self.flatten_input(x).T.to(self._dtype())
                 pairs = u.view(u.shape[0] // 2, 2, u.shape[1])  # (leaves, [x_l, x_r], batch)
                 blocks = [pairs, pairs, *self.blocks._parameters.values()]
                 return tree.normalized_logits(blocks, self.log_logit_scale, linear_leaves=True)
@@ -913,9 +867,9 @@ class GraphStudent(Student):
         return direction_logits(values, self.log_logit_scale)
 
     def generic_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """f(x) through one plain ``opt_einsum`` expression (no renormalisation)."""
+        """f(x) through one plain ``opt_einsum`` expression (the reference engine; no rescaling)."""
         if self._compiled is None:
-            self._compiled = CompiledNetwork(self._spec)
+            self._compiled = CompiledNetwork(self._spec, optimize=self.network.path)
         return self._compiled(self.graph_operands(x))
 
     # ---- the graph --------------------------------------------------------------------------
@@ -936,32 +890,10 @@ class GraphStudent(Student):
 
     def to_graph(self) -> TNGraph:
         """The graph with the current tensors (input nodes hold zeros)."""
-        spec = self._spec
-        params = self.node_tensors()
-        nodes = {}
-        for name, shape in zip(spec.node_names, spec.node_shapes, strict=True):
-            value = params[name] if name in params else shape
-            nodes[name] = make_node(value, name, self._axis_names[name])
-        ends: dict[str, list[tuple[str, str]]] = {}
-        for name, idx in zip(spec.node_names, spec.node_indices, strict=True):
-            for axis, label in zip(self._axis_names[name], idx, strict=True):
-                ends.setdefault(label, []).append((name, axis))
-        outputs = []
-        for label, pair in ends.items():
-            if len(pair) == 2:
-                (a, ax), (b, bx) = pair
-                connect(nodes[a], ax, nodes[b], bx, name=label)
-            else:
-                ((a, ax),) = pair
-                edge = nodes[a][ax]
-                edge.set_name(label)
-                outputs.append(edge)
-        return TNGraph(
-            nodes=list(nodes.values()),
-            input_nodes=list(self.input_nodes),
-            output_edges=outputs,
-            positions=dict(self._positions_xy),
-        )
+        graph = TNGraph.from_dict(self._diagram)
+        for name, tensor in self.node_tensors().items():
+            graph.node(name).tensor = tensor.detach()
+        return graph
 
     def load_node_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Copy tensors into the parameter nodes (by node name; shapes must match)."""

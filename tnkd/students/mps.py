@@ -16,24 +16,50 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from tnkd.feature_maps import FeatureMap, build_feature_map
 from tnkd.students.base import (
+    check_choice,
+    check_init_std,
     check_positive_int,
-    image_patches,
     near_identity_cores,
+    site_values,
 )
-from tnkd.students.graph import GraphStudent
+from tnkd.students.graph import OUTPUT_MODES, GraphStudent
 from tnkd.tn.decompositions import tt_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
 from tnkd.tn.planner import CHAIN_KERNELS
 
-OUTPUT_MODES = ("normalized", "raw")
-
-
 PARAMETER_NAMES = {"sites": "cores", "left": "left", "right": "right", "output": "output_core"}
+
+
+def chain_graph(chain: list[Any], sites: list[Any], label_node: Any) -> TNGraph:
+    """Nodes joined in a row (``right`` to ``left``, bonds ``bond_k``), input ``x_i`` on site i.
+
+    Args:
+        chain: the nodes in order, each with axes ``left`` and/or ``right``.
+        sites: the nodes with an input axis ``phys``, in site order.
+        label_node: the node whose ``label`` axis is the graph's output.
+
+    Returns:
+        The graph (drawn left to right) with input nodes ``x_0 ..`` on edges ``phys_0 ..``.
+    """
+    for k, (a, b) in enumerate(itertools.pairwise(chain)):
+        connect(a, "right", b, "left", name=f"bond_{k}")
+    inputs = []
+    for i, site in enumerate(sites):
+        inputs.append(make_node((site["phys"].dimension,), f"x_{i}", ["phys"]))
+        connect(site, "phys", inputs[-1], "phys", name=f"phys_{i}")
+    label_node["label"].set_name("label")
+    return TNGraph(
+        nodes=[*chain, *inputs],
+        input_nodes=[n.name for n in inputs],
+        output_edges=[label_node["label"]],
+        positions={n.name: (float(k), 0.0) for k, n in enumerate(chain)},
+    )
 
 
 def mps_graph(
@@ -55,31 +81,11 @@ def mps_graph(
     Returns:
         The graph: nodes ``left``, ``site_i``, ``output``, ``right`` and the input nodes ``x_i``.
     """
-    num_sites = cores.shape[0]
-    nodes = {
-        "left": make_node(left, "left", ["right"]),
-        "right": make_node(right, "right", ["left"]),
-    }
-    for i in range(num_sites):
-        nodes[f"site_{i}"] = make_node(cores[i], f"site_{i}", ["left", "phys", "right"])
-    nodes["output"] = make_node(output_core, "output", ["left", "label", "right"])
-    sites = [f"site_{i}" for i in range(num_sites)]
-    order = ["left", *sites[:label_position], "output", *sites[label_position:], "right"]
-    chain = [nodes[n] for n in order]
-    for k, (a, b) in enumerate(itertools.pairwise(chain)):
-        connect(a, "right", b, "left", name=f"bond_{k}")
-    inputs = []
-    for i in range(num_sites):
-        node = make_node((cores.shape[2],), f"x_{i}", ["phys"])
-        connect(nodes[f"site_{i}"], "phys", node, "phys", name=f"phys_{i}")
-        inputs.append(node)
-    nodes["output"].get_edge("label").set_name("label")
-    return TNGraph(
-        nodes=chain + inputs,
-        input_nodes=[n.name for n in inputs],
-        output_edges=[nodes["output"]["label"]],
-        positions={name: (float(k), 0.0) for k, name in enumerate(order)},
-    )
+    sites = [make_node(c, f"site_{i}", ["left", "phys", "right"]) for i, c in enumerate(cores)]
+    output = make_node(output_core, "output", ["left", "label", "right"])
+    ends = make_node(left, "left", ["right"]), make_node(right, "right", ["left"])
+    p = label_position
+    return chain_graph([ends[0], *sites[:p], output, *sites[p:], ends[1]], sites, output)
 
 
 class MPSClassifier(GraphStudent):
@@ -93,23 +99,17 @@ class MPSClassifier(GraphStudent):
             ``"linear"`` ([1, x]), ``"trig"`` ([cos, sin]), ``"poly"``, ``"learnable"``.
         label_position: number of sites left of the output core, in ``[0, N]``; default N // 2.
         uniform: share one core between all sites (translation-invariant MPS).
-        output: ``"normalized"`` (default): logits = s * f(x) / ||f(x)|| with a learned scale s,
-            finite for any chain length; ``"raw"``: the exact multilinear value f(x) (use for
-            regression and exact function evaluation; can overflow only where f itself does).
-        logit_scale: initial s of the normalized output.
+        output, logit_scale: as in :class:`~tnkd.students.graph.GraphStudent` (``"raw"``: the
+            exact multilinear value f(x), for regression and exact function evaluation).
         init_std: relative noise of the near-identity initialisation.
-        method: the chain engine's kernel: ``"auto"`` (the planner's choice,
-            :func:`tnkd.tn.planner.chain_kernel`), ``"native"``, ``"scan"`` or ``"tree"`` (see
-            :func:`tnkd.tn.chain.contract_chain`); ``"sweep"``, the autograd sweep of older
-            versions, now runs the scan.
+        method: the chain engine's kernel: ``"auto"`` (:func:`tnkd.tn.planner.chain_kernel`
+            chooses), ``"native"``, ``"scan"`` or ``"tree"`` (:func:`tnkd.tn.chain.contract_chain`);
+            ``"sweep"``, the older autograd sweep, now runs the scan.
         pool: average-pool ``(batch, channels, H, W)`` images by this factor before the feature
-            map (2: a 28x28 image becomes 196 sites), so a short-chain student distils from a
-            teacher that sees the full image; ``num_sites`` is the pooled pixel count.
-        patch: give each site a ``patch x patch`` block of ``(batch, channels, H, W)`` images
-            (row-major blocks of one-channel images) instead of one pixel; the map must take
-            that many values, e.g. ``{name: learnable, dim: 4, in_features: 4}`` for 2x2
-            blocks of one-channel images. Unlike ``pool`` it keeps every pixel: a 28x28 image
-            becomes 196 sites of 4 pixels each.
+            map (2: a 28x28 image becomes 196 sites); ``num_sites`` is the pooled pixel count.
+        patch: give each site a ``patch x patch`` block of one-channel images instead of one
+            pixel (every pixel kept: 28x28 becomes 196 sites of 4 pixels at ``patch=2``); the
+            map must take that many values, e.g. ``{name: learnable, dim: 4, in_features: 4}``.
 
     Learning rate: Adam moves every core entry by about ``lr`` per step, and all N cores move
     at once, so longer chains and larger D want a smaller ``lr`` (the rates measured:
@@ -155,10 +155,8 @@ class MPSClassifier(GraphStudent):
             raise ValueError(
                 f"student label_position must be an integer in [0, {num_sites}], but got {position!r}"
             )
-        if output not in OUTPUT_MODES:
-            raise ValueError(f"student output must be one of {OUTPUT_MODES}, but got {output!r}")
-        if not (init_std >= 0 and math.isfinite(init_std)):
-            raise ValueError(f"student init_std must be a finite number >= 0, but got {init_std!r}")
+        check_choice("student output", output, OUTPUT_MODES)
+        check_init_std("student init_std", init_std)
         fmap = build_feature_map(feature_map)
         in_features = getattr(fmap, "in_features", 1)
         if in_features != patch * patch:
@@ -179,15 +177,7 @@ class MPSClassifier(GraphStudent):
         eye = torch.eye(bond).unsqueeze(1).expand(bond, num_classes, bond)
         output_core = eye + init_std * torch.randn(bond, num_classes, bond) / math.sqrt(bond)
         graph = mps_graph(left, cores.expand(num_sites, -1, -1, -1), right, output_core, position)
-        super().__init__(
-            graph,
-            feature_map=fmap,
-            output=output,
-            logit_scale=logit_scale,
-            init_std=init_std,
-            tie_sites=uniform,
-            parameter_names=PARAMETER_NAMES,
-        )
+        self._init_family(locals(), graph, fmap, tie_sites=uniform, parameter_names=PARAMETER_NAMES)
         self.num_sites = num_sites
         self.pool, self.patch = pool, patch
         self.num_inputs = num_sites * pool * pool * patch * patch
@@ -264,6 +254,4 @@ class MPSClassifier(GraphStudent):
                 f"and W divisible by {block}, but got shape {tuple(x.shape)}"
             )
         super().flatten_input(x)  # checks num_inputs = num_sites * block^2
-        if self.patch > 1:
-            return image_patches(x, self.patch, self.patch)
-        return torch.nn.functional.avg_pool2d(x, self.pool).reshape(x.shape[0], -1)
+        return site_values(x, self.pool, self.patch)

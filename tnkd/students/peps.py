@@ -13,26 +13,10 @@ dimension D, and carry the label on one tensor (here the centre)::
 Unlike a chain or a tree, the grid has loops: the network is contracted exactly along a path
 that ``opt_einsum`` plans once (feature vectors first, then the grid), in one batched kernel per
 group of equal steps (:class:`~tnkd.tn.stable.StableNetwork`). The exact cost grows as
-D^(min(rows, cols)) per sample, so exact contraction is for small grids; Cheng et al. contract
-larger ones approximately (boundary MPS). Planned cost per sample (greedy path, ``planned_cost``
-of :mod:`tnkd.tn.stable`; multiply by the batch size, and by about 3 for a training step):
-
-=============  ===  =====  =========================  ===============
-grid           d    D      largest intermediate       flops
-=============  ===  =====  =========================  ===============
-2x2            16   8      640                        4.8e4
-4x4            16   3      810                        7.9e4
-4x4            4    4      2,560                      2.6e5
-4x4            4    6      13,000                     3.2e6
-7x7            2    2      512                        9.0e4
-7x7            2    3      21,900                     6.6e6
-7x7            4    3      177,000                    2.7e7
-14x14          2    2      262,000                    2.3e8
-=============  ===  =====  =========================  ===============
-
-On one CPU thread a training step of batch 100 stays under about 0.1 s up to a few 1e6 flops per
-sample: 4x4 grids up to D = 6 and 7x7 grids at D = 2 are affordable; 7x7 at D = 3 is slow and a
-14x14 grid (a 2x2 patch per site of a 28x28 image) is out of reach exactly. The MNIST grid
+D^(min(rows, cols)) per sample, so exact contraction is for small grids (Cheng et al. contract
+larger ones approximately, boundary MPS): 4x4 grids up to D = 6 and 7x7 grids at D = 2 train at
+about 0.1 s per step of batch 100 on one CPU thread; a 14x14 grid is out of reach exactly
+(planned costs: ``docs/benchmarks/graphs.md``, "PEPS cost"). The MNIST grid
 (``configs/mnist/grid_peps.yaml``) uses 4x4 at D = 4 with a learned patch map of size 4.
 
 Example:
@@ -46,11 +30,12 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
-from tnkd.feature_maps import FeatureMap, build_feature_map
+from tnkd.feature_maps import FeatureMap
 from tnkd.students.base import check_positive_int
-from tnkd.students.graph import GraphStudent, site_layout
+from tnkd.students.graph import GraphStudent
 from tnkd.tn.graph import TNGraph, connect, make_node
 
 
@@ -90,31 +75,20 @@ def peps_graph(
             f"PEPS label_site must be inside the {rows}x{cols} grid, but got {label_site!r}"
         )
     nodes = {}
-    for i in range(rows):
-        for j in range(cols):
-            axes = [
-                a
-                for a, ok in (
-                    ("up", i > 0),
-                    ("left", j > 0),
-                    ("right", j < cols - 1),
-                    ("down", i < rows - 1),
-                )
-                if ok
-            ]
-            axes.append("phys")
-            if (i, j) == (li, lj):
-                axes.append("label")
-            shape = [
-                phys_dim if a == "phys" else num_classes if a == "label" else bond_dim for a in axes
-            ]
-            nodes[i, j] = make_node(tuple(shape), f"p{i}_{j}", axes)
-    for i in range(rows):
-        for j in range(cols):
-            if j < cols - 1:
-                connect(nodes[i, j], "right", nodes[i, j + 1], "left", name=f"h{i}_{j}")
-            if i < rows - 1:
-                connect(nodes[i, j], "down", nodes[i + 1, j], "up", name=f"v{i}_{j}")
+    for i, j in itertools.product(range(rows), range(cols)):
+        sides = {"up": i > 0, "left": j > 0, "right": j < cols - 1, "down": i < rows - 1}
+        axes = [a for a, ok in sides.items() if ok]
+        shape = [bond_dim] * len(axes) + [phys_dim]
+        axes.append("phys")
+        if (i, j) == (li, lj):
+            axes.append("label")
+            shape.append(num_classes)
+        nodes[i, j] = make_node(tuple(shape), f"p{i}_{j}", axes)
+    for i, j in nodes:
+        if j < cols - 1:
+            connect(nodes[i, j], "right", nodes[i, j + 1], "left", name=f"h{i}_{j}")
+        if i < rows - 1:
+            connect(nodes[i, j], "down", nodes[i + 1, j], "up", name=f"v{i}_{j}")
     inputs = []
     positions: dict[str, tuple[float, float]] = {}
     for (i, j), node in nodes.items():
@@ -141,17 +115,12 @@ class PEPSClassifier(GraphStudent):
         num_classes: size C of the label leg.
         bond_dim: bond dimension D.
         patch: patch side (the grid is (H / patch) x (W / patch)).
-        pool: average-pool the image first (combine with patch=1 for a grid of pooled pixels).
         feature_map: the site map: a scalar map gives the product map of the patch's pixels
             (size d^(patch^2)); ``{name: learnable, in_features: patch^2, dim: n}`` learns one.
         label_site: ``(row, col)`` of the label node; default the centre.
-        output: ``"normalized"`` or ``"raw"``.
-        logit_scale: initial logit scale.
-        init_std: relative noise of the copy-tensor initialisation.
-        method: the contraction engine, ``"auto"`` or a name (see
-            :class:`~tnkd.students.graph.GraphStudent` and :mod:`tnkd.tn.planner`).
-        contraction: the older name of ``method``.
-        compile: contract through ``torch.compile`` (see :class:`~tnkd.students.graph.GraphStudent`).
+        pool, output, logit_scale, init_std, method, contraction, compile: as in
+            :class:`~tnkd.students.graph.GraphStudent` (pool with ``patch=1``: a grid of pooled
+            pixels).
     """
 
     def __init__(
@@ -170,24 +139,11 @@ class PEPSClassifier(GraphStudent):
         contraction: str | None = None,
         compile: bool = False,
     ) -> None:
-        fmap = build_feature_map(feature_map)
-        grid, dim, _ = site_layout(input_shape, pool, patch, fmap, "PEPSClassifier")
-        if len(grid) != 2:
-            raise ValueError(
-                f"PEPSClassifier needs a one-channel image grid, but the sites form {grid}"
-            )
-        graph = peps_graph(grid[0], grid[1], dim, bond_dim, num_classes, label_site)
-        super().__init__(
-            graph,
-            feature_map=fmap,
-            input_shape=input_shape,
-            pool=pool,
-            patch=patch,
-            output=output,
-            logit_scale=logit_scale,
-            init_std=init_std,
-            method=method,
-            contraction=contraction,
-            compile=compile,
-        )
-        self.bond_dim = bond_dim
+        def draw(grid: tuple[int, ...], dim: int, bond: int, classes: int) -> TNGraph:
+            if len(grid) != 2:
+                raise ValueError(
+                    f"PEPSClassifier needs a one-channel image grid, but the sites form {grid}"
+                )
+            return peps_graph(*grid, dim, bond, classes, label_site)
+
+        self._init_on_sites(locals(), draw)

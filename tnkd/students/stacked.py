@@ -96,11 +96,8 @@ class StackedMPS(Student):
             )
         net = cls.__new__(cls)
         Student.__init__(net)
-        net.num_inputs, net.num_classes, net.hidden = (
-            first.num_sites,
-            second.num_classes,
-            first.num_classes,
-        )
+        net.num_inputs, net.hidden = first.num_sites, first.num_classes
+        net.num_classes = second.num_classes
         net.first, net.second = first, second
         return net
 

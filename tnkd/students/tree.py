@@ -21,17 +21,12 @@ loses nothing (bonds just above 2 pixels with d = 2 have size 4 at most). An odd
 level is passed up unchanged.
 
 **Cost.** Contracting one sample costs about sum over nodes of D^3 (the leaves d^2 D): linear in
-the number of sites, any size is affordable; the contraction runs level by level (the steps of
-equal shape grouped by :class:`~tnkd.tn.stable.StableNetwork`), with a log-scale, so depth does
-not matter either. Every step of this tree joins a node with its two children, so the planner
-gives it to the tree engine (:mod:`tnkd.tn.fused`, for any graph made only of such steps): the
-whole contraction is one autograd node with a hand-written backward, whose level loop runs in
-C++ on CPU (``tnkd/tn/csrc/tree_levels.cpp``, compiled on first use; in a balanced tree each
-thread runs every level of its own subtrees, with no synchronisation between levels): see
-``benchmarks/tree_vs_tensorkrowch.py`` for its speed against TensorKrowch's ``Tree``
-(``docs/benchmarks/graphs.md``). The parameter count is what limits D: over the 196 pixels of a 2x2-pooled MNIST
-image a tree has 32,545 parameters at D = 8 and 209,185 at D = 16 (98 leaves, ~97 D^3 inner
-nodes).
+the number of sites, so any size is affordable, and the log-scale kept per level makes depth
+harmless. Every step joins a node with its two children, so the planner gives the tree to the
+tree engine (:mod:`tnkd.tn.fused`: one autograd node, a native level loop on CPU; its speed
+against TensorKrowch's ``Tree``: ``docs/benchmarks/graphs.md``). The parameter count is what
+limits D: over the 196 pixels of a 2x2-pooled MNIST image a tree has 32,545 parameters at D = 8
+and 209,185 at D = 16 (98 leaves, ~97 D^3 inner nodes).
 
 Example:
     >>> import torch
@@ -42,22 +37,15 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
-from tnkd.feature_maps import FeatureMap, build_feature_map
+from tnkd.feature_maps import FeatureMap
 from tnkd.students.base import check_positive_int
-from tnkd.students.graph import GraphStudent, site_layout
+from tnkd.students.graph import GraphStudent
 from tnkd.tn.graph import TNGraph, connect, make_node
-
-
-@dataclass
-class _Item:
-    node: object  # tn.Node
-    axis: str  # the free axis that connects upward
-    dim: int
-    name: str
 
 
 def tree_graph(grid: Sequence[int], phys_dim: int, bond_dim: int, num_classes: int) -> TNGraph:
@@ -81,50 +69,42 @@ def tree_graph(grid: Sequence[int], phys_dim: int, bond_dim: int, num_classes: i
     total = math.prod(shape)
     if total < 2:
         raise ValueError(f"a tree needs at least 2 sites, but the grid {shape} has {total}")
-    inputs = []
-    items: dict[tuple[int, ...], _Item] = {}
-    for k in range(total):
-        node = make_node((phys_dim,), f"x_{k}", ["phys"])
-        inputs.append(node)
-        pos, rest = [], k
-        for size in reversed(shape):
-            pos.append(rest % size)
-            rest //= size
-        items[tuple(reversed(pos))] = _Item(node, "phys", phys_dim, node.name)
-    dims = list(shape)
-    nodes = []
+    inputs = [make_node((phys_dim,), f"x_{k}", ["phys"]) for k in range(total)]
+    # (node, free axis, its size) at each position of the grid, sites row-major
+    grid_positions = itertools.product(*map(range, shape))
+    items = {pos: (x, "phys", phys_dim) for pos, x in zip(grid_positions, inputs, strict=True)}
+
+    def join(a: tuple, b: tuple, name: str, axis: str, size: int) -> tuple[Any, str, int]:
+        node = make_node((a[2], b[2], size), name, ["child0", "child1", axis])
+        connect(a[0], a[1], node, "child0", name=f"{a[0].name}-{name}")
+        connect(b[0], b[1], node, "child1", name=f"{b[0].name}-{name}")
+        return node, axis, size
+
+    dims, nodes = list(shape), []
     level, turn = 0, len(dims) - 1
     while len(items) > 2:
         while dims[turn] == 1:
             turn = (turn - 1) % len(dims)
         level += 1
-        new_items: dict[tuple[int, ...], _Item] = {}
+        new_items: dict[tuple[int, ...], tuple[Any, str, int]] = {}
         count = 0
         for pos in sorted(items):
             if pos[turn] % 2:
                 continue
             partner = (*pos[:turn], pos[turn] + 1, *pos[turn + 1 :])
             parent_pos = (*pos[:turn], pos[turn] // 2, *pos[turn + 1 :])
-            a = items[pos]
-            if partner not in items:
+            a, b = items[pos], items.get(partner)
+            if b is None:  # the odd site out, passed up unchanged
                 new_items[parent_pos] = a
                 continue
-            b = items[partner]
-            up = min(bond_dim, a.dim * b.dim)
-            name = f"t{level}_{count}"
+            up = min(bond_dim, a[2] * b[2])
+            new_items[parent_pos] = join(a, b, f"t{level}_{count}", "parent", up)
+            nodes.append(new_items[parent_pos][0])
             count += 1
-            node = make_node((a.dim, b.dim, up), name, ["child0", "child1", "parent"])
-            connect(a.node, a.axis, node, "child0", name=f"{a.name}-{name}")
-            connect(b.node, b.axis, node, "child1", name=f"{b.name}-{name}")
-            nodes.append(node)
-            new_items[parent_pos] = _Item(node, "parent", up, name)
         items = new_items
         dims[turn] = (dims[turn] + 1) // 2
         turn = (turn - 1) % len(dims)
-    a, b = (items[p] for p in sorted(items))
-    root = make_node((a.dim, b.dim, num_classes), "root", ["child0", "child1", "label"])
-    connect(a.node, a.axis, root, "child0", name=f"{a.name}-root")
-    connect(b.node, b.axis, root, "child1", name=f"{b.name}-root")
+    root = join(*(items[p] for p in sorted(items)), "root", "label", num_classes)[0]
     root["label"].set_name("label")
     return TNGraph(
         nodes=[*nodes, root, *inputs],
@@ -140,17 +120,8 @@ class TreeClassifier(GraphStudent):
         input_shape: (channels, height, width) of one sample, or (n,) for flat inputs.
         num_classes: size C of the label leg on the root.
         bond_dim: largest bond dimension D (bonds near the leaves are capped, see above).
-        feature_map: site map (name, mapping or :class:`~tnkd.feature_maps.FeatureMap`).
-        pool: average-pool the image by this factor first.
-        patch: give each site a patch x patch block (product of per-pixel maps, or a map that
-            takes the block).
-        output: ``"normalized"`` or ``"raw"`` (see :class:`~tnkd.students.graph.GraphStudent`).
-        logit_scale: initial logit scale s of the normalized output.
-        init_std: relative noise of the copy-tensor initialisation.
-        method: the contraction engine, ``"auto"`` or a name (see
-            :class:`~tnkd.students.graph.GraphStudent` and :mod:`tnkd.tn.planner`).
-        contraction: the older name of ``method``.
-        compile: contract through ``torch.compile`` (see :class:`~tnkd.students.graph.GraphStudent`).
+        feature_map, pool, patch, output, logit_scale, init_std, method, contraction, compile:
+            as in :class:`~tnkd.students.graph.GraphStudent`.
     """
 
     def __init__(
@@ -168,22 +139,4 @@ class TreeClassifier(GraphStudent):
         contraction: str | None = None,
         compile: bool = False,
     ) -> None:
-        fmap = build_feature_map(feature_map)
-        grid, dim, _ = site_layout(input_shape, pool, patch, fmap, "TreeClassifier")
-        graph = tree_graph(
-            grid, dim, check_positive_int("TreeClassifier bond_dim", bond_dim), num_classes
-        )
-        super().__init__(
-            graph,
-            feature_map=fmap,
-            input_shape=input_shape,
-            pool=pool,
-            patch=patch,
-            output=output,
-            logit_scale=logit_scale,
-            init_std=init_std,
-            method=method,
-            contraction=contraction,
-            compile=compile,
-        )
-        self.bond_dim = bond_dim
+        self._init_on_sites(locals(), tree_graph)

@@ -1,20 +1,20 @@
 """Shrink a trained student the tensor-network way: canonical form, then SVD truncation of every bond.
 
 Train wide, cut, let the teacher repair: :func:`truncate_student` brings an
-:class:`~tnkd.students.mps.MPSClassifier`, a :class:`~tnkd.students.tt_network.TTNetwork`
-(different cores) or a :class:`~tnkd.students.tree.TreeClassifier` into canonical form about
-its label node (:mod:`tnkd.tn.canonical`), cuts every bond to ``bond_dim`` singular values
-and/or a relative ``tolerance``, and returns a smaller student *of the same class* that trains
-on (its bonds are zero-padded where the kept rank is below the uniform bond dimension; those
-padded channels stay at zero). The feature map, the output mode and the learned logit scale are
-kept; the scale that canonicalisation takes out is spread evenly over the tensors, so the raw
-output is the truncated function itself. :func:`bond_spectra` gives every bond's singular values
-and :func:`entanglement_entropies` the entropy -sum p log p, p = s^2 / sum s^2, per bond: the
-bonds with little entropy are the ones that can be cut.
+:class:`~tnkd.students.mps.MPSClassifier`, a :class:`~tnkd.students.tt_network.TTNetwork` or a
+:class:`~tnkd.students.tree.TreeClassifier` into canonical form about its label node
+(:mod:`tnkd.tn.canonical`), cuts every bond to ``bond_dim`` singular values and/or a relative
+``tolerance``, and returns a smaller student *of the same class* that trains on (bonds whose kept
+rank is below the new bond dimension are zero-padded, and the padding stays at zero). The feature
+map, output mode and logit scale are kept; the scale canonicalisation takes out is spread evenly
+over the tensors, so the raw output is the truncated function itself. :func:`bond_spectra` gives
+every bond's singular values and :func:`entanglement_entropies` the entropy -sum p log p,
+p = s^2 / sum s^2, per bond: the bonds with little entropy are the ones that can be cut. Tensors
+shared between sites (uniform MPS, equal-core TT networks) are refused: a canonical form makes
+them differ; a PEPS has loops and no canonical form.
 
-For YAML, :class:`TruncatedMPS` builds the truncated student from a checkpoint (a Lightning
-``.ckpt`` of a distillation run, or a plain state dict), so a fine-tuning run names it by
-``class_path``:
+In YAML, :class:`TruncatedMPS` builds the truncated student from a checkpoint (a Lightning
+``.ckpt`` of a distillation run, or a plain state dict) for a fine-tuning run:
 
 .. code-block:: yaml
 
@@ -22,9 +22,6 @@ For YAML, :class:`TruncatedMPS` builds the truncated student from a checkpoint (
       class_path: tnkd.students.TruncatedMPS
       init_args: {checkpoint: runs/checkpoints/mnist-mps32/last.ckpt, bond_dim: 8,
                   num_sites: 196, pool: 2, num_classes: 10, feature_map: linear}
-
-Uniform MPS and equal-core TT networks share one core between sites; a canonical form makes the
-cores differ, so they are refused. A PEPS has loops and no canonical form.
 
 Example:
     >>> mps = MPSClassifier(num_sites=10, num_classes=3, bond_dim=8)
@@ -63,13 +60,8 @@ from tnkd.tn.canonical import (
 class TruncationReport(Discarded):
     """What a truncation kept and cut (see :class:`tnkd.tn.canonical.Truncation`).
 
-    Attributes:
-        ranks: kept rank per bond.
-        discarded: discarded weight per bond (squared singular values cut, relative to the
-            network's squared Frobenius norm).
-        spectra: each bond's full singular values before the cut (unit-norm network).
-        params_before: trainable parameters of the input student.
-        params_after: trainable parameters of the truncated student.
+    ``ranks``, ``discarded``, ``spectra`` and ``chain`` are the truncation's; ``params_before``
+    and ``params_after`` count the trainable parameters of the two students.
     """
 
     ranks: dict[str, int]
@@ -106,12 +98,6 @@ def _network(student: Student) -> tuple[list[torch.Tensor], list[tuple[str, ...]
     label = graph.spec().output_indices[0]
     center = next(k for k, idx in enumerate(indices) if label in idx)
     return tensors, indices, names, center
-
-
-def _spread(tensors: list[torch.Tensor], log_norm: float) -> list[torch.Tensor]:
-    """Multiply every tensor by exp(log_norm / count): the network's scale, evenly shared."""
-    factor = math.exp(log_norm / len(tensors))
-    return [t * factor for t in tensors]
 
 
 def _pad(value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -156,7 +142,8 @@ def truncate_student(
     tensors, indices, names, center = _network(student)
     cut: Truncation = truncate(tensors, indices, center, rank=bond_dim, tolerance=tolerance)
     width = bond_dim if bond_dim is not None else max(cut.ranks.values(), default=1)
-    values = dict(zip(names, _spread(cut.tensors, cut.log_norm), strict=True))
+    factor = math.exp(cut.log_norm / len(cut.tensors))  # the scale, shared evenly
+    values = {name: t * factor for name, t in zip(names, cut.tensors, strict=True)}
     new = _like(student, width).to(student._dtype())
     shapes = {name: tuple(t.shape) for name, t in new.node_tensors().items()}
     new.load_node_tensors({name: _pad(t, shapes[name]) for name, t in values.items()})
@@ -225,25 +212,17 @@ def student_state(state: dict[str, Any], prefix: str = "student.") -> dict[str, 
 class TruncatedMPS(MPSClassifier):
     """An :class:`MPSClassifier` started from a wider trained MPS, truncated by SVD.
 
-    Loads the wide MPS from ``checkpoint`` (its bond dimension is read from the file; the other
-    arguments must match the run that saved it), truncates every bond to ``bond_dim``
-    (:func:`truncate_student`) and starts from the result. ``truncation`` holds the report.
-    In YAML this is the student of a fine-tuning run (see the module docstring). Loading a
-    fine-tuned checkpoint of this class needs the source checkpoint again (the constructor reads
-    it); or load its state dict into a plain ``MPSClassifier`` of the same ``bond_dim``.
+    Loads the wide MPS from ``checkpoint`` (its bond dimension read from the file), truncates every
+    bond to ``bond_dim`` (:func:`truncate_student`; ``truncation`` holds the report) and starts
+    from the result. Its checkpoints are described as a plain ``MPSClassifier`` of the new
+    ``bond_dim`` (:meth:`checkpoint_spec`), so loading them never reads the source again.
 
     Args:
         checkpoint: a Lightning checkpoint of a distillation run, or an MPS state dict file.
         bond_dim: the new bond dimension.
-        num_sites: as the wide MPS.
-        num_classes: as the wide MPS.
         tolerance: also cut singular values by relative tolerance (see :func:`truncate_student`).
-        feature_map: as the wide MPS.
-        label_position: as the wide MPS.
-        output: as the wide MPS.
-        method: chain contraction method.
-        pool: as the wide MPS.
-        patch: as the wide MPS.
+        num_sites, num_classes, feature_map, label_position, output, method, pool, patch: as
+            for the wide MPS (see :class:`MPSClassifier`).
     """
 
     def __init__(
@@ -263,18 +242,12 @@ class TruncatedMPS(MPSClassifier):
         state = load_student_state(checkpoint)
         if "cores" not in state or state["cores"].ndim != 4:
             raise ValueError(f"checkpoint {checkpoint} holds no MPSClassifier (no 4-way 'cores')")
-        kwargs = dict(
-            feature_map=feature_map,
-            label_position=label_position,
-            output=output,
-            method=method,
-            pool=pool,
-            patch=patch,
-        )
-        wide = MPSClassifier(num_sites, num_classes, int(state["cores"].shape[1]), **kwargs)
+        accepted = set(inspect.signature(MPSClassifier).parameters) - {"bond_dim"}
+        mps_args = {k: v for k, v in locals().items() if k in accepted}
+        wide = MPSClassifier(bond_dim=int(state["cores"].shape[1]), **mps_args)
         wide.load_state_dict(state)
         small, report = truncate_student(wide, bond_dim=bond_dim, tolerance=tolerance)
-        super().__init__(num_sites, num_classes, bond_dim, **kwargs)
+        super().__init__(bond_dim=bond_dim, **mps_args)
         self.load_state_dict(small.state_dict())
         self.truncation = report
 

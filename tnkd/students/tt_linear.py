@@ -14,6 +14,7 @@ are chosen per batch size by counting multiply-adds, and cached on the layer.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -35,17 +36,10 @@ def _factors(
     out_factors: Sequence[int] | None,
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The checked (in, out) factorisations: as given, or four as-equal-as-possible factors."""
-    m = check_factors(
-        factorize(in_features, 4) if in_factors is None else in_factors,
-        in_features,
-        "TTLinear in_factors",
-    )
-    n = check_factors(
-        factorize(out_features, len(m)) if out_factors is None else out_factors,
-        out_features,
-        "TTLinear out_factors",
-    )
-    return m, n
+    m = factorize(in_features, 4) if in_factors is None else in_factors
+    m = check_factors(m, in_features, "TTLinear in_factors")
+    n = factorize(out_features, len(m)) if out_factors is None else out_factors
+    return m, check_factors(n, out_features, "TTLinear out_factors")
 
 
 class TTLinear(nn.Module):
@@ -59,14 +53,10 @@ class TTLinear(nn.Module):
         ranks: inner TT-ranks (r_1..r_{d-1}), or one int for all.
         bias: learn an additive bias.
 
-    The forward pass is :func:`tnkd.tn.tt_matrix.tt_linear`: neighbouring cores are merged into
-    groups and the reshaped input is swept through the groups, one ``mm``/``bmm`` over the batch
-    per group; the grouping (e.g. cores (1, 2) and (3, 4) for 4096 -> 4096, all four for
-    4096 -> 16) and direction are the cheapest by counted multiply-adds for the batch size, and
-    the plan is cached per batch size (``plans`` counts the plannings). On CPU the batch runs in
-    cache-sized chunks and the backward pass recomputes a chunk's states instead of storing the
-    r-times-larger intermediate (speed: ``benchmarks/tt_layers.py``). :meth:`to_graph` is the
-    same network for the generic contraction engine (tested equal).
+    The forward pass is :func:`tnkd.tn.tt_matrix.tt_linear` (see the module docstring), its plan
+    cached per batch size (``plans`` counts the plannings); on CPU the batch runs in cache-sized
+    chunks whose backward pass recomputes their states (speed: ``benchmarks/tt_layers.py``).
+    :meth:`to_graph` is the same network for the generic contraction engine (tested equal).
 
     Example:
         >>> layer = TTLinear(4096, 16, (8, 8, 8, 8), (2, 2, 2, 2), ranks=8, bias=False)
@@ -175,7 +165,10 @@ class TTLinear(nn.Module):
     def to_graph(self) -> TNGraph:
         """The layer for one input: cores in a row, the reshaped input on their ``in`` legs."""
         d = len(self.cores)
-        nodes = [make_node(c, f"core_{k}", self._axes(k)) for k, c in enumerate(self._operands())]
+        nodes = []
+        for k, core in enumerate(self._operands()):
+            axes = ["left"] * (k > 0) + ["in", "out"] + ["right"] * (k < d - 1)
+            nodes.append(make_node(core, f"core_{k}", axes))
         for k in range(d - 1):
             connect(nodes[k], "right", nodes[k + 1], "left", name=f"rank_{k + 1}")
         x = make_node(self.in_factors, "x", [f"in_{k}" for k in range(d)])
@@ -189,24 +182,11 @@ class TTLinear(nn.Module):
             positions={f"core_{k}": (float(k), 0.0) for k in range(d)},
         )
 
-    def _axes(self, k: int) -> list[str]:
-        d = len(self.cores)
-        axes = ["left", "in", "out", "right"]
-        if k == 0:
-            axes.remove("left")
-        if k == d - 1:
-            axes.remove("right")
-        return axes
-
     def _operands(self) -> list[torch.Tensor]:
-        d = len(self.cores)
-        ops = []
-        for k, c in enumerate(self.cores):
-            if k == 0:
-                c = c.squeeze(0)
-            if k == d - 1:
-                c = c.squeeze(-1)
-            ops.append(c)
+        """The cores without the outer ranks (1) of the end cores: the graph's node tensors."""
+        ops = list(self.cores)
+        ops[0] = ops[0].squeeze(0)
+        ops[-1] = ops[-1].squeeze(-1)
         return ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -293,25 +273,18 @@ class TTMLP(Student):
         """
         new = []
         for layer in mlp:
-            if (
-                isinstance(layer, nn.Linear)
-                and min(layer.in_features, layer.out_features) >= keep_dense_below
-            ):
-                m, n = (
-                    factorize(layer.in_features, num_factors),
-                    factorize(layer.out_features, num_factors),
-                )
+            wide = isinstance(layer, nn.Linear)
+            if wide and min(layer.in_features, layer.out_features) >= keep_dense_below:
+                m = factorize(layer.in_features, num_factors)
+                n = factorize(layer.out_features, num_factors)
+                rank = None if tolerance is not None else ranks
                 new.append(
                     TTLinear.from_linear(
-                        layer,
-                        in_factors=m,
-                        out_factors=n,
-                        ranks=None if tolerance is not None else ranks,
-                        tolerance=tolerance,
+                        layer, in_factors=m, out_factors=n, ranks=rank, tolerance=tolerance
                     )
                 )
             else:
-                new.append(copy_module(layer))
+                new.append(copy.deepcopy(layer).train())  # never share weights with the teacher
         linears = [m for m in mlp if isinstance(m, nn.Linear)]
         return cls(nn.Sequential(*new), linears[0].in_features, linears[-1].out_features)
 
@@ -362,12 +335,9 @@ class TTMLPFromTeacher(TTMLP):
 
     def checkpoint_spec(self) -> dict[str, Any]:
         """Described as the :class:`TTMLP` it is, so loading never reads the teacher file again."""
-        args = {"layers": self.layers, "num_inputs": self.num_inputs, "num_classes": self.num_classes}
+        args = {
+            "layers": self.layers,
+            "num_inputs": self.num_inputs,
+            "num_classes": self.num_classes,
+        }
         return {"class_path": "tnkd.students.TTMLP", "init_args": args}
-
-
-def copy_module(module: nn.Module) -> nn.Module:
-    """A deep copy in training mode, so that a student never shares weights with its teacher."""
-    import copy
-
-    return copy.deepcopy(module).train()

@@ -23,7 +23,6 @@ r <= 6) they reach the same rank as random different cores at every setting meas
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 
@@ -36,7 +35,8 @@ from tnkd.students.base import (
     near_identity_cores,
 )
 from tnkd.students.graph import GraphStudent, image_shape
-from tnkd.tn.graph import TNGraph, connect, make_node
+from tnkd.students.mps import chain_graph
+from tnkd.tn.graph import TNGraph, make_node
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -64,20 +64,7 @@ def tt_graph(first: torch.Tensor, inner: torch.Tensor, last: torch.Tensor) -> TN
     for k in range(1, d - 1):
         nodes.append(make_node(inner[k - 1], f"core_{k}", ["left", "phys", "right"]))
     nodes.append(make_node(last, f"core_{d - 1}", ["left", "phys", "label"]))
-    for k, (a, b) in enumerate(itertools.pairwise(nodes)):
-        connect(a, "right", b, "left", name=f"bond_{k}")
-    inputs = []
-    for k in range(d):
-        node = make_node((first.shape[0],), f"x_{k}", ["phys"])
-        connect(nodes[k], "phys", node, "phys", name=f"phys_{k}")
-        inputs.append(node)
-    nodes[-1].get_edge("label").set_name("label")
-    return TNGraph(
-        nodes=nodes + inputs,
-        input_nodes=[n.name for n in inputs],
-        output_edges=[nodes[-1]["label"]],
-        positions={f"core_{k}": (float(k), 0.0) for k in range(d)},
-    )
+    return chain_graph(nodes, nodes, nodes[-1])
 
 
 class TTNetwork(GraphStudent):
@@ -93,9 +80,8 @@ class TTNetwork(GraphStudent):
         feature_map: None for the learnable patch map of the paper, or a map name / mapping /
             :class:`FeatureMap` (scalar maps such as ``"linear"`` need ``patch_size=1``).
         equal_cores: share one inner core G_2 = ... = G_{d-1} (recurrent-style network).
-        output: ``"normalized"`` (default): logits = s * l(X) / ||l(X)|| with a learned scale s,
-            finite for any number of patches; ``"raw"``: the exact scores l_y(X).
-        logit_scale: initial s of the normalized output.
+        output, logit_scale: as in :class:`~tnkd.students.graph.GraphStudent` (``"raw"``: the
+            exact scores l_y(X)).
         init_std: relative noise of the near-identity initialisation.
 
     Example:
@@ -145,28 +131,17 @@ class TTNetwork(GraphStudent):
                     f"value(s) per patch but a {channels}x{ph}x{pw} patch has {patch_numel}; use "
                     f"patch_size 1 for scalar maps or feature_map=None (learnable patch map)"
                 )
-        n, r, c = fmap.dim, rank, num_classes
+        n, r, c, root = fmap.dim, rank, num_classes, math.sqrt(rank)
         neutral = fmap.neutral()
-        first = neutral.view(n, 1) * torch.ones(1, r) / math.sqrt(r) + init_std * torch.randn(
-            n, r
-        ) / math.sqrt(r)
-        inner = near_identity_cores(
-            1 if equal_cores else max(num_patches - 2, 0), r, neutral, init_std
-        )
-        last = neutral.view(1, n, 1) * torch.randn(r, 1, c) / math.sqrt(r) + init_std * torch.randn(
-            r, n, c
-        ) / math.sqrt(r)
+        first = neutral.view(n, 1) * torch.ones(1, r) / root + init_std * torch.randn(n, r) / root
+        count = 1 if equal_cores else max(num_patches - 2, 0)
+        inner = near_identity_cores(count, r, neutral, init_std)
+        last = neutral.view(1, n, 1) * torch.randn(r, 1, c) / root
+        last = last + init_std * torch.randn(r, n, c) / root
         inner = inner.expand(num_patches - 2, -1, -1, -1) if equal_cores else inner
         names = {"core_0": "first", "sites": "inner_cores", f"core_{num_patches - 1}": "last"}
-        super().__init__(
-            tt_graph(first, inner, last),
-            feature_map=fmap,
-            output=output,
-            logit_scale=logit_scale,
-            init_std=init_std,
-            tie_sites=equal_cores,
-            parameter_names=names,
-        )
+        graph = tt_graph(first, inner, last)
+        self._init_family(locals(), graph, fmap, tie_sites=equal_cores, parameter_names=names)
         self.input_shape = (channels, height, width)
         self.patch_size = (ph, pw)
         self.num_patches = num_patches
