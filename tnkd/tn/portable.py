@@ -57,13 +57,8 @@ def _half(cores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def chain_log_contract(  # the arguments of tnkd.tn.chain.contract_chain
-    left: torch.Tensor,
-    cores: torch.Tensor,
-    right: torch.Tensor,
-    features: torch.Tensor,
-    output_core: torch.Tensor,
-    position: int,
-    output_features: torch.Tensor | None = None,
+    left: torch.Tensor, cores: torch.Tensor, right: torch.Tensor, features: torch.Tensor,
+    output_core: torch.Tensor, position: int, output_features: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chain ``left - A_0 .. A_{p-1} - O - A_p .. A_{N-1} - right`` by two boundary sweeps.
 
