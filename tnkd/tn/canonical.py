@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tnkd.tn.decompositions import svd_rank
 from tnkd.tn.graph import TNGraph, index_ends
 
 Indices = Sequence[Sequence[str]]
@@ -201,21 +202,6 @@ class Truncation(Discarded):
     chain: bool = True
 
 
-def _keep(s: torch.Tensor, rank: int | None, tolerance: float | None) -> int:
-    if rank is None and tolerance is None:
-        cutoff = float(s[0]) * s.numel() * torch.finfo(s.dtype).eps if s.numel() else 0.0
-        return max(int((s > cutoff).sum()), 1)
-    keep = s.numel()
-    if tolerance is not None:
-        tail = torch.flip(torch.cumsum(torch.flip(s**2, [0]), 0), [0])  # tail[r] = sum s[r:]^2
-        total = float(tail[0]) if s.numel() else 0.0
-        ok = (tail <= tolerance**2 * total).nonzero()
-        keep = int(ok[0]) if ok.numel() else s.numel()
-    if rank is not None:
-        keep = min(keep, rank)
-    return max(keep, 1)
-
-
 def truncate(
     tensors: Sequence[torch.Tensor],
     indices: Indices,
@@ -271,7 +257,8 @@ def truncate(
         # the centre is at v: v's singular values across the bond are the network's
         m, perm, rest = _split(work[v], idx[v].index(label))
         left, s, right = torch.linalg.svd(m, full_matrices=False)
-        r = _keep(s, rank, tolerance)
+        max_tail = None if tolerance is None else tolerance**2 * float((s**2).sum())
+        r = svd_rank(s, rank, max_tail, size=s.numel())
         out.spectra[label] = s.clone()
         out.ranks[label] = r
         out.discarded[label] = float((s[r:] ** 2).sum())

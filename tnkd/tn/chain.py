@@ -36,7 +36,7 @@ import torch
 
 from tnkd.tn import native
 from tnkd.tn.planner import SCAN_MAX_MERGED_BOND_DIM, chain_kernel
-from tnkd.tn.stable import full_precision
+from tnkd.tn.stable import full_precision, rescaled
 
 SCAN_RENORM_EVERY = 16
 
@@ -56,9 +56,8 @@ def _tree_product(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mats = torch.matmul(pairs[:, :, 0], pairs[:, :, 1])
         if tail is not None:
             mats = torch.cat([mats, tail], dim=1)
-        scale = mats.detach().abs().amax(dim=(2, 3), keepdim=True)
-        mats = mats / scale.clamp_min_(torch.finfo(mats.dtype).tiny)
-        log_scale = log_scale + torch.log(scale).sum(dim=(1, 2, 3))
+        mats, log, _ = rescaled(mats, (2, 3))
+        log_scale = log_scale + log.sum(dim=(1, 2, 3))
         n = mats.shape[1]
     return mats[:, 0], log_scale
 
@@ -363,9 +362,8 @@ def _close(
         values = torch.einsum("mlb,mlcr,mrb->mbc", u, output_core, w)
     else:
         values = torch.einsum("mlb,mlscr,mrb,bs->mbc", u, output_core, w, output_features)
-    tiny = torch.finfo(values.dtype).tiny
-    scale = values.detach().abs().amax(dim=2, keepdim=True).clamp_min(tiny)
-    return values / scale, logs.sum(0) + torch.log(scale[..., 0])
+    values, log, _ = rescaled(values, (2,))
+    return values, logs.sum(0) + log[..., 0]
 
 
 class _NativeChain(torch.autograd.Function):

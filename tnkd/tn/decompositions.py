@@ -21,6 +21,25 @@ def _check_ranks(ranks: int | Sequence[int] | None, count: int, what: str) -> li
     return values
 
 
+def svd_rank(
+    s: torch.Tensor, rank: int | None = None, max_tail: float | None = None, size: int = 0
+) -> int:
+    """How many of the descending singular values ``s`` a truncated SVD keeps (at least 1).
+
+    At most ``rank``, and the fewest whose discarded tail ``sum(s[r:]^2)`` is at most
+    ``max_tail``; with neither, the numerical rank: the values above ``s[0] * size * eps``.
+    """
+    if rank is None and max_tail is None:
+        cutoff = float(s[0]) * size * torch.finfo(s.dtype).eps if s.numel() else 0.0
+        return max(int((s > cutoff).sum()), 1)
+    keep = s.numel()
+    if max_tail is not None:
+        tail = torch.flip(torch.cumsum(torch.flip(s**2, [0]), 0), [0])  # tail[r] = sum s[r:]^2
+        ok = (tail <= max_tail).nonzero()
+        keep = int(ok[0]) if ok.numel() else s.numel()
+    return max(keep if rank is None else min(keep, rank), 1)
+
+
 def tt_svd(
     tensor: torch.Tensor, ranks: int | Sequence[int] | None = None, tolerance: float | None = None
 ) -> list[torch.Tensor]:
@@ -54,15 +73,9 @@ def tt_svd(
         mat = rest.reshape(r_prev * shape[k], -1)
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         if wanted is not None:
-            r = min(wanted[k], s.numel())
-        elif delta is not None:
-            tail = torch.sqrt(torch.flip(torch.cumsum(torch.flip(s**2, [0]), 0), [0]))  # ||s[r:]||
-            ok = (tail <= delta).nonzero()
-            r = int(ok[0]) if ok.numel() else s.numel()
-            r = max(r, 1)
+            r = svd_rank(s, wanted[k])
         else:
-            cutoff = s[0] * max(mat.shape) * torch.finfo(s.dtype).eps
-            r = max(int((s > cutoff).sum()), 1)
+            r = svd_rank(s, max_tail=None if delta is None else delta**2, size=max(mat.shape))
         cores.append(u[:, :r].reshape(r_prev, shape[k], r))
         rest = s[:r, None] * vh[:r]
         r_prev = r

@@ -136,7 +136,9 @@ class TNGraph:
             if e.is_dangling():
                 continue
             a, b = e.node1, e.node2
-            edges.append([where[id(a)], a.axis_names[e.axis1], where[id(b)], b.axis_names[e.axis2], e.name])
+            edges.append(
+                [where[id(a)], a.axis_names[e.axis1], where[id(b)], b.axis_names[e.axis2], e.name]
+            )
         for e in self.output_edges:
             outputs.append([where[id(e.node1)], e.node1.axis_names[e.axis1], e.name])
         return {

@@ -365,22 +365,15 @@ for _engine in (
         "a shallow graph: one einsum (a batch out of range: the stable engine)",
         lambda s, d: "opt_einsum expression",
     ),
-):
-    ENGINES.add(_engine.name, _engine)
-
-#: not tried by "auto": tnkd.export.portable switches a student to it for torch.export / ONNX
-ENGINES.add(
-    "portable",
-    Engine(
+    Engine(  # not tried by "auto": tnkd.export.portable switches a student to it (torch.export)
         "portable",
         "tensor operations only, no branch on values, no native call: what export captures",
         lambda s, d: None,
         "asked for by name only",
-        lambda s, d: (
-            "boundary sweeps in tensor ops" if s.chain is not None else "rescaled einsum steps"
-        ),
+        lambda s, d: "boundary sweeps in tensor ops" if s.chain else "rescaled einsum steps",
     ),
-)
+):
+    ENGINES.add(_engine.name, _engine)
 
 #: every name ``method=`` takes
 METHODS = ("auto", *AUTO_ORDER)

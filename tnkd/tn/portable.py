@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from tnkd.tn.chain import _close
+from tnkd.tn.stable import rescaled
 
 #: the sweeps divide their vectors by their largest magnitude every so many sites (a fixed
 #: schedule: no branch on values); a site multiplies the largest magnitude by at most
@@ -55,12 +56,6 @@ def _half(cores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, to
     return cores.reshape(n, bond, d * bond), features @ repeat
 
 
-def _rescaled(state: torch.Tensor, log: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``state`` (..., B, D) over its max-abs per sample; the logarithms added to ``log`` (..., B)."""
-    scale = state.detach().abs().amax(-1, keepdim=True).clamp_min(torch.finfo(state.dtype).tiny)
-    return state / scale, log + torch.log(scale).squeeze(-1)
-
-
 def chain_log_contract(  # the arguments of tnkd.tn.chain.contract_chain
     left: torch.Tensor, cores: torch.Tensor, right: torch.Tensor, features: torch.Tensor,
     output_core: torch.Tensor, position: int, output_features: torch.Tensor | None = None,
@@ -89,14 +84,16 @@ def chain_log_contract(  # the arguments of tnkd.tn.chain.contract_chain
     for k in range(common):
         state = _step(state, paired[k], repeated[:, :, k])
         if (k + 1) % RESCALE_EVERY == 0:  # each half by its own largest magnitude
-            state, logs = _rescaled(state, logs)
+            state, log, _ = rescaled(state, (-1,))
+            logs = logs + log.squeeze(-1)
     # the rest of the longer half, alone
     longer = 0 if position > common else 1
     (rest_cores, rest_features), ends, logs = halves[longer], list(state), list(logs)
     for k in range(common, max(position, num - position)):
         ends[longer] = _step(ends[longer], rest_cores[k], rest_features[:, k])
         if (k + 1) % RESCALE_EVERY == 0:
-            ends[longer], logs[longer] = _rescaled(ends[longer], logs[longer])
+            ends[longer], log, _ = rescaled(ends[longer], (-1,))
+            logs[longer] = logs[longer] + log.squeeze(-1)
     # the label core between the ends, as the chain engine joins them (one member)
     ends, logs = torch.stack(ends).transpose(1, 2)[:, None], torch.stack(logs)[:, None]
     values, log_scale = _close(ends, output_core[None], output_features, logs)
