@@ -50,9 +50,6 @@ import torch
 from tnkd.tn import native
 from tnkd.tn.stable import Column, StableNetwork, digits_range, direction_logits, full_precision
 
-#: tensors multiplied into a value between two renormalisations on :class:`TreePlan`'s lean plan
-LEAN_RENORM_AFTER = 64
-
 #: a level: (weight slot, left children, right children, renormalised, result slot)
 Level = tuple[int, Column, Column, bool, int]
 
@@ -87,13 +84,10 @@ def tree_plan(net: StableNetwork) -> tuple[TreePlan | None, str]:
 class TreePlan:
     """The levels of a tree (see :data:`Level`) for :class:`FastTree`, and how to run them.
 
-    **Lean renormalisation.** The network's plan renormalises once more than 12 tensors were
-    multiplied into a value (:class:`~tnkd.tn.stable.StableNetwork`); ``lean_levels`` do so
-    once more than :data:`LEAN_RENORM_AFTER` were (a 64-site tree: only the root, against two
-    levels), and a pass tries them first. The range check is the same (every divisor within
-    [tiny / eps, max * eps], finite); the first pass that fails it runs again renormalising
-    every level and sets ``lean = False`` for good, so a network whose values do leave the
-    range (a deep [cos, sin] tree) pays the rerun once and then runs the network's plan.
+    The levels renormalise as the network's plan does (once more than 12 tensors were multiplied
+    into a value, :class:`~tnkd.tn.stable.StableNetwork`), with the same range check (every
+    divisor within [tiny / eps, max * eps], finite); a pass that fails it runs again
+    renormalising every level.
 
     Where the native level loop does not run (:meth:`kernels`), ``network``, the
     :class:`~tnkd.tn.stable.StableNetwork` whose schedule the levels are, contracts the blocks.
@@ -119,23 +113,6 @@ class TreePlan:
         self.check = not all(level[3] for level in self.levels)
         #: run the native level loop where it can (:meth:`kernels`); False: the stable engine
         self.native = True
-        #: the levels with the lean renormalisation plan (see the class docstring), or None
-        self.lean_levels = self._lean(LEAN_RENORM_AFTER)
-        #: whether the next pass tries the lean plan (False for good after one rerun)
-        self.lean = self.lean_levels is not None
-
-    def _lean(self, after: int) -> tuple | None:
-        """The levels renormalised once more than ``after`` tensors were multiplied, or None."""
-        count: dict[int, int] = {}
-        lean = []
-        for number, (w, left, right, renorm, out) in enumerate(self.levels):
-            children = sum(max(count.get(s, 1) for s in c.sources) for c in (left, right))
-            total = count.get(w, 1) + children
-            renorm = total > after or number == len(self.levels) - 1
-            count[out] = 0 if renorm else total
-            lean.append((w, left, right, renorm, out))
-        lean = tuple(lean)
-        return None if [lv[3] for lv in lean] == [lv[3] for lv in self.levels] else lean
 
     def contract(
         self, blocks: Sequence[torch.Tensor], every: bool = False
@@ -223,16 +200,11 @@ class FastTree(torch.autograd.Function):
     def forward(ctx, plan, ext, every, head, linear_leaves, *blocks):  # noqa: D102
         ctx.save_for_backward(*blocks)
         ctx.ext = ext
-        levels, check = plan.levels, plan.check
-        if plan.lean and not every:
-            levels, check = plan.lean_levels, True
+        args = (ext, plan.levels, blocks)
         log_scale = None if head is None else float(head)
-        run = native_tree_forward(ext, levels, blocks, every, check, log_scale, linear_leaves)
-        if run is None:
-            plan.lean = False  # this network's values leave the range: its plan from now on
-            run = native_tree_forward(
-                ext, plan.levels, blocks, True, False, log_scale, linear_leaves
-            )
+        run = native_tree_forward(*args, every, plan.check, log_scale, linear_leaves)
+        if run is None:  # a divisor left the range: again, renormalising every level
+            run = native_tree_forward(*args, True, False, log_scale, linear_leaves)
         ctx.run = run
         ctx.mark_non_differentiable(run.divisors)
         return (run.outs[-1] if head is None else run.logits), run.divisors
