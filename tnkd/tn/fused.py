@@ -183,17 +183,15 @@ class FastTree(torch.autograd.Function):
 
     ``FastTree.apply(plan, ext, every, head, linear_leaves, *blocks)`` returns ``(out,
     divisors)``: the root's (1, C, n) values (or, with ``head``, a logit scale s, the logits
-    ``exp(s) v / ||v||`` as (n, C)) and the (K, 1, n) divisors of every renormalised node. In a
+    ``exp(s) v / ||v||`` as (n, C)) and the (R, 1, n) divisors of every renormalised node. In a
     tree every intermediate feeds exactly one parent, so the root's log-scale is the sum of all
-    their logs: no per-level log-scale tensors, and the same divisors give the range check. When
-    a divisor left the range where float keeps its digits (or is not finite), the forward runs
-    again renormalising every level, as the stable engine does.
+    their logs, and the same divisors give the range check: a pass whose divisors left the range
+    where float keeps its digits (or are not finite) runs again renormalising every level, as
+    the stable engine does (:func:`native_tree_forward`).
 
-    ``ext``: the native kernels (``csrc/tree_levels.cpp``, :meth:`TreePlan.kernels`), which run
-    the whole loop as one call forward and one backward. With the head, the root is not
-    renormalised: its squared norms ``||v||^2`` join the divisors, so the range check guarantees
-    they neither overflowed nor lost digits. ``linear_leaves``: the two input blocks are one
-    (G, 2, n) tensor of raw pairs, the [1, x] map fused with the leaves.
+    ``ext``: the native kernels (``csrc/tree_levels.cpp``, :meth:`TreePlan.kernels`), one call
+    forward and one backward. ``linear_leaves``: the two input blocks are one (G, 2, n) tensor
+    of raw pairs, the [1, x] map fused with the leaves.
     """
 
     @staticmethod

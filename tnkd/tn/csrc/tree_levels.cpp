@@ -9,8 +9,8 @@
 // node's columns go in chunks of at most 4 SIMD registers, with the chunk's outer product left
 // (x) right in an L1-sized scratch: the forward product is a register-tiled matrix product along
 // the columns, g_W a product with the batch as the reduction (the gradient transposed, so no
-// horizontal sums), through Q = right (x) G where P is narrower than a register. The optional
-// head (logits exp(s) v / ||v|| of the root v, and its backward) is computed here too.
+// horizontal sums). The optional head (logits exp(s) v / ||v|| of the root v, and its backward)
+// is computed here too.
 //
 // With `linear`, level 0's left child is a (G, 2, n) tensor of raw pairs [x_l, x_r] (any
 // strides), and its children are the [1, x] features [1, x_l] and [1, x_r] (A = B = 2), made
@@ -310,15 +310,15 @@ inline void load_children(const Plan& plan, int64_t k, const Level& lv,
 template <typename T>
 struct Work {
   std::unique_ptr<T[]> data;
-  T *child[2], *grad, *o, *go, *p, *gt, *dv, *qt;
-  Work(const Plan& plan, int64_t width, int64_t pad_p, int64_t pad_bp)
-      : data(new T[width * (3 * plan.max_a + 2 * plan.max_ab + plan.max_p + pad_p + pad_bp + 1) +
+  T *child[2], *grad, *o, *go, *p, *gt, *dv;
+  Work(const Plan& plan, int64_t width, int64_t pad_p)
+      : data(new T[width * (3 * plan.max_a + 2 * plan.max_ab + plan.max_p + pad_p + 1) +
                    64 / sizeof(T)]) {
     T* next = reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(data.get()) + 63) / 64 * 64);
     auto take = [&](int64_t rows) { return std::exchange(next, next + rows * width); };
     child[0] = take(plan.max_a), child[1] = take(plan.max_a), grad = take(plan.max_a);
     o = take(plan.max_ab), go = take(plan.max_ab), p = take(plan.max_p);
-    gt = take(pad_p), dv = take(1), qt = take(pad_bp);
+    gt = take(pad_p), dv = take(1);
   }
 };
 
@@ -327,9 +327,9 @@ struct Work {
 // head(t, cbegin, cend): after the levels forward, before them `backward`.
 template <typename T, typename Levels, typename Head>
 void run_split(const Plan& plan, int64_t tasks, bool backward, int64_t width, int64_t pad_p,
-               int64_t pad_bp, Levels&& levels, Head&& head) {
+               Levels&& levels, Head&& head) {
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    Work<T> work(plan, width, pad_p, pad_bp);
+    Work<T> work(plan, width, pad_p);
     for (int64_t t = t0; t < t1; ++t) {
       const auto [cbegin, cend] = columns<T>(t, tasks, plan.n);
       if (backward) head(t, cbegin, cend);
@@ -444,7 +444,7 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
       for (int64_t p = 0; p < classes; ++p) lg[c * classes + p] = (root[p * n + c] * i) * scale;
     }
   };
-  run_split<T>(plan, tasks, false, width, 0, 0, levels, run_head);
+  run_split<T>(plan, tasks, false, width, 0, levels, run_head);
   const bool in_range = std::all_of(fine.begin(), fine.end(), [](char f) { return f; });
   return {outs, divisors, in_range, logits, inverse};
 }
@@ -496,9 +496,6 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
   const T* div = divisors.data_ptr<T>();
   const int64_t width = chunk_registers(plan.max_ab) * L;
   const int64_t pad_p = (plan.max_p + L - 1) / L * L;
-  int64_t pad_bp = L;  // Q's rows: B*P rounded up to whole registers, and one more (the spill)
-  for (const auto& lv : plan.levels) pad_bp = std::max(pad_bp, (lv.B * lv.P + L - 1) / L * L);
-  pad_bp += L;
   const int64_t tasks = task_count<T>(n);
   at::Tensor g_weights = at::empty({tasks, std::max<int64_t>(total, 1)}, options);
   if (shared) g_weights.zero_();
@@ -534,10 +531,6 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
       const Child<T> gsrc = gslots[nb + k];
       const int64_t ab = lv.A * lv.B, abp = ab * lv.P;
       const int64_t ldg = (lv.P + L - 1) / L * L;
-      const int64_t ldq = (lv.B * lv.P + L - 1) / L * L + L;
-      // g_W as a product with (A, B) rows and P wide registers, or A rows and (B, P) wide ones
-      // (through Q = right (x) G, transposed): fewer instructions where P < L (D = 8 floats)
-      const bool by_q = lv.A * (ldq / L - 1) + lv.B * (ldg / L) < ab * (ldg / L);
       for (int64_t g = 0; g < lv.nodes; ++g) {
         const auto ch = children<T>(plan, lv, g, slots);
         const auto gch = children<T>(plan, lv, g, gslots);
@@ -568,23 +561,9 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
               T* row = w.gt + c * ldg;
               for (int64_t p = 0; p < lv.P; ++p) row[p] = w.p[p * width + c];
             }
-            if (by_q) {
-              // Q[c][(b, p)] = right[b][c] G[p][c]; g_W[a][(b, p)] = sum_c left[a][c] Q[c][(b, p)]
-              // (whole registers per b: each spills past b's P lanes, into b + 1's, written next)
-              for (int64_t c = 0; c < cols; ++c) {
-                const T* grow_t = w.gt + c * ldg;
-                T* q = w.qt + c * ldq;
-                for (int64_t b = 0; b < lv.B; ++b) {
-                  const T rv = w.child[1][b * width + c];
-                  for (int64_t p0 = 0; p0 < lv.P; p0 += L)
-                    store(q + b * lv.P + p0, rv * load(grow_t + p0));
-                }
-              }
-              gram(w.child[0], lv.A, width, w.qt, ldq, cols, gw, lv.B * lv.P);
-            } else {  // g_W[(a, b)][p] = sum_c (left (x) right)[(a, b)][c] G[c][p]
-              outer(w.child[0], lv.A, w.child[1], lv.B, nv, width, w.o);
-              gram(w.o, ab, width, w.gt, ldg, cols, gw, lv.P);
-            }
+            // g_W[(a, b)][p] = sum_c (left (x) right)[(a, b)][c] G[c][p]
+            outer(w.child[0], lv.A, w.child[1], lv.B, nv, width, w.o);
+            gram(w.o, ab, width, w.gt, ldg, cols, gw, lv.P);
           }
           if (!lv.need_children) continue;
           // gO[ab][:] = sum_p W[ab][p] G[p][:]
@@ -600,7 +579,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
       }
     }
   };
-  run_split<T>(plan, tasks, true, width, pad_p, pad_bp, levels, run_head);
+  run_split<T>(plan, tasks, true, width, pad_p, levels, run_head);
   at::Tensor summed = g_weights.size(0) > 1 ? g_weights.sum(0) : g_weights[0];
   for (int64_t s = 0; s < nb; ++s)
     if (offset[s] >= 0)
