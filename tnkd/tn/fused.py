@@ -109,8 +109,6 @@ class TreePlan:
         self.network = network
         #: weight blocks whose axes are not (node, left child, right child, parent): how to read them
         self.permutations = permutations
-        #: some levels are not renormalised: check the divisors' range (and rerun if needed)
-        self.check = not all(level[3] for level in self.levels)
         #: run the native level loop where it can (:meth:`kernels`); False: the stable engine
         self.native = True
 
@@ -200,9 +198,9 @@ class FastTree(torch.autograd.Function):
         ctx.ext = ext
         args = (ext, plan.levels, blocks)
         log_scale = None if head is None else float(head)
-        run = native_tree_forward(*args, every, plan.check, log_scale, linear_leaves)
+        run = native_tree_forward(*args, every, log_scale, linear_leaves)
         if run is None:  # a divisor left the range: again, renormalising every level
-            run = native_tree_forward(*args, True, False, log_scale, linear_leaves)
+            run = native_tree_forward(*args, True, log_scale, linear_leaves)
         ctx.run = run
         ctx.mark_non_differentiable(run.divisors)
         return (run.outs[-1] if head is None else run.logits), run.divisors
@@ -246,14 +244,14 @@ def _native_plan(levels: tuple, every: bool, square: bool) -> tuple[list[list], 
     return slots, renorm
 
 
-def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear) -> _NativeRun | None:
+def native_tree_forward(ext, levels, blocks, every, log_scale, linear) -> _NativeRun | None:
     """The native forward pass of ``levels`` (a :class:`_NativeRun`), or None to rerun.
 
     Renormalises each level as its plan says, or every level with ``every``; with the head (a
     float ``log_scale`` s) and not ``every``, the root is not: its squared norms are the
-    divisors' last row instead. None where ``check`` (or the head) asks for the range check and
-    a divisor left :func:`~tnkd.tn.stable.digits_range` (or is NaN). ``linear``: the first
-    level's children are the raw (G, 2, n) pairs of the [1, x] map (:func:`linear_leaf_features`).
+    divisors' last row instead. None where some level was not renormalised and a divisor left
+    :func:`~tnkd.tn.stable.digits_range` (or is NaN). ``linear``: the first level's children are
+    the raw (G, 2, n) pairs of the [1, x] map (:func:`linear_leaf_features`).
     """
     square = log_scale is not None and not every
     slots, renorm = _native_plan(levels, every, square)
@@ -261,7 +259,7 @@ def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear) ->
     outs, divisors, in_range, logits, inverse = ext.tree_forward(
         list(blocks), slots, renorm, linear, square, log_scale, *bounds
     )
-    if (check or square) and not every and not in_range:
+    if not (in_range or all(renorm)):  # (every level renormalised: nothing to check)
         return None
     return _NativeRun(slots, renorm, linear, outs, divisors, inverse, log_scale, logits)
 
