@@ -130,6 +130,12 @@ inline void outer(const T* l, int64_t A, const T* r, int64_t B, int64_t nv, int6
     }
 }
 
+// One register of rows 0..P-1 (row stride `width`) divided by d.
+template <typename T>
+inline void divide(T* rows, int64_t P, int64_t width, typename Vec<T>::type d) {
+  for (int64_t p = 0; p < P; ++p) store(rows + p * width, load(rows + p * width) / d);
+}
+
 // A child's gradient over `nv` registers: the left's (side 0) g[a] = sum_b gO[(a, b)] right[b],
 // the right's (side 1) g[b] = sum_a gO[(a, b)] left[a]; `other` is the other child.
 template <typename T>
@@ -399,11 +405,7 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
               store(lanes, peak);
               for (int64_t q = 0; q < L; ++q)
                 lanes[q] = std::isnan(lanes[q]) ? lanes[q] : std::max(lanes[q], tiny);
-              const V d = load(lanes);
-              for (int64_t p = 0; p < lv.P; ++p) {
-                T* row = out + p * width + v * L;
-                store(row, load(row) / d);
-              }
+              divide(out + v * L, lv.P, width, load(lanes));
               const int64_t valid = std::min<int64_t>(L, cols - v * L);
               for (int64_t q = 0; q < valid; ++q) {
                 drow[v * L + q] = lanes[q];
@@ -455,7 +457,6 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
                                       const std::vector<at::Tensor>& outs,
                                       const at::Tensor& divisors, const at::Tensor& inverse,
                                       double log_scale) {
-  using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
   const int64_t n = plan.n, K = plan.levels.size(), nb = plan.blocks;
   // which slots' gradients are needed: the blocks' as asked, a level's if anything below it is
@@ -480,25 +481,17 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
   level_grads[K - 1] = head ? at::empty({1, classes, n}, options) : grad_in;
   const std::vector<Child<T>> gslots = as_slots<T>(grads, level_grads);
   const std::vector<Child<T>> slots = as_slots<T>(blocks, outs);
-  // the weights' gradients: each weight block at its offset in a buffer
+  // the weights' gradients: each weight block at its offset in a zeroed buffer per task
   std::vector<int64_t> offset(nb, -1);
   int64_t total = 0;
-  bool shared = false;  // a weight block in several levels: its buffer zeroed first, not per node
-  for (const auto& lv : plan.levels) {
-    if (!need[lv.w]) continue;
-    if (offset[lv.w] >= 0) {
-      shared = true;
-      continue;
-    }
-    offset[lv.w] = total;
-    total += blocks[lv.w].numel();
-  }
+  for (const auto& lv : plan.levels)
+    if (need[lv.w] && offset[lv.w] < 0)
+      offset[lv.w] = std::exchange(total, total + blocks[lv.w].numel());
   const T* div = divisors.data_ptr<T>();
   const int64_t width = chunk_registers(plan.max_ab) * L;
   const int64_t pad_p = (plan.max_p + L - 1) / L * L;
   const int64_t tasks = task_count<T>(n);
-  at::Tensor g_weights = at::empty({tasks, std::max<int64_t>(total, 1)}, options);
-  if (shared) g_weights.zero_();
+  at::Tensor g_weights = at::zeros({tasks, std::max<int64_t>(total, 1)}, options);
   std::vector<T> dots(tasks, T(0));
 
   // d = v / ||v||: dL/dv = exp(s) (g - d (g . d)) / ||v||, dL/ds = exp(s) sum g . d; dots[t]:
@@ -535,7 +528,6 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
         const auto ch = children<T>(plan, lv, g, slots);
         const auto gch = children<T>(plan, lv, g, gslots);
         T* gw = need_w ? gw_all + offset[lv.w] + g * abp : nullptr;
-        if (need_w && !shared) std::fill(gw, gw + abp, T(0));
         for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
           const int64_t cols = std::min(width, cend - c0);
           const int64_t nv = (cols + L - 1) / L;
@@ -545,13 +537,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
           if (lv.renorm) {  // the divisors padded with ones, then whole registers
             const T* drow = div + (lv.divisors + g) * n + c0;
             for (int64_t c = 0; c < width; ++c) w.dv[c] = c < cols ? drow[c] : T(1);
-            for (int64_t v = 0; v < nv; ++v) {
-              const V d = load(w.dv + v * L);
-              for (int64_t p = 0; p < lv.P; ++p) {
-                T* row = w.p + p * width + v * L;
-                store(row, load(row) / d);
-              }
-            }
+            for (int64_t v = 0; v < nv; ++v) divide(w.p + v * L, lv.P, width, load(w.dv + v * L));
           }
           load_children(plan, k, lv, ch, c0, cols, width, w.child);
           if (need_w) {
