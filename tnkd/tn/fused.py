@@ -271,10 +271,8 @@ def native_tree_backward(ext, run: _NativeRun, blocks, grad_out, needs) -> list:
 
 def linear_leaf_features(plan: TreePlan, blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Blocks with the leaves' (G, 2, n) raw pairs replaced by their [1, x] features."""
-    l_slot, r_slot = plan.levels[0][1].source, plan.levels[0][2].source
-    pairs = blocks[l_slot]
-    out = list(blocks)
-    for slot, k in ((l_slot, 0), (r_slot, 1)):
+    out, pairs = list(blocks), blocks[plan.levels[0][1].source]
+    for k in (0, 1):  # the left child's [1, x_l], the right's [1, x_r]
         values = pairs[:, k]
-        out[slot] = torch.stack([torch.ones_like(values), values], 1)
+        out[plan.levels[0][1 + k].source] = torch.stack([torch.ones_like(values), values], 1)
     return out

@@ -84,8 +84,6 @@ inline void copy_row(const T* s, int64_t cols, T* d) {
 template <typename T>
 inline void load_rows(const T* src, int64_t sr, int64_t sc, int64_t rows, int64_t cols,
                       int64_t width, T* dst) {
-  using V = typename Vec<T>::type;
-  constexpr int64_t L = Vec<T>::lanes;
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * sr;
     T* d = dst + r * width;
@@ -94,11 +92,7 @@ inline void load_rows(const T* src, int64_t sr, int64_t sc, int64_t rows, int64_
     } else {
       for (int64_t c = 0; c < cols; ++c) d[c] = s[c * sc];
     }
-    if (cols < width) {
-      const int64_t v0 = cols / L * L;  // the partial register: its tail zeroed
-      for (int64_t q = cols; q < v0 + L; ++q) d[q] = 0;
-      for (int64_t q = v0 + L; q < width; q += L) store(d + q, V{});
-    }
+    for (int64_t q = cols; q < width; ++q) d[q] = 0;
   }
 }
 
@@ -216,10 +210,9 @@ Plan make_plan(std::vector<at::Tensor>& blocks, std::vector<std::vector<int64_t>
   };
   int64_t first = 0;
   for (int64_t k = 0; k < K; ++k) {
-    TORCH_CHECK(w[k] >= 0 && w[k] < plan.blocks, "tree_levels: a weight must be a block");
+    TORCH_CHECK(w[k] >= 0 && w[k] < plan.blocks && blocks[w[k]].dim() == 4,
+                "tree_levels: a level's weights must be a (G, A, B, P) block");
     const at::Tensor& wt = blocks[w[k]];
-    TORCH_CHECK(wt.dim() == 4, "tree_levels: weights must be (G, A, B, P), got ", wt.dim(),
-                " dimensions");
     Level lv{w[k], renorm[k], wt.size(0), wt.size(1), wt.size(2), wt.size(3), first};
     TORCH_CHECK(first + lv.nodes <= total, "tree_levels: level ", k, " has no children listed");
     for (int64_t i = first; i < first + lv.nodes; ++i) {
