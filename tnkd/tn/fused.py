@@ -171,9 +171,8 @@ class TreePlan:
         first = blocks[0]
         if not self.native or not native.supports(first) or torch.compiler.is_compiling():
             return None
-        if any(b.dtype != first.dtype or b.device != first.device for b in blocks):
-            return None
-        return native.kernels("tree_levels")
+        same = all(b.dtype == first.dtype and b.device == first.device for b in blocks)
+        return native.kernels("tree_levels") if same else None
 
 
 class FastTree(torch.autograd.Function):

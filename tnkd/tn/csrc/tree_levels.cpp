@@ -356,13 +356,10 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
   const int64_t width = chunk_registers(plan.max_ab) * L;
   const T tiny = std::numeric_limits<T>::min();
   // the head: logits (n, C) = exp(s) v / ||v|| of the root v, and 1 / ||v|| per sample
-  at::Tensor logits, inverse;
   const T scale = std::exp(static_cast<T>(log_scale));
   const int64_t classes = plan.levels.back().P;
-  if (head) {
-    logits = at::empty({n, classes}, options);
-    inverse = at::empty({n}, options);
-  }
+  at::Tensor logits = head ? at::empty({n, classes}, options) : at::Tensor();
+  at::Tensor inverse = head ? at::empty({n}, options) : at::Tensor();
   const int64_t tasks = task_count<T>(n);
   // per task: whether every divisor was within [lowest, highest] (false for NaN too)
   std::vector<char> fine(tasks, 1);
