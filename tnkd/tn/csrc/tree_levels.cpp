@@ -250,15 +250,6 @@ int64_t task_count(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), regs));
 }
 
-// The columns of task t of `tasks`: whole registers, split as evenly as they go.
-template <typename T>
-std::pair<int64_t, int64_t> columns(int64_t t, int64_t tasks, int64_t n) {
-  constexpr int64_t L = Vec<T>::lanes;
-  const int64_t regs = (n + L - 1) / L;
-  const int64_t r0 = t * regs / tasks, r1 = (t + 1) * regs / tasks;
-  return {std::min(n, r0 * L), std::min(n, r1 * L)};
-}
-
 // Registers per chunk: the outer product (A*B rows) within about 32 KB, at most 4.
 int64_t chunk_registers(int64_t max_ab) {
   const int64_t fit = (32 * 1024) / (max_ab * 64);
@@ -322,15 +313,19 @@ struct Work {
 };
 
 // Runs a pass on `tasks` threads: task t runs levels(t, cbegin, cend, work) on its own columns
-// cbegin..cend of the batch (each weight's gradient in its own buffer, summed at the end), and
-// head(t, cbegin, cend): after the levels forward, before them `backward`.
+// cbegin..cend of the batch (whole registers, split as evenly as they go; each weight's gradient
+// in its own buffer, summed at the end), and head(t, cbegin, cend): after the levels forward,
+// before them `backward`.
 template <typename T, typename Levels, typename Head>
 void run_split(const Plan& plan, int64_t tasks, bool backward, int64_t width, int64_t pad_p,
                Levels&& levels, Head&& head) {
+  constexpr int64_t L = Vec<T>::lanes;
+  const int64_t n = plan.n, regs = (n + L - 1) / L;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     Work<T> work(plan, width, pad_p);
     for (int64_t t = t0; t < t1; ++t) {
-      const auto [cbegin, cend] = columns<T>(t, tasks, plan.n);
+      const int64_t cbegin = std::min(n, t * regs / tasks * L);
+      const int64_t cend = std::min(n, (t + 1) * regs / tasks * L);
       if (backward) head(t, cbegin, cend);
       levels(t, cbegin, cend, work);
       if (!backward) head(t, cbegin, cend);
