@@ -92,7 +92,7 @@ def test_tree_engine_reruns_renormalising_every_level_when_values_leave_the_rang
     ext = plan.kernels(blocks)
     if ext is not None:  # the native loop's first pass leaves the range: a rerun is needed
         plain = [b.detach() for b in plan.arranged(blocks)]
-        assert fused.native_tree_forward(ext, plan.levels, plain, False, True, None, False) is None
+        assert fused.native_tree_forward(ext, plan.levels, plain, False, None, False) is None
     values, log_scale = plan.contract(blocks)
     ref_values, ref_log = tree.network.contract(blocks)  # the stable engine
     assert torch.isfinite(values).all() and torch.isfinite(log_scale).all()
@@ -194,7 +194,6 @@ def test_the_head_equals_the_stable_engine_with_a_small_root(every, native):
     plan = tree.tree_plan
     blocks = [pairs, pairs, *tree.blocks]
     logits = plan.normalized_logits(blocks, tree.log_logit_scale, linear_leaves=True, every=every)
-    assert plan.lean  # no rerun: with every=False the root's squared norm was checked
     ref = _stable_logits(tree, x)
     assert torch.allclose(logits, ref, rtol=1e-10, atol=1e-12)
     params = list(tree.parameters())
@@ -205,22 +204,17 @@ def test_the_head_equals_the_stable_engine_with_a_small_root(every, native):
 
 
 @NATIVE
-def test_the_lean_renormalisation_plan_falls_back_for_good_when_values_leave_the_range(native):
+def test_the_plan_reruns_renormalising_every_level_when_values_leave_the_range(native):
     torch.manual_seed(10)
     tree = _tree((64,), num_classes=3, bond_dim=4, output="raw", native=native).double()
     plan = tree.tree_plan
-    # the lean plan renormalises only the root of a 64-site tree; the network's plan two levels
-    assert [lv[3] for lv in plan.lean_levels] == [False] * 5 + [True]
-    assert sum(lv[3] for lv in plan.levels) == 2
+    assert sum(lv[3] for lv in plan.levels) == 2  # the network's plan renormalises two levels
     x = torch.rand(4, 64, dtype=torch.float64)
-    tree(x)
-    assert plan.lean  # values near 1: no rerun
     with torch.no_grad():
         for block in tree.blocks:
-            block.mul_(1e5)  # 63 nodes: 1e315, beyond float64 without renormalisation
+            block.mul_(1e50)  # 7 weights between renormalisations: 1e350, beyond float64
     blocks = tree.operand_blocks(x)
     values, log_scale = plan.contract(blocks)
-    assert plan.lean == (plan.kernels(blocks) is None)  # native: one rerun, then the network's plan
     ref_values, ref_log = tree.network.contract(blocks)
     assert torch.isfinite(values).all() and (log_scale > 700).all()  # exp(700): beyond float64
     assert torch.allclose(log_abs(values, log_scale), log_abs(ref_values, ref_log), atol=1e-9)

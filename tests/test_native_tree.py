@@ -74,7 +74,7 @@ def _dense(tree, x):
 @pytest.mark.parametrize(
     ("feature_map", "output", "every"),
     [
-        ("linear", "normalized", False),  # [1, x] fused with the leaves, the head, the lean plan
+        ("linear", "normalized", False),  # [1, x] fused with the leaves, the head
         ("trig", "normalized", False),  # feature blocks, the head
         ("linear", "raw", False),  # no head: the root renormalised
         ("trig", "raw", True),  # every level renormalised
@@ -178,7 +178,7 @@ def test_1024_site_trig_tree_is_finite_and_equals_the_stable_engine(ext, calls):
     plan = tree.tree_plan
     runs = {}
     for use_native in (True, False):
-        plan.native, plan.lean = use_native, True
+        plan.native = use_native
         values, log_scale = plan.contract(blocks)
         runs[use_native] = (values, log_scale, torch.autograd.grad(values.sum(), list(tree.blocks)))
     assert calls["forward"] >= 1 and calls["backward"] == 1
@@ -194,11 +194,11 @@ def test_native_levels_rerun_renormalising_every_level_when_values_leave_the_ran
     tree = TreeClassifier((64,), num_classes=3, bond_dim=4, output="raw").double()
     with torch.no_grad():
         for block in tree.blocks:
-            block.mul_(1e5)  # 63 nodes: 1e315, beyond float64 without renormalisation
+            block.mul_(1e50)  # 7 weights between renormalisations: 1e350, beyond float64
     x = torch.rand(4, 64, dtype=torch.float64)
     plan = tree.tree_plan
     values, log_scale = plan.contract(tree.operand_blocks(x))
-    assert not plan.lean and calls["forward"] == 2  # the lean plan, then every level
+    assert calls["forward"] == 2  # the network's plan, then every level
     ref_values, ref_log = tree.network.contract(tree.operand_blocks(x))  # the stable engine
     assert torch.isfinite(values).all() and (log_scale > 700).all()
     assert torch.allclose(log_abs(values, log_scale), log_abs(ref_values, ref_log), atol=1e-9)

@@ -50,9 +50,6 @@ import torch
 from tnkd.tn import native
 from tnkd.tn.stable import Column, StableNetwork, digits_range, direction_logits, full_precision
 
-#: tensors multiplied into a value between two renormalisations on :class:`TreePlan`'s lean plan
-LEAN_RENORM_AFTER = 64
-
 #: a level: (weight slot, left children, right children, renormalised, result slot)
 Level = tuple[int, Column, Column, bool, int]
 
@@ -87,13 +84,10 @@ def tree_plan(net: StableNetwork) -> tuple[TreePlan | None, str]:
 class TreePlan:
     """The levels of a tree (see :data:`Level`) for :class:`FastTree`, and how to run them.
 
-    **Lean renormalisation.** The network's plan renormalises once more than 12 tensors were
-    multiplied into a value (:class:`~tnkd.tn.stable.StableNetwork`); ``lean_levels`` do so
-    once more than :data:`LEAN_RENORM_AFTER` were (a 64-site tree: only the root, against two
-    levels), and a pass tries them first. The range check is the same (every divisor within
-    [tiny / eps, max * eps], finite); the first pass that fails it runs again renormalising
-    every level and sets ``lean = False`` for good, so a network whose values do leave the
-    range (a deep [cos, sin] tree) pays the rerun once and then runs the network's plan.
+    The levels renormalise as the network's plan does (once more than 12 tensors were multiplied
+    into a value, :class:`~tnkd.tn.stable.StableNetwork`), with the same range check (every
+    divisor within [tiny / eps, max * eps], finite); a pass that fails it runs again
+    renormalising every level.
 
     Where the native level loop does not run (:meth:`kernels`), ``network``, the
     :class:`~tnkd.tn.stable.StableNetwork` whose schedule the levels are, contracts the blocks.
@@ -115,27 +109,8 @@ class TreePlan:
         self.network = network
         #: weight blocks whose axes are not (node, left child, right child, parent): how to read them
         self.permutations = permutations
-        #: some levels are not renormalised: check the divisors' range (and rerun if needed)
-        self.check = not all(level[3] for level in self.levels)
         #: run the native level loop where it can (:meth:`kernels`); False: the stable engine
         self.native = True
-        #: the levels with the lean renormalisation plan (see the class docstring), or None
-        self.lean_levels = self._lean(LEAN_RENORM_AFTER)
-        #: whether the next pass tries the lean plan (False for good after one rerun)
-        self.lean = self.lean_levels is not None
-
-    def _lean(self, after: int) -> tuple | None:
-        """The levels renormalised once more than ``after`` tensors were multiplied, or None."""
-        count: dict[int, int] = {}
-        lean = []
-        for number, (w, left, right, renorm, out) in enumerate(self.levels):
-            children = sum(max(count.get(s, 1) for s in c.sources) for c in (left, right))
-            total = count.get(w, 1) + children
-            renorm = total > after or number == len(self.levels) - 1
-            count[out] = 0 if renorm else total
-            lean.append((w, left, right, renorm, out))
-        lean = tuple(lean)
-        return None if [lv[3] for lv in lean] == [lv[3] for lv in self.levels] else lean
 
     def contract(
         self, blocks: Sequence[torch.Tensor], every: bool = False
@@ -196,9 +171,8 @@ class TreePlan:
         first = blocks[0]
         if not self.native or not native.supports(first) or torch.compiler.is_compiling():
             return None
-        if any(b.dtype != first.dtype or b.device != first.device for b in blocks):
-            return None
-        return native.kernels("tree_levels")
+        same = all(b.dtype == first.dtype and b.device == first.device for b in blocks)
+        return native.kernels("tree_levels") if same else None
 
 
 class FastTree(torch.autograd.Function):
@@ -206,33 +180,26 @@ class FastTree(torch.autograd.Function):
 
     ``FastTree.apply(plan, ext, every, head, linear_leaves, *blocks)`` returns ``(out,
     divisors)``: the root's (1, C, n) values (or, with ``head``, a logit scale s, the logits
-    ``exp(s) v / ||v||`` as (n, C)) and the (K, 1, n) divisors of every renormalised node. In a
+    ``exp(s) v / ||v||`` as (n, C)) and the (R, 1, n) divisors of every renormalised node. In a
     tree every intermediate feeds exactly one parent, so the root's log-scale is the sum of all
-    their logs: no per-level log-scale tensors, and the same divisors give the range check. When
-    a divisor left the range where float keeps its digits (or is not finite), the forward runs
-    again renormalising every level, as the stable engine does.
+    their logs, and the same divisors give the range check: a pass whose divisors left the range
+    where float keeps its digits (or are not finite) runs again renormalising every level, as
+    the stable engine does (:func:`native_tree_forward`).
 
-    ``ext``: the native kernels (``csrc/tree_levels.cpp``, :meth:`TreePlan.kernels`), which run
-    the whole loop as one call forward and one backward. With the head, the root is not
-    renormalised: its squared norms ``||v||^2`` join the divisors, so the range check guarantees
-    they neither overflowed nor lost digits. ``linear_leaves``: the two input blocks are one
-    (G, 2, n) tensor of raw pairs, the [1, x] map fused with the leaves.
+    ``ext``: the native kernels (``csrc/tree_levels.cpp``, :meth:`TreePlan.kernels`), one call
+    forward and one backward. ``linear_leaves``: the two input blocks are one (G, 2, n) tensor
+    of raw pairs, the [1, x] map fused with the leaves.
     """
 
     @staticmethod
     def forward(ctx, plan, ext, every, head, linear_leaves, *blocks):  # noqa: D102
         ctx.save_for_backward(*blocks)
         ctx.ext = ext
-        levels, check = plan.levels, plan.check
-        if plan.lean and not every:
-            levels, check = plan.lean_levels, True
+        args = (ext, plan.levels, blocks)
         log_scale = None if head is None else float(head)
-        run = native_tree_forward(ext, levels, blocks, every, check, log_scale, linear_leaves)
-        if run is None:
-            plan.lean = False  # this network's values leave the range: its plan from now on
-            run = native_tree_forward(
-                ext, plan.levels, blocks, True, False, log_scale, linear_leaves
-            )
+        run = native_tree_forward(*args, every, log_scale, linear_leaves)
+        if run is None:  # a divisor left the range: again, renormalising every level
+            run = native_tree_forward(*args, True, log_scale, linear_leaves)
         ctx.run = run
         ctx.mark_non_differentiable(run.divisors)
         return (run.outs[-1] if head is None else run.logits), run.divisors
@@ -276,14 +243,14 @@ def _native_plan(levels: tuple, every: bool, square: bool) -> tuple[list[list], 
     return slots, renorm
 
 
-def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear) -> _NativeRun | None:
+def native_tree_forward(ext, levels, blocks, every, log_scale, linear) -> _NativeRun | None:
     """The native forward pass of ``levels`` (a :class:`_NativeRun`), or None to rerun.
 
     Renormalises each level as its plan says, or every level with ``every``; with the head (a
     float ``log_scale`` s) and not ``every``, the root is not: its squared norms are the
-    divisors' last row instead. None where ``check`` (or the head) asks for the range check and
-    a divisor left :func:`~tnkd.tn.stable.digits_range` (or is NaN). ``linear``: the first
-    level's children are the raw (G, 2, n) pairs of the [1, x] map (:func:`linear_leaf_features`).
+    divisors' last row instead. None where some level was not renormalised and a divisor left
+    :func:`~tnkd.tn.stable.digits_range` (or is NaN). ``linear``: the first level's children are
+    the raw (G, 2, n) pairs of the [1, x] map (:func:`linear_leaf_features`).
     """
     square = log_scale is not None and not every
     slots, renorm = _native_plan(levels, every, square)
@@ -291,7 +258,7 @@ def native_tree_forward(ext, levels, blocks, every, check, log_scale, linear) ->
     outs, divisors, in_range, logits, inverse = ext.tree_forward(
         list(blocks), slots, renorm, linear, square, log_scale, *bounds
     )
-    if (check or square) and not every and not in_range:
+    if not (in_range or all(renorm)):  # (every level renormalised: nothing to check)
         return None
     return _NativeRun(slots, renorm, linear, outs, divisors, inverse, log_scale, logits)
 
@@ -303,10 +270,8 @@ def native_tree_backward(ext, run: _NativeRun, blocks, grad_out, needs) -> list:
 
 def linear_leaf_features(plan: TreePlan, blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Blocks with the leaves' (G, 2, n) raw pairs replaced by their [1, x] features."""
-    l_slot, r_slot = plan.levels[0][1].source, plan.levels[0][2].source
-    pairs = blocks[l_slot]
-    out = list(blocks)
-    for slot, k in ((l_slot, 0), (r_slot, 1)):
+    out, pairs = list(blocks), blocks[plan.levels[0][1].source]
+    for k in (0, 1):  # the left child's [1, x_l], the right's [1, x_r]
         values = pairs[:, k]
-        out[slot] = torch.stack([torch.ones_like(values), values], 1)
+        out[plan.levels[0][1 + k].source] = torch.stack([torch.ones_like(values), values], 1)
     return out

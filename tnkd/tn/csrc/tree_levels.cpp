@@ -5,12 +5,12 @@
 // max-abs over p (clamped at the smallest normal float; the divisors are returned, their logs
 // sum to the root's log-scale).
 //
-// Threads never meet between levels (see Split). Inside a thread, a node's columns go in
-// chunks of at most 4 SIMD registers, with the chunk's outer product left (x) right in an
-// L1-sized scratch: the forward product is a register-tiled matrix product along the columns,
-// g_W a product with the batch as the reduction (the gradient transposed, so no horizontal
-// sums), through Q = right (x) G where P is narrower than a register. The optional head (logits
-// exp(s) v / ||v|| of the root v, and its backward) is computed here too.
+// Each thread runs every level on its own columns of the batch (run_split). Inside a thread, a
+// node's columns go in chunks of at most 4 SIMD registers, with the chunk's outer product left
+// (x) right in an L1-sized scratch: the forward product is a register-tiled matrix product along
+// the columns, g_W a product with the batch as the reduction (the gradient transposed, so no
+// horizontal sums). The optional head (logits exp(s) v / ||v|| of the root v, and its backward)
+// is computed here too.
 //
 // With `linear`, level 0's left child is a (G, 2, n) tensor of raw pairs [x_l, x_r] (any
 // strides), and its children are the [1, x] features [1, x_l] and [1, x_r] (A = B = 2), made
@@ -84,8 +84,6 @@ inline void copy_row(const T* s, int64_t cols, T* d) {
 template <typename T>
 inline void load_rows(const T* src, int64_t sr, int64_t sc, int64_t rows, int64_t cols,
                       int64_t width, T* dst) {
-  using V = typename Vec<T>::type;
-  constexpr int64_t L = Vec<T>::lanes;
   for (int64_t r = 0; r < rows; ++r) {
     const T* s = src + r * sr;
     T* d = dst + r * width;
@@ -94,11 +92,7 @@ inline void load_rows(const T* src, int64_t sr, int64_t sc, int64_t rows, int64_
     } else {
       for (int64_t c = 0; c < cols; ++c) d[c] = s[c * sc];
     }
-    if (cols < width) {
-      const int64_t v0 = cols / L * L;  // the partial register: its tail zeroed
-      for (int64_t q = cols; q < v0 + L; ++q) d[q] = 0;
-      for (int64_t q = v0 + L; q < width; q += L) store(d + q, V{});
-    }
+    for (int64_t q = cols; q < width; ++q) d[q] = 0;
   }
 }
 
@@ -128,6 +122,12 @@ inline void outer(const T* l, int64_t A, const T* r, int64_t B, int64_t nv, int6
       for (int64_t b = 0; b < B; ++b)
         store(o + (a * B + b) * width + n * L, lv * load(r + b * width + n * L));
     }
+}
+
+// One register of rows 0..P-1 (row stride `width`) divided by d.
+template <typename T>
+inline void divide(T* rows, int64_t P, int64_t width, typename Vec<T>::type d) {
+  for (int64_t p = 0; p < P; ++p) store(rows + p * width, load(rows + p * width) / d);
 }
 
 // A child's gradient over `nv` registers: the left's (side 0) g[a] = sum_b gO[(a, b)] right[b],
@@ -191,9 +191,8 @@ Plan make_plan(std::vector<at::Tensor>& blocks, std::vector<std::vector<int64_t>
               "tree_levels: the first level's children must be (G, A, n) blocks");
   plan.n = blocks[leaf].size(2);
   for (auto& b : blocks) {
-    TORCH_CHECK(b.device().is_cpu(), "tree_levels: blocks must be on the CPU");
-    TORCH_CHECK(b.scalar_type() == blocks[0].scalar_type(),
-                "tree_levels: all blocks must have one dtype");
+    TORCH_CHECK(b.device().is_cpu() && b.scalar_type() == blocks[0].scalar_type(),
+                "tree_levels: blocks must be on the CPU, of one dtype");
     TORCH_CHECK(b.dim() != 3 || b.size(2) == plan.n, "tree_levels: every input's batch must be ",
                 plan.n, ", got ", b.size(2));
     if (b.dim() == 4) b = b.contiguous();
@@ -211,10 +210,9 @@ Plan make_plan(std::vector<at::Tensor>& blocks, std::vector<std::vector<int64_t>
   };
   int64_t first = 0;
   for (int64_t k = 0; k < K; ++k) {
-    TORCH_CHECK(w[k] >= 0 && w[k] < plan.blocks, "tree_levels: a weight must be a block");
+    TORCH_CHECK(w[k] >= 0 && w[k] < plan.blocks && blocks[w[k]].dim() == 4,
+                "tree_levels: a level's weights must be a (G, A, B, P) block");
     const at::Tensor& wt = blocks[w[k]];
-    TORCH_CHECK(wt.dim() == 4, "tree_levels: weights must be (G, A, B, P), got ", wt.dim(),
-                " dimensions");
     Level lv{w[k], renorm[k], wt.size(0), wt.size(1), wt.size(2), wt.size(3), first};
     TORCH_CHECK(first + lv.nodes <= total, "tree_levels: level ", k, " has no children listed");
     for (int64_t i = first; i < first + lv.nodes; ++i) {
@@ -245,17 +243,14 @@ Plan make_plan(std::vector<at::Tensor>& blocks, std::vector<std::vector<int64_t>
   return plan;
 }
 
-// The columns of task t of `tasks`: whole registers, split as evenly as they go.
+// The tasks of a pass: one per thread, at most one per register of the batch.
 template <typename T>
-std::pair<int64_t, int64_t> columns(int64_t t, int64_t tasks, int64_t n) {
-  constexpr int64_t L = Vec<T>::lanes;
-  const int64_t regs = (n + L - 1) / L;
-  const int64_t r0 = t * regs / tasks, r1 = (t + 1) * regs / tasks;
-  return {std::min(n, r0 * L), std::min(n, r1 * L)};
+int64_t task_count(int64_t n) {
+  const int64_t regs = (n + Vec<T>::lanes - 1) / Vec<T>::lanes;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), regs));
 }
 
 // Registers per chunk: the outer product (A*B rows) within about 32 KB, at most 4.
-template <typename T>
 int64_t chunk_registers(int64_t max_ab) {
   const int64_t fit = (32 * 1024) / (max_ab * 64);
   return std::max<int64_t>(1, std::min<int64_t>(4, fit));
@@ -301,97 +296,41 @@ inline void load_children(const Plan& plan, int64_t k, const Level& lv,
   }
 }
 
-// How a pass is split between threads. By subtrees where the levels form a chain (the leaves
-// read row g of two blocks, each level rows 2g and 2g + 1 of the one below: node g of level k
-// depends only on nodes g 2^(k-j) .. (g+1) 2^(k-j) - 1 of level j <= k): task t runs levels
-// 0..top-1 on its own subtrees, all columns, with no synchronisation and no shared weight
-// gradients; the levels from `top` (fewer nodes than threads: the root, ...) run on one thread
-// after them (before them, backward). Otherwise by columns: task t runs every level on its own
-// columns of the batch, each task with its own weight-gradient buffer, summed at the end.
-struct Split {
-  bool subtrees;
-  int64_t tasks, top;
-};
-
-template <typename T>
-Split split_work(const Plan& plan) {
-  const int64_t K = plan.levels.size(), threads = at::get_num_threads();
-  bool chain = true;
-  for (int64_t k = 0; k < K && chain; ++k) {
-    const Level& lv = plan.levels[k];
-    chain = k == 0 || 2 * lv.nodes == plan.levels[k - 1].nodes;
-    for (int64_t g = 0; g < lv.nodes && chain; ++g) {
-      const int64_t i = lv.first + g, below = plan.blocks + k - 1;
-      for (int s = 0; s < 2; ++s) {
-        const int64_t slot = plan.slot[s][i], row = plan.row[s][i];
-        chain = chain && (k == 0 ? slot == plan.slot[s][0] && slot < plan.blocks && row == g
-                                 : slot == below && row == 2 * g + s);
-      }
-    }
-  }
-  if (threads > 1 && chain) {
-    int64_t top = 0;
-    while (top < K && plan.levels[top].nodes >= threads) ++top;
-    if (top > 0) return {true, threads, top};
-  }
-  const int64_t regs = (plan.n + Vec<T>::lanes - 1) / Vec<T>::lanes;
-  return {false, std::max<int64_t>(1, std::min<int64_t>(threads, regs)), K};
-}
-
-// The nodes of level k that task t runs: its subtrees' below split.top, else all.
-inline std::pair<int64_t, int64_t> task_nodes(const Plan& plan, const Split& split, int64_t t,
-                                              int64_t k) {
-  if (!split.subtrees || k >= split.top) return {0, plan.levels[k].nodes};
-  const int64_t G = plan.levels[split.top - 1].nodes;
-  const int64_t f = plan.levels[k].nodes / G;  // 2^(top - 1 - k)
-  return {t * G / split.tasks * f, (t + 1) * G / split.tasks * f};
-}
-
 // A thread's scratch: 64-byte aligned rows of `width`, not initialised.
 template <typename T>
 struct Work {
   std::unique_ptr<T[]> data;
-  T *child[2], *grad, *o, *go, *p, *gt, *dv, *qt;
-  Work(const Plan& plan, int64_t width, int64_t pad_p, int64_t pad_bp)
-      : data(new T[width * (3 * plan.max_a + 2 * plan.max_ab + plan.max_p + pad_p + pad_bp + 1) +
+  T *child[2], *grad, *o, *go, *p, *gt, *dv;
+  Work(const Plan& plan, int64_t width, int64_t pad_p)
+      : data(new T[width * (3 * plan.max_a + 2 * plan.max_ab + plan.max_p + pad_p + 1) +
                    64 / sizeof(T)]) {
     T* next = reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(data.get()) + 63) / 64 * 64);
     auto take = [&](int64_t rows) { return std::exchange(next, next + rows * width); };
     child[0] = take(plan.max_a), child[1] = take(plan.max_a), grad = take(plan.max_a);
     o = take(plan.max_ab), go = take(plan.max_ab), p = take(plan.max_p);
-    gt = take(pad_p), dv = take(1), qt = take(pad_bp);
+    gt = take(pad_p), dv = take(1);
   }
 };
 
-// Runs a pass as `split` says: levels(t, k0, k1, cbegin, cend, work) runs levels k0..k1-1 of
-// task t (the task after the last: the levels from split.top) on columns cbegin..cend, and
-// head(t, cbegin, cend) the head: after the levels forward, before them `backward`.
+// Runs a pass on `tasks` threads: task t runs levels(t, cbegin, cend, work) on its own columns
+// cbegin..cend of the batch (whole registers, split as evenly as they go; each weight's gradient
+// in its own buffer, summed at the end), and head(t, cbegin, cend): after the levels forward,
+// before them `backward`.
 template <typename T, typename Levels, typename Head>
-void run_split(const Plan& plan, const Split& split, bool backward, int64_t width, int64_t pad_p,
-               int64_t pad_bp, Levels&& levels, Head&& head) {
-  const int64_t K = plan.levels.size(), n = plan.n;
-  auto tasks = [&](int64_t k1) {
-    at::parallel_for(0, split.tasks, 1, [&](int64_t t0, int64_t t1) {
-      Work<T> work(plan, width, pad_p, pad_bp);
-      for (int64_t t = t0; t < t1; ++t) {
-        if (split.subtrees) {
-          levels(t, 0, k1, 0, n, work);
-          continue;
-        }
-        const auto [cbegin, cend] = columns<T>(t, split.tasks, n);
-        if (backward) head(t, cbegin, cend);
-        levels(t, 0, k1, cbegin, cend, work);
-        if (!backward) head(t, cbegin, cend);
-      }
-    });
-  };
-  if (!split.subtrees) return tasks(K);
-  Work<T> work(plan, width, pad_p, pad_bp);
-  if (!backward) tasks(split.top);
-  if (backward) head(0, 0, n);
-  levels(split.tasks, split.top, K, 0, n, work);
-  if (!backward) head(0, 0, n);
-  if (backward) tasks(split.top);
+void run_split(const Plan& plan, int64_t tasks, bool backward, int64_t width, int64_t pad_p,
+               Levels&& levels, Head&& head) {
+  constexpr int64_t L = Vec<T>::lanes;
+  const int64_t n = plan.n, regs = (n + L - 1) / L;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    Work<T> work(plan, width, pad_p);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t cbegin = std::min(n, t * regs / tasks * L);
+      const int64_t cend = std::min(n, (t + 1) * regs / tasks * L);
+      if (backward) head(t, cbegin, cend);
+      levels(t, cbegin, cend, work);
+      if (!backward) head(t, cbegin, cend);
+    }
+  });
 }
 
 using Forward = std::tuple<std::vector<at::Tensor>, at::Tensor, bool, at::Tensor, at::Tensor>;
@@ -409,29 +348,25 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
   const int64_t square_row = plan.divisors;
   at::Tensor divisors = at::empty({plan.divisors + (square ? 1 : 0), 1, n}, options);
   T* div = divisors.data_ptr<T>();
-  const int64_t width = chunk_registers<T>(plan.max_ab) * L;
+  const int64_t width = chunk_registers(plan.max_ab) * L;
   const T tiny = std::numeric_limits<T>::min();
   // the head: logits (n, C) = exp(s) v / ||v|| of the root v, and 1 / ||v|| per sample
-  at::Tensor logits, inverse;
   const T scale = std::exp(static_cast<T>(log_scale));
   const int64_t classes = plan.levels.back().P;
-  if (head) {
-    logits = at::empty({n, classes}, options);
-    inverse = at::empty({n}, options);
-  }
-  const Split split = split_work<T>(plan);
+  at::Tensor logits = head ? at::empty({n, classes}, options) : at::Tensor();
+  at::Tensor inverse = head ? at::empty({n}, options) : at::Tensor();
+  const int64_t tasks = task_count<T>(n);
   // per task: whether every divisor was within [lowest, highest] (false for NaN too)
-  std::vector<char> fine(split.tasks + 1, 1);
+  std::vector<char> fine(tasks, 1);
   auto see = [&](int64_t t, double v) { fine[t] = fine[t] && v >= lowest && v <= highest; };
 
-  auto levels = [&](int64_t t, int64_t k0, int64_t k1, int64_t cbegin, int64_t cend, Work<T>& w) {
-    for (int64_t k = k0; k < k1; ++k) {
+  auto levels = [&](int64_t t, int64_t cbegin, int64_t cend, Work<T>& w) {
+    for (int64_t k = 0; k < K; ++k) {
       const Level& lv = plan.levels[k];
       const T* weight = blocks[lv.w].data_ptr<T>();
       const Child<T> dst = slots[plan.blocks + k];
       const int64_t abp = lv.A * lv.B * lv.P;
-      const auto [g0, g1] = task_nodes(plan, split, t, k);
-      for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t g = 0; g < lv.nodes; ++g) {
         const auto ch = children<T>(plan, lv, g, slots);
         for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
           const int64_t cols = std::min(width, cend - c0);
@@ -455,11 +390,7 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
               store(lanes, peak);
               for (int64_t q = 0; q < L; ++q)
                 lanes[q] = std::isnan(lanes[q]) ? lanes[q] : std::max(lanes[q], tiny);
-              const V d = load(lanes);
-              for (int64_t p = 0; p < lv.P; ++p) {
-                T* row = out + p * width + v * L;
-                store(row, load(row) / d);
-              }
+              divide(out + v * L, lv.P, width, load(lanes));
               const int64_t valid = std::min<int64_t>(L, cols - v * L);
               for (int64_t q = 0; q < valid; ++q) {
                 drow[v * L + q] = lanes[q];
@@ -500,7 +431,7 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
       for (int64_t p = 0; p < classes; ++p) lg[c * classes + p] = (root[p * n + c] * i) * scale;
     }
   };
-  run_split<T>(plan, split, false, width, 0, 0, levels, run_head);
+  run_split<T>(plan, tasks, false, width, 0, levels, run_head);
   const bool in_range = std::all_of(fine.begin(), fine.end(), [](char f) { return f; });
   return {outs, divisors, in_range, logits, inverse};
 }
@@ -511,7 +442,6 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
                                       const std::vector<at::Tensor>& outs,
                                       const at::Tensor& divisors, const at::Tensor& inverse,
                                       double log_scale) {
-  using V = typename Vec<T>::type;
   constexpr int64_t L = Vec<T>::lanes;
   const int64_t n = plan.n, K = plan.levels.size(), nb = plan.blocks;
   // which slots' gradients are needed: the blocks' as asked, a level's if anything below it is
@@ -536,30 +466,18 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
   level_grads[K - 1] = head ? at::empty({1, classes, n}, options) : grad_in;
   const std::vector<Child<T>> gslots = as_slots<T>(grads, level_grads);
   const std::vector<Child<T>> slots = as_slots<T>(blocks, outs);
-  // the weights' gradients: each weight block at its offset in a buffer
+  // the weights' gradients: each weight block at its offset in a zeroed buffer per task
   std::vector<int64_t> offset(nb, -1);
   int64_t total = 0;
-  bool shared = false;  // a weight block in several levels: its buffer zeroed first, not per node
-  for (const auto& lv : plan.levels) {
-    if (!need[lv.w]) continue;
-    if (offset[lv.w] >= 0) {
-      shared = true;
-      continue;
-    }
-    offset[lv.w] = total;
-    total += blocks[lv.w].numel();
-  }
+  for (const auto& lv : plan.levels)
+    if (need[lv.w] && offset[lv.w] < 0)
+      offset[lv.w] = std::exchange(total, total + blocks[lv.w].numel());
   const T* div = divisors.data_ptr<T>();
-  const int64_t width = chunk_registers<T>(plan.max_ab) * L;
+  const int64_t width = chunk_registers(plan.max_ab) * L;
   const int64_t pad_p = (plan.max_p + L - 1) / L * L;
-  int64_t pad_bp = L;  // Q's rows: B*P rounded up to whole registers, and one more (the spill)
-  for (const auto& lv : plan.levels) pad_bp = std::max(pad_bp, (lv.B * lv.P + L - 1) / L * L);
-  pad_bp += L;
-  const Split split = split_work<T>(plan);
-  at::Tensor g_weights =
-      at::empty({split.subtrees ? 1 : split.tasks, std::max<int64_t>(total, 1)}, options);
-  if (shared) g_weights.zero_();
-  std::vector<T> dots(split.tasks, T(0));
+  const int64_t tasks = task_count<T>(n);
+  at::Tensor g_weights = at::zeros({tasks, std::max<int64_t>(total, 1)}, options);
+  std::vector<T> dots(tasks, T(0));
 
   // d = v / ||v||: dL/dv = exp(s) (g - d (g . d)) / ||v||, dL/ds = exp(s) sum g . d; dots[t]:
   // the sum of g . d over columns cbegin..cend
@@ -580,10 +498,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
         gv[p * n + c] = (g[c * gs0 + p * gs1] - (root[p * n + c] * inv[c]) * dot) * factor;
     }
   };
-  // levels k1-1 down to k0, weight gradients added into task t's buffer
-  auto levels = [&](int64_t t, int64_t k0, int64_t k1, int64_t cbegin, int64_t cend, Work<T>& w) {
-    T* gw_all = g_weights.data_ptr<T>() + (split.subtrees ? 0 : t) * g_weights.size(1);
-    for (int64_t k = k1 - 1; k >= k0; --k) {
+  // the levels from the root down, weight gradients added into task t's buffer
+  auto levels = [&](int64_t t, int64_t cbegin, int64_t cend, Work<T>& w) {
+    T* gw_all = g_weights.data_ptr<T>() + t * g_weights.size(1);
+    for (int64_t k = K - 1; k >= 0; --k) {
       const Level& lv = plan.levels[k];
       if (!need[nb + k]) continue;
       const bool need_w = need[lv.w];
@@ -591,16 +509,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
       const Child<T> gsrc = gslots[nb + k];
       const int64_t ab = lv.A * lv.B, abp = ab * lv.P;
       const int64_t ldg = (lv.P + L - 1) / L * L;
-      const int64_t ldq = (lv.B * lv.P + L - 1) / L * L + L;
-      // g_W as a product with (A, B) rows and P wide registers, or A rows and (B, P) wide ones
-      // (through Q = right (x) G, transposed): fewer instructions where P < L (D = 8 floats)
-      const bool by_q = lv.A * (ldq / L - 1) + lv.B * (ldg / L) < ab * (ldg / L);
-      const auto [g0, g1] = task_nodes(plan, split, t, k);
-      for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t g = 0; g < lv.nodes; ++g) {
         const auto ch = children<T>(plan, lv, g, slots);
         const auto gch = children<T>(plan, lv, g, gslots);
         T* gw = need_w ? gw_all + offset[lv.w] + g * abp : nullptr;
-        if (need_w && !shared) std::fill(gw, gw + abp, T(0));
         for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
           const int64_t cols = std::min(width, cend - c0);
           const int64_t nv = (cols + L - 1) / L;
@@ -610,13 +522,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
           if (lv.renorm) {  // the divisors padded with ones, then whole registers
             const T* drow = div + (lv.divisors + g) * n + c0;
             for (int64_t c = 0; c < width; ++c) w.dv[c] = c < cols ? drow[c] : T(1);
-            for (int64_t v = 0; v < nv; ++v) {
-              const V d = load(w.dv + v * L);
-              for (int64_t p = 0; p < lv.P; ++p) {
-                T* row = w.p + p * width + v * L;
-                store(row, load(row) / d);
-              }
-            }
+            for (int64_t v = 0; v < nv; ++v) divide(w.p + v * L, lv.P, width, load(w.dv + v * L));
           }
           load_children(plan, k, lv, ch, c0, cols, width, w.child);
           if (need_w) {
@@ -626,23 +532,9 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
               T* row = w.gt + c * ldg;
               for (int64_t p = 0; p < lv.P; ++p) row[p] = w.p[p * width + c];
             }
-            if (by_q) {
-              // Q[c][(b, p)] = right[b][c] G[p][c]; g_W[a][(b, p)] = sum_c left[a][c] Q[c][(b, p)]
-              // (whole registers per b: each spills past b's P lanes, into b + 1's, written next)
-              for (int64_t c = 0; c < cols; ++c) {
-                const T* grow_t = w.gt + c * ldg;
-                T* q = w.qt + c * ldq;
-                for (int64_t b = 0; b < lv.B; ++b) {
-                  const T rv = w.child[1][b * width + c];
-                  for (int64_t p0 = 0; p0 < lv.P; p0 += L)
-                    store(q + b * lv.P + p0, rv * load(grow_t + p0));
-                }
-              }
-              gram(w.child[0], lv.A, width, w.qt, ldq, cols, gw, lv.B * lv.P);
-            } else {  // g_W[(a, b)][p] = sum_c (left (x) right)[(a, b)][c] G[c][p]
-              outer(w.child[0], lv.A, w.child[1], lv.B, nv, width, w.o);
-              gram(w.o, ab, width, w.gt, ldg, cols, gw, lv.P);
-            }
+            // g_W[(a, b)][p] = sum_c (left (x) right)[(a, b)][c] G[c][p]
+            outer(w.child[0], lv.A, w.child[1], lv.B, nv, width, w.o);
+            gram(w.o, ab, width, w.gt, ldg, cols, gw, lv.P);
           }
           if (!lv.need_children) continue;
           // gO[ab][:] = sum_p W[ab][p] G[p][:]
@@ -658,7 +550,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
       }
     }
   };
-  run_split<T>(plan, split, true, width, pad_p, pad_bp, levels, run_head);
+  run_split<T>(plan, tasks, true, width, pad_p, levels, run_head);
   at::Tensor summed = g_weights.size(0) > 1 ? g_weights.sum(0) : g_weights[0];
   for (int64_t s = 0; s < nb; ++s)
     if (offset[s] >= 0)
@@ -681,12 +573,10 @@ Forward tree_forward(std::vector<at::Tensor> blocks, Lists lists, std::vector<bo
                      bool linear, bool square, c10::optional<double> log_scale, double lowest,
                      double highest) {
   const Plan plan = make_plan(blocks, std::move(lists), renorm, linear);
-  Forward result;
-  AT_DISPATCH_FLOATING_TYPES(blocks[0].scalar_type(), "tree_forward", [&] {
-    result = forward_impl<scalar_t>(blocks, plan, square, log_scale.has_value(),
-                                    log_scale.value_or(0.0), lowest, highest);
+  return AT_DISPATCH_FLOATING_TYPES(blocks[0].scalar_type(), "tree_forward", [&] {
+    return forward_impl<scalar_t>(blocks, plan, square, log_scale.has_value(),
+                                  log_scale.value_or(0.0), lowest, highest);
   });
-  return result;
 }
 
 // The blocks' gradients (undefined where not needed), then with the head (`inverse`) the
@@ -699,23 +589,12 @@ std::vector<at::Tensor> tree_backward(std::vector<at::Tensor> blocks, at::Tensor
                                       c10::optional<double> log_scale) {
   const Plan plan = make_plan(blocks, std::move(lists), renorm, linear);
   TORCH_CHECK((int64_t)needs.size() == plan.blocks, "tree_levels: one need per block");
-  const at::Tensor& root = outs.back();
-  if (inverse.has_value()) {
-    TORCH_CHECK(grad.dim() == 2 && grad.size(0) == plan.n && grad.size(1) == root.size(1),
-                "tree_levels: the logits' gradient must be (", plan.n, ", ", root.size(1),
-                "), got ", grad.sizes());
-  } else {
-    TORCH_CHECK(grad.sizes() == root.sizes(), "tree_levels: the root's gradient must be ",
-                root.sizes(), ", got ", grad.sizes());
-    grad = grad.contiguous();
-  }
-  grad = grad.to(blocks[0].scalar_type());
-  std::vector<at::Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES(blocks[0].scalar_type(), "tree_backward", [&] {
-    result = backward_impl<scalar_t>(blocks, plan, grad, needs, outs, divisors.contiguous(),
-                                     inverse.value_or(at::Tensor()), log_scale.value_or(0.0));
+  // (autograd gives the gradient its output's shape and dtype)
+  if (!inverse.has_value()) grad = grad.contiguous();
+  return AT_DISPATCH_FLOATING_TYPES(blocks[0].scalar_type(), "tree_backward", [&] {
+    return backward_impl<scalar_t>(blocks, plan, grad, needs, outs, divisors.contiguous(),
+                                   inverse.value_or(at::Tensor()), log_scale.value_or(0.0));
   });
-  return result;
 }
 
 }  // namespace
