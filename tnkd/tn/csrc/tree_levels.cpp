@@ -5,12 +5,11 @@
 // max-abs over p (clamped at the smallest normal float; the divisors are returned, their logs
 // sum to the root's log-scale).
 //
-// Each thread runs every level on its own columns of the batch (run_split). Inside a thread, a
-// node's columns go in chunks of at most 4 SIMD registers, with the chunk's outer product left
-// (x) right in an L1-sized scratch: the forward product is a register-tiled matrix product along
-// the columns, g_W a product with the batch as the reduction (the gradient transposed, so no
-// horizontal sums). The optional head (logits exp(s) v / ||v|| of the root v, and its backward)
-// is computed here too.
+// Threads never meet between levels (see Split). Inside a thread, a node's columns go in chunks
+// of at most 4 SIMD registers, with the chunk's outer product left (x) right in an L1-sized
+// scratch: the forward product is a register-tiled matrix product along the columns, g_W a
+// product with the batch as the reduction (the gradient transposed, so no horizontal sums). The
+// optional head (logits exp(s) v / ||v|| of the root v, and its backward) is computed here too.
 //
 // With `linear`, level 0's left child is a (G, 2, n) tensor of raw pairs [x_l, x_r] (any
 // strides), and its children are the [1, x] features [1, x_l] and [1, x_r] (A = B = 2), made
@@ -243,11 +242,52 @@ Plan make_plan(std::vector<at::Tensor>& blocks, std::vector<std::vector<int64_t>
   return plan;
 }
 
-// The tasks of a pass: one per thread, at most one per register of the batch.
+// How a pass is split between threads. By subtrees where the levels form a chain (the leaves
+// read row g of two blocks, each level rows 2g and 2g + 1 of the one below, each level its own
+// weights: node g of level k depends only on nodes g 2^(k-j) .. (g+1) 2^(k-j) - 1 of level
+// j <= k): task t runs levels 0..top-1 on its own subtrees, all columns, with no synchronisation
+// and no shared weight gradients; the levels from `top` (fewer nodes than threads: the root, ...)
+// run on one thread after them (before them, backward). Otherwise by columns: task t runs every
+// level on its own columns of the batch, each task with its own weight-gradient buffer, summed
+// at the end.
+struct Split {
+  bool subtrees;
+  int64_t tasks, top;
+};
+
 template <typename T>
-int64_t task_count(int64_t n) {
-  const int64_t regs = (n + Vec<T>::lanes - 1) / Vec<T>::lanes;
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), regs));
+Split split_work(const Plan& plan) {
+  const int64_t K = plan.levels.size(), threads = at::get_num_threads();
+  bool chain = true;
+  for (int64_t k = 0; k < K && chain; ++k) {
+    const Level& lv = plan.levels[k];
+    chain = k == 0 || (2 * lv.nodes == plan.levels[k - 1].nodes && lv.w != plan.levels[0].w);
+    for (int64_t j = 1; j < k && chain; ++j) chain = lv.w != plan.levels[j].w;
+    for (int64_t g = 0; g < lv.nodes && chain; ++g) {
+      const int64_t i = lv.first + g, below = plan.blocks + k - 1;
+      for (int s = 0; s < 2; ++s) {
+        const int64_t slot = plan.slot[s][i], row = plan.row[s][i];
+        chain = chain && (k == 0 ? slot == plan.slot[s][0] && slot < plan.blocks && row == g
+                                 : slot == below && row == 2 * g + s);
+      }
+    }
+  }
+  if (threads > 1 && chain) {
+    int64_t top = 0;
+    while (top < K && plan.levels[top].nodes >= threads) ++top;
+    if (top > 0) return {true, threads, top};
+  }
+  const int64_t regs = (plan.n + Vec<T>::lanes - 1) / Vec<T>::lanes;
+  return {false, std::max<int64_t>(1, std::min<int64_t>(threads, regs)), K};
+}
+
+// The nodes of level k that task t runs: its subtrees' below split.top, else all.
+inline std::pair<int64_t, int64_t> task_nodes(const Plan& plan, const Split& split, int64_t t,
+                                              int64_t k) {
+  if (!split.subtrees || k >= split.top) return {0, plan.levels[k].nodes};
+  const int64_t G = plan.levels[split.top - 1].nodes;
+  const int64_t f = plan.levels[k].nodes / G;  // 2^(top - 1 - k)
+  return {t * G / split.tasks * f, (t + 1) * G / split.tasks * f};
 }
 
 // Registers per chunk: the outer product (A*B rows) within about 32 KB, at most 4.
@@ -312,25 +352,38 @@ struct Work {
   }
 };
 
-// Runs a pass on `tasks` threads: task t runs levels(t, cbegin, cend, work) on its own columns
-// cbegin..cend of the batch (whole registers, split as evenly as they go; each weight's gradient
-// in its own buffer, summed at the end), and head(t, cbegin, cend): after the levels forward,
-// before them `backward`.
+// Runs a pass as `split` says: levels(t, k0, k1, cbegin, cend, work) runs levels k0..k1-1 of
+// task t (the task after the last: the levels from split.top) on columns cbegin..cend (whole
+// registers, split as evenly as they go), and head(t, cbegin, cend) the head: after the levels
+// forward, before them `backward`.
 template <typename T, typename Levels, typename Head>
-void run_split(const Plan& plan, int64_t tasks, bool backward, int64_t width, int64_t pad_p,
+void run_split(const Plan& plan, const Split& split, bool backward, int64_t width, int64_t pad_p,
                Levels&& levels, Head&& head) {
   constexpr int64_t L = Vec<T>::lanes;
-  const int64_t n = plan.n, regs = (n + L - 1) / L;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    Work<T> work(plan, width, pad_p);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t cbegin = std::min(n, t * regs / tasks * L);
-      const int64_t cend = std::min(n, (t + 1) * regs / tasks * L);
-      if (backward) head(t, cbegin, cend);
-      levels(t, cbegin, cend, work);
-      if (!backward) head(t, cbegin, cend);
-    }
-  });
+  const int64_t K = plan.levels.size(), n = plan.n, regs = (n + L - 1) / L;
+  auto tasks = [&](int64_t k1) {
+    at::parallel_for(0, split.tasks, 1, [&](int64_t t0, int64_t t1) {
+      Work<T> work(plan, width, pad_p);
+      for (int64_t t = t0; t < t1; ++t) {
+        if (split.subtrees) {
+          levels(t, 0, k1, 0, n, work);
+          continue;
+        }
+        const int64_t cbegin = std::min(n, t * regs / split.tasks * L);
+        const int64_t cend = std::min(n, (t + 1) * regs / split.tasks * L);
+        if (backward) head(t, cbegin, cend);
+        levels(t, 0, k1, cbegin, cend, work);
+        if (!backward) head(t, cbegin, cend);
+      }
+    });
+  };
+  if (!split.subtrees) return tasks(K);
+  Work<T> work(plan, width, pad_p);
+  if (!backward) tasks(split.top);
+  if (backward) head(0, 0, n);
+  levels(split.tasks, split.top, K, 0, n, work);
+  if (!backward) head(0, 0, n);
+  if (backward) tasks(split.top);
 }
 
 using Forward = std::tuple<std::vector<at::Tensor>, at::Tensor, bool, at::Tensor, at::Tensor>;
@@ -355,18 +408,19 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
   const int64_t classes = plan.levels.back().P;
   at::Tensor logits = head ? at::empty({n, classes}, options) : at::Tensor();
   at::Tensor inverse = head ? at::empty({n}, options) : at::Tensor();
-  const int64_t tasks = task_count<T>(n);
+  const Split split = split_work<T>(plan);
   // per task: whether every divisor was within [lowest, highest] (false for NaN too)
-  std::vector<char> fine(tasks, 1);
+  std::vector<char> fine(split.tasks + 1, 1);
   auto see = [&](int64_t t, double v) { fine[t] = fine[t] && v >= lowest && v <= highest; };
 
-  auto levels = [&](int64_t t, int64_t cbegin, int64_t cend, Work<T>& w) {
-    for (int64_t k = 0; k < K; ++k) {
+  auto levels = [&](int64_t t, int64_t k0, int64_t k1, int64_t cbegin, int64_t cend, Work<T>& w) {
+    for (int64_t k = k0; k < k1; ++k) {
       const Level& lv = plan.levels[k];
       const T* weight = blocks[lv.w].data_ptr<T>();
       const Child<T> dst = slots[plan.blocks + k];
       const int64_t abp = lv.A * lv.B * lv.P;
-      for (int64_t g = 0; g < lv.nodes; ++g) {
+      const auto [g0, g1] = task_nodes(plan, split, t, k);
+      for (int64_t g = g0; g < g1; ++g) {
         const auto ch = children<T>(plan, lv, g, slots);
         for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
           const int64_t cols = std::min(width, cend - c0);
@@ -431,7 +485,7 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
       for (int64_t p = 0; p < classes; ++p) lg[c * classes + p] = (root[p * n + c] * i) * scale;
     }
   };
-  run_split<T>(plan, tasks, false, width, 0, levels, run_head);
+  run_split<T>(plan, split, false, width, 0, levels, run_head);
   const bool in_range = std::all_of(fine.begin(), fine.end(), [](char f) { return f; });
   return {outs, divisors, in_range, logits, inverse};
 }
@@ -475,9 +529,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
   const T* div = divisors.data_ptr<T>();
   const int64_t width = chunk_registers(plan.max_ab) * L;
   const int64_t pad_p = (plan.max_p + L - 1) / L * L;
-  const int64_t tasks = task_count<T>(n);
-  at::Tensor g_weights = at::zeros({tasks, std::max<int64_t>(total, 1)}, options);
-  std::vector<T> dots(tasks, T(0));
+  const Split split = split_work<T>(plan);
+  at::Tensor g_weights =
+      at::zeros({split.subtrees ? 1 : split.tasks, std::max<int64_t>(total, 1)}, options);
+  std::vector<T> dots(split.tasks, T(0));
 
   // d = v / ||v||: dL/dv = exp(s) (g - d (g . d)) / ||v||, dL/ds = exp(s) sum g . d; dots[t]:
   // the sum of g . d over columns cbegin..cend
@@ -498,10 +553,10 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
         gv[p * n + c] = (g[c * gs0 + p * gs1] - (root[p * n + c] * inv[c]) * dot) * factor;
     }
   };
-  // the levels from the root down, weight gradients added into task t's buffer
-  auto levels = [&](int64_t t, int64_t cbegin, int64_t cend, Work<T>& w) {
-    T* gw_all = g_weights.data_ptr<T>() + t * g_weights.size(1);
-    for (int64_t k = K - 1; k >= 0; --k) {
+  // levels k1-1 down to k0, weight gradients added into task t's buffer
+  auto levels = [&](int64_t t, int64_t k0, int64_t k1, int64_t cbegin, int64_t cend, Work<T>& w) {
+    T* gw_all = g_weights.data_ptr<T>() + (split.subtrees ? 0 : t) * g_weights.size(1);
+    for (int64_t k = k1 - 1; k >= k0; --k) {
       const Level& lv = plan.levels[k];
       if (!need[nb + k]) continue;
       const bool need_w = need[lv.w];
@@ -509,7 +564,8 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
       const Child<T> gsrc = gslots[nb + k];
       const int64_t ab = lv.A * lv.B, abp = ab * lv.P;
       const int64_t ldg = (lv.P + L - 1) / L * L;
-      for (int64_t g = 0; g < lv.nodes; ++g) {
+      const auto [g0, g1] = task_nodes(plan, split, t, k);
+      for (int64_t g = g0; g < g1; ++g) {
         const auto ch = children<T>(plan, lv, g, slots);
         const auto gch = children<T>(plan, lv, g, gslots);
         T* gw = need_w ? gw_all + offset[lv.w] + g * abp : nullptr;
@@ -550,7 +606,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
       }
     }
   };
-  run_split<T>(plan, tasks, true, width, pad_p, levels, run_head);
+  run_split<T>(plan, split, true, width, pad_p, levels, run_head);
   at::Tensor summed = g_weights.size(0) > 1 ? g_weights.sum(0) : g_weights[0];
   for (int64_t s = 0; s < nb; ++s)
     if (offset[s] >= 0)
