@@ -34,8 +34,8 @@ equal shape grouped by :class:`~tnkd.tn.stable.StableNetwork`), with a log-scale
 not matter either. Every step of this tree joins a node with its two children, so the planner
 gives it to the tree engine (:mod:`tnkd.tn.fused`, for any graph made only of such steps): the
 whole contraction is one autograd node with a hand-written backward, whose level loop runs in
-C++ on CPU (``tnkd/tn/csrc/tree_levels.cpp``, compiled on first use; each thread runs every
-level on its own columns of the batch, with no synchronisation between levels): see
+C++ on CPU (``tnkd/tn/csrc/tree_levels.cpp``, compiled on first use; in a balanced tree each
+thread runs every level of its own subtrees, with no synchronisation between levels): see
 ``benchmarks/tree_vs_tensorkrowch.py`` for its speed against TensorKrowch's ``Tree``
 (``docs/benchmarks/graphs.md``). The parameter count is what limits D: over the 196 pixels of a 2x2-pooled MNIST
 image a tree has 32,545 parameters at D = 8 and 209,185 at D = 16 (98 leaves, ~97 D^3 inner

@@ -13,7 +13,7 @@ At small bond dimensions a loop of ATen kernels run from Python is timed by thei
 their arithmetic (a chain step at D = 10 for a batch of 100 is a few microseconds of work). The
 native loops run a whole pass as one C++ call: every step an outer product into an L1-resident
 scratch and a register-tiled matrix product along the batch (the long, contiguous axis;
-``csrc/simd.h``), independent chains or parts of the batch on parallel threads.
+``csrc/simd.h``), independent chains or subtrees on parallel threads.
 
 Each source is compiled with ``torch.utils.cpp_extension.load`` (g++ and ninja) the first time
 it is needed, about 30 s, into torch's extension cache (``~/.cache/torch_extensions``,
