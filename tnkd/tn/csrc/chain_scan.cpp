@@ -27,28 +27,23 @@ inline int64_t padded_width(int64_t batch) {
   return (batch + Vec<T>::lanes - 1) / Vec<T>::lanes * Vec<T>::lanes;
 }
 
-// out[o][j] = sum_{s < m, i < inner} A(o, s, i) x[s*inner + i][j] for o < rows, j < cols, A
-// read in place with strides st (simd.h): register tiles along j, the last cols % L columns a
-// partial tile where x's rows are readable to whole registers (`wide`), else one by one.
+// out (rows, cols) = a (rows, depth) @ b (depth, ldb), a[r*ar + k*ak]: a small matrix
+// product vectorised along the columns (the pair merges, their gradient, the output core).
 template <typename T>
-void product(const T* A, Strides st, int64_t m, int64_t inner, int64_t rows, const T* x,
-             int64_t ldx, int64_t cols, T* out, int64_t ldo, bool wide) {
+void small_matmul(const T* a, int64_t ar, int64_t ak, int64_t rows, int64_t depth, const T* b,
+                  int64_t ldb, int64_t cols, T* out, int64_t ldo) {
   constexpr int64_t L = Vec<T>::lanes;
   int64_t j0 = 0;
   for (; j0 + 2 * L <= cols; j0 += 2 * L)
-    mm_rows<T, 4, 2>(A, st, m, inner, rows, x, ldx, out, ldo, j0, 2 * L);
-  for (; j0 + L <= cols; j0 += L) mm_rows<T, 4, 1>(A, st, m, inner, rows, x, ldx, out, ldo, j0, L);
-  if (wide && j0 < cols)
-    mm_rows<T, 4, 1>(A, st, m, inner, rows, x, ldx, out, ldo, j0, cols - j0);
-  else
-    for (int64_t o = 0; o < rows; ++o)
-      for (int64_t j = j0; j < cols; ++j) {
-        T acc = 0;
-        for (int64_t s = 0; s < m; ++s)
-          for (int64_t i = 0; i < inner; ++i)
-            acc += A[o * st.so + s * st.ss + i * st.si] * x[(s * inner + i) * ldx + j];
-        out[o * ldo + j] = acc;
-      }
+    mm_rows<T, 4, 2>(a, {ar, 0, ak}, 1, depth, rows, b, ldb, out, ldo, j0, 2 * L);
+  for (; j0 + L <= cols; j0 += L)
+    mm_rows<T, 4, 1>(a, {ar, 0, ak}, 1, depth, rows, b, ldb, out, ldo, j0, L);
+  for (int64_t i = 0; i < rows; ++i)  // the last cols % L columns
+    for (int64_t j = j0; j < cols; ++j) {
+      T acc = 0;
+      for (int64_t k = 0; k < depth; ++k) acc += a[i * ar + k * ak] * b[k * ldb + j];
+      out[i * ldo + j] = acc;
+    }
 }
 
 // One step: x[s][i][b] = phi[s][b] v[i][b] (zero for batch <= b < padded), then out (bond,
@@ -64,7 +59,12 @@ void step(const T* phi, const T* v, const T* A, Strides st, int64_t m, int64_t b
       for (int64_t b = 0; b < batch; ++b) row[b] = p[b] * vi[b];
       for (int64_t b = batch; b < padded; ++b) row[b] = 0;
     }
-  product(A, st, m, bond, bond, x, padded, batch, out, batch, true);
+  constexpr int64_t L = Vec<T>::lanes;  // register tiles along b; x is readable to `padded`
+  int64_t j0 = 0;
+  for (; j0 + 2 * L <= batch; j0 += 2 * L)
+    mm_rows<T, 4, 2>(A, st, m, bond, bond, x, padded, out, batch, j0, 2 * L);
+  for (; j0 < batch; j0 += L)
+    mm_rows<T, 4, 1>(A, st, m, bond, bond, x, padded, out, batch, j0, std::min(L, batch - j0));
 }
 
 // G (rows, cols) = x (rows, ldx) @ vt (batch, ldv), ldv = cols rounded up to whole registers.
@@ -322,7 +322,7 @@ at::Tensor unmerge_pairs(at::Tensor g_blocks, at::Tensor sites) {
           for (int64_t j = 0; j < row; ++j) a2t[j * ldv + c] = a2[c * row + j];
         // g_A1 = g_M A2^T, g_A2 = A1^T g_M
         gram(gm, D * d, row, a2t.data(), ldv, row, g1, D);
-        product(a1, {1, 0, D}, 1, D * d, D, gm, row, row, g1 + site, row, false);
+        small_matmul(a1, 1, D, D, D * d, gm, row, row, g1 + site, row);
       }
     });
   });
@@ -344,8 +344,7 @@ at::Tensor merge_pairs(at::Tensor sites) {
     at::parallel_for(0, n, 8, [&](int64_t b0, int64_t b1) {
       for (int64_t blk = b0; blk < b1; ++blk) {
         const T* a1 = a_ptr + 2 * blk * site;  // [(l, s1)][c], then A2 [c][(s2, r)]
-        product(a1, {D, 0, 1}, 1, D, D * d, a1 + site, row, row, m_ptr + blk * site * d, row,
-                false);
+        small_matmul(a1, D, 1, D * d, D, a1 + site, row, row, m_ptr + blk * site * d, row);
       }
     });
   });
@@ -420,7 +419,7 @@ std::vector<at::Tensor> mps_output_forward(at::Tensor ends, at::Tensor out_core,
     T* vp = values.data_ptr<T>();
     T* lp = log_scale.data_ptr<T>();
     std::vector<T> val(C * B, T(0));
-    product(out_core.data_ptr<T>(), {D, 0, 1}, 1, D, D * C, u + D * B, B, B, owp, B, false);
+    small_matmul(out_core.data_ptr<T>(), D, 1, D * C, D, u + D * B, B, B, owp, B);
     for (int64_t lc = 0; lc < D * C; ++lc)
       for (int64_t b = 0; b < B; ++b) val[(lc % C) * B + b] += owp[lc * B + b] * u[lc / C * B + b];
     normalise_columns(val.data(), C, B, sp);
@@ -466,7 +465,7 @@ std::vector<at::Tensor> mps_output_backward(at::Tensor grad, at::Tensor ends, at
         ug[lc * B + b] = u[lc / C * B + b] * g[b];
       }
     }
-    product(out_core.data_ptr<T>(), {1, 0, D}, 1, D * C, D, ug.data(), B, B, gu + D * B, B, false);
+    small_matmul(out_core.data_ptr<T>(), 1, D, D, D * C, ug.data(), B, B, gu + D * B, B);
     if (core_grad) {
       const int64_t ldv = padded_width<T>(D);
       std::vector<T> wt(B * ldv, T(0));
