@@ -200,3 +200,36 @@ def test_torch_compile_traces_the_python_scan(ext):
         warnings.filterwarnings("error", message="Dynamo does not know how to trace")
         out = compiled(x)
     assert torch.allclose(out, mps(x), atol=1e-6)
+
+
+def test_a_backward_rerun_pairs_its_own_vectors_with_its_gradients(ext, monkeypatch):
+    # a reverse scan whose start left float range is redone after a forward pass renormalising
+    # every step; the feature gradients must come from that pass's vectors and gradients (forced
+    # here: the first reverse scan reports its start out of range)
+    class FirstStartOutOfRange:
+        def __init__(self):
+            self.calls = 0
+
+        def __getattr__(self, name):
+            return getattr(ext, name)
+
+        def scan_backward(self, *args):
+            self.calls += 1
+            gs, g_blocks, grad_finite, start_finite = ext.scan_backward(*args)
+            return gs, g_blocks, grad_finite, start_finite and self.calls > 1
+
+    torch.manual_seed(5)
+    cores = (torch.eye(3).view(1, 3, 1, 3) + 0.5 * torch.randn(40, 3, 2, 3)).double()
+    args = [torch.randn(3), cores, torch.randn(3), 3 * torch.rand(4, 40, 2), torch.randn(3, 2, 3)]
+    args = [t.double().requires_grad_() for t in args]
+    proxy = FirstStartOutOfRange()
+    runs = {}
+    for method in ("scan", "native"):
+        with monkeypatch.context() as patch:
+            patch.setattr(native, "kernels", lambda *a, **k: proxy)
+            values, log_scale = contract_chain(*args, 17, method)
+            exact = values * torch.exp(log_scale)[..., None]
+            runs[method] = torch.autograd.grad(exact.sum(), args)
+    assert proxy.calls == 2  # the rerun happened
+    for got, want in zip(runs["native"], runs["scan"], strict=True):
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-13)

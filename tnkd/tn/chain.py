@@ -435,8 +435,9 @@ class _NativeChain(torch.autograd.Function):
             grad_v, *args, vs, scales, run.every, need[1], need[4]
         )
         if run.every > 1 and grad_finite and not start_finite:
-            vs, scales, *_ = ctx.ext.scan_forward(vs[0], *args, 1)  # (run keeps the first pass)
+            vs, scales, *_ = ctx.ext.scan_forward(vs[0], *args, 1)
             gs, g_blocks, *_ = ctx.ext.scan_backward(grad_v, *args, vs, scales, 1, need[1], need[4])
+            run = run._replace(vs=vs)  # the feature gradients pair this pass's vectors and gs
         grad_cores = grad_feats = None
         if need[1]:  # the merged blocks' gradients in the sites' layout
             if run.plan.block == 2:
