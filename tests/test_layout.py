@@ -96,3 +96,20 @@ def test_no_generated_file_is_committed_at_the_root():
     root_files = [f for f in tracked.stdout.splitlines() if "/" not in f]
     stray = [f for f in root_files if f.startswith("config") and f.endswith(".yaml")]
     assert not stray, f"files Lightning writes are committed at the root: {stray}"
+
+
+def test_no_merge_conflict_marker_is_committed():
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    suffixes = (".py", ".cpp", ".h", ".md", ".yaml", ".toml", ".ipynb", ".cfg", ".txt")
+    marked = []
+    for name in tracked.stdout.splitlines():
+        path = ROOT / name
+        if name.endswith(suffixes) and path.is_file():
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if any(line.startswith(("<<<<<<< ", ">>>>>>> ")) for line in lines):
+                marked.append(name)
+    assert not marked, f"merge conflict markers committed in {marked}"

@@ -21,26 +21,13 @@ loses nothing (bonds just above 2 pixels with d = 2 have size 4 at most). An odd
 level is passed up unchanged.
 
 **Cost.** Contracting one sample costs about sum over nodes of D^3 (the leaves d^2 D): linear in
-<<<<<<< HEAD
 the number of sites, so any size is affordable, and the log-scale kept per level makes depth
 harmless. Every step joins a node with its two children, so the planner gives the tree to the
-tree engine (:mod:`tnkd.tn.fused`: one autograd node, a native level loop on CPU; its speed
-against TensorKrowch's ``Tree``: ``docs/benchmarks/graphs.md``). The parameter count is what
-limits D: over the 196 pixels of a 2x2-pooled MNIST image a tree has 32,545 parameters at D = 8
-and 209,185 at D = 16 (98 leaves, ~97 D^3 inner nodes).
-=======
-the number of sites, any size is affordable; the contraction runs level by level (the steps of
-equal shape grouped by :class:`~tnkd.tn.stable.StableNetwork`), with a log-scale, so depth does
-not matter either. Every step of this tree joins a node with its two children, so the planner
-gives it to the tree engine (:mod:`tnkd.tn.fused`, for any graph made only of such steps): the
-whole contraction is one autograd node with a hand-written backward, whose level loop runs in
-C++ on CPU (``tnkd/tn/csrc/tree_levels.cpp``, compiled on first use; in a balanced tree each
-thread runs every level of its own subtrees, with no synchronisation between levels): see
-``benchmarks/tree_vs_tensorkrowch.py`` for its speed against TensorKrowch's ``Tree``
-(``docs/benchmarks/graphs.md``). The parameter count is what limits D: over the 196 pixels of a 2x2-pooled MNIST
-image a tree has 32,545 parameters at D = 8 and 209,185 at D = 16 (98 leaves, ~97 D^3 inner
-nodes).
->>>>>>> cut-tree2
+tree engine (:mod:`tnkd.tn.fused`: one autograd node, a native level loop on CPU, where in a
+balanced tree each thread runs every level of its own subtrees; its speed against
+TensorKrowch's ``Tree``: ``docs/benchmarks/graphs.md``). The parameter count is what limits D:
+over the 196 pixels of a 2x2-pooled MNIST image a tree has 32,545 parameters at D = 8 and
+209,185 at D = 16 (98 leaves, ~97 D^3 inner nodes).
 
 Example:
     >>> import torch
