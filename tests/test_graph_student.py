@@ -180,7 +180,7 @@ def test_bad_graphs_are_clear_errors():
         GraphStudent(draw_mps(mps), feature_map={"name": "poly", "degree": 2})
     with pytest.raises(ValueError, match="input_positions has 2 sites"):
         GraphStudent(draw_mps(mps), input_positions=[0, 1])
-    with pytest.raises(ValueError, match="not an importable function"):
+    with pytest.raises(ValueError, match="cannot import graph function"):
         GraphStudent("tnkd.students.no_such_graph")
     with pytest.raises(ValueError, match="graph_args are for a graph given as a function"):
         GraphStudent(draw_mps(mps), graph_args={"grid": [2]})

@@ -52,7 +52,6 @@ keyword arguments in ``graph_args``), or a family such as
 from __future__ import annotations
 
 import functools
-import importlib
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -62,6 +61,7 @@ import torch
 from torch import nn
 
 from tnkd.feature_maps import FeatureMap, LinearFeatureMap, build_feature_map
+from tnkd.registry import import_path
 from tnkd.students.base import (
     Student,
     check_choice,
@@ -89,18 +89,8 @@ from tnkd.tn.portable import chain_log_contract
 from tnkd.tn.stable import StableNetwork, as_slice, direction_logits, widened
 
 OUTPUT_MODES = ("normalized", "raw")
-#: what a family drawn on the sites of an image (tree, PEPS) passes on to GraphStudent as it is
-SITE_FAMILY_ARGS = (
-    "input_shape",
-    "pool",
-    "patch",
-    "output",
-    "logit_scale",
-    "init_std",
-    "method",
-    "contraction",
-    "compile",
-)
+#: what every family (a graph plus conveniences) passes on to GraphStudent as it is
+FAMILY_ARGS = ("output", "logit_scale", "init_std")
 
 
 def image_shape(input_shape: Sequence[int], what: str) -> tuple[int, int, int]:
@@ -224,8 +214,12 @@ def copy_tensor(
     return value + noise
 
 
-def _pad_bonds(tensor: torch.Tensor, bond: int) -> torch.Tensor:
-    """Zero-pad the first and the last axis (a chain tensor's bonds) to size ``bond``."""
+def _padded(tensor: torch.Tensor, node: ChainNode, bond: int) -> torch.Tensor:
+    """A chain tensor stored as (left?, phys?, label?, right?) -> (D, ..., D), zero-padded."""
+    if node.left is None:
+        tensor = tensor.unsqueeze(0)
+    if node.right is None:
+        tensor = tensor.unsqueeze(-1)
     pad_left, pad_right = bond - tensor.shape[0], bond - tensor.shape[-1]
     if pad_left or pad_right:  # F.pad's pairs run from the last dimension to the first
         tensor = torch.nn.functional.pad(
@@ -234,24 +228,9 @@ def _pad_bonds(tensor: torch.Tensor, bond: int) -> torch.Tensor:
     return tensor
 
 
-def _padded(tensor: torch.Tensor, node: ChainNode, bond: int) -> torch.Tensor:
-    """A chain tensor stored as (left?, phys?, label?, right?) -> (D, ..., D), zero-padded."""
-    if node.left is None:
-        tensor = tensor.unsqueeze(0)
-    if node.right is None:
-        tensor = tensor.unsqueeze(-1)
-    return _pad_bonds(tensor, bond)
-
-
 def _resolve_graph(graph: Any, graph_args: Mapping[str, Any] | None) -> TNGraph:
     if isinstance(graph, str):
-        module, _, name = graph.rpartition(".")
-        try:
-            graph = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError, ValueError) as err:
-            raise ValueError(
-                f"graph {graph!r} is not an importable function (module.function): {err}"
-            ) from err
+        graph = import_path(graph, "graph function (module.function)")
     if callable(graph) and not isinstance(graph, TNGraph):
         graph = graph(**dict(graph_args or {}))
     elif graph_args:
@@ -382,19 +361,15 @@ class GraphStudent(Student):
         self.num_sites = num_sites
         sites = self._positions(inputs, input_positions, num_sites)
         neutral = self._neutral()
-        label_edge = graph.output_edges[0]
         initial: dict[str, torch.Tensor] = {}
         for node in graph.nodes:
             if node.name in inputs:
                 self._check_input_node(node, inputs)
                 continue
-            kinds = []
-            for edge in node.edges:
-                if edge is label_edge:
-                    kinds.append("label")
-                else:
-                    other = edge.node2 if edge.node1 is node else edge.node1
-                    kinds.append("input" if other.name in inputs else "bond")
+            ends = [e.node2 if e.node1 is node else e.node1 for e in node.edges]  # None: the label
+            kinds = [
+                "label" if e is None else "input" if e.name in inputs else "bond" for e in ends
+            ]
             value = node.tensor.detach().to(torch.get_default_dtype())
             if not bool(value.any()):
                 value = copy_tensor(tuple(value.shape), kinds, neutral, init_std)
@@ -408,10 +383,8 @@ class GraphStudent(Student):
         #: contract with the portable engine (tensor operations only; see tnkd.export.portable)
         self.portable = False
         self.optimize = optimize
-        # the sites are the sample's scalars in order (no pooling or patches)
-        self._flat_sites = (self.input_shape is None or len(self.input_shape) == 1) and getattr(
-            self.feature_map, "in_features", 1
-        ) == 1
+        # the sites are the sample's scalars in order (a grid of one axis: no pooling or patches)
+        self._flat_sites = len(self.grid) <= 1 and getattr(self.feature_map, "in_features", 1) == 1
         self.compile = bool(compile)
         self._contract_fn: Any = None  # the (compiled) contraction, made on first use
         self.node_names = [n for n in spec.node_names if n not in set(inputs)]
@@ -453,7 +426,7 @@ class GraphStudent(Student):
         args: Mapping[str, Any],
         graph: TNGraph,
         feature_map: FeatureMap,
-        passed: Sequence[str] = ("output", "logit_scale", "init_std"),
+        passed: Sequence[str] = FAMILY_ARGS,
         **options: Any,
     ) -> None:
         """Initialise a family (a graph plus conveniences) as the :class:`GraphStudent` of ``graph``.
@@ -468,13 +441,15 @@ class GraphStudent(Student):
         """Initialise a family drawn on the sites, as ``draw(grid, site_dim, bond_dim, classes)``.
 
         ``args`` are the family's constructor arguments (its ``locals()``): ``feature_map``,
-        ``bond_dim``, ``num_classes`` and those of :data:`SITE_FAMILY_ARGS`, passed on as they are.
+        ``bond_dim``, ``num_classes``, and those passed on as they are: the sites', the engine's
+        and :data:`FAMILY_ARGS`.
         """
         fmap = build_feature_map(args["feature_map"])
         what = type(self).__name__
         grid, dim, _ = site_layout(args["input_shape"], args["pool"], args["patch"], fmap, what)
         graph = draw(grid, dim, args["bond_dim"], args["num_classes"])
-        self._init_family(args, graph, fmap, SITE_FAMILY_ARGS)
+        passed = ("input_shape", "pool", "patch", *FAMILY_ARGS, "method", "contraction", "compile")
+        self._init_family(args, graph, fmap, passed)
         self.bond_dim = args["bond_dim"]
 
     @property
@@ -520,20 +495,15 @@ class GraphStudent(Student):
         self._block_kinds = list(stable.block_is_input)
         #: the logits come from the tree engine's autograd node (:class:`~tnkd.tn.fused.FastTree`)
         self.fast_path = self.engine == "tree"
-        # [1, x] on flat sites, leaves joining sites 2g and 2g + 1 (the input blocks first):
-        # the map is fused with the leaves (see tnkd.tn.fused.FastTree)
-        leaves = self.tree_plan.levels[0] if self.fast_path else None
-        self._linear_leaves = (
-            self.fast_path
-            and type(self.feature_map) is LinearFeatureMap
-            and self._flat_sites
-            and self._block_kinds[:2] == [True, True]
-            and not any(self._block_kinds[2:])
-            and self._input_blocks == [slice(0, num_sites - 1, 2), slice(1, num_sites, 2)]
-            and (leaves[1].source, leaves[2].source) == (0, 1)
-            and leaves[1].whole
-            and leaves[2].whole
-        )
+        # [1, x] on flat sites, leaves joining sites 2g and 2g + 1 (the first two blocks, the only
+        # input blocks): the map is fused with the leaves (see tnkd.tn.fused.FastTree)
+        if self.fast_path and type(self.feature_map) is LinearFeatureMap and self._flat_sites:
+            _, left, right, *_ = self.tree_plan.levels[0]
+            self._linear_leaves = (
+                self._block_kinds[:2] == [True, True]
+                and self._input_blocks == [slice(0, num_sites - 1, 2), slice(1, num_sites, 2)]
+                and (left.source, right.source, left.whole, right.whole) == (0, 1, True, True)
+            )
 
     def _store_chain(
         self, initial: dict[str, torch.Tensor], tie: bool, names_of: dict[str, str]
@@ -562,31 +532,29 @@ class GraphStudent(Student):
             self.blocks.append(nn.Parameter(tensor))
             return len(self.blocks) - 1
 
-        def stored(node: ChainNode) -> torch.Tensor:
+        def stored(node: ChainNode, in_block: bool) -> torch.Tensor:
             axes = node.canonical()
-            self._node_view[names[node.index]] = (
-                node.left is None and node.phys is not None and node.label is None,
-                node.right is None and node.phys is not None and node.label is None,
+            self._node_view[names[node.index]] = (  # an open end in the block is its slice 0
+                in_block and node.left is None,
+                in_block and node.right is None,
                 None if axes == tuple(sorted(axes)) else tuple(map(axes.index, sorted(axes))),
             )
             return initial[names[node.index]].permute(*axes)
 
         full, alone = [], []
         for node in layout.sites:
-            core = stored(node)
-            if core.ndim == 2:  # an open end: its outer bond becomes index 0 of size D
-                core = core.unsqueeze(0 if node.left is None else -1)
-            fits = core.shape == (bond, d, bond) or core.shape in ((1, d, bond), (bond, d, 1))
+            core = stored(node, True)  # (redone if it is stored alone)
+            fits = core.shape in ((bond, d, bond), (1, d, bond), (bond, d, 1), (d, bond), (bond, d))
             if fits and names[node.index] not in names_of:  # a named tensor is stored alone
-                full.append((node, _pad_bonds(core, bond)))
+                full.append((node, _padded(core, node, bond)))
                 self._padding += bond * d * bond - core.numel()
             else:
                 alone.append(node)
         if tie and (any(names[n.index] not in names_of for n in alone) or self._padding):
             raise ValueError("tie_sites=True needs every site of one shape (D, d, D)")
         stacked = [node for node, _ in full]
-        if tie:
-            full, self._padding = full[:1], 0
+        if tie:  # (no padding: checked above)
+            full = full[:1]
         block = None
         if full or "sites" in names_of:
             empty = initial[self.node_names[0]].new_zeros(0, bond, d, bond)
@@ -595,9 +563,7 @@ class GraphStudent(Student):
                 self._block_of[names[node.index]] = (block, 0 if tie else g)
         for node in [n for n in layout.nodes if names[n.index] not in self._block_of]:
             name = names[node.index]
-            tensor = stored(node)
-            self._node_view[name] = (False, False, self._node_view[name][2])
-            self._block_of[name] = (add(name, tensor), None)
+            self._block_of[name] = (add(name, stored(node, False)), None)
         for key in names_of:
             if key in named:
                 self.register_parameter(names_of[key], nn.Parameter(named[key]))
@@ -650,9 +616,7 @@ class GraphStudent(Student):
             else:
                 pieces.append(_padded(self._stored(run[1]), run[2], bond).unsqueeze(0))
         if not pieces:
-            cores = self._stored(self._block_of[names[layout.label_node.index]][0]).new_zeros(
-                0, bond, layout.site_dim, bond
-            )
+            cores = self._first_parameter().new_zeros(0, bond, layout.site_dim, bond)
         elif len(pieces) == 1:
             cores = pieces[0]
         else:
@@ -673,10 +637,7 @@ class GraphStudent(Student):
 
     # ---- construction helpers -------------------------------------------------------------
     def _positions(
-        self,
-        inputs: list[str],
-        positions: Sequence[int] | Mapping[str, int] | None,
-        num_sites: int,
+        self, inputs: list[str], positions: Sequence[int] | Mapping[str, int] | None, num_sites: int
     ) -> dict[str, int]:
         what = type(self).__name__
         if positions is None:
@@ -690,15 +651,14 @@ class GraphStudent(Student):
             missing = [n for n in inputs if n not in positions]
             if missing:
                 raise ValueError(f"{what} input_positions has no site for input nodes {missing}")
-            out = {n: positions[n] for n in inputs}
-        else:
-            values = list(positions)
-            if len(values) != len(inputs):
-                raise ValueError(
-                    f"{what} input_positions has {len(values)} sites but the graph has "
-                    f"{len(inputs)} input nodes"
-                )
-            out = dict(zip(inputs, values, strict=True))
+            positions = [positions[n] for n in inputs]
+        values = list(positions)
+        if len(values) != len(inputs):
+            raise ValueError(
+                f"{what} input_positions has {len(values)} sites but the graph has "
+                f"{len(inputs)} input nodes"
+            )
+        out = dict(zip(inputs, values, strict=True))
         bad = {
             n: s
             for n, s in out.items()
@@ -739,7 +699,7 @@ class GraphStudent(Student):
     def site_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, sites)`` scalars, or ``(batch, sites, values)`` patches."""
         flat = self.flatten_input(x)
-        if self.input_shape is None or len(self.input_shape) == 1:
+        if len(self.grid) <= 1:  # the flat sample's values
             return flat
         c, h, w = image_shape(self.input_shape, type(self).__name__)
         return site_values(flat.view(flat.shape[0], c, h, w), self.pool, self.patch)
