@@ -8,12 +8,10 @@ parameter node; the feature map fills them per sample) and **one dangling edge**
 
 The student is f_c(x) = the contraction of the graph with phi(x_site) on every input node; with
 ``output="normalized"`` its logits are s * f(x) / ||f(x)|| with a learned scale s, as
-:class:`~tnkd.students.mps.MPSClassifier`'s. The planner (:mod:`tnkd.tn.planner`) picks the
-engine from the graph's shape, and :meth:`GraphStudent.plan` says which and why: a chain (the
-label anywhere) runs on the chain engine (:func:`~tnkd.tn.chain.contract_chain`), a binary tree
-on the tree engine (:mod:`tnkd.tn.fused`), other graphs on the pairwise path with a per-sample
-log-scale (:mod:`tnkd.tn.stable`) or, when shallow, one ``opt_einsum`` expression. Results equal
-the dense contraction's (tested in float64).
+:class:`~tnkd.students.mps.MPSClassifier`'s. The planner picks the engine from the graph's shape
+(a chain, a binary tree, any graph: the table in :mod:`tnkd.tn.planner`), and
+:meth:`GraphStudent.plan` says which and why. Results equal the dense contraction's (tested in
+float64).
 
 **Initialisation.** A node made from a shape (all zeros) is initialised by tnkd; a node made
 from a tensor keeps it. The initial tensor generalises the near-identity cores of an MPS: a
@@ -356,9 +354,8 @@ class GraphStudent(Student):
         inputs = list(graph.input_nodes)
         if not inputs:
             raise ValueError(f"{what}: the graph has no input nodes; list them in input_nodes")
-        num_sites = math.prod(self.grid) if self.grid else len(inputs)
+        self.num_sites = num_sites = math.prod(self.grid) if self.grid else len(inputs)
         self.num_inputs = num_inputs or num_sites
-        self.num_sites = num_sites
         sites = self._positions(inputs, input_positions, num_sites)
         neutral = self._neutral()
         initial: dict[str, torch.Tensor] = {}
@@ -422,34 +419,29 @@ class GraphStudent(Student):
             self.log_logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
 
     def _init_family(
-        self,
-        args: Mapping[str, Any],
-        graph: TNGraph,
-        feature_map: FeatureMap,
-        passed: Sequence[str] = FAMILY_ARGS,
-        **options: Any,
+        self, args: Mapping[str, Any], graph: TNGraph, feature_map: FeatureMap, **options: Any
     ) -> None:
         """Initialise a family (a graph plus conveniences) as the :class:`GraphStudent` of ``graph``.
 
         ``args`` are the family's constructor arguments (its ``locals()``); those named in
-        ``passed`` reach :class:`GraphStudent` as they are, with ``options``.
+        :data:`FAMILY_ARGS` reach :class:`GraphStudent` as they are, with ``options``.
         """
-        passed_args = {name: args[name] for name in passed}
-        GraphStudent.__init__(self, graph, feature_map=feature_map, **passed_args, **options)
+        passed = {name: args[name] for name in FAMILY_ARGS}
+        GraphStudent.__init__(self, graph, feature_map=feature_map, **passed, **options)
 
     def _init_on_sites(self, args: Mapping[str, Any], draw: Callable[..., TNGraph]) -> None:
         """Initialise a family drawn on the sites, as ``draw(grid, site_dim, bond_dim, classes)``.
 
         ``args`` are the family's constructor arguments (its ``locals()``): ``feature_map``,
-        ``bond_dim``, ``num_classes``, and those passed on as they are: the sites', the engine's
-        and :data:`FAMILY_ARGS`.
+        ``bond_dim``, ``num_classes``, and those passed on as they are: :data:`FAMILY_ARGS`, the
+        sites' and the engine's.
         """
         fmap = build_feature_map(args["feature_map"])
         what = type(self).__name__
         grid, dim, _ = site_layout(args["input_shape"], args["pool"], args["patch"], fmap, what)
         graph = draw(grid, dim, args["bond_dim"], args["num_classes"])
-        passed = ("input_shape", "pool", "patch", *FAMILY_ARGS, "method", "contraction", "compile")
-        self._init_family(args, graph, fmap, passed)
+        passed = ("input_shape", "pool", "patch", "method", "contraction", "compile")
+        self._init_family(args, graph, fmap, **{name: args[name] for name in passed})
         self.bond_dim = args["bond_dim"]
 
     @property
@@ -520,8 +512,7 @@ class GraphStudent(Student):
         zero-padded to D when the chain is assembled. ``tie``: one (1, D, d, D) tensor for all.
         """
         layout = self._shape.chain
-        names = self._spec.node_names
-        bond, d = layout.bond_dim, layout.site_dim
+        names, bond, d = self._spec.node_names, layout.bond_dim, layout.site_dim
 
         named: dict[str, torch.Tensor] = {}  # registered at the end, in ``names_of``'s order
 
@@ -707,14 +698,13 @@ class GraphStudent(Student):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, sites, site_dim)`` feature vectors."""
         u = self.site_inputs(x)
-        dtype = self._dtype()
+        phi = self.feature_map(u)
         if u.ndim == 3 and getattr(self.feature_map, "in_features", 1) == 1:
-            phi = self.feature_map(u)  # (batch, sites, values, d): the product map
-            out = phi[:, :, 0]
+            product = phi[:, :, 0]  # phi is (batch, sites, values, d): the product map
             for k in range(1, phi.shape[2]):
-                out = (out.unsqueeze(-1) * phi[:, :, k].unsqueeze(-2)).flatten(-2)
-            return out.to(dtype)
-        return self.feature_map(u).to(dtype)
+                product = (product.unsqueeze(-1) * phi[:, :, k].unsqueeze(-2)).flatten(-2)
+            phi = product
+        return phi.to(self._dtype())
 
     def _site_features_t(self, x: torch.Tensor) -> torch.Tensor:
         """``(sites, site_dim, batch)`` feature vectors, contiguous (the blocks' layout).
@@ -838,8 +828,7 @@ class GraphStudent(Student):
         out = {}
         for name in self.node_names:
             b, g = self._block_of[name]
-            tensor = self._stored(b)
-            tensor = tensor if g is None else tensor[g]
+            tensor = self._stored(b) if g is None else self._stored(b)[g]
             first, last, axes = self._node_view.get(name, (False, False, None))
             if first:
                 tensor = tensor[0]

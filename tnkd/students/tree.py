@@ -23,9 +23,8 @@ level is passed up unchanged.
 **Cost.** Contracting one sample costs about sum over nodes of D^3 (the leaves d^2 D): linear in
 the number of sites, so any size is affordable, and the log-scale kept per level makes depth
 harmless. Every step joins a node with its two children, so the planner gives the tree to the
-tree engine (:mod:`tnkd.tn.fused`: one autograd node, a native level loop on CPU, where in a
-balanced tree each thread runs every level of its own subtrees; its speed against
-TensorKrowch's ``Tree``: ``docs/benchmarks/graphs.md``). The parameter count is what limits D:
+tree engine (:mod:`tnkd.tn.fused`; its speed against TensorKrowch's ``Tree``:
+``docs/benchmarks/graphs.md``). The parameter count is what limits D:
 over the 196 pixels of a 2x2-pooled MNIST image a tree has 32,545 parameters at D = 8 and
 209,185 at D = 16 (98 leaves, ~97 D^3 inner nodes).
 
