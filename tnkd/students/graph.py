@@ -190,23 +190,17 @@ def copy_tensor(
         The tensor: copy over bond axes x w on input axes x ones on the label axis, plus noise.
     """
     bonds = [i for i, k in enumerate(kinds) if k == "bond"]
-    value = torch.ones(())
-    if bonds:
-        dims = [shape[i] for i in bonds]
-        value = torch.zeros(dims)
-        for j in range(min(dims)):
-            value[(j,) * len(dims)] = 1.0
-    order = list(bonds)
-    for i, kind in enumerate(kinds):
+    diagonal = torch.arange(min((shape[i] for i in bonds), default=1))
+    value = torch.zeros([shape[i] if k == "bond" else 1 for i, k in enumerate(kinds)])
+    value[tuple(diagonal if k == "bond" else 0 for k in kinds)] = 1.0
+    for i, kind in enumerate(kinds):  # the other axes' factors, broadcast along their axis
         if kind != "bond":
             factor = neutral if kind == "input" else torch.ones(shape[i])
             if factor.numel() != shape[i]:
                 raise ValueError(
                     f"axis {i} has size {shape[i]} but its input features have {factor.numel()}"
                 )
-            value = torch.tensordot(value, factor, dims=0)
-            order.append(i)
-    value = value.permute(*[order.index(i) for i in range(len(shape))])
+            value = value * factor.view([-1 if j == i else 1 for j in range(len(shape))])
     fan = math.prod(shape[i] for i in bonds) / max((shape[i] for i in bonds), default=1)
     noise = torch.randn(tuple(shape)) * (init_std / math.sqrt(fan))
     return value + noise
