@@ -537,14 +537,12 @@ class GraphStudent(Student):
                 alone.append(node)
         if tie and (any(names[n.index] not in names_of for n in alone) or self._padding):
             raise ValueError("tie_sites=True needs every site of one shape (D, d, D)")
-        stacked = [node for node, _ in full]
-        if tie:  # (no padding: checked above)
-            full = full[:1]
         block = None
         if full or "sites" in names_of:
+            cores = [core for _, core in (full[:1] if tie else full)]  # tied: no padding (checked)
             empty = initial[self.node_names[0]].new_zeros(0, bond, d, bond)
-            block = add("sites", torch.stack([core for _, core in full]) if full else empty)
-            for g, node in enumerate(stacked):
+            block = add("sites", torch.stack(cores) if cores else empty)
+            for g, (node, _) in enumerate(full):
                 self._block_of[names[node.index]] = (block, 0 if tie else g)
         for node in [n for n in layout.nodes if names[n.index] not in self._block_of]:
             name = names[node.index]
