@@ -74,7 +74,7 @@ def peps_graph(
         raise ValueError(
             f"PEPS label_site must be inside the {rows}x{cols} grid, but got {label_site!r}"
         )
-    nodes = {}
+    nodes, inputs, positions = {}, [], {}
     for i, j in itertools.product(range(rows), range(cols)):
         sides = {"up": i > 0, "left": j > 0, "right": j < cols - 1, "down": i < rows - 1}
         axes = [a for a, ok in sides.items() if ok]
@@ -83,15 +83,11 @@ def peps_graph(
         if (i, j) == (li, lj):
             axes.append("label")
             shape.append(num_classes)
-        nodes[i, j] = make_node(tuple(shape), f"p{i}_{j}", axes)
-    for i, j in nodes:
-        if j < cols - 1:
-            connect(nodes[i, j], "right", nodes[i, j + 1], "left", name=f"h{i}_{j}")
-        if i < rows - 1:
-            connect(nodes[i, j], "down", nodes[i + 1, j], "up", name=f"v{i}_{j}")
-    inputs = []
-    positions: dict[str, tuple[float, float]] = {}
-    for (i, j), node in nodes.items():
+        node = nodes[i, j] = make_node(tuple(shape), f"p{i}_{j}", axes)
+        if j > 0:  # the bonds to the left and upper neighbours, made before
+            connect(nodes[i, j - 1], "right", node, "left", name=f"h{i}_{j - 1}")
+        if i > 0:
+            connect(nodes[i - 1, j], "down", node, "up", name=f"v{i - 1}_{j}")
         x = make_node((phys_dim,), f"x_{i * cols + j}", ["phys"])
         connect(node, "phys", x, "phys", name=f"phys_{i * cols + j}")
         inputs.append(x)
