@@ -116,16 +116,10 @@ class TTLinear(nn.Module):
         out_features, in_features = weight.shape
         m, n = _factors(in_features, out_features, in_factors, out_factors)
         cores = tt_matrix_svd(weight.detach(), m, n, ranks=ranks, tolerance=tolerance)
+        kept = [int(c.shape[-1]) for c in cores[:-1]]
         # the layer's random start is overwritten below: leave the global random state be
         with torch.random.fork_rng(devices=[]):
-            layer = cls(
-                in_features,
-                out_features,
-                m,
-                n,
-                ranks=[int(c.shape[-1]) for c in cores[:-1]],
-                bias=bias is not None,
-            )
+            layer = cls(in_features, out_features, m, n, kept, bias is not None)
         layer = layer.to(weight.dtype)
         with torch.no_grad():
             for p, c in zip(layer.cores, cores, strict=True):
@@ -275,13 +269,10 @@ class TTMLP(Student):
         for layer in mlp:
             wide = isinstance(layer, nn.Linear)
             if wide and min(layer.in_features, layer.out_features) >= keep_dense_below:
-                m = factorize(layer.in_features, num_factors)
-                n = factorize(layer.out_features, num_factors)
+                m = factorize(layer.in_features, num_factors)  # out_factors: as many (default)
                 rank = None if tolerance is not None else ranks
                 new.append(
-                    TTLinear.from_linear(
-                        layer, in_factors=m, out_factors=n, ranks=rank, tolerance=tolerance
-                    )
+                    TTLinear.from_linear(layer, in_factors=m, ranks=rank, tolerance=tolerance)
                 )
             else:
                 new.append(copy.deepcopy(layer).train())  # never share weights with the teacher

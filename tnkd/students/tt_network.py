@@ -29,20 +29,14 @@ from collections.abc import Sequence
 import torch
 
 from tnkd.feature_maps import FeatureMap, LearnableFeatureMap, build_feature_map
-from tnkd.students.base import (
-    check_positive_int,
-    image_patches,
-    near_identity_cores,
-)
+from tnkd.students.base import check_positive_int, image_patches, near_identity_cores
 from tnkd.students.graph import GraphStudent, image_shape
 from tnkd.students.mps import chain_graph
 from tnkd.tn.graph import TNGraph, make_node
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (
-        (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
-    )
+    pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2:
         raise ValueError(f"{name} must be an int or a pair (height, width), but got {value!r}")
     return check_positive_int(f"{name}[0]", pair[0]), check_positive_int(f"{name}[1]", pair[1])
@@ -134,13 +128,11 @@ class TTNetwork(GraphStudent):
         n, r, c, root = fmap.dim, rank, num_classes, math.sqrt(rank)
         neutral = fmap.neutral()
         first = neutral.view(n, 1) * torch.ones(1, r) / root + init_std * torch.randn(n, r) / root
-        count = 1 if equal_cores else max(num_patches - 2, 0)
-        inner = near_identity_cores(count, r, neutral, init_std)
+        inner = near_identity_cores(1 if equal_cores else num_patches - 2, r, neutral, init_std)
         last = neutral.view(1, n, 1) * torch.randn(r, 1, c) / root
         last = last + init_std * torch.randn(r, n, c) / root
-        inner = inner.expand(num_patches - 2, -1, -1, -1) if equal_cores else inner
         names = {"core_0": "first", "sites": "inner_cores", f"core_{num_patches - 1}": "last"}
-        graph = tt_graph(first, inner, last)
+        graph = tt_graph(first, inner.expand(num_patches - 2, -1, -1, -1), last)
         self._init_family(locals(), graph, fmap, tie_sites=equal_cores, parameter_names=names)
         self.input_shape = (channels, height, width)
         self.patch_size = (ph, pw)
@@ -165,9 +157,7 @@ class TTNetwork(GraphStudent):
 
     def inner(self) -> torch.Tensor:
         """(d - 2, r, n, r) inner cores (a broadcast view of the shared core with equal cores)."""
-        if self.equal_cores:
-            return self.inner_cores.expand(self.num_patches - 2, -1, -1, -1)
-        return self.inner_cores
+        return self.inner_cores.expand(self.num_patches - 2, -1, -1, -1)
 
     def cores(self) -> list[torch.Tensor]:
         """The TT cores as (r_{k-1}, n, r_k) tensors, r_0 = 1 and the label as the last rank."""
