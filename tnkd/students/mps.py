@@ -214,8 +214,7 @@ class MPSClassifier(GraphStudent):
                 p.zero_()
             for i, core in enumerate(cores[:-1]):
                 mps.cores[i, : core.shape[0], :, : core.shape[2]] = core
-            mps.left[0] = 1.0
-            mps.right[0] = 1.0
+            mps.left[0] = mps.right[0] = 1.0
             mps.output_core[: cores[-1].shape[0], :, 0] = cores[-1][:, :, 0]
         return mps
 

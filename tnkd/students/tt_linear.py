@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnkd.registry import RecordsInitArgs
 from tnkd.students.base import Student, check_positive_int
 from tnkd.tn.decompositions import check_factors, factorize, tt_matrix_svd, tt_to_full
 from tnkd.tn.graph import TNGraph, connect, make_node
@@ -42,7 +43,7 @@ def _factors(
     return m, check_factors(n, out_features, "TTLinear out_factors")
 
 
-class TTLinear(nn.Module):
+class TTLinear(RecordsInitArgs, nn.Module):
     """A drop-in replacement of ``nn.Linear(in_features, out_features)`` with a TT-matrix weight.
 
     Args:
@@ -127,18 +128,6 @@ class TTLinear(nn.Module):
             if bias is not None:
                 layer.bias.copy_(bias.detach())
         return layer
-
-    @property
-    def init_args(self) -> dict[str, Any]:
-        """The constructor arguments of a layer of this shape (the ranks as they are now)."""
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "in_factors": list(self.in_factors),
-            "out_factors": list(self.out_factors),
-            "ranks": list(self.ranks),
-            "bias": self.bias is not None,
-        }
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs: object) -> TTLinear:

@@ -32,6 +32,7 @@ from tnkd.feature_maps import FeatureMap, LearnableFeatureMap, build_feature_map
 from tnkd.students.base import check_positive_int, image_patches, near_identity_cores
 from tnkd.students.graph import GraphStudent, image_shape
 from tnkd.students.mps import chain_graph
+from tnkd.tn.decompositions import tt_to_full
 from tnkd.tn.graph import TNGraph, make_node
 
 
@@ -170,10 +171,7 @@ class TTNetwork(GraphStudent):
                 f"the full tensor would have {self.feature_dim}^{self.num_patches} x "
                 f"{self.num_classes} entries; full_tensor is for small networks only"
             )
-        out = self.first
-        for core in self.cores()[1:]:
-            out = torch.tensordot(out, core, dims=([out.ndim - 1], [0]))
-        return out
+        return tt_to_full([*self.cores()[:-1], self.last.unsqueeze(-1)])  # label: a last rank
 
 
 def iverson_equal_cores(n: int, r: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
