@@ -157,8 +157,7 @@ class MemberList(_Batched):
     """Any students of one shape, run one after the other: ``(M, batch, C)`` logits.
 
     The fallback of :func:`batch_students` for students :class:`BatchedMPS` does not cover
-    (TT networks, trees, PEPS, learnable feature maps...). No kernel is shared, but the teacher,
-    the data and the training loop are.
+    (TT networks, trees, PEPS, learnable feature maps...).
     """
 
     def __init__(self, members: Sequence[nn.Module]) -> None:

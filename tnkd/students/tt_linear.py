@@ -6,10 +6,8 @@ G_k of shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1::
     W[(j_1..j_d), (i_1..i_d)] = G_1[:, i_1, j_1, :] G_2[:, i_2, j_2, :] ... G_d[:, i_d, j_d, :]
 
 The layer never builds W (unless that is the cheapest way, as for 4096 -> 16): the input,
-reshaped to (batch, m_1, ..., m_d), is contracted with the cores one group of neighbouring cores
-at a time, each step one matrix product over the batch (:func:`tnkd.tn.tt_matrix.tt_linear`, the
-sequential algorithm of Novikov et al. 2015 with merged neighbours). The grouping and direction
-are chosen per batch size by counting multiply-adds, and cached on the layer.
+reshaped to (batch, m_1, ..., m_d), is contracted with groups of neighbouring cores, one matrix
+product over the batch each (:func:`tnkd.tn.tt_matrix.tt_linear`, planned per batch size).
 """
 
 from __future__ import annotations
@@ -54,10 +52,9 @@ class TTLinear(RecordsInitArgs, nn.Module):
         ranks: inner TT-ranks (r_1..r_{d-1}), or one int for all.
         bias: learn an additive bias.
 
-    The forward pass is :func:`tnkd.tn.tt_matrix.tt_linear` (see the module docstring), its plan
-    cached per batch size (``plans`` counts the plannings); on CPU the batch runs in cache-sized
-    chunks whose backward pass recomputes their states (speed: ``benchmarks/tt_layers.py``).
-    :meth:`to_graph` is the same network for the generic contraction engine (tested equal).
+    The forward pass's plan is cached per batch size (``plans`` counts the plannings; speed:
+    ``benchmarks/tt_layers.py``); :meth:`to_graph` is the same network for the generic
+    contraction engine (tested equal).
 
     Example:
         >>> layer = TTLinear(4096, 16, (8, 8, 8, 8), (2, 2, 2, 2), ranks=8, bias=False)

@@ -14,11 +14,10 @@ label index on the last core. Diagram::
     f(p_1) f(p_2)     f(p_{d-1}) f(p_d)
 
 With ``equal_cores=True`` the inner cores are one shared tensor G_2 = ... = G_{d-1}: the network
-is then a recurrent cell applied d - 2 times (the "recurrent-style" TT network). Its
-expressivity: the matricization of W that puts the odd indices in rows and the even ones in
-columns can reach rank q^(d/2), q = min(n, r - 1) (see :func:`iverson_equal_cores`). Random
-equal cores do better still: in ``notebooks/equal_core_expressivity.ipynb`` (d <= 8, n <= 4,
-r <= 6) they reach the same rank as random different cores at every setting measured.
+is then a recurrent cell applied d - 2 times (the "recurrent-style" TT network), whose odd/even
+matricization of W can reach rank q^(d/2), q = min(n, r - 1) (:func:`iverson_equal_cores`);
+random equal cores reach the rank of random different cores at every setting measured in
+``notebooks/equal_core_expressivity.ipynb`` (d <= 8, n <= 4, r <= 6).
 """
 
 from __future__ import annotations
