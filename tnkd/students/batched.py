@@ -64,19 +64,16 @@ def check_same_shape(members: Sequence[nn.Module]) -> None:
                 "batched members must be one student shape, but member 0 is a "
                 f"{type(first).__name__} and member {k} a {type(other).__name__}"
             )
-        args0, args = getattr(first, "init_args", None), getattr(other, "init_args", None)
-        if isinstance(args0, dict) and isinstance(args, dict) and args0 != args:
-            diff = sorted(key for key in {*args0, *args} if args0.get(key) != args.get(key))
-            shown = ", ".join(f"{key}: {args0.get(key)!r} vs {args.get(key)!r}" for key in diff)
-            raise ValueError(
-                f"batched members must have the same student arguments, but member 0 and member "
-                f"{k} differ in {shown}"
-            )
-        if _shapes(other) != _shapes(first):
-            raise ValueError(
-                f"batched members must have the same parameter shapes, but member 0 has "
-                f"{_shapes(first)} and member {k} {_shapes(other)}"
-            )
+        args = getattr(first, "init_args", None), getattr(other, "init_args", None)
+        shapes = _shapes(first), _shapes(other)
+        for what, (a, b) in (("student arguments", args), ("parameter shapes", shapes)):
+            if isinstance(a, dict) and isinstance(b, dict) and a != b:
+                diff = sorted(key for key in {*a, *b} if a.get(key) != b.get(key))
+                shown = ", ".join(f"{key}: {a.get(key)!r} vs {b.get(key)!r}" for key in diff)
+                raise ValueError(
+                    f"batched members must have the same {what}, but member 0 and member {k} "
+                    f"differ in {shown}"
+                )
 
 
 class _Batched(nn.Module):
