@@ -113,18 +113,17 @@ class TTNetwork(GraphStudent):
         check_positive_int("TTNetwork num_classes", num_classes)
         check_positive_int("TTNetwork rank", rank)
         patch_numel = channels * ph * pw
-        if feature_map is None:
+        if feature_map is None:  # the paper's learnable patch map
             check_positive_int("TTNetwork feature_dim", feature_dim)
-            fmap: FeatureMap = LearnableFeatureMap(dim=feature_dim, in_features=patch_numel)
-        else:
-            fmap = build_feature_map(feature_map)
-            in_features = getattr(fmap, "in_features", 1)
-            if in_features != patch_numel:
-                raise ValueError(
-                    f"TTNetwork feature map {type(fmap).__name__} takes {in_features} "
-                    f"value(s) per patch but a {channels}x{ph}x{pw} patch has {patch_numel}; use "
-                    f"patch_size 1 for scalar maps or feature_map=None (learnable patch map)"
-                )
+            feature_map = LearnableFeatureMap(dim=feature_dim, in_features=patch_numel)
+        fmap = build_feature_map(feature_map)
+        in_features = getattr(fmap, "in_features", 1)
+        if in_features != patch_numel:
+            raise ValueError(
+                f"TTNetwork feature map {type(fmap).__name__} takes {in_features} "
+                f"value(s) per patch but a {channels}x{ph}x{pw} patch has {patch_numel}; use "
+                f"patch_size 1 for scalar maps or feature_map=None (learnable patch map)"
+            )
         n, r, c, root = fmap.dim, rank, num_classes, math.sqrt(rank)
         neutral = fmap.neutral()
         first = neutral.view(n, 1) * torch.ones(1, r) / root + init_std * torch.randn(n, r) / root
