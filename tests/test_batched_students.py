@@ -123,5 +123,7 @@ def test_members_of_different_shapes_are_refused_in_one_line(members, message):
 
 
 def test_bad_kind_is_refused():
-    with pytest.raises(ValueError, match="kind must be 'auto', 'batched' or 'list', but got 'x'"):
+    with pytest.raises(
+        ValueError, match=r"kind must be one of \('auto', 'batched', 'list'\), but got 'x'"
+    ):
         batch_students(_members(1), kind="x")

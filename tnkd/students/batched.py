@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tnkd.students.base import scaled_values
+from tnkd.students.base import check_choice, scaled_values
 from tnkd.students.mps import MPSClassifier
 from tnkd.tn.chain import contract_chain
 from tnkd.tn.stable import direction_logits
@@ -64,22 +64,36 @@ def check_same_shape(members: Sequence[nn.Module]) -> None:
                 "batched members must be one student shape, but member 0 is a "
                 f"{type(first).__name__} and member {k} a {type(other).__name__}"
             )
-        args0, args = getattr(first, "init_args", None), getattr(other, "init_args", None)
-        if isinstance(args0, dict) and isinstance(args, dict) and args0 != args:
-            diff = sorted(key for key in {*args0, *args} if args0.get(key) != args.get(key))
-            shown = ", ".join(f"{key}: {args0.get(key)!r} vs {args.get(key)!r}" for key in diff)
-            raise ValueError(
-                f"batched members must have the same student arguments, but member 0 and member "
-                f"{k} differ in {shown}"
-            )
-        if _shapes(other) != _shapes(first):
-            raise ValueError(
-                f"batched members must have the same parameter shapes, but member 0 has "
-                f"{_shapes(first)} and member {k} {_shapes(other)}"
-            )
+        args = getattr(first, "init_args", None), getattr(other, "init_args", None)
+        shapes = _shapes(first), _shapes(other)
+        for what, (a, b) in (("student arguments", args), ("parameter shapes", shapes)):
+            if isinstance(a, dict) and isinstance(b, dict) and a != b:
+                diff = sorted(key for key in {*a, *b} if a.get(key) != b.get(key))
+                shown = ", ".join(f"{key}: {a.get(key)!r} vs {b.get(key)!r}" for key in diff)
+                raise ValueError(
+                    f"batched members must have the same {what}, but member 0 and member {k} "
+                    f"differ in {shown}"
+                )
 
 
-class BatchedMPS(nn.Module):
+class _Batched(nn.Module):
+    """What both batched models have: the members' count, sizes and constructor arguments."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        check_same_shape(members)
+        self.num_members = len(members)
+        self.num_classes = getattr(members[0], "num_classes", None)
+        self.num_inputs = getattr(members[0], "num_inputs", None)
+        self._member_args = dict(getattr(members[0], "init_args", {}) or {})
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        """The members' constructor arguments (one shape)."""
+        return dict(self._member_args)
+
+
+class BatchedMPS(_Batched):
     """M MPS classifiers of one shape, each parameter stacked along a leading member index.
 
     ``cores`` is (M, N, D, d, D), ``left``/``right`` (M, D), ``output_core`` (M, D, C, D),
@@ -95,8 +109,7 @@ class BatchedMPS(nn.Module):
     """
 
     def __init__(self, members: Sequence[MPSClassifier]) -> None:
-        super().__init__()
-        check_same_shape(members)
+        super().__init__(members)
         template = members[0]
         if not isinstance(template, MPSClassifier):
             raise ValueError(
@@ -107,9 +120,6 @@ class BatchedMPS(nn.Module):
                 "BatchedMPS needs a feature map without parameters, but got "
                 f"{type(template.feature_map).__name__} with parameters; use MemberList"
             )
-        self.num_members = len(members)
-        self.num_classes = template.num_classes
-        self.num_inputs = template.num_inputs
         # the template keeps the shared, parameter-free parts: input flattening, feature map
         self.template = copy.deepcopy(template)
         for name in MPS_PARAMETERS:
@@ -117,11 +127,6 @@ class BatchedMPS(nn.Module):
                 stacked = torch.stack([getattr(m, name).detach() for m in members]).clone()
                 self.register_parameter(name, nn.Parameter(stacked))
                 delattr(self.template, name)  # the template keeps no parameters of its own
-
-    @property
-    def init_args(self) -> dict[str, Any]:
-        """The members' constructor arguments (one shape)."""
-        return self.template.init_args
 
     def member(self, k: int) -> MPSClassifier:
         """Member ``k`` as an ordinary MPSClassifier (parameters copied)."""
@@ -145,26 +150,16 @@ class BatchedMPS(nn.Module):
         return direction_logits(values, self.log_logit_scale.view(-1, 1, 1))
 
 
-class MemberList(nn.Module):
+class MemberList(_Batched):
     """Any students of one shape, run one after the other: ``(M, batch, C)`` logits.
 
     The fallback of :func:`batch_students` for students :class:`BatchedMPS` does not cover
-    (TT networks, trees, PEPS, learnable feature maps...). No kernel is shared, but the teacher,
-    the data and the training loop are.
+    (TT networks, trees, PEPS, learnable feature maps...).
     """
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
-        super().__init__()
-        check_same_shape(members)
+        super().__init__(members)
         self.members = nn.ModuleList(members)
-        self.num_members = len(members)
-        self.num_classes = getattr(members[0], "num_classes", None)
-        self.num_inputs = getattr(members[0], "num_inputs", None)
-
-    @property
-    def init_args(self) -> dict[str, Any]:
-        """The members' constructor arguments (one shape)."""
-        return dict(getattr(self.members[0], "init_args", {}) or {})
 
     def member(self, k: int) -> nn.Module:
         """Member ``k`` (a copy)."""
@@ -186,8 +181,7 @@ def batch_students(members: Sequence[nn.Module], kind: str = "auto") -> nn.Modul
     Returns:
         The batched model (with ``num_members``, ``num_classes`` and ``member(k)``).
     """
-    if kind not in ("auto", "batched", "list"):
-        raise ValueError(f"kind must be 'auto', 'batched' or 'list', but got {kind!r}")
+    check_choice("kind", kind, ("auto", "batched", "list"))
     check_same_shape(members)
     first = members[0]
     fits = type(first) is MPSClassifier and not any(True for _ in first.feature_map.parameters())

@@ -21,14 +21,8 @@ from typing import Any
 import torch
 
 from tnkd.feature_maps import FeatureMap, build_feature_map
-from tnkd.students.base import (
-    check_choice,
-    check_init_std,
-    check_positive_int,
-    near_identity_cores,
-    site_values,
-)
-from tnkd.students.graph import OUTPUT_MODES, GraphStudent
+from tnkd.students.base import check_choice, check_positive_int, near_identity_cores, site_values
+from tnkd.students.graph import GraphStudent
 from tnkd.tn.decompositions import tt_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
 from tnkd.tn.planner import CHAIN_KERNELS
@@ -146,17 +140,11 @@ class MPSClassifier(GraphStudent):
             )
         check_positive_int("student num_classes", num_classes)
         check_positive_int("student bond_dim", bond_dim)
-        position = num_sites // 2 if label_position is None else label_position
-        if (
-            isinstance(position, bool)
-            or not isinstance(position, int)
-            or not 0 <= position <= num_sites
-        ):
+        p = num_sites // 2 if label_position is None else label_position
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= num_sites:
             raise ValueError(
-                f"student label_position must be an integer in [0, {num_sites}], but got {position!r}"
+                f"student label_position must be an integer in [0, {num_sites}], but got {p!r}"
             )
-        check_choice("student output", output, OUTPUT_MODES)
-        check_init_std("student init_std", init_std)
         fmap = build_feature_map(feature_map)
         in_features = getattr(fmap, "in_features", 1)
         if in_features != patch * patch:
@@ -176,13 +164,12 @@ class MPSClassifier(GraphStudent):
         right = torch.ones(bond) / math.sqrt(bond) + init_std * torch.randn(bond) / math.sqrt(bond)
         eye = torch.eye(bond).unsqueeze(1).expand(bond, num_classes, bond)
         output_core = eye + init_std * torch.randn(bond, num_classes, bond) / math.sqrt(bond)
-        graph = mps_graph(left, cores.expand(num_sites, -1, -1, -1), right, output_core, position)
+        graph = mps_graph(left, cores.expand(num_sites, -1, -1, -1), right, output_core, p)
         self._init_family(locals(), graph, fmap, tie_sites=uniform, parameter_names=PARAMETER_NAMES)
-        self.num_sites = num_sites
         self.pool, self.patch = pool, patch
         self.num_inputs = num_sites * pool * pool * patch * patch
         self.bond_dim = bond_dim
-        self.label_position = position
+        self.label_position = p
         self.uniform = uniform
         self.method = method
 
@@ -193,9 +180,7 @@ class MPSClassifier(GraphStudent):
 
     @method.setter
     def method(self, method: str) -> None:
-        if method not in ("auto", "sweep", *CHAIN_KERNELS):
-            names = ("auto", *CHAIN_KERNELS)
-            raise ValueError(f"student method must be one of {names}, but got {method!r}")
+        check_choice("student method", method, ("auto", "sweep", *CHAIN_KERNELS))
         self._chain_kernel = "scan" if method == "sweep" else method
 
     @classmethod
@@ -229,8 +214,7 @@ class MPSClassifier(GraphStudent):
                 p.zero_()
             for i, core in enumerate(cores[:-1]):
                 mps.cores[i, : core.shape[0], :, : core.shape[2]] = core
-            mps.left[0] = 1.0
-            mps.right[0] = 1.0
+            mps.left[0] = mps.right[0] = 1.0
             mps.output_core[: cores[-1].shape[0], :, 0] = cores[-1][:, :, 0]
         return mps
 

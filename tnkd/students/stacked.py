@@ -41,8 +41,9 @@ class StackedMPS(Student):
 
     Example:
         >>> net = StackedMPS(num_sites=64, num_classes=10, hidden=8, bond_dim=6)
-        >>> net(torch.rand(3, 64)).shape
-        torch.Size([3, 10])
+        >>> x = torch.rand(3, 64)
+        >>> net.hidden_values(x).shape, net(x).shape
+        (torch.Size([3, 8]), torch.Size([3, 10]))
     """
 
     def __init__(

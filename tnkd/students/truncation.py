@@ -5,23 +5,12 @@ Train wide, cut, let the teacher repair: :func:`truncate_student` brings an
 :class:`~tnkd.students.tree.TreeClassifier` into canonical form about its label node
 (:mod:`tnkd.tn.canonical`), cuts every bond to ``bond_dim`` singular values and/or a relative
 ``tolerance``, and returns a smaller student *of the same class* that trains on (bonds whose kept
-rank is below the new bond dimension are zero-padded, and the padding stays at zero). The feature
-map, output mode and logit scale are kept; the scale canonicalisation takes out is spread evenly
-over the tensors, so the raw output is the truncated function itself. :func:`bond_spectra` gives
-every bond's singular values and :func:`entanglement_entropies` the entropy -sum p log p,
-p = s^2 / sum s^2, per bond: the bonds with little entropy are the ones that can be cut. Tensors
-shared between sites (uniform MPS, equal-core TT networks) are refused: a canonical form makes
-them differ; a PEPS has loops and no canonical form.
-
-In YAML, :class:`TruncatedMPS` builds the truncated student from a checkpoint (a Lightning
-``.ckpt`` of a distillation run, or a plain state dict) for a fine-tuning run:
-
-.. code-block:: yaml
-
-    student:
-      class_path: tnkd.students.TruncatedMPS
-      init_args: {checkpoint: runs/checkpoints/mnist-mps32/last.ckpt, bond_dim: 8,
-                  num_sites: 196, pool: 2, num_classes: 10, feature_map: linear}
+rank is below the new bond dimension are zero-padded, and the padding stays at zero).
+:func:`bond_spectra` gives every bond's singular values and :func:`entanglement_entropies` the
+entropy -sum p log p, p = s^2 / sum s^2, per bond: the bonds with little entropy are the ones that
+can be cut. Tensors shared between sites (uniform MPS, equal-core TT networks) are refused: a
+canonical form makes them differ; a PEPS has loops and no canonical form. :class:`TruncatedMPS`
+does the cut on construction, from a checkpoint, for YAML configs.
 
 Example:
     >>> mps = MPSClassifier(num_sites=10, num_classes=3, bond_dim=8)
@@ -47,13 +36,7 @@ from tnkd.students.graph import GraphStudent
 from tnkd.students.mps import MPSClassifier
 from tnkd.students.tree import TreeClassifier
 from tnkd.students.tt_network import TTNetwork
-from tnkd.tn.canonical import (
-    Discarded,
-    Truncation,
-    entanglement_entropy,
-    network_of,
-    truncate,
-)
+from tnkd.tn.canonical import Discarded, Truncation, entanglement_entropy, network_of, truncate
 
 
 @dataclass
@@ -88,7 +71,7 @@ def _network(student: Student) -> tuple[list[torch.Tensor], list[tuple[str, ...]
             "a TT network with equal cores shares its inner core; its canonical form has "
             "different cores: truncate a TTNetwork with equal_cores=False"
         )
-    if not isinstance(student, MPSClassifier | TTNetwork | GraphStudent):
+    if not isinstance(student, GraphStudent):
         raise ValueError(
             f"truncation supports MPSClassifier, TTNetwork and tree graph students, but got "
             f"{type(student).__name__}"
@@ -135,9 +118,11 @@ def truncate_student(
             below ``tolerance^2`` times the bond's total.
 
     Returns:
-        The truncated student (same class, same feature map, output mode and logit scale) and
-        a :class:`TruncationReport`. With ``bond_dim`` at least the student's and no tolerance
-        the new student computes the same function (up to rounding).
+        The truncated student (same class, same feature map, output mode and logit scale; the
+        scale canonicalisation takes out is spread evenly over the tensors, so its raw output is
+        the truncated function itself) and a :class:`TruncationReport`. With ``bond_dim`` at
+        least the student's and no tolerance the new student computes the same function (up to
+        rounding).
     """
     tensors, indices, names, center = _network(student)
     cut: Truncation = truncate(tensors, indices, center, rank=bond_dim, tolerance=tolerance)
@@ -191,10 +176,11 @@ def load_student_state(checkpoint: str | Path, prefix: str = "student.") -> dict
             f"checkpoint {path} does not exist; pass a run's last.ckpt or a state dict file"
         )
     try:
-        data: Any = torch.load(path, map_location="cpu", weights_only=False)
+        data: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(
-            f"checkpoint {path} could not be read ({err}); pass a .ckpt or a state dict"
+            f"checkpoint {path} could not be read as tensors ({type(err).__name__}); pass a "
+            "run's .ckpt or a state dict"
         ) from err
     state = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state, dict):
@@ -215,7 +201,13 @@ class TruncatedMPS(MPSClassifier):
     Loads the wide MPS from ``checkpoint`` (its bond dimension read from the file), truncates every
     bond to ``bond_dim`` (:func:`truncate_student`; ``truncation`` holds the report) and starts
     from the result. Its checkpoints are described as a plain ``MPSClassifier`` of the new
-    ``bond_dim`` (:meth:`checkpoint_spec`), so loading them never reads the source again.
+    ``bond_dim`` (:meth:`checkpoint_spec`), so loading them never reads the source again. In YAML
+    (a fine-tuning run)::
+
+        student:
+          class_path: tnkd.students.TruncatedMPS
+          init_args: {checkpoint: runs/checkpoints/mnist-mps32/last.ckpt, bond_dim: 8,
+                      num_sites: 196, pool: 2, num_classes: 10, feature_map: linear}
 
     Args:
         checkpoint: a Lightning checkpoint of a distillation run, or an MPS state dict file.
@@ -242,12 +234,11 @@ class TruncatedMPS(MPSClassifier):
         state = load_student_state(checkpoint)
         if "cores" not in state or state["cores"].ndim != 4:
             raise ValueError(f"checkpoint {checkpoint} holds no MPSClassifier (no 4-way 'cores')")
-        accepted = set(inspect.signature(MPSClassifier).parameters) - {"bond_dim"}
-        mps_args = {k: v for k, v in locals().items() if k in accepted}
-        wide = MPSClassifier(bond_dim=int(state["cores"].shape[1]), **mps_args)
+        args = self.checkpoint_spec()["init_args"]  # the arguments as an MPSClassifier's
+        wide = MPSClassifier(**{**args, "bond_dim": int(state["cores"].shape[1])})
         wide.load_state_dict(state)
         small, report = truncate_student(wide, bond_dim=bond_dim, tolerance=tolerance)
-        super().__init__(bond_dim=bond_dim, **mps_args)
+        super().__init__(**args)
         self.load_state_dict(small.state_dict())
         self.truncation = report
 

@@ -6,10 +6,8 @@ G_k of shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1::
     W[(j_1..j_d), (i_1..i_d)] = G_1[:, i_1, j_1, :] G_2[:, i_2, j_2, :] ... G_d[:, i_d, j_d, :]
 
 The layer never builds W (unless that is the cheapest way, as for 4096 -> 16): the input,
-reshaped to (batch, m_1, ..., m_d), is contracted with the cores one group of neighbouring cores
-at a time, each step one matrix product over the batch (:func:`tnkd.tn.tt_matrix.tt_linear`, the
-sequential algorithm of Novikov et al. 2015 with merged neighbours). The grouping and direction
-are chosen per batch size by counting multiply-adds, and cached on the layer.
+reshaped to (batch, m_1, ..., m_d), is contracted with groups of neighbouring cores, one matrix
+product over the batch each (:func:`tnkd.tn.tt_matrix.tt_linear`, planned per batch size).
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tnkd.registry import RecordsInitArgs
 from tnkd.students.base import Student, check_positive_int
 from tnkd.tn.decompositions import check_factors, factorize, tt_matrix_svd, tt_to_full
 from tnkd.tn.graph import TNGraph, connect, make_node
@@ -42,7 +41,7 @@ def _factors(
     return m, check_factors(n, out_features, "TTLinear out_factors")
 
 
-class TTLinear(nn.Module):
+class TTLinear(RecordsInitArgs, nn.Module):
     """A drop-in replacement of ``nn.Linear(in_features, out_features)`` with a TT-matrix weight.
 
     Args:
@@ -53,10 +52,9 @@ class TTLinear(nn.Module):
         ranks: inner TT-ranks (r_1..r_{d-1}), or one int for all.
         bias: learn an additive bias.
 
-    The forward pass is :func:`tnkd.tn.tt_matrix.tt_linear` (see the module docstring), its plan
-    cached per batch size (``plans`` counts the plannings); on CPU the batch runs in cache-sized
-    chunks whose backward pass recomputes their states (speed: ``benchmarks/tt_layers.py``).
-    :meth:`to_graph` is the same network for the generic contraction engine (tested equal).
+    The forward pass's plan is cached per batch size (``plans`` counts the plannings; speed:
+    ``benchmarks/tt_layers.py``); :meth:`to_graph` is the same network for the generic
+    contraction engine (tested equal).
 
     Example:
         >>> layer = TTLinear(4096, 16, (8, 8, 8, 8), (2, 2, 2, 2), ranks=8, bias=False)
@@ -116,16 +114,10 @@ class TTLinear(nn.Module):
         out_features, in_features = weight.shape
         m, n = _factors(in_features, out_features, in_factors, out_factors)
         cores = tt_matrix_svd(weight.detach(), m, n, ranks=ranks, tolerance=tolerance)
+        kept = [int(c.shape[-1]) for c in cores[:-1]]
         # the layer's random start is overwritten below: leave the global random state be
         with torch.random.fork_rng(devices=[]):
-            layer = cls(
-                in_features,
-                out_features,
-                m,
-                n,
-                ranks=[int(c.shape[-1]) for c in cores[:-1]],
-                bias=bias is not None,
-            )
+            layer = cls(in_features, out_features, m, n, kept, bias is not None)
         layer = layer.to(weight.dtype)
         with torch.no_grad():
             for p, c in zip(layer.cores, cores, strict=True):
@@ -133,18 +125,6 @@ class TTLinear(nn.Module):
             if bias is not None:
                 layer.bias.copy_(bias.detach())
         return layer
-
-    @property
-    def init_args(self) -> dict[str, Any]:
-        """The constructor arguments of a layer of this shape (the ranks as they are now)."""
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "in_factors": list(self.in_factors),
-            "out_factors": list(self.out_factors),
-            "ranks": list(self.ranks),
-            "bias": self.bias is not None,
-        }
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs: object) -> TTLinear:
@@ -275,13 +255,10 @@ class TTMLP(Student):
         for layer in mlp:
             wide = isinstance(layer, nn.Linear)
             if wide and min(layer.in_features, layer.out_features) >= keep_dense_below:
-                m = factorize(layer.in_features, num_factors)
-                n = factorize(layer.out_features, num_factors)
+                m = factorize(layer.in_features, num_factors)  # out_factors: as many (default)
                 rank = None if tolerance is not None else ranks
                 new.append(
-                    TTLinear.from_linear(
-                        layer, in_factors=m, out_factors=n, ranks=rank, tolerance=tolerance
-                    )
+                    TTLinear.from_linear(layer, in_factors=m, ranks=rank, tolerance=tolerance)
                 )
             else:
                 new.append(copy.deepcopy(layer).train())  # never share weights with the teacher

@@ -14,11 +14,10 @@ label index on the last core. Diagram::
     f(p_1) f(p_2)     f(p_{d-1}) f(p_d)
 
 With ``equal_cores=True`` the inner cores are one shared tensor G_2 = ... = G_{d-1}: the network
-is then a recurrent cell applied d - 2 times (the "recurrent-style" TT network). Its
-expressivity: the matricization of W that puts the odd indices in rows and the even ones in
-columns can reach rank q^(d/2), q = min(n, r - 1) (see :func:`iverson_equal_cores`). Random
-equal cores do better still: in ``notebooks/equal_core_expressivity.ipynb`` (d <= 8, n <= 4,
-r <= 6) they reach the same rank as random different cores at every setting measured.
+is then a recurrent cell applied d - 2 times (the "recurrent-style" TT network), whose odd/even
+matricization of W can reach rank q^(d/2), q = min(n, r - 1) (:func:`iverson_equal_cores`);
+random equal cores reach the rank of random different cores at every setting measured in
+``notebooks/equal_core_expressivity.ipynb`` (d <= 8, n <= 4, r <= 6).
 """
 
 from __future__ import annotations
@@ -29,20 +28,15 @@ from collections.abc import Sequence
 import torch
 
 from tnkd.feature_maps import FeatureMap, LearnableFeatureMap, build_feature_map
-from tnkd.students.base import (
-    check_positive_int,
-    image_patches,
-    near_identity_cores,
-)
+from tnkd.students.base import check_positive_int, image_patches, near_identity_cores
 from tnkd.students.graph import GraphStudent, image_shape
 from tnkd.students.mps import chain_graph
+from tnkd.tn.decompositions import tt_to_full
 from tnkd.tn.graph import TNGraph, make_node
 
 
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (
-        (value, value) if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
-    )
+    pair = (value, value) if isinstance(value, int) else tuple(value)
     if len(pair) != 2:
         raise ValueError(f"{name} must be an int or a pair (height, width), but got {value!r}")
     return check_positive_int(f"{name}[0]", pair[0]), check_positive_int(f"{name}[1]", pair[1])
@@ -119,28 +113,25 @@ class TTNetwork(GraphStudent):
         check_positive_int("TTNetwork num_classes", num_classes)
         check_positive_int("TTNetwork rank", rank)
         patch_numel = channels * ph * pw
-        if feature_map is None:
+        if feature_map is None:  # the paper's learnable patch map
             check_positive_int("TTNetwork feature_dim", feature_dim)
-            fmap: FeatureMap = LearnableFeatureMap(dim=feature_dim, in_features=patch_numel)
-        else:
-            fmap = build_feature_map(feature_map)
-            in_features = getattr(fmap, "in_features", 1)
-            if in_features != patch_numel:
-                raise ValueError(
-                    f"TTNetwork feature map {type(fmap).__name__} takes {in_features} "
-                    f"value(s) per patch but a {channels}x{ph}x{pw} patch has {patch_numel}; use "
-                    f"patch_size 1 for scalar maps or feature_map=None (learnable patch map)"
-                )
+            feature_map = LearnableFeatureMap(dim=feature_dim, in_features=patch_numel)
+        fmap = build_feature_map(feature_map)
+        in_features = getattr(fmap, "in_features", 1)
+        if in_features != patch_numel:
+            raise ValueError(
+                f"TTNetwork feature map {type(fmap).__name__} takes {in_features} "
+                f"value(s) per patch but a {channels}x{ph}x{pw} patch has {patch_numel}; use "
+                f"patch_size 1 for scalar maps or feature_map=None (learnable patch map)"
+            )
         n, r, c, root = fmap.dim, rank, num_classes, math.sqrt(rank)
         neutral = fmap.neutral()
         first = neutral.view(n, 1) * torch.ones(1, r) / root + init_std * torch.randn(n, r) / root
-        count = 1 if equal_cores else max(num_patches - 2, 0)
-        inner = near_identity_cores(count, r, neutral, init_std)
+        inner = near_identity_cores(1 if equal_cores else num_patches - 2, r, neutral, init_std)
         last = neutral.view(1, n, 1) * torch.randn(r, 1, c) / root
         last = last + init_std * torch.randn(r, n, c) / root
-        inner = inner.expand(num_patches - 2, -1, -1, -1) if equal_cores else inner
         names = {"core_0": "first", "sites": "inner_cores", f"core_{num_patches - 1}": "last"}
-        graph = tt_graph(first, inner, last)
+        graph = tt_graph(first, inner.expand(num_patches - 2, -1, -1, -1), last)
         self._init_family(locals(), graph, fmap, tie_sites=equal_cores, parameter_names=names)
         self.input_shape = (channels, height, width)
         self.patch_size = (ph, pw)
@@ -165,9 +156,7 @@ class TTNetwork(GraphStudent):
 
     def inner(self) -> torch.Tensor:
         """(d - 2, r, n, r) inner cores (a broadcast view of the shared core with equal cores)."""
-        if self.equal_cores:
-            return self.inner_cores.expand(self.num_patches - 2, -1, -1, -1)
-        return self.inner_cores
+        return self.inner_cores.expand(self.num_patches - 2, -1, -1, -1)
 
     def cores(self) -> list[torch.Tensor]:
         """The TT cores as (r_{k-1}, n, r_k) tensors, r_0 = 1 and the label as the last rank."""
@@ -180,10 +169,7 @@ class TTNetwork(GraphStudent):
                 f"the full tensor would have {self.feature_dim}^{self.num_patches} x "
                 f"{self.num_classes} entries; full_tensor is for small networks only"
             )
-        out = self.first
-        for core in self.cores()[1:]:
-            out = torch.tensordot(out, core, dims=([out.ndim - 1], [0]))
-        return out
+        return tt_to_full([*self.cores()[:-1], self.last.unsqueeze(-1)])  # label: a last rank
 
 
 def iverson_equal_cores(n: int, r: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
