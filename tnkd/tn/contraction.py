@@ -7,7 +7,6 @@ torch tensors (autograd, mixed precision and GPUs work). It keeps no scale: the 
 engines (:mod:`tnkd.tn.planner`) track a log-scale and are tested equal to it.
 """
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,17 +18,12 @@ from tnkd.tn.graph import NetworkSpec, TNGraph
 BATCH_INDEX = "__batch__"
 
 
-@functools.lru_cache(maxsize=256)
-def _symbols(indices: tuple[str, ...]) -> dict[str, str]:
-    return {name: oe.get_symbol(i) for i, name in enumerate(indices)}
-
-
 def einsum_equation(spec: NetworkSpec, batched: bool = True) -> str:
     """The einsum equation of a graph, symbols generated from index names (batch index first)."""
     names: list[str] = [BATCH_INDEX]
     for idx in spec.node_indices:
         names.extend(i for i in idx if i not in names)
-    sym = _symbols(tuple(names))
+    sym = {name: oe.get_symbol(i) for i, name in enumerate(names)}
     b = sym[BATCH_INDEX] if batched else ""
     terms = [
         (b if (n in spec.input_nodes) else "") + "".join(sym[i] for i in idx)

@@ -89,11 +89,7 @@ class TNGraph:
 
     def edges(self) -> list[tn.Edge]:
         """All edges (bonds and dangling), each once."""
-        seen: dict[int, tn.Edge] = {}
-        for n in self.nodes:
-            for e in n.edges:
-                seen.setdefault(id(e), e)
-        return list(seen.values())
+        return list({id(e): e for n in self.nodes for e in n.edges}.values())
 
     def spec(self) -> NetworkSpec:
         """Index labels per axis: each edge gets a unique name; the outputs are the dangling edges."""
@@ -155,11 +151,9 @@ class TNGraph:
         nodes = {name: make_node(shape, name, axes) for name, shape, axes in data["nodes"]}
         for a, a_axis, b, b_axis, name in data["edges"]:
             connect(nodes[a], a_axis, nodes[b], b_axis, name=name)
-        outputs = []
-        for node, axis, name in data["outputs"]:
-            edge = nodes[node][axis]
+        outputs = [nodes[node][axis] for node, axis, _ in data["outputs"]]
+        for edge, (*_, name) in zip(outputs, data["outputs"], strict=True):
             edge.name = name
-            outputs.append(edge)
         positions = {k: (float(x), float(y)) for k, (x, y) in data.get("positions", {}).items()}
         return cls(list(nodes.values()), list(data["inputs"]), outputs, positions)
 
@@ -183,11 +177,8 @@ class TNGraph:
         if ax is None:
             _, ax = plt.subplots(figsize=(10, 2.8))
         params = [n for n in self.nodes if n.name not in self.input_nodes]
-        shown = (
-            params
-            if len(params) <= max_nodes
-            else params[: max_nodes // 2] + params[-max_nodes // 2 :]
-        )
+        head = max_nodes // 2  # the first nodes and the last ``max_nodes - head``
+        shown = params if len(params) <= max_nodes else params[:head] + params[head - max_nodes :]
         pos = dict(self.positions)
         for i, n in enumerate(shown):
             pos.setdefault(n.name, (float(i), 0.0))
@@ -197,8 +188,7 @@ class TNGraph:
                     e.node1 if e.node2 is n else e.node2 for e in n.edges if not e.is_dangling()
                 ]
                 if neighbours and neighbours[0].name in pos:
-                    x, _ = pos[neighbours[0].name]
-                    pos[n.name] = (x, -1.0)
+                    pos[n.name] = (pos[neighbours[0].name][0], -1.0)  # below its neighbour
         for e in self.edges():
             a = pos.get(e.node1.name)
             if a is None:

@@ -92,9 +92,8 @@ def kernels(name: str = "chain_scan") -> ModuleType | None:
         except Exception as err:  # any build failure means: run without it
             _STATE[name] = None
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            label = name.replace("_", " ")
             warnings.warn(
-                f"tnkd: the native {label} could not be compiled ({first}); "
+                f"tnkd: the native {name.replace('_', ' ')} could not be compiled ({first}); "
                 f"using {instead} instead",
                 RuntimeWarning,
                 stacklevel=2,

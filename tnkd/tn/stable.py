@@ -8,7 +8,7 @@ with all its children) and keeps every intermediate tensor as
 
     T = values * exp(log_scale),    max |values| = 1 for each sample,
 
-renormalising (:func:`rescaled`) once more than ``renorm_after`` tensors have been multiplied
+renormalising (:func:`rescaled`) once more than :data:`RENORM_AFTER` tensors have been multiplied
 into an intermediate, and after every step on a rerun if a value came within a mantissa's width
 of the float range (or was 0, inf or NaN). Scales come from detached values, so gradients flow
 through ``values``; a network whose value is 1e-400 comes back finite, log-scale about -921.
@@ -51,7 +51,7 @@ from tnkd.tn.contraction import BATCH_INDEX as BATCH
 from tnkd.tn.contraction import einsum_equation
 from tnkd.tn.graph import NetworkSpec, TNGraph, index_ends
 
-#: tensors multiplied into an intermediate between two renormalisations (see StableNetwork)
+#: tensors multiplied into an intermediate between two renormalisations
 RENORM_AFTER = 12
 
 
@@ -70,12 +70,6 @@ def digits_range(dtype: torch.dtype) -> tuple[float, float]:
     return info.tiny / info.eps, info.max * info.eps
 
 
-@dataclass(frozen=True)
-class _Step:
-    inputs: tuple[int, ...]  # slot ids, in the group's canonical operand order
-    output: int  # slot id of the result
-
-
 class Column:
     """One operand column of a group: per step, the (slot, row) it reads.
 
@@ -90,6 +84,7 @@ class Column:
         self.source = self.sources[0] if len(self.sources) == 1 else None
         self.index = [g for _, g in members]
         self.slice = as_slice(self.index)
+        self.rows = torch.tensor(self.index)  # for index_select (moved to the operand's device)
         # the whole source, in order (``sizes``: the rows of each slot)
         self.whole = self.source is not None and self.index == list(range(sizes[self.source]))
 
@@ -101,7 +96,7 @@ class Column:
             src = slots[self.source]
             if self.slice is not None:
                 return src[self.slice]
-            return src.index_select(0, torch.tensor(self.index, device=src.device))
+            return src.index_select(0, self.rows.to(src.device))
         return torch.stack([slots[s][g] for s, g in self.members])
 
     def take_log(self, logs: dict[int, torch.Tensor]) -> torch.Tensor | None:
@@ -128,10 +123,10 @@ class _Group:
     """
 
     scale_axes: list[int]  # the result's axes but the group and batch axes (one scale each)
-    steps: list[_Step]
+    steps: list[tuple[tuple[int, ...], int]]  # (input slots in canonical operand order, result)
     columns: list[Column]
     stages: list[tuple[str, tuple[int, ...]]]  # (equation, operand positions; -1: previous)
-    renorm: bool = True  # renormalise the result (see StableNetwork's renorm_after)
+    renorm: bool = True  # renormalise the result (see RENORM_AFTER)
     # a node joining two per-sample vectors: (weight, left, right) positions and the weight's
     # axes for (left bond, right bond, kept index); the tree engine runs such steps
     pair: tuple[int, int, int, tuple[int, int, int]] | None = None
@@ -185,9 +180,7 @@ def _schedule(
     batched = [(BATCH,) if n in spec.input_nodes else () for n in spec.node_names]
     names = [idx + b for idx, b in zip(spec.node_indices, batched, strict=True)]
     shapes = [s + (-1,) * len(b) for s, b in zip(spec.node_shapes, batched, strict=True)]
-    sizes: dict[str, int] = {}
-    for idx, shape in zip(names, shapes, strict=True):
-        sizes.update(zip(idx, shape, strict=True))
+    sizes = dict(zip(itertools.chain(*names), itertools.chain(*shapes), strict=True))
     final = (BATCH, *spec.output_indices)
     depth = [0] * len(names)
     current = list(range(len(names)))
@@ -215,7 +208,7 @@ def _schedule(
             axes = [1 + k for k, ix in enumerate(kept) if ix != BATCH]
             stages = _stages(operands, kept, labels)
             groups[key] = _Group(axes, [], [], stages, pair=_pair_roles(operands, kept))
-        groups[key].steps.append(_Step(tuple(ids), new))
+        groups[key].steps.append((tuple(ids), new))
     if len(current) != 1:
         raise ValueError(f"the contraction path left {len(current)} tensors; expected one")
     levels: dict[int, list[_Group]] = {}
@@ -277,10 +270,10 @@ def _plan_renormalisation(groups: list[_Group], num_nodes: int, after: int) -> N
     """
     carried: dict[int, int] = dict.fromkeys(range(num_nodes), 1)
     for group in groups:
-        counts = [sum(carried[s] for s in st.inputs) for st in group.steps]
+        counts = [sum(carried[s] for s in inputs) for inputs, _ in group.steps]
         group.renorm = group is groups[-1] or max(counts) > after
-        for st, count in zip(group.steps, counts, strict=True):
-            carried[st.output] = 0 if group.renorm else count
+        for (_, output), count in zip(group.steps, counts, strict=True):
+            carried[output] = 0 if group.renorm else count
 
 
 def _layout(
@@ -292,7 +285,7 @@ def _layout(
     operand and result of the schedule its ``(slot, row)``: a slot is a block or (from
     ``len(blocks)`` on) a group's result.
     """
-    columns = [list(zip(*(st.inputs for st in group.steps), strict=True)) for group in groups]
+    columns = [list(zip(*(inputs for inputs, _ in group.steps), strict=True)) for group in groups]
     blocks: list[tuple[int, ...]] = []
     slots: dict[int, tuple[int, int]] = {}
     for column in itertools.chain.from_iterable(columns):
@@ -307,7 +300,7 @@ def _layout(
     sizes = [len(block) for block in blocks]
     for group, group_columns in zip(groups, columns, strict=True):
         group.columns = [Column(tuple(slots[s] for s in c), sizes) for c in group_columns]
-        slots.update((st.output, (len(sizes), g)) for g, st in enumerate(group.steps))
+        slots.update((output, (len(sizes), g)) for g, (_, output) in enumerate(group.steps))
         sizes.append(len(group.steps))
     return blocks, slots
 
@@ -321,30 +314,23 @@ class StableNetwork:
             any ``opt_einsum`` path optimizer (``"greedy"``, ``"dp"``, ``"optimal"``, a
             ``PathOptimizer``, an explicit path). The path is planned once, on the
             single-sample network, like :class:`~tnkd.tn.contraction.CompiledNetwork`'s.
-        renorm_after: renormalise an intermediate once more than this many tensors have been
-            multiplied into it since its last renormalisation (the last step always is).
 
     Call it with one tensor per node in the graph's node order (input nodes with a leading batch
     index). It returns ``(values, log_scale)``: ``values`` of shape ``(batch, *outputs)`` with
-    max-abs 1 per sample (0 where the value is exactly 0), and ``log_scale`` of shape
-    ``(batch,)``; the exact contraction is ``values * exp(log_scale)``.
+    max-abs 1 per sample (0 where the value is exactly 0), and ``log_scale`` of shape ``(batch,)``.
 
     **Blocks.** The nodes that enter the same operand column of a group (say, all leaves of a
     tree, or all their left inputs) form a *block*; ``blocks`` lists them. :meth:`contract`
     takes one stacked tensor per block, so a student that stores its parameters stacked by
     block (as :class:`~tnkd.students.graph.GraphStudent` does) feeds a whole tree level to one
     kernel without copying it. ``groups`` (the schedule, in order) and ``last`` (the result's
-    slot and row) are what the tree engine (:func:`tnkd.tn.fused.tree_plan`) reads.
+    slot and row) are what the tree engine (:func:`tnkd.tn.fused.tree_plan`) reads; ``depth``
+    counts the levels of the contraction tree (sequential kernels, ignoring grouping),
+    ``kernels`` the batched einsums per call (one per group).
     """
 
-    def __init__(
-        self,
-        graph: TNGraph | NetworkSpec,
-        optimize: Any = "auto",
-        renorm_after: int = RENORM_AFTER,
-    ) -> None:
+    def __init__(self, graph: TNGraph | NetworkSpec, optimize: Any = "auto") -> None:
         self.spec = graph.spec() if isinstance(graph, TNGraph) else graph
-        self.optimize = optimize
         if not self.spec.input_nodes:
             raise ValueError("a StableNetwork needs at least one input node (the batch index)")
         path = tree_path(self.spec) if optimize == "auto" else optimize
@@ -357,23 +343,14 @@ class StableNetwork:
         self.levels, last_names, last = _schedule(self.spec, self.path)
         inputs = {k for k, n in enumerate(self.spec.node_names) if n in self.spec.input_nodes}
         self.groups = [group for level in self.levels for group in level]
+        self.depth, self.kernels = len(self.levels), len(self.groups)
         self.blocks, where = _layout(self.groups, len(self.spec.node_names), inputs)
-        _plan_renormalisation(self.groups, len(self.spec.node_names), renorm_after)
+        _plan_renormalisation(self.groups, len(self.spec.node_names), RENORM_AFTER)
         self.renormalisations = sum(g.renorm for g in self.groups)
         self.block_is_input = [block[0] in inputs for block in self.blocks]
         self.last = where[last]
         order = (BATCH, *self.spec.output_indices)
         self._permutation = tuple(last_names.index(ix) for ix in order)
-
-    @property
-    def depth(self) -> int:
-        """Number of levels of the contraction tree (sequential kernels, ignoring grouping)."""
-        return len(self.levels)
-
-    @property
-    def kernels(self) -> int:
-        """Number of batched einsums per call (one per group)."""
-        return sum(len(level) for level in self.levels)
 
     def to_blocks(self, operands: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-node operands (graph order) -> one stacked tensor per block."""
