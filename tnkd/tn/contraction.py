@@ -7,6 +7,7 @@ torch tensors (autograd, mixed precision and GPUs work). It keeps no scale: the 
 engines (:mod:`tnkd.tn.planner`) track a log-scale and are tested equal to it.
 """
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,8 +62,6 @@ class CompiledNetwork:
         self.spec = graph.spec() if isinstance(graph, TNGraph) else graph
         self.optimize = optimize
         self.equation = einsum_equation(self.spec, batched=True)
-        self._single_equation = einsum_equation(self.spec, batched=False)
-        self._path: list[tuple[int, ...]] | None = None
         self._expressions: dict[tuple[tuple[int, ...], ...], Any] = {}
         self.plans = 0
         # one input node: the batch index is an ordinary index that the planner sees (its best
@@ -73,12 +72,10 @@ class CompiledNetwork:
         self.plans += 1
         return oe.contract_path(equation, *shapes, shapes=True, optimize=self.optimize)[0]
 
-    @property
+    @functools.cached_property
     def path(self) -> list[tuple[int, ...]]:
         """The contraction path, planned once on the single-sample network."""
-        if self._path is None:
-            self._path = self._plan(self._single_equation, self.spec.node_shapes)
-        return self._path
+        return self._plan(einsum_equation(self.spec, batched=False), self.spec.node_shapes)
 
     def expression(self, shapes: tuple[tuple[int, ...], ...]) -> Any:
         """The cached ``opt_einsum`` expression for these operand shapes."""

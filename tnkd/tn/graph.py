@@ -127,21 +127,16 @@ class TNGraph:
         :meth:`from_dict` builds the same diagram (nodes of zeros) back.
         """
         where = {id(n): n.name for n in self.nodes}
-        edges, outputs = [], []
-        for e in self.edges():
-            if e.is_dangling():
-                continue
-            a, b = e.node1, e.node2
-            edges.append(
-                [where[id(a)], a.axis_names[e.axis1], where[id(b)], b.axis_names[e.axis2], e.name]
-            )
-        for e in self.output_edges:
-            outputs.append([where[id(e.node1)], e.node1.axis_names[e.axis1], e.name])
+
+        def end(node: tn.Node, axis: int) -> list[str]:  # [node name, axis name]
+            return [where[id(node)], node.axis_names[axis]]
+
+        bonds = [e for e in self.edges() if not e.is_dangling()]
         return {
             "nodes": [[n.name, [int(d) for d in n.shape], list(n.axis_names)] for n in self.nodes],
-            "edges": edges,
+            "edges": [[*end(e.node1, e.axis1), *end(e.node2, e.axis2), e.name] for e in bonds],
             "inputs": list(self.input_nodes),
-            "outputs": outputs,
+            "outputs": [[*end(e.node1, e.axis1), e.name] for e in self.output_edges],
             "positions": {k: [float(x), float(y)] for k, (x, y) in self.positions.items()},
         }
 

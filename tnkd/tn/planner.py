@@ -220,10 +220,9 @@ def examine_tree(shape: GraphShape, optimize="auto") -> tuple[StableNetwork, Tre
     """The graph's pairwise schedule, and the tree engine's plan when it is a binary tree.
 
     A binary tree is a schedule whose every step joins a node with its two children
-    (:func:`~tnkd.tn.fused.tree_plan`), however the graph was drawn; sets ``shape.tree`` and
-    ``shape.why_not_tree``, and ``shape.shallow``: at most :data:`PLAIN_MAX_DEPTH` levels, and
-    grouping saves fewer than half the steps (one einsum is faster there, as measured by
-    ``benchmarks/plain_vs_stable.py``).
+    (:func:`~tnkd.tn.fused.tree_plan`), however the graph was drawn. Sets ``shape.tree``,
+    ``shape.why_not_tree`` and ``shape.shallow`` (the rule in the module docstring; one einsum
+    is faster there, as measured by ``benchmarks/plain_vs_stable.py``).
     """
     network = StableNetwork(shape.spec, optimize=optimize)
     tree, shape.why_not_tree = tree_plan(network)
@@ -317,12 +316,6 @@ def chain_kernel(
     return "native", "a CPU: the native scan"
 
 
-def _tree_kernel(shape: GraphShape, device: torch.device) -> str:
-    if device.type == "cpu" and native.kernels("tree_levels") is not None:
-        return "native level loop (C++)"
-    return "the stable engine's grouped einsum steps"
-
-
 for _engine in (
     Engine(
         "chain",
@@ -334,7 +327,11 @@ for _engine in (
         "tree",
         lambda s, d: None if s.tree else s.why_not_tree,
         "the graph is a binary tree",
-        _tree_kernel,
+        lambda s, d: (
+            "native level loop (C++)"
+            if d.type == "cpu" and native.kernels("tree_levels") is not None
+            else "the stable engine's grouped einsum steps"
+        ),
     ),
     Engine(
         "tt_matrix",

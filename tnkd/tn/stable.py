@@ -127,8 +127,7 @@ class _Group:
     columns: list[Column]
     stages: list[tuple[str, tuple[int, ...]]]  # (equation, operand positions; -1: previous)
     renorm: bool = True  # renormalise the result (see RENORM_AFTER)
-    # a node joining two per-sample vectors: (weight, left, right) positions and the weight's
-    # axes for (left bond, right bond, kept index); the tree engine runs such steps
+    # (weight, left, right, the weight's axes) of a step the tree engine runs (see _pair_roles)
     pair: tuple[int, int, int, tuple[int, int, int]] | None = None
 
 
@@ -187,8 +186,7 @@ def _schedule(
     groups: dict[tuple, _Group] = {}
     for contraction in path:
         ids = [current[i] for i in contraction]
-        for i in sorted(contraction, reverse=True):
-            current.pop(i)
+        current = [s for i, s in enumerate(current) if i not in contraction]
         needed = set(final).union(*(names[s] for s in current))
         # canonical operand order (stable: ties keep the path's order), then canonical labels
         ids.sort(key=lambda s: (len(shapes[s]), shapes[s]))
@@ -211,10 +209,8 @@ def _schedule(
         groups[key].steps.append((tuple(ids), new))
     if len(current) != 1:
         raise ValueError(f"the contraction path left {len(current)} tensors; expected one")
-    levels: dict[int, list[_Group]] = {}
-    for (level, *_), group in groups.items():
-        levels.setdefault(level, []).append(group)
-    return [levels[k] for k in sorted(levels)], names[current[0]], current[0]
+    levels = [[g for (d, *_), g in groups.items() if d == k] for k in range(1, max(depth) + 1)]
+    return levels, names[current[0]], current[0]
 
 
 def _pair_roles(
@@ -223,8 +219,9 @@ def _pair_roles(
     """Roles of a step that joins a three-leg node with two per-sample vectors, or None.
 
     The step ``W[a, b, p] * left[a, n] * right[b, n] -> out[p, n]`` (a tree node and its two
-    children; a chain core with its vector and its feature vector) is what
-    the tree engine (:mod:`tnkd.tn.fused`) runs.
+    children; a chain core with its vector and its feature vector) is what the tree engine
+    (:mod:`tnkd.tn.fused`) runs; its roles: the positions of W, left and right, and W's axes for
+    (a, b, p).
     """
     if len(operands) != 3 or len(kept) != 2 or kept[1] != BATCH:
         return None
@@ -349,8 +346,7 @@ class StableNetwork:
         self.renormalisations = sum(g.renorm for g in self.groups)
         self.block_is_input = [block[0] in inputs for block in self.blocks]
         self.last = where[last]
-        order = (BATCH, *self.spec.output_indices)
-        self._permutation = tuple(last_names.index(ix) for ix in order)
+        self._permutation = tuple(last_names.index(ix) for ix in (BATCH, *self.spec.output_indices))
 
     def to_blocks(self, operands: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-node operands (graph order) -> one stacked tensor per block."""
