@@ -185,15 +185,11 @@ class TNGraph:
                 if neighbours and neighbours[0].name in pos:
                     pos[n.name] = (pos[neighbours[0].name][0], -1.0)  # below its neighbour
         for e in self.edges():
-            a = pos.get(e.node1.name)
-            if a is None:
-                continue
-            if e.is_dangling():
+            a, b = pos.get(e.node1.name), None if e.is_dangling() else pos.get(e.node2.name)
+            if a is not None and e.is_dangling():
                 ax.plot([a[0], a[0]], [a[1], a[1] + 0.6], color="tab:red", lw=2)
                 ax.text(a[0], a[1] + 0.7, f"{e.name} ({e.dimension})", ha="center", fontsize=8)
-                continue
-            b = pos.get(e.node2.name)
-            if b is not None:
+            elif a is not None and b is not None:
                 ax.plot([a[0], b[0]], [a[1], b[1]], color="0.3", lw=1.2, zorder=1)
                 middle = ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2 + 0.08)
                 ax.text(*middle, str(e.dimension), fontsize=6, ha="center")

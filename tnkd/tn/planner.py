@@ -284,13 +284,12 @@ def chain_kernel(
     """The chain engine's kernel for this device, bond dimension and dtype, and why.
 
     ``"auto"``: on a CPU the native scan, or the Python scan where the native kernels cannot be
-    compiled (:func:`tnkd.tn.native.kernels` warns once; the first call on a machine compiles
-    them, about 30 s), while ``torch.compile`` traces (it cannot trace into native functions),
-    and for dtypes other than float32 and float64; on accelerators the log-depth products for
-    D <= ``TREE_MAX_BOND_DIM`` and the Python scan above (the products' D^3 work and memory per
-    site outgrow the scan's D^2). A kernel named here is taken as asked, except that
-    ``"native"`` runs the Python scan where the native kernels do not (another device or dtype,
-    no compiler).
+    compiled (:func:`tnkd.tn.native.kernels`), while ``torch.compile`` traces (it cannot trace
+    into native functions), and for dtypes other than float32 and float64; on accelerators the
+    log-depth products for D <= ``TREE_MAX_BOND_DIM`` and the Python scan above (the products'
+    D^3 work and memory per site outgrow the scan's D^2). A kernel named here is taken as asked,
+    except that ``"native"`` runs the Python scan where the native kernels do not (another
+    device or dtype, no compiler).
 
     Example:
         >>> chain_kernel("auto", 10, torch.device("cuda"))

@@ -503,10 +503,9 @@ def planned_cost(graph: TNGraph | NetworkSpec, optimize: Any = "auto") -> dict[s
     are affordable to contract exactly.
     """
     net = StableNetwork(graph, optimize=optimize)
-    info = net.path_info
     return {
-        "flops": float(info.opt_cost),
-        "largest_intermediate": float(info.largest_intermediate),
+        "flops": float(net.path_info.opt_cost),
+        "largest_intermediate": float(net.path_info.largest_intermediate),
         "depth": float(net.depth),
         "kernels": float(net.kernels),
     }
