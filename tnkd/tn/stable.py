@@ -180,14 +180,13 @@ def _schedule(
     names = [idx + b for idx, b in zip(spec.node_indices, batched, strict=True)]
     shapes = [s + (-1,) * len(b) for s, b in zip(spec.node_shapes, batched, strict=True)]
     sizes = dict(zip(itertools.chain(*names), itertools.chain(*shapes), strict=True))
-    final = (BATCH, *spec.output_indices)
     depth = [0] * len(names)
     current = list(range(len(names)))
     groups: dict[tuple, _Group] = {}
     for contraction in path:
         ids = [current[i] for i in contraction]
         current = [s for i, s in enumerate(current) if i not in contraction]
-        needed = set(final).union(*(names[s] for s in current))
+        needed = {BATCH, *spec.output_indices}.union(*(names[s] for s in current))
         # canonical operand order (stable: ties keep the path's order), then canonical labels
         ids.sort(key=lambda s: (len(shapes[s]), shapes[s]))
         seen = dict.fromkeys(ix for s in ids for ix in names[s])
@@ -394,13 +393,12 @@ class StableNetwork:
         logs: dict[int, torch.Tensor] = {}
         peaks = []
         for group in self.groups:
-            renorm = group.renorm or every
             log = None
             ops = [c.take(tensors) for c in group.columns]
             result = ops[0]
             for equation, positions in group.stages:
                 result = torch.einsum(equation, *[result if k < 0 else ops[k] for k in positions])
-            if renorm:  # per (group entry, sample)
+            if group.renorm or every:  # per (group entry, sample)
                 result, log, peak = rescaled(result, group.scale_axes)
                 log = log.reshape(result.shape[0], -1)
                 peaks.append(peak)
