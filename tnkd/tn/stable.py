@@ -162,9 +162,8 @@ def tree_path(spec: NetworkSpec) -> list[tuple[int, ...]] | None:
     for v in sorted((v for v in order if children[v]), key=lambda v: (height[v], v)):
         ids = [result_of[v]] + [result_of[u] for u in sorted(children[v])]
         path.append(tuple(current.index(i) for i in ids))
-        current = [i for i in current if i not in ids]
-        current.append(n + len(path) - 1)
-        result_of[v] = current[-1]
+        result_of[v] = n + len(path) - 1
+        current = [i for i in current if i not in ids] + [result_of[v]]
     return path
 
 
@@ -240,10 +239,9 @@ def _stages(
     operands: list[tuple[str, ...]], kept: list[str], labels: dict[str, str]
 ) -> list[tuple[str, tuple[int, ...]]]:
     """One einsum, or two: per-sample operands' product first, then the parameters (see _Group)."""
-    g = oe.get_symbol(0)
 
-    def term(indices: Sequence[str]) -> str:
-        return g + "".join(labels[ix] for ix in indices)
+    def term(indices: Sequence[str]) -> str:  # with the group index first
+        return oe.get_symbol(0) + "".join(labels[ix] for ix in indices)
 
     per_sample = [k for k, idx in enumerate(operands) if BATCH in idx]
     params = [k for k, idx in enumerate(operands) if BATCH not in idx]
