@@ -19,17 +19,12 @@ from tnkd.tn.graph import NetworkSpec, TNGraph
 BATCH_INDEX = "__batch__"
 
 
-@functools.lru_cache(maxsize=256)
-def _symbols(indices: tuple[str, ...]) -> dict[str, str]:
-    return {name: oe.get_symbol(i) for i, name in enumerate(indices)}
-
-
 def einsum_equation(spec: NetworkSpec, batched: bool = True) -> str:
     """The einsum equation of a graph, symbols generated from index names (batch index first)."""
     names: list[str] = [BATCH_INDEX]
     for idx in spec.node_indices:
         names.extend(i for i in idx if i not in names)
-    sym = _symbols(tuple(names))
+    sym = {name: oe.get_symbol(i) for i, name in enumerate(names)}
     b = sym[BATCH_INDEX] if batched else ""
     terms = [
         (b if (n in spec.input_nodes) else "") + "".join(sym[i] for i in idx)
@@ -67,8 +62,6 @@ class CompiledNetwork:
         self.spec = graph.spec() if isinstance(graph, TNGraph) else graph
         self.optimize = optimize
         self.equation = einsum_equation(self.spec, batched=True)
-        self._single_equation = einsum_equation(self.spec, batched=False)
-        self._path: list[tuple[int, ...]] | None = None
         self._expressions: dict[tuple[tuple[int, ...], ...], Any] = {}
         self.plans = 0
         # one input node: the batch index is an ordinary index that the planner sees (its best
@@ -79,12 +72,10 @@ class CompiledNetwork:
         self.plans += 1
         return oe.contract_path(equation, *shapes, shapes=True, optimize=self.optimize)[0]
 
-    @property
+    @functools.cached_property
     def path(self) -> list[tuple[int, ...]]:
         """The contraction path, planned once on the single-sample network."""
-        if self._path is None:
-            self._path = self._plan(self._single_equation, self.spec.node_shapes)
-        return self._path
+        return self._plan(einsum_equation(self.spec, batched=False), self.spec.node_shapes)
 
     def expression(self, shapes: tuple[tuple[int, ...], ...]) -> Any:
         """The cached ``opt_einsum`` expression for these operand shapes."""

@@ -89,11 +89,7 @@ class TNGraph:
 
     def edges(self) -> list[tn.Edge]:
         """All edges (bonds and dangling), each once."""
-        seen: dict[int, tn.Edge] = {}
-        for n in self.nodes:
-            for e in n.edges:
-                seen.setdefault(id(e), e)
-        return list(seen.values())
+        return list({id(e): e for n in self.nodes for e in n.edges}.values())
 
     def spec(self) -> NetworkSpec:
         """Index labels per axis: each edge gets a unique name; the outputs are the dangling edges."""
@@ -131,21 +127,16 @@ class TNGraph:
         :meth:`from_dict` builds the same diagram (nodes of zeros) back.
         """
         where = {id(n): n.name for n in self.nodes}
-        edges, outputs = [], []
-        for e in self.edges():
-            if e.is_dangling():
-                continue
-            a, b = e.node1, e.node2
-            edges.append(
-                [where[id(a)], a.axis_names[e.axis1], where[id(b)], b.axis_names[e.axis2], e.name]
-            )
-        for e in self.output_edges:
-            outputs.append([where[id(e.node1)], e.node1.axis_names[e.axis1], e.name])
+
+        def end(node: tn.Node, axis: int) -> list[str]:  # [node name, axis name]
+            return [where[id(node)], node.axis_names[axis]]
+
+        bonds = [e for e in self.edges() if not e.is_dangling()]
         return {
             "nodes": [[n.name, [int(d) for d in n.shape], list(n.axis_names)] for n in self.nodes],
-            "edges": edges,
+            "edges": [[*end(e.node1, e.axis1), *end(e.node2, e.axis2), e.name] for e in bonds],
             "inputs": list(self.input_nodes),
-            "outputs": outputs,
+            "outputs": [[*end(e.node1, e.axis1), e.name] for e in self.output_edges],
             "positions": {k: [float(x), float(y)] for k, (x, y) in self.positions.items()},
         }
 
@@ -155,11 +146,9 @@ class TNGraph:
         nodes = {name: make_node(shape, name, axes) for name, shape, axes in data["nodes"]}
         for a, a_axis, b, b_axis, name in data["edges"]:
             connect(nodes[a], a_axis, nodes[b], b_axis, name=name)
-        outputs = []
-        for node, axis, name in data["outputs"]:
-            edge = nodes[node][axis]
+        outputs = [nodes[node][axis] for node, axis, _ in data["outputs"]]
+        for edge, (*_, name) in zip(outputs, data["outputs"], strict=True):
             edge.name = name
-            outputs.append(edge)
         positions = {k: (float(x), float(y)) for k, (x, y) in data.get("positions", {}).items()}
         return cls(list(nodes.values()), list(data["inputs"]), outputs, positions)
 
@@ -183,11 +172,8 @@ class TNGraph:
         if ax is None:
             _, ax = plt.subplots(figsize=(10, 2.8))
         params = [n for n in self.nodes if n.name not in self.input_nodes]
-        shown = (
-            params
-            if len(params) <= max_nodes
-            else params[: max_nodes // 2] + params[-max_nodes // 2 :]
-        )
+        head = max_nodes // 2  # the first nodes and the last ``max_nodes - head``
+        shown = params if len(params) <= max_nodes else params[:head] + params[head - max_nodes :]
         pos = dict(self.positions)
         for i, n in enumerate(shown):
             pos.setdefault(n.name, (float(i), 0.0))
@@ -197,18 +183,13 @@ class TNGraph:
                     e.node1 if e.node2 is n else e.node2 for e in n.edges if not e.is_dangling()
                 ]
                 if neighbours and neighbours[0].name in pos:
-                    x, _ = pos[neighbours[0].name]
-                    pos[n.name] = (x, -1.0)
+                    pos[n.name] = (pos[neighbours[0].name][0], -1.0)  # below its neighbour
         for e in self.edges():
-            a = pos.get(e.node1.name)
-            if a is None:
-                continue
-            if e.is_dangling():
+            a, b = pos.get(e.node1.name), None if e.is_dangling() else pos.get(e.node2.name)
+            if a is not None and e.is_dangling():
                 ax.plot([a[0], a[0]], [a[1], a[1] + 0.6], color="tab:red", lw=2)
                 ax.text(a[0], a[1] + 0.7, f"{e.name} ({e.dimension})", ha="center", fontsize=8)
-                continue
-            b = pos.get(e.node2.name)
-            if b is not None:
+            elif a is not None and b is not None:
                 ax.plot([a[0], b[0]], [a[1], b[1]], color="0.3", lw=1.2, zorder=1)
                 middle = ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2 + 0.08)
                 ax.text(*middle, str(e.dimension), fontsize=6, ha="center")

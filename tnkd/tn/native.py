@@ -72,8 +72,7 @@ def kernels(name: str = "chain_scan") -> ModuleType | None:
     """The compiled module ``name`` (a key of :data:`SOURCES`), or ``None`` if it cannot be built.
 
     ``"chain_scan"``: ``scan_forward``, ``scan_backward``, ...; ``"tree_levels"``:
-    ``tree_forward``, ``tree_backward``. Builds once per process (and once per machine: later
-    processes load the cached build); a failed build warns once and is not retried.
+    ``tree_forward``, ``tree_backward``. A failed build is not retried in this process.
     """
     if name not in SOURCES:
         raise ValueError(f"native kernels are one of {tuple(SOURCES)}, but got {name!r}")
@@ -87,14 +86,12 @@ def kernels(name: str = "chain_scan") -> ModuleType | None:
                 sources=[str(source)],
                 extra_cflags=FLAGS,
                 extra_ldflags=["-fopenmp"],
-                verbose=False,
             )
         except Exception as err:  # any build failure means: run without it
             _STATE[name] = None
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            label = name.replace("_", " ")
             warnings.warn(
-                f"tnkd: the native {label} could not be compiled ({first}); "
+                f"tnkd: the native {name.replace('_', ' ')} could not be compiled ({first}); "
                 f"using {instead} instead",
                 RuntimeWarning,
                 stacklevel=2,

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from tnkd.registry import Registry
+from tnkd.tn import native
 from tnkd.tn.fused import TreePlan, tree_plan
 from tnkd.tn.graph import NetworkSpec, index_ends
 from tnkd.tn.stable import StableNetwork, rescaled
@@ -181,13 +182,12 @@ def recognise_tt_matrix(spec: NetworkSpec) -> tuple[bool, str]:
     cores = [k for k in range(len(spec.node_names)) if k != inputs[0]]
     links = 0
     for k in cores:
-        indices = spec.node_indices[k]
+        name, indices = spec.node_names[k], spec.node_indices[k]
         if [sum(i in legs for i in indices) for legs in (inputs_indices, outputs)] != [1, 1]:
-            name = spec.node_names[k]
             return False, f"tensor {name!r} does not take one input and give one output leg"
         bonds = [i for i in indices if i not in inputs_indices and i not in outputs]
         if len(bonds) > 2:
-            return False, f"tensor {spec.node_names[k]!r} has {len(bonds)} bonds (a TT-matrix: 2)"
+            return False, f"tensor {name!r} has {len(bonds)} bonds (a TT-matrix: 2)"
         links += len(bonds)
     if links != 2 * (len(cores) - 1):
         return False, "its cores do not form one open path"
@@ -201,11 +201,11 @@ class GraphShape:
     spec: NetworkSpec
     chain: ChainLayout | None
     why_not_chain: str
+    tt_matrix: bool  # a TT-matrix against one input (a TT layer)
+    why_not_tt_matrix: str
     tree: bool = False  # a binary tree of pair steps (see examine_tree)
     shallow: bool = False  # one einsum beats the grouped steps (see examine_tree)
     why_not_tree: str = "not examined"
-    tt_matrix: bool = False  # a TT-matrix against one input (a TT layer)
-    why_not_tt_matrix: str = "not examined"
 
 
 def examine(spec: NetworkSpec) -> GraphShape:
@@ -213,19 +213,16 @@ def examine(spec: NetworkSpec) -> GraphShape:
 
     Whether it is a tree is known from its pairwise schedule (:func:`examine_tree`).
     """
-    shape = GraphShape(spec, *recognise_chain(spec))
-    shape.tt_matrix, shape.why_not_tt_matrix = recognise_tt_matrix(spec)
-    return shape
+    return GraphShape(spec, *recognise_chain(spec), *recognise_tt_matrix(spec))
 
 
 def examine_tree(shape: GraphShape, optimize="auto") -> tuple[StableNetwork, TreePlan | None]:
     """The graph's pairwise schedule, and the tree engine's plan when it is a binary tree.
 
     A binary tree is a schedule whose every step joins a node with its two children
-    (:func:`~tnkd.tn.fused.tree_plan`), however the graph was drawn; sets ``shape.tree`` and
-    ``shape.why_not_tree``, and ``shape.shallow``: at most :data:`PLAIN_MAX_DEPTH` levels, and
-    grouping saves fewer than half the steps (one einsum is faster there, as measured by
-    ``benchmarks/plain_vs_stable.py``).
+    (:func:`~tnkd.tn.fused.tree_plan`), however the graph was drawn. Sets ``shape.tree``,
+    ``shape.why_not_tree`` and ``shape.shallow`` (the rule in the module docstring; one einsum
+    is faster there, as measured by ``benchmarks/plain_vs_stable.py``).
     """
     network = StableNetwork(shape.spec, optimize=optimize)
     tree, shape.why_not_tree = tree_plan(network)
@@ -250,13 +247,13 @@ def reference_values(
 
 @dataclass(frozen=True)
 class Engine:
-    """One contraction engine: its name, what it says about itself, and which graphs it takes.
+    """One contraction engine: its name, which graphs it takes, and what it says about itself.
 
-    ``refuse(shape, device)`` returns None when the engine accepts the graph, else the reason.
+    ``refuse(shape, device)`` returns None when the engine accepts the graph, else the reason;
+    ``kernel(shape, device)`` names what runs inside it (the table in :mod:`tnkd.tn.planner`).
     """
 
     name: str
-    summary: str
     refuse: Callable[[GraphShape, torch.device], str | None]
     reason: str  # why ``auto`` chose it
     kernel: Callable[[GraphShape, torch.device], str]
@@ -287,13 +284,12 @@ def chain_kernel(
     """The chain engine's kernel for this device, bond dimension and dtype, and why.
 
     ``"auto"``: on a CPU the native scan, or the Python scan where the native kernels cannot be
-    compiled (:func:`tnkd.tn.native.kernels` warns once; the first call on a machine compiles
-    them, about 30 s), while ``torch.compile`` traces (it cannot trace into native functions),
-    and for dtypes other than float32 and float64; on accelerators the log-depth products for
-    D <= ``TREE_MAX_BOND_DIM`` and the Python scan above (the products' D^3 work and memory per
-    site outgrow the scan's D^2). A kernel named here is taken as asked, except that
-    ``"native"`` runs the Python scan where the native kernels do not (another device or dtype,
-    no compiler).
+    compiled (:func:`tnkd.tn.native.kernels`), while ``torch.compile`` traces (it cannot trace
+    into native functions), and for dtypes other than float32 and float64; on accelerators the
+    log-depth products for D <= ``TREE_MAX_BOND_DIM`` and the Python scan above (the products'
+    D^3 work and memory per site outgrow the scan's D^2). A kernel named here is taken as asked,
+    except that ``"native"`` runs the Python scan where the native kernels do not (another
+    device or dtype, no compiler).
 
     Example:
         >>> chain_kernel("auto", 10, torch.device("cuda"))
@@ -310,8 +306,6 @@ def chain_kernel(
         if bond_dim <= TREE_MAX_BOND_DIM:
             return "tree", f"an accelerator at D <= {TREE_MAX_BOND_DIM}: log-depth products"
         return "scan", f"an accelerator at D > {TREE_MAX_BOND_DIM}: the scan"
-    from tnkd.tn import native
-
     if device.type != "cpu" or dtype not in (None, torch.float32, torch.float64):
         return "scan", "the native scan runs float32 and float64 on a CPU only"
     if torch.compiler.is_compiling():
@@ -321,53 +315,43 @@ def chain_kernel(
     return "native", "a CPU: the native scan"
 
 
-def _tree_kernel(shape: GraphShape, device: torch.device) -> str:
-    from tnkd.tn import native
-
-    if device.type == "cpu" and native.kernels("tree_levels") is not None:
-        return "native level loop (C++)"
-    return "the stable engine's grouped einsum steps"
-
-
 for _engine in (
     Engine(
         "chain",
-        "a boundary vector swept along the chain from both ends, joined at the label",
         lambda s, d: None if s.chain is not None else s.why_not_chain,
         "the graph is a chain",
         lambda s, d: CHAIN_KERNELS[chain_kernel("auto", s.chain.bond_dim if s.chain else 1, d)[0]],
     ),
     Engine(
         "tree",
-        "a balanced binary tree contracted level by level",
         lambda s, d: None if s.tree else s.why_not_tree,
         "the graph is a binary tree",
-        _tree_kernel,
+        lambda s, d: (
+            "native level loop (C++)"
+            if d.type == "cpu" and native.kernels("tree_levels") is not None
+            else "the stable engine's grouped einsum steps"
+        ),
     ),
     Engine(
         "tt_matrix",
-        "a TT-matrix swept against the input, neighbouring cores merged as counted MACs say",
         lambda s, d: None if s.tt_matrix else s.why_not_tt_matrix,
         "the graph is a TT-matrix against one input",
         lambda s, d: "merged-core sweep (hand-written backward)",
     ),
     Engine(
         "stable",
-        "the planned pairwise path, steps of one depth batched, with a per-sample log-scale",
         lambda s, d: None if s.spec.input_nodes else "the graph has no input node",
         "a graph of another shape: pairwise steps with a log-scale",
         lambda s, d: "grouped einsum steps",
     ),
     Engine(
         "reference",
-        "the whole graph as one opt_einsum expression (no log-scale: the truth in tests)",
         lambda s, d: None,
         "a shallow graph: one einsum (a batch out of range: the stable engine)",
         lambda s, d: "opt_einsum expression",
     ),
     Engine(  # not tried by "auto": tnkd.export.portable switches a student to it (torch.export)
         "portable",
-        "tensor operations only, no branch on values, no native call: what export captures",
         lambda s, d: None,
         "asked for by name only",
         lambda s, d: "boundary sweeps in tensor ops" if s.chain else "rescaled einsum steps",
@@ -410,11 +394,11 @@ def choose(
     shape = shape if isinstance(shape, GraphShape) else examine(shape)
     device = torch.device("cpu" if device is None else device)
     if method != "auto":
-        engine = ENGINES.get(method) if method in ENGINES else None
-        if engine is None:
+        if method not in ENGINES:
             raise ValueError(
                 f"unknown contraction method {method!r}; expected one of: {', '.join(METHODS)}"
             )
+        engine = ENGINES.get(method)
         why = engine.refuse(shape, device)
         if why is not None:
             raise ValueError(f"method={method!r} cannot contract this graph: {why}; use 'auto'")
@@ -425,10 +409,9 @@ def choose(
         why = engine.refuse(shape, device)
         if why is None and name == "stable" and shape.shallow:
             why = "the graph is shallow and grouping saves few kernels: one einsum is faster"
-        if why is not None:
-            refused.append((name, why))
-            continue
-        return engine, engine.reason, tuple(refused)
+        if why is None:
+            return engine, engine.reason, tuple(refused)
+        refused.append((name, why))
     raise AssertionError("the reference engine accepts every graph")  # pragma: no cover
 
 

@@ -8,7 +8,7 @@ with all its children) and keeps every intermediate tensor as
 
     T = values * exp(log_scale),    max |values| = 1 for each sample,
 
-renormalising (:func:`rescaled`) once more than ``renorm_after`` tensors have been multiplied
+renormalising (:func:`rescaled`) once more than :data:`RENORM_AFTER` tensors have been multiplied
 into an intermediate, and after every step on a rerun if a value came within a mantissa's width
 of the float range (or was 0, inf or NaN). Scales come from detached values, so gradients flow
 through ``values``; a network whose value is 1e-400 comes back finite, log-scale about -921.
@@ -51,7 +51,7 @@ from tnkd.tn.contraction import BATCH_INDEX as BATCH
 from tnkd.tn.contraction import einsum_equation
 from tnkd.tn.graph import NetworkSpec, TNGraph, index_ends
 
-#: tensors multiplied into an intermediate between two renormalisations (see StableNetwork)
+#: tensors multiplied into an intermediate between two renormalisations
 RENORM_AFTER = 12
 
 
@@ -70,12 +70,6 @@ def digits_range(dtype: torch.dtype) -> tuple[float, float]:
     return info.tiny / info.eps, info.max * info.eps
 
 
-@dataclass(frozen=True)
-class _Step:
-    inputs: tuple[int, ...]  # slot ids, in the group's canonical operand order
-    output: int  # slot id of the result
-
-
 class Column:
     """One operand column of a group: per step, the (slot, row) it reads.
 
@@ -90,6 +84,7 @@ class Column:
         self.source = self.sources[0] if len(self.sources) == 1 else None
         self.index = [g for _, g in members]
         self.slice = as_slice(self.index)
+        self.rows = torch.tensor(self.index)  # for index_select (moved to the operand's device)
         # the whole source, in order (``sizes``: the rows of each slot)
         self.whole = self.source is not None and self.index == list(range(sizes[self.source]))
 
@@ -101,7 +96,7 @@ class Column:
             src = slots[self.source]
             if self.slice is not None:
                 return src[self.slice]
-            return src.index_select(0, torch.tensor(self.index, device=src.device))
+            return src.index_select(0, self.rows.to(src.device))
         return torch.stack([slots[s][g] for s, g in self.members])
 
     def take_log(self, logs: dict[int, torch.Tensor]) -> torch.Tensor | None:
@@ -128,12 +123,11 @@ class _Group:
     """
 
     scale_axes: list[int]  # the result's axes but the group and batch axes (one scale each)
-    steps: list[_Step]
+    steps: list[tuple[tuple[int, ...], int]]  # (input slots in canonical operand order, result)
     columns: list[Column]
     stages: list[tuple[str, tuple[int, ...]]]  # (equation, operand positions; -1: previous)
-    renorm: bool = True  # renormalise the result (see StableNetwork's renorm_after)
-    # a node joining two per-sample vectors: (weight, left, right) positions and the weight's
-    # axes for (left bond, right bond, kept index); the tree engine runs such steps
+    renorm: bool = True  # renormalise the result (see RENORM_AFTER)
+    # (weight, left, right, the weight's axes) of a step the tree engine runs (see _pair_roles)
     pair: tuple[int, int, int, tuple[int, int, int]] | None = None
 
 
@@ -168,9 +162,8 @@ def tree_path(spec: NetworkSpec) -> list[tuple[int, ...]] | None:
     for v in sorted((v for v in order if children[v]), key=lambda v: (height[v], v)):
         ids = [result_of[v]] + [result_of[u] for u in sorted(children[v])]
         path.append(tuple(current.index(i) for i in ids))
-        current = [i for i in current if i not in ids]
-        current.append(n + len(path) - 1)
-        result_of[v] = current[-1]
+        result_of[v] = n + len(path) - 1
+        current = [i for i in current if i not in ids] + [result_of[v]]
     return path
 
 
@@ -185,18 +178,14 @@ def _schedule(
     batched = [(BATCH,) if n in spec.input_nodes else () for n in spec.node_names]
     names = [idx + b for idx, b in zip(spec.node_indices, batched, strict=True)]
     shapes = [s + (-1,) * len(b) for s, b in zip(spec.node_shapes, batched, strict=True)]
-    sizes: dict[str, int] = {}
-    for idx, shape in zip(names, shapes, strict=True):
-        sizes.update(zip(idx, shape, strict=True))
-    final = (BATCH, *spec.output_indices)
+    sizes = dict(zip(itertools.chain(*names), itertools.chain(*shapes), strict=True))
     depth = [0] * len(names)
     current = list(range(len(names)))
     groups: dict[tuple, _Group] = {}
     for contraction in path:
         ids = [current[i] for i in contraction]
-        for i in sorted(contraction, reverse=True):
-            current.pop(i)
-        needed = set(final).union(*(names[s] for s in current))
+        current = [s for i, s in enumerate(current) if i not in contraction]
+        needed = {BATCH, *spec.output_indices}.union(*(names[s] for s in current))
         # canonical operand order (stable: ties keep the path's order), then canonical labels
         ids.sort(key=lambda s: (len(shapes[s]), shapes[s]))
         seen = dict.fromkeys(ix for s in ids for ix in names[s])
@@ -215,13 +204,11 @@ def _schedule(
             axes = [1 + k for k, ix in enumerate(kept) if ix != BATCH]
             stages = _stages(operands, kept, labels)
             groups[key] = _Group(axes, [], [], stages, pair=_pair_roles(operands, kept))
-        groups[key].steps.append(_Step(tuple(ids), new))
+        groups[key].steps.append((tuple(ids), new))
     if len(current) != 1:
         raise ValueError(f"the contraction path left {len(current)} tensors; expected one")
-    levels: dict[int, list[_Group]] = {}
-    for (level, *_), group in groups.items():
-        levels.setdefault(level, []).append(group)
-    return [levels[k] for k in sorted(levels)], names[current[0]], current[0]
+    levels = [[g for (d, *_), g in groups.items() if d == k] for k in range(1, max(depth) + 1)]
+    return levels, names[current[0]], current[0]
 
 
 def _pair_roles(
@@ -230,8 +217,9 @@ def _pair_roles(
     """Roles of a step that joins a three-leg node with two per-sample vectors, or None.
 
     The step ``W[a, b, p] * left[a, n] * right[b, n] -> out[p, n]`` (a tree node and its two
-    children; a chain core with its vector and its feature vector) is what
-    the tree engine (:mod:`tnkd.tn.fused`) runs.
+    children; a chain core with its vector and its feature vector) is what the tree engine
+    (:mod:`tnkd.tn.fused`) runs; its roles: the positions of W, left and right, and W's axes for
+    (a, b, p).
     """
     if len(operands) != 3 or len(kept) != 2 or kept[1] != BATCH:
         return None
@@ -251,10 +239,9 @@ def _stages(
     operands: list[tuple[str, ...]], kept: list[str], labels: dict[str, str]
 ) -> list[tuple[str, tuple[int, ...]]]:
     """One einsum, or two: per-sample operands' product first, then the parameters (see _Group)."""
-    g = oe.get_symbol(0)
 
-    def term(indices: Sequence[str]) -> str:
-        return g + "".join(labels[ix] for ix in indices)
+    def term(indices: Sequence[str]) -> str:  # with the group index first
+        return oe.get_symbol(0) + "".join(labels[ix] for ix in indices)
 
     per_sample = [k for k, idx in enumerate(operands) if BATCH in idx]
     params = [k for k, idx in enumerate(operands) if BATCH not in idx]
@@ -277,10 +264,10 @@ def _plan_renormalisation(groups: list[_Group], num_nodes: int, after: int) -> N
     """
     carried: dict[int, int] = dict.fromkeys(range(num_nodes), 1)
     for group in groups:
-        counts = [sum(carried[s] for s in st.inputs) for st in group.steps]
+        counts = [sum(carried[s] for s in inputs) for inputs, _ in group.steps]
         group.renorm = group is groups[-1] or max(counts) > after
-        for st, count in zip(group.steps, counts, strict=True):
-            carried[st.output] = 0 if group.renorm else count
+        for (_, output), count in zip(group.steps, counts, strict=True):
+            carried[output] = 0 if group.renorm else count
 
 
 def _layout(
@@ -292,7 +279,7 @@ def _layout(
     operand and result of the schedule its ``(slot, row)``: a slot is a block or (from
     ``len(blocks)`` on) a group's result.
     """
-    columns = [list(zip(*(st.inputs for st in group.steps), strict=True)) for group in groups]
+    columns = [list(zip(*(inputs for inputs, _ in group.steps), strict=True)) for group in groups]
     blocks: list[tuple[int, ...]] = []
     slots: dict[int, tuple[int, int]] = {}
     for column in itertools.chain.from_iterable(columns):
@@ -307,7 +294,7 @@ def _layout(
     sizes = [len(block) for block in blocks]
     for group, group_columns in zip(groups, columns, strict=True):
         group.columns = [Column(tuple(slots[s] for s in c), sizes) for c in group_columns]
-        slots.update((st.output, (len(sizes), g)) for g, st in enumerate(group.steps))
+        slots.update((output, (len(sizes), g)) for g, (_, output) in enumerate(group.steps))
         sizes.append(len(group.steps))
     return blocks, slots
 
@@ -321,30 +308,23 @@ class StableNetwork:
             any ``opt_einsum`` path optimizer (``"greedy"``, ``"dp"``, ``"optimal"``, a
             ``PathOptimizer``, an explicit path). The path is planned once, on the
             single-sample network, like :class:`~tnkd.tn.contraction.CompiledNetwork`'s.
-        renorm_after: renormalise an intermediate once more than this many tensors have been
-            multiplied into it since its last renormalisation (the last step always is).
 
     Call it with one tensor per node in the graph's node order (input nodes with a leading batch
     index). It returns ``(values, log_scale)``: ``values`` of shape ``(batch, *outputs)`` with
-    max-abs 1 per sample (0 where the value is exactly 0), and ``log_scale`` of shape
-    ``(batch,)``; the exact contraction is ``values * exp(log_scale)``.
+    max-abs 1 per sample (0 where the value is exactly 0), and ``log_scale`` of shape ``(batch,)``.
 
     **Blocks.** The nodes that enter the same operand column of a group (say, all leaves of a
     tree, or all their left inputs) form a *block*; ``blocks`` lists them. :meth:`contract`
     takes one stacked tensor per block, so a student that stores its parameters stacked by
     block (as :class:`~tnkd.students.graph.GraphStudent` does) feeds a whole tree level to one
     kernel without copying it. ``groups`` (the schedule, in order) and ``last`` (the result's
-    slot and row) are what the tree engine (:func:`tnkd.tn.fused.tree_plan`) reads.
+    slot and row) are what the tree engine (:func:`tnkd.tn.fused.tree_plan`) reads; ``depth``
+    counts the levels of the contraction tree (sequential kernels, ignoring grouping),
+    ``kernels`` the batched einsums per call (one per group).
     """
 
-    def __init__(
-        self,
-        graph: TNGraph | NetworkSpec,
-        optimize: Any = "auto",
-        renorm_after: int = RENORM_AFTER,
-    ) -> None:
+    def __init__(self, graph: TNGraph | NetworkSpec, optimize: Any = "auto") -> None:
         self.spec = graph.spec() if isinstance(graph, TNGraph) else graph
-        self.optimize = optimize
         if not self.spec.input_nodes:
             raise ValueError("a StableNetwork needs at least one input node (the batch index)")
         path = tree_path(self.spec) if optimize == "auto" else optimize
@@ -357,23 +337,13 @@ class StableNetwork:
         self.levels, last_names, last = _schedule(self.spec, self.path)
         inputs = {k for k, n in enumerate(self.spec.node_names) if n in self.spec.input_nodes}
         self.groups = [group for level in self.levels for group in level]
+        self.depth, self.kernels = len(self.levels), len(self.groups)
         self.blocks, where = _layout(self.groups, len(self.spec.node_names), inputs)
-        _plan_renormalisation(self.groups, len(self.spec.node_names), renorm_after)
+        _plan_renormalisation(self.groups, len(self.spec.node_names), RENORM_AFTER)
         self.renormalisations = sum(g.renorm for g in self.groups)
         self.block_is_input = [block[0] in inputs for block in self.blocks]
         self.last = where[last]
-        order = (BATCH, *self.spec.output_indices)
-        self._permutation = tuple(last_names.index(ix) for ix in order)
-
-    @property
-    def depth(self) -> int:
-        """Number of levels of the contraction tree (sequential kernels, ignoring grouping)."""
-        return len(self.levels)
-
-    @property
-    def kernels(self) -> int:
-        """Number of batched einsums per call (one per group)."""
-        return sum(len(level) for level in self.levels)
+        self._permutation = tuple(last_names.index(ix) for ix in (BATCH, *self.spec.output_indices))
 
     def to_blocks(self, operands: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-node operands (graph order) -> one stacked tensor per block."""
@@ -421,13 +391,12 @@ class StableNetwork:
         logs: dict[int, torch.Tensor] = {}
         peaks = []
         for group in self.groups:
-            renorm = group.renorm or every
             log = None
             ops = [c.take(tensors) for c in group.columns]
             result = ops[0]
             for equation, positions in group.stages:
                 result = torch.einsum(equation, *[result if k < 0 else ops[k] for k in positions])
-            if renorm:  # per (group entry, sample)
+            if group.renorm or every:  # per (group entry, sample)
                 result, log, peak = rescaled(result, group.scale_axes)
                 log = log.reshape(result.shape[0], -1)
                 peaks.append(peak)
@@ -530,10 +499,9 @@ def planned_cost(graph: TNGraph | NetworkSpec, optimize: Any = "auto") -> dict[s
     are affordable to contract exactly.
     """
     net = StableNetwork(graph, optimize=optimize)
-    info = net.path_info
     return {
-        "flops": float(info.opt_cost),
-        "largest_intermediate": float(info.largest_intermediate),
+        "flops": float(net.path_info.opt_cost),
+        "largest_intermediate": float(net.path_info.largest_intermediate),
         "depth": float(net.depth),
         "kernels": float(net.kernels),
     }
