@@ -29,6 +29,7 @@ Example:
     ([1.0], 52.0)
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -47,9 +48,8 @@ def _tree_product(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Neighbours are multiplied in pairs, level by level (an odd one out waits for the next level),
     each product divided by its largest magnitude.
     """
-    batch, bond = mats.shape[0], mats.shape[-1]
+    batch, n, _, bond = mats.shape
     log_scale = mats.new_zeros(batch)
-    n = mats.shape[1]
     while n > 1:
         tail = mats[:, n - 1 :] if n % 2 else None
         pairs = mats[:, : n - n % 2].reshape(batch, n // 2, 2, bond, bond)
@@ -110,9 +110,7 @@ class _ChainPlan(NamedTuple):
     in_first: tuple[bool, ...]
 
 
-_PLANS: dict[tuple, tuple[_ChainPlan, torch.Tensor]] = {}
-
-
+@functools.lru_cache(maxsize=256)  # bounded: a sweep over many sizes does not grow it
 def _mps_plan(
     left: int, right: int, block: int, device: torch.device, members: int
 ) -> tuple[_ChainPlan, torch.Tensor]:
@@ -125,11 +123,6 @@ def _mps_plan(
     0..M-1 are the left halves, M..2M-1 the right halves. Returns the plan and the site
     tensor's sources: the input site each of its sites reads, N for an identity site.
     """
-    key = (left, right, block, device, members)
-    if key in _PLANS:
-        return _PLANS[key]
-    if len(_PLANS) >= 256:  # many shapes (a sweep over sizes): start over rather than grow
-        _PLANS.clear()
     pad_l, pad_r = (-left) % block, (-right) % block
     nl, nr = (left + pad_l) // block, (right + pad_r) // block
     steps, extra = max(nl, nr, 1), block if nl != nr or nl == 0 else 0
@@ -141,8 +134,7 @@ def _mps_plan(
     n = left + right
     sources = [*range(left), *[n] * (pad_l + pad_r), *range(left, n), *[n] * extra]
     in_first = (True,) * members + (False,) * members
-    _PLANS[key] = _ChainPlan(block, index, in_first), torch.tensor(sources, device=device)
-    return _PLANS[key]
+    return _ChainPlan(block, index, in_first), torch.tensor(sources, device=device)
 
 
 def _padded(
@@ -170,7 +162,7 @@ def _prepared(
     """What both scans of one chain's halves, or M chains' (member axes), start from.
 
     Returns the plan and sources (:func:`_mps_plan`), the (M n, D, d, D) site tensor, the
-    (2M, D, B) start vectors and the sites between renormalisations (:func:`_settings`).
+    (2M, D, B) start vectors and the scan steps between renormalisations (:func:`_settings`).
     """
     (num_sites, bond, d), members = cores.shape[-4:-1], 1 if cores.dim() == 4 else len(cores)
     every, block = _settings(features.dtype, bond)
@@ -180,9 +172,9 @@ def _prepared(
     def identity() -> torch.Tensor:  # I on the bonds, e_0 on the physical index
         return torch.eye(bond, **kw)[:, None] * torch.eye(d, 1, **kw)[None]
 
-    sites = _padded(cores, sources, identity, cores.dim() - 4)
+    sites = _padded(cores, sources, identity, cores.dim() - 4).flatten(0, cores.dim() - 4)
     start = torch.cat([left, right]).view(-1, bond, 1).expand(2 * members, bond, features.shape[0])
-    return plan, sites if sites.dim() == 4 else sites.flatten(0, 1), start, every, sources
+    return plan, sites, start, max(1, every // block), sources
 
 
 def _block_features(features: torch.Tensor, block: int) -> torch.Tensor:
@@ -252,11 +244,11 @@ def _scan(
     """The Python scan of (K, D, B) start vectors, (n, D, d, D) sites, (n, d, B) features.
 
     Step i is ``v_{i+1} = mats[:, i] @ (phi_i (x) v_i)`` (an outer product and one batched
-    matmul), the output of every ``every``-th site and the last divided by their max-abs,
+    matmul), the output of every ``every``-th step and the last divided by their max-abs,
     recorded by autograd. A pass that left float range is redone one site per step,
     renormalising every step. Returns the (K, D, B) vectors and their (K, B) log-scales.
     """
-    info, batch, every = torch.finfo(start.dtype), start.shape[2], max(1, every // plan.block)
+    info, batch = torch.finfo(start.dtype), start.shape[2]
     while True:
         steps = plan.index.shape[1]
         mats = _step_matrices(_merge_cores(sites, plan.block), plan, forward=True)
@@ -381,7 +373,6 @@ class _NativeChain(torch.autograd.Function):
         ctx.single = cores.dim() == 4  # one chain: no member axis in or out (and no views of it)
         members, num_sites, bond = 1 if ctx.single else len(cores), *cores.shape[-4:-2]
         plan, sites, start, every, sources = _prepared(left, cores, right, features, position)
-        every = max(1, every // plan.block)
         run, logs = _native_forward(ext, start, sites, features, sources, plan, every)
         ctx.native_close = ctx.single and output_features is None
         if ctx.native_close:

@@ -38,8 +38,7 @@ import torch
 from tnkd.tn.stable import widened
 
 CHUNK_FLOATS = 1 << 20
-"""Bound on the numbers in one chunk's largest intermediate state on CPU (4 MiB in float32;
-the measurements behind it: ``docs/benchmarks/tt-layers.md``, ``benchmarks/tt_layers.py``)."""
+"""Bound on the numbers in one chunk's largest intermediate state on CPU (4 MiB in float32)."""
 
 
 @dataclass(frozen=True)
@@ -178,13 +177,9 @@ def build_plan(
     _check_sizes(in_factors, out_factors, ranks, batch)
     d = len(in_factors)
     groups = tuple((int(a), int(b)) for a, b in groups)
-    bounds = [0, *(b for _, b in groups)]
-    if (
-        not groups
-        or groups != tuple(itertools.pairwise(bounds))
-        or bounds[-1] != d
-        or any(a >= b for a, b in groups)
-    ):
+    bounds = [0, *(b for _, b in groups)]  # () ends at 0: refused like a short cover
+    runs = groups == tuple(itertools.pairwise(bounds)) and all(a < b for a, b in groups)
+    if not runs or bounds[-1] != d:
         raise ValueError(
             f"groups must be (start, stop) runs covering cores 0..{d - 1} in order, but got "
             f"{list(groups)}"
@@ -286,7 +281,7 @@ def _forward_step(
     step: TTStep,
     out: torch.Tensor,
     bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> None:
     """One step on a chunk: (P, inner, cols) state times (out, inner) matrix (+ bias), into ``out``.
 
     ``out`` and ``bias`` are laid out one sample per row: (b, rows·out·cols) and (rows·out·cols,).
@@ -294,14 +289,14 @@ def _forward_step(
     if step.cols == 1:
         state2, out2 = state.view(-1, step.inner), out.view(-1, step.out)
         if bias is not None and step.rows == 1:
-            return torch.addmm(bias, state2, mat.t(), out=out2)
+            torch.addmm(bias, state2, mat.t(), out=out2)
+            return
         torch.mm(state2, mat.t(), out=out2)
     else:
         st = state.view(-1, step.inner, step.cols)
         torch.bmm(mat.expand(st.shape[0], -1, -1), st, out=out.view(st.shape[0], step.out, -1))
     if bias is not None:
         out.view(-1, bias.shape[0]).add_(bias)
-    return out
 
 
 def _backward_step(
