@@ -216,8 +216,7 @@ def truncate(
             only numerically zero singular values are cut (the result equals the input).
 
     Returns:
-        A :class:`Truncation`: the tensors, the scale, and per bond the spectrum, rank kept
-        and discarded weight. ``||W - exp(log_norm) W_trunc|| <= error_bound * ||W||``.
+        A :class:`Truncation`, with ``||W - exp(log_norm) W_trunc|| <= error_bound * ||W||``.
 
     Raises:
         ValueError: for networks with loops, or a rank < 1 / tolerance < 0.

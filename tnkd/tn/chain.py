@@ -211,18 +211,17 @@ def _merge_cores(sites: torch.Tensor, block: int) -> torch.Tensor:
     return merged
 
 
-def _step_matrices(merged: torch.Tensor, plan: _ChainPlan, forward: bool) -> torch.Tensor:
+def _step_matrices(merged: torch.Tensor, plan: _ChainPlan) -> torch.Tensor:
     """(K, S, D, m*D) matrices of the steps: the merged blocks the plan reads, laid out per step.
 
-    Forward step: ``v_out = mats[k, i] @ (phi (x) v_in)``, columns ``(s, in)``; backward step:
-    ``g_in = mats[k, i] @ (phi (x) g_out)``, columns ``(s, out)``. A block ``(l, s, r)`` is the
-    backward matrix of a chain entering on ``l``, the forward one of a chain entering on ``r``.
+    Step i of chain k is ``v_out = mats[k, i] @ (phi (x) v_in)``, columns ``(s, in)``: a block
+    ``(l, s, r)`` as it is for a chain entering on ``r``, read as ``(r, s, l)`` for one on ``l``.
     """
     blocks, rows, bond = merged.shape
     natural = merged.view(blocks, bond, rows // bond, bond)
     swapped = natural.permute(0, 3, 2, 1)
     chains = [
-        (swapped if in_first == forward else natural).index_select(0, plan.index[k])
+        (swapped if in_first else natural).index_select(0, plan.index[k])
         for k, in_first in enumerate(plan.in_first)
     ]
     return torch.stack(chains).flatten(3)
@@ -251,7 +250,7 @@ def _scan(
     info, batch = torch.finfo(start.dtype), start.shape[2]
     while True:
         steps = plan.index.shape[1]
-        mats = _step_matrices(_merge_cores(sites, plan.block), plan, forward=True)
+        mats = _step_matrices(_merge_cores(sites, plan.block), plan)
         phis = _block_features(features, plan.block).index_select(0, plan.index.t().flatten())
         phis = phis.view(steps, plan.index.shape[0], -1, 1, batch)
         # unbound once: slicing inside the loop would make autograd allocate a full-size zero
@@ -318,14 +317,14 @@ def _feature_grads(
 ) -> torch.Tensor:
     """Gradients of the (B, N, d) features from a native run's (S+1, K, D, B) vector gradients.
 
-    Step i computed ``y = M (phi (x) v)``, M its forward matrix (:func:`_step_matrices`), so
+    Step i computed ``y = M (phi (x) v)``, M its matrix (:func:`_step_matrices`), so
     ``g_phi[s, b] = sum_in v[in, b] (M^T g_y)[(s, in), b]``; these are summed over the steps
     that read a block, then pushed through the block features (an outer product of the sites'
     features, recomputed here under autograd).
     """
     plan, vs, bfeats = run.plan, run.vs, run.bfeats
     (k, steps), bond, batch, m = plan.index.shape, vs.shape[2], vs.shape[3], bfeats.shape[1]
-    mats = _step_matrices(run.merged, plan, forward=True).view(k * steps, bond, m * bond)
+    mats = _step_matrices(run.merged, plan).view(k * steps, bond, m * bond)
     g_y = gs[1:].transpose(0, 1).reshape(k * steps, bond, batch)
     g_x = torch.bmm(mats.transpose(1, 2), g_y).view(k, steps, m, bond, batch)
     g_phi = (g_x * vs[:-1].transpose(0, 1).reshape(k, steps, 1, bond, batch)).sum(3)
@@ -401,11 +400,10 @@ class _NativeChain(torch.autograd.Function):
         members = 1 if ctx.single else output_core.shape[0]
         bond, need = sites.shape[1], ctx.needs_input_grad
         grad_ofeats = None
-        if ctx.native_close:
+        if ctx.native_close:  # (grad_out is None unless need[3])
             grad_v, grad_out = ctx.ext.mps_output_backward(
                 grad_values, vs[-1], output_core, *closing, need[3]
             )
-            grad_out = grad_out if need[3] else None
         else:
             grad_values = grad_values[None] if ctx.single else grad_values
             with torch.enable_grad():

@@ -66,9 +66,7 @@ def tt_svd(
     delta = (
         None if tolerance is None or d == 1 else tolerance * float(tensor.norm()) / math.sqrt(d - 1)
     )
-    cores: list[torch.Tensor] = []
-    rest = tensor
-    r_prev = 1
+    cores, rest, r_prev = [], tensor, 1  # the split-off cores, the rest (r_prev n_k, ...)
     for k in range(d - 1):
         mat = rest.reshape(r_prev * shape[k], -1)
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
@@ -77,8 +75,7 @@ def tt_svd(
         else:
             r = svd_rank(s, max_tail=None if delta is None else delta**2, size=max(mat.shape))
         cores.append(u[:, :r].reshape(r_prev, shape[k], r))
-        rest = s[:r, None] * vh[:r]
-        r_prev = r
+        rest, r_prev = s[:r, None] * vh[:r], r
     cores.append(rest.reshape(r_prev, shape[-1], 1))
     return cores
 
@@ -126,9 +123,8 @@ def factorize(n: int, parts: int) -> tuple[int, ...]:
     if m > 1:
         primes.append(m)
     factors = [1] * parts
-    for prime in sorted(primes, reverse=True):
-        i = min(range(parts), key=lambda j: factors[j])
-        factors[i] *= prime
+    for prime in sorted(primes, reverse=True):  # each onto the smallest factor so far
+        factors[factors.index(min(factors))] *= prime
     return tuple(factors)
 
 

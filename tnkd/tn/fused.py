@@ -89,9 +89,6 @@ class TreePlan:
     divisor within [tiny / eps, max * eps], finite); a pass that fails it runs again
     renormalising every level.
 
-    Where the native level loop does not run (:meth:`kernels`), ``network``, the
-    :class:`~tnkd.tn.stable.StableNetwork` whose schedule the levels are, contracts the blocks.
-
     Example:
         >>> from tnkd.students import TreeClassifier
         >>> tree = TreeClassifier(input_shape=(16,), num_classes=3, bond_dim=4)
@@ -106,6 +103,7 @@ class TreePlan:
         permutations: dict[int, tuple[int, ...]],
     ) -> None:
         self.levels = tuple(levels)
+        #: the network whose schedule the levels are: it contracts where the native loop does not
         self.network = network
         #: weight blocks whose axes are not (node, left child, right child, parent): how to read them
         self.permutations = permutations

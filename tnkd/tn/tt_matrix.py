@@ -7,9 +7,8 @@ input, reshaped to (B, m_1, ..., m_d), with one core at a time, each step one ma
 over the batch. :func:`tt_linear` does that with two refinements, chosen per shape:
 
 * **Groups.** Neighbouring cores may first be merged into one core (r_a, m_a...m_b, n_a...n_b,
-  r_b), a cost independent of the batch: for 8·8·8·8 -> 8·8·8·8 at rank 16, merging cores
-  (1, 2) and (3, 4) halves the dense layer's multiply-adds; for 4096 -> 16 at a large batch,
-  merging all four into the dense matrix is cheapest.
+  r_b), at a cost independent of the batch, where that saves multiply-adds per sample (examples:
+  :func:`plan_tt_matvec`; measured: ``docs/benchmarks/tt-layers.md``).
 * **Direction.** The sweep starts from the first core or from the last.
 
 :func:`plan_tt_matvec` counts the multiply-adds of every grouping (2^(d-1) of them) in both
@@ -21,8 +20,7 @@ inner, cols) times a matrix (out, inner) gives (B·rows, out, cols). On CPU the 
 equal chunks whose largest state holds at most ``CHUNK_FLOATS`` numbers, in buffers reused by
 every chunk. Training runs through a :class:`torch.autograd.Function` that keeps the input and
 the step matrices and recomputes a chunk's states in the backward pass (a one-chunk batch keeps
-its states); a plan of one group (all cores merged) is a plain ``addmm``. Measurements:
-``docs/benchmarks/tt-layers.md``.
+its states); a plan of one group (all cores merged) is a plain ``addmm``.
 """
 
 from __future__ import annotations
@@ -187,11 +185,8 @@ def build_plan(
     full = (1, *ranks, 1)
     steps = _steps(in_factors, out_factors, full, groups, reverse)
     merge = sum(_merge_macs(in_factors, out_factors, full, a, b) for a, b in groups)
-    per_sample = sum(s.macs for s in steps)
-    if training:
-        cost = batch * (4 * per_sample - steps[-1].macs) + 3 * merge
-    else:
-        cost = batch * per_sample + merge
+    macs = sum(s.macs for s in steps)
+    cost = batch * (4 * macs - steps[-1].macs) + 3 * merge if training else batch * macs + merge
     largest = max((s.out_size for s in steps[:-1]), default=0)
     chunk = max(batch, 1)
     if chunk_floats is not None and largest > 0:
@@ -487,9 +482,7 @@ def plan_for(
     ``training`` defaults to whether autograd will record the product; chunks are used on CPU only.
     """
     if training is None:
-        training = torch.is_grad_enabled() and (
-            x.requires_grad or any(c.requires_grad for c in cores)
-        )
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *cores))
     return plan_tt_matvec(
         tuple(int(c.shape[1]) for c in cores),
         tuple(int(c.shape[2]) for c in cores),
@@ -507,8 +500,7 @@ def _run(
         # all cores merged into W: one product with no intermediate, autograd's own backward
         w_t = mats[0].t()
         return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
-    tensors = [x, *mats] + ([bias] if bias is not None else [])
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *mats)):
         return _TTLinearFunction.apply(plan, x, bias, *mats)
     return _sweep(x, mats, bias, plan)[0]
 
