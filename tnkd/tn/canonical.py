@@ -50,14 +50,9 @@ Indices = Sequence[Sequence[str]]
 def network_of(graph: TNGraph) -> tuple[list[torch.Tensor], list[tuple[str, ...]], list[str]]:
     """The parameter nodes of a graph as ``(tensors, indices, names)``; input legs become free."""
     spec = graph.spec()
-    tensors, indices, names = [], [], []
-    for node, idx in zip(graph.nodes, spec.node_indices, strict=True):
-        if node.name in spec.input_nodes:
-            continue
-        tensors.append(node.tensor)
-        indices.append(tuple(idx))
-        names.append(node.name)
-    return tensors, indices, names
+    pairs = zip(graph.nodes, spec.node_indices, strict=True)
+    kept = [(node, tuple(idx)) for node, idx in pairs if node.name not in spec.input_nodes]
+    return [n.tensor for n, _ in kept], [idx for _, idx in kept], [n.name for n, _ in kept]
 
 
 def hang(indices: Indices, center: int) -> tuple[list[int], dict[int, tuple[int, str]]]:

@@ -87,13 +87,7 @@ class TreePlan:
     The levels renormalise as the network's plan does (once more than 12 tensors were multiplied
     into a value, :class:`~tnkd.tn.stable.StableNetwork`), with the same range check (every
     divisor within [tiny / eps, max * eps], finite); a pass that fails it runs again
-    renormalising every level.
-
-    Example:
-        >>> from tnkd.students import TreeClassifier
-        >>> tree = TreeClassifier(input_shape=(16,), num_classes=3, bond_dim=4)
-        >>> len(tree.tree_plan.levels), tree.plan().engine
-        (4, 'tree')
+    renormalising every level. A tree student keeps its plan as its ``tree_plan``.
     """
 
     def __init__(

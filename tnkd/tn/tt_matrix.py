@@ -175,7 +175,7 @@ def build_plan(
     _check_sizes(in_factors, out_factors, ranks, batch)
     d = len(in_factors)
     groups = tuple((int(a), int(b)) for a, b in groups)
-    bounds = [0, *(b for _, b in groups)]  # () ends at 0: refused like a short cover
+    bounds = [0, *(b for _, b in groups)]  # no groups: [0], which does not reach d
     runs = groups == tuple(itertools.pairwise(bounds)) and all(a < b for a, b in groups)
     if not runs or bounds[-1] != d:
         raise ValueError(
