@@ -389,8 +389,8 @@ class _TTLinearFunction(torch.autograd.Function):
     def forward(ctx, plan, x, bias, *mats):  # type: ignore[override]
         y, buffers = _sweep(x, mats, bias, plan)
         # one chunk: keep its states (no more memory than recomputing them would take)
-        ctx.plan, ctx.keep, ctx.has_bias = plan, plan.chunk >= x.shape[0], bias is not None
-        ctx.save_for_backward(x, *mats, *(buffers if ctx.keep else ()))
+        ctx.plan = plan
+        ctx.save_for_backward(x, *mats, *(buffers if plan.chunk >= x.shape[0] else ()))
         return y
 
     @staticmethod
@@ -428,7 +428,7 @@ class _TTLinearFunction(torch.autograd.Function):
                     g, inputs[i], mats[i], steps[i], grads[i], grad_state, scratch, c0 == 0
                 )
                 g = grad_state
-        dbias = dy.sum(0) if ctx.has_bias and need_bias else None
+        dbias = dy.sum(0) if need_bias else None  # (False for a None bias)
         return (None, dx, dbias, *grads)
 
 
