@@ -260,14 +260,10 @@ def step_matrices(cores: Sequence[torch.Tensor], plan: TTPlan) -> list[torch.Ten
     From the first group on, a step matrix is the transpose of the merged (r_a·M, N·r_b) cores
     (a view); from the last, the merged (r_a·N, M·r_b) cores.
     """
-    mats = []
-    for s in plan.steps:
-        merged = merge_cores(cores[s.start : s.stop], out_first=plan.reverse)
-        if plan.reverse:
-            mats.append(merged.reshape(s.out, s.inner))
-        else:
-            mats.append(merged.reshape(s.inner, s.out).t())
-    return mats
+    merged = [merge_cores(cores[s.start : s.stop], out_first=plan.reverse) for s in plan.steps]
+    if plan.reverse:
+        return [m.reshape(s.out, s.inner) for m, s in zip(merged, plan.steps, strict=True)]
+    return [m.reshape(s.inner, s.out).t() for m, s in zip(merged, plan.steps, strict=True)]
 
 
 def _forward_step(
