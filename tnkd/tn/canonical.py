@@ -106,9 +106,7 @@ def _absorb(t: torch.Tensor, axis: int, mat: torch.Tensor) -> torch.Tensor:
     return torch.tensordot(mat, t, dims=([1], [axis])).movedim(0, axis)
 
 
-def _qr_towards(
-    tensors: list[torch.Tensor], indices: list[list[str]], v: int, p: int, label: str
-) -> float:
+def _qr_towards(tensors: list[torch.Tensor], indices: Indices, v: int, p: int, label: str) -> float:
     """Make node v an isometry towards neighbour p (QR), push R into p; returns log ||R||."""
     axis = indices[v].index(label)
     q, r = torch.linalg.qr(_split(tensors[v], axis))
@@ -138,11 +136,10 @@ def canonicalize(
     """
     dtype = tensors[0].dtype
     work = [t.detach().to(torch.float64) for t in tensors]
-    idx = [list(i) for i in indices]
-    order, parent = hang(idx, center)
+    order, parent = hang(indices, center)
     log_norm = 0.0
     for v in reversed(order[1:]):
-        log_norm += _qr_towards(work, idx, v, *parent[v])
+        log_norm += _qr_towards(work, indices, v, *parent[v])
     norm = float(work[center].norm())
     if norm > 0:
         work[center] = work[center] / norm
@@ -224,8 +221,7 @@ def truncate(
         )
     dtype = tensors[0].dtype
     work, log_norm = canonicalize([t.to(torch.float64) for t in tensors], indices, center)
-    idx = [list(i) for i in indices]
-    order, parent = hang(idx, center)
+    order, parent = hang(indices, center)
     children: dict[int, list[tuple[int, str]]] = {v: [] for v in order}
     for v in order[1:]:
         children[parent[v][0]].append((v, parent[v][1]))
@@ -238,11 +234,11 @@ def truncate(
         if nxt is None:
             stack.pop()
             if stack:  # move the centre back up to the parent (exact; the scale is kept apart)
-                out.log_norm += _qr_towards(work, idx, v, *parent[v])
+                out.log_norm += _qr_towards(work, indices, v, *parent[v])
             continue
         u, label = nxt
         # the centre is at v: v's singular values across the bond are the network's
-        axis = idx[v].index(label)
+        axis = indices[v].index(label)
         left, s, right = torch.linalg.svd(_split(work[v], axis), full_matrices=False)
         max_tail = None if tolerance is None else tolerance**2 * float((s**2).sum())
         r = svd_rank(s, rank, max_tail, size=s.numel())
@@ -250,7 +246,7 @@ def truncate(
         out.ranks[label] = r
         out.discarded[label] = float((s[r:] ** 2).sum())
         work[v] = _join(left[:, :r], work[v], axis)
-        work[u] = _absorb(work[u], idx[u].index(label), s[:r, None] * right[:r])
+        work[u] = _absorb(work[u], indices[u].index(label), s[:r, None] * right[:r])
         stack.append((u, iter(children[u])))
     out.tensors = [t.to(dtype) for t in work]
     return out
