@@ -255,20 +255,19 @@ def _scan(
         phis = phis.view(steps, plan.index.shape[0], -1, 1, batch)
         # unbound once: slicing inside the loop would make autograd allocate a full-size zero
         # gradient per step (quadratic traffic)
-        v, scales = start, []
+        v, logs, peaks = start, [], []
         for i, (mat, phi) in enumerate(zip(mats.unbind(1), phis.unbind(0), strict=True)):
             v = torch.bmm(mat, (phi * v.unsqueeze(1)).flatten(1, 2))
             if (i + 1) % every == 0 or i == steps - 1:
-                scale = v.detach().abs().amax(dim=1, keepdim=True).clamp_min(info.tiny)
-                v = v / scale
-                scales.append(scale)
-        scales = torch.cat(scales, dim=1)
-        # a non-finite value propagates into the next scale; one below tiny / eps came within a
+                v, log, peak = rescaled(v, (1,))
+                logs.append(log)
+                peaks.append(peak)
+        # a non-finite value propagates into the next peak; one below tiny / eps came within a
         # mantissa's width of the subnormal range, so smaller entries of that vector lost digits
-        low, high = torch.aminmax(scales)
+        low, high = torch.aminmax(torch.cat(peaks, dim=1))
         healthy = bool(low >= info.tiny / info.eps) and bool(high <= info.max)
         if healthy or (every == 1 and plan.block == 1):
-            return v, torch.log(scales).sum(1)
+            return v, torch.cat(logs, dim=1).sum(1)
         plan, every = _unmerged_plan(plan), 1
 
 
