@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from math import prod
 
 import torch
 
@@ -89,8 +89,7 @@ def _merge_macs(m: Sequence[int], n: Sequence[int], ranks: Sequence[int], a: int
     if b - a == 1:
         return 0
     h = a + (b - a) // 2
-    top = ranks[a] * math.prod(m[a:h]) * math.prod(n[a:h]) * ranks[h]
-    top *= math.prod(m[h:b]) * math.prod(n[h:b]) * ranks[b]
+    top = ranks[a] * ranks[h] * ranks[b] * prod(m[a:b]) * prod(n[a:b])
     return top + _merge_macs(m, n, ranks, a, h) + _merge_macs(m, n, ranks, h, b)
 
 
@@ -107,18 +106,16 @@ def _steps(
     matrix (N_g·R_g, R_{g-1}·M_g); from the last group, (B·M_<g, M_g·R_g, N_>g) and
     (R_{g-1}·N_g, M_g·R_g). M, N are the groups' factor products and R the boundary ranks.
     """
-    gm = [math.prod(m[a:b]) for a, b in groups]
-    gn = [math.prod(n[a:b]) for a, b in groups]
+    gm = [prod(m[a:b]) for a, b in groups]
+    gn = [prod(n[a:b]) for a, b in groups]
     gr = [ranks[a] for a, _ in groups] + [ranks[-1]]
     if not reverse:
         return tuple(
-            TTStep(
-                a, b, math.prod(gn[:g]), gr[g] * gm[g], math.prod(gm[g + 1 :]), gn[g] * gr[g + 1]
-            )
+            TTStep(a, b, prod(gn[:g]), gr[g] * gm[g], prod(gm[g + 1 :]), gn[g] * gr[g + 1])
             for g, (a, b) in enumerate(groups)
         )
     return tuple(
-        TTStep(a, b, math.prod(gm[:g]), gm[g] * gr[g + 1], math.prod(gn[g + 1 :]), gr[g] * gn[g])
+        TTStep(a, b, prod(gm[:g]), gm[g] * gr[g + 1], prod(gn[g + 1 :]), gr[g] * gn[g])
         for g, (a, b) in reversed(list(enumerate(groups)))
     )
 
@@ -452,7 +449,7 @@ def tt_linear(
         >>> tt_linear(torch.randn(7, 16), cores).shape
         torch.Size([7, 10])
     """
-    in_features = math.prod(int(c.shape[1]) for c in cores)
+    in_features = prod(int(c.shape[1]) for c in cores)
     if x.ndim != 2 or x.shape[1] != in_features:
         raise ValueError(
             f"tt_linear expects a (batch, {in_features}) input, but got {tuple(x.shape)}"
