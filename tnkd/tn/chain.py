@@ -392,9 +392,7 @@ class _NativeChain(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_values, _grad_log_scale):
-        sites, bfeats, vs, scales, output_core, features, output_features, *closing = (
-            ctx.saved_tensors
-        )
+        sites, bfeats, vs, scales, output_core, features, ofeats, *closing = ctx.saved_tensors
         run = ctx.run._replace(bfeats=bfeats, vs=vs, scales=scales)
         members = 1 if ctx.single else output_core.shape[0]
         bond, need = sites.shape[1], ctx.needs_input_grad
@@ -408,7 +406,7 @@ class _NativeChain(torch.autograd.Function):
             with torch.enable_grad():
                 ends = vs[-1].detach().view(2, members, bond, -1).requires_grad_()
                 core = output_core.detach().requires_grad_()
-                ofeats = None if output_features is None else output_features.detach()
+                ofeats = None if ofeats is None else ofeats.detach()
                 inputs = [ends, core] if ofeats is None else [ends, core, ofeats.requires_grad_()]
                 values, _ = _close(ends, core, ofeats, vs.new_zeros(2, members, 1))
                 grads = torch.autograd.grad(values, inputs, grad_values)
