@@ -412,15 +412,13 @@ class _TTLinearFunction(torch.autograd.Function):
             c1 = min(batch, c0 + chunk)
             inputs = _states(x[c0:c1], mats, steps, states, compute=not kept)
             g = dy[c0:c1]
-            for i in range(len(steps) - 1, -1, -1):
+            for i in range(len(steps) - 1, -1, -1):  # g: the output's gradient, g_in: the input's
                 if i > 0:
-                    grad_state = grad_bufs[i % 2][: (c1 - c0) * steps[i - 1].out_size]
+                    g_in = grad_bufs[i % 2][: (c1 - c0) * steps[i - 1].out_size]
                 else:
-                    grad_state = dx[c0:c1] if need_x else None
-                _backward_step(
-                    g, inputs[i], mats[i], steps[i], grads[i], grad_state, scratch, c0 == 0
-                )
-                g = grad_state
+                    g_in = dx[c0:c1] if need_x else None
+                _backward_step(g, inputs[i], mats[i], steps[i], grads[i], g_in, scratch, c0 == 0)
+                g = g_in
         dbias = dy.sum(0) if need_bias else None  # (False for a None bias)
         return (None, dx, dbias, *grads)
 
