@@ -505,11 +505,9 @@ def tt_matvec(
     the steps per batch size): the input (B, m_1 ... m_d) meets core k, which trades the index
     m_k for n_k; d einsums with no plan, so the captured program serves every batch size.
     """
-    batch = x.shape[0]
-    state = x.reshape(batch, 1, -1)  # (B, r_0, m_1 ... m_d)
+    batch, state = x.shape[0], x  # read by each step as (B, r_{k-1}, m_k, the rest)
     for core in cores:
-        r, m, _, r_next = core.shape
+        r, m = core.shape[:2]
         state = torch.einsum("brmx,rmns->bsxn", state.reshape(batch, r, m, -1), core)
-        state = state.reshape(batch, r_next, -1)
     out = state.reshape(batch, -1)
     return out if bias is None else out + bias
