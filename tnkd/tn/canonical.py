@@ -50,14 +50,9 @@ Indices = Sequence[Sequence[str]]
 def network_of(graph: TNGraph) -> tuple[list[torch.Tensor], list[tuple[str, ...]], list[str]]:
     """The parameter nodes of a graph as ``(tensors, indices, names)``; input legs become free."""
     spec = graph.spec()
-    tensors, indices, names = [], [], []
-    for node, idx in zip(graph.nodes, spec.node_indices, strict=True):
-        if node.name in spec.input_nodes:
-            continue
-        tensors.append(node.tensor)
-        indices.append(tuple(idx))
-        names.append(node.name)
-    return tensors, indices, names
+    pairs = zip(graph.nodes, spec.node_indices, strict=True)
+    kept = [(node, tuple(idx)) for node, idx in pairs if node.name not in spec.input_nodes]
+    return [n.tensor for n, _ in kept], [idx for _, idx in kept], [n.name for n, _ in kept]
 
 
 def hang(indices: Indices, center: int) -> tuple[list[int], dict[int, tuple[int, str]]]:
@@ -96,35 +91,29 @@ def hang(indices: Indices, center: int) -> tuple[list[int], dict[int, tuple[int,
     return order, parent
 
 
-def _split(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, list[int], list[int]]:
-    """(everything but ``axis``) x ``axis`` matrix, with what :func:`_join` needs to undo it."""
-    perm = [i for i in range(t.ndim) if i != axis] + [axis]
-    rest = [t.shape[i] for i in perm[:-1]]
-    return t.permute(*perm).reshape(-1, t.shape[axis]), perm, rest
+def _split(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """``t`` as a (everything but ``axis``) x ``axis`` matrix; :func:`_join` undoes it."""
+    return t.movedim(axis, -1).reshape(-1, t.shape[axis])
 
 
-def _join(m: torch.Tensor, perm: list[int], rest: list[int]) -> torch.Tensor:
-    t = m.reshape(*rest, m.shape[1])
-    inverse = [perm.index(i) for i in range(len(perm))]
-    return t.permute(*inverse)
+def _join(m: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
+    """A :func:`_split` matrix of ``like`` with k columns back as a tensor, k long on ``axis``."""
+    return m.reshape(*like.movedim(axis, -1).shape[:-1], m.shape[1]).movedim(-1, axis)
 
 
 def _absorb(t: torch.Tensor, axis: int, mat: torch.Tensor) -> torch.Tensor:
     """Contract ``mat`` (new, old) into ``axis`` of ``t``; the axis keeps its position."""
-    out = torch.tensordot(mat, t, dims=([1], [axis]))
-    return out.movedim(0, axis)
+    return torch.tensordot(mat, t, dims=([1], [axis])).movedim(0, axis)
 
 
-def _qr_towards(
-    tensors: list[torch.Tensor], indices: list[list[str]], v: int, p: int, label: str
-) -> float:
+def _qr_towards(tensors: list[torch.Tensor], indices: Indices, v: int, p: int, label: str) -> float:
     """Make node v an isometry towards neighbour p (QR), push R into p; returns log ||R||."""
-    m, perm, rest = _split(tensors[v], indices[v].index(label))
-    q, r = torch.linalg.qr(m)
+    axis = indices[v].index(label)
+    q, r = torch.linalg.qr(_split(tensors[v], axis))
     norm = float(r.norm())
     if norm > 0:
         r = r / norm
-    tensors[v] = _join(q, perm, rest)
+    tensors[v] = _join(q, tensors[v], axis)
     tensors[p] = _absorb(tensors[p], indices[p].index(label), r)
     return math.log(norm) if norm > 0 else 0.0
 
@@ -147,12 +136,10 @@ def canonicalize(
     """
     dtype = tensors[0].dtype
     work = [t.detach().to(torch.float64) for t in tensors]
-    idx = [list(i) for i in indices]
-    order, parent = hang(idx, center)
+    order, parent = hang(indices, center)
     log_norm = 0.0
     for v in reversed(order[1:]):
-        p, label = parent[v]
-        log_norm += _qr_towards(work, idx, v, p, label)
+        log_norm += _qr_towards(work, indices, v, *parent[v])
     norm = float(work[center].norm())
     if norm > 0:
         work[center] = work[center] / norm
@@ -221,8 +208,7 @@ def truncate(
             only numerically zero singular values are cut (the result equals the input).
 
     Returns:
-        A :class:`Truncation`: the tensors, the scale, and per bond the spectrum, rank kept
-        and discarded weight. ``||W - exp(log_norm) W_trunc|| <= error_bound * ||W||``.
+        A :class:`Truncation`, with ``||W - exp(log_norm) W_trunc|| <= error_bound * ||W||``.
 
     Raises:
         ValueError: for networks with loops, or a rank < 1 / tolerance < 0.
@@ -235,12 +221,10 @@ def truncate(
         )
     dtype = tensors[0].dtype
     work, log_norm = canonicalize([t.to(torch.float64) for t in tensors], indices, center)
-    idx = [list(i) for i in indices]
-    order, parent = hang(idx, center)
+    order, parent = hang(indices, center)
     children: dict[int, list[tuple[int, str]]] = {v: [] for v in order}
     for v in order[1:]:
-        p, label = parent[v]
-        children[p].append((v, label))
+        children[parent[v][0]].append((v, parent[v][1]))
     chain = all(len(children[v]) + (v != center) <= 2 for v in order)  # every node: <= 2 bonds
     out = Truncation(tensors=[], log_norm=log_norm, chain=chain)
     stack = [(center, iter(children[center]))]
@@ -250,20 +234,19 @@ def truncate(
         if nxt is None:
             stack.pop()
             if stack:  # move the centre back up to the parent (exact; the scale is kept apart)
-                p, label = parent[v]
-                out.log_norm += _qr_towards(work, idx, v, p, label)
+                out.log_norm += _qr_towards(work, indices, v, *parent[v])
             continue
         u, label = nxt
         # the centre is at v: v's singular values across the bond are the network's
-        m, perm, rest = _split(work[v], idx[v].index(label))
-        left, s, right = torch.linalg.svd(m, full_matrices=False)
+        axis = indices[v].index(label)
+        left, s, right = torch.linalg.svd(_split(work[v], axis), full_matrices=False)
         max_tail = None if tolerance is None else tolerance**2 * float((s**2).sum())
         r = svd_rank(s, rank, max_tail, size=s.numel())
         out.spectra[label] = s.clone()
         out.ranks[label] = r
         out.discarded[label] = float((s[r:] ** 2).sum())
-        work[v] = _join(left[:, :r], perm, rest)
-        work[u] = _absorb(work[u], idx[u].index(label), s[:r, None] * right[:r])
+        work[v] = _join(left[:, :r], work[v], axis)
+        work[u] = _absorb(work[u], indices[u].index(label), s[:r, None] * right[:r])
         stack.append((u, iter(children[u])))
     out.tensors = [t.to(dtype) for t in work]
     return out

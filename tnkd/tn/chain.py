@@ -29,6 +29,7 @@ Example:
     ([1.0], 52.0)
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -47,9 +48,8 @@ def _tree_product(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Neighbours are multiplied in pairs, level by level (an odd one out waits for the next level),
     each product divided by its largest magnitude.
     """
-    batch, bond = mats.shape[0], mats.shape[-1]
+    batch, n, _, bond = mats.shape
     log_scale = mats.new_zeros(batch)
-    n = mats.shape[1]
     while n > 1:
         tail = mats[:, n - 1 :] if n % 2 else None
         pairs = mats[:, : n - n % 2].reshape(batch, n // 2, 2, bond, bond)
@@ -110,9 +110,7 @@ class _ChainPlan(NamedTuple):
     in_first: tuple[bool, ...]
 
 
-_PLANS: dict[tuple, tuple[_ChainPlan, torch.Tensor]] = {}
-
-
+@functools.lru_cache(maxsize=256)  # bounded: a sweep over many sizes does not grow it
 def _mps_plan(
     left: int, right: int, block: int, device: torch.device, members: int
 ) -> tuple[_ChainPlan, torch.Tensor]:
@@ -125,11 +123,6 @@ def _mps_plan(
     0..M-1 are the left halves, M..2M-1 the right halves. Returns the plan and the site
     tensor's sources: the input site each of its sites reads, N for an identity site.
     """
-    key = (left, right, block, device, members)
-    if key in _PLANS:
-        return _PLANS[key]
-    if len(_PLANS) >= 256:  # many shapes (a sweep over sizes): start over rather than grow
-        _PLANS.clear()
     pad_l, pad_r = (-left) % block, (-right) % block
     nl, nr = (left + pad_l) // block, (right + pad_r) // block
     steps, extra = max(nl, nr, 1), block if nl != nr or nl == 0 else 0
@@ -141,8 +134,7 @@ def _mps_plan(
     n = left + right
     sources = [*range(left), *[n] * (pad_l + pad_r), *range(left, n), *[n] * extra]
     in_first = (True,) * members + (False,) * members
-    _PLANS[key] = _ChainPlan(block, index, in_first), torch.tensor(sources, device=device)
-    return _PLANS[key]
+    return _ChainPlan(block, index, in_first), torch.tensor(sources, device=device)
 
 
 def _padded(
@@ -170,7 +162,7 @@ def _prepared(
     """What both scans of one chain's halves, or M chains' (member axes), start from.
 
     Returns the plan and sources (:func:`_mps_plan`), the (M n, D, d, D) site tensor, the
-    (2M, D, B) start vectors and the sites between renormalisations (:func:`_settings`).
+    (2M, D, B) start vectors and the scan steps between renormalisations (:func:`_settings`).
     """
     (num_sites, bond, d), members = cores.shape[-4:-1], 1 if cores.dim() == 4 else len(cores)
     every, block = _settings(features.dtype, bond)
@@ -180,9 +172,9 @@ def _prepared(
     def identity() -> torch.Tensor:  # I on the bonds, e_0 on the physical index
         return torch.eye(bond, **kw)[:, None] * torch.eye(d, 1, **kw)[None]
 
-    sites = _padded(cores, sources, identity, cores.dim() - 4)
+    sites = _padded(cores, sources, identity, cores.dim() - 4).flatten(0, cores.dim() - 4)
     start = torch.cat([left, right]).view(-1, bond, 1).expand(2 * members, bond, features.shape[0])
-    return plan, sites if sites.dim() == 4 else sites.flatten(0, 1), start, every, sources
+    return plan, sites, start, max(1, every // block), sources
 
 
 def _block_features(features: torch.Tensor, block: int) -> torch.Tensor:
@@ -219,18 +211,17 @@ def _merge_cores(sites: torch.Tensor, block: int) -> torch.Tensor:
     return merged
 
 
-def _step_matrices(merged: torch.Tensor, plan: _ChainPlan, forward: bool) -> torch.Tensor:
+def _step_matrices(merged: torch.Tensor, plan: _ChainPlan) -> torch.Tensor:
     """(K, S, D, m*D) matrices of the steps: the merged blocks the plan reads, laid out per step.
 
-    Forward step: ``v_out = mats[k, i] @ (phi (x) v_in)``, columns ``(s, in)``; backward step:
-    ``g_in = mats[k, i] @ (phi (x) g_out)``, columns ``(s, out)``. A block ``(l, s, r)`` is the
-    backward matrix of a chain entering on ``l``, the forward one of a chain entering on ``r``.
+    Step i of chain k is ``v_out = mats[k, i] @ (phi (x) v_in)``, columns ``(s, in)``: a block
+    ``(l, s, r)`` as it is for a chain entering on ``r``, read as ``(r, s, l)`` for one on ``l``.
     """
     blocks, rows, bond = merged.shape
     natural = merged.view(blocks, bond, rows // bond, bond)
     swapped = natural.permute(0, 3, 2, 1)
     chains = [
-        (swapped if in_first == forward else natural).index_select(0, plan.index[k])
+        (swapped if in_first else natural).index_select(0, plan.index[k])
         for k, in_first in enumerate(plan.in_first)
     ]
     return torch.stack(chains).flatten(3)
@@ -252,32 +243,31 @@ def _scan(
     """The Python scan of (K, D, B) start vectors, (n, D, d, D) sites, (n, d, B) features.
 
     Step i is ``v_{i+1} = mats[:, i] @ (phi_i (x) v_i)`` (an outer product and one batched
-    matmul), the output of every ``every``-th site and the last divided by their max-abs,
+    matmul), the output of every ``every``-th step and the last divided by their max-abs,
     recorded by autograd. A pass that left float range is redone one site per step,
     renormalising every step. Returns the (K, D, B) vectors and their (K, B) log-scales.
     """
-    info, batch, every = torch.finfo(start.dtype), start.shape[2], max(1, every // plan.block)
+    info, batch = torch.finfo(start.dtype), start.shape[2]
     while True:
         steps = plan.index.shape[1]
-        mats = _step_matrices(_merge_cores(sites, plan.block), plan, forward=True)
+        mats = _step_matrices(_merge_cores(sites, plan.block), plan)
         phis = _block_features(features, plan.block).index_select(0, plan.index.t().flatten())
         phis = phis.view(steps, plan.index.shape[0], -1, 1, batch)
         # unbound once: slicing inside the loop would make autograd allocate a full-size zero
         # gradient per step (quadratic traffic)
-        v, scales = start, []
+        v, logs, peaks = start, [], []
         for i, (mat, phi) in enumerate(zip(mats.unbind(1), phis.unbind(0), strict=True)):
             v = torch.bmm(mat, (phi * v.unsqueeze(1)).flatten(1, 2))
             if (i + 1) % every == 0 or i == steps - 1:
-                scale = v.detach().abs().amax(dim=1, keepdim=True).clamp_min(info.tiny)
-                v = v / scale
-                scales.append(scale)
-        scales = torch.cat(scales, dim=1)
-        # a non-finite value propagates into the next scale; one below tiny / eps came within a
+                v, log, peak = rescaled(v, (1,))
+                logs.append(log)
+                peaks.append(peak)
+        # a non-finite value propagates into the next peak; one below tiny / eps came within a
         # mantissa's width of the subnormal range, so smaller entries of that vector lost digits
-        low, high = torch.aminmax(scales)
+        low, high = torch.aminmax(torch.cat(peaks, dim=1))
         healthy = bool(low >= info.tiny / info.eps) and bool(high <= info.max)
         if healthy or (every == 1 and plan.block == 1):
-            return v, torch.log(scales).sum(1)
+            return v, torch.cat(logs, dim=1).sum(1)
         plan, every = _unmerged_plan(plan), 1
 
 
@@ -326,14 +316,14 @@ def _feature_grads(
 ) -> torch.Tensor:
     """Gradients of the (B, N, d) features from a native run's (S+1, K, D, B) vector gradients.
 
-    Step i computed ``y = M (phi (x) v)``, M its forward matrix (:func:`_step_matrices`), so
+    Step i computed ``y = M (phi (x) v)``, M its matrix (:func:`_step_matrices`), so
     ``g_phi[s, b] = sum_in v[in, b] (M^T g_y)[(s, in), b]``; these are summed over the steps
     that read a block, then pushed through the block features (an outer product of the sites'
     features, recomputed here under autograd).
     """
     plan, vs, bfeats = run.plan, run.vs, run.bfeats
     (k, steps), bond, batch, m = plan.index.shape, vs.shape[2], vs.shape[3], bfeats.shape[1]
-    mats = _step_matrices(run.merged, plan, forward=True).view(k * steps, bond, m * bond)
+    mats = _step_matrices(run.merged, plan).view(k * steps, bond, m * bond)
     g_y = gs[1:].transpose(0, 1).reshape(k * steps, bond, batch)
     g_x = torch.bmm(mats.transpose(1, 2), g_y).view(k, steps, m, bond, batch)
     g_phi = (g_x * vs[:-1].transpose(0, 1).reshape(k, steps, 1, bond, batch)).sum(3)
@@ -381,7 +371,6 @@ class _NativeChain(torch.autograd.Function):
         ctx.single = cores.dim() == 4  # one chain: no member axis in or out (and no views of it)
         members, num_sites, bond = 1 if ctx.single else len(cores), *cores.shape[-4:-2]
         plan, sites, start, every, sources = _prepared(left, cores, right, features, position)
-        every = max(1, every // plan.block)
         run, logs = _native_forward(ext, start, sites, features, sources, plan, every)
         ctx.native_close = ctx.single and output_features is None
         if ctx.native_close:
@@ -403,24 +392,21 @@ class _NativeChain(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_values, _grad_log_scale):
-        sites, bfeats, vs, scales, output_core, features, output_features, *closing = (
-            ctx.saved_tensors
-        )
+        sites, bfeats, vs, scales, output_core, features, ofeats, *closing = ctx.saved_tensors
         run = ctx.run._replace(bfeats=bfeats, vs=vs, scales=scales)
         members = 1 if ctx.single else output_core.shape[0]
         bond, need = sites.shape[1], ctx.needs_input_grad
         grad_ofeats = None
-        if ctx.native_close:
+        if ctx.native_close:  # (grad_out is None unless need[3])
             grad_v, grad_out = ctx.ext.mps_output_backward(
                 grad_values, vs[-1], output_core, *closing, need[3]
             )
-            grad_out = grad_out if need[3] else None
         else:
             grad_values = grad_values[None] if ctx.single else grad_values
             with torch.enable_grad():
                 ends = vs[-1].detach().view(2, members, bond, -1).requires_grad_()
                 core = output_core.detach().requires_grad_()
-                ofeats = None if output_features is None else output_features.detach()
+                ofeats = None if ofeats is None else ofeats.detach()
                 inputs = [ends, core] if ofeats is None else [ends, core, ofeats.requires_grad_()]
                 values, _ = _close(ends, core, ofeats, vs.new_zeros(2, members, 1))
                 grads = torch.autograd.grad(values, inputs, grad_values)

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 
 
-def _check_ranks(ranks: int | Sequence[int] | None, count: int, what: str) -> list[int] | None:
+def check_ranks(ranks: int | Sequence[int] | None, count: int, what: str) -> list[int] | None:
+    """``count`` inner TT ranks from one int or a sequence (None stays None); raises if not positive."""
     if ranks is None:
         return None
     values = [ranks] * count if isinstance(ranks, int) else list(ranks)
@@ -60,25 +61,19 @@ def tt_svd(
     d = len(shape)
     if d == 0:
         raise ValueError("tt_svd needs a tensor with at least one dimension")
-    wanted = _check_ranks(ranks, d - 1, "tt_svd")
+    wanted = check_ranks(ranks, d - 1, "tt_svd")
     if tolerance is not None and not (tolerance >= 0 and math.isfinite(tolerance)):
         raise ValueError(f"tt_svd tolerance must be a finite number >= 0, but got {tolerance!r}")
-    delta = (
-        None if tolerance is None or d == 1 else tolerance * float(tensor.norm()) / math.sqrt(d - 1)
-    )
-    cores: list[torch.Tensor] = []
-    rest = tensor
-    r_prev = 1
+    max_tail = None  # the discarded weight allowed per step, delta^2
+    if tolerance is not None and d > 1:
+        max_tail = (tolerance * float(tensor.norm()) / math.sqrt(d - 1)) ** 2
+    cores, rest, r_prev = [], tensor, 1  # the split-off cores, the rest (r_prev n_k, ...)
     for k in range(d - 1):
         mat = rest.reshape(r_prev * shape[k], -1)
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
-        if wanted is not None:
-            r = svd_rank(s, wanted[k])
-        else:
-            r = svd_rank(s, max_tail=None if delta is None else delta**2, size=max(mat.shape))
+        r = svd_rank(s, wanted[k]) if wanted else svd_rank(s, None, max_tail, max(mat.shape))
         cores.append(u[:, :r].reshape(r_prev, shape[k], r))
-        rest = s[:r, None] * vh[:r]
-        r_prev = r
+        rest, r_prev = s[:r, None] * vh[:r], r
     cores.append(rest.reshape(r_prev, shape[-1], 1))
     return cores
 
@@ -126,9 +121,8 @@ def factorize(n: int, parts: int) -> tuple[int, ...]:
     if m > 1:
         primes.append(m)
     factors = [1] * parts
-    for prime in sorted(primes, reverse=True):
-        i = min(range(parts), key=lambda j: factors[j])
-        factors[i] *= prime
+    for prime in sorted(primes, reverse=True):  # each onto the smallest factor so far
+        factors[factors.index(min(factors))] *= prime
     return tuple(factors)
 
 

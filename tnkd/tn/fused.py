@@ -87,16 +87,7 @@ class TreePlan:
     The levels renormalise as the network's plan does (once more than 12 tensors were multiplied
     into a value, :class:`~tnkd.tn.stable.StableNetwork`), with the same range check (every
     divisor within [tiny / eps, max * eps], finite); a pass that fails it runs again
-    renormalising every level.
-
-    Where the native level loop does not run (:meth:`kernels`), ``network``, the
-    :class:`~tnkd.tn.stable.StableNetwork` whose schedule the levels are, contracts the blocks.
-
-    Example:
-        >>> from tnkd.students import TreeClassifier
-        >>> tree = TreeClassifier(input_shape=(16,), num_classes=3, bond_dim=4)
-        >>> len(tree.tree_plan.levels), tree.plan().engine
-        (4, 'tree')
+    renormalising every level. A tree student keeps its plan as its ``tree_plan``.
     """
 
     def __init__(
@@ -106,6 +97,7 @@ class TreePlan:
         permutations: dict[int, tuple[int, ...]],
     ) -> None:
         self.levels = tuple(levels)
+        #: the network whose schedule the levels are: it contracts where the native loop does not
         self.network = network
         #: weight blocks whose axes are not (node, left child, right child, parent): how to read them
         self.permutations = permutations
@@ -182,25 +174,20 @@ class FastTree(torch.autograd.Function):
     divisors)``: the root's (1, C, n) values (or, with ``head``, a logit scale s, the logits
     ``exp(s) v / ||v||`` as (n, C)) and the (R, 1, n) divisors of every renormalised node. In a
     tree every intermediate feeds exactly one parent, so the root's log-scale is the sum of all
-    their logs, and the same divisors give the range check: a pass whose divisors left the range
-    where float keeps its digits (or are not finite) runs again renormalising every level, as
-    the stable engine does (:func:`native_tree_forward`).
-
-    ``ext``: the native kernels (``csrc/tree_levels.cpp``, :meth:`TreePlan.kernels`), one call
-    forward and one backward. ``linear_leaves``: the two input blocks are one (G, 2, n) tensor
-    of raw pairs, the [1, x] map fused with the leaves.
+    their logs, and the same divisors give the range check (:func:`native_tree_forward`).
+    ``ext``: the native kernels (:meth:`TreePlan.kernels`); ``linear_leaves``: the leaves read
+    raw pairs (:meth:`TreePlan.normalized_logits`).
     """
 
     @staticmethod
     def forward(ctx, plan, ext, every, head, linear_leaves, *blocks):  # noqa: D102
         ctx.save_for_backward(*blocks)
-        ctx.ext = ext
         args = (ext, plan.levels, blocks)
         log_scale = None if head is None else float(head)
         run = native_tree_forward(*args, every, log_scale, linear_leaves)
-        if run is None:  # a divisor left the range: again, renormalising every level
-            run = native_tree_forward(*args, True, log_scale, linear_leaves)
-        ctx.run = run
+        # None: a divisor left the range; again, renormalising every level
+        run = run or native_tree_forward(*args, True, log_scale, linear_leaves)
+        ctx.ext, ctx.run = ext, run
         ctx.mark_non_differentiable(run.divisors)
         return (run.outs[-1] if head is None else run.logits), run.divisors
 
@@ -230,9 +217,8 @@ class _NativeRun(NamedTuple):
 def _native_plan(levels: tuple, every: bool, square: bool) -> tuple[list[list], list[bool]]:
     """The kernels' plan arguments: the levels' slots, and which levels are renormalised.
 
-    The slots: the weights', and every node's left and right children as (slot, row) lists;
-    renormalised: with ``every``, or by the level's own plan, but not the root with the head's
-    ``square``. Made once per plan (the lists are read, never changed).
+    The slots: the weights', and every node's left and right children as (slot, row) lists; the
+    levels renormalised as :func:`native_tree_forward` says. Made once per plan (read only).
     """
     last = len(levels) - 1
     renorm = [bool(every or lv[3]) and not (square and k == last) for k, lv in enumerate(levels)]

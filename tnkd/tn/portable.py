@@ -46,10 +46,7 @@ def _step(state: torch.Tensor, core: torch.Tensor, repeated: torch.Tensor) -> to
 
 
 def _half(cores: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cores (n, D, d, D) as (n, D, d D); features (B, n, d) repeated to (B, n, d D).
-
-    The repetition is a product with a 0/1 matrix (ONNX Runtime's ``Expand`` is slow).
-    """
+    """Cores (n, D, d, D) as (n, D, d D); features (B, n, d) repeated to (B, n, d D) by a product."""
     n, bond, d, _ = cores.shape
     ones = torch.ones(1, bond, dtype=features.dtype, device=features.device)
     repeat = torch.kron(torch.eye(d, dtype=features.dtype, device=features.device), ones)
@@ -62,9 +59,7 @@ def chain_log_contract(  # the arguments of tnkd.tn.chain.contract_chain
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chain ``left - A_0 .. A_{p-1} - O - A_p .. A_{N-1} - right`` by two boundary sweeps.
 
-    Arguments as :func:`tnkd.tn.chain.contract_chain`: ``left``, ``right`` (D,) boundaries,
-    ``cores`` (N, D, d, D), ``features`` (B, N, d), ``output_core`` (D, C, D) (or (D, d, C, D)
-    with ``output_features`` (B, d) for a label core that reads an input), ``position`` p.
+    Arguments as :func:`tnkd.tn.chain.contract_chain`'s for one chain (no member axis).
 
     Returns:
         ``values`` (B, C) of largest magnitude 1 per sample, and ``log_scale`` (B,).

@@ -7,9 +7,8 @@ input, reshaped to (B, m_1, ..., m_d), with one core at a time, each step one ma
 over the batch. :func:`tt_linear` does that with two refinements, chosen per shape:
 
 * **Groups.** Neighbouring cores may first be merged into one core (r_a, m_a...m_b, n_a...n_b,
-  r_b), a cost independent of the batch: for 8·8·8·8 -> 8·8·8·8 at rank 16, merging cores
-  (1, 2) and (3, 4) halves the dense layer's multiply-adds; for 4096 -> 16 at a large batch,
-  merging all four into the dense matrix is cheapest.
+  r_b), at a cost independent of the batch, where that saves multiply-adds per sample (examples:
+  :func:`plan_tt_matvec`; measured: ``docs/benchmarks/tt-layers.md``).
 * **Direction.** The sweep starts from the first core or from the last.
 
 :func:`plan_tt_matvec` counts the multiply-adds of every grouping (2^(d-1) of them) in both
@@ -21,25 +20,23 @@ inner, cols) times a matrix (out, inner) gives (B·rows, out, cols). On CPU the 
 equal chunks whose largest state holds at most ``CHUNK_FLOATS`` numbers, in buffers reused by
 every chunk. Training runs through a :class:`torch.autograd.Function` that keeps the input and
 the step matrices and recomputes a chunk's states in the backward pass (a one-chunk batch keeps
-its states); a plan of one group (all cores merged) is a plain ``addmm``. Measurements:
-``docs/benchmarks/tt-layers.md``.
+its states); a plan of one group (all cores merged) is a plain ``addmm``.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from math import prod
 
 import torch
 
 from tnkd.tn.stable import widened
 
 CHUNK_FLOATS = 1 << 20
-"""Bound on the numbers in one chunk's largest intermediate state on CPU (4 MiB in float32;
-the measurements behind it: ``docs/benchmarks/tt-layers.md``, ``benchmarks/tt_layers.py``)."""
+"""Bound on the numbers in one chunk's largest intermediate state on CPU (4 MiB in float32)."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +89,7 @@ def _merge_macs(m: Sequence[int], n: Sequence[int], ranks: Sequence[int], a: int
     if b - a == 1:
         return 0
     h = a + (b - a) // 2
-    top = ranks[a] * math.prod(m[a:h]) * math.prod(n[a:h]) * ranks[h]
-    top *= math.prod(m[h:b]) * math.prod(n[h:b]) * ranks[b]
+    top = ranks[a] * ranks[h] * ranks[b] * prod(m[a:b]) * prod(n[a:b])
     return top + _merge_macs(m, n, ranks, a, h) + _merge_macs(m, n, ranks, h, b)
 
 
@@ -110,18 +106,16 @@ def _steps(
     matrix (N_g·R_g, R_{g-1}·M_g); from the last group, (B·M_<g, M_g·R_g, N_>g) and
     (R_{g-1}·N_g, M_g·R_g). M, N are the groups' factor products and R the boundary ranks.
     """
-    gm = [math.prod(m[a:b]) for a, b in groups]
-    gn = [math.prod(n[a:b]) for a, b in groups]
+    gm = [prod(m[a:b]) for a, b in groups]
+    gn = [prod(n[a:b]) for a, b in groups]
     gr = [ranks[a] for a, _ in groups] + [ranks[-1]]
     if not reverse:
         return tuple(
-            TTStep(
-                a, b, math.prod(gn[:g]), gr[g] * gm[g], math.prod(gm[g + 1 :]), gn[g] * gr[g + 1]
-            )
+            TTStep(a, b, prod(gn[:g]), gr[g] * gm[g], prod(gm[g + 1 :]), gn[g] * gr[g + 1])
             for g, (a, b) in enumerate(groups)
         )
     return tuple(
-        TTStep(a, b, math.prod(gm[:g]), gm[g] * gr[g + 1], math.prod(gn[g + 1 :]), gr[g] * gn[g])
+        TTStep(a, b, prod(gm[:g]), gm[g] * gr[g + 1], prod(gn[g + 1 :]), gr[g] * gn[g])
         for g, (a, b) in reversed(list(enumerate(groups)))
     )
 
@@ -178,13 +172,9 @@ def build_plan(
     _check_sizes(in_factors, out_factors, ranks, batch)
     d = len(in_factors)
     groups = tuple((int(a), int(b)) for a, b in groups)
-    bounds = [0, *(b for _, b in groups)]
-    if (
-        not groups
-        or groups != tuple(itertools.pairwise(bounds))
-        or bounds[-1] != d
-        or any(a >= b for a, b in groups)
-    ):
+    bounds = [0, *(b for _, b in groups)]  # no groups: [0], which does not reach d
+    runs = groups == tuple(itertools.pairwise(bounds)) and all(a < b for a, b in groups)
+    if not runs or bounds[-1] != d:
         raise ValueError(
             f"groups must be (start, stop) runs covering cores 0..{d - 1} in order, but got "
             f"{list(groups)}"
@@ -192,11 +182,8 @@ def build_plan(
     full = (1, *ranks, 1)
     steps = _steps(in_factors, out_factors, full, groups, reverse)
     merge = sum(_merge_macs(in_factors, out_factors, full, a, b) for a, b in groups)
-    per_sample = sum(s.macs for s in steps)
-    if training:
-        cost = batch * (4 * per_sample - steps[-1].macs) + 3 * merge
-    else:
-        cost = batch * per_sample + merge
+    macs = sum(s.macs for s in steps)
+    cost = batch * (4 * macs - steps[-1].macs) + 3 * merge if training else batch * macs + merge
     largest = max((s.out_size for s in steps[:-1]), default=0)
     chunk = max(batch, 1)
     if chunk_floats is not None and largest > 0:
@@ -270,14 +257,10 @@ def step_matrices(cores: Sequence[torch.Tensor], plan: TTPlan) -> list[torch.Ten
     From the first group on, a step matrix is the transpose of the merged (r_a·M, N·r_b) cores
     (a view); from the last, the merged (r_a·N, M·r_b) cores.
     """
-    mats = []
-    for s in plan.steps:
-        merged = merge_cores(cores[s.start : s.stop], out_first=plan.reverse)
-        if plan.reverse:
-            mats.append(merged.reshape(s.out, s.inner))
-        else:
-            mats.append(merged.reshape(s.inner, s.out).t())
-    return mats
+    merged = [merge_cores(cores[s.start : s.stop], out_first=plan.reverse) for s in plan.steps]
+    if plan.reverse:
+        return [m.reshape(s.out, s.inner) for m, s in zip(merged, plan.steps, strict=True)]
+    return [m.reshape(s.inner, s.out).t() for m, s in zip(merged, plan.steps, strict=True)]
 
 
 def _forward_step(
@@ -286,7 +269,7 @@ def _forward_step(
     step: TTStep,
     out: torch.Tensor,
     bias: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> None:
     """One step on a chunk: (P, inner, cols) state times (out, inner) matrix (+ bias), into ``out``.
 
     ``out`` and ``bias`` are laid out one sample per row: (b, rows·out·cols) and (rows·out·cols,).
@@ -294,14 +277,14 @@ def _forward_step(
     if step.cols == 1:
         state2, out2 = state.view(-1, step.inner), out.view(-1, step.out)
         if bias is not None and step.rows == 1:
-            return torch.addmm(bias, state2, mat.t(), out=out2)
+            torch.addmm(bias, state2, mat.t(), out=out2)
+            return
         torch.mm(state2, mat.t(), out=out2)
     else:
         st = state.view(-1, step.inner, step.cols)
         torch.bmm(mat.expand(st.shape[0], -1, -1), st, out=out.view(st.shape[0], step.out, -1))
     if bias is not None:
         out.view(-1, bias.shape[0]).add_(bias)
-    return out
 
 
 def _backward_step(
@@ -399,8 +382,8 @@ class _TTLinearFunction(torch.autograd.Function):
     def forward(ctx, plan, x, bias, *mats):  # type: ignore[override]
         y, buffers = _sweep(x, mats, bias, plan)
         # one chunk: keep its states (no more memory than recomputing them would take)
-        ctx.plan, ctx.keep, ctx.has_bias = plan, plan.chunk >= x.shape[0], bias is not None
-        ctx.save_for_backward(x, *mats, *(buffers if ctx.keep else ()))
+        ctx.plan = plan
+        ctx.save_for_backward(x, *mats, *(buffers if plan.chunk >= x.shape[0] else ()))
         return y
 
     @staticmethod
@@ -429,16 +412,14 @@ class _TTLinearFunction(torch.autograd.Function):
             c1 = min(batch, c0 + chunk)
             inputs = _states(x[c0:c1], mats, steps, states, compute=not kept)
             g = dy[c0:c1]
-            for i in range(len(steps) - 1, -1, -1):
+            for i in range(len(steps) - 1, -1, -1):  # g: the output's gradient, g_in: the input's
                 if i > 0:
-                    grad_state = grad_bufs[i % 2][: (c1 - c0) * steps[i - 1].out_size]
+                    g_in = grad_bufs[i % 2][: (c1 - c0) * steps[i - 1].out_size]
                 else:
-                    grad_state = dx[c0:c1] if need_x else None
-                _backward_step(
-                    g, inputs[i], mats[i], steps[i], grads[i], grad_state, scratch, c0 == 0
-                )
-                g = grad_state
-        dbias = dy.sum(0) if ctx.has_bias and need_bias else None
+                    g_in = dx[c0:c1] if need_x else None
+                _backward_step(g, inputs[i], mats[i], steps[i], grads[i], g_in, scratch, c0 == 0)
+                g = g_in
+        dbias = dy.sum(0) if need_bias else None  # (False for a None bias)
         return (None, dx, dbias, *grads)
 
 
@@ -466,7 +447,7 @@ def tt_linear(
         >>> tt_linear(torch.randn(7, 16), cores).shape
         torch.Size([7, 10])
     """
-    in_features = math.prod(int(c.shape[1]) for c in cores)
+    in_features = prod(int(c.shape[1]) for c in cores)
     if x.ndim != 2 or x.shape[1] != in_features:
         raise ValueError(
             f"tt_linear expects a (batch, {in_features}) input, but got {tuple(x.shape)}"
@@ -492,9 +473,7 @@ def plan_for(
     ``training`` defaults to whether autograd will record the product; chunks are used on CPU only.
     """
     if training is None:
-        training = torch.is_grad_enabled() and (
-            x.requires_grad or any(c.requires_grad for c in cores)
-        )
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *cores))
     return plan_tt_matvec(
         tuple(int(c.shape[1]) for c in cores),
         tuple(int(c.shape[2]) for c in cores),
@@ -512,8 +491,7 @@ def _run(
         # all cores merged into W: one product with no intermediate, autograd's own backward
         w_t = mats[0].t()
         return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
-    tensors = [x, *mats] + ([bias] if bias is not None else [])
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *mats)):
         return _TTLinearFunction.apply(plan, x, bias, *mats)
     return _sweep(x, mats, bias, plan)[0]
 
@@ -527,11 +505,9 @@ def tt_matvec(
     the steps per batch size): the input (B, m_1 ... m_d) meets core k, which trades the index
     m_k for n_k; d einsums with no plan, so the captured program serves every batch size.
     """
-    batch = x.shape[0]
-    state = x.reshape(batch, 1, -1)  # (B, r_0, m_1 ... m_d)
+    batch, state = x.shape[0], x  # read by each step as (B, r_{k-1}, m_k, the rest)
     for core in cores:
-        r, m, _, r_next = core.shape
+        r, m = core.shape[:2]
         state = torch.einsum("brmx,rmns->bsxn", state.reshape(batch, r, m, -1), core)
-        state = state.reshape(batch, r_next, -1)
     out = state.reshape(batch, -1)
     return out if bias is None else out + bias
