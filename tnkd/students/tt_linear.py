@@ -22,7 +22,7 @@ from torch import nn
 
 from tnkd.registry import RecordsInitArgs
 from tnkd.students.base import Student, check_positive_int
-from tnkd.tn.decompositions import check_factors, factorize, tt_matrix_svd, tt_to_full
+from tnkd.tn.decompositions import check_factors, check_ranks, factorize, tt_matrix_svd, tt_to_full
 from tnkd.tn.graph import TNGraph, connect, make_node
 from tnkd.tn.planner import Plan, plan
 from tnkd.tn.tt_matrix import TTPlan, plan_for, tt_linear, tt_matvec
@@ -78,13 +78,7 @@ class TTLinear(RecordsInitArgs, nn.Module):
         if len(m) != len(n):
             raise ValueError(f"TTLinear in_factors {m} and out_factors {n} need the same length")
         d = len(m)
-        inner = [ranks] * (d - 1) if isinstance(ranks, int) else list(ranks)
-        if len(inner) != d - 1 or any(
-            isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in inner
-        ):
-            raise ValueError(
-                f"TTLinear ranks must be {d - 1} positive integers (or one int), but got {ranks!r}"
-            )
+        inner = check_ranks(ranks, d - 1, "TTLinear")
         self.in_factors, self.out_factors, self.ranks = m, n, tuple(inner)
         full = [1, *inner, 1]
         # Var(W_ij) = prod_k Var(G_k) * prod_k r_k; aim at 1 / in_features like a dense layer.
