@@ -48,19 +48,6 @@ void matmul(const T* a, int64_t ar, int64_t ak, int64_t rows, int64_t depth, con
   }
 }
 
-// gw (rows, P) += o (rows, cols) @ gt (cols, ldg); ldg >= P rounded up to whole registers.
-template <typename T>
-void gram(const T* o, int64_t rows, int64_t ldo, const T* gt, int64_t ldg, int64_t cols, T* gw,
-          int64_t P) {
-  constexpr int64_t L = Vec<T>::lanes;
-  for (int64_t p0 = 0; p0 < P; p0 += 2 * L) {
-    if (P - p0 > L)
-      gram_rows<T, 2, true>(o, rows, ldo, gt, ldg, cols, gw, P, p0);
-    else
-      gram_rows<T, 1, true>(o, rows, ldo, gt, ldg, cols, gw, P, p0);
-  }
-}
-
 // A child: element (node, row, column) at ptr[node*sn + row*sr + column*sc].
 template <typename T>
 struct Child {
@@ -528,7 +515,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
       offset[lv.w] = std::exchange(total, total + blocks[lv.w].numel());
   const T* div = divisors.data_ptr<T>();
   const int64_t width = chunk_registers(plan.max_ab) * L;
-  const int64_t pad_p = (plan.max_p + L - 1) / L * L;
+  const int64_t pad_p = padded_width<T>(plan.max_p);
   const Split split = split_work<T>(plan);
   at::Tensor g_weights =
       at::zeros({split.subtrees ? 1 : split.tasks, std::max<int64_t>(total, 1)}, options);
@@ -563,7 +550,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
       const T* weight = blocks[lv.w].data_ptr<T>();
       const Child<T> gsrc = gslots[nb + k];
       const int64_t ab = lv.A * lv.B, abp = ab * lv.P;
-      const int64_t ldg = (lv.P + L - 1) / L * L;
+      const int64_t ldg = padded_width<T>(lv.P);
       const auto [g0, g1] = task_nodes(plan, split, t, k);
       for (int64_t g = g0; g < g1; ++g) {
         const auto ch = children<T>(plan, lv, g, slots);
@@ -590,7 +577,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
             }
             // g_W[(a, b)][p] = sum_c (left (x) right)[(a, b)][c] G[c][p]
             outer(w.child[0], lv.A, w.child[1], lv.B, nv, width, w.o);
-            gram(w.o, ab, width, w.gt, ldg, cols, gw, lv.P);
+            gram<T, true>(w.o, ab, width, w.gt, ldg, cols, gw, lv.P);
           }
           if (!lv.need_children) continue;
           // gO[ab][:] = sum_p W[ab][p] G[p][:]
