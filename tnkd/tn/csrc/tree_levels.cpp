@@ -264,7 +264,7 @@ Split split_work(const Plan& plan) {
     while (top < K && plan.levels[top].nodes >= threads) ++top;
     if (top > 0) return {true, threads, top};
   }
-  const int64_t regs = (plan.n + Vec<T>::lanes - 1) / Vec<T>::lanes;
+  const int64_t regs = padded_width<T>(plan.n) / Vec<T>::lanes;
   return {false, std::max<int64_t>(1, std::min<int64_t>(threads, regs)), K};
 }
 
@@ -347,7 +347,7 @@ template <typename T, typename Levels, typename Head>
 void run_split(const Plan& plan, const Split& split, bool backward, int64_t width, int64_t pad_p,
                Levels&& levels, Head&& head) {
   constexpr int64_t L = Vec<T>::lanes;
-  const int64_t K = plan.levels.size(), n = plan.n, regs = (n + L - 1) / L;
+  const int64_t K = plan.levels.size(), n = plan.n, regs = padded_width<T>(n) / L;
   auto tasks = [&](int64_t k1) {
     at::parallel_for(0, split.tasks, 1, [&](int64_t t0, int64_t t1) {
       Work<T> work(plan, width, pad_p);
@@ -411,7 +411,7 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
         const auto ch = children<T>(plan, lv, g, slots);
         for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
           const int64_t cols = std::min(width, cend - c0);
-          const int64_t nv = (cols + L - 1) / L;
+          const int64_t nv = padded_width<T>(cols) / L;
           T* out = w.p;
           load_children(plan, k, lv, ch, c0, cols, width, w.child);
           outer(w.child[0], lv.A, w.child[1], lv.B, nv, width, w.o);
@@ -558,7 +558,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
         T* gw = need_w ? gw_all + offset[lv.w] + g * abp : nullptr;
         for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
           const int64_t cols = std::min(width, cend - c0);
-          const int64_t nv = (cols + L - 1) / L;
+          const int64_t nv = padded_width<T>(cols) / L;
           // G[p][:] = grad / divisor, zero past the columns
           const T* grow = gsrc.ptr + g * gsrc.sn + c0 * gsrc.sc;
           load_rows(grow, gsrc.sr, gsrc.sc, lv.P, cols, width, w.p);
