@@ -147,12 +147,11 @@ void check_output(at::Tensor& ends, at::Tensor& out_core) {
 
 }  // namespace
 
-// start (K, D, B), blocks (n, D*m, D) merged cores in natural layout (l, s, r), features
-// (n, m, B) block features, index (K, S) which block each step reads ->
-// vs (S+1, K, D, B) (every step's input and the last output), scales (R, K, 1, B), the
-// log-scales (K, B) (the sum of the scales' logarithms), whether the scan stayed in float range
-// (every scale finite and at least tiny / eps, as tnkd.tn.chain._scan checks) and whether the
-// last vectors are finite.
+// start (K, D, B), blocks (n, D*m, D) merged cores in natural layout (l, s, r), features (n, m, B)
+// block features, index (K, S) which block each step reads -> vs (S+1, K, D, B) (every step's input
+// and the last output), scales (R, K, 1, B), the log-scales (K, B) (the sum of the scales'
+// logarithms), whether the scan stayed in float range (every scale finite and at least tiny / eps,
+// as tnkd.tn.chain._scan checks) and whether the last vectors are finite.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, bool> scan_forward(
     at::Tensor start, at::Tensor blocks, at::Tensor features, at::Tensor index,
     std::vector<bool> in_first, int64_t every) {
@@ -339,9 +338,8 @@ at::Tensor merge_pairs(at::Tensor sites) {
 }
 
 // Block features straight from the feature map's (B, N, d) output: the n padded sites read
-// features[:, source[i]] (an identity site, source N, reads e_0), and a block's features are
-// the outer product of its `block` sites' (tnkd.tn.chain._block_features) -> (n / block,
-// d^block, B).
+// features[:, source[i]] (an identity site, source N, reads e_0), and a block's features are the
+// outer product of its `block` sites' (tnkd.tn.chain._block_features) -> (n / block, d^block, B).
 at::Tensor block_features(at::Tensor features, at::Tensor source, int64_t block) {
   check({{features, "features", 3}, {source, "source", 1}});
   const int64_t B = features.size(0), N = features.size(1), d = features.size(2);
@@ -378,11 +376,10 @@ at::Tensor block_features(at::Tensor features, at::Tensor source, int64_t block)
   return out;
 }
 
-// The output core of an MPS between the ends of its two halves, u = ends[0] and w = ends[1],
-// (D, B) each: values[b][c] = sum_{l, r} u[l][b] O[l][c][r] w[r][b], divided by their max-abs
-// per sample. Returns the (B, C) normalised values, the (B,) log-scales logs[0] + logs[1] +
-// log(scale), and for mps_output_backward ow[l][c][b] = sum_r O[l][c][r] w[r][b] (D, C, B) and
-// the (B,) scales.
+// The output core of an MPS between the ends of its two halves, u = ends[0] and w = ends[1], (D, B)
+// each: values[b][c] = sum_{l, r} u[l][b] O[l][c][r] w[r][b], divided by their max-abs per sample.
+// Returns the (B, C) normalised values, the (B,) log-scales logs[0] + logs[1] + log(scale), and for
+// mps_output_backward ow[l][c][b] = sum_r O[l][c][r] w[r][b] (D, C, B) and the (B,) scales.
 std::vector<at::Tensor> mps_output_forward(at::Tensor ends, at::Tensor out_core, at::Tensor logs) {
   check_output(ends, out_core);
   check({{logs, "logs", 2}});

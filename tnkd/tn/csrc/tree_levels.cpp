@@ -65,8 +65,7 @@ inline void copy_row(const T* s, int64_t cols, T* d) {
   for (; c < cols; ++c) d[c] = s[c];
 }
 
-// dst[r][0..width) = src rows r (columns c0..c0+cols), zero from cols on (width: whole
-// registers).
+// dst[r][0..width) = src rows r (columns c0..c0+cols), zero from cols on (width: whole registers).
 template <typename T>
 inline void load_rows(const T* src, int64_t sr, int64_t sc, int64_t rows, int64_t cols,
                       int64_t width, T* dst) {
@@ -229,14 +228,13 @@ Plan make_plan(std::vector<at::Tensor>& blocks, std::vector<std::vector<int64_t>
   return plan;
 }
 
-// How a pass is split between threads. By subtrees where the levels form a chain (the leaves
-// read row g of two blocks, each level rows 2g and 2g + 1 of the one below, each level its own
-// weights: node g of level k depends only on nodes g 2^(k-j) .. (g+1) 2^(k-j) - 1 of level
-// j <= k): task t runs levels 0..top-1 on its own subtrees, all columns, with no synchronisation
-// and no shared weight gradients; the levels from `top` (fewer nodes than threads: the root, ...)
-// run on one thread after them (before them, backward). Otherwise by columns: task t runs every
-// level on its own columns of the batch, each task with its own weight-gradient buffer, summed
-// at the end.
+// How a pass is split between threads. By subtrees where the levels form a chain (the leaves read
+// row g of two blocks, each level rows 2g and 2g + 1 of the one below, each level its own weights:
+// node g of level k depends only on nodes g 2^(k-j) .. (g+1) 2^(k-j) - 1 of level j <= k): task t
+// runs levels 0..top-1 on its own subtrees, all columns, with no synchronisation and no shared
+// weight gradients; the levels from `top` (fewer nodes than threads: the root, ...) run on one
+// thread after them (before them, backward). Otherwise by columns: task t runs every level on its
+// own columns of the batch, each task with its own weight-gradient buffer, summed at the end.
 struct Split {
   bool subtrees;
   int64_t tasks, top;
