@@ -15,17 +15,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 namespace {
 
 using namespace tnkd_simd;
-
-// The batch rounded up to whole registers (the scratch rows' width, zero past the batch).
-template <typename T>
-inline int64_t padded_width(int64_t batch) {
-  return (batch + Vec<T>::lanes - 1) / Vec<T>::lanes * Vec<T>::lanes;
-}
 
 // out (rows, cols) = a (rows, depth) @ b (depth, ldb), a[r*ar + k*ak]: a small matrix
 // product vectorised along the columns (the pair merges, their gradient, the output core).
@@ -67,19 +62,6 @@ void step(const T* phi, const T* v, const T* A, Strides st, int64_t m, int64_t b
     mm_rows<T, 4, 1>(A, st, m, bond, bond, x, padded, out, batch, j0, std::min(L, batch - j0));
 }
 
-// G (rows, cols) = x (rows, ldx) @ vt (batch, ldv), ldv = cols rounded up to whole registers.
-template <typename T>
-void gram(const T* x, int64_t rows, int64_t ldx, const T* vt, int64_t ldv, int64_t batch, T* G,
-          int64_t cols) {
-  constexpr int64_t L = Vec<T>::lanes;
-  for (int64_t c0 = 0; c0 < ldv; c0 += 2 * L) {
-    if (ldv - c0 >= 2 * L)
-      gram_rows<T, 2, false>(x, rows, ldx, vt, ldv, batch, G, cols, c0);
-    else
-      gram_rows<T, 1, false>(x, rows, ldx, vt, ldv, batch, G, cols, c0);
-  }
-}
-
 // peak[b] = the max-abs of column b of x (rows, batch), at least tiny (NaN propagates, as in
 // amax); the column divided by it.
 template <typename T>
@@ -103,12 +85,14 @@ bool all_within(const T* p, int64_t n, T low = -std::numeric_limits<T>::max(),
   return true;
 }
 
-// `t` checked (on the CPU, `dim` dimensions) and contiguous.
-at::Tensor checked(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu(), "chain_scan: ", name, " must be on the CPU");
-  TORCH_CHECK(t.dim() == dim, "chain_scan: ", name, " must have ", dim, " dimensions, got ",
-              t.dim());
-  return t.contiguous();
+// Each tensor checked (on the CPU, with the given number of dimensions) and made contiguous.
+void check(std::initializer_list<std::tuple<at::Tensor&, const char*, int64_t>> tensors) {
+  for (const auto& [t, name, dim] : tensors) {
+    TORCH_CHECK(t.device().is_cpu(), "chain_scan: ", name, " must be on the CPU");
+    TORCH_CHECK(t.dim() == dim, "chain_scan: ", name, " must have ", dim, " dimensions, got ",
+                t.dim());
+    t = t.contiguous();
+  }
 }
 
 // The strides of chain step matrices in a natural (D, m, D) block: a forward step maps the
@@ -126,12 +110,13 @@ struct Scan {
   std::vector<bool> in_first, renorm;
 };
 
-// The scan of `vectors` (start or gradient), checked against blocks, features and the plan.
-Scan read_scan(const at::Tensor& vectors, const at::Tensor& blocks, const at::Tensor& features,
-               const at::Tensor& index, const std::vector<bool>& in_first, int64_t every) {
+// The scan of `vectors` (start or gradient), checked against blocks, features (both checked
+// and made contiguous) and the plan.
+Scan read_scan(const at::Tensor& vectors, at::Tensor& blocks, at::Tensor& features,
+               at::Tensor idx, const std::vector<bool>& in_first, int64_t every) {
   TORCH_CHECK(vectors.device().is_cpu() && vectors.dim() == 3,
               "chain_scan: vectors (K, D, B) on the CPU expected");  // may stay strided
-  const auto idx = checked(index, "index", 2);
+  check({{blocks, "blocks", 3}, {features, "features", 3}, {idx, "index", 2}});
   Scan sc{vectors.size(0), vectors.size(1), vectors.size(2), blocks.size(0), features.size(1),
           idx.size(1),     0,               {},              in_first,       {}};
   const auto dtype = vectors.scalar_type();
@@ -151,19 +136,25 @@ Scan read_scan(const at::Tensor& vectors, const at::Tensor& blocks, const at::Te
   return sc;
 }
 
+// ends (2, D, B) and the output core (D, C, D) between them, checked and made contiguous.
+void check_output(at::Tensor& ends, at::Tensor& out_core) {
+  check({{ends, "ends", 3}, {out_core, "output_core", 3}});
+  const int64_t D = ends.size(1);
+  TORCH_CHECK(ends.size(0) == 2 && out_core.size(0) == D && out_core.size(2) == D &&
+                  out_core.scalar_type() == ends.scalar_type(),
+              "chain_scan: ends (2, D, B) and an output core (D, C, D) of their dtype expected");
+}
+
 }  // namespace
 
-// start (K, D, B), blocks (n, D*m, D) merged cores in natural layout (l, s, r), features
-// (n, m, B) block features, index (K, S) which block each step reads ->
-// vs (S+1, K, D, B) (every step's input and the last output), scales (R, K, 1, B), the
-// log-scales (K, B) (the sum of the scales' logarithms), whether the scan stayed in float range
-// (every scale finite and at least tiny / eps, as tnkd.tn.chain._scan checks) and whether the
-// last vectors are finite.
+// start (K, D, B), blocks (n, D*m, D) merged cores in natural layout (l, s, r), features (n, m, B)
+// block features, index (K, S) which block each step reads -> vs (S+1, K, D, B) (every step's input
+// and the last output), scales (R, K, 1, B), the log-scales (K, B) (the sum of the scales'
+// logarithms), whether the scan stayed in float range (every scale finite and at least tiny / eps,
+// as tnkd.tn.chain._scan checks) and whether the last vectors are finite.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, bool, bool> scan_forward(
     at::Tensor start, at::Tensor blocks, at::Tensor features, at::Tensor index,
     std::vector<bool> in_first, int64_t every) {
-  blocks = checked(blocks, "blocks", 3);
-  features = checked(features, "features", 3);
   const Scan sc = read_scan(start, blocks, features, index, in_first, every);
   const int64_t K = sc.K, D = sc.D, B = sc.B, m = sc.m, S = sc.S;
   auto vs = at::empty({S + 1, K, D, B}, start.options());
@@ -216,11 +207,7 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
     at::Tensor grad, at::Tensor blocks, at::Tensor features, at::Tensor index,
     std::vector<bool> in_first, at::Tensor vs, at::Tensor scales, int64_t every, bool core_grads,
     bool keep_all) {
-  grad = checked(grad, "grad", 3);
-  blocks = checked(blocks, "blocks", 3);
-  features = checked(features, "features", 3);
-  vs = checked(vs, "vs", 4);
-  scales = checked(scales, "scales", 4);
+  check({{grad, "grad", 3}, {vs, "vs", 4}, {scales, "scales", 4}});
   const Scan sc = read_scan(grad, blocks, features, index, in_first, every);
   const int64_t K = sc.K, D = sc.D, B = sc.B, n = sc.n, m = sc.m, S = sc.S;
   TORCH_CHECK(scales.size(0) == sc.R && vs.size(0) == S + 1, "chain_scan: inconsistent shapes");
@@ -267,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
             const T* v = v_ptr + (i * K + k) * D * B;
             for (int64_t c = 0; c < D; ++c)
               for (int64_t b = 0; b < B; ++b) vt[b * ldv + c] = v[c * B + b];
-            gram(x.data(), m * D, padded, vt.data(), ldv, B, G.data(), D);
+            gram<T, false>(x.data(), m * D, padded, vt.data(), ldv, B, G.data(), D);
             T* dst = gb_ptr + blk * D * m * D;  // [l][s][r]
             for (int64_t s = 0; s < m; ++s)
               for (int64_t o = 0; o < D; ++o)
@@ -297,8 +284,7 @@ std::tuple<at::Tensor, at::Tensor, bool, bool> scan_backward(
 // (2n, D, d, D): g_A1[l][s1][c] = sum_{s2, r} g_M[l][s1][s2][r] A2[c][s2][r] and
 // g_A2[c][s2][r] = sum_{l, s1} A1[l][s1][c] g_M[l][s1][s2][r].
 at::Tensor unmerge_pairs(at::Tensor g_blocks, at::Tensor sites) {
-  g_blocks = checked(g_blocks, "g_blocks", 3);
-  sites = checked(sites, "sites", 4);
+  check({{g_blocks, "g_blocks", 3}, {sites, "sites", 4}});
   const int64_t n2 = sites.size(0), D = sites.size(1), d = sites.size(2), n = n2 / 2;
   TORCH_CHECK(n2 % 2 == 0 && g_blocks.size(0) == n && g_blocks.size(1) == D * d * d &&
                   g_blocks.size(2) == D && sites.scalar_type() == g_blocks.scalar_type(),
@@ -321,7 +307,7 @@ at::Tensor unmerge_pairs(at::Tensor g_blocks, at::Tensor sites) {
         for (int64_t c = 0; c < D; ++c)
           for (int64_t j = 0; j < row; ++j) a2t[j * ldv + c] = a2[c * row + j];
         // g_A1 = g_M A2^T, g_A2 = A1^T g_M
-        gram(gm, D * d, row, a2t.data(), ldv, row, g1, D);
+        gram<T, false>(gm, D * d, row, a2t.data(), ldv, row, g1, D);
         small_matmul(a1, 1, D, D, D * d, gm, row, row, g1 + site, row);
       }
     });
@@ -332,7 +318,7 @@ at::Tensor unmerge_pairs(at::Tensor g_blocks, at::Tensor sites) {
 // Merged cores of pairs of sites: sites (2n, D, d, D) -> (n, D*d*d, D),
 // M[l][s1][s2][r] = sum_c A1[l][s1][c] A2[c][s2][r] (tnkd.tn.chain._merge_cores for block 2).
 at::Tensor merge_pairs(at::Tensor sites) {
-  sites = checked(sites, "sites", 4);
+  check({{sites, "sites", 4}});
   const int64_t n2 = sites.size(0), D = sites.size(1), d = sites.size(2), n = n2 / 2;
   TORCH_CHECK(n2 % 2 == 0 && sites.size(3) == D, "chain_scan: inconsistent shapes");
   auto merged = at::empty({n, D * d * d, D}, sites.options());
@@ -352,12 +338,10 @@ at::Tensor merge_pairs(at::Tensor sites) {
 }
 
 // Block features straight from the feature map's (B, N, d) output: the n padded sites read
-// features[:, source[i]] (an identity site, source N, reads e_0), and a block's features are
-// the outer product of its `block` sites' (tnkd.tn.chain._block_features) -> (n / block,
-// d^block, B).
+// features[:, source[i]] (an identity site, source N, reads e_0), and a block's features are the
+// outer product of its `block` sites' (tnkd.tn.chain._block_features) -> (n / block, d^block, B).
 at::Tensor block_features(at::Tensor features, at::Tensor source, int64_t block) {
-  features = checked(features, "features", 3);
-  source = checked(source, "source", 1);
+  check({{features, "features", 3}, {source, "source", 1}});
   const int64_t B = features.size(0), N = features.size(1), d = features.size(2);
   const int64_t n = source.size(0), blocks = n / block;
   int64_t m = 1;
@@ -392,20 +376,15 @@ at::Tensor block_features(at::Tensor features, at::Tensor source, int64_t block)
   return out;
 }
 
-// The output core of an MPS between the ends of its two halves, u = ends[0] and w = ends[1],
-// (D, B) each: values[b][c] = sum_{l, r} u[l][b] O[l][c][r] w[r][b], divided by their max-abs
-// per sample. Returns the (B, C) normalised values, the (B,) log-scales logs[0] + logs[1] +
-// log(scale), and for mps_output_backward ow[l][c][b] = sum_r O[l][c][r] w[r][b] (D, C, B) and
-// the (B,) scales.
+// The output core of an MPS between the ends of its two halves, u = ends[0] and w = ends[1], (D, B)
+// each: values[b][c] = sum_{l, r} u[l][b] O[l][c][r] w[r][b], divided by their max-abs per sample.
+// Returns the (B, C) normalised values, the (B,) log-scales logs[0] + logs[1] + log(scale), and for
+// mps_output_backward ow[l][c][b] = sum_r O[l][c][r] w[r][b] (D, C, B) and the (B,) scales.
 std::vector<at::Tensor> mps_output_forward(at::Tensor ends, at::Tensor out_core, at::Tensor logs) {
-  ends = checked(ends, "ends", 3);
-  out_core = checked(out_core, "output_core", 3);
-  logs = checked(logs, "logs", 2);
+  check_output(ends, out_core);
+  check({{logs, "logs", 2}});
   const int64_t D = ends.size(1), B = ends.size(2), C = out_core.size(1);
-  TORCH_CHECK(ends.size(0) == 2 && out_core.size(0) == D && out_core.size(2) == D &&
-                  logs.size(0) == 2 && logs.size(1) == B &&
-                  out_core.scalar_type() == ends.scalar_type(),
-              "chain_scan: inconsistent shapes");
+  TORCH_CHECK(logs.size(0) == 2 && logs.size(1) == B, "chain_scan: logs (2, B) expected");
   auto values = at::empty({B, C}, ends.options());
   auto log_scale = at::empty({B}, ends.options());
   auto ow = at::empty({D, C, B}, ends.options());
@@ -438,13 +417,11 @@ std::vector<at::Tensor> mps_output_forward(at::Tensor ends, at::Tensor out_core,
 // g_O[l][c][r] = sum_b u[l][b] g'[c][b] w[r][b] (else an undefined tensor).
 std::vector<at::Tensor> mps_output_backward(at::Tensor grad, at::Tensor ends, at::Tensor out_core,
                                             at::Tensor ow, at::Tensor scale, bool core_grad) {
-  grad = checked(grad, "grad", 2);
-  ends = checked(ends, "ends", 3);
-  out_core = checked(out_core, "output_core", 3);
-  ow = checked(ow, "ow", 3);
-  scale = checked(scale, "scale", 1);
-  const int64_t D = ends.size(1), B = ends.size(2), C = ow.size(1);
-  TORCH_CHECK(grad.size(0) == B && grad.size(1) == C && ow.size(0) == D,
+  check_output(ends, out_core);
+  check({{grad, "grad", 2}, {ow, "ow", 3}, {scale, "scale", 1}});
+  const int64_t D = ends.size(1), B = ends.size(2), C = out_core.size(1);
+  TORCH_CHECK(grad.size(0) == B && grad.size(1) == C && ow.size(0) == D && ow.size(1) == C &&
+                  ow.size(2) == B && scale.size(0) == B,
               "chain_scan: inconsistent shapes");
   auto g_ends = at::zeros({2, D, B}, ends.options());
   auto g_core = core_grad ? at::empty({D, C, D}, ends.options()) : at::Tensor();
@@ -471,7 +448,7 @@ std::vector<at::Tensor> mps_output_backward(at::Tensor grad, at::Tensor ends, at
       std::vector<T> wt(B * ldv, T(0));
       for (int64_t r = 0; r < D; ++r)
         for (int64_t b = 0; b < B; ++b) wt[b * ldv + r] = u[(D + r) * B + b];
-      gram(ug.data(), D * C, B, wt.data(), ldv, B, g_core.data_ptr<T>(), D);
+      gram<T, false>(ug.data(), D * C, B, wt.data(), ldv, B, g_core.data_ptr<T>(), D);
     }
   });
   return {g_ends, g_core};

@@ -15,6 +15,12 @@ struct Vec {
   static constexpr int64_t lanes = 64 / sizeof(T);
 };
 
+// n rounded up to whole registers of T (a scratch row's width, zero past n).
+template <typename T>
+inline int64_t padded_width(int64_t n) {
+  return (n + Vec<T>::lanes - 1) / Vec<T>::lanes * Vec<T>::lanes;
+}
+
 template <typename T>
 inline typename Vec<T>::type load(const T* p) {
   typename Vec<T>::type v;
@@ -117,6 +123,20 @@ inline void gram_rows(const T* x, int64_t rows, int64_t ldx, const T* vt, int64_
   for (; r + 2 <= rows; r += 2)
     gram_tile<T, 2, NV, Acc>(x, ldx, vt, ldv, batch, G, cols, r, c0, valid);
   for (; r < rows; ++r) gram_tile<T, 1, NV, Acc>(x, ldx, vt, ldv, batch, G, cols, r, c0, valid);
+}
+
+// G (rows, cols) = x (rows, ldx) @ vt (batch, ldv), or G += it with `Acc`; vt is zero-padded to
+// whole registers (ldv >= padded_width(cols)). Two registers of columns at a time, then one.
+template <typename T, bool Acc>
+void gram(const T* x, int64_t rows, int64_t ldx, const T* vt, int64_t ldv, int64_t batch, T* G,
+          int64_t cols) {
+  constexpr int64_t L = Vec<T>::lanes;
+  for (int64_t c0 = 0; c0 < cols; c0 += 2 * L) {
+    if (cols - c0 > L)
+      gram_rows<T, 2, Acc>(x, rows, ldx, vt, ldv, batch, G, cols, c0);
+    else
+      gram_rows<T, 1, Acc>(x, rows, ldx, vt, ldv, batch, G, cols, c0);
+  }
 }
 
 }  // namespace tnkd_simd

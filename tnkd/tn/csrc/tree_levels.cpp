@@ -48,19 +48,6 @@ void matmul(const T* a, int64_t ar, int64_t ak, int64_t rows, int64_t depth, con
   }
 }
 
-// gw (rows, P) += o (rows, cols) @ gt (cols, ldg); ldg >= P rounded up to whole registers.
-template <typename T>
-void gram(const T* o, int64_t rows, int64_t ldo, const T* gt, int64_t ldg, int64_t cols, T* gw,
-          int64_t P) {
-  constexpr int64_t L = Vec<T>::lanes;
-  for (int64_t p0 = 0; p0 < P; p0 += 2 * L) {
-    if (P - p0 > L)
-      gram_rows<T, 2, true>(o, rows, ldo, gt, ldg, cols, gw, P, p0);
-    else
-      gram_rows<T, 1, true>(o, rows, ldo, gt, ldg, cols, gw, P, p0);
-  }
-}
-
 // A child: element (node, row, column) at ptr[node*sn + row*sr + column*sc].
 template <typename T>
 struct Child {
@@ -78,8 +65,7 @@ inline void copy_row(const T* s, int64_t cols, T* d) {
   for (; c < cols; ++c) d[c] = s[c];
 }
 
-// dst[r][0..width) = src rows r (columns c0..c0+cols), zero from cols on (width: whole
-// registers).
+// dst[r][0..width) = src rows r (columns c0..c0+cols), zero from cols on (width: whole registers).
 template <typename T>
 inline void load_rows(const T* src, int64_t sr, int64_t sc, int64_t rows, int64_t cols,
                       int64_t width, T* dst) {
@@ -242,14 +228,13 @@ Plan make_plan(std::vector<at::Tensor>& blocks, std::vector<std::vector<int64_t>
   return plan;
 }
 
-// How a pass is split between threads. By subtrees where the levels form a chain (the leaves
-// read row g of two blocks, each level rows 2g and 2g + 1 of the one below, each level its own
-// weights: node g of level k depends only on nodes g 2^(k-j) .. (g+1) 2^(k-j) - 1 of level
-// j <= k): task t runs levels 0..top-1 on its own subtrees, all columns, with no synchronisation
-// and no shared weight gradients; the levels from `top` (fewer nodes than threads: the root, ...)
-// run on one thread after them (before them, backward). Otherwise by columns: task t runs every
-// level on its own columns of the batch, each task with its own weight-gradient buffer, summed
-// at the end.
+// How a pass is split between threads. By subtrees where the levels form a chain (the leaves read
+// row g of two blocks, each level rows 2g and 2g + 1 of the one below, each level its own weights:
+// node g of level k depends only on nodes g 2^(k-j) .. (g+1) 2^(k-j) - 1 of level j <= k): task t
+// runs levels 0..top-1 on its own subtrees, all columns, with no synchronisation and no shared
+// weight gradients; the levels from `top` (fewer nodes than threads: the root, ...) run on one
+// thread after them (before them, backward). Otherwise by columns: task t runs every level on its
+// own columns of the batch, each task with its own weight-gradient buffer, summed at the end.
 struct Split {
   bool subtrees;
   int64_t tasks, top;
@@ -277,7 +262,7 @@ Split split_work(const Plan& plan) {
     while (top < K && plan.levels[top].nodes >= threads) ++top;
     if (top > 0) return {true, threads, top};
   }
-  const int64_t regs = (plan.n + Vec<T>::lanes - 1) / Vec<T>::lanes;
+  const int64_t regs = padded_width<T>(plan.n) / Vec<T>::lanes;
   return {false, std::max<int64_t>(1, std::min<int64_t>(threads, regs)), K};
 }
 
@@ -360,7 +345,7 @@ template <typename T, typename Levels, typename Head>
 void run_split(const Plan& plan, const Split& split, bool backward, int64_t width, int64_t pad_p,
                Levels&& levels, Head&& head) {
   constexpr int64_t L = Vec<T>::lanes;
-  const int64_t K = plan.levels.size(), n = plan.n, regs = (n + L - 1) / L;
+  const int64_t K = plan.levels.size(), n = plan.n, regs = padded_width<T>(n) / L;
   auto tasks = [&](int64_t k1) {
     at::parallel_for(0, split.tasks, 1, [&](int64_t t0, int64_t t1) {
       Work<T> work(plan, width, pad_p);
@@ -424,7 +409,7 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
         const auto ch = children<T>(plan, lv, g, slots);
         for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
           const int64_t cols = std::min(width, cend - c0);
-          const int64_t nv = (cols + L - 1) / L;
+          const int64_t nv = padded_width<T>(cols) / L;
           T* out = w.p;
           load_children(plan, k, lv, ch, c0, cols, width, w.child);
           outer(w.child[0], lv.A, w.child[1], lv.B, nv, width, w.o);
@@ -528,7 +513,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
       offset[lv.w] = std::exchange(total, total + blocks[lv.w].numel());
   const T* div = divisors.data_ptr<T>();
   const int64_t width = chunk_registers(plan.max_ab) * L;
-  const int64_t pad_p = (plan.max_p + L - 1) / L * L;
+  const int64_t pad_p = padded_width<T>(plan.max_p);
   const Split split = split_work<T>(plan);
   at::Tensor g_weights =
       at::zeros({split.subtrees ? 1 : split.tasks, std::max<int64_t>(total, 1)}, options);
@@ -563,7 +548,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
       const T* weight = blocks[lv.w].data_ptr<T>();
       const Child<T> gsrc = gslots[nb + k];
       const int64_t ab = lv.A * lv.B, abp = ab * lv.P;
-      const int64_t ldg = (lv.P + L - 1) / L * L;
+      const int64_t ldg = padded_width<T>(lv.P);
       const auto [g0, g1] = task_nodes(plan, split, t, k);
       for (int64_t g = g0; g < g1; ++g) {
         const auto ch = children<T>(plan, lv, g, slots);
@@ -571,7 +556,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
         T* gw = need_w ? gw_all + offset[lv.w] + g * abp : nullptr;
         for (int64_t c0 = cbegin; c0 < cend; c0 += width) {
           const int64_t cols = std::min(width, cend - c0);
-          const int64_t nv = (cols + L - 1) / L;
+          const int64_t nv = padded_width<T>(cols) / L;
           // G[p][:] = grad / divisor, zero past the columns
           const T* grow = gsrc.ptr + g * gsrc.sn + c0 * gsrc.sc;
           load_rows(grow, gsrc.sr, gsrc.sc, lv.P, cols, width, w.p);
@@ -590,7 +575,7 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
             }
             // g_W[(a, b)][p] = sum_c (left (x) right)[(a, b)][c] G[c][p]
             outer(w.child[0], lv.A, w.child[1], lv.B, nv, width, w.o);
-            gram(w.o, ab, width, w.gt, ldg, cols, gw, lv.P);
+            gram<T, true>(w.o, ab, width, w.gt, ldg, cols, gw, lv.P);
           }
           if (!lv.need_children) continue;
           // gO[ab][:] = sum_p W[ab][p] G[p][:]
