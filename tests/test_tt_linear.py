@@ -49,10 +49,12 @@ def test_equals_dense_product_for_shapes_ranks_and_leading_dims(
 def test_graph_compiled_generically_equals_the_layer():
     torch.manual_seed(8)
     layer = TTLinear(60, 24, (3, 4, 5), (2, 3, 4), ranks=[3, 5], bias=False).double()
-    net = CompiledNetwork(layer.to_graph())
+    graph = layer.to_graph()
+    net = CompiledNetwork(graph)
+    cores = [node.tensor for node in graph.nodes[:-1]]  # the layer's cores, end ranks dropped
     for batch in (3, 9, 3):
         x = torch.randn(batch, 60, dtype=torch.float64)
-        out = net([*layer._operands(), x.reshape(batch, 3, 4, 5)]).reshape(batch, 24)
+        out = net([*cores, x.reshape(batch, 3, 4, 5)]).reshape(batch, 24)
         assert torch.allclose(out, layer(x), atol=1e-12)
     # one input node: the generic path is planned on the batched shapes, once per batch size
     assert net.plan_per_shape and net.plans == 2

@@ -33,6 +33,14 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def check_pair(name: str, value: Any) -> tuple[int, int]:
+    """``(value, value)`` for an int, else the pair ``value``; raises unless two integers >= 1."""
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a pair, but got {value!r}")
+    return check_positive_int(f"{name}[0]", pair[0]), check_positive_int(f"{name}[1]", pair[1])
+
+
 def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
     """Raise a clear error unless ``value`` is one of ``choices``."""
     if value not in choices:
@@ -97,10 +105,9 @@ class Student(RecordsInitArgs, nn.Module):
 
         The teacher's parameters are all counted, trainable or frozen (distillation freezes it).
         """
-        teacher_count = (
-            teacher if isinstance(teacher, int) else sum(p.numel() for p in teacher.parameters())
-        )
-        return teacher_count / self.parameter_count()
+        if not isinstance(teacher, int):
+            teacher = sum(p.numel() for p in teacher.parameters())
+        return teacher / self.parameter_count()
 
     def to_graph(self) -> TNGraph:
         """The student as ``tensornetwork`` nodes and edges (one sample; inputs as nodes)."""

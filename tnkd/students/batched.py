@@ -182,8 +182,7 @@ def batch_students(members: Sequence[nn.Module], kind: str = "auto") -> nn.Modul
         The batched model (with ``num_members``, ``num_classes`` and ``member(k)``).
     """
     check_choice("kind", kind, ("auto", "batched", "list"))
-    check_same_shape(members)
-    first = members[0]
+    first = members[0] if members else None  # the batched model checks the members
     fits = type(first) is MPSClassifier and not any(True for _ in first.feature_map.parameters())
     if kind == "batched" or (kind == "auto" and fits):
         return BatchedMPS(members)  # type: ignore[arg-type]

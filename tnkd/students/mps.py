@@ -148,15 +148,11 @@ class MPSClassifier(GraphStudent):
         fmap = build_feature_map(feature_map)
         in_features = getattr(fmap, "in_features", 1)
         if in_features != patch * patch:
-            hint = (
-                f"use a map that takes {patch * patch} values, e.g. "
-                f"{{name: learnable, dim: 4, in_features: {patch * patch}}}"
-                if patch > 1
-                else "use a scalar map (linear, trig, poly, or learnable with in_features 1)"
-            )
             raise ValueError(
-                f"student feature map {type(fmap).__name__} takes {in_features} "
-                f"value(s) per site but patch={patch} gives each site {patch * patch}; {hint}"
+                f"student feature map {type(fmap).__name__} takes {in_features} value(s) per site "
+                f"but patch={patch} gives each site {patch * patch}; use a map that takes "
+                f"{patch * patch}: a scalar map (linear, trig, poly) for one pixel, else e.g. "
+                f"{{name: learnable, dim: 4, in_features: {patch * patch}}}"
             )
         bond = bond_dim
         cores = near_identity_cores(1 if uniform else num_sites, bond, fmap.neutral(), init_std)

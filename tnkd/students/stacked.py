@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from tnkd.feature_maps import FeatureMap
-from tnkd.students.base import Student, check_positive_int
+from tnkd.students.base import Student, check_pair, check_positive_int
 from tnkd.students.mps import MPSClassifier
 from tnkd.tn.graph import TNGraph
 
@@ -64,9 +64,8 @@ class StackedMPS(Student):
         self.num_inputs = check_positive_int("StackedMPS num_sites", num_sites)
         self.num_classes = check_positive_int("StackedMPS num_classes", num_classes)
         self.hidden = check_positive_int("StackedMPS hidden", hidden)
-        bonds = (bond_dim, bond_dim) if isinstance(bond_dim, int) else tuple(bond_dim)
-        if len(bonds) != 2:
-            raise ValueError(f"StackedMPS bond_dim must be an int or a pair, but got {bond_dim!r}")
+        bonds = check_pair("StackedMPS bond_dim", bond_dim)
+        both = {"init_std": init_std, "method": method}
         self.first = MPSClassifier(
             num_sites,
             hidden,
@@ -74,17 +73,10 @@ class StackedMPS(Student):
             feature_map,
             output=hidden_output,
             logit_scale=hidden_scale,
-            init_std=init_std,
-            method=method,
+            **both,
         )
         self.second = MPSClassifier(
-            hidden,
-            num_classes,
-            bonds[1],
-            hidden_feature_map,
-            output=output,
-            init_std=init_std,
-            method=method,
+            hidden, num_classes, bonds[1], hidden_feature_map, output=output, **both
         )
 
     @classmethod

@@ -140,9 +140,10 @@ class TTLinear(RecordsInitArgs, nn.Module):
         """The layer for one input: cores in a row, the reshaped input on their ``in`` legs."""
         d = len(self.cores)
         nodes = []
-        for k, core in enumerate(self._operands()):
+        for k, core in enumerate(self.cores):  # the end cores without their outer ranks (1)
             axes = ["left"] * (k > 0) + ["in", "out"] + ["right"] * (k < d - 1)
-            nodes.append(make_node(core, f"core_{k}", axes))
+            core = core[0] if k == 0 else core
+            nodes.append(make_node(core[..., 0] if k == d - 1 else core, f"core_{k}", axes))
         for k in range(d - 1):
             connect(nodes[k], "right", nodes[k + 1], "left", name=f"rank_{k + 1}")
         x = make_node(self.in_factors, "x", [f"in_{k}" for k in range(d)])
@@ -155,13 +156,6 @@ class TTLinear(RecordsInitArgs, nn.Module):
             output_edges=[nodes[k]["out"] for k in range(d)],
             positions={f"core_{k}": (float(k), 0.0) for k in range(d)},
         )
-
-    def _operands(self) -> list[torch.Tensor]:
-        """The cores without the outer ranks (1) of the end cores: the graph's node tensors."""
-        ops = list(self.cores)
-        ops[0] = ops[0].squeeze(0)
-        ops[-1] = ops[-1].squeeze(-1)
-        return ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` for ``x`` of shape (..., in_features), without forming W."""
@@ -195,9 +189,7 @@ class TTLinear(RecordsInitArgs, nn.Module):
     def matvec_plan(self, x: torch.Tensor) -> TTPlan:
         """The contraction plan for a (batch, in_features) input, planned once per batch size."""
         cores = list(self.cores)
-        training = torch.is_grad_enabled() and (
-            x.requires_grad or any(c.requires_grad for c in cores)
-        )
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *cores))
         key = (x.shape[0], training, x.device.type)
         plan = self._plans.get(key)
         if plan is None:
@@ -306,9 +298,5 @@ class TTMLPFromTeacher(TTMLP):
 
     def checkpoint_spec(self) -> dict[str, Any]:
         """Described as the :class:`TTMLP` it is, so loading never reads the teacher file again."""
-        args = {
-            "layers": self.layers,
-            "num_inputs": self.num_inputs,
-            "num_classes": self.num_classes,
-        }
+        args = {name: getattr(self, name) for name in ("layers", "num_inputs", "num_classes")}
         return {"class_path": "tnkd.students.TTMLP", "init_args": args}

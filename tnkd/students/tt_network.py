@@ -28,18 +28,11 @@ from collections.abc import Sequence
 import torch
 
 from tnkd.feature_maps import FeatureMap, LearnableFeatureMap, build_feature_map
-from tnkd.students.base import check_positive_int, image_patches, near_identity_cores
+from tnkd.students.base import check_pair, check_positive_int, image_patches, near_identity_cores
 from tnkd.students.graph import GraphStudent, image_shape
 from tnkd.students.mps import chain_graph
 from tnkd.tn.decompositions import tt_to_full
 from tnkd.tn.graph import TNGraph, make_node
-
-
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2:
-        raise ValueError(f"{name} must be an int or a pair (height, width), but got {value!r}")
-    return check_positive_int(f"{name}[0]", pair[0]), check_positive_int(f"{name}[1]", pair[1])
 
 
 def tt_graph(first: torch.Tensor, inner: torch.Tensor, last: torch.Tensor) -> TNGraph:
@@ -98,7 +91,7 @@ class TTNetwork(GraphStudent):
         init_std: float = 1e-2,
     ) -> None:
         channels, height, width = image_shape(input_shape, "TTNetwork")
-        ph, pw = _pair(patch_size, "TTNetwork patch_size")
+        ph, pw = check_pair("TTNetwork patch_size", patch_size)
         if height % ph or width % pw:
             raise ValueError(
                 f"TTNetwork patch_size {ph}x{pw} must divide the image size {height}x{width}; "
@@ -154,13 +147,13 @@ class TTNetwork(GraphStudent):
             p = p[..., 0]
         return self.feature_map(p).to(self.first.dtype)
 
-    def inner(self) -> torch.Tensor:
-        """(d - 2, r, n, r) inner cores (a broadcast view of the shared core with equal cores)."""
-        return self.inner_cores.expand(self.num_patches - 2, -1, -1, -1)
-
     def cores(self) -> list[torch.Tensor]:
-        """The TT cores as (r_{k-1}, n, r_k) tensors, r_0 = 1 and the label as the last rank."""
-        return [self.first.unsqueeze(0), *self.inner().unbind(0), self.last]
+        """The TT cores as (r_{k-1}, n, r_k) tensors, r_0 = 1 and the label as the last rank.
+
+        With equal cores the inner ones are views of the one shared core.
+        """
+        inner = self.inner_cores.expand(self.num_patches - 2, -1, -1, -1)
+        return [self.first.unsqueeze(0), *inner.unbind(0), self.last]
 
     def full_tensor(self) -> torch.Tensor:
         """The weight tensor W, shape (n, ..., n, C) (d feature indices): only for small d."""
