@@ -71,7 +71,6 @@ from tnkd.students.base import (
 )
 from tnkd.tn.chain import contract_chain
 from tnkd.tn.contraction import CompiledNetwork
-from tnkd.tn.fused import TreePlan
 from tnkd.tn.graph import NetworkSpec, TNGraph, index_ends
 from tnkd.tn.planner import (
     METHODS,
@@ -369,7 +368,7 @@ class GraphStudent(Student):
         #: the drawing as plain data (:meth:`TNGraph.to_dict`), for :meth:`to_graph`
         self._diagram = {**graph.to_dict(), "positions": graph.positions or tree_positions(spec)}
         self.input_nodes = inputs
-        self.input_sites = [sites[n] for n in inputs]
+        self._site_of = sites  # input node name -> its site
         self.method = self._method = method
         #: contract with the portable engine (tensor operations only; see tnkd.export.portable)
         self.portable = False
@@ -377,16 +376,15 @@ class GraphStudent(Student):
         # the sites are the sample's scalars in order (a grid of one axis: no pooling or patches)
         self._flat_sites = len(self.grid) <= 1 and getattr(self.feature_map, "in_features", 1) == 1
         self.compile = bool(compile)
-        self._contract_fn: Any = None  # the (compiled) contraction, made on first use
+        self._contract_fn: Any = None
         self.node_names = [n for n in spec.node_names if n not in set(inputs)]
         self._compiled: CompiledNetwork | None = None  # the reference engine, made on first use
         self._shape = examine(spec)
         traced = "compile=True traces the stable path"
         if compile:
             self._shape.chain, self._shape.why_not_chain = None, traced
-        self._network: StableNetwork | None = None
-        #: the tree engine's plan (:func:`~tnkd.tn.fused.tree_plan`) when the graph is a tree
-        self.tree_plan: TreePlan | None = None
+        #: the tree engine's plan (:class:`~tnkd.tn.fused.TreePlan`) when the graph is a tree
+        self._network, self.tree_plan = None, None
         if self._shape.chain is None or method not in ("auto", "chain"):
             # the pairwise schedule, and whether it is a binary tree (the tree engine's plan)
             self._network, self.tree_plan = examine_tree(self._shape, optimize)
@@ -396,13 +394,12 @@ class GraphStudent(Student):
         self.engine = choose(self._shape, method)[0].name
         if tie_sites and self.engine != "chain":
             raise ValueError(f"{what} tie_sites=True needs a chain (run on the chain engine)")
-        self.fast_path = self._linear_leaves = False
+        #: the logits come from the tree engine's autograd node (:class:`~tnkd.tn.fused.FastTree`)
+        self.fast_path, self._linear_leaves = self.engine == "tree", False
         self.blocks = nn.ParameterList()
-        #: node name -> (block: an index of ``blocks`` or a parameter's name, row or None)
-        self._block_of: dict[str, tuple[int | str, int | None]] = {}
-        #: per node: (stored as slice 0 of its first axis, ... of its last axis, permutation to
-        #: the node's axis order or None); only the chain engine stores nodes so
-        self._node_view: dict[str, tuple[bool, bool, tuple[int, ...] | None]] = {}
+        #: node name -> (block: an index of ``blocks`` or a parameter's name, index of the node's
+        #: entries in it, permutation to the node's axis order or None): see :meth:`node_tensors`
+        self._block_of: dict[str, tuple[int | str, tuple, tuple[int, ...] | None]] = {}
         self._padding = 0  # stored entries that belong to no node (open ends' padding)
         self._chain_kernel = "auto"  # the chain engine's kernel (see contract_chain)
         if self.engine == "chain":
@@ -455,9 +452,8 @@ class GraphStudent(Student):
         """
         if device is None:
             device = self._first_parameter().device
-        if self.portable:
-            return plan(self._shape, "portable", device)
-        return plan(self._shape, self._method, device, self._chain_kernel)
+        method = "portable" if self.portable else self._method
+        return plan(self._shape, method, device, self._chain_kernel)
 
     def _store_blocks(
         self, initial: dict[str, torch.Tensor], sites: dict[str, int], num_sites: int
@@ -476,11 +472,9 @@ class GraphStudent(Student):
                 self._input_blocks.append(as_slice(where) or where)
                 continue
             for g, name in enumerate(names):
-                self._block_of[name] = (len(self.blocks), g)
+                self._block_of[name] = (len(self.blocks), (g,), None)
             self.blocks.append(nn.Parameter(torch.stack([initial[n] for n in names])))
         self._block_kinds = list(stable.block_is_input)
-        #: the logits come from the tree engine's autograd node (:class:`~tnkd.tn.fused.FastTree`)
-        self.fast_path = self.engine == "tree"
         # [1, x] on flat sites, leaves joining sites 2g and 2g + 1 (the first two blocks, the only
         # input blocks): the map is fused with the leaves (see tnkd.tn.fused.FastTree)
         if self.fast_path and type(self.feature_map) is LinearFeatureMap and self._flat_sites:
@@ -517,18 +511,14 @@ class GraphStudent(Student):
             self.blocks.append(nn.Parameter(tensor))
             return len(self.blocks) - 1
 
-        def stored(node: ChainNode, in_block: bool) -> torch.Tensor:
-            axes = node.canonical()
-            self._node_view[names[node.index]] = (  # an open end in the block is its slice 0
-                in_block and node.left is None,
-                in_block and node.right is None,
-                None if axes == tuple(sorted(axes)) else tuple(map(axes.index, sorted(axes))),
-            )
-            return initial[names[node.index]].permute(*axes)
+        def store(node: ChainNode, block: int | str, index: tuple = ()) -> None:
+            axes = node.canonical()  # node_tensors permutes them back
+            back = None if axes == tuple(sorted(axes)) else tuple(map(axes.index, sorted(axes)))
+            self._block_of[names[node.index]] = (block, index, back)
 
         full, alone = [], []
         for node in layout.sites:
-            core = stored(node, True)  # (redone if it is stored alone)
+            core = initial[names[node.index]].permute(*node.canonical())
             fits = core.shape in ((bond, d, bond), (1, d, bond), (bond, d, 1), (d, bond), (bond, d))
             if fits and names[node.index] not in names_of:  # a named tensor is stored alone
                 full.append((node, _padded(core, node, bond)))
@@ -542,31 +532,27 @@ class GraphStudent(Student):
             cores = [core for _, core in (full[:1] if tie else full)]  # tied: no padding (checked)
             empty = initial[self.node_names[0]].new_zeros(0, bond, d, bond)
             block = add("sites", torch.stack(cores) if cores else empty)
-            for g, (node, _) in enumerate(full):
-                self._block_of[names[node.index]] = (block, 0 if tie else g)
+            for g, (node, _) in enumerate(full):  # an open end's site is slice 0 of that axis
+                first, last = [0] * (node.left is None), [..., 0] * (node.right is None)
+                store(node, block, (0 if tie else g, *first, *last))
         for node in [n for n in layout.nodes if names[n.index] not in self._block_of]:
             name = names[node.index]
-            self._block_of[name] = (add(name, stored(node, False)), None)
+            store(node, add(name, initial[name].permute(*node.canonical())))
         for key in names_of:
             if key in named:
                 self.register_parameter(names_of[key], nn.Parameter(named[key]))
 
-        # the chain's sites as runs: ("full", start, stop), rows of the stacked block; ("tied",
-        # count), the shared core count times; ("alone", block, node), a tensor stored alone
-        def row(node: ChainNode) -> int | None:
-            return self._block_of[names[node.index]][1]
-
+        # the chain's sites as runs (block, first row, count, node): rows of the stacked block
+        # (node None; tied, its one row count times) or a tensor stored alone (count 1)
+        where = {n.index: self._block_of[names[n.index]] for n in layout.sites}
         self._chain_runs: list[tuple] = []
-        for stacked, run in itertools.groupby(layout.sites, lambda n: row(n) is not None):
+        for alone, run in itertools.groupby(layout.sites, lambda n: not where[n.index][1]):
             run = list(run)
-            if not stacked:
-                self._chain_runs += [("alone", self._block_of[names[n.index]][0], n) for n in run]
-            elif tie:
-                self._chain_runs.append(("tied", len(run)))
+            if alone:
+                self._chain_runs += [(where[n.index][0], 0, 1, n) for n in run]
             else:
-                self._chain_runs.append(("full", row(run[0]), row(run[0]) + len(run)))
-        self._sites_block = block
-        site = dict(zip(self.input_nodes, self.input_sites, strict=True))
+                self._chain_runs.append((block, where[run[0].index][1][0], len(run), None))
+        site = self._site_of
         order = [site[names[n.input_node]] for n in layout.sites]
         self._chain_sites = (as_slice(order) or order) if order else []
         label = layout.label_node
@@ -579,44 +565,6 @@ class GraphStudent(Student):
     def parameter_count(self) -> int:
         """Number of trainable scalars of the graph's tensors (tied sites once, no padding)."""
         return count_parameters(self) - self._padding
-
-    def _chain_operands(self) -> tuple[torch.Tensor, ...]:
-        """``(left, cores, right, output core)`` for :func:`~tnkd.tn.chain.contract_chain`.
-
-        Open ends and smaller bonds are zero-padded to D (their outer bond is index 0 of a unit
-        boundary vector), which leaves the contraction's value unchanged.
-        """
-        layout = self._shape.chain
-        bond, names = layout.bond_dim, self._spec.node_names
-        sites = None if self._sites_block is None else self._stored(self._sites_block)
-        pieces = []
-        for run in self._chain_runs:
-            if run[0] == "full":  # (the whole block as it is: no slice for autograd to undo)
-                whole = run[1] == 0 and run[2] == sites.shape[0]
-                pieces.append(sites if whole else sites[run[1] : run[2]])
-            elif run[0] == "tied":
-                pieces.append(sites.expand(run[1], -1, -1, -1))
-            else:
-                pieces.append(_padded(self._stored(run[1]), run[2], bond).unsqueeze(0))
-        if not pieces:
-            cores = self._first_parameter().new_zeros(0, bond, layout.site_dim, bond)
-        elif len(pieces) == 1:
-            cores = pieces[0]
-        else:
-            cores = torch.cat(pieces)
-        ends = []
-        for node in (layout.nodes[0], layout.nodes[-1]):
-            if node.phys is None and node.label is None:  # a boundary vector
-                vector = self._stored(self._block_of[names[node.index]][0])
-                if vector.shape[0] < bond:
-                    vector = torch.nn.functional.pad(vector, (0, bond - vector.shape[0]))
-                ends.append(vector)
-            else:  # an open end: its outer bond is index 0 of the boundary e_0
-                ends.append(cores.new_zeros(bond))
-                ends[-1][0] = 1.0
-        label = layout.label_node
-        output_core = _padded(self._stored(self._block_of[names[label.index]][0]), label, bond)
-        return ends[0], cores, ends[1], output_core
 
     # ---- construction helpers -------------------------------------------------------------
     def _positions(
@@ -679,17 +627,12 @@ class GraphStudent(Student):
         return out
 
     # ---- evaluation ------------------------------------------------------------------------
-    def site_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """``(batch, sites)`` scalars, or ``(batch, sites, values)`` patches."""
-        flat = self.flatten_input(x)
-        if len(self.grid) <= 1:  # the flat sample's values
-            return flat
-        c, h, w = image_shape(self.input_shape, type(self).__name__)
-        return site_values(flat.view(flat.shape[0], c, h, w), self.pool, self.patch)
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, sites, site_dim)`` feature vectors."""
-        u = self.site_inputs(x)
+        u = self.flatten_input(x)  # (batch, sites): the flat sample's values, or for an image
+        if len(self.grid) > 1:  # (batch, sites) pooled pixels or (batch, sites, values) patches
+            c, h, w = image_shape(self.input_shape, type(self).__name__)
+            u = site_values(u.view(u.shape[0], c, h, w), self.pool, self.patch)
         phi = self.feature_map(u)
         if u.ndim == 3 and getattr(self.feature_map, "in_features", 1) == 1:
             product = phi[:, :, 0]  # phi is (batch, sites, values, d): the product map
@@ -728,24 +671,51 @@ class GraphStudent(Student):
 
     def graph_operands(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One tensor per graph node, in node order (input nodes batched)."""
-        if self.engine != "chain":
-            return self.network.from_blocks(self.operand_blocks(x))
-        phi = self.features(x)
-        params = self.node_tensors()
-        site = dict(zip(self.input_nodes, self.input_sites, strict=True))
+        phi, params, site = self.features(x), self.node_tensors(), self._site_of
         return [
             phi[:, site[name]] if name in site else params[name] for name in self._spec.node_names
         ]
 
     def _chain_arguments(self, phi: torch.Tensor) -> tuple[Any, ...]:
-        """The arguments of :func:`~tnkd.tn.chain.contract_chain` for the features ``phi``."""
+        """The arguments of :func:`~tnkd.tn.chain.contract_chain` for the features ``phi``.
+
+        Open ends and smaller bonds are zero-padded to D (their outer bond is index 0 of a unit
+        boundary vector), which leaves the contraction's value unchanged.
+        """
+        layout = self._shape.chain
+        bond, names = layout.bond_dim, self._spec.node_names
+        pieces = []
+        for block, start, count, node in self._chain_runs:
+            stored = self._stored(block)
+            if node is not None:  # a tensor stored alone
+                pieces.append(_padded(stored, node, bond).unsqueeze(0))
+            elif start == 0 and count == stored.shape[0]:  # no slice for autograd to undo
+                pieces.append(stored)
+            elif stored.shape[0] == 1:  # tied sites: the one core, count times
+                pieces.append(stored.expand(count, -1, -1, -1))
+            else:
+                pieces.append(stored[start : start + count])
+        if not pieces:
+            cores = self._first_parameter().new_zeros(0, bond, layout.site_dim, bond)
+        else:
+            cores = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        ends = []
+        for node in (layout.nodes[0], layout.nodes[-1]):
+            if node.phys is None and node.label is None:  # a boundary vector
+                vector = self._stored(self._block_of[names[node.index]][0])
+                if vector.shape[0] < bond:
+                    vector = torch.nn.functional.pad(vector, (0, bond - vector.shape[0]))
+                ends.append(vector)
+            else:  # an open end: its outer bond is index 0 of the boundary e_0
+                ends.append(cores.new_zeros(bond))
+                ends[-1][0] = 1.0
+        label = layout.label_node
+        output_core = _padded(self._stored(self._block_of[names[label.index]][0]), label, bond)
         where = self._chain_sites
         whole = isinstance(where, slice) and where == slice(0, phi.shape[1], 1)
         feats = phi if whole else phi[:, where]
-        label = None if self._label_site is None else phi[:, self._label_site]
-        left, cores, right, output_core = self._chain_operands()
-        position = self._shape.chain.sites_before_label
-        return left, cores, right, feats, output_core, position, label
+        at_label = None if self._label_site is None else phi[:, self._label_site]
+        return ends[0], cores, ends[1], feats, output_core, layout.sites_before_label, at_label
 
     def _portable_log_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The portable engine (:mod:`tnkd.tn.portable`): tensor operations only, for export.
@@ -771,17 +741,12 @@ class GraphStudent(Student):
         if self.engine == "tree":
             return self.tree_plan.contract(self.operand_blocks(x))
         if self.engine == "reference":
-            values = self.generic_forward(x)
             blocks = functools.partial(self.operand_blocks, x)
             rerun = None if self._method != "auto" else lambda: self.network.contract(blocks())
-            return reference_values(values, rerun)
-        if self._contract_fn is None:
-            net = self.network
-            self._contract_fn = (
-                torch.compile(functools.partial(net.contract, every=True))
-                if self.compile
-                else net.contract
-            )
+            return reference_values(self.generic_forward(x), rerun)
+        if self._contract_fn is None:  # the (compiled) contraction, made on first use
+            every = functools.partial(self.network.contract, every=True)
+            self._contract_fn = torch.compile(every) if self.compile else self.network.contract
         return self._contract_fn(self.operand_blocks(x))
 
     def __getstate__(self) -> dict[str, Any]:
@@ -819,13 +784,8 @@ class GraphStudent(Student):
         """``{node name: tensor}`` of the parameter nodes, in graph order (views of ``blocks``)."""
         out = {}
         for name in self.node_names:
-            b, g = self._block_of[name]
-            tensor = self._stored(b) if g is None else self._stored(b)[g]
-            first, last, axes = self._node_view.get(name, (False, False, None))
-            if first:
-                tensor = tensor[0]
-            if last:
-                tensor = tensor[..., 0]
+            block, index, axes = self._block_of[name]
+            tensor = self._stored(block)[index]
             out[name] = tensor if axes is None else tensor.permute(*axes)
         return out
 
