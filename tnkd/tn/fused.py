@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -78,9 +79,10 @@ def tree_plan(net: StableNetwork) -> tuple[TreePlan | None, str]:
         levels.append((weight.source, columns[left], columns[right], group.renorm, first + number))
     if net.last != (first + len(levels) - 1, 0) or len(net.groups[-1].steps) != 1:
         return None, "the last step does not give the whole result"
-    return TreePlan(levels, net, permutations), ""
+    return TreePlan(tuple(levels), net, permutations), ""
 
 
+@dataclass(eq=False)
 class TreePlan:
     """The levels of a tree (see :data:`Level`) for :class:`FastTree`, and how to run them.
 
@@ -90,19 +92,13 @@ class TreePlan:
     renormalising every level. A tree student keeps its plan as its ``tree_plan``.
     """
 
-    def __init__(
-        self,
-        levels: Sequence[Level],
-        network: StableNetwork,
-        permutations: dict[int, tuple[int, ...]],
-    ) -> None:
-        self.levels = tuple(levels)
-        #: the network whose schedule the levels are: it contracts where the native loop does not
-        self.network = network
-        #: weight blocks whose axes are not (node, left child, right child, parent): how to read them
-        self.permutations = permutations
-        #: run the native level loop where it can (:meth:`kernels`); False: the stable engine
-        self.native = True
+    levels: tuple[Level, ...]
+    #: the network whose schedule the levels are: it contracts where the native loop does not
+    network: StableNetwork
+    #: weight blocks whose axes are not (node, left child, right child, parent): how to read them
+    permutations: dict[int, tuple[int, ...]]
+    #: run the native level loop where it can (:meth:`kernels`); False: the stable engine
+    native: bool = True
 
     def contract(
         self, blocks: Sequence[torch.Tensor], every: bool = False
