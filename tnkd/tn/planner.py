@@ -139,12 +139,10 @@ def recognise_chain(spec: NetworkSpec) -> tuple[ChainLayout | None, str]:
         if len(b) > 2:
             return None, f"tensor {names[node]!r} has {len(b)} bonds (a chain: 2)"
     ends_of_path = [k for k in params if len(bonds[k]) <= 1]
-    if len(params) < 2 or len(ends_of_path) != 2:
-        return None, "its tensors do not form one open path"
-    order = [min(ends_of_path)]
+    order = (ends_of_path or params)[:1]
     for _ in params[1:]:  # walk from one end: on to the neighbour it did not come from
         order += [k for k in bonds[order[-1]] if k not in order[-2:-1]][:1]
-    if len(set(order)) != len(params):
+    if len(ends_of_path) != 2 or len(set(order)) != len(params):
         return None, "its tensors do not form one open path"
     nodes = []
     for pos, k in enumerate(order):

@@ -333,7 +333,6 @@ class StableNetwork:
             group.renorm = group is self.groups[-1] or max(counts) > RENORM_AFTER
             for (_, output), count in zip(group.steps, counts, strict=True):
                 carried[output] = 0 if group.renorm else count
-        self.renormalisations = sum(g.renorm for g in self.groups)
         self.block_is_input = [block[0] in inputs for block in self.blocks]
         self.last = where[last]
         self._permutation = tuple(last_names.index(ix) for ix in (BATCH, *self.spec.output_indices))
@@ -395,7 +394,7 @@ class StableNetwork:
                 if log is not None:
                     logs[len(tensors)] = log
                 tensors.append(result)
-            if not every and self.renormalisations < self.kernels:
+            if not every and not all(g.renorm for g in self.groups):
                 # between renormalisations a value may have left the range where float keeps all
                 # its digits: then contract again, renormalising after every step
                 lowest, highest = digits_range(blocks[0].dtype)
