@@ -367,9 +367,8 @@ class StableNetwork:
 
         A parameter block is ``(G, *node shape)``, an input block ``(G, *node shape, batch)``
         (intermediates keep the batch index last too: elementwise work then runs along
-        contiguous samples).
-        ``every=True`` renormalises after every step and skips the range check (no
-        data-dependent branch: what ``torch.compile`` traces in one graph).
+        contiguous samples). ``every=True`` renormalises after every step and skips the range
+        check (no data-dependent branch: what ``torch.compile`` traces in one graph).
         """
         if len(blocks) != len(self.blocks):
             raise ValueError(f"expected {len(self.blocks)} blocks, got {len(blocks)}")
