@@ -233,9 +233,8 @@ def native_tree_forward(ext, levels, blocks, every, log_scale, linear) -> _Nativ
     """
     square = log_scale is not None and not every
     slots, renorm = _native_plan(levels, every, square)
-    bounds = digits_range(blocks[0].dtype)
     outs, divisors, in_range, logits, inverse = ext.tree_forward(
-        list(blocks), slots, renorm, linear, square, log_scale, *bounds
+        list(blocks), slots, renorm, linear, square, log_scale, *digits_range(blocks[0].dtype)
     )
     if not (in_range or all(renorm)):  # (every level renormalised: nothing to check)
         return None

@@ -205,10 +205,7 @@ class GraphShape:
 
 
 def examine(spec: NetworkSpec) -> GraphShape:
-    """The shape of a graph as far as its spec tells: a chain, a TT-matrix.
-
-    Whether it is a tree is known from its pairwise schedule (:func:`examine_tree`).
-    """
+    """The shape of a graph as far as its spec tells: a chain, a TT-matrix (a tree: examine_tree)."""
     return GraphShape(spec, *recognise_chain(spec), recognise_tt_matrix(spec)[1])
 
 
