@@ -389,7 +389,7 @@ class GraphStudent(Student):
             # the pairwise schedule, and whether it is a binary tree (the tree engine's plan)
             self._network, self.tree_plan = examine_tree(self._shape, optimize)
             if compile:
-                self._shape.tree, self._shape.why_not_tree = False, traced
+                self._shape.why_not_tree = traced
         #: the engine chosen from the graph's shape (``plan()`` adds the device's kernel)
         self.engine = choose(self._shape, method)[0].name
         if tie_sites and self.engine != "chain":

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -69,40 +70,33 @@ def tree_plan(net: StableNetwork) -> tuple[TreePlan | None, str]:
         w, left, right, axes = group.pair
         if axes[1] < axes[0]:  # the children the other way round: no copy of the weights
             left, right, axes = right, left, (axes[1], axes[0], axes[2])
-        weight = group.columns[w]
+        weight, left, right = (group.columns[k] for k in (w, left, right))
         if not weight.whole or weight.source >= first:
             return None, "a node's weights are not one whole block"
         if axes != (0, 1, 2):
             permutations[weight.source] = (0, *(1 + k for k in axes))
-        columns = group.columns
-        levels.append((weight.source, columns[left], columns[right], group.renorm, first + number))
+        levels.append((weight.source, left, right, group.renorm, first + number))
     if net.last != (first + len(levels) - 1, 0) or len(net.groups[-1].steps) != 1:
         return None, "the last step does not give the whole result"
-    return TreePlan(levels, net, permutations), ""
+    return TreePlan(tuple(levels), net, permutations), ""
 
 
+@dataclass(eq=False)
 class TreePlan:
     """The levels of a tree (see :data:`Level`) for :class:`FastTree`, and how to run them.
 
-    The levels renormalise as the network's plan does (once more than 12 tensors were multiplied
-    into a value, :class:`~tnkd.tn.stable.StableNetwork`), with the same range check (every
-    divisor within [tiny / eps, max * eps], finite); a pass that fails it runs again
-    renormalising every level. A tree student keeps its plan as its ``tree_plan``.
+    The levels renormalise as the network's plan does, with its range check; a pass that fails
+    it runs again renormalising every level (:func:`native_tree_forward`). A tree student keeps
+    its plan as its ``tree_plan``.
     """
 
-    def __init__(
-        self,
-        levels: Sequence[Level],
-        network: StableNetwork,
-        permutations: dict[int, tuple[int, ...]],
-    ) -> None:
-        self.levels = tuple(levels)
-        #: the network whose schedule the levels are: it contracts where the native loop does not
-        self.network = network
-        #: weight blocks whose axes are not (node, left child, right child, parent): how to read them
-        self.permutations = permutations
-        #: run the native level loop where it can (:meth:`kernels`); False: the stable engine
-        self.native = True
+    levels: tuple[Level, ...]
+    #: the network whose schedule the levels are: it contracts where the native loop does not
+    network: StableNetwork
+    #: weight blocks whose axes are not (node, left child, right child, parent): how to read them
+    permutations: dict[int, tuple[int, ...]]
+    #: run the native level loop where it can (:meth:`kernels`); False: the stable engine
+    native: bool = True
 
     def contract(
         self, blocks: Sequence[torch.Tensor], every: bool = False
@@ -116,7 +110,6 @@ class TreePlan:
             if ext is None:
                 return self.network.contract(blocks, every)
             out, divisors = FastTree.apply(self, ext, every, None, False, *self.arranged(blocks))
-        # every node feeds one parent: the root's log-scale is the sum of all divisors' logs
         return out[0].T, divisors.log().sum((0, 1))
 
     def normalized_logits(
@@ -240,9 +233,8 @@ def native_tree_forward(ext, levels, blocks, every, log_scale, linear) -> _Nativ
     """
     square = log_scale is not None and not every
     slots, renorm = _native_plan(levels, every, square)
-    bounds = digits_range(blocks[0].dtype)
     outs, divisors, in_range, logits, inverse = ext.tree_forward(
-        list(blocks), slots, renorm, linear, square, log_scale, *bounds
+        list(blocks), slots, renorm, linear, square, log_scale, *digits_range(blocks[0].dtype)
     )
     if not (in_range or all(renorm)):  # (every level renormalised: nothing to check)
         return None

@@ -139,12 +139,10 @@ def recognise_chain(spec: NetworkSpec) -> tuple[ChainLayout | None, str]:
         if len(b) > 2:
             return None, f"tensor {names[node]!r} has {len(b)} bonds (a chain: 2)"
     ends_of_path = [k for k in params if len(bonds[k]) <= 1]
-    if len(params) < 2 or len(ends_of_path) != 2:
-        return None, "its tensors do not form one open path"
-    order = [min(ends_of_path)]
+    order = (ends_of_path or params)[:1]
     for _ in params[1:]:  # walk from one end: on to the neighbour it did not come from
         order += [k for k in bonds[order[-1]] if k not in order[-2:-1]][:1]
-    if len(set(order)) != len(params):
+    if len(ends_of_path) != 2 or len(set(order)) != len(params):
         return None, "its tensors do not form one open path"
     nodes = []
     for pos, k in enumerate(order):
@@ -201,32 +199,26 @@ class GraphShape:
     spec: NetworkSpec
     chain: ChainLayout | None
     why_not_chain: str
-    tt_matrix: bool  # a TT-matrix against one input (a TT layer)
-    why_not_tt_matrix: str
-    tree: bool = False  # a binary tree of pair steps (see examine_tree)
+    why_not_tt_matrix: str  # "": a TT-matrix against one input (a TT layer)
     shallow: bool = False  # one einsum beats the grouped steps (see examine_tree)
-    why_not_tree: str = "not examined"
+    why_not_tree: str = "not examined"  # "": a binary tree of pair steps (see examine_tree)
 
 
 def examine(spec: NetworkSpec) -> GraphShape:
-    """The shape of a graph as far as its spec tells: a chain, a TT-matrix.
-
-    Whether it is a tree is known from its pairwise schedule (:func:`examine_tree`).
-    """
-    return GraphShape(spec, *recognise_chain(spec), *recognise_tt_matrix(spec))
+    """The shape of a graph as far as its spec tells: a chain, a TT-matrix (a tree: examine_tree)."""
+    return GraphShape(spec, *recognise_chain(spec), recognise_tt_matrix(spec)[1])
 
 
 def examine_tree(shape: GraphShape, optimize="auto") -> tuple[StableNetwork, TreePlan | None]:
     """The graph's pairwise schedule, and the tree engine's plan when it is a binary tree.
 
     A binary tree is a schedule whose every step joins a node with its two children
-    (:func:`~tnkd.tn.fused.tree_plan`), however the graph was drawn. Sets ``shape.tree``,
-    ``shape.why_not_tree`` and ``shape.shallow`` (the rule in the module docstring; one einsum
-    is faster there, as measured by ``benchmarks/plain_vs_stable.py``).
+    (:func:`~tnkd.tn.fused.tree_plan`), however the graph was drawn. Sets ``shape.why_not_tree``
+    and ``shape.shallow`` (the rule in the module docstring; one einsum is faster there, as
+    measured by ``benchmarks/plain_vs_stable.py``).
     """
     network = StableNetwork(shape.spec, optimize=optimize)
     tree, shape.why_not_tree = tree_plan(network)
-    shape.tree = tree is not None
     shape.shallow = network.depth <= PLAIN_MAX_DEPTH and 2 * network.kernels > len(network.path)
     return network, tree
 
@@ -318,13 +310,13 @@ def chain_kernel(
 for _engine in (
     Engine(
         "chain",
-        lambda s, d: None if s.chain is not None else s.why_not_chain,
+        lambda s, d: s.why_not_chain or None,
         "the graph is a chain",
         lambda s, d: CHAIN_KERNELS[chain_kernel("auto", s.chain.bond_dim if s.chain else 1, d)[0]],
     ),
     Engine(
         "tree",
-        lambda s, d: None if s.tree else s.why_not_tree,
+        lambda s, d: s.why_not_tree or None,
         "the graph is a binary tree",
         lambda s, d: (
             "native level loop (C++)"
@@ -334,7 +326,7 @@ for _engine in (
     ),
     Engine(
         "tt_matrix",
-        lambda s, d: None if s.tt_matrix else s.why_not_tt_matrix,
+        lambda s, d: s.why_not_tt_matrix or None,
         "the graph is a TT-matrix against one input",
         lambda s, d: "merged-core sweep (hand-written backward)",
     ),
@@ -388,10 +380,9 @@ class Plan:
 
 
 def choose(
-    shape: GraphShape | NetworkSpec, method: str = "auto", device=None
+    shape: GraphShape, method: str = "auto", device=None
 ) -> tuple[Engine, str, tuple[tuple[str, str], ...]]:
     """The engine for a graph, why, and why each engine tried before it refused (see :func:`plan`)."""
-    shape = shape if isinstance(shape, GraphShape) else examine(shape)
     device = torch.device("cpu" if device is None else device)
     if method != "auto":
         if method not in ENGINES:

@@ -126,7 +126,7 @@ class _Group:
     steps: list[tuple[tuple[int, ...], int]]  # (input slots in canonical operand order, result)
     columns: list[Column]
     stages: list[tuple[str, tuple[int, ...]]]  # (equation, operand positions; -1: previous)
-    renorm: bool = True  # renormalise the result (see RENORM_AFTER)
+    renorm: bool = True  # renormalise the result (see RENORM_AFTER and StableNetwork)
     # (weight, left, right, the weight's axes) of a step the tree engine runs (see _pair_roles)
     pair: tuple[int, int, int, tuple[int, int, int]] | None = None
 
@@ -169,11 +169,12 @@ def tree_path(spec: NetworkSpec) -> list[tuple[int, ...]] | None:
 
 def _schedule(
     spec: NetworkSpec, path: Sequence[Sequence[int]]
-) -> tuple[list[list[_Group]], tuple[str, ...], int]:
-    """Turn a contraction path into levels of grouped steps.
+) -> tuple[list[_Group], int, tuple[str, ...], int]:
+    """Turn a contraction path into grouped steps, in order of depth.
 
     Returns:
-        The levels (each a list of groups), the index names of the last slot and its id.
+        The groups, the depth (levels of the contraction tree), the index names of the last slot
+        and its id.
     """
     batched = [(BATCH,) if n in spec.input_nodes else () for n in spec.node_names]
     names = [idx + b for idx, b in zip(spec.node_indices, batched, strict=True)]
@@ -207,8 +208,8 @@ def _schedule(
         groups[key].steps.append((tuple(ids), new))
     if len(current) != 1:
         raise ValueError(f"the contraction path left {len(current)} tensors; expected one")
-    levels = [[g for (d, *_), g in groups.items() if d == k] for k in range(1, max(depth) + 1)]
-    return levels, names[current[0]], current[0]
+    ordered = [g for _, g in sorted(groups.items(), key=lambda item: item[0][0])]  # (stable)
+    return ordered, max(depth), names[current[0]], current[0]
 
 
 def _pair_roles(
@@ -254,20 +255,6 @@ def _stages(
     first = ",".join(everything[k] for k in per_sample) + "->" + term(product)
     second = ",".join([*(everything[k] for k in params), term(product)]) + "->" + term(kept)
     return [(first, tuple(per_sample)), (second, (*params, -1))]
-
-
-def _plan_renormalisation(groups: list[_Group], num_nodes: int, after: int) -> None:
-    """Renormalise a group's results once more than ``after`` tensors were multiplied into them.
-
-    Each original operand counts 1; a renormalised result counts 0. The last group is always
-    renormalised (the returned values have max-abs 1 per sample).
-    """
-    carried: dict[int, int] = dict.fromkeys(range(num_nodes), 1)
-    for group in groups:
-        counts = [sum(carried[s] for s in inputs) for inputs, _ in group.steps]
-        group.renorm = group is groups[-1] or max(counts) > after
-        for (_, output), count in zip(group.steps, counts, strict=True):
-            carried[output] = 0 if group.renorm else count
 
 
 def _layout(
@@ -334,13 +321,18 @@ class StableNetwork:
             shapes=True,
             optimize="greedy" if path is None else path,
         )
-        self.levels, last_names, last = _schedule(self.spec, self.path)
+        self.groups, self.depth, last_names, last = _schedule(self.spec, self.path)
+        self.kernels = len(self.groups)
         inputs = {k for k, n in enumerate(self.spec.node_names) if n in self.spec.input_nodes}
-        self.groups = [group for level in self.levels for group in level]
-        self.depth, self.kernels = len(self.levels), len(self.groups)
         self.blocks, where = _layout(self.groups, len(self.spec.node_names), inputs)
-        _plan_renormalisation(self.groups, len(self.spec.node_names), RENORM_AFTER)
-        self.renormalisations = sum(g.renorm for g in self.groups)
+        # renormalise a group's results once more than RENORM_AFTER tensors were multiplied into
+        # them (an original operand counts 1, a renormalised result 0), and always the last group
+        carried = dict.fromkeys(range(len(self.spec.node_names)), 1)
+        for group in self.groups:
+            counts = [sum(carried[s] for s in ids) for ids, _ in group.steps]
+            group.renorm = group is self.groups[-1] or max(counts) > RENORM_AFTER
+            for (_, output), count in zip(group.steps, counts, strict=True):
+                carried[output] = 0 if group.renorm else count
         self.block_is_input = [block[0] in inputs for block in self.blocks]
         self.last = where[last]
         self._permutation = tuple(last_names.index(ix) for ix in (BATCH, *self.spec.output_indices))
@@ -375,45 +367,39 @@ class StableNetwork:
 
         A parameter block is ``(G, *node shape)``, an input block ``(G, *node shape, batch)``
         (intermediates keep the batch index last too: elementwise work then runs along
-        contiguous samples).
-        ``every=True`` renormalises after every step and skips the range check (no
-        data-dependent branch: what ``torch.compile`` traces in one graph).
+        contiguous samples). ``every=True`` renormalises after every step and skips the range
+        check (no data-dependent branch: what ``torch.compile`` traces in one graph).
         """
         if len(blocks) != len(self.blocks):
             raise ValueError(f"expected {len(self.blocks)} blocks, got {len(blocks)}")
         with full_precision(blocks) as blocks:
-            return self._contract(blocks, every)
-
-    def _contract(
-        self, blocks: list[torch.Tensor], every: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = list(blocks)
-        logs: dict[int, torch.Tensor] = {}
-        peaks = []
-        for group in self.groups:
-            log = None
-            ops = [c.take(tensors) for c in group.columns]
-            result = ops[0]
-            for equation, positions in group.stages:
-                result = torch.einsum(equation, *[result if k < 0 else ops[k] for k in positions])
-            if group.renorm or every:  # per (group entry, sample)
-                result, log, peak = rescaled(result, group.scale_axes)
-                log = log.reshape(result.shape[0], -1)
-                peaks.append(peak)
-            for column in group.columns:
-                part = column.take_log(logs)
-                if part is not None:
-                    log = part if log is None else log + part
-            if log is not None:
-                logs[len(tensors)] = log
-            tensors.append(result)
-        if not every and self.renormalisations < self.kernels:
-            # between renormalisations a value may have left the range where float keeps all its
-            # digits: then contract again, renormalising after every step
-            lowest, highest = digits_range(blocks[0].dtype)
-            worst = torch.cat([p.reshape(-1) for p in peaks])
-            if not bool(((worst >= lowest) & (worst <= highest)).all()):  # False for NaN too
-                return self._contract(blocks, every=True)
+            tensors = list(blocks)
+            logs: dict[int, torch.Tensor] = {}
+            peaks = []
+            for group in self.groups:
+                log = None
+                ops = [c.take(tensors) for c in group.columns]
+                result = ops[0]
+                for eq, positions in group.stages:
+                    result = torch.einsum(eq, *[result if k < 0 else ops[k] for k in positions])
+                if group.renorm or every:  # per (group entry, sample)
+                    result, log, peak = rescaled(result, group.scale_axes)
+                    log = log.reshape(result.shape[0], -1)
+                    peaks.append(peak)
+                for column in group.columns:
+                    part = column.take_log(logs)
+                    if part is not None:
+                        log = part if log is None else log + part
+                if log is not None:
+                    logs[len(tensors)] = log
+                tensors.append(result)
+            if not every and not all(g.renorm for g in self.groups):
+                # between renormalisations a value may have left the range where float keeps all
+                # its digits: then contract again, renormalising after every step
+                lowest, highest = digits_range(blocks[0].dtype)
+                worst = torch.cat([p.reshape(-1) for p in peaks])
+                if not bool(((worst >= lowest) & (worst <= highest)).all()):  # False for NaN too
+                    return self.contract(blocks, every=True)
         slot, g = self.last
         values = tensors[slot][g].permute(*self._permutation)
         batch = values.shape[0]
