@@ -38,6 +38,16 @@ def check_fraction(name: str, value: float, *, upper_open: bool = True) -> float
 RESIDENT_FRACTION = 0.5
 
 
+def check_downsample(value: Any, size: int) -> int:
+    """Raise a one-line error unless ``value`` is an integer divisor of the image side ``size``."""
+    divisors = [d for d in range(1, size + 1) if size % d == 0]
+    if not isinstance(value, int) or isinstance(value, bool) or value not in divisors:
+        raise ValueError(
+            f"data downsample must be an integer divisor of {size} ({divisors}), but got {value!r}"
+        )
+    return value
+
+
 def _free_memory(device: torch.device) -> int | None:
     """Free bytes on an accelerator, or ``None`` where torch cannot tell."""
     info = getattr(getattr(torch, device.type, None), "mem_get_info", None)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tnkd.data.base import ClassificationDataModule
+from tnkd.data.base import ClassificationDataModule, check_downsample
 
 IMAGE_SIZE = 32
 FOLDER = "cifar-10-batches-py"
@@ -153,16 +153,7 @@ class CIFAR10DataModule(ClassificationDataModule):
             labeled_per_class=labeled_per_class,
             extra_unlabeled=extra_unlabeled,
         )
-        divisors = [d for d in range(1, IMAGE_SIZE + 1) if IMAGE_SIZE % d == 0]
-        if (
-            not isinstance(downsample, int)
-            or isinstance(downsample, bool)
-            or downsample not in divisors
-        ):
-            raise ValueError(
-                f"data downsample must be an integer divisor of {IMAGE_SIZE} ({divisors}), "
-                f"but got {downsample!r}"
-            )
+        check_downsample(downsample, IMAGE_SIZE)
         self.root = Path(root)
         self.grayscale = grayscale
         self.downsample = downsample
