@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from contraction import CLASSES, inference_step, samples_per_second, train_step
+from contraction import BATCH, CLASSES, inference_step, samples_per_second, train_step
 from torch.profiler import ProfilerActivity, profile
 
 from tnkd.students import MPSClassifier, PEPSClassifier, TreeClassifier, TTLinear
@@ -40,7 +40,7 @@ def models(accelerator_paths: bool) -> list[tuple[str, torch.nn.Module, torch.Te
     torch.manual_seed(0)
     chain = {"method": "tree"} if accelerator_paths else {}
     tree = {"method": "stable"} if accelerator_paths else {}
-    flat = lambda n, b=100: torch.rand(b, n)  # noqa: E731
+    flat = lambda n, b=BATCH: torch.rand(b, n)  # noqa: E731
     return [
         ("MPS 196 sites, D = 16", MPSClassifier(196, CLASSES, 16, **chain), flat(196), CLASSES),
         ("MPS 784 sites, D = 10", MPSClassifier(784, CLASSES, 10, **chain), flat(784), CLASSES),
@@ -54,7 +54,7 @@ def models(accelerator_paths: bool) -> list[tuple[str, torch.nn.Module, torch.Te
         (
             "PEPS 4 x 4, D = 3",
             PEPSClassifier((1, 28, 28), CLASSES, 3, patch=1, pool=7),
-            torch.rand(100, 1, 28, 28),
+            torch.rand(BATCH, 1, 28, 28),
             CLASSES,
         ),
         ("TTLinear 4096 -> 4096, r 8", TTLinear(4096, 4096, ranks=8), flat(4096, 256), 4096),
@@ -105,8 +105,10 @@ def main() -> None:
         train()  # warm-up: plans, native builds, allocator
         plan = model.plan(device)
         reps = 3 if args.quick else 10
-        speed = samples_per_second(train, reps, device=device) * x.shape[0] / 100
-        infer = samples_per_second(inference_step(model, x), reps, device=device) * x.shape[0] / 100
+        speed = samples_per_second(train, reps, device=device) * x.shape[0] / BATCH
+        infer = (
+            samples_per_second(inference_step(model, x), reps, device=device) * x.shape[0] / BATCH
+        )
         rows.append(
             (label, f"{plan.engine}: {plan.kernel}", speed, infer, kernels_per_step(train, device))
         )

@@ -28,3 +28,19 @@ def served_docs(tmp_path_factory):
     from docs_site import serve
 
     yield from serve(tmp_path_factory.mktemp("mkdocs") / "serve.log")
+
+
+@pytest.fixture(scope="session")
+def tree_kernels():
+    """The tree engine's compiled native kernels (about 30 s to build the first time on a
+    machine); tests that need them are skipped where they cannot be compiled."""
+    import warnings
+
+    from tnkd.tn import native
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        kernels = native.kernels("tree_levels")
+    if kernels is None:
+        pytest.skip("the native tree levels cannot be compiled here (no C++ compiler or ninja)")
+    return kernels

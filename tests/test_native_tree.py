@@ -13,14 +13,9 @@ from tnkd.tn.stable import log_abs
 
 
 @pytest.fixture(scope="module")
-def ext():
-    """The compiled kernels, built once per session (about 30 s the first time on a machine)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        kernels = native.kernels("tree_levels")
-    if kernels is None:
-        pytest.skip("the native tree levels cannot be compiled here (no C++ compiler or ninja)")
-    return kernels
+def ext(tree_kernels):
+    """The compiled kernels (skipped where they cannot be built: see conftest)."""
+    return tree_kernels
 
 
 @pytest.fixture
