@@ -17,7 +17,7 @@ Columns: the plan (:meth:`~tnkd.students.GraphStudent.plan`: engine and kernel),
 (forward, cross-entropy, backward, Adam) and inference passes as samples per second (median of
 timed repetitions after warm-up, CUDA synchronised), and the **kernels of one training step**:
 the device kernels a profiled step launches on CUDA, or on a CPU the operators it dispatches
-(``aten::`` calls not made from inside another one). Issue 27 asks an accelerator path for a
+(``aten::`` calls not made from inside another one). An accelerator path should take a
 fixed, small number of kernels per step (log-depth products, batched level matmuls), not one
 launch per site: compare the two sizes of each family. ``--accelerator-paths`` runs the paths
 an accelerator takes on whatever device is given (the MPS's log-depth products, the trees' stable

@@ -4,7 +4,7 @@
     python benchmarks/tree_vs_tensorkrowch.py --quick      # 64 and 256 sites, D = 8 only
     python benchmarks/tree_vs_tensorkrowch.py --markdown   # the table as markdown, for the README
     python benchmarks/tree_vs_tensorkrowch.py --phases --sizes 64:8   # where a training step goes
-    python benchmarks/tree_vs_tensorkrowch.py --python-loop   # also tnkd without its native kernels (the stable engine)
+    python benchmarks/tree_vs_tensorkrowch.py --no-native     # also tnkd without its native kernels (the stable engine)
 
 Models, same shapes (N sites with d = 2, the [1, x] map, 10 classes, batch 100, random inputs in
 [0, 1]): N / 2 leaves of shape (2, 2, min(D, 4)), then one level of (D_in, D_in, D_out) nodes per
@@ -17,7 +17,8 @@ below)), the root (D, D, 10):
   the normalised output in the same node and the [1, x] map fused with the leaves; on CPU the
   level loop runs in C++, ``tnkd/tn/csrc/tree_levels.cpp``: note "native level loop (C++)"),
   normalised logits (learned scale).
-* tnkd without natives (``--python-loop``): the same model with ``tree_plan.native = False``,
+* tnkd without natives (``--no-native``; ``--python-loop``, its older name, from when the
+  fallback was a Python level loop): the same model with ``tree_plan.native = False``,
   which runs the stable engine's grouped steps (the tree engine's fallback off the CPU or
   without a compiler), for a ratio in the same run.
 * TensorKrowch 1.1.6 ``Tree`` with the same ``sites_per_layer`` / ``bond_dim`` lists, its
@@ -109,14 +110,14 @@ def interleaved(fns: dict[str, object], reps: int, warmup: int = 2) -> dict[str,
 NO_NATIVE = "tnkd without natives (stable engine)"
 
 
-def python_loop_twin(model: TreeClassifier) -> TreeClassifier:
+def no_native_twin(model: TreeClassifier) -> TreeClassifier:
     """A copy of ``model`` that runs without the native kernels (the stable engine)."""
     twin = copy.deepcopy(model)
     twin.tree_plan.native = False
     return twin
 
 
-def phases(configs: list[tuple[int, int]], steps: int = 300, python_loop: bool = False) -> None:
+def phases(configs: list[tuple[int, int]], steps: int = 300, no_native: bool = False) -> None:
     """Milliseconds per phase of a training step (zero_grad, forward, loss, backward, Adam).
 
     The two libraries' steps alternate (tnkd, TensorKrowch, tnkd, ...), as in the table, so
@@ -132,8 +133,8 @@ def phases(configs: list[tuple[int, int]], steps: int = 300, python_loop: bool =
         theirs, tk_forward = tensorkrowch_tree(sites, bond)
         timed = {}
         runs = [("tnkd", ours, ours), ("TensorKrowch", theirs, tk_forward)]
-        if python_loop:
-            twin = python_loop_twin(ours)
+        if no_native:
+            twin = no_native_twin(ours)
             runs.insert(1, (NO_NATIVE, twin, twin))
         for name, model, forward in runs:
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -170,7 +171,7 @@ def run(
     reps: int,
     markdown: bool,
     compile_: bool,
-    python_loop: bool = False,
+    no_native: bool = False,
 ) -> None:
     torch.manual_seed(0)
     header = True
@@ -191,8 +192,8 @@ def run(
         leaves = ", [1, x] in the leaves" if ours._linear_leaves else ""
         levels = f"{plan.engine} engine, {len(ours.tree_plan.levels)} levels{leaves}"
         notes = {"tnkd": f"{levels}, {plan.kernel}"}
-        if python_loop:
-            twin = python_loop_twin(ours)
+        if no_native:
+            twin = no_native_twin(ours)
             models[NO_NATIVE] = (twin, twin)
             notes[NO_NATIVE] = "stable engine (tree_plan.native = False)"
         if compile_:
@@ -212,7 +213,7 @@ def run(
             notes["TensorKrowch"] = (
                 "finite" if bool(torch.isfinite(tk_forward(x)).all()) else "NOT finite"
             )
-        if python_loop:
+        if no_native:
             notes["tnkd"] += (
                 f"; {train['tnkd'] / train[NO_NATIVE]:.2f}x the stable engine's training, "
                 f"{infer['tnkd'] / infer[NO_NATIVE]:.2f}x its inference"
@@ -294,7 +295,9 @@ def main() -> None:
         "--phases", action="store_true", help="ms per phase of a training step, not the table"
     )
     parser.add_argument(
-        "--python-loop",
+        "--no-native",
+        "--python-loop",  # the older name (the fallback was then a Python level loop)
+        dest="no_native",
         action="store_true",
         help="also time tnkd without its native kernels (the stable engine, its fallback)",
     )
@@ -309,9 +312,9 @@ def main() -> None:
         )
     )
     if args.phases:
-        phases(configs, python_loop=args.python_loop)
+        phases(configs, no_native=args.no_native)
         return
-    run(configs, 5 if args.quick else args.reps, args.markdown, args.compile, args.python_loop)
+    run(configs, 5 if args.quick else args.reps, args.markdown, args.compile, args.no_native)
 
 
 if __name__ == "__main__":
