@@ -134,7 +134,7 @@ def test_bad_arguments_name_the_setting():
         MPSClassifier(10, 2, bond_dim=2.5)
     with pytest.raises(ValueError, match="label_position must be an integer in \\[0, 10\\]"):
         MPSClassifier(10, 2, label_position=11)
-    with pytest.raises(ValueError, match="output must be one of"):
+    with pytest.raises(ValueError, match="MPSClassifier output must be one of"):
         MPSClassifier(10, 2, output="softmax")
     with pytest.raises(ValueError, match=r"unknown feature map 'rbf'"):
         MPSClassifier(10, 2, feature_map="rbf")

@@ -29,7 +29,6 @@ Example:
     ([1.0], 52.0)
 """
 
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -110,7 +109,9 @@ class _ChainPlan(NamedTuple):
     in_first: tuple[bool, ...]
 
 
-@functools.lru_cache(maxsize=256)  # bounded: a sweep over many sizes does not grow it
+_PLANS: dict[tuple, tuple[_ChainPlan, torch.Tensor]] = {}  # a plain dict: torch.compile reads it
+
+
 def _mps_plan(
     left: int, right: int, block: int, device: torch.device, members: int
 ) -> tuple[_ChainPlan, torch.Tensor]:
@@ -123,6 +124,11 @@ def _mps_plan(
     0..M-1 are the left halves, M..2M-1 the right halves. Returns the plan and the site
     tensor's sources: the input site each of its sites reads, N for an identity site.
     """
+    key = (left, right, block, device, members)
+    if key in _PLANS:
+        return _PLANS[key]
+    if len(_PLANS) >= 256:  # many shapes (a sweep over sizes): start over rather than grow
+        _PLANS.clear()
     pad_l, pad_r = (-left) % block, (-right) % block
     nl, nr = (left + pad_l) // block, (right + pad_r) // block
     steps, extra = max(nl, nr, 1), block if nl != nr or nl == 0 else 0
@@ -134,7 +140,8 @@ def _mps_plan(
     n = left + right
     sources = [*range(left), *[n] * (pad_l + pad_r), *range(left, n), *[n] * extra]
     in_first = (True,) * members + (False,) * members
-    return _ChainPlan(block, index, in_first), torch.tensor(sources, device=device)
+    _PLANS[key] = _ChainPlan(block, index, in_first), torch.tensor(sources, device=device)
+    return _PLANS[key]
 
 
 def _padded(
@@ -297,16 +304,18 @@ def _native_forward(
     are still not finite one site per step (as :func:`_scan` does). Returns the run and the
     (K, B) log-scales.
     """
+    merged = None
     while True:
-        bfeats = ext.block_features(features, sources, plan.block)
-        bfeats = _per_member(bfeats, len(plan.in_first) // 2)
-        merged = ext.merge_pairs(sites) if plan.block == 2 else _merge_cores(sites, plan.block)
+        if merged is None:  # made again only when the plan goes one site per step
+            bfeats = ext.block_features(features, sources, plan.block)
+            bfeats = _per_member(bfeats, len(plan.in_first) // 2)
+            merged = ext.merge_pairs(sites) if plan.block == 2 else _merge_cores(sites, plan.block)
         args = (merged, bfeats, plan.index, list(plan.in_first))
         vs, scales, log_scale, healthy, finite = ext.scan_forward(start, *args, every)
         if every > 1 and not healthy:
             every = 1
         elif plan.block > 1 and not finite:
-            plan, every = _unmerged_plan(plan), 1
+            plan, every, merged = _unmerged_plan(plan), 1, None
         else:
             return _NativeRun(plan, every, merged, bfeats, vs, scales), log_scale
 

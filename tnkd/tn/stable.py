@@ -84,7 +84,7 @@ class Column:
         self.source = self.sources[0] if len(self.sources) == 1 else None
         self.index = [g for _, g in members]
         self.slice = as_slice(self.index)
-        self.rows = torch.tensor(self.index)  # for index_select (moved to the operand's device)
+        self.rows = torch.tensor(self.index)  # for index_select
         # the whole source, in order (``sizes``: the rows of each slot)
         self.whole = self.source is not None and self.index == list(range(sizes[self.source]))
 
@@ -96,7 +96,9 @@ class Column:
             src = slots[self.source]
             if self.slice is not None:
                 return src[self.slice]
-            return src.index_select(0, self.rows.to(src.device))
+            if self.rows.device != src.device:  # moved once, kept on the operands' device
+                self.rows = self.rows.to(src.device)
+            return src.index_select(0, self.rows)
         return torch.stack([slots[s][g] for s, g in self.members])
 
     def take_log(self, logs: dict[int, torch.Tensor]) -> torch.Tensor | None:
@@ -333,6 +335,8 @@ class StableNetwork:
             group.renorm = group is self.groups[-1] or max(counts) > RENORM_AFTER
             for (_, output), count in zip(group.steps, counts, strict=True):
                 carried[output] = 0 if group.renorm else count
+        #: some group is not renormalised: a contraction checks its range (and may rerun)
+        self.checks_range = not all(group.renorm for group in self.groups)
         self.block_is_input = [block[0] in inputs for block in self.blocks]
         self.last = where[last]
         self._permutation = tuple(last_names.index(ix) for ix in (BATCH, *self.spec.output_indices))
@@ -393,7 +397,7 @@ class StableNetwork:
                 if log is not None:
                     logs[len(tensors)] = log
                 tensors.append(result)
-            if not every and not all(g.renorm for g in self.groups):
+            if not every and self.checks_range:
                 # between renormalisations a value may have left the range where float keeps all
                 # its digits: then contract again, renormalising after every step
                 lowest, highest = digits_range(blocks[0].dtype)
