@@ -671,6 +671,8 @@ class GraphStudent(Student):
 
     def graph_operands(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One tensor per graph node, in node order (input nodes batched)."""
+        if self.engine != "chain":  # the stacked blocks, unstacked as views
+            return self.network.from_blocks(self.operand_blocks(x))
         phi, params, site = self.features(x), self.node_tensors(), self._site_of
         return [
             phi[:, site[name]] if name in site else params[name] for name in self._spec.node_names
@@ -776,7 +778,9 @@ class GraphStudent(Student):
     def generic_forward(self, x: torch.Tensor) -> torch.Tensor:
         """f(x) through one plain ``opt_einsum`` expression (the reference engine; no rescaling)."""
         if self._compiled is None:
-            self._compiled = CompiledNetwork(self._spec, optimize=self.network.path)
+            # the pairwise schedule's path where one was planned (a chain plans none)
+            path = self.optimize if self._network is None else self._network.path
+            self._compiled = CompiledNetwork(self._spec, optimize=path)
         return self._compiled(self.graph_operands(x))
 
     # ---- the graph --------------------------------------------------------------------------
