@@ -38,7 +38,7 @@ from tnkd.students import MPSClassifier, PEPSClassifier, TreeClassifier, TTLinea
 def models(accelerator_paths: bool) -> list[tuple[str, torch.nn.Module, torch.Tensor, int]]:
     """(name, model, input, number of classes) of every family measured."""
     torch.manual_seed(0)
-    chain = {"method": "tree"} if accelerator_paths else {}
+    chain = {"method": "log_depth"} if accelerator_paths else {}
     tree = {"method": "stable"} if accelerator_paths else {}
     flat = lambda n, b=BATCH: torch.rand(b, n)  # noqa: E731
     return [

@@ -135,11 +135,11 @@ def raw_steps(
 
 
 def rounding(args: argparse.Namespace) -> None:
-    """Seed 0's 4 runs batched with the chain kernels ``auto`` and ``tree``: rounding noise."""
-    flags = ["--student.init_args.method", "tree"]
+    """Seed 0's 4 runs batched with the chain kernels ``auto`` and ``log_depth``: rounding noise."""
+    flags = ["--student.init_args.method", "log_depth"]
     scan, _ = run(args, args.seeds[:1], VARIANTS, batched=True)
     sweep, _ = run(args, args.seeds[:1], VARIANTS, batched=True, extra=flags)
-    print("\n| run | seed | test acc, method auto | test acc, method tree |")
+    print("\n| run | seed | test acc, method auto | test acc, method log_depth |")
     print("|---|---|---|---|")
     for a, b in zip(scan, sweep, strict=True):
         print(f"| {a.name} | {a.seed} | {a.student_acc:.4f} | {b.student_acc:.4f} |")

@@ -3,13 +3,13 @@
     python benchmarks/chain_methods.py                      # CPU, 784 and 196 sites
     python benchmarks/chain_methods.py --device cuda        # the same on a GPU
     python benchmarks/chain_methods.py --markdown           # the table as markdown
-    python benchmarks/chain_methods.py --methods tree       # only some kernels
+    python benchmarks/chain_methods.py --methods log_depth  # only some kernels
 
 ``method="scan"`` (the reference column) carries boundary vectors site by site from Python (N/2
 sequential steps of small batched matmuls, D^2 work per site and sample, a hand-written backward
-pass); ``method="native"`` runs the same scan in C++ (CPU only); ``method="tree"`` multiplies the
-transfer matrices pairwise in log depth (few, large kernels; D^3 work per site and sample).
-``"auto"`` picks the native scan on CPU, the tree on an accelerator for D <=
+pass); ``method="native"`` runs the same scan in C++ (CPU only); ``method="log_depth"``
+multiplies the transfer matrices pairwise in log depth (few, large kernels; D^3 work per site
+and sample). ``"auto"`` picks the native scan on CPU, the log-depth products on an accelerator for D <=
 ``TREE_MAX_BOND_DIM`` and the scan above (:func:`tnkd.tn.planner.chain_kernel`). Models:
 ``MPSClassifier`` ([1, x] map, 10 classes, normalised logits), batch 100, random inputs in
 [0, 1]. A training step is forward + cross-entropy + backward + Adam step; inference is a forward
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument(
-        "--methods", nargs="+", default=["tree", "native"], help="compared with the scan"
+        "--methods", nargs="+", default=["log_depth", "native"], help="compared with the scan"
     )
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -62,7 +62,7 @@ def main() -> None:
         else f"CPU, {torch.get_num_threads()} threads"
     )
     print(
-        f"# chain methods on {name} (torch {torch.__version__}); batch {BATCH}; auto = tree for D <= {TREE_MAX_BOND_DIM} on accelerators"
+        f"# chain methods on {name} (torch {torch.__version__}); batch {BATCH}; auto = log_depth for D <= {TREE_MAX_BOND_DIM} on accelerators"
     )
     others = [m for m in args.methods if m != "scan"]
     head = ["sites", "D", "train scan"]

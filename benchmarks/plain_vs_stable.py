@@ -6,7 +6,7 @@
 Students (batch 100, random inputs, 10 classes): binary trees over 64 pixels (8x8, D = 8) and
 196 pixels (28x28 pooled 2x2, D = 8), a 4x4 PEPS on 2x2 patches of an 8x8 image (product map
 d = 16, D = 3) and the MNIST PEPS of ``configs/mnist/grid_peps.yaml`` (4x4 grid of 7x7 patches,
-learned map of size 4, D = 4). Each is timed with ``contraction="plain"`` (one ``opt_einsum``
+learned map of size 4, D = 4). Each is timed with ``method="reference"`` (one ``opt_einsum``
 expression along the same path, values renormalised once at the end) and ``"stable"`` (grouped
 levels, tracked log-scale), interleaved, fastest of the repetitions; ``auto`` is the engine
 the planner picks for that graph (``tree`` for trees, ``stable`` for PEPS).
@@ -69,7 +69,7 @@ def main() -> None:
         x = torch.rand(BATCH, *kwargs["input_shape"])
         y = torch.randint(0, CLASSES, (BATCH,))
         models = {
-            mode: cls(num_classes=CLASSES, contraction=mode, **kwargs)
+            mode: cls(num_classes=CLASSES, method={"plain": "reference"}.get(mode, mode), **kwargs)
             for mode in ("plain", "stable")
         }
         chosen = cls(num_classes=CLASSES, **kwargs).plan().engine

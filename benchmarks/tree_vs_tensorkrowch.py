@@ -26,8 +26,8 @@ below)), the root (D, D, 10):
   docs give for speed), fed ``tk.embeddings.poly(x, degree=1)``; raw output (it has no
   normalisation: with its near-identity start the values stay near 1 at these sizes).
 
-* tnkd compiled (``--compile``): the same with ``compile=True`` (``torch.compile`` of the
-  contraction; compile time reported, not counted).
+* tnkd compiled (``--compile``): the same with ``method="compiled"`` (the stable engine
+  through ``torch.compile``; compile time reported, not counted).
 
 A training step is forward + cross-entropy + backward + Adam step; inference is a forward pass
 under ``torch.inference_mode``. Timings are interleaved (tnkd, TensorKrowch, tnkd, ...) and each
@@ -198,7 +198,7 @@ def run(
             notes[NO_NATIVE] = "stable engine (tree_plan.native = False)"
         if compile_:
             compiled = TreeClassifier(
-                input_shape=(sites,), num_classes=CLASSES, bond_dim=bond, compile=True
+                input_shape=(sites,), num_classes=CLASSES, bond_dim=bond, method="compiled"
             )
             start = time.perf_counter()
             train, infer = step_fns(compiled, compiled, x, y)
@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="also time TreeClassifier(compile=True) (torch.compile)",
+        help="also time TreeClassifier(method='compiled') (torch.compile)",
     )
     parser.add_argument(
         "--sizes", nargs="+", default=None, help="sites:D pairs, e.g. 256:8 4096:4 (powers of 2)"

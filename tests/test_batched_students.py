@@ -33,7 +33,7 @@ def _members(count: int = 3, **kwargs) -> list[MPSClassifier]:
         {"label_position": 3},
         {"feature_map": "trig"},
         {"method": "scan"},
-        {"method": "tree"},
+        {"method": "log_depth"},
         {"num_sites": 9, "pool": 2},
     ],
 )
@@ -54,6 +54,14 @@ def test_each_member_computes_its_own_logits_and_gets_its_own_gradient(kwargs):
         grads = torch.autograd.grad((k + 1) * loss, list(member.parameters()))
         for (name, stacked), grad in zip(model.named_parameters(), grads, strict=True):
             torch.testing.assert_close(stacked.grad[k], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_members_on_another_engine_run_one_after_the_other():
+    members = _members(method="stable", output="raw")  # BatchedMPS runs the chain engine only
+    model = batch_students(members)
+    assert type(model).__name__ == "MemberList"
+    x = torch.rand(4, 12, dtype=torch.float64)
+    torch.testing.assert_close(model(x)[1], members[1].generic_forward(x), rtol=1e-10, atol=1e-12)
 
 
 def test_raw_output_equals_the_dense_contraction_of_each_member():

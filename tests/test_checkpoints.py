@@ -104,3 +104,21 @@ def test_bad_checkpoints_get_one_line(tmp_path):
     (tmp_path / "junk.ckpt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="could not be read"):
         load_student(tmp_path / "junk.ckpt")
+
+
+def test_a_checkpoint_with_arguments_since_renamed_still_loads(tmp_path):
+    from tnkd.students import TreeClassifier
+
+    tree = TreeClassifier(input_shape=(1, 8, 8), num_classes=10, bond_dim=3)
+    path = _fit(DistillationModule(tree, beta=0.0), tmp_path)
+    data = torch.load(path, weights_only=True)
+    # as an older tnkd described the student: with `contraction` and `compile`
+    data[KEY]["student"]["spec"]["init_args"].update(contraction="plain", compile=False)
+    torch.save(data, tmp_path / "old.ckpt")
+    x = torch.rand(4, 1, 8, 8)
+    for student in (
+        load_student(tmp_path / "old.ckpt"),
+        DistillationModule.load_from_checkpoint(tmp_path / "old.ckpt").student.eval(),
+    ):
+        assert student.method == "reference"  # "plain", in today's words
+        assert torch.allclose(student(x), tree.eval()(x), rtol=1e-5, atol=1e-6)

@@ -72,7 +72,7 @@ def test_wrong_operand_count_is_a_clear_error():
         CompiledNetwork(graph)(params)
 
 
-@pytest.mark.parametrize("method", ["native", "scan", "tree"])
+@pytest.mark.parametrize("method", ["native", "scan", "log_depth"])
 @pytest.mark.parametrize("position", [0, 5, 11])
 def test_fast_paths_equal_the_generic_compiled_contraction(method, position):
     torch.manual_seed(1)
@@ -84,7 +84,7 @@ def test_fast_paths_equal_the_generic_compiled_contraction(method, position):
     assert mps._compiled.plans == 1
 
 
-@pytest.mark.parametrize("method", ["native", "scan", "tree"])
+@pytest.mark.parametrize("method", ["native", "scan", "log_depth"])
 def test_fast_paths_gradcheck(method):
     torch.manual_seed(2)
     bond, n, d, c = 3, 6, 2, 2
@@ -101,7 +101,7 @@ def test_fast_paths_gradcheck(method):
     assert torch.autograd.gradcheck(f, (left, cores, right, feats, out))
 
 
-@pytest.mark.parametrize("method", ["native", "scan", "tree"])
+@pytest.mark.parametrize("method", ["native", "scan", "log_depth"])
 def test_784_sites_bond_100_finite_values_and_gradients(method):
     torch.manual_seed(3)
     mps = MPSClassifier(784, 10, bond_dim=100, method=method)
@@ -134,10 +134,10 @@ def test_auto_kernel_is_native_on_cpu_and_tree_or_scan_on_accelerators():
     for bond in (2, 10, 16, 50, 64, 65, 200):
         assert chain_kernel("auto", bond, torch.device("cpu"))[0] == cpu
         assert chain_kernel("auto", bond)[0] == cpu
-    assert chain_kernel("auto", 10, torch.device("cuda"))[0] == "tree"
-    assert chain_kernel("auto", 64, torch.device("cuda"))[0] == "tree"
+    assert chain_kernel("auto", 10, torch.device("cuda"))[0] == "log_depth"
+    assert chain_kernel("auto", 64, torch.device("cuda"))[0] == "log_depth"
     assert chain_kernel("auto", 65, torch.device("cuda"))[0] == "scan"
-    for kernel in ("scan", "tree"):
+    for kernel in ("scan", "log_depth"):
         assert chain_kernel(kernel, 10, torch.device("cpu"))[0] == kernel
     # the native scan takes float32 and float64 on a CPU; anything else runs the Python scan
     assert chain_kernel("native", 10, torch.device("cuda"))[0] == "scan"
@@ -221,7 +221,7 @@ def test_members_and_bad_arguments_are_checked():
         contract_chain(left, cores, right, feats, out, 7)
 
 
-@pytest.mark.parametrize("method", ["native", "scan", "tree"])
+@pytest.mark.parametrize("method", ["native", "scan", "log_depth"])
 def test_members_and_a_reading_label_tensor_pass_gradcheck(method):
     # M = 2 chains of one shape, and an output core that reads an input (D, d, C, D)
     left, cores, right, feats, _ = _random_chains(2, 5, 3, seed=7)

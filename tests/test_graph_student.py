@@ -186,8 +186,8 @@ def test_bad_graphs_are_clear_errors():
         GraphStudent(draw_mps(mps), graph_args={"grid": [2]})
     with pytest.raises(ValueError, match="must be a TNGraph"):
         GraphStudent(lambda: 3)
-    with pytest.raises(ValueError, match="contraction must be one of"):
-        GraphStudent(draw_mps(mps), contraction="fast")
+    with pytest.raises(ValueError, match="method must be one of"):
+        GraphStudent(draw_mps(mps), method="fast")
 
 
 def test_students_pickle_and_deepcopy():

@@ -26,7 +26,7 @@ def dense_reference(mps: MPSClassifier, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("feature_map", ["linear", "trig"])
 @pytest.mark.parametrize("position", [0, 3, 7])
-@pytest.mark.parametrize("method", ["native", "scan", "tree"])
+@pytest.mark.parametrize("method", ["native", "scan", "log_depth"])
 def test_raw_output_equals_dense_reference_and_generic_path(feature_map, position, method):
     torch.manual_seed(0)
     mps = MPSClassifier(
@@ -95,7 +95,7 @@ def test_parameter_count_closed_form_and_compression():
 
 
 @pytest.mark.parametrize("feature_map", ["linear", "trig"])
-@pytest.mark.parametrize("method", ["auto", "tree"])  # auto: the native scan on CPU
+@pytest.mark.parametrize("method", ["auto", "log_depth"])  # auto: the native scan on CPU
 def test_long_chain_is_finite_and_nonzero(feature_map, method):
     torch.manual_seed(0)
     mps = MPSClassifier(784, 10, bond_dim=20, feature_map=feature_map, method=method)
@@ -238,10 +238,9 @@ def test_patch_student_rejects_maps_and_inputs_that_do_not_fit():
 def test_method_names_the_kernel_and_the_plan_says_it():
     mps = MPSClassifier(8, 3, bond_dim=4, method="scan")
     assert mps.plan().kernel == "scan (torch steps, autograd)"
-    assert mps.plan().reason == "the graph is a chain; asked for by name"
-    mps.method = "tree"  # switches the kernel of the next call
+    assert mps.plan().reason == "asked for by name"
+    assert MPSClassifier(8, 3).plan().reason.startswith("the graph is a chain; ")
+    mps.method = "log_depth"  # switches the kernel of the next call
     assert mps.plan().kernel == "log-depth products"
-    # "sweep", the autograd sweep of older versions (in old configs and checkpoints): the scan
-    assert MPSClassifier(8, 3, bond_dim=4, method="sweep").method == "scan"
-    with pytest.raises(ValueError, match="student method must be one of"):
+    with pytest.raises(ValueError, match="MPSClassifier method must be one of"):
         MPSClassifier(8, 3, bond_dim=4, method="fastest")

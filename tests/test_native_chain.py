@@ -167,7 +167,7 @@ def test_values_out_of_float_range_fall_back_like_the_scan(ext, factor):
 def test_auto_picks_native_on_cpu_only(ext):
     assert chain_kernel("auto", 10, torch.device("cpu"))[0] == "native"
     assert chain_kernel("auto", 200)[0] == "native"
-    assert chain_kernel("auto", 10, torch.device("cuda"))[0] == "tree"
+    assert chain_kernel("auto", 10, torch.device("cuda"))[0] == "log_depth"
 
 
 def test_no_compiler_means_the_python_scan_and_one_warning(monkeypatch):

@@ -8,9 +8,9 @@ import pytest
 import torch
 from tn_reference import dense_coefficients, evaluate_dense
 
-from tnkd.students import GraphStudent, MPSClassifier, PEPSClassifier, TreeClassifier
+from tnkd.students import GraphStudent, MPSClassifier, PEPSClassifier, TreeClassifier, TTNetwork
 from tnkd.tn.graph import TNGraph, connect, make_node
-from tnkd.tn.planner import ENGINES, METHODS, plan, recognise_chain
+from tnkd.tn.planner import CHAIN_KERNELS, ENGINES, KERNELS, METHODS, plan, recognise_chain
 
 
 def chain_graph(
@@ -184,7 +184,9 @@ def test_plans_name_the_engine_and_say_why():
     assert "open path" in dict(peps.plan().refused)["chain"]
     text = str(GraphStudent(chain_graph(num_sites=5, bonds=2)).plan())
     assert text.startswith("chain engine (") and "the graph is a chain" in text
-    assert set(ENGINES.names()) == (set(METHODS) - {"auto"}) | {"portable"}  # portable: export only
+    engines = set(METHODS) - {"auto"} - set(KERNELS)
+    assert set(ENGINES.names()) == engines | {"portable"}  # portable: export only
+    assert set(KERNELS.values()) <= engines
 
 
 def test_asking_for_an_engine_by_name():
@@ -378,3 +380,88 @@ def test_a_binary_tree_drawn_with_any_axis_order_runs_the_tree_engine(inner, roo
     student.tree_plan.native = False  # the stable engine reads the weights the same way
     (again,) = torch.autograd.grad(student(x).sin().sum(), [student.blocks[0]])
     assert torch.allclose(grad, again, rtol=1e-10, atol=1e-12)
+
+
+FAMILIES = {
+    "mps": lambda m: MPSClassifier(6, 3, bond_dim=3, output="raw", init_std=0.5, method=m),
+    "uniform mps": lambda m: MPSClassifier(
+        5, 2, bond_dim=3, uniform=True, output="raw", init_std=0.5, method=m
+    ),
+    "tt network": lambda m: TTNetwork(
+        (1, 4, 4), 3, patch_size=2, rank=3, output="raw", init_std=0.5, method=m
+    ),
+    "tree": lambda m: TreeClassifier((8,), 3, bond_dim=3, output="raw", init_std=0.5, method=m),
+    "peps": lambda m: PEPSClassifier(
+        (1, 4, 4), 3, bond_dim=2, patch=2, output="raw", init_std=0.5, method=m
+    ),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_student_takes_every_engine_that_accepts_its_graph(family):
+    # one vocabulary: an engine's name (or a kernel's) works on every family whose graph it
+    # accepts, with the same parameters, and the values equal the dense contraction (float64)
+    torch.manual_seed(3)
+    auto = FAMILIES[family]("auto").double()
+    state = auto.state_dict()
+    x = torch.rand(4, *(auto.input_shape or (auto.num_inputs,)), dtype=torch.float64)
+    graph = auto.to_graph()
+    phi = auto.features(x)
+    ref = evaluate_dense(dense_coefficients(graph), list(phi.unbind(1)))
+    methods = ["auto", "stable", "reference"]
+    methods += ["native", "scan", "log_depth"] if auto.engine == "chain" else []
+    methods += ["tree"] if auto.engine == "tree" else []
+    for method in methods:
+        torch.manual_seed(3)
+        student = FAMILIES[family](method).double()
+        student.load_state_dict(state)  # the same parameters whichever engine runs
+        name = {"auto": auto.engine}.get(method, KERNELS.get(method, method))
+        assert student.plan().engine == name, method
+        assert student.method == method
+        assert torch.allclose(student(x), ref, rtol=1e-10, atol=1e-12), method
+        if method in ("scan", "log_depth"):  # the plan names the kernel asked for
+            assert student.plan().kernel == CHAIN_KERNELS[method], method
+
+
+def test_switching_the_method_of_a_built_student():
+    torch.manual_seed(5)
+    mps = MPSClassifier(6, 3, bond_dim=3, output="raw", init_std=0.5).double()
+    x = torch.rand(4, 6, dtype=torch.float64)
+    before = mps(x)
+    for method in ("scan", "log_depth", "stable", "reference", "chain"):
+        mps.method = method
+        assert mps.plan().engine == KERNELS.get(method, method)
+        assert torch.allclose(mps(x), before, rtol=1e-10), method
+    assert "log-depth" in str(MPSClassifier(6, 3, method="log_depth").plan())
+    with pytest.raises(ValueError, match="cannot contract this graph"):
+        mps.method = "tree"  # a chain is no binary tree
+    tree = TreeClassifier((8,), 3, bond_dim=3)
+    tree.method = "stable"
+    assert tree.plan().engine == "stable" and not tree.fast_path
+    tree.method = "tree"
+    with pytest.raises(ValueError, match="stored as the pairwise engines read them, not the chain"):
+        GraphStudent(chain_graph(num_sites=5, bonds=2), method="stable").method = "chain"
+    with pytest.raises(ValueError, match="method must be one of"):
+        tree.method = "fastest"
+
+
+def test_compiled_runs_the_stable_engine_through_torch_compile(monkeypatch):
+    traced = []
+
+    def compile_eagerly(fn, **kwargs):  # the eager backend: traced by dynamo, not built by inductor
+        traced.append(fn)
+        return torch._dynamo.optimize("eager")(fn)
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    torch.manual_seed(2)
+    tree = TreeClassifier((8,), 3, bond_dim=3, output="raw", init_std=0.5, method="compiled")
+    tree = tree.double()
+    plan = tree.plan()
+    assert (plan.engine, plan.kernel) == (
+        "stable",
+        "grouped einsum steps compiled by torch.compile (inductor)",
+    )
+    x = torch.rand(4, 8, dtype=torch.float64)
+    ref = evaluate_dense(dense_coefficients(tree.to_graph()), list(tree.features(x).unbind(1)))
+    assert torch.allclose(tree(x), ref, rtol=1e-10, atol=1e-12)
+    assert len(traced) == 1

@@ -53,7 +53,18 @@ def user_error_message(error: BaseException) -> str | None:
     for e in chain:
         keys += [k for k in re.findall(r'Parser key "([^"]+)"', str(e)) if k not in keys]
     text = re.sub(r'Parser key "[^"]+":\s*', "", text).strip()
+    renamed = re.search(r"Option '(\w+)' is not accepted", text)
+    if renamed and renamed.group(1) in RENAMED_OPTIONS:
+        text += f"; {RENAMED_OPTIONS[renamed.group(1)]}"
     return f"{'.'.join(keys)}: {text}" if keys else text
+
+
+#: a student's arguments since renamed, and what a config says instead (checkpoints translate
+#: them themselves: tnkd.training.checkpoints.current_args)
+RENAMED_OPTIONS = {
+    "contraction": "it is now `method` (auto, stable, or reference for plain)",
+    "compile": "`compile: true` is now `method: compiled` (drop `compile: false`)",
+}
 
 
 def _raised_by_tnkd(error: BaseException) -> bool:

@@ -143,7 +143,7 @@ class BatchedMPS(_Batched):
         features = t.feature_map(t.flatten_input(x)).to(self.cores.dtype)
         cores = self.cores.expand(-1, t.num_sites, -1, -1, -1)  # uniform: one shared core
         values, log_scale = contract_chain(
-            self.left, cores, self.right, features, self.output_core, t.label_position, t.method
+            self.left, cores, self.right, features, self.output_core, t.label_position, t._kernel
         )
         if t.output == "raw":
             return scaled_values(values, log_scale)
@@ -183,7 +183,11 @@ def batch_students(members: Sequence[nn.Module], kind: str = "auto") -> nn.Modul
     """
     check_choice("kind", kind, ("auto", "batched", "list"))
     first = members[0] if members else None  # the batched model checks the members
-    fits = type(first) is MPSClassifier and not any(True for _ in first.feature_map.parameters())
+    fits = (
+        type(first) is MPSClassifier
+        and first.engine == "chain"  # the members' method: BatchedMPS runs the chain engine
+        and not any(True for _ in first.feature_map.parameters())
+    )
     if kind == "batched" or (kind == "auto" and fits):
         return BatchedMPS(members)  # type: ignore[arg-type]
     return MemberList(members)

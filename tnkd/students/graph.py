@@ -77,6 +77,7 @@ from tnkd.tn.planner import (
     ChainNode,
     Plan,
     choose,
+    engine_and_kernel,
     examine,
     examine_tree,
     plan,
@@ -87,7 +88,7 @@ from tnkd.tn.stable import StableNetwork, as_slice, direction_logits, widened
 
 OUTPUT_MODES = ("normalized", "raw")
 #: what every family (a graph plus conveniences) passes on to GraphStudent as it is
-FAMILY_ARGS = ("output", "logit_scale", "init_std")
+FAMILY_ARGS = ("output", "logit_scale", "init_std", "method")
 
 
 def image_shape(input_shape: Sequence[int], what: str) -> tuple[int, int, int]:
@@ -286,14 +287,12 @@ class GraphStudent(Student):
             ``"raw"`` (the exact value f, which can overflow where f does).
         logit_scale: the initial s.
         init_std: relative noise of the copy-tensor initialisation.
-        method: the contraction engine: ``"auto"`` (the planner chooses from the graph's shape
-            and the device, see :mod:`tnkd.tn.planner`) or an engine's name: ``"chain"``,
-            ``"tree"``, ``"stable"``, ``"reference"``. :meth:`plan` says which runs and why.
-        contraction: the older name of ``method`` (``"plain"`` is ``"reference"``).
+        method: ``"auto"`` (the planner chooses from the graph's shape and the device), an
+            engine's name or a kernel's (:mod:`tnkd.tn.planner`; ``"compiled"`` fuses the stable
+            engine's steps by ``torch.compile``: the first call compiles, minutes on a CPU).
+            :meth:`plan` says which runs and why; setting ``student.method`` switches it (not to
+            ``"chain"`` or ``"tree"`` unless the tensors are stored for it).
         optimize: the ``opt_einsum`` path optimizer.
-        compile: run the contraction through ``torch.compile`` (inductor), fusing the small
-            elementwise steps of the stable path; the first call compiles (minutes on a busy
-            CPU; needs a C++ compiler). Measured in ``benchmarks/tree_vs_tensorkrowch.py``.
         tie_sites: the sites of a chain share one tensor (a translation-invariant MPS; the first
             site's tensor is used), so it trains as one parameter; sites named in
             ``parameter_names`` keep their own.
@@ -315,18 +314,13 @@ class GraphStudent(Student):
         logit_scale: float = 5.0,
         init_std: float = 0.3,
         method: str = "auto",
-        contraction: str | None = None,
         optimize: str = "auto",
-        compile: bool = False,
         tie_sites: bool = False,
         parameter_names: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         what = type(self).__name__
         check_choice(f"{what} output", output, OUTPUT_MODES)
-        if contraction is not None:  # the older name of method, for old YAML
-            check_choice(f"{what} contraction", contraction, ("auto", "stable", "plain"))
-            method = {"plain": "reference"}.get(contraction, contraction)
         check_choice(f"{what} method", method, METHODS)
         check_init_std(f"{what} init_std", init_std)
         self.feature_map = build_feature_map(feature_map)
@@ -369,31 +363,30 @@ class GraphStudent(Student):
         self._diagram = {**graph.to_dict(), "positions": graph.positions or tree_positions(spec)}
         self.input_nodes = inputs
         self._site_of = sites  # input node name -> its site
-        self.method = self._method = method
         #: contract with the portable engine (tensor operations only; see tnkd.export.portable)
         self.portable = False
         self.optimize = optimize
         # the sites are the sample's scalars in order (a grid of one axis: no pooling or patches)
         self._flat_sites = len(self.grid) <= 1 and getattr(self.feature_map, "in_features", 1) == 1
-        self.compile = bool(compile)
         self._contract_fn: Any = None
         self.node_names = [n for n in spec.node_names if n not in set(inputs)]
         self._compiled: CompiledNetwork | None = None  # the reference engine, made on first use
         self._shape = examine(spec)
-        traced = "compile=True traces the stable path"
-        if compile:
-            self._shape.chain, self._shape.why_not_chain = None, traced
         #: the tree engine's plan (:class:`~tnkd.tn.fused.TreePlan`) when the graph is a tree
         self._network, self.tree_plan = None, None
-        if self._shape.chain is None or method not in ("auto", "chain"):
+        self._method, self._kernel = method, engine_and_kernel(method)[1]
+        if self._shape.chain is None or engine_and_kernel(method)[0] not in ("auto", "chain"):
             # the pairwise schedule, and whether it is a binary tree (the tree engine's plan)
             self._network, self.tree_plan = examine_tree(self._shape, optimize)
-            if compile:
-                self._shape.why_not_tree = traced
         #: the engine chosen from the graph's shape (``plan()`` adds the device's kernel)
         self.engine = choose(self._shape, method)[0].name
-        if tie_sites and self.engine != "chain":
-            raise ValueError(f"{what} tie_sites=True needs a chain (run on the chain engine)")
+        # stored in the chain engine's layout (which every engine reads): a chain on the chain
+        # engine, a family's named chain, tied sites
+        self._chained = self._shape.chain is not None and (
+            self.engine == "chain" or bool(parameter_names) or tie_sites
+        )
+        if tie_sites and not self._chained:
+            raise ValueError(f"{what} tie_sites=True needs a chain (a path of tensors)")
         #: the logits come from the tree engine's autograd node (:class:`~tnkd.tn.fused.FastTree`)
         self.fast_path, self._linear_leaves = self.engine == "tree", False
         self.blocks = nn.ParameterList()
@@ -401,8 +394,7 @@ class GraphStudent(Student):
         #: entries in it, permutation to the node's axis order or None): see :meth:`node_tensors`
         self._block_of: dict[str, tuple[int | str, tuple, tuple[int, ...] | None]] = {}
         self._padding = 0  # stored entries that belong to no node (open ends' padding)
-        self._chain_kernel = "auto"  # the chain engine's kernel (see contract_chain)
-        if self.engine == "chain":
+        if self._chained:
             self._store_chain(initial, bool(tie_sites), dict(parameter_names or {}))
         else:
             self._store_blocks(initial, sites, num_sites)
@@ -431,9 +423,26 @@ class GraphStudent(Student):
         what = type(self).__name__
         grid, dim, _ = site_layout(args["input_shape"], args["pool"], args["patch"], fmap, what)
         graph = draw(grid, dim, args["bond_dim"], args["num_classes"])
-        passed = ("input_shape", "pool", "patch", "method", "contraction", "compile")
+        passed = ("input_shape", "pool", "patch")
         self._init_family(args, graph, fmap, **{name: args[name] for name in passed})
         self.bond_dim = args["bond_dim"]
+
+    @property
+    def method(self) -> str:
+        """The ``method`` this student runs (see the class docstring); set it to switch."""
+        return self._method
+
+    @method.setter
+    def method(self, method: str) -> None:
+        check_choice(f"{type(self).__name__} method", method, METHODS)
+        engine = choose(self._shape, method)[0].name
+        if engine in ("chain", "tree") and (engine == "chain") != self._chained:
+            raise ValueError(
+                f"the tensors are stored as the {'chain' if self._chained else 'pairwise'} "
+                f"engines read them, not the {engine} engine; build the student with {method=}"
+            )
+        self.engine, self._method, self.fast_path = engine, method, engine == "tree"
+        self._kernel, self._contract_fn = engine_and_kernel(method)[1], None
 
     @property
     def network(self) -> StableNetwork:
@@ -453,7 +462,7 @@ class GraphStudent(Student):
         if device is None:
             device = self._first_parameter().device
         method = "portable" if self.portable else self._method
-        return plan(self._shape, method, device, self._chain_kernel)
+        return plan(self._shape, method, device)
 
     def _store_blocks(
         self, initial: dict[str, torch.Tensor], sites: dict[str, int], num_sites: int
@@ -661,7 +670,7 @@ class GraphStudent(Student):
 
     def operand_blocks(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The contraction's operands, one stacked tensor per block (see :class:`StableNetwork`)."""
-        if self.engine == "chain":
+        if self._chained:
             return self.network.to_blocks(self.graph_operands(x))
         phi = self._site_features_t(x)
         params = iter(self.blocks._parameters.values())
@@ -671,7 +680,7 @@ class GraphStudent(Student):
 
     def graph_operands(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One tensor per graph node, in node order (input nodes batched)."""
-        if self.engine != "chain":  # the stacked blocks, unstacked as views
+        if not self._chained:  # the stacked blocks, unstacked as views
             return self.network.from_blocks(self.operand_blocks(x))
         phi, params, site = self.features(x), self.node_tensors(), self._site_of
         return [
@@ -727,7 +736,7 @@ class GraphStudent(Student):
         """
         dtype = self._dtype()
         wide = functools.partial(widened, dtype=torch.promote_types(dtype, torch.float64))
-        if self.engine == "chain":
+        if self._chained:
             values, log_scale = chain_log_contract(*wide(self._chain_arguments(self.features(x))))
         else:
             values, log_scale = self.network.contract(wide(self.operand_blocks(x)), every=True)
@@ -739,7 +748,7 @@ class GraphStudent(Student):
             return self._portable_log_forward(x)
         if self.engine == "chain":
             *operands, label = self._chain_arguments(self.features(x))
-            return contract_chain(*operands, self._chain_kernel, label)
+            return contract_chain(*operands, self._kernel, label)
         if self.engine == "tree":
             return self.tree_plan.contract(self.operand_blocks(x))
         if self.engine == "reference":
@@ -748,7 +757,8 @@ class GraphStudent(Student):
             return reference_values(self.generic_forward(x), rerun)
         if self._contract_fn is None:  # the (compiled) contraction, made on first use
             every = functools.partial(self.network.contract, every=True)
-            self._contract_fn = torch.compile(every) if self.compile else self.network.contract
+            compiled = self._kernel == "compiled"
+            self._contract_fn = torch.compile(every) if compiled else self.network.contract
         return self._contract_fn(self.operand_blocks(x))
 
     def __getstate__(self) -> dict[str, Any]:

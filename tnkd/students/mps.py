@@ -21,11 +21,10 @@ from typing import Any
 import torch
 
 from tnkd.feature_maps import FeatureMap, build_feature_map
-from tnkd.students.base import check_choice, check_positive_int, near_identity_cores, site_values
+from tnkd.students.base import check_positive_int, near_identity_cores, site_values
 from tnkd.students.graph import GraphStudent
 from tnkd.tn.decompositions import tt_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
-from tnkd.tn.planner import CHAIN_KERNELS
 
 PARAMETER_NAMES = {"sites": "cores", "left": "left", "right": "right", "output": "output_core"}
 
@@ -96,9 +95,11 @@ class MPSClassifier(GraphStudent):
         output, logit_scale: as in :class:`~tnkd.students.graph.GraphStudent` (``"raw"``: the
             exact multilinear value f(x), for regression and exact function evaluation).
         init_std: relative noise of the near-identity initialisation.
-        method: the chain engine's kernel: ``"auto"`` (:func:`tnkd.tn.planner.chain_kernel`
-            chooses), ``"native"``, ``"scan"`` or ``"tree"`` (:func:`tnkd.tn.chain.contract_chain`);
-            ``"sweep"``, the older autograd sweep, now runs the scan.
+        method: as in :class:`~tnkd.students.graph.GraphStudent`: ``"auto"`` (the chain engine,
+            its kernel chosen by :func:`tnkd.tn.planner.chain_kernel`), a kernel of the chain
+            engine (``"native"``, ``"scan"``, ``"log_depth"``: :func:`tnkd.tn.chain.contract_chain`),
+            or another engine that reads the chain's tensors (``"stable"``, ``"reference"``,
+            ``"compiled"``); the parameters are the same whichever runs.
         pool: average-pool ``(batch, channels, H, W)`` images by this factor before the feature
             map (2: a 28x28 image becomes 196 sites); ``num_sites`` is the pooled pixel count.
         patch: give each site a ``patch x patch`` block of one-channel images instead of one
@@ -167,17 +168,6 @@ class MPSClassifier(GraphStudent):
         self.bond_dim = bond_dim
         self.label_position = p
         self.uniform = uniform
-        self.method = method
-
-    @property
-    def method(self) -> str:
-        """The chain engine's kernel (``"auto"`` or a name of :data:`~tnkd.tn.planner.CHAIN_KERNELS`)."""
-        return self._chain_kernel
-
-    @method.setter
-    def method(self, method: str) -> None:
-        check_choice("student method", method, ("auto", "sweep", *CHAIN_KERNELS))
-        self._chain_kernel = "scan" if method == "sweep" else method
 
     @classmethod
     def from_tensor(

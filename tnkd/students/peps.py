@@ -114,7 +114,7 @@ class PEPSClassifier(GraphStudent):
         feature_map: the site map: a scalar map gives the product map of the patch's pixels
             (size d^(patch^2)); ``{name: learnable, in_features: patch^2, dim: n}`` learns one.
         label_site: ``(row, col)`` of the label node; default the centre.
-        pool, output, logit_scale, init_std, method, contraction, compile: as in
+        pool, output, logit_scale, init_std, method: as in
             :class:`~tnkd.students.graph.GraphStudent` (pool with ``patch=1``: a grid of pooled
             pixels).
     """
@@ -132,8 +132,6 @@ class PEPSClassifier(GraphStudent):
         logit_scale: float = 5.0,
         init_std: float = 0.3,
         method: str = "auto",
-        contraction: str | None = None,
-        compile: bool = False,
     ) -> None:
         def draw(grid: tuple[int, ...], dim: int, bond: int, classes: int) -> TNGraph:
             if len(grid) != 2:

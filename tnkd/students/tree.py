@@ -120,7 +120,7 @@ class TreeClassifier(GraphStudent):
         input_shape: (channels, height, width) of one sample, or (n,) for flat inputs.
         num_classes: size C of the label leg on the root.
         bond_dim: largest bond dimension D (bonds near the leaves are capped, see above).
-        feature_map, pool, patch, output, logit_scale, init_std, method, contraction, compile:
+        feature_map, pool, patch, output, logit_scale, init_std, method:
             as in :class:`~tnkd.students.graph.GraphStudent`.
     """
 
@@ -136,7 +136,5 @@ class TreeClassifier(GraphStudent):
         logit_scale: float = 5.0,
         init_std: float = 0.3,
         method: str = "auto",
-        contraction: str | None = None,
-        compile: bool = False,
     ) -> None:
         self._init_on_sites(locals(), tree_graph)

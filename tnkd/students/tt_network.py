@@ -70,6 +70,7 @@ class TTNetwork(GraphStudent):
         output, logit_scale: as in :class:`~tnkd.students.graph.GraphStudent` (``"raw"``: the
             exact scores l_y(X)).
         init_std: relative noise of the near-identity initialisation.
+        method: as in :class:`~tnkd.students.graph.GraphStudent` (``"auto"``: the chain engine).
 
     Example:
         >>> net = TTNetwork((1, 28, 28), 10, patch_size=4, rank=8, equal_cores=True)
@@ -89,6 +90,7 @@ class TTNetwork(GraphStudent):
         output: str = "normalized",
         logit_scale: float = 5.0,
         init_std: float = 1e-2,
+        method: str = "auto",
     ) -> None:
         channels, height, width = image_shape(input_shape, "TTNetwork")
         ph, pw = check_pair("TTNetwork patch_size", patch_size)

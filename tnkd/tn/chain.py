@@ -16,7 +16,7 @@ chosen by the planner (:func:`tnkd.tn.planner.chain_kernel`; why, measured:
 - ``"scan"`` (wherever the native one does not run, and accelerators at D > 64): the same steps
   as torch operations (an outer product with the features and one batched matmul per step),
   differentiated by autograd; the tests' independent check of the native backward pass.
-- ``"tree"`` (accelerators, D <= 64): every site's transfer matrix at once, each half's
+- ``"log_depth"`` (accelerators, D <= 64): every site's transfer matrix at once, each half's
   multiplied pairwise in log depth (D^3 work per site, but about 2 log2(N) large kernels instead
   of N small ones), renormalised at every level.
 
@@ -475,7 +475,7 @@ def contract_chain(
         output_core: (D, C, D) output core, or (M, D, C, D).
         position: p, the number of sites left of the output core (0..N).
         method: the kernel, ``"auto"`` (the planner's choice for the device and D, see
-            :func:`tnkd.tn.planner.chain_kernel`), ``"native"``, ``"scan"`` or ``"tree"``.
+            :func:`tnkd.tn.planner.chain_kernel`), ``"native"``, ``"scan"`` or ``"log_depth"``.
         output_features: (B, d) features of an output core that also reads an input; then
             ``output_core`` is (D, d, C, D) and ``O(x) = sum_s phi_s(x) O[:, s]`` joins the halves.
 
@@ -499,7 +499,7 @@ def contract_chain(
         if single:
             left, cores, right, output_core = (t[None] for t in (left, cores, right, output_core))
         members = cores.shape[0]
-        if kernel == "tree" or num_sites == 0:
+        if kernel == "log_depth" or num_sites == 0:
             mats = torch.einsum("mnlsr,bns->mbnlr", cores, features)
             ends, logs = _tree_halves(left, right, mats, position)
         else:  # the Python scan of both halves

@@ -29,6 +29,11 @@ reference  any graph                                    one ``opt_einsum`` expre
 :data:`PLAIN_MAX_DEPTH` levels whose groups save fewer than half the steps, such as a 4x4 PEPS)
 runs as one einsum, and a batch whose values then leave the float range (not finite, or all
 zero in a sample) is contracted again by the stable engine (:func:`reference_values`).
+
+Every student takes one vocabulary, ``method=``: ``"auto"``, an engine's name, or the name of
+one of an engine's kernels (:data:`KERNELS`), which runs that engine with that kernel: the
+chain's ``"native"``, ``"scan"`` and ``"log_depth"`` (otherwise :func:`chain_kernel` picks one
+for the device), and ``"compiled"``, the stable engine traced by ``torch.compile``.
 :func:`plan` returns a :class:`Plan` that says which engine runs, on which device, why, and why
 each engine tried before it refused (the way PyTorch's ``scaled_dot_product_attention`` explains
 its kernel choice).
@@ -262,7 +267,7 @@ AUTO_ORDER = ("chain", "tree", "tt_matrix", "stable", "reference")
 CHAIN_KERNELS = {
     "native": "native scan (C++)",
     "scan": "scan (torch steps, autograd)",
-    "tree": "log-depth products",
+    "log_depth": "log-depth products",
 }
 #: the largest bond dimension the log-depth products run at on accelerators (D^3 per site)
 TREE_MAX_BOND_DIM = 64
@@ -285,18 +290,18 @@ def chain_kernel(
 
     Example:
         >>> chain_kernel("auto", 10, torch.device("cuda"))
-        ('tree', 'an accelerator at D <= 64: log-depth products')
+        ('log_depth', 'an accelerator at D <= 64: log-depth products')
     """
     if kernel not in ("auto", *CHAIN_KERNELS):
         raise ValueError(
             f"chain kernel must be one of {('auto', *CHAIN_KERNELS)}, but got {kernel!r}"
         )
     device = torch.device("cpu" if device is None else device)
-    if kernel == "tree" or kernel == "scan":
+    if kernel == "log_depth" or kernel == "scan":
         return kernel, "asked for by name"
     if kernel == "auto" and device.type != "cpu":
         if bond_dim <= TREE_MAX_BOND_DIM:
-            return "tree", f"an accelerator at D <= {TREE_MAX_BOND_DIM}: log-depth products"
+            return "log_depth", f"an accelerator at D <= {TREE_MAX_BOND_DIM}: log-depth products"
         return "scan", f"an accelerator at D > {TREE_MAX_BOND_DIM}: the scan"
     if device.type != "cpu" or dtype not in (None, torch.float32, torch.float64):
         return "scan", "the native scan runs float32 and float64 on a CPU only"
@@ -351,8 +356,26 @@ for _engine in (
 ):
     ENGINES.add(_engine.name, _engine)
 
-#: every name ``method=`` takes
-METHODS = ("auto", *AUTO_ORDER)
+#: the stable engine's steps traced and fused by ``torch.compile`` (``method="compiled"``)
+COMPILED = "grouped einsum steps compiled by torch.compile (inductor)"
+#: the kernels ``method=`` may name, and the engine each runs in
+KERNELS = {**dict.fromkeys(CHAIN_KERNELS, "chain"), "compiled": "stable"}
+#: every name ``method=`` takes: ``"auto"``, an engine's, or a kernel's (its engine, that kernel)
+METHODS = ("auto", *AUTO_ORDER, *KERNELS)
+
+
+def engine_and_kernel(method: str) -> tuple[str, str]:
+    """``(engine or "auto", kernel or "auto")`` that a ``method=`` name asks for.
+
+    Example:
+        >>> engine_and_kernel("native"), engine_and_kernel("stable")
+        (('chain', 'native'), ('stable', 'auto'))
+    """
+    if method not in METHODS and method != "portable":
+        raise ValueError(
+            f"unknown contraction method {method!r}; expected one of: {', '.join(METHODS)}"
+        )
+    return KERNELS.get(method, method), method if method in KERNELS else "auto"
 
 
 @dataclass(frozen=True)
@@ -384,12 +407,9 @@ def choose(
 ) -> tuple[Engine, str, tuple[tuple[str, str], ...]]:
     """The engine for a graph, why, and why each engine tried before it refused (see :func:`plan`)."""
     device = torch.device("cpu" if device is None else device)
-    if method != "auto":
-        if method not in ENGINES:
-            raise ValueError(
-                f"unknown contraction method {method!r}; expected one of: {', '.join(METHODS)}"
-            )
-        engine = ENGINES.get(method)
+    name = engine_and_kernel(method)[0]
+    if name != "auto":
+        engine = ENGINES.get(name)
         why = engine.refuse(shape, device)
         if why is not None:
             raise ValueError(f"method={method!r} cannot contract this graph: {why}; use 'auto'")
@@ -406,17 +426,15 @@ def choose(
     raise AssertionError("the reference engine accepts every graph")  # pragma: no cover
 
 
-def plan(
-    shape: GraphShape | NetworkSpec, method: str = "auto", device=None, kernel: str = "auto"
-) -> Plan:
+def plan(shape: GraphShape | NetworkSpec, method: str = "auto", device=None) -> Plan:
     """Choose the engine for a graph: ``method`` names one, or ``"auto"`` tries them in order.
 
     Args:
         shape: the graph's :class:`GraphShape` (or its spec, examined for a chain only).
-        method: ``"auto"`` or an engine's name.
+        method: ``"auto"``, an engine's name, or a kernel's (:data:`KERNELS`: that kernel of its
+            engine; the chain engine's kernel is otherwise :func:`chain_kernel`'s choice, whose
+            reason the plan's joins).
         device: where the contraction runs (default CPU).
-        kernel: the chain engine's kernel, ``"auto"`` or a name of :data:`CHAIN_KERNELS` (see
-            :func:`chain_kernel`, whose reason the plan's joins).
 
     Returns:
         The :class:`Plan`: the engine, the kernel it runs on this device, and the reasons.
@@ -428,7 +446,11 @@ def plan(
     shape = shape if isinstance(shape, GraphShape) else examine(shape)
     device = torch.device("cpu" if device is None else device)
     engine, reason, refused = choose(shape, method, device)
+    kernel = engine_and_kernel(method)[1]
     if engine.name == "chain":
         name, why = chain_kernel(kernel, shape.chain.bond_dim, device)
-        return Plan(engine.name, CHAIN_KERNELS[name], device.type, f"{reason}; {why}", refused)
+        reason = reason if why == reason else f"{reason}; {why}"
+        return Plan(engine.name, CHAIN_KERNELS[name], device.type, reason, refused)
+    if kernel == "compiled":
+        return Plan(engine.name, COMPILED, device.type, reason, refused)
     return Plan(engine.name, engine.kernel(shape, device), device.type, reason, refused)

@@ -139,8 +139,36 @@ def build(spec: Any) -> Any:
             )
         if "modules" in spec:
             return cls(*[build(m) for m in spec["modules"]])
-        return cls(**{k: build(v) for k, v in spec["init_args"].items()})
+        return cls(**{k: build(v) for k, v in current_args(cls, spec["init_args"]).items()})
     return {k: build(v) for k, v in spec.items()}
+
+
+def current_args(cls: Any, args: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments an older tnkd recorded for ``cls``, as ``cls`` takes them today.
+
+    A graph student's ``contraction`` (``"plain"``: the reference engine) and ``compile=True``
+    (the stable engine through ``torch.compile``) are now names of its ``method``; an MPS's
+    kernels ``"tree"`` and ``"sweep"`` are now ``"log_depth"`` and ``"scan"``. So a checkpoint
+    written before still loads (:func:`build`).
+
+    Example:
+        >>> from tnkd.students import TreeClassifier
+        >>> current_args(TreeClassifier, {"bond_dim": 4, "contraction": "plain", "compile": False})
+        {'bond_dim': 4, 'method': 'reference'}
+    """
+    from tnkd.students import GraphStudent, MPSClassifier, StackedMPS
+
+    args = dict(args)
+    if not (inspect.isclass(cls) and issubclass(cls, GraphStudent | StackedMPS)):
+        return args
+    contraction, compiled = args.pop("contraction", None), args.pop("compile", False)
+    if contraction is not None:
+        args["method"] = {"plain": "reference"}.get(contraction, contraction)
+    if compiled:
+        args["method"] = "compiled"
+    if issubclass(cls, MPSClassifier | StackedMPS) and args.get("method") in ("tree", "sweep"):
+        args["method"] = {"tree": "log_depth", "sweep": "scan"}[args["method"]]
+    return args
 
 
 def _safe(network: Any) -> Any:
