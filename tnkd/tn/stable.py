@@ -381,21 +381,18 @@ class StableNetwork:
             logs: dict[int, torch.Tensor] = {}
             peaks = []
             for group in self.groups:
-                log = None
                 ops = [c.take(tensors) for c in group.columns]
                 result = ops[0]
                 for eq, positions in group.stages:
                     result = torch.einsum(eq, *[result if k < 0 else ops[k] for k in positions])
+                parts = []  # the result's log-scale: its own (if renormalised), its operands'
                 if group.renorm or every:  # per (group entry, sample)
                     result, log, peak = rescaled(result, group.scale_axes)
-                    log = log.reshape(result.shape[0], -1)
+                    parts.append(log.reshape(result.shape[0], -1))
                     peaks.append(peak)
-                for column in group.columns:
-                    part = column.take_log(logs)
-                    if part is not None:
-                        log = part if log is None else log + part
-                if log is not None:
-                    logs[len(tensors)] = log
+                parts += [p for c in group.columns if (p := c.take_log(logs)) is not None]
+                if parts:
+                    logs[len(tensors)] = sum(parts[1:], parts[0])
                 tensors.append(result)
             if not every and self.checks_range:
                 # between renormalisations a value may have left the range where float keeps all
