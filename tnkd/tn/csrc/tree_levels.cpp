@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -588,11 +589,8 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
   for (int64_t s = 0; s < nb; ++s)
     if (offset[s] >= 0)
       grads[s] = summed.narrow(0, offset[s], blocks[s].numel()).view(blocks[s].sizes());
-  if (head) {
-    T dot = 0;
-    for (const T d : dots) dot += d;
-    grads.push_back(at::scalar_tensor(dot * scale, options));
-  }
+  const T dot = std::accumulate(dots.begin(), dots.end(), T(0));
+  if (head) grads.push_back(at::scalar_tensor(dot * scale, options));
   return grads;
 }
 
