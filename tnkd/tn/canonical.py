@@ -227,16 +227,13 @@ def truncate(
         children[parent[v][0]].append((v, parent[v][1]))
     chain = all(len(children[v]) + (v != center) <= 2 for v in order)  # every node: <= 2 bonds
     out = Truncation(tensors=[], log_norm=log_norm, chain=chain)
-    stack = [(center, iter(children[center]))]
-    while stack:
-        v, todo = stack[-1]
-        nxt = next(todo, None)
-        if nxt is None:
-            stack.pop()
-            if stack:  # move the centre back up to the parent (exact; the scale is kept apart)
-                out.log_norm += _qr_towards(work, indices, v, *parent[v])
+    # depth first: the centre moves down each bond (v, u), cutting it, back up after u's subtree
+    moves = [(center, u, label, True) for u, label in reversed(children[center])]
+    while moves:
+        v, u, label, down = moves.pop()
+        if not down:  # back up from u to v (exact; the scale is kept apart)
+            out.log_norm += _qr_towards(work, indices, u, v, label)
             continue
-        u, label = nxt
         # the centre is at v: v's singular values across the bond are the network's
         axis = indices[v].index(label)
         left, s, right = torch.linalg.svd(_split(work[v], axis), full_matrices=False)
@@ -247,7 +244,7 @@ def truncate(
         out.discarded[label] = float((s[r:] ** 2).sum())
         work[v] = _join(left[:, :r], work[v], axis)
         work[u] = _absorb(work[u], indices[u].index(label), s[:r, None] * right[:r])
-        stack.append((u, iter(children[u])))
+        moves += [(v, u, label, False), *((u, w, bond, True) for w, bond in reversed(children[u]))]
     out.tensors = [t.to(dtype) for t in work]
     return out
 

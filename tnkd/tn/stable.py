@@ -19,10 +19,9 @@ an equation (up to renaming indices) and operand shapes are stacked and contract
 ``torch.einsum`` with a leading group index. On a binary tree this is the level-by-level
 contraction: about log2(N) kernels instead of N. Graphs with loops (PEPS) run as they are drawn.
 
-Every step runs through ``torch.einsum`` and autograd (second derivatives work, and
-``torch.compile`` traces it with ``every=True``). This is the planner's ``stable`` engine
-(:mod:`tnkd.tn.planner`); the tree engine (:mod:`tnkd.tn.fused`) is built from its schedule.
-Measurements: the documentation's graph benchmark page (``benchmarks/graph_speed.py``).
+Every step runs through ``torch.einsum`` and autograd (second derivatives work). This is the
+planner's ``stable`` engine (:mod:`tnkd.tn.planner`); the tree engine (:mod:`tnkd.tn.fused`) is
+built from its schedule. Measured by ``benchmarks/graph_speed.py`` (the graph benchmark page).
 
 Example:
     >>> import torch
