@@ -147,21 +147,18 @@ def tree_path(spec: NetworkSpec) -> list[tuple[int, ...]] | None:
     n = len(spec.node_names)
     root = index_ends(spec.node_indices)[spec.output_indices[0]][0][0] if spec.output_indices else 0
     try:
-        order, parent = hang(spec.node_indices, root)
+        order, children = hang(spec.node_indices, root)
     except ValueError:
         return None  # a loop (or disconnected pieces)
-    children: dict[int, list[int]] = {v: [] for v in order}
-    for v in order[1:]:
-        children[parent[v][0]].append(v)
     height = [0] * n
     for v in reversed(order):
-        height[v] = 1 + max((height[u] for u in children[v]), default=-1)
+        height[v] = 1 + max((height[u] for u, _ in children[v]), default=-1)
     current = list(range(n))  # operand ids in opt_einsum's list order
     result_of = {v: v for v in range(n)}
     path: list[tuple[int, ...]] = []
     # lowest subtrees first, so that the steps of one level sit next to each other
     for v in sorted((v for v in order if children[v]), key=lambda v: (height[v], v)):
-        ids = [result_of[v]] + [result_of[u] for u in sorted(children[v])]
+        ids = [result_of[v]] + [result_of[u] for u, _ in children[v]]  # (in node order)
         path.append(tuple(current.index(i) for i in ids))
         result_of[v] = n + len(path) - 1
         current = [i for i in current if i not in ids] + [result_of[v]]
