@@ -388,7 +388,6 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
   at::Tensor divisors = at::empty({plan.divisors + (square ? 1 : 0), 1, n}, options);
   T* div = divisors.data_ptr<T>();
   const int64_t width = chunk_registers(plan.max_ab) * L;
-  const T tiny = std::numeric_limits<T>::min();
   // the head: logits (n, C) = exp(s) v / ||v|| of the root v, and 1 / ||v|| per sample
   const T scale = std::exp(static_cast<T>(log_scale));
   const int64_t classes = plan.levels.back().P;
@@ -416,7 +415,7 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
           if (lv.renorm) {
             T* drow = div + (lv.divisors + g) * n + c0;
             for (int64_t v = 0; v < nv; ++v) {
-              V peak = V{} + tiny;  // the max-abs, at least tiny
+              V peak = V{} + std::numeric_limits<T>::min();  // the max-abs, at least tiny
               for (int64_t p = 0; p < lv.P; ++p) {
                 V x = load(out + p * width + v * L);
                 V ax = x < 0 ? -x : x;
