@@ -293,7 +293,6 @@ class TTMLPFromTeacher(TTMLP):
             )
         built = TTMLP.from_mlp(mlp, ranks, tolerance, num_factors, keep_dense_below)
         super().__init__(built.layers, built.num_inputs, built.num_classes)
-        self.teacher_checkpoint = str(teacher_checkpoint)
 
     def checkpoint_spec(self) -> dict[str, Any]:
         """Described as the :class:`TTMLP` it is, so loading never reads the teacher file again."""
