@@ -5,9 +5,8 @@ G_k of shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1::
 
     W[(j_1..j_d), (i_1..i_d)] = G_1[:, i_1, j_1, :] G_2[:, i_2, j_2, :] ... G_d[:, i_d, j_d, :]
 
-The layer never builds W (unless that is the cheapest way, as for 4096 -> 16): the input,
-reshaped to (batch, m_1, ..., m_d), is contracted with groups of neighbouring cores, one matrix
-product over the batch each (:func:`tnkd.tn.tt_matrix.tt_linear`, planned per batch size).
+The layer never builds W unless that is cheapest (as for 4096 -> 16): the input meets groups of
+neighbouring cores, one matrix product each, as :func:`tnkd.tn.tt_matrix.tt_linear` plans them.
 """
 
 from __future__ import annotations
@@ -294,7 +293,6 @@ class TTMLPFromTeacher(TTMLP):
             )
         built = TTMLP.from_mlp(mlp, ranks, tolerance, num_factors, keep_dense_below)
         super().__init__(built.layers, built.num_inputs, built.num_classes)
-        self.teacher_checkpoint = str(teacher_checkpoint)
 
     def checkpoint_spec(self) -> dict[str, Any]:
         """Described as the :class:`TTMLP` it is, so loading never reads the teacher file again."""

@@ -55,8 +55,8 @@ def network_of(graph: TNGraph) -> tuple[list[torch.Tensor], list[tuple[str, ...]
     return [n.tensor for n, _ in kept], [idx for _, idx in kept], [n.name for n, _ in kept]
 
 
-def hang(indices: Indices, center: int) -> tuple[list[int], dict[int, tuple[int, str]]]:
-    """A network without loops hung from node ``center``: nodes breadth-first, (parent, bond)s.
+def hang(indices: Indices, center: int) -> tuple[list[int], dict[int, list[tuple[int, str]]]]:
+    """A network without loops hung from node ``center``: nodes breadth-first, (child, bond)s.
 
     Raises:
         ValueError: the network has a loop or is not connected.
@@ -80,15 +80,17 @@ def hang(indices: Indices, center: int) -> tuple[list[int], dict[int, tuple[int,
             f"canonical forms need a connected network without loops (n - 1 = {n - 1} bonds for "
             f"{n} nodes), but it has {len(bonds)} bonds; a PEPS has loops: it has no canonical form"
         )
-    order, parent = [center], {center: (-1, "")}
+    order, children, seen = [center], {}, {center}
     for v in order:
+        children[v] = []
         for u, label in sorted(neighbours[v]):
-            if u not in parent:
-                parent[u] = (v, label)
+            if u not in seen:
+                seen.add(u)
                 order.append(u)
+                children[v].append((u, label))
     if len(order) != n:
         raise ValueError("canonical forms need a connected network; some nodes are not reachable")
-    return order, parent
+    return order, children
 
 
 def _split(t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -136,10 +138,11 @@ def canonicalize(
     """
     dtype = tensors[0].dtype
     work = [t.detach().to(torch.float64) for t in tensors]
-    order, parent = hang(indices, center)
+    order, children = hang(indices, center)
     log_norm = 0.0
-    for v in reversed(order[1:]):
-        log_norm += _qr_towards(work, indices, v, *parent[v])
+    for v in reversed(order):  # deepest first: each child an isometry towards its parent
+        for u, label in reversed(children[v]):
+            log_norm += _qr_towards(work, indices, u, v, label)
     norm = float(work[center].norm())
     if norm > 0:
         work[center] = work[center] / norm
@@ -221,22 +224,16 @@ def truncate(
         )
     dtype = tensors[0].dtype
     work, log_norm = canonicalize([t.to(torch.float64) for t in tensors], indices, center)
-    order, parent = hang(indices, center)
-    children: dict[int, list[tuple[int, str]]] = {v: [] for v in order}
-    for v in order[1:]:
-        children[parent[v][0]].append((v, parent[v][1]))
+    order, children = hang(indices, center)
     chain = all(len(children[v]) + (v != center) <= 2 for v in order)  # every node: <= 2 bonds
     out = Truncation(tensors=[], log_norm=log_norm, chain=chain)
-    stack = [(center, iter(children[center]))]
-    while stack:
-        v, todo = stack[-1]
-        nxt = next(todo, None)
-        if nxt is None:
-            stack.pop()
-            if stack:  # move the centre back up to the parent (exact; the scale is kept apart)
-                out.log_norm += _qr_towards(work, indices, v, *parent[v])
+    # depth first: the centre moves down each bond (v, u), cutting it, back up after u's subtree
+    moves = [(center, u, label, True) for u, label in reversed(children[center])]
+    while moves:
+        v, u, label, down = moves.pop()
+        if not down:  # back up from u to v (exact; the scale is kept apart)
+            out.log_norm += _qr_towards(work, indices, u, v, label)
             continue
-        u, label = nxt
         # the centre is at v: v's singular values across the bond are the network's
         axis = indices[v].index(label)
         left, s, right = torch.linalg.svd(_split(work[v], axis), full_matrices=False)
@@ -247,7 +244,7 @@ def truncate(
         out.discarded[label] = float((s[r:] ** 2).sum())
         work[v] = _join(left[:, :r], work[v], axis)
         work[u] = _absorb(work[u], indices[u].index(label), s[:r, None] * right[:r])
-        stack.append((u, iter(children[u])))
+        moves += [(v, u, label, False), *((u, w, bond, True) for w, bond in reversed(children[u]))]
     out.tensors = [t.to(dtype) for t in work]
     return out
 

@@ -21,10 +21,8 @@ BATCH_INDEX = "__batch__"
 
 def einsum_equation(spec: NetworkSpec, batched: bool = True) -> str:
     """The einsum equation of a graph, symbols generated from index names (batch index first)."""
-    names: list[str] = [BATCH_INDEX]
-    for idx in spec.node_indices:
-        names.extend(i for i in idx if i not in names)
-    sym = {name: oe.get_symbol(i) for i, name in enumerate(names)}
+    names = dict.fromkeys([BATCH_INDEX, *(i for idx in spec.node_indices for i in idx)])
+    sym = {name: oe.get_symbol(k) for k, name in enumerate(names)}
     b = sym[BATCH_INDEX] if batched else ""
     terms = [
         (b if (n in spec.input_nodes) else "") + "".join(sym[i] for i in idx)

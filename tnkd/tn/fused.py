@@ -51,8 +51,8 @@ import torch
 from tnkd.tn import native
 from tnkd.tn.stable import Column, StableNetwork, digits_range, direction_logits, full_precision
 
-#: a level: (weight slot, left children, right children, renormalised, result slot)
-Level = tuple[int, Column, Column, bool, int]
+#: a level: (weight slot, left children, right children, renormalised)
+Level = tuple[int, Column, Column, bool]
 
 
 def tree_plan(net: StableNetwork) -> tuple[TreePlan | None, str]:
@@ -64,7 +64,7 @@ def tree_plan(net: StableNetwork) -> tuple[TreePlan | None, str]:
     """
     first = len(net.blocks)
     levels, permutations = [], {}
-    for number, group in enumerate(net.groups):
+    for group in net.groups:
         if group.pair is None:
             return None, "some step does not join a node with its two children"
         w, left, right, axes = group.pair
@@ -75,7 +75,7 @@ def tree_plan(net: StableNetwork) -> tuple[TreePlan | None, str]:
             return None, "a node's weights are not one whole block"
         if axes != (0, 1, 2):
             permutations[weight.source] = (0, *(1 + k for k in axes))
-        levels.append((weight.source, left, right, group.renorm, first + number))
+        levels.append((weight.source, left, right, group.renorm))
     if net.last != (first + len(levels) - 1, 0) or len(net.groups[-1].steps) != 1:
         return None, "the last step does not give the whole result"
     return TreePlan(tuple(levels), net, permutations), ""
@@ -85,9 +85,7 @@ def tree_plan(net: StableNetwork) -> tuple[TreePlan | None, str]:
 class TreePlan:
     """The levels of a tree (see :data:`Level`) for :class:`FastTree`, and how to run them.
 
-    The levels renormalise as the network's plan does, with its range check; a pass that fails
-    it runs again renormalising every level (:func:`native_tree_forward`). A tree student keeps
-    its plan as its ``tree_plan``.
+    A tree student keeps its plan as its ``tree_plan``.
     """
 
     levels: tuple[Level, ...]

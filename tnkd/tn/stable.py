@@ -19,10 +19,9 @@ an equation (up to renaming indices) and operand shapes are stacked and contract
 ``torch.einsum`` with a leading group index. On a binary tree this is the level-by-level
 contraction: about log2(N) kernels instead of N. Graphs with loops (PEPS) run as they are drawn.
 
-Every step runs through ``torch.einsum`` and autograd (second derivatives work, and
-``torch.compile`` traces it with ``every=True``). This is the planner's ``stable`` engine
-(:mod:`tnkd.tn.planner`); the tree engine (:mod:`tnkd.tn.fused`) is built from its schedule.
-Measurements: the documentation's graph benchmark page (``benchmarks/graph_speed.py``).
+Every step runs through ``torch.einsum`` and autograd (second derivatives work). This is the
+planner's ``stable`` engine (:mod:`tnkd.tn.planner`); the tree engine (:mod:`tnkd.tn.fused`) is
+built from its schedule. Measured by ``benchmarks/graph_speed.py`` (the graph benchmark page).
 
 Example:
     >>> import torch
@@ -148,21 +147,18 @@ def tree_path(spec: NetworkSpec) -> list[tuple[int, ...]] | None:
     n = len(spec.node_names)
     root = index_ends(spec.node_indices)[spec.output_indices[0]][0][0] if spec.output_indices else 0
     try:
-        order, parent = hang(spec.node_indices, root)
+        order, children = hang(spec.node_indices, root)
     except ValueError:
         return None  # a loop (or disconnected pieces)
-    children: dict[int, list[int]] = {v: [] for v in order}
-    for v in order[1:]:
-        children[parent[v][0]].append(v)
     height = [0] * n
     for v in reversed(order):
-        height[v] = 1 + max((height[u] for u in children[v]), default=-1)
+        height[v] = 1 + max((height[u] for u, _ in children[v]), default=-1)
     current = list(range(n))  # operand ids in opt_einsum's list order
     result_of = {v: v for v in range(n)}
     path: list[tuple[int, ...]] = []
     # lowest subtrees first, so that the steps of one level sit next to each other
     for v in sorted((v for v in order if children[v]), key=lambda v: (height[v], v)):
-        ids = [result_of[v]] + [result_of[u] for u in sorted(children[v])]
+        ids = [result_of[v]] + [result_of[u] for u, _ in children[v]]  # (in node order)
         path.append(tuple(current.index(i) for i in ids))
         result_of[v] = n + len(path) - 1
         current = [i for i in current if i not in ids] + [result_of[v]]
@@ -381,21 +377,18 @@ class StableNetwork:
             logs: dict[int, torch.Tensor] = {}
             peaks = []
             for group in self.groups:
-                log = None
                 ops = [c.take(tensors) for c in group.columns]
                 result = ops[0]
                 for eq, positions in group.stages:
                     result = torch.einsum(eq, *[result if k < 0 else ops[k] for k in positions])
+                parts = []  # the result's log-scale: its own (if renormalised), its operands'
                 if group.renorm or every:  # per (group entry, sample)
                     result, log, peak = rescaled(result, group.scale_axes)
-                    log = log.reshape(result.shape[0], -1)
+                    parts.append(log.reshape(result.shape[0], -1))
                     peaks.append(peak)
-                for column in group.columns:
-                    part = column.take_log(logs)
-                    if part is not None:
-                        log = part if log is None else log + part
-                if log is not None:
-                    logs[len(tensors)] = log
+                parts += [p for c in group.columns if (p := c.take_log(logs)) is not None]
+                if parts:
+                    logs[len(tensors)] = sum(parts[1:], parts[0])
                 tensors.append(result)
             if not every and self.checks_range:
                 # between renormalisations a value may have left the range where float keeps all

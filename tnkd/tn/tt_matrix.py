@@ -4,15 +4,13 @@ A TT-matrix ``W`` (out x in, ``in = m_1...m_d``, ``out = n_1...n_d``) is stored 
 shape (r_{k-1}, m_k, n_k, r_k), r_0 = r_d = 1. The product ``y = x @ W.T + b`` for a batch of B
 rows never needs W: Novikov et al. (2015, "Tensorizing Neural Networks", Sec. 5) contract the
 input, reshaped to (B, m_1, ..., m_d), with one core at a time, each step one matrix product
-over the batch. :func:`tt_linear` does that with two refinements, chosen per shape:
+over the batch. :func:`tt_linear` does that with two refinements, chosen per shape by :func:`plan_tt_matvec`,
+which counts the multiply-adds of every choice, merges included, for the actual batch size:
 
 * **Groups.** Neighbouring cores may first be merged into one core (r_a, m_a...m_b, n_a...n_b,
   r_b), at a cost independent of the batch, where that saves multiply-adds per sample (examples:
   :func:`plan_tt_matvec`; measured: ``docs/benchmarks/tt-layers.md``).
 * **Direction.** The sweep starts from the first core or from the last.
-
-:func:`plan_tt_matvec` counts the multiply-adds of every grouping (2^(d-1) of them) in both
-directions, merges included, for the actual batch size and keeps the cheapest (cached).
 
 Each step is one ``mm`` or one ``bmm`` with the step matrix shared over the leading index, on
 layouts chosen so that a step's output is the next step's input as a view: a state (B·rows,

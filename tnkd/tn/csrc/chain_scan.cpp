@@ -76,15 +76,6 @@ void normalise_columns(T* x, int64_t rows, int64_t batch, T* peak) {
     for (int64_t b = 0; b < batch; ++b) x[o * batch + b] /= peak[b];
 }
 
-// Whether the n values at p all lie in [low, high] (by default: are finite; false for NaN).
-template <typename T>
-bool all_within(const T* p, int64_t n, T low = -std::numeric_limits<T>::max(),
-                T high = std::numeric_limits<T>::max()) {
-  for (int64_t j = 0; j < n; ++j)
-    if (!(p[j] >= low && p[j] <= high)) return false;
-  return true;
-}
-
 // Each tensor checked (on the CPU, with the given number of dimensions) and made contiguous.
 void check(std::initializer_list<std::tuple<at::Tensor&, const char*, int64_t>> tensors) {
   for (const auto& [t, name, dim] : tensors) {

@@ -1,9 +1,10 @@
-// SIMD helpers of chain_scan.cpp and tree_levels.cpp: a register type and register-tiled
-// matrix products.
+// SIMD helpers of chain_scan.cpp and tree_levels.cpp: a register type, register-tiled matrix
+// products and a range check.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 namespace tnkd_simd {
 
@@ -19,6 +20,15 @@ struct Vec {
 template <typename T>
 inline int64_t padded_width(int64_t n) {
   return (n + Vec<T>::lanes - 1) / Vec<T>::lanes * Vec<T>::lanes;
+}
+
+// Whether the n values at p all lie in [low, high] (by default: are finite; false for NaN).
+template <typename T>
+bool all_within(const T* p, int64_t n, T low = -std::numeric_limits<T>::max(),
+                T high = std::numeric_limits<T>::max()) {
+  for (int64_t j = 0; j < n; ++j)
+    if (!(p[j] >= low && p[j] <= high)) return false;
+  return true;
 }
 
 template <typename T>

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -387,16 +388,12 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
   at::Tensor divisors = at::empty({plan.divisors + (square ? 1 : 0), 1, n}, options);
   T* div = divisors.data_ptr<T>();
   const int64_t width = chunk_registers(plan.max_ab) * L;
-  const T tiny = std::numeric_limits<T>::min();
   // the head: logits (n, C) = exp(s) v / ||v|| of the root v, and 1 / ||v|| per sample
   const T scale = std::exp(static_cast<T>(log_scale));
   const int64_t classes = plan.levels.back().P;
   at::Tensor logits = head ? at::empty({n, classes}, options) : at::Tensor();
   at::Tensor inverse = head ? at::empty({n}, options) : at::Tensor();
   const Split split = split_work<T>(plan);
-  // per task: whether every divisor was within [lowest, highest] (false for NaN too)
-  std::vector<char> fine(split.tasks + 1, 1);
-  auto see = [&](int64_t t, double v) { fine[t] = fine[t] && v >= lowest && v <= highest; };
 
   auto levels = [&](int64_t t, int64_t k0, int64_t k1, int64_t cbegin, int64_t cend, Work<T>& w) {
     for (int64_t k = k0; k < k1; ++k) {
@@ -418,7 +415,7 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
           if (lv.renorm) {
             T* drow = div + (lv.divisors + g) * n + c0;
             for (int64_t v = 0; v < nv; ++v) {
-              V peak = V{};
+              V peak = V{} + std::numeric_limits<T>::min();  // the max-abs, at least tiny
               for (int64_t p = 0; p < lv.P; ++p) {
                 V x = load(out + p * width + v * L);
                 V ax = x < 0 ? -x : x;
@@ -427,14 +424,9 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
               }
               T lanes[L];
               store(lanes, peak);
-              for (int64_t q = 0; q < L; ++q)
-                lanes[q] = std::isnan(lanes[q]) ? lanes[q] : std::max(lanes[q], tiny);
-              divide(out + v * L, lv.P, width, load(lanes));
+              divide(out + v * L, lv.P, width, peak);
               const int64_t valid = std::min<int64_t>(L, cols - v * L);
-              for (int64_t q = 0; q < valid; ++q) {
-                drow[v * L + q] = lanes[q];
-                see(t, lanes[q]);
-              }
+              for (int64_t q = 0; q < valid; ++q) drow[v * L + q] = lanes[q];
             }
           } else if (square && k == K - 1) {
             T* drow = div + square_row * n + c0;
@@ -442,7 +434,6 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
               T s = 0;
               for (int64_t p = 0; p < lv.P; ++p) s += out[p * width + c] * out[p * width + c];
               drow[c] = s;
-              see(t, s);
             }
           }
           give(out, lv.P, width, cols, Child<T>{dst.ptr + g * dst.sn, 0, dst.sr, 1}, c0, false);
@@ -471,7 +462,8 @@ Forward forward_impl(const std::vector<at::Tensor>& blocks, const Plan& plan, bo
     }
   };
   run_split<T>(plan, split, false, width, 0, levels, run_head);
-  const bool in_range = std::all_of(fine.begin(), fine.end(), [](char f) { return f; });
+  // whether every divisor lies within [lowest, highest] (false for NaN too)
+  const bool in_range = all_within(div, divisors.numel(), T(lowest), T(highest));
   return {outs, divisors, in_range, logits, inverse};
 }
 
@@ -596,11 +588,8 @@ std::vector<at::Tensor> backward_impl(const std::vector<at::Tensor>& blocks, Pla
   for (int64_t s = 0; s < nb; ++s)
     if (offset[s] >= 0)
       grads[s] = summed.narrow(0, offset[s], blocks[s].numel()).view(blocks[s].sizes());
-  if (head) {
-    T dot = 0;
-    for (const T d : dots) dot += d;
-    grads.push_back(at::scalar_tensor(dot * scale, options));
-  }
+  const T dot = std::accumulate(dots.begin(), dots.end(), T(0));
+  if (head) grads.push_back(at::scalar_tensor(dot * scale, options));
   return grads;
 }
 
