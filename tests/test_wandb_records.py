@@ -87,6 +87,7 @@ def test_a_fit_run_records_the_structured_config(tmp_path, monkeypatch):
     assert config["temperature"] == 2.0 and config["beta"] == 0.9
     assert config["bond_dim"] == 4 and config["num_sites"] == 64
     assert config["student"]["class"] == "MPSClassifier" and config["student"]["bond_dim"] == 4
+    assert config["engine"] == config["student"]["engine"] == "chain"  # the planner's choice
     assert config["seed"] == 3 and config["epochs"] == 1 and config["lr"] == 0.003
     assert config["data"]["class"] == "DigitsDataModule" and config["data"]["batch_size"] == 64
     assert config["teacher"]["class"] == "MLP" and config["teacher"]["file"] == "teacher.pt"

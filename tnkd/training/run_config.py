@@ -7,8 +7,10 @@ module logs the description as the run's config. In the W&B UI runs can then be 
 command made them. The keys:
 
 * ``role`` (``student`` or ``teacher``), ``tnkd_version`` and, from a git checkout, ``git_commit``;
-* ``student``: ``{class, <its constructor arguments>}``, and its main size settings repeated at
-  the top level: ``bond_dim``, ``num_sites``, ``rank``, ``ranks``, ``feature_map``;
+* ``student``: ``{class, <its constructor arguments>, engine}`` (``engine``: the planner's
+  choice, :meth:`~tnkd.students.graph.GraphStudent.plan`, for students that have one), and its
+  main settings repeated at the top level: ``bond_dim``, ``num_sites``, ``rank``, ``ranks``,
+  ``feature_map``, ``engine``;
 * ``divergence`` (``none`` for a labels-only run), its parameters at the top level (``alpha``
   for Renyi, ``skew`` for skew KL, ``target_weight`` / ``nontarget_weight`` for DKD,
   ``standardize`` when set) and in ``divergence_params``; ``temperature``, ``beta``;
@@ -38,7 +40,7 @@ from torch import nn
 import tnkd
 
 #: student arguments repeated at the top level of the config (for W&B filters and columns)
-TOP_LEVEL_STUDENT_KEYS = ("bond_dim", "num_sites", "rank", "ranks", "feature_map")
+TOP_LEVEL_STUDENT_KEYS = ("bond_dim", "num_sites", "rank", "ranks", "feature_map", "engine")
 #: divergence parameters repeated at the top level
 TOP_LEVEL_DIVERGENCE_KEYS = ("alpha", "skew", "target_weight", "nontarget_weight", "standardize")
 
@@ -82,9 +84,12 @@ def git_commit() -> str | None:
 
 
 def describe_student(student: nn.Module) -> dict[str, Any]:
-    """``{class, <constructor arguments>}`` of a student."""
+    """``{class, <constructor arguments>, engine}`` of a student (``engine`` where it plans one)."""
     args = getattr(student, "init_args", None)
-    return {"class": type(student).__name__, **plain(args if isinstance(args, dict) else {})}
+    out = {"class": type(student).__name__, **plain(args if isinstance(args, dict) else {})}
+    if callable(getattr(student, "plan", None)):
+        out["engine"] = student.plan().engine
+    return out
 
 
 def describe_data(datamodule: Any) -> dict[str, Any]:
