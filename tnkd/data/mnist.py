@@ -303,20 +303,8 @@ class FashionMNISTDataModule(_MNISTFormatDataModule):
     Pixels are scaled to ``[0, 1]``; the mean pixel is 0.2861 (train). Downloads come from
     Zalando Research's S3 bucket (the address torchvision uses; plain HTTP, checked by MD5).
 
-    Args:
-        root: folder that holds ``FashionMNIST/raw/`` with the four IDX files.
-        download: fetch missing files in :meth:`prepare_data` (needs a network).
-        downsample: integer factor, a divisor of 28: each ``downsample x downsample`` block
-            of pixels is averaged (2 turns 28x28 into 14x14, 4 into 7x7).
-        batch_size: samples per batch.
-        val_fraction: fraction of the 60,000 training images held out for validation.
-        seed: seed of the validation split, batch order, augmentation and labeled subset.
-        num_workers: ``DataLoader`` workers.
-        augment: training-time shifts and rotations, e.g. ``{shift: 2, rotate: 10}`` (see
-            :mod:`tnkd.data.augment`).
-        labeled_per_class: keep this many labels per class (a transfer set; see
-            :class:`~tnkd.data.base.ClassificationDataModule`).
-        extra_unlabeled: a torch file of more unlabeled images for the transfer set.
+    Its arguments are :class:`MNISTDataModule`'s (the same sizes and splits); ``root`` holds
+    ``FashionMNIST/raw/`` with the four IDX files.
     """
 
     class_names = (
