@@ -138,10 +138,10 @@ def rounding(args: argparse.Namespace) -> None:
     """Seed 0's 4 runs batched with the chain kernels ``auto`` and ``log_depth``: rounding noise."""
     flags = ["--student.init_args.method", "log_depth"]
     scan, _ = run(args, args.seeds[:1], VARIANTS, batched=True)
-    sweep, _ = run(args, args.seeds[:1], VARIANTS, batched=True, extra=flags)
+    products, _ = run(args, args.seeds[:1], VARIANTS, batched=True, extra=flags)
     print("\n| run | seed | test acc, method auto | test acc, method log_depth |")
     print("|---|---|---|---|")
-    for a, b in zip(scan, sweep, strict=True):
+    for a, b in zip(scan, products, strict=True):
         print(f"| {a.name} | {a.seed} | {a.student_acc:.4f} | {b.student_acc:.4f} |")
 
 

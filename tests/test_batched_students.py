@@ -60,6 +60,8 @@ def test_members_on_another_engine_run_one_after_the_other():
     members = _members(method="stable", output="raw")  # BatchedMPS runs the chain engine only
     model = batch_students(members)
     assert type(model).__name__ == "MemberList"
+    with pytest.raises(ValueError, match="BatchedMPS runs the chain engine, but the members run"):
+        batch_students(members, kind="batched")
     x = torch.rand(4, 12, dtype=torch.float64)
     torch.testing.assert_close(model(x)[1], members[1].generic_forward(x), rtol=1e-10, atol=1e-12)
 

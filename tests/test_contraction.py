@@ -128,7 +128,7 @@ def test_raw_value_that_overflows_float32_is_carried_by_the_log_scale():
     assert torch.allclose(values, torch.ones(2, 3), atol=1e-5)
 
 
-def test_auto_kernel_is_native_on_cpu_and_tree_or_scan_on_accelerators():
+def test_auto_kernel_is_native_on_cpu_and_log_depth_or_scan_on_accelerators():
     # "native" where its kernels compile (tests/test_native_chain.py), else the Python scan
     cpu = "native" if native.kernels() is not None else "scan"
     for bond in (2, 10, 16, 50, 64, 65, 200):

@@ -242,5 +242,7 @@ def test_method_names_the_kernel_and_the_plan_says_it():
     assert MPSClassifier(8, 3).plan().reason.startswith("the graph is a chain; ")
     mps.method = "log_depth"  # switches the kernel of the next call
     assert mps.plan().kernel == "log-depth products"
+    with pytest.raises(ValueError, match="'tree' is now named 'log_depth'"):  # its old name
+        MPSClassifier(8, 3, bond_dim=4, method="tree")
     with pytest.raises(ValueError, match="MPSClassifier method must be one of"):
         MPSClassifier(8, 3, bond_dim=4, method="fastest")

@@ -433,8 +433,8 @@ def test_switching_the_method_of_a_built_student():
         assert mps.plan().engine == KERNELS.get(method, method)
         assert torch.allclose(mps(x), before, rtol=1e-10), method
     assert "log-depth" in str(MPSClassifier(6, 3, method="log_depth").plan())
-    with pytest.raises(ValueError, match="cannot contract this graph"):
-        mps.method = "tree"  # a chain is no binary tree
+    with pytest.raises(ValueError, match="does not join a node with its two children"):
+        mps.method = "tree"  # examined on the way: a chain with inputs is no binary tree
     tree = TreeClassifier((8,), 3, bond_dim=3)
     tree.method = "stable"
     assert tree.plan().engine == "stable" and not tree.fast_path
@@ -465,3 +465,18 @@ def test_compiled_runs_the_stable_engine_through_torch_compile(monkeypatch):
     ref = evaluate_dense(dense_coefficients(tree.to_graph()), list(tree.features(x).unbind(1)))
     assert torch.allclose(tree(x), ref, rtol=1e-10, atol=1e-12)
     assert len(traced) == 1
+
+
+def test_a_student_never_plans_an_engine_it_does_not_run():
+    # one matrix against one input is a TT-matrix of one core: TTLinear's engine, not a student's
+    torch.manual_seed(1)
+    w = make_node((2, 3), "W", ["phys", "label"])
+    x = make_node((2,), "x0", ["phys"])
+    connect(w, "phys", x, "phys")
+    student = GraphStudent(TNGraph([w, x], ["x0"], [w["label"]]), output="raw").double()
+    plan = student.plan()
+    assert plan.engine in ("stable", "reference")
+    assert "TT-matrix" in dict(plan.refused)["tt_matrix"]
+    u = torch.rand(4, 1, dtype=torch.float64)
+    weights = student.node_tensors()["W"]
+    assert torch.allclose(student(u), student.features(u)[:, 0] @ weights, rtol=1e-12)

@@ -54,7 +54,7 @@ def user_error_message(error: BaseException) -> str | None:
         keys += [k for k in re.findall(r'Parser key "([^"]+)"', str(e)) if k not in keys]
     text = re.sub(r'Parser key "[^"]+":\s*', "", text).strip()
     renamed = re.search(r"Option '(\w+)' is not accepted", text)
-    if renamed and renamed.group(1) in RENAMED_OPTIONS:
+    if renamed and renamed.group(1) in RENAMED_OPTIONS and "student" in ".".join(keys):
         text += f"; {RENAMED_OPTIONS[renamed.group(1)]}"
     return f"{'.'.join(keys)}: {text}" if keys else text
 

@@ -105,7 +105,8 @@ class BatchedMPS(_Batched):
             (their parameters are copied; the members themselves are not kept).
 
     Raises:
-        ValueError: members of different shapes or arguments, or a learnable feature map.
+        ValueError: members of different shapes or arguments, a learnable feature map, or
+            members on another engine than the chain's.
     """
 
     def __init__(self, members: Sequence[MPSClassifier]) -> None:
@@ -119,6 +120,11 @@ class BatchedMPS(_Batched):
             raise ValueError(
                 "BatchedMPS needs a feature map without parameters, but got "
                 f"{type(template.feature_map).__name__} with parameters; use MemberList"
+            )
+        if template.engine != "chain":
+            raise ValueError(
+                f"BatchedMPS runs the chain engine, but the members run {template.engine!r} "
+                f"(method={template.method!r}); use MemberList"
             )
         # the template keeps the shared, parameter-free parts: input flattening, feature map
         self.template = copy.deepcopy(template)
@@ -183,11 +189,8 @@ def batch_students(members: Sequence[nn.Module], kind: str = "auto") -> nn.Modul
     """
     check_choice("kind", kind, ("auto", "batched", "list"))
     first = members[0] if members else None  # the batched model checks the members
-    fits = (
-        type(first) is MPSClassifier
-        and first.engine == "chain"  # the members' method: BatchedMPS runs the chain engine
-        and not any(True for _ in first.feature_map.parameters())
-    )
+    fits = type(first) is MPSClassifier and first.engine == "chain"  # (BatchedMPS's engine)
+    fits = fits and not any(True for _ in first.feature_map.parameters())
     if kind == "batched" or (kind == "auto" and fits):
         return BatchedMPS(members)  # type: ignore[arg-type]
     return MemberList(members)

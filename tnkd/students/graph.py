@@ -372,6 +372,8 @@ class GraphStudent(Student):
         self.node_names = [n for n in spec.node_names if n not in set(inputs)]
         self._compiled: CompiledNetwork | None = None  # the reference engine, made on first use
         self._shape = examine(spec)
+        if not self._shape.why_not_tt_matrix:  # a TT-matrix is TTLinear's to run, not a student's
+            self._shape.why_not_tt_matrix = "a student runs a TT-matrix on the stable engine"
         #: the tree engine's plan (:class:`~tnkd.tn.fused.TreePlan`) when the graph is a tree
         self._network, self.tree_plan = None, None
         self._method, self._kernel = method, engine_and_kernel(method)[1]
@@ -429,12 +431,18 @@ class GraphStudent(Student):
 
     @property
     def method(self) -> str:
-        """The ``method`` this student runs (see the class docstring); set it to switch."""
+        """The ``method`` this student runs (see the class docstring); set it to switch.
+
+        A switch lasts while the student lives: its ``init_args`` (and so a checkpoint) keep the
+        method it was built with, which decides how its tensors are stored.
+        """
         return self._method
 
     @method.setter
     def method(self, method: str) -> None:
         check_choice(f"{type(self).__name__} method", method, METHODS)
+        if engine_and_kernel(method)[0] == "tree" and self.tree_plan is None:  # examined here
+            self._network, self.tree_plan = examine_tree(self._shape, self.optimize)
         engine = choose(self._shape, method)[0].name
         if engine in ("chain", "tree") and (engine == "chain") != self._chained:
             raise ValueError(

@@ -131,6 +131,9 @@ class MPSClassifier(GraphStudent):
         pool: int = 1,
         patch: int = 1,
     ) -> None:
+        new = {"tree": "log_depth", "sweep": "scan"}.get(method)  # the kernels' older names
+        if new:
+            raise ValueError(f"MPSClassifier method {method!r} is now named {new!r}: use that")
         check_positive_int("student num_sites", num_sites)
         check_positive_int("student pool", pool)
         check_positive_int("student patch", patch)
