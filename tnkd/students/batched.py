@@ -40,6 +40,7 @@ from torch import nn
 from tnkd.students.base import check_choice, scaled_values
 from tnkd.students.mps import MPSClassifier
 from tnkd.tn.chain import contract_chain
+from tnkd.tn.planner import engine_and_kernel
 from tnkd.tn.stable import direction_logits
 
 #: the parameters an MPSClassifier member stacks (``log_logit_scale`` only with normalized output)
@@ -116,16 +117,9 @@ class BatchedMPS(_Batched):
             raise ValueError(
                 f"BatchedMPS stacks MPSClassifier members, but got {type(template).__name__}"
             )
-        if any(True for _ in template.feature_map.parameters()):
-            raise ValueError(
-                "BatchedMPS needs a feature map without parameters, but got "
-                f"{type(template.feature_map).__name__} with parameters; use MemberList"
-            )
-        if template.engine != "chain":
-            raise ValueError(
-                f"BatchedMPS runs the chain engine, but the members run {template.engine!r} "
-                f"(method={template.method!r}); use MemberList"
-            )
+        why_not = BatchedMPS.refusal(template)
+        if why_not:
+            raise ValueError(f"BatchedMPS {why_not}; use MemberList")
         # the template keeps the shared, parameter-free parts: input flattening, feature map
         self.template = copy.deepcopy(template)
         for name in MPS_PARAMETERS:
@@ -133,6 +127,16 @@ class BatchedMPS(_Batched):
                 stacked = torch.stack([getattr(m, name).detach() for m in members]).clone()
                 self.register_parameter(name, nn.Parameter(stacked))
                 delattr(self.template, name)  # the template keeps no parameters of its own
+
+    @staticmethod
+    def refusal(member: MPSClassifier) -> str | None:
+        """Why members like ``member`` cannot be stacked, or None (the type aside)."""
+        if any(True for _ in member.feature_map.parameters()):
+            name = type(member.feature_map).__name__
+            return f"needs a feature map without parameters, but got {name} with parameters"
+        if member.engine != "chain":
+            return f"runs the chain engine, but the members run the {member.engine} engine"
+        return None
 
     def member(self, k: int) -> MPSClassifier:
         """Member ``k`` as an ordinary MPSClassifier (parameters copied)."""
@@ -148,8 +152,9 @@ class BatchedMPS(_Batched):
         t = self.template
         features = t.feature_map(t.flatten_input(x)).to(self.cores.dtype)
         cores = self.cores.expand(-1, t.num_sites, -1, -1, -1)  # uniform: one shared core
+        kernel = engine_and_kernel(t.method)[1]  # the chain kernel the members' method names
         values, log_scale = contract_chain(
-            self.left, cores, self.right, features, self.output_core, t.label_position, t._kernel
+            self.left, cores, self.right, features, self.output_core, t.label_position, kernel
         )
         if t.output == "raw":
             return scaled_values(values, log_scale)
@@ -189,8 +194,7 @@ def batch_students(members: Sequence[nn.Module], kind: str = "auto") -> nn.Modul
     """
     check_choice("kind", kind, ("auto", "batched", "list"))
     first = members[0] if members else None  # the batched model checks the members
-    fits = type(first) is MPSClassifier and first.engine == "chain"  # (BatchedMPS's engine)
-    fits = fits and not any(True for _ in first.feature_map.parameters())
+    fits = type(first) is MPSClassifier and not BatchedMPS.refusal(first)
     if kind == "batched" or (kind == "auto" and fits):
         return BatchedMPS(members)  # type: ignore[arg-type]
     return MemberList(members)

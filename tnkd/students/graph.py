@@ -368,29 +368,23 @@ class GraphStudent(Student):
         self.optimize = optimize
         # the sites are the sample's scalars in order (a grid of one axis: no pooling or patches)
         self._flat_sites = len(self.grid) <= 1 and getattr(self.feature_map, "in_features", 1) == 1
-        self._contract_fn: Any = None
         self.node_names = [n for n in spec.node_names if n not in set(inputs)]
         self._compiled: CompiledNetwork | None = None  # the reference engine, made on first use
-        self._shape = examine(spec)
-        if not self._shape.why_not_tt_matrix:  # a TT-matrix is TTLinear's to run, not a student's
-            self._shape.why_not_tt_matrix = "a student runs a TT-matrix on the stable engine"
+        self._shape = examine(spec, student=True)
         #: the tree engine's plan (:class:`~tnkd.tn.fused.TreePlan`) when the graph is a tree
         self._network, self.tree_plan = None, None
-        self._method, self._kernel = method, engine_and_kernel(method)[1]
         if self._shape.chain is None or engine_and_kernel(method)[0] not in ("auto", "chain"):
             # the pairwise schedule, and whether it is a binary tree (the tree engine's plan)
             self._network, self.tree_plan = examine_tree(self._shape, optimize)
-        #: the engine chosen from the graph's shape (``plan()`` adds the device's kernel)
-        self.engine = choose(self._shape, method)[0].name
         # stored in the chain engine's layout (which every engine reads): a chain on the chain
         # engine, a family's named chain, tied sites
+        engine = choose(self._shape, method)[0].name
         self._chained = self._shape.chain is not None and (
-            self.engine == "chain" or bool(parameter_names) or tie_sites
+            engine == "chain" or bool(parameter_names) or tie_sites
         )
         if tie_sites and not self._chained:
             raise ValueError(f"{what} tie_sites=True needs a chain (a path of tensors)")
-        #: the logits come from the tree engine's autograd node (:class:`~tnkd.tn.fused.FastTree`)
-        self.fast_path, self._linear_leaves = self.engine == "tree", False
+        self.method, self._linear_leaves = method, False  # the engine (see the setter)
         self.blocks = nn.ParameterList()
         #: node name -> (block: an index of ``blocks`` or a parameter's name, index of the node's
         #: entries in it, permutation to the node's axis order or None): see :meth:`node_tensors`
@@ -449,8 +443,13 @@ class GraphStudent(Student):
                 f"the tensors are stored as the {'chain' if self._chained else 'pairwise'} "
                 f"engines read them, not the {engine} engine; build the student with {method=}"
             )
-        self.engine, self._method, self.fast_path = engine, method, engine == "tree"
-        self._kernel, self._contract_fn = engine_and_kernel(method)[1], None
+        #: the engine chosen from the graph's shape (``plan()`` adds the device's kernel)
+        self.engine, self._method, self._contract_fn = engine, method, None
+
+    @property
+    def fast_path(self) -> bool:
+        """The logits come from the tree engine's autograd node (:class:`~tnkd.tn.fused.FastTree`)."""
+        return self.engine == "tree"
 
     @property
     def network(self) -> StableNetwork:
@@ -493,8 +492,8 @@ class GraphStudent(Student):
             self.blocks.append(nn.Parameter(torch.stack([initial[n] for n in names])))
         self._block_kinds = list(stable.block_is_input)
         # [1, x] on flat sites, leaves joining sites 2g and 2g + 1 (the first two blocks, the only
-        # input blocks): the map is fused with the leaves (see tnkd.tn.fused.FastTree)
-        if self.fast_path and type(self.feature_map) is LinearFeatureMap and self._flat_sites:
+        # input blocks): the tree engine fuses the map with the leaves (see tnkd.tn.fused.FastTree)
+        if self.tree_plan and type(self.feature_map) is LinearFeatureMap and self._flat_sites:
             _, left, right, *_ = self.tree_plan.levels[0]
             self._linear_leaves = (
                 self._block_kinds[:2] == [True, True]
@@ -756,18 +755,16 @@ class GraphStudent(Student):
             return self._portable_log_forward(x)
         if self.engine == "chain":
             *operands, label = self._chain_arguments(self.features(x))
-            return contract_chain(*operands, self._kernel, label)
+            return contract_chain(*operands, engine_and_kernel(self._method)[1], label)
         if self.engine == "tree":
             return self.tree_plan.contract(self.operand_blocks(x))
         if self.engine == "reference":
             blocks = functools.partial(self.operand_blocks, x)
             rerun = None if self._method != "auto" else lambda: self.network.contract(blocks())
             return reference_values(self.generic_forward(x), rerun)
-        if self._contract_fn is None:  # the (compiled) contraction, made on first use
-            every = functools.partial(self.network.contract, every=True)
-            compiled = self._kernel == "compiled"
-            self._contract_fn = torch.compile(every) if compiled else self.network.contract
-        return self._contract_fn(self.operand_blocks(x))
+        if self._contract_fn is None and self._method == "compiled":  # compiled on first use
+            self._contract_fn = torch.compile(functools.partial(self.network.contract, every=True))
+        return (self._contract_fn or self.network.contract)(self.operand_blocks(x))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -27,6 +27,7 @@ from tnkd.tn.decompositions import tt_svd
 from tnkd.tn.graph import TNGraph, connect, make_node
 
 PARAMETER_NAMES = {"sites": "cores", "left": "left", "right": "right", "output": "output_core"}
+RENAMED_METHODS = {"tree": "log_depth", "sweep": "scan"}  # the chain kernels' older names
 
 
 def chain_graph(chain: list[Any], sites: list[Any], label_node: Any) -> TNGraph:
@@ -131,7 +132,7 @@ class MPSClassifier(GraphStudent):
         pool: int = 1,
         patch: int = 1,
     ) -> None:
-        new = {"tree": "log_depth", "sweep": "scan"}.get(method)  # the kernels' older names
+        new = RENAMED_METHODS.get(method)
         if new:
             raise ValueError(f"MPSClassifier method {method!r} is now named {new!r}: use that")
         check_positive_int("student num_sites", num_sites)

@@ -209,9 +209,11 @@ class GraphShape:
     why_not_tree: str = "not examined"  # "": a binary tree of pair steps (see examine_tree)
 
 
-def examine(spec: NetworkSpec) -> GraphShape:
-    """The shape of a graph as far as its spec tells: a chain, a TT-matrix (a tree: examine_tree)."""
-    return GraphShape(spec, *recognise_chain(spec), recognise_tt_matrix(spec)[1])
+def examine(spec: NetworkSpec, student: bool = False) -> GraphShape:
+    """A chain, a TT-matrix (a student's never runs so) as the spec tells; a tree: examine_tree."""
+    why_not_tt = recognise_tt_matrix(spec)[1]
+    why_not_tt = "a student runs a TT-matrix pairwise" if student and not why_not_tt else why_not_tt
+    return GraphShape(spec, *recognise_chain(spec), why_not_tt)
 
 
 def examine_tree(shape: GraphShape, optimize="auto") -> tuple[StableNetwork, TreePlan | None]:
@@ -247,13 +249,14 @@ class Engine:
     """One contraction engine: its name, which graphs it takes, and what it says about itself.
 
     ``refuse(shape, device)`` returns None when the engine accepts the graph, else the reason;
-    ``kernel(shape, device)`` names what runs inside it (the table in :mod:`tnkd.tn.planner`).
+    ``kernel(shape, device, asked)`` names what runs inside it, the kernel ``method=`` asked for
+    or its own choice for ``asked="auto"`` (the table in :mod:`tnkd.tn.planner`), and why ("").
     """
 
     name: str
     refuse: Callable[[GraphShape, torch.device], str | None]
     reason: str  # why ``auto`` chose it
-    kernel: Callable[[GraphShape, torch.device], str]
+    kernel: Callable[[GraphShape, torch.device, str], tuple[str, str]]
 
 
 #: contraction-tree depth up to which ``auto`` may prefer one einsum (see :func:`examine_tree`)
@@ -312,52 +315,59 @@ def chain_kernel(
     return "native", "a CPU: the native scan"
 
 
+def _chain_kernel_named(shape: GraphShape, device: torch.device, asked: str) -> tuple[str, str]:
+    name, why = chain_kernel(asked, shape.chain.bond_dim, device)
+    return CHAIN_KERNELS[name], why
+
+
 for _engine in (
     Engine(
-        "chain",
-        lambda s, d: s.why_not_chain or None,
-        "the graph is a chain",
-        lambda s, d: CHAIN_KERNELS[chain_kernel("auto", s.chain.bond_dim if s.chain else 1, d)[0]],
+        "chain", lambda s, d: s.why_not_chain or None, "the graph is a chain", _chain_kernel_named
     ),
     Engine(
         "tree",
         lambda s, d: s.why_not_tree or None,
         "the graph is a binary tree",
-        lambda s, d: (
+        lambda s, d, k: (
             "native level loop (C++)"
             if d.type == "cpu" and native.kernels("tree_levels") is not None
-            else "the stable engine's grouped einsum steps"
+            else "the stable engine's grouped einsum steps",
+            "",
         ),
     ),
     Engine(
         "tt_matrix",
         lambda s, d: s.why_not_tt_matrix or None,
         "the graph is a TT-matrix against one input",
-        lambda s, d: "merged-core sweep (hand-written backward)",
+        lambda s, d, k: ("merged-core sweep (hand-written backward)", ""),
     ),
     Engine(
         "stable",
         lambda s, d: None if s.spec.input_nodes else "the graph has no input node",
         "a graph of another shape: pairwise steps with a log-scale",
-        lambda s, d: "grouped einsum steps",
+        lambda s, d, k: (
+            "grouped einsum steps" + " compiled by torch.compile (inductor)" * (k == "compiled"),
+            "",
+        ),
     ),
     Engine(
         "reference",
         lambda s, d: None,
         "a shallow graph: one einsum (a batch out of range: the stable engine)",
-        lambda s, d: "opt_einsum expression",
+        lambda s, d, k: ("opt_einsum expression", ""),
     ),
     Engine(  # not tried by "auto": tnkd.export.portable switches a student to it (torch.export)
         "portable",
         lambda s, d: None,
         "asked for by name only",
-        lambda s, d: "boundary sweeps in tensor ops" if s.chain else "rescaled einsum steps",
+        lambda s, d, k: (
+            "boundary sweeps in tensor ops" if s.chain else "rescaled einsum steps",
+            "",
+        ),
     ),
 ):
     ENGINES.add(_engine.name, _engine)
 
-#: the stable engine's steps traced and fused by ``torch.compile`` (``method="compiled"``)
-COMPILED = "grouped einsum steps compiled by torch.compile (inductor)"
 #: the kernels ``method=`` may name, and the engine each runs in
 KERNELS = {**dict.fromkeys(CHAIN_KERNELS, "chain"), "compiled": "stable"}
 #: every name ``method=`` takes: ``"auto"``, an engine's, or a kernel's (its engine, that kernel)
@@ -446,11 +456,6 @@ def plan(shape: GraphShape | NetworkSpec, method: str = "auto", device=None) -> 
     shape = shape if isinstance(shape, GraphShape) else examine(shape)
     device = torch.device("cpu" if device is None else device)
     engine, reason, refused = choose(shape, method, device)
-    kernel = engine_and_kernel(method)[1]
-    if engine.name == "chain":
-        name, why = chain_kernel(kernel, shape.chain.bond_dim, device)
-        reason = reason if why == reason else f"{reason}; {why}"
-        return Plan(engine.name, CHAIN_KERNELS[name], device.type, reason, refused)
-    if kernel == "compiled":
-        return Plan(engine.name, COMPILED, device.type, reason, refused)
-    return Plan(engine.name, engine.kernel(shape, device), device.type, reason, refused)
+    kernel, why = engine.kernel(shape, device, engine_and_kernel(method)[1])
+    reason = reason if why in ("", reason) else f"{reason}; {why}"
+    return Plan(engine.name, kernel, device.type, reason, refused)

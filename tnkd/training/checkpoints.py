@@ -157,6 +157,7 @@ def current_args(cls: Any, args: Mapping[str, Any]) -> dict[str, Any]:
         {'bond_dim': 4, 'method': 'reference'}
     """
     from tnkd.students import GraphStudent, MPSClassifier, StackedMPS
+    from tnkd.students.mps import RENAMED_METHODS
 
     args = dict(args)
     if not (inspect.isclass(cls) and issubclass(cls, GraphStudent | StackedMPS)):
@@ -166,8 +167,8 @@ def current_args(cls: Any, args: Mapping[str, Any]) -> dict[str, Any]:
         args["method"] = {"plain": "reference"}.get(contraction, contraction)
     if compiled:
         args["method"] = "compiled"
-    if issubclass(cls, MPSClassifier | StackedMPS) and args.get("method") in ("tree", "sweep"):
-        args["method"] = {"tree": "log_depth", "sweep": "scan"}[args["method"]]
+    if issubclass(cls, MPSClassifier | StackedMPS) and args.get("method") in RENAMED_METHODS:
+        args["method"] = RENAMED_METHODS[args["method"]]
     return args
 
 

@@ -87,8 +87,8 @@ def describe_student(student: nn.Module) -> dict[str, Any]:
     """``{class, <constructor arguments>, engine}`` of a student (``engine`` where it plans one)."""
     args = getattr(student, "init_args", None)
     out = {"class": type(student).__name__, **plain(args if isinstance(args, dict) else {})}
-    if callable(getattr(student, "plan", None)):
-        out["engine"] = student.plan().engine
+    if isinstance(getattr(student, "engine", None), str):  # the planner's choice
+        out["engine"] = student.engine
     return out
 
 
